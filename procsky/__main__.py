@@ -1,0 +1,3 @@
+from procsky.cli import main
+
+main(prog_name="procsky")

@@ -1,0 +1,3 @@
+"""Subcommands (placeholder until implemented)."""
+
+from procsky.cli import main  # noqa: F401

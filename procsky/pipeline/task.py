@@ -1,0 +1,490 @@
+"""The task interface: what a pipeline step declares and how the executor calls it.
+
+A task is a class that declares
+
+* ``dimensions``: the dimensions of one unit of work (a *quantum*), e.g.
+  ``("instrument", "visit", "detector")`` for calibration or
+  ``("skymap", "tract", "patch", "band")`` for coaddition;
+* ``inputs`` and ``outputs``: mappings from the keyword name used by :meth:`Task.run` to a
+  :class:`Input` / :class:`Output` that names the dataset type and its dimensions. An input
+  is either *per quantum* (exactly one dataset whose data ID matches the quantum, e.g. one
+  ``raw`` per {visit, detector}) or *gathered* (``multiple=True``: every dataset whose data
+  ID matches the quantum on the shared dimensions, e.g. all ``warp`` of a patch and band);
+* ``Config``: a frozen pydantic model; its hash goes into the provenance of every quantum;
+* :meth:`Task.run`: pure computation on in-memory inputs returning a dict of outputs.
+
+Tasks do no I/O and open no cluster: the executor reads the inputs, calls ``run`` and
+writes the outputs. A task that needs to map dimensions (visit/detector -> tract/patch)
+overrides :meth:`Task.quanta`.
+
+Tasks are found by name: ``@register_task("calibrate")`` registers a class under a short
+name, and any class can also be named as ``"package.module:Class"`` in a pipeline YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Mapping
+
+import pydantic
+
+from procsky.errors import ProcskyKeyError, ProcskyTypeError, ProcskyValueError
+
+__all__ = [
+    "Input",
+    "Output",
+    "TaskConfig",
+    "Task",
+    "DatasetKey",
+    "QuantumSpec",
+    "register_task",
+    "get_task_class",
+    "registered_tasks",
+    "data_id_key",
+]
+
+
+def data_id_key(data_id: Mapping[str, Any]) -> str:
+    """Canonical text of a data ID (sorted keys, JSON), usable as a dictionary/database key.
+
+    Parameters
+    ----------
+    data_id : mapping
+        Dimension name -> value (int or str).
+
+    Returns
+    -------
+    str
+        ``'{"detector":3,"visit":12}'``-style canonical JSON (the same text as the
+        registry's ``procsky.repo.dimensions.data_id_key``).
+    """
+    return json.dumps({k: _plain(v) for k, v in data_id.items()}, sort_keys=True,
+                      separators=(",", ":"))
+
+
+def _plain(value):
+    """Turn numpy scalars into Python ones so data IDs serialise identically."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return value.item()
+    return value
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input connection of a task.
+
+    Parameters
+    ----------
+    dataset_type : str
+        Name of the dataset type in the repository (``"calexp"``).
+    dimensions : tuple of str
+        Dimensions of that dataset type's data IDs.
+    multiple : bool
+        ``False``: exactly one dataset per quantum, passed as the object itself.
+        ``True``: all datasets matching the quantum on the shared dimensions (gathered),
+        passed as a list ordered by data ID.
+    optional : bool
+        The quantum still runs when no dataset matches (``None`` or ``[]`` is passed).
+    """
+
+    dataset_type: str
+    dimensions: tuple[str, ...]
+    multiple: bool = False
+    optional: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "dimensions", tuple(self.dimensions))
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output connection of a task.
+
+    Parameters
+    ----------
+    dataset_type : str
+        Name of the dataset type written (``"calexp"``).
+    dimensions : tuple of str
+        Dimensions of its data IDs; they must be quantum dimensions or dimensions whose
+        value is the same for every input of the quantum (e.g. ``band`` of a visit).
+    """
+
+    dataset_type: str
+    dimensions: tuple[str, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "dimensions", tuple(self.dimensions))
+
+
+class TaskConfig(pydantic.BaseModel):
+    """Base class of task configurations: frozen, validated, no unknown fields."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    def config_hash(self) -> str:
+        """SHA-256 (hex, first 16 characters) of the canonical JSON of this configuration."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DatasetKey:
+    """A dataset as the quantum graph sees it: existing (``id`` set) or predicted.
+
+    Parameters
+    ----------
+    dataset_type : str
+        Dataset type name.
+    data_id : dict
+        Its data ID.
+    run : str or None
+        Run holding it (predicted outputs: the output run).
+    id : str or int or None
+        Registry id of an existing dataset; ``None`` for a predicted one.
+    producer : tuple or None
+        ``(task label, quantum data-ID key)`` of the quantum that will produce a predicted
+        dataset; ``None`` for an existing one.
+    """
+
+    dataset_type: str
+    data_id: dict = field(compare=False, hash=False)
+    run: str | None = field(default=None, compare=False, hash=False)
+    id: Any = field(default=None, compare=False, hash=False)
+    producer: tuple | None = field(default=None, compare=False, hash=False)
+    key: str = field(default="", compare=True)
+
+    def __post_init__(self):
+        object.__setattr__(self, "data_id", {k: _plain(v) for k, v in self.data_id.items()})
+        if not self.key:
+            object.__setattr__(self, "key", data_id_key(self.data_id))
+
+
+@dataclass
+class QuantumSpec:
+    """One unit of work before it is stored: data ID and the datasets feeding each input.
+
+    Parameters
+    ----------
+    data_id : dict
+        Quantum data ID (the task's dimensions, plus implied values such as ``band``).
+    inputs : dict of str -> list of DatasetKey
+        For each input name, the datasets it reads (one for per-quantum inputs).
+    """
+
+    data_id: dict
+    inputs: dict[str, list[DatasetKey]]
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_task(name: str):
+    """Class decorator registering a :class:`Task` subclass under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Short name used in pipeline YAML files (``task: calibrate``).
+    """
+
+    def decorator(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise ProcskyTypeError(
+                f"@register_task({name!r}) decorates {cls!r}, which is not a procsky Task "
+                "subclass; derive it from procsky.pipeline.Task."
+            )
+        old = _REGISTRY.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ProcskyValueError(
+                f"task name {name!r} is already registered by {old.__module__}:{old.__qualname__}; "
+                f"choose another name for {cls.__module__}:{cls.__qualname__}."
+            )
+        _REGISTRY[name] = cls
+        cls.task_name = name
+        return cls
+
+    return decorator
+
+
+def registered_tasks() -> dict[str, type]:
+    """Registered task classes by name (imports ``procsky.tasks`` modules first)."""
+    _import_task_modules()
+    return dict(_REGISTRY)
+
+
+def _import_task_modules() -> None:
+    """Import every module of ``procsky.tasks`` so their ``@register_task`` run."""
+    import pkgutil
+
+    try:
+        pkg = importlib.import_module("procsky.tasks")
+    except ImportError:
+        return
+    for info in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
+        try:
+            importlib.import_module(f"procsky.tasks.{info.name}")
+        except Exception:  # a stage under construction must not break the others
+            continue
+
+
+def get_task_class(name: str) -> type:
+    """Find a task class by registered name or ``"module:Class"`` path.
+
+    Parameters
+    ----------
+    name : str
+        ``"calibrate"`` (registered) or ``"procsky.tasks.calibrate:CalibrateTask"``.
+
+    Returns
+    -------
+    type
+        The :class:`Task` subclass.
+    """
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ProcskyKeyError(
+                f"task {name!r}: cannot import module {module_name!r} ({exc}); check the "
+                "spelling and that the package is installed."
+            ) from exc
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                raise ProcskyKeyError(f"task {name!r}: module {module_name!r} has no {attr!r}.")
+        if not (isinstance(obj, type) and issubclass(obj, Task)):
+            raise ProcskyTypeError(f"task {name!r} is {obj!r}, not a procsky Task subclass.")
+        return obj
+    if name not in _REGISTRY:
+        _import_task_modules()
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise ProcskyKeyError(
+            f"no task registered as {name!r} (registered: {known}); use a registered name or "
+            "'package.module:Class'."
+        )
+    return _REGISTRY[name]
+
+
+class Task:
+    """Base class of pipeline tasks (see the module docstring).
+
+    Subclasses set the class attributes ``dimensions``, ``inputs``, ``outputs`` and
+    ``Config`` and implement :meth:`run`. Set ``parallel = True`` when ``run`` builds dask
+    graphs that should be computed on the cluster (the executor then runs the quantum
+    inside ``distributed.worker_client`` so it does not hold a worker slot while waiting).
+
+    Parameters
+    ----------
+    config : TaskConfig or mapping, optional
+        Configuration; a mapping is validated into ``Config``.
+    """
+
+    task_name: ClassVar[str | None] = None
+    dimensions: ClassVar[tuple[str, ...]] = ()
+    inputs: ClassVar[Mapping[str, Input]] = {}
+    outputs: ClassVar[Mapping[str, Output]] = {}
+    Config: ClassVar[type[TaskConfig]] = TaskConfig
+    parallel: ClassVar[bool] = False
+
+    def __init__(self, config: TaskConfig | Mapping[str, Any] | None = None):
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, Mapping):
+            try:
+                config = self.Config(**config)
+            except pydantic.ValidationError as exc:
+                raise ProcskyValueError(
+                    f"invalid configuration for task {type(self).__name__}: {exc}"
+                ) from exc
+        elif not isinstance(config, self.Config):
+            raise ProcskyTypeError(
+                f"config of {type(self).__name__} must be a {self.Config.__name__} or a dict, "
+                f"not {type(config).__name__}."
+            )
+        self.config = config
+
+    # -- the computation ------------------------------------------------------------------
+    def run(self, **inputs) -> dict[str, Any]:
+        """Compute the outputs from in-memory inputs.
+
+        Parameters
+        ----------
+        **inputs
+            One keyword per entry of ``inputs``: the dataset (per-quantum) or a list of
+            datasets ordered by data ID (gathered). ``data_ids`` is also passed when the
+            signature accepts it: a dict input name -> data ID (or list of data IDs).
+
+        Returns
+        -------
+        dict
+            Output name -> object to store.
+
+        Raises
+        ------
+        procsky.errors.NoWorkError
+            Nothing to do for this quantum.
+        procsky.errors.AlgorithmError
+            The algorithm failed on valid inputs.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
+
+    # -- quantum generation ---------------------------------------------------------------
+    def quanta(self, repo, inputs: Mapping[str, list[DatasetKey]], where) -> list[QuantumSpec]:
+        """Group candidate input datasets into quanta.
+
+        The default joins inputs on the quantum dimensions: every input whose dimensions
+        cover the task's dimensions proposes quanta (the intersection over such inputs is
+        kept); each quantum then receives, for every input, the datasets agreeing with it on
+        the shared dimensions. Tasks whose quanta need a dimension mapping (visit/detector
+        -> tract/patch) override this method.
+
+        Parameters
+        ----------
+        repo : procsky.repo.Repo or None
+            Repository (for dimension records, sky maps ...).
+        inputs : dict of str -> list of DatasetKey
+            Candidate datasets per input name (existing and predicted).
+        where : callable or None
+            ``where(data_id) -> bool`` filter (already applied to ``inputs`` on the
+            dimensions they have); apply it to any new data IDs built here.
+
+        Returns
+        -------
+        list of QuantumSpec
+        """
+        return default_quanta(self, inputs)
+
+    # -- helpers --------------------------------------------------------------------------
+    @classmethod
+    def validate_declaration(cls) -> None:
+        """Check the class attributes; raise :class:`ProcskyTypeError` naming the problem."""
+        name = cls.__name__
+        if not cls.dimensions and cls.quanta is Task.quanta:
+            raise ProcskyTypeError(f"task {name} declares no quantum dimensions.")
+        for kind, conns, ctype in (("input", cls.inputs, Input), ("output", cls.outputs, Output)):
+            for key, conn in conns.items():
+                if not isinstance(conn, ctype):
+                    raise ProcskyTypeError(
+                        f"task {name}: {kind} {key!r} is {conn!r}; declare it as {ctype.__name__}(...)."
+                    )
+        clash = set(cls.inputs) & set(cls.outputs)
+        if clash:
+            raise ProcskyTypeError(f"task {name}: names {sorted(clash)} are both input and output.")
+        if not issubclass(cls.Config, TaskConfig):
+            raise ProcskyTypeError(f"task {name}: Config must derive from TaskConfig.")
+
+    def config_hash(self) -> str:
+        """Hash of the configuration (stored in provenance)."""
+        return self.config.config_hash()
+
+
+def _project(data_id: Mapping[str, Any], dims: Iterable[str]) -> dict:
+    return {d: data_id[d] for d in dims if d in data_id}
+
+
+def _implied(datasets: Iterable[DatasetKey]) -> dict:
+    """Keys whose value is the same in every data ID of ``datasets``."""
+    common: dict | None = None
+    for ds in datasets:
+        if common is None:
+            common = dict(ds.data_id)
+        else:
+            for k in list(common):
+                if ds.data_id.get(k, _MISSING) != common[k]:
+                    del common[k]
+    return common or {}
+
+
+_MISSING = object()
+
+
+def complete_data_id(task: Task, data_id: Mapping[str, Any], datasets: Iterable[DatasetKey]) -> dict:
+    """Quantum data ID plus the implied values its outputs need (e.g. ``band``).
+
+    Parameters
+    ----------
+    task : Task
+        The task (its ``outputs``).
+    data_id : mapping
+        Quantum data ID on the task dimensions.
+    datasets : iterable of DatasetKey
+        The quantum's inputs; a dimension whose value is the same in all of them is implied.
+
+    Returns
+    -------
+    dict
+    """
+    full = dict(data_id)
+    needed = {d for c in type(task).outputs.values() for d in c.dimensions} - set(full)
+    if needed:
+        implied = _implied(datasets)
+        full.update({k: implied[k] for k in sorted(needed) if k in implied})
+    return full
+
+
+def default_quanta(task: Task, inputs: Mapping[str, list[DatasetKey]]) -> list[QuantumSpec]:
+    """Default quantum generation by joining inputs on the task dimensions.
+
+    Parameters
+    ----------
+    task : Task
+        The task (its ``dimensions`` and ``inputs``).
+    inputs : dict of str -> list of DatasetKey
+        Candidate datasets per input name.
+
+    Returns
+    -------
+    list of QuantumSpec
+        Ordered by quantum data ID.
+    """
+    dims = tuple(task.dimensions)
+    conns = type(task).inputs
+    covering = [n for n, c in conns.items() if set(dims) <= set(c.dimensions) and not c.optional]
+    if not covering:
+        raise ProcskyTypeError(
+            f"task {type(task).__name__}: no required input has all the quantum dimensions "
+            f"{dims}, so quanta cannot be derived by joining; override Task.quanta() to map "
+            "dimensions (e.g. visit/detector -> tract/patch)."
+        )
+    # Index every input by its projection on the shared dimensions.
+    index: dict[str, dict[str, list[DatasetKey]]] = {}
+    for name, conn in conns.items():
+        shared = [d for d in dims if d in conn.dimensions]
+        by: dict[str, list[DatasetKey]] = {}
+        for ds in inputs.get(name, []):
+            by.setdefault(data_id_key(_project(ds.data_id, shared)), []).append(ds)
+        index[name] = by
+    candidates: set[str] | None = None
+    for name in covering:
+        keys = set(index[name])
+        candidates = keys if candidates is None else candidates & keys
+    specs = []
+    for qkey in sorted(candidates or ()):
+        qid = json.loads(qkey)
+        chosen: dict[str, list[DatasetKey]] = {}
+        ok = True
+        for name, conn in conns.items():
+            shared = [d for d in dims if d in conn.dimensions]
+            got = index[name].get(data_id_key(_project(qid, shared)), [])
+            if not got and not conn.optional:
+                ok = False
+                break
+            if not conn.multiple and len(got) > 1:
+                raise ProcskyValueError(
+                    f"task {type(task).__name__}: input {name!r} ({conn.dataset_type}) is "
+                    f"per-quantum but {len(got)} datasets match quantum {qid} (e.g. "
+                    f"{got[0].data_id}, {got[1].data_id}); declare it Input(..., multiple=True) "
+                    "or add the missing dimensions to the task."
+                )
+            chosen[name] = sorted(got, key=lambda d: d.key)
+        if not ok:
+            continue
+        every = [d for lst in chosen.values() for d in lst]
+        specs.append(QuantumSpec(data_id=complete_data_id(task, qid, every), inputs=chosen))
+    return specs

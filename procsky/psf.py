@@ -1,0 +1,336 @@
+"""PSF models.
+
+A PSF model renders a normalised kernel image (sum 1) at any detector position and reports
+its FWHM and second moments there. Spatial variation is part of the model. Models
+serialise to plain JSON-able dicts (arrays as nested lists), so they travel to dask workers
+and into Zarr attributes unchanged.
+
+Models
+------
+GaussianPsf
+    An elliptical Gaussian, constant over the detector; the analytic reference.
+ImagePsf
+    A pixelised kernel, constant over the detector.
+PolynomialImagePsf
+    A pixelised kernel whose every pixel is a polynomial in (x, y) over the detector, the
+    model PSFEx fits (Bertin 2011, "Automated Morphometry with SExtractor and PSFEx").
+
+Conventions: positions are 0-based pixel centres of the parent detector; kernels have odd
+size with the PSF centre on the central pixel unless a sub-pixel offset is asked for.
+FWHM is the Gaussian-equivalent FWHM from the determinant radius of the second moments,
+``2.3548 * (Ixx Iyy - Ixy^2)^(1/4)`` (the LSST convention), in pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from procsky.errors import ProcskyTypeError, ProcskyValueError
+
+__all__ = [
+    "PsfModel",
+    "GaussianPsf",
+    "ImagePsf",
+    "PolynomialImagePsf",
+    "psf_from_dict",
+    "image_moments",
+    "shift_image",
+    "SIGMA_TO_FWHM",
+]
+
+SIGMA_TO_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def image_moments(kernel: np.ndarray) -> tuple[float, float, float, float, float]:
+    """Flux-weighted centroid and second moments of a kernel image.
+
+    Returns ``(xc, yc, ixx, iyy, ixy)`` with ``xc, yc`` relative to the kernel centre pixel,
+    in pixels and pixels squared.
+    """
+    k = np.asarray(kernel, dtype=float)
+    ny, nx = k.shape
+    y, x = np.mgrid[0:ny, 0:nx]
+    x = x - (nx - 1) / 2.0
+    y = y - (ny - 1) / 2.0
+    s = k.sum()
+    if s == 0:
+        raise ProcskyValueError("cannot take moments of an all-zero kernel")
+    xc, yc = (k * x).sum() / s, (k * y).sum() / s
+    ixx = (k * (x - xc) ** 2).sum() / s
+    iyy = (k * (y - yc) ** 2).sum() / s
+    ixy = (k * (x - xc) * (y - yc)).sum() / s
+    return float(xc), float(yc), float(ixx), float(iyy), float(ixy)
+
+
+def _lanczos(x: np.ndarray, a: int = 3) -> np.ndarray:
+    x = np.asarray(x, dtype=float)
+    out = np.sinc(x) * np.sinc(x / a)
+    out[np.abs(x) >= a] = 0.0
+    return out
+
+
+def shift_image(kernel: np.ndarray, dx: float, dy: float, order: int = 5) -> np.ndarray:
+    """Shift a kernel by (dx, dy) pixels with separable Lanczos interpolation.
+
+    A positive ``dx`` moves the light towards larger x. The result is renormalised to the
+    input sum (edge losses are tiny for a kernel padded with a few zero pixels).
+    """
+    k = np.asarray(kernel, dtype=float)
+    if dx == 0 and dy == 0:
+        return k.copy()
+    ny, nx = k.shape
+
+    def axis_matrix(n: int, d: float) -> np.ndarray:
+        # out[i] = sum_j in[j] L(i - d - j)
+        i = np.arange(n)[:, None]
+        j = np.arange(n)[None, :]
+        return _lanczos(i - d - j, order)
+
+    mx = axis_matrix(nx, dx)
+    my = axis_matrix(ny, dy)
+    out = my @ k @ mx.T
+    s_in, s_out = k.sum(), out.sum()
+    if s_out != 0:
+        out *= s_in / s_out
+    return out
+
+
+class PsfModel:
+    """Base class: subclasses implement :meth:`kernel` and :meth:`to_dict`."""
+
+    #: Side of rendered kernels in pixels (odd).
+    size: int = 25
+
+    def kernel(self, x: float, y: float) -> np.ndarray:
+        """Normalised kernel centred on the central pixel, at detector position (x, y)."""
+        raise NotImplementedError
+
+    def render(self, x: float, y: float, *, size: int | None = None, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+        """Normalised kernel at (x, y), optionally of another odd ``size`` and shifted by a
+        sub-pixel ``offset`` (dx, dy) in pixels, e.g. the fractional part of a centroid."""
+        k = self.kernel(x, y)
+        if size is not None and size != k.shape[0]:
+            k = _resize(k, size)
+        if offset != (0.0, 0.0):
+            k = shift_image(k, float(offset[0]), float(offset[1]))
+        s = k.sum()
+        return k / s if s != 0 else k
+
+    def moments(self, x: float, y: float) -> tuple[float, float, float]:
+        """Second moments (ixx, iyy, ixy) in pixels^2 at (x, y)."""
+        _, _, ixx, iyy, ixy = image_moments(self.kernel(x, y))
+        return ixx, iyy, ixy
+
+    def fwhm(self, x: float, y: float) -> float:
+        """Gaussian-equivalent FWHM in pixels at (x, y) (determinant radius)."""
+        ixx, iyy, ixy = self.moments(x, y)
+        det = ixx * iyy - ixy * ixy
+        if det <= 0:
+            raise ProcskyValueError("PSF second moments are not positive definite")
+        return SIGMA_TO_FWHM * det**0.25
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def __reduce__(self):
+        return (psf_from_dict, (self.to_dict(),))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PsfModel) and _canon(self.to_dict()) == _canon(other.to_dict())
+
+    def __hash__(self):
+        return hash(repr(_canon(self.to_dict())))
+
+
+def _canon(d):
+    if isinstance(d, dict):
+        return {k: _canon(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_canon(v) for v in d]
+    return d
+
+
+def _resize(k: np.ndarray, size: int) -> np.ndarray:
+    if size % 2 == 0:
+        raise ProcskyValueError(f"kernel size must be odd, got {size}")
+    n = k.shape[0]
+    if size < n:
+        c = (n - size) // 2
+        return k[c : c + size, c : c + size].copy()
+    out = np.zeros((size, size), dtype=k.dtype)
+    c = (size - n) // 2
+    out[c : c + n, c : c + n] = k
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianPsf(PsfModel):
+    """Elliptical Gaussian PSF, constant over the detector.
+
+    Parameters
+    ----------
+    sigma : float, pixels
+        Gaussian sigma along the major axis when ``e`` is zero (round PSF).
+    e1, e2 : float
+        Distortion ellipticity components ((Ixx-Iyy)/(Ixx+Iyy), 2Ixy/(Ixx+Iyy)).
+    size : int
+        Side of rendered kernels (odd); defaults to about 8 sigma.
+    """
+
+    sigma: float
+    e1: float = 0.0
+    e2: float = 0.0
+    size: int = 0
+
+    def __post_init__(self):
+        if not self.sigma > 0:
+            raise ProcskyValueError(f"GaussianPsf sigma must be > 0 pixels, got {self.sigma}")
+        if self.e1**2 + self.e2**2 >= 1:
+            raise ProcskyValueError(f"GaussianPsf ellipticity |e| must be < 1, got e1={self.e1}, e2={self.e2}")
+        if self.size == 0:
+            object.__setattr__(self, "size", 2 * int(math.ceil(4.5 * self.sigma)) + 1)
+        if self.size % 2 == 0:
+            raise ProcskyValueError(f"kernel size must be odd, got {self.size}")
+
+    @classmethod
+    def from_fwhm(cls, fwhm: float, e1: float = 0.0, e2: float = 0.0, size: int = 0) -> "GaussianPsf":
+        """Gaussian PSF of the given FWHM (pixels, determinant-radius convention)."""
+        return cls(fwhm / SIGMA_TO_FWHM, e1, e2, size)
+
+    def _cov(self):
+        # Determinant radius sigma^4 = ixx*iyy - ixy^2 with T = ixx + iyy and e = (e1, e2).
+        e2sum = self.e1**2 + self.e2**2
+        t = 2.0 * self.sigma**2 / math.sqrt(1.0 - e2sum)
+        ixx = 0.5 * t * (1 + self.e1)
+        iyy = 0.5 * t * (1 - self.e1)
+        ixy = 0.5 * t * self.e2
+        return ixx, iyy, ixy
+
+    def kernel(self, x: float = 0.0, y: float = 0.0) -> np.ndarray:
+        return self._draw(self.size, 0.0, 0.0)
+
+    def _draw(self, size, dx, dy, oversample: int = 5):
+        ixx, iyy, ixy = self._cov()
+        det = ixx * iyy - ixy * ixy
+        # Integrate over pixels by oversampling, so small PSFs keep their moments.
+        h = (size - 1) / 2.0
+        o = oversample
+        sub = (np.arange(size * o) + 0.5) / o - 0.5 - h
+        yy, xx = np.meshgrid(sub - dy, sub - dx, indexing="ij")
+        q = (iyy * xx * xx - 2 * ixy * xx * yy + ixx * yy * yy) / det
+        img = np.exp(-0.5 * q).reshape(size, o, size, o).sum(axis=(1, 3))
+        return img / img.sum()
+
+    def render(self, x, y, *, size=None, offset=(0.0, 0.0)):
+        return self._draw(size or self.size, float(offset[0]), float(offset[1]))
+
+    def moments(self, x=0.0, y=0.0):
+        return self._cov()
+
+    def fwhm(self, x=0.0, y=0.0):
+        return SIGMA_TO_FWHM * self.sigma
+
+    def to_dict(self) -> dict:
+        return {"type": "GaussianPsf", "sigma": self.sigma, "e1": self.e1, "e2": self.e2, "size": self.size}
+
+
+class ImagePsf(PsfModel):
+    """A pixelised PSF kernel, constant over the detector.
+
+    Parameters
+    ----------
+    kernel : 2-d array
+        Odd-sized square image with the PSF centred on the central pixel; normalised on
+        construction.
+    """
+
+    def __init__(self, kernel):
+        k = np.array(kernel, dtype=np.float64)
+        if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] % 2 == 0:
+            raise ProcskyValueError(f"ImagePsf needs an odd square kernel, got shape {k.shape}")
+        s = k.sum()
+        if not np.isfinite(s) or s <= 0:
+            raise ProcskyValueError("ImagePsf kernel must have a positive finite sum")
+        self._kernel = k / s
+        self.size = k.shape[0]
+
+    def kernel(self, x: float = 0.0, y: float = 0.0) -> np.ndarray:
+        return self._kernel.copy()
+
+    def to_dict(self) -> dict:
+        return {"type": "ImagePsf", "kernel": self._kernel.tolist()}
+
+
+class PolynomialImagePsf(PsfModel):
+    """A pixelised PSF whose pixels vary as a polynomial in detector position (PSFEx-like).
+
+    The kernel at (x, y) is ``sum_k coeffs[k] * u**i_k * v**j_k`` with
+    ``u = (x - x0) / scale_x`` and ``v = (y - y0) / scale_y`` and terms ordered by total
+    degree: 1, u, v, u^2, u v, v^2, ...
+
+    Parameters
+    ----------
+    coeffs : array (nterms, n, n)
+        Basis images; ``n`` odd.
+    order : int
+        Polynomial order; ``nterms == (order + 1) * (order + 2) / 2``.
+    x0, y0, scale_x, scale_y : float, pixels
+        Normalisation of detector positions.
+    """
+
+    def __init__(self, coeffs, order: int, x0: float, y0: float, scale_x: float, scale_y: float):
+        c = np.array(coeffs, dtype=np.float64)
+        nterms = (order + 1) * (order + 2) // 2
+        if c.ndim != 3 or c.shape[0] != nterms or c.shape[1] != c.shape[2] or c.shape[1] % 2 == 0:
+            raise ProcskyValueError(
+                f"PolynomialImagePsf needs coeffs of shape ({nterms}, n, n) with n odd for order {order}, "
+                f"got {c.shape}"
+            )
+        if scale_x <= 0 or scale_y <= 0:
+            raise ProcskyValueError("PolynomialImagePsf scales must be > 0")
+        self.coeffs = c
+        self.order = int(order)
+        self.x0, self.y0, self.scale_x, self.scale_y = float(x0), float(y0), float(scale_x), float(scale_y)
+        self.size = c.shape[1]
+
+    def terms(self, x: float, y: float) -> np.ndarray:
+        u = (x - self.x0) / self.scale_x
+        v = (y - self.y0) / self.scale_y
+        return np.array([u ** (d - j) * v**j for d in range(self.order + 1) for j in range(d + 1)])
+
+    def kernel(self, x: float, y: float) -> np.ndarray:
+        k = np.tensordot(self.terms(x, y), self.coeffs, axes=1)
+        s = k.sum()
+        return k / s if s > 0 else k
+
+    def to_dict(self) -> dict:
+        return {
+            "type": "PolynomialImagePsf",
+            "coeffs": self.coeffs.tolist(),
+            "order": self.order,
+            "x0": self.x0,
+            "y0": self.y0,
+            "scale_x": self.scale_x,
+            "scale_y": self.scale_y,
+        }
+
+
+_TYPES = {"GaussianPsf": GaussianPsf, "ImagePsf": ImagePsf, "PolynomialImagePsf": PolynomialImagePsf}
+
+
+def psf_from_dict(d: dict | None) -> PsfModel | None:
+    """Rebuild a PSF model from :meth:`PsfModel.to_dict` output."""
+    if d is None:
+        return None
+    if not isinstance(d, dict) or "type" not in d:
+        raise ProcskyTypeError(f"not a serialised PSF model: {type(d).__name__}")
+    kind = d["type"]
+    if kind not in _TYPES:
+        raise ProcskyValueError(f"unknown PSF model type {kind!r}; known: {', '.join(_TYPES)}")
+    args = {k: v for k, v in d.items() if k != "type"}
+    if kind == "ImagePsf":
+        return ImagePsf(args["kernel"])
+    return _TYPES[kind](**args)
