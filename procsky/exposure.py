@@ -46,7 +46,7 @@ _DTYPES = {"image": np.float32, "variance": np.float32, "mask": np.uint32}
 DEFAULT_CHUNK = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VisitInfo:
     """What was observed, when and how.
 
@@ -91,8 +91,16 @@ class VisitInfo:
         unknown = set(d) - names
         if unknown:
             raise ProcskyValueError(f"unknown VisitInfo fields {sorted(unknown)}; known: {sorted(names)}")
-        kw = {k: (float("nan") if v is None and k not in ("visit",) and isinstance(getattr(cls, k, ""), float) else v) for k, v in d.items()}
-        return cls(**kw)
+        # JSON has no NaN: unknown floats are stored as null and come back as NaN.
+        floats = {f.name for f in fields(cls) if f.type in ("float", float)}
+        return cls(**{k: (float("nan") if v is None and k in floats else v) for k, v in d.items()})
+
+    def __eq__(self, other) -> bool:
+        # NaN marks "unknown"; two unknowns are equal here, unlike float comparison.
+        return isinstance(other, VisitInfo) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     # FITS keywords for the primary header (names as DECam/NOIRLab and LSST use them).
     _FITS = {

@@ -65,33 +65,24 @@ def image_moments(kernel: np.ndarray) -> tuple[float, float, float, float, float
     return float(xc), float(yc), float(ixx), float(iyy), float(ixy)
 
 
-def _lanczos(x: np.ndarray, a: int = 3) -> np.ndarray:
-    x = np.asarray(x, dtype=float)
-    out = np.sinc(x) * np.sinc(x / a)
-    out[np.abs(x) >= a] = 0.0
-    return out
+def shift_image(kernel: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """Shift a kernel by (dx, dy) pixels with a Fourier phase ramp.
 
-
-def shift_image(kernel: np.ndarray, dx: float, dy: float, order: int = 5) -> np.ndarray:
-    """Shift a kernel by (dx, dy) pixels with separable Lanczos interpolation.
-
-    A positive ``dx`` moves the light towards larger x. The result is renormalised to the
-    input sum (edge losses are tiny for a kernel padded with a few zero pixels).
+    A positive ``dx`` moves the light towards larger x. Exact for band-limited
+    (well-sampled) kernels, unlike Lanczos interpolation, whose kernel does not preserve
+    the first moment (a 0.3 px shift of a 4 px FWHM Gaussian lands 0.01 px short). The
+    kernel is zero-padded to avoid wrap-around and cropped back; the sum is preserved.
     """
     k = np.asarray(kernel, dtype=float)
     if dx == 0 and dy == 0:
         return k.copy()
     ny, nx = k.shape
-
-    def axis_matrix(n: int, d: float) -> np.ndarray:
-        # out[i] = sum_j in[j] L(i - d - j)
-        i = np.arange(n)[:, None]
-        j = np.arange(n)[None, :]
-        return _lanczos(i - d - j, order)
-
-    mx = axis_matrix(nx, dx)
-    my = axis_matrix(ny, dy)
-    out = my @ k @ mx.T
+    py, px = ny // 2 + 2, nx // 2 + 2
+    padded = np.pad(k, ((py, py), (px, px)))
+    fy = np.fft.fftfreq(padded.shape[0])[:, None]
+    fx = np.fft.rfftfreq(padded.shape[1])[None, :]
+    ramp = np.exp(-2j * np.pi * (fx * dx + fy * dy))
+    out = np.fft.irfft2(np.fft.rfft2(padded) * ramp, s=padded.shape)[py : py + ny, px : px + nx]
     s_in, s_out = k.sum(), out.sum()
     if s_out != 0:
         out *= s_in / s_out

@@ -58,6 +58,7 @@ def main():
 from procsky.cli import repo_cmds  # noqa: E402,F401
 from procsky.cli import sim_cmds  # noqa: E402,F401
 from procsky.cli import pipeline_cmds  # noqa: E402,F401
+from procsky.cli import ingest_cmds  # noqa: E402,F401
 
 
 def run_main() -> None:  # pragma: no cover - console entry

@@ -1,3 +1,153 @@
-"""Subcommands (placeholder until implemented)."""
+"""``procsky run``, ``procsky graph`` and ``procsky report``."""
 
-from procsky.cli import main  # noqa: F401
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from procsky.cli import main
+
+__all__ = ["run_cmd", "graph_cmd", "report_cmd"]
+
+
+def _split(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+_common = [
+    click.argument("pipeline"),
+    click.option("--repo", "repo", required=True, type=click.Path(file_okay=False),
+                 help="Repository root."),
+    click.option("--where", default=None, help="Data-ID expression, e.g. \"visit IN (1,2) AND band='g'\"."),
+    click.option("--output", required=True, help="Output run (an existing run is continued)."),
+    click.option("--tasks", default=None, help="Comma-separated task labels to run (inputs must exist)."),
+    click.option("-c", "--config", "config", multiple=True, metavar="TASK.FIELD=VALUE",
+                 help="Configuration override (value parsed as YAML); repeatable."),
+    click.option("--inputs", default=None,
+                 help="Comma-separated input runs searched after --output (default: all runs)."),
+]
+
+
+def _apply(options):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+@main.command("run")
+@_apply(_common)
+@click.option("--cluster", default=None, help="Cluster profile (local, slurm, pbs, htcondor, lsf or a YAML path).")
+@click.option("--scheduler", default=None, help="Address (tcp://host:port) or scheduler file of a running scheduler.")
+@click.option("--workers", type=int, default=None, help="Workers (local) or jobs (batch profiles) to start.")
+@click.option("--sync", is_flag=True, help="Run in this process without dask.distributed (debugging).")
+@click.option("--resume", is_flag=True, help="Continue --output (it must exist); succeeded quanta are skipped.")
+@click.option("--retry-failed", is_flag=True, help="Also rerun failed quanta (and their blocked descendants).")
+@click.option("--retries", type=int, default=2, show_default=True, help="Retries after a transient failure.")
+@click.option("--max-in-flight", type=int, default=2000, show_default=True,
+              help="Most quanta held by the scheduler at once.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Write an HTML report here at the end.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar per stage.")
+def run_cmd(pipeline, repo, where, output, tasks, config, inputs, cluster, scheduler, workers, sync,
+            resume, retry_failed, retries, max_in_flight, html_path, progress):
+    """Run PIPELINE (a packaged name such as drp/ap, or a YAML file) over REPO.
+
+    \b
+    Examples:
+      procsky run drp --repo R --where "tract=0" --output drp/run1
+      procsky run drp --repo R --output drp/run1 --resume --retry-failed
+      procsky run my.yaml --repo R --output r2 --cluster slurm -c calibrate.threshold=5
+    """
+    from procsky.pipeline.clusters import connect
+    from procsky.pipeline.report import run_report, write_html
+    from procsky.pipeline.run import run_pipeline
+
+    if sync and (cluster or scheduler):
+        raise click.UsageError("--sync runs without a cluster; drop --cluster/--scheduler.")
+    client = cl = None
+    try:
+        if not sync:
+            overrides = {}
+            if workers is not None and not scheduler:
+                from procsky.pipeline.clusters import load_profile
+
+                kind = load_profile(cluster or "local")["cluster"]
+                overrides = {"n_workers": workers} if kind == "local" else {"jobs": workers}
+            client, cl = connect(scheduler=scheduler, cluster=cluster, **overrides)
+            click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
+        summary = run_pipeline(repo, pipeline, where=where, output=output, client=client,
+                               config=list(config), tasks=_split(tasks), collections=_split(inputs),
+                               resume=True if resume else None, retry_failed=retry_failed,
+                               retries=retries, max_in_flight=max_in_flight, progress=progress)
+    finally:
+        if client is not None:
+            client.close()
+        if cl is not None:
+            cl.close()
+    click.echo(str(summary))
+    if html_path:
+        write_html(run_report(repo, output), html_path)
+        click.echo(f"report: {html_path}")
+    if not summary.ok:
+        bad = sum(c.get("failed", 0) + c.get("blocked", 0) for c in summary.counts.values())
+        click.echo(f"{bad} quanta failed or blocked; see `procsky report {repo} --run {output}`; "
+                   "fix and rerun with --retry-failed.", err=True)
+        sys.exit(1)
+
+
+@main.command("graph")
+@_apply(_common)
+@click.option("--format", "fmt", type=click.Choice(["json", "dot", "summary"]), default="summary",
+              show_default=True)
+@click.option("--save", is_flag=True, help="Store the graph in the registry (as `run` does).")
+@click.option("-o", "--out", "out", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
+def graph_cmd(pipeline, repo, where, output, tasks, config, inputs, fmt, save, out):
+    """Build and show the quantum graph of PIPELINE over REPO (no execution)."""
+    from procsky.pipeline.run import make_graph
+
+    graph = make_graph(repo, pipeline, where=where, output=output, config=list(config),
+                       tasks=_split(tasks), collections=_split(inputs), save=save)
+    if fmt == "json":
+        text = graph.to_json()
+    elif fmt == "dot":
+        text = graph.to_dot()
+    else:
+        lines = [f"{len(graph)} quanta for run {output!r}"]
+        for label, counts in graph.counts().items():
+            parts = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+            lines.append(f"  {label}: {parts or 'no quanta'}")
+        text = "\n".join(lines)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+    else:
+        click.echo(text)
+
+
+@main.command("report")
+@click.argument("repo", type=click.Path(file_okay=False))
+@click.option("--run", "run", required=True, help="Output run of `procsky run`.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None, help="Also write HTML here.")
+def report_cmd(repo, run, fmt, html_path):
+    """Report on a pipeline run: states per task, failures, timings, memory, metrics.
+
+    The JSON layout is documented in docs/report-json.md (schema "procsky.report/1").
+    """
+    from procsky.pipeline.report import format_table, run_report, write_html
+
+    report = run_report(repo, run)
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=1))
+    else:
+        click.echo(format_table(report))
+    if html_path:
+        write_html(report, html_path)
+        click.echo(f"report: {html_path}", err=True)

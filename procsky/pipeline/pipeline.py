@@ -238,6 +238,8 @@ def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, Any]]:
             )
         try:
             value = yaml.safe_load(text) if text.strip() else ""
+            if isinstance(value, str) and value == text.strip():
+                value = _yaml11_float(value)  # PyYAML reads "1e3" as a string
         except yaml.YAMLError as exc:
             raise ProcskyValueError(f"config override {item!r}: value is not valid YAML ({exc}).") from exc
         node = out.setdefault(parts[0], {})
@@ -245,6 +247,13 @@ def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, Any]]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return out
+
+
+def _yaml11_float(text: str):
+    try:
+        return float(text) if any(c.isdigit() for c in text) else text
+    except ValueError:
+        return text
 
 
 def pipeline_path(name: str | Path) -> Path:

@@ -1,0 +1,46 @@
+# procsky: `make demo` runs the tiny end-to-end campaign; `make test` runs the tests.
+# Both create .venv when missing and install procsky into it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed-test
+DEMO_STAMP := $(VENV)/.installed-demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast test-slow bench clean venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e ".[sim,hpc]"
+	touch $@
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e ".[sim,hpc,postgres,test]"
+	touch $@ $(DEMO_STAMP)
+
+venv: $(STAMP)
+
+demo: $(DEMO_STAMP)
+	$(PY) -m procsky.demo
+
+## test: the default (fast) suite, then the slow end-to-end runs (CI runs both)
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf demo-out build dist *.egg-info .pytest_cache

@@ -1,0 +1,128 @@
+"""``python -m procsky.demo`` (``make demo``): the tiny end-to-end campaign.
+
+Runs what exists, on the embedded defaults (SQLite registry, local Zarr, a LocalCluster):
+
+1. create a fresh repository in ``demo-out/repo``;
+2. simulate the ``tiny`` survey (``procsky sim tiny``) and ingest it with ``simcam``;
+3. ingest the real DECam/90prime/Mosaic3 samples from ``../shared/data/real`` when present;
+4. run the ``drp`` pipeline over the simulated data and write the HTML report;
+5. print what it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from procsky.errors import ProcskyError
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "legacysurvey"
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _real_files(pattern: str) -> list[Path]:
+    return sorted(p for p in REAL.rglob(pattern) if "/calib/" not in str(p))
+
+
+def run(out: Path, *, workers: int = 2, pipeline: bool = True) -> int:
+    from procsky.instruments import ingest_files
+    from procsky.repo import Repo
+
+    t0 = time.time()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    repo = Repo.create(out / "repo")
+    _say(f"created repository {repo.root} (SQLite registry)")
+
+    summary = []
+    sim_ok = False
+    try:
+        from procsky.sim import simulate  # noqa: F401
+    except ImportError as e:
+        _say(f"simulator not available ({e}); skipping the simulated survey")
+    else:
+        from procsky.sim import simulate
+
+        _say("simulating the 'tiny' survey ...")
+        simulate("tiny", out / "sim", seed=1, mode="calibrated", progress=True)
+        images = sorted((out / "sim" / "images").glob("*.fits"))
+        refs = ingest_files(repo, images, "simcam", run="simcam/raw", progress=True)
+        summary.append(f"simulated + ingested {len(refs)} simcam detector images (run simcam/raw)")
+        refcat = out / "sim" / "refcat" / "refcat.parquet"
+        if refcat.exists():
+            try:
+                from procsky.refcat import ingest_refcat
+
+                ingest_refcat(repo, [refcat], name="sim_refcat")
+                summary.append("ingested the simulated reference catalogue as 'sim_refcat'")
+            except ImportError:
+                pass
+        sim_ok = True
+
+    if REAL.exists():
+        for inst, pat in (("decam-cp", "c4d_*_ooi_*.fits"), ("90prime-cp", "ksb_*_ooi_*.fits"), ("mosaic3-cp", "k4m_*_ooi_*.fits")):
+            files = _real_files(pat)
+            if files:
+                refs = ingest_files(repo, files, inst, progress=False)
+                summary.append(f"ingested {len(refs)} real {inst} CCD cut-outs (run {inst}/raw)")
+    else:
+        _say(f"no real data at {REAL}; skipping the real samples")
+
+    if pipeline and sim_ok:
+        try:
+            from procsky.pipeline import run_pipeline  # noqa: F401
+        except ImportError as e:
+            _say(f"pipeline executor not available ({e}); stopping after ingest")
+        else:
+            from procsky.pipeline import run_pipeline, write_report
+
+            _say("running the drp pipeline on the simulated survey ...")
+            result = run_pipeline(
+                "drp",
+                repo=repo,
+                where="instrument='simcam'",
+                output="demo/drp",
+                inputs=["simcam/raw"],
+                cluster="local",
+                cluster_overrides={"n_workers": workers},
+                progress=True,
+            )
+            html = out / "report.html"
+            write_report(repo, "demo/drp", html=html)
+            summary.append(f"ran drp: {result.summary_line()}")
+            summary.append(f"HTML report: {html}")
+
+    _say("datasets in the repository:")
+    counts: dict[tuple[str, str], int] = {}
+    for ref in repo.query():
+        counts[(ref.run, ref.dataset_type)] = counts.get((ref.run, ref.dataset_type), 0) + 1
+    for (run_name, dt), n in sorted(counts.items()):
+        print(f"    {run_name:24s} {dt:18s} {n:5d}")
+    for line in summary:
+        _say(line)
+    _say(f"done in {time.time() - t0:.1f} s. Explore with: procsky query {repo.root} --format table")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m procsky.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="demo-out", help="output folder (replaced)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-pipeline", action="store_true", help="stop after ingest")
+    args = ap.parse_args(argv)
+    try:
+        return run(Path(args.out), workers=args.workers, pipeline=not args.no_pipeline)
+    except ProcskyError as e:
+        print(f"demo failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

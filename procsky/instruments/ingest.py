@@ -1,0 +1,108 @@
+"""Register camera files in a repository.
+
+Ingest reads every file first and only then writes: a bad file among many (not FITS,
+truncated, no WCS, wrong camera) stops the ingest with a clear error before anything is
+registered. Datasets already registered in the target run are skipped, so re-running an
+ingest is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from procsky.errors import ProcskyError, ProcskyFileError
+from procsky.instruments.base import IngestItem, get_instrument
+
+__all__ = ["ingest_files", "default_run", "IngestReport"]
+
+
+def default_run(instrument: str) -> str:
+    """The run ingested data go to when none is given (LSST style ``<instrument>/raw``)."""
+    return f"{instrument}/raw"
+
+
+class IngestReport(list):
+    """The datasets ingested (``DatasetRef`` s), with ``skipped`` data IDs already present."""
+
+    def __init__(self, refs=(), skipped=()):
+        super().__init__(refs)
+        self.skipped = list(skipped)
+
+
+def _read_all(inst, files: Sequence[Path], progress: bool) -> list[tuple[Path, list[IngestItem]]]:
+    from tqdm.auto import tqdm
+
+    out = []
+    for path in tqdm(files, desc="reading", unit="file", disable=not progress or len(files) < 2):
+        try:
+            out.append((path, inst.ingest_file(path)))
+        except ProcskyError as e:
+            # Name the file in the message, keep the class so callers can tell errors apart.
+            msg = str(e) if str(path.name) in str(e) else f"{path}: {e}"
+            raise type(e)(msg) from e
+    return out
+
+
+def ingest_files(
+    repo,
+    files: Iterable[str | Path],
+    instrument: str,
+    run: str | None = None,
+    *,
+    progress: bool = False,
+) -> IngestReport:
+    """Ingest camera files into ``repo``.
+
+    Parameters
+    ----------
+    repo : procsky.Repo
+    files : iterable of path
+        The files to ingest (for CP triplets, the ``_ooi_`` image files).
+    instrument : str
+        Instrument name (``generic``, ``decam-cp``, ``simcam`` ...).
+    run : str, optional
+        Output run; ``<instrument>/raw`` by default.
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    IngestReport
+        A list of the new ``DatasetRef`` s; ``.skipped`` lists data IDs already present.
+    """
+    from tqdm.auto import tqdm
+
+    inst = get_instrument(instrument)
+    files = [Path(f) for f in files]
+    if not files:
+        raise ProcskyFileError("no files to ingest")
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise ProcskyFileError(f"no such file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    run = run or default_run(instrument)
+    read = _read_all(inst, files, progress)
+
+    records: dict[str, dict[str, dict]] = {}
+    for _, items in read:
+        for item in items:
+            for element, recs in item.records.items():
+                for rec in recs:
+                    records.setdefault(element, {})[repr(sorted(rec.items()))] = rec
+    order = ["instrument", "band", "physical_filter", "detector", "visit"]
+    for element in sorted(records, key=lambda e: order.index(e) if e in order else len(order)):
+        repo.add_dimension_records(element, list(records[element].values()))
+
+    refs, skipped = [], []
+    runs = repo.runs() if callable(repo.runs) else repo.runs
+    run_exists = run in runs
+    total = sum(len(items) for _, items in read)
+    with tqdm(total=total, desc="ingesting", unit="dataset", disable=not progress) as bar:
+        for _, items in read:
+            for item in items:
+                if run_exists and repo.find(item.dataset_type, item.data_id, run=run) is not None:
+                    skipped.append(item.data_id)
+                else:
+                    refs.append(repo.put(item.obj, item.dataset_type, item.data_id, run=run))
+                bar.update(1)
+    return IngestReport(refs, skipped)

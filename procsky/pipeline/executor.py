@@ -1,0 +1,693 @@
+"""Running a quantum graph, stage by stage, on a ``distributed.Client`` or synchronously.
+
+Design
+------
+* **Stage by stage.** All quanta of a task run before the next task starts, so a stage can
+  be checked before the next begins (and a failed quantum's descendants are known to be
+  ``blocked`` before they are submitted).
+* **Bounded batches.** At most ``max_in_flight`` quanta are held by the scheduler at any
+  time; as results arrive, more are submitted (a sliding window over the stage). Tasks that
+  build dask graphs inside a quantum (``Task.parallel``) run under
+  ``distributed.worker_client`` so the waiting quantum does not hold a worker thread.
+* **Who registers.** The worker runs the task and writes the output files with
+  ``repo.write_pending`` (complete, verified, unregistered); the *driver* registers them
+  with ``repo.register`` in the same registry transaction that marks the quantum
+  ``succeeded`` (and records its provenance). The driver is the single registry writer:
+  SQLite, the default registry, serialises writers anyway, compute nodes need no database
+  connection (often firewalled from PostgreSQL on HPC sites), and results arriving
+  together are committed in one transaction. A crash between ``write_pending`` and the
+  commit leaves only unregistered files: the quantum is still ``pending`` and is redone on
+  resume; nothing registered is ever lost or half-made.
+* **Outcomes.** ``succeeded``; ``no_work`` (the task raised :class:`NoWorkError`);
+  ``failed`` (error class, message and traceback kept); ``blocked`` (an input's producer
+  failed or was blocked). Transient failures (lost worker: ``KilledWorker`` /
+  ``CommClosedError``; ``OSError`` from storage other than a malformed file;
+  :class:`TransientError`) are retried ``retries`` times before the quantum is failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback as tb_module
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import sqlalchemy as sa
+
+from procsky.errors import NoWorkError, ProcskyFileError, TransientError
+from procsky.pipeline.graph import QuantumGraph, Quantum, graph_tables
+
+__all__ = [
+    "QuantumJob",
+    "QuantumResult",
+    "execute_quantum",
+    "Executor",
+    "SyncExecutor",
+    "DaskExecutor",
+    "RunSummary",
+]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------
+# What travels to the worker and back
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantumJob:
+    """Everything a worker needs to run one quantum (pickled to the worker).
+
+    Attributes
+    ----------
+    quantum_id : int
+    task : str
+        Label.
+    task_class : str
+        ``"module:Class"``.
+    config : dict
+        Task configuration (validated again on the worker).
+    config_hash : str
+    data_id : dict
+    inputs : dict of str -> list of (dataset_type, data_id, run)
+    multiple : dict of str -> bool
+        Whether each input is gathered (a list is passed to ``run``).
+    outputs : dict of str -> (dataset_type, data_id)
+    run : str
+    repo_root : str
+    attempt : int
+        1 for the first try.
+    """
+
+    quantum_id: int
+    task: str
+    task_class: str
+    config: dict
+    config_hash: str
+    data_id: dict
+    inputs: dict[str, list[tuple[str, dict, str | None]]]
+    multiple: dict[str, bool]
+    outputs: dict[str, tuple[str, dict]]
+    run: str
+    repo_root: str
+    attempt: int = 1
+    parallel: bool = False
+
+
+@dataclass
+class QuantumResult:
+    """What a worker reports about one quantum.
+
+    ``status`` is ``succeeded``, ``no_work``, ``failed`` or ``transient`` (retry).
+    """
+
+    quantum_id: int
+    status: str
+    pendings: dict[str, Any] = field(default_factory=dict)
+    error_class: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    provenance: dict = field(default_factory=dict)
+
+
+def _code_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("procsky")
+    except Exception:
+        try:
+            import procsky
+
+            return getattr(procsky, "__version__", "unknown")
+        except Exception:  # pragma: no cover
+            return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import numpy
+
+    out = {"procsky": _code_version(), "python": sys.version.split()[0],
+           "numpy": numpy.__version__, "dask": dask.__version__}
+    try:
+        import distributed
+
+        out["distributed"] = distributed.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+class _PeakRSS:
+    """Resident-set-size high-water mark of this process while a quantum runs (bytes).
+
+    Sampled by a background thread every ``interval`` seconds (psutil) plus at start and
+    stop; the process-wide ``ru_maxrss`` is only a since-start maximum, so it cannot be
+    attributed to one quantum. With several threads per worker the figure covers the
+    quanta running concurrently in that process.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _sample(self) -> None:
+        try:
+            rss = self._proc.memory_info().rss
+        except Exception:  # pragma: no cover
+            return
+        if rss > self.peak:
+            self.peak = rss
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="procsky-rss")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return False
+
+
+_REPOS: dict[str, Any] = {}
+_REPO_LOCK = threading.Lock()
+
+
+def _open_repo(root: str):
+    """One Repo per process and root (workers run many quanta)."""
+    with _REPO_LOCK:
+        repo = _REPOS.get(root)
+        if repo is None:
+            from procsky.repo import Repo
+
+            repo = Repo(root)
+            _REPOS[root] = repo
+        return repo
+
+
+_TASKS: dict[tuple[str, str], Any] = {}
+
+
+def _make_task(job: QuantumJob):
+    key = (job.task_class, job.config_hash)
+    task = _TASKS.get(key)
+    if task is None:
+        from procsky.pipeline.task import get_task_class
+
+        task = get_task_class(job.task_class)(job.config)
+        _TASKS[key] = task
+    return task
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, ProcskyFileError):  # malformed/truncated file: retrying won't help
+        return False
+    if isinstance(exc, OSError):
+        return True
+    name = type(exc).__name__
+    return name in ("KilledWorker", "CommClosedError", "StreamClosedError")
+
+
+def _error(qid: int, status: str, exc: BaseException, where: str, prov: dict) -> QuantumResult:
+    message = f"{where}: {exc}" if where else str(exc)
+    return QuantumResult(qid, status, error_class=type(exc).__name__, error_message=message,
+                         traceback="".join(tb_module.format_exception(exc)), provenance=prov)
+
+
+def execute_quantum(job: QuantumJob, repo=None) -> QuantumResult:
+    """Run one quantum: read inputs, ``task.run``, write outputs as pending datasets.
+
+    Parameters
+    ----------
+    job : QuantumJob
+    repo : procsky.repo.Repo, optional
+        Repository; opened from ``job.repo_root`` when not given (on workers).
+
+    Returns
+    -------
+    QuantumResult
+        Never raises for task errors: they are captured in the result. Only failures of
+        the worker itself (killed, lost connection) surface as exceptions on the future.
+    """
+    start = time.time()
+    cpu0 = time.thread_time()
+    prov: dict = {
+        "quantum_id": job.quantum_id, "task": job.task, "task_class": job.task_class,
+        "config_hash": job.config_hash, "code_version": _code_version(), "run": job.run,
+        "data_id": job.data_id, "host": socket.gethostname(), "pid": os.getpid(),
+        "attempt": job.attempt, "start": start,
+    }
+    try:
+        from distributed import get_worker
+
+        prov["worker"] = get_worker().address
+    except Exception:
+        prov["worker"] = None
+    monitor = _PeakRSS()
+    with monitor:
+        result = _execute(job, repo, prov)
+    end = time.time()
+    prov.update(end=end, cpu_seconds=time.thread_time() - cpu0, peak_memory=monitor.peak,
+                versions=_versions())
+    result.provenance = prov
+    return result
+
+
+def _execute(job: QuantumJob, repo, prov: dict) -> QuantumResult:
+    qid = job.quantum_id
+    try:
+        repo = repo if repo is not None else _open_repo(job.repo_root)
+        task = _make_task(job)
+    except Exception as exc:
+        return _error(qid, "transient" if _is_transient(exc) else "failed", exc,
+                      "setting up the quantum", prov)
+    # Read the inputs.
+    kwargs: dict[str, Any] = {}
+    data_ids: dict[str, Any] = {}
+    input_ids: dict[str, list[str]] = {}
+    for name, items in job.inputs.items():
+        objs, ids, dids = [], [], []
+        for dataset_type, data_id, run in items:
+            try:
+                ref = repo.find(dataset_type, data_id, run=run)
+                if ref is None:
+                    continue  # an upstream quantum had no work: that input does not exist
+                objs.append(repo.get(dataset_type, data_id, run=ref.run))
+            except Exception as exc:
+                return _error(qid, "transient" if _is_transient(exc) else "failed", exc,
+                              f"reading input {name!r} ({dataset_type} {data_id} in run {run!r})",
+                              prov)
+            ids.append(str(ref.id))
+            dids.append(data_id)
+        input_ids[name] = ids
+        if job.multiple[name]:
+            kwargs[name], data_ids[name] = objs, dids
+        else:
+            kwargs[name] = objs[0] if objs else None
+            data_ids[name] = dids[0] if dids else None
+    prov["inputs"] = input_ids
+    missing = [n for n, items in job.inputs.items() if items and not input_ids[n]]
+    if missing:
+        exc = NoWorkError(f"inputs {missing} were not produced (their quanta had no work)")
+        return _error(qid, "no_work", exc, "", prov)
+    if _accepts(task.run, "data_ids"):
+        kwargs["data_ids"] = data_ids
+    # Run the task.
+    try:
+        if job.parallel:
+            try:
+                from distributed import worker_client
+
+                with worker_client():
+                    outputs = task.run(**kwargs)
+                    outputs = _write(repo, job, outputs)
+            except ValueError as exc:
+                if "No worker found" not in str(exc):
+                    raise
+                outputs = _write(repo, job, task.run(**kwargs))
+        else:
+            import dask
+
+            # Lazy arrays made by a serial task are computed in this thread: the cluster
+            # already runs one quantum per worker thread.
+            with dask.config.set(scheduler="synchronous"):
+                outputs = _write(repo, job, task.run(**kwargs))
+    except NoWorkError as exc:
+        return _error(qid, "no_work", exc, "", prov)
+    except _WriteError as exc:
+        cause = exc.__cause__
+        return _error(qid, "transient" if _is_transient(cause) else "failed", cause,
+                      str(exc), prov)
+    except Exception as exc:
+        return _error(qid, "transient" if isinstance(exc, TransientError) else "failed", exc,
+                      f"task {job.task!r} on {job.data_id}", prov)
+    return QuantumResult(qid, "succeeded", pendings=outputs)
+
+
+class _WriteError(Exception):
+    pass
+
+
+def _write(repo, job: QuantumJob, outputs) -> dict:
+    from procsky.errors import ProcskyTypeError
+
+    if not isinstance(outputs, dict):
+        raise ProcskyTypeError(
+            f"task {job.task!r} returned {type(outputs).__name__}; run() must return a dict "
+            f"with keys {sorted(job.outputs)}."
+        )
+    missing = set(job.outputs) - set(outputs)
+    extra = set(outputs) - set(job.outputs)
+    if missing or extra:
+        raise ProcskyTypeError(
+            f"task {job.task!r} returned outputs {sorted(outputs)}; declared {sorted(job.outputs)} "
+            f"(missing {sorted(missing)}, undeclared {sorted(extra)})."
+        )
+    pendings = {}
+    for name, (dataset_type, data_id) in job.outputs.items():
+        try:
+            pendings[name] = repo.write_pending(outputs[name], dataset_type, data_id, job.run)
+        except Exception as exc:
+            raise _WriteError(f"writing output {name!r} ({dataset_type} {data_id})") from exc
+    return pendings
+
+
+def _accepts(func: Callable, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return name in params
+
+
+# --------------------------------------------------------------------------------------
+# Driver side
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    """Counts of quanta per task and state after a run, and the wall time (s)."""
+
+    run: str
+    counts: dict[str, dict[str, int]]
+    wall_seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(c.get("failed", 0) == 0 and c.get("blocked", 0) == 0
+                   and c.get("pending", 0) == 0 for c in self.counts.values())
+
+    def __str__(self) -> str:
+        lines = [f"run {self.run!r} ({self.wall_seconds:.1f} s):"]
+        for label, c in self.counts.items():
+            parts = ", ".join(f"{k} {v}" for k, v in c.items() if v)
+            lines.append(f"  {label}: {parts or 'no quanta'}")
+        return "\n".join(lines)
+
+
+class Executor:
+    """Base class: stage loop, blocking, commits. Subclasses provide the scheduling.
+
+    Parameters
+    ----------
+    retries : int
+        Extra attempts for transient failures.
+    progress : bool
+        Show a tqdm progress bar per stage.
+    """
+
+    def __init__(self, *, retries: int = 2, progress: bool = False):
+        self.retries = int(retries)
+        self.progress = progress
+
+    # --- to implement --------------------------------------------------------------------
+    def _run_jobs(self, jobs: list[QuantumJob], on_results: Callable[[list], None]) -> None:
+        raise NotImplementedError
+
+    # --- driver loop ---------------------------------------------------------------------
+    def execute(self, repo, graph: QuantumGraph, *, retry_failed: bool = False,
+                stages: list[str] | None = None) -> RunSummary:
+        """Run every quantum of ``graph`` that is not finished, stage by stage.
+
+        Parameters
+        ----------
+        repo : procsky.repo.Repo
+        graph : QuantumGraph
+            Stored (``graph.save(repo)`` done, so quanta have ids and states).
+        retry_failed : bool
+            Rerun ``failed`` quanta and re-evaluate ``blocked`` ones.
+        stages : list of str, optional
+            Task labels to run (default all).
+
+        Returns
+        -------
+        RunSummary
+        """
+        t0 = time.time()
+        self._repo, self._graph = repo, graph
+        self._tables = graph_tables(repo)
+        root = str(repo.root)
+        redo = {"pending"} | ({"failed", "blocked"} if retry_failed else set())
+        pt_by_label = {pt.label: pt for pt in graph.pipeline}
+        for label in graph.pipeline.labels:
+            if stages is not None and label not in stages:
+                continue
+            pt = pt_by_label[label]
+            todo = [q for q in graph.quanta[label] if q.state in redo]
+            blocked, nowork, jobs = [], [], []
+            for q in todo:
+                bad = [p for p in graph.producers(q) if p.state in ("failed", "blocked", "pending")]
+                if bad:
+                    blocked.append((q, bad[0]))
+                    continue
+                job = self._job(q, pt, root)
+                empty = [n for n, c in pt.task_class.inputs.items()
+                         if not c.optional and q.inputs.get(n) and not job.inputs.get(n)]
+                if empty:
+                    nowork.append((q, f"no {', '.join(empty)} input: every quantum producing "
+                                      "them had no work"))
+                    continue
+                jobs.append(job)
+            if blocked:
+                self._mark_blocked(blocked)
+            if nowork:
+                self._mark_no_work(nowork)
+            total = len(graph.quanta[label])
+            bar = self._bar(label, total, total - len(jobs))
+            self._jobs_by_id = {j.quantum_id: j for j in jobs}
+            self._quanta_by_id = {q.id: q for q in todo}
+
+            def on_results(results, _bar=bar):
+                self._commit(results)
+                if _bar is not None:
+                    _bar.update(len(results))
+
+            try:
+                if jobs:
+                    self._run_jobs(jobs, on_results)
+            finally:
+                if bar is not None:
+                    bar.close()
+        return RunSummary(graph.run, graph.counts(), time.time() - t0)
+
+    def _bar(self, label: str, total: int, done: int):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=done, desc=label, unit="quantum", leave=True)
+
+    def _job(self, q: Quantum, pt, root: str) -> QuantumJob:
+        klass = pt.task_class
+        inputs = {}
+        for name, lst in q.inputs.items():
+            items = []
+            for d in lst:
+                producer = self._graph.producer_of.get((d.dataset_type, d.key))
+                if producer is not None and producer.state == "no_work":
+                    continue
+                items.append((d.dataset_type, d.data_id, self._graph.run if producer else d.run))
+            inputs[name] = items
+        return QuantumJob(
+            quantum_id=q.id, task=q.task, task_class=pt.class_path,
+            config=pt.config.model_dump(), config_hash=pt.config_hash, data_id=q.data_id,
+            inputs=inputs, multiple={n: c.multiple for n, c in klass.inputs.items()},
+            outputs={n: (d.dataset_type, d.data_id) for n, d in q.outputs.items()},
+            run=self._graph.run, repo_root=root, parallel=bool(getattr(klass, "parallel", False)),
+        )
+
+    def _retry(self, job: QuantumJob) -> QuantumJob | None:
+        """The next attempt of ``job`` or ``None`` when retries are exhausted."""
+        if job.attempt > self.retries:
+            return None
+        nxt = QuantumJob(**{**job.__dict__, "attempt": job.attempt + 1})
+        self._jobs_by_id[job.quantum_id] = nxt
+        return nxt
+
+    def _mark_blocked(self, pairs: list[tuple[Quantum, Quantum]]) -> None:
+        t = self._tables["quantum"]
+        with self._repo.registry.transaction() as conn:
+            for q, cause in pairs:
+                msg = (f"input quantum {cause.task} {cause.data_id} is {cause.state}; "
+                       f"rerun with --retry-failed once it is fixed")
+                conn.execute(t.update().where(t.c.id == q.id).values(
+                    state="blocked", error_class="Blocked", error_message=msg, traceback=None))
+                q.state = "blocked"
+                q.info = {"error_message": msg}
+
+    def _mark_no_work(self, pairs: list[tuple[Quantum, str]]) -> None:
+        t = self._tables["quantum"]
+        with self._repo.registry.transaction() as conn:
+            for q, reason in pairs:
+                conn.execute(t.update().where(t.c.id == q.id).values(
+                    state="no_work", error_class="NoWorkError", error_message=reason, traceback=None))
+                q.state = "no_work"
+
+    def _commit(self, results: list[QuantumResult]) -> None:
+        """Register outputs and record states; one transaction for the lot if possible."""
+        if not results:
+            return
+        try:
+            with self._repo.registry.transaction() as conn:
+                for r in results:
+                    self._record(conn, r)
+        except Exception as exc:
+            if len(results) == 1:
+                r = results[0]
+                err = QuantumResult(r.quantum_id, "failed", error_class=type(exc).__name__,
+                                    error_message=f"registering the outputs: {exc}",
+                                    traceback="".join(tb_module.format_exception(exc)),
+                                    provenance=r.provenance)
+                with self._repo.registry.transaction() as conn:
+                    self._record(conn, err)
+                return
+            for r in results:  # find the culprit: commit one by one
+                self._commit([r])
+            return
+        for r in results:
+            self._quanta_by_id[r.quantum_id].state = r.status
+
+    def _record(self, conn, r: QuantumResult) -> None:
+        t = self._tables
+        prov = dict(r.provenance)
+        values = dict(
+            state=r.status, attempts=prov.get("attempt", 1), error_class=r.error_class,
+            error_message=r.error_message, traceback=r.traceback, host=prov.get("host"),
+            start_time=prov.get("start"), end_time=prov.get("end"),
+            cpu_seconds=prov.get("cpu_seconds"), peak_memory=prov.get("peak_memory"),
+            code_version=prov.get("code_version"), provenance=json.dumps(prov, default=str),
+        )
+        if r.status == "succeeded" and r.pendings:
+            names = list(r.pendings)
+            refs = self._repo.register([r.pendings[n] for n in names], provenance=prov,
+                                       connection=conn)
+            for name, ref in zip(names, refs):
+                conn.execute(t["output"].update()
+                             .where(t["output"].c.quantum_id == r.quantum_id, t["output"].c.name == name)
+                             .values(dataset_id=str(ref.id)))
+        conn.execute(t["quantum"].update().where(t["quantum"].c.id == r.quantum_id).values(**values))
+
+
+class SyncExecutor(Executor):
+    """Runs quanta one after the other in this process (notebooks, debugging, tests).
+
+    Exactly the same quantum function as :class:`DaskExecutor`, without pickling.
+    """
+
+    def _run_jobs(self, jobs, on_results):
+        for job in jobs:
+            while True:
+                result = execute_quantum(job, repo=self._repo)
+                if result.status == "transient":
+                    nxt = self._retry(job)
+                    if nxt is not None:
+                        job = nxt
+                        continue
+                    result.status = "failed"
+                on_results([result])
+                break
+
+
+class DaskExecutor(Executor):
+    """Runs quanta on a ``distributed.Client`` in a bounded sliding window.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    max_in_flight : int
+        Most quanta held by the scheduler at once.
+    retries : int
+        Extra attempts for transient failures (lost worker, flaky I/O).
+    progress : bool
+        tqdm bar per stage.
+    """
+
+    def __init__(self, client, *, max_in_flight: int = 2000, retries: int = 2, progress: bool = False):
+        super().__init__(retries=retries, progress=progress)
+        if max_in_flight < 1:
+            from procsky.errors import ProcskyValueError
+
+            raise ProcskyValueError(f"max_in_flight must be >= 1, got {max_in_flight}.")
+        self.client = client
+        self.max_in_flight = int(max_in_flight)
+        self.max_seen_in_flight = 0
+        self._token = uuid.uuid4().hex[:8]
+
+    def _submit(self, job: QuantumJob):
+        key = f"quantum-{job.task}-{job.quantum_id}-a{job.attempt}-{self._token}"
+        fut = self.client.submit(execute_quantum, job, key=key, pure=False, retries=0)
+        self._job_of_key[fut.key] = job
+        return fut
+
+    def _run_jobs(self, jobs, on_results):
+        from distributed import as_completed
+
+        self._job_of_key: dict[str, QuantumJob] = {}
+        queue = list(reversed(jobs))  # pop() from the end keeps graph order
+        initial = []
+        while queue and len(initial) < self.max_in_flight:
+            initial.append(self._submit(queue.pop()))
+        in_flight = len(initial)
+        self.max_seen_in_flight = max(self.max_seen_in_flight, in_flight)
+        ac = as_completed(initial, with_results=False)
+        for batch in ac.batches():
+            results, resubmit = [], []
+            for fut in batch:
+                job = self._job_of_key.pop(fut.key)
+                qid = job.quantum_id
+                in_flight -= 1
+                if fut.status == "finished":
+                    try:
+                        result = fut.result()
+                    except Exception as exc:  # pragma: no cover - raced with a lost worker
+                        result = _error(qid, "transient", exc, "fetching the result", {"attempt": job.attempt})
+                else:
+                    exc = fut.exception()
+                    status = "transient" if _is_transient(exc) else "failed"
+                    result = _error(qid, status, exc, "running on the cluster",
+                                    {"attempt": job.attempt, "task": job.task})
+                fut.release()
+                if result.status == "transient":
+                    nxt = self._retry(job)
+                    if nxt is not None:
+                        log.warning("quantum %s %s: transient failure (%s: %s); attempt %d of %d",
+                                    job.task, job.data_id, result.error_class, result.error_message,
+                                    nxt.attempt, self.retries + 1)
+                        resubmit.append(nxt)
+                        continue
+                    result.status = "failed"
+                results.append(result)
+            on_results(results)
+            new = [self._submit(j) for j in resubmit]
+            while queue and in_flight + len(new) < self.max_in_flight:
+                new.append(self._submit(queue.pop()))
+            if new:
+                in_flight += len(new)
+                self.max_seen_in_flight = max(self.max_seen_in_flight, in_flight)
+                ac.update(new)

@@ -1,0 +1,569 @@
+"""Drawing one detector of one visit: the scene, noise, artefacts and instrument signature.
+
+Noise and signature model (the same for both output modes, so the ``raw`` and
+``calibrated`` twins of one recipe and seed share one noise realisation):
+
+* ``E`` — expected photo-electrons per pixel in the flat-fielded frame: sky (with a mild
+  linear gradient across the focal plane) + objects (GalSim, photon-free, drawn in
+  bounded stamps through the local affine approximation of the WCS) + satellite trail.
+* ``P = Poisson(E)``; the detector response ``flat`` scales it: ``Q = P * flat + CR +
+  Poisson(D t)`` with cosmic-ray deposits ``CR`` and dark current ``D`` (hot pixels are
+  dark-current outliers). Charge above the full well bleeds along the column.
+* read noise ``R ~ N(0, rn)`` and bad-column charge ``K`` are added at readout.
+* raw (ADU): ``(Q + R + K) / gain + bias(x, y) + overscan level``, rounded, with
+  ``overscan_columns`` of overscan (level + read noise) to the right of the data.
+* calibrated (ADU): exactly the instrument-signature removal of that raw image,
+  ``(Q + R + K - D t) / (gain * flat)``, i.e. ``P / gain`` plus cosmic rays, dark shot
+  noise and read noise scaled by ``1 / (gain * flat)``.
+  Variance: ``E / gain^2 + (rn^2 + D t) / (gain * flat)^2``. Mask: BAD on bad columns
+  and hot pixels, SAT where the full well was reached; cosmic rays are *not* masked.
+
+So ``(raw - overscan - bias - dark * EXPTIME) / flat`` reproduces the calibrated image up
+to ADC rounding (1/sqrt(12) ADU) and the noise of the master bias. (Strictly, the
+detected electrons of a pixel with response ``flat`` would be ``Poisson(E * flat)``; we
+scale one realisation by ``flat`` instead, which differs by < 1% in variance for flats
+within a few % of 1.)
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from procsky.instruments.simcam import BAND_DATA, SimcamGeometry, detector_wcs, focal_plane_position
+from procsky.sim.psf import SimPsfParams, psf_summary
+from procsky.sim.scene import rng_for
+
+__all__ = [
+    "DetectorImage",
+    "render_detector",
+    "detector_defects",
+    "flat_field",
+    "bias_pattern",
+    "dark_map",
+    "bleed_columns",
+    "write_detector",
+    "write_calibs",
+    "image_filename",
+]
+
+BAD, SAT = 1 << 0, 1 << 1
+
+
+@dataclass
+class DetectorImage:
+    """Everything drawn for one (visit, detector)."""
+
+    visit: int
+    detector: int
+    wcs: object
+    calibrated: np.ndarray  # ADU, float32
+    variance: np.ndarray  # ADU^2
+    mask: np.ndarray  # uint32
+    raw: np.ndarray | None  # ADU incl. overscan, or None
+    expected: np.ndarray | None  # E (electrons), only when asked for
+    truth: pd.DataFrame = field(default_factory=pd.DataFrame)
+    cosmic_rays: pd.DataFrame = field(default_factory=pd.DataFrame)
+    summary: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- defects
+def detector_defects(recipe, geometry: SimcamGeometry, detector: int) -> pd.DataFrame:
+    """Bad columns and hot pixels of one detector (fixed for a recipe and seed).
+
+    Columns: ``detector, kind ('bad_column'|'hot_pixel'), x, y0, y1`` (0-based, inclusive),
+    ``value`` (extra charge for bad columns, e-; dark current for hot pixels, e-/s).
+    """
+    rng = rng_for(recipe.seed, "defects", detector)
+    nx, ny = geometry.nx, geometry.ny
+    a = recipe.artifacts
+    rows = []
+    for _ in range(a.bad_columns_per_detector):
+        x = int(rng.integers(8, nx - 8))
+        y0 = 0 if rng.uniform() < 0.5 else int(rng.integers(0, ny // 2))
+        rows.append(("bad_column", x, y0, ny - 1, float(rng.uniform(300.0, 3000.0))))
+    n_hot = rng.poisson(a.hot_pixels_per_mpix * nx * ny / 1e6)
+    for _ in range(n_hot):
+        x, y = int(rng.integers(0, nx)), int(rng.integers(0, ny))
+        rows.append(("hot_pixel", x, y, y, float(rng.uniform(*recipe.raw.hot_pixel_dark))))
+    df = pd.DataFrame(rows, columns=["kind", "x", "y0", "y1", "value"])
+    df.insert(0, "detector", detector)
+    return df
+
+
+def dark_map(recipe, geometry, detector: int, defects: pd.DataFrame | None = None) -> np.ndarray:
+    """Dark current (e-/s) per pixel: uniform level plus hot pixels."""
+    if defects is None:
+        defects = detector_defects(recipe, geometry, detector)
+    d = np.full((geometry.ny, geometry.nx), recipe.raw.dark_current, dtype=np.float64)
+    hot = defects[defects["kind"] == "hot_pixel"]
+    d[hot["y0"].to_numpy(), hot["x"].to_numpy()] += hot["value"].to_numpy()
+    return d
+
+
+def flat_field(recipe, geometry, detector: int, band: str) -> np.ndarray:
+    """Detector response (dimensionless, ~1): vignetting across the focal plane times PRNU.
+
+    Vignetting ``1 - v (r / r_corner)^2`` (stronger in the blue), pixel response
+    non-uniformity Gaussian with rms ``prnu`` (fixed per detector), and a weak band
+    dependence of the PRNU amplitude.
+    """
+    ny, nx = geometry.ny, geometry.nx
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    fx, fy = focal_plane_position(geometry, detector, xx, yy)
+    r2 = (fx * fx + fy * fy) / geometry.corner_radius**2
+    lam = BAND_DATA[band]["wavelength"]
+    vig = recipe.raw.vignetting * (622.0 / lam) ** 0.5
+    prnu = rng_for(recipe.seed, "flat", detector).normal(0.0, recipe.raw.prnu, (ny, nx))
+    return (1.0 - vig * r2) * (1.0 + prnu * (622.0 / lam) ** 0.3)
+
+
+def bias_pattern(recipe, geometry, detector: int) -> np.ndarray:
+    """Overscan-subtracted bias structure (ADU): a gentle slope, a row ripple and column offsets."""
+    rng = rng_for(recipe.seed, "signature", detector)
+    ny, nx = geometry.ny, geometry.nx
+    s = recipe.raw.bias_structure
+    x = np.arange(nx) / nx - 0.5
+    y = np.arange(ny) / ny
+    cols = rng.normal(0.0, 0.3 * s, nx)
+    phase = rng.uniform(0, 2 * np.pi)
+    return (s * x[None, :] + 0.5 * s * np.sin(4 * np.pi * y + phase)[:, None] + cols[None, :]).astype(np.float64)
+
+
+# -------------------------------------------------------------------------- bleeding
+def bleed_columns(q: np.ndarray, full_well: float) -> np.ndarray:
+    """Move charge above ``full_well`` up and down the column (in place); return SAT mask.
+
+    Each run of over-full pixels is clipped to the full well and its excess charge shared
+    equally between the two directions, filling neighbouring pixels to the full well one
+    by one (the classic blooming picture); charge reaching the detector edge is lost.
+    """
+    ny = q.shape[0]
+    cols = np.flatnonzero((q > full_well).any(axis=0))
+    for c in cols:
+        col = q[:, c]
+        idx = np.flatnonzero(col > full_well)
+        runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
+        for run in runs:
+            excess = float((col[run] - full_well).sum())
+            col[run] = full_well
+            for step, start in ((1, run[-1] + 1), (-1, run[0] - 1)):
+                share = 0.5 * excess
+                j = start
+                while share > 0 and 0 <= j < ny:
+                    room = full_well - col[j]
+                    if room > 0:
+                        take = min(room, share)
+                        col[j] += take
+                        share -= take
+                    j += step
+    return q >= full_well
+
+
+# ------------------------------------------------------------------------- drawing
+def _local_jacobians(wcs, x, y, h=0.5):
+    """d(xi, eta)/d(x, y) in arcsec/pixel at each position (xi east, eta north)."""
+    xs = np.concatenate([x + h, x - h, x, x])
+    ys = np.concatenate([y, y, y + h, y - h])
+    ra, dec = wcs.all_pix2world(xs, ys, 0)
+    n = len(x)
+    ra = ra.reshape(4, n)
+    dec = dec.reshape(4, n)
+    cosd = np.cos(np.radians(dec.mean(axis=0)))
+
+    def dxi(a, b):
+        return (((ra[a] - ra[b] + 180.0) % 360.0) - 180.0) * cosd * 3600.0
+
+    dudx = dxi(0, 1) / (2 * h)
+    dvdx = (dec[0] - dec[1]) * 3600.0 / (2 * h)
+    dudy = dxi(2, 3) / (2 * h)
+    dvdy = (dec[2] - dec[3]) * 3600.0 / (2 * h)
+    return dudx, dudy, dvdx, dvdy
+
+
+def _galaxy_profile(galsim, hlr_disk, hlr_bulge, bulge_fraction, g1, g2, sg1, sg2, gsparams):
+    """Bulge (de Vaucouleurs, truncated at 8 hlr) + exponential disk, flux 1, sky frame (arcsec)."""
+    disk = galsim.Exponential(half_light_radius=hlr_disk, gsparams=gsparams).shear(g1=g1, g2=g2)
+    if bulge_fraction > 0.01:
+        bulge = galsim.DeVaucouleurs(half_light_radius=hlr_bulge, trunc=8.0 * hlr_bulge, gsparams=gsparams)
+        bulge = bulge.shear(g1=0.5 * g1, g2=0.5 * g2)
+        prof = galsim.Add([bulge.withFlux(bulge_fraction), disk.withFlux(1.0 - bulge_fraction)])
+    else:
+        prof = disk
+    if sg1 != 0.0 or sg2 != 0.0:
+        prof = prof.shear(g1=sg1, g2=sg2)
+    return prof
+
+
+def _draw_objects(galsim, image_e, objects, x, y, counts_e, wcs, geometry, detector, psf_params, gsparams):
+    """Add every object's pixel-convolved profile (electrons) to ``image_e`` in stamps."""
+    ny, nx = image_e.shape
+    if len(x) == 0:
+        return
+    dudx, dudy, dvdx, dvdy = _local_jacobians(wcs, x, y)
+    fx, fy = focal_plane_position(geometry, detector, x, y)
+    kind = objects["kind"].to_numpy()
+    is_gal = kind == "galaxy"
+    hlr_d = objects["hlr_disk"].to_numpy() if "hlr_disk" in objects else np.zeros(len(x))
+    hlr_b = objects["hlr_bulge"].to_numpy() if "hlr_bulge" in objects else np.zeros(len(x))
+    bfrac = objects["bulge_fraction"].to_numpy() if "bulge_fraction" in objects else np.zeros(len(x))
+    g1 = objects["g1"].to_numpy() if "g1" in objects else np.zeros(len(x))
+    g2 = objects["g2"].to_numpy() if "g2" in objects else np.zeros(len(x))
+    sg1 = objects["shear_g1"].to_numpy() if "shear_g1" in objects else np.zeros(len(x))
+    sg2 = objects["shear_g2"].to_numpy() if "shear_g2" in objects else np.zeros(len(x))
+    scale = psf_params.pixel_scale
+    full = galsim.BoundsI(0, nx - 1, 0, ny - 1)
+    for i in range(len(x)):
+        c = counts_e[i]
+        if not c > 0:
+            continue
+        psf = psf_params.at_focal_plane(fx[i], fy[i], gsparams=gsparams)
+        fwhm_px = psf_params.local(fx[i], fy[i])[0] / scale
+        boost = 1.0 + 0.6 * max(0.0, math.log10(c / 1e4))
+        if is_gal[i]:
+            jac = galsim.JacobianWCS(dudx[i], dudy[i], dvdx[i], dvdy[i])
+            gal = _galaxy_profile(galsim, hlr_d[i], hlr_b[i], bfrac[i], g1[i], g2[i], sg1[i], sg2[i], gsparams)
+            prof = galsim.Convolve([jac.toImage(gal), psf], gsparams=gsparams).withFlux(c)
+            size_px = max(3.0 * fwhm_px, 5.0 * max(hlr_d[i], hlr_b[i]) / scale)
+        else:
+            prof = psf.withFlux(c)
+            size_px = 3.0 * fwhm_px
+        half = int(math.ceil(min(max(size_px * boost, 8.0), 400.0)))
+        xc, yc = int(round(x[i])), int(round(y[i]))
+        b = galsim.BoundsI(xc - half, xc + half, yc - half, yc + half) & full
+        if not b.isDefined():
+            continue
+        stamp = galsim.ImageF(b, scale=1.0)
+        prof.drawImage(image=stamp, center=galsim.PositionD(float(x[i]), float(y[i])), method="auto")
+        image_e[b.ymin : b.ymax + 1, b.xmin : b.xmax + 1] += stamp.array
+
+
+def _cosmic_rays(rng, recipe, shape, exptime):
+    """Cosmic-ray tracks: deposit map (e-) and the list of hit pixels."""
+    ny, nx = shape
+    n = rng.poisson(recipe.artifacts.cosmic_ray_rate * nx * ny / 1e6 * exptime)
+    dep = np.zeros(shape, dtype=np.float64)
+    if n == 0:
+        return dep, np.zeros((0, 3))
+    x0 = rng.uniform(-0.5, nx - 0.5, n)
+    y0 = rng.uniform(-0.5, ny - 0.5, n)
+    length = rng.exponential(6.0, n)
+    angle = rng.uniform(0.0, 2 * np.pi, n)
+    energy = np.exp(rng.normal(math.log(2500.0), 0.6, n))
+    for i in range(n):
+        steps = max(1, int(length[i] / 0.4))
+        s = np.linspace(0.0, length[i], steps)
+        xx = np.rint(x0[i] + s * math.cos(angle[i])).astype(int)
+        yy = np.rint(y0[i] + s * math.sin(angle[i])).astype(int)
+        ok = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
+        np.add.at(dep, (yy[ok], xx[ok]), energy[i] / steps)
+    ys, xs = np.nonzero(dep)
+    return dep, np.column_stack([xs, ys, dep[ys, xs]])
+
+
+def _satellite(visit, geometry, detector, shape):
+    """Satellite trail surface brightness (e-/pixel) on this detector, or None."""
+    if not visit["satellite"]:
+        return None
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    fx, fy = focal_plane_position(geometry, detector, xx, yy)
+    a = visit["sat_angle"]
+    # distance to the line through (sat_x0, sat_y0) at angle a
+    d = -(fx - visit["sat_x0"]) * math.sin(a) + (fy - visit["sat_y0"]) * math.cos(a)
+    s = visit["sat_sigma_px"]
+    if np.abs(d).min() > 6 * s:
+        return None
+    return visit["sat_peak_e"] * np.exp(-0.5 * (d / s) ** 2)
+
+
+def render_detector(recipe, visit: dict, detector: int, objects: pd.DataFrame, *, raw: bool = False,
+                    keep_expected: bool = False) -> DetectorImage:
+    """Draw one detector of one visit.
+
+    Parameters
+    ----------
+    recipe : Recipe
+    visit : dict
+        One row of ``Scene.visits``.
+    detector : int
+    objects : pandas.DataFrame
+        Objects near this detector with columns ``object_id, kind, ra, dec, flux`` (nJy
+        at this epoch in this band) and, for galaxies, ``hlr_disk, hlr_bulge`` (arcsec),
+        ``bulge_fraction, g1, g2, shear_g1, shear_g2``.
+    raw : bool
+        Also build the raw image (with overscan and signature).
+    keep_expected : bool
+        Keep the noiseless expected image ``E`` (electrons) for tests.
+    """
+    import galsim
+
+    geometry = SimcamGeometry(recipe.instrument, recipe.seed)
+    inst = recipe.instrument
+    ny, nx = geometry.ny, geometry.nx
+    gain, rn, fw = inst.gain, inst.read_noise, inst.full_well
+    band = visit["band"]
+    t = float(visit["exposure_time"])
+    vid = int(visit["visit"])
+    wcs = detector_wcs(geometry, detector, visit["boresight_ra"], visit["boresight_dec"], visit["rotation_angle"])
+    psf_params = SimPsfParams.from_dict(visit)
+    gsparams = galsim.GSParams(maximum_fft_size=8192)
+
+    # ---- positions, counts and the noiseless image
+    ra = objects["ra"].to_numpy(dtype=float)
+    dec = objects["dec"].to_numpy(dtype=float)
+    if len(ra):
+        x, y = wcs.all_world2pix(ra, dec, 0, tolerance=1e-8, maxiter=50)
+    else:
+        x = y = np.zeros(0)
+    flux = objects["flux"].to_numpy(dtype=float) if len(ra) else np.zeros(0)
+    counts = flux * 10.0 ** (0.4 * (visit["magzero"] - 31.4))  # ADU
+    margin = 200
+    near = (x > -margin) & (x < nx - 1 + margin) & (y > -margin) & (y < ny - 1 + margin)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    fxx, fyy = focal_plane_position(geometry, detector, xx, yy)
+    R = geometry.corner_radius
+    sky = visit["sky_electrons"] * (1.0 + visit["sky_grad_x"] * fxx / R + visit["sky_grad_y"] * fyy / R)
+    del xx, yy
+    expected = sky.copy()
+    _draw_objects(galsim, expected, objects[near].reset_index(drop=True), x[near], y[near], counts[near] * gain,
+                  wcs, geometry, detector, psf_params, gsparams)
+    trail = _satellite(visit, geometry, detector, (ny, nx))
+    if trail is not None:
+        expected += trail
+
+    # ---- noise, artefacts, signature
+    rng = rng_for(recipe.seed, "noise", vid, detector)
+    photo = rng.poisson(np.maximum(expected, 0.0)).astype(np.float64)
+    read = rng.normal(0.0, rn, (ny, nx))
+    flat = flat_field(recipe, geometry, detector, band)
+    defects = detector_defects(recipe, geometry, detector)
+    dark = dark_map(recipe, geometry, detector, defects)
+    dark_e = rng.poisson(dark * t).astype(np.float64)
+    cr_map, cr_list = _cosmic_rays(rng_for(recipe.seed, "cosmic", vid, detector), recipe, (ny, nx), t)
+    charge = photo * flat + cr_map + dark_e
+    sat = bleed_columns(charge, fw)
+    column = np.zeros((ny, nx))
+    for d in defects[defects["kind"] == "bad_column"].itertuples():
+        column[d.y0 : d.y1 + 1, d.x] += d.value
+    signal = charge + read + column  # e-, as read out
+    calibrated = ((signal - dark * t) / (gain * flat)).astype(np.float32)
+    variance = (expected / gain**2 + (rn**2 + dark * t) / (gain * flat) ** 2).astype(np.float32)
+    mask = np.zeros((ny, nx), dtype=np.uint32)
+    for d in defects.itertuples():
+        mask[d.y0 : d.y1 + 1, d.x] |= BAD
+    mask[sat] |= SAT
+
+    raw_img = None
+    if raw:
+        o_rng = rng_for(recipe.seed, "overscan", vid, detector)
+        level = recipe.raw.bias_level + o_rng.normal(0.0, 2.0)
+        nos = recipe.raw.overscan_columns
+        raw_img = np.empty((ny, nx + nos), dtype=np.float64)
+        raw_img[:, :nx] = signal / gain + bias_pattern(recipe, geometry, detector) + level
+        raw_img[:, nx:] = level + o_rng.normal(0.0, rn / gain, (ny, nos))
+        raw_img = np.clip(np.rint(raw_img), 0, 65535).astype(np.float32)
+
+    # ---- truth
+    on = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
+    truth = pd.DataFrame({
+        "object_id": objects["object_id"].to_numpy()[on].astype(np.int64),
+        "visit": np.full(on.sum(), vid, dtype=np.int64),
+        "detector": np.full(on.sum(), detector, dtype=np.int64),
+        "band": band,
+        "x": x[on], "y": y[on], "flux": flux[on], "counts": counts[on],
+    })
+    if len(cr_list):
+        cx, cy = cr_list[:, 0].astype(np.int64), cr_list[:, 1].astype(np.int64)
+        crs = pd.DataFrame({
+            "visit": vid, "detector": detector, "x": cx, "y": cy, "electrons": cr_list[:, 2],
+            "counts": cr_list[:, 2] / (gain * flat[cy, cx]),
+        })
+    else:
+        crs = pd.DataFrame({"visit": pd.Series(dtype=np.int64), "detector": pd.Series(dtype=np.int64),
+                            "x": pd.Series(dtype=np.int64), "y": pd.Series(dtype=np.int64),
+                            "electrons": pd.Series(dtype=float), "counts": pd.Series(dtype=float)})
+    xc, yc = 0.5 * (nx - 1), 0.5 * (ny - 1)
+    fxc, fyc = focal_plane_position(geometry, detector, xc, yc)
+    summary = {
+        "visit": vid, "detector": detector, "band": band, "mjd": float(visit["mjd"]),
+        "exposure_time": t, "magzero": float(visit["magzero"]), "gain": gain, "read_noise": rn,
+        "saturation": fw / gain,
+        "sky_level": float(visit["sky_electrons"] * (1 + visit["sky_grad_x"] * fxc / R + visit["sky_grad_y"] * fyc / R) / gain),
+        **_sky_gradient(visit, geometry, detector, gain),
+        "focal_plane_x": float(fxc), "focal_plane_y": float(fyc),
+        **psf_summary(psf_params, float(fxc), float(fyc)),
+        "n_cosmic_rays_pixels": int(len(cr_list)),
+        "n_saturated": int(sat.sum()),
+        "satellite": trail is not None,
+        "wcs_header": wcs.to_header(relax=True).tostring(sep="\n"),
+    }
+    return DetectorImage(vid, detector, wcs, calibrated, variance, mask, raw_img,
+                         expected if keep_expected else None, truth, crs, summary)
+
+
+def _sky_gradient(visit, geometry, detector, gain) -> dict:
+    """Sky gradient in ADU per detector pixel along x and y."""
+    d = geometry.detectors[detector]
+    R = geometry.corner_radius
+    gx = visit["sky_electrons"] * visit["sky_grad_x"] / R / gain
+    gy = visit["sky_electrons"] * visit["sky_grad_y"] / R / gain
+    c, s = math.cos(d.rotation), math.sin(d.rotation)
+    # focal-plane gradient (gx, gy) -> pixel gradient through f = R_d (p - p0)
+    return {"sky_grad_x": float(gx * c + gy * s), "sky_grad_y": float(-gx * s + gy * c)}
+
+
+# -------------------------------------------------------------------------- writing
+_TS_LOCK = threading.Lock()
+_TS_DEPTH = 0
+_TS_SAVED = None
+
+
+@contextmanager
+def fixed_fits_timestamp(stamp: str = "2000-01-01T00:00:00"):
+    """Make astropy's CHECKSUM/DATASUM comments carry a fixed time, for bit-identical files.
+
+    astropy writes ``HDU checksum updated <now>`` into each CHECKSUM comment, which makes
+    two otherwise identical files differ. Re-entrant and thread-safe (reference counted).
+    """
+    from astropy.io.fits.hdu import base
+
+    global _TS_DEPTH, _TS_SAVED
+    with _TS_LOCK:
+        if _TS_DEPTH == 0:
+            _TS_SAVED = base._ValidHDU._get_timestamp
+            base._ValidHDU._get_timestamp = lambda self: stamp
+        _TS_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _TS_LOCK:
+            _TS_DEPTH -= 1
+            if _TS_DEPTH == 0:
+                base._ValidHDU._get_timestamp = _TS_SAVED
+
+
+def image_filename(kind: str, visit: int, detector: int) -> str:
+    """``<kind>-v<visit:06d>-d<detector:03d>.fits`` (kind is ``calexp`` or ``raw``)."""
+    return f"{kind}-v{visit:06d}-d{detector:03d}.fits"
+
+
+def _add_primary_keys(path, keys: dict) -> None:
+    from astropy.io import fits
+
+    with fits.open(path, mode="update", checksum=True) as hdul:
+        h = hdul[0].header
+        for k, v in keys.items():
+            h[k] = v
+
+
+def _common_keys(recipe, geometry, detector, imagetyp):
+    c = recipe.instrument
+    d = geometry.detectors[detector]
+    return {
+        "IMAGETYP": (imagetyp, "calexp, raw, bias, dark or flat"),
+        "INSTRUME": ("simcam", "procsky.sim simulated camera"),
+        "DETECTOR": (detector, "detector number"),
+        "DETNAME": (d.name, "detector name"),
+        "DETNX": (geometry.nx, "science pixels along x"),
+        "DETNY": (geometry.ny, "science pixels along y"),
+        "GAIN": (c.gain, "e-/ADU"),
+        "RDNOISE": (c.read_noise, "read noise, e-"),
+        "SATURATE": (c.full_well / c.gain, "saturation (full well), ADU above bias"),
+        "BUNIT": ("adu", "pixel unit"),
+        "SIMSEED": (recipe.seed, "procsky.sim recipe seed"),
+        "RECIPE": (recipe.name, "procsky.sim recipe name"),
+    }
+
+
+def write_detector(recipe, visit: dict, img: DetectorImage, path, mode: str) -> None:
+    """Write one detector image as a procsky MEF FITS exposure (``calexp`` or ``raw``)."""
+    from procsky.exposure import Exposure, VisitInfo
+    from procsky.photocalib import PhotoCalib
+
+    geometry = SimcamGeometry(recipe.instrument, recipe.seed)
+    vi = VisitInfo(
+        exposure_time=float(visit["exposure_time"]), mjd=float(visit["mjd"]), band=visit["band"],
+        physical_filter=visit["physical_filter"], airmass=float(visit["airmass"]),
+        boresight_ra=float(visit["boresight_ra"]), boresight_dec=float(visit["boresight_dec"]),
+        rotation_angle=float(visit["rotation_angle"]), observatory="simulated", instrument="simcam",
+        visit=int(visit["visit"]),
+    )
+    keys = _common_keys(recipe, geometry, img.detector, mode)
+    meta = {"imagetyp": mode, "recipe": recipe.name, "seed": recipe.seed, "units": "adu"}
+    if mode == "raw":
+        nx, ny = geometry.nx, geometry.ny
+        nos = recipe.raw.overscan_columns
+        image = img.raw
+        variance = (np.maximum(img.raw - recipe.raw.bias_level, 0.0) / recipe.instrument.gain
+                    + (recipe.instrument.read_noise / recipe.instrument.gain) ** 2).astype(np.float32)
+        mask = np.zeros(image.shape, dtype=np.uint32)
+        keys["DATASEC"] = (f"[1:{nx},1:{ny}]", "science pixels (FITS 1-based)")
+        keys["BIASSEC"] = (f"[{nx + 1}:{nx + nos},1:{ny}]", "serial overscan (FITS 1-based)")
+        meta.update(datasec=[0, nx, 0, ny], biassec=[nx, nx + nos, 0, ny])
+    else:
+        image, variance, mask = img.calibrated, img.variance, img.mask
+    keys["MAGZERO"] = (float(visit["magzero"]), "AB mag of 1 ADU in this exposure")
+    keys["SKYLEVEL"] = (img.summary["sky_level"], "true sky at detector centre, ADU")
+    keys["SEEING"] = (img.summary["psf_fwhm"], "true PSF FWHM at detector centre, arcsec")
+    det = geometry.detector_dict(img.detector)
+    if mode == "raw":
+        det.update(datasec=meta["datasec"], biassec=meta["biassec"])
+    exp = Exposure(image, variance, mask, wcs=img.wcs, visit_info=vi,
+                   photocalib=PhotoCalib.from_zero_point(float(visit["magzero"])), detector=det, metadata=meta)
+    with fixed_fits_timestamp():
+        exp.write(path)
+        _add_primary_keys(path, keys)
+
+
+def write_calibs(recipe, detector: int, bands: list[str], calib_dir) -> list[str]:
+    """Write the bias, dark and per-band flat of one detector; return the file names.
+
+    bias: overscan-subtracted master bias (ADU), the mean of 20 frames (so its noise is
+    ``rn / gain / sqrt(20)``). dark: dark current in ADU per second. flat: response
+    normalised as drawn (dimensionless). Every calib's mask has BAD on the defects.
+    """
+    from pathlib import Path
+
+    from procsky.exposure import Exposure
+
+    geometry = SimcamGeometry(recipe.instrument, recipe.seed)
+    inst = recipe.instrument
+    calib_dir = Path(calib_dir)
+    defects = detector_defects(recipe, geometry, detector)
+    mask = np.zeros((geometry.ny, geometry.nx), dtype=np.uint32)
+    for d in defects.itertuples():
+        mask[d.y0 : d.y1 + 1, d.x] |= BAD
+    wcs = None
+    names = []
+    rng = rng_for(recipe.seed, "signature", detector, 1)
+    nb = 20
+    bias = bias_pattern(recipe, geometry, detector) + rng.normal(0.0, inst.read_noise / inst.gain / math.sqrt(nb), mask.shape)
+    dark = dark_map(recipe, geometry, detector, defects) / inst.gain
+    frames = [("bias", None, bias, np.full(mask.shape, (inst.read_noise / inst.gain) ** 2 / nb)),
+              ("dark", None, dark, np.zeros(mask.shape))]
+    for b in bands:
+        frames.append(("flat", b, flat_field(recipe, geometry, detector, b), np.zeros(mask.shape)))
+    for kind, band, image, var in frames:
+        name = f"{kind}-d{detector:03d}.fits" if band is None else f"{kind}-{band}-d{detector:03d}.fits"
+        keys = _common_keys(recipe, geometry, detector, kind)
+        keys["BUNIT"] = {"bias": ("adu", ""), "dark": ("adu/s", "dark current per second"),
+                         "flat": ("", "dimensionless response")}[kind]
+        meta = {"imagetyp": kind, "recipe": recipe.name, "seed": recipe.seed}
+        if band is not None:
+            keys["BAND"] = (band, "band of this flat")
+            keys["FILTER"] = (f"simcam-{band}", "physical filter")
+            meta["band"] = band
+        exp = Exposure(image.astype(np.float32), var.astype(np.float32), mask.copy(), wcs=wcs,
+                       detector=geometry.detector_dict(detector), metadata=meta)
+        path = calib_dir / name
+        with fixed_fits_timestamp():
+            exp.write(path)
+            _add_primary_keys(path, keys)
+        names.append(name)
+    return names
