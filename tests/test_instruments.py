@@ -44,7 +44,7 @@ def test_ingest_every_ooi_file(repo, real_data):
     for inst, fs in by_inst.items():
         total += len(ingest_files(repo, fs, inst))
     assert total == len(files)  # every cut-out has one CCD
-    refs = repo.query("calexp")
+    refs = repo.query("isr_exposure")
     assert len(refs) == len(files)
     assert {r.data_id["instrument"] for r in refs} == {"DECam", "90prime", "Mosaic3"}
     # Sky positions from the stored WCS agree with astropy on the original header.
@@ -57,8 +57,8 @@ def test_ingest_every_ooi_file(repo, real_data):
             shape = h[1].data.shape
         inst = get_instrument(_instrument_of(f))
         item = inst.ingest_file(f)[0]
-        ref = repo.find("calexp", item.data_id)
-        exp = repo.get("calexp", ref.data_id, run=ref.run)
+        ref = repo.find("isr_exposure", item.data_id)
+        exp = repo.get("isr_exposure", ref.data_id, run=ref.run)
         yy, xx = np.mgrid[0 : shape[0] : 4, 0 : shape[1] : 4]
         a = np.array(w0.pixel_to_world_values(xx.ravel(), yy.ravel()))
         b = np.array(exp.wcs.pixel_to_world_values(xx.ravel(), yy.ravel()))
@@ -138,7 +138,7 @@ def test_generic_instrument(repo, tmp_path, real_data):
     path = tmp_path / "img.fits"
     fits.PrimaryHDU(data, header=hdr).writeto(path)
     (ref,) = ingest_files(repo, [path], "generic")
-    exp = repo.get("calexp", ref.data_id).compute()
+    exp = repo.get("isr_exposure", ref.data_id).compute()
     assert exp.mask[np.unravel_index(np.nanargmax(data), data.shape)] & (1 << DEFAULT_PLANES["SAT"])
     assert np.all(exp.variance > 0)
     assert ref.data_id["band"] == hdr["BAND"]

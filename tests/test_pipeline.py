@@ -101,6 +101,20 @@ def test_default_quanta_join_and_gather():
         default_quanta(NeedsMapping(), {"calexp": stats})
 
 
+def test_implied_values_narrow_other_inputs():
+    class Isr(Task):
+        dimensions = ("instrument", "visit", "detector")
+        inputs = {"raw": Input("raw", ("instrument", "visit", "detector")),
+                  "flat": Input("flat", ("instrument", "detector"), optional=True)}
+        outputs = {}
+
+    raws = [DatasetKey("raw", {"instrument": "c", "visit": v, "detector": 0, "physical_filter": f})
+            for v, f in ((1, "g"), (2, "r"))]
+    flats = [DatasetKey("flat", {"instrument": "c", "detector": 0, "physical_filter": f}) for f in "gr"]
+    specs = default_quanta(Isr(), {"raw": raws, "flat": flats})
+    assert [s.inputs["flat"][0].data_id["physical_filter"] for s in specs] == ["g", "r"]
+
+
 def test_implied_output_dimensions():
     class Band(Task):
         dimensions = ("instrument", "visit")

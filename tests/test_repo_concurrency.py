@@ -68,10 +68,10 @@ def _env(**extra) -> dict[str, str]:
     return env
 
 
-def _run_writers(root: Path) -> list[list[int]]:
+def _run_writers(root: Path, n_each: int = N_EACH) -> list[list[int]]:
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(root), str(w), str(N_EACH), str(N_SHARED)],
+            [sys.executable, "-c", WRITER, str(root), str(w), str(n_each), str(N_SHARED)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -87,20 +87,20 @@ def _run_writers(root: Path) -> list[list[int]]:
     return wins
 
 
-def _check_repository(repo: Repo, wins: list[list[int]]) -> None:
+def _check_repository(repo: Repo, wins: list[list[int]], n_each: int = N_EACH) -> None:
     refs = repo.query(run="run1")
-    n_tables = len(range(0, N_EACH, 20))
+    n_tables = len(range(0, n_each, 20))
     by_type: dict[str, list] = {}
     for ref in refs:
         by_type.setdefault(ref.dataset_type, []).append(ref)
     # No lost and no duplicated datasets.
-    assert len(by_type["tiny"]) == N_PROC * (N_EACH - n_tables)
+    assert len(by_type["tiny"]) == N_PROC * (n_each - n_tables)
     assert len(by_type["tiny_table"]) == N_PROC * n_tables
     assert len(by_type["shared"]) == N_SHARED
     keys = [(r.dataset_type, json.dumps(r.data_id, sort_keys=True)) for r in refs]
     assert len(set(keys)) == len(keys)
     assert len({r.id for r in refs}) == len(refs)
-    expected = {(w, i) for w in range(N_PROC) for i in range(N_EACH)}
+    expected = {(w, i) for w in range(N_PROC) for i in range(n_each)}
     got = {(r.data_id["visit"], r.data_id["detector"]) for r in refs if r.dataset_type != "shared"}
     assert got == expected
     # Exactly one winner per shared data ID, and its file holds the winner's content.
@@ -149,14 +149,17 @@ def pg():
 
 
 @pytest.mark.postgres
-def test_concurrent_writers_postgres(tmp_path, pg):
+@pytest.mark.parametrize(
+    "n_each", [pytest.param(50, id="8x50"), pytest.param(N_EACH, id="8x200", marks=pytest.mark.slow)]
+)
+def test_concurrent_writers_postgres(tmp_path, pg, n_each):
     repo = Repo.create(tmp_path / "repo", registry=pg.create_database())
     t0 = time.perf_counter()
-    wins = _run_writers(repo.root)
+    wins = _run_writers(repo.root, n_each)
     elapsed = time.perf_counter() - t0
-    _check_repository(repo, wins)
+    _check_repository(repo, wins, n_each)
     repo.registry.close()
-    print(f"postgres: {N_PROC * (N_EACH + N_SHARED)} puts by {N_PROC} processes in {elapsed:.1f} s")
+    print(f"postgres: {N_PROC * (n_each + N_SHARED)} puts by {N_PROC} processes in {elapsed:.1f} s")
 
 
 KILLED_WRITER = textwrap.dedent(
@@ -190,7 +193,7 @@ def _killed_put(repo: Repo) -> Path:
     return final
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_writer_killed_before_registration(tmp_path, backend, request):
     registry = None
     if backend == "postgres":
@@ -222,11 +225,13 @@ KILL_LOOP_WRITER = textwrap.dedent(
     repo = Repo(sys.argv[1])
     rng = np.random.default_rng(int(sys.argv[2]))
     for i in range(100000):
-        data_id = {"instrument": "simcam", "visit": int(rng.integers(0, 4)), "detector": int(rng.integers(0, 30))}
+        data_id = {"instrument": "simcam", "visit": int(rng.integers(0, 2)), "detector": int(rng.integers(0, 12))}
         try:
             repo.put(pd.DataFrame({"v": rng.normal(size=200)}), "tiny_table", data_id, "run1")
         except ConflictError:
             pass
+        if i == 0:
+            print("started", flush=True)
     """
 )
 
@@ -235,20 +240,25 @@ def test_writers_killed_at_random_times(tmp_path):
     """SIGKILL writers at random moments; every registered dataset stays complete."""
     repo = Repo.create(tmp_path / "repo")
     rng = random.Random(42)
-    for attempt in range(6):
+    for attempt in range(3):
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", KILL_LOOP_WRITER, str(repo.root), str(attempt * 10 + k)],
                 env=_env(),
+                stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
+                text=True,
             )
             for k in range(2)
         ]
-        time.sleep(rng.uniform(1.5, 3.0))  # imports take ~1 s; then puts are under way
+        for p in procs:  # wait until both have done one put, then kill at a random moment
+            assert p.stdout.readline().strip() == "started"
+        time.sleep(rng.uniform(0.0, 0.5))
         for p in procs:
             p.send_signal(signal.SIGKILL)
         for p in procs:
             p.wait()
+            p.stdout.close()
         reopened = Repo(repo.root)
         refs = reopened.query("tiny_table") if any(
             dt.name == "tiny_table" for dt in reopened.dataset_types()
@@ -259,15 +269,15 @@ def test_writers_killed_at_random_times(tmp_path):
     # The repository still opens and accepts new puts, including over leftovers.
     n_before = len(repo.query("tiny_table"))
     assert n_before > 0, "no writer got far enough to register anything"
-    for visit in range(4):
-        for det in range(30):
+    for visit in range(2):
+        for det in range(12):
             if repo.find("tiny_table", {"instrument": "simcam", "visit": visit, "detector": det}) is None:
                 import pandas as pd
 
                 repo.put(pd.DataFrame({"v": [1.0]}), "tiny_table",
                          {"instrument": "simcam", "visit": visit, "detector": det}, "run1")
     refs = repo.query("tiny_table")
-    assert len(refs) == 4 * 30
+    assert len(refs) == 2 * 12
     assert repo.verify(refs) == []
     leftovers = [p for p in repo.root.rglob("*") if ".tmp-" in p.name]
     # Temporary files of killed writers may remain (they are never registered) and are

@@ -53,12 +53,18 @@ def main():
     """
 
 
-# Subcommand modules register themselves on ``main`` when imported. Each is owned by one
-# part of the package; a missing optional dependency only disables that family.
-from procsky.cli import repo_cmds  # noqa: E402,F401
-from procsky.cli import sim_cmds  # noqa: E402,F401
-from procsky.cli import pipeline_cmds  # noqa: E402,F401
-from procsky.cli import ingest_cmds  # noqa: E402,F401
+# Subcommand modules (``procsky/cli/*_cmds.py``) register themselves on ``main`` when
+# imported; each family is owned by one part of the package.
+def _load_subcommands() -> None:
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.endswith("_cmds"):
+            importlib.import_module(f"procsky.cli.{info.name}")
+
+
+_load_subcommands()
 
 
 def run_main() -> None:  # pragma: no cover - console entry

@@ -27,7 +27,13 @@ __all__ = [
     "get_instrument",
     "instrument_names",
     "open_fits",
+    "INGESTED_DATASET_TYPE",
 ]
+
+#: Dataset type of ingested images whose instrument signature is already removed (NOIRLab
+#: CP InstCal, simulated calibrated frames, any reduced FITS): the same type the ``isr``
+#: task writes, so ``calibrate`` takes either, and never the name of calibrate's output.
+INGESTED_DATASET_TYPE = "isr_exposure"
 
 _REGISTRY: dict[str, type["Instrument"]] = {}
 
@@ -77,7 +83,7 @@ class IngestItem:
     Parameters
     ----------
     dataset_type : str
-        ``raw``, ``calexp``, ``bias``, ``dark``, ``flat`` ...
+        ``raw``, ``isr_exposure``, ``bias``, ``dark``, ``flat`` ...
     data_id : dict
         Dimension values (instrument, visit, detector, band, physical_filter ...).
     obj : Exposure

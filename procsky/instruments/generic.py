@@ -17,7 +17,7 @@ import numpy as np
 
 from procsky.errors import ProcskyValueError
 from procsky.exposure import Exposure, VisitInfo
-from procsky.instruments.base import IngestItem, Instrument, open_fits, register_instrument
+from procsky.instruments.base import INGESTED_DATASET_TYPE, IngestItem, Instrument, open_fits, register_instrument
 from procsky.masks import DEFAULT_PLANES
 from procsky.wcs import has_celestial_wcs, wcs_cards
 
@@ -212,7 +212,7 @@ class GenericInstrument(Instrument):
         visit = visit if visit is not None else (vi.visit if vi and vi.visit is not None else _stable_visit(header, path))
         detector = int(exp.detector.get("id", detector)) if exp.detector else int(detector)
         data_id = {"instrument": self.name, "visit": int(visit), "detector": detector, "band": band, "physical_filter": physical_filter}
-        return IngestItem("calexp", data_id, exp, _records(self.name, exp, data_id))
+        return IngestItem(INGESTED_DATASET_TYPE, data_id, exp, _records(self.name, exp, data_id))
 
 
 def _records(instrument: str, exp: Exposure, data_id: dict) -> dict[str, list[dict]]:

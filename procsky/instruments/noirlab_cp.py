@@ -3,7 +3,8 @@
 A CP exposure comes as three files with the same name but for the product code:
 ``*_ooi_*`` (image, in the CP's flux unit), ``*_oow_*`` (inverse variance) and ``*_ood_*``
 (data quality). Each image HDU is one CCD with its own TPV WCS; the primary header holds
-the exposure keywords. We ingest the image as a ``calexp``-like dataset:
+the exposure keywords. We ingest the image as an ``isr_exposure`` (instrument signature removed; what the
+``isr`` task writes for raw frames), ready for ``calibrate``:
 
 * variance = 1 / ivar; pixels with zero (or negative) weight get NO_DATA and NaN variance;
 * data-quality *codes* (CP >= 3.5 writes integers, not bits; legacypipe's
@@ -24,7 +25,7 @@ import numpy as np
 
 from procsky.errors import ProcskyFileError, ProcskyValueError
 from procsky.exposure import Exposure
-from procsky.instruments.base import DetectorSpec, IngestItem, Instrument, open_fits, register_instrument
+from procsky.instruments.base import INGESTED_DATASET_TYPE, DetectorSpec, IngestItem, Instrument, open_fits, register_instrument
 from procsky.instruments.generic import _records, header_float, visit_info_from_header
 from procsky.masks import DEFAULT_PLANES
 from procsky.wcs import wcs_cards
@@ -193,7 +194,7 @@ class CommunityPipelineInstrument(Instrument):
         }
         records = _records(inst_name, exp, data_id)
         records["detector"][0].update({"nx": spec.nx, "ny": spec.ny})
-        return IngestItem("calexp", data_id, exp, records)
+        return IngestItem(INGESTED_DATASET_TYPE, data_id, exp, records)
 
     def data_id_instrument(self, camera: str) -> str:
         return {"decam": "DECam", "90prime": "90prime", "mosaic3": "Mosaic3"}.get(camera.lower(), camera)

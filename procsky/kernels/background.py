@@ -64,12 +64,62 @@ class Background(NamedTuple):
 
 
 @numba.njit(nogil=True, cache=True)
+def _select(a, n, k):
+    """k-th smallest of a[:n] (0-based), in place (Hoare quickselect, median-of-3 pivot)."""
+    lo = 0
+    hi = n - 1
+    while hi > lo:
+        mid = (lo + hi) // 2
+        # median of three as pivot
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return a[k]
+    return a[k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_inplace(a, n):
+    """Median of a[:n]; reorders a[:n]."""
+    k = n // 2
+    hi = _select(a, n, k)
+    if n % 2 == 1:
+        return hi
+    # the lower middle is the maximum of the part left of k after selection
+    lo = a[0]
+    for i in range(1, k):
+        if a[i] > lo:
+            lo = a[i]
+    return 0.5 * (lo + hi)
+
+
+@numba.njit(nogil=True, cache=True)
 def clipped_mode(values, nsigma=3.0, max_iter=20):
     """Sigma-clipped mode estimate and RMS of a 1-D sample (SExtractor's estimator).
 
     Parameters
     ----------
-    values : ndarray (n,) float64
+    values : ndarray (n,) float
         Sample (modified: it is used as scratch space).
     nsigma : float
         Clipping half-width in units of the standard deviation, around the median.
@@ -91,19 +141,19 @@ def clipped_mode(values, nsigma=3.0, max_iter=20):
     med = 0.0
     mean = 0.0
     sig = 0.0
-    for _ in range(max_iter):
-        sub = values[:n]
-        med = np.median(sub)
+    last = False
+    for it in range(max_iter + 1):
         mean = 0.0
         for i in range(n):
-            mean += sub[i]
+            mean += values[i]
         mean /= n
         var = 0.0
         for i in range(n):
-            d = sub[i] - mean
+            d = values[i] - mean
             var += d * d
         sig = np.sqrt(var / max(n - 1, 1))
-        if sig <= 0.0:
+        med = _median_inplace(values, n)
+        if sig <= 0.0 or last or it == max_iter:
             break
         lo = med - nsigma * sig
         hi = med + nsigma * sig
@@ -115,6 +165,9 @@ def clipped_mode(values, nsigma=3.0, max_iter=20):
                 m += 1
         if m == n or m == 0:
             break
+        # removing less than 0.1 % of the sample changes the estimate negligibly: one
+        # last pass for the statistics of the clipped sample
+        last = (n - m) < 0.001 * n
         n = m
     if sig <= 0.0:
         return med, 0.0, n
@@ -150,7 +203,7 @@ def mesh_statistics(image, ignore, box_y, box_x, nsigma=3.0, max_iter=20, min_fr
     nbx = (nx + box_x - 1) // box_x
     back = np.full((nby, nbx), np.nan)
     rms = np.full((nby, nbx), np.nan)
-    buf = np.empty(box_y * box_x, dtype=np.float64)
+    buf = np.empty(box_y * box_x, dtype=np.float32)
     for by in range(nby):
         y0 = by * box_y
         y1 = min(y0 + box_y, ny)
@@ -207,7 +260,18 @@ def _fill_invalid(grid):
 
 
 @numba.njit(nogil=True, cache=True)
-def _median_filter_grid(grid, fy, fx):
+def _reflect_value(grid, i, j):
+    """Mesh value beyond the edges by point reflection: g(-k) = 2 g(0) - g(k) (linear extrapolation)."""
+    nby, nbx = grid.shape
+    ci = min(max(i, 0), nby - 1)
+    cj = min(max(j, 0), nbx - 1)
+    ri = min(max(2 * ci - i, 0), nby - 1)
+    rj = min(max(2 * cj - j, 0), nbx - 1)
+    return 2.0 * grid[ci, cj] - grid[ri, rj]
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_filter_grid(grid, fy, fx, extrapolate):
     nby, nbx = grid.shape
     out = np.empty_like(grid)
     hy = fy // 2
@@ -216,15 +280,19 @@ def _median_filter_grid(grid, fy, fx):
     for i in range(nby):
         for j in range(nbx):
             n = 0
-            for ii in range(max(0, i - hy), min(nby, i + hy + 1)):
-                for jj in range(max(0, j - hx), min(nbx, j + hx + 1)):
-                    buf[n] = grid[ii, jj]
-                    n += 1
+            for ii in range(i - hy, i + hy + 1):
+                for jj in range(j - hx, j + hx + 1):
+                    if 0 <= ii < nby and 0 <= jj < nbx:
+                        buf[n] = grid[ii, jj]
+                        n += 1
+                    elif extrapolate:
+                        buf[n] = _reflect_value(grid, ii, jj)
+                        n += 1
             out[i, j] = np.median(buf[:n])
     return out
 
 
-def fill_and_filter_mesh(back, rms, filter_size=3):
+def fill_and_filter_mesh(back, rms, filter_size=3, extrapolate_edges=True):
     """Fill invalid (NaN) boxes from their neighbours, then median-filter the mesh.
 
     Parameters
@@ -233,6 +301,10 @@ def fill_and_filter_mesh(back, rms, filter_size=3):
         Output of :func:`mesh_statistics`.
     filter_size : int or (int, int)
         Median filter size in boxes (1 = no filtering).
+    extrapolate_edges : bool
+        Beyond the mesh edges the filter sees linearly extrapolated values, so a sky
+        gradient is not flattened in the edge boxes. False shrinks the window at the
+        edges instead (SExtractor/sep behaviour).
 
     Returns
     -------
@@ -242,8 +314,8 @@ def fill_and_filter_mesh(back, rms, filter_size=3):
     back = _fill_invalid(np.asarray(back, dtype=np.float64))
     rms = _fill_invalid(np.asarray(rms, dtype=np.float64))
     if fy > 1 or fx > 1:
-        back = _median_filter_grid(back, int(fy), int(fx))
-        rms = _median_filter_grid(rms, int(fy), int(fx))
+        back = _median_filter_grid(back, int(fy), int(fx), bool(extrapolate_edges))
+        rms = _median_filter_grid(rms, int(fy), int(fx), bool(extrapolate_edges))
     return back, rms
 
 
@@ -317,17 +389,49 @@ def interpolate_mesh(grid, ny, nx, box_y, box_x):
             t = (y + 0.5) / box_y - 0.5
             cols[y, j] = _spline_eval(col, d2, t)
     out = np.empty((ny, nx), dtype=np.float32)
-    # node positions along x in mesh units, precomputed
-    tx = np.empty(nx)
+    # the interval and cubic weights along x are the same for every row: compute them once
+    kx = np.empty(nx, dtype=np.int64)
+    wa = np.empty(nx)
+    wb = np.empty(nx)
+    wc = np.empty(nx)
+    wd = np.empty(nx)
     for x in range(nx):
-        tx[x] = (x + 0.5) / box_x - 0.5
+        t = (x + 0.5) / box_x - 0.5
+        k = int(np.floor(t))
+        if k < 0:
+            k = 0
+        if k > nbx - 2:
+            k = max(nbx - 2, 0)
+        b = t - k
+        a = 1.0 - b
+        kx[x] = k
+        if nbx == 1:
+            wa[x] = 1.0
+            wb[x] = 0.0
+            wc[x] = 0.0
+            wd[x] = 0.0
+        elif nbx == 2:
+            wa[x] = a
+            wb[x] = b
+            wc[x] = 0.0
+            wd[x] = 0.0
+        else:
+            wa[x] = a
+            wb[x] = b
+            wc[x] = (a * a * a - a) / 6.0
+            wd[x] = (b * b * b - b) / 6.0
     row = np.empty(nbx)
     for y in range(ny):
         for j in range(nbx):
             row[j] = cols[y, j]
         d2 = _spline_d2(row)
+        if nbx == 1:
+            for x in range(nx):
+                out[y, x] = row[0]
+            continue
         for x in range(nx):
-            out[y, x] = _spline_eval(row, d2, tx[x])
+            k = kx[x]
+            out[y, x] = wa[x] * row[k] + wb[x] * row[k + 1] + wc[x] * d2[k] + wd[x] * d2[k + 1]
     return out
 
 
@@ -342,6 +446,7 @@ def estimate_background(
     nsigma=3.0,
     max_iter=20,
     min_fraction=0.5,
+    extrapolate_edges=True,
 ):
     """Estimate the sky background and its RMS (SExtractor-like mesh + bicubic spline).
 
@@ -364,6 +469,8 @@ def estimate_background(
         Clipping parameters.
     min_fraction : float
         Minimum fraction of good pixels for a box to be used directly.
+    extrapolate_edges : bool
+        See :func:`fill_and_filter_mesh` (False = exactly SExtractor's edge handling).
 
     Returns
     -------
@@ -384,7 +491,7 @@ def estimate_background(
     if not np.isfinite(back_mesh).any():
         # nothing usable: fall back to all finite pixels so the caller still gets a map
         back_mesh, rms_mesh = mesh_statistics(img, np.zeros_like(bad), by, bx, float(nsigma), int(max_iter), 0.0)
-    back_mesh, rms_mesh = fill_and_filter_mesh(back_mesh, rms_mesh, filter_size)
+    back_mesh, rms_mesh = fill_and_filter_mesh(back_mesh, rms_mesh, filter_size, extrapolate_edges)
     ny, nx = image.shape
     back = interpolate_mesh(back_mesh, ny, nx, by, bx)
     rms = interpolate_mesh(rms_mesh, ny, nx, by, bx)

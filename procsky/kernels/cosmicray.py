@@ -34,6 +34,7 @@ import numba
 import numpy as np
 
 from ._bits import BAD, NO_DATA, SAT, bit
+from .background import _median_inplace
 
 __all__ = ["CosmicRayResult", "find_cosmic_rays", "laplacian_plus", "repair_pixels"]
 
@@ -114,82 +115,81 @@ def _median_window(arr, y, x, h, buf):
         for xx in range(max(0, x - h), min(nx, x + h + 1)):
             buf[n] = arr[yy, xx]
             n += 1
-    return np.median(buf[:n])
+    return _median_inplace(buf, n)
 
 
+# Memoised per-pixel quantities. ``val`` holds the value, ``gen`` the pass number that computed
+# it (values of earlier passes are stale: the image was repaired in between), ``g`` the pass.
 @numba.njit(nogil=True, cache=True)
-def _noise_at(var, noise, y, x, buf):
-    v = noise[y, x]
-    if v >= 0:
-        return v
+def _noise_at(var, noise, noise_g, g, y, x, buf):
+    if noise_g[y, x] == g:
+        return noise[y, x]
     m = _median_window(var, y, x, 2, buf)
     if not (m > 1e-5):
         m = 1e-5
     v = np.sqrt(m)
     noise[y, x] = v
+    noise_g[y, x] = g
     return v
 
 
 @numba.njit(nogil=True, cache=True)
-def _s_at(lp, var, noise, s, y, x, buf):
-    v = s[y, x]
-    if v > -1e29:
-        return v
-    v = lp[y, x] / (2.0 * _noise_at(var, noise, y, x, buf))
-    s[y, x] = v
+def _s_at(lp, var, memo, gens, g, y, x, buf):
+    if gens[1, y, x] == g:
+        return memo[1, y, x]
+    v = lp[y, x] / (2.0 * _noise_at(var, memo[0], gens[0], g, y, x, buf))
+    memo[1, y, x] = v
+    gens[1, y, x] = g
     return v
 
 
 @numba.njit(nogil=True, cache=True)
-def _sprime_at(lp, var, noise, s, sp, y, x, buf, buf2):
-    v = sp[y, x]
-    if v > -1e29:
-        return v
+def _sprime_at(lp, var, memo, gens, g, y, x, buf, buf2):
+    if gens[2, y, x] == g:
+        return memo[2, y, x]
     ny, nx = lp.shape
     n = 0
     for yy in range(max(0, y - 2), min(ny, y + 3)):
         for xx in range(max(0, x - 2), min(nx, x + 3)):
-            buf2[n] = _s_at(lp, var, noise, s, yy, xx, buf)
+            buf2[n] = _s_at(lp, var, memo, gens, g, yy, xx, buf)
             n += 1
-    v = s[y, x] - np.median(buf2[:n])
-    sp[y, x] = v
+    v = memo[1, y, x] - _median_inplace(buf2, n)
+    memo[2, y, x] = v
+    gens[2, y, x] = g
     return v
 
 
 @numba.njit(nogil=True, cache=True)
-def _med3_at(img, m3, y, x, buf):
-    v = m3[y, x]
-    if v > -1e29:
-        return v
+def _med3_at(img, memo, gens, g, y, x, buf):
+    if gens[3, y, x] == g:
+        return memo[3, y, x]
     v = _median_window(img, y, x, 1, buf)
-    m3[y, x] = v
+    memo[3, y, x] = v
+    gens[3, y, x] = g
     return v
 
 
 @numba.njit(nogil=True, cache=True)
-def _fine_structure_at(img, m3, y, x, buf, buf49):
+def _fine_structure_at(img, memo, gens, g, y, x, buf, buf49):
     ny, nx = img.shape
     n = 0
     for yy in range(max(0, y - 3), min(ny, y + 4)):
         for xx in range(max(0, x - 3), min(nx, x + 4)):
-            buf49[n] = _med3_at(img, m3, yy, xx, buf)
+            buf49[n] = _med3_at(img, memo, gens, g, yy, xx, buf)
             n += 1
-    return m3[y, x] - np.median(buf49[:n])
+    return memo[3, y, x] - _median_inplace(buf49, n)
 
 
 @numba.njit(nogil=True, cache=True)
-def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use_active):
+def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use_active, memo, gens, g):
     """One L.A.Cosmic detection pass; sets new CR pixels in ``crmask``; returns their number.
 
     With ``use_active`` only pixels where ``active`` is True are tested (later iterations:
-    only the neighbourhood of repaired pixels has changed).
+    only the neighbourhood of repaired pixels has changed). ``memo`` (4, ny, nx) float32 and
+    ``gens`` (4, ny, nx) int32 cache noise, S, S' and median3 for pass number ``g`` (>= 1).
     """
     ny, nx = img.shape
     lp = laplacian_plus(img)
-    noise = np.full((ny, nx), -1.0, dtype=np.float32)
-    s = np.full((ny, nx), -1e30, dtype=np.float32)
-    sp = np.full((ny, nx), -1e30, dtype=np.float32)
-    m3 = np.full((ny, nx), -1e30, dtype=np.float32)
     buf = np.empty(49)
     buf2 = np.empty(49)
     buf49 = np.empty(49)
@@ -218,12 +218,13 @@ def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use
                 vmin = 1e-5
             if l / (2.0 * np.sqrt(vmin)) <= sigclip:
                 continue
-            if _sprime_at(lp, var, noise, s, sp, y, x, buf, buf2) <= sigclip:
+            spv = _sprime_at(lp, var, memo, gens, g, y, x, buf, buf2)
+            if spv <= sigclip:
                 continue
-            f = _fine_structure_at(img, m3, y, x, buf, buf49) / noise[y, x]
+            f = _fine_structure_at(img, memo, gens, g, y, x, buf, buf49) / memo[0, y, x]
             if f < 0.01:
                 f = 0.01
-            if sp[y, x] / f > objlim:
+            if spv / f > objlim:
                 cand[y, x] = True
     # grow twice: first neighbours with S' > sigclip, then with S' > sigfrac * sigclip
     for level in range(2):
@@ -237,7 +238,7 @@ def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use
                     for xx in range(max(0, x - 1), min(nx, x + 2)):
                         if grown[yy, xx] or ignore[yy, xx] or crmask[yy, xx]:
                             continue
-                        if _sprime_at(lp, var, noise, s, sp, yy, xx, buf, buf2) > thr:
+                        if _sprime_at(lp, var, memo, gens, g, yy, xx, buf, buf2) > thr:
                             grown[yy, xx] = True
         cand = grown
     n = 0
@@ -364,9 +365,12 @@ def find_cosmic_rays(
     var[~np.isfinite(var)] = 0.0
     crmask = np.zeros(img.shape, dtype=bool)
     active = np.zeros((1, 1), dtype=bool)
+    memo = np.empty((4,) + img.shape, dtype=np.float32)
+    gens = np.zeros((4,) + img.shape, dtype=np.int32)
     for it in range(int(niter)):
         before = crmask.copy() if it > 0 else None
-        n = _detect_pass(img, var, bad, float(sigclip), float(sigfrac), float(objlim), crmask, active, it > 0)
+        n = _detect_pass(img, var, bad, float(sigclip), float(sigfrac), float(objlim), crmask, active, it > 0,
+                         memo, gens, it + 1)
         if n == 0:
             break
         # next pass: only pixels within 4 px of this pass's new CR pixels can change verdict

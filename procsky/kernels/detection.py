@@ -72,10 +72,12 @@ def gaussian_kernel_1d(sigma, truncate=4.0):
 def convolve_separable(image, ky, kx):
     """Convolve with the separable kernel ``ky[:, None] * kx[None, :]``, zeros outside.
 
+    Both passes are written as vectorisable ``axpy`` loops over a zero-padded row.
+
     Parameters
     ----------
     image : ndarray (ny, nx) float
-    ky, kx : ndarray (odd,) float64
+    ky, kx : ndarray (odd,) float
         Kernels along y and x, centred.
 
     Returns
@@ -85,24 +87,59 @@ def convolve_separable(image, ky, kx):
     ny, nx = image.shape
     hy = ky.size // 2
     hx = kx.size // 2
-    tmp = np.zeros((ny, nx), dtype=np.float32)
+    kx32 = kx.astype(np.float32)
+    ky32 = ky.astype(np.float32)
+    tmp = np.empty((ny, nx), dtype=np.float32)
+    pad = np.zeros(nx + 2 * hx, dtype=np.float32)
+    acc = np.empty(nx, dtype=np.float32)
     for y in range(ny):
         for x in range(nx):
-            s = 0.0
-            for k in range(max(0, x - hx) - x, min(nx - 1, x + hx) - x + 1):
-                s += kx[k + hx] * image[y, x + k]
-            tmp[y, x] = s
-    out = np.zeros((ny, nx), dtype=np.float32)
-    acc = np.zeros(nx)
+            pad[x + hx] = image[y, x]
+        acc[:] = 0.0
+        for k in range(kx32.size):
+            w = kx32[k]
+            for x in range(nx):
+                acc[x] += w * pad[x + k]
+        tmp[y, :] = acc
+    out = np.empty((ny, nx), dtype=np.float32)
     for y in range(ny):
         acc[:] = 0.0
         for k in range(max(0, y - hy) - y, min(ny - 1, y + hy) - y + 1):
-            w = ky[k + hy]
+            w = ky32[k + hy]
             row = tmp[y + k]
             for x in range(nx):
                 acc[x] += w * row[x]
+        out[y, :] = acc
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _prepare(image, variance, bad, use_bad):
+    ny, nx = image.shape
+    img = np.empty((ny, nx), dtype=np.float32)
+    var = np.empty((ny, nx), dtype=np.float32)
+    for y in range(ny):
         for x in range(nx):
-            out[y, x] = acc[x]
+            i = image[y, x]
+            v = variance[y, x]
+            if (use_bad and bad[y, x]) or not np.isfinite(i) or not np.isfinite(v):
+                img[y, x] = 0.0
+                var[y, x] = 0.0
+            else:
+                img[y, x] = i
+                var[y, x] = v
+    return img, var
+
+
+@numba.njit(nogil=True, cache=True)
+def _ratio_sqrt(num, den):
+    ny, nx = num.shape
+    out = np.zeros((ny, nx), dtype=np.float32)
+    for y in range(ny):
+        for x in range(nx):
+            d = den[y, x]
+            if d > 0:
+                out[y, x] = num[y, x] / np.sqrt(d)
     return out
 
 
@@ -155,13 +192,11 @@ def significance_image(image, variance, *, sigma=None, kernel=None, bad=None):
     ndarray (ny, nx) float32
         Significance, units of the smoothed noise (0 where the variance is 0).
     """
-    img = np.array(image, dtype=np.float32, copy=True)
-    var = np.broadcast_to(np.asarray(variance, dtype=np.float32), img.shape).copy()
-    badm = ~np.isfinite(img) | ~np.isfinite(var)
-    if bad is not None:
-        badm |= np.asarray(bad, dtype=bool)
-    img[badm] = 0.0
-    var[badm] = 0.0
+    image = np.asarray(image)
+    variance = np.broadcast_to(np.asarray(variance, dtype=np.float32), image.shape)
+    use_bad = bad is not None
+    badm = np.asarray(bad, dtype=bool) if use_bad else np.zeros((1, 1), dtype=bool)
+    img, var = _prepare(image, variance, badm, use_bad)
     if kernel is not None:
         k = np.asarray(kernel, dtype=np.float64)
         num = convolve_2d(img, k)
@@ -172,10 +207,7 @@ def significance_image(image, variance, *, sigma=None, kernel=None, bad=None):
         den = convolve_separable(var, g * g, g * g)
     else:
         raise ValueError("give sigma (PSF sigma, pixels) or kernel (2-D array) for the detection filter")
-    out = np.zeros_like(num)
-    ok = den > 0
-    out[ok] = num[ok] / np.sqrt(den[ok])
-    return out
+    return _ratio_sqrt(num, den)
 
 
 # ----------------------------------------------------------------------------- labelling
@@ -487,7 +519,8 @@ def deblend_footprints(nu, labels, n, contrast, min_contrast_frac, max_children)
     min_contrast_frac : float
         ... and by this fraction of the higher basin's peak (0 disables).
     max_children : int
-        At most this many children per footprint (the highest-peak ones survive).
+        At most this many children per footprint (the highest-peak ones survive); 0 or
+        less: no limit.
 
     Returns
     -------
@@ -595,7 +628,7 @@ def deblend_footprints(nu, labels, n, contrast, min_contrast_frac, max_children)
             if parent[b] == b:
                 keep_ids[q] = b
                 q += 1
-        if nkeep > max_children:
+        if max_children > 0 and nkeep > max_children:
             ordk = np.argsort(-peakv[keep_ids])
             top = keep_ids[ordk[:max_children]]
             for qq in range(max_children, nkeep):
@@ -636,6 +669,25 @@ def deblend_footprints(nu, labels, n, contrast, min_contrast_frac, max_children)
                     b = parent[b]
                 children[y, x] = childid[b]
     return children, peaks[:m]
+
+
+@numba.njit(nogil=True, cache=True)
+def _footprint_peaks(nu, labels, n):
+    """Highest pixel of every footprint, in the layout of :func:`deblend_footprints`."""
+    ny, nx = nu.shape
+    peaks = np.zeros((n, 5))
+    best = np.full(n + 1, -np.inf)
+    for y in range(ny):
+        for x in range(nx):
+            lab = labels[y, x]
+            if lab > 0 and nu[y, x] > best[lab]:
+                best[lab] = nu[y, x]
+                peaks[lab - 1, 0] = x
+                peaks[lab - 1, 1] = y
+                peaks[lab - 1, 2] = nu[y, x]
+                peaks[lab - 1, 3] = lab
+                peaks[lab - 1, 4] = 1
+    return peaks
 
 
 # ----------------------------------------------------------------------------- driver
@@ -686,9 +738,10 @@ def detect_sources(
     min_area=1,
     grow=None,
     deblend=True,
-    deblend_contrast=3.0,
+    deblend_contrast=4.0,
     deblend_min_contrast_frac=0.0,
-    max_children=20,
+    max_children=0,
+    deblend_sigma_factor=0.5,
     bad_bits=bit(NO_DATA) | bit(BAD),
 ):
     """Detect sources on a background-subtracted image.
@@ -722,7 +775,11 @@ def detect_sources(
     deblend_min_contrast_frac : float
         Minimum rise as a fraction of the brighter peak (SExtractor-like DEBLEND_MINCONT).
     max_children : int
-        Maximum children per footprint.
+        Maximum children per footprint (0 = no limit, as LSST's ``maxNumberOfPeaks = 0``).
+    deblend_sigma_factor : float
+        The watershed runs on the significance image smoothed with ``deblend_sigma_factor
+        * psf_sigma`` (< 1 resolves companions that the full matched filter turns into
+        shoulders of a bright neighbour, at the price of more noise peaks).
     bad_bits : int
         Mask bits of pixels without signal.
 
@@ -749,12 +806,16 @@ def detect_sources(
     detected = grow_mask(above, float(grow)) if grow > 0 else above
     footprints, nfp = label_components(detected)
     if deblend:
+        nu_db = nu
+        if psf_sigma is not None and kernel is None and deblend_sigma_factor != 1.0:
+            nu_db = significance_image(img if polarity == 1 else -img, variance,
+                                       sigma=max(0.3, deblend_sigma_factor * psf_sigma), bad=bad)
         children, peaks = deblend_footprints(
-            nu, footprints, nfp, float(deblend_contrast), float(deblend_min_contrast_frac), int(max_children)
+            nu_db, footprints, nfp, float(deblend_contrast), float(deblend_min_contrast_frac), int(max_children)
         )
     else:
-        children, peaks = deblend_footprints(nu, footprints, nfp, np.inf, 0.0, 1)
-        children = footprints.copy()
+        children = footprints
+        peaks = _footprint_peaks(nu, footprints, nfp)
     return DetectionResult(
         footprints=footprints,
         children=children,

@@ -30,6 +30,7 @@ import numba
 import numpy as np
 
 from ._bits import BAD, CR, EDGE, INTRP, NO_DATA, SAT, SUSPECT, bit
+from .background import _median_inplace
 
 __all__ = [
     "circle_pixel_overlap",
@@ -39,11 +40,17 @@ __all__ = [
     "adaptive_moments",
     "psf_flux",
     "measure_sources",
+    "measure_psf_fluxes",
     "FLAG_NAMES",
 ]
 
 _NODATA = bit(NO_DATA)
 _BADBITS = bit(BAD) | bit(NO_DATA)
+_SATB = bit(SAT)
+_INTB = bit(INTRP)
+_CRB = bit(CR)
+_EDGEB = bit(EDGE)
+_SUSB = bit(SUSPECT)
 
 
 # ----------------------------------------------------------------------- exact overlap
@@ -255,7 +262,7 @@ def windowed_centroid(image, variance, mask, x0, y0, sigma, max_iter, bad_bits):
         ex = 2.0 * math.sqrt(max(vxx, 0.0)) / sw
         ey = 2.0 * math.sqrt(max(vyy, 0.0)) / sw
         exy = 4.0 * vxy / (sw * sw)
-        if ddx * ddx + ddy * ddy < 1e-10:
+        if ddx * ddx + ddy * ddy < 1e-9:
             converged = True
             break
     if not converged:
@@ -448,13 +455,15 @@ def psf_flux(image, variance, mask, ix, iy, stamp, weighted, bad_bits):
 
 @numba.njit(nogil=True, cache=True)
 def _local_background(image, mask, children, x, y, rin, rout, bad_bits):
+    """Sigma-clipped (3 sigma, 5 passes) median of the annulus pixels outside all footprints."""
     ny, nx = image.shape
     cap = int(4 * rout * rout + 8 * rout + 16)
-    buf = np.empty(cap)
+    buf = np.empty(cap, dtype=np.float32)
     n = 0
     for py in range(max(0, int(math.floor(y - rout))), min(ny, int(math.ceil(y + rout)) + 1)):
+        dy2 = (py - y) ** 2
         for px in range(max(0, int(math.floor(x - rout))), min(nx, int(math.ceil(x + rout)) + 1)):
-            d2 = (px - x) ** 2 + (py - y) ** 2
+            d2 = (px - x) ** 2 + dy2
             if d2 < rin * rin or d2 > rout * rout:
                 continue
             if mask[py, px] & bad_bits or children[py, px] != 0:
@@ -464,21 +473,26 @@ def _local_background(image, mask, children, x, y, rin, rout, bad_bits):
                 n += 1
     if n < 5:
         return np.nan, np.nan, n
-    vals = buf[:n]
-    med = np.median(vals)
-    sig = np.std(vals)
+    med = 0.0
+    sig = 0.0
     for _ in range(5):
+        mean = 0.0
+        for i in range(n):
+            mean += buf[i]
+        mean /= n
+        var = 0.0
+        for i in range(n):
+            var += (buf[i] - mean) ** 2
+        sig = math.sqrt(var / max(n - 1, 1))
+        med = _median_inplace(buf, n)
         m = 0
         for i in range(n):
-            if abs(vals[i] - med) <= 3.0 * sig:
-                vals[m] = vals[i]
+            if abs(buf[i] - med) <= 3.0 * sig:
+                buf[m] = buf[i]
                 m += 1
         if m < 5 or m == n:
             break
         n = m
-        vals = vals[:n]
-        med = np.median(vals)
-        sig = np.std(vals)
     return med, sig, n
 
 
@@ -553,12 +567,12 @@ def _measure_kernel(
     fv = np.full((n, 19), np.nan)
     ap = np.full((n, nap, 2), np.nan)
     fl = np.zeros((n, 17), dtype=np.bool_)
-    satb = bit(SAT)
-    intb = bit(INTRP)
-    crb = bit(CR)
-    badb = bit(BAD) | bit(NO_DATA)
-    edgeb = bit(EDGE)
-    susb = bit(SUSPECT)
+    satb = _SATB
+    intb = _INTB
+    crb = _CRB
+    badb = _BADBITS
+    edgeb = _EDGEB
+    susb = _SUSB
     for k in range(n):
         x0 = xs[k]
         y0 = ys[k]
@@ -647,7 +661,7 @@ def _measure_kernel(
                 for px in range(max(0, ix - rr), min(nx, ix + rr + 1)):
                     if children[py, px] == cid:
                         anyb |= mask[py, px]
-        edge = (cen & edgeb) != 0 or (cen & bit(NO_DATA)) != 0
+        edge = (cen & edgeb) != 0 or (cen & _NODATA) != 0
         if ix < edge_margin or iy < edge_margin or ix >= nx - edge_margin or iy >= ny - edge_margin:
             edge = True
         fl[k, 0] = edge
@@ -769,3 +783,56 @@ def measure_sources(
     if blended is not None:
         out["flag_blended"] = np.asarray(blended, dtype=bool).copy()
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _psf_fluxes_kernel(image, variance, mask, xs, ys, stamps, weighted, bad_bits):
+    n = xs.size
+    out = np.full((n, 4), np.nan)
+    for k in range(n):
+        ix = int(math.floor(xs[k] + 0.5))
+        iy = int(math.floor(ys[k] + 0.5))
+        f, e, c2, lost = psf_flux(image, variance, mask, ix, iy, stamps[k], weighted, bad_bits)
+        out[k, 0] = f
+        out[k, 1] = e
+        out[k, 2] = c2
+        out[k, 3] = lost
+    return out
+
+
+def measure_psf_fluxes(image, variance, mask, x, y, stamps, *, weighted=True, max_lost=0.1):
+    """PSF fluxes of many sources (see :func:`psf_flux`).
+
+    Parameters
+    ----------
+    image, variance : ndarray (ny, nx)
+        Background-subtracted image (counts) and variance (counts^2).
+    mask : ndarray (ny, nx) uint32 or None
+    x, y : array (n,), pixels
+        Centroids; the stamps must have been rendered at exactly these positions.
+    stamps : ndarray (n, S, S)
+        Normalised PSF stamps (:func:`procsky.kernels.psfmodel.render_stamps`).
+    weighted : bool
+    max_lost : float
+        ``psf_flux_flag`` is set when more than this fraction of the PSF weight falls on
+        bad or off-image pixels.
+
+    Returns
+    -------
+    dict with ``psf_flux``, ``psf_flux_err`` (counts), ``psf_chi2``, ``psf_flux_flag``.
+    """
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    var = np.ascontiguousarray(np.broadcast_to(np.asarray(variance, dtype=np.float32), img.shape))
+    msk = np.zeros(img.shape, np.uint32) if mask is None else np.ascontiguousarray(mask, dtype=np.uint32)
+    xs = np.atleast_1d(np.asarray(x, np.float64))
+    ys = np.atleast_1d(np.asarray(y, np.float64))
+    st = np.ascontiguousarray(stamps, dtype=np.float64)
+    if st.ndim != 3 or st.shape[0] != xs.size:
+        raise ValueError(f"stamps must have shape (n_sources={xs.size}, S, S), got {st.shape}")
+    r = _psf_fluxes_kernel(img, var, msk, xs, ys, st, bool(weighted), _BADBITS)
+    return {
+        "psf_flux": r[:, 0],
+        "psf_flux_err": r[:, 1],
+        "psf_chi2": r[:, 2],
+        "psf_flux_flag": ~np.isfinite(r[:, 0]) | (r[:, 3] > max_lost),
+    }

@@ -27,6 +27,7 @@ Design
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -118,6 +119,7 @@ class QuantumResult:
     provenance: dict = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=1)
 def _code_version() -> str:
     try:
         from importlib.metadata import version
@@ -132,7 +134,16 @@ def _code_version() -> str:
             return "unknown"
 
 
+@functools.lru_cache(maxsize=1)
+def _versions_cached() -> tuple:
+    return tuple(_versions_uncached().items())
+
+
 def _versions() -> dict[str, str]:
+    return dict(_versions_cached())
+
+
+def _versions_uncached() -> dict[str, str]:
     import dask
     import numpy
 
@@ -147,47 +158,64 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class _PeakRSS:
-    """Resident-set-size high-water mark of this process while a quantum runs (bytes).
+class _RSSMonitor:
+    """Resident-set-size high-water marks of this process, per quantum (bytes).
 
-    Sampled by a background thread every ``interval`` seconds (psutil) plus at start and
-    stop; the process-wide ``ru_maxrss`` is only a since-start maximum, so it cannot be
-    attributed to one quantum. With several threads per worker the figure covers the
-    quanta running concurrently in that process.
+    One daemon thread per process samples the RSS (psutil) every ``interval`` seconds
+    and raises the peak of every open window; a window is also sampled when it opens and
+    closes, so quanta shorter than the interval still get a figure. The process-wide
+    ``ru_maxrss`` is only a since-start maximum, so it cannot be attributed to one
+    quantum. With several threads per worker a window covers the quanta running
+    concurrently in that process.
     """
+
+    _instance: "_RSSMonitor | None" = None
+    _lock = threading.Lock()
 
     def __init__(self, interval: float = 0.02):
         import psutil
 
         self._proc = psutil.Process()
         self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def _sample(self) -> None:
-        try:
-            rss = self._proc.memory_info().rss
-        except Exception:  # pragma: no cover
-            return
-        if rss > self.peak:
-            self.peak = rss
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self):
-        self._sample()
+        self._windows: dict[int, int] = {}
+        self._wlock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="procsky-rss")
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        return False
+    @classmethod
+    def get(cls) -> "_RSSMonitor":
+        with cls._lock:
+            if cls._instance is None or cls._instance._proc.pid != os.getpid():
+                cls._instance = cls()
+            return cls._instance
+
+    def _rss(self) -> int:
+        try:
+            return self._proc.memory_info().rss
+        except Exception:  # pragma: no cover
+            return 0
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            if not self._windows:
+                continue
+            rss = self._rss()
+            with self._wlock:
+                for k, v in self._windows.items():
+                    if rss > v:
+                        self._windows[k] = rss
+
+    def open(self) -> int:
+        token = id(object()) ^ threading.get_ident() ^ time.perf_counter_ns()
+        with self._wlock:
+            self._windows[token] = self._rss()
+        return token
+
+    def close(self, token: int) -> int:
+        rss = self._rss()
+        with self._wlock:
+            return max(self._windows.pop(token, 0), rss)
 
 
 _REPOS: dict[str, Any] = {}
@@ -266,11 +294,14 @@ def execute_quantum(job: QuantumJob, repo=None) -> QuantumResult:
         prov["worker"] = get_worker().address
     except Exception:
         prov["worker"] = None
-    monitor = _PeakRSS()
-    with monitor:
+    monitor = _RSSMonitor.get()
+    token = monitor.open()
+    try:
         result = _execute(job, repo, prov)
+    finally:
+        peak = monitor.close(token)
     end = time.time()
-    prov.update(end=end, cpu_seconds=time.thread_time() - cpu0, peak_memory=monitor.peak,
+    prov.update(end=end, cpu_seconds=time.thread_time() - cpu0, peak_memory=peak,
                 versions=_versions())
     result.provenance = prov
     return result
@@ -279,7 +310,8 @@ def execute_quantum(job: QuantumJob, repo=None) -> QuantumResult:
 def _execute(job: QuantumJob, repo, prov: dict) -> QuantumResult:
     qid = job.quantum_id
     try:
-        repo = repo if repo is not None else _open_repo(job.repo_root)
+        if repo is None and (job.inputs or job.outputs):
+            repo = _open_repo(job.repo_root)
         task = _make_task(job)
     except Exception as exc:
         return _error(qid, "transient" if _is_transient(exc) else "failed", exc,
@@ -555,8 +587,9 @@ class Executor:
             return
         try:
             with self._repo.registry.transaction() as conn:
-                for r in results:
-                    self._record(conn, r)
+                updates = [self._record(conn, r) for r in results]
+                t = self._tables["quantum"]
+                conn.execute(t.update().where(t.c.id == sa.bindparam("qid")), updates)
         except Exception as exc:
             if len(results) == 1:
                 r = results[0]
@@ -565,7 +598,10 @@ class Executor:
                                     traceback="".join(tb_module.format_exception(exc)),
                                     provenance=r.provenance)
                 with self._repo.registry.transaction() as conn:
-                    self._record(conn, err)
+                    t = self._tables["quantum"]
+                    conn.execute(t.update().where(t.c.id == sa.bindparam("qid")),
+                                 [self._record(conn, err)])
+                self._quanta_by_id[r.quantum_id].state = "failed"
                 return
             for r in results:  # find the culprit: commit one by one
                 self._commit([r])
@@ -573,11 +609,12 @@ class Executor:
         for r in results:
             self._quanta_by_id[r.quantum_id].state = r.status
 
-    def _record(self, conn, r: QuantumResult) -> None:
+    def _record(self, conn, r: QuantumResult) -> dict:
+        """Register ``r``'s outputs in ``conn``; return the quantum row update."""
         t = self._tables
         prov = dict(r.provenance)
         values = dict(
-            state=r.status, attempts=prov.get("attempt", 1), error_class=r.error_class,
+            qid=r.quantum_id, state=r.status, attempts=prov.get("attempt", 1), error_class=r.error_class,
             error_message=r.error_message, traceback=r.traceback, host=prov.get("host"),
             start_time=prov.get("start"), end_time=prov.get("end"),
             cpu_seconds=prov.get("cpu_seconds"), peak_memory=prov.get("peak_memory"),
@@ -591,7 +628,7 @@ class Executor:
                 conn.execute(t["output"].update()
                              .where(t["output"].c.quantum_id == r.quantum_id, t["output"].c.name == name)
                              .values(dataset_id=str(ref.id)))
-        conn.execute(t["quantum"].update().where(t["quantum"].c.id == r.quantum_id).values(**values))
+        return values
 
 
 class SyncExecutor(Executor):
@@ -612,6 +649,11 @@ class SyncExecutor(Executor):
                     result.status = "failed"
                 on_results([result])
                 break
+
+
+async def _flush_loop():
+    """No-op coroutine: running it on the client loop runs every callback queued before."""
+    return None
 
 
 class DaskExecutor(Executor):
@@ -639,34 +681,57 @@ class DaskExecutor(Executor):
         self.max_seen_in_flight = 0
         self._token = uuid.uuid4().hex[:8]
 
-    def _submit(self, job: QuantumJob):
-        key = f"quantum-{job.task}-{job.quantum_id}-a{job.attempt}-{self._token}"
-        fut = self.client.submit(execute_quantum, job, key=key, pure=False, retries=0)
-        self._job_of_key[fut.key] = job
-        return fut
+    def _submit(self, jobs: list[QuantumJob]) -> list:
+        """Submit jobs in one ``client.map`` call (one message to the scheduler)."""
+        if not jobs:
+            return []
+        keys = [f"quantum-{j.task}-{j.quantum_id}-a{j.attempt}-{self._token}" for j in jobs]
+        futs = self.client.map(execute_quantum, jobs, key=keys, pure=False, retries=0)
+        for fut, job in zip(futs, jobs):
+            self._job_of_key[fut.key] = job
+        return futs
+
+    def _gather(self, futures) -> dict:
+        """Results of finished futures in one round trip (per-future ``result()`` would
+        cost one scheduler round trip each)."""
+        if not futures:
+            return {}
+        try:
+            values = self.client.gather(futures, errors="raise")
+            return {f.key: v for f, v in zip(futures, values)}
+        except Exception:
+            out = {}
+            for f in futures:
+                try:
+                    out[f.key] = f.result()
+                except Exception as exc:
+                    out[f.key] = exc
+            return out
 
     def _run_jobs(self, jobs, on_results):
         from distributed import as_completed
 
         self._job_of_key: dict[str, QuantumJob] = {}
         queue = list(reversed(jobs))  # pop() from the end keeps graph order
-        initial = []
-        while queue and len(initial) < self.max_in_flight:
-            initial.append(self._submit(queue.pop()))
+        first = []
+        while queue and len(first) < self.max_in_flight:
+            first.append(queue.pop())
+        initial = self._submit(first)
         in_flight = len(initial)
         self.max_seen_in_flight = max(self.max_seen_in_flight, in_flight)
         ac = as_completed(initial, with_results=False)
         for batch in ac.batches():
             results, resubmit = [], []
+            fetched = self._gather([f for f in batch if f.status == "finished"])
             for fut in batch:
                 job = self._job_of_key.pop(fut.key)
                 qid = job.quantum_id
                 in_flight -= 1
-                if fut.status == "finished":
-                    try:
-                        result = fut.result()
-                    except Exception as exc:  # pragma: no cover - raced with a lost worker
-                        result = _error(qid, "transient", exc, "fetching the result", {"attempt": job.attempt})
+                if fut.key in fetched:
+                    result = fetched[fut.key]
+                    if isinstance(result, BaseException):  # pragma: no cover - lost while fetching
+                        result = _error(qid, "transient", result, "fetching the result",
+                                        {"attempt": job.attempt})
                 else:
                     exc = fut.exception()
                     status = "transient" if _is_transient(exc) else "failed"
@@ -684,9 +749,15 @@ class DaskExecutor(Executor):
                     result.status = "failed"
                 results.append(result)
             on_results(results)
-            new = [self._submit(j) for j in resubmit]
-            while queue and in_flight + len(new) < self.max_in_flight:
-                new.append(self._submit(queue.pop()))
+            more = list(resubmit)
+            while queue and in_flight + len(more) < self.max_in_flight:
+                more.append(queue.pop())
+            if more:
+                # Release messages for this batch are queued on the client's event loop;
+                # let them go out before the new tasks so the scheduler never holds more
+                # than max_in_flight quanta.
+                self.client.sync(_flush_loop)
+            new = self._submit(more)
             if new:
                 in_flight += len(new)
                 self.max_seen_in_flight = max(self.max_seen_in_flight, in_flight)

@@ -334,15 +334,21 @@ class QuantumGraph:
             new_rows = []
             stage_of = {label: i for i, label in enumerate(self.pipeline.labels)}
             classes = {pt.label: pt.class_path for pt in self.pipeline}
+            stale = []
             for q in self:
                 r = stored.get((q.task, q.key))
                 if r is not None:
                     q.id, q.state = r.id, r.state
+                    if r.config_hash != hashes[q.task]:  # not succeeded (checked above)
+                        stale.append({"qid": r.id, "config_hash": hashes[q.task]})
                 else:
                     new_rows.append({"run": self.run, "task": q.task, "stage": stage_of[q.task],
                                      "data_id_key": q.key, "data_id": json.dumps(q.data_id),
                                      "task_class": classes[q.task], "config_hash": hashes[q.task],
                                      "state": "pending", "attempts": 0})
+            if stale:
+                conn.execute(t["quantum"].update().where(t["quantum"].c.id == sa.bindparam("qid")),
+                             stale)
             if new_rows:
                 conn.execute(t["quantum"].insert(), new_rows)
                 ids = conn.execute(
@@ -397,12 +403,9 @@ def _existing(repo, dataset_type: str, collections: list[str] | None, where: Whe
     """
     if repo is None:
         return []
-    try:
-        refs = repo.query(dataset_type, run=collections)
-    except Exception as exc:  # unknown dataset type -> none exist
-        if type(exc).__name__ in ("ProcskyKeyError", "KeyError"):
-            return []
-        raise
+    if dataset_type not in {dt.name for dt in repo.dataset_types()}:
+        return []  # a dataset type never declared has no datasets
+    refs = repo.query(dataset_type, run=collections)
     order = {r: i for i, r in enumerate(collections or [run])}
     refs = sorted(refs, key=lambda r: order.get(r.run, len(order)))
     seen: dict[str, DatasetKey] = {}
@@ -436,7 +439,10 @@ def build_graph(repo, pipeline: Pipeline, *, where: str | None = None, run: str,
         Not yet stored (see :meth:`QuantumGraph.save`).
     """
     flt = Where(where)
-    colls = None if collections is None else [run] + [c for c in collections if c != run]
+    colls = None
+    if collections is not None:
+        known = set(repo.runs()) if repo is not None else set()
+        colls = ([run] if run in known else []) + [c for c in collections if c != run]
     produced: dict[str, list[DatasetKey]] = {}
     quanta: dict[str, list[Quantum]] = {}
     for pt in pipeline:

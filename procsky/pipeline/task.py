@@ -216,9 +216,11 @@ def registered_tasks() -> dict[str, type]:
 
 
 def _import_task_modules() -> None:
-    """Import every module of ``procsky.tasks`` so their ``@register_task`` run."""
+    """Import every module of ``procsky.tasks`` (and the toy tasks) so that their
+    ``@register_task`` decorators run."""
     import pkgutil
 
+    importlib.import_module("procsky.pipeline.testing")  # toy tasks (tests, benchmarks)
     try:
         pkg = importlib.import_module("procsky.tasks")
     except ImportError:
@@ -468,10 +470,18 @@ def default_quanta(task: Task, inputs: Mapping[str, list[DatasetKey]]) -> list[Q
     for qkey in sorted(candidates or ()):
         qid = json.loads(qkey)
         chosen: dict[str, list[DatasetKey]] = {}
+        # Values implied by the per-quantum covering inputs (e.g. the physical_filter of a
+        # raw) narrow the other inputs (the flat of that filter).
+        context = _implied(d for n in covering if not conns[n].multiple
+                           for d in index[n].get(qkey, []))
         ok = True
         for name, conn in conns.items():
             shared = [d for d in dims if d in conn.dimensions]
             got = index[name].get(data_id_key(_project(qid, shared)), [])
+            if len(got) > 1 and name not in covering and context:
+                narrowed = [d for d in got if all(d.data_id[k] == context[k]
+                                                  for k in d.data_id.keys() & context.keys())]
+                got = narrowed if (conn.multiple or narrowed) else got
             if not got and not conn.optional:
                 ok = False
                 break

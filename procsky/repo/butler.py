@@ -23,6 +23,7 @@ that the next writer of that name removes), or a complete registered dataset.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -55,6 +56,7 @@ from procsky.repo.registry import DatasetRef, Registry, new_dataset_id
 from procsky.repo.storage import (
     StorageClass,
     checksum,
+    fsync_tree,
     get_storage_class,
     infer_storage_class,
 )
@@ -70,6 +72,7 @@ REPO_FORMAT_VERSION = 1
 PAUSE_ENV = "PROCSKY_REPO_PAUSE_BEFORE_REGISTER"
 
 
+@functools.lru_cache(maxsize=1)
 def _code_version() -> str:
     try:
         from importlib.metadata import version
@@ -137,6 +140,9 @@ class Repo:
                 f"{self.config['format_version']}); upgrade procsky"
             )
         self.registry = Registry(self._registry_url(self.config.get("registry")))
+        #: Flush dataset files to disk before they are renamed and registered (survives
+        #: power loss, not only process crashes); ``fsync: true`` in procsky.yaml.
+        self.fsync = bool(self.config.get("fsync", False))
 
     def _registry_url(self, configured: str | None) -> str:
         if not configured:
@@ -146,7 +152,12 @@ class Repo:
     # -- creation ------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, root: str | os.PathLike, registry: str | None = None, *, exist_ok: bool = False
+        cls,
+        root: str | os.PathLike,
+        registry: str | None = None,
+        *,
+        exist_ok: bool = False,
+        fsync: bool = False,
     ) -> "Repo":
         """Create a repository.
 
@@ -160,6 +171,9 @@ class Repo:
         exist_ok : bool
             Return the existing repository instead of failing when ``root`` already is
             one.
+        fsync : bool
+            Flush each dataset's files to stable storage before registering it (costly
+            on network file systems; protects against power loss, not just crashes).
         """
         root = Path(root).expanduser().absolute()
         config_path = root / CONFIG_NAME
@@ -187,6 +201,7 @@ class Repo:
             "registry": registry,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "procsky_version": _code_version(),
+            "fsync": bool(fsync),
         }
         tmp = root / f".{CONFIG_NAME}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -268,14 +283,28 @@ class Repo:
         ConflictError
             If this dataset type, data ID and run is already registered.
         """
-        pending = self.write_pending(obj, dataset_type, data_id, run)
-        try:
+        pending, tmp = self._write_temporary(obj, dataset_type, data_id, run)
+        final = self.root / pending.uri
+        renamed = False
+
+        def fn(conn):
+            nonlocal renamed
+            pending.identity = self._rename_locked(conn, tmp, final, pending.uri)
+            renamed = True
             pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-            if pause > 0:
+            if pause > 0:  # test hook: the files are in place, the row not yet inserted
                 time.sleep(pause)
-            return self.register([pending], provenance=provenance)[0]
+            return self._insert_pending(conn, [pending], provenance)[0]
+
+        try:
+            # One transaction: lock the location, rename into place, insert the row. A
+            # crash before the commit leaves an unregistered file the next writer removes.
+            with self.registry.transaction() as conn:
+                return fn(conn)
         except BaseException:
-            self.discard([pending])
+            _remove_path(tmp)
+            if renamed:
+                self.discard([pending])
             raise
 
     def write_pending(
@@ -285,6 +314,19 @@ class Repo:
 
         Call :meth:`register` (or :meth:`discard`) with the result.
         """
+        pending, tmp = self._write_temporary(obj, dataset_type, data_id, run)
+        try:
+            with self.registry.transaction() as conn:
+                pending.identity = self._rename_locked(conn, tmp, self.root / pending.uri, pending.uri)
+        except BaseException:
+            _remove_path(tmp)
+            raise
+        return pending
+
+    def _write_temporary(
+        self, obj: Any, dataset_type: str, data_id: Mapping[str, Any], run: str
+    ) -> tuple[PendingDataset, Path]:
+        """Write and verify ``obj`` at a temporary sibling of its final location."""
         check_name("dataset type", dataset_type)
         check_run_name(run)
         data_id = canonical_data_id(data_id)
@@ -309,11 +351,12 @@ class Repo:
                 )
             sc.verify(tmp)
             digest = checksum(tmp)
-            identity = self._move_into_place(tmp, final, uri)
+            if self.fsync:
+                fsync_tree(tmp)
         except BaseException:
             _remove_path(tmp)
             raise
-        return PendingDataset(
+        pending = PendingDataset(
             id=new_dataset_id(),
             dataset_type=dataset_type,
             run=run,
@@ -321,8 +364,8 @@ class Repo:
             uri=uri,
             storage_class=sc.name,
             checksum=digest,
-            identity=identity,
         )
+        return pending, tmp
 
     def _dataset_type_for(
         self, obj: Any, name: str, data_id: dict[str, Any]
@@ -354,19 +397,21 @@ class Repo:
             )
         return dt, sc
 
-    def _move_into_place(self, tmp: Path, final: Path, uri: str) -> tuple[int, int]:
-        with self.registry.transaction() as conn:
-            self.registry.lock_location(conn, uri)
-            ref = self.registry.dataset_by_uri(conn, uri)
-            if ref is not None:
-                raise ConflictError(
-                    f"{ref.dataset_type} {ref.data_id} is already registered in run "
-                    f"{ref.run!r} at {uri}; write to a new run or remove it first"
-                )
-            if final.exists() or final.is_symlink():
-                _remove_path(final)  # an unregistered leftover of a crashed writer
-            os.rename(tmp, final)
-            st = final.stat()
+    def _rename_locked(self, conn, tmp: Path, final: Path, uri: str) -> tuple[int, int]:
+        """Under the location lock: refuse if registered, drop a leftover, rename."""
+        self.registry.lock_location(conn, uri)
+        ref = self.registry.dataset_by_uri(conn, uri)
+        if ref is not None:
+            raise ConflictError(
+                f"{ref.dataset_type} {ref.data_id} is already registered in run "
+                f"{ref.run!r} at {uri}; write to a new run or remove it first"
+            )
+        if final.exists() or final.is_symlink():
+            _remove_path(final)  # an unregistered leftover of a crashed writer
+        os.rename(tmp, final)
+        if self.fsync:  # make the rename itself durable before the row is committed
+            _fsync_dir(final.parent)
+        st = final.stat()
         return (st.st_dev, st.st_ino)
 
     def register(
@@ -390,7 +435,6 @@ class Repo:
         pendings = list(pendings)
         if not pendings:
             return []
-        prov_base = {"code_version": _code_version()}
 
         def fn(conn):
             for p in sorted(pendings, key=lambda p: p.uri):
@@ -409,28 +453,31 @@ class Repo:
                         f"{p.uri} was replaced by another writer of {p.dataset_type} "
                         f"{p.data_id} in run {p.run!r}; only one of them can be registered"
                     )
-            for run in sorted({p.run for p in pendings}):
-                self.registry.ensure_run(run, conn)
-            rows = []
-            for p in pendings:
-                prov = {**prov_base, **p.provenance, **dict(provenance or {})}
-                rows.append(
-                    self.registry.dataset_row(
-                        id=p.id,
-                        dataset_type=p.dataset_type,
-                        run=p.run,
-                        data_id=p.data_id,
-                        uri=p.uri,
-                        checksum=p.checksum,
-                        storage_class=p.storage_class,
-                        provenance=prov,
-                        implied=self.registry.implied_values(p.data_id, conn),
-                    )
-                )
-            self.registry.insert_datasets(conn, rows)
-            return [self.registry._ref(_Row(r)) for r in rows]
+            return self._insert_pending(conn, pendings, provenance)
 
         return self.registry._write(fn, connection)
+
+    def _insert_pending(self, conn, pendings, provenance) -> list[DatasetRef]:
+        for run in sorted({p.run for p in pendings}):
+            self.registry.ensure_run(run, conn)
+        rows = []
+        for p in pendings:
+            prov = {"code_version": _code_version(), **p.provenance, **dict(provenance or {})}
+            rows.append(
+                self.registry.dataset_row(
+                    id=p.id,
+                    dataset_type=p.dataset_type,
+                    run=p.run,
+                    data_id=p.data_id,
+                    uri=p.uri,
+                    checksum=p.checksum,
+                    storage_class=p.storage_class,
+                    provenance=prov,
+                    implied=self.registry.implied_values(p.data_id, conn),
+                )
+            )
+        self.registry.insert_datasets(conn, rows)
+        return [self.registry._ref(_Row(r)) for r in rows]
 
     def discard(self, pendings: Sequence[PendingDataset]) -> None:
         """Remove the files of pending datasets that were not registered."""
@@ -639,11 +686,45 @@ class Repo:
         return sorted(out)
 
 
+    def remove_orphans(self, min_age: float = 3600.0) -> list[Path]:
+        """Delete the files :meth:`orphans` finds; returns them.
+
+        A leftover at a final dataset name is removed under its location lock and only
+        if still unregistered, so a concurrent writer is never harmed.
+        """
+        removed = []
+        for path in self.orphans(min_age):
+            name = path.name
+            if ".tmp-" in name or ".trash-" in name:
+                _remove_path(path)
+                removed.append(path)
+                continue
+            uri = path.relative_to(self.root).as_posix()
+            trash = None
+            with self.registry.transaction() as conn:
+                self.registry.lock_location(conn, uri)
+                if self.registry.dataset_by_uri(conn, uri) is None and path.exists():
+                    trash = _trash_name(path)
+                    os.rename(path, trash)
+            if trash is not None:
+                _remove_path(trash)
+                removed.append(path)
+        return removed
+
+
 class _Row:
     """Attribute access over a row dict (to build refs from rows not read back)."""
 
     def __init__(self, d: dict[str, Any]):
         self.__dict__.update(d)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _trash_name(path: Path) -> Path:

@@ -20,10 +20,12 @@ The pipeline executor may add its own tables (quanta) to :attr:`Registry.engine`
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from procsky.errors import (
     RepoError,
 )
 from procsky.repo.dimensions import (
+    DIMENSION_ORDER,
     ELEMENT_KEYS,
     IMPLIED,
     STANDARD_DATASET_TYPES,
@@ -197,6 +200,9 @@ def _build_metadata() -> tuple[sa.MetaData, dict[str, sa.Table]]:
     return md, t
 
 
+_local = threading.local()  # per-thread depth of open write transactions
+
+
 def _is_locked_error(exc: BaseException) -> bool:
     text = str(getattr(exc, "orig", exc)).lower()
     return "database is locked" in text or "database is busy" in text or "sqlite_busy" in text
@@ -227,6 +233,8 @@ class Registry:
         self.metadata, self.tables = _build_metadata()
         self._engine: Engine | None = None
         self._pid = os.getpid()
+        self._known_runs: set[str] = set()
+        self._type_cache: dict[str, DatasetType] = {}
         if create:
             self._create_schema()
         else:
@@ -255,7 +263,8 @@ class Registry:
             engine = sa.create_engine(
                 url,
                 connect_args={"timeout": self.busy_timeout},
-                poolclass=sa.pool.NullPool,
+                pool_size=2,
+                max_overflow=8,
             )
             busy_ms = int(self.busy_timeout * 1000)
 
@@ -279,7 +288,8 @@ class Registry:
             return engine
         if backend == "postgresql":
             try:
-                return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+                # pool_recycle rather than pre-ping: one round trip less per checkout.
+                return sa.create_engine(url, pool_recycle=600, pool_size=2, max_overflow=4)
             except ImportError as exc:
                 raise RepoError(
                     f"cannot connect to {self.url}: the PostgreSQL driver is missing ({exc}); "
@@ -299,6 +309,8 @@ class Registry:
         self.metadata, self.tables = _build_metadata()
         self._engine = None
         self._pid = os.getpid()
+        self._known_runs = set()
+        self._type_cache = {}
 
     def close(self) -> None:
         """Dispose of the engine's connections."""
@@ -358,17 +370,54 @@ class Registry:
         On SQLite the write lock is taken at the start (``BEGIN IMMEDIATE``), retried
         with jittered back-off while another process holds it.
         """
-        conn = self.engine.connect().execution_options(procsky_write=True)
+        if self.dialect == "sqlite" and getattr(_local, "depth", 0) > 0:
+            raise RepoError(
+                "a registry write transaction is already open in this thread; SQLite allows "
+                "one writer, so a second one would wait for ever. Pass the open connection "
+                "(e.g. repo.register(..., connection=conn)) instead of starting another."
+            )
+        lock_fd = self._acquire_writer_lock()
+        _local.depth = getattr(_local, "depth", 0) + 1
         try:
-            self._begin_with_retry(conn)
+            conn = self.engine.connect().execution_options(procsky_write=True)
             try:
-                yield conn
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
+                self._begin_with_retry(conn)
+                try:
+                    yield conn
+                except BaseException:
+                    conn.rollback()
+                    raise
+                conn.commit()
+            finally:
+                conn.close()
         finally:
-            conn.close()
+            _local.depth -= 1
+            if lock_fd is not None:
+                os.close(lock_fd)  # releases the flock
+
+    def _acquire_writer_lock(self) -> int | None:
+        """SQLite only: queue writers on an flock next to the database.
+
+        SQLite's own busy handler polls with sleeps of up to 100 ms, which wastes most of
+        the time when many processes write; a kernel lock wakes the next writer at once.
+        The lock is advisory: SQLite's locking still guarantees correctness (e.g. on
+        file systems where flock is not shared between hosts).
+        """
+        if self.dialect != "sqlite":
+            return None
+        db = sa.engine.make_url(self.url).database
+        if not db or db == ":memory:":
+            return None
+        try:
+            fd = os.open(db + ".lock", os.O_RDWR | os.O_CREAT, 0o664)
+        except OSError:
+            return None  # read-only location: rely on SQLite's locking
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
 
     def _begin_with_retry(self, conn: Connection) -> None:
         delay = 0.01
@@ -426,6 +475,8 @@ class Registry:
 
     def get_dataset_type(self, name: str, conn: Connection | None = None) -> DatasetType | None:
         """The dataset type called ``name``, or None."""
+        if name in self._type_cache:  # definitions never change once registered
+            return self._type_cache[name]
         t = self.tables["dataset_type"]
         stmt = sa.select(t).where(t.c.name == name)
         if conn is None:
@@ -433,7 +484,12 @@ class Registry:
                 row = c.execute(stmt).first()
         else:
             row = conn.execute(stmt).first()
-        return None if row is None else DatasetType(row.name, tuple(row.dimensions), row.storage_class)
+        if row is None:
+            return None
+        dt = DatasetType(row.name, tuple(row.dimensions), row.storage_class)
+        if conn is None:  # committed: safe to cache
+            self._type_cache[name] = dt
+        return dt
 
     def register_dataset_type(
         self, dataset_type: DatasetType, connection: Connection | None = None
@@ -465,14 +521,21 @@ class Registry:
     # -- runs and chains ----------------------------------------------------------------
     def ensure_run(self, run: str, conn: Connection) -> None:
         """Create ``run`` if it does not exist (safe under concurrency)."""
+        if run in self._known_runs:
+            return
         check_run_name(run)
+        runs = self.tables["run"]
+        if conn.execute(sa.select(runs.c.name).where(runs.c.name == run)).first():
+            # Runs are never deleted, so a run seen committed stays valid to cache.
+            self._known_runs.add(run)
+            return
         chain = self.tables["chain"]
         if conn.execute(sa.select(chain.c.name).where(chain.c.name == run).limit(1)).first():
             raise ConflictError(
                 f"{run!r} is a collection chain, not a run; write to one of its runs or "
                 "pick another run name"
             )
-        _insert_ignore(conn, self.tables["run"], [{"name": run, "created": _utcnow()}])
+        _insert_ignore(conn, runs, [{"name": run, "created": _utcnow()}])
 
     def runs(self) -> list[str]:
         """All runs, newest first."""
@@ -686,10 +749,17 @@ class Registry:
         """Insert dataset rows (see :meth:`dataset_row`); raise ConflictError on duplicates."""
         if not rows:
             return
+        # No savepoint: a conflict aborts the caller's transaction anyway (it must not
+        # mark a quantum done whose outputs were not registered), and it saves round trips.
         try:
-            with conn.begin_nested():
-                conn.execute(sa.insert(self.tables["dataset"]), rows)
+            conn.execute(sa.insert(self.tables["dataset"]), rows)
         except sa.exc.IntegrityError as exc:
+            text = str(getattr(exc, "orig", exc)).lower()
+            if "unique" not in text and "duplicate" not in text:
+                raise RepoError(
+                    f"registering {len(rows)} dataset(s) violated a registry constraint: "
+                    f"{getattr(exc, 'orig', exc)}; the registry may be inconsistent"
+                ) from exc
             dup = rows[0] if len(rows) == 1 else None
             what = (
                 f"{dup['dataset_type']} {dup['data_id']} in run {dup['run']!r}"
@@ -794,7 +864,13 @@ class Registry:
         clause = self._where_clause(ds, where)
         if clause is not None:
             stmt = stmt.where(clause)
-        stmt = stmt.order_by(run_t.c.created.desc(), ds.c.run, ds.c.dataset_type, ds.c.data_id_key)
+        stmt = stmt.order_by(
+            run_t.c.created.desc(),
+            ds.c.run,
+            ds.c.dataset_type,
+            *(ds.c[d] for d in DIMENSION_ORDER),  # numeric order: visit 2 before visit 10
+            ds.c.data_id_key,
+        )
         with self.reading() as conn:
             refs = [self._ref(r) for r in conn.execute(stmt)]
         if runs is not None:

@@ -33,6 +33,7 @@ __all__ = [
     "get_storage_class",
     "infer_storage_class",
     "checksum",
+    "fsync_tree",
 ]
 
 _CHUNK = 1 << 20
@@ -62,6 +63,21 @@ def checksum(path: str | os.PathLike) -> str:
     else:
         raise ProcskyFileError(f"cannot checksum {path}: it does not exist")
     return "sha256:" + h.hexdigest()
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush a file, or every file and folder of a tree, to stable storage."""
+    path = Path(path)
+    items = [path]
+    if path.is_dir():
+        items = sorted(path.rglob("*"), key=lambda p: -len(p.parts)) + [path]
+    for p in items:
+        flags = os.O_RDONLY | (os.O_DIRECTORY if p.is_dir() else 0)
+        fd = os.open(p, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _hash_file(h, path: Path) -> None:
@@ -132,8 +148,12 @@ class ExposureStorage(StorageClass):
         return cls.read(str(path))
 
     def verify(self, path: Path) -> None:
-        super().verify(path)
-        exp = self.read(path)
+        try:
+            exp = self.read(path)
+        except Exception as exc:
+            raise ProcskyFileError(
+                f"Exposure written to {path} cannot be read back ({exc}); the disk may be full"
+            ) from exc
         shapes = {
             name: getattr(getattr(exp, name, None), "shape", None)
             for name in ("image", "variance", "mask")

@@ -15,6 +15,7 @@ All parameters of one visit are in :class:`SimPsfParams`, stored as columns of
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -131,8 +132,12 @@ def psf_summary(params: SimPsfParams, fx: float, fy: float) -> dict:
     import galsim
 
     psf = params.at_focal_plane(fx, fy)
-    fine = psf.drawImage(nx=161, ny=161, scale=0.25, method="no_pixel")
-    fwhm_px = float(fine.calculateFWHM())
+    # FWHM from the area above half maximum on a fine grid (2 sqrt(A / pi)): smooth in the
+    # parameters, unlike a radius read off pixel centres, and defined for elliptical PSFs.
+    step = 0.1
+    fine = psf.drawImage(nx=301, ny=301, scale=step, method="no_pixel").array
+    area = float(np.count_nonzero(fine > 0.5 * fine.max())) * step * step
+    fwhm_px = 2.0 * math.sqrt(area / math.pi)
     img = psf.drawImage(nx=63, ny=63, scale=1.0, method="auto")
     mom = galsim.hsm.FindAdaptiveMom(img, strict=False)
     if mom.moments_status == 0:

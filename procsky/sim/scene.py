@@ -395,7 +395,14 @@ def build_scene(recipe) -> Scene:
     objects["magnification"] = 1.0
     if r.shear.enabled and n_gal > 0:
         _apply_lensing(r, objects)
-    objects = objects[[c for c in objects.columns if not c.startswith("flux_") or c[5:] in r.band_names or c == "flux_ref"]]
+    keep = []
+    for c in objects.columns:
+        for prefix in ("flux_", "bulge_fraction_"):
+            if c.startswith(prefix) and c[len(prefix):] not in r.band_names and c != "flux_ref":
+                break
+        else:
+            keep.append(c)
+    objects = objects[keep]
     return Scene(recipe=r, geometry=geometry, objects=objects.reset_index(drop=True), visits=visits, half_size=half)
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 from procsky.errors import ProcskyValueError
 from procsky.sim.recipe import Recipe, load_recipe
 from procsky.sim.render import image_filename, render_detector, write_calibs, write_detector
-from procsky.sim.scene import Scene, build_scene, detector_footprints, epoch_flux, sky_to_tangent
+from procsky.sim.scene import Scene, build_scene, detector_footprints, epoch_flux
 
 __all__ = ["simulate", "SimulationResult", "select_objects", "draw_visit_detector"]
 
@@ -48,12 +48,12 @@ class SimulationResult:
     images: list[Path] = field(default_factory=list)
     calibs: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time spent drawing and writing images, all workers
     n_objects: int = 0
 
 
 def select_objects(scene: Scene, visit_row, detector: int, footprint=None) -> pd.DataFrame:
     """Objects near one detector of one visit, with their flux (nJy) at that epoch and band."""
-    r = scene.recipe
     if footprint is None:
         footprint = detector_footprints(scene, visit_row)[detector]
     x0, x1, y0, y1 = footprint
@@ -73,18 +73,18 @@ def select_objects(scene: Scene, visit_row, detector: int, footprint=None) -> pd
         for c in ("hlr_disk", "hlr_bulge", "g1", "g2", "shear_g1", "shear_g2"):
             cols[c] = np.nan_to_num(sub[c].to_numpy(dtype=float), nan=0.0)
         cols["bulge_fraction"] = np.nan_to_num(sub[f"bulge_fraction_{band}"].to_numpy(dtype=float), nan=0.0)
-    del r
     return pd.DataFrame(cols)
 
 
 def draw_visit_detector(recipe: Recipe, visit: dict, detector: int, objects: pd.DataFrame, out: str, mode: str):
-    """Worker task: draw and write one detector image; return its truth tables."""
+    """Worker task: draw and write one detector image; return its truth tables and CPU seconds."""
+    cpu0 = time.process_time()
     img = render_detector(recipe, visit, detector, objects, raw=(mode == "raw"))
     kind = "raw" if mode == "raw" else "calexp"
     name = image_filename(kind, img.visit, detector)
     write_detector(recipe, visit, img, Path(out) / "images" / name, kind)
     summary = dict(img.summary, file=f"images/{name}")
-    return img.truth, img.cosmic_rays, summary
+    return img.truth, img.cosmic_rays, summary, time.process_time() - cpu0
 
 
 def _calib_task(recipe, detector, bands, out):
@@ -208,6 +208,7 @@ def simulate(recipe, out, *, seed: int | None = None, mode: str = "calibrated", 
     res.images = [out / s["file"] for s in sorted(summaries, key=lambda s: (s["visit"], s["detector"]))]
     res.calibs = [out / "calibs" / n for names in calib_names for n in names]
     res.seconds = time.perf_counter() - t0
+    res.cpu_seconds = float(sum(r[3] for r in results))
     return res
 
 

@@ -1,0 +1,908 @@
+"""Image subtraction: PSF matching, convolution per chunk, decorrelation, DIA measurement.
+
+This module is the layer between the numba/numpy kernels of
+:mod:`procsky.kernels.psfmatch`, :mod:`procsky.kernels.convolve` and
+:mod:`procsky.kernels.associate` and the pipeline tasks (:mod:`procsky.tasks.diffim`,
+:mod:`procsky.tasks.dia`). It owns the dask graphs: the matching-kernel convolution, the
+variance and mask propagation and the decorrelation run per chunk with ``map_overlap``,
+the overlap being the kernel half-width.
+
+Public functions
+----------------
+subtract_images(science, template, config)
+    Fit an Alard-Lupton kernel and return the difference :class:`~procsky.exposure.Exposure`,
+    the kernel and a summary dict.
+detect_dia_sources(diff, config)
+    Detection in both polarities and measurement -> ``dia_source`` DataFrame.
+forced_dia_photometry(diff, ra, dec, ids)
+    PSF fluxes at fixed positions -> ``dia_forced_source`` rows.
+simulate_pair(...)
+    A synthetic science/template pair with known stars and transients (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from procsky import masks as _masks
+from procsky.errors import AlgorithmError, NoWorkError, ProcskyValueError
+from procsky.kernels import convolve as _conv
+from procsky.kernels import psfmatch as _pm
+
+__all__ = [
+    "SubtractionConfig",
+    "DiaConfig",
+    "subtract_images",
+    "convolve_exposure_arrays",
+    "detect_dia_sources",
+    "forced_dia_photometry",
+    "simulate_pair",
+    "psf_sigma_at",
+]
+
+_NOT_USABLE = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT", "INTRP")
+_SPREAD = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT", "INTRP", "STREAK")
+
+
+@dataclass(frozen=True)
+class SubtractionConfig:
+    """Options of :func:`subtract_images` (the task config mirrors them).
+
+    Attributes
+    ----------
+    mode : {"auto", "convolve_template", "convolve_science"}
+        Which image is convolved; ``auto`` convolves the one with the smaller PSF.
+    degrees : tuple of int
+        Polynomial degree of each Gaussian of the basis (HOTPANTS 6/4/2).
+    scales : tuple of float
+        Gaussian widths in units of the matching sigma.
+    spatial_order : int
+        Order of the spatial variation of the kernel coefficients.
+    background_order : int
+        Order of the differential background polynomial.
+    kernel_half_width : int or None, pixels
+        Default from the PSF widths.
+    stamp_half : int or None, pixels
+        Stamp half-size (default ``max(3 FWHM, 8)``).
+    n_cells, per_cell : int
+        Star selection grid and stars per cell.
+    min_snr : float
+        Minimum matched-filter significance of kernel stars.
+    clip_sigma : float
+        Stamp rejection threshold.
+    constant_sum : bool
+        Keep the photometric scaling constant over the detector.
+    decorrelate : bool
+        Apply the noise decorrelation afterburner.
+    chunk : int, pixels
+        Dask chunk size for the convolution.
+    """
+
+    mode: str = "auto"
+    degrees: tuple = (6, 4, 2)
+    scales: tuple = (0.5, 1.0, 2.0)
+    spatial_order: int = 2
+    background_order: int = 1
+    kernel_half_width: int | None = None
+    stamp_half: int | None = None
+    n_cells: int = 5
+    per_cell: int = 6
+    min_snr: float = 30.0
+    clip_sigma: float = 3.0
+    constant_sum: bool = False
+    decorrelate: bool = True
+    chunk: int = 1024
+
+
+def psf_sigma_at(psf, x, y) -> float:
+    """Gaussian-equivalent sigma (pixels) of a PSF model at (x, y)."""
+    return float(psf.fwhm(x, y)) / 2.3548200450309493
+
+
+def _bad(mask, planes, names=_NOT_USABLE):
+    bits = 0
+    for n in names:
+        if n in planes:
+            bits |= 1 << planes[n]
+    return (np.asarray(mask) & np.uint32(bits)) != 0, bits
+
+
+def _axis_chunks(n, chunk, depth):
+    """Chunk sizes along one axis, every chunk at least ``depth`` (map_overlap needs it)."""
+    c = max(int(chunk), int(depth), 1)
+    sizes = [c] * (n // c) + ([n % c] if n % c else [])
+    if len(sizes) > 1 and sizes[-1] < depth:
+        sizes[-2] += sizes.pop()
+    return tuple(sizes)
+
+
+def _overlap_map(func, arrays, depth, dtype, chunk):
+    """Run ``func(*padded_blocks, block_info)`` per chunk with ``depth`` pixels of overlap."""
+    import dask.array as da
+
+    darrs = [a if hasattr(a, "dask") else da.from_array(np.asarray(a), chunks=chunk) for a in arrays]
+    chunks = tuple(_axis_chunks(n, chunk, depth) for n in darrs[0].shape)
+    darrs = [a.rechunk(chunks) for a in darrs]
+
+    chunks = darrs[0].chunks
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
+
+    def wrapped(*blocks, block_info=None):
+        iy, ix = block_info[0]["chunk-location"]
+        return func(*blocks, y0=int(starts[0][iy]), x0=int(starts[1][ix])).astype(dtype)
+
+    # trim=False: the function returns the valid interior itself (its margin is the overlap).
+    return da.map_overlap(wrapped, *darrs, depth=depth, boundary=0, trim=False, dtype=dtype, chunks=chunks,
+                          meta=np.zeros((0, 0), dtype=dtype), align_arrays=False)
+
+
+def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, *, xy0=(0, 0), spread_bits=0,
+                             chunk=1024):
+    """Convolve image, variance and mask with a spatially varying matching kernel (lazy).
+
+    Parameters
+    ----------
+    image, variance : array (ny, nx)
+        numpy or dask; non-finite pixels must be zeroed (and flagged in ``mask``) first.
+    mask : array (ny, nx) uint32
+    kernel : MatchingKernel
+    xy0 : (int, int)
+        Detector pixel of array pixel (0, 0) (spatial polynomials use detector positions).
+    spread_bits : int
+        Mask bits OR-ed over the kernel footprint.
+    chunk : int, pixels
+
+    Returns
+    -------
+    image, variance, mask : dask arrays
+        Convolved image, its variance ``conv(V, K^2)`` and the dilated mask.
+    """
+    h = kernel.half_width
+    ks = kernel.spatial_kernels()
+    order = kernel.spatial_order
+    shape = kernel.shape
+    r = _conv.kernel_support_radius(kernel.kernel_at(shape[1] / 2.0, shape[0] / 2.0))
+
+    def conv_img(b, y0, x0):
+        return _conv.spatial_convolve(b, ks, order, x0 + xy0[0], y0 + xy0[1], shape)
+
+    def conv_var(b, y0, x0):
+        return np.maximum(_conv.spatial_convolve_variance(b, ks, order, x0 + xy0[0], y0 + xy0[1], shape), 0.0)
+
+    def conv_mask(b, y0, x0):
+        out = _conv.dilate_mask_box(np.ascontiguousarray(b), r, spread_bits) if r > 0 else b
+        return out
+
+    img = _overlap_map(conv_img, [image], h, np.float32, chunk)
+    var = _overlap_map(conv_var, [variance], h, np.float32, chunk)
+    msk = _overlap_map(conv_mask, [mask], r, np.uint32, chunk) if r > 0 else mask
+    return img, var, msk
+
+
+def _convolve_plain(arr, kernel2d, chunk, dtype=np.float32):
+    h = kernel2d.shape[0] // 2
+
+    def f(b, y0, x0):
+        return _conv.convolve_valid(b, kernel2d)
+
+    return _overlap_map(f, [arr], h, dtype, chunk)
+
+
+def _flux_ratio(conv_img, tgt_img, xs, ys, half):
+    """Median ratio of summed star fluxes target / convolved image (first guess of the kernel sum)."""
+    r = []
+    ny, nx = tgt_img.shape
+    for x, y in zip(xs, ys):
+        ix, iy = int(round(x)), int(round(y))
+        if half <= ix < nx - half and half <= iy < ny - half:
+            a = float(conv_img[iy - half : iy + half + 1, ix - half : ix + half + 1].sum())
+            b = float(tgt_img[iy - half : iy + half + 1, ix - half : ix + half + 1].sum())
+            if a > 0 and b > 0:
+                r.append(b / a)
+    return float(np.median(r)) if r else 1.0
+
+
+def _psf_convolved(psf, extra, center):
+    """A PSF model for the difference image: ``psf (x) extra`` (``extra`` normalised)."""
+    from scipy.signal import fftconvolve
+
+    from procsky.psf import ImagePsf, PolynomialImagePsf
+
+    extra = extra / extra.sum()
+    he = extra.shape[0] // 2
+    if isinstance(psf, PolynomialImagePsf):
+        coeffs = np.array([fftconvolve(np.pad(c, he), extra, mode="same") for c in psf.coeffs])
+        return PolynomialImagePsf(coeffs, psf.order, psf.x0, psf.y0, psf.scale_x, psf.scale_y)
+    k = psf.kernel(*center)
+    return ImagePsf(fftconvolve(np.pad(k, he), extra, mode="same"))
+
+
+def subtract_images(science, template, config: SubtractionConfig | None = None, *, stars=None, lazy=False):
+    """Difference ``science - K (x) template`` (or ``K (x) science - template``) with Alard-Lupton matching.
+
+    Parameters
+    ----------
+    science : procsky.exposure.Exposure
+        Calibrated, background-subtracted science exposure with a PSF.
+    template : procsky.exposure.Exposure
+        Template already resampled onto the science pixel grid (same shape), with a PSF;
+        its image may be in other flux units (the kernel sum absorbs the ratio).
+    config : SubtractionConfig, optional
+    stars : (x, y) arrays, optional
+        Kernel star positions (array pixels); selected automatically when omitted.
+    lazy : bool
+        Return dask planes instead of computing them.
+
+    Returns
+    -------
+    diff : procsky.exposure.Exposure
+        In the science image's units and photometric calibration; its PSF is the PSF of the
+        difference image; ``metadata['diffim']`` holds the summary.
+    kernel : procsky.kernels.psfmatch.MatchingKernel
+    summary : dict
+        Kernel size, basis, direction, stamps used, residual statistics.
+
+    Raises
+    ------
+    AlgorithmError
+        Too few usable stars for the kernel fit.
+    NoWorkError
+        The template has no valid pixels over the science image.
+    """
+    import dask.array as da
+
+    cfg = config or SubtractionConfig()
+    if science.shape != template.shape:
+        raise ProcskyValueError(
+            f"template shape {template.shape} differs from science shape {science.shape}; warp the template "
+            "onto the science pixel grid first (procsky.tasks.diffim.warp_template_to_science)"
+        )
+    if science.psf is None or template.psf is None:
+        raise ProcskyValueError("science and template need PSF models for PSF matching; run calibrate/coadd first")
+    if cfg.mode not in ("auto", "convolve_template", "convolve_science"):
+        raise ProcskyValueError(f"mode must be auto, convolve_template or convolve_science, got {cfg.mode!r}")
+    planes = science.mask_planes
+    sci = science.compute()
+    tpl = template.compute()
+    s_img = np.asarray(sci.image, dtype=np.float32)
+    s_var = np.asarray(sci.variance, dtype=np.float32)
+    t_img = np.asarray(tpl.image, dtype=np.float32)
+    t_var = np.asarray(tpl.variance, dtype=np.float32)
+    t_mask = np.asarray(tpl.mask, dtype=np.uint32)
+    if tpl.mask_planes != planes:
+        t_mask = tpl.mask_planes.remap(t_mask, planes)
+    s_mask = np.asarray(sci.mask, dtype=np.uint32)
+    ny, nx = s_img.shape
+    s_bad, bad_bits = _bad(s_mask, planes)
+    t_bad, _ = _bad(t_mask, planes)
+    t_nan = ~np.isfinite(t_img) | ~np.isfinite(t_var)
+    s_nan = ~np.isfinite(s_img) | ~np.isfinite(s_var)
+    nodata = 1 << planes["NO_DATA"]
+    t_mask = np.where(t_nan, t_mask | np.uint32(nodata), t_mask).astype(np.uint32)
+    s_mask = np.where(s_nan, s_mask | np.uint32(nodata), s_mask).astype(np.uint32)
+    t_bad |= t_nan
+    s_bad |= s_nan
+    if t_bad.all():
+        raise NoWorkError("the template has no valid pixels over this science image")
+    t_img = np.where(t_nan, 0.0, t_img).astype(np.float32)
+    t_var = np.where(t_nan, 0.0, t_var).astype(np.float32)
+    s_img = np.where(s_nan, 0.0, s_img).astype(np.float32)
+    s_var = np.where(s_nan, 0.0, s_var).astype(np.float32)
+
+    det_shape = (sci.detector.get("ny", ny + sci.xy0[1]), sci.detector.get("nx", nx + sci.xy0[0]))
+    det_shape = (max(int(det_shape[0]), ny), max(int(det_shape[1]), nx))
+    x0, y0 = sci.xy0
+    cx, cy = x0 + nx / 2.0, y0 + ny / 2.0
+    sig_s = psf_sigma_at(sci.psf, cx, cy)
+    sig_t = psf_sigma_at(tpl.psf, cx, cy)
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "convolve_template" if sig_t <= sig_s else "convolve_science"
+    if mode == "convolve_template":
+        conv_img, conv_var, conv_mask, conv_bad = t_img, t_var, t_mask, t_bad
+        tgt_img, tgt_var, tgt_mask, tgt_bad = s_img, s_var, s_mask, s_bad
+        sig_sharp, sig_broad = sig_t, sig_s
+    else:
+        conv_img, conv_var, conv_mask, conv_bad = s_img, s_var, s_mask, s_bad
+        tgt_img, tgt_var, tgt_mask, tgt_bad = t_img, t_var, t_mask, t_bad
+        sig_sharp, sig_broad = sig_s, sig_t
+    basis = _pm.basis_for_psfs(sig_sharp, sig_broad, degrees=cfg.degrees, scales=cfg.scales,
+                               half_width=cfg.kernel_half_width)
+    h = basis.half_width
+    fwhm = 2.3548 * sig_broad
+    stamp_half = cfg.stamp_half or int(max(math.ceil(3 * fwhm), 8))
+    any_bad = conv_bad | tgt_bad
+    if stars is None:
+        sx, sy = _pm.select_kernel_stars(conv_img, conv_var, any_bad, psf_sigma=sig_sharp,
+                                         stamp_radius=stamp_half + h, n_cells=cfg.n_cells, per_cell=cfg.per_cell,
+                                         min_snr=cfg.min_snr, other=tgt_img, other_variance=tgt_var,
+                                         other_bad=any_bad)
+    else:
+        sx, sy = (np.asarray(a, dtype=float) for a in stars)
+    # Weights: the target's variance plus the (unconvolved) variance of the other image
+    # scaled by the flux ratio, estimated from the candidate stars' summed fluxes.
+    ratio = _flux_ratio(conv_img, tgt_img, sx, sy, stamp_half)
+    wvar = tgt_var + ratio**2 * conv_var
+    stamps = _pm.build_stamps(conv_img, tgt_img, np.where(wvar > 0, wvar, np.inf), any_bad, sx, sy, basis,
+                              stamp_half, cfg.background_order, shape=det_shape, xy0=(x0, y0))
+    try:
+        kern = _pm.fit_matching_kernel(stamps, basis, spatial_order=cfg.spatial_order,
+                                       background_order=cfg.background_order, shape=det_shape,
+                                       clip_sigma=cfg.clip_sigma, constant_sum=cfg.constant_sum)
+    except ValueError as e:
+        raise AlgorithmError(f"PSF-matching kernel fit failed: {e} ({len(sx)} candidate stars)") from e
+    ksum = float(kern.kernel_sum(cx, cy))
+    if not (np.isfinite(ksum) and ksum > 0):
+        raise AlgorithmError(f"PSF-matching kernel has a non-positive sum {ksum}; the template may not match")
+
+    chunk = int(cfg.chunk)
+    c_img, c_var, c_msk = convolve_exposure_arrays(conv_img, conv_var, conv_mask, kern, xy0=(x0, y0),
+                                                   spread_bits=_masks.bits(*[n for n in _SPREAD if n in planes],
+                                                                           planes=planes), chunk=chunk)
+    yy = da.arange(ny, chunks=chunk)[:, None] + y0
+    xx = da.arange(nx, chunks=chunk)[None, :] + x0
+    uu, vv = (2.0 * xx / max(det_shape[1] - 1, 1) - 1.0), (2.0 * yy / max(det_shape[0] - 1, 1) - 1.0)
+    bg = sum(float(c) * uu**i * vv**j for c, (i, j) in zip(kern.background, _conv.poly_exponents(kern.background_order)))
+    tg_img = da.from_array(tgt_img, chunks=chunk)
+    tg_var = da.from_array(tgt_var, chunks=chunk)
+    tg_msk = da.from_array(tgt_mask, chunks=chunk)
+    if mode == "convolve_template":
+        diff = tg_img - c_img - bg
+        dvar = tg_var + c_var
+        scale = None
+    else:
+        # K (x) S ~ T - bg: express the difference in science units by the local kernel sum.
+        ksum_map = sum(float(c) * uu**i * vv**j for c, (i, j) in zip(kern.coeffs[0], _conv.poly_exponents(kern.spatial_order)))
+        diff = (c_img + bg - tg_img) / ksum_map
+        dvar = (c_var + tg_var) / ksum_map**2
+        scale = ksum_map
+    dmask = (c_msk | tg_msk).astype(np.uint32)
+    det_bits = _masks.bits(*[n for n in ("DETECTED", "DETECTED_NEGATIVE") if n in planes], planes=planes)
+    dmask = dmask & np.uint32(~det_bits & 0xFFFFFFFF)
+    # Border pixels whose convolution reached outside the image.
+    edge = np.zeros((ny, nx), bool)
+    edge[:h] = edge[-h:] = True
+    edge[:, :h] = edge[:, -h:] = True
+    dmask = dmask | da.from_array(np.where(edge, np.uint32(nodata), np.uint32(0)), chunks=chunk)
+    center_kernel = kern.kernel_at(cx, cy)
+    diff_psf_extra = np.zeros((1, 1)) + 1.0
+    summary = {
+        "mode": mode,
+        "kernel_size": int(basis.size),
+        "kernel_half_width": int(h),
+        "basis_sigmas": list(basis.sigmas),
+        "basis_degrees": list(basis.degrees),
+        "psf_sigma_science": sig_s,
+        "psf_sigma_template": sig_t,
+        "kernel_sum": ksum,
+        "n_kernel_candidates": int(len(sx)),
+        "background_center": float(kern.background_at(cx, cy)),
+        **{k: v for k, v in kern.stats.items() if k not in ("used", "chi2_history")},
+    }
+    if cfg.decorrelate:
+        # Mean variances in difference-image units over good pixels (LSST uses the means).
+        good = ~(s_bad | t_bad)
+        if mode == "convolve_template":
+            v_unconv = float(np.mean(s_var[good]))
+            v_conv = float(np.mean(t_var[good])) * ksum**2
+        else:
+            v_unconv = float(np.mean(t_var[good])) / ksum**2
+            v_conv = float(np.mean(s_var[good]))
+        phi = _pm.decorrelation_kernel(center_kernel, v_conv, v_unconv)
+        hp = phi.shape[0] // 2
+        diff_zero = da.where((dmask & np.uint32(nodata)) != 0, 0.0, diff)
+        diff = _convolve_plain(diff_zero.astype(np.float32), phi, chunk)
+        # Noise is now white with the variance of the unconvolved image plus the
+        # flux-scaled variance of the convolved one, pixel by pixel.
+        if mode == "convolve_template":
+            dvar = tg_var + da.from_array(conv_var, chunks=chunk) * ksum**2
+        else:
+            dvar = (da.from_array(conv_var, chunks=chunk) * scale**2 + tg_var) / scale**2
+        edge2 = np.zeros((ny, nx), bool)
+        e = h + _conv.kernel_support_radius(phi, 1e-3)
+        edge2[:e] = edge2[-e:] = True
+        edge2[:, :e] = edge2[:, -e:] = True
+        dmask = dmask | da.from_array(np.where(edge2, np.uint32(nodata), np.uint32(0)), chunks=chunk)
+        diff_psf_extra = phi
+        summary["decorrelation_half_width"] = int(hp)
+        summary["var_convolved"] = v_conv
+        summary["var_unconvolved"] = v_unconv
+    if mode == "convolve_template":
+        psf_extra = diff_psf_extra
+    else:
+        from scipy.signal import fftconvolve
+
+        kn = center_kernel / center_kernel.sum()
+        psf_extra = fftconvolve(kn, diff_psf_extra, mode="full") if diff_psf_extra.size > 1 else kn
+    diff_psf = _psf_convolved(sci.psf, psf_extra, (cx, cy)) if psf_extra.size > 1 else sci.psf
+    dmask = dmask.astype(np.uint32)
+    diff = da.where((dmask & np.uint32(nodata)) != 0, np.float32(0.0), diff).astype(np.float32)
+    dvar = dvar.astype(np.float32)
+    if not lazy:
+        import dask
+
+        diff, dvar, dmask = dask.compute(diff, dvar, dmask)
+        dmask = np.asarray(dmask, dtype=np.uint32)
+        good = ~((dmask & np.uint32(bad_bits)) != 0)
+        if good.any():
+            z = diff[good] / np.sqrt(np.where(dvar[good] > 0, dvar[good], np.inf))
+            med = float(np.median(z))
+            summary["residual_median_sigma"] = med
+            summary["residual_std_sigma"] = float(1.4826 * np.median(np.abs(z - med)))
+    meta = dict(sci.metadata)
+    meta["diffim"] = summary
+    diff_exp = sci._replace(image=diff, variance=dvar, mask=dmask, psf=diff_psf, metadata=meta)
+    return diff_exp, kern, summary
+
+
+# ============================================================================ DIA sources
+@dataclass(frozen=True)
+class DiaConfig:
+    """Options of :func:`detect_dia_sources`.
+
+    Attributes
+    ----------
+    nsigma : float
+        Detection threshold in units of the local (matched-filter) noise.
+    dipole_radius : float, PSF FWHM
+        Positive and negative detections closer than this merge into one dipole source.
+    edge_margin : int, pixels
+        Sources closer than this to NO_DATA/the border are flagged ``flag_edge``.
+    max_masked_fraction : float
+        Sources with more of their PSF weight on masked pixels are flagged.
+    """
+
+    nsigma: float = 5.0
+    dipole_radius: float = 1.5
+    edge_margin: int = 3
+    max_masked_fraction: float = 0.2
+    min_area: int = 3
+
+
+def _stamp_bad_fraction(mask, bits, ix, iy, psf_stamp):
+    ny, nx = mask.shape
+    s = psf_stamp.shape[0]
+    hh = s // 2
+    y0, y1 = iy - hh, iy + hh + 1
+    x0, x1 = ix - hh, ix + hh + 1
+    w = psf_stamp**2
+    tot = w.sum()
+    m = np.ones((s, s), bool)
+    yy0, yy1, xx0, xx1 = max(y0, 0), min(y1, ny), max(x0, 0), min(x1, nx)
+    if yy1 > yy0 and xx1 > xx0:
+        m[yy0 - y0 : yy1 - y0, xx0 - x0 : xx1 - x0] = (mask[yy0:yy1, xx0:xx1] & np.uint32(bits)) != 0
+    return float((w * m).sum() / tot) if tot > 0 else 1.0
+
+
+def _psf_fit(image, variance, mask, bits, psf, x, y, xy0):
+    """Linear PSF flux at (x, y) (array pixels); returns flux, err, chi2_dof, lost fraction."""
+    from procsky.kernels.measure import psf_flux
+
+    ix, iy = int(round(x)), int(round(y))
+    stamp = psf.render(x + xy0[0], y + xy0[1], offset=(x - ix, y - iy))
+    return psf_flux(image, variance, mask, ix, iy, np.ascontiguousarray(stamp, dtype=np.float64), True, int(bits))
+
+
+def _dipole_fit(image, variance, mask, bits, psf, xp, yp, xn, yn, xy0, half):
+    """Two PSFs of opposite sign fitted by least squares; returns dict of dipole parameters."""
+    from scipy.optimize import least_squares
+
+    ny, nx = image.shape
+    xc, yc = 0.5 * (xp + xn), 0.5 * (yp + yn)
+    ix0, ix1 = max(int(xc) - half, 0), min(int(xc) + half + 1, nx)
+    iy0, iy1 = max(int(yc) - half, 0), min(int(yc) + half + 1, ny)
+    img = image[iy0:iy1, ix0:ix1].astype(float)
+    var = variance[iy0:iy1, ix0:ix1].astype(float)
+    ok = ((mask[iy0:iy1, ix0:ix1] & np.uint32(bits)) == 0) & (var > 0)
+    if ok.sum() < 10:
+        return None
+    size = 2 * half + 1 + 2 * (psf.size // 2)
+    size += 1 - size % 2
+    w = np.where(ok, 1.0 / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
+    cxs, cys = xy0[0] + xc, xy0[1] + yc
+
+    def model_psf(x, y):
+        k = psf.render(cxs, cys, size=size, offset=(x - round(x), y - round(y)))
+        hk = size // 2
+        out = np.zeros_like(img)
+        ox, oy = int(round(x)) - hk - ix0, int(round(y)) - hk - iy0
+        sy0, sy1 = max(0, -oy), min(size, img.shape[0] - oy)
+        sx0, sx1 = max(0, -ox), min(size, img.shape[1] - ox)
+        if sy1 > sy0 and sx1 > sx0:
+            out[oy + sy0 : oy + sy1, ox + sx0 : ox + sx1] = k[sy0:sy1, sx0:sx1]
+        return out
+
+    def resid(p):
+        m = p[2] * model_psf(p[0], p[1]) - p[5] * model_psf(p[3], p[4])
+        return ((img - m) * w)[ok]
+
+    fp = max(float(img[ok].max()), 1.0) * 2 * np.pi * 4
+    p0 = np.array([xp, yp, fp, xn, yn, fp])
+    try:
+        res = least_squares(resid, p0, method="lm", max_nfev=200)
+    except Exception:  # noqa: BLE001 - the fit is optional, a failure only sets a flag
+        return None
+    chi2 = float(np.sum(res.fun**2) / max(ok.sum() - 6, 1))
+    return {"pos_x": res.x[0], "pos_y": res.x[1], "pos_flux": res.x[2], "neg_x": res.x[3], "neg_y": res.x[4],
+            "neg_flux": res.x[5], "chi2": chi2}
+
+
+def detect_dia_sources(diff, config: DiaConfig | None = None):
+    """Detect and measure sources on a difference image, both polarities.
+
+    Parameters
+    ----------
+    diff : procsky.exposure.Exposure
+        Difference image (decorrelated), with PSF, variance, mask and optionally WCS,
+        PhotoCalib and VisitInfo.
+    config : DiaConfig, optional
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per DIA source: ``dia_source_id`` (per image, from 0), ``x``, ``y`` (detector
+        pixels), ``ra``, ``dec`` (deg), ``psf_flux``, ``psf_flux_err`` (nJy when a PhotoCalib is
+        present, else counts), ``psf_chi2``, ``snr``, ``is_negative``, ``is_dipole``, dipole
+        fit columns, ``ixx``, ``iyy``, ``ixy`` (pixels^2), ``masked_fraction``, flags
+        ``flag_edge``, ``flag_masked``, ``flag_saturated_nearby``, ``flag_centroid``,
+        ``flag_shape``, ``flag_psf_flux`` and ``reliability`` in [0, 1].
+    mask : ndarray uint32
+        The mask with DETECTED / DETECTED_NEGATIVE set.
+    """
+    import pandas as pd
+
+    from procsky.kernels.detection import detect_sources
+    from procsky.kernels.measure import adaptive_moments, windowed_centroid
+
+    cfg = config or DiaConfig()
+    exp = diff.compute()
+    img = np.asarray(exp.image, dtype=np.float32)
+    var = np.asarray(exp.variance, dtype=np.float32)
+    mask = np.asarray(exp.mask, dtype=np.uint32).copy()
+    planes = exp.mask_planes
+    ny, nx = img.shape
+    x0, y0 = exp.xy0
+    psf = exp.psf
+    if psf is None:
+        raise ProcskyValueError("the difference image has no PSF; subtract_images sets one")
+    cx, cy = x0 + nx / 2, y0 + ny / 2
+    sigma = psf_sigma_at(psf, cx, cy)
+    fwhm = 2.3548 * sigma
+    nodata_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD") if n in planes], planes=planes)
+    fit_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD", "SAT", "CR") if n in planes], planes=planes)
+    masked_bits = _masks.bits(*[n for n in _NOT_USABLE if n in planes], planes=planes)
+    sat_bits = _masks.bits(*[n for n in ("SAT",) if n in planes], planes=planes)
+    dets = []
+    for pol in (1, -1):
+        res = detect_sources(img, var, mask, psf_sigma=sigma, nsigma=cfg.nsigma, polarity=pol, min_area=cfg.min_area,
+                             deblend=True, bad_bits=nodata_bits)
+        plane = "DETECTED" if pol == 1 else "DETECTED_NEGATIVE"
+        if plane in planes:
+            mask[res.detected] |= np.uint32(1 << planes[plane])
+        for i in range(len(res.x)):
+            dets.append((float(res.x[i]), float(res.y[i]), pol, float(res.peak_significance[i])))
+    # Pair positive and negative detections into dipoles (closest pairs first).
+    pos = [d for d in dets if d[2] == 1]
+    neg = [d for d in dets if d[2] == -1]
+    pairs = []
+    rmax = cfg.dipole_radius * fwhm
+    for i, p in enumerate(pos):
+        for j, q in enumerate(neg):
+            dd = math.hypot(p[0] - q[0], p[1] - q[1])
+            if dd <= rmax:
+                pairs.append((dd, i, j))
+    pairs.sort()
+    used_p, used_n = set(), set()
+    sources = []
+    for dd, i, j in pairs:
+        if i in used_p or j in used_n:
+            continue
+        used_p.add(i)
+        used_n.add(j)
+        sources.append(("dipole", pos[i], neg[j]))
+    sources += [("single", p, None) for i, p in enumerate(pos) if i not in used_p]
+    sources += [("single", q, None) for j, q in enumerate(neg) if j not in used_n]
+    sources.sort(key=lambda s: (s[1][1], s[1][0], s[1][2]))
+    rows = []
+    sgn_img = {1: img, -1: -img}
+    for kind, a, b in sources:
+        pol = a[2]
+        work = sgn_img[pol]
+        xc0, yc0 = a[0], a[1]
+        if kind == "dipole":
+            xc0, yc0 = 0.5 * (a[0] + b[0]), 0.5 * (a[1] + b[1])
+        xw, yw, ex, ey, _, cok = windowed_centroid(work, var, mask, a[0], a[1], sigma, 20, fit_bits)
+        if kind == "dipole":
+            xw, yw, cok = xc0, yc0, True
+        if not cok:
+            xw, yw = a[0], a[1]
+        f, fe, chi2, lost = _psf_fit(img, var, mask, fit_bits, psf, xw, yw, (x0, y0))
+        mxx, myy, mxy, mok = _moments(work, mask, xw, yw, sigma, fit_bits, adaptive_moments)
+        ix, iy = int(round(xw)), int(round(yw))
+        stamp = psf.render(xw + x0, yw + y0)
+        mfrac = _stamp_bad_fraction(mask, masked_bits, ix, iy, stamp)
+        near_sat = _stamp_bad_fraction(mask, sat_bits, ix, iy, np.ones((2 * int(2 * fwhm) + 1,) * 2)) > 0
+        edge = (
+            xw < cfg.edge_margin or yw < cfg.edge_margin or xw > nx - 1 - cfg.edge_margin or yw > ny - 1 - cfg.edge_margin
+            or _stamp_bad_fraction(mask, nodata_bits, ix, iy, np.ones((2 * cfg.edge_margin + 1,) * 2)) > 0
+        )
+        row = {
+            "x": xw + x0, "y": yw + y0, "x_err": ex, "y_err": ey,
+            "psf_flux": f, "psf_flux_err": fe, "psf_chi2": chi2,
+            "snr": f / fe if fe and np.isfinite(fe) and fe > 0 else np.nan,
+            "peak_significance": a[3] * pol,
+            "is_negative": bool(pol == -1 and kind != "dipole"),
+            "is_dipole": kind == "dipole",
+            "ixx": mxx, "iyy": myy, "ixy": mxy,
+            "masked_fraction": mfrac,
+            "flag_edge": bool(edge),
+            "flag_masked": bool(mfrac > cfg.max_masked_fraction),
+            "flag_saturated_nearby": bool(near_sat),
+            "flag_centroid": not bool(cok),
+            "flag_shape": not bool(mok),
+            "flag_psf_flux": not np.isfinite(f),
+        }
+        dip = None
+        if kind == "dipole":
+            dip = _dipole_fit(img, var, mask, fit_bits, psf, a[0], a[1], b[0], b[1], (x0, y0),
+                              int(math.ceil(2 * fwhm + 0.5 * math.hypot(a[0] - b[0], a[1] - b[1]))))
+        row.update({
+            "dipole_pos_flux": dip["pos_flux"] if dip else np.nan,
+            "dipole_neg_flux": dip["neg_flux"] if dip else np.nan,
+            "dipole_separation": (math.hypot(dip["pos_x"] - dip["neg_x"], dip["pos_y"] - dip["neg_y"]) if dip else np.nan),
+            "dipole_angle": (math.degrees(math.atan2(dip["pos_y"] - dip["neg_y"], dip["pos_x"] - dip["neg_x"]))
+                             if dip else np.nan),
+            "dipole_chi2": dip["chi2"] if dip else np.nan,
+            "flag_dipole_fit": bool(kind == "dipole" and dip is None),
+        })
+        # Reliability: penalise masked PSF weight and a PSF fit worse than the noise.
+        c = chi2 if np.isfinite(chi2) else 10.0
+        row["reliability"] = float(max(0.0, 1.0 - mfrac) / (1.0 + max(0.0, c - 1.0)))
+        rows.append(row)
+    cols = ["x", "y", "x_err", "y_err", "psf_flux", "psf_flux_err", "psf_chi2", "snr", "peak_significance",
+            "is_negative", "is_dipole", "ixx", "iyy", "ixy", "masked_fraction", "flag_edge", "flag_masked",
+            "flag_saturated_nearby", "flag_centroid", "flag_shape", "flag_psf_flux", "dipole_pos_flux",
+            "dipole_neg_flux", "dipole_separation", "dipole_angle", "dipole_chi2", "flag_dipole_fit", "reliability"]
+    df = pd.DataFrame(rows, columns=cols)
+    for c in cols:
+        if c.startswith("flag_") or c.startswith("is_"):
+            df[c] = df[c].astype(bool)
+        else:
+            df[c] = df[c].astype(np.float64)
+    df.insert(0, "dia_source_id", np.arange(len(df), dtype=np.int64))
+    _calibrate_and_locate(df, exp, ["psf_flux", "dipole_pos_flux", "dipole_neg_flux"], "psf_flux_err")
+    return df, mask
+
+
+def _moments(work, mask, x, y, sigma, bits, fn):
+    try:
+        out = fn(work, mask, x, y, sigma, 50, 1e-4, bits)
+    except Exception:  # noqa: BLE001 - per-source failures are flags
+        return np.nan, np.nan, np.nan, False
+    # adaptive_moments returns (ixx, iyy, ixy, ..., ok) - take the documented leading three and last flag.
+    vals = tuple(out)
+    return float(vals[0]), float(vals[1]), float(vals[2]), bool(vals[-1])
+
+
+def _calibrate_and_locate(df, exp, flux_cols, err_col):
+    x0, y0 = exp.xy0
+    if exp.photocalib is not None and len(df):
+        cal = exp.photocalib.calibration
+        for c in flux_cols:
+            df[c] = df[c] * cal
+        df[err_col] = df[err_col] * cal
+    unit = "nJy" if exp.photocalib is not None else "count"
+    df.attrs["flux_unit"] = unit
+    df.attrs["units"] = {**{c: unit for c in flux_cols + [err_col]}, "x": "pixel", "y": "pixel", "ra": "deg",
+                         "dec": "deg", "mjd": "d"}
+    if exp.wcs is not None and len(df):
+        ra, dec = exp.pixel_to_sky(df["x"].to_numpy() - x0, df["y"].to_numpy() - y0)
+        df["ra"] = np.asarray(ra, dtype=np.float64)
+        df["dec"] = np.asarray(dec, dtype=np.float64)
+    else:
+        df["ra"] = np.full(len(df), np.nan)
+        df["dec"] = np.full(len(df), np.nan)
+    vi = exp.visit_info
+    df["mjd"] = np.full(len(df), vi.mjd if vi is not None else np.nan, dtype=np.float64)
+    df["band"] = vi.band if vi is not None else ""
+    if vi is not None and vi.visit is not None:
+        df["visit"] = np.full(len(df), int(vi.visit), dtype=np.int64)
+    if exp.detector and "id" in exp.detector:
+        df["detector"] = np.full(len(df), int(exp.detector["id"]), dtype=np.int64)
+
+
+def forced_dia_photometry(diff, ra=None, dec=None, ids=None, *, x=None, y=None):
+    """PSF photometry at fixed positions on a difference image (light-curve points).
+
+    Parameters
+    ----------
+    diff : procsky.exposure.Exposure
+    ra, dec : array_like, deg
+        Positions (needs ``diff.wcs``); or give detector pixels ``x``, ``y``.
+    ids : array_like of int
+        DIA object ids, one per position.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``dia_object_id``, ``x``, ``y``, ``psf_flux``, ``psf_flux_err`` (nJy when calibrated),
+        ``psf_chi2``, ``masked_fraction``, ``flag_edge``, ``mjd``, ``band`` ...; positions
+        off the image are skipped.
+    """
+    import pandas as pd
+
+    exp = diff.compute()
+    img = np.asarray(exp.image, dtype=np.float32)
+    var = np.asarray(exp.variance, dtype=np.float32)
+    mask = np.asarray(exp.mask, dtype=np.uint32)
+    planes = exp.mask_planes
+    ny, nx = img.shape
+    x0, y0 = exp.xy0
+    if x is None:
+        if exp.wcs is None:
+            raise ProcskyValueError("forced photometry by sky position needs a WCS on the difference image")
+        px, py = exp.sky_to_pixel(np.asarray(ra, float), np.asarray(dec, float))
+    else:
+        px, py = np.asarray(x, float) - x0, np.asarray(y, float) - y0
+    ids = np.arange(len(px)) if ids is None else np.asarray(ids)
+    fit_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD", "SAT", "CR") if n in planes], planes=planes)
+    masked_bits = _masks.bits(*[n for n in _NOT_USABLE if n in planes], planes=planes)
+    nod = _masks.bits(*[n for n in ("NO_DATA",) if n in planes], planes=planes)
+    rows = []
+    for oid, xx, yy in zip(ids, np.atleast_1d(px), np.atleast_1d(py)):
+        if not (np.isfinite(xx) and np.isfinite(yy)) or xx < -0.5 or yy < -0.5 or xx > nx - 0.5 or yy > ny - 0.5:
+            continue
+        f, fe, chi2, lost = _psf_fit(img, var, mask, fit_bits, exp.psf, xx, yy, (x0, y0))
+        ix, iy = int(round(xx)), int(round(yy))
+        stamp = exp.psf.render(xx + x0, yy + y0)
+        mfrac = _stamp_bad_fraction(mask, masked_bits, ix, iy, stamp)
+        edge = _stamp_bad_fraction(mask, nod, ix, iy, np.ones((7, 7))) > 0
+        rows.append({"dia_object_id": int(oid), "x": xx + x0, "y": yy + y0, "psf_flux": f, "psf_flux_err": fe,
+                     "psf_chi2": chi2, "masked_fraction": mfrac, "flag_edge": bool(edge),
+                     "flag_psf_flux": not np.isfinite(f)})
+    cols = ["dia_object_id", "x", "y", "psf_flux", "psf_flux_err", "psf_chi2", "masked_fraction", "flag_edge",
+            "flag_psf_flux"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["dia_object_id"] = df["dia_object_id"].astype(np.int64)
+    for c in ("x", "y", "psf_flux", "psf_flux_err", "psf_chi2", "masked_fraction"):
+        df[c] = df[c].astype(np.float64)
+    for c in ("flag_edge", "flag_psf_flux"):
+        df[c] = df[c].astype(bool)
+    _calibrate_and_locate(df, exp, ["psf_flux"], "psf_flux_err")
+    return df
+
+
+# ============================================================================ synthetic data
+def _render_star(img, x, y, flux, sigma_fn, beta, half):
+    ny, nx = img.shape
+    ix, iy = int(round(x)), int(round(y))
+    x0, x1 = max(ix - half, 0), min(ix + half + 1, nx)
+    y0, y1 = max(iy - half, 0), min(iy + half + 1, ny)
+    if x1 <= x0 or y1 <= y0:
+        return
+    o = 3
+    sub = (np.arange(o) + 0.5) / o - 0.5
+    gx = (np.arange(x0, x1)[:, None] + sub[None, :]).ravel() - x
+    gy = (np.arange(y0, y1)[:, None] + sub[None, :]).ravel() - y
+    sx, sy, rho = sigma_fn(x, y)
+    X, Y = np.meshgrid(gx, gy)
+    q = (X / sx) ** 2 + (Y / sy) ** 2 - 2 * rho * X * Y / (sx * sy)
+    q /= 1 - rho**2
+    if beta is None:
+        prof = np.exp(-0.5 * q) / (2 * np.pi * sx * sy * math.sqrt(1 - rho**2))
+    else:
+        # Moffat with the same second moments scale: alpha chosen so FWHM matches the Gaussian.
+        a2 = 1.0 / (2 ** (1 / beta) - 1) * (2.3548**2 / 4)
+        prof = (beta - 1) / (np.pi * a2 * sx * sy * math.sqrt(1 - rho**2)) * (1 + q / a2) ** (-beta)
+    prof = prof.reshape(y1 - y0, o, x1 - x0, o).mean(axis=(1, 3))
+    img[y0:y1, x0:x1] += flux * prof
+
+
+def simulate_pair(shape=(512, 512), *, n_stars=300, seeing_science=(2.2, 2.2), seeing_template=1.6, ellip_science=0.0,
+                  moffat_beta=None, sky=200.0, template_depth=4.0, flux_scale=1.0, n_transients=0,
+                  transient_flux=(3000.0, 20000.0), variable_delta=None, seed=1, star_flux=(500.0, 2e5),
+                  background_offset=0.0, noise_seed=None, wcs=None):
+    """A synthetic science/template pair on the same pixel grid (tests and benchmarks).
+
+    Parameters
+    ----------
+    shape : (int, int)
+    n_stars : int
+        Static stars (log-uniform fluxes in ``star_flux``, counts of the science image).
+    seeing_science : (float, float), pixels
+        Gaussian-equivalent PSF sigma of the science image at x = 0 and x = nx (linear
+        variation across the detector).
+    seeing_template : float, pixels
+        Template PSF sigma (constant).
+    ellip_science : float
+        Correlation coefficient of the science PSF (elliptical Gaussian/Moffat).
+    moffat_beta : float or None
+        Moffat profiles with this beta instead of Gaussians.
+    sky : float, counts
+        Sky level of the science image (Poisson noise; the sky itself is subtracted).
+    template_depth : float
+        The template noise variance is the science one divided by this (a deep coadd).
+    flux_scale : float
+        Template counts = science counts * flux_scale.
+    n_transients : int
+        Point sources present only in the science image.
+    transient_flux : (float, float), counts
+    variable_delta : float or None, counts
+        If given, star 0 is made a variable with this flux change in the science image.
+    seed : int
+    background_offset : float, counts
+        Constant added to the science image (differential background).
+    noise_seed : int, optional
+        Seed of the noise only (same scene, new noise: several epochs); default ``seed``.
+    wcs : astropy.wcs.WCS, optional
+        Attached to both exposures.
+
+    Returns
+    -------
+    science, template : procsky.exposure.Exposure
+    truth : dict
+        ``stars`` (x, y, flux), ``transients`` (x, y, flux), ``noise`` per image.
+    """
+    from procsky.exposure import Exposure
+    from procsky.psf import ImagePsf, PolynomialImagePsf
+
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    margin = 10
+    xs = rng.uniform(margin, nx - margin, n_stars)
+    ys = rng.uniform(margin, ny - margin, n_stars)
+    fl = np.exp(rng.uniform(np.log(star_flux[0]), np.log(star_flux[1]), n_stars))
+    tx = rng.uniform(40, nx - 40, n_transients)
+    ty = rng.uniform(40, ny - 40, n_transients)
+    tf = rng.uniform(transient_flux[0], transient_flux[1], n_transients)
+
+    def sig_sci(x, y):
+        s = seeing_science[0] + (seeing_science[1] - seeing_science[0]) * x / max(nx - 1, 1)
+        return s, s, ellip_science
+
+    def sig_tpl(x, y):
+        return seeing_template, seeing_template, 0.0
+
+    half = int(math.ceil(8 * max(max(seeing_science), seeing_template))) + (20 if moffat_beta else 0)
+    sci = np.zeros(shape)
+    tpl = np.zeros(shape)
+    for i in range(n_stars):
+        f = fl[i]
+        fs = f + (variable_delta if (variable_delta is not None and i == 0) else 0.0)
+        _render_star(sci, xs[i], ys[i], fs, sig_sci, moffat_beta, half)
+        _render_star(tpl, xs[i], ys[i], f * flux_scale, sig_tpl, moffat_beta, half)
+    for i in range(n_transients):
+        _render_star(sci, tx[i], ty[i], tf[i], sig_sci, moffat_beta, half)
+    read = 5.0
+    s_var = sky + read**2 + np.maximum(sci, 0)
+    t_var = (sky + read**2 + np.maximum(tpl / flux_scale, 0)) / template_depth * flux_scale**2
+    rng_s = np.random.default_rng([seed, 0 if noise_seed is None else noise_seed + 1])
+    rng_t = np.random.default_rng([seed, 2**31])  # the template's noise is the same for every epoch
+    sci_n = sci + rng_s.normal(size=shape) * np.sqrt(s_var) + background_offset
+    tpl_n = tpl + rng_t.normal(size=shape) * np.sqrt(t_var)
+
+    def psf_model(sfn, x, y):
+        k = np.zeros((41, 41))
+        _render_star(k, 20 + (x - round(x)) * 0, 20, 1.0, lambda *_: sfn(x, y), moffat_beta, 20)
+        return k
+
+    if seeing_science[0] == seeing_science[1]:
+        s_psf = ImagePsf(psf_model(sig_sci, 0, 0))
+    else:
+        # Linear-in-x PSF: PolynomialImagePsf of order 1 from the kernels at both edges.
+        k0 = psf_model(sig_sci, 0, ny / 2)
+        k1 = psf_model(sig_sci, nx - 1, ny / 2)
+        coeffs = np.array([(k0 + k1) / 2, (k1 - k0) / 2, np.zeros_like(k0)])
+        s_psf = PolynomialImagePsf(coeffs, 1, (nx - 1) / 2, (ny - 1) / 2, (nx - 1) / 2, (ny - 1) / 2)
+    t_psf = ImagePsf(psf_model(sig_tpl, 0, 0))
+    science = Exposure(sci_n.astype(np.float32), s_var.astype(np.float32), psf=s_psf, wcs=wcs)
+    template = Exposure(tpl_n.astype(np.float32), t_var.astype(np.float32), psf=t_psf, wcs=wcs)
+    truth = {
+        "stars": {"x": xs, "y": ys, "flux": fl},
+        "transients": {"x": tx, "y": ty, "flux": tf},
+        "science_sigma": sig_sci,
+    }
+    return science, template, truth

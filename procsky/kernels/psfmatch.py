@@ -1,0 +1,703 @@
+"""PSF matching after Alard & Lupton (1998) and Alard (2000), on numpy arrays.
+
+The matching kernel is a linear combination of basis functions,
+``K(q; x, y) = sum_k a_k(x, y) B_k(q)``, with
+
+* **basis** ``B_k``: Gaussians of a few widths times polynomials in the kernel
+  coordinates, ``exp(-(u^2 + v^2) / 2 s_n^2) (u/s_n)^i (v/s_n)^j`` with ``i + j <= d_n``
+  (Alard & Lupton 1998, eq. 2; HOTPANTS defaults: 3 Gaussians, degrees 6/4/2). The widths
+  scale with the width of the matching kernel ``sqrt(s_broad^2 - s_sharp^2)``.
+  **Normalisation** (LSST ``ip_diffim`` "renormalize"): ``B_0`` has unit sum and every other
+  basis has its sum removed, ``B_k -> B_k - sum(B_k) B_0``, so only ``a_0`` carries flux and
+  the photometric ratio is one coefficient.
+* **spatial variation** ``a_k(x, y) = sum_l c_kl P_l(u, v)`` with ``P_l`` polynomials of
+  the normalised detector position (Alard 2000), and a **differential background**
+  ``b(x, y) = sum_m d_m Q_m(u, v)`` fitted simultaneously.
+* **fit** on stamps around bright stars spread over the detector: per stamp, the
+  convolutions ``C_k = conv(T, B_k)`` (separable, so 2 1-D passes per basis) and the
+  normal-equation blocks ``[C; Q] W [C; Q]^T``; each stamp is first fitted alone (constant
+  kernel) and outliers in chi^2 and kernel sum rejected; the global spatial system is then
+  assembled exactly from the per-stamp blocks (``P_l`` is constant over a stamp, so the
+  global matrix is a sum of Kronecker products) and solved; stamps whose residual under the
+  global solution is an outlier are rejected and the system re-solved.
+* **noise decorrelation** (Kaiser 2004; Reiss & Lupton 2016; LSST
+  ``DecorrelateALKernelTask``): the difference ``S - K (x) T`` has noise power
+  ``s2 + t2 |K(f)|^2``; convolving it with ``phi(f) = sqrt((s2 + t2) / (s2 + t2 |K(f)|^2))``
+  makes the noise white again.
+
+Conventions: kernels are true convolution kernels (see :mod:`procsky.kernels.convolve`),
+odd size ``2 h + 1``; positions are detector pixels; spatial polynomials use
+:func:`procsky.kernels.convolve.normalized_coords` over the detector shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from .convolve import convolve_separable_valid, normalized_coords, poly_exponents, poly_terms_2d
+
+__all__ = [
+    "KernelBasis",
+    "make_basis",
+    "basis_for_psfs",
+    "basis_stamp_convolutions",
+    "MatchingKernel",
+    "StampData",
+    "build_stamps",
+    "fit_matching_kernel",
+    "select_kernel_stars",
+    "decorrelation_kernel",
+]
+
+
+# ------------------------------------------------------------------------------ basis
+@dataclass(frozen=True)
+class KernelBasis:
+    """Gaussian-times-polynomial basis of a matching kernel.
+
+    Attributes
+    ----------
+    half_width : int, pixels
+        Kernel images are ``2 h + 1`` square.
+    sigmas : tuple of float, pixels
+        Gaussian widths.
+    degrees : tuple of int
+        Polynomial degree of each Gaussian.
+    fx, fy : ndarray (n_basis, 2h + 1)
+        1-D factors: raw basis ``k`` is ``fy[k][:, None] * fx[k][None, :]``, scaled to unit
+        L2 norm.
+    sums : ndarray (n_basis,)
+        Sums of the raw (scaled) bases; the normalised basis is
+        ``B'_0 = B_0 / sums[0]``, ``B'_k = B_k - sums[k] B'_0``.
+    """
+
+    half_width: int
+    sigmas: tuple
+    degrees: tuple
+    fx: np.ndarray = field(repr=False)
+    fy: np.ndarray = field(repr=False)
+    sums: np.ndarray = field(repr=False)
+
+    @property
+    def n_basis(self) -> int:
+        return self.fx.shape[0]
+
+    @property
+    def size(self) -> int:
+        return 2 * self.half_width + 1
+
+    def images(self) -> np.ndarray:
+        """Normalised basis images ``(n_basis, 2h + 1, 2h + 1)`` (only the first has non-zero sum)."""
+        raw = self.fy[:, :, None] * self.fx[:, None, :]
+        out = np.empty_like(raw)
+        out[0] = raw[0] / self.sums[0]
+        for k in range(1, self.n_basis):
+            out[k] = raw[k] - self.sums[k] * out[0]
+        return out
+
+    def to_dict(self) -> dict:
+        return {"half_width": self.half_width, "sigmas": list(self.sigmas), "degrees": list(self.degrees)}
+
+    @classmethod
+    def from_dict(cls, d) -> "KernelBasis":
+        return make_basis(d["sigmas"], d["degrees"], d["half_width"])
+
+
+def make_basis(sigmas, degrees, half_width: int) -> KernelBasis:
+    """Build the Alard-Lupton basis.
+
+    Parameters
+    ----------
+    sigmas : sequence of float, pixels
+        Widths of the Gaussians (first = narrowest carries the flux term).
+    degrees : sequence of int
+        Polynomial degree for each Gaussian.
+    half_width : int, pixels
+        Kernel half-width ``h``.
+
+    Returns
+    -------
+    KernelBasis
+    """
+    sigmas = tuple(float(s) for s in sigmas)
+    degrees = tuple(int(d) for d in degrees)
+    if len(sigmas) != len(degrees) or not sigmas:
+        raise ValueError(f"need one degree per Gaussian sigma, got sigmas={sigmas} degrees={degrees}")
+    if any(s <= 0 for s in sigmas) or any(d < 0 for d in degrees):
+        raise ValueError(f"basis sigmas must be > 0 pixels and degrees >= 0, got {sigmas}, {degrees}")
+    h = int(half_width)
+    if h < 1:
+        raise ValueError(f"kernel half-width must be >= 1 pixel, got {half_width}")
+    q = np.arange(-h, h + 1, dtype=np.float64)
+    fx, fy = [], []
+    for s, d in zip(sigmas, degrees):
+        g = np.exp(-0.5 * (q / s) ** 2)
+        for i, j in poly_exponents(d):
+            ax = g * (q / s) ** i
+            ay = g * (q / s) ** j
+            norm = math.sqrt(np.sum(ax**2) * np.sum(ay**2))
+            fx.append(ax / math.sqrt(norm))
+            fy.append(ay / math.sqrt(norm))
+    fx = np.array(fx)
+    fy = np.array(fy)
+    sums = fx.sum(axis=1) * fy.sum(axis=1)
+    if not sums[0] > 0:
+        raise ValueError("the first basis function must have a positive sum (degree-0 Gaussian first)")
+    return KernelBasis(h, sigmas, degrees, fx, fy, sums)
+
+
+def basis_for_psfs(sigma_sharp, sigma_broad, *, degrees=(6, 4, 2), scales=(0.5, 1.0, 2.0), min_sigma=0.5,
+                   half_width=None, half_width_range=(4, 30)) -> KernelBasis:
+    """Basis scaled to the PSF widths of the two images.
+
+    Parameters
+    ----------
+    sigma_sharp, sigma_broad : float, pixels
+        Gaussian-equivalent PSF sigma of the image to convolve and of the target.
+    degrees : sequence of int
+        Polynomial degree of each Gaussian.
+    scales : sequence of float
+        Gaussian widths in units of the matching sigma ``sqrt(broad^2 - sharp^2)``.
+    min_sigma : float, pixels
+        Floor of the matching sigma (nearly equal PSFs still need a finite basis).
+    half_width : int, optional
+        Kernel half-width; default ``ceil(3 * largest basis sigma)`` within ``half_width_range``.
+
+    Returns
+    -------
+    KernelBasis
+    """
+    s2 = max(sigma_broad**2 - sigma_sharp**2, 0.0)
+    sm = max(math.sqrt(s2), min_sigma)
+    sigmas = [max(sm * f, 0.3) for f in scales]
+    if half_width is None:
+        lo, hi = half_width_range
+        # Degree-d polynomials push the basis out to ~sqrt(d) sigma; 3 sigma of the widest
+        # Gaussian plus one PSF sigma keeps the wings of the matched PSF.
+        half_width = int(min(max(math.ceil(3.0 * max(sigmas) + 0.5 * sigma_broad), lo), hi))
+    return make_basis(sigmas, degrees, half_width)
+
+
+def basis_stamp_convolutions(block, basis: KernelBasis) -> np.ndarray:
+    """Convolutions of a padded block with every normalised basis function.
+
+    Parameters
+    ----------
+    block : ndarray (ny + 2h, nx + 2h) float
+    basis : KernelBasis
+
+    Returns
+    -------
+    ndarray (n_basis, ny, nx) float64
+    """
+    b = np.ascontiguousarray(block, dtype=np.float64)
+    # Bases of one Gaussian with the same x power share their x factor: one x pass each.
+    ux, xidx = np.unique(np.round(basis.fx, 12), axis=0, return_inverse=True)
+    raw = _separable_bank(b, np.ascontiguousarray(ux), np.ascontiguousarray(basis.fy), xidx.astype(np.int64).ravel())
+    out = np.empty_like(raw)
+    out[0] = raw[0] / basis.sums[0]
+    for k in range(1, basis.n_basis):
+        out[k] = raw[k] - basis.sums[k] * out[0]
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _separable_bank(block, fxu, fy, xidx):
+    """Valid convolutions with ``fy[k] x fxu[xidx[k]]`` for every k (x passes shared)."""
+    nu, k = fxu.shape
+    nb = fy.shape[0]
+    h = k // 2
+    NY = block.shape[0]
+    ny = NY - 2 * h
+    nx = block.shape[1] - 2 * h
+    tmp = np.zeros((nu, NY, nx))
+    for q in range(nu):
+        for y in range(NY):
+            for x in range(nx):
+                acc = 0.0
+                for i in range(k):
+                    acc += fxu[q, i] * block[y, x + 2 * h - i]
+                tmp[q, y, x] = acc
+    out = np.zeros((nb, ny, nx))
+    for b in range(nb):
+        t = tmp[xidx[b]]
+        for y in range(ny):
+            for j in range(k):
+                w = fy[b, j]
+                if w == 0.0:
+                    continue
+                for x in range(nx):
+                    out[b, y, x] += w * t[y + 2 * h - j, x]
+    return out
+
+
+# ---------------------------------------------------------------------- solution
+@dataclass
+class MatchingKernel:
+    """A fitted spatially varying matching kernel and differential background.
+
+    Attributes
+    ----------
+    basis : KernelBasis
+    coeffs : ndarray (n_basis, n_spatial)
+        ``c_kl``; kernel coefficient ``a_k(x, y) = sum_l c_kl P_l(u, v)``.
+    spatial_order : int
+    background : ndarray (n_bg,)
+        Differential background polynomial coefficients (counts of the target image).
+    background_order : int
+    shape : (int, int)
+        Detector shape (ny, nx) normalising positions.
+    stats : dict
+        Fit statistics (stamps used/rejected, residual chi^2 ...).
+    """
+
+    basis: KernelBasis
+    coeffs: np.ndarray
+    spatial_order: int
+    background: np.ndarray
+    background_order: int
+    shape: tuple
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def half_width(self) -> int:
+        return self.basis.half_width
+
+    def spatial_kernels(self) -> np.ndarray:
+        """Kernel image of each spatial term ``(n_spatial, 2h + 1, 2h + 1)``."""
+        return np.tensordot(self.coeffs.T, self.basis.images(), axes=1)
+
+    def kernel_at(self, x: float, y: float) -> np.ndarray:
+        """The kernel image at detector pixel (x, y)."""
+        u, v = normalized_coords(x, y, self.shape)
+        p = poly_terms_2d(u, v, self.spatial_order)
+        return np.tensordot(self.coeffs @ p, self.basis.images(), axes=1)
+
+    def kernel_sum(self, x, y):
+        """Photometric scaling (kernel sum) at detector positions (x, y)."""
+        u, v = normalized_coords(x, y, self.shape)
+        p = poly_terms_2d(u, v, self.spatial_order)
+        return np.tensordot(self.coeffs[0], p, axes=1)
+
+    def background_at(self, x, y):
+        """Differential background at detector positions (x, y), counts."""
+        u, v = normalized_coords(x, y, self.shape)
+        return np.tensordot(self.background, poly_terms_2d(u, v, self.background_order), axes=1)
+
+    def to_dict(self) -> dict:
+        return {
+            "basis": self.basis.to_dict(),
+            "coeffs": self.coeffs.tolist(),
+            "spatial_order": self.spatial_order,
+            "background": self.background.tolist(),
+            "background_order": self.background_order,
+            "shape": list(self.shape),
+        }
+
+    @classmethod
+    def from_dict(cls, d) -> "MatchingKernel":
+        return cls(KernelBasis.from_dict(d["basis"]), np.array(d["coeffs"], float), int(d["spatial_order"]),
+                   np.array(d["background"], float), int(d["background_order"]), tuple(d["shape"]))
+
+
+@dataclass
+class StampData:
+    """Per-stamp normal-equation blocks of the kernel fit.
+
+    Attributes
+    ----------
+    x, y : ndarray (n,), pixels
+        Stamp centres (detector pixels).
+    M : ndarray (n, nb + nbg, nb + nbg)
+        ``D W D^T`` with ``D = [C_0 .. C_{nb-1}, Q_0 .. Q_{nbg-1}]`` over the stamp pixels.
+    b : ndarray (n, nb + nbg)
+        ``D W S``.
+    ss : ndarray (n,)
+        ``sum W S^2``.
+    npix : ndarray (n,)
+        Number of pixels with weight.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    M: np.ndarray
+    b: np.ndarray
+    ss: np.ndarray
+    npix: np.ndarray
+
+
+def build_stamps(to_convolve, target, variance, bad, xs, ys, basis: KernelBasis, stamp_half: int,
+                 background_order: int, shape=None, xy0=(0, 0)) -> StampData:
+    """Normal-equation blocks for stamps centred on (xs, ys).
+
+    Parameters
+    ----------
+    to_convolve : ndarray (ny, nx)
+        The image convolved by the kernel (template, or science when convolving it).
+    target : ndarray (ny, nx)
+        The image it is matched to.
+    variance : ndarray (ny, nx)
+        Per-pixel variance of the fit residual (counts^2 of ``target``).
+    bad : ndarray (ny, nx) bool
+        Pixels excluded from the fit; a stamp touching one (in either image, including
+        the kernel margin) is dropped.
+    xs, ys : array_like, pixels (array coordinates)
+        Stamp centres.
+    basis : KernelBasis
+    stamp_half : int, pixels
+        Stamps are ``2 stamp_half + 1`` square.
+    background_order : int
+    shape : (int, int), optional
+        Detector shape for the polynomial normalisation (default the array shape).
+    xy0 : (int, int)
+        Detector position of array pixel (0, 0).
+
+    Returns
+    -------
+    StampData
+        Stamps too close to an edge or touching bad pixels are skipped.
+    """
+    ny, nx = target.shape
+    shape = tuple(shape) if shape is not None else (ny, nx)
+    h = basis.half_width
+    r = stamp_half + h
+    nb = basis.n_basis
+    bexp = poly_exponents(background_order)
+    out = {k: [] for k in ("x", "y", "M", "b", "ss", "npix")}
+    for x, y in zip(np.asarray(xs), np.asarray(ys)):
+        ix, iy = int(round(x)), int(round(y))
+        if ix - r < 0 or iy - r < 0 or ix + r >= nx or iy + r >= ny:
+            continue
+        if bad[iy - r : iy + r + 1, ix - r : ix + r + 1].any():
+            continue
+        blk = to_convolve[iy - r : iy + r + 1, ix - r : ix + r + 1]
+        tgt = target[iy - stamp_half : iy + stamp_half + 1, ix - stamp_half : ix + stamp_half + 1].astype(np.float64)
+        var = variance[iy - stamp_half : iy + stamp_half + 1, ix - stamp_half : ix + stamp_half + 1].astype(np.float64)
+        if not (np.all(np.isfinite(blk)) and np.all(np.isfinite(tgt)) and np.all(var > 0)):
+            continue
+        C = basis_stamp_convolutions(blk, basis).reshape(nb, -1)
+        gy, gx = np.mgrid[iy - stamp_half : iy + stamp_half + 1, ix - stamp_half : ix + stamp_half + 1]
+        u, v = normalized_coords(gx.ravel() + xy0[0], gy.ravel() + xy0[1], shape)
+        Q = np.stack([u**i * v**j for i, j in bexp])
+        D = np.vstack([C, Q])
+        w = 1.0 / var.ravel()
+        s = tgt.ravel()
+        M, bb, ss = _normal_blocks(np.ascontiguousarray(D), w, s)
+        out["x"].append(ix + xy0[0])
+        out["y"].append(iy + xy0[1])
+        out["M"].append(M)
+        out["b"].append(bb)
+        out["ss"].append(ss)
+        out["npix"].append(s.size)
+    nt = nb + len(bexp)
+    if not out["x"]:
+        return StampData(np.zeros(0), np.zeros(0), np.zeros((0, nt, nt)), np.zeros((0, nt)), np.zeros(0), np.zeros(0))
+    return StampData(*(np.array(out[k], dtype=np.float64) for k in ("x", "y", "M", "b", "ss", "npix")))
+
+
+@numba.njit(nogil=True, cache=True)
+def _normal_blocks(D, w, s):
+    """``D W D^T``, ``D W s`` and ``s W s`` (numba: no BLAS threads inside dask workers)."""
+    nt, npix = D.shape
+    M = np.zeros((nt, nt))
+    b = np.zeros(nt)
+    ss = 0.0
+    Dw = np.empty(npix)
+    for a in range(nt):
+        for p in range(npix):
+            Dw[p] = D[a, p] * w[p]
+        for c in range(a, nt):
+            acc = 0.0
+            for p in range(npix):
+                acc += Dw[p] * D[c, p]
+            M[a, c] = acc
+            M[c, a] = acc
+        acc = 0.0
+        for p in range(npix):
+            acc += Dw[p] * s[p]
+        b[a] = acc
+    for p in range(npix):
+        ss += w[p] * s[p] * s[p]
+    return M, b, ss
+
+
+def _solve(A, b, ridge=1e-9):
+    d = np.diag(A).copy()
+    scale = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 1.0)
+    As = A * scale[:, None] * scale[None, :]
+    As[np.diag_indices_from(As)] += ridge
+    try:
+        z = np.linalg.solve(As, b * scale)
+    except np.linalg.LinAlgError:
+        z = np.linalg.lstsq(As, b * scale, rcond=None)[0]
+    return z * scale
+
+
+def _robust_outliers(values, nsigma):
+    v = np.asarray(values, float)
+    med = np.median(v)
+    mad = 1.4826 * np.median(np.abs(v - med))
+    if not mad > 0:
+        return np.zeros(v.size, bool)
+    return np.abs(v - med) > nsigma * mad
+
+
+def _min_stamps(order):
+    # Enough stamps that every spatial term is constrained a few times over.
+    return {0: 1, 1: 8, 2: 20, 3: 35}.get(order, 5 * (order + 1) * (order + 2) // 2)
+
+
+def fit_matching_kernel(stamps: StampData, basis: KernelBasis, *, spatial_order=2, background_order=1,
+                        shape, clip_sigma=3.0, max_iter=3, constant_sum=False, ridge=1e-9) -> MatchingKernel:
+    """Fit the spatially varying kernel and background to per-stamp normal equations.
+
+    Parameters
+    ----------
+    stamps : StampData
+        From :func:`build_stamps` (same basis and background order).
+    basis : KernelBasis
+    spatial_order : int
+        Order of the kernel-coefficient polynomials; lowered automatically when there are
+        too few stamps (recorded in ``stats['spatial_order_used']``).
+    background_order : int
+    shape : (int, int)
+        Detector shape.
+    clip_sigma : float
+        Outlier threshold (robust sigmas) on per-stamp chi^2 and kernel sum.
+    max_iter : int
+        Global reject-and-refit iterations.
+    constant_sum : bool
+        Hold the kernel sum (photometric ratio) constant over the detector.
+    ridge : float
+        Tikhonov term on the scaled normal matrix (conditioning only).
+
+    Returns
+    -------
+    MatchingKernel
+
+    Raises
+    ------
+    ValueError
+        Fewer than 3 usable stamps (the caller turns this into an AlgorithmError).
+    """
+    nb = basis.n_basis
+    nbg = len(poly_exponents(background_order))
+    n = len(stamps.x)
+    if n < 3:
+        raise ValueError(
+            f"only {n} usable kernel stamps (need >= 3); lower the star S/N threshold or the stamp size, "
+            "or check the template overlaps the science image"
+        )
+    # 1. Each stamp alone: constant kernel + constant background.
+    idx = list(range(nb)) + [nb]
+    chi_single = np.empty(n)
+    ksum_single = np.empty(n)
+    for s in range(n):
+        A = stamps.M[s][np.ix_(idx, idx)]
+        bb = stamps.b[s][idx]
+        th = _solve(A, bb, ridge)
+        chi_single[s] = (th @ A @ th - 2 * th @ bb + stamps.ss[s]) / max(stamps.npix[s] - len(idx), 1)
+        ksum_single[s] = th[0]
+    keep = ~(_robust_outliers(np.log(np.maximum(chi_single, 1e-30)), clip_sigma) & (chi_single > np.median(chi_single)))
+    keep &= ~_robust_outliers(ksum_single, clip_sigma)
+    if keep.sum() < 3:
+        keep[:] = True
+    order = int(spatial_order)
+    while order > 0 and keep.sum() < _min_stamps(order):
+        order -= 1
+    us, vs = normalized_coords(stamps.x, stamps.y, shape)
+    P = poly_terms_2d(us, vs, order).T  # (n, nsp)
+    nsp = P.shape[1]
+    free = np.ones((nb, nsp), bool)
+    if constant_sum:
+        free[0, 1:] = False
+    history = []
+    for it in range(max_iter + 1):
+        A = np.zeros((nb * nsp + nbg, nb * nsp + nbg))
+        bvec = np.zeros(nb * nsp + nbg)
+        for s in np.nonzero(keep)[0]:
+            M = stamps.M[s]
+            pp = np.outer(P[s], P[s])
+            A[: nb * nsp, : nb * nsp] += np.kron(M[:nb, :nb], pp)
+            cross = np.kron(M[:nb, nb:], P[s][:, None])
+            A[: nb * nsp, nb * nsp :] += cross
+            A[nb * nsp :, : nb * nsp] += cross.T
+            A[nb * nsp :, nb * nsp :] += M[nb:, nb:]
+            bvec[: nb * nsp] += np.kron(stamps.b[s][:nb], P[s])
+            bvec[nb * nsp :] += stamps.b[s][nb:]
+        use = np.concatenate([free.ravel(), np.ones(nbg, bool)])
+        theta = np.zeros(A.shape[0])
+        theta[use] = _solve(A[np.ix_(use, use)], bvec[use], ridge)
+        coeffs = theta[: nb * nsp].reshape(nb, nsp)
+        bg = theta[nb * nsp :]
+        # Residual chi^2 of every stamp (kept or not) under the global solution.
+        chi = np.empty(n)
+        for s in range(n):
+            th = np.concatenate([coeffs @ P[s], bg])
+            chi[s] = (th @ stamps.M[s] @ th - 2 * th @ stamps.b[s] + stamps.ss[s]) / max(stamps.npix[s], 1)
+        history.append(float(np.mean(chi[keep])))
+        if it == max_iter:
+            break
+        out = _robust_outliers(np.log(np.maximum(chi, 1e-30)), clip_sigma) & (chi > np.median(chi[keep]))
+        new_keep = keep & ~out
+        if new_keep.sum() < max(3, _min_stamps(order)) or np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    stats = {
+        "n_stamps": int(n),
+        "n_stamps_used": int(keep.sum()),
+        "spatial_order_used": int(order),
+        "stamp_chi2_mean": float(np.mean(chi[keep])),
+        "stamp_chi2_median": float(np.median(chi[keep])),
+        "chi2_history": history,
+        "used": keep.tolist(),
+    }
+    return MatchingKernel(basis, coeffs, order, bg, int(background_order), tuple(shape), stats)
+
+
+# --------------------------------------------------------------------- star selection
+def select_kernel_stars(image, variance, bad, *, psf_sigma, stamp_radius, n_cells=4, per_cell=8,
+                        min_snr=20.0, max_snr=np.inf, other=None, other_bad=None, other_variance=None):
+    """Bright, unsaturated stars spread over the detector for the kernel fit.
+
+    The Alard-Lupton model holds for any pixels, so neighbours inside a stamp do no harm;
+    what matters is that stamps avoid bad pixels, do not overlap much (candidates are
+    taken brightest first at a minimum spacing) and cover the detector (a grid of cells).
+
+    Parameters
+    ----------
+    image, variance : ndarray (ny, nx)
+        Background-subtracted image where stars are found (normally the sharper one).
+    bad : ndarray (ny, nx) bool
+        Unusable pixels (saturated, bad, no data); stamps touching them are refused.
+    psf_sigma : float, pixels
+        Detection filter width.
+    stamp_radius : int, pixels
+        Half-size of the stamp plus the kernel margin; a candidate needs no bad pixel
+        inside its box.
+    n_cells : int
+        The detector is cut in ``n_cells x n_cells`` cells ...
+    per_cell : int
+        ... and the brightest ``per_cell`` candidates of each are kept.
+    min_snr, max_snr : float
+        Peak significance range of candidates (matched-filter sigma).
+    other, other_variance, other_bad : ndarray, optional
+        The second image: candidates must have significance above ``min_snr / 3`` there
+        and no bad pixel either.
+
+    Returns
+    -------
+    x, y : ndarray (array pixels)
+        Candidate centres, brightest first within each cell.
+    """
+    from scipy.spatial import cKDTree
+
+    from .detection import detect_sources, significance_image
+
+    img = np.where(bad | ~np.isfinite(image), 0.0, image).astype(np.float32)
+    var = np.where(bad | ~np.isfinite(variance) | (variance <= 0), 0.0, variance).astype(np.float32)
+    det = detect_sources(img, var, psf_sigma=psf_sigma, nsigma=5.0, deblend=False, grow=0.0)
+    x, y, sig = det.x, det.y, det.peak_significance
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0)
+    ny, nx = image.shape
+    r = int(stamp_radius)
+    # Stamps need no isolation (the Alard-Lupton model holds for any pixels), but stamps
+    # should not overlap much: candidates are taken brightest first with a minimum spacing.
+    ok = (sig >= min_snr) & (sig <= max_snr)
+    ok &= (x >= r) & (y >= r) & (x < nx - r) & (y < ny - r)
+    if other is not None:
+        sig2 = significance_image(np.where(other_bad | ~np.isfinite(other), 0.0, other).astype(np.float32),
+                                  np.where(other_bad | ~np.isfinite(other_variance), 0.0, other_variance).astype(np.float32),
+                                  sigma=psf_sigma)
+    cand = np.nonzero(ok)[0]
+    good = []
+    for i in cand:
+        ix, iy = int(x[i]), int(y[i])
+        if bad[iy - r : iy + r + 1, ix - r : ix + r + 1].any():
+            continue
+        if other is not None:
+            if other_bad is not None and other_bad[iy - r : iy + r + 1, ix - r : ix + r + 1].any():
+                continue
+            if sig2[iy, ix] < min_snr / 3.0:
+                continue
+        good.append(i)
+    good = np.array(good, dtype=np.int64)
+    if good.size == 0:
+        return np.zeros(0), np.zeros(0)
+    good = good[np.argsort(-sig[good], kind="stable")]
+    tree = cKDTree(np.column_stack([x[good], y[good]]))
+    taken = np.zeros(good.size, bool)
+    blocked = np.zeros(good.size, bool)
+    spacing = max(r - int(math.ceil(2 * psf_sigma)), 1)
+    for n in range(good.size):
+        if blocked[n]:
+            continue
+        taken[n] = True
+        blocked[tree.query_ball_point([x[good[n]], y[good[n]]], r=float(spacing))] = True
+    good = good[taken]
+    cx = np.minimum((x[good] * n_cells / nx).astype(int), n_cells - 1)
+    cy = np.minimum((y[good] * n_cells / ny).astype(int), n_cells - 1)
+    cell = cy * n_cells + cx
+    chosen = []
+    for c in np.unique(cell):
+        members = good[cell == c]
+        members = members[np.argsort(-sig[members], kind="stable")]
+        chosen.extend(members[:per_cell].tolist())
+    chosen = np.array(chosen, dtype=np.int64)
+    return x[chosen].astype(float), y[chosen].astype(float)
+
+
+# ------------------------------------------------------------------- decorrelation
+def decorrelation_kernel(kernel, var_convolved, var_unconvolved, *, half_width=None, fft_size=None):
+    """Real-space noise decorrelation kernel (Kaiser 2004; Reiss & Lupton 2016).
+
+    For a difference ``D = A - kappa (x) B`` where ``B`` (mean variance ``var_convolved``,
+    in the units of ``A`` after scaling by the kernel sum) is convolved by the normalised
+    kernel ``kappa`` and ``A`` (mean variance ``var_unconvolved``) is not, the noise power is
+    ``var_unconvolved + var_convolved |kappa(f)|^2``; the kernel returned here,
+    ``phi(f) = sqrt((var_unconvolved + var_convolved) / (var_unconvolved + var_convolved |kappa(f)|^2))``,
+    whitens it back to ``var_unconvolved + var_convolved`` per pixel and has unit sum, so
+    fluxes are unchanged.
+
+    Parameters
+    ----------
+    kernel : ndarray (2h + 1, 2h + 1)
+        Matching kernel (any normalisation; it is normalised to unit sum here).
+    var_convolved, var_unconvolved : float, counts^2
+        Mean variances, both in the units of the difference image.
+    half_width : int, optional
+        Half-width of the returned kernel (default twice the matching-kernel half-width:
+        when the convolved image dominates the noise, ``phi`` has wide negative wings and
+        cropping it at the kernel size loses ~10% of the noise power).
+    fft_size : int, optional
+        Size of the Fourier grid (default a power of two >= 4 times the kernel size).
+
+    Returns
+    -------
+    ndarray (2 hw + 1, 2 hw + 1) float64, sum 1
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    s = k.sum()
+    if not (np.isfinite(s) and s != 0):
+        raise ValueError("matching kernel has zero or non-finite sum; cannot decorrelate")
+    kappa = k / s
+    h = k.shape[0] // 2
+    hw = 2 * h if half_width is None else int(half_width)
+    n = fft_size or int(2 ** math.ceil(math.log2(max(4 * k.shape[0], 4 * (2 * hw + 1)))))
+    pad = np.zeros((n, n))
+    pad[: k.shape[0], : k.shape[1]] = kappa
+    pad = np.roll(pad, (-h, -h), axis=(0, 1))  # kernel centre at the origin
+    kf2 = np.abs(np.fft.fft2(pad)) ** 2
+    a = float(var_unconvolved)
+    c = float(var_convolved)
+    if not (a >= 0 and c >= 0 and a + c > 0):
+        raise ValueError(f"variances must be >= 0 and not both zero, got {var_unconvolved}, {var_convolved}")
+    phif = np.sqrt((a + c) / (a + c * kf2))
+    phi = np.real(np.fft.ifft2(phif))
+    phi = np.roll(phi, (hw, hw), axis=(0, 1))[: 2 * hw + 1, : 2 * hw + 1]
+    return phi / phi.sum()

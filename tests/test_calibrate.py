@@ -1,0 +1,280 @@
+"""calibrate: single-frame calibration against the simulator's truth, errors, pipeline wiring.
+
+Fast tests use one detector of the ``tiny`` simulation (drawn once per module, a few
+seconds). ``-m slow`` adds the ``small`` recipe (2048 x 2048 detector: enough stars for
+the accuracy targets) and the raw -> ISR -> calibrate twin comparison.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from procsky import masks
+from procsky.errors import NoWorkError
+from procsky.exposure import Exposure
+from procsky.psf import SIGMA_TO_FWHM
+
+galsim = pytest.importorskip("galsim")
+sim = pytest.importorskip("procsky.sim")
+
+from procsky.refcat import read_refcat_file  # noqa: E402
+from procsky.tasks.calibrate import CalibrateTask, calibrate_exposure  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[2] / "shared/data/real/legacysurvey"
+
+
+def _draw(root: Path, recipe: str, mode: str, detectors, visits=(1,)):
+    out = root / f"{recipe}_{mode}"
+    sim.simulate(recipe, out, mode=mode, scheduler="sync", visits=list(visits), detectors=list(detectors),
+                 progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _draw(tmp_path_factory.mktemp("sim"), "tiny", "calibrated", [0])
+
+
+def _truth(d: Path, visit: int, det: int):
+    dets = pd.read_parquet(d / "truth/detectors.parquet")
+    tr = dets[(dets.visit == visit) & (dets.detector == det)].iloc[0]
+    ex = pd.read_parquet(d / "truth/exposures.parquet")
+    ex = ex[(ex.visit == visit) & (ex.detector == det)].copy()
+    obj = pd.read_parquet(d / "truth/objects.parquet").set_index("object_id")
+    ex = ex.join(obj[["kind", "ra", "dec"]], on="object_id")
+    var_sky = tr.sky_level / tr.gain + (tr.read_noise / tr.gain) ** 2
+    ex["snr"] = ex.counts / np.sqrt(4 * np.pi * tr.psf_sigma_px**2 * var_sky + ex.counts / tr.gain)
+    crs = pd.read_parquet(d / "truth/cosmic_rays.parquet")
+    crs = crs[(crs.visit == visit) & (crs.detector == det)]
+    return tr, ex, crs, var_sky
+
+
+def _metrics(d: Path, visit: int, det: int, calexp, src):
+    """Compare a calibrated detector with the simulator's truth."""
+    from scipy.spatial import cKDTree
+
+    tr, ex, crs, var_sky = _truth(d, visit, det)
+    tree = cKDTree(np.c_[src.x, src.y])
+    stars = ex.kind.to_numpy() == "star"
+    # stars within 2 px, galaxies (centroid of an extended profile) within 4 px
+    radius = np.where(stars, 2.0, 4.0)
+    dist, j = tree.query(np.c_[ex.x, ex.y])
+    found = dist <= radius
+    m = {}
+    sel = (ex.snr >= 10).to_numpy()
+    m["completeness_stars"] = float(found[sel & stars].mean())
+    m["completeness_all"] = float(found[sel].mean())
+    ttree = cKDTree(np.c_[ex.x, ex.y])
+    d2, _ = ttree.query(np.c_[src.x, src.y])
+    m["unmatched_fraction"] = float((d2 > 4.0).mean())
+    # bright isolated stars
+    nb = np.array([len(v) for v in ttree.query_ball_point(np.c_[ex.x, ex.y], 12.0)])
+    bright = found & stars & (ex.snr > 50).to_numpy() & (nb == 1)
+    s = src.iloc[j[bright]]
+    clean = ~(s.flag_saturated | s.flag_edge | s.flag_cr | s.flag_bad | s.flag_interpolated).to_numpy()
+    s = s[clean]
+    t = ex[bright][clean]
+    m["n_bright"] = int(len(s))
+    ratio = s.psf_flux.to_numpy() / t.flux.to_numpy()
+    m["psf_flux_bias"] = float(np.median(ratio - 1))
+    mid = (t.snr > 50).to_numpy() & (t.snr < 500).to_numpy()
+    pulls = (s.psf_flux.to_numpy() - t.flux.to_numpy()) / s.psf_flux_err.to_numpy()
+    m["pull_std_snr50_500"] = float(np.std(pulls[mid])) if mid.sum() > 3 else float("nan")
+    dra = (s.ra.to_numpy() - t.ra.to_numpy()) * np.cos(np.radians(t.dec.to_numpy())) * 3.6e6
+    ddec = (s.dec.to_numpy() - t.dec.to_numpy()) * 3.6e6
+    m["astro_median_mas"] = float(np.hypot(np.median(dra), np.median(ddec)))
+    m["astro_scatter_mas"] = float(np.sqrt(0.5 * (np.var(dra) + np.var(ddec))))
+    big = crs[crs.counts > 5 * np.sqrt(var_sky)]
+    crm = (np.asarray(calexp.mask) & masks.bit("CR")) != 0
+    m["cr_recovered"] = float(crm[big.y, big.x].mean()) if len(big) else 1.0
+    core = ex[stars & (ex.snr > 20).to_numpy()]
+    iy = np.clip(np.round(core.y).astype(int), 0, crm.shape[0] - 1)
+    ix = np.clip(np.round(core.x).astype(int), 0, crm.shape[1] - 1)
+    m["star_cores_flagged_cr"] = int(crm[iy, ix].sum())
+    m["true_gauss_fwhm_px"] = float(SIGMA_TO_FWHM * tr.psf_sigma_px)
+    m["true_magzero"] = float(tr.magzero)
+    m["true_sky"] = float(tr.sky_level)
+    return m
+
+
+def test_calibrate_tiny_against_truth(tiny):
+    exp = Exposure.read(tiny / "images/calexp-v000001-d000.fits")
+    ref = read_refcat_file(tiny / "refcat/refcat.parquet")
+    calexp, src, summary = calibrate_exposure(exp, [ref])
+    m = _metrics(tiny, 1, 0, calexp, src)
+    # tiny has ~6 reference stars and ~6 PSF stars per detector: targets loosened accordingly;
+    # the design targets are checked on `small` (slow test below)
+    assert summary["zero_point"] == pytest.approx(m["true_magzero"], abs=0.005)
+    assert summary["psf_fwhm_px"] == pytest.approx(m["true_gauss_fwhm_px"], rel=0.015)
+    assert summary["sky_level"] == pytest.approx(m["true_sky"], rel=0.01)
+    assert m["astro_median_mas"] < 5.0 and m["astro_scatter_mas"] < 10.0
+    assert abs(m["psf_flux_bias"]) < 0.01
+    assert m["completeness_stars"] >= 0.95 and m["completeness_all"] >= 0.9
+    assert m["cr_recovered"] >= 0.9 and m["star_cores_flagged_cr"] == 0
+    # products
+    assert summary["photometry_status"].startswith("fitted") and summary["astrometry_status"].startswith("fitted")
+    assert calexp.psf is not None and calexp.wcs is not None and calexp.wcs.sip is not None
+    assert calexp.photocalib.zero_point == pytest.approx(summary["zero_point"])
+    assert (np.asarray(calexp.mask) & masks.bit("DETECTED")).any()
+    assert abs(float(np.median(calexp.image))) < 0.5 * summary["sky_rms"]  # background subtracted
+    for col in ("id", "x", "y", "x_err", "y_err", "ra", "dec", "psf_flux", "psf_flux_err", "ap_flux_3",
+                "ap_flux_3_err", "ixx", "iyy", "ixy", "sky", "flag_edge", "flag_saturated", "calib_psf_used"):
+        assert col in src.columns, col
+    assert src["flag_edge"].dtype == bool and src["id"].is_unique
+    assert src.attrs["units"]["psf_flux"] == "nJy" and src.attrs["units"]["ra"] == "deg"
+    assert summary["n_sources"] == len(src) and summary["psf_n_stars"] >= 5
+
+
+def test_calibrate_without_refcat_keeps_header(tiny):
+    exp = Exposure.read(tiny / "images/calexp-v000001-d000.fits")
+    calexp, src, summary = calibrate_exposure(exp, None)
+    assert summary["zero_point"] == pytest.approx(exp.photocalib.zero_point)
+    assert "no reference catalogue" in summary["astrometry_status"]
+    assert "header zero point" in summary["photometry_status"]
+    assert calexp.wcs_cards == exp.wcs_cards
+    assert np.isfinite(src.psf_flux).sum() > 10
+
+
+def test_calibrate_no_work_on_tiny_or_empty_images(tiny):
+    exp = Exposure.read(tiny / "images/calexp-v000001-d000.fits").compute()
+    with pytest.raises(NoWorkError, match="usable pixels"):
+        calibrate_exposure(exp[0:60, 0:60], None)
+    dead = exp.copy()
+    dead.mask[...] = masks.bit("NO_DATA")
+    with pytest.raises(NoWorkError, match="usable pixels"):
+        calibrate_exposure(dead, None)
+
+
+def test_task_run_and_refcat_shards_in_quanta(tiny, tmp_path):
+    from procsky.instruments import ingest_files
+    from procsky.pipeline import run_pipeline
+    from procsky.refcat import ingest_refcat
+    from procsky.repo import Repo
+
+    repo = Repo.create(tmp_path / "repo")
+    ingest_files(repo, sorted(glob.glob(str(tiny / "images/*.fits"))), "simcam", run="simcam/raw")
+    ingest_refcat(repo, [tiny / "refcat/refcat.parquet"], "sim", healpix_level=9)
+    # a far-away catalogue must not be attached
+    far = read_refcat_file(tiny / "refcat/refcat.parquet")
+    far["ra"] = far["ra"] + 40.0
+    far.to_parquet(tmp_path / "far.parquet")
+    ingest_refcat(repo, [tmp_path / "far.parquet"], "sim", healpix_level=9, run="refcats/far")
+    yaml_text = "tasks:\n  - label: calibrate\n    task: calibrate_calexp\n"
+    (tmp_path / "p.yaml").write_text(yaml_text)
+    summary = run_pipeline(repo, str(tmp_path / "p.yaml"), output="cal")
+    assert summary.ok, str(summary)
+    src = repo.get("src", {"instrument": "simcam", "visit": 1, "detector": 0}, run="cal")
+    stats = repo.get("calibrate_summary", {"instrument": "simcam", "visit": 1, "detector": 0}, run="cal")
+    calexp = repo.get("calexp", {"instrument": "simcam", "visit": 1, "detector": 0}, run="cal")
+    assert len(src) == stats["n_sources"] and stats["photometry_status"].startswith("fitted")
+    assert calexp.psf is not None
+    # quanta: only shards near the boresight
+    from procsky.pipeline.graph import _existing, Where
+
+    cands = {"exposure": _existing(repo, "calexp", ["simcam/raw"], Where(None), "x"),
+             "refcat": _existing(repo, "refcat", None, Where(None), "x")}
+    specs = CalibrateTask().quanta(repo, cands, None)
+    assert len(specs) == 1
+    attached = specs[0].inputs["refcat"]
+    assert attached and all(d.run == "refcats/sim" for d in attached)
+    assert len(attached) < len(cands["refcat"])
+
+
+@pytest.mark.skipif(not REAL.exists(), reason="real Legacy Surveys cut-outs (../shared/data/real) not available")
+def test_real_decam_cutouts_process_or_no_work():
+    from procsky.errors import AlgorithmError
+    from procsky.instruments import get_instrument
+
+    files = sorted(glob.glob(str(REAL / "testcase3/images/**/*_ooi_*"), recursive=True))[:6]
+    gaia = [read_refcat_file(f) for f in sorted(glob.glob(str(REAL / "testcase3/gaia/*.fits")))]
+    inst = get_instrument("noirlab-cp")
+    outcomes = []
+    for f in files:
+        for item in inst.ingest_file(f):
+            try:
+                calibrate_exposure(item.obj, gaia)
+                outcomes.append("ok")
+            except NoWorkError as exc:
+                assert str(exc)
+                outcomes.append("no_work")
+            except AlgorithmError as exc:  # a documented failure, never a crash
+                assert str(exc)
+                outcomes.append("failed")
+    assert outcomes and set(outcomes) <= {"ok", "no_work", "failed"}
+
+
+@pytest.mark.slow
+def test_calibrate_small_meets_targets(tmp_path):
+    d = _draw(tmp_path, "small", "calibrated", [4])
+    exp = Exposure.read(d / "images/calexp-v000001-d004.fits")
+    calexp, src, summary = calibrate_exposure(exp, [read_refcat_file(d / "refcat/refcat.parquet")])
+    m = _metrics(d, 1, 4, calexp, src)
+    assert summary["zero_point"] == pytest.approx(m["true_magzero"], abs=0.003)
+    assert summary["psf_fwhm_px"] == pytest.approx(m["true_gauss_fwhm_px"], rel=0.01)
+    assert abs(summary["psf_reserved_dT_median"]) < 0.01
+    assert m["astro_median_mas"] <= 5.0 and m["astro_scatter_mas"] <= 10.0
+    assert abs(m["psf_flux_bias"]) < 0.005
+    assert m["completeness_stars"] >= 0.95
+    assert m["cr_recovered"] >= 0.95 and m["star_cores_flagged_cr"] == 0
+
+
+@pytest.mark.slow
+def test_raw_isr_calibrate_matches_calibrated_twin(tmp_path):
+    from scipy.spatial import cKDTree
+
+    from procsky.tasks.isr import run_isr
+
+    cal = _draw(tmp_path, "tiny", "calibrated", [1])
+    raw = _draw(tmp_path, "tiny", "raw", [1])
+    ref = [read_refcat_file(cal / "refcat/refcat.parquet")]
+    _, src_a, sum_a = calibrate_exposure(Exposure.read(cal / "images/calexp-v000001-d001.fits"), ref)
+    c = raw / "calibs"
+    isr = run_isr(Exposure.read(raw / "images/raw-v000001-d001.fits"), Exposure.read(c / "bias-d001.fits"),
+                  Exposure.read(c / "dark-d001.fits"), Exposure.read(c / "flat-g-d001.fits"))
+    _, src_b, sum_b = calibrate_exposure(isr, ref)
+    d, j = cKDTree(np.c_[src_b.x, src_b.y]).query(np.c_[src_a.x, src_a.y], distance_upper_bound=1.0)
+    ok = np.isfinite(d)
+    assert ok.mean() > 0.9
+    a, b = src_a[ok], src_b.iloc[j[ok]]
+    good = (a.psf_flux / a.psf_flux_err).to_numpy() > 10
+    # compare instrumental fluxes (ADU; ISR output is in electrons): the zero points are fitted
+    # independently on ~7 reference stars and are compared separately below
+    gain = isr.detector["gain"]
+    cal_a = 10 ** (-0.4 * (sum_a["zero_point"] - 31.4))
+    cal_b = 10 ** (-0.4 * (sum_b["zero_point"] - 31.4))
+    ca = a.psf_flux.to_numpy()[good] / cal_a
+    cb = b.psf_flux.to_numpy()[good] / cal_b / gain
+    err = a.psf_flux_err.to_numpy()[good] / cal_a
+    # the same photons: differences well inside the noise (ADC rounding + master-bias noise)
+    assert np.median(np.abs(cb - ca) / err) < 0.3
+    assert abs(np.median(cb / ca - 1)) < 0.01
+    dzp = sum_a["zero_point"] - (sum_b["zero_point"] - 2.5 * np.log10(gain))
+    assert abs(dzp) < 3 * np.hypot(sum_a["zero_point_err"], sum_b["zero_point_err"]) + 0.005
+
+
+def test_pipeline_isr_then_calibrate_on_raw(tmp_path):
+    from procsky.instruments import ingest_files
+    from procsky.pipeline import run_pipeline
+    from procsky.refcat import ingest_refcat
+    from procsky.repo import Repo
+
+    raw = _draw(tmp_path, "tiny", "raw", [0])
+    repo = Repo.create(tmp_path / "repo")
+    files = sorted(glob.glob(str(raw / "images/*.fits"))) + sorted(glob.glob(str(raw / "calibs/*-d000.fits")))
+    ingest_files(repo, files, "simcam", run="simcam/raw")
+    ingest_refcat(repo, [raw / "refcat/refcat.parquet"], "sim")
+    (tmp_path / "p.yaml").write_text("tasks:\n  - label: isr\n    task: isr\n  - label: calibrate\n    task: calibrate\n")
+    summary = run_pipeline(repo, str(tmp_path / "p.yaml"), output="proc")
+    assert summary.ok, str(summary)
+    did = {"instrument": "simcam", "visit": 1, "detector": 0}
+    isr = repo.get("isr_exposure", did, run="proc")
+    assert isr.metadata["isr"]["missing"] == [] and isr.shape == (512, 512)
+    stats = repo.get("calibrate_summary", did, run="proc")
+    tr = pd.read_parquet(raw / "truth/detectors.parquet").query("visit == 1 and detector == 0").iloc[0]
+    # ISR output is in electrons: zero point of one electron
+    assert stats["zero_point"] == pytest.approx(tr.magzero + 2.5 * np.log10(tr.gain), abs=0.01)

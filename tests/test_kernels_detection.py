@@ -1,0 +1,153 @@
+"""Tests of procsky.kernels.detection against scipy and truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from procsky.kernels.detection import (
+    convolve_2d,
+    convolve_separable,
+    detect_sources,
+    face_pairs,
+    gaussian_kernel_1d,
+    grow_mask,
+    label_chunked,
+    label_components,
+    merge_label_pairs,
+    significance_image,
+)
+from procsky.kernels.testing import make_star_field
+
+
+def _same_partition(a, b):
+    """Two label images describe the same components (up to renumbering)."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    m = a > 0
+    pairs = set(zip(a[m].tolist(), b[m].tolist()))
+    return len(pairs) == len(np.unique(a[m])) == len(np.unique(b[m]))
+
+
+@pytest.mark.parametrize("seed,density", [(0, 0.3), (1, 0.45), (2, 0.6)])
+def test_label_components_matches_scipy(seed, density):
+    rng = np.random.default_rng(seed)
+    m = rng.random((123, 97)) < density
+    lab, n = label_components(m)
+    ref, nref = ndimage.label(m, structure=np.ones((3, 3)))
+    assert n == nref
+    np.testing.assert_array_equal(lab, ref)
+
+
+@pytest.mark.parametrize("chunks", [(16, 16), (32, 20), (7, 50), (123, 10)])
+def test_label_chunked_merges_across_chunk_faces(chunks):
+    rng = np.random.default_rng(5)
+    m = ndimage.binary_dilation(rng.random((123, 97)) < 0.05, iterations=2)
+    lab, n = label_chunked(m, chunks)
+    ref, nref = ndimage.label(m, structure=np.ones((3, 3)))
+    assert n == nref
+    assert _same_partition(lab, ref)
+
+
+def test_diagonal_touch_across_corner_is_one_object():
+    m = np.zeros((8, 8), bool)
+    m[3, 3] = m[4, 4] = True  # diagonal neighbours straddling the corner of four 4x4 chunks
+    lab, n = label_chunked(m, (4, 4))
+    assert n == 1 and lab[3, 3] == lab[4, 4]
+
+
+def test_face_pairs_and_merge():
+    face = np.array([[1, 0, 2, 0, 0], [0, 3, 0, 0, 4]])
+    pairs = face_pairs(face)
+    assert {tuple(p) for p in pairs.tolist()} == {(1, 3), (2, 3)}
+    mapping, k = merge_label_pairs(pairs, 4)
+    assert k == 2
+    assert mapping[1] == mapping[2] == mapping[3] != mapping[4]
+
+
+def test_convolutions_match_scipy():
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(60, 70)).astype(np.float32)
+    g = gaussian_kernel_1d(1.7)
+    ref = ndimage.correlate(img.astype(float), np.outer(g, g), mode="constant")
+    np.testing.assert_allclose(convolve_separable(img, g, g), ref, atol=1e-5)
+    k = rng.random((5, 3))
+    ref2 = ndimage.correlate(img.astype(float), k, mode="constant")
+    np.testing.assert_allclose(convolve_2d(img, k), ref2, atol=1e-4)
+
+
+def test_significance_is_unit_normal_on_noise():
+    rng = np.random.default_rng(4)
+    var = np.full((400, 400), 25.0, np.float32)
+    var[:, 200:] = 100.0
+    img = rng.normal(size=var.shape).astype(np.float32) * np.sqrt(var)
+    nu = significance_image(img, var, sigma=2.0)
+    inner = nu[20:-20, 20:-20]
+    assert inner.std() == pytest.approx(1.0, abs=0.05)
+    assert nu[20:-20, 20:180].std() == pytest.approx(nu[20:-20, 220:-20].std(), abs=0.07)
+
+
+def test_grow_mask_matches_disc_dilation():
+    rng = np.random.default_rng(6)
+    m = rng.random((80, 90)) < 0.01
+    r = 3.5
+    yy, xx = np.mgrid[-3:4, -3:4]
+    disc = xx**2 + yy**2 <= r * r
+    np.testing.assert_array_equal(grow_mask(m, r), ndimage.binary_dilation(m, structure=disc))
+
+
+def test_completeness_and_purity_at_snr_10():
+    rng = np.random.default_rng(7)
+    fwhm = 4.0
+    sigma = fwhm / 2.3548
+    read = 10.0
+    n = 300
+    # fluxes spanning S/N 5..50 for a sky-dominated PSF-optimal measurement
+    noise_psf = read * np.sqrt(4 * np.pi * sigma**2)
+    snr = rng.uniform(5, 50, n)
+    fr = make_star_field((1024, 1024), n, fwhm=fwhm, sky=0.0, read_noise=read, seed=8, min_separation=15,
+                         flux=snr * noise_psf)
+    # variance from the sky only (sky-dominated), as ISR would give without the sources
+    det = detect_sources(fr.image, read**2, psf_sigma=sigma, nsigma=5.0)
+    tree = cKDTree(np.column_stack([det.x, det.y]))
+    d, _ = tree.query(np.column_stack([fr.x, fr.y]))
+    found = d < 2.0
+    assert found[snr >= 10].mean() >= 0.95
+    # spurious: detections with no true star within 2 px
+    d2, _ = cKDTree(np.column_stack([fr.x, fr.y])).query(np.column_stack([det.x, det.y]))
+    assert (d2 > 2.0).sum() <= 0.01 * len(det.x)
+
+
+def test_deblend_two_close_stars_and_no_split_of_bright_star():
+    fr = make_star_field((101, 101), 0, x=[40.0, 48.0, 80.0], y=[50.0, 51.0, 20.0], flux=[5e4, 3e4, 1e6],
+                         fwhm=4.0, sky=100.0, read_noise=5.0, seed=9)
+    img = fr.image - 100.0
+    det = detect_sources(img, fr.variance, psf_sigma=4.0 / 2.3548, nsigma=5.0)
+    assert len(det.x) == 3
+    pos = np.column_stack([det.x, det.y])
+    for tx, ty in [(40, 50), (48, 51), (80, 20)]:
+        assert np.hypot(pos[:, 0] - tx, pos[:, 1] - ty).min() <= 1.0
+    close = np.hypot(pos[:, 0] - 44, pos[:, 1] - 50.5) < 6
+    assert det.blended[close].all() and not det.blended[~close].any()
+    assert det.parent[close][0] == det.parent[close][1]
+    # every footprint pixel belongs to one child, children inside footprints
+    assert np.array_equal(det.children > 0, det.footprints > 0)
+    # without deblending: one source per footprint
+    nd = detect_sources(img, fr.variance, psf_sigma=4.0 / 2.3548, nsigma=5.0, deblend=False)
+    assert len(nd.x) == nd.n_footprints == 2 and not nd.blended.any()
+
+
+def test_negative_polarity_and_bad_pixels():
+    fr = make_star_field((64, 64), 0, x=[20.0, 45.0], y=[20.0, 52.0], flux=[2e4, 2e4], fwhm=3.0, sky=0.0,
+                         read_noise=5.0, seed=10)
+    img = fr.image.copy()
+    img[40:, :] *= -1  # second star negative
+    mask = np.zeros(img.shape, np.uint32)
+    pos = detect_sources(img, 25.0, psf_sigma=1.3)
+    neg = detect_sources(img, 25.0, psf_sigma=1.3, polarity=-1)
+    assert len(pos.x) == 1 and len(neg.x) == 1
+    assert abs(neg.x[0] - 45) <= 1 and abs(neg.y[0] - 52) <= 1
+    mask[15:26, 15:26] = 1 << 8  # NO_DATA over the first star
+    assert len(detect_sources(img, 25.0, mask, psf_sigma=1.3).x) == 0

@@ -1,0 +1,118 @@
+"""Tests of procsky.kernels.psfmodel: star selection, fit, rendering, validation."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from procsky.kernels.measure import measure_sources
+from procsky.kernels.psfmodel import (
+    PsfModelArrays,
+    evaluate_model,
+    fit_psf_model,
+    fourier_shift,
+    lanczos_sample,
+    render_psf,
+    render_stamps,
+    select_psf_stars,
+    stamp_moments,
+)
+from procsky.kernels.testing import gaussian_psf_image, make_star_field
+
+FWHM_TO_SIGMA = 1 / 2.3548200450309493
+
+
+def test_fourier_shift_of_gaussian_is_exact():
+    a = gaussian_psf_image(31, 1.8)
+    b = gaussian_psf_image(31, 1.8, 0.37, -0.21)
+    np.testing.assert_allclose(fourier_shift(a, 0.37, -0.21), b, atol=1e-6)
+
+
+def test_lanczos_reproduces_constant_and_linear():
+    arr = np.add.outer(np.arange(20.0), 2 * np.arange(20.0))
+    assert lanczos_sample(np.ones((10, 10)), 4.3, 5.6) == pytest.approx(1.0)
+    assert lanczos_sample(arr, 8.25, 9.5) == pytest.approx(9.5 + 2 * 8.25, abs=0.1)  # not exact for ramps
+
+
+@pytest.fixture(scope="module")
+def varying_field():
+    fr = make_star_field((1024, 1024), 260, fwhm=4.0, fwhm_gradient=0.15, flux_range=(2e4, 5e5), sky=300.0,
+                         read_noise=5.0, seed=12, min_separation=25, margin=25)
+    img = fr.image - fr.sky
+    cat = measure_sources(img, fr.variance, None, np.round(fr.x), np.round(fr.y), psf_sigma=4.0 * FWHM_TO_SIGMA)
+    return fr, img, cat
+
+
+def test_fit_psf_model_tracks_spatial_variation(varying_field):
+    fr, img, cat = varying_field
+    model, used, reserved = fit_psf_model(img, fr.variance, None, cat["x"], cat["y"], stamp_size=25, order=2)
+    assert used.sum() > 150 and reserved.sum() > 30 and not (used & reserved).any()
+    # held-back stars: second-moment residuals < 1 %
+    assert abs(model.reserved_dT_median) < 0.01 and model.reserved_dT_std < 0.02
+    # FWHM at several places within 1 % of the truth (pixel-integrated Gaussian)
+    for x, y in [(100.0, 100.0), (512.0, 512.0), (900.0, 300.0), (300.0, 900.0)]:
+        fw = 4.0 * (1 + 0.15 * (x / 1023 - 0.5) + 0.075 * (y / 1023 - 0.5))
+        s2 = (fw * FWHM_TO_SIGMA) ** 2 + 1 / 12
+        truth = 2.3548200450309493 * np.sqrt(s2)
+        st = render_psf(model, x + 0.3, y - 0.2)
+        assert st.sum() == pytest.approx(1.0)
+        ixx, iyy, ixy, fwhm = stamp_moments(st, 12.3, 11.8)
+        assert fwhm == pytest.approx(truth, rel=0.01)
+        # rendering equals the sub-pixel-shifted truth
+        ref = gaussian_psf_image(25, np.sqrt(s2 - 1 / 12), 0.3, -0.2)
+        assert np.abs(st - ref).max() < 0.01 * ref.max()
+    assert model.fwhm == pytest.approx(2.3548200450309493 * np.sqrt((4.0 * FWHM_TO_SIGMA) ** 2 + 1 / 12), rel=0.01)
+
+
+def test_model_round_trips_and_renders_in_batch(varying_field):
+    fr, img, cat = varying_field
+    model, _, _ = fit_psf_model(img, fr.variance, None, cat["x"][:80], cat["y"][:80], stamp_size=21, order=1)
+    again = PsfModelArrays.from_dict(model.to_dict())
+    np.testing.assert_array_equal(again.coeffs, model.coeffs)
+    assert pickle.loads(pickle.dumps(model)).order == 1
+    xs, ys = np.array([10.2, 500.7]), np.array([800.4, 3.9])
+    batch = render_stamps(model, xs, ys)
+    for k in range(2):
+        np.testing.assert_allclose(batch[k], render_psf(again, xs[k], ys[k]), atol=1e-12)
+    assert evaluate_model(model, 0, 0).shape == (21, 21)
+
+
+def test_oversampled_model_renders():
+    fr = make_star_field((512, 512), 120, fwhm=3.0, flux_range=(3e4, 3e5), sky=100.0, seed=13, min_separation=25,
+                         margin=25)
+    img = fr.image - fr.sky
+    model, used, _ = fit_psf_model(img, fr.variance, None, fr.x, fr.y, stamp_size=15, order=0, oversample=2)
+    assert model.coeffs.shape[1] == 31
+    st = render_psf(model, 200.4, 100.1)
+    s2 = (3.0 * FWHM_TO_SIGMA) ** 2 + 1 / 12
+    assert stamp_moments(st, 7.4, 7.1)[3] == pytest.approx(2.3548 * np.sqrt(s2), rel=0.03)
+
+
+def test_too_few_stars_raise_value_error():
+    fr = make_star_field((128, 128), 3, fwhm=3.0, seed=14, margin=30)
+    with pytest.raises(ValueError, match="usable PSF stars"):
+        fit_psf_model(fr.image - fr.sky, fr.variance, None, fr.x, fr.y, stamp_size=15, order=2)
+
+
+def test_select_psf_stars_rejects_galaxies_faint_and_flagged():
+    rng = np.random.default_rng(15)
+    n = 400
+    x, y = rng.uniform(0, 2000, (2, n))
+    star = rng.random(n) < 0.6
+    T = np.where(star, 6.0 * (1 + rng.normal(0, 0.01, n)), rng.uniform(7, 30, n))
+    flux = 10 ** rng.uniform(3, 6, n)
+    err = np.sqrt(flux + 1e4)
+    bad = rng.random(n) < 0.05
+    sel = select_psf_stars(x, y, T / 2, T / 2, flux, err, bad, min_snr=50, isolation_radius=0)
+    assert sel.sum() > 50
+    assert star[sel].all()
+    assert not bad[sel].any()
+    assert (flux[sel] / err[sel] > 50).all()
+    # isolation: a close pair is dropped
+    x2 = x.copy()
+    i, j = np.flatnonzero(sel)[:2]
+    x2[j], y[j] = x2[i] + 3, y[i]
+    sel2 = select_psf_stars(x2, y, T / 2, T / 2, flux, err, bad, min_snr=50, isolation_radius=10)
+    assert not sel2[i] and not sel2[j]

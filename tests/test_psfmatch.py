@@ -1,0 +1,185 @@
+"""Kernels of difference imaging: convolution, Alard-Lupton basis and fit, decorrelation."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+from procsky.kernels import convolve as cv
+from procsky.kernels import psfmatch as pm
+
+
+def _gauss(h, sigma, dx=0.0, dy=0.0):
+    q = np.arange(-h, h + 1)
+    g = np.exp(-0.5 * (((q[None, :] - dx) / sigma) ** 2 + ((q[:, None] - dy) / sigma) ** 2))
+    return g / g.sum()
+
+
+def test_fft_and_separable_match_direct():
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(40, 37))
+    k = rng.normal(size=(7, 7))
+    ref = cv.convolve_valid_direct(block, k)
+    assert ref.shape == (34, 31)
+    np.testing.assert_allclose(cv.convolve_valid(block, k), ref, atol=1e-10)
+    fy, fx = rng.normal(size=7), rng.normal(size=7)
+    np.testing.assert_allclose(cv.convolve_separable_valid(block, fy, fx),
+                               cv.convolve_valid_direct(block, fy[:, None] * fx[None, :]), atol=1e-10)
+
+
+def test_convolution_is_true_convolution():
+    # An off-centre delta kernel shifts the image towards +x (true convolution, not correlation).
+    block = np.zeros((11, 11))
+    block[5, 5] = 1.0
+    k = np.zeros((3, 3))
+    k[1, 2] = 1.0  # offset q = (+1, 0)
+    out = cv.convolve_valid(block, k)
+    # valid pixel (4, 5) is block pixel (5, 6): the delta moved by +1 in x
+    assert out[4, 5] == pytest.approx(1.0)
+    assert out.sum() == pytest.approx(1.0)
+
+
+def test_spatial_convolve_matches_per_pixel_kernel():
+    rng = np.random.default_rng(1)
+    h, order = 3, 2
+    ks = rng.normal(size=(6, 2 * h + 1, 2 * h + 1))
+    block = rng.normal(size=(20 + 2 * h, 25 + 2 * h))
+    shape = (100, 120)
+    x0, y0 = 30, 40
+    out = cv.spatial_convolve(block, ks, order, x0, y0, shape)
+    var = cv.spatial_convolve_variance(block**2, ks, order, x0, y0, shape)
+    for (y, x) in [(0, 0), (7, 13), (19, 24)]:
+        u, v = cv.normalized_coords(x + x0, y + y0, shape)
+        k = np.tensordot(cv.poly_terms_2d(u, v, order), ks, axes=1)
+        patch = block[y : y + 2 * h + 1, x : x + 2 * h + 1]
+        assert out[y, x] == pytest.approx(np.sum(k[::-1, ::-1] * patch), rel=1e-9, abs=1e-9)
+        assert var[y, x] == pytest.approx(np.sum((k**2)[::-1, ::-1] * patch**2), rel=1e-9, abs=1e-9)
+
+
+def test_dilate_mask_matches_scipy():
+    from scipy.ndimage import maximum_filter
+
+    rng = np.random.default_rng(2)
+    m = (rng.random((30, 30)) < 0.02).astype(np.uint32) * 2 | (rng.random((30, 30)) < 0.02).astype(np.uint32) * 32
+    r = 2
+    out = cv.dilate_mask_box(m, r, 2)
+    spread = maximum_filter((m & 2) > 0, size=2 * r + 1, mode="constant")[r:-r, r:-r]
+    np.testing.assert_array_equal((out & 2) > 0, spread)
+    np.testing.assert_array_equal(out & 32, m[r:-r, r:-r] & 32)  # other bits not spread
+
+
+def test_basis_normalisation_and_shape():
+    b = pm.make_basis([1.0, 2.0, 4.0], [6, 4, 2], 10)
+    assert b.n_basis == 28 + 15 + 6
+    imgs = b.images()
+    assert imgs.shape == (49, 21, 21)
+    assert imgs[0].sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(imgs[1:].sum(axis=(1, 2)), 0.0, atol=1e-10)
+    # basis convolutions on a stamp agree with direct convolution by the images
+    rng = np.random.default_rng(3)
+    blk = rng.normal(size=(31, 31))
+    conv = pm.basis_stamp_convolutions(blk, b)
+    for k in (0, 5, 30, 48):
+        np.testing.assert_allclose(conv[k], cv.convolve_valid_direct(blk, imgs[k]), atol=1e-9)
+    assert pm.KernelBasis.from_dict(b.to_dict()).n_basis == b.n_basis
+
+
+def _star_field(shape, n, rng, sigma, flux=(2e3, 5e4)):
+    ny, nx = shape
+    img = np.zeros(shape)
+    xs = rng.uniform(15, nx - 15, n)
+    ys = rng.uniform(15, ny - 15, n)
+    fl = rng.uniform(*flux, n)
+    for x, y, f in zip(xs, ys, fl):
+        ix, iy = int(x), int(y)
+        img[iy - 10 : iy + 11, ix - 10 : ix + 11] += f * _gauss(10, sigma, x - ix, y - iy)
+    return img, xs, ys
+
+
+def test_fit_recovers_known_kernel_and_background():
+    rng = np.random.default_rng(4)
+    shape = (200, 200)
+    tpl, xs, ys = _star_field(shape, 60, rng, 1.3)
+    true_k = 1.7 * _gauss(6, 1.4, 0.3, -0.2)
+    pad = np.pad(tpl, 6)
+    sci = cv.convolve_valid(pad, true_k) + 5.0
+    var = np.full(shape, 4.0)
+    sci = sci + rng.normal(size=shape) * 2.0
+    basis = pm.basis_for_psfs(1.3, np.hypot(1.3, 1.4), degrees=(4, 2, 2), half_width=6)
+    bad = np.zeros(shape, bool)
+    stamps = pm.build_stamps(tpl, sci, var, bad, xs, ys, basis, 8, 1)
+    kern = pm.fit_matching_kernel(stamps, basis, spatial_order=0, background_order=1, shape=shape)
+    k = kern.kernel_at(100, 100)
+    assert kern.kernel_sum(100, 100) == pytest.approx(1.7, rel=2e-3)
+    # a 0.3 px shifted Gaussian is represented by the degree-4 basis to a few per cent of the peak
+    assert np.abs(k - true_k).max() < 0.04 * true_k.max()
+    assert kern.background_at(100, 100) == pytest.approx(5.0, abs=0.3)
+    again = pm.MatchingKernel.from_dict(kern.to_dict())
+    np.testing.assert_allclose(again.kernel_at(50, 60), kern.kernel_at(50, 60))
+    assert pickle.loads(pickle.dumps(kern)).spatial_order == 0
+
+
+def test_fit_rejects_outlier_stamp():
+    rng = np.random.default_rng(5)
+    shape = (200, 200)
+    tpl, xs, ys = _star_field(shape, 40, rng, 1.2)
+    true_k = _gauss(5, 1.5)
+    sci = cv.convolve_valid(np.pad(tpl, 5), true_k) + rng.normal(size=shape)
+    # a "variable star": one stamp brightened in the science image only
+    ix, iy = int(xs[0]), int(ys[0])
+    sci[iy - 10 : iy + 11, ix - 10 : ix + 11] += 3e4 * _gauss(10, 2.0)
+    basis = pm.basis_for_psfs(1.2, np.hypot(1.2, 1.5), degrees=(2, 2, 2), half_width=5)
+    stamps = pm.build_stamps(tpl, sci, np.ones(shape), np.zeros(shape, bool), xs, ys, basis, 7, 0)
+    kern = pm.fit_matching_kernel(stamps, basis, spatial_order=0, background_order=0, shape=shape)
+    assert kern.stats["n_stamps_used"] < kern.stats["n_stamps"]
+    assert not kern.stats["used"][0]
+    assert kern.kernel_sum(0, 0) == pytest.approx(1.0, rel=3e-3)
+
+
+def test_too_few_stamps_raises():
+    basis = pm.make_basis([1.0], [0], 3)
+    st = pm.StampData(np.zeros(2), np.zeros(2), np.zeros((2, 2, 2)), np.zeros((2, 2)), np.zeros(2), np.ones(2))
+    with pytest.raises(ValueError, match="need >= 3"):
+        pm.fit_matching_kernel(st, basis, spatial_order=0, background_order=0, shape=(10, 10))
+
+
+def test_decorrelation_whitens_noise():
+    rng = np.random.default_rng(6)
+    k = _gauss(7, 1.8)
+    phi = pm.decorrelation_kernel(k, 25.0, 1.0)
+    assert phi.sum() == pytest.approx(1.0)
+    n = 400
+    a = rng.normal(size=(n + 14, n + 14))
+    b = 5.0 * rng.normal(size=(n + 14, n + 14))
+    d = a[7:-7, 7:-7] - cv.convolve_valid(b, k)
+    dd = cv.convolve_valid(d, phi)
+
+    def lag1(x):
+        x = x - x.mean()
+        return float((x[:, 1:] * x[:, :-1]).mean() / x.var())
+
+    assert lag1(d) > 0.2  # the convolved template correlates the difference's noise
+    assert abs(lag1(dd)) < 0.02
+    assert dd.var() == pytest.approx(26.0, rel=0.05)  # white, with variance s2 + t2
+
+
+def test_kernels_thread_safe():
+    rng = np.random.default_rng(7)
+    block = rng.normal(size=(60, 60))
+    basis = pm.make_basis([1.0, 2.0], [2, 1], 4)
+    ref = pm.basis_stamp_convolutions(block, basis)
+    out = [None, None]
+
+    def work(i):
+        out[i] = pm.basis_stamp_convolutions(block, basis)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for o in out:
+        np.testing.assert_array_equal(o, ref)

@@ -1,0 +1,220 @@
+"""Warping: Lanczos kernel against a slow reference, mask/variance propagation, pixel
+mapping accuracy, flux conservation, lazy exposures."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from procsky import masks
+from procsky.coadd import WarpConfig, pixel_mapping, warp_exposure
+from procsky.errors import NoWorkError
+from procsky.exposure import Exposure
+from procsky.kernels.warp import area_ratio, lanczos, lanczos_noise_correlation, warp_kernel_image, warp_planes
+from procsky.photocalib import PhotoCalib
+from procsky.psf import GaussianPsf
+from procsky.skymap import Box
+from test_coadd import make_skymap, make_stars, make_visit, render_gaussians, visit_cards
+
+NO_DATA = masks.bit("NO_DATA")
+
+
+def slow_warp(image, variance, mask, xin, yin, order=3):
+    """Obvious Python reference of Lanczos warping (normalised weights, OR of footprint)."""
+    ny, nx = xin.shape
+    oi = np.full((ny, nx), np.nan)
+    ov = np.full((ny, nx), np.nan)
+    om = np.zeros((ny, nx), np.uint32)
+    h, w = image.shape
+    for j in range(ny):
+        for i in range(nx):
+            x, y = xin[j, i], yin[j, i]
+            ix, iy = math.floor(x), math.floor(y)
+            xs = np.arange(ix - order + 1, ix + order + 1)
+            ys = np.arange(iy - order + 1, iy + order + 1)
+            if xs[0] < 0 or ys[0] < 0 or xs[-1] >= w or ys[-1] >= h:
+                om[j, i] = NO_DATA
+                continue
+            wx = lanczos(x - xs, order)
+            wy = lanczos(y - ys, order)
+            wgt = np.outer(wy / wy.sum(), wx / wx.sum())
+            sub = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+            oi[j, i] = (wgt * image[sub]).sum()
+            ov[j, i] = (wgt**2 * variance[sub]).sum()
+            om[j, i] = np.bitwise_or.reduce(mask[sub].ravel())
+    return oi, ov, om
+
+
+def test_lanczos_against_reference():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(40, 50)).astype(np.float32)
+    var = rng.uniform(0.5, 2, size=(40, 50)).astype(np.float32)
+    msk = np.zeros((40, 50), np.uint32)
+    msk[20, 25] = masks.bit("SAT")
+    yy, xx = np.mgrid[0:30, 0:30].astype(float)
+    th = 0.3
+    xin = 10 + 0.9 * (np.cos(th) * xx - np.sin(th) * yy) + 0.13
+    yin = 8 + 0.9 * (np.sin(th) * xx + np.cos(th) * yy) + 0.71
+    ref = slow_warp(img, var, msk, xin, yin)
+    got = warp_planes(img, var, msk, xin, yin)
+    ok = np.isfinite(ref[0])
+    assert ok.sum() > 200
+    np.testing.assert_allclose(got[0][ok], ref[0][ok], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1][ok], ref[1][ok], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[2], ref[2])
+    assert np.all(np.isnan(got[0][~ok]))
+
+
+def test_constant_shift_and_no_data():
+    img = np.full((30, 30), 7.0, np.float32)
+    var = np.ones((30, 30), np.float32)
+    msk = np.zeros((30, 30), np.uint32)
+    yy, xx = np.mgrid[0:30, 0:30].astype(float)
+    out, ov, om = warp_planes(img, var, msk, xx + 0.37, yy - 0.21)
+    inside = (om & NO_DATA) == 0
+    np.testing.assert_allclose(out[inside], 7.0, rtol=1e-6)
+    # Integer shifts reproduce the input exactly (weights are a delta).
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(30, 30)).astype(np.float32)
+    out, ov, om = warp_planes(img, var, msk, xx + 2, yy + 1)
+    np.testing.assert_allclose(out[:24, :25], img[1:25, 2:27], atol=1e-6)
+    np.testing.assert_allclose(ov[:24, :25], 1.0, atol=1e-6)
+    # Beyond the input, and where the footprint leaves it: NO_DATA, NaN.
+    assert np.all(om[:, 26:] & NO_DATA) and np.all(np.isnan(out[:, 26:]))
+    # A NO_DATA input pixel spoils exactly the outputs whose kernel uses it.
+    msk[10, 10] = NO_DATA
+    out, ov, om = warp_planes(img, var, msk, xx + 0.5, yy + 0.5)
+    hit = (om & NO_DATA) != 0
+    assert hit[7:13, 7:13].all() and not hit[14, 14]
+
+
+def test_mask_radius():
+    img = np.zeros((30, 30), np.float32)
+    var = np.ones((30, 30), np.float32)
+    msk = np.zeros((30, 30), np.uint32)
+    msk[15, 15] = masks.bit("CR")
+    yy, xx = np.mgrid[0:30, 0:30].astype(float)
+    _, _, full = warp_planes(img, var, msk, xx + 0.5, yy + 0.5)
+    _, _, near = warp_planes(img, var, msk, xx + 0.5, yy + 0.5, mask_radius=1.0)
+    assert (full & masks.bit("CR") != 0).sum() == 36  # the 6x6 Lanczos3 footprint
+    assert (near & masks.bit("CR") != 0).sum() == 4
+
+
+def test_variance_matches_warped_noise():
+    rng = np.random.default_rng(2)
+    n = 400
+    var = rng.uniform(1.0, 4.0, size=(n, n)).astype(np.float32)
+    img = (rng.normal(size=(n, n)) * np.sqrt(var)).astype(np.float32)
+    yy, xx = np.mgrid[0 : n - 20, 0 : n - 20].astype(float)
+    th = 0.4
+    xin = 10 + 0.8 * (np.cos(th) * xx - np.sin(th) * yy) + 150
+    yin = 10 + 0.8 * (np.sin(th) * xx + np.cos(th) * yy)
+    out, ov, om = warp_planes(img, var, np.zeros((n, n), np.uint32), xin, yin)
+    ok = np.isfinite(out)
+    z = out[ok] / np.sqrt(ov[ok])
+    assert abs(np.std(z) - 1) < 0.02
+    # Neighbouring pixels are positively correlated; the documented aperture factor
+    # (variance of a large-aperture sum over the summed pixel variances) is > 1.
+    assert 1.1 < lanczos_noise_correlation(3) < 1.5
+
+
+def test_grid_mapping_error_below_a_thousandth_pixel():
+    sm = make_skymap(inner=1000, border=50)
+    patch = sm.patch(0, 0)
+    cards = visit_cards(3, shape=(2000, 2000))
+    # Stronger SIP than the test default: up to ~1 px at the corners.
+    cards = [c for c in cards if not c[0].startswith(("A_", "B_"))] + [
+        ("A_ORDER", 3, ""), ("B_ORDER", 3, ""), ("A_2_0", 3e-7, ""), ("A_0_2", -2e-7, ""),
+        ("A_3_0", 1e-10, ""), ("B_1_1", 2.5e-7, ""), ("B_0_3", -1e-10, ""), ("B_2_1", 5e-11, "")]
+    box = Box(0, 0, 700, 600)
+    xe, ye = pixel_mapping(patch.wcs_cards, cards, box, grid_step=0, in_shape=(2000, 2000))
+    xg, yg = pixel_mapping(patch.wcs_cards, cards, box, grid_step=32, in_shape=(2000, 2000))
+    err = np.hypot(xg - xe, yg - ye)
+    assert err.max() < 1e-3, err.max()
+
+
+def test_warp_conserves_flux_across_pixel_scales():
+    # One star of 1e6 nJy, input 0.26"/px with rotation and SIP, output 0.2"/px.
+    stars = (np.array([150.0]), np.array([2.0]), np.array([1e6]))
+    calexp = make_visit(4, stars, noise=False)
+    patch = make_skymap().patch(0, 0)
+    w = warp_exposure(calexp, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=WarpConfig(chunk=128)).compute()
+    x, y = patch.wcs.world_to_pixel_values(150.0, 2.0)
+    x, y = float(x) - (w.xy0[0] - patch.xy0[0]), float(y) - (w.xy0[1] - patch.xy0[1])
+    stamp = w.image[int(y) - 25 : int(y) + 26, int(x) - 25 : int(x) + 26]
+    assert abs(np.nansum(stamp) / 1e6 - 1) < 2e-3
+    yy, xx = np.mgrid[0 : stamp.shape[0], 0 : stamp.shape[1]]
+    s = np.nansum(stamp)
+    cx = (stamp * xx).sum() / s + int(x) - 25
+    cy = (stamp * yy).sum() / s + int(y) - 25
+    assert math.hypot(cx - x, cy - y) < 0.01  # px
+    # The warped PSF is the input PSF seen at the new scale (0.26/0.2 = 1.3x wider).
+    assert abs(w.psf.fwhm(0, 0) / (calexp.psf.fwhm(0, 0) * 1.3) - 1) < 0.02
+    assert w.metadata["flux_unit"] == "nJy" and w.metadata["median_variance"] > 0
+
+
+def test_warp_exposure_lazy_numpy_and_zarr_agree(tmp_path):
+    from conftest import raise_if_dask_computes
+
+    stars = make_stars(9)
+    calexp = make_visit(1, stars)
+    calexp.mask[100, 100] = masks.bit("BAD")
+    patch = make_skymap().patch(0, 0)
+    calexp.write(tmp_path / "c.zarr", chunks=100)
+    lazy_in = Exposure.read(tmp_path / "c.zarr")
+    cfg = WarpConfig(chunk=128)
+    with raise_if_dask_computes():
+        a = warp_exposure(calexp, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=cfg)
+        b = warp_exposure(lazy_in, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=cfg)
+        c = warp_exposure(lazy_in[0:380, 0:380], patch.wcs_cards, patch.shape, xy0=patch.xy0, config=cfg)
+    assert a.is_lazy and a.image.chunksize == (128, 128)
+    ac, bc, cc = a.compute(), b.compute(), c.compute()
+    np.testing.assert_array_equal(ac.image, bc.image)
+    np.testing.assert_array_equal(ac.mask, cc.mask)  # the dask-dependency path agrees too
+    assert (ac.mask & masks.bit("BAD")).any()
+    assert ac.xy0[0] >= patch.xy0[0] and ac.metadata["warp_box"][2] <= patch.shape[1]
+    # The WCS follows the warp box.
+    ra, dec = ac.pixel_to_sky(0.0, 0.0)
+    px, py = patch.wcs.world_to_pixel_values(ra, dec)
+    assert abs(px - (ac.xy0[0] - patch.xy0[0])) < 1e-6 and abs(py - (ac.xy0[1] - patch.xy0[1])) < 1e-6
+    # Far away: no work.
+    far = make_skymap().tract(0)
+    from procsky.skymap import discrete_skymap
+
+    other = discrete_skymap([(10.0, 10.0)], radius=0.01, patch_inner=100, patch_border=10).patch(0, 0)
+    with pytest.raises(NoWorkError):
+        warp_exposure(calexp, other.wcs_cards, other.shape)
+    assert far.id == 0
+
+
+def test_sources_pickle_and_threads():
+    from procsky.coadd import _make_warp_source
+
+    stars = make_stars(4)
+    calexp = make_visit(2, stars)
+    patch = make_skymap().patch(0, 0)
+    src = _make_warp_source(calexp, patch.wcs_cards, WarpConfig(), Box(0, 0, 340, 340), 0)
+    src2 = pickle.loads(pickle.dumps(src))
+    boxes = [Box(0, 0, 170, 170), Box(170, 170, 340, 340)] * 4
+    with ThreadPoolExecutor(2) as ex:
+        res = list(ex.map(lambda b: src2.read(b)[0], boxes))
+    for b, r in zip(boxes, res):
+        np.testing.assert_array_equal(np.nan_to_num(r), np.nan_to_num(src.read(b)[0]))
+
+
+def test_warp_kernel_image_and_area():
+    g = GaussianPsf.from_fwhm(3.0)
+    jac = np.array([[0.5, 0.0], [0.0, 0.5]])  # output pixels are half the input ones
+    k = warp_kernel_image(g.kernel(), jac)
+    from procsky.psf import ImagePsf
+
+    assert abs(ImagePsf(k).fwhm(0, 0) / 6.0 - 1) < 0.02
+    yy, xx = np.mgrid[0:20, 0:20].astype(float)
+    assert np.allclose(area_ratio(0.5 * xx + 0.1 * yy, 0.5 * yy), 0.25)
+    # Rendering helper sanity: integrated Gaussian sums to its flux.
+    assert abs(render_gaussians((40, 40), [20.2], [19.7], [100.0], 2.0).sum() - 100) < 1e-6
+    assert PhotoCalib(2.0).counts_to_njy(3.0) == 6.0
