@@ -711,22 +711,44 @@ def _coadd_chunk_streaming(box: Box, sources, parts, w, kernels, cfg: CoaddConfi
     big = box.grown(halo)
     corr = kw.lanczos_noise_correlation(cfg.warp.order)
 
-    def matched(s, p, ker):
-        i, v, m = s.read(big, p)
-        if use_k and ker is not None:
-            i, v, m = _convolve_planes(i, v, m, ker, corr)
+    # Keep each visit's planes between passes only when they all fit the memory budget
+    # (then each source is read once); otherwise re-read them in every pass.
+    keep = len(sources) * big.ny * big.nx * 4 * 6 <= cfg.memory_budget
+    raw_cache: dict = {}
+    matched_cache: dict = {}
+
+    def raw(k, b):
+        if k in raw_cache:
+            i, v, m = raw_cache[k]
+        else:
+            i, v, m = sources[k].read(big, parts[k])
+            if keep:
+                raw_cache[k] = (i, v, m)
+        if b is big:
+            return i, v, m
+        sl = b.shifted(-big.x0, -big.y0).slices()
+        return i[sl], v[sl], m[sl]
+
+    def matched(k):
+        if k in matched_cache:
+            return matched_cache[k]
+        i, v, m = raw(k, big)
+        if use_k and kernels[k] is not None:
+            i, v, m = _convolve_planes(i, v, m, kernels[k], corr)
         good = ((m & np.uint32(bad)) == 0) & np.isfinite(i) & np.isfinite(v)
+        if keep:
+            matched_cache[k] = (i, v, good)
         return i, v, good
 
     model_acc = kc.TrimmedMeanAccumulator(big.shape, cfg.artifact_max_epochs)
-    for s, p, ker in zip(sources, parts, kernels):
-        i, v, g = matched(s, p, ker)
-        model_acc.add(i, v, g)
+    for k in range(len(sources)):
+        model_acc.add(*matched(k))
     model, vmodel, n_good = model_acc.result()
     n_out = np.zeros(big.shape, np.int32)
     sparse = []
-    for s, p, ker in zip(sources, parts, kernels):
-        i, v, g = matched(s, p, ker)
+    for k in range(len(sources)):
+        i, v, g = matched(k)
+        matched_cache.pop(k, None)
         sig = kc.significance(i, v, g, model, vmodel)
         out = g & (np.abs(sig) > cfg.artifact_threshold)
         n_out += out
@@ -737,7 +759,7 @@ def _coadd_chunk_streaming(box: Box, sources, parts, w, kernels, cfg: CoaddConfi
     acc = kc.MeanAccumulator(box.shape, bad)
     inner = box.shifted(-big.x0, -big.y0).slices()
     clipped_any = np.zeros(box.shape, bool)
-    for (idx, sv), s, p, wt in zip(sparse, sources, parts, w):
+    for k, ((idx, sv), wt) in enumerate(zip(sparse, w)):
         rejected = None
         if idx.size:
             out = np.zeros(big.shape, bool)
@@ -745,7 +767,8 @@ def _coadd_chunk_streaming(box: Box, sources, parts, w, kernels, cfg: CoaddConfi
             out.ravel()[idx] = True
             sig.ravel()[idx] = sv
             rejected = kc.artifact_regions(out, sig, transient, cfg.artifact_grow)[inner]
-        i, v, m = s.read(box, p)
+        i, v, m = raw(k, box)
+        raw_cache.pop(k, None)
         if rejected is not None:
             rejected &= np.isfinite(i)
             clipped_any |= rejected

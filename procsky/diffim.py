@@ -166,11 +166,16 @@ def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, 
     shape = kernel.shape
     r = _conv.kernel_support_radius(kernel.kernel_at(shape[1] / 2.0, shape[0] / 2.0))
 
+    # Kernel transforms are shared by the blocks of one shape (one cache per plane).
+    img_cache, var_cache = {}, {}
+
     def conv_img(b, y0, x0):
-        return _conv.spatial_convolve(b, ks, order, x0 + xy0[0], y0 + xy0[1], shape)
+        return _conv.spatial_convolve(b, ks, order, x0 + xy0[0], y0 + xy0[1], shape, cache=img_cache, single=True)
 
     def conv_var(b, y0, x0):
-        return np.maximum(_conv.spatial_convolve_variance(b, ks, order, x0 + xy0[0], y0 + xy0[1], shape), 0.0)
+        v = _conv.spatial_convolve_variance(b, ks, order, x0 + xy0[0], y0 + xy0[1], shape, cache=var_cache,
+                                            single=True)
+        return np.maximum(v, 0.0)
 
     def conv_mask(b, y0, x0):
         out = _conv.dilate_mask_box(np.ascontiguousarray(b), r, spread_bits) if r > 0 else b

@@ -390,7 +390,14 @@ class Exposure:
         return ds
 
     # ------------------------------------------------------------------- I/O
-    def write(self, path, *, chunks: int | tuple[int, int] | None = None, overwrite: bool = True) -> Path:
+    def write(
+        self,
+        path,
+        *,
+        chunks: int | tuple[int, int] | None = None,
+        overwrite: bool = True,
+        primary_header=None,
+    ) -> Path:
         """Write to ``*.zarr`` (Zarr v3 group) or ``*.fits`` / ``*.fits.gz`` (MEF).
 
         Parameters
@@ -401,6 +408,9 @@ class Exposure:
             dask arrays (which must then be regular), else 1024 x 1024.
         overwrite : bool
             Replace an existing file or store.
+        primary_header : astropy.io.fits.Header or mapping, optional
+            Extra cards for the FITS PRIMARY header (instrument keywords such as GAIN,
+            DATASEC); ignored for Zarr, whose attributes hold everything procsky needs.
         """
         path = Path(path)
         kind = _kind_of(path)
@@ -409,7 +419,7 @@ class Exposure:
         if kind == "zarr":
             _write_zarr(self, path, chunks)
         else:
-            _write_fits(self, path)
+            _write_fits(self, path, primary_header)
         return path
 
     @classmethod
@@ -616,7 +626,7 @@ def _token(path: Path, plane: str) -> str:
 
 
 # ------------------------------------------------------------------------------ FITS
-def _write_fits(exp: Exposure, path: Path) -> None:
+def _write_fits(exp: Exposure, path: Path, extra=None) -> None:
     from astropy.io import fits
 
     exp = exp.compute()
@@ -631,6 +641,17 @@ def _write_fits(exp: Exposure, path: Path) -> None:
         ph["MAGZERO"] = (exp.photocalib.zero_point, "AB mag of one count")
         ph["FLUXMAG0"] = (10 ** (0.4 * exp.photocalib.zero_point), "counts of a 0 mag AB source")
     ph["PSKYVER"] = (FORMAT_VERSION, "procsky exposure format version")
+    if extra is not None:
+        # Instrument keywords given by the caller win over the ones derived above.
+        if not isinstance(extra, fits.Header):
+            extra = fits.Header([(k, *(v if isinstance(v, tuple) else (v,))) for k, v in dict(extra).items()])
+        for card in extra.cards:
+            if card.keyword in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "NAXIS1", "NAXIS2", ""):
+                continue
+            if card.keyword in ph:
+                ph[card.keyword] = (card.value, card.comment)
+            else:
+                ph.append(card, end=True)
 
     def plane_header(extname):
         h = fits.Header()
@@ -652,7 +673,12 @@ def _write_fits(exp: Exposure, path: Path) -> None:
     col = fits.Column(name="JSON", format=f"{max(len(attrs), 1)}A", array=np.array([attrs]))
     meta = fits.BinTableHDU.from_columns([col], name="PROCSKY")
     tmp = path.with_name(path.name + ".tmp-write")
-    fits.HDUList([primary, img, msk, var, meta]).writeto(tmp, overwrite=True, checksum=True)
+    hdul = fits.HDUList([primary, img, msk, var, meta])
+    # Checksums let readers detect truncation; a fixed comment (astropy puts the time there
+    # by default) keeps the same exposure writing the same bytes.
+    for hdu in hdul:
+        hdu.add_checksum(when="procsky exposure")
+    hdul.writeto(tmp, overwrite=True, checksum=False)
     os.replace(tmp, path)
 
 

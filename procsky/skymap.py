@@ -618,8 +618,10 @@ def discrete_skymap(centers, radius: float, name: str | None = None, **config) -
     return SkyMap(SkyMapConfig(kind="discrete", centers=centers, radius=radius, **config), name=name)
 
 
-def register_skymap(repo, skymap: SkyMap, *, tracts: bool = False) -> int:
-    """Store a sky map in a repository as a ``skymap`` dimension record.
+def register_skymap(repo, skymap: SkyMap, *, tracts: bool = False, run: str = "skymaps") -> int:
+    """Store a sky map in a repository: a ``skymap`` dimension record, and the same
+    record as a ``skymap`` dataset (data ID ``{skymap: name}``, in ``run``) that tasks take
+    as an input (as LSST's ``skyMap`` dataset).
 
     Parameters
     ----------
@@ -627,6 +629,8 @@ def register_skymap(repo, skymap: SkyMap, *, tracts: bool = False) -> int:
     skymap : SkyMap
     tracts : bool
         Also add a ``tract`` record per tract (discrete maps; a rings map has thousands).
+    run : str
+        Run of the ``skymap`` dataset.
 
     Returns
     -------
@@ -647,6 +651,8 @@ def register_skymap(repo, skymap: SkyMap, *, tracts: bool = False) -> int:
         ) from e
     if tracts:
         n += repo.add_dimension_records("tract", [skymap.tract(t).to_record(skymap.name) for t in skymap.tract_ids])
+    if repo.find("skymap", {"skymap": skymap.name}) is None:
+        repo.put(skymap.to_record(), "skymap", {"skymap": skymap.name}, run)
     return n
 
 

@@ -174,8 +174,33 @@ class SlurmServer:
         return subprocess.run(["squeue", "-h", "-o", "%i %T %j"], env=self.env, capture_output=True,
                               text=True).stdout
 
+    def _our_stepds(self) -> list[int]:
+        """slurmstepd processes started by this cluster (their SLURM_CONF is ours)."""
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if not (d / "cmdline").read_bytes().startswith(b"slurmstepd"):
+                    continue
+                env = (d / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"SLURM_CONF={self.conf}".encode() in env:
+                pids.append(int(d.name))
+        return pids
+
     def stop(self) -> None:
-        subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True)
+        if self.procs:
+            subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True)
+            deadline = time.time() + 20  # let slurmd finish the jobs' steps cleanly
+            while time.time() < deadline and (self.squeue().strip() or self._our_stepds()):
+                time.sleep(0.5)
+        for pid in self._our_stepds():  # still there: do not leave them behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for p in reversed(self.procs):
             if p.poll() is None:
                 try:

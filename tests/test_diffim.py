@@ -227,15 +227,14 @@ def test_template_and_subtract_tasks():
 def _small_sim_dia(sim_dir, visits, detector=4, n_template=3):
     """Calibrate the visits of one detector, coadd the best-seeing ones as the template on
     each science grid, subtract, detect and associate. Returns per-visit results and truth."""
-    import pandas as pd
-
     from procsky.coadd import CoaddConfig, build_coadd
     from procsky.exposure import Exposure
+    from procsky.refcat import read_refcat_file
     from procsky.sim.render import image_filename
     from procsky.tasks.calibrate import calibrate_exposure
     from procsky.tasks.dia import associate_dia_sources
 
-    refcat = pd.read_parquet(f"{sim_dir}/refcat/refcat.parquet")
+    refcat = read_refcat_file(f"{sim_dir}/refcat/refcat.parquet")
     calexps = {}
     for v in visits:
         raw = Exposure.read(f"{sim_dir}/images/{image_filename('calexp', v, detector)}")
@@ -258,8 +257,6 @@ def _small_sim_dia(sim_dir, visits, detector=4, n_template=3):
 
 @pytest.mark.slow
 def test_small_simulation_dia(tmp_path):
-    import pandas as pd
-
     pytest.importorskip("galsim")
     from procsky.sim import simulate
 

@@ -214,3 +214,17 @@ def test_photocalib():
     assert pc.counts_to_mag(1.0) == pytest.approx(27.0)
     assert njy_to_mag(mag_to_njy(22.5)) == pytest.approx(22.5)
     assert mag_to_njy(31.4) == pytest.approx(1.0)
+
+
+def test_fits_write_is_deterministic_and_takes_extra_cards(tmp_path):
+    import hashlib
+    import time
+
+    exp = _random_exposure((30, 40), [], seed=5)
+    exp.write(tmp_path / "a.fits", primary_header={"GAIN": 1.5, "DATASEC": "[1:40,1:30]"})
+    time.sleep(1.1)
+    exp.write(tmp_path / "b.fits", primary_header={"GAIN": 1.5, "DATASEC": "[1:40,1:30]"})
+    digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.fits", "b.fits")]
+    assert digest[0] == digest[1]
+    assert fits.getheader(tmp_path / "a.fits", 0)["GAIN"] == 1.5
+    _assert_same(exp, Exposure.read(tmp_path / "a.fits"))

@@ -42,10 +42,7 @@ def test_mask_bits_match_lsst_order():
         0, 1, 2, 3, 4, 5, 8)
     masks = pytest.importorskip("procsky.masks")
     for name in ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "SUSPECT", "NO_DATA"):
-        for attr in ("LSST_PLANES", "PLANES", "DEFAULT_PLANES"):
-            table = getattr(masks, attr, None)
-            if isinstance(table, dict) and name in table:
-                assert table[name] == getattr(_bits, name)
+        assert masks.STANDARD_PLANES[name] == getattr(_bits, name)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -163,3 +160,12 @@ def test_background_vs_sextractor_back_fits():
     # SExtractor estimates the mode on a histogram, we on exact clipped values
     assert np.median(diff) < 0.05
     assert diff.max() < 0.25
+
+
+def test_background_of_unusable_image_raises_clear_error():
+    with pytest.raises(ValueError, match="no finite pixel"):
+        estimate_background(np.full((50, 50), np.nan, np.float32), box_size=16)
+    # fully masked but finite: falls back to all finite pixels rather than failing
+    img = np.random.default_rng(9).normal(5, 1, (64, 64)).astype(np.float32)
+    bk = estimate_background(img, np.full(img.shape, 1, np.uint32), box_size=32)
+    assert abs(bk.global_background - 5) < 0.3

@@ -289,6 +289,8 @@ def test_tasks_subset_uses_existing_outputs(repo, toy_yaml):
     assert s.counts == {"gather": {"pending": 0, "succeeded": 2, "failed": 0, "no_work": 0, "blocked": 0}}
     with pytest.raises(Exception, match="no quanta to resume"):
         run_pipeline(repo, toy_yaml, output="nope", resume=True)
+    with pytest.raises(ProcskyValueError, match=r"nothing to run.*toy_raw.*visit=99"):
+        run_pipeline(repo, toy_yaml, output="empty", where="visit=99")
 
 
 def test_transient_errors_retried(tmp_path):

@@ -414,6 +414,9 @@ def test_cli_create_query_show_prune(tmp_path):
     res = runner.invoke(main, ["show", str(root), "src", "--where", "visit=12"])
     assert "rows:          2" in res.stdout and "nJy" in res.stdout
 
+    res = runner.invoke(main, ["repo", "info", str(root)])
+    assert res.exit_code == 0 and "run1: 2 datasets (calexp 1, src 1)" in res.stdout
+
     res = runner.invoke(main, ["prune", str(root), "--run", "run1", "--dataset-type", "src"])
     assert res.exit_code == 0 and "removed 1" in res.stdout
     assert [r.dataset_type for r in repo.query()] == ["calexp"]

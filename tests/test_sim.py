@@ -88,6 +88,20 @@ def test_bad_recipe_file_through_cli(tmp_path):
     assert result.exit_code != 0 and "tiny" in result.output
 
 
+def test_cli_sim_subset(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from procsky.cli import main
+
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(main, ["sim", "tiny", "--out", str(out), "--visits", "3", "--detectors", "0-1",
+                                    "--scheduler", "sync", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "wrote 2 calexp images" in res.output
+    for name in ("calexp-v000003-d000.fits", "calexp-v000003-d001.fits"):
+        assert filecmp.cmp(out / "images" / name, tiny.out / "images" / name, shallow=False)
+
+
 # -------------------------------------------------------------------------- generation
 def test_tiny_layout_and_speed(tiny):
     out = tiny.out
@@ -355,7 +369,7 @@ def test_ingest_items(tiny, tmp_path):
     items = inst.ingest_file(tiny.images[0])
     assert len(items) == 1
     it = items[0]
-    assert it.dataset_type == "calexp"
+    assert it.dataset_type == "isr_exposure"
     assert set(it.data_id) == {"instrument", "visit", "detector", "band", "physical_filter"}
     assert it.data_id["physical_filter"] == f"simcam-{it.data_id['band']}"
     assert it.records["visit"][0]["visit"] == it.data_id["visit"]
@@ -373,7 +387,7 @@ def test_ingest_items(tiny, tmp_path):
 
 
 def test_procsky_ingest_simcam(tiny, tmp_path):
-    """`procsky ingest REPO DIR/images/*.fits --instrument simcam` registers calexps."""
+    """`procsky ingest REPO DIR/images/*.fits --instrument simcam` registers isr_exposures."""
     from click.testing import CliRunner
 
     from procsky.cli import main
@@ -385,7 +399,7 @@ def test_procsky_ingest_simcam(tiny, tmp_path):
     files = [str(p) for p in tiny.images[:4]]
     res = runner.invoke(main, ["ingest", str(repo), *files, "--instrument", "simcam", "--no-progress"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["query", str(repo), "calexp"])
+    res = runner.invoke(main, ["query", str(repo), "isr_exposure"])
     assert res.exit_code == 0 and "physical_filter=simcam-" in res.output
 
 
@@ -424,4 +438,10 @@ def test_satellite_trail_is_drawn():
         assert np.abs(resid).max() < 5 * v["sat_sigma_px"] + 2
         assert excess.max() == pytest.approx(v["sat_peak_e"], rel=0.02)
         assert np.abs(excess).min() < 1e-6 * excess.max()  # no trail far from the line
+        # SimTruth gives the same line in detector pixels
+        from procsky.sim.truth import _line_in_pixels
+
+        x0, y0, ang, sig, peak = _line_in_pixels(r, v, det)
+        d = -(xs - x0) * np.sin(ang) + (ys - y0) * np.cos(ang)
+        assert np.abs(d).max() < 1.5 * sig
     assert hits >= 1

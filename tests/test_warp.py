@@ -81,8 +81,8 @@ def test_constant_shift_and_no_data():
     rng = np.random.default_rng(1)
     img = rng.normal(size=(30, 30)).astype(np.float32)
     out, ov, om = warp_planes(img, var, msk, xx + 2, yy + 1)
-    np.testing.assert_allclose(out[:24, :25], img[1:25, 2:27], atol=1e-6)
-    np.testing.assert_allclose(ov[:24, :25], 1.0, atol=1e-6)
+    np.testing.assert_allclose(out[2:24, 0:24], img[3:25, 2:26], atol=1e-6)
+    np.testing.assert_allclose(ov[2:24, 0:24], 1.0, atol=1e-6)
     # Beyond the input, and where the footprint leaves it: NO_DATA, NaN.
     assert np.all(om[:, 26:] & NO_DATA) and np.all(np.isnan(out[:, 26:]))
     # A NO_DATA input pixel spoils exactly the outputs whose kernel uses it.
@@ -212,7 +212,10 @@ def test_warp_kernel_image_and_area():
     k = warp_kernel_image(g.kernel(), jac)
     from procsky.psf import ImagePsf
 
-    assert abs(ImagePsf(k).fwhm(0, 0) / 6.0 - 1) < 0.02
+    # A pixelised PSF keeps its input-pixel response (box of variance 1/12 px^2) when
+    # resampled, exactly as the star images it describes do.
+    expected = 2 * math.sqrt(3.0**2 + 2.3548**2 / 12)
+    assert abs(ImagePsf(k).fwhm(0, 0) / expected - 1) < 0.01
     yy, xx = np.mgrid[0:20, 0:20].astype(float)
     assert np.allclose(area_ratio(0.5 * xx + 0.1 * yy, 0.5 * yy), 0.25)
     # Rendering helper sanity: integrated Gaussian sums to its flux.

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from procsky.errors import ProcskyFileError
-from procsky.instruments.base import DetectorSpec, IngestItem, Instrument, register_instrument
+from procsky.instruments.base import INGESTED_DATASET_TYPE, DetectorSpec, IngestItem, Instrument, register_instrument
 
 __all__ = [
     "SimcamInstrument",
@@ -231,7 +231,7 @@ class SimcamInstrument(Instrument):
         }
         records: dict[str, list[dict]] = {"detector": [det_record]}
         data_id = {"instrument": self.name, "detector": det}
-        if kind in ("calexp", "raw"):
+        if kind in ("calexp", "raw"):  # "calexp" files are ISR-removed frames: see INGESTED_DATASET_TYPE
             vi = exp.visit_info
             data_id.update(visit=int(vi.visit), band=vi.band, physical_filter=vi.physical_filter)
             records["visit"] = [{
@@ -243,4 +243,5 @@ class SimcamInstrument(Instrument):
         elif kind == "flat":
             band = str(header["BAND"])
             data_id.update(band=band, physical_filter=f"simcam-{band}")
-        return [IngestItem(dataset_type=kind, data_id=data_id, obj=exp, records=records)]
+        dataset_type = INGESTED_DATASET_TYPE if kind == "calexp" else kind
+        return [IngestItem(dataset_type=dataset_type, data_id=data_id, obj=exp, records=records)]

@@ -101,6 +101,18 @@ def _select(a, n, k):
 @numba.njit(nogil=True, cache=True)
 def _median_inplace(a, n):
     """Median of a[:n]; reorders a[:n]."""
+    if n <= 32:
+        # insertion sort beats selection on the tiny windows of the CR and filter kernels
+        for i in range(1, n):
+            v = a[i]
+            j = i - 1
+            while j >= 0 and a[j] > v:
+                a[j + 1] = a[j]
+                j -= 1
+            a[j + 1] = v
+        if n % 2 == 1:
+            return a[n // 2]
+        return 0.5 * (a[n // 2 - 1] + a[n // 2])
     k = n // 2
     hi = _select(a, n, k)
     if n % 2 == 1:
@@ -475,6 +487,11 @@ def estimate_background(
     Returns
     -------
     Background
+
+    Raises
+    ------
+    ValueError
+        The image has no finite pixel (the task layer turns this into ``NoWorkError``).
     """
     image = np.asarray(image)
     if image.ndim != 2:
@@ -491,6 +508,11 @@ def estimate_background(
     if not np.isfinite(back_mesh).any():
         # nothing usable: fall back to all finite pixels so the caller still gets a map
         back_mesh, rms_mesh = mesh_statistics(img, np.zeros_like(bad), by, bx, float(nsigma), int(max_iter), 0.0)
+        if not np.isfinite(back_mesh).any():
+            raise ValueError(
+                f"no finite pixel in this {image.shape[1]}x{image.shape[0]} image: cannot estimate a background "
+                "(the caller should treat the exposure as having no usable data)"
+            )
     back_mesh, rms_mesh = fill_and_filter_mesh(back_mesh, rms_mesh, filter_size, extrapolate_edges)
     ny, nx = image.shape
     back = interpolate_mesh(back_mesh, ny, nx, by, bx)

@@ -118,86 +118,89 @@ def _median_window(arr, y, x, h, buf):
     return _median_inplace(buf, n)
 
 
-# Memoised per-pixel quantities. ``val`` holds the value, ``gen`` the pass number that computed
-# it (values of earlier passes are stale: the image was repaired in between), ``g`` the pass.
+# Memoised per-pixel quantities, kept per tile so that they stay in cache: ``memo[k]`` holds
+# noise (k=0), S (1), S' (2) and median3 (3) at pixel (y, x) in slot (y - oy, x - ox);
+# ``gens[k]`` the sweep number that computed it (older values are stale), ``g`` the sweep.
+_TILE = 128
+_HALO = 4
+
+
 @numba.njit(nogil=True, cache=True)
-def _noise_at(var, noise, noise_g, g, y, x, buf):
-    if noise_g[y, x] == g:
-        return noise[y, x]
+def _noise_at(var, memo, gens, g, oy, ox, y, x, buf):
+    iy = y - oy
+    ix = x - ox
+    if gens[0, iy, ix] == g:
+        return memo[0, iy, ix]
     m = _median_window(var, y, x, 2, buf)
     if not (m > 1e-5):
         m = 1e-5
     v = np.sqrt(m)
-    noise[y, x] = v
-    noise_g[y, x] = g
+    memo[0, iy, ix] = v
+    gens[0, iy, ix] = g
     return v
 
 
 @numba.njit(nogil=True, cache=True)
-def _s_at(lp, var, memo, gens, g, y, x, buf):
-    if gens[1, y, x] == g:
-        return memo[1, y, x]
-    v = lp[y, x] / (2.0 * _noise_at(var, memo[0], gens[0], g, y, x, buf))
-    memo[1, y, x] = v
-    gens[1, y, x] = g
+def _s_at(lp, var, memo, gens, g, oy, ox, y, x, buf):
+    iy = y - oy
+    ix = x - ox
+    if gens[1, iy, ix] == g:
+        return memo[1, iy, ix]
+    v = lp[y, x] / (2.0 * _noise_at(var, memo, gens, g, oy, ox, y, x, buf))
+    memo[1, iy, ix] = v
+    gens[1, iy, ix] = g
     return v
 
 
 @numba.njit(nogil=True, cache=True)
-def _sprime_at(lp, var, memo, gens, g, y, x, buf, buf2):
-    if gens[2, y, x] == g:
-        return memo[2, y, x]
+def _sprime_at(lp, var, memo, gens, g, oy, ox, y, x, buf, buf2):
+    iy = y - oy
+    ix = x - ox
+    if gens[2, iy, ix] == g:
+        return memo[2, iy, ix]
     ny, nx = lp.shape
     n = 0
     for yy in range(max(0, y - 2), min(ny, y + 3)):
         for xx in range(max(0, x - 2), min(nx, x + 3)):
-            buf2[n] = _s_at(lp, var, memo, gens, g, yy, xx, buf)
+            buf2[n] = _s_at(lp, var, memo, gens, g, oy, ox, yy, xx, buf)
             n += 1
-    v = memo[1, y, x] - _median_inplace(buf2, n)
-    memo[2, y, x] = v
-    gens[2, y, x] = g
+    v = memo[1, iy, ix] - _median_inplace(buf2, n)
+    memo[2, iy, ix] = v
+    gens[2, iy, ix] = g
     return v
 
 
 @numba.njit(nogil=True, cache=True)
-def _med3_at(img, memo, gens, g, y, x, buf):
-    if gens[3, y, x] == g:
-        return memo[3, y, x]
+def _med3_at(img, memo, gens, g, oy, ox, y, x, buf):
+    iy = y - oy
+    ix = x - ox
+    if gens[3, iy, ix] == g:
+        return memo[3, iy, ix]
     v = _median_window(img, y, x, 1, buf)
-    memo[3, y, x] = v
-    gens[3, y, x] = g
+    memo[3, iy, ix] = v
+    gens[3, iy, ix] = g
     return v
 
 
 @numba.njit(nogil=True, cache=True)
-def _fine_structure_at(img, memo, gens, g, y, x, buf, buf49):
+def _fine_structure_at(img, memo, gens, g, oy, ox, y, x, buf, buf49):
     ny, nx = img.shape
     n = 0
     for yy in range(max(0, y - 3), min(ny, y + 4)):
         for xx in range(max(0, x - 3), min(nx, x + 4)):
-            buf49[n] = _med3_at(img, memo, gens, g, yy, xx, buf)
+            buf49[n] = _med3_at(img, memo, gens, g, oy, ox, yy, xx, buf)
             n += 1
-    return memo[3, y, x] - _median_inplace(buf49, n)
+    return memo[3, y - oy, x - ox] - _median_inplace(buf49, n)
 
 
 @numba.njit(nogil=True, cache=True)
-def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use_active, memo, gens, g):
-    """One L.A.Cosmic detection pass; sets new CR pixels in ``crmask``; returns their number.
-
-    With ``use_active`` only pixels where ``active`` is True are tested (later iterations:
-    only the neighbourhood of repaired pixels has changed). ``memo`` (4, ny, nx) float32 and
-    ``gens`` (4, ny, nx) int32 cache noise, S, S' and median3 for pass number ``g`` (>= 1).
-    """
+def _candidates_tile(img, var, lp, ignore, crmask, active, use_active, sigclip, objlim, cand, memo, gens, g,
+                     y0, y1, x0, x1, buf, buf2, buf49):
     ny, nx = img.shape
-    lp = laplacian_plus(img)
-    buf = np.empty(49)
-    buf2 = np.empty(49)
-    buf49 = np.empty(49)
-    # lower bound of the noise: S' <= S and median5(var) >= min over a 5x5 cross, so a pixel
-    # whose Laplacian is below sigclip against the smallest nearby variance cannot qualify
-    cand = np.zeros((ny, nx), dtype=np.bool_)
-    for y in range(ny):
-        for x in range(nx):
+    oy = y0 - _HALO
+    ox = x0 - _HALO
+    for y in range(y0, y1):
+        for x in range(x0, x1):
             if ignore[y, x] or crmask[y, x]:
                 continue
             if use_active and not active[y, x]:
@@ -205,6 +208,9 @@ def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use
             l = lp[y, x]
             if l <= 0:
                 continue
+            # lower bound of the noise: S' <= S and the 5x5 median variance is rarely below the
+            # minimum over the 5x5 cross, so a pixel whose Laplacian is below sigclip against
+            # that minimum cannot qualify
             vmin = var[y, x]
             for dy in (-2, -1, 1, 2):
                 yy = y + dy
@@ -218,28 +224,72 @@ def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use
                 vmin = 1e-5
             if l / (2.0 * np.sqrt(vmin)) <= sigclip:
                 continue
-            spv = _sprime_at(lp, var, memo, gens, g, y, x, buf, buf2)
+            spv = _sprime_at(lp, var, memo, gens, g, oy, ox, y, x, buf, buf2)
             if spv <= sigclip:
                 continue
-            f = _fine_structure_at(img, memo, gens, g, y, x, buf, buf49) / memo[0, y, x]
+            f = _fine_structure_at(img, memo, gens, g, oy, ox, y, x, buf, buf49) / memo[0, y - oy, x - ox]
             if f < 0.01:
                 f = 0.01
             if spv / f > objlim:
                 cand[y, x] = True
+
+
+@numba.njit(nogil=True, cache=True)
+def _grow_tile(lp, var, ignore, crmask, src, dst, thr, memo, gens, g, y0, y1, x0, x1, buf, buf2):
+    """Add to ``dst`` the neighbours of the ``src`` pixels of one tile that have S' > thr."""
+    ny, nx = lp.shape
+    oy = y0 - _HALO
+    ox = x0 - _HALO
+    for y in range(y0, y1):
+        for x in range(x0, x1):
+            if not src[y, x]:
+                continue
+            dst[y, x] = True
+            for yy in range(max(0, y - 1), min(ny, y + 2)):
+                for xx in range(max(0, x - 1), min(nx, x + 2)):
+                    if dst[yy, xx] or src[yy, xx] or ignore[yy, xx] or crmask[yy, xx]:
+                        continue
+                    if _sprime_at(lp, var, memo, gens, g, oy, ox, yy, xx, buf, buf2) > thr:
+                        dst[yy, xx] = True
+
+
+@numba.njit(nogil=True, cache=True)
+def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use_active, memo, gens, g0):
+    """One L.A.Cosmic detection pass; sets new CR pixels in ``crmask``.
+
+    The image is swept in tiles of ``_TILE`` pixels with per-tile memo arrays ``memo`` /
+    ``gens`` of shape (4, _TILE + 2 _HALO, _TILE + 2 _HALO); ``g0`` is the first sweep number
+    to use. With ``use_active`` only pixels where ``active`` is True are tested (later
+    iterations: only the neighbourhood of repaired pixels has changed).
+
+    Returns
+    -------
+    n : int
+        New CR pixels.
+    g : int
+        Next free sweep number.
+    """
+    ny, nx = img.shape
+    lp = laplacian_plus(img)
+    buf = np.empty(49)
+    buf2 = np.empty(49)
+    buf49 = np.empty(49)
+    cand = np.zeros((ny, nx), dtype=np.bool_)
+    g = g0
+    for y0 in range(0, ny, _TILE):
+        for x0 in range(0, nx, _TILE):
+            _candidates_tile(img, var, lp, ignore, crmask, active, use_active, sigclip, objlim, cand, memo, gens,
+                             g, y0, min(ny, y0 + _TILE), x0, min(nx, x0 + _TILE), buf, buf2, buf49)
+            g += 1
     # grow twice: first neighbours with S' > sigclip, then with S' > sigfrac * sigclip
     for level in range(2):
         thr = sigclip if level == 0 else sigfrac * sigclip
-        grown = cand.copy()
-        for y in range(ny):
-            for x in range(nx):
-                if not cand[y, x]:
-                    continue
-                for yy in range(max(0, y - 1), min(ny, y + 2)):
-                    for xx in range(max(0, x - 1), min(nx, x + 2)):
-                        if grown[yy, xx] or ignore[yy, xx] or crmask[yy, xx]:
-                            continue
-                        if _sprime_at(lp, var, memo, gens, g, yy, xx, buf, buf2) > thr:
-                            grown[yy, xx] = True
+        grown = np.zeros((ny, nx), dtype=np.bool_)
+        for y0 in range(0, ny, _TILE):
+            for x0 in range(0, nx, _TILE):
+                _grow_tile(lp, var, ignore, crmask, cand, grown, thr, memo, gens, g, y0, min(ny, y0 + _TILE), x0,
+                           min(nx, x0 + _TILE), buf, buf2)
+                g += 1
         cand = grown
     n = 0
     for y in range(ny):
@@ -247,7 +297,7 @@ def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use
             if cand[y, x] and not crmask[y, x]:
                 crmask[y, x] = True
                 n += 1
-    return n
+    return n, g
 
 
 @numba.njit(nogil=True, cache=True)
@@ -288,7 +338,7 @@ def repair_pixels(image, bad, ignore, half_width=2):
         Number of pixels replaced.
     """
     ny, nx = image.shape
-    src = image.copy()
+    src = image  # donors are never ``bad``, so reading while repairing is safe
     nrep = 0
     for y in range(ny):
         for x in range(nx):
@@ -365,22 +415,20 @@ def find_cosmic_rays(
     var[~np.isfinite(var)] = 0.0
     crmask = np.zeros(img.shape, dtype=bool)
     active = np.zeros((1, 1), dtype=bool)
-    memo = np.empty((4,) + img.shape, dtype=np.float32)
-    gens = np.zeros((4,) + img.shape, dtype=np.int32)
+    side = _TILE + 2 * _HALO
+    memo = np.empty((4, side, side), dtype=np.float32)
+    gens = np.zeros((4, side, side), dtype=np.int64)
+    g = 1
     for it in range(int(niter)):
         before = crmask.copy() if it > 0 else None
-        n = _detect_pass(img, var, bad, float(sigclip), float(sigfrac), float(objlim), crmask, active, it > 0,
-                         memo, gens, it + 1)
+        n, g = _detect_pass(img, var, bad, float(sigclip), float(sigfrac), float(objlim), crmask, active, it > 0,
+                            memo, gens, g)
         if n == 0:
             break
         # next pass: only pixels within 4 px of this pass's new CR pixels can change verdict
         new = crmask if before is None else (crmask & ~before)
         active = _dilate(new, 4)
-        # repair from the original pixels each time so repairs never feed on earlier repairs
-        img = np.array(image, dtype=np.float32, copy=True)
-        img[~np.isfinite(img)] = 0.0
+        # repair in place: donors are never CR or bad pixels, so they still hold input values
         repair_pixels(img, crmask, bad, 2)
-        var = np.array(variance, dtype=np.float32, copy=True)
-        var[~np.isfinite(var)] = 0.0
         repair_pixels(var, crmask, bad, 2)
     return CosmicRayResult(mask=crmask, image=img, variance=var, n_pixels=int(crmask.sum()))

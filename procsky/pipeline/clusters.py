@@ -288,9 +288,17 @@ def connect(scheduler: str | None = None, cluster: str | None = None, **override
     from distributed import Client
 
     if scheduler:
-        if os.path.exists(scheduler) and not scheduler.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
-            return Client(scheduler_file=scheduler), None
-        return Client(scheduler), None
+        if "://" not in scheduler:
+            if os.path.isfile(scheduler):
+                return Client(scheduler_file=scheduler), None
+            if ":" not in scheduler:
+                from procsky.errors import ProcskyFileError
+
+                raise ProcskyFileError(
+                    f"--scheduler {scheduler!r} is neither an address (tcp://host:port) nor an "
+                    "existing scheduler file (dask scheduler --scheduler-file FILE)."
+                )
+        return Client(scheduler, timeout="30s"), None
     c = open_cluster(cluster or "local", **overrides)
     try:
         return Client(c), c

@@ -529,7 +529,7 @@ class Executor:
         return RunSummary(graph.run, graph.counts(), time.time() - t0)
 
     def _bar(self, label: str, total: int, done: int):
-        if not self.progress:
+        if not self.progress or total == 0:
             return None
         from tqdm.auto import tqdm
 
@@ -720,45 +720,55 @@ class DaskExecutor(Executor):
         in_flight = len(initial)
         self.max_seen_in_flight = max(self.max_seen_in_flight, in_flight)
         ac = as_completed(initial, with_results=False)
-        for batch in ac.batches():
-            results, resubmit = [], []
-            fetched = self._gather([f for f in batch if f.status == "finished"])
-            for fut in batch:
-                job = self._job_of_key.pop(fut.key)
-                qid = job.quantum_id
-                in_flight -= 1
-                if fut.key in fetched:
-                    result = fetched[fut.key]
-                    if isinstance(result, BaseException):  # pragma: no cover - lost while fetching
-                        result = _error(qid, "transient", result, "fetching the result",
-                                        {"attempt": job.attempt})
-                else:
-                    exc = fut.exception()
-                    status = "transient" if _is_transient(exc) else "failed"
-                    result = _error(qid, status, exc, "running on the cluster",
-                                    {"attempt": job.attempt, "task": job.task})
-                fut.release()
-                if result.status == "transient":
-                    nxt = self._retry(job)
-                    if nxt is not None:
-                        log.warning("quantum %s %s: transient failure (%s: %s); attempt %d of %d",
-                                    job.task, job.data_id, result.error_class, result.error_message,
-                                    nxt.attempt, self.retries + 1)
-                        resubmit.append(nxt)
-                        continue
-                    result.status = "failed"
-                results.append(result)
-            on_results(results)
-            more = list(resubmit)
-            while queue and in_flight + len(more) < self.max_in_flight:
-                more.append(queue.pop())
-            if more:
-                # Release messages for this batch are queued on the client's event loop;
-                # let them go out before the new tasks so the scheduler never holds more
-                # than max_in_flight quanta.
-                self.client.sync(_flush_loop)
-            new = self._submit(more)
-            if new:
-                in_flight += len(new)
-                self.max_seen_in_flight = max(self.max_seen_in_flight, in_flight)
-                ac.update(new)
+        try:
+            for batch in ac.batches():
+                results, resubmit = [], []
+                fetched = self._gather([f for f in batch if f.status == "finished"])
+                for fut in batch:
+                    job = self._job_of_key.pop(fut.key)
+                    qid = job.quantum_id
+                    in_flight -= 1
+                    if fut.key in fetched:
+                        result = fetched[fut.key]
+                        if isinstance(result, BaseException):  # pragma: no cover - lost while fetching
+                            result = _error(qid, "transient", result, "fetching the result",
+                                            {"attempt": job.attempt})
+                    else:
+                        exc = fut.exception()
+                        status = "transient" if _is_transient(exc) else "failed"
+                        result = _error(qid, status, exc, "running on the cluster",
+                                        {"attempt": job.attempt, "task": job.task})
+                    fut.release()
+                    if result.status == "transient":
+                        nxt = self._retry(job)
+                        if nxt is not None:
+                            log.warning("quantum %s %s: transient failure (%s: %s); attempt %d of %d",
+                                        job.task, job.data_id, result.error_class, result.error_message,
+                                        nxt.attempt, self.retries + 1)
+                            resubmit.append(nxt)
+                            continue
+                        result.status = "failed"
+                    results.append(result)
+                on_results(results)
+                more = list(resubmit)
+                while queue and in_flight + len(more) < self.max_in_flight:
+                    more.append(queue.pop())
+                if more:
+                    # Release messages for this batch are queued on the client's event loop;
+                    # let them go out before the new tasks so the scheduler never holds more
+                    # than max_in_flight quanta.
+                    self.client.sync(_flush_loop)
+                new = self._submit(more)
+                if new:
+                    in_flight += len(new)
+                    self.max_seen_in_flight = max(self.max_seen_in_flight, in_flight)
+                    ac.update(new)
+        finally:
+            # Interrupted (Ctrl-C, error in the driver): do not leave quanta running on a
+            # shared scheduler; they are still pending in the registry and rerun on resume.
+            left = [f for f in ac.futures] if hasattr(ac, "futures") else []
+            if left:
+                try:
+                    self.client.cancel(left)
+                except Exception:  # pragma: no cover - client already closed
+                    pass

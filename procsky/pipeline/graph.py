@@ -248,6 +248,18 @@ class QuantumGraph:
             out[label] = c
         return out
 
+    def explain_empty(self) -> str:
+        """Why a task has no quanta: the input dataset types that had no candidates."""
+        lines = []
+        for pt in self.pipeline:
+            if self.quanta[pt.label]:
+                continue
+            wanted = [c.dataset_type for c in pt.task_class.inputs.values() if not c.optional]
+            lines.append(f"task {pt.label!r} has no quanta: no datasets of {wanted} match "
+                         f"--where {self.where!r}" if self.where else
+                         f"task {pt.label!r} has no quanta: no datasets of {wanted} found")
+        return "; ".join(lines)
+
     # -- export -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """JSON-able description: pipeline, run, where, and every quantum with its edges."""
@@ -403,9 +415,21 @@ def _existing(repo, dataset_type: str, collections: list[str] | None, where: Whe
     """
     if repo is None:
         return []
-    if dataset_type not in {dt.name for dt in repo.dataset_types()}:
+    types = {dt.name: dt for dt in repo.dataset_types()}
+    if dataset_type not in types:
         return []  # a dataset type never declared has no datasets
-    refs = repo.query(dataset_type, run=collections)
+    # Let the registry apply ``where`` when it can decide it for this dataset type (its
+    # dimensions plus the values their records imply, e.g. the band of a visit): that
+    # uses the registry's indexes and implied values. Otherwise filter here (3-valued).
+    sql_where = None
+    if where.expr is not None:
+        from procsky.repo.dimensions import IMPLIED
+
+        dims = set(types[dataset_type].dimensions)
+        known = dims | {i for d in dims for i in IMPLIED.get(d, ())}
+        if where.expr.identifiers <= known:
+            sql_where = where.expr
+    refs = repo.query(dataset_type, where=sql_where, run=collections)
     order = {r: i for i, r in enumerate(collections or [run])}
     refs = sorted(refs, key=lambda r: order.get(r.run, len(order)))
     seen: dict[str, DatasetKey] = {}

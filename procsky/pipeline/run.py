@@ -146,6 +146,12 @@ def run_pipeline(repo, pipeline, *, where: str | None = None, output: str,
             "choose a new --output run."
         )
     graph = build_graph(repo, pipe, where=where, run=output, collections=collections)
+    if len(graph) == 0:
+        raise ProcskyValueError(
+            f"nothing to run for {pipe.name!r} in run {output!r}: {graph.explain_empty()}; "
+            "check --where and --inputs, or ingest the input data first "
+            "(`procsky query REPO DATASET_TYPE` lists what exists)."
+        )
     graph.save(repo)
     if client is None:
         executor = SyncExecutor(retries=retries, progress=progress)

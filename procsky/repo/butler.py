@@ -10,15 +10,20 @@ A dataset exists only when it is registered, and it is registered only after its
 are complete (DESIGN.md section 4):
 
 1. write the object to a hidden temporary sibling (``.<name>.tmp-<token><ext>``),
-2. verify it (re-open it; SHA-256 of the written files),
-3. under the location's lock, remove an *unregistered* leftover at the final name (a
+2. verify it (re-open it; SHA-256 of the written files; optional fsync),
+3. under the location's lock (SQLite's write lock, or a PostgreSQL advisory lock), refuse
+   if the location is registered, remove an *unregistered* leftover at the final name (a
    crashed writer's) and rename the temporary into place (atomic on POSIX),
-4. insert the registry row in one transaction (optionally the caller's, so that the
-   executor marks the producing quantum done in the same commit), after checking that
-   the file at the final name is still the one renamed in step 3.
+4. insert the registry row and commit.
 
-A crash between any two steps leaves nothing registered (at worst an unregistered file
-that the next writer of that name removes), or a complete registered dataset.
+``put`` does 3 and 4 in one transaction. ``write_pending`` stops after 3 and
+``register`` does 4 later, possibly in the caller's transaction (the executor marks the
+producing quantum done in the same commit), after checking that the file at the final
+name is still the one renamed in step 3 (same inode).
+
+A crash between any two steps leaves nothing registered (at worst an unregistered file,
+which the next writer of that name replaces and ``Repo.orphans`` lists), or a complete
+registered dataset.
 """
 
 from __future__ import annotations

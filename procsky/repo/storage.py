@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -173,23 +174,16 @@ class DataFrameStorage(StorageClass):
     extension = ".parquet"
 
     def accepts(self, obj: Any) -> bool:
-        import pandas as pd
-
-        if isinstance(obj, pd.DataFrame):
+        # An object can only be a DataFrame/Table if its library is already imported:
+        # looking in sys.modules spares a writer of dicts the import of pandas.
+        pd = sys.modules.get("pandas")
+        if pd is not None and isinstance(obj, pd.DataFrame):
             return True
-        try:
-            import pyarrow as pa
-
-            if isinstance(obj, pa.Table):
-                return True
-        except ImportError:  # pragma: no cover
-            pass
-        try:
-            from astropy.table import Table
-
-            return isinstance(obj, Table)
-        except ImportError:  # pragma: no cover
-            return False
+        pa = sys.modules.get("pyarrow")
+        if pa is not None and isinstance(obj, pa.Table):
+            return True
+        table = sys.modules.get("astropy.table")
+        return table is not None and isinstance(obj, table.Table)
 
     @staticmethod
     def to_arrow(obj: Any):
@@ -322,7 +316,7 @@ class StructuredDataStorage(StorageClass):
 
 
 STORAGE_CLASSES: dict[str, StorageClass] = {
-    sc.name: sc for sc in (ExposureStorage(), DataFrameStorage(), StructuredDataStorage())
+    sc.name: sc for sc in (StructuredDataStorage(), DataFrameStorage(), ExposureStorage())
 }
 
 

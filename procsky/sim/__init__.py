@@ -10,5 +10,6 @@ path; see ``datasets/README.md`` for the keys and the output layout.
 
 from procsky.sim.recipe import Recipe, load_recipe, recipe_names, recipe_path
 from procsky.sim.survey import SimulationResult, simulate
+from procsky.sim.truth import SimTruth
 
-__all__ = ["simulate", "SimulationResult", "Recipe", "load_recipe", "recipe_names", "recipe_path"]
+__all__ = ["simulate", "SimulationResult", "SimTruth", "Recipe", "load_recipe", "recipe_names", "recipe_path"]

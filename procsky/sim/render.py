@@ -28,8 +28,6 @@ within a few % of 1.)
 from __future__ import annotations
 
 import math
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -451,47 +449,9 @@ def _sky_gradient(visit, geometry, detector, gain) -> dict:
 
 
 # -------------------------------------------------------------------------- writing
-_TS_LOCK = threading.Lock()
-_TS_DEPTH = 0
-_TS_SAVED = None
-
-
-@contextmanager
-def fixed_fits_timestamp(stamp: str = "2000-01-01T00:00:00"):
-    """Make astropy's CHECKSUM/DATASUM comments carry a fixed time, for bit-identical files.
-
-    astropy writes ``HDU checksum updated <now>`` into each CHECKSUM comment, which makes
-    two otherwise identical files differ. Re-entrant and thread-safe (reference counted).
-    """
-    from astropy.io.fits.hdu import base
-
-    global _TS_DEPTH, _TS_SAVED
-    with _TS_LOCK:
-        if _TS_DEPTH == 0:
-            _TS_SAVED = base._ValidHDU._get_timestamp
-            base._ValidHDU._get_timestamp = lambda self: stamp
-        _TS_DEPTH += 1
-    try:
-        yield
-    finally:
-        with _TS_LOCK:
-            _TS_DEPTH -= 1
-            if _TS_DEPTH == 0:
-                base._ValidHDU._get_timestamp = _TS_SAVED
-
-
 def image_filename(kind: str, visit: int, detector: int) -> str:
     """``<kind>-v<visit:06d>-d<detector:03d>.fits`` (kind is ``calexp`` or ``raw``)."""
     return f"{kind}-v{visit:06d}-d{detector:03d}.fits"
-
-
-def _add_primary_keys(path, keys: dict) -> None:
-    from astropy.io import fits
-
-    with fits.open(path, mode="update", checksum=True) as hdul:
-        h = hdul[0].header
-        for k, v in keys.items():
-            h[k] = v
 
 
 def _common_keys(recipe, geometry, detector, imagetyp):
@@ -548,9 +508,7 @@ def write_detector(recipe, visit: dict, img: DetectorImage, path, mode: str) -> 
         det.update(datasec=meta["datasec"], biassec=meta["biassec"])
     exp = Exposure(image, variance, mask, wcs=img.wcs, visit_info=vi,
                    photocalib=PhotoCalib.from_zero_point(float(visit["magzero"])), detector=det, metadata=meta)
-    with fixed_fits_timestamp():
-        exp.write(path)
-        _add_primary_keys(path, keys)
+    exp.write(path, primary_header=keys)
 
 
 def write_calibs(recipe, detector: int, bands: list[str], calib_dir) -> list[str]:
@@ -594,8 +552,6 @@ def write_calibs(recipe, detector: int, bands: list[str], calib_dir) -> list[str
         exp = Exposure(image.astype(np.float32), var.astype(np.float32), mask.copy(), wcs=wcs,
                        detector=geometry.detector_dict(detector), metadata=meta)
         path = calib_dir / name
-        with fixed_fits_timestamp():
-            exp.write(path)
-            _add_primary_keys(path, keys)
+        exp.write(path, primary_header=keys)
         names.append(name)
     return names

@@ -103,3 +103,32 @@ class SimTruth:
         xc = 0.5 * (r.instrument.detector_nx - 1)
         yc = 0.5 * (r.instrument.detector_ny - 1)
         return row["sky_level"] + row["sky_grad_x"] * (np.asarray(x) - xc) + row["sky_grad_y"] * (np.asarray(y) - yc)
+
+    def satellite_line(self, visit: int, detector: int):
+        """The satellite trail of a visit in this detector's pixels, or None.
+
+        Returns ``(x0, y0, angle, sigma, peak)``: a point on the line (0-based pixels),
+        its direction (rad from +x), the Gaussian width (pixels) and the peak surface
+        brightness (ADU per pixel).
+        """
+        v = self._row("visits", visit=visit)
+        if not bool(v["satellite"]):
+            return None
+        return _line_in_pixels(self.recipe, v, detector)
+
+
+def _line_in_pixels(recipe, v, detector: int):
+    """(x0, y0, angle, sigma, peak ADU) of a visit's satellite line in detector pixels."""
+    import math
+
+    from procsky.instruments.simcam import SimcamGeometry
+
+    g = SimcamGeometry(recipe.instrument, recipe.seed)
+    d = g.detectors[detector]
+    px0, py0 = g.origin_pixel(detector)
+    c, s = math.cos(d.rotation), math.sin(d.rotation)
+    fx, fy = float(v["sat_x0"]), float(v["sat_y0"])
+    # f = R_d (p - p0)  =>  p = p0 + R_d^T f
+    x0 = px0 + c * fx + s * fy
+    y0 = py0 - s * fx + c * fy
+    return x0, y0, float(v["sat_angle"]) - d.rotation, float(v["sat_sigma_px"]), float(v["sat_peak_e"]) / recipe.instrument.gain

@@ -1,0 +1,151 @@
+"""Coadd tasks: combine the warps (or calexps, warped on the fly) of a patch and band.
+
+``assemble_coadd`` (quantum ``{skymap, tract, patch, band}``) gathers every ``warp`` of
+the patch and band and returns the coadd as a lazy :class:`~procsky.exposure.Exposure`
+built by :func:`procsky.coadd.build_coadd`; the executor writes it chunk by chunk.
+``assemble_coadd_direct`` does the same from the calexps, warping on the fly (no warp
+intermediates; a configuration choice, see ``benchmarks/bench_coadd.py``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pydantic
+
+from procsky.errors import NoWorkError, ProcskyValueError
+from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, register_task
+from procsky.tasks.warp import WARP_DIMS, _band_of, overlapping_patches, skymap_input
+
+__all__ = ["AssembleCoaddTask", "AssembleCoaddDirectTask", "AssembleCoaddConfig"]
+
+_PATCH_BAND = ("skymap", "tract", "patch", "band")
+
+
+class AssembleCoaddConfig(TaskConfig):
+    """Configuration of the coadd tasks (see :class:`procsky.coadd.CoaddConfig`)."""
+
+    skymap: str = "default"
+    """Registered sky map (``assemble_coadd_direct``)."""
+    statistic: str = pydantic.Field("mean", pattern="^(mean|clipped_mean|median)$")
+    """Per-pixel statistic."""
+    reject_artifacts: bool = True
+    """CompareWarp-style rejection of satellite trails, cosmic rays and ghosts."""
+    artifact_threshold: float = pydantic.Field(5.0, gt=0)
+    """Outlier threshold (sigma)."""
+    psf_match: bool = True
+    """Detect artifacts on PSF-matched warps."""
+    chunk: int = pydantic.Field(1024, ge=16)
+    """Output chunk side (pixels)."""
+    memory_budget: int = pydantic.Field(256 * 2**20, ge=2**20)
+    """Working memory of one chunk task (bytes)."""
+    order: int = pydantic.Field(3, ge=1, le=8)
+    """Lanczos order (on-the-fly warps)."""
+
+    def coadd_config(self):
+        from procsky.coadd import CoaddConfig, WarpConfig
+
+        return CoaddConfig(statistic=self.statistic, reject_artifacts=self.reject_artifacts,
+                           artifact_threshold=self.artifact_threshold, psf_match=self.psf_match,
+                           memory_budget=self.memory_budget, warp=WarpConfig(order=self.order, chunk=self.chunk))
+
+
+def _patch_geometry(warps):
+    meta = warps[0].metadata
+    if "patch_box" not in meta or "patch_wcs" not in meta:
+        raise ProcskyValueError(
+            "the warps carry no patch geometry (metadata 'patch_box', 'patch_wcs'); make them with the warp task"
+        )
+    x0, y0, x1, y1 = meta["patch_box"]
+    cards = [tuple(c) for c in meta["patch_wcs"]]
+    return cards, (y1 - y0, x1 - x0), (x0, y0)
+
+
+@register_task("assemble_coadd")
+class AssembleCoaddTask(Task):
+    """Coadd the warps of one patch and band."""
+
+    dimensions = _PATCH_BAND
+    inputs = {"warps": Input("warp", WARP_DIMS, multiple=True)}
+    outputs = {"coadd": Output("coadd", _PATCH_BAND)}
+    Config = AssembleCoaddConfig
+    parallel = True
+
+    def run(self, warps, data_ids=None):
+        """Build the coadd of ``warps`` (lazy planes; weights and PSF computed).
+
+        Parameters
+        ----------
+        warps : list of Exposure
+            Warps of one patch and band (from the warp task).
+
+        Returns
+        -------
+        dict
+            ``{"coadd": Exposure}``.
+        """
+        from procsky.coadd import build_coadd
+
+        warps = [w for w in warps if w is not None]
+        if not warps:
+            raise NoWorkError("no warps for this patch and band")
+        cards, shape, xy0 = _patch_geometry(warps)
+        lazy = build_coadd(warps, out_cards=cards, out_shape=shape, xy0=xy0, config=self.config.coadd_config(),
+                           inputs_are_warps=True, chunk=self.config.chunk)
+        band = None
+        if data_ids and data_ids.get("warps"):
+            band = data_ids["warps"][0].get("band")
+        exp = lazy.to_exposure(band=band or (warps[0].visit_info.band if warps[0].visit_info else None))
+        exp.metadata.update({k: warps[0].metadata.get(k) for k in ("skymap", "tract", "patch")})
+        return {"coadd": exp}
+
+
+@register_task("assemble_coadd_direct")
+class AssembleCoaddDirectTask(Task):
+    """Coadd the calexps overlapping one patch and band, warping them on the fly."""
+
+    dimensions = _PATCH_BAND
+    inputs = {
+        "calexps": Input("calexp", ("instrument", "visit", "detector"), multiple=True),
+        "skymap": Input("skymap", ("skymap",)),
+    }
+    outputs = {"coadd": Output("coadd", _PATCH_BAND)}
+    Config = AssembleCoaddConfig
+    parallel = True
+
+    def quanta(self, repo, inputs, where):
+        from procsky.skymap import SkyMap
+
+        if repo is None:
+            raise ProcskyValueError("assemble_coadd_direct needs the repository to map visits to patches")
+        sm_key = skymap_input(repo, self.config.skymap)
+        skymap = SkyMap.from_record(repo.get(sm_key.dataset_type, sm_key.data_id, run=sm_key.run))
+        groups = overlapping_patches(repo, skymap, inputs.get("calexps", []))
+        by_patch: dict = defaultdict(list)
+        for (instrument, visit, tract, patch), keys in groups.items():
+            band = _band_of(repo, keys, instrument, visit)
+            by_patch[(tract, patch, band)].extend(keys)
+        specs = []
+        for (tract, patch, band), keys in sorted(by_patch.items()):
+            data_id = {"skymap": skymap.name, "tract": tract, "patch": patch, "band": band}
+            if where is not None and not where(data_id):
+                continue
+            uniq = {k.key: k for k in keys}
+            specs.append(QuantumSpec(data_id, {"calexps": [uniq[k] for k in sorted(uniq)], "skymap": [sm_key]}))
+        return specs
+
+    def run(self, calexps, skymap, data_id=None, data_ids=None):
+        from procsky.coadd import build_coadd
+        from procsky.skymap import SkyMap
+
+        if data_id is None or "tract" not in data_id:
+            raise ProcskyValueError(
+                "AssembleCoaddDirectTask.run needs the quantum data ID as data_id=...; the executor passes it "
+                "to run() methods that accept a 'data_id' argument"
+            )
+        patch = SkyMap.from_record(skymap).patch(data_id["tract"], data_id["patch"])
+        lazy = build_coadd(calexps, patch, config=self.config.coadd_config(), inputs_are_warps=False,
+                           chunk=self.config.chunk)
+        exp = lazy.to_exposure(band=data_id.get("band"))
+        exp.metadata.update({"skymap": data_id.get("skymap"), "tract": patch.tract.id, "patch": patch.id})
+        return {"coadd": exp}

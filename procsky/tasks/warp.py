@@ -1,0 +1,213 @@
+"""Warp task: resample the calexps of one visit onto one patch.
+
+Quantum ``{instrument, visit, skymap, tract, patch}`` (LSST ``MakeWarpTask``): the
+calexps of the visit that overlap the patch are each resampled (Lanczos3, flux scaled to
+nJy per patch pixel) and combined into one ``warp`` covering the chunk-aligned box they
+touch; where detectors overlap, the inverse-variance weighted mean is taken. The mapping
+visit/detector -> tract/patch is made by :meth:`WarpTask.quanta` from each calexp's WCS
+footprint and the sky map.
+
+The sky map is an input dataset (``skymap``, dimensions ``{skymap}``, a dict written by
+``procsky skymap register``), so that ``run`` needs no repository.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import pydantic
+
+from procsky.errors import NoWorkError, ProcskyValueError
+from procsky.pipeline.task import DatasetKey, Input, Output, QuantumSpec, Task, TaskConfig, register_task
+
+__all__ = ["WarpTask", "WarpTaskConfig", "overlapping_patches", "skymap_input"]
+
+log = logging.getLogger(__name__)
+
+_VD = ("instrument", "visit", "detector")
+WARP_DIMS = ("instrument", "visit", "skymap", "tract", "patch", "band")
+
+
+class WarpTaskConfig(TaskConfig):
+    """Configuration of :class:`WarpTask`."""
+
+    skymap: str = "default"
+    """Name of the registered sky map."""
+    order: int = pydantic.Field(3, ge=1, le=8)
+    """Lanczos order."""
+    grid_step: int = pydantic.Field(32, ge=0)
+    """WCS mapping grid spacing (pixels); 0 = exact per pixel."""
+    chunk: int = pydantic.Field(1024, ge=16)
+    """Chunk side of the warp (pixels); coadds read whole chunks."""
+
+    def warp_config(self):
+        from procsky.coadd import WarpConfig
+
+        return WarpConfig(order=self.order, grid_step=self.grid_step, chunk=self.chunk)
+
+
+def skymap_input(repo, name: str) -> DatasetKey:
+    """The ``skymap`` dataset of a registered sky map, as a quantum input."""
+    from procsky.errors import ProcskyKeyError
+
+    refs = repo.query("skymap", {"skymap": name}) if "skymap" in {d.name for d in repo.dataset_types()} else []
+    if not refs:
+        raise ProcskyKeyError(
+            f"no 'skymap' dataset named {name!r} in {repo.root}; register the sky map first with "
+            f"`procsky skymap register {repo.root} {name} ...`"
+        )
+    ref = refs[0]
+    return DatasetKey("skymap", dict(ref.data_id), run=ref.run, id=ref.id)
+
+
+def overlapping_patches(repo, skymap, calexp_keys, where=None) -> dict:
+    """(instrument, visit, tract, patch) -> calexp DatasetKeys overlapping that patch.
+
+    Footprints come from each calexp's stored WCS (read lazily from the repository; for
+    predicted calexps, from the raw of the same data ID).
+    """
+    from procsky.skymap import footprint_points
+
+    groups: dict = defaultdict(list)
+    for key in calexp_keys:
+        exp = _header_of(repo, key)
+        if exp is None or exp.wcs is None:
+            log.warning("no WCS for %s %s; it is left out of the warps", key.dataset_type, key.data_id)
+            continue
+        ra, dec = footprint_points(exp.wcs, exp.shape)
+        for tract, patches in skymap.tracts_patches_for_sky(ra, dec).items():
+            for patch in patches:
+                groups[(key.data_id["instrument"], key.data_id["visit"], tract, patch)].append(key)
+    return groups
+
+
+def _header_of(repo, key: DatasetKey):
+    for dataset_type in (key.dataset_type, "raw"):
+        try:
+            ref = repo.find(dataset_type, key.data_id, run=key.run if dataset_type == key.dataset_type else None)
+        except Exception:
+            ref = None
+        if ref is not None:
+            return repo.get(ref)
+    return None
+
+
+def _band_of(repo, keys, instrument, visit):
+    bands = {k.data_id.get("band") for k in keys} - {None}
+    if len(bands) == 1:
+        return bands.pop()
+    for rec in repo.dimension_records("visit"):
+        if rec.get("instrument") == instrument and rec.get("visit") == visit and rec.get("band"):
+            return rec["band"]
+    return ""
+
+
+@register_task("warp")
+class WarpTask(Task):
+    """Resample a visit's calexps onto a patch (see the module docstring)."""
+
+    dimensions = ("instrument", "visit", "skymap", "tract", "patch")
+    inputs = {
+        "calexps": Input("calexp", _VD, multiple=True),
+        "skymap": Input("skymap", ("skymap",)),
+    }
+    outputs = {"warp": Output("warp", WARP_DIMS)}
+    Config = WarpTaskConfig
+    parallel = True
+
+    def quanta(self, repo, inputs, where):
+        from procsky.skymap import SkyMap
+
+        if repo is None:
+            raise ProcskyValueError("the warp task needs the repository to map visits to patches")
+        sm_key = skymap_input(repo, self.config.skymap)
+        skymap = SkyMap.from_record(repo.get(sm_key.dataset_type, sm_key.data_id, run=sm_key.run))
+        groups = overlapping_patches(repo, skymap, inputs.get("calexps", []))
+        specs = []
+        for (instrument, visit, tract, patch), keys in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            data_id = {"instrument": instrument, "visit": visit, "skymap": skymap.name, "tract": tract,
+                       "patch": patch, "band": _band_of(repo, keys, instrument, visit)}
+            if where is not None and not where(data_id):
+                continue
+            specs.append(QuantumSpec(data_id, {"calexps": sorted(keys, key=lambda k: k.key), "skymap": [sm_key]}))
+        return specs
+
+    def run(self, calexps, skymap, data_id=None, data_ids=None):
+        """Warp the calexps onto the quantum's patch.
+
+        Parameters
+        ----------
+        calexps : list of Exposure
+        skymap : dict
+            The ``skymap`` dataset (dimension record of the sky map).
+        data_id : dict
+            Quantum data ID (``tract``, ``patch`` ...).
+
+        Returns
+        -------
+        dict
+            ``{"warp": Exposure}`` (lazy planes, nJy per pixel).
+        """
+        from procsky.skymap import SkyMap
+
+        if data_id is None or "tract" not in data_id or "patch" not in data_id:
+            raise ProcskyValueError(
+                "WarpTask.run needs the quantum data ID (tract, patch) as data_id=...; the executor "
+                "passes it to run() methods that accept a 'data_id' argument"
+            )
+        sm = SkyMap.from_record(skymap)
+        patch = sm.patch(data_id["tract"], data_id["patch"])
+        return {"warp": warp_visit(calexps, patch, self.config.warp_config(), skymap_name=sm.name)}
+
+
+def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
+    """Warp the detectors of one visit onto a patch and merge them into one warp.
+
+    Parameters
+    ----------
+    calexps : list of Exposure
+    patch : procsky.skymap.PatchInfo
+    config : procsky.coadd.WarpConfig
+
+    Returns
+    -------
+    Exposure
+    """
+    from procsky.coadd import CoaddConfig, build_coadd, warp_exposure
+
+    warps = []
+    for c in calexps:
+        try:
+            warps.append(warp_exposure(c, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=config))
+        except NoWorkError:
+            continue
+    if not warps:
+        raise NoWorkError(f"no calexp overlaps patch {patch.data_id}")
+    meta = {"skymap": skymap_name, "tract": patch.tract.id, "patch": patch.id, "patch_box": patch.outer.to_list(),
+            "patch_wcs": [list(c) for c in patch.wcs_cards]}
+    if len(warps) == 1:
+        w = warps[0]
+        w.metadata.update(meta)
+        return w
+    # Several detectors: their overlap (rare, only at gaps) is averaged with their weights.
+    x0 = min(w.xy0[0] for w in warps)
+    y0 = min(w.xy0[1] for w in warps)
+    x1 = max(w.xy0[0] + w.shape[1] for w in warps)
+    y1 = max(w.xy0[1] + w.shape[0] for w in warps)
+    from procsky.wcs import shift_wcs
+
+    _, cards = shift_wcs(patch.wcs, x0 - patch.xy0[0], y0 - patch.xy0[1], list(patch.wcs_cards))
+    merged = build_coadd(warps, out_cards=cards, out_shape=(y1 - y0, x1 - x0), xy0=(x0, y0),
+                         config=CoaddConfig(reject_artifacts=False, warp=config), inputs_are_warps=True)
+    exp = merged.to_exposure()
+    exp.psf = warps[0].psf
+    exp.visit_info = warps[0].visit_info
+    meds = [w.metadata.get("median_variance") for w in warps]
+    meds = [m for m in meds if m is not None]
+    exp.metadata.update({**warps[0].metadata, **meta, "warp_box": [x0 - patch.xy0[0], y0 - patch.xy0[1],
+                                                                     x1 - patch.xy0[0], y1 - patch.xy0[1]],
+                         "median_variance": float(np.median(meds)) if meds else None,
+                         "detectors": [w.detector.get("id") for w in warps]})
+    return exp
