@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_coadd import make_stars, measure, render_gaussians  # noqa: E402  (synthetic-data helpers)
+from test_coadd import make_stars, measure, render_gaussians
 
-from procsky.coadd import CoaddConfig, WarpConfig, build_coadd  # noqa: E402
-from procsky.exposure import Exposure, VisitInfo  # noqa: E402
-from procsky.photocalib import PhotoCalib  # noqa: E402
-from procsky.psf import GaussianPsf  # noqa: E402
-from procsky.skymap import discrete_skymap  # noqa: E402
-from procsky.wcs import wcs_from_cards  # noqa: E402
+from procsky.coadd import CoaddConfig, WarpConfig, build_coadd
+from procsky.exposure import Exposure, VisitInfo
+from procsky.photocalib import PhotoCalib
+from procsky.psf import GaussianPsf
+from procsky.skymap import discrete_skymap
+from procsky.wcs import wcs_from_cards
 
 RA0, DEC0 = 150.0, 2.0
 

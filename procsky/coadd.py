@@ -9,10 +9,12 @@ Design (after reproject's ``mosaicking/_coadd.py``):
 * An output chunk is one dask task. It receives only the *sources* that overlap it:
   small picklable readers over numpy or Zarr arrays (a warp already on the patch grid, or
   a calexp warped on the fly), never the whole inputs.
-* Inside the task, the chunk is processed in strips whose height is chosen so that
-  ``n_sources x strip`` fits ``memory_budget``; the weighted mean without artifact
-  rejection streams one source at a time. Memory per task therefore does not grow with
-  the number of visits.
+* Inside the task, the weighted mean (with or without CompareWarp-style artifact
+  rejection) streams over the visits one at a time, so memory per task does not grow
+  with the number of visits (rejection makes three passes, keeping only sparse outlier
+  lists between them, or caches the visits when they fit ``memory_budget``). ``median``
+  and ``clipped_mean`` need every visit of a pixel at once: the chunk is processed in
+  strips whose height makes ``n_visits x strip`` fit ``memory_budget`` (down to 8 rows).
 * Zarr-backed dask inputs (what ``Repo.get`` returns) are read directly from their Zarr
   arrays inside the task; other dask inputs become task dependencies (their chunk slices).
 * Per-visit weights (inverse median variance) are known from metadata, computed from
@@ -29,8 +31,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pydantic
@@ -45,13 +48,13 @@ from procsky.skymap import Box, PatchInfo
 from procsky.wcs import wcs_from_cards
 
 __all__ = [
-    "WarpConfig",
     "CoaddConfig",
-    "pixel_mapping",
-    "warp_exposure",
-    "build_coadd",
     "LazyCoadd",
+    "WarpConfig",
+    "build_coadd",
+    "pixel_mapping",
     "source_box",
+    "warp_exposure",
 ]
 
 _NO_DATA = _masks.bit("NO_DATA")
@@ -493,7 +496,6 @@ def warp_exposure(calexp: Exposure, out_cards, out_shape, *, xy0=(0, 0), config:
         raise NoWorkError("the exposure does not overlap the output grid")
     src = _make_warp_source(calexp, out_cards, config, box, 0)
     import dask
-    import dask.array as da
 
     boxes = _chunk_boxes(box, config.chunk)
     token = dask.base.tokenize(calexp.wcs_cards, out_cards, box, config.model_dump(), id(calexp))

@@ -55,15 +55,10 @@ def run(out: Path, *, workers: int = 2, pipeline: bool = True) -> int:
         images = sorted((out / "sim" / "images").glob("*.fits"))
         refs = ingest_files(repo, images, "simcam", run="simcam/raw", progress=True)
         summary.append(f"simulated + ingested {len(refs)} simcam detector images (run simcam/raw)")
-        refcat = out / "sim" / "refcat" / "refcat.parquet"
-        if refcat.exists():
-            try:
-                from procsky.refcat import ingest_refcat
+        from procsky.refcat import ingest_refcat
 
-                ingest_refcat(repo, [refcat], name="sim_refcat")
-                summary.append("ingested the simulated reference catalogue as 'sim_refcat'")
-            except ImportError:
-                pass
+        ingest_refcat(repo, [out / "sim" / "refcat" / "refcat.parquet"], name="sim")
+        summary.append("ingested the simulated reference catalogue as refcat 'sim'")
         sim_ok = True
 
     if REAL.exists():
@@ -76,28 +71,23 @@ def run(out: Path, *, workers: int = 2, pipeline: bool = True) -> int:
         _say(f"no real data at {REAL}; skipping the real samples")
 
     if pipeline and sim_ok:
-        try:
-            from procsky.pipeline import run_pipeline  # noqa: F401
-        except ImportError as e:
-            _say(f"pipeline executor not available ({e}); stopping after ingest")
-        else:
-            from procsky.pipeline import run_pipeline, write_report
+        from distributed import Client
 
-            _say("running the drp pipeline on the simulated survey ...")
-            result = run_pipeline(
-                "drp",
-                repo=repo,
-                where="instrument='simcam'",
-                output="demo/drp",
-                inputs=["simcam/raw"],
-                cluster="local",
-                cluster_overrides={"n_workers": workers},
-                progress=True,
-            )
-            html = out / "report.html"
-            write_report(repo, "demo/drp", html=html)
-            summary.append(f"ran drp: {result.summary_line()}")
-            summary.append(f"HTML report: {html}")
+        from procsky.pipeline import open_cluster, run_pipeline, run_report
+        from procsky.pipeline.report import write_html
+
+        _say(f"running the drp pipeline on the simulated survey with a LocalCluster of {workers} workers ...")
+        with open_cluster("local", n_workers=workers) as cluster, Client(cluster) as client:
+            _say(f"dask dashboard: {client.dashboard_link}")
+            result = run_pipeline(repo, "drp", where="instrument='simcam'", output="demo/drp", client=client, progress=True)
+        print(result, flush=True)
+        html = write_html(run_report(repo, "demo/drp"), out / "report.html")
+        summary.append(f"ran drp into run demo/drp ({'all quanta succeeded' if result.ok else 'SOME QUANTA FAILED'})")
+        summary.append(f"HTML report: {html}")
+        if not result.ok:
+            for line in summary:
+                _say(line)
+            return 1
 
     _say("datasets in the repository:")
     counts: dict[tuple[str, str], int] = {}

@@ -42,15 +42,15 @@ from procsky.errors import ConflictError, ProcskyKeyError, ProcskyValueError
 
 __all__ = [
     "Box",
-    "SkyMapConfig",
-    "SkyMap",
-    "TractInfo",
     "PatchInfo",
-    "rings_skymap",
+    "SkyMap",
+    "SkyMapConfig",
+    "TractInfo",
     "discrete_skymap",
-    "register_skymap",
-    "load_skymap",
     "footprint_points",
+    "load_skymap",
+    "register_skymap",
+    "rings_skymap",
 ]
 
 
@@ -80,16 +80,16 @@ class Box:
     def empty(self) -> bool:
         return self.nx <= 0 or self.ny <= 0
 
-    def intersection(self, other: "Box") -> "Box":
+    def intersection(self, other: Box) -> Box:
         return Box(max(self.x0, other.x0), max(self.y0, other.y0), min(self.x1, other.x1), min(self.y1, other.y1))
 
-    def overlaps(self, other: "Box") -> bool:
+    def overlaps(self, other: Box) -> bool:
         return not self.intersection(other).empty
 
-    def shifted(self, dx: int, dy: int) -> "Box":
+    def shifted(self, dx: int, dy: int) -> Box:
         return Box(self.x0 + dx, self.y0 + dy, self.x1 + dx, self.y1 + dy)
 
-    def grown(self, n: int) -> "Box":
+    def grown(self, n: int) -> Box:
         return Box(self.x0 - n, self.y0 - n, self.x1 + n, self.y1 + n)
 
     def slices(self) -> tuple[slice, slice]:
@@ -202,7 +202,7 @@ class TractInfo:
             )
         return int(patch) % npx, int(patch) // npx
 
-    def patch(self, patch: int) -> "PatchInfo":
+    def patch(self, patch: int) -> PatchInfo:
         """The :class:`PatchInfo` of a patch id."""
         px, py = self.patch_index(patch)
         b, n = self.patch_border, self.patch_inner
@@ -560,7 +560,7 @@ class SkyMap:
         }
 
     @classmethod
-    def from_record(cls, record: dict) -> "SkyMap":
+    def from_record(cls, record: dict) -> SkyMap:
         sm = cls(record["config"], name=record["skymap"])
         if record.get("hash") and record["hash"] != sm.config_hash:
             raise ProcskyValueError(

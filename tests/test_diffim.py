@@ -317,3 +317,24 @@ def _check_small_sim(sim_dir, out, tvis, objects, sources):
     assert n_found / n_expected >= 0.95
     assert n_good_flux / max(n_found, 1) >= 0.95
     assert n_false / len(out) < 5, results
+
+
+def test_task_quanta_group_by_band():
+    from procsky.pipeline.task import DatasetKey
+    from procsky.tasks.diffim import MakeTemplateTask, SubtractTask
+    from procsky.tasks.dia import AssociateDiaTask
+
+    cal = [DatasetKey("calexp", {"instrument": "c", "visit": v, "detector": 1, "band": b}) for v, b in
+           [(1, "g"), (2, "r")]]
+    tpl = [DatasetKey("template", {"skymap": "s", "tract": 0, "patch": p, "band": b}) for p in (0, 1) for b in "gr"]
+    specs = SubtractTask().quanta(None, {"calexp": cal, "templates": tpl}, None)
+    assert [s.data_id["visit"] for s in specs] == [1, 2]
+    assert all({t.data_id["band"] for t in s.inputs["templates"]} == {s.data_id["band"]} for s in specs)
+    assert all(len(s.inputs["templates"]) == 2 for s in specs)
+    warps = [DatasetKey("warp", {"instrument": "c", "visit": v, "skymap": "s", "tract": 0, "patch": 3, "band": b})
+             for v, b in [(1, "g"), (2, "r"), (3, "g")]]
+    specs = MakeTemplateTask().quanta(None, {"warps": warps}, None)
+    assert [(s.data_id["band"], len(s.inputs["warps"])) for s in specs] == [("g", 2), ("r", 1)]
+    srcs = [DatasetKey("dia_source", {"instrument": "c", "visit": v, "detector": 1}) for v in (1, 2)]
+    specs = AssociateDiaTask().quanta(None, {"dia_sources": srcs, "templates": tpl}, None)
+    assert len(specs) == 1 and specs[0].data_id == {"skymap": "s", "tract": 0} and len(specs[0].inputs["dia_sources"]) == 2

@@ -182,3 +182,19 @@ def test_measure_thread_safe():
         t.join()
     for o in out:
         np.testing.assert_array_equal(o["ap_flux_6"], ref["ap_flux_6"])
+
+
+def test_psf_flux_of_saturated_star_uses_the_wings():
+    sig = 1.7
+    st = gaussian_psf_image(31, sig, 0.2, -0.1)
+    flux = 2e6
+    img = (st * flux).astype(np.float32)
+    sat = img > 3e4
+    img[sat] = 3e4  # clipped core
+    mask = np.where(sat, np.uint32(1 << 1), np.uint32(0))
+    var = np.full(img.shape, 100.0, np.float32) + img
+    out = measure_psf_fluxes(img, var, mask, [15.2], [14.9], st[None])
+    assert out["psf_flux"][0] == pytest.approx(flux, rel=1e-3)
+    assert out["psf_flux_flag"][0]  # most of the PSF weight was saturated
+    clipped = measure_psf_fluxes(img, var, None, [15.2], [14.9], st[None])
+    assert clipped["psf_flux"][0] < 0.9 * flux

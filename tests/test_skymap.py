@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from procsky.errors import ConflictError, ProcskyKeyError
-from procsky.skymap import Box, SkyMap, discrete_skymap, load_skymap, register_skymap, rings_skymap
+from procsky.skymap import (
+    Box,
+    SkyMap,
+    discrete_skymap,
+    load_skymap,
+    register_skymap,
+    rings_skymap,
+)
 from procsky.wcs import wcs_from_cards
 
 

@@ -9,16 +9,28 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from test_coadd import (
+    make_skymap,
+    make_stars,
+    make_visit,
+    render_gaussians,
+    visit_cards,
+)
 
 from procsky import masks
 from procsky.coadd import WarpConfig, pixel_mapping, warp_exposure
 from procsky.errors import NoWorkError
 from procsky.exposure import Exposure
-from procsky.kernels.warp import area_ratio, lanczos, lanczos_noise_correlation, warp_kernel_image, warp_planes
+from procsky.kernels.warp import (
+    area_ratio,
+    lanczos,
+    lanczos_noise_correlation,
+    warp_kernel_image,
+    warp_planes,
+)
 from procsky.photocalib import PhotoCalib
 from procsky.psf import GaussianPsf
 from procsky.skymap import Box
-from test_coadd import make_skymap, make_stars, make_visit, render_gaussians, visit_cards
 
 NO_DATA = masks.bit("NO_DATA")
 

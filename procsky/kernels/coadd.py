@@ -19,8 +19,10 @@ Statistics
     Per-pixel median of the good inputs; variance ``pi/2`` times that of the unweighted
     mean (asymptotic efficiency of the median for Gaussian noise).
 
-Artifact rejection (:func:`find_artifacts`) follows LSST's ``CompareWarpAssembleCoadd``
-(Rubin DMTN-080): a static-sky model is the per-pixel median of the PSF-matched warps;
+Artifact rejection follows LSST's ``CompareWarpAssembleCoadd`` (Rubin DMTN-080): a
+static-sky model is built from the PSF-matched warps (the per-pixel median in
+:func:`find_artifacts`, which holds the whole stack; a streaming trimmed mean,
+:class:`TrimmedMeanAccumulator`, when visits are streamed one at a time);
 pixels of a visit more than ``threshold`` sigma from it are outliers; outliers seen in
 only a few epochs at a pixel (satellite trails, cosmic rays, ghosts) are masked, grown by
 a few pixels, while pixels that are outliers in many epochs (variable stars) are kept.
@@ -32,15 +34,15 @@ import numba
 import numpy as np
 
 __all__ = [
+    "STATISTICS",
     "MeanAccumulator",
     "TrimmedMeanAccumulator",
-    "significance",
     "artifact_regions",
-    "transient_pixels",
     "combine_stack",
-    "find_artifacts",
     "dilate",
-    "STATISTICS",
+    "find_artifacts",
+    "significance",
+    "transient_pixels",
 ]
 
 STATISTICS = ("mean", "clipped_mean", "median")

@@ -205,8 +205,8 @@ def _candidates_tile(img, var, lp, ignore, crmask, active, use_active, sigclip, 
                 continue
             if use_active and not active[y, x]:
                 continue
-            l = lp[y, x]
-            if l <= 0:
+            lpv = lp[y, x]
+            if lpv <= 0:
                 continue
             # lower bound of the noise: S' <= S and the 5x5 median variance is rarely below the
             # minimum over the 5x5 cross, so a pixel whose Laplacian is below sigclip against
@@ -222,7 +222,7 @@ def _candidates_tile(img, var, lp, ignore, crmask, active, use_active, sigclip, 
                     vmin = var[y, xx]
             if vmin < 1e-5:
                 vmin = 1e-5
-            if l / (2.0 * np.sqrt(vmin)) <= sigclip:
+            if lpv / (2.0 * np.sqrt(vmin)) <= sigclip:
                 continue
             spv = _sprime_at(lp, var, memo, gens, g, oy, ox, y, x, buf, buf2)
             if spv <= sigclip:

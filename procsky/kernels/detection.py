@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from ._bits import BAD, NO_DATA, SAT, bit
+from ._bits import BAD, NO_DATA, bit
 
 __all__ = [
     "DetectionResult",

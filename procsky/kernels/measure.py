@@ -16,7 +16,10 @@ raise for one bad source: every quantity has a flag, and failed quantities are N
 * **Kron flux**: circular aperture of radius ``k r1`` (k = 2.5) with ``r1`` the first
   radial moment within 6 object sigmas (Kron 1980).
 * **PSF flux**: linear fit of the PSF stamp at the centroid,
-  ``F = sum(P I / V) / sum(P^2 / V)``, ``sigma_F = 1 / sqrt(sum(P^2 / V))``.
+  ``F = sum(P I / V) / sum(P^2 / V)``, ``sigma_F = 1 / sqrt(sum(P^2 / V))``; saturated
+  and no-data pixels are left out (the wings of a saturated star still give its flux) and
+  ``psf_flux_flag`` is set when they carry more than 10 % of the PSF weight. The stamp is
+  normalised within its extent: flux outside it is the task's aperture correction.
 * **Local background**: sigma-clipped median in an annulus, excluding pixels of any source.
 * **Flags**: edge, saturated, interpolated, cr, bad (anywhere in the footprint and at the
   centre), blended, and per-algorithm failure flags.
@@ -47,6 +50,9 @@ __all__ = [
 _NODATA = bit(NO_DATA)
 _BADBITS = bit(BAD) | bit(NO_DATA)
 _SATB = bit(SAT)
+#: pixels left out of the PSF fit: no data, and saturated (their values are clipped; the
+#: wings still constrain the amplitude, and ``psf_flux_flag`` reports the lost weight)
+_PSFBAD = bit(BAD) | bit(NO_DATA) | bit(SAT)
 _INTB = bit(INTRP)
 _CRB = bit(CR)
 _EDGEB = bit(EDGE)
@@ -635,7 +641,7 @@ def _measure_kernel(
         ix = int(math.floor(x + 0.5))
         iy = int(math.floor(y + 0.5))
         if have_stamps:
-            f, e, c2, lost = psf_flux(image, variance, mask, ix, iy, stamps[k], weighted, badb)
+            f, e, c2, lost = psf_flux(image, variance, mask, ix, iy, stamps[k], weighted, _PSFBAD)
             fv[k, 14] = f
             fv[k, 15] = e
             fv[k, 16] = c2
@@ -829,7 +835,7 @@ def measure_psf_fluxes(image, variance, mask, x, y, stamps, *, weighted=True, ma
     st = np.ascontiguousarray(stamps, dtype=np.float64)
     if st.ndim != 3 or st.shape[0] != xs.size:
         raise ValueError(f"stamps must have shape (n_sources={xs.size}, S, S), got {st.shape}")
-    r = _psf_fluxes_kernel(img, var, msk, xs, ys, st, bool(weighted), _BADBITS)
+    r = _psf_fluxes_kernel(img, var, msk, xs, ys, st, bool(weighted), _PSFBAD)
     return {
         "psf_flux": r[:, 0],
         "psf_flux_err": r[:, 1],

@@ -37,13 +37,13 @@ import numpy as np
 from ._bits import NO_DATA, bit
 
 __all__ = [
-    "lanczos",
-    "warp_planes",
-    "interpolate_grid",
-    "area_ratio",
-    "warp_kernel_image",
-    "lanczos_noise_correlation",
     "NO_DATA_BIT",
+    "area_ratio",
+    "interpolate_grid",
+    "lanczos",
+    "lanczos_noise_correlation",
+    "warp_kernel_image",
+    "warp_planes",
 ]
 
 NO_DATA_BIT = bit(NO_DATA)

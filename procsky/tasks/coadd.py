@@ -14,10 +14,17 @@ from collections import defaultdict
 import pydantic
 
 from procsky.errors import NoWorkError, ProcskyValueError
-from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, register_task
+from procsky.pipeline.task import (
+    Input,
+    Output,
+    QuantumSpec,
+    Task,
+    TaskConfig,
+    register_task,
+)
 from procsky.tasks.warp import WARP_DIMS, _band_of, overlapping_patches, skymap_input
 
-__all__ = ["AssembleCoaddTask", "AssembleCoaddDirectTask", "AssembleCoaddConfig"]
+__all__ = ["AssembleCoaddConfig", "AssembleCoaddDirectTask", "AssembleCoaddTask"]
 
 _PATCH_BAND = ("skymap", "tract", "patch", "band")
 

@@ -23,7 +23,7 @@ from procsky import masks as _masks
 from procsky.diffim import DiaConfig, SubtractionConfig, detect_dia_sources, subtract_images
 from procsky.errors import NoWorkError, ProcskyValueError
 from procsky.exposure import Exposure
-from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, default_quanta, register_task
+from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, register_task
 
 __all__ = ["MakeTemplateTask", "SubtractTask", "warp_template_to_science", "select_best_seeing", "visit_bands"]
 
@@ -278,13 +278,15 @@ class SubtractTask(Task):
     def quanta(self, repo, inputs, where):
         """Per calexp; templates of the visit's band (near its boresight when known)."""
         records = visit_bands(repo)
-        specs = default_quanta(self, {"calexp": inputs.get("calexp", []), "templates": []})
         templates = list(inputs.get("templates", []))
         centers = _patch_centers(repo, templates)
         out = []
-        for spec in specs:
-            did = spec.data_id
-            band = _band_of(did, records)
+        for ds in sorted(inputs.get("calexp", []), key=lambda d: d.key):
+            did = {d: ds.data_id[d] for d in _VD if d in ds.data_id}
+            if len(did) != len(_VD) or (where is not None and not where(did)):
+                continue
+            spec = QuantumSpec(data_id=did, inputs={"calexp": [ds]})
+            band = _band_of(ds.data_id, records)
             cand = [t for t in templates if band is None or t.data_id.get("band") == band]
             rec = records.get((did.get("instrument"), did.get("visit"))) or {}
             ra, dec = rec.get("boresight_ra"), rec.get("boresight_dec")

@@ -20,7 +20,15 @@ import numpy as np
 import pydantic
 
 from procsky.errors import NoWorkError, ProcskyValueError
-from procsky.pipeline.task import DatasetKey, Input, Output, QuantumSpec, Task, TaskConfig, register_task
+from procsky.pipeline.task import (
+    DatasetKey,
+    Input,
+    Output,
+    QuantumSpec,
+    Task,
+    TaskConfig,
+    register_task,
+)
 
 __all__ = ["WarpTask", "WarpTaskConfig", "overlapping_patches", "skymap_input"]
 
