@@ -164,7 +164,7 @@ def test_task_run_and_refcat_shards_in_quanta(tiny, tmp_path):
     far["ra"] = far["ra"] + 40.0
     far.to_parquet(tmp_path / "far.parquet")
     ingest_refcat(repo, [tmp_path / "far.parquet"], "sim", healpix_level=9, run="refcats/far")
-    yaml_text = "tasks:\n  - label: calibrate\n    task: calibrate_calexp\n"
+    yaml_text = "tasks:\n  - label: calibrate\n    task: calibrate\n"
     (tmp_path / "p.yaml").write_text(yaml_text)
     summary = run_pipeline(repo, str(tmp_path / "p.yaml"), output="cal")
     assert summary.ok, str(summary)
@@ -176,7 +176,7 @@ def test_task_run_and_refcat_shards_in_quanta(tiny, tmp_path):
     # quanta: only shards near the boresight
     from procsky.pipeline.graph import _existing, Where
 
-    cands = {"exposure": _existing(repo, "calexp", ["simcam/raw"], Where(None), "x"),
+    cands = {"exposure": _existing(repo, "isr_exposure", ["simcam/raw"], Where(None), "x"),
              "refcat": _existing(repo, "refcat", None, Where(None), "x")}
     specs = CalibrateTask().quanta(repo, cands, None)
     assert len(specs) == 1

@@ -233,3 +233,27 @@ def test_warp_kernel_image_and_area():
     # Rendering helper sanity: integrated Gaussian sums to its flux.
     assert abs(render_gaussians((40, 40), [20.2], [19.7], [100.0], 2.0).sum() - 100) < 1e-6
     assert PhotoCalib(2.0).counts_to_njy(3.0) == 6.0
+
+
+def test_psf_matched_warp():
+    from conftest import raise_if_dask_computes
+
+    from procsky.coadd import psf_match_exposure
+    from procsky.psf import image_moments
+
+    stars = (np.array([150.0]), np.array([2.0]), np.array([1e6]))
+    calexp = make_visit(4, stars, noise=False)
+    patch = make_skymap().patch(0, 0)
+    w = warp_exposure(calexp, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=WarpConfig(chunk=128))
+    target = 1.3 * w.psf.fwhm(0, 0)
+    with raise_if_dask_computes():
+        m = psf_match_exposure(w, target, chunk=128)
+    m = m.compute()
+    x, y = patch.wcs.world_to_pixel_values(150.0, 2.0)
+    x, y = round(float(x)) - (m.xy0[0] - patch.xy0[0]), round(float(y)) - (m.xy0[1] - patch.xy0[1])
+    stamp = np.nan_to_num(m.image[y - 20 : y + 21, x - 20 : x + 21])
+    _, _, ixx, iyy, ixy = image_moments(stamp)
+    fwhm = 2.3548 * (ixx * iyy - ixy**2) ** 0.25
+    assert abs(fwhm / target - 1) < 0.02
+    assert abs(stamp.sum() / 1e6 - 1) < 3e-3
+    assert m.psf.fwhm(0, 0) == pytest.approx(target)

@@ -97,6 +97,8 @@ STANDARD_DATASET_TYPES: dict[str, DatasetType] = {
         DatasetType("raw", _VD, "Exposure"),
         DatasetType("calexp", _VD, "Exposure"),
         DatasetType("src", _VD, "DataFrame"),
+        DatasetType("isr_exposure", _VD, "Exposure"),
+        DatasetType("calibrate_summary", _VD, "StructuredData"),
         # Calibrations: per detector; a visit, physical_filter or band key may be added.
         DatasetType("bias", ("instrument", "detector"), "Exposure"),
         DatasetType("dark", ("instrument", "detector"), "Exposure"),
@@ -204,8 +206,12 @@ def data_id_path(data_id: Mapping[str, Any]) -> str:
     """
     if not data_id:
         return "_"
+    # Keys implied by another key of the same data ID (a visit implies its band and
+    # physical filter) add nothing to identity; leaving them out keeps paths short and
+    # free of long filter names such as DECam's "z DECam SDSS c0004 9260.0 1520.0".
+    implied = {k for key in data_id for k in IMPLIED.get(key, ())}
     parts = []
-    for key in sort_dimensions(data_id.keys()):
+    for key in sort_dimensions(k for k in data_id.keys() if k not in implied):
         value = data_id[key]
         text = str(value).lower() if isinstance(value, bool) else str(value)
         parts.append(f"{key}={quote(text, safe='-_.,+@')}")

@@ -1,4 +1,5 @@
-"""Single-frame calibration: ``calibrate`` (from ISR output) and ``calibrate_calexp``.
+"""Single-frame calibration: ``calibrate`` turns an ``isr_exposure`` (the ISR output, or an
+ingested instrument-calibrated frame) into ``calexp``, ``src`` and ``calibrate_summary``.
 
 Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md 7.2):
 
@@ -748,18 +749,6 @@ class CalibrateTask(Task):
         """Calibrate; returns ``{"calexp", "src", "summary"}``."""
         calexp, src, summary = calibrate_exposure(exposure, refcat or None, self.config)
         return {"calexp": calexp, "src": src, "summary": summary}
-
-
-@register_task("calibrate_calexp")
-class CalibrateCalexpTask(CalibrateTask):
-    """:class:`CalibrateTask` reading an ingested, instrument-calibrated ``calexp``
-    (procsky sim calibrated mode, NOIRLab CP InstCal) instead of ``isr_exposure``; writes
-    ``calexp`` to the output run."""
-
-    inputs = {
-        "exposure": Input("calexp", _VD),
-        "refcat": Input("refcat", (), multiple=True, optional=True),
-    }
 
 
 def _boresight(repo, instrument, visit):
