@@ -663,9 +663,14 @@ def detect_dia_sources(diff, config: DiaConfig | None = None):
             "dipole_chi2": dip["chi2"] if dip else np.nan,
             "flag_dipole_fit": bool(kind == "dipole" and dip is None),
         })
-        # Reliability: penalise masked PSF weight and a PSF fit worse than the noise.
+        # Reliability: penalise masked PSF weight, a PSF fit worse than the noise and a
+        # shape that adaptive moments cannot measure (cosmic rays, bad columns and other
+        # sharp or linear artifacts; real point sources on a difference image converge).
         c = chi2 if np.isfinite(chi2) else 10.0
-        row["reliability"] = float(max(0.0, 1.0 - mfrac) / (1.0 + max(0.0, c - 1.0)))
+        rel = max(0.0, 1.0 - mfrac) / (1.0 + max(0.0, c - 1.0))
+        if not mok and kind != "dipole":
+            rel *= 0.25
+        row["reliability"] = float(rel)
         rows.append(row)
     cols = ["x", "y", "x_err", "y_err", "psf_flux", "psf_flux_err", "psf_chi2", "snr", "peak_significance",
             "is_negative", "is_dipole", "ixx", "iyy", "ixy", "masked_fraction", "flag_edge", "flag_masked",

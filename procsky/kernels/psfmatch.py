@@ -451,8 +451,46 @@ def _min_stamps(order):
     return {0: 1, 1: 8, 2: 20, 3: 35}.get(order, 5 * (order + 1) * (order + 2) // 2)
 
 
+def _free(nb, nsp, constant_sum):
+    free = np.ones((nb, nsp), bool)
+    if constant_sum:
+        free[0, 1:] = False
+    return free
+
+
+def _solve_spatial(stamps, keep, P, nb, nbg, free, ridge):
+    """Assemble and solve the global system from the kept stamps' blocks (Kronecker sums)."""
+    nsp = P.shape[1]
+    A = np.zeros((nb * nsp + nbg, nb * nsp + nbg))
+    bvec = np.zeros(nb * nsp + nbg)
+    for s in np.nonzero(keep)[0]:
+        M = stamps.M[s]
+        A[: nb * nsp, : nb * nsp] += np.kron(M[:nb, :nb], np.outer(P[s], P[s]))
+        cross = np.kron(M[:nb, nb:], P[s][:, None])
+        A[: nb * nsp, nb * nsp :] += cross
+        A[nb * nsp :, : nb * nsp] += cross.T
+        A[nb * nsp :, nb * nsp :] += M[nb:, nb:]
+        bvec[: nb * nsp] += np.kron(stamps.b[s][:nb], P[s])
+        bvec[nb * nsp :] += stamps.b[s][nb:]
+    use = np.concatenate([free.ravel(), np.ones(nbg, bool)])
+    theta = np.zeros(A.shape[0])
+    theta[use] = _solve(A[np.ix_(use, use)], bvec[use], ridge)
+    return theta[: nb * nsp].reshape(nb, nsp), theta[nb * nsp :]
+
+
+def _stamp_chi2(stamps, coeffs, bg, P):
+    """Residual chi^2 per pixel of every stamp under a global solution."""
+    n = len(stamps.x)
+    chi = np.empty(n)
+    for s in range(n):
+        th = np.concatenate([coeffs @ P[s], bg])
+        chi[s] = (th @ stamps.M[s] @ th - 2 * th @ stamps.b[s] + stamps.ss[s]) / max(stamps.npix[s], 1)
+    return chi
+
+
 def fit_matching_kernel(stamps: StampData, basis: KernelBasis, *, spatial_order=2, background_order=1,
-                        shape, clip_sigma=3.0, max_iter=3, constant_sum=False, ridge=1e-9) -> MatchingKernel:
+                        shape, clip_sigma=3.0, max_iter=3, constant_sum=False, ridge=1e-9,
+                        cross_validate=True, n_folds=4) -> MatchingKernel:
     """Fit the spatially varying kernel and background to per-stamp normal equations.
 
     Parameters
@@ -461,8 +499,9 @@ def fit_matching_kernel(stamps: StampData, basis: KernelBasis, *, spatial_order=
         From :func:`build_stamps` (same basis and background order).
     basis : KernelBasis
     spatial_order : int
-        Order of the kernel-coefficient polynomials; lowered automatically when there are
-        too few stamps (recorded in ``stats['spatial_order_used']``).
+        Maximum order of the kernel-coefficient polynomials; lowered when there are too
+        few stamps, and chosen by cross-validation (recorded in
+        ``stats['spatial_order_used']`` and ``stats['cv_chi2']``).
     background_order : int
     shape : (int, int)
         Detector shape.
@@ -474,6 +513,11 @@ def fit_matching_kernel(stamps: StampData, basis: KernelBasis, *, spatial_order=
         Hold the kernel sum (photometric ratio) constant over the detector.
     ridge : float
         Tikhonov term on the scaled normal matrix (conditioning only).
+    cross_validate : bool
+        Choose the spatial order (0 .. ``spatial_order``) with the lowest median held-out
+        stamp chi^2 in ``n_folds``-fold cross-validation (the simplest order within 1% of
+        the best wins).
+    n_folds : int
 
     Returns
     -------
@@ -510,35 +554,35 @@ def fit_matching_kernel(stamps: StampData, basis: KernelBasis, *, spatial_order=
     while order > 0 and keep.sum() < _min_stamps(order):
         order -= 1
     us, vs = normalized_coords(stamps.x, stamps.y, shape)
+    cv = {}
+    if order > 0 and cross_validate:
+        # Choose the spatial order by k-fold cross-validation on the kept stamps: a
+        # polynomial constrained by few stamps extrapolates wildly between them, which the
+        # stamps' own residuals cannot reveal but held-out stamps do.
+        kept = np.nonzero(keep)[0]
+        folds = np.arange(kept.size) % n_folds
+        for o in range(order + 1):
+            if kept.size < _min_stamps(o) + kept.size // n_folds:
+                continue
+            Po = poly_terms_2d(us, vs, o).T
+            held = []
+            for f in range(n_folds):
+                train = np.zeros(n, bool)
+                train[kept[folds != f]] = True
+                c, b = _solve_spatial(stamps, train, Po, nb, nbg, _free(nb, Po.shape[1], constant_sum), ridge)
+                held.extend(_stamp_chi2(stamps, c, b, Po)[kept[folds == f]].tolist())
+            cv[o] = float(np.median(held))
+        if cv:
+            best = min(cv, key=lambda o: (cv[o], o))
+            # prefer the simpler model unless the richer one is clearly better (1%)
+            order = min(o for o in cv if cv[o] <= cv[best] * 1.01)
     P = poly_terms_2d(us, vs, order).T  # (n, nsp)
-    nsp = P.shape[1]
-    free = np.ones((nb, nsp), bool)
-    if constant_sum:
-        free[0, 1:] = False
+    free = _free(nb, P.shape[1], constant_sum)
     history = []
     for it in range(max_iter + 1):
-        A = np.zeros((nb * nsp + nbg, nb * nsp + nbg))
-        bvec = np.zeros(nb * nsp + nbg)
-        for s in np.nonzero(keep)[0]:
-            M = stamps.M[s]
-            pp = np.outer(P[s], P[s])
-            A[: nb * nsp, : nb * nsp] += np.kron(M[:nb, :nb], pp)
-            cross = np.kron(M[:nb, nb:], P[s][:, None])
-            A[: nb * nsp, nb * nsp :] += cross
-            A[nb * nsp :, : nb * nsp] += cross.T
-            A[nb * nsp :, nb * nsp :] += M[nb:, nb:]
-            bvec[: nb * nsp] += np.kron(stamps.b[s][:nb], P[s])
-            bvec[nb * nsp :] += stamps.b[s][nb:]
-        use = np.concatenate([free.ravel(), np.ones(nbg, bool)])
-        theta = np.zeros(A.shape[0])
-        theta[use] = _solve(A[np.ix_(use, use)], bvec[use], ridge)
-        coeffs = theta[: nb * nsp].reshape(nb, nsp)
-        bg = theta[nb * nsp :]
+        coeffs, bg = _solve_spatial(stamps, keep, P, nb, nbg, free, ridge)
         # Residual chi^2 of every stamp (kept or not) under the global solution.
-        chi = np.empty(n)
-        for s in range(n):
-            th = np.concatenate([coeffs @ P[s], bg])
-            chi[s] = (th @ stamps.M[s] @ th - 2 * th @ stamps.b[s] + stamps.ss[s]) / max(stamps.npix[s], 1)
+        chi = _stamp_chi2(stamps, coeffs, bg, P)
         history.append(float(np.mean(chi[keep])))
         if it == max_iter:
             break
@@ -554,6 +598,7 @@ def fit_matching_kernel(stamps: StampData, basis: KernelBasis, *, spatial_order=
         "stamp_chi2_mean": float(np.mean(chi[keep])),
         "stamp_chi2_median": float(np.median(chi[keep])),
         "chi2_history": history,
+        "cv_chi2": {str(k): v for k, v in cv.items()},
         "used": keep.tolist(),
     }
     return MatchingKernel(basis, coeffs, order, bg, int(background_order), tuple(shape), stats)

@@ -347,6 +347,8 @@ def _execute(job: QuantumJob, repo, prov: dict) -> QuantumResult:
         return _error(qid, "no_work", exc, "", prov)
     if _accepts(task.run, "data_ids"):
         kwargs["data_ids"] = data_ids
+    if _accepts(task.run, "data_id"):
+        kwargs["data_id"] = dict(job.data_id)  # the quantum's own data ID (e.g. which patch)
     # Run the task.
     try:
         if job.parallel:
