@@ -9,7 +9,6 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 galsim = pytest.importorskip("galsim")

@@ -50,7 +50,7 @@ from procsky.pipeline.task import Input, Output, Task, TaskConfig, default_quant
 from procsky.psf import SIGMA_TO_FWHM, GaussianPsf, PolynomialImagePsf
 from procsky.wcs import copy_wcs, pixel_scale, wcs_cards, wcs_from_cards
 
-__all__ = ["CalibrateConfig", "CalibrateTask", "CalibrateCalexpTask", "calibrate_exposure", "SRC_UNITS"]
+__all__ = ["CalibrateConfig", "CalibrateTask", "calibrate_exposure", "SRC_UNITS"]
 
 _VD = ("instrument", "visit", "detector")
 _BIT = {name: _masks.bit(name) for name in ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "NO_DATA", "SUSPECT")}
@@ -295,7 +295,6 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
             f"{config.min_usable_pixels}); too small to calibrate"
         )
     var_det = np.where(np.isfinite(variance), variance, 0.0).astype(np.float32)
-    info: dict = {"input_units": exp.metadata.get("units", exp.detector.get("image_units", "counts"))}
 
     # 1. background, first pass
     sigma0 = _initial_sigma(exp, config)
@@ -570,6 +569,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         "psf_reserved_dT_std": float(psf_info.get("reserved_dT_std", np.nan)),
         "apcorr": float(apcorr),
         "apcorr_err": float(apcorr_err),
+        "apcorr_n_stars": int(n_ac),
         "zero_point": float(photocalib.zero_point),
         "zero_point_err": float(photocalib.zero_point_err),
         "photometry_status": phot["status"],
