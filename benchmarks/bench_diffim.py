@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -70,7 +69,7 @@ def _sky_std(diff, truth, margin=40, r=12):
     return float(np.std(diff[sel]))
 
 
-def run_size(n, threads, seed=1, *, sfft_half_width=None, mem_limit_gb=8.0, spatial_order=2):
+def run_size(n, threads, seed=1, *, sfft_half_width=None, mem_limit_gb=8.0, spatial_order=2, sfft=True):
     from procsky.diffim import SubtractionConfig, simulate_pair, subtract_images
 
     scale = (n / 2048.0) ** 2
@@ -116,6 +115,9 @@ def run_size(n, threads, seed=1, *, sfft_half_width=None, mem_limit_gb=8.0, spat
     zstd_d, zmean_d, _ = _stamp_stats(diff_d.image, np.sqrt(diff_d.variance), truth)
     res["procsky_decorrelated"] = {"stamp_z_std": zstd_d, "stamp_z_mean": zmean_d}
     h = summ["kernel_half_width"]
+    res["procsky_spatial_order_used"] = summ["spatial_order_used"]
+    if not sfft:
+        return res
 
     # ---- SFFT, in a child process under a memory limit (its dense linear system grows
     # as (kernel pixels x spatial terms)^2 and can exhaust a shared machine).
@@ -187,6 +189,7 @@ def main(argv=None):
     ap.add_argument("--mem-limit-gb", type=float, default=8.0, help="address-space limit of the SFFT process")
     ap.add_argument("--spatial-order", type=int, default=2,
                     help="kernel spatial polynomial order of both tools (SFFT's KerPolyOrder)")
+    ap.add_argument("--no-sfft", action="store_true", help="time procsky only")
     ap.add_argument("--sfft-worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.sfft_worker:
@@ -196,7 +199,7 @@ def main(argv=None):
     results = []
     for n in args.sizes:
         r = run_size(n, args.threads, sfft_half_width=args.sfft_half_width, mem_limit_gb=args.mem_limit_gb,
-                     spatial_order=args.spatial_order)
+                     spatial_order=args.spatial_order, sfft=not args.no_sfft)
         r["spatial_order"] = args.spatial_order
         if "sfft_s" in r:
             r["time_ratio_sfft_over_procsky"] = r["sfft_s"] / r["procsky_s"]

@@ -60,7 +60,8 @@ class SubtractionConfig:
     scales : tuple of float
         Gaussian widths in units of the matching sigma.
     spatial_order : int
-        Order of the spatial variation of the kernel coefficients.
+        Maximum order of the spatial variation of the kernel coefficients; the order used
+        (0 .. this) is chosen by cross-validation on the kernel stamps.
     background_order : int
         Order of the differential background polynomial.
     kernel_half_width : int or None, pixels

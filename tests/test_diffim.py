@@ -257,10 +257,11 @@ def _small_sim_dia(sim_dir, visits, detector=4, n_template=3):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    "measured on 'small' (detector 4, r band, 3-visit template, 7 science visits): static-star stamp "
-    "robust z std 1.06-1.59 (target 0.9-1.2) in 5 of 7 visits, 16/18 variables+transients with S/N>=10 "
-    "found, ~9 false detections per visit after the shape cut (unmasked CRs/bad columns in the inputs); "
-    "bright-star halos differ between the calexps' local backgrounds - to be improved"))
+    "measured on 'small' (detector 4, r band, 3 best-seeing visits as template, 7 science visits): "
+    "static-star stamp robust z std 0.99-1.22 (6/7 visits in 0.9-1.2), 18/18 variables+transients with "
+    "S/N>=10 detected, 2.1 false detections per visit after the shape cut (15 before it, mostly unmasked CRs and "
+    "bad columns of the inputs), but only 12/18 PSF fluxes within 3 sigma/3% of truth (variables whose "
+    "template flux is a weighted mean over the template epochs); to be investigated"))
 def test_small_simulation_dia(tmp_path):
     pytest.importorskip("galsim")
     from procsky.sim import simulate
@@ -277,7 +278,6 @@ def _check_small_sim(sim_dir, out, tvis, objects, sources):
 
     truth = pd.read_parquet(f"{sim_dir}/truth/objects.parquet")
     lc = pd.read_parquet(f"{sim_dir}/truth/lightcurves.parquet")
-    var_ids = set(truth.object_id[truth.kind.isin(["variable", "transient"])])
     results = {}
     n_false, n_raw, n_expected, n_found, n_good_flux = 0, 0, 0, 0, 0
     for v, (sci, diff, summ, df) in out.items():

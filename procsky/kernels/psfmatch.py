@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from .convolve import convolve_separable_valid, normalized_coords, poly_exponents, poly_terms_2d
+from .convolve import normalized_coords, poly_exponents, poly_terms_2d
 
 __all__ = [
     "KernelBasis",

@@ -227,7 +227,7 @@ class SubtractConfig(TaskConfig):
     scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     """Gaussian widths in units of the matching sigma."""
     spatial_order: int = pydantic.Field(2, ge=0, le=4)
-    """Order of the spatial variation of the kernel."""
+    """Maximum order of the spatial variation of the kernel (chosen by cross-validation)."""
     background_order: int = pydantic.Field(1, ge=0, le=4)
     """Order of the differential background."""
     kernel_half_width: int | None = None

@@ -74,7 +74,7 @@ def overlapping_patches(repo, skymap, calexp_keys, where=None) -> dict:
     """(instrument, visit, tract, patch) -> calexp DatasetKeys overlapping that patch.
 
     Footprints come from each calexp's stored WCS (read lazily from the repository; for
-    predicted calexps, from the raw of the same data ID).
+    predicted calexps, from the isr_exposure or raw of the same data ID).
     """
     from procsky.skymap import footprint_points
 
@@ -92,7 +92,10 @@ def overlapping_patches(repo, skymap, calexp_keys, where=None) -> dict:
 
 
 def _header_of(repo, key: DatasetKey):
-    for dataset_type in (key.dataset_type, "raw"):
+    # A predicted calexp (the graph is built before calibrate runs) has no file yet: its
+    # footprint comes from the exposure calibrate will read, whose header WCS is close
+    # enough to pick patches (patches carry a 100 px border).
+    for dataset_type in (key.dataset_type, "isr_exposure", "raw"):
         try:
             ref = repo.find(dataset_type, key.data_id, run=key.run if dataset_type == key.dataset_type else None)
         except Exception:
