@@ -22,7 +22,7 @@ from procsky.pipeline.task import (
     TaskConfig,
     register_task,
 )
-from procsky.tasks.warp import WARP_DIMS, _band_of, overlapping_patches, skymap_input
+from procsky.tasks.warp import WARP_DIMS, _band_of, load_task_skymap, overlapping_patches
 
 __all__ = ["AssembleCoaddConfig", "AssembleCoaddDirectTask", "AssembleCoaddTask"]
 
@@ -121,12 +121,7 @@ class AssembleCoaddDirectTask(Task):
     parallel = True
 
     def quanta(self, repo, inputs, where):
-        from procsky.skymap import SkyMap
-
-        if repo is None:
-            raise ProcskyValueError("assemble_coadd_direct needs the repository to map visits to patches")
-        sm_key = skymap_input(repo, self.config.skymap)
-        skymap = SkyMap.from_record(repo.get(sm_key.dataset_type, sm_key.data_id, run=sm_key.run))
+        sm_key, skymap = load_task_skymap(repo, self.config.skymap, "assemble_coadd_direct")
         groups = overlapping_patches(repo, skymap, inputs.get("calexps", []))
         by_patch: dict = defaultdict(list)
         for (instrument, visit, tract, patch), keys in groups.items():

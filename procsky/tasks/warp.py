@@ -30,7 +30,7 @@ from procsky.pipeline.task import (
     register_task,
 )
 
-__all__ = ["WarpTask", "WarpTaskConfig", "overlapping_patches", "skymap_input"]
+__all__ = ["WarpTask", "WarpTaskConfig", "load_task_skymap", "overlapping_patches", "skymap_input"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,16 @@ def skymap_input(repo, name: str) -> DatasetKey:
         )
     ref = refs[0]
     return DatasetKey("skymap", dict(ref.data_id), run=ref.run, id=ref.id)
+
+
+def load_task_skymap(repo, name: str, task: str):
+    """``(dataset key, SkyMap)`` of the registered sky map ``name``, for a task's ``quanta``."""
+    from procsky.skymap import SkyMap
+
+    if repo is None:
+        raise ProcskyValueError(f"the {task} task needs the repository to map visits to patches")
+    key = skymap_input(repo, name)
+    return key, SkyMap.from_record(repo.get(key.dataset_type, key.data_id, run=key.run))
 
 
 def overlapping_patches(repo, skymap, calexp_keys, where=None) -> dict:
@@ -129,12 +139,7 @@ class WarpTask(Task):
     parallel = True
 
     def quanta(self, repo, inputs, where):
-        from procsky.skymap import SkyMap
-
-        if repo is None:
-            raise ProcskyValueError("the warp task needs the repository to map visits to patches")
-        sm_key = skymap_input(repo, self.config.skymap)
-        skymap = SkyMap.from_record(repo.get(sm_key.dataset_type, sm_key.data_id, run=sm_key.run))
+        sm_key, skymap = load_task_skymap(repo, self.config.skymap, "warp")
         groups = overlapping_patches(repo, skymap, inputs.get("calexps", []))
         specs = []
         for (instrument, visit, tract, patch), keys in sorted(groups.items(), key=lambda kv: str(kv[0])):
