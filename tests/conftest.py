@@ -31,3 +31,36 @@ def raise_if_dask_computes():
         raise AssertionError("dask computed something where nothing should be computed")
 
     return dask.config.set(scheduler=_fail)
+
+
+# ----------------------------------------------------------------------------- `small` draws
+# The slow tests of calibrate, coadd and diffim share these draws of the `small` recipe so
+# CI draws each image once. Pixels of an image do not depend on which subset is drawn.
+SMALL_R_VISITS = [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]  # the r-band visits of `small`
+
+
+@pytest.fixture(scope="session")
+def small_r_det4(tmp_path_factory) -> Path:
+    """The ten r-band visits of `small`, detector 4, calibrated mode (a simulation folder)."""
+    pytest.importorskip("galsim")
+    from procsky.sim import simulate
+
+    d = tmp_path_factory.mktemp("small_r_det4")
+    simulate("small", d, visits=SMALL_R_VISITS, detectors=[4], scheduler="processes", workers=2, progress=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def small_r_det4_calexps(small_r_det4) -> dict:
+    """``{visit: calexp}`` (in memory): the draws of ``small_r_det4`` through calibrate."""
+    from procsky.exposure import Exposure
+    from procsky.refcat import read_refcat_file
+    from procsky.sim.render import image_filename
+    from procsky.tasks.calibrate import calibrate_exposure
+
+    refcat = read_refcat_file(small_r_det4 / "refcat/refcat.parquet")
+    out = {}
+    for v in SMALL_R_VISITS:
+        exp = Exposure.read(small_r_det4 / "images" / image_filename("calexp", v, 4))
+        out[v] = calibrate_exposure(exp, refcat)[0].compute()
+    return out

@@ -221,3 +221,25 @@ def test_transient_classification():
     assert not _is_transient(ProcskyFileError("truncated parquet"))
     assert not _is_transient(AlgorithmError("too few stars"))
     assert not _is_transient(ValueError("bad"))
+
+
+def test_tolerate_missing_runs_on_the_survivors(tmp_path):
+    """A gathered input with ``tolerate_missing`` runs on the detectors that succeeded and
+    lists the missing ones in its provenance; it is still blocked when all of them failed."""
+    repo = _repo(tmp_path)
+    for det in (0, 1, 2):  # visit 2: every detector broken
+        bad = repo.find("toy_raw", {"instrument": "toycam", "visit": 2, "detector": det})
+        repo.path(bad).write_bytes(b"\x00garbage\x00" * 10)
+    bad = repo.find("toy_raw", {"instrument": "toycam", "visit": 1, "detector": 2})
+    repo.path(bad).write_bytes(b"\x00garbage\x00" * 10)
+    pipe = Pipeline.from_tasks([("measure", toy.ToyMeasureTask), ("gather", toy.ToyGatherTolerantTask)])
+    s = run_pipeline(repo, pipe, output="t")
+    assert s.counts["measure"] == {**s.counts["measure"], "succeeded": 2, "failed": 4}
+    assert s.counts["gather"]["succeeded"] == 1 and s.counts["gather"]["blocked"] == 1
+    summary = repo.get("toy_visit", {"instrument": "toycam", "visit": 1}, run="t")
+    assert summary["detectors"] == [0, 1]
+    (row,) = [r for r in load_states(repo, "t") if r["task"] == "gather" and r["state"] == "succeeded"]
+    prov = json.loads(row["provenance"])
+    assert prov["missing_inputs"] == {"stats": [{"instrument": "toycam", "visit": 1, "detector": 2}]}
+    with pytest.raises(ValueError, match="tolerate_missing needs multiple"):
+        toy.Input("toy_stats", ("visit",), tolerate_missing=True)

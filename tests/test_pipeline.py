@@ -193,6 +193,11 @@ def test_graph_build_and_export(repo, toy_yaml):
     assert mq.inputs["raw"][0].id is not None
 
 
+def test_where_typo_is_refused_with_a_hint(repo, toy_yaml):
+    with pytest.raises(ProcskyValueError, match="'vist' \\(did you mean 'visit'\\?\\)"):
+        make_graph(repo, toy_yaml, output="out", where="vist=2")
+
+
 def test_graph_prunes_undecided_quanta(repo, toy_yaml):
     # 'detector' is unknown to the gather quanta; visit is known everywhere.
     g = make_graph(repo, toy_yaml, output="out", where="visit=1 AND detector IN (0, 1)")

@@ -101,6 +101,7 @@ class QuantumJob:
     repo_root: str
     attempt: int = 1
     parallel: bool = False
+    missing: dict[str, list[dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -288,6 +289,8 @@ def execute_quantum(job: QuantumJob, repo=None) -> QuantumResult:
         "data_id": job.data_id, "host": socket.gethostname(), "pid": os.getpid(),
         "attempt": job.attempt, "start": start,
     }
+    if job.missing:
+        prov["missing_inputs"] = job.missing
     try:
         from distributed import get_worker
 
@@ -496,7 +499,7 @@ class Executor:
             todo = [q for q in graph.quanta[label] if q.state in redo]
             blocked, nowork, jobs = [], [], []
             for q in todo:
-                bad = [p for p in graph.producers(q) if p.state in ("failed", "blocked", "pending")]
+                bad = self._blocking_producers(q, pt.task_class)
                 if bad:
                     blocked.append((q, bad[0]))
                     continue
@@ -537,14 +540,44 @@ class Executor:
 
         return tqdm(total=total, initial=done, desc=label, unit="quantum", leave=True)
 
+    def _blocking_producers(self, q: Quantum, klass) -> list[Quantum]:
+        """Producers of ``q``'s inputs that keep it from running (empty: it can run).
+
+        A pending producer always blocks. A failed or blocked one blocks unless its
+        dataset belongs to a ``tolerate_missing`` input that still has another dataset
+        whose producer did not fail.
+        """
+        bad = []
+        for name, lst in q.inputs.items():
+            conn = klass.inputs.get(name)
+            tolerant = conn is not None and conn.tolerate_missing
+            failed, alive = [], 0
+            for d in lst:
+                p = self._graph.producer_of.get((d.dataset_type, d.key))
+                if p is None or p is q:
+                    alive += 1
+                elif p.state == "pending" or (p.state in ("failed", "blocked") and not tolerant):
+                    bad.append(p)
+                elif p.state in ("failed", "blocked"):
+                    failed.append(p)
+                elif p.state != "no_work":
+                    alive += 1
+            if failed and alive == 0:
+                bad.extend(failed)
+        return bad
+
     def _job(self, q: Quantum, pt, root: str) -> QuantumJob:
         klass = pt.task_class
-        inputs = {}
+        inputs, missing = {}, {}
         for name, lst in q.inputs.items():
             items = []
             for d in lst:
                 producer = self._graph.producer_of.get((d.dataset_type, d.key))
                 if producer is not None and producer.state == "no_work":
+                    continue
+                if producer is not None and producer.state in ("failed", "blocked"):
+                    # only reached for tolerate_missing inputs (see _blocking_producers)
+                    missing.setdefault(name, []).append(dict(d.data_id))
                     continue
                 items.append((d.dataset_type, d.data_id, self._graph.run if producer else d.run))
             inputs[name] = items
@@ -554,6 +587,7 @@ class Executor:
             inputs=inputs, multiple={n: c.multiple for n, c in klass.inputs.items()},
             outputs={n: (d.dataset_type, d.data_id) for n, d in q.outputs.items()},
             run=self._graph.run, repo_root=root, parallel=bool(getattr(klass, "parallel", False)),
+            missing=missing,
         )
 
     def _retry(self, job: QuantumJob) -> QuantumJob | None:

@@ -440,6 +440,35 @@ def _existing(repo, dataset_type: str, collections: list[str] | None, where: Whe
     return [seen[k] for k in sorted(seen)]
 
 
+def _check_where_names(flt: Where, pipeline: Pipeline) -> None:
+    """Refuse a ``--where`` naming no dimension the pipeline knows (``vist=3``).
+
+    Such a name is absent from every data ID, so the expression would be undecidable on
+    all of them and select far more (or less) than the user meant, silently.
+    """
+    if flt.expr is None:
+        return
+    import difflib
+
+    from procsky.repo.query import STANDARD_DIMENSION_TYPES
+
+    known = set(STANDARD_DIMENSION_TYPES)
+    for pt in pipeline:
+        klass = pt.task_class
+        known.update(klass.dimensions)
+        for conn in list(klass.inputs.values()) + list(klass.outputs.values()):
+            known.update(conn.dimensions)
+    unknown = sorted(set(flt.expr.identifiers) - known)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ProcskyValueError(
+            f"--where {flt.text!r} names {', '.join(hints)}, which is not a dimension of this "
+            f"pipeline; known dimensions: {', '.join(sorted(known))}.")
+
+
 def build_graph(repo, pipeline: Pipeline, *, where: str | None = None, run: str,
                 collections: Iterable[str] | None = None) -> QuantumGraph:
     """Build the quantum graph of ``pipeline`` over the data selected by ``where``.
@@ -463,6 +492,7 @@ def build_graph(repo, pipeline: Pipeline, *, where: str | None = None, run: str,
         Not yet stored (see :meth:`QuantumGraph.save`).
     """
     flt = Where(where)
+    _check_where_names(flt, pipeline)
     colls = None
     if collections is not None:
         known = set(repo.runs()) if repo is not None else set()

@@ -88,15 +88,24 @@ class Input:
         passed as a list ordered by data ID.
     optional : bool
         The quantum still runs when no dataset matches (``None`` or ``[]`` is passed).
+    tolerate_missing : bool
+        Only for gathered (``multiple``) inputs. When the quanta producing some of the
+        datasets failed or were blocked, run on the rest instead of being blocked (a coadd
+        of the visits that did calibrate, say). The provenance of the quantum lists the
+        missing data IDs under ``missing_inputs``. When every producer failed the quantum
+        is still blocked.
     """
 
     dataset_type: str
     dimensions: tuple[str, ...]
     multiple: bool = False
     optional: bool = False
+    tolerate_missing: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dimensions", tuple(self.dimensions))
+        if self.tolerate_missing and not self.multiple:
+            raise ValueError(f"Input({self.dataset_type!r}): tolerate_missing needs multiple=True")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 from procsky.errors import AlgorithmError, NoWorkError
 from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, register_task
 
-__all__ = ["ToyMeasureTask", "ToyGatherTask", "ToyNoopTask", "make_toy_inputs", "TOY_PIPELINE_YAML"]
+__all__ = ["ToyMeasureTask", "ToyGatherTask", "ToyGatherTolerantTask", "ToyNoopTask", "make_toy_inputs", "TOY_PIPELINE_YAML"]
 
 _VD = ("instrument", "visit", "detector")
 
@@ -97,6 +97,13 @@ class ToyGatherTask(Task):
             "total_flux": float(fluxes.sum()),
             "n_detections": int((fluxes > self.config.threshold).sum()),
         }}
+
+
+@register_task("toy_gather_tolerant")
+class ToyGatherTolerantTask(ToyGatherTask):
+    """:class:`ToyGatherTask` that summarises the detectors that did succeed."""
+
+    inputs = {"stats": Input("toy_stats", _VD, multiple=True, tolerate_missing=True)}
 
 
 class ToyNoopConfig(TaskConfig):
