@@ -162,3 +162,119 @@ def test_cli_ingest_and_errors(tmp_path, real_data):
         assert pattern in res.output.lower()
         assert "Traceback" not in res.output
     assert {"generic", "decam-cp", "90prime-cp", "mosaic3-cp"} <= set(instrument_names())
+
+
+# ------------------------------------------------------------------ calibration frames
+def test_calibration_kind_and_master_detection():
+    from procsky.instruments.base import calibration_kind, is_master_calibration
+
+    kinds = {"zero": "bias", "BIAS": "bias", "Dome Flat": "flat", "sky_flat": "flat", "twilight flat": "flat",
+             "dark": "dark", "Master Bias": "bias", "object": None, "raw": None, "calexp": None}
+    for value, kind in kinds.items():
+        assert calibration_kind(fits.Header([("IMAGETYP", value)])) == kind, value
+    assert calibration_kind(fits.Header([("OBSTYPE", "zero")])) == "bias"
+    assert calibration_kind(fits.Header()) is None
+    assert is_master_calibration(fits.Header([("IMAGETYP", "zero"), ("NCOMBINE", 11)]))
+    assert is_master_calibration(fits.Header([("IMAGETYP", "flat"), ("PRODTYPE", "MasterCal")]))
+    assert not is_master_calibration(fits.Header([("IMAGETYP", "zero"), ("NCOMBINE", 1)]))
+
+
+def _camera_frame(path, imagetyp, expnum, value, extra=(), ny=40, nx=50, nos=8, master=False):
+    rng = np.random.default_rng(expnum)
+    data = rng.normal(value, 2.0, (ny, nx + (0 if master else nos))).astype(np.float32)
+    hdr = fits.Header([("IMAGETYP", imagetyp), ("GAIN", 2.0), ("RDNOISE", 4.0), ("EXPTIME", 0.0),
+                       ("CCDNUM", 3), ("MJD-OBS", 60000.0 + expnum / 1e4)])
+    for key, v in extra:
+        hdr[key] = v
+    if master:
+        hdr["NCOMBINE"] = 9
+    else:
+        hdr["EXPNUM"] = expnum
+        hdr["DATASEC"] = f"[1:{nx},1:{ny}]"
+        hdr["BIASSEC"] = f"[{nx + 1}:{nx + nos},1:{ny}]"
+    fits.PrimaryHDU(data, header=hdr).writeto(path)
+    return data
+
+
+def test_generic_ingests_calibration_frames_without_wcs(repo, tmp_path):
+    files = []
+    for k in range(3):
+        files.append(tmp_path / f"zero{k}.fits")
+        _camera_frame(files[-1], "zero", 100 + k, 1000.0)
+    files.append(tmp_path / "flat0.fits")
+    flat_data = _camera_frame(files[-1], "DOME FLAT", 200, 15000.0, [("FILTER", "r DECam SDSS"), ("EXPTIME", 3.0)])
+    files.append(tmp_path / "mbias.fits")
+    _camera_frame(files[-1], "zero", 300, 2.0, master=True)
+    refs = ingest_files(repo, files, "generic")
+    got = {(r.dataset_type, r.data_id.get("visit")) for r in refs}
+    assert got == {("bias_frame", 100), ("bias_frame", 101), ("bias_frame", 102), ("flat_frame", 200), ("bias", None)}
+    flat_ref = next(r for r in refs if r.dataset_type == "flat_frame")
+    assert flat_ref.data_id == {"instrument": "generic", "visit": 200, "detector": 3, "band": "r",
+                                "physical_filter": "r DECam SDSS"}
+    exp = repo.get(flat_ref).compute()
+    # the layout the ISR needs, and the exposure time that scales a dark
+    assert exp.detector["biassec"] == "[51:58,1:40]" and exp.detector["datasec"] == "[1:50,1:40]"
+    assert exp.visit_info.exposure_time == 3.0 and exp.detector["gain"] == 2.0
+    assert np.array_equal(exp.image, flat_data)
+    recs = {r["visit"]: r for r in repo.dimension_records("visit")}
+    assert recs[100]["observation_type"] == "bias" and recs[200]["observation_type"] == "flat"
+    assert recs[200]["band"] == "r"
+    master = repo.get(next(r for r in refs if r.dataset_type == "bias")).compute()
+    assert master.shape == (40, 50) and "biassec" not in master.detector
+
+
+def test_simcam_calibration_frames_noise_and_ingest(repo, tmp_path):
+    """Bias and flat exposures drawn by the simulator have the masters' pattern and the stated noise."""
+    from procsky.instruments.simcam import SimcamGeometry
+    from procsky.sim.recipe import load_recipe
+    from procsky.sim.render import (
+        bias_pattern,
+        calib_exposure_id,
+        flat_field,
+        write_calib_frames,
+    )
+
+    data = load_recipe("tiny").model_dump(mode="json")
+    data["raw"].update(n_bias_frames=3, n_dark_frames=1, n_flat_frames=2)
+    recipe = load_recipe(data)
+    names = write_calib_frames(recipe, 1, ["r"], tmp_path / "frames")
+    assert names == [f"bias-e{calib_exposure_id('bias', k):06d}-d001.fits" for k in (1, 2, 3)] + [
+        f"dark-e{calib_exposure_id('dark', 1):06d}-d001.fits"] + [
+        f"flat-e{calib_exposure_id('flat', k, 'r'):06d}-d001.fits" for k in (1, 2)]
+    refs = ingest_files(repo, [tmp_path / "frames" / n for n in names], "simcam")
+    assert [r.dataset_type for r in refs] == ["bias_frame"] * 3 + ["dark_frame"] + ["flat_frame"] * 2
+    assert refs[0].data_id == {"instrument": "simcam", "visit": 900001, "detector": 1}
+    assert refs[3].data_id == {"instrument": "simcam", "visit": 900501, "detector": 1}
+    assert refs[4].data_id == {"instrument": "simcam", "visit": 903001, "detector": 1, "band": "r",
+                               "physical_filter": "simcam-r"}
+    geom = SimcamGeometry(recipe.instrument, recipe.seed)
+    g, rn, nx = recipe.instrument.gain, recipe.instrument.read_noise, geom.nx
+    pattern = bias_pattern(recipe, geom, 1)
+    b = repo.get(refs[0]).compute()
+    img = np.asarray(b.image, dtype=np.float64)
+    level = np.mean(img[:, nx:])  # the median of rounded values is an integer
+    resid = img[:, :nx] - level - pattern
+    assert abs(np.median(resid)) < 0.3
+    # read noise plus ADC rounding
+    assert np.std(resid) == pytest.approx(np.hypot(rn / g, 1 / np.sqrt(12)), rel=0.03)
+    f = repo.get(refs[4]).compute()
+    fimg = np.asarray(f.image, dtype=np.float64)[:, :nx] - np.mean(f.image[:, nx:]) - pattern
+    response = flat_field(recipe, geom, 1, "r")
+    ratio = fimg / response
+    lamp = np.median(ratio) * g
+    assert lamp == pytest.approx(recipe.raw.flat_level, rel=0.12)  # the lamp drifts by 3% rms
+    # Poisson + read noise of a lamp exposure, cosmic rays and defects clipped away
+    good = np.abs(ratio - np.median(ratio)) < 6 * np.sqrt(lamp) / g
+    expect = np.sqrt(lamp * response + rn**2) / g / response
+    assert np.std((ratio - np.median(ratio))[good]) == pytest.approx(np.median(expect), rel=0.05)
+    assert f.visit_info.exposure_time == recipe.raw.flat_exposure_time
+    # a dark exposure: hot pixels at their simulated rate (over the exposure time)
+    from procsky.sim.render import detector_defects
+
+    d = repo.get(refs[3]).compute()
+    t = d.visit_info.exposure_time
+    assert t == recipe.raw.dark_exposure_time
+    dimg = np.asarray(d.image, dtype=np.float64)[:, :nx] - np.mean(d.image[:, nx:]) - pattern
+    hot = detector_defects(recipe, geom, 1).query("kind == 'hot_pixel'")
+    rate = dimg[hot.y0.to_numpy(), hot.x.to_numpy()] * g / t
+    assert np.median(rate / hot.value.to_numpy()) == pytest.approx(1.0, abs=0.05)

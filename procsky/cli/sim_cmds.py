@@ -52,7 +52,8 @@ def sim(recipe, out, seed, mode, scheduler, workers, visits, detectors, no_progr
                    visits=_int_list(visits, "--visits"), detectors=_int_list(detectors, "--detectors"), progress=not no_progress)
     click.echo(
         f"wrote {len(res.images)} {('raw' if mode == 'raw' else 'calexp')} images"
-        + (f" and {len(res.calibs)} calibration frames" if res.calibs else "")
+        + (f", {len(res.calibs)} master calibrations (calibs/)" if res.calibs else "")
+        + (f" and {len(res.calib_frames)} calibration exposures (calib_frames/)" if res.calib_frames else "")
         + f" of recipe {res.recipe.name!r} (seed {res.recipe.seed}, {res.n_objects} objects) to {res.out} "
         f"in {res.seconds:.1f} s"
     )

@@ -28,6 +28,11 @@ __all__ = [
     "instrument_names",
     "open_fits",
     "INGESTED_DATASET_TYPE",
+    "CALIB_FRAME_DATASET_TYPES",
+    "calibration_kind",
+    "is_master_calibration",
+    "calib_frame_exposure",
+    "calib_frame_records",
 ]
 
 #: Dataset type of ingested images whose instrument signature is already removed (NOIRLab
@@ -35,7 +40,152 @@ __all__ = [
 #: task writes, so ``calibrate`` takes either, and never the name of calibrate's output.
 INGESTED_DATASET_TYPE = "isr_exposure"
 
+#: Dataset type of one raw calibration exposure of one detector, by calibration kind. The
+#: master builders (``make_master_bias``, ``make_master_flat``) combine them into the
+#: master ``bias`` / ``dark`` / ``flat`` datasets that ``isr`` reads; masters ingested
+#: directly are registered under those names.
+CALIB_FRAME_DATASET_TYPES = {"bias": "bias_frame", "dark": "dark_frame", "flat": "flat_frame"}
+
+# IMAGETYP / OBSTYPE values (lower case, spaces and underscores removed) of calibrations.
+_CALIB_WORDS = {
+    "bias": "bias", "zero": "bias", "biasframe": "bias", "zeroframe": "bias",
+    "dark": "dark", "darkframe": "dark", "darkcurrent": "dark",
+    "flat": "flat", "flatfield": "flat", "flatframe": "flat", "domeflat": "flat", "skyflat": "flat",
+    "twilightflat": "flat", "twiflat": "flat", "dflat": "flat", "sflat": "flat", "tflat": "flat",
+    "lampflat": "flat", "internalflat": "flat",
+}
+
 _REGISTRY: dict[str, type["Instrument"]] = {}
+
+
+def calibration_kind(header) -> str | None:
+    """``"bias"``, ``"dark"`` or ``"flat"`` when a FITS header describes a calibration frame.
+
+    Looks at ``IMAGETYP``, ``OBSTYPE`` and ``OBSTYPE``-like keywords (``IMGTYPE``,
+    ``FRAMETYP``) as written by IRAF, NOAO, ESO and most observatory software:
+    ``zero``/``bias``, ``dark``, ``flat`` / ``dome flat`` / ``sky flat`` / ``twilight flat``
+    (case, spaces and underscores ignored; a ``master`` prefix or suffix is allowed).
+    ``None`` for anything else (science frames).
+    """
+    for key in ("IMAGETYP", "OBSTYPE", "IMGTYPE", "FRAMETYP", "HIERARCH ESO DPR TYPE"):
+        if key not in header:
+            continue
+        word = str(header[key]).strip().lower().replace(" ", "").replace("_", "").replace("-", "")
+        word = word.removeprefix("master").removesuffix("master")
+        if word in _CALIB_WORDS:
+            return _CALIB_WORDS[word]
+    return None
+
+
+def is_master_calibration(header) -> bool:
+    """Whether a calibration header describes a combined (master) frame, not one exposure.
+
+    True when ``NCOMBINE`` > 1, when ``IMAGETYP``/``OBSTYPE``/``PRODTYPE``/``PROCTYPE``
+    says ``master`` (NOIRLab ``MasterCal``, ccdproc-style ``master bias``), or when a
+    procsky exposure (``IMAGE``/``MASK``/``VARIANCE``) has no exposure id (``EXPID``).
+    """
+    try:
+        if int(header.get("NCOMBINE", 1)) > 1:
+            return True
+    except (TypeError, ValueError):
+        pass
+    for key in ("IMAGETYP", "OBSTYPE", "PRODTYPE", "PROCTYPE"):
+        if "master" in str(header.get(key, "")).lower():
+            return True
+    return False
+
+
+def _header_number(header, *keys, default=float("nan")) -> float:
+    for k in keys:
+        if k in header:
+            try:
+                return float(header[k])
+            except (TypeError, ValueError):
+                continue
+    return default
+
+
+def calib_frame_exposure(data, header, *, instrument: str, detector: dict, visit: int, band: str = "",
+                         physical_filter: str = "", source=None):
+    """An :class:`~procsky.exposure.Exposure` of one raw calibration exposure of one detector.
+
+    Parameters
+    ----------
+    data : 2-d array, ADU
+        The pixels as read out, overscan included.
+    header : astropy.io.fits.Header
+        ``DATASEC``/``BIASSEC`` (FITS sections) give the layout the ISR needs; ``EXPTIME``
+        (s) scales the dark; ``MJD-OBS`` is the start of the exposure.
+    instrument : str
+    detector : dict
+        ``id``, ``name``, ``gain`` (e-/ADU), ``read_noise`` (e-), ``saturation`` (ADU).
+    visit : int
+        Exposure id.
+    band, physical_filter : str
+        Of a flat (empty for bias and dark).
+    source : path, optional
+        Recorded in the metadata.
+
+    Returns
+    -------
+    Exposure
+        Image in ADU; variance ``max(I - overscan, 0) / gain + (rn / gain)^2``; mask
+        NO_DATA on non-finite pixels; ``detector`` with ``datasec``/``biassec`` when the
+        header has them; ``visit_info`` with the exposure time.
+    """
+    from procsky.exposure import Exposure, VisitInfo
+    from procsky.masks import DEFAULT_PLANES
+
+    image = np.asarray(data, dtype=np.float64)
+    if image.ndim != 2:
+        raise ProcskyValueError(f"{source or 'calibration frame'}: expected a 2-d image, got shape {image.shape}")
+    det = {k: v for k, v in dict(detector).items() if v is not None}
+    for key, name in (("DATASEC", "datasec"), ("BIASSEC", "biassec")):
+        if key in header and str(header[key]).strip():
+            det[name] = str(header[key]).strip()
+    gain = float(det.get("gain") or 1.0)
+    rn = float(det.get("read_noise") or 0.0)
+    level = 0.0
+    if "biassec" in det:
+        from procsky.kernels.isr import parse_section
+
+        try:
+            x0, x1, y0, y1 = parse_section(det["biassec"])
+        except ValueError as e:
+            raise ProcskyValueError(f"{source or 'calibration frame'}: bad BIASSEC {det['biassec']!r}: {e}") from e
+        ov = image[y0:y1, x0:x1]
+        level = float(np.nanmedian(ov)) if ov.size else 0.0
+    finite = np.isfinite(image)
+    variance = (np.maximum(np.where(finite, image, level) - level, 0.0) / gain + (rn / gain) ** 2).astype(np.float32)
+    mask = np.zeros(image.shape, dtype=np.uint32)
+    mask[~finite] |= np.uint32(1 << DEFAULT_PLANES["NO_DATA"])
+    exptime = _header_number(header, "EXPTIME", "EXPOSURE", "ITIME", "DARKTIME", default=0.0)
+    mjd = _header_number(header, "MJD-OBS", "MJD")
+    if np.isfinite(mjd):
+        mjd += 0.5 * exptime / 86400.0
+    vi = VisitInfo(exposure_time=exptime, mjd=mjd, band=band or "", physical_filter=physical_filter or "",
+                   instrument=instrument, visit=int(visit))
+    kind = calibration_kind(header) or "unknown"
+    meta = {"imagetyp": kind, "frame": True}
+    if source is not None:
+        meta["source_file"] = str(Path(source).resolve())
+    return Exposure(np.where(finite, image, 0.0).astype(np.float32), variance, mask, visit_info=vi,
+                    detector=det, metadata=meta)
+
+
+def calib_frame_records(instrument: str, kind: str, visit: int, exposure, physical_filter: str = "",
+                        band: str = "") -> dict[str, list[dict]]:
+    """The ``visit`` (exposure) record of a calibration frame: its type, time and filter."""
+    vi = exposure.visit_info
+    rec = {"instrument": instrument, "visit": int(visit), "observation_type": kind}
+    if physical_filter:
+        rec["physical_filter"] = physical_filter
+    if band:
+        rec["band"] = band
+    for k in ("mjd", "exposure_time"):
+        v = getattr(vi, k, None) if vi is not None else None
+        rec[k] = None if v is None or not np.isfinite(v) else float(v)
+    return {"visit": [rec]}
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,19 @@
-"""``generic``: any FITS image with a celestial WCS.
+"""``generic``: any FITS image with a celestial WCS, and calibration frames.
 
 Each 2-d image HDU with a celestial WCS becomes one detector. Variance comes from a
 ``VARIANCE`` HDU, or ``1/w`` of a ``WEIGHT``/``IVAR`` HDU, or else is estimated as the
 clipped background noise plus the Poisson term of the sources when the header gives a
 ``GAIN``. NaN pixels are masked NO_DATA and pixels at or above ``SATURATE`` are masked SAT.
+
+Calibration frames are recognised by ``IMAGETYP``/``OBSTYPE`` (``zero``/``bias``, ``dark``,
+``flat``, ``dome flat`` ...; see :func:`procsky.instruments.base.calibration_kind`) and
+need no WCS. A single exposure becomes ``bias_frame`` / ``dark_frame`` / ``flat_frame``
+with data ID {instrument, visit, detector} (+ band, physical_filter for flats; the visit is
+``EXPNUM``/``EXPID``/... or a hash of ``DATE-OBS``), keeping ``DATASEC``/``BIASSEC`` for
+the ISR. A combined frame (``NCOMBINE`` > 1, or ``master`` in ``IMAGETYP``/``PRODTYPE``/
+``PROCTYPE``) becomes the master ``bias`` / ``dark`` / ``flat`` with data ID {instrument,
+detector} (+ band, physical_filter for flats); a master dark with ``EXPTIME`` is scaled
+by the ISR by the ratio of exposure times, one without is taken as a rate per second.
 """
 
 from __future__ import annotations
@@ -17,7 +27,18 @@ import numpy as np
 
 from procsky.errors import ProcskyValueError
 from procsky.exposure import Exposure, VisitInfo
-from procsky.instruments.base import INGESTED_DATASET_TYPE, IngestItem, Instrument, open_fits, register_instrument
+from procsky.instruments.base import (
+    CALIB_FRAME_DATASET_TYPES,
+    INGESTED_DATASET_TYPE,
+    IngestItem,
+    Instrument,
+    calib_frame_exposure,
+    calib_frame_records,
+    calibration_kind,
+    is_master_calibration,
+    open_fits,
+    register_instrument,
+)
 from procsky.masks import DEFAULT_PLANES
 from procsky.wcs import has_celestial_wcs, wcs_cards
 
@@ -120,6 +141,9 @@ class GenericInstrument(Instrument):
             names = [h.name.upper() for h in hdul]
             if {"IMAGE", "MASK", "VARIANCE"} <= set(names):
                 exp = Exposure.read(path)
+                kind = calibration_kind(hdul[0].header)
+                if kind is not None:
+                    return [self._procsky_calib_item(exp, hdul[0].header, path, kind)]
                 return [self._item_from_exposure(exp, hdul[0].header, path, 0)]
             primary = hdul[0].header
             planes = [
@@ -138,6 +162,11 @@ class GenericInstrument(Instrument):
                     for card in primary.cards:
                         if card.keyword not in header and card.keyword not in ("SIMPLE", "EXTEND", "NAXIS", "BITPIX", "COMMENT", "HISTORY", ""):
                             header.append(card)
+                kind = calibration_kind(header)
+                if kind is not None:
+                    det = int(header.get("CCDNUM", n)) if str(header.get("CCDNUM", n)).isdigit() else n
+                    items.append(self._calib_item(path, header, hdul, i, kind, det))
+                    continue
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     ok = has_celestial_wcs(header)
@@ -159,6 +188,73 @@ class GenericInstrument(Instrument):
                 det = int(header.get("CCDNUM", n)) if str(header.get("CCDNUM", n)).isdigit() else n
                 items.append(self._item(path, header, image, variance, mask, det))
             return items
+
+    # -- calibration frames ------------------------------------------------------------
+    def _calib_filter(self, header, kind):
+        if kind != "flat":
+            return "", ""
+        physical_filter = str(header.get("FILTER", header.get("BAND", "unknown"))).strip() or "unknown"
+        try:
+            band = str(header.get("BAND", "")).strip() or self.band_of(physical_filter)
+        except ProcskyValueError:
+            band = "unknown"
+        return band, physical_filter
+
+    def _calib_item(self, path, header, hdul, index, kind, detector) -> IngestItem:
+        """One calibration HDU: a raw exposure (``<kind>_frame``) or a master (``<kind>``)."""
+        band, physical_filter = self._calib_filter(header, kind)
+        det = {
+            "id": int(detector),
+            "name": str(header.get("EXTNAME", header.get("CCDNAME", header.get("DETNAME", detector)))),
+            "gain": header_float(header, "GAIN", "EGAIN", default=1.0),
+            "read_noise": header_float(header, "RDNOISE", "READNOIS", "RON", default=0.0),
+            "saturation": header_float(header, "SATURATE", "SATURATA"),
+        }
+        det = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in det.items()}
+        data = np.asarray(hdul[index].data, dtype=np.float64)
+        data_id = {"instrument": self.name, "detector": int(detector)}
+        if kind == "flat":
+            data_id.update(band=band, physical_filter=physical_filter)
+        records = {"instrument": [{"instrument": self.name}],
+                   "detector": [{"instrument": self.name, "detector": int(detector), "name": str(det["name"])}]}
+        if kind == "flat":
+            records["band"] = [{"band": band}]
+            records["physical_filter"] = [{"instrument": self.name, "physical_filter": physical_filter, "band": band}]
+        if is_master_calibration(header):
+            names = [h.name.upper() for h in hdul]
+            var = next((np.asarray(hdul[nm].data, dtype=np.float32) for nm in _VAR_NAMES if nm in names), None)
+            image = np.where(np.isfinite(data), data, 0.0).astype(np.float32)
+            mask = np.zeros(image.shape, dtype=np.uint32)
+            mask[~np.isfinite(data)] |= np.uint32(1 << DEFAULT_PLANES["NO_DATA"])
+            exptime = header_float(header, "EXPTIME", "EXPOSURE", "DARKTIME")
+            vi = VisitInfo(exposure_time=exptime, band=band, physical_filter=physical_filter, instrument=self.name)
+            exp = Exposure(image, var, mask, visit_info=vi, detector=det,
+                           metadata={"imagetyp": kind, "master": True, "source_file": str(path.resolve())})
+            return IngestItem(kind, data_id, exp, records)
+        visit = _stable_visit(header, path)
+        exp = calib_frame_exposure(data, header, instrument=self.name, detector=det, visit=visit, band=band,
+                                   physical_filter=physical_filter, source=path)
+        data_id["visit"] = visit
+        records.update(calib_frame_records(self.name, kind, visit, exp, physical_filter, band))
+        return IngestItem(CALIB_FRAME_DATASET_TYPES[kind], data_id, exp, records)
+
+    def _procsky_calib_item(self, exp, header, path, kind) -> IngestItem:
+        """A procsky-format calibration exposure: a master unless it still has its overscan."""
+        band, physical_filter = self._calib_filter(header, kind)
+        detector = int(exp.detector.get("id", 0)) if exp.detector else 0
+        data_id = {"instrument": self.name, "detector": detector}
+        if kind == "flat":
+            data_id.update(band=band, physical_filter=physical_filter)
+        records = {"instrument": [{"instrument": self.name}],
+                   "detector": [{"instrument": self.name, "detector": detector,
+                                 "name": str(exp.detector.get("name", detector))}]}
+        has_overscan = "biassec" in (exp.detector or {}) or "biassec" in (exp.metadata or {})
+        if is_master_calibration(header) or not has_overscan:
+            return IngestItem(kind, data_id, exp, records)
+        visit = exp.visit_info.visit if exp.visit_info and exp.visit_info.visit is not None else _stable_visit(header, path)
+        data_id["visit"] = int(visit)
+        records.update(calib_frame_records(self.name, kind, int(visit), exp, physical_filter, band))
+        return IngestItem(CALIB_FRAME_DATASET_TYPES[kind], data_id, exp, records)
 
     def _variance(self, hdul, header, image):
         names = [h.name.upper() for h in hdul]

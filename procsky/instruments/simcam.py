@@ -14,6 +14,14 @@ PRIMARY header carries ``IMAGETYP`` (``calexp``, ``raw``, ``bias``, ``dark``, ``
 ``DETECTOR``, ``DETNAME``, ``GAIN``, ``RDNOISE``, ``SATURATE``, ``MAGZERO`` and, for
 raw, ``DATASEC``/``BIASSEC``. Units are ADU throughout (``BUNIT``); mask bits are the
 LSST planes (BAD, SAT ...).
+
+Ingest maps them to datasets: ``calexp`` files -> ``isr_exposure``, ``raw`` -> ``raw``
+(per visit and detector); master calibrations (``calibs/``) -> ``bias``, ``dark`` (per
+detector) and ``flat`` (per detector and filter); individual calibration exposures
+(``calib_frames/``: a camera-style PRIMARY HDU of uint16 ADU with ``EXPID``, ``DATASEC``,
+``BIASSEC``) -> ``bias_frame`` / ``flat_frame`` with data ID {instrument, visit=EXPID,
+detector} (+ band, physical_filter for flats) and a ``visit`` record whose
+``observation_type`` is ``bias`` or ``flat``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,17 @@ from pathlib import Path
 import numpy as np
 
 from procsky.errors import ProcskyFileError
-from procsky.instruments.base import INGESTED_DATASET_TYPE, DetectorSpec, IngestItem, Instrument, register_instrument
+from procsky.instruments.base import (
+    CALIB_FRAME_DATASET_TYPES,
+    INGESTED_DATASET_TYPE,
+    DetectorSpec,
+    IngestItem,
+    Instrument,
+    calib_frame_exposure,
+    calib_frame_records,
+    calibration_kind,
+    register_instrument,
+)
 
 __all__ = [
     "SimcamInstrument",
@@ -217,11 +235,15 @@ class SimcamInstrument(Instrument):
         except OSError as e:
             raise ProcskyFileError(f"{path} is not a readable FITS file: {e}") from e
         kind = str(header.get("IMAGETYP", "")).strip().lower()
+        if kind not in {"calexp", "raw"}:
+            kind = calibration_kind(header) or kind
         if header.get("INSTRUME", "") != "simcam" or kind not in {"calexp", "raw", "bias", "dark", "flat"}:
             raise ProcskyFileError(
                 f"{path} is not a simcam file (INSTRUME={header.get('INSTRUME')!r}, IMAGETYP={header.get('IMAGETYP')!r}); "
-                "simcam ingests the images/ and calibs/ files written by `procsky sim`"
+                "simcam ingests the images/, calibs/ and calib_frames/ files written by `procsky sim`"
             )
+        if kind in CALIB_FRAME_DATASET_TYPES and "EXPID" in header:
+            return [self._calib_frame(path, header, kind)]
         exp = Exposure.read(path)
         det = int(header["DETECTOR"])
         det_record = {
@@ -245,3 +267,34 @@ class SimcamInstrument(Instrument):
             data_id.update(band=band, physical_filter=f"simcam-{band}")
         dataset_type = INGESTED_DATASET_TYPE if kind == "calexp" else kind
         return [IngestItem(dataset_type=dataset_type, data_id=data_id, obj=exp, records=records)]
+
+    def _calib_frame(self, path: Path, header, kind: str) -> IngestItem:
+        """One raw bias/dark/flat exposure of one detector (camera-style single-HDU FITS)."""
+        from procsky.instruments.base import open_fits
+
+        with open_fits(path) as hdul:
+            data = hdul[0].data
+            if data is None or getattr(data, "ndim", 0) != 2:
+                raise ProcskyFileError(f"{path}: a simcam calibration frame has its pixels in the PRIMARY HDU")
+            data = np.asarray(data, dtype=np.float64)
+        det = int(header["DETECTOR"])
+        detector = {
+            "id": det, "name": str(header["DETNAME"]), "nx": int(header["DETNX"]), "ny": int(header["DETNY"]),
+            "gain": float(header["GAIN"]), "read_noise": float(header["RDNOISE"]),
+            "saturation": float(header["SATURATE"]),
+        }
+        visit = int(header["EXPID"])
+        band = physical_filter = ""
+        if kind == "flat":
+            band = str(header["BAND"]).strip()
+            physical_filter = str(header.get("FILTER", f"simcam-{band}")).strip()
+        exp = calib_frame_exposure(data, header, instrument=self.name, detector=detector, visit=visit, band=band,
+                                   physical_filter=physical_filter, source=path)
+        data_id = {"instrument": self.name, "visit": visit, "detector": det}
+        if kind == "flat":
+            data_id.update(band=band, physical_filter=physical_filter)
+        records = {"detector": [{"instrument": self.name, "detector": det, "name": detector["name"],
+                                 "nx": detector["nx"], "ny": detector["ny"], "gain": detector["gain"],
+                                 "read_noise": detector["read_noise"], "saturation": detector["saturation"]}]}
+        records.update(calib_frame_records(self.name, kind, visit, exp, physical_filter, band))
+        return IngestItem(dataset_type=CALIB_FRAME_DATASET_TYPES[kind], data_id=data_id, obj=exp, records=records)

@@ -103,6 +103,11 @@ STANDARD_DATASET_TYPES: dict[str, DatasetType] = {
         DatasetType("bias", ("instrument", "detector"), "Exposure"),
         DatasetType("dark", ("instrument", "detector"), "Exposure"),
         DatasetType("flat", ("instrument", "detector"), "Exposure"),
+        # Individual raw calibration exposures (visit = exposure id; flats add the filter),
+        # combined into the masters above by make_master_bias / _dark / _flat.
+        DatasetType("bias_frame", _VD, "Exposure"),
+        DatasetType("dark_frame", _VD, "Exposure"),
+        DatasetType("flat_frame", _VD, "Exposure"),
         DatasetType("warp", ("instrument", "visit") + _PATCH, "Exposure"),
         DatasetType("coadd", _PATCH + ("band",), "Exposure"),
         DatasetType("template", _PATCH + ("band",), "Exposure"),

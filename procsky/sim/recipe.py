@@ -187,6 +187,12 @@ class RawConfig(_Model):
     hot_pixel_dark: tuple[float, float] = Field((2.0, 30.0), description="hot pixel dark current range, e-/s")
     vignetting: float = Field(0.08, ge=0, lt=0.5, description="flat-field drop at the focal-plane corner")
     prnu: float = Field(0.008, ge=0, lt=0.1, description="pixel response non-uniformity rms")
+    n_bias_frames: int = Field(5, ge=0, le=100, description="individual bias exposures written per detector")
+    n_flat_frames: int = Field(5, ge=0, le=100, description="individual flat exposures per detector and band")
+    n_dark_frames: int = Field(5, ge=0, le=100, description="individual dark exposures written per detector")
+    dark_exposure_time: float = Field(120.0, gt=0, description="dark exposure time, s")
+    flat_level: float = Field(30000.0, gt=0, description="mean flat-lamp illumination, e-/pixel")
+    flat_exposure_time: float = Field(5.0, ge=0, description="flat exposure time, s (dark current accrues)")
 
 
 class RefcatConfig(_Model):
@@ -225,6 +231,18 @@ class Recipe(_Model):
         if len(set(names)) != len(names):
             raise ValueError(f"bands are repeated: {names}")
         return v
+
+    @model_validator(mode="after")
+    def _flat_level_unsaturated(self):
+        # the PRNU tail reaches a few % above 1: keep flat frames below the full well and the ADC
+        if self.raw.n_flat_frames > 0:
+            peak = 1.1 * self.raw.flat_level
+            if peak > self.instrument.full_well or peak / self.instrument.gain + self.raw.bias_level > 65000:
+                raise ValueError(
+                    f"raw.flat_level {self.raw.flat_level} e- saturates the flat frames (full well "
+                    f"{self.instrument.full_well} e-, gain {self.instrument.gain}); lower it"
+                )
+        return self
 
     @property
     def band_names(self) -> list[str]:

@@ -19,7 +19,12 @@ Noise and signature model (the same for both output modes, so the ``raw`` and
   and hot pixels, SAT where the full well was reached; cosmic rays are *not* masked.
 
 So ``(raw - overscan - bias - dark * EXPTIME) / flat`` reproduces the calibrated image up
-to ADC rounding (1/sqrt(12) ADU) and the noise of the master bias. (Strictly, the
+to ADC rounding (1/sqrt(12) ADU) and the noise of the master bias.
+
+Raw mode also writes the individual calibration exposures a master is made from
+(:func:`write_calib_frames`): bias, dark and lamp-flat frames with the same bias pattern,
+dark map, defects and detector response as the masters and the science raws, and their
+own read, Poisson and cosmic-ray noise (:func:`draw_calib_frame`). (Strictly, the
 detected electrons of a pixel with response ``flat`` would be ``Poisson(E * flat)``; we
 scale one realisation by ``flat`` instead, which differs by < 1% in variance for flats
 within a few % of 1.)
@@ -48,6 +53,11 @@ __all__ = [
     "write_detector",
     "write_calibs",
     "image_filename",
+    "CALIB_EXPOSURE_BASE",
+    "calib_exposure_id",
+    "calib_frame_filename",
+    "draw_calib_frame",
+    "write_calib_frames",
 ]
 
 BAD, SAT = 1 << 0, 1 << 1
@@ -553,5 +563,148 @@ def write_calibs(recipe, detector: int, bands: list[str], calib_dir) -> list[str
                        detector=geometry.detector_dict(detector), metadata=meta)
         path = calib_dir / name
         exp.write(path, primary_header=keys)
+        names.append(name)
+    return names
+
+
+# ------------------------------------------------------------- calibration exposures
+#: Exposure ids of simulated calibration frames start here (far above any science visit).
+CALIB_EXPOSURE_BASE = 900000
+
+
+def calib_exposure_id(kind: str, index: int, band: str | None = None) -> int:
+    """Exposure id of the ``index``-th (1-based) bias, dark or flat exposure of the focal plane.
+
+    bias ``k`` -> ``900000 + k``; dark ``k`` -> ``900500 + k``; flat ``k`` of band ``b`` ->
+    ``900000 + 1000 (j + 1) + k`` with ``j`` the index of ``b`` in ``u g r i z y``. One id
+    covers every detector, as a real focal-plane exposure does.
+    """
+    from procsky.sim.recipe import KNOWN_BANDS
+
+    if not 1 <= index < 500:
+        raise ValueError(f"calibration frame index must be 1..499, got {index}")
+    if kind == "bias":
+        return CALIB_EXPOSURE_BASE + index
+    if kind == "dark":
+        return CALIB_EXPOSURE_BASE + 500 + index
+    if kind == "flat":
+        return CALIB_EXPOSURE_BASE + 1000 * (KNOWN_BANDS.index(band) + 1) + index
+    raise ValueError(f"kind must be 'bias', 'dark' or 'flat', got {kind!r}")
+
+
+def calib_frame_filename(kind: str, exposure: int, detector: int) -> str:
+    """``<kind>-e<exposure:06d>-d<detector:03d>.fits``."""
+    return f"{kind}-e{exposure:06d}-d{detector:03d}.fits"
+
+
+def draw_calib_frame(recipe, geometry, detector: int, kind: str, exposure: int, band: str | None = None,
+                     *, bias: np.ndarray | None = None, flat: np.ndarray | None = None,
+                     defects: pd.DataFrame | None = None) -> np.ndarray:
+    """One raw bias, dark or flat exposure of one detector (ADU incl. overscan, uint16).
+
+    The same signature as the science raws of :func:`render_detector`: the overscan level
+    drawn per exposure, the 2-d ``bias_pattern``, read noise ``rn`` (e-), gain, and for
+    flats the detector response ``flat_field`` of the band:
+
+    * bias: ``R / gain + bias + level`` with ``R ~ N(0, rn)``.
+    * dark: ``Q = Poisson(D t) + CR + K`` over ``t = dark_exposure_time`` (shutter closed),
+      then ``(Q + R) / gain + bias + level``.
+    * flat: ``Q = Poisson(L f) + Poisson(D t) + CR + K`` then ``(Q + R) / gain + bias + level``:
+      lamp level ``L = flat_level (1 + 0.03 u)`` (``u ~ N(0, 1)``, the lamp drifts between
+      exposures), response ``f``, dark current ``D`` over ``t = flat_exposure_time``, cosmic
+      rays at the recipe's rate, bad-column charge ``K``. Unlike the science frames (see
+      the module docstring) the photon noise is drawn from ``L f`` itself.
+
+    Bad-column charge is modelled as accruing during an integration, so bias frames (zero
+    exposure time) do not carry it; the master bias of :func:`write_calibs` has none either.
+    """
+    inst = recipe.instrument
+    gain, rn = inst.gain, inst.read_noise
+    ny, nx = geometry.ny, geometry.nx
+    rng = rng_for(recipe.seed, "calib_frame", exposure, detector)
+    level = recipe.raw.bias_level + rng.normal(0.0, 2.0)
+    if bias is None:
+        bias = bias_pattern(recipe, geometry, detector)
+    if kind == "bias":
+        charge = rng.normal(0.0, rn, (ny, nx))
+    elif kind in ("flat", "dark"):
+        if defects is None:
+            defects = detector_defects(recipe, geometry, detector)
+        if kind == "flat":
+            if flat is None:
+                flat = flat_field(recipe, geometry, detector, band)
+            t = recipe.raw.flat_exposure_time
+            lamp = recipe.raw.flat_level * (1.0 + 0.03 * rng.standard_normal())
+            charge = rng.poisson(lamp * flat).astype(np.float64)
+        else:
+            t = recipe.raw.dark_exposure_time
+            charge = np.zeros((ny, nx))
+        charge += rng.poisson(dark_map(recipe, geometry, detector, defects) * t)
+        cr_map, _ = _cosmic_rays(rng, recipe, (ny, nx), t)
+        charge += cr_map
+        del cr_map
+        charge += rng.normal(0.0, rn, (ny, nx))
+        for d in defects[defects["kind"] == "bad_column"].itertuples():
+            charge[d.y0 : d.y1 + 1, d.x] += d.value
+    else:
+        raise ValueError(f"kind must be 'bias', 'dark' or 'flat', got {kind!r}")
+    nos = recipe.raw.overscan_columns
+    raw = np.empty((ny, nx + nos), dtype=np.float64)
+    raw[:, :nx] = charge / gain + bias + level
+    raw[:, nx:] = level + rng.normal(0.0, rn / gain, (ny, nos))
+    return np.clip(np.rint(raw), 0, 65535).astype(np.uint16)
+
+
+def write_calib_frames(recipe, detector: int, bands: list[str], frame_dir) -> list[str]:
+    """Write the individual bias, dark and flat exposures of one detector; return the file names.
+
+    ``recipe.raw.n_bias_frames`` bias frames, ``n_dark_frames`` dark frames and
+    ``n_flat_frames`` flat frames per band, as a camera writes them: one PRIMARY HDU of uint16 ADU (BZERO 32768) with
+    overscan, and the keywords ``IMAGETYP`` (``bias``/``dark``/``flat``), ``EXPID`` (see
+    :func:`calib_exposure_id`), ``EXPTIME``, ``MJD-OBS``, ``DETECTOR``, ``DETNAME``,
+    ``GAIN``, ``RDNOISE``, ``SATURATE``, ``DATASEC``, ``BIASSEC`` and, for flats, ``FILTER``
+    and ``BAND``. No mask, variance or WCS: ``procsky ingest`` builds those.
+    """
+    from pathlib import Path
+
+    from astropy.io import fits
+
+    geometry = SimcamGeometry(recipe.instrument, recipe.seed)
+    frame_dir = Path(frame_dir)
+    frame_dir.mkdir(parents=True, exist_ok=True)
+    nx, ny, nos = geometry.nx, geometry.ny, recipe.raw.overscan_columns
+    bias = bias_pattern(recipe, geometry, detector)
+    defects = detector_defects(recipe, geometry, detector)
+    jobs = [("bias", k, None) for k in range(1, recipe.raw.n_bias_frames + 1)]
+    jobs += [("dark", k, None) for k in range(1, recipe.raw.n_dark_frames + 1)]
+    for b in bands:
+        jobs += [("flat", k, b) for k in range(1, recipe.raw.n_flat_frames + 1)]
+    names = []
+    flats: dict[str, np.ndarray] = {}
+    for kind, k, band in jobs:
+        expid = calib_exposure_id(kind, k, band)
+        if band is not None and band not in flats:
+            flats[band] = flat_field(recipe, geometry, detector, band)
+        data = draw_calib_frame(recipe, geometry, detector, kind, expid, band, bias=bias,
+                                flat=flats.get(band), defects=defects)
+        keys = _common_keys(recipe, geometry, detector, kind)
+        t = {"bias": 0.0, "dark": recipe.raw.dark_exposure_time, "flat": recipe.raw.flat_exposure_time}[kind]
+        keys.update({
+            "EXPID": (expid, "exposure id, shared by all detectors"),
+            "EXPTIME": (t, "exposure time, s"),
+            "MJD-OBS": (recipe.mjd_start - 1.0 + expid % 100000 / 1e5, "start of exposure (MJD)"),
+            "DATASEC": (f"[1:{nx},1:{ny}]", "science pixels (FITS 1-based)"),
+            "BIASSEC": (f"[{nx + 1}:{nx + nos},1:{ny}]", "serial overscan (FITS 1-based)"),
+        })
+        if band is not None:
+            keys["FILTER"] = (f"simcam-{band}", "physical filter")
+            keys["BAND"] = (band, "band of this flat")
+        hdu = fits.PrimaryHDU(data)
+        for key, (value, comment) in keys.items():
+            hdu.header[key] = (value, comment)
+        name = calib_frame_filename(kind, expid, detector)
+        tmp = frame_dir / (name + ".tmp")
+        hdu.writeto(tmp, overwrite=True)
+        tmp.replace(frame_dir / name)
         names.append(name)
     return names

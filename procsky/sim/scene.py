@@ -37,6 +37,7 @@ __all__ = ["Scene", "build_scene", "tangent_to_sky", "sky_to_tangent", "epoch_fl
 STREAMS = {
     "stars": 1, "galaxies": 2, "variables": 3, "transients": 4, "visits": 5, "refcat": 6,
     "noise": 10, "cosmic": 11, "defects": 12, "signature": 13, "flat": 14, "overscan": 15,
+    "calib_frame": 16,
 }
 
 # Colours relative to r (u-r, g-r, i-r, z-r, y-r offsets are built from these).

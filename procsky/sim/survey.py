@@ -4,7 +4,10 @@ Output layout (stable; see ``datasets/README.md``)::
 
     DIR/recipe.yaml                 the recipe as used (seed included, defaults filled in)
     DIR/images/calexp-v<visit>-d<det>.fits   calibrated mode (or raw-v... in raw mode)
-    DIR/calibs/bias-d<det>.fits, dark-d<det>.fits, flat-<band>-d<det>.fits   (raw mode)
+    DIR/calibs/bias-d<det>.fits, dark-d<det>.fits, flat-<band>-d<det>.fits   (raw mode: masters)
+    DIR/calib_frames/{bias,dark,flat}-e<expid>-d<det>.fits   (raw mode: the individual
+                                    exposures, ``raw.n_bias_frames``, ``raw.n_dark_frames``
+                                    and ``raw.n_flat_frames`` per band of the visits drawn)
     DIR/truth/objects.parquet       every object: id, kind, position, flux per band (nJy), shape
     DIR/truth/exposures.parquet     per visit/detector/object: true pixel position, flux, counts
     DIR/truth/lightcurves.parquet   variables and transients at every visit
@@ -30,7 +33,7 @@ import pandas as pd
 
 from procsky.errors import ProcskyValueError
 from procsky.sim.recipe import Recipe, load_recipe
-from procsky.sim.render import image_filename, render_detector, write_calibs, write_detector
+from procsky.sim.render import image_filename, render_detector, write_calib_frames, write_calibs, write_detector
 from procsky.sim.scene import Scene, build_scene, detector_footprints, epoch_flux
 
 __all__ = ["simulate", "SimulationResult", "select_objects", "draw_visit_detector"]
@@ -47,6 +50,7 @@ class SimulationResult:
     mode: str
     images: list[Path] = field(default_factory=list)
     calibs: list[Path] = field(default_factory=list)
+    calib_frames: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # CPU time spent drawing and writing images, all workers
     n_objects: int = 0
@@ -91,6 +95,10 @@ def _calib_task(recipe, detector, bands, out):
     return write_calibs(recipe, detector, bands, Path(out) / "calibs")
 
 
+def _calib_frames_task(recipe, detector, bands, out):
+    return write_calib_frames(recipe, detector, bands, Path(out) / "calib_frames")
+
+
 class _TqdmCallback:
     """A dask local-scheduler callback driving a tqdm bar (one tick per finished task)."""
 
@@ -128,7 +136,9 @@ def simulate(recipe, out, *, seed: int | None = None, mode: str = "calibrated", 
         Overrides the recipe's seed.
     mode : {"calibrated", "raw"}
         ``calibrated``: instrument-signature-removed images (image, variance, mask).
-        ``raw``: images with overscan, bias, dark and flat pattern, plus calibs.
+        ``raw``: images with overscan, bias, dark and flat pattern, plus master calibs
+        and the individual bias, dark and flat exposures (``recipe.raw.n_bias_frames``,
+        ``n_dark_frames``, ``n_flat_frames``; flats for the bands of the visits drawn).
     scheduler : {"processes", "threads", "sync"}
         dask local scheduler. GalSim holds the GIL through much of its drawing, so
         processes scale better (see ``benchmarks/bench_sim.py``).
@@ -148,7 +158,7 @@ def simulate(recipe, out, *, seed: int | None = None, mode: str = "calibrated", 
     t0 = time.perf_counter()
     recipe = load_recipe(recipe).with_seed(seed)
     out = Path(out)
-    for sub in ("images", "truth", "refcat") + (("calibs",) if mode == "raw" else ()):
+    for sub in ("images", "truth", "refcat") + (("calibs", "calib_frames") if mode == "raw" else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(recipe.to_yaml())
 
@@ -180,6 +190,10 @@ def simulate(recipe, out, *, seed: int | None = None, mode: str = "calibrated", 
         bands = recipe.band_names
         calib_tasks = [dask.delayed(_calib_task, pure=False)(recipe, d, bands, str(out), dask_key_name=f"calib-{d}")
                        for d in want_dets]
+        frame_bands = [b for b in bands if b in set(vrows.loc[want_visits, "band"])]
+        calib_tasks += [dask.delayed(_calib_frames_task, pure=False)(recipe, d, frame_bands, str(out),
+                                                                      dask_key_name=f"calib-frames-{d}")
+                        for d in want_dets]
     sched = "sync" if scheduler in ("sync", "synchronous") else scheduler
     kwargs = {"scheduler": sched}
     if sched != "sync":
@@ -206,7 +220,9 @@ def simulate(recipe, out, *, seed: int | None = None, mode: str = "calibrated", 
 
     res = SimulationResult(out=out, recipe=recipe, mode=mode, n_objects=len(scene.objects))
     res.images = [out / s["file"] for s in sorted(summaries, key=lambda s: (s["visit"], s["detector"]))]
-    res.calibs = [out / "calibs" / n for names in calib_names for n in names]
+    n_cal = len(calib_names) // 2
+    res.calibs = [out / "calibs" / n for names in calib_names[:n_cal] for n in names]
+    res.calib_frames = [out / "calib_frames" / n for names in calib_names[n_cal:] for n in names]
     res.seconds = time.perf_counter() - t0
     res.cpu_seconds = float(sum(r[3] for r in results))
     return res

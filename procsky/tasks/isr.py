@@ -9,10 +9,19 @@ Tasks
     and the SAT / BAD / NO_DATA masks. ``calibrate`` takes ``isr_exposure`` as input.
 ``make_master_bias`` (:class:`MakeMasterBiasTask`, quantum {instrument, detector})
     every ``bias_frame`` of a detector -> ``bias`` (overscan-subtracted, clipped mean).
+``make_master_dark`` (:class:`MakeMasterDarkTask`, quantum {instrument, detector})
+    every ``dark_frame`` of a detector (+ optional ``bias``) -> ``dark``: clipped mean of
+    the bias-subtracted frames divided by their exposure times (ADU/s); hot pixels and
+    bad columns (``defect_nsigma`` robust sigmas from the median rate) are BAD, and ``isr``
+    carries that mask into every exposure (defect masking from the data, as
+    ``cp_pipe``'s ``findDefects`` does on master darks).
 ``make_master_flat`` (:class:`MakeMasterFlatTask`, quantum {instrument, detector,
 physical_filter})
     every ``flat_frame`` of a detector and filter (+ optional ``bias``, ``dark``) ->
     ``flat`` normalised to median 1.
+
+The ``calibs`` pipeline (``procsky/pipelines/calibs.yaml``) runs the three builders on the
+ingested ``bias_frame`` / ``dark_frame`` / ``flat_frame`` datasets.
 
 Layout of a raw frame: the detector description (``Exposure.detector``) gives either
 ``datasec`` / ``biassec`` (0-based ``[x0, x1, y0, y1]`` or FITS sections ``"[x1:x2,y1:y2]"``)
@@ -64,7 +73,9 @@ __all__ = [
     "amplifier_layout",
     "MakeMasterBiasTask",
     "MakeMasterFlatTask",
+    "MakeMasterDarkTask",
     "MasterConfig",
+    "MasterDarkConfig",
 ]
 
 _VD = ("instrument", "visit", "detector")
@@ -96,8 +107,9 @@ class IsrConfig(TaskConfig):
     """Flag SAT from ``saturation - saturation_tolerance * read_noise`` (read-noise sigmas, ADU)."""
     adc_max: float | None = 65535.0
     """Raw value of digital saturation, ADU (None: no ADC check)."""
-    saturation_grow: int = 0
-    """Grow the SAT mask by this many pixels."""
+    saturation_grow: int = 1
+    """Grow the SAT mask by this many pixels (LSST ``growSaturationFootprintSize = 1``: the
+    partly filled pixels at the ends of a bleed trail are flagged too)."""
     min_flat: float = 0.2
     """Flat values below this are BAD (and NO_DATA when <= 0)."""
     variance_smoothing: int = 3
@@ -436,6 +448,107 @@ class MakeMasterBiasTask(Task):
         return {"bias": _master_exposure(mean, var, mask, trimmed[0][2], "bias", len(frames))}
 
 
+def _frame_isr_config(config) -> IsrConfig:
+    """ISR of a calibration exposure: overscan, bias (and dark), in ADU, no flat, no ADC check."""
+    return IsrConfig(overscan_method=config.overscan_method, overscan_order=config.overscan_order,
+                     overscan_nsigma=config.overscan_nsigma, do_flat=False, units="adu", adc_max=None,
+                     saturation_tolerance=0.0, saturation_grow=0)
+
+
+def _frame_isr(frame: Exposure, bias, dark, icfg: IsrConfig) -> Exposure:
+    """Run ISR on one calibration exposure; frames without overscan only get bias/dark removed."""
+    try:
+        return run_isr(frame, bias, dark, None, icfg)
+    except ProcskyValueError:
+        c = frame.compute()
+        if amplifier_layout_or_none(c) is not None:
+            raise
+        img = np.asarray(c.image, dtype=np.float64)
+        if bias is not None and icfg.do_bias:
+            img = img - np.asarray(bias.compute().image, dtype=np.float64)
+        if dark is not None and icfg.do_dark:
+            t = c.visit_info.exposure_time if c.visit_info is not None else float("nan")
+            td = dark.visit_info.exposure_time if dark.visit_info is not None else float("nan")
+            if math.isfinite(t):
+                scale = t / td if (math.isfinite(td) and td > 0) else t
+                img = img - np.asarray(dark.compute().image, dtype=np.float64) * scale
+        return Exposure(img.astype(np.float32), mask=c.mask, detector=c.detector, visit_info=c.visit_info)
+
+
+def amplifier_layout_or_none(exp: Exposure):
+    """:func:`amplifier_layout` of an exposure, or None when it has no overscan description."""
+    try:
+        return amplifier_layout(exp.detector, exp.shape, exp.metadata)
+    except ProcskyValueError:
+        return None
+
+
+class MasterDarkConfig(MasterConfig):
+    """Configuration of :class:`MakeMasterDarkTask`."""
+
+    defect_nsigma: float = 5.0
+    """Pixels whose dark rate lies this many robust sigmas (1.4826 MAD over the detector)
+    from the median rate are BAD: hot pixels and bad columns. 0 disables."""
+    defect_min_rate: float = 0.0
+    """...and whose rate differs from the median by more than this (ADU/s)."""
+
+
+@register_task("make_master_dark")
+class MakeMasterDarkTask(Task):
+    """Master dark of a detector: bias-subtracted ``dark_frame`` s per second, clipped mean
+    (ADU/s), with hot pixels and bad columns flagged BAD."""
+
+    dimensions = ("instrument", "detector")
+    inputs = {
+        "frames": Input("dark_frame", _VD, multiple=True),
+        "bias": Input("bias", ("instrument", "detector"), optional=True),
+    }
+    outputs = {"dark": Output("dark", ("instrument", "detector"))}
+    Config = MasterDarkConfig
+
+    def run(self, frames, bias=None):
+        """Combine; returns ``{"dark": Exposure}`` (a rate: ISR scales it by the exposure time)."""
+        if len(frames) < self.config.min_frames:
+            raise AlgorithmError(
+                f"{len(frames)} dark frame(s) for a master dark; need >= min_frames={self.config.min_frames}"
+            )
+        icfg = _frame_isr_config(self.config).model_copy(update={"do_dark": False})
+        images, bads = [], []
+        template = None
+        for f in frames:
+            t = f.visit_info.exposure_time if f.visit_info is not None else float("nan")
+            if not (math.isfinite(t) and t > 0):
+                raise AlgorithmError(
+                    f"a dark frame has exposure time {t}; darks need EXPTIME > 0 (set at ingest)"
+                )
+            exp = _frame_isr(f, bias, None, icfg)
+            template = template or exp
+            images.append(np.asarray(exp.image, dtype=np.float64) / t)
+            bads.append((np.asarray(exp.mask) & np.uint32(_BAD | _NO_DATA)) != 0)
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1:
+            raise ProcskyValueError(f"dark frames have different data shapes {sorted(shapes)}; combine one detector")
+        mean, var, n = combine_frames(np.stack(images), np.stack(bads), nsigma=self.config.nsigma,
+                                      max_iter=self.config.max_iter)
+        good = n > 0
+        mask = np.zeros(mean.shape, np.uint32)
+        mask[~good] |= np.uint32(_NO_DATA | _BAD)
+        n_defects = 0
+        if self.config.defect_nsigma > 0 and good.any():
+            v = mean[good].astype(np.float64)
+            med = float(np.median(v))
+            sig = 1.4826 * float(np.median(np.abs(v - med)))
+            dev = np.abs(np.where(good, mean, med) - med)
+            hot = good & (dev > self.config.defect_nsigma * sig) & (dev > self.config.defect_min_rate)
+            mask[hot] |= np.uint32(_BAD)
+            n_defects = int(hot.sum())
+        mean = np.where(good, mean, 0.0).astype(np.float32)
+        var = np.nan_to_num(var, nan=0.0).astype(np.float32)
+        out = _master_exposure(mean, var, mask, template, "dark", len(frames))
+        out.metadata.update(units="adu/s", n_defects=n_defects)
+        return {"dark": out}
+
+
 @register_task("make_master_flat")
 class MakeMasterFlatTask(Task):
     """Master flat of a detector and filter: bias/dark-corrected frames normalised by their
@@ -457,21 +570,11 @@ class MakeMasterFlatTask(Task):
             raise AlgorithmError(
                 f"{len(frames)} flat frame(s) for a master flat; need >= min_frames={self.config.min_frames}"
             )
-        icfg = IsrConfig(overscan_method=self.config.overscan_method, overscan_order=self.config.overscan_order,
-                         overscan_nsigma=self.config.overscan_nsigma, do_flat=False, units="adu", adc_max=None,
-                         saturation_tolerance=0.0)
+        icfg = _frame_isr_config(self.config)
         images, bads, scales = [], [], []
         template = None
         for f in frames:
-            try:
-                exp = run_isr(f, bias, dark, None, icfg)
-            except ProcskyValueError:
-                # already trimmed: only bias/dark remain to do
-                c = f.compute()
-                img = np.asarray(c.image, dtype=np.float64)
-                if bias is not None:
-                    img = img - np.asarray(bias.compute().image, dtype=np.float64)
-                exp = Exposure(img.astype(np.float32), mask=c.mask, detector=c.detector)
+            exp = _frame_isr(f, bias, dark, icfg)
             template = template or exp
             img = np.asarray(exp.image, dtype=np.float64)
             bad = (np.asarray(exp.mask) & np.uint32(_BAD | _NO_DATA | _SAT)) != 0
