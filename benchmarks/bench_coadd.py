@@ -18,6 +18,17 @@ patch (TAN, 0.2"/px) of a discrete sky map.
 
 Reported: wall and CPU seconds per tool, throughput ratios (output pixels per second),
 aperture fluxes of the stars against truth and against SWarp, pixel-level agreement.
+
+``--modes`` instead compares the two ways of feeding a coadd (issue 6, item 4), each in
+its own process so that its peak resident memory (``ru_maxrss``) is its own: the calexps
+are on disk (Zarr) and the coadd is written to Zarr either
+
+* ``on-the-fly``: :func:`~procsky.coadd.build_coadd` from the calexps (each output chunk
+  task warps the parts of the calexps it needs), or
+* ``intermediate``: every calexp is first warped (:func:`~procsky.coadd.warp_exposure`)
+  and written to Zarr; the coadd then reads those warps.
+
+Run:  .venv/bin/python benchmarks/bench_coadd.py --modes [--visits 8] [--size 1500]
 """
 
 from __future__ import annotations
@@ -134,13 +145,89 @@ def run_reproject(visits, patch):
     return out
 
 
+def run_mode(mode, folder: Path, n, patch_inner, reject):
+    """One coadd feeding mode on calexps stored in ``folder``; returns a result dict."""
+    import resource
+
+    import dask
+
+    from procsky.coadd import warp_exposure
+
+    sm = discrete_skymap([(RA0, DEC0)], radius=patch_inner * 0.2 / 3600 / 2 * 0.999, patch_inner=patch_inner,
+                         patch_border=50, name="bench")
+    patch = sm.patch(0, 0)
+    wcfg = WarpConfig(chunk=512)
+    cfg = CoaddConfig(reject_artifacts=reject, warp=wcfg)
+    calexps = [Exposure.read(folder / f"calexp{k}.zarr") for k in range(n)]
+    t0, c0 = time.perf_counter(), time.process_time()
+    with dask.config.set(scheduler="synchronous"):
+        if mode == "intermediate":
+            inputs = []
+            for k, c in enumerate(calexps):
+                w = warp_exposure(c, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=wcfg)
+                w.write(folder / f"warp{k}.zarr", chunks=wcfg.chunk)
+                inputs.append(Exposure.read(folder / f"warp{k}.zarr"))
+            t_warp = time.perf_counter() - t0
+            lazy = build_coadd(inputs, patch, config=cfg, inputs_are_warps=True)
+        else:
+            t_warp = 0.0
+            lazy = build_coadd(calexps, patch, config=cfg, inputs_are_warps=False)
+        lazy.write(folder / f"coadd-{mode}.zarr")
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"mode": mode, "wall": wall, "cpu": cpu, "warp_wall": t_warp,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "npix": patch.shape[0] * patch.shape[1]}
+
+
+def main_modes(args):
+    import json
+
+    work = Path(tempfile.mkdtemp(prefix="bench_coadd_modes_"))
+    try:
+        half = args.patch * 0.2 / 2 * 0.8
+        stars = make_stars(args.stars, seed=2, half=half, fmin=1e5, fmax=3e6)
+        for k, v in enumerate(make_visits(args.visits, args.size, stars)):
+            v.write(work / f"calexp{k}.zarr", chunks=512)
+        print(f"{args.visits} calexps of {args.size}x{args.size} px on disk (Zarr) -> patch of {args.patch + 100} px "
+              f"(chunks 512, dask synchronous, artifact rejection {'on' if args.reject else 'off'}); "
+              "each mode in its own process")
+        print(f"{'mode':14s} {'wall s':>8s} {'cpu s':>8s} {'of which warps s':>17s} {'peak RSS MB':>12s}")
+        results = {}
+        for mode in ("on-the-fly", "intermediate"):
+            cmd = [sys.executable, __file__, "--run-mode", mode, "--folder", str(work), "--visits", str(args.visits),
+                   "--patch", str(args.patch)] + (["--reject"] if args.reject else [])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            results[mode] = r
+            print(f"{mode:14s} {r['wall']:8.2f} {r['cpu']:8.2f} {r['warp_wall']:17.2f} {r['peak_rss_mb']:12.0f}")
+        a = Exposure.read(work / "coadd-on-the-fly.zarr").image.compute()
+        b = Exposure.read(work / "coadd-intermediate.zarr").image.compute()
+        ok = np.isfinite(a) & np.isfinite(b)
+        print(f"max |difference| between the two coadds: {np.max(np.abs(a[ok] - b[ok])):.3g} nJy "
+              f"(coadd pixel rms {1.4826 * np.median(np.abs(a[ok])):.3g} nJy)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", action="store_true", help="compare on-the-fly and intermediate warps")
+    ap.add_argument("--reject", action="store_true", help="artifact rejection in --modes")
+    ap.add_argument("--run-mode", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--visits", type=int, default=8)
     ap.add_argument("--size", type=int, default=1500, help="visit side, pixels (0.26\"/px)")
     ap.add_argument("--patch", type=int, default=1800, help="patch inner side, pixels (0.2\"/px)")
     ap.add_argument("--stars", type=int, default=400)
     args = ap.parse_args()
+    if args.run_mode:
+        import json
+
+        print(json.dumps(run_mode(args.run_mode, Path(args.folder), args.visits, args.patch, args.reject)))
+        return
+    if args.modes:
+        main_modes(args)
+        return
     half = args.patch * 0.2 / 2 * 0.8
     stars = make_stars(args.stars, seed=2, half=half, fmin=1e5, fmax=3e6)
     visits = make_visits(args.visits, args.size, stars)

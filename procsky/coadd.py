@@ -22,6 +22,10 @@ Design (after reproject's ``mosaicking/_coadd.py``):
   building a coadd graph computes nothing.
 * Writing goes to a pre-created Zarr exposure, in batches of whole storage chunks
   (:func:`procsky.exposure.write_zarr_region` refuses unaligned writes).
+* The coadd PSF is a :class:`procsky.psf.CoaddPsf`: each input's PSF warped onto the
+  output grid (on a grid of positions, :class:`procsky.psf.GridImagePsf`) with its
+  footprint polygon and coadd weight; at any position only the inputs whose footprint
+  contains it contribute (LSST's ``CoaddPsf``).
 
 Public API: :class:`WarpConfig`, :class:`CoaddConfig`, :func:`warp_exposure`,
 :func:`build_coadd` (returns a :class:`LazyCoadd`), :func:`pixel_mapping`.
@@ -43,7 +47,7 @@ from procsky.errors import NoWorkError, ProcskyTypeError, ProcskyValueError
 from procsky.exposure import Exposure, create_zarr_exposure, write_zarr_region
 from procsky.kernels import coadd as kc
 from procsky.kernels import warp as kw
-from procsky.psf import GaussianPsf, ImagePsf, PsfModel
+from procsky.psf import CoaddPsf, GaussianPsf, GridImagePsf, ImagePsf, PsfModel
 from procsky.skymap import Box, PatchInfo
 from procsky.wcs import wcs_from_cards
 
@@ -54,6 +58,8 @@ __all__ = [
     "build_coadd",
     "pixel_mapping",
     "source_box",
+    "footprint_polygon",
+    "psf_grid_nodes",
     "warp_exposure",
 ]
 
@@ -76,6 +82,10 @@ class WarpConfig(pydantic.BaseModel):
         ``None`` means the whole Lanczos footprint.
     chunk : int, pixels
         Output chunk side (dask chunks and Zarr storage chunks).
+    psf_grid_step : int, pixels
+        Spacing of the grid of positions (multiples of it in the tract pixel frame, plus
+        the box edges) on which warp and coadd PSFs are evaluated and stored; they are
+        interpolated bilinearly in between (:class:`procsky.psf.GridImagePsf`).
     """
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
@@ -84,6 +94,7 @@ class WarpConfig(pydantic.BaseModel):
     grid_step: int = pydantic.Field(32, ge=0)
     mask_radius: float | None = None
     chunk: int = pydantic.Field(1024, ge=16)
+    psf_grid_step: int = pydantic.Field(500, ge=16)
 
 
 class CoaddConfig(pydantic.BaseModel):
@@ -102,6 +113,14 @@ class CoaddConfig(pydantic.BaseModel):
     artifact_max_epochs : int
     artifact_max_fraction : float
     artifact_grow : int, pixels
+    artifact_model_error : float
+        Fractional error of the PSF-matched static-sky model, relative to the model's
+        local peak (within the PSF-matching kernel radius), added in quadrature to the
+        noise when testing for outliers: residuals of imperfect PSF matching (and rings
+        from PSF models truncated at their stamp edge) grow with a source's brightness;
+        see :func:`procsky.kernels.coadd.significance`. With 0, the cores and wings of
+        bright stars are clipped in the epochs of extreme seeing, which biases their
+        coadd fluxes.
     psf_match : bool
         Detect artifacts on PSF-matched warps (convolved to a common Gaussian PSF) so
         that seeing differences around stars are not taken for artifacts.
@@ -124,6 +143,7 @@ class CoaddConfig(pydantic.BaseModel):
     artifact_max_epochs: int = pydantic.Field(2, ge=0)
     artifact_max_fraction: float = pydantic.Field(0.3, ge=0, le=1)
     artifact_grow: int = pydantic.Field(2, ge=0)
+    artifact_model_error: float = pydantic.Field(0.01, ge=0)
     psf_match: bool = True
     target_fwhm: float | None = None
     memory_budget: int = pydantic.Field(64 * 2**20, ge=2**20)
@@ -479,8 +499,10 @@ def warp_exposure(calexp: Exposure, out_cards, out_shape, *, xy0=(0, 0), config:
     -------
     Exposure
         Lazy planes (dask, chunked ``config.chunk``) in nJy per output pixel; ``xy0`` is
-        the tract pixel of its first pixel; WCS = output WCS shifted to the box; PSF = the
-        input PSF warped to the output frame at the box centre; metadata holds
+        the tract pixel of its first pixel; WCS = output WCS shifted to the box; PSF = a
+        :class:`~procsky.psf.GridImagePsf` (tract pixels) of the input PSF warped to the
+        output frame on a grid of ``config.psf_grid_step``, valid where the input has
+        data; metadata holds
         ``median_variance`` (nJy^2, for per-visit weights), the box and the visit.
 
     Raises
@@ -517,7 +539,8 @@ def warp_exposure(calexp: Exposure, out_cards, out_shape, *, xy0=(0, 0), config:
     wcs, cards = shift_wcs(wcs_from_cards(out_cards), box.x0, box.y0, list(out_cards))
     wcs = wcs_from_cards(cards, box.shape)
     cx, cy = (box.x0 + box.x1 - 1) / 2.0, (box.y0 + box.y1 - 1) / 2.0
-    psf = _warped_psf(calexp, out_cards, cx, cy, config.order)
+    psf = _grid_psf([_psf_input_of_calexp(calexp, box)], [1.0], out_cards, box, xy0, config.psf_grid_step,
+                    config.order)
     med = _calexp_median_variance(calexp)
     scale = src.calibration * _area_at(out_cards, calexp, cx, cy)
     meta = dict(calexp.metadata)
@@ -528,6 +551,9 @@ def warp_exposure(calexp: Exposure, out_cards, out_shape, *, xy0=(0, 0), config:
         "flux_unit": "nJy" if calexp.photocalib is not None else meta.get("flux_unit", "counts"),
         "lanczos_order": config.order,
     })
+    poly = footprint_polygon(calexp, out_cards, xy0)
+    if poly is not None:
+        meta["footprint"] = poly.tolist()  # outline of the calexp, tract pixels (coadd PSF coverage)
     meta.update(metadata or {})
     return Exposure(img, var, msk, wcs=wcs, wcs_cards=cards, psf=psf, photocalib=None, visit_info=calexp.visit_info,
                     detector=calexp.detector, metadata=meta, mask_planes=_masks.DEFAULT_PLANES,
@@ -578,6 +604,154 @@ def _warped_psf(exp: Exposure, out_cards, x: float, y: float, order: int) -> Psf
     k = exp.psf.kernel(float(xi) + exp.xy0[0], float(yi) + exp.xy0[1])
     img = kw.warp_kernel_image(k, jac, order=order)
     return ImagePsf(img)
+
+
+def psf_grid_nodes(lo: int, hi: int, step: int) -> np.ndarray:
+    """Node positions of a PSF grid over pixels ``lo .. hi - 1`` (parent/tract frame).
+
+    The multiples of ``step`` inside the range plus both ends, so that grids of different
+    boxes (warps of several detectors, a coadd of those warps) share their inner nodes.
+    """
+    lo, hi = int(lo), int(hi) - 1
+    inner = np.arange(-(-lo // step) * step, hi + 1, step)
+    nodes = np.unique(np.concatenate([[lo], inner, [hi]]).astype(float))
+    return nodes
+
+
+def _node_mapping(out_cards, in_cards, in_shape, x, y):
+    """Input pixels of output pixels (x, y) (1-d arrays) and the Jacobians there.
+
+    Returns ``xi, yi`` (n,) and ``jac`` (n, 2, 2), by central differences of the exact
+    WCS mapping.
+    """
+    ow, iw = _wcs(out_cards), _wcs(in_cards, in_shape)
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    px = np.concatenate([x, x + 1, x - 1, x, x])
+    py = np.concatenate([y, y, y, y + 1, y - 1])
+    ra, dec = ow.pixel_to_world_values(px, py)
+    with np.errstate(all="ignore"):
+        xi, yi = iw.world_to_pixel_values(ra, dec)
+    xi, yi = np.asarray(xi, float).reshape(5, -1), np.asarray(yi, float).reshape(5, -1)
+    jac = np.empty((x.size, 2, 2))
+    jac[:, 0, 0] = (xi[1] - xi[2]) / 2
+    jac[:, 0, 1] = (xi[3] - xi[4]) / 2
+    jac[:, 1, 0] = (yi[1] - yi[2]) / 2
+    jac[:, 1, 1] = (yi[3] - yi[4]) / 2
+    return xi[0], yi[0], jac
+
+
+@dataclass
+class _PsfInput:
+    """What the coadd PSF needs of one input: its PSF model and where it has data.
+
+    ``kind`` is ``"calexp"`` (PSF in the input's detector frame, mapped through the WCSs;
+    covers the output pixels that land inside the input) or ``"warp"`` (PSF already in the
+    output frame, in tract pixels; covers its box, and where its PSF grid has data).
+    """
+
+    kind: str
+    psf: PsfModel | None
+    box: Box  # output pixels (relative to the output grid)
+    in_cards: list = field(default_factory=list)
+    in_shape: tuple = (0, 0)
+    in_xy0: tuple = (0, 0)
+    polygon: object = None  # footprint (n, 2) in the output's tract pixels, or None
+
+    def kernels_at(self, out_cards, xy0, x, y, order: int):
+        """Kernels (or None where not covered) at output pixels (x, y), 1-d arrays."""
+        out = [None] * len(x)
+        if self.psf is None:
+            return out
+        inside = np.array([self.box.x0 <= a < self.box.x1 and self.box.y0 <= b < self.box.y1 for a, b in zip(x, y)],
+                          bool)
+        if not inside.any():
+            return out
+        if self.kind == "warp":
+            for k in np.flatnonzero(inside):
+                px, py = float(x[k]) + xy0[0], float(y[k]) + xy0[1]
+                if isinstance(self.psf, GridImagePsf) and not self.psf.covers(px, py):
+                    continue
+                out[k] = self.psf.kernel(px, py)
+            return out
+        idx = np.flatnonzero(inside)
+        xi, yi, jac = _node_mapping(out_cards, self.in_cards, self.in_shape, np.asarray(x)[idx], np.asarray(y)[idx])
+        ny, nx = self.in_shape
+        for j, k in enumerate(idx):
+            if not (np.isfinite(xi[j]) and np.isfinite(yi[j]) and -0.5 <= xi[j] <= nx - 0.5
+                    and -0.5 <= yi[j] <= ny - 0.5):
+                continue
+            ker = self.psf.kernel(float(xi[j]) + self.in_xy0[0], float(yi[j]) + self.in_xy0[1])
+            out[k] = kw.warp_kernel_image(ker, jac[j], order=order)
+        return out
+
+
+def _grid_psf(inputs: Sequence[_PsfInput], weights, out_cards, region: Box, xy0, step: int, order: int):
+    """The weighted sum of the inputs' warped PSFs on a grid of nodes over ``region``
+    (output pixels; ``xy0`` is the parent/tract pixel of output pixel (0, 0)).
+
+    At every node only the inputs that cover it contribute, each with its coadd weight
+    (LSST ``CoaddPsf``, Jee & Tyson 2011); nodes covered by no input are marked invalid.
+    Returns a :class:`GridImagePsf` in the output's parent (tract) pixel frame, or None.
+    """
+    if not inputs or all(p.psf is None for p in inputs):
+        return None
+    gx = psf_grid_nodes(xy0[0] + region.x0, xy0[0] + region.x1, step) - xy0[0]
+    gy = psf_grid_nodes(xy0[1] + region.y0, xy0[1] + region.y1, step) - xy0[1]
+    xx, yy = np.meshgrid(gx, gy)
+    x, y = xx.ravel(), yy.ravel()
+    acc: list = [None] * x.size
+    tot = np.zeros(x.size)
+    for p, wt in zip(inputs, weights):
+        if p.psf is None or not (np.isfinite(wt) and wt > 0):
+            continue
+        for k, ker in enumerate(p.kernels_at(out_cards, xy0, x, y, order)):
+            if ker is None:
+                continue
+            if acc[k] is None:
+                acc[k] = wt * ker
+            else:
+                n = max(acc[k].shape[0], ker.shape[0])
+                acc[k] = _pad_to(acc[k], n) + wt * _pad_to(ker, n)
+            tot[k] += wt
+    valid = tot > 0
+    if not valid.any():
+        return None
+    size = max(a.shape[0] for a in acc if a is not None)
+    kernels = np.zeros((x.size, size, size))
+    for k in np.flatnonzero(valid):
+        kernels[k] = _pad_to(acc[k], size) / tot[k]
+    return GridImagePsf(kernels.reshape(gy.size, gx.size, size, size), gx + xy0[0], gy + xy0[1],
+                        valid.reshape(gy.size, gx.size))
+
+
+def _psf_input_of_calexp(exp: Exposure, box: Box) -> _PsfInput:
+    return _PsfInput("calexp", exp.psf, box, list(exp.wcs_cards), tuple(exp.shape), tuple(exp.xy0))
+
+
+def footprint_polygon(exposure: Exposure, out_cards, xy0=(0, 0), n_edge: int = 16) -> np.ndarray | None:
+    """Outline of an exposure's pixels on an output grid: (n, 2) vertices in the output's
+    parent (tract) pixel frame (``xy0`` = parent pixel of output pixel (0, 0))."""
+    from procsky.skymap import footprint_points
+
+    if exposure.wcs is None:
+        return None
+    ra, dec = footprint_points(exposure.wcs, exposure.shape, n_edge=n_edge)
+    x, y = _wcs(out_cards).world_to_pixel_values(ra, dec)
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        return None
+    return np.column_stack([x + xy0[0], y + xy0[1]])
+
+
+def _component(pin: _PsfInput, out_cards, xy0, step: int, order: int):
+    """(PSF in the output's tract frame, footprint polygon) of one coadd input."""
+    if pin.psf is None:
+        return None, None
+    if pin.kind == "warp":
+        return pin.psf, pin.polygon
+    one = _grid_psf([pin], [1.0], out_cards, pin.box, xy0, step, order)
+    return one, pin.polygon
 
 
 def psf_match_exposure(exposure: Exposure, target_fwhm: float, *, chunk: int | None = None) -> Exposure:
@@ -736,7 +910,8 @@ def _coadd_chunk(box: Box, sources: list, parts: list, weights, kernels: list, c
                 ci, cv, cm = imgs, vars_, msks
             rejected = kc.find_artifacts(ci, cv, cm, bad_bits=bad, threshold=cfg.artifact_threshold,
                                          max_epochs=cfg.artifact_max_epochs, max_fraction=cfg.artifact_max_fraction,
-                                         grow=cfg.artifact_grow)
+                                         grow=cfg.artifact_grow, model_error=cfg.artifact_model_error,
+                                         error_radius=halo - cfg.artifact_grow)
         inner = strip.shifted(-big.x0, -big.y0).slices()
         sl = (slice(None),) + inner
         ii, vv, mm, nn = kc.combine_stack(
@@ -800,12 +975,13 @@ def _coadd_chunk_streaming(box: Box, sources, parts, w, kernels, cfg: CoaddConfi
     for k in range(len(sources)):
         model_acc.add(*matched(k))
     model, vmodel, n_good = model_acc.result()
+    scale = kc.local_peak(model, r) if cfg.artifact_model_error > 0 else None
     n_out = np.zeros(big.shape, np.int32)
     sparse = []
     for k in range(len(sources)):
         i, v, g = matched(k)
         matched_cache.pop(k, None)
-        sig = kc.significance(i, v, g, model, vmodel)
+        sig = kc.significance(i, v, g, model, vmodel, cfg.artifact_model_error, scale)
         out = g & (np.abs(sig) > cfg.artifact_threshold)
         n_out += out
         idx = np.flatnonzero(out)
@@ -857,8 +1033,7 @@ class LazyCoadd:
     wcs_cards: list
     xy0: tuple
     visits: list
-    psfs: list
-    psf_boxes: list
+    psf_inputs: list
     chunk: int
     metadata: dict
     config: CoaddConfig
@@ -873,34 +1048,26 @@ class LazyCoadd:
         return np.asarray(w, float)
 
     def psf(self, weights=None) -> PsfModel | None:
-        """Coadd PSF: the weighted sum of the warped input PSFs covering the centre of the
-        inputs' common area (LSST ``CoaddPsf`` evaluated at one point)."""
-        if not self.psfs or all(p is None for p in self.psfs):
-            return None
+        """Coadd PSF: a :class:`~procsky.psf.CoaddPsf` (tract pixels) whose value at any
+        position is the weighted sum, with the coadd weights, of the warped PSFs of the
+        inputs whose footprint contains it (LSST ``CoaddPsf``). Each calexp's PSF is
+        warped on a grid of ``config.warp.psf_grid_step`` over its footprint; None
+        without input PSFs."""
         w = self.resolved_weights() if weights is None else np.asarray(weights, float)
-        ny, nx = self.image.shape
-        # Evaluate at the point covered by most inputs nearest the patch centre.
-        pts = [((b.x0 + b.x1) / 2.0, (b.y0 + b.y1) / 2.0) for b in self.psf_boxes]
-        cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
-        cover = [sum(1 for b in self.psf_boxes if b.x0 <= cx < b.x1 and b.y0 <= cy < b.y1)]
-        if cover[0] == 0 and pts:
-            cx, cy = np.mean([p[0] for p in pts]), np.mean([p[1] for p in pts])
-        size = max(p.size for p in self.psfs if p is not None)
-        acc = np.zeros((size, size))
-        tot = 0.0
-        for p, b, wt in zip(self.psfs, self.psf_boxes, w):
-            if p is None or not (b.x0 <= cx < b.x1 and b.y0 <= cy < b.y1) or not np.isfinite(wt):
+        psfs, wts, polys = [], [], []
+        for pin, wt in zip(self.psf_inputs, w):
+            if pin.psf is None or not (np.isfinite(wt) and wt > 0):
                 continue
-            acc += wt * _pad_to(p.kernel(cx, cy), size)
-            tot += wt
-        if tot == 0:
-            for p, wt in zip(self.psfs, w):
-                if p is not None and np.isfinite(wt):
-                    acc += wt * _pad_to(p.kernel(cx, cy), size)
-                    tot += wt
-        if tot == 0:
+            p, poly = _component(pin, self.wcs_cards, self.xy0, self.config.warp.psf_grid_step,
+                                 self.config.warp.order)
+            if p is None:
+                continue
+            psfs.append(p)
+            wts.append(float(wt))
+            polys.append(poly)
+        if not psfs:
             return None
-        return ImagePsf(acc / tot)
+        return CoaddPsf(psfs, wts, polys)
 
     def to_exposure(self, *, band: str | None = None) -> Exposure:
         """The coadd as an :class:`Exposure` with lazy planes (weights and PSF computed)."""
@@ -919,13 +1086,27 @@ class LazyCoadd:
 
         Returns the path.
         """
-        import dask
+        group = self.create_store(path, overwrite=overwrite, band=band)
+        self.write_chunks(group, batch=batch)
+        return path
 
+    def create_store(self, path, *, overwrite: bool = True, band: str | None = None):
+        """Create the Zarr exposure with its attributes (weights, coadd PSF, WCS): the
+        client-side part of :meth:`write`, whose size grows with the number of inputs (the
+        coadd PSF keeps one warped PSF per input). Returns the Zarr group."""
         exp = self.to_exposure(band=band)
         attrs = exp.attributes()
         group = create_zarr_exposure(path, self.image.shape, (self.chunk, self.chunk), attrs, overwrite=overwrite)
         group.create_array("n_inputs", shape=self.image.shape, chunks=(self.chunk, self.chunk), dtype=np.int32,
                            fill_value=0, dimension_names=("y", "x"))
+        return group
+
+    def write_chunks(self, group, *, batch: int = 16):
+        """Compute and write the planes into ``group`` (from :meth:`create_store`),
+        ``batch`` storage chunks at a time; memory per batch does not grow with the
+        number of inputs."""
+        import dask
+
         ny, nx = self.image.shape
         boxes = [b for row in _chunk_boxes(Box(0, 0, nx, ny), self.chunk) for b in row]
         for k in range(0, len(boxes), batch):
@@ -935,7 +1116,6 @@ class LazyCoadd:
             for b, (i, v, m, n) in zip(part, blocks):
                 write_zarr_region(group, b.y0, b.x0, {"image": i, "variance": v, "mask": m})
                 group["n_inputs"][b.slices()] = n
-        return path
 
 
 def _bits(cfg: CoaddConfig) -> dict:
@@ -983,7 +1163,7 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
     full = Box(0, 0, out_shape[1], out_shape[0])
     sources: list[_Source] = []
     psfs: list = []
-    psf_boxes: list = []
+    psf_inputs: list = []
     wvals: list = []
     visits: list = []
     orig: list[int] = []
@@ -1000,7 +1180,15 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
             src = _GridSource(box=box, visit=_visit_of(exp), weight_index=len(sources),
                               image=_plane_store(exp.image), variance=_plane_store(exp.variance),
                               mask=_plane_store(exp.mask), remap=remap)
+            poly = exp.metadata.get("footprint")
+            if poly is None and not hasattr(exp.psf, "covers"):
+                poly = [[xy0[0] + box.x0 - 0.5, xy0[1] + box.y0 - 0.5], [xy0[0] + box.x1 - 0.5, xy0[1] + box.y0 - 0.5],
+                        [xy0[0] + box.x1 - 0.5, xy0[1] + box.y1 - 0.5], [xy0[0] + box.x0 - 0.5, xy0[1] + box.y1 - 0.5]]
+            pin = _PsfInput("warp", exp.psf, box, polygon=None if poly is None else np.asarray(poly, float))
             psf = exp.psf
+            if psf is not None and not isinstance(psf, (ImagePsf, GaussianPsf)):
+                # One kernel per input (at its box centre) for the PSF matching of artifact rejection.
+                psf = ImagePsf(psf.kernel(xy0[0] + (box.x0 + box.x1 - 1) / 2.0, xy0[1] + (box.y0 + box.y1 - 1) / 2.0))
             med = exp.metadata.get("median_variance")
             if med is None and not _is_dask(exp.variance):
                 med = _median_variance_of(_sub(np.asarray(exp.variance)))
@@ -1015,6 +1203,8 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
             src = _make_warp_source(exp, out_cards, config.warp, box, len(sources))
             cx, cy = (box.x0 + box.x1 - 1) / 2.0, (box.y0 + box.y1 - 1) / 2.0
             psf = _warped_psf(exp, out_cards, cx, cy, config.warp.order)
+            pin = _psf_input_of_calexp(exp, box)
+            pin.polygon = footprint_polygon(exp, out_cards, xy0)
             scale2 = (src.calibration * _area_at(out_cards, exp, cx, cy)) ** 2
             med = _calexp_median_variance(exp)
             if med is None:
@@ -1023,7 +1213,7 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
                 med = med * scale2
         sources.append(src)
         psfs.append(psf)
-        psf_boxes.append(box)
+        psf_inputs.append(pin)
         wvals.append(med)
         visits.append(_visit_of(exp))
         orig.append(k)
@@ -1074,7 +1264,7 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
         "noise_correlation_factor": kw.lanczos_noise_correlation(config.warp.order),
     }
     return LazyCoadd(img, var, msk, nin, wobj, list(out_cards), tuple(int(v) for v in xy0),
-                     visits, psfs, psf_boxes, chunk, meta, config)
+                     visits, psf_inputs, chunk, meta, config)
 
 
 def _visit_of(exp: Exposure):

@@ -14,6 +14,13 @@ ImagePsf
 PolynomialImagePsf
     A pixelised kernel whose every pixel is a polynomial in (x, y) over the detector, the
     model PSFEx fits (Bertin 2011, "Automated Morphometry with SExtractor and PSFEx").
+GridImagePsf
+    Pixelised kernels tabulated on a regular grid of positions and bilinearly interpolated
+    between them (e.g. a calexp's PSF warped onto a patch).
+CoaddPsf
+    The PSF of a coadd: at any position, the weighted sum of the PSFs of the inputs whose
+    footprint (a polygon) contains that position, with the coadd weights (LSST's
+    ``CoaddPsf``; Jee & Tyson 2011 for the idea of stacking the input PSFs).
 
 Conventions: positions are 0-based pixel centres of the parent detector; kernels have odd
 size with the PSF centre on the central pixel unless a sub-pixel offset is asked for.
@@ -23,6 +30,7 @@ FWHM is the Gaussian-equivalent FWHM from the determinant radius of the second m
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass
 
@@ -35,6 +43,9 @@ __all__ = [
     "GaussianPsf",
     "ImagePsf",
     "PolynomialImagePsf",
+    "GridImagePsf",
+    "CoaddPsf",
+    "points_in_polygon",
     "psf_from_dict",
     "image_moments",
     "shift_image",
@@ -309,7 +320,189 @@ class PolynomialImagePsf(PsfModel):
         }
 
 
-_TYPES = {"GaussianPsf": GaussianPsf, "ImagePsf": ImagePsf, "PolynomialImagePsf": PolynomialImagePsf}
+class GridImagePsf(PsfModel):
+    """Pixelised PSF kernels on a regular grid of positions, bilinearly interpolated.
+
+    The kernel at (x, y) interpolates the four surrounding nodes; positions beyond the
+    grid use the nearest edge nodes. Nodes without data (``valid`` false, e.g. where no
+    input of a coadd lands) hold the kernel of the nearest valid node, so evaluation never
+    fails; :meth:`covers` tells whether the nearest node had data.
+
+    Serialised with the kernels as base64 float32 (compact; a coadd PSF holds one grid
+    per input).
+
+    Parameters
+    ----------
+    kernels : array (ny_nodes, nx_nodes, n, n)
+        Kernel of every node (``n`` odd); normalised on construction.
+    xs, ys : sequence of float, pixels
+        Strictly increasing node positions (parent-detector / tract pixel frame).
+    valid : array (ny_nodes, nx_nodes) of bool, optional
+        Nodes that carry data (default all).
+    """
+
+    def __init__(self, kernels, xs, ys, valid=None):
+        k = np.array(kernels, dtype=np.float64)
+        xs = np.array(xs, dtype=np.float64).ravel()
+        ys = np.array(ys, dtype=np.float64).ravel()
+        if k.ndim != 4 or k.shape[:2] != (ys.size, xs.size) or k.shape[2] != k.shape[3] or k.shape[2] % 2 == 0:
+            raise ProcskyValueError(
+                f"GridImagePsf needs kernels of shape (len(ys), len(xs), n, n) with n odd, got {k.shape} for "
+                f"{ys.size} x {xs.size} nodes"
+            )
+        if np.any(np.diff(xs) <= 0) or np.any(np.diff(ys) <= 0):
+            raise ProcskyValueError("GridImagePsf node positions must be strictly increasing")
+        v = np.ones(k.shape[:2], bool) if valid is None else np.array(valid, dtype=bool)
+        if v.shape != k.shape[:2]:
+            raise ProcskyValueError(f"GridImagePsf valid must have shape {k.shape[:2]}, got {v.shape}")
+        if not v.any():
+            raise ProcskyValueError("GridImagePsf needs at least one valid node")
+        sums = k.sum(axis=(2, 3))
+        if not np.all(np.isfinite(sums[v])) or np.any(sums[v] <= 0):
+            raise ProcskyValueError("GridImagePsf valid kernels must have positive finite sums")
+        # Fill nodes without data from the nearest valid node.
+        iy, ix = np.nonzero(v)
+        for j, i in zip(*np.nonzero(~v)):
+            n = int(np.argmin((iy - j) ** 2 + (ix - i) ** 2))
+            k[j, i] = k[iy[n], ix[n]]
+            sums[j, i] = sums[iy[n], ix[n]]
+        self.kernels = k / sums[:, :, None, None]
+        self.xs, self.ys, self.valid = xs, ys, v
+        self.size = k.shape[2]
+
+    @staticmethod
+    def _bracket(nodes, t):
+        if nodes.size == 1 or t <= nodes[0]:
+            return 0, 0, 0.0
+        if t >= nodes[-1]:
+            return nodes.size - 1, nodes.size - 1, 0.0
+        i = int(np.searchsorted(nodes, t, side="right")) - 1
+        return i, i + 1, float((t - nodes[i]) / (nodes[i + 1] - nodes[i]))
+
+    def kernel(self, x: float, y: float) -> np.ndarray:
+        i0, i1, fx = self._bracket(self.xs, float(x))
+        j0, j1, fy = self._bracket(self.ys, float(y))
+        k = ((1 - fy) * ((1 - fx) * self.kernels[j0, i0] + fx * self.kernels[j0, i1])
+             + fy * ((1 - fx) * self.kernels[j1, i0] + fx * self.kernels[j1, i1]))
+        s = k.sum()
+        return k / s if s > 0 else k
+
+    def covers(self, x: float, y: float) -> bool:
+        """Whether the node nearest (x, y) carries data."""
+        i = int(np.argmin(np.abs(self.xs - float(x))))
+        j = int(np.argmin(np.abs(self.ys - float(y))))
+        return bool(self.valid[j, i])
+
+    def to_dict(self) -> dict:
+        return {
+            "type": "GridImagePsf",
+            # float32, base64 (little-endian): a coadd PSF holds one grid per input visit,
+            # which as nested JSON lists would cost ~30 bytes per value instead of ~5.
+            "kernels_b64": base64.b64encode(self.kernels.astype("<f4").tobytes()).decode("ascii"),
+            "shape": list(self.kernels.shape),
+            "xs": self.xs.tolist(),
+            "ys": self.ys.tolist(),
+            "valid": self.valid.tolist(),
+        }
+
+
+def points_in_polygon(x, y, polygon) -> np.ndarray:
+    """Whether points (x, y) lie inside a closed polygon (even-odd ray casting).
+
+    Parameters
+    ----------
+    x, y : float or array
+    polygon : array (n, 2)
+        Vertices in order (the last connects to the first).
+    """
+    x = np.atleast_1d(np.asarray(x, float))[:, None]
+    y = np.atleast_1d(np.asarray(y, float))[:, None]
+    p = np.asarray(polygon, float)
+    x0, y0 = p[None, :, 0], p[None, :, 1]
+    x1, y1 = np.roll(x0, -1, axis=1), np.roll(y0, -1, axis=1)
+    crosses = (y0 > y) != (y1 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xint = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    return (np.count_nonzero(crosses & (x < xint), axis=1) % 2) == 1
+
+
+class CoaddPsf(PsfModel):
+    """The PSF of a coadd: the weighted sum of its inputs' PSFs where they have data.
+
+    At (x, y) the kernel is ``sum_k w_k K_k(x, y) / sum_k w_k`` over the components whose
+    polygon contains (x, y) (a component without a polygon covers where its own model
+    :meth:`covers`, or everywhere). Where no component covers, all of them contribute,
+    so evaluation never fails. Models are in one pixel frame (the coadd's tract pixels).
+
+    Parameters
+    ----------
+    psfs : list of PsfModel
+        Per-input PSFs already in the coadd's pixel frame (e.g. :class:`GridImagePsf` of a
+        warped calexp PSF, or a nested :class:`CoaddPsf` of a multi-detector warp).
+    weights : list of float
+        Coadd weight of each input (> 0).
+    polygons : list of (array (n, 2) or None)
+        Footprint of each input in the same pixel frame.
+    """
+
+    def __init__(self, psfs, weights, polygons=None):
+        psfs = list(psfs)
+        w = np.asarray(weights, float).ravel()
+        polys = [None] * len(psfs) if polygons is None else list(polygons)
+        if not psfs or len(w) != len(psfs) or len(polys) != len(psfs):
+            raise ProcskyValueError(
+                f"CoaddPsf needs as many weights and polygons as PSFs (got {len(psfs)}, {len(w)}, {len(polys)})"
+            )
+        if not np.all(np.isfinite(w)) or np.any(w <= 0):
+            raise ProcskyValueError("CoaddPsf weights must be finite and > 0")
+        for p in psfs:
+            if not isinstance(p, PsfModel):
+                raise ProcskyTypeError(f"CoaddPsf components must be PSF models, not {type(p).__name__}")
+        self.psfs = psfs
+        self.weights = w
+        self.polygons = [None if q is None else np.asarray(q, float).reshape(-1, 2) for q in polys]
+        self.size = max(p.size for p in psfs)
+
+    def _covering(self, x: float, y: float) -> np.ndarray:
+        out = np.zeros(len(self.psfs), bool)
+        for k, (p, q) in enumerate(zip(self.psfs, self.polygons)):
+            if q is not None:
+                out[k] = bool(points_in_polygon(x, y, q)[0])
+            elif hasattr(p, "covers"):
+                out[k] = bool(p.covers(x, y))
+            else:
+                out[k] = True
+        return out
+
+    def covers(self, x: float, y: float) -> bool:
+        """Whether any input has data at (x, y)."""
+        return bool(self._covering(x, y).any())
+
+    def n_inputs(self, x: float, y: float) -> int:
+        """Number of inputs whose footprint contains (x, y)."""
+        return int(self._covering(x, y).sum())
+
+    def kernel(self, x: float, y: float) -> np.ndarray:
+        use = self._covering(x, y)
+        if not use.any():
+            use[:] = True
+        acc = np.zeros((self.size, self.size))
+        for k in np.flatnonzero(use):
+            acc += self.weights[k] * _resize(self.psfs[k].kernel(x, y), self.size)
+        s = acc.sum()
+        return acc / s if s > 0 else acc
+
+    def to_dict(self) -> dict:
+        return {
+            "type": "CoaddPsf",
+            "psfs": [p.to_dict() for p in self.psfs],
+            "weights": self.weights.tolist(),
+            "polygons": [None if q is None else q.tolist() for q in self.polygons],
+        }
+
+
+_TYPES = {"GaussianPsf": GaussianPsf, "ImagePsf": ImagePsf, "PolynomialImagePsf": PolynomialImagePsf,
+          "GridImagePsf": GridImagePsf, "CoaddPsf": CoaddPsf}
 
 
 def psf_from_dict(d: dict | None) -> PsfModel | None:
@@ -324,4 +517,9 @@ def psf_from_dict(d: dict | None) -> PsfModel | None:
     args = {k: v for k, v in d.items() if k != "type"}
     if kind == "ImagePsf":
         return ImagePsf(args["kernel"])
+    if kind == "GridImagePsf" and "kernels_b64" in args:
+        k = np.frombuffer(base64.b64decode(args["kernels_b64"]), dtype="<f4").reshape(args["shape"])
+        return GridImagePsf(k, args["xs"], args["ys"], args.get("valid"))
+    if kind == "CoaddPsf":
+        return CoaddPsf([psf_from_dict(p) for p in args["psfs"]], args["weights"], args.get("polygons"))
     return _TYPES[kind](**args)

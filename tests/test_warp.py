@@ -257,3 +257,36 @@ def test_psf_matched_warp():
     assert abs(fwhm / target - 1) < 0.02
     assert abs(stamp.sum() / 1e6 - 1) < 3e-3
     assert m.psf.fwhm(0, 0) == pytest.approx(target)
+
+
+def test_grid_and_coadd_psf_models():
+    """GridImagePsf interpolates between nodes; CoaddPsf sums the inputs covering a point;
+    both survive the JSON round trip."""
+    from procsky.psf import (
+        CoaddPsf,
+        GaussianPsf,
+        GridImagePsf,
+        ImagePsf,
+        points_in_polygon,
+        psf_from_dict,
+    )
+
+    ka, kb = GaussianPsf.from_fwhm(3.0, size=21).kernel(), GaussianPsf.from_fwhm(5.0, size=21).kernel()
+    kernels = np.stack([np.stack([ka, kb]), np.stack([ka, kb])])
+    g = GridImagePsf(kernels, [0.0, 100.0], [0.0, 50.0], valid=[[True, True], [True, False]])
+    np.testing.assert_allclose(g.kernel(50.0, 20.0), 0.5 * ka + 0.5 * kb, atol=1e-12)
+    np.testing.assert_allclose(g.kernel(-10.0, 0.0), ka, atol=1e-12)  # clamped to the edge node
+    np.testing.assert_allclose(g.kernel(100.0, 50.0), kb, atol=1e-12)  # invalid node: nearest valid one's kernel
+    assert g.covers(0.0, 0.0) and not g.covers(99.0, 49.0)
+    g2 = psf_from_dict(g.to_dict())
+    np.testing.assert_allclose(g2.kernel(30.0, 10.0), g.kernel(30.0, 10.0), atol=1e-7)
+    assert not g2.covers(99.0, 49.0)
+
+    square = [[0, 0], [10, 0], [10, 10], [0, 10]]
+    assert points_in_polygon([5, 11, -1, 9.9], [5, 5, 5, 0.1], square).tolist() == [True, False, False, True]
+    c = CoaddPsf([ImagePsf(ka), ImagePsf(kb)], [1.0, 3.0], [square, [[5, 0], [20, 0], [20, 10], [5, 10]]])
+    np.testing.assert_allclose(c.kernel(2.0, 5.0), ka, atol=1e-12)  # only the first covers
+    np.testing.assert_allclose(c.kernel(7.0, 5.0), 0.25 * ka + 0.75 * kb, atol=1e-12)
+    assert c.n_inputs(7.0, 5.0) == 2 and not c.covers(30.0, 5.0)
+    c2 = psf_from_dict(c.to_dict())
+    np.testing.assert_allclose(c2.kernel(7.0, 5.0), c.kernel(7.0, 5.0), atol=1e-12)

@@ -198,12 +198,18 @@ def _clip(images, variances, good, k, n_iter):
     return keep
 
 
-def significance(images, variances, good, model, vmodel):
-    """Outlier significance ``(I - model) / sqrt(V + V_model)``, calibrated per visit.
+def significance(images, variances, good, model, vmodel, model_error: float = 0.0, error_scale=None):
+    """Outlier significance ``(I - model) / sqrt(V + V_model + (model_error * S)^2)``,
+    calibrated per visit.
 
-    The propagated variances ignore the pixel covariance left by warping and PSF matching;
-    each visit's significance is divided by its own robust scatter (1.4826 MAD) when that
-    exceeds one.
+    ``model_error`` is the fractional error of the PSF-matched static-sky model: PSF
+    models and matching kernels are imperfect, so residuals around bright sources scale
+    with their brightness, not with the noise (the idea of SWarp's ``CLIP_AMPFRAC``,
+    Gruen et al. 2014, PASP 126, 158). ``S`` is ``error_scale`` (default ``|model|``);
+    :func:`local_peak` of the model makes the tolerance cover a star's wings too, where
+    PSF models truncated at their stamp edge leave matching rings. Without it the cores
+    and wings of bright stars are outliers in the best- and worst-seeing epochs and are
+    clipped there, which biases their coadd fluxes.
 
     Parameters
     ----------
@@ -212,9 +218,12 @@ def significance(images, variances, good, model, vmodel):
     good : bool ndarray like ``images``
     model, vmodel : ndarray (ny, nx)
         Static-sky model and its variance.
+    model_error : float
+    error_scale : ndarray (ny, nx), optional
     """
+    scale = np.abs(model) if error_scale is None else error_scale
     with np.errstate(invalid="ignore", divide="ignore"):
-        sig = (images - model) / np.sqrt(variances + vmodel)
+        sig = (images - model) / np.sqrt(variances + vmodel + (model_error * scale) ** 2)
     sig = np.where(good, sig, 0.0)
     stack = sig.reshape((-1,) + sig.shape[-2:])
     gstack = np.asarray(good).reshape(stack.shape)
@@ -225,6 +234,16 @@ def significance(images, variances, good, model, vmodel):
             if mad > 1.0:
                 stack[v] /= mad
     return stack.reshape(sig.shape)
+
+
+def local_peak(model, radius: int):
+    """Largest ``|model|`` within a square of half-side ``radius`` of each pixel."""
+    from scipy import ndimage
+
+    m = np.abs(np.nan_to_num(np.asarray(model, np.float64)))
+    if radius <= 0:
+        return m
+    return ndimage.maximum_filter(m, size=2 * int(radius) + 1, mode="nearest")
 
 
 def artifact_regions(outlier, sig, transient, grow: int):
@@ -327,7 +346,8 @@ def _trim_add(s, sv, n, top, bot, image, variance, good):
 
 
 def find_artifacts(images, variances, masks, *, bad_bits: int, threshold: float = 5.0,
-                   max_epochs: int = 2, max_fraction: float = 0.3, grow: int = 2, min_inputs: int = 3):
+                   max_epochs: int = 2, max_fraction: float = 0.3, grow: int = 2, min_inputs: int = 3,
+                   model_error: float = 0.0, error_radius: int = 0):
     """Transient artifacts of a stack of PSF-matched warps (CompareWarp-style, in memory).
 
     Parameters
@@ -347,6 +367,10 @@ def find_artifacts(images, variances, masks, *, bad_bits: int, threshold: float 
         Dilation of each visit's artifact mask (catches the faint wings).
     min_inputs : int
         Fewer good inputs at a pixel: nothing is rejected there (no robust model).
+    model_error : float
+        Fractional error of the static-sky model (see :func:`significance`).
+    error_radius : int, pixels
+        The model error scales with the model's :func:`local_peak` within this radius.
 
     Returns
     -------
@@ -359,7 +383,7 @@ def find_artifacts(images, variances, masks, *, bad_bits: int, threshold: float 
     n_good = good.sum(axis=0)
     model = _nanmedian0(np.where(good, images, np.nan))
     vmodel = (np.pi / 2.0) * np.where(good, variances, 0.0).sum(axis=0) / np.maximum(n_good, 1) ** 2
-    sig = significance(images, variances, good, model, vmodel)
+    sig = significance(images, variances, good, model, vmodel, model_error, local_peak(model, error_radius))
     outlier = good & (np.abs(sig) > threshold)
     transient = transient_pixels(outlier.sum(axis=0), n_good, max_epochs=max_epochs, max_fraction=max_fraction,
                                  min_inputs=min_inputs)

@@ -217,8 +217,7 @@ def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
     _, cards = shift_wcs(patch.wcs, x0 - patch.xy0[0], y0 - patch.xy0[1], list(patch.wcs_cards))
     merged = build_coadd(warps, out_cards=cards, out_shape=(y1 - y0, x1 - x0), xy0=(x0, y0),
                          config=CoaddConfig(reject_artifacts=False, warp=config), inputs_are_warps=True)
-    exp = merged.to_exposure()
-    exp.psf = warps[0].psf
+    exp = merged.to_exposure()  # its PSF: each detector's warped PSF grid where that detector has data
     exp.visit_info = warps[0].visit_info
     meds = [w.metadata.get("median_variance") for w in warps]
     meds = [m for m in meds if m is not None]
@@ -226,4 +225,7 @@ def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
                                                                      x1 - patch.xy0[0], y1 - patch.xy0[1]],
                          "median_variance": float(np.median(meds)) if meds else None,
                          "detectors": [w.detector.get("id") for w in warps]})
+    # Coverage of the merged warp is the union of its detectors' footprints, which its PSF
+    # (a CoaddPsf of the detectors' warped PSFs) knows; one detector's outline would be wrong.
+    exp.metadata.pop("footprint", None)
     return exp
