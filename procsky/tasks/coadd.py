@@ -73,7 +73,7 @@ class AssembleCoaddTask(Task):
     """Coadd the warps of one patch and band."""
 
     dimensions = _PATCH_BAND
-    inputs = {"warps": Input("warp", WARP_DIMS, multiple=True)}
+    inputs = {"warps": Input("warp", WARP_DIMS, multiple=True, tolerate_missing=True)}
     outputs = {"coadd": Output("coadd", _PATCH_BAND)}
     Config = AssembleCoaddConfig
     parallel = True
@@ -113,7 +113,7 @@ class AssembleCoaddDirectTask(Task):
 
     dimensions = _PATCH_BAND
     inputs = {
-        "calexps": Input("calexp", ("instrument", "visit", "detector"), multiple=True),
+        "calexps": Input("calexp", ("instrument", "visit", "detector"), multiple=True, tolerate_missing=True),
         "skymap": Input("skymap", ("skymap",)),
     }
     outputs = {"coadd": Output("coadd", _PATCH_BAND)}

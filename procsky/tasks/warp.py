@@ -131,7 +131,7 @@ class WarpTask(Task):
 
     dimensions = ("instrument", "visit", "skymap", "tract", "patch")
     inputs = {
-        "calexps": Input("calexp", _VD, multiple=True),
+        "calexps": Input("calexp", _VD, multiple=True, tolerate_missing=True),
         "skymap": Input("skymap", ("skymap",)),
     }
     outputs = {"warp": Output("warp", WARP_DIMS)}
