@@ -94,3 +94,40 @@ def test_cosmic_rays_respect_bad_pixels_and_nan():
     res = find_cosmic_rays(img, fr.variance, mask)
     assert not res.mask[ys[:10], xs[:10]].any()
     assert np.isfinite(res.image).all()
+
+
+def test_find_sharp_sources_removes_faint_tracks_keeps_stars():
+    """Faint multi-pixel tracks (each pixel 4-7 sigma, below what L.A.Cosmic flags with its
+    fine-structure test) are sharper than the PSF and are removed; stars, including a faint
+    one and one crossed by such a track (left to L.A.Cosmic: the track is a small part of
+    its signal), are kept and no star core is flagged."""
+    from procsky.kernels.cosmicray import find_sharp_sources
+    from procsky.kernels.testing import gaussian_psf_image
+
+    rng = np.random.default_rng(3)
+    ny = nx = 200
+    sigma = 1.6
+    noise = 10.0
+    img = rng.normal(0.0, noise, (ny, nx)).astype(np.float32)
+    var = np.full((ny, nx), noise**2, np.float32)
+    stars = [(50.3, 50.6, 3000.0), (150.2, 60.1, 40000.0), (60.0, 150.0, 5000.0)]
+    for x, y, f in stars:
+        ix, iy = int(round(x)), int(round(y))
+        img[iy - 12 : iy + 13, ix - 12 : ix + 13] += f * gaussian_psf_image(25, sigma, x - ix, y - iy)
+    tracks = [(100, 100), (140, 150), (58, 147)]  # the last one crosses the third star
+    for x0, y0 in tracks:
+        for k in range(6):  # a diagonal worm of 6 pixels, 4-7 sigma each
+            img[y0 + k, x0 + k] += noise * rng.uniform(4.0, 7.0)
+    xs = np.array([s[0] for s in stars] + [x0 + 2.5 for x0, _ in tracks[:2]])
+    ys = np.array([s[1] for s in stars] + [y0 + 2.5 for _, y0 in tracks[:2]])
+    stamps = np.stack([gaussian_psf_image(25, sigma, x - np.floor(x + 0.5), y - np.floor(y + 0.5))
+                       for x, y in zip(xs, ys)])
+    res = find_sharp_sources(img, var, None, xs, ys, stamps, half_width=4, z_min=2.0)
+    assert list(res.is_cr) == [False, False, False, True, True]
+    # the isolated tracks' pixels are found
+    for x0, y0 in tracks[:2]:
+        assert sum(res.cr_pixels[y0 + k, x0 + k] for k in range(6)) >= 4
+    for x, y, _ in stars:
+        assert not res.cr_pixels[int(round(y)) - 1 : int(round(y)) + 2, int(round(x)) - 1 : int(round(x)) + 2].any()
+    # the bright star's PSF fit is consistent: nothing to clean
+    assert res.chi2_excess[1] < 0.5

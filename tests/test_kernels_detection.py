@@ -174,3 +174,49 @@ def test_completeness_in_a_crowded_field():
         ndet += len(det.x)
     assert found / total >= 0.945
     assert spurious / ndet < 0.01
+
+
+def test_saturated_star_with_bleed_is_one_child():
+    """A saturated star clipped to a flat plateau with a bleed trail has no single peak; the
+    children whose peaks lie in the same saturated region are merged into one."""
+    from procsky.kernels.testing import gaussian_psf_image
+
+    rng = np.random.default_rng(5)
+    img = rng.normal(0.0, 1.0, (120, 120)).astype(np.float32)
+    img[35:86, 35:86] += 5e6 * gaussian_psf_image(51, 2.0)
+    full = 3000.0
+    sat = img >= full
+    sat[50:71, 59:62] = True  # bleed trail along the columns
+    img[sat] = full
+    mask = np.where(sat, np.uint32(1 << 1), np.uint32(0))
+    plain = detect_sources(img, 1.0, psf_sigma=2.0, saturated_bits=0)
+    res = detect_sources(img, 1.0, mask, psf_sigma=2.0)
+    big = plain.footprints[60, 60]
+    assert (plain.parent == big).sum() >= 1
+    assert (res.parent == res.footprints[60, 60]).sum() == 1
+    k = int(np.flatnonzero(res.parent == res.footprints[60, 60])[0])
+    assert abs(res.x[k] - 60) <= 1 and abs(res.y[k] - 60) <= 1
+    assert not res.blended[k]
+
+
+def test_satellite_trail_is_not_shredded_into_noise_peaks():
+    """A uniform trail crossing the image is one long footprint whose ridge holds hundreds of
+    noise bumps; the look-elsewhere contrast keeps it (nearly) whole, while the fixed
+    4-sigma contrast splits it into many children. A star on the trail stays separate."""
+    from procsky.kernels.testing import gaussian_psf_image
+
+    rng = np.random.default_rng(11)
+    n = 600
+    img = rng.normal(0.0, 1.0, (n, n)).astype(np.float32)
+    yy, xx = np.mgrid[0:n, 0:n]
+    d = (yy - 0.3 * xx - 100.0) / np.hypot(1.0, 0.3)
+    img += (8.0 * np.exp(-0.5 * (d / 1.5) ** 2)).astype(np.float32)
+    img[258:283, 555:580] += 3000.0 * gaussian_psf_image(25, 1.7)  # a star on the trail at (567, 270)
+    on_trail = detect_sources(img, 1.0, psf_sigma=1.7, deblend_false_peak_rate=0.0)
+    res = detect_sources(img, 1.0, psf_sigma=1.7)
+    lab = res.footprints[int(round(100 + 0.3 * 300)), 300]
+    assert lab > 0
+    assert (on_trail.parent == on_trail.footprints[190, 300]).sum() > 5
+    kids = np.flatnonzero(res.parent == lab)
+    assert 1 <= kids.size <= 3
+    assert np.min(np.hypot(res.x[kids] - 567, res.y[kids] - 270)) < 2

@@ -26,12 +26,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numba
 import numpy as np
 
-from ._bits import BAD, NO_DATA, bit
+from ._bits import BAD, NO_DATA, SAT, bit
 
 __all__ = [
     "DetectionResult",
@@ -48,6 +49,7 @@ __all__ = [
     "relabel",
     "label_chunked",
     "footprint_bboxes",
+    "merge_saturated_children",
 ]
 
 
@@ -508,7 +510,22 @@ def label_chunked(mask, chunks):
 
 # ----------------------------------------------------------------------------- deblending
 @numba.njit(nogil=True, cache=True)
-def deblend_footprints(nu, labels, n, contrast, min_contrast_frac, max_children):
+def _normal_isf(p):
+    """z with P(Z > z) = p for a unit normal (bisection on erfc; 0 < p < 0.5)."""
+    lo = 0.0
+    hi = 40.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * math.erfc(mid / math.sqrt(2.0)) > p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@numba.njit(nogil=True, cache=True)
+def deblend_footprints(nu, labels, n, contrast, min_contrast_frac, max_children, false_peak_rate=0.0,
+                       coherence_area=1.0):
     """Split footprints into children by persistence-limited watershed flooding of ``nu``.
 
     Parameters
@@ -526,6 +543,15 @@ def deblend_footprints(nu, labels, n, contrast, min_contrast_frac, max_children)
     max_children : int
         At most this many children per footprint (the highest-peak ones survive); 0 or
         less: no limit.
+    false_peak_rate : float
+        Look-elsewhere correction (0 disables): a footprint of ``A`` pixels holds about
+        ``A / coherence_area`` independent noise elements, each of which may rise above a
+        saddle; the contrast is raised to ``sqrt(2) z`` with ``P(Z > z) = false_peak_rate *
+        coherence_area / A`` (the difference of two unit-noise values has sigma sqrt(2)),
+        so a large footprint - a satellite trail, a bright galaxy - is not shredded into
+        its noise bumps more often than a small one.
+    coherence_area : float, pixels
+        Area per independent noise element of ``nu``.
 
     Returns
     -------
@@ -565,6 +591,11 @@ def deblend_footprints(nu, labels, n, contrast, min_contrast_frac, max_children)
                     idx[k] = (y - y0) * w + (x - x0)
                     k += 1
         order = np.argsort(vals, kind="mergesort")
+        cfoot = contrast
+        if false_peak_rate > 0.0:
+            pk = false_peak_rate * coherence_area / npx
+            if pk < 0.5:
+                cfoot = max(contrast, math.sqrt(2.0) * _normal_isf(pk))
         basin = np.full(h * w, -1, dtype=np.int64)
         parent = np.empty(npx, dtype=np.int64)
         peakv = np.empty(npx)
@@ -617,7 +648,7 @@ def deblend_footprints(nu, labels, n, contrast, min_contrast_frac, max_children)
                 if r == win:
                     continue
                 rise = peakv[r] - v
-                if rise < contrast or rise < min_contrast_frac * peakv[win]:
+                if rise < cfoot or rise < min_contrast_frac * peakv[win]:
                     parent[r] = win
                     alive[r] = False
             basin[p] = win
@@ -695,6 +726,117 @@ def _footprint_peaks(nu, labels, n):
     return peaks
 
 
+@numba.njit(nogil=True, cache=True)
+def merge_saturated_children(children, peaks, sat_labels, sat):
+    """One child per saturated star: merge the children of a footprint whose peaks fall in
+    the same saturated region.
+
+    The flat, clipped core of a saturated star (and its bleed trail) has no single maximum:
+    the watershed finds peaks at the ends of the plateau and splits the star. LSST's
+    detection merges the peaks of a saturated footprint in the same way. The surviving
+    child (the highest peak) moves to the mean position of the region's saturated pixels.
+
+    Parameters
+    ----------
+    children : ndarray (ny, nx) int32
+        Child map of :func:`deblend_footprints` (modified: a copy is returned).
+    peaks : ndarray (m, 5) float64
+        Peaks of :func:`deblend_footprints`.
+    sat_labels : ndarray (ny, nx) int32
+        Labels of the (slightly grown) saturated regions, 0 elsewhere.
+    sat : ndarray (ny, nx) bool
+        Saturated pixels (for the merged position).
+
+    Returns
+    -------
+    children : ndarray (ny, nx) int32
+    peaks : ndarray (m', 5) float64
+        Renumbered 1..m' in the order of the input, column 4 (children of the parent)
+        recomputed.
+    """
+    m = peaks.shape[0]
+    ny, nx = children.shape
+    nsat = 0
+    for y in range(ny):
+        for x in range(nx):
+            if sat_labels[y, x] > nsat:
+                nsat = sat_labels[y, x]
+    if m == 0 or nsat == 0:
+        return children.copy(), peaks.copy()
+    # representative child of each (saturated region); children of other parents stay apart
+    rep_of = np.zeros(m, dtype=np.int64)
+    owner = np.full(nsat + 1, -1, dtype=np.int64)
+    merged_any = False
+    for k in range(m):
+        rep_of[k] = k
+        px = int(peaks[k, 0])
+        py = int(peaks[k, 1])
+        s = sat_labels[py, px]
+        if s == 0:
+            continue
+        o = owner[s]
+        if o < 0:
+            owner[s] = k
+        elif peaks[o, 3] == peaks[k, 3]:
+            if peaks[k, 2] > peaks[o, 2]:
+                rep_of[o] = k
+                owner[s] = k
+            else:
+                rep_of[k] = o
+            merged_any = True
+    if not merged_any:
+        return children.copy(), peaks.copy()
+    for k in range(m):  # resolve chains
+        r = k
+        while rep_of[r] != r:
+            r = rep_of[r]
+        rep_of[k] = r
+    newid = np.zeros(m, dtype=np.int64)
+    m2 = 0
+    for k in range(m):
+        if rep_of[k] == k:
+            m2 += 1
+            newid[k] = m2
+    out = np.empty((m2, 5))
+    for k in range(m):
+        if rep_of[k] == k:
+            out[newid[k] - 1, :] = peaks[k, :]
+    # merged representatives: position = mean of the saturated pixels of their region
+    sx = np.zeros(nsat + 1)
+    sy = np.zeros(nsat + 1)
+    sn = np.zeros(nsat + 1)
+    for y in range(ny):
+        for x in range(nx):
+            if sat[y, x] and sat_labels[y, x] > 0:
+                s = sat_labels[y, x]
+                sx[s] += x
+                sy[s] += y
+                sn[s] += 1.0
+    for k in range(m):
+        if rep_of[k] != k:
+            r = rep_of[k]
+            s = sat_labels[int(peaks[r, 1]), int(peaks[r, 0])]
+            if s > 0 and sn[s] > 0:
+                out[newid[r] - 1, 0] = np.floor(sx[s] / sn[s] + 0.5)
+                out[newid[r] - 1, 1] = np.floor(sy[s] / sn[s] + 0.5)
+    ch = np.empty((ny, nx), dtype=np.int32)
+    for y in range(ny):
+        for x in range(nx):
+            c = children[y, x]
+            ch[y, x] = 0 if c == 0 else newid[rep_of[c - 1]]
+    # children per parent
+    maxp = 0
+    for k in range(m2):
+        if int(out[k, 3]) > maxp:
+            maxp = int(out[k, 3])
+    cnt = np.zeros(maxp + 1)
+    for k in range(m2):
+        cnt[int(out[k, 3])] += 1.0
+    for k in range(m2):
+        out[k, 4] = cnt[int(out[k, 3])]
+    return ch, out
+
+
 # ----------------------------------------------------------------------------- driver
 class DetectionResult(NamedTuple):
     """Output of :func:`detect_sources`.
@@ -747,7 +889,10 @@ def detect_sources(
     deblend_min_contrast_frac=0.0,
     max_children=0,
     deblend_sigma_factor=0.5,
+    deblend_false_peak_rate=0.03,
     bad_bits=bit(NO_DATA) | bit(BAD),
+    saturated_bits=bit(SAT),
+    saturated_grow=2.0,
 ):
     """Detect sources on a background-subtracted image.
 
@@ -785,8 +930,18 @@ def detect_sources(
         The watershed runs on the significance image smoothed with ``deblend_sigma_factor
         * psf_sigma`` (< 1 resolves companions that the full matched filter turns into
         shoulders of a bright neighbour, at the price of more noise peaks).
+    deblend_false_peak_rate : float
+        Look-elsewhere correction of ``deblend_contrast`` (see :func:`deblend_footprints`),
+        with the coherence area ``4 pi s^2`` of the deblending image smoothed by ``s``;
+        0.03 leaves the contrast of a faint star's ~100-pixel footprint at ~4 sigma and
+        raises it to ~6 sigma along a satellite trail crossing the detector. 0 disables.
     bad_bits : int
         Mask bits of pixels without signal.
+    saturated_bits : int
+        Mask bits of saturated pixels: the children of one footprint whose peaks lie in the
+        same saturated region (grown by ``saturated_grow`` pixels) are merged into one
+        (:func:`merge_saturated_children`); 0 disables.
+    saturated_grow : float, pixels
 
     Returns
     -------
@@ -812,12 +967,19 @@ def detect_sources(
     footprints, nfp = label_components(detected)
     if deblend:
         nu_db = nu
+        s_db = psf_sigma if psf_sigma is not None else 1.0
         if psf_sigma is not None and kernel is None and deblend_sigma_factor != 1.0:
-            nu_db = significance_image(img if polarity == 1 else -img, variance,
-                                       sigma=max(0.3, deblend_sigma_factor * psf_sigma), bad=bad)
+            s_db = max(0.3, deblend_sigma_factor * psf_sigma)
+            nu_db = significance_image(img if polarity == 1 else -img, variance, sigma=s_db, bad=bad)
         children, peaks = deblend_footprints(
-            nu_db, footprints, nfp, float(deblend_contrast), float(deblend_min_contrast_frac), int(max_children)
+            nu_db, footprints, nfp, float(deblend_contrast), float(deblend_min_contrast_frac), int(max_children),
+            float(deblend_false_peak_rate), float(max(1.0, 4.0 * np.pi * s_db * s_db)),
         )
+        if mask is not None and saturated_bits:
+            sat = (np.asarray(mask) & np.uint32(saturated_bits)) != 0
+            if sat.any():
+                sat_labels, _ = label_components(grow_mask(sat, float(saturated_grow)))
+                children, peaks = merge_saturated_children(children, peaks, sat_labels, sat)
     else:
         children = footprints
         peaks = _footprint_peaks(nu, footprints, nfp)

@@ -68,6 +68,9 @@ class PsfModelArrays(NamedTuple):
     reserved_dT_median, reserved_dT_std : float
         Median and scatter of ``(T_star - T_model) / T_star`` on the held-back stars
         (``T = ixx + iyy``), NaN when none were held back.
+    reserved_dT : tuple of float
+        ``(T_star - T_model) / T_star`` of each held-back star (to pool validation over
+        several detectors when each holds only a few stars).
     """
 
     coeffs: np.ndarray
@@ -83,11 +86,13 @@ class PsfModelArrays(NamedTuple):
     n_reserved: int
     reserved_dT_median: float
     reserved_dT_std: float
+    reserved_dT: tuple = ()
 
     def to_dict(self):
         """JSON-able dict (coefficients as nested lists)."""
         d = self._asdict()
         d["coeffs"] = self.coeffs.tolist()
+        d["reserved_dT"] = [float(v) for v in self.reserved_dT]
         return d
 
     @classmethod
@@ -95,6 +100,7 @@ class PsfModelArrays(NamedTuple):
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
         d["coeffs"] = np.asarray(d["coeffs"], dtype=np.float64)
+        d["reserved_dT"] = tuple(float(v) for v in d.get("reserved_dT", ()))
         return cls(**d)
 
 
@@ -404,7 +410,11 @@ def select_psf_stars(
         med = np.median(np.log10(T[sel]))
         mad = 1.4826 * np.median(np.abs(np.log10(T[sel]) - med))
         mad = max(mad, 1e-4)
-        new = ok & (np.abs(np.log10(np.where(T > 0, T, 1e-30)) - med) < size_nsigma * mad)
+        # the locus width is the intrinsic scatter (MAD over the selected stars, which the
+        # bright stars dominate) and each star's own measurement noise in log T:
+        # sigma(T) / T ~ 2 sqrt(2) / SNR for adaptive moments, 0.434 * 2.83 = 1.23 in dex
+        width = np.hypot(mad, 1.23 / np.where(snr > 0, snr, np.inf))
+        new = ok & (np.abs(np.log10(np.where(T > 0, T, 1e-30)) - med) < size_nsigma * width)
         if (new == sel).all():
             break
         sel = new
@@ -688,5 +698,6 @@ def fit_psf_model(
         fwhm=float(fwhm),
         reserved_dT_median=float(np.median(dT)) if dT.size else np.nan,
         reserved_dT_std=float(np.std(dT)) if dT.size > 1 else np.nan,
+        reserved_dT=tuple(float(v) for v in dT),
     )
     return model, use, reserved
