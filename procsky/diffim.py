@@ -44,7 +44,21 @@ __all__ = [
 ]
 
 _NOT_USABLE = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT", "INTRP")
-_SPREAD = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT", "INTRP", "STREAK")
+# Mask bits of the convolved image OR-ed over the whole kernel footprint (the pixel value
+# is missing or wrong: every output pixel it touches is) ...
+_SPREAD = ("BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT", "STREAK")
+# ... and over the kernel core only (|K| >= _CORE_FRAC of its peak): the pixel holds an
+# interpolated, approximately right value (a repaired cosmic ray; in a coadd template the
+# OR of every input's repairs), which matters only where it carries much kernel weight.
+_SPREAD_CORE = ("CR", "INTRP")
+_CORE_FRAC = 0.1
+# Pixels left out of PSF fits on the difference: those without a usable value. Repaired
+# (CR/INTRP) pixels stay in, as in LSST's PsfFlux; their weight is reported in
+# ``masked_fraction`` and the flags.
+_FIT_EXCLUDE = ("NO_DATA", "BAD", "SAT")
+# ``masked_fraction`` (flag_masked, reliability): PSF weight on pixels without a usable
+# value; ``repaired_fraction``: on repaired (interpolated) pixels, which stay in the fit.
+_MASKED = tuple(n for n in _NOT_USABLE if n not in _SPREAD_CORE)
 
 
 @dataclass(frozen=True)
@@ -141,7 +155,7 @@ def _overlap_map(func, arrays, depth, dtype, chunk):
 
 
 def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, *, xy0=(0, 0), spread_bits=0,
-                             chunk=1024):
+                             core_bits=0, chunk=1024):
     """Convolve image, variance and mask with a spatially varying matching kernel (lazy).
 
     Parameters
@@ -153,7 +167,9 @@ def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, 
     xy0 : (int, int)
         Detector pixel of array pixel (0, 0) (spatial polynomials use detector positions).
     spread_bits : int
-        Mask bits OR-ed over the kernel footprint.
+        Mask bits OR-ed over the kernel footprint (``|K| >= 1e-3`` of its peak).
+    core_bits : int
+        Mask bits OR-ed over the kernel core only (``|K| >= 0.1`` of its peak).
     chunk : int, pixels
 
     Returns
@@ -165,7 +181,10 @@ def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, 
     ks = kernel.spatial_kernels()
     order = kernel.spatial_order
     shape = kernel.shape
-    r = _conv.kernel_support_radius(kernel.kernel_at(shape[1] / 2.0, shape[0] / 2.0))
+    k_center = kernel.kernel_at(shape[1] / 2.0, shape[0] / 2.0)
+    r = _conv.kernel_support_radius(k_center)
+    rc = min(_conv.kernel_support_radius(k_center, _CORE_FRAC), r) if core_bits else 0
+    core_bits = int(core_bits) & ~int(spread_bits)
 
     # Kernel transforms are shared by the blocks of one shape (one cache per plane).
     img_cache, var_cache = {}, {}
@@ -179,7 +198,14 @@ def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, 
         return np.maximum(v, 0.0)
 
     def conv_mask(b, y0, x0):
-        out = _conv.dilate_mask_box(np.ascontiguousarray(b), r, spread_bits) if r > 0 else b
+        b = np.ascontiguousarray(b)
+        out = _conv.dilate_mask_box(b, r, spread_bits)
+        if rc > 0 and core_bits:
+            # the same interior, core bits spread over the smaller box
+            d = r - rc
+            inner = np.ascontiguousarray(b[d : b.shape[0] - d, d : b.shape[1] - d])
+            core = _conv.dilate_mask_box(inner, rc, core_bits)
+            out = (out & np.uint32(~core_bits & 0xFFFFFFFF)) | (core & np.uint32(core_bits))
         return out
 
     img = _overlap_map(conv_img, [image], h, np.float32, chunk)
@@ -209,6 +235,36 @@ def _flux_ratio(conv_img, tgt_img, xs, ys, half):
             if a > 0 and b > 0:
                 r.append(b / a)
     return float(np.median(r)) if r else 1.0
+
+
+_MIN_CORRELATION_EXCESS = 0.1
+
+
+def _white_if_weak(rho):
+    """``rho``, or a delta when ``sum(rho) - 1 < 0.1``: faint undetected sources leave a few
+    per cent of apparent correlation on white (unresampled) noise, whereas a Lanczos3
+    resampling gives ``sum(rho) >= 1.25`` (``procsky.kernels.warp.lanczos_noise_correlation``)."""
+    if float(rho.sum()) - 1.0 >= _MIN_CORRELATION_EXCESS:
+        return rho
+    out = np.zeros_like(rho)
+    out[rho.shape[0] // 2, rho.shape[1] // 2] = 1.0
+    return out
+
+
+def _correlated_variance_factor(kernel, rho):
+    """``sum_d rho(d) A_K(d) / sum(K^2)``: variance of ``K (x) C`` over ``conv(V_C, K^2)`` for noise
+    of correlation ``rho`` (``A_K`` the kernel autocorrelation); 1 for white noise."""
+    from scipy.signal import fftconvolve
+
+    k = np.asarray(kernel, dtype=np.float64)
+    k2 = float(np.sum(k * k))
+    if rho is None or not k2 > 0:
+        return 1.0
+    ak = fftconvolve(k, k[::-1, ::-1], mode="full")  # lag 0 at the centre
+    c = ak.shape[0] // 2
+    r = rho.shape[0] // 2
+    rr = min(r, c)
+    return float(np.sum(rho[r - rr : r + rr + 1, r - rr : r + rr + 1] * ak[c - rr : c + rr + 1, c - rr : c + rr + 1]) / k2)
 
 
 def _psf_convolved(psf, extra, center):
@@ -308,32 +364,45 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     if mode == "auto":
         mode = "convolve_template" if sig_t <= sig_s else "convolve_science"
     if mode == "convolve_template":
-        conv_img, conv_var, conv_mask, conv_bad = t_img, t_var, t_mask, t_bad
-        tgt_img, tgt_var, tgt_mask, tgt_bad = s_img, s_var, s_mask, s_bad
+        conv_img, conv_var, conv_mask = t_img, t_var, t_mask
+        tgt_img, tgt_var, tgt_mask = s_img, s_var, s_mask
         sig_sharp, sig_broad = sig_t, sig_s
     else:
-        conv_img, conv_var, conv_mask, conv_bad = s_img, s_var, s_mask, s_bad
-        tgt_img, tgt_var, tgt_mask, tgt_bad = t_img, t_var, t_mask, t_bad
+        conv_img, conv_var, conv_mask = s_img, s_var, s_mask
+        tgt_img, tgt_var, tgt_mask = t_img, t_var, t_mask
         sig_sharp, sig_broad = sig_s, sig_t
     basis = _pm.basis_for_psfs(sig_sharp, sig_broad, degrees=cfg.degrees, scales=cfg.scales,
                                half_width=cfg.kernel_half_width)
     h = basis.half_width
     fwhm = 2.3548 * sig_broad
     stamp_half = cfg.stamp_half or int(max(math.ceil(3 * fwhm), 8))
-    any_bad = conv_bad | tgt_bad
+    # Kernel-fit pixels: values missing or wrong ("hard") spoil every stamp pixel whose
+    # kernel footprint holds one; repaired pixels ("soft": CR, INTRP - a coadd template
+    # carries the repairs of all its inputs) only those within the kernel core.
+    soft_names = [n for n in _SPREAD_CORE if n in planes]
+    hard_names = [n for n in _NOT_USABLE if n in planes and n not in soft_names]
+    s_hard = _bad(s_mask, planes, hard_names)[0] | s_nan
+    t_hard = _bad(t_mask, planes, hard_names)[0] | t_nan
+    any_hard = s_hard | t_hard
+    any_soft = (s_bad | t_bad) & ~any_hard
+    sig_match = float(basis.sigmas[min(1, len(basis.sigmas) - 1)]) if len(basis.sigmas) > 1 else float(basis.sigmas[0])
+    soft_r = int(math.ceil(2.0 * sig_match))
+    core = int(math.ceil(1.5 * fwhm))
     if stars is None:
-        sx, sy = _pm.select_kernel_stars(conv_img, conv_var, any_bad, psf_sigma=sig_sharp,
+        sx, sy = _pm.select_kernel_stars(conv_img, conv_var, any_hard, psf_sigma=sig_sharp,
                                          stamp_radius=stamp_half + h, n_cells=cfg.n_cells, per_cell=cfg.per_cell,
                                          min_snr=cfg.min_snr, other=tgt_img, other_variance=tgt_var,
-                                         other_bad=any_bad)
+                                         other_bad=any_hard, core_radius=h + core, soft_bad=any_soft,
+                                         soft_core_radius=soft_r + core)
     else:
         sx, sy = (np.asarray(a, dtype=float) for a in stars)
     # Weights: the target's variance plus the (unconvolved) variance of the other image
     # scaled by the flux ratio, estimated from the candidate stars' summed fluxes.
     ratio = _flux_ratio(conv_img, tgt_img, sx, sy, stamp_half)
     wvar = tgt_var + ratio**2 * conv_var
-    stamps = _pm.build_stamps(conv_img, tgt_img, np.where(wvar > 0, wvar, np.inf), any_bad, sx, sy, basis,
-                              stamp_half, cfg.background_order, shape=det_shape, xy0=(x0, y0))
+    stamps = _pm.build_stamps(conv_img, tgt_img, np.where(wvar > 0, wvar, np.inf), any_hard, sx, sy, basis,
+                              stamp_half, cfg.background_order, shape=det_shape, xy0=(x0, y0), soft=any_soft,
+                              soft_radius=soft_r)
     try:
         kern = _pm.fit_matching_kernel(stamps, basis, spatial_order=cfg.spatial_order,
                                        background_order=cfg.background_order, shape=det_shape,
@@ -343,11 +412,19 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     ksum = float(kern.kernel_sum(cx, cy))
     if not (np.isfinite(ksum) and ksum > 0):
         raise AlgorithmError(f"PSF-matching kernel has a non-positive sum {ksum}; the template may not match")
+    # Noise correlation of each image, measured on its source-free pixels: a resampled
+    # (warped, coadded) template has Lanczos-correlated noise, so the noise of K (x) T is
+    # larger than conv(V_T, K^2) and not white; a calexp's comes out ~delta.
+    rho_s = _white_if_weak(_pm.noise_correlation(s_img, s_var, s_bad | (s_mask != 0)))
+    rho_t = _white_if_weak(_pm.noise_correlation(t_img, t_var, t_bad | (t_mask != 0)))
+    rho_conv, rho_tgt = (rho_t, rho_s) if mode == "convolve_template" else (rho_s, rho_t)
 
     chunk = int(cfg.chunk)
     c_img, c_var, c_msk = convolve_exposure_arrays(conv_img, conv_var, conv_mask, kern, xy0=(x0, y0),
                                                    spread_bits=_masks.bits(*[n for n in _SPREAD if n in planes],
-                                                                           planes=planes), chunk=chunk)
+                                                                           planes=planes),
+                                                   core_bits=_masks.bits(*[n for n in _SPREAD_CORE if n in planes],
+                                                                         planes=planes), chunk=chunk)
     yy = da.arange(ny, chunks=chunk)[:, None] + y0
     xx = da.arange(nx, chunks=chunk)[None, :] + x0
     uu, vv = (2.0 * xx / max(det_shape[1] - 1, 1) - 1.0), (2.0 * yy / max(det_shape[0] - 1, 1) - 1.0)
@@ -355,6 +432,10 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     tg_img = da.from_array(tgt_img, chunks=chunk)
     tg_var = da.from_array(tgt_var, chunks=chunk)
     tg_msk = da.from_array(tgt_mask, chunks=chunk)
+    # Per-pixel variance of K (x) C for correlated C: conv(V, K^2) times
+    # sum_d rho(d) A_K(d) / sum K^2 (A_K the kernel's autocorrelation).
+    center_kernel = kern.kernel_at(cx, cy)
+    c_var = c_var * _correlated_variance_factor(center_kernel, rho_conv)
     if mode == "convolve_template":
         diff = tg_img - c_img - bg
         dvar = tg_var + c_var
@@ -373,7 +454,6 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     edge[:h] = edge[-h:] = True
     edge[:, :h] = edge[:, -h:] = True
     dmask = dmask | da.from_array(np.where(edge, np.uint32(nodata), np.uint32(0)), chunks=chunk)
-    center_kernel = kern.kernel_at(cx, cy)
     diff_psf_extra = np.zeros((1, 1)) + 1.0
     summary = {
         "mode": mode,
@@ -386,6 +466,8 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
         "kernel_sum": ksum,
         "n_kernel_candidates": int(len(sx)),
         "background_center": float(kern.background_at(cx, cy)),
+        "noise_correlation_science": float(rho_s.sum()),
+        "noise_correlation_template": float(rho_t.sum()),
         **{k: v for k, v in kern.stats.items() if k not in ("used", "chi2_history")},
     }
     if cfg.decorrelate:
@@ -397,16 +479,19 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
         else:
             v_unconv = float(np.mean(t_var[good])) / ksum**2
             v_conv = float(np.mean(s_var[good]))
-        phi = _pm.decorrelation_kernel(center_kernel, v_conv, v_unconv)
+        phi = _pm.decorrelation_kernel(center_kernel, v_conv, v_unconv, corr_convolved=rho_conv,
+                                       corr_unconvolved=rho_tgt)
         hp = phi.shape[0] // 2
         diff_zero = da.where((dmask & np.uint32(nodata)) != 0, 0.0, diff)
         diff = _convolve_plain(diff_zero.astype(np.float32), phi, chunk)
-        # Noise is now white with the variance of the unconvolved image plus the
-        # flux-scaled variance of the convolved one, pixel by pixel.
+        # Noise is now white at the zero-frequency level of the difference's noise power:
+        # per pixel, each image's variance times the sum of its noise correlation (1 for
+        # white noise), the convolved one scaled by the flux ratio.
+        g_conv, g_tgt = float(rho_conv.sum()), float(rho_tgt.sum())
         if mode == "convolve_template":
-            dvar = tg_var + da.from_array(conv_var, chunks=chunk) * ksum**2
+            dvar = tg_var * g_tgt + da.from_array(conv_var, chunks=chunk) * (ksum**2 * g_conv)
         else:
-            dvar = (da.from_array(conv_var, chunks=chunk) * scale**2 + tg_var) / scale**2
+            dvar = (da.from_array(conv_var, chunks=chunk) * g_conv * scale**2 + tg_var * g_tgt) / scale**2
         edge2 = np.zeros((ny, nx), bool)
         e = h + _conv.kernel_support_radius(phi, 1e-3)
         edge2[:e] = edge2[-e:] = True
@@ -458,7 +543,8 @@ class DiaConfig:
     edge_margin : int, pixels
         Sources closer than this to NO_DATA/the border are flagged ``flag_edge``.
     max_masked_fraction : float
-        Sources with more of their PSF weight on masked pixels are flagged.
+        Sources with more of their PSF weight on masked pixels (no usable value: BAD, SAT,
+        NO_DATA, EDGE, SUSPECT) are flagged.
     """
 
     nsigma: float = 5.0
@@ -552,7 +638,8 @@ def detect_dia_sources(diff, config: DiaConfig | None = None):
         One row per DIA source: ``dia_source_id`` (per image, from 0), ``x``, ``y`` (detector
         pixels), ``ra``, ``dec`` (deg), ``psf_flux``, ``psf_flux_err`` (nJy when a PhotoCalib is
         present, else counts), ``psf_chi2``, ``snr``, ``is_negative``, ``is_dipole``, dipole
-        fit columns, ``ixx``, ``iyy``, ``ixy`` (pixels^2), ``masked_fraction``, flags
+        fit columns, ``ixx``, ``iyy``, ``ixy`` (pixels^2), ``masked_fraction`` (PSF^2 weight on
+        pixels without a usable value), ``repaired_fraction`` (on CR/INTRP pixels), flags
         ``flag_edge``, ``flag_masked``, ``flag_saturated_nearby``, ``flag_centroid``,
         ``flag_shape``, ``flag_psf_flux`` and ``reliability`` in [0, 1].
     mask : ndarray uint32
@@ -578,8 +665,9 @@ def detect_dia_sources(diff, config: DiaConfig | None = None):
     sigma = psf_sigma_at(psf, cx, cy)
     fwhm = 2.3548 * sigma
     nodata_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD") if n in planes], planes=planes)
-    fit_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD", "SAT", "CR") if n in planes], planes=planes)
-    masked_bits = _masks.bits(*[n for n in _NOT_USABLE if n in planes], planes=planes)
+    fit_bits = _masks.bits(*[n for n in _FIT_EXCLUDE if n in planes], planes=planes)
+    masked_bits = _masks.bits(*[n for n in _MASKED if n in planes], planes=planes)
+    repaired_bits = _masks.bits(*[n for n in _SPREAD_CORE if n in planes], planes=planes)
     sat_bits = _masks.bits(*[n for n in ("SAT",) if n in planes], planes=planes)
     dets = []
     for pol in (1, -1):
@@ -630,6 +718,7 @@ def detect_dia_sources(diff, config: DiaConfig | None = None):
         ix, iy = int(round(xw)), int(round(yw))
         stamp = psf.render(xw + x0, yw + y0)
         mfrac = _stamp_bad_fraction(mask, masked_bits, ix, iy, stamp)
+        rfrac = _stamp_bad_fraction(mask, repaired_bits, ix, iy, stamp)
         near_sat = _stamp_bad_fraction(mask, sat_bits, ix, iy, np.ones((2 * int(2 * fwhm) + 1,) * 2)) > 0
         edge = (
             xw < cfg.edge_margin or yw < cfg.edge_margin or xw > nx - 1 - cfg.edge_margin or yw > ny - 1 - cfg.edge_margin
@@ -644,6 +733,7 @@ def detect_dia_sources(diff, config: DiaConfig | None = None):
             "is_dipole": kind == "dipole",
             "ixx": mxx, "iyy": myy, "ixy": mxy,
             "masked_fraction": mfrac,
+            "repaired_fraction": rfrac,
             "flag_edge": bool(edge),
             "flag_masked": bool(mfrac > cfg.max_masked_fraction),
             "flag_saturated_nearby": bool(near_sat),
@@ -667,6 +757,7 @@ def detect_dia_sources(diff, config: DiaConfig | None = None):
         # Reliability: penalise masked PSF weight, a PSF fit worse than the noise and a
         # shape that adaptive moments cannot measure (cosmic rays, bad columns and other
         # sharp or linear artifacts; real point sources on a difference image converge).
+        # Repaired pixels are in the fit: a bad repair shows in the chi^2.
         c = chi2 if np.isfinite(chi2) else 10.0
         rel = max(0.0, 1.0 - mfrac) / (1.0 + max(0.0, c - 1.0))
         if not mok and kind != "dipole":
@@ -674,7 +765,8 @@ def detect_dia_sources(diff, config: DiaConfig | None = None):
         row["reliability"] = float(rel)
         rows.append(row)
     cols = ["x", "y", "x_err", "y_err", "psf_flux", "psf_flux_err", "psf_chi2", "snr", "peak_significance",
-            "is_negative", "is_dipole", "ixx", "iyy", "ixy", "masked_fraction", "flag_edge", "flag_masked",
+            "is_negative", "is_dipole", "ixx", "iyy", "ixy", "masked_fraction", "repaired_fraction", "flag_edge",
+            "flag_masked",
             "flag_saturated_nearby", "flag_centroid", "flag_shape", "flag_psf_flux", "dipole_pos_flux",
             "dipole_neg_flux", "dipole_separation", "dipole_angle", "dipole_chi2", "flag_dipole_fit", "reliability"]
     df = pd.DataFrame(rows, columns=cols)
@@ -740,7 +832,8 @@ def forced_dia_photometry(diff, ra=None, dec=None, ids=None, *, x=None, y=None):
     -------
     pandas.DataFrame
         ``dia_object_id``, ``x``, ``y``, ``psf_flux``, ``psf_flux_err`` (nJy when calibrated),
-        ``psf_chi2``, ``masked_fraction``, ``flag_edge``, ``mjd``, ``band`` ...; positions
+        ``psf_chi2``, ``masked_fraction`` (PSF^2 weight on pixels without a usable value),
+        ``flag_edge``, ``mjd``, ``band`` ...; positions
         off the image are skipped.
     """
     import pandas as pd
@@ -759,8 +852,8 @@ def forced_dia_photometry(diff, ra=None, dec=None, ids=None, *, x=None, y=None):
     else:
         px, py = np.asarray(x, float) - x0, np.asarray(y, float) - y0
     ids = np.arange(len(px)) if ids is None else np.asarray(ids)
-    fit_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD", "SAT", "CR") if n in planes], planes=planes)
-    masked_bits = _masks.bits(*[n for n in _NOT_USABLE if n in planes], planes=planes)
+    fit_bits = _masks.bits(*[n for n in _FIT_EXCLUDE if n in planes], planes=planes)
+    masked_bits = _masks.bits(*[n for n in _MASKED if n in planes], planes=planes)
     nod = _masks.bits(*[n for n in ("NO_DATA",) if n in planes], planes=planes)
     rows = []
     for oid, xx, yy in zip(ids, np.atleast_1d(px), np.atleast_1d(py)):

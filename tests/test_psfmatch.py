@@ -166,6 +166,59 @@ def test_decorrelation_whitens_noise():
     assert dd.var() == pytest.approx(26.0, rel=0.05)  # white, with variance s2 + t2
 
 
+def test_masked_pixels_keep_stamps_and_the_fit():
+    # Pixels next to a bad or repaired pixel are left out of a stamp, not the stamp itself.
+    rng = np.random.default_rng(14)
+    shape = (200, 200)
+    tpl, xs, ys = _star_field(shape, 60, rng, 1.3)
+    true_k = 1.3 * _gauss(6, 1.4)
+    sci = cv.convolve_valid(np.pad(tpl, 6), true_k) + rng.normal(size=shape) * 2.0
+    basis = pm.basis_for_psfs(1.3, np.hypot(1.3, 1.4), degrees=(4, 2, 2), half_width=6)
+    bad = np.zeros(shape, bool)
+    soft = np.zeros(shape, bool)
+    for x, y in zip(xs[:10], ys[:10]):  # a bad pixel 12 px and a "repaired" one 7 px from ten stars
+        bad[int(y), min(int(x) + 12, 199)] = True
+        soft[max(int(y) - 7, 0), int(x)] = True
+    tpl_bad = np.where(bad, 1e6, tpl)  # garbage under the bad pixels
+    full = pm.build_stamps(tpl, sci, np.full(shape, 4.0), np.zeros(shape, bool), xs, ys, basis, 8, 0)
+    st = pm.build_stamps(tpl_bad, sci, np.full(shape, 4.0), bad, xs, ys, basis, 8, 0, soft=soft, soft_radius=2)
+    # (refusing every stamp with a bad pixel in its box would drop the ten and their neighbours)
+    kept = {(int(x), int(y)) for x, y in zip(st.x, st.y)}
+    assert sum((int(round(x)), int(round(y))) in kept for x, y in zip(xs[:10], ys[:10])) >= 8
+    assert len(st.x) >= 0.9 * len(full.x) and st.npix.sum() < full.npix.sum()
+    kern = pm.fit_matching_kernel(st, basis, spatial_order=0, background_order=0, shape=shape)
+    assert kern.kernel_sum(100, 100) == pytest.approx(1.3, rel=3e-3)
+    assert np.abs(kern.kernel_at(100, 100) - true_k).max() < 0.03 * true_k.max()
+
+
+def test_noise_correlation_and_decorrelation_of_a_resampled_template():
+    rng = np.random.default_rng(12)
+    n = 600
+    # "template" noise correlated by resampling: white noise through a small smoothing kernel
+    c = np.outer([0.15, 0.7, 0.15], [0.15, 0.7, 0.15])
+    b = cv.convolve_valid(rng.normal(size=(n + 2, n + 2)), c)
+    b *= 5.0 / b.std()  # per-pixel variance 25 (what a variance plane propagates)
+    ac = np.zeros((5, 5))
+    for dy in range(-2, 3):  # analytic autocorrelation of c
+        for dx in range(-2, 3):
+            ac[dy + 2, dx + 2] = np.sum(np.roll(np.pad(c, 2), (dy, dx), axis=(0, 1)) * np.pad(c, 2))
+    rho = pm.noise_correlation(b, np.full(b.shape, 25.0), np.zeros(b.shape, bool), radius=2)
+    np.testing.assert_allclose(rho, ac / ac[2, 2], atol=0.01)
+    white = pm.noise_correlation(rng.normal(size=(n, n)), np.ones((n, n)), np.zeros((n, n), bool), radius=2)
+    assert abs(white.sum() - 1.0) < 0.02
+    # difference: white science (variance 1) minus the kernel-convolved correlated template
+    k = _gauss(7, 1.8)
+    a = rng.normal(size=(n - 14, n - 14))
+    d = a - cv.convolve_valid(b, k)
+    phi = pm.decorrelation_kernel(k, 25.0, 1.0, corr_convolved=rho)
+    dd = cv.convolve_valid(d, phi)
+    x = dd - dd.mean()
+    assert abs(float((x[:, 1:] * x[:, :-1]).mean() / x.var())) < 0.02
+    # white at the zero-frequency level 1 + 25 sum(rho), not 1 + 25 (the white assumption)
+    assert dd.var() == pytest.approx(1.0 + 25.0 * rho.sum(), rel=0.05)
+    assert rho.sum() > 1.5
+
+
 def test_kernels_thread_safe():
     rng = np.random.default_rng(7)
     block = rng.normal(size=(60, 60))

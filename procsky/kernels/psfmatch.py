@@ -23,7 +23,10 @@ The matching kernel is a linear combination of basis functions,
 * **noise decorrelation** (Kaiser 2004; Reiss & Lupton 2016; LSST
   ``DecorrelateALKernelTask``): the difference ``S - K (x) T`` has noise power
   ``s2 + t2 |K(f)|^2``; convolving it with ``phi(f) = sqrt((s2 + t2) / (s2 + t2 |K(f)|^2))``
-  makes the noise white again.
+  makes the noise white again. A resampled template's noise is itself correlated
+  (Lanczos): its power spectrum ``R_T(f)``, measured from the image
+  (:func:`noise_correlation`), enters as ``t2 |K(f)|^2 R_T(f)`` and the whitened level is
+  ``s2 + t2 sum(rho_T)``.
 
 Conventions: kernels are true convolution kernels (see :mod:`procsky.kernels.convolve`),
 odd size ``2 h + 1``; positions are detector pixels; spatial polynomials use
@@ -51,6 +54,7 @@ __all__ = [
     "fit_matching_kernel",
     "select_kernel_stars",
     "decorrelation_kernel",
+    "noise_correlation",
 ]
 
 
@@ -331,7 +335,8 @@ class StampData:
 
 
 def build_stamps(to_convolve, target, variance, bad, xs, ys, basis: KernelBasis, stamp_half: int,
-                 background_order: int, shape=None, xy0=(0, 0)) -> StampData:
+                 background_order: int, shape=None, xy0=(0, 0), min_good_fraction=0.5, soft=None,
+                 soft_radius=0) -> StampData:
     """Normal-equation blocks for stamps centred on (xs, ys).
 
     Parameters
@@ -343,8 +348,12 @@ def build_stamps(to_convolve, target, variance, bad, xs, ys, basis: KernelBasis,
     variance : ndarray (ny, nx)
         Per-pixel variance of the fit residual (counts^2 of ``target``).
     bad : ndarray (ny, nx) bool
-        Pixels excluded from the fit; a stamp touching one (in either image, including
-        the kernel margin) is dropped.
+        Unusable pixels (of either image). A stamp pixel is left out of the fit (zero
+        weight) when a bad pixel lies within the kernel footprint of it (its convolution
+        would use it) or on it; bad pixels of the block are zeroed. Masking pixels rather
+        than refusing every stamp that touches one keeps the bright stars, whose large
+        stamps and kernel margins nearly always hold a repaired cosmic ray of one of the
+        images (a coadd template holds the repairs of all its inputs).
     xs, ys : array_like, pixels (array coordinates)
         Stamp centres.
     basis : KernelBasis
@@ -355,12 +364,22 @@ def build_stamps(to_convolve, target, variance, bad, xs, ys, basis: KernelBasis,
         Detector shape for the polynomial normalisation (default the array shape).
     xy0 : (int, int)
         Detector position of array pixel (0, 0).
+    min_good_fraction : float
+        Stamps with a smaller fraction of usable pixels are skipped.
+    soft : ndarray (ny, nx) bool, optional
+        Repaired pixels (interpolated cosmic rays ...): their values are kept, but stamp
+        pixels within ``soft_radius`` of one (where the kernel core would carry its error)
+        are left out of the fit.
+    soft_radius : int, pixels
 
     Returns
     -------
     StampData
-        Stamps too close to an edge or touching bad pixels are skipped.
+        Stamps too close to an edge or with too few usable pixels are skipped;
+        ``npix`` counts the usable pixels.
     """
+    from scipy import ndimage
+
     ny, nx = target.shape
     shape = tuple(shape) if shape is not None else (ny, nx)
     h = basis.half_width
@@ -372,19 +391,32 @@ def build_stamps(to_convolve, target, variance, bad, xs, ys, basis: KernelBasis,
         ix, iy = int(round(x)), int(round(y))
         if ix - r < 0 or iy - r < 0 or ix + r >= nx or iy + r >= ny:
             continue
-        if bad[iy - r : iy + r + 1, ix - r : ix + r + 1].any():
-            continue
-        blk = to_convolve[iy - r : iy + r + 1, ix - r : ix + r + 1]
+        blk = np.array(to_convolve[iy - r : iy + r + 1, ix - r : ix + r + 1], dtype=np.float64)
         tgt = target[iy - stamp_half : iy + stamp_half + 1, ix - stamp_half : ix + stamp_half + 1].astype(np.float64)
         var = variance[iy - stamp_half : iy + stamp_half + 1, ix - stamp_half : ix + stamp_half + 1].astype(np.float64)
-        if not (np.all(np.isfinite(blk)) and np.all(np.isfinite(tgt)) and np.all(var > 0)):
+        bblk = np.asarray(bad[iy - r : iy + r + 1, ix - r : ix + r + 1], bool) | ~np.isfinite(blk)
+        if bblk.any():
+            # stamp pixels whose kernel footprint (box of half-width h) holds a bad pixel
+            near = ndimage.maximum_filter(bblk.astype(np.uint8), size=2 * h + 1, mode="constant")[h:-h, h:-h] > 0
+            blk[bblk] = 0.0
+        else:
+            near = np.zeros(tgt.shape, bool)
+        if soft is not None:
+            sblk = np.asarray(soft[iy - r : iy + r + 1, ix - r : ix + r + 1], bool)
+            if sblk.any():
+                rs = min(int(soft_radius), h)
+                sn = ndimage.maximum_filter(sblk.astype(np.uint8), size=2 * rs + 1, mode="constant")
+                near |= sn[h:-h, h:-h] > 0
+        use = ~near & np.isfinite(tgt) & np.isfinite(var) & (var > 0)
+        if use.mean() < min_good_fraction:
             continue
+        tgt = np.where(use, tgt, 0.0)
         C = basis_stamp_convolutions(blk, basis).reshape(nb, -1)
         gy, gx = np.mgrid[iy - stamp_half : iy + stamp_half + 1, ix - stamp_half : ix + stamp_half + 1]
         u, v = normalized_coords(gx.ravel() + xy0[0], gy.ravel() + xy0[1], shape)
         Q = np.stack([u**i * v**j for i, j in bexp])
         D = np.vstack([C, Q])
-        w = 1.0 / var.ravel()
+        w = np.where(use, 1.0 / np.where(use, var, 1.0), 0.0).ravel()
         s = tgt.ravel()
         M, bb, ss = _normal_blocks(np.ascontiguousarray(D), w, s)
         out["x"].append(ix + xy0[0])
@@ -392,7 +424,7 @@ def build_stamps(to_convolve, target, variance, bad, xs, ys, basis: KernelBasis,
         out["M"].append(M)
         out["b"].append(bb)
         out["ss"].append(ss)
-        out["npix"].append(s.size)
+        out["npix"].append(int(use.sum()))
     nt = nb + len(bexp)
     if not out["x"]:
         return StampData(np.zeros(0), np.zeros(0), np.zeros((0, nt, nt)), np.zeros((0, nt)), np.zeros(0), np.zeros(0))
@@ -606,7 +638,8 @@ def fit_matching_kernel(stamps: StampData, basis: KernelBasis, *, spatial_order=
 
 # --------------------------------------------------------------------- star selection
 def select_kernel_stars(image, variance, bad, *, psf_sigma, stamp_radius, n_cells=4, per_cell=8,
-                        min_snr=20.0, max_snr=np.inf, other=None, other_bad=None, other_variance=None):
+                        min_snr=20.0, max_snr=np.inf, other=None, other_bad=None, other_variance=None,
+                        core_radius=None, max_bad_fraction=0.5, soft_bad=None, soft_core_radius=0):
     """Bright, unsaturated stars spread over the detector for the kernel fit.
 
     The Alard-Lupton model holds for any pixels, so neighbours inside a stamp do no harm;
@@ -622,8 +655,17 @@ def select_kernel_stars(image, variance, bad, *, psf_sigma, stamp_radius, n_cell
     psf_sigma : float, pixels
         Detection filter width.
     stamp_radius : int, pixels
-        Half-size of the stamp plus the kernel margin; a candidate needs no bad pixel
-        inside its box.
+        Half-size of the stamp plus the kernel margin (candidates are that far from the
+        border, and about that far apart).
+    core_radius : int, pixels, optional
+        A candidate needs no bad pixel within this box half-width (the star's core plus
+        the kernel margin); default ``stamp_radius`` (no bad pixel in the whole box).
+    max_bad_fraction : float
+        ... and at most this fraction of bad pixels in its ``stamp_radius`` box (the fit
+        masks them, :func:`build_stamps`).
+    soft_bad : ndarray (ny, nx) bool, optional
+        Repaired pixels (of either image): none may lie within ``soft_core_radius``.
+    soft_core_radius : int, pixels
     n_cells : int
         The detector is cut in ``n_cells x n_cells`` cells ...
     per_cell : int
@@ -660,14 +702,22 @@ def select_kernel_stars(image, variance, bad, *, psf_sigma, stamp_radius, n_cell
                                   np.where(other_bad | ~np.isfinite(other_variance), 0.0, other_variance).astype(np.float32),
                                   sigma=psf_sigma)
     cand = np.nonzero(ok)[0]
+    rc = r if core_radius is None else min(int(core_radius), r)
     good = []
     for i in cand:
         ix, iy = int(x[i]), int(y[i])
-        if bad[iy - r : iy + r + 1, ix - r : ix + r + 1].any():
+        box = bad[iy - r : iy + r + 1, ix - r : ix + r + 1]
+        if box[r - rc : r + rc + 1, r - rc : r + rc + 1].any() or box.mean() > max_bad_fraction:
             continue
-        if other is not None:
-            if other_bad is not None and other_bad[iy - r : iy + r + 1, ix - r : ix + r + 1].any():
+        if soft_bad is not None and soft_core_radius > 0:
+            q = int(soft_core_radius)
+            if soft_bad[max(iy - q, 0) : iy + q + 1, max(ix - q, 0) : ix + q + 1].any():
                 continue
+        if other is not None:
+            if other_bad is not None:
+                obox = other_bad[iy - r : iy + r + 1, ix - r : ix + r + 1]
+                if obox[r - rc : r + rc + 1, r - rc : r + rc + 1].any() or obox.mean() > max_bad_fraction:
+                    continue
             if sig2[iy, ix] < min_snr / 3.0:
                 continue
         good.append(i)
@@ -698,23 +748,114 @@ def select_kernel_stars(image, variance, bad, *, psf_sigma, stamp_radius, n_cell
 
 
 # ------------------------------------------------------------------- decorrelation
-def decorrelation_kernel(kernel, var_convolved, var_unconvolved, *, half_width=None, fft_size=None):
+def noise_correlation(image, variance, bad, *, radius=4, clip=4.0, grow=3, max_size=1024, pedestal_rings=(6, 8)):
+    """Normalised noise autocorrelation of an image, from its source-free pixels.
+
+    A resampled image (a warped template, a coadd of warps) has noise correlated between
+    neighbouring pixels: its variance plane is right pixel by pixel, but the noise of a sum
+    or a convolution over several pixels is larger (the "noise correlation factor" of
+    SWarp and LSST coadds). The matching-kernel convolution and the decorrelation
+    afterburner need the correlation itself; it is measured here from the image, which
+    works for any chain of resamplings.
+
+    Parameters
+    ----------
+    image, variance : ndarray (ny, nx)
+    bad : ndarray (ny, nx) bool
+        Pixels to ignore (masked, detected sources); the usable area is eroded by ``grow``.
+    radius : int, pixels
+        Half-size of the returned correlation (lags ``-radius .. radius`` in x and y).
+    clip : float
+        Pixels with ``|image| / sqrt(variance)`` above this are ignored (faint sources).
+    grow : int, pixels
+        Erosion of the usable area (source wings).
+    max_size : int, pixels
+        The central ``max_size`` square is used (enough pixels, bounded time).
+    pedestal_rings : (int, int)
+        A constant pedestal (large-scale fluctuations: background residuals, unresolved
+        sources), the mean correlation at lags between these, is subtracted.
+
+    Returns
+    -------
+    ndarray (2 radius + 1, 2 radius + 1) float64
+        ``rho[dy + radius, dx + radius]``; ``rho`` at lag 0 is 1 and it is symmetric; an
+        image with white noise gives ~delta. Delta when too few pixels are usable.
+    """
+    from scipy import fft as sfft
+    from scipy import ndimage
+
+    R = int(radius)
+    Ro = max(int(pedestal_rings[1]), R)
+    delta = np.zeros((2 * R + 1, 2 * R + 1))
+    delta[R, R] = 1.0
+    ny, nx = image.shape
+    m = int(max_size)
+    y0, x0 = max((ny - m) // 2, 0), max((nx - m) // 2, 0)
+    sl = (slice(y0, y0 + min(m, ny)), slice(x0, x0 + min(m, nx)))
+    img = np.asarray(image[sl], dtype=np.float64)
+    var = np.asarray(variance[sl], dtype=np.float64)
+    good = ~np.asarray(bad[sl], bool) & np.isfinite(img) & np.isfinite(var) & (var > 0)
+    n = np.zeros_like(img)
+    n[good] = img[good] / np.sqrt(var[good])
+    good &= np.abs(n) < clip
+    if grow > 0:
+        good = ndimage.binary_erosion(good, iterations=int(grow))
+    if good.sum() < 1000:
+        return delta
+    n = np.where(good, n, 0.0)
+    shape = (sfft.next_fast_len(n.shape[0] + Ro), sfft.next_fast_len(n.shape[1] + Ro))
+    num = sfft.irfft2(np.abs(sfft.rfft2(n, shape, workers=1)) ** 2, shape, workers=1)
+    den = sfft.irfft2(np.abs(sfft.rfft2(good.astype(np.float64), shape, workers=1)) ** 2, shape, workers=1)
+    lags = np.r_[-Ro : Ro + 1]
+    c = num[np.ix_(lags, lags)] / np.maximum(den[np.ix_(lags, lags)], 1.0)
+    if not c[Ro, Ro] > 0:
+        return delta
+    c = c / c[Ro, Ro]
+    yy, xx = np.mgrid[-Ro : Ro + 1, -Ro : Ro + 1]
+    ring = np.maximum(np.abs(yy), np.abs(xx))
+    sel = (ring >= pedestal_rings[0]) & (ring <= pedestal_rings[1])
+    ped = float(np.mean(c[sel])) if sel.any() else 0.0
+    rho = c[Ro - R : Ro + R + 1, Ro - R : Ro + R + 1] - ped
+    rho[R, R] = 1.0
+    return 0.5 * (rho + rho[::-1, ::-1])
+
+
+def _correlation_power(rho, n):
+    """Noise power spectrum (n x n grid, unit mean) of a correlation ``rho`` centred at lag 0."""
+    if rho is None:
+        return 1.0
+    r = np.asarray(rho, dtype=np.float64)
+    h = r.shape[0] // 2
+    pad = np.zeros((n, n))
+    pad[: r.shape[0], : r.shape[1]] = r
+    pad = np.roll(pad, (-h, -h), axis=(0, 1))
+    p = np.real(np.fft.fft2(pad))
+    # A measured correlation may give a slightly negative power at some frequencies.
+    return np.maximum(p, 0.05 * max(float(p[0, 0]), 1e-12))
+
+
+def decorrelation_kernel(kernel, var_convolved, var_unconvolved, *, corr_convolved=None, corr_unconvolved=None,
+                         half_width=None, fft_size=None):
     """Real-space noise decorrelation kernel (Kaiser 2004; Reiss & Lupton 2016).
 
     For a difference ``D = A - kappa (x) B`` where ``B`` (mean variance ``var_convolved``,
     in the units of ``A`` after scaling by the kernel sum) is convolved by the normalised
     kernel ``kappa`` and ``A`` (mean variance ``var_unconvolved``) is not, the noise power is
-    ``var_unconvolved + var_convolved |kappa(f)|^2``; the kernel returned here,
-    ``phi(f) = sqrt((var_unconvolved + var_convolved) / (var_unconvolved + var_convolved |kappa(f)|^2))``,
-    whitens it back to ``var_unconvolved + var_convolved`` per pixel and has unit sum, so
-    fluxes are unchanged.
+    ``P(f) = var_unconvolved R_A(f) + var_convolved |kappa(f)|^2 R_B(f)``, where ``R`` is the
+    power spectrum of each image's noise correlation (1 for white noise). The kernel
+    returned here, ``phi(f) = sqrt(P(0) / P(f))``, whitens it to the level ``P(0)`` per
+    pixel (``var_unconvolved sum(rho_A) + var_convolved sum(rho_B)``) and has unit sum, so
+    fluxes are unchanged. With white inputs this is LSST's
+    ``sqrt((var_unconvolved + var_convolved) / (var_unconvolved + var_convolved |kappa(f)|^2))``.
 
     Parameters
     ----------
     kernel : ndarray (2h + 1, 2h + 1)
         Matching kernel (any normalisation; it is normalised to unit sum here).
     var_convolved, var_unconvolved : float, counts^2
-        Mean variances, both in the units of the difference image.
+        Mean per-pixel variances, both in the units of the difference image.
+    corr_convolved, corr_unconvolved : ndarray (2r + 1, 2r + 1), optional
+        Noise correlation of each image (:func:`noise_correlation`); white when omitted.
     half_width : int, optional
         Half-width of the returned kernel (default twice the matching-kernel half-width:
         when the convolved image dominates the noise, ``phi`` has wide negative wings and
@@ -742,7 +883,12 @@ def decorrelation_kernel(kernel, var_convolved, var_unconvolved, *, half_width=N
     c = float(var_convolved)
     if not (a >= 0 and c >= 0 and a + c > 0):
         raise ValueError(f"variances must be >= 0 and not both zero, got {var_unconvolved}, {var_convolved}")
-    phif = np.sqrt((a + c) / (a + c * kf2))
+    pa = a * _correlation_power(corr_unconvolved, n)
+    pc = c * kf2 * _correlation_power(corr_convolved, n)
+    power = pa + pc
+    if np.ndim(power) == 0:
+        power = np.full((n, n), float(power))
+    phif = np.sqrt(power[0, 0] / power)
     phi = np.real(np.fft.ifft2(phif))
     phi = np.roll(phi, (hw, hw), axis=(0, 1))[: 2 * hw + 1, : 2 * hw + 1]
     return phi / phi.sum()
