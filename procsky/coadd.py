@@ -1073,7 +1073,7 @@ class LazyCoadd:
         """The coadd as an :class:`Exposure` with lazy planes (weights and PSF computed)."""
         w = self.resolved_weights()
         meta = dict(self.metadata)
-        meta["weights"] = [float(x) for x in w]
+        meta["weights"] = [float(x) for x in w]  # per input, in input order: see "input_visits"
         from procsky.exposure import VisitInfo
 
         vi = VisitInfo(band=band or meta.get("band", "")) if (band or meta.get("band")) else None
@@ -1257,6 +1257,9 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
                                    ("coadd-image", "coadd-variance", "coadd-mask", "coadd-n-inputs"))
     meta = {
         "visits": sorted({v for v in visits if v is not None}),
+        # per used input, aligned with "weights": its visit and its index in the inputs given
+        "input_visits": [None if v is None else int(v) for v in visits],
+        "input_indices": [int(k) for k in orig],
         "n_inputs_total": len(sources),
         "statistic": config.statistic,
         "coadd_config": config.model_dump(mode="json"),

@@ -144,7 +144,7 @@ class AssociateDiaTask(Task):
 
     dimensions = ("skymap", "tract")
     inputs = {
-        "dia_sources": Input("dia_source", _VD, multiple=True),
+        "dia_sources": Input("dia_source", _VD, multiple=True, tolerate_missing=True),
         "templates": Input("template", _PATCH + ("band",), multiple=True, optional=True),
     }
     outputs = {"dia_object": Output("dia_object", ("skymap", "tract"))}

@@ -97,7 +97,7 @@ class MakeTemplateTask(Task):
     """Best-seeing coadd of a patch and band, stored as ``template``."""
 
     dimensions = _PATCH + ("band",)
-    inputs = {"warps": Input("warp", ("instrument", "visit") + _PATCH, multiple=True)}
+    inputs = {"warps": Input("warp", ("instrument", "visit") + _PATCH, multiple=True, tolerate_missing=True)}
     outputs = {"template": Output("template", _PATCH + ("band",))}
     Config = MakeTemplateConfig
     parallel = True
@@ -129,7 +129,14 @@ class MakeTemplateTask(Task):
         fwhm = []
         for w in warps:
             try:
-                cy, cx = (w.shape[0] - 1) / 2.0, (w.shape[1] - 1) / 2.0
+                # Warp PSFs live in tract pixels; rank at the centre of the input's
+                # footprint (which may cover only part of the patch), else the warp's centre.
+                poly = (w.metadata or {}).get("footprint")
+                if poly:
+                    cx, cy = np.asarray(poly, float).mean(axis=0)
+                else:
+                    cx = w.xy0[0] + (w.shape[1] - 1) / 2.0
+                    cy = w.xy0[1] + (w.shape[0] - 1) / 2.0
                 fwhm.append(float(w.psf.fwhm(cx, cy)) if w.psf is not None else np.nan)
             except Exception:  # noqa: BLE001 - an unusable PSF ranks last
                 fwhm.append(np.nan)
