@@ -9,7 +9,9 @@ so the table is exactly what ``test_calibrate_small_all_detectors`` asserts. Cri
 
 * astrometry: median offset of bright isolated stars <= 5 mas, scatter <= 10 mas;
 * zero point within 3 mmag of truth;
-* PSF fluxes of bright isolated stars: |median bias| < 0.5 %, pull std 0.9-1.1 (S/N 50-500);
+* PSF fluxes of bright isolated stars: |median bias| < 0.5 %, pull std 0.9-1.1 (S/N 50-500;
+  judged pooled over the visit by the test; ``psf_sys_%`` is the detector's cross-validated
+  PSF-model flux error included in ``psf_flux_err``);
 * PSF model FWHM within 1 % of truth, held-back stars' median dT/T below 1 %;
 * completeness >= 95 % (truth S/N >= 10), spurious detections < 1 %;
 * cosmic-ray pixels (> 5 sigma) recovered >= 95 %, no star core flagged CR.
@@ -68,6 +70,7 @@ def evaluate(simdir: Path, visit: int, detectors=None) -> pd.DataFrame:
             "dzp_mmag": 1000 * (summary["zero_point"] - m["true_magzero"]),
             "fwhm_%": 100 * (summary["psf_fwhm_px"] / m["true_gauss_fwhm_px"] - 1),
             "dT_%": 100 * summary["psf_reserved_dT_median"],
+            "psf_sys_%": 100 * summary.get("psf_flux_sys", np.nan),
             "psf_bias_%": 100 * m["psf_flux_bias"],
             "pull_std": m["pull_std_snr50_500"],
             "n_bright": m["n_bright"],
@@ -123,6 +126,8 @@ def main():
           f"{p['pulls'].size} stars (1.4826 MAD: {1.4826 * np.median(np.abs(p['pulls'] - np.median(p['pulls']))):.3f}); "
           f"median PSF-flux bias {100 * np.median(p['ratios'] - 1):+.3f}% over {p['ratios'].size} stars; "
           f"held-back median dT/T {100 * np.median(p['dT']):+.2f}% over {p['dT'].size} stars")
+    print(f"pooled (as the test judges): |bias| < 0.5% {abs(np.median(p['ratios'] - 1)) < 0.005}, "
+          f"pull std 0.9-1.1 {0.9 <= np.std(p['pulls']) <= 1.1}")
     print(f"spurious: {int(t['n_spur'].sum())} of {int(t['n_src'].sum())} detections "
           f"({100 * t['n_spur'].sum() / t['n_src'].sum():.2f}%); CPU {t['cpu_s'].sum():.1f} s")
 

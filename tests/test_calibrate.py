@@ -328,24 +328,36 @@ def test_calibrate_small_visit_detection_psf_astrometry(small_visit_metrics):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 5 photometry not met on every detector of `small` visit 2 (r): zero point of detector 8 "
-    "-3.1 mmag (reported zero_point_err ~1-2 mmag from 7-16 reference stars); pooled PSF-flux pull "
-    "std 1.17-1.30 over 110 stars at S/N 50-500 (PSF models from 6-15 stars per detector leave "
-    "~0.3-0.4 % flux errors); see benchmarks/eval_calibrate_small.py"))
-def test_calibrate_small_visit_photometry(small_visit_metrics):
-    """Zero point per detector; PSF-flux bias and pulls of bright isolated stars pooled.
+def test_calibrate_small_visit_psf_fluxes(small_visit_metrics):
+    """PSF-flux bias and pulls of bright isolated stars (truth S/N 50-500) pooled over the
+    visit: |median(psf_flux / truth - 1)| < 0.5 % and pull std 0.9-1.1.
 
     Per detector the standard deviation of ~10 pulls has a ~25 % sampling error, so the
-    0.9-1.1 window is tested on the pulls of all 9 detectors (~110 stars).
+    0.9-1.1 window is tested on the pulls of all 9 detectors (~110 stars). The pulls use the
+    fitted zero point (its error included). ``psf_flux_err`` includes the PSF model's
+    cross-validated flux error of each detector (``summary["psf_flux_sys"]``, from its own
+    PSF stars, no truth): measured pooled pull std 1.00 (visit 2) and 1.00 (visit 5),
+    without it 1.30.
     """
-    for det, (m, summary, _) in small_visit_metrics.items():
-        assert summary["zero_point"] == pytest.approx(m["true_magzero"], abs=0.003), f"detector {det}: {m}"
     pulls = np.concatenate([m["pulls_snr50_500"] for m, _, _ in small_visit_metrics.values()])
     ratios = np.concatenate([m["flux_ratios"] for m, _, _ in small_visit_metrics.values()])
     assert pulls.size > 60
     assert abs(np.median(ratios - 1)) < 0.005
     assert 0.9 <= np.std(pulls) <= 1.1, f"pull std {np.std(pulls):.2f} over {pulls.size} stars"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 5 zero point within 3 mmag not met on every detector of `small`: visit 2 detector 8 "
+    "-3.1 mmag (others -2.7..+0.8), visit 5 detectors 1, 2, 7 +3.3, +3.0, -4.0 mmag; rms over "
+    "detectors 1.7 (visit 2) and 2.3 mmag (visit 5), reported zero_point_err 0.5-3.9 mmag. "
+    "Limited by the reference catalogue: 14-23 reference stars per 2048^2 detector with 5-20 mmag "
+    "errors (and variables), 7-18 left after flags and the clipped median; a weighted clipped mean "
+    "was worse (rms 2.4/3.2 mmag). See benchmarks/eval_calibrate_small.py"))
+def test_calibrate_small_visit_zero_point(small_visit_metrics):
+    """Zero point within 3 mmag of the truth on every detector."""
+    for det, (m, summary, _) in small_visit_metrics.items():
+        assert summary["zero_point"] == pytest.approx(m["true_magzero"], abs=0.003), f"detector {det}: {m}"
 
 
 @pytest.mark.slow

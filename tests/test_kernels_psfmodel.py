@@ -116,3 +116,17 @@ def test_select_psf_stars_rejects_galaxies_faint_and_flagged():
     x2[j], y[j] = x2[i] + 3, y[i]
     sel2 = select_psf_stars(x2, y, T / 2, T / 2, flux, err, bad, min_snr=50, isolation_radius=10)
     assert not sel2[i] and not sel2[j]
+
+
+def test_cross_validated_flux_sys_detects_unmodelled_variation(varying_field):
+    """A model that follows the PSF has no cross-validated PSF-flux error beyond the noise;
+    a constant model of a PSF whose FWHM changes by 15 % across the field has (the PSF flux
+    error of a Gaussian fitted with a width off by e is ~e, here up to ~7 %)."""
+    fr, img, cat = varying_field
+    good, _, _ = fit_psf_model(img, fr.variance, None, cat["x"], cat["y"], stamp_size=25, order=2)
+    flat, _, _ = fit_psf_model(img, fr.variance, None, cat["x"], cat["y"], stamp_size=25, order=0)
+    assert 0.0 <= good.flux_sys < 0.002 and len(good.cv_flux_ratio) > 150
+    assert flat.flux_sys > 0.01
+    # stored and restored with the model
+    back = PsfModelArrays.from_dict(good.to_dict())
+    assert back.flux_sys == good.flux_sys and back.cv_flux_ratio == pytest.approx(good.cv_flux_ratio)

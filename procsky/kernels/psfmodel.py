@@ -40,6 +40,7 @@ __all__ = [
     "stamp_moments",
     "lanczos_sample",
     "fourier_shift",
+    "cross_validated_flux_scatter",
 ]
 
 _BAD = bit(BAD) | bit(NO_DATA) | bit(SAT)
@@ -71,6 +72,12 @@ class PsfModelArrays(NamedTuple):
     reserved_dT : tuple of float
         ``(T_star - T_model) / T_star`` of each held-back star (to pool validation over
         several detectors when each holds only a few stars).
+    flux_sys : float
+        Fractional PSF-flux error of the model at a position it was not fitted to,
+        estimated by cross-validation (:func:`cross_validated_flux_scatter`); NaN when
+        too few stars.
+    cv_flux_ratio : tuple of float
+        The cross-validated ratios behind ``flux_sys`` (one per star, see there).
     """
 
     coeffs: np.ndarray
@@ -87,12 +94,15 @@ class PsfModelArrays(NamedTuple):
     reserved_dT_median: float
     reserved_dT_std: float
     reserved_dT: tuple = ()
+    flux_sys: float = float("nan")
+    cv_flux_ratio: tuple = ()
 
     def to_dict(self):
         """JSON-able dict (coefficients as nested lists)."""
         d = self._asdict()
         d["coeffs"] = self.coeffs.tolist()
         d["reserved_dT"] = [float(v) for v in self.reserved_dT]
+        d["cv_flux_ratio"] = [float(v) for v in self.cv_flux_ratio]
         return d
 
     @classmethod
@@ -101,6 +111,7 @@ class PsfModelArrays(NamedTuple):
         d = dict(d)
         d["coeffs"] = np.asarray(d["coeffs"], dtype=np.float64)
         d["reserved_dT"] = tuple(float(v) for v in d.get("reserved_dT", ()))
+        d["cv_flux_ratio"] = tuple(float(v) for v in d.get("cv_flux_ratio", ()))
         return cls(**d)
 
 
@@ -549,6 +560,168 @@ def _star_fit(data, wts, coeffs, basis, use):
     return flux, chi2
 
 
+@numba.njit(nogil=True, cache=True)
+def _cv_ratio_one(data, wts, mod, apw):
+    """Aperture-to-PSF flux ratio of one centred star stamp against a model stamp.
+
+    Returns ``(ratio, err)``: ``ratio = sum(a I) / (F sum(a P))`` with ``F`` the weighted PSF
+    fit and ``a`` the aperture weights; ``err`` accounts for the correlation of the two
+    fluxes (same photons): ``var = (sum(a^2 V) / A^2 - 1 / sum(P^2 / V)) / F^2``.
+    """
+    m = data.shape[0]
+    spi = 0.0
+    spp = 0.0
+    ap = 0.0
+    apv = 0.0
+    amod = 0.0
+    for j in range(m):
+        for i in range(m):
+            w = wts[j, i]
+            a = apw[j, i]
+            if w > 0:
+                spi += w * mod[j, i] * data[j, i]
+                spp += w * mod[j, i] * mod[j, i]
+            if a > 0:
+                if not (w > 0):
+                    return np.nan, np.nan
+                ap += a * data[j, i]
+                apv += a * a / w
+                amod += a * mod[j, i]
+    if not (spp > 0) or not (amod > 0):
+        return np.nan, np.nan
+    f = spi / spp
+    if not (f > 0):
+        return np.nan, np.nan
+    var = (apv / (amod * amod) - 1.0 / spp) / (f * f)
+    if not (var > 0):
+        return np.nan, np.nan
+    return ap / (f * amod), math.sqrt(var)
+
+
+def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, radius, clip=5.0, min_stars=5,
+                                 max_folds=20, seed=0):
+    """PSF-flux error of a pixel model where it was not fitted, from the stars themselves.
+
+    Every fitted star is left out in turn and the model refitted without it (the same
+    per-pixel least squares as :func:`fit_psf_model`; with more than ``max_folds`` stars,
+    ``max_folds``-fold cross-validation instead); held-back stars use the full model.
+    On each star the aperture flux within ``radius`` (centred stamp) is compared with the
+    left-out model's PSF flux times the model's own aperture fraction: with a correct
+    model ``ratio = 1`` whatever the local PSF, within the (correlated) noise of the two
+    fluxes; a model that is too wide/narrow/shifted there gives ``ratio - 1 ~ -`` its
+    PSF-flux error. The excess scatter beyond the noise, ``tau`` (Paule & Mandel 1982
+    estimator of the between-star variance, after a 5-sigma clip against the median and
+    MAD, then against the fitted scatter), is the fractional PSF-flux
+    error of the model at an arbitrary position (where every non-PSF source is measured).
+
+    Parameters
+    ----------
+    data, wts : ndarray (n, M, M)
+        Centred star stamps and their inverse-variance weights (model grid, oversample 1).
+    flux : ndarray (n,)
+        Star fluxes used as normalisation in the fit.
+    use, reserved : ndarray (n,) bool
+        Stars of the fit, stars held back.
+    basis : ndarray (n, n_coeff)
+    coeffs : ndarray (n_coeff, M, M)
+        The full model (for the held-back stars).
+    radius : float, pixels
+        Aperture radius (about 3 PSF sigma: nearly the total flux, a few times the PSF's
+        effective area of noise).
+    clip : float
+        Outlier clip (stars with an undetected neighbour or a cosmic ray), sigma.
+    min_stars : int
+        Fewer measurable ratios: NaN.
+    max_folds : int
+        Number of refits at most.
+    seed : int
+        Seed of the fold assignment.
+
+    Returns
+    -------
+    tau : float
+        Fractional systematic PSF-flux error (0 when the scatter is within the noise; NaN
+        with fewer than ``min_stars`` ratios).
+    ratios, errors : ndarray
+        Cross-validated ratios and their noise (NaN where not measurable).
+    """
+    n, m, _ = data.shape
+    hm = m // 2
+    from .measure import aperture_weights
+
+    apw = aperture_weights((m, m), hm, hm, float(min(radius, hm - 0.5)))
+    ratios = np.full(n, np.nan)
+    errors = np.full(n, np.nan)
+    # leave-one-out with up to max_folds fitted stars, else max_folds random folds (cost)
+    fit_idx = np.flatnonzero(use)
+    nf = min(fit_idx.size, int(max_folds))
+    fold = np.full(n, -1)
+    fold[fit_idx] = np.random.default_rng(seed).permutation(fit_idx.size) % max(nf, 1)
+    for f in range(nf):
+        out = fold == f
+        sub = use & ~out
+        if sub.sum() < basis.shape[1] + 1:
+            continue
+        ck = _solve_pixels(data, wts, np.where(sub, flux, 1.0), sub, basis)
+        norm = ck[0].sum()
+        if norm == 0:
+            continue
+        ck /= norm
+        for k in np.flatnonzero(out):
+            mod = np.tensordot(basis[k], ck, axes=1)
+            ratios[k], errors[k] = _cv_ratio_one(data[k], wts[k], mod, apw)
+    for k in np.flatnonzero(reserved & ~use):
+        mod = np.tensordot(basis[k], coeffs, axes=1)
+        ratios[k], errors[k] = _cv_ratio_one(data[k], wts[k], mod, apw)
+    ok = np.isfinite(ratios) & np.isfinite(errors) & (errors > 0)
+    r, e = ratios[ok], errors[ok]
+    if r.size < min_stars:
+        return float("nan"), ratios, errors
+    # robust start: stars with an undetected neighbour or a residual cosmic ray in the
+    # aperture are far out; clip them against the median and MAD before the estimate
+    med = np.median(r)
+    mad = 1.4826 * np.median(np.abs(r - med))
+    keep = np.abs(r - med) <= clip * np.maximum(mad, e)
+    if keep.sum() < min_stars:
+        keep = np.ones(r.size, bool)
+    tau2 = 0.0
+    mu = med
+    for _ in range(10):
+        tau2 = _paule_mandel(r[keep], e[keep])
+        w = 1.0 / (e**2 + tau2)
+        mu = np.sum(w[keep] * r[keep]) / np.sum(w[keep])
+        new = np.abs(r - mu) <= clip * np.sqrt(e**2 + tau2)
+        if new.sum() < min_stars or (new == keep).all():
+            break
+        keep = new
+    return float(math.sqrt(tau2) / mu) if mu > 0 else float("nan"), ratios, errors
+
+
+def _paule_mandel(r, e, max_iter=100):
+    """Between-point variance tau^2 with sum((r - mu)^2 / (e^2 + tau^2)) = n - 1."""
+    n = r.size
+
+    def q(t2):
+        w = 1.0 / (e**2 + t2)
+        mu = np.sum(w * r) / np.sum(w)
+        return float(np.sum(w * (r - mu) ** 2))
+
+    if n < 2 or q(0.0) <= n - 1:
+        return 0.0
+    lo, hi = 0.0, float(np.var(r)) + float(np.max(e)) ** 2
+    while q(hi) > n - 1:
+        hi *= 4.0
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        if q(mid) > n - 1:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-6 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
 def fit_psf_model(
     image,
     variance,
@@ -565,6 +738,7 @@ def fit_psf_model(
     seed=0,
     bad_bits=_BAD,
     min_stars=None,
+    cv_radius_fwhm=1.3,
 ):
     """Fit a pixelised, spatially varying PSF model to stars.
 
@@ -596,6 +770,9 @@ def fit_psf_model(
         Stars with such pixels in their cutout are not used.
     min_stars : int, optional
         Minimum number of fitted stars (default ``2 n_coeff + 3``).
+    cv_radius_fwhm : float
+        Aperture radius, in model FWHM, of the cross-validated PSF-flux check
+        (:func:`cross_validated_flux_scatter`, result in ``flux_sys``); 0 skips it.
 
     Returns
     -------
@@ -694,7 +871,15 @@ def fit_psf_model(
             tstar = ts[0] + ts[1]
             dT.append((tstar - (tm[0] + tm[1])) / tstar)
     dT = np.asarray(dT)
+    flux_sys, cv_ratio = float("nan"), np.zeros(0)
+    if oversample == 1 and np.isfinite(fwhm) and cv_radius_fwhm > 0:
+        flux_sys, cv_ratio, _ = cross_validated_flux_scatter(
+            data, wts, np.where(use, flux, 1.0), use & usable, basis, coeffs, reserved & usable,
+            cv_radius_fwhm * fwhm)
+        cv_ratio = cv_ratio[np.isfinite(cv_ratio)]
     model = model._replace(
+        flux_sys=float(flux_sys),
+        cv_flux_ratio=tuple(float(v) for v in cv_ratio),
         fwhm=float(fwhm),
         reserved_dT_median=float(np.median(dT)) if dT.size else np.nan,
         reserved_dT_std=float(np.std(dT)) if dT.size > 1 else np.nan,
