@@ -6,8 +6,8 @@ Runs what exists, on the embedded defaults (SQLite registry, local Zarr, a Local
 2. simulate the ``tiny`` survey (``procsky sim tiny``) and ingest it with ``simcam``;
 3. ingest the real DECam/90prime/Mosaic3 samples from ``../shared/data/real`` when present;
 4. register the default rings sky map and run the ``drp`` pipeline (ISR, calibrate,
-   warp, coadd; the difference-imaging stages need larger detectors than `tiny`) over
-   the simulated data, then write the HTML report;
+   visit-level photometric calibration, warp, coadd; the difference-imaging stages need
+   larger detectors than `tiny`) over the simulated data, then write the HTML report;
 5. print what it did.
 """
 
@@ -25,7 +25,7 @@ REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" /
 
 
 #: drp stages the demo runs (see the note in :func:`run`).
-DEMO_TASKS = ["isr", "calibrate", "warp", "assemble_coadd"]
+DEMO_TASKS = ["isr", "calibrate", "visit_photometry", "warp", "assemble_coadd"]
 
 
 def _say(msg: str) -> None:

@@ -284,7 +284,7 @@ SMALL_VISIT = 2  # r band; detector 4 comes from the shared session draw ``small
 def small_visit_metrics(small_r_det4, tmp_path_factory):
     """All 9 detectors of visit 2 of `small` calibrated and compared with truth.
 
-    Returns ``{detector: (metrics, summary, reserved_dT)}``; ~1.5 CPU-min (8 draws + 9
+    Returns ``{detector: (metrics, summary, reserved_dT, src)}``; ~1.5 CPU-min (8 draws + 9
     calibrations). The same numbers are printed by ``benchmarks/eval_calibrate_small.py``.
     """
     from procsky.sim.render import image_filename
@@ -300,7 +300,7 @@ def small_visit_metrics(small_r_det4, tmp_path_factory):
         exp = Exposure.read(folder / "images" / image_filename("calexp", SMALL_VISIT, det))
         calexp, src, summary = calibrate_exposure(exp, ref)
         m = _metrics(folder, SMALL_VISIT, det, calexp, src)
-        out[det] = (m, summary, np.asarray(calexp.metadata["calibrate"]["psf"].get("reserved_dT", []), float))
+        out[det] = (m, summary, np.asarray(calexp.metadata["calibrate"]["psf"].get("reserved_dT", []), float), src)
     return out
 
 
@@ -316,14 +316,14 @@ def test_calibrate_small_visit_detection_psf_astrometry(small_visit_metrics):
     A 2048 x 2048 detector of `small` holds only 6-15 PSF stars, 0-3 of them held back,
     so the held-back dT/T is judged on all held-back stars of the visit (~20).
     """
-    for det, (m, summary, _) in small_visit_metrics.items():
+    for det, (m, summary, *_) in small_visit_metrics.items():
         where = f"detector {det}: {m}"
         assert summary["psf_fwhm_px"] == pytest.approx(m["true_gauss_fwhm_px"], rel=0.01), where
         assert m["astro_median_mas"] <= 5.0 and m["astro_scatter_mas"] <= 10.0, where
         assert m["completeness_all"] >= 0.95 and m["completeness_stars"] >= 0.95, where
         assert m["spurious_fraction"] < 0.01, where
         assert m["cr_recovered"] >= 0.95 and m["star_cores_flagged_cr"] == 0, where
-    dT = np.concatenate([r for _, _, r in small_visit_metrics.values()])
+    dT = np.concatenate([r for _, _, r, _ in small_visit_metrics.values()])
     assert dT.size > 10 and abs(np.median(dT)) < 0.01
 
 
@@ -339,25 +339,60 @@ def test_calibrate_small_visit_psf_fluxes(small_visit_metrics):
     PSF stars, no truth): measured pooled pull std 1.00 (visit 2) and 1.00 (visit 5),
     without it 1.30.
     """
-    pulls = np.concatenate([m["pulls_snr50_500"] for m, _, _ in small_visit_metrics.values()])
-    ratios = np.concatenate([m["flux_ratios"] for m, _, _ in small_visit_metrics.values()])
+    pulls = np.concatenate([m["pulls_snr50_500"] for m, *_ in small_visit_metrics.values()])
+    ratios = np.concatenate([m["flux_ratios"] for m, *_ in small_visit_metrics.values()])
     assert pulls.size > 60
     assert abs(np.median(ratios - 1)) < 0.005
     assert 0.9 <= np.std(pulls) <= 1.1, f"pull std {np.std(pulls):.2f} over {pulls.size} stars"
 
 
+def _visit_calibration(small_visit_metrics, **config):
+    from procsky.tasks.photometry import VisitPhotometryConfig, visit_photometric_calibration
+
+    dets = sorted(small_visit_metrics)
+    return visit_photometric_calibration([small_visit_metrics[k][3] for k in dets], dets,
+                                         [small_visit_metrics[k][1] for k in dets],
+                                         VisitPhotometryConfig(**config), visit=SMALL_VISIT)
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 5 zero point within 3 mmag not met on every detector of `small`: visit 2 detector 8 "
-    "-3.1 mmag (others -2.7..+0.8), visit 5 detectors 1, 2, 7 +3.3, +3.0, -4.0 mmag; rms over "
-    "detectors 1.7 (visit 2) and 2.3 mmag (visit 5), reported zero_point_err 0.5-3.9 mmag. "
-    "Limited by the reference catalogue: 14-23 reference stars per 2048^2 detector with 5-20 mmag "
-    "errors (and variables), 7-18 left after flags and the clipped median; a weighted clipped mean "
-    "was worse (rms 2.4/3.2 mmag). See benchmarks/eval_calibrate_small.py"))
-def test_calibrate_small_visit_zero_point(small_visit_metrics):
-    """Zero point within 3 mmag of the truth on every detector."""
-    for det, (m, summary, _) in small_visit_metrics.items():
-        assert summary["zero_point"] == pytest.approx(m["true_magzero"], abs=0.003), f"detector {det}: {m}"
+def test_calibrate_small_visit_zero_point(small_visit_metrics, capsys):
+    """Final zero point (visit-level ``visit_photocalib``) within 3 mmag of the truth on every
+    detector of the visit.
+
+    The per-detector zero points of ``calibrate`` (7-18 reference stars with 5-20 mmag errors
+    each) are printed for the record: on visit 2 they are -1.4, 0.4, 0.2, -1.8, 0.8, -0.9,
+    -1.3, -2.7, -3.1 mmag from the truth (detector 8 fails 3 mmag; visit 5 has +3.3, +3.0,
+    -4.0). The final PhotoCalib is the visit's: one zero point from the ~100 reference stars
+    of all 9 detectors (measured -1.3 mmag on visit 2, +0.2 on visits 5 and 8).
+    """
+    rec = _visit_calibration(small_visit_metrics)
+    truth = {det: m["true_magzero"] for det, (m, *_) in small_visit_metrics.items()}
+    with capsys.disabled():
+        per = {det: round(1000 * (s["zero_point"] - truth[det]), 1) for det, (_, s, *_) in small_visit_metrics.items()}
+        final = {int(k): round(1000 * (v["zero_point"] - truth[int(k)]), 1) for k, v in rec["detectors"].items()}
+        print(f"\nvisit {SMALL_VISIT} zero point - truth (mmag): calibrate per detector {per}; "
+              f"visit-level {final} (err {1000 * rec['zero_point_err']:.1f}, {rec['n_stars']} stars)")
+    assert rec["n_detectors"] == 9 and rec["n_stars"] > 50
+    for det, (m, summary, *_) in small_visit_metrics.items():
+        entry = rec["detectors"][str(det)]
+        assert entry["zero_point"] == pytest.approx(m["true_magzero"], abs=0.003), f"detector {det}: {entry}"
+        assert entry["detector_zero_point"] == pytest.approx(summary["zero_point"])
+
+
+@pytest.mark.slow
+def test_visit_photometry_small_estimators_and_offsets(small_visit_metrics):
+    """Both estimators within 3 mmag of the truth; the per-detector offsets (flat-field
+    diagnostic) are consistent with noise on `small` (no flat-field error is simulated), so
+    the optional per-detector term applies none and the final zero points stay within 3 mmag."""
+    truth = small_visit_metrics[4][0]["true_magzero"]
+    wm = _visit_calibration(small_visit_metrics, estimator="weighted_mean")
+    assert wm["zero_point"] == pytest.approx(truth, abs=0.003)
+    rec = _visit_calibration(small_visit_metrics, per_detector_offsets=True)
+    chi = [v["offset"] / v["offset_err"] for v in rec["detectors"].values()]
+    assert np.all(np.abs(chi) < 3), chi
+    for k, v in rec["detectors"].items():
+        assert v["zero_point"] == pytest.approx(truth, abs=0.003), k
 
 
 @pytest.mark.slow
@@ -415,3 +450,114 @@ def test_pipeline_isr_then_calibrate_on_raw(tmp_path):
     tr = pd.read_parquet(raw / "truth/detectors.parquet").query("visit == 1 and detector == 0").iloc[0]
     # ISR output is in electrons: zero point of one electron
     assert stats["zero_point"] == pytest.approx(tr.magzero + 2.5 * np.log10(tr.gain), abs=0.01)
+
+
+def test_pipeline_visit_photometry_then_warp(tiny, tmp_path):
+    """drp isr, calibrate, visit_photometry, warp on `tiny`: the warp is scaled with the
+    visit-level PhotoCalib (its metadata says so, and a doctored visit zero point scales the
+    warp's pixels accordingly)."""
+    from procsky.instruments import ingest_files
+    from procsky.pipeline import run_pipeline
+    from procsky.refcat import ingest_refcat
+    from procsky.repo import Repo
+    from procsky.skymap import register_skymap, rings_skymap
+    from procsky.tasks.warp import WarpTask
+
+    repo = Repo.create(tmp_path / "repo")
+    ingest_files(repo, sorted(glob.glob(str(tiny / "images/*.fits"))), "simcam", run="simcam/raw")
+    ingest_refcat(repo, [tiny / "refcat/refcat.parquet"], "sim")
+    register_skymap(repo, rings_skymap(name="default"))
+    summary = run_pipeline(repo, "drp", where="instrument='simcam'", output="drp",
+                           tasks=["isr", "calibrate", "visit_photometry", "warp"])
+    assert summary.ok, str(summary)
+    vid = {"instrument": "simcam", "visit": 1}
+    rec = repo.get("visit_photocalib", vid, run="drp")
+    stats = repo.get("calibrate_summary", {**vid, "detector": 0}, run="drp")
+    tr = pd.read_parquet(tiny / "truth/detectors.parquet").query("visit == 1 and detector == 0").iloc[0]
+    assert rec["visit"] == 1 and rec["n_stars"] >= 5 and set(rec["detectors"]) == {"0"}
+    assert rec["zero_point"] == pytest.approx(tr.magzero, abs=0.005)
+    assert rec["detectors"]["0"]["detector_zero_point"] == pytest.approx(stats["zero_point"])
+    src = repo.get("src", {**vid, "detector": 0}, run="drp")
+    assert {"ref_mag", "ref_mag_err", "calib_photometry_candidate"} <= set(src.columns)
+    assert src.attrs["meta"]["zero_point"] == pytest.approx(stats["zero_point"])
+    assert src["calib_photometry_candidate"].sum() >= rec["n_stars"]
+    warps = repo.query("warp", run="drp")
+    assert warps
+    w = repo.get(warps[0])
+    assert w.metadata["photocalib"]["source"] == "visit_photocalib"
+    assert w.metadata["photocalib"]["zero_point"] == pytest.approx(rec["detectors"]["0"]["zero_point"])
+    # flux scaling: the same warp with the visit zero point 0.1 mag fainter is 10**(-0.04) dimmer
+    calexp = repo.get("calexp", {**vid, "detector": 0}, run="drp")
+    skymap = repo.get("skymap", {"skymap": "default"})
+    did = dict(warps[0].data_id)
+    shifted = json_copy(rec)
+    for v in shifted["detectors"].values():
+        v["calibration"] *= 10 ** (-0.04)
+    task = WarpTask({"skymap": "default"})
+    ids = {"calexps": [{**vid, "detector": 0}]}
+    a = task.run([calexp], skymap, visit_photocalib=rec, data_id=did, data_ids=ids)["warp"].compute()
+    b = task.run([calexp], skymap, visit_photocalib=shifted, data_id=did, data_ids=ids)["warp"].compute()
+    img_a, img_b = np.asarray(a.image, float), np.asarray(b.image, float)
+    ok = np.isfinite(img_a) & np.isfinite(img_b) & (np.abs(img_a) > 0)
+    assert ok.sum() > 1000
+    assert np.median(img_b[ok] / img_a[ok]) == pytest.approx(10 ** (-0.04), rel=1e-5)
+    assert np.array_equal(np.asarray(w.image)[ok], img_a[ok])
+
+
+def json_copy(obj):
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+def _synthetic_src(rng, zp_true, zp_det, n=40, ref_err=0.01, flat_offset=0.0, header=float("nan")):
+    """A ``src`` as calibrate writes it: psf_flux in nJy with the detector zero point ``zp_det``
+    for stars whose counts follow ``zp_true`` (+ a flat-field error ``flat_offset``, mag)."""
+    from procsky.photocalib import AB_NJY_ZP
+
+    m_true = rng.uniform(17, 21, n)
+    counts = 10 ** (-0.4 * (m_true - zp_true - flat_offset))
+    snr = 200.0
+    counts_obs = counts * (1 + rng.normal(0, 1 / snr, n))
+    cal = 10 ** (-0.4 * (zp_det - AB_NJY_ZP))
+    src = pd.DataFrame({"psf_flux": counts_obs * cal, "psf_flux_err": counts * cal / snr,
+                        "ref_mag": m_true + rng.normal(0, ref_err, n), "ref_mag_err": np.full(n, ref_err),
+                        "calib_photometry_candidate": np.ones(n, bool)})
+    src.attrs["meta"] = {"zero_point": zp_det, "zero_point_err": 0.003, "header_zero_point": header}
+    return src
+
+
+def test_visit_photometric_calibration_synthetic():
+    """Pooling over detectors; header (gain) offsets kept; a significant flat-field offset is
+    reported and applied only when asked; too few stars is no work."""
+    from procsky.tasks.photometry import VisitPhotometryConfig, photocalib_for_detector, visit_photometric_calibration
+
+    rng = np.random.default_rng(3)
+    zp = 30.0
+    gains = {0: 0.0, 1: 0.1, 2: -0.05}  # electrons: zero points differ by 2.5 log10(gain)
+    srcs = [_synthetic_src(rng, zp + g, zp + g + rng.normal(0, 0.004), header=zp + g + 0.02,
+                           flat_offset=0.05 if k == 2 else 0.0) for k, g in gains.items()]
+    rec = visit_photometric_calibration(srcs, list(gains), visit=7)
+    assert rec["visit"] == 7 and rec["header_offsets_used"] and rec["n_detectors"] == 3
+    for k, g in gains.items():
+        e = rec["detectors"][str(k)]
+        assert e["header_offset"] == pytest.approx(g, abs=1e-9)
+        expect = zp + g + (0.05 if k == 2 else 0.0)
+        if k != 2:
+            assert e["zero_point"] == pytest.approx(expect, abs=0.01)
+        assert not e["offset_applied"]
+        assert photocalib_for_detector(rec, k).zero_point == pytest.approx(e["zero_point"])
+    # the 50 mmag flat-field error of detector 2 is a significant offset; applied only on request
+    assert rec["detectors"]["2"]["offset"] > 5 * rec["detectors"]["2"]["offset_err"]
+    rec2 = visit_photometric_calibration(srcs, list(gains), config=VisitPhotometryConfig(per_detector_offsets=True))
+    assert rec2["detectors"]["2"]["offset_applied"] and not rec2["detectors"]["0"]["offset_applied"]
+    assert rec2["detectors"]["2"]["zero_point"] == pytest.approx(zp + gains[2] + 0.05, abs=0.01)
+    # without header zero points every detector shares one zero point
+    for s in srcs:
+        s.attrs["meta"]["header_zero_point"] = float("nan")
+    rec3 = visit_photometric_calibration(srcs[:1], [0])
+    assert not rec3["header_offsets_used"] and rec3["zero_point"] == pytest.approx(zp, abs=0.005)
+    with pytest.raises(NoWorkError):
+        visit_photometric_calibration([s.iloc[:1] for s in srcs], list(gains),
+                                      config=VisitPhotometryConfig(min_stars=5))
+    assert photocalib_for_detector(None, 0) is None

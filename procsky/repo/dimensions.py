@@ -99,6 +99,7 @@ STANDARD_DATASET_TYPES: dict[str, DatasetType] = {
         DatasetType("src", _VD, "DataFrame"),
         DatasetType("isr_exposure", _VD, "Exposure"),
         DatasetType("calibrate_summary", _VD, "StructuredData"),
+        DatasetType("visit_photocalib", ("instrument", "visit"), "StructuredData"),
         # Calibrations: per detector; a visit, physical_filter or band key may be added.
         DatasetType("bias", ("instrument", "detector"), "Exposure"),
         DatasetType("dark", ("instrument", "detector"), "Exposure"),

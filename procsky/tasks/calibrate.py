@@ -32,7 +32,12 @@ Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md
 8. **Photometry**: zero point = clipped median of ``m_ref - m_inst`` (aperture-corrected
    PSF magnitudes of unflagged, unsaturated stars); otherwise the header zero point.
 9. **Catalogue** ``src``: fluxes in nJy, positions (ra, dec) from the fitted WCS, flags
-   as booleans, units in ``df.attrs["units"]`` (Parquet schema metadata).
+   as booleans, units in ``df.attrs["units"]`` (Parquet schema metadata). The stars
+   eligible for the zero point carry their reference magnitude (``ref_mag``,
+   ``ref_mag_err``, ``calib_photometry_candidate``) and ``df.attrs["meta"]`` the detector
+   and header zero points, so that ``visit_photometry`` (:mod:`procsky.tasks.photometry`)
+   can fit one zero point per visit from all its detectors (the final PhotoCalib used by
+   the warps).
 
 The input image may be in ADU or electrons: all fluxes are "counts" of the input image
 until the PhotoCalib turns them into nJy.
@@ -561,6 +566,13 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     phot = {"status": "header zero point (no reference catalogue)"}
     photocalib = exp.photocalib
     phot_used = np.zeros(n_det, bool)
+    # reference magnitudes of the stars eligible for the zero point (src columns ``ref_mag``,
+    # ``ref_mag_err``, ``calib_photometry_candidate``): the visit-level calibration
+    # (``procsky.tasks.photometry``) pools them over the detectors of a visit
+    ref_mag = np.full(n_det, np.nan)
+    ref_mag_err = np.full(n_det, np.nan)
+    phot_cand = np.zeros(n_det, bool)
+    header_zp = float(exp.photocalib.zero_point) if exp.photocalib is not None else float("nan")
     if ref_on is not None and len(ref_on):
         magcol = _mag_column(ref_on, exp, config)
         rx, ry = copy_wcs(wcs).world_to_pixel_values(ref_on["ra"].to_numpy(), ref_on["dec"].to_numpy())
@@ -578,6 +590,11 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
             ok = np.isfinite(d)
             gi = np.flatnonzero(good)[ok]
             rj = j[ok]
+            if magcol is not None and gi.size:
+                ref_mag[gi] = ref_on[magcol].to_numpy(dtype=float)[rj]
+                if magcol + "_err" in ref_on.columns:
+                    ref_mag_err[gi] = ref_on[magcol + "_err"].to_numpy(dtype=float)[rj]
+                phot_cand[gi] = np.isfinite(ref_mag[gi])
             if gi.size >= config.min_photometry_stars:
                 inst = -2.5 * np.log10(psf_flux[gi])
                 inst_err = 1.0857 * psf_flux_err[gi] / psf_flux[gi]
@@ -613,6 +630,12 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     # 9. catalogue
     src = _catalogue(meas, det, psf_flux, psf_flux_err, bkg, cal, wcs, exp, cand, used, reserved, phot_used,
                      astro.get("used_index"), config, flux_sys)
+    src["ref_mag"] = ref_mag
+    src["ref_mag_err"] = ref_mag_err
+    src["calib_photometry_candidate"] = phot_cand
+    src.attrs["units"].update(ref_mag="mag", ref_mag_err="mag")
+    src.attrs["meta"].update(zero_point=float(photocalib.zero_point), zero_point_err=float(photocalib.zero_point_err),
+                             header_zero_point=header_zp, photometry_status=phot["status"])
     astro.pop("used_index", None)
     calexp_mask = mask
     metadata = dict(exp.metadata)
@@ -649,6 +672,8 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         "apcorr_n_stars": int(n_ac),
         "zero_point": float(photocalib.zero_point),
         "zero_point_err": float(photocalib.zero_point_err),
+        "zero_point_n_stars": int(phot.get("n_stars", 0)),
+        "header_zero_point": header_zp,
         "photometry_status": phot["status"],
         "astrometry_status": astro["status"],
         "astrometry_n_matches": int(astro.get("n_matches", 0)),

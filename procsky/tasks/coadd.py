@@ -4,7 +4,8 @@
 the patch and band and returns the coadd as a lazy :class:`~procsky.exposure.Exposure`
 built by :func:`procsky.coadd.build_coadd`; the executor writes it chunk by chunk.
 ``assemble_coadd_direct`` does the same from the calexps, warping on the fly (no warp
-intermediates; a configuration choice, see ``benchmarks/bench_coadd.py``).
+intermediates; a configuration choice, see ``benchmarks/bench_coadd.py``); it uses the
+``visit_photocalib`` of each visit when present (as ``warp`` does).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from procsky.pipeline.task import (
     TaskConfig,
     register_task,
 )
-from procsky.tasks.warp import WARP_DIMS, _band_of, load_task_skymap, overlapping_patches
+from procsky.tasks.warp import (
+    WARP_DIMS,
+    _band_of,
+    apply_visit_photocalib,
+    load_task_skymap,
+    overlapping_patches,
+    visit_photocalib_index,
+)
 
 __all__ = ["AssembleCoaddConfig", "AssembleCoaddDirectTask", "AssembleCoaddTask"]
 
@@ -115,6 +123,8 @@ class AssembleCoaddDirectTask(Task):
     inputs = {
         "calexps": Input("calexp", ("instrument", "visit", "detector"), multiple=True, tolerate_missing=True),
         "skymap": Input("skymap", ("skymap",)),
+        "visit_photocalib": Input("visit_photocalib", ("instrument", "visit"), multiple=True, optional=True,
+                                  tolerate_missing=True),
     }
     outputs = {"coadd": Output("coadd", _PATCH_BAND)}
     Config = AssembleCoaddConfig
@@ -123,6 +133,7 @@ class AssembleCoaddDirectTask(Task):
     def quanta(self, repo, inputs, where):
         sm_key, skymap = load_task_skymap(repo, self.config.skymap, "assemble_coadd_direct")
         groups = overlapping_patches(repo, skymap, inputs.get("calexps", []))
+        photocalibs = visit_photocalib_index(inputs.get("visit_photocalib", []))
         by_patch: dict = defaultdict(list)
         for (instrument, visit, tract, patch), keys in groups.items():
             band = _band_of(repo, keys, instrument, visit)
@@ -133,10 +144,15 @@ class AssembleCoaddDirectTask(Task):
             if where is not None and not where(data_id):
                 continue
             uniq = {k.key: k for k in keys}
-            specs.append(QuantumSpec(data_id, {"calexps": [uniq[k] for k in sorted(uniq)], "skymap": [sm_key]}))
+            visits = sorted({(k.data_id.get("instrument"), k.data_id.get("visit")) for k in keys}, key=str)
+            pcs = {p.key: p for v in visits for p in photocalibs.get(v, [])}
+            specs.append(QuantumSpec(data_id, {"calexps": [uniq[k] for k in sorted(uniq)], "skymap": [sm_key],
+                                               "visit_photocalib": [pcs[k] for k in sorted(pcs)]}))
         return specs
 
-    def run(self, calexps, skymap, data_id=None, data_ids=None):
+    def run(self, calexps, skymap, visit_photocalib=None, data_id=None, data_ids=None):
+        """Coadd the calexps (each scaled with its visit-level PhotoCalib when ``visit_photocalib``
+        records are given, else with its own)."""
         from procsky.coadd import build_coadd
         from procsky.skymap import SkyMap
 
@@ -146,6 +162,7 @@ class AssembleCoaddDirectTask(Task):
                 "to run() methods that accept a 'data_id' argument"
             )
         patch = SkyMap.from_record(skymap).patch(data_id["tract"], data_id["patch"])
+        calexps = apply_visit_photocalib(calexps, visit_photocalib, (data_ids or {}).get("calexps"))
         lazy = build_coadd(calexps, patch, config=self.config.coadd_config(), inputs_are_warps=False,
                            chunk=self.config.chunk)
         exp = lazy.to_exposure(band=data_id.get("band"))

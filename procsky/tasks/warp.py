@@ -5,7 +5,9 @@ calexps of the visit that overlap the patch are each resampled (Lanczos3, flux s
 nJy per patch pixel) and combined into one ``warp`` covering the chunk-aligned box they
 touch; where detectors overlap, the inverse-variance weighted mean is taken. The mapping
 visit/detector -> tract/patch is made by :meth:`WarpTask.quanta` from each calexp's WCS
-footprint and the sky map.
+footprint and the sky map. When the visit has a ``visit_photocalib`` (the
+``visit_photometry`` stage: one zero point per visit from all its detectors), each calexp
+is scaled to nJy with it instead of its own per-detector PhotoCalib.
 
 The sky map is an input dataset (``skymap``, dimensions ``{skymap}``, a dict written by
 ``procsky skymap register``), so that ``run`` needs no repository.
@@ -30,7 +32,8 @@ from procsky.pipeline.task import (
     register_task,
 )
 
-__all__ = ["WarpTask", "WarpTaskConfig", "load_task_skymap", "overlapping_patches", "skymap_input"]
+__all__ = ["WarpTask", "WarpTaskConfig", "apply_visit_photocalib", "load_task_skymap", "overlapping_patches",
+           "skymap_input", "visit_photocalib_index"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,57 @@ def _header_of(repo, key: DatasetKey):
     return None
 
 
+def visit_photocalib_index(keys) -> dict:
+    """(instrument, visit) -> [DatasetKey] of the candidate ``visit_photocalib`` datasets."""
+    out: dict = {}
+    for k in keys or []:
+        out.setdefault((k.data_id.get("instrument"), k.data_id.get("visit")), []).append(k)
+    return {key: sorted(v, key=lambda k: k.key)[:1] for key, v in out.items()}
+
+
+def apply_visit_photocalib(calexps, records, data_ids=None):
+    """Calexps whose PhotoCalib is replaced by the visit-level one of their detector.
+
+    Parameters
+    ----------
+    calexps : list of Exposure
+    records : dict, list of dict, or None
+        ``visit_photocalib`` record(s) (one per visit); None: calexps returned unchanged.
+    data_ids : list of dict, optional
+        Data IDs of ``calexps`` (their ``visit`` and ``detector``); by default read from each
+        calexp's ``visit_info`` and ``detector``.
+
+    Returns
+    -------
+    list of Exposure
+        Shallow copies (planes shared) with ``photocalib`` replaced where the record has the
+        detector, and ``metadata["photocalib"]`` saying which calibration was used.
+    """
+    from procsky.tasks.photometry import photocalib_for_detector
+
+    if not records:
+        return list(calexps)
+    if isinstance(records, dict):
+        records = [records]
+    by_visit = {r.get("visit"): r for r in records if r}
+    out = []
+    for i, c in enumerate(calexps):
+        did = data_ids[i] if data_ids is not None and i < len(data_ids) and data_ids[i] else {}
+        visit = did.get("visit", c.visit_info.visit if c.visit_info is not None else None)
+        det = did.get("detector", (c.detector or {}).get("id"))
+        rec = by_visit.get(visit) or (records[0] if len(records) == 1 and records[0].get("visit") is None else None)
+        pc = photocalib_for_detector(rec, det)
+        if pc is None:
+            out.append(c)
+            continue
+        meta = dict(c.metadata)
+        meta["photocalib"] = {"source": "visit_photocalib", "zero_point": pc.zero_point,
+                              "zero_point_err": pc.zero_point_err,
+                              "calexp_zero_point": None if c.photocalib is None else c.photocalib.zero_point}
+        out.append(c._replace(photocalib=pc, metadata=meta))
+    return out
+
+
 def _band_of(repo, keys, instrument, visit):
     bands = {k.data_id.get("band") for k in keys} - {None}
     if len(bands) == 1:
@@ -133,6 +187,7 @@ class WarpTask(Task):
     inputs = {
         "calexps": Input("calexp", _VD, multiple=True, tolerate_missing=True),
         "skymap": Input("skymap", ("skymap",)),
+        "visit_photocalib": Input("visit_photocalib", ("instrument", "visit"), optional=True),
     }
     outputs = {"warp": Output("warp", WARP_DIMS)}
     Config = WarpTaskConfig
@@ -141,16 +196,18 @@ class WarpTask(Task):
     def quanta(self, repo, inputs, where):
         sm_key, skymap = load_task_skymap(repo, self.config.skymap, "warp")
         groups = overlapping_patches(repo, skymap, inputs.get("calexps", []))
+        photocalibs = visit_photocalib_index(inputs.get("visit_photocalib", []))
         specs = []
         for (instrument, visit, tract, patch), keys in sorted(groups.items(), key=lambda kv: str(kv[0])):
             data_id = {"instrument": instrument, "visit": visit, "skymap": skymap.name, "tract": tract,
                        "patch": patch, "band": _band_of(repo, keys, instrument, visit)}
             if where is not None and not where(data_id):
                 continue
-            specs.append(QuantumSpec(data_id, {"calexps": sorted(keys, key=lambda k: k.key), "skymap": [sm_key]}))
+            specs.append(QuantumSpec(data_id, {"calexps": sorted(keys, key=lambda k: k.key), "skymap": [sm_key],
+                                               "visit_photocalib": photocalibs.get((instrument, visit), [])}))
         return specs
 
-    def run(self, calexps, skymap, data_id=None, data_ids=None):
+    def run(self, calexps, skymap, visit_photocalib=None, data_id=None, data_ids=None):
         """Warp the calexps onto the quantum's patch.
 
         Parameters
@@ -158,6 +215,10 @@ class WarpTask(Task):
         calexps : list of Exposure
         skymap : dict
             The ``skymap`` dataset (dimension record of the sky map).
+        visit_photocalib : dict, optional
+            The visit's ``visit_photocalib`` (:mod:`procsky.tasks.photometry`): when given,
+            each calexp is scaled to nJy with its detector's visit-level PhotoCalib instead of
+            the calexp's own (per-detector) one.
         data_id : dict
             Quantum data ID (``tract``, ``patch`` ...).
 
@@ -175,6 +236,7 @@ class WarpTask(Task):
             )
         sm = SkyMap.from_record(skymap)
         patch = sm.patch(data_id["tract"], data_id["patch"])
+        calexps = apply_visit_photocalib(calexps, visit_photocalib, (data_ids or {}).get("calexps"))
         return {"warp": warp_visit(calexps, patch, self.config.warp_config(), skymap_name=sm.name)}
 
 
