@@ -27,6 +27,7 @@ __all__ = [
     "get_instrument",
     "instrument_names",
     "open_fits",
+    "header_float",
     "INGESTED_DATASET_TYPE",
     "CALIB_FRAME_DATASET_TYPES",
     "calibration_kind",
@@ -95,7 +96,8 @@ def is_master_calibration(header) -> bool:
     return False
 
 
-def _header_number(header, *keys, default=float("nan")) -> float:
+def header_float(header, *keys, default=float("nan")) -> float:
+    """First of ``keys`` present in ``header`` as a float (sexagesimal strings are not parsed)."""
     for k in keys:
         if k in header:
             try:
@@ -159,8 +161,8 @@ def calib_frame_exposure(data, header, *, instrument: str, detector: dict, visit
     variance = (np.maximum(np.where(finite, image, level) - level, 0.0) / gain + (rn / gain) ** 2).astype(np.float32)
     mask = np.zeros(image.shape, dtype=np.uint32)
     mask[~finite] |= np.uint32(1 << DEFAULT_PLANES["NO_DATA"])
-    exptime = _header_number(header, "EXPTIME", "EXPOSURE", "ITIME", "DARKTIME", default=0.0)
-    mjd = _header_number(header, "MJD-OBS", "MJD")
+    exptime = header_float(header, "EXPTIME", "EXPOSURE", "ITIME", "DARKTIME", default=0.0)
+    mjd = header_float(header, "MJD-OBS", "MJD")
     if np.isfinite(mjd):
         mjd += 0.5 * exptime / 86400.0
     vi = VisitInfo(exposure_time=exptime, mjd=mjd, band=band or "", physical_filter=physical_filter or "",

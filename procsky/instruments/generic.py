@@ -35,6 +35,7 @@ from procsky.instruments.base import (
     calib_frame_exposure,
     calib_frame_records,
     calibration_kind,
+    header_float,
     is_master_calibration,
     open_fits,
     register_instrument,
@@ -49,15 +50,6 @@ _WEIGHT_NAMES = {"WEIGHT", "WHT", "IVAR", "INVVAR", "WEIGHTS"}
 _MASK_NAMES = {"MASK", "DQ", "BPM", "FLAGS"}
 
 
-def header_float(header, *keys, default=float("nan")) -> float:
-    """First of ``keys`` present in ``header`` as a float (sexagesimal strings are not parsed)."""
-    for k in keys:
-        if k in header:
-            try:
-                return float(header[k])
-            except (TypeError, ValueError):
-                continue
-    return default
 
 
 def _sexagesimal(value, hours: bool) -> float:

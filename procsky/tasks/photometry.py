@@ -80,21 +80,15 @@ class VisitPhotometryConfig(TaskConfig):
 
 
 def _clipped_median(d: np.ndarray, nsigma: float, max_iter: int = 10):
-    """(median, error of the median, MAD sigma, used mask) with MAD-sigma clipping."""
-    used = np.isfinite(d)
-    zp = float(np.median(d[used]))
-    sig = 0.0
-    for _ in range(max_iter):
-        sig = 1.4826 * float(np.median(np.abs(d[used] - zp)))
-        if sig <= 0:
-            break
-        new = np.isfinite(d) & (np.abs(d - zp) <= nsigma * sig)
-        if new.sum() == 0 or (new == used).all():
-            break
-        used = new
-        zp = float(np.median(d[used]))
-    n = int(used.sum())
-    err = 1.2533 * sig / math.sqrt(n) if n > 1 else float("nan")
+    """(median, error of the median, MAD sigma, used mask) with MAD-sigma clipping.
+
+    The same estimator as calibrate's per-detector zero point
+    (:func:`procsky.kernels.astrometry.photometric_zero_point`), on differences ``d``.
+    """
+    from procsky.kernels.astrometry import photometric_zero_point
+
+    zp, err, _, used = photometric_zero_point(d, np.zeros_like(d), nsigma=nsigma, max_iter=max_iter)
+    sig = 1.4826 * float(np.median(np.abs(d[used] - zp)))
     return zp, err, sig, used
 
 
