@@ -100,17 +100,12 @@ def main():
     sigma = fwhm_px / (2 * math.sqrt(2 * math.log(2)))
     peers = {}
     try:
-        import sep
+        import sep  # noqa: F401 - skip cleanly when missing
+
+        from _peers import sep_extract
 
         def sep_run():
-            b = sep.Background(image, bw=128, bh=128, fw=3, fh=3)
-            s = image - b.back()
-            sep.set_extract_pixstack(10_000_000)
-            sep.set_sub_object_limit(4096)
-            g = np.exp(-0.5 * (np.arange(-4, 5) / sigma) ** 2)
-            objs = sep.extract(s, 5.0, err=np.sqrt(variance), filter_kernel=np.outer(g, g), filter_type="matched")
-            sep.sum_circle(s, objs["x"], objs["y"], 6.0, err=np.sqrt(variance), subpix=0)
-            return objs
+            return sep_extract(image, variance, sigma)[0]
 
         objs, t_s, w_s = cpu(sep_run)
         rows.append((f"sep background + extract + apertures ({len(objs)} objects)", t_s, w_s))

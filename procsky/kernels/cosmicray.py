@@ -36,6 +36,7 @@ import numpy as np
 
 from ._bits import BAD, NO_DATA, SAT, bit
 from .background import _median_inplace
+from .measure import psf_fit_arrays
 
 __all__ = ["CosmicRayResult", "SharpSourceResult", "find_cosmic_rays", "find_sharp_sources", "laplacian_plus",
            "repair_pixels"]
@@ -691,14 +692,7 @@ def find_sharp_sources(image, variance, mask, x, y, psf_stamps, *, skip=None, ha
     -------
     SharpSourceResult
     """
-    img = np.ascontiguousarray(image, dtype=np.float32)
-    var = np.ascontiguousarray(np.broadcast_to(np.asarray(variance, dtype=np.float32), img.shape))
-    msk = np.zeros(img.shape, np.uint32) if mask is None else np.ascontiguousarray(mask, dtype=np.uint32)
-    xs = np.atleast_1d(np.asarray(x, np.float64))
-    ys = np.atleast_1d(np.asarray(y, np.float64))
-    st = np.ascontiguousarray(psf_stamps, dtype=np.float64)
-    if st.ndim != 3 or st.shape[0] != xs.size:
-        raise ValueError(f"psf_stamps must have shape (n_sources={xs.size}, S, S), got {st.shape}")
+    img, var, msk, xs, ys, st = psf_fit_arrays(image, variance, mask, x, y, psf_stamps, "psf_stamps")
     h = int(half_width) if half_width is not None else min(st.shape[1] // 2, 4)
     if h < 2:
         raise ValueError(f"half_width must be >= 2 pixels, got {h}")

@@ -808,6 +808,23 @@ def _psf_fluxes_kernel(image, variance, mask, xs, ys, stamps, weighted, bad_bits
     return out
 
 
+def psf_fit_arrays(image, variance, mask, x, y, stamps, name="stamps"):
+    """Contiguous kernel inputs of a PSF fit at many positions, checked.
+
+    Returns ``(image float32, variance float32 (broadcast), mask uint32 (zeros when None),
+    x float64, y float64, stamps float64 (n, S, S))``.
+    """
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    var = np.ascontiguousarray(np.broadcast_to(np.asarray(variance, dtype=np.float32), img.shape))
+    msk = np.zeros(img.shape, np.uint32) if mask is None else np.ascontiguousarray(mask, dtype=np.uint32)
+    xs = np.atleast_1d(np.asarray(x, np.float64))
+    ys = np.atleast_1d(np.asarray(y, np.float64))
+    st = np.ascontiguousarray(stamps, dtype=np.float64)
+    if st.ndim != 3 or st.shape[0] != xs.size:
+        raise ValueError(f"{name} must have shape (n_sources={xs.size}, S, S), got {st.shape}")
+    return img, var, msk, xs, ys, st
+
+
 def measure_psf_fluxes(image, variance, mask, x, y, stamps, *, weighted=True, max_lost=0.1):
     """PSF fluxes of many sources (see :func:`psf_flux`).
 
@@ -829,14 +846,7 @@ def measure_psf_fluxes(image, variance, mask, x, y, stamps, *, weighted=True, ma
     -------
     dict with ``psf_flux``, ``psf_flux_err`` (counts), ``psf_chi2``, ``psf_flux_flag``.
     """
-    img = np.ascontiguousarray(image, dtype=np.float32)
-    var = np.ascontiguousarray(np.broadcast_to(np.asarray(variance, dtype=np.float32), img.shape))
-    msk = np.zeros(img.shape, np.uint32) if mask is None else np.ascontiguousarray(mask, dtype=np.uint32)
-    xs = np.atleast_1d(np.asarray(x, np.float64))
-    ys = np.atleast_1d(np.asarray(y, np.float64))
-    st = np.ascontiguousarray(stamps, dtype=np.float64)
-    if st.ndim != 3 or st.shape[0] != xs.size:
-        raise ValueError(f"stamps must have shape (n_sources={xs.size}, S, S), got {st.shape}")
+    img, var, msk, xs, ys, st = psf_fit_arrays(image, variance, mask, x, y, stamps)
     r = _psf_fluxes_kernel(img, var, msk, xs, ys, st, bool(weighted), _PSFBAD)
     return {
         "psf_flux": r[:, 0],
