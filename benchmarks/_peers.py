@@ -1,8 +1,18 @@
-"""Peer-tool runs shared by the benchmarks (imported as ``_peers`` by scripts in this folder)."""
+"""Timers and peer-tool runs shared by the benchmarks (imported as ``_peers`` by the
+scripts in this folder, which run with it on ``sys.path``)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+
+
+def cpu(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), CPU seconds of this process, wall seconds)``."""
+    t0, w0 = time.process_time(), time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.process_time() - t0, time.perf_counter() - w0
 
 
 def sep_extract(image, variance, sigma: float, *, radius: float = 6.0, pixstack: int = 10_000_000):

@@ -385,7 +385,7 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     t_hard = _bad(t_mask, planes, hard_names)[0] | t_nan
     any_hard = s_hard | t_hard
     any_soft = (s_bad | t_bad) & ~any_hard
-    sig_match = float(basis.sigmas[min(1, len(basis.sigmas) - 1)]) if len(basis.sigmas) > 1 else float(basis.sigmas[0])
+    sig_match = float(basis.sigmas[min(1, len(basis.sigmas) - 1)])
     soft_r = int(math.ceil(2.0 * sig_match))
     core = int(math.ceil(1.5 * fwhm))
     if stars is None:

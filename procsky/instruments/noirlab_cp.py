@@ -25,8 +25,16 @@ import numpy as np
 
 from procsky.errors import ProcskyFileError, ProcskyValueError
 from procsky.exposure import Exposure
-from procsky.instruments.base import INGESTED_DATASET_TYPE, DetectorSpec, IngestItem, Instrument, open_fits, register_instrument
-from procsky.instruments.generic import _records, header_float, visit_info_from_header
+from procsky.instruments.base import (
+    INGESTED_DATASET_TYPE,
+    DetectorSpec,
+    IngestItem,
+    Instrument,
+    header_float,
+    open_fits,
+    register_instrument,
+)
+from procsky.instruments.generic import _records, visit_info_from_header
 from procsky.masks import DEFAULT_PLANES
 from procsky.wcs import wcs_cards
 

@@ -383,7 +383,8 @@ def find_artifacts(images, variances, masks, *, bad_bits: int, threshold: float 
     n_good = good.sum(axis=0)
     model = _nanmedian0(np.where(good, images, np.nan))
     vmodel = (np.pi / 2.0) * np.where(good, variances, 0.0).sum(axis=0) / np.maximum(n_good, 1) ** 2
-    sig = significance(images, variances, good, model, vmodel, model_error, local_peak(model, error_radius))
+    peak = local_peak(model, error_radius) if model_error > 0 else None  # the term vanishes otherwise
+    sig = significance(images, variances, good, model, vmodel, model_error, peak)
     outlier = good & (np.abs(sig) > threshold)
     transient = transient_pixels(outlier.sum(axis=0), n_good, max_epochs=max_epochs, max_fraction=max_fraction,
                                  min_inputs=min_inputs)

@@ -499,11 +499,11 @@ class Executor:
             todo = [q for q in graph.quanta[label] if q.state in redo]
             blocked, nowork, jobs = [], [], []
             for q in todo:
-                bad = self._blocking_producers(q, pt.task_class)
+                bad, missing = self._blocking_producers(q, pt.task_class)
                 if bad:
                     blocked.append((q, bad[0]))
                     continue
-                job = self._job(q, pt, root)
+                job = self._job(q, pt, root, missing)
                 empty = [n for n, c in pt.task_class.inputs.items()
                          if not c.optional and q.inputs.get(n) and not job.inputs.get(n)]
                 if empty:
@@ -540,14 +540,15 @@ class Executor:
 
         return tqdm(total=total, initial=done, desc=label, unit="quantum", leave=True)
 
-    def _blocking_producers(self, q: Quantum, klass) -> list[Quantum]:
-        """Producers of ``q``'s inputs that keep it from running (empty: it can run).
+    def _blocking_producers(self, q: Quantum, klass) -> tuple[list[Quantum], dict[str, list]]:
+        """``(blocking producers, tolerated missing datasets)`` of ``q``'s inputs.
 
-        A pending producer always blocks. A failed or blocked one blocks unless its
-        dataset belongs to a ``tolerate_missing`` input that still has another dataset
-        whose producer did not fail.
+        ``q`` can run when the first is empty. A pending producer always blocks. A failed
+        or blocked one blocks unless its dataset belongs to a ``tolerate_missing`` input
+        that still has another dataset whose producer did not fail; such datasets are
+        returned per input name (their DatasetKeys), to be left out of the quantum.
         """
-        bad = []
+        bad, missing = [], {}
         for name, lst in q.inputs.items():
             conn = klass.inputs.get(name)
             tolerant = conn is not None and conn.tolerate_missing
@@ -559,25 +560,26 @@ class Executor:
                 elif p.state == "pending" or (p.state in ("failed", "blocked") and not tolerant):
                     bad.append(p)
                 elif p.state in ("failed", "blocked"):
-                    failed.append(p)
+                    failed.append((p, d))
                 elif p.state != "no_work":
                     alive += 1
             if failed and alive == 0:
-                bad.extend(failed)
-        return bad
+                bad.extend(p for p, _ in failed)
+            elif failed:
+                missing[name] = [d for _, d in failed]
+        return bad, missing
 
-    def _job(self, q: Quantum, pt, root: str) -> QuantumJob:
+    def _job(self, q: Quantum, pt, root: str, missing: dict[str, list] | None = None) -> QuantumJob:
+        """The job of ``q``; ``missing``: tolerated missing inputs (see :meth:`_blocking_producers`)."""
         klass = pt.task_class
-        inputs, missing = {}, {}
+        missing = missing or {}
+        skip = {(d.dataset_type, d.key) for lst in missing.values() for d in lst}
+        inputs = {}
         for name, lst in q.inputs.items():
             items = []
             for d in lst:
                 producer = self._graph.producer_of.get((d.dataset_type, d.key))
-                if producer is not None and producer.state == "no_work":
-                    continue
-                if producer is not None and producer.state in ("failed", "blocked"):
-                    # only reached for tolerate_missing inputs (see _blocking_producers)
-                    missing.setdefault(name, []).append(dict(d.data_id))
+                if (producer is not None and producer.state == "no_work") or (d.dataset_type, d.key) in skip:
                     continue
                 items.append((d.dataset_type, d.data_id, self._graph.run if producer else d.run))
             inputs[name] = items
@@ -587,7 +589,7 @@ class Executor:
             inputs=inputs, multiple={n: c.multiple for n, c in klass.inputs.items()},
             outputs={n: (d.dataset_type, d.data_id) for n, d in q.outputs.items()},
             run=self._graph.run, repo_root=root, parallel=bool(getattr(klass, "parallel", False)),
-            missing=missing,
+            missing={n: [dict(d.data_id) for d in lst] for n, lst in missing.items()},
         )
 
     def _retry(self, job: QuantumJob) -> QuantumJob | None:

@@ -25,11 +25,9 @@ from procsky.pipeline.task import (
 )
 from procsky.tasks.warp import (
     WARP_DIMS,
-    _band_of,
     apply_visit_photocalib,
+    calexp_patch_groups,
     load_task_skymap,
-    overlapping_patches,
-    visit_photocalib_index,
 )
 
 __all__ = ["AssembleCoaddConfig", "AssembleCoaddDirectTask", "AssembleCoaddTask"]
@@ -131,12 +129,10 @@ class AssembleCoaddDirectTask(Task):
     parallel = True
 
     def quanta(self, repo, inputs, where):
-        sm_key, skymap = load_task_skymap(repo, self.config.skymap, "assemble_coadd_direct")
-        groups = overlapping_patches(repo, skymap, inputs.get("calexps", []))
-        photocalibs = visit_photocalib_index(inputs.get("visit_photocalib", []))
+        sm_key, skymap, photocalibs, groups = calexp_patch_groups(repo, self.config.skymap,
+                                                                  "assemble_coadd_direct", inputs)
         by_patch: dict = defaultdict(list)
-        for (instrument, visit, tract, patch), keys in groups.items():
-            band = _band_of(repo, keys, instrument, visit)
+        for (_instrument, _visit, tract, patch, band), keys in groups:
             by_patch[(tract, patch, band)].extend(keys)
         specs = []
         for (tract, patch, band), keys in sorted(by_patch.items()):

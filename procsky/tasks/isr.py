@@ -400,10 +400,7 @@ class MasterConfig(TaskConfig):
 def _trimmed(frame: Exposure, config) -> tuple[np.ndarray, np.ndarray, Exposure]:
     frame = frame.compute()
     img = np.asarray(frame.image, dtype=np.float64)
-    try:
-        amps = amplifier_layout(frame.detector, img.shape, frame.metadata)
-    except ProcskyValueError:
-        amps = None
+    amps = amplifier_layout_or_none(frame)
     if amps is None:  # already trimmed and overscan-corrected
         return img, np.asarray(frame.mask, dtype=np.uint32), frame
     data, _, (ox, oy), _ = _overscan_subtract(img, amps, config)
@@ -456,23 +453,23 @@ def _frame_isr_config(config) -> IsrConfig:
 
 
 def _frame_isr(frame: Exposure, bias, dark, icfg: IsrConfig) -> Exposure:
-    """Run ISR on one calibration exposure; frames without overscan only get bias/dark removed."""
-    try:
-        return run_isr(frame, bias, dark, None, icfg)
-    except ProcskyValueError:
-        c = frame.compute()
-        if amplifier_layout_or_none(c) is not None:
-            raise
-        img = np.asarray(c.image, dtype=np.float64)
-        if bias is not None and icfg.do_bias:
-            img = img - np.asarray(bias.compute().image, dtype=np.float64)
-        if dark is not None and icfg.do_dark:
-            t = c.visit_info.exposure_time if c.visit_info is not None else float("nan")
-            td = dark.visit_info.exposure_time if dark.visit_info is not None else float("nan")
-            if math.isfinite(t):
-                scale = t / td if (math.isfinite(td) and td > 0) else t
-                img = img - np.asarray(dark.compute().image, dtype=np.float64) * scale
-        return Exposure(img.astype(np.float32), mask=c.mask, detector=c.detector, visit_info=c.visit_info)
+    """Run ISR on one calibration exposure; frames without overscan only get bias/dark removed.
+
+    ``bias`` and ``dark`` should be in memory (the master tasks compute them once).
+    """
+    c = frame.compute()  # read once
+    if amplifier_layout_or_none(c) is not None:
+        return run_isr(c, bias, dark, None, icfg)
+    img = np.asarray(c.image, dtype=np.float64)
+    if bias is not None and icfg.do_bias:
+        img = img - np.asarray(bias.image, dtype=np.float64)
+    if dark is not None and icfg.do_dark:
+        t = c.visit_info.exposure_time if c.visit_info is not None else float("nan")
+        td = dark.visit_info.exposure_time if dark.visit_info is not None else float("nan")
+        if math.isfinite(t):
+            scale = t / td if (math.isfinite(td) and td > 0) else t
+            img = img - np.asarray(dark.image, dtype=np.float64) * scale
+    return Exposure(img.astype(np.float32), mask=c.mask, detector=c.detector, visit_info=c.visit_info)
 
 
 def amplifier_layout_or_none(exp: Exposure):
@@ -513,6 +510,7 @@ class MakeMasterDarkTask(Task):
                 f"{len(frames)} dark frame(s) for a master dark; need >= min_frames={self.config.min_frames}"
             )
         icfg = _frame_isr_config(self.config).model_copy(update={"do_dark": False})
+        bias = None if bias is None else bias.compute()  # read the master once, not per frame
         images, bads = [], []
         template = None
         for f in frames:
@@ -571,6 +569,8 @@ class MakeMasterFlatTask(Task):
                 f"{len(frames)} flat frame(s) for a master flat; need >= min_frames={self.config.min_frames}"
             )
         icfg = _frame_isr_config(self.config)
+        bias = None if bias is None else bias.compute()  # read the masters once, not per frame
+        dark = None if dark is None else dark.compute()
         images, bads, scales = [], [], []
         template = None
         for f in frames:

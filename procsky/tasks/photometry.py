@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import pydantic
 
-from procsky.errors import NoWorkError
+from procsky.errors import NoWorkError, ProcskyValueError
 from procsky.photocalib import AB_NJY_ZP, PhotoCalib
 from procsky.pipeline.task import Input, Output, Task, TaskConfig, register_task
 
@@ -286,8 +286,13 @@ class VisitPhotometryTask(Task):
     def run(self, src, summaries=None, data_ids=None, data_id=None):
         """Returns ``{"visit_photocalib": dict}`` (see :func:`visit_photometric_calibration`)."""
         ids = (data_ids or {}).get("src") or []
-        dets = [i.get("detector") for i in ids] if len(ids) == len(src) else [
-            (s.attrs.get("meta", {}) or {}).get("detector", n) for n, s in enumerate(src)]
+        if len(ids) != len(src):
+            # src tables do not name their detector: without the data IDs every zero point
+            # would be attached to the wrong detector.
+            raise ProcskyValueError(
+                "VisitPhotometryTask.run needs data_ids={'src': [data ID per src]}; the executor passes "
+                "them to run() methods that accept 'data_ids' (or call visit_photometric_calibration directly)")
+        dets = [i.get("detector") for i in ids]
         summ = None
         sids = (data_ids or {}).get("summaries") or []
         if summaries and len(sids) == len(summaries):

@@ -33,7 +33,7 @@ from procsky.pipeline.task import (
 )
 
 __all__ = ["WarpTask", "WarpTaskConfig", "apply_visit_photocalib", "load_task_skymap", "overlapping_patches",
-           "skymap_input", "visit_photocalib_index"]
+           "skymap_input", "visit_photocalib_index", "calexp_patch_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def load_task_skymap(repo, name: str, task: str):
     return key, SkyMap.from_record(repo.get(key.dataset_type, key.data_id, run=key.run))
 
 
-def overlapping_patches(repo, skymap, calexp_keys, where=None) -> dict:
+def overlapping_patches(repo, skymap, calexp_keys) -> dict:
     """(instrument, visit, tract, patch) -> calexp DatasetKeys overlapping that patch.
 
     Footprints come from each calexp's stored WCS (read lazily from the repository; for
@@ -169,14 +169,29 @@ def apply_visit_photocalib(calexps, records, data_ids=None):
     return out
 
 
-def _band_of(repo, keys, instrument, visit):
-    bands = {k.data_id.get("band") for k in keys} - {None}
-    if len(bands) == 1:
-        return bands.pop()
-    for rec in repo.dimension_records("visit"):
-        if rec.get("instrument") == instrument and rec.get("visit") == visit and rec.get("band"):
-            return rec["band"]
-    return ""
+def calexp_patch_groups(repo, skymap_name: str, task: str, inputs) -> tuple:
+    """What the ``quanta`` of tasks gathering calexps per patch share.
+
+    Returns ``(skymap key, SkyMap, visit_photocalib index, groups)`` with ``groups`` a
+    list of ``((instrument, visit, tract, patch, band), calexp keys sorted by key)`` in a
+    stable order. The band comes from the keys when they carry one, else from the visit
+    records (read once).
+    """
+    sm_key, skymap = load_task_skymap(repo, skymap_name, task)
+    groups = overlapping_patches(repo, skymap, inputs.get("calexps", []))
+    photocalibs = visit_photocalib_index(inputs.get("visit_photocalib", []))
+    records = None
+    out = []
+    for (instrument, visit, tract, patch), keys in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        bands = {k.data_id.get("band") for k in keys} - {None}
+        if len(bands) == 1:
+            band = bands.pop()
+        else:
+            if records is None:
+                records = {(r.get("instrument"), r.get("visit")): r for r in repo.dimension_records("visit")}
+            band = (records.get((instrument, visit)) or {}).get("band") or ""
+        out.append(((instrument, visit, tract, patch, band), sorted(keys, key=lambda k: k.key)))
+    return sm_key, skymap, photocalibs, out
 
 
 @register_task("warp")
@@ -194,16 +209,14 @@ class WarpTask(Task):
     parallel = True
 
     def quanta(self, repo, inputs, where):
-        sm_key, skymap = load_task_skymap(repo, self.config.skymap, "warp")
-        groups = overlapping_patches(repo, skymap, inputs.get("calexps", []))
-        photocalibs = visit_photocalib_index(inputs.get("visit_photocalib", []))
+        sm_key, skymap, photocalibs, groups = calexp_patch_groups(repo, self.config.skymap, "warp", inputs)
         specs = []
-        for (instrument, visit, tract, patch), keys in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        for (instrument, visit, tract, patch, band), keys in groups:
             data_id = {"instrument": instrument, "visit": visit, "skymap": skymap.name, "tract": tract,
-                       "patch": patch, "band": _band_of(repo, keys, instrument, visit)}
+                       "patch": patch, "band": band}
             if where is not None and not where(data_id):
                 continue
-            specs.append(QuantumSpec(data_id, {"calexps": sorted(keys, key=lambda k: k.key), "skymap": [sm_key],
+            specs.append(QuantumSpec(data_id, {"calexps": keys, "skymap": [sm_key],
                                                "visit_photocalib": photocalibs.get((instrument, visit), [])}))
         return specs
 
