@@ -667,13 +667,7 @@ class _PsfInput:
                           bool)
         if not inside.any():
             return out
-        if self.kind == "warp":
-            for k in np.flatnonzero(inside):
-                px, py = float(x[k]) + xy0[0], float(y[k]) + xy0[1]
-                if isinstance(self.psf, GridImagePsf) and not self.psf.covers(px, py):
-                    continue
-                out[k] = self.psf.kernel(px, py)
-            return out
+        # only calexp inputs get here: a warp's PSF is already on the output grid (_component)
         idx = np.flatnonzero(inside)
         xi, yi, jac = _node_mapping(out_cards, self.in_cards, self.in_shape, np.asarray(x)[idx], np.asarray(y)[idx])
         ny, nx = self.in_shape

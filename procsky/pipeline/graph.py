@@ -415,8 +415,8 @@ def _existing(repo, dataset_type: str, collections: list[str] | None, where: Whe
     """
     if repo is None:
         return []
-    types = {dt.name: dt for dt in repo.dataset_types()}
-    if dataset_type not in types:
+    dtype = repo.registry.get_dataset_type(dataset_type)  # cached by the registry
+    if dtype is None:
         return []  # a dataset type never declared has no datasets
     # Let the registry apply ``where`` when it can decide it for this dataset type (its
     # dimensions plus the values their records imply, e.g. the band of a visit): that
@@ -425,7 +425,7 @@ def _existing(repo, dataset_type: str, collections: list[str] | None, where: Whe
     if where.expr is not None:
         from procsky.repo.dimensions import IMPLIED
 
-        dims = set(types[dataset_type].dimensions)
+        dims = set(dtype.dimensions)
         known = dims | {i for d in dims for i in IMPLIED.get(d, ())}
         if where.expr.identifiers <= known:
             sql_where = where.expr
