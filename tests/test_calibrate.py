@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from procsky import masks
 from procsky.errors import NoWorkError
@@ -163,7 +164,12 @@ def _metrics(d: Path, visit: int, det: int, calexp, src):
     core = ex[stars & (ex.snr > 20).to_numpy()]
     iy = np.clip(np.round(core.y).astype(int), 0, crm.shape[0] - 1)
     ix = np.clip(np.round(core.x).astype(int), 0, crm.shape[1] - 1)
-    m["star_cores_flagged_cr"] = int(crm[iy, ix].sum())
+    # a core pixel flagged CR is a false flag unless a simulated hit fell on it or next to it
+    hit = np.zeros(crm.shape, bool)
+    hit[crs.y.to_numpy(), crs.x.to_numpy()] = True
+    hit = ndimage.binary_dilation(hit, np.ones((3, 3), bool))
+    m["star_cores_flagged_cr"] = int((crm[iy, ix] & ~hit[iy, ix]).sum())
+    m["star_cores_hit_flagged_cr"] = int((crm[iy, ix] & hit[iy, ix]).sum())
     m["true_gauss_fwhm_px"] = float(SIGMA_TO_FWHM * tr.psf_sigma_px)
     m["true_magzero"] = float(tr.magzero)
     m["true_sky"] = float(tr.sky_level)

@@ -99,8 +99,8 @@ def test_cosmic_rays_respect_bad_pixels_and_nan():
 def test_find_sharp_sources_removes_faint_tracks_keeps_stars():
     """Faint multi-pixel tracks (each pixel 4-7 sigma, below what L.A.Cosmic flags with its
     fine-structure test) are sharper than the PSF and are removed; stars, including a faint
-    one and one crossed by such a track (left to L.A.Cosmic: the track is a small part of
-    its signal), are kept and no star core is flagged."""
+    one and one crossed by such a track, are kept; no star pixel off the tracks is flagged,
+    and the track across the star is cleaned and repaired with the star's PSF fit."""
     from procsky.kernels.cosmicray import find_sharp_sources
     from procsky.kernels.testing import gaussian_psf_image
 
@@ -111,13 +111,17 @@ def test_find_sharp_sources_removes_faint_tracks_keeps_stars():
     img = rng.normal(0.0, noise, (ny, nx)).astype(np.float32)
     var = np.full((ny, nx), noise**2, np.float32)
     stars = [(50.3, 50.6, 3000.0), (150.2, 60.1, 40000.0), (60.0, 150.0, 5000.0)]
+    model = np.zeros((ny, nx))
     for x, y, f in stars:
         ix, iy = int(round(x)), int(round(y))
-        img[iy - 12 : iy + 13, ix - 12 : ix + 13] += f * gaussian_psf_image(25, sigma, x - ix, y - iy)
+        model[iy - 12 : iy + 13, ix - 12 : ix + 13] += f * gaussian_psf_image(25, sigma, x - ix, y - iy)
+    img += model.astype(np.float32)
     tracks = [(100, 100), (140, 150), (58, 147)]  # the last one crosses the third star
+    on_track = np.zeros((ny, nx), bool)
     for x0, y0 in tracks:
         for k in range(6):  # a diagonal worm of 6 pixels, 4-7 sigma each
             img[y0 + k, x0 + k] += noise * rng.uniform(4.0, 7.0)
+            on_track[y0 + k, x0 + k] = True
     xs = np.array([s[0] for s in stars] + [x0 + 2.5 for x0, _ in tracks[:2]])
     ys = np.array([s[1] for s in stars] + [y0 + 2.5 for _, y0 in tracks[:2]])
     stamps = np.stack([gaussian_psf_image(25, sigma, x - np.floor(x + 0.5), y - np.floor(y + 0.5))
@@ -128,6 +132,15 @@ def test_find_sharp_sources_removes_faint_tracks_keeps_stars():
     for x0, y0 in tracks[:2]:
         assert sum(res.cr_pixels[y0 + k, x0 + k] for k in range(6)) >= 4
     for x, y, _ in stars:
-        assert not res.cr_pixels[int(round(y)) - 1 : int(round(y)) + 2, int(round(x)) - 1 : int(round(x)) + 2].any()
+        core = (slice(int(round(y)) - 1, int(round(y)) + 2), slice(int(round(x)) - 1, int(round(x)) + 2))
+        assert not (res.cr_pixels[core] & ~on_track[core]).any()
+    # the track across the third star: found on the star (most of its pixels) ...
+    x0, y0 = tracks[2]
+    hit = [(y0 + k, x0 + k) for k in range(6)]
+    assert sum(res.cr_pixels[p] for p in hit) >= 4
+    # ... and repaired with the star's fit, within a few sigma of the true star + sky
+    found = [p for p in hit if res.cr_pixels[p]]
+    assert all(abs(res.repair[p] - model[p]) < 4 * noise for p in found)
     # the bright star's PSF fit is consistent: nothing to clean
     assert res.chi2_excess[1] < 0.5
+    assert not res.cr_pixels[50:71, 140:161].any()

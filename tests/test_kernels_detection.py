@@ -220,3 +220,28 @@ def test_satellite_trail_is_not_shredded_into_noise_peaks():
     kids = np.flatnonzero(res.parent == lab)
     assert 1 <= kids.size <= 3
     assert np.min(np.hypot(res.x[kids] - 567, res.y[kids] - 270)) < 2
+
+
+def test_empirical_threshold_follows_the_measured_noise():
+    """A variance plane that underestimates the noise by 30 % lets noise peaks through a
+    5 sigma variance threshold; the empirical threshold measures the spread of the
+    significance away from sources (x1.30) and keeps the real stars."""
+    fr = make_star_field((800, 800), 60, fwhm=3.0, flux_range=(3e3, 3e4), sky=200.0, read_noise=5.0, seed=8,
+                         min_separation=20, margin=15)
+    rng = np.random.default_rng(9)
+    img = (fr.image - fr.sky + rng.normal(0.0, 1.0, fr.image.shape) * np.sqrt(fr.variance) * 0.83).astype(np.float32)
+    # total noise is now 1.30x what the variance plane says
+    sig = 3.0 / 2.3548
+    by_var = detect_sources(img, fr.variance, psf_sigma=sig, nsigma=5.0)
+    emp = detect_sources(img, fr.variance, psf_sigma=sig, nsigma=5.0, threshold="empirical")
+    assert emp.nu_scale == pytest.approx(1.30, abs=0.03) and abs(emp.nu_offset) < 0.05
+    assert emp.threshold == pytest.approx(emp.nu_offset + 5.0 * emp.nu_scale)
+    assert by_var.threshold == 5.0 and by_var.nu_scale == 1.0
+    truth = cKDTree(np.c_[fr.x, fr.y])
+    d_var, _ = truth.query(np.c_[by_var.x, by_var.y])
+    d_emp, _ = truth.query(np.c_[emp.x, emp.y])
+    assert (d_var > 3).sum() >= 5  # the variance threshold lets noise through
+    assert (d_emp > 3).sum() <= 1
+    assert (d_emp <= 3).sum() >= 0.95 * len(fr.x)
+    with pytest.raises(ValueError, match="threshold"):
+        detect_sources(img, fr.variance, psf_sigma=sig, threshold="stdev")

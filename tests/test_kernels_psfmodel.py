@@ -130,3 +130,30 @@ def test_cross_validated_flux_sys_detects_unmodelled_variation(varying_field):
     # stored and restored with the model
     back = PsfModelArrays.from_dict(good.to_dict())
     assert back.flux_sys == good.flux_sys and back.cv_flux_ratio == pytest.approx(good.cv_flux_ratio)
+
+
+def test_leverage_and_a_dominant_star_left_out_of_the_cross_validation(varying_field):
+    """The leverage of the fitted stars sums to the number of spatial terms; a star far
+    brighter than the rest gets h ~ 1 and is left out of the cross-validated error (without
+    it the model is another, much noisier one), so it cannot inflate ``flux_sys``."""
+    from procsky.kernels.psfmodel import _extract_stamps_fourier, _fit_leverage, poly_terms
+
+    fr, img, cat = varying_field
+    model, used, reserved = fit_psf_model(img, fr.variance, None, cat["x"], cat["y"], stamp_size=25, order=1)
+    xs, ys = np.asarray(cat["x"], float), np.asarray(cat["y"], float)
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    data = _extract_stamps_fourier(img, xs, ys, 25, ok)
+    wts = np.broadcast_to(1.0 / np.median(fr.variance), data.shape).copy()
+    px, py = poly_terms(1)
+    u = (xs - model.x_center) / model.x_scale
+    v = (ys - model.y_center) / model.y_scale
+    basis = np.column_stack([u**a * v**b for a, b in zip(px, py)])
+    lev = _fit_leverage(data, wts, used & ok, basis, model.coeffs, reserved & ok)
+    assert lev[used & ok].sum() == pytest.approx(px.size, rel=1e-6)
+    assert (lev[~(used | reserved)] == 0).all() and (lev[reserved & ok] > 0).all() and lev.max() < 0.5
+    # one star made 1000x brighter dominates the fit where it is
+    k = np.flatnonzero(used & ok)[0]
+    data2 = data.copy()
+    data2[k] *= 1000.0
+    lev2 = _fit_leverage(data2, wts, used & ok, basis, model.coeffs, reserved & ok)
+    assert lev2[k] > 0.9

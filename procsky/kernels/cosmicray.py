@@ -455,6 +455,8 @@ class SharpSourceResult(NamedTuple):
         ``(chi2 - dof) / sqrt(2 dof)`` of that fit.
     nu_clean : ndarray (n,) float
         PSF-fit significance after the sharp pixels are excluded.
+    repair : ndarray (ny, nx) float
+        On ``cr_pixels``: the clean PSF + plane fit there (NaN elsewhere).
     """
 
     is_cr: np.ndarray
@@ -462,6 +464,7 @@ class SharpSourceResult(NamedTuple):
     chi2_excess: np.ndarray
     z: np.ndarray
     nu_clean: np.ndarray
+    repair: np.ndarray
 
 
 @numba.njit(nogil=True, cache=True)
@@ -536,7 +539,7 @@ def _fit_psf_plane(d, v, p, use, h):
 
 @numba.njit(nogil=True, cache=True)
 def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, z_min, excess_min,
-                          pixel_sigma, grow_sigma, nu_keep, max_iter, crpix, out):
+                          pixel_sigma, grow_sigma, nu_keep, max_iter, star_sigma, model_error, crpix, repair, out):
     ny, nx = image.shape
     s = 2 * h + 1
     S = stamps.shape[1]
@@ -573,8 +576,16 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
         out[k, 0] = (chi2 - dof) / max(nu * nu, 1.0)
         out[k, 1] = (chi2 - dof) / math.sqrt(2.0 * dof)
         out[k, 2] = nu
-        if not (out[k, 1] > z_min and out[k, 0] > excess_min):
+        if not out[k, 1] > z_min:
             continue
+        # a source whose misfit is small against its own signal is a bright star (the PSF
+        # model's own error dominates the misfit): only a hit far sharper than the star,
+        # against noise plus ``model_error`` of the star's own curvature, is cleaned there
+        on_star = not out[k, 0] > excess_min
+        if on_star and not star_sigma > 0:
+            continue
+        thr = star_sigma if on_star else pixel_sigma
+        me2 = (model_error * a) ** 2 if on_star else 0.0
         # clean: pixels whose residual from the PSF fit is significant AND sharper than the
         # PSF (they stand above at least one pair of opposite neighbours' residuals, which
         # a residual broader than the PSF, e.g. a galaxy's wing, does not)
@@ -587,8 +598,8 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
                 for i in range(s):
                     if sharp[j, i] or not ok[j, i]:
                         continue
-                    sc = math.sqrt(v[j, i])
-                    if res[j, i] < pixel_sigma * sc:
+                    sc = math.sqrt(v[j, i] + me2 * p[j, i] * p[j, i])
+                    if res[j, i] < thr * sc:
                         continue
                     is_sharp = False
                     for dj, di in ((0, 1), (1, 0), (1, 1), (1, -1)):
@@ -601,8 +612,9 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
                         if not (ok[j1, i1] and ok[j2, i2]):
                             continue
                         contrast = res[j, i] - 0.5 * (res[j1, i1] + res[j2, i2])
-                        noise = math.sqrt(v[j, i] + 0.25 * (v[j1, i1] + v[j2, i2]))
-                        if contrast > pixel_sigma * noise:
+                        curv = p[j, i] - 0.5 * (p[j1, i1] + p[j2, i2])
+                        noise = math.sqrt(v[j, i] + 0.25 * (v[j1, i1] + v[j2, i2]) + me2 * curv * curv)
+                        if contrast > thr * noise:
                             is_sharp = True
                             break
                     if is_sharp:
@@ -614,7 +626,8 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
                 grew = False
                 for j in range(s):
                     for i in range(s):
-                        if sharp[j, i] or not ok[j, i] or res[j, i] < grow_sigma * math.sqrt(v[j, i]):
+                        if sharp[j, i] or not ok[j, i] or res[j, i] < grow_sigma * math.sqrt(
+                                v[j, i] + me2 * p[j, i] * p[j, i]):
                             continue
                         for dj in (-1, 0, 1):
                             for di in (-1, 0, 1):
@@ -638,6 +651,10 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
                 if sharp[j, i]:
                     crpix[iy + j - h, ix + i - h] = True
                     nclean += 1
+                    if np.isfinite(a):
+                        # the clean fit is the best value there (a neighbour median would
+                        # flatten a star's core)
+                        repair[iy + j - h, ix + i - h] = a * p[j, i] + b0 + b1 * (i - h) + b2 * (j - h)
         out[k, 3] = nclean
         nu_c = a / sa if np.isfinite(a) else 0.0
         out[k, 2] = nu_c
@@ -647,7 +664,7 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
 
 def find_sharp_sources(image, variance, mask, x, y, psf_stamps, *, skip=None, half_width=None,
                        bad_bits=bit(BAD) | bit(SAT) | bit(NO_DATA), z_min=3.0, excess_min=0.5, pixel_sigma=3.0,
-                       grow_sigma=1.5, nu_keep=5.0, max_iter=3):
+                       grow_sigma=1.5, nu_keep=5.0, max_iter=3, star_sigma=5.0, model_error=0.05):
     """Find detections that are cosmic rays missed by L.A.Cosmic (faint multi-pixel tracks).
 
     L.A.Cosmic tests pixels one at a time, so a low-energy track whose pixels are each only
@@ -669,6 +686,13 @@ def find_sharp_sources(image, variance, mask, x, y, psf_stamps, *, skip=None, ha
     3. if the PSF significance left (``nu_clean``) is below ``nu_keep`` (the detection
        threshold), the detection was the cosmic ray.
 
+    A cosmic ray on a star (whose misfit is then small against the star's ``nu^2``, so the
+    test of step 2 does not fire, and which L.A.Cosmic's fine-structure test protects) is
+    cleaned the same way when ``z > z_min``, with the stricter ``star_sigma`` against the noise
+    plus ``model_error`` times the star's own model (its value and its curvature), so a
+    PSF-model mismatch of a few per cent on a bright core is not taken for a hit. The star
+    keeps its row; its hit pixels get ``repair`` values from the clean PSF + plane fit.
+
     Parameters
     ----------
     image, variance : ndarray (ny, nx) float
@@ -684,8 +708,8 @@ def find_sharp_sources(image, variance, mask, x, y, psf_stamps, *, skip=None, ha
     half_width : int, optional
         Window half width, pixels (default: ``S // 2`` capped to 3..6 by the caller's PSF:
         ``round(FWHM)`` is a good choice).
-    z_min, excess_min, pixel_sigma, grow_sigma, nu_keep : float
-        See above.
+    z_min, excess_min, pixel_sigma, grow_sigma, nu_keep, star_sigma, model_error : float
+        See above (``star_sigma=0`` leaves stars alone).
     max_iter : int
 
     Returns
@@ -698,9 +722,11 @@ def find_sharp_sources(image, variance, mask, x, y, psf_stamps, *, skip=None, ha
         raise ValueError(f"half_width must be >= 2 pixels, got {h}")
     sk = np.zeros(xs.size, bool) if skip is None else np.asarray(skip, bool)
     crpix = np.zeros(img.shape, dtype=np.bool_)
+    repair = np.full(img.shape, np.nan)
     out = np.full((xs.size, 5), np.nan)
     out[:, 3:] = 0.0
     _sharp_sources_kernel(img, var, msk, xs, ys, st, sk, h, np.uint32(bad_bits), float(z_min), float(excess_min),
-                          float(pixel_sigma), float(grow_sigma), float(nu_keep), int(max_iter), crpix, out)
+                          float(pixel_sigma), float(grow_sigma), float(nu_keep), int(max_iter), float(star_sigma),
+                          float(model_error), crpix, repair, out)
     return SharpSourceResult(is_cr=out[:, 4] > 0, cr_pixels=crpix, chi2_excess=out[:, 0], z=out[:, 1],
-                             nu_clean=out[:, 2])
+                             nu_clean=out[:, 2], repair=repair)

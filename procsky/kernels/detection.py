@@ -859,6 +859,11 @@ class DetectionResult(NamedTuple):
     detected : ndarray (ny, nx) bool
         Grown detection mask (for the DETECTED plane and the next background pass).
     n_footprints : int
+    threshold : float
+        Threshold applied to ``significance``.
+    nu_offset, nu_scale : float
+        Median and standard deviation of ``significance`` away from sources that set it
+        (``threshold="empirical"``; 0 and 1 otherwise).
     """
 
     footprints: np.ndarray
@@ -871,6 +876,9 @@ class DetectionResult(NamedTuple):
     significance: np.ndarray
     detected: np.ndarray
     n_footprints: int
+    threshold: float = float("nan")
+    nu_offset: float = 0.0
+    nu_scale: float = 1.0
 
 
 def detect_sources(
@@ -893,6 +901,7 @@ def detect_sources(
     bad_bits=bit(NO_DATA) | bit(BAD),
     saturated_bits=bit(SAT),
     saturated_grow=2.0,
+    threshold="variance",
 ):
     """Detect sources on a background-subtracted image.
 
@@ -942,10 +951,20 @@ def detect_sources(
         same saturated region (grown by ``saturated_grow`` pixels) are merged into one
         (:func:`merge_saturated_children`); 0 disables.
     saturated_grow : float, pixels
+    threshold : {"variance", "empirical"}
+        ``"variance"``: ``nu > nsigma`` with ``nu`` in units of the noise the variance plane
+        predicts. ``"empirical"``: ``nu > median + nsigma * std``, the median and (MAD) standard
+        deviation of ``nu`` away from sources (pixels beyond the grown footprints of a first
+        ``nu > nsigma`` pass), as LSST's ``thresholdType="pixel_stdev"`` with a temporary local
+        background: the light of sources below the threshold raises and widens the
+        distribution of ``nu`` (on ``small`` g band by +0.23 and x1.02), and a threshold that
+        ignores it lets several noise-and-confusion bumps per detector through.
 
     Returns
     -------
     DetectionResult
+        With ``threshold`` in ``nu`` units, and ``nu_offset`` / ``nu_scale`` (0 / 1 with
+        ``threshold="variance"``).
     """
     if polarity not in (1, -1):
         raise ValueError(f"polarity must be 1 or -1, got {polarity!r}")
@@ -954,15 +973,21 @@ def detect_sources(
     if mask is not None and bad_bits:
         bad = (np.asarray(mask) & np.uint32(bad_bits)) != 0
     nu = significance_image(img if polarity == 1 else -img, variance, sigma=psf_sigma, kernel=kernel, bad=bad)
-    above = nu > nsigma
+    if grow is None:
+        grow = 2.4 * psf_sigma if psf_sigma is not None else 0.0
+    if threshold not in ("variance", "empirical"):
+        raise ValueError(f"threshold must be 'variance' or 'empirical', got {threshold!r}")
+    nu_offset, nu_scale = 0.0, 1.0
+    if threshold == "empirical":
+        nu_offset, nu_scale = _empirical_nu_stats(nu, bad, nsigma, float(grow))
+    thr = nu_offset + nsigma * nu_scale
+    above = nu > thr
     labels, n = label_components(above)
     if min_area > 1 and n > 0:
         area = _component_areas(labels, n)
         keep = area >= min_area
         keep[0] = False
         above = keep[labels]
-    if grow is None:
-        grow = 2.4 * psf_sigma if psf_sigma is not None else 0.0
     detected = grow_mask(above, float(grow)) if grow > 0 else above
     footprints, nfp = label_components(detected)
     if deblend:
@@ -994,4 +1019,27 @@ def detect_sources(
         significance=nu,
         detected=detected,
         n_footprints=int(nfp),
+        threshold=float(thr),
+        nu_offset=float(nu_offset),
+        nu_scale=float(nu_scale),
     )
+
+
+def _empirical_nu_stats(nu, bad, nsigma, grow, step=3, min_pixels=1000):
+    """Median and 1.4826 MAD of the significance image away from sources (every ``step``-th
+    pixel in each axis, beyond the grown ``nu > nsigma`` footprints). Falls back to (0, 1)
+    when fewer than ``min_pixels`` such pixels remain (a crowded or tiny image)."""
+    src = nu > nsigma
+    if grow > 0:
+        src = grow_mask(src, grow)
+    free = ~src & np.isfinite(nu)
+    if bad is not None:
+        free &= ~bad
+    v = nu[::step, ::step][free[::step, ::step]]
+    if v.size < min_pixels:
+        return 0.0, 1.0
+    med = float(np.median(v))
+    mad = 1.4826 * float(np.median(np.abs(v - med)))
+    if not (np.isfinite(mad) and mad > 0):
+        return 0.0, 1.0
+    return med, mad

@@ -598,8 +598,41 @@ def _cv_ratio_one(data, wts, mod, apw):
     return ap / (f * amod), math.sqrt(var)
 
 
+def _fit_leverage(data, wts, use, basis, coeffs, reserved=None):
+    """Leverage ``h_k`` of each star in the PSF model's spatial fit.
+
+    Each star's weight is the inverse relative variance of its PSF flux ``F_k`` fitted with the
+    full model ``P_k``, ``W_k = F_k^2 sum(w P_k^2)``; for a fitted star ``h_k = W_k b_k^T A^-1 b_k`` with
+    ``A = sum_j W_j b_j b_j^T`` over the fitted stars, the share of the model at ``x_k`` that
+    comes from star ``k`` itself (the ``h`` of the fitted stars sum to the number of terms).
+    A held-back star gets the leverage it would have had in the fit, ``q / (1 + q)`` with
+    ``q = W_k b_k^T A^-1 b_k``; other stars 0.
+    """
+    n = data.shape[0]
+    lev = np.zeros(n)
+    idx = np.flatnonzero(use)
+    if idx.size == 0:
+        return lev
+    res = np.flatnonzero(reserved & ~use) if reserved is not None else np.zeros(0, np.int64)
+    both = np.concatenate([idx, res])
+    W = np.zeros(n)
+    for k in both:
+        p = np.tensordot(basis[k], coeffs, axes=1)
+        w = np.where(wts[k] > 0, wts[k], 0.0)
+        spp = float(np.sum(w * p * p))
+        if spp > 0:
+            W[k] = float(np.sum(w * p * data[k])) ** 2 / spp
+    b = basis[idx]
+    ainv = np.linalg.pinv((b * W[idx, None]).T @ b)
+    lev[idx] = W[idx] * np.einsum("ij,jk,ik->i", b, ainv, b)
+    if res.size:
+        q = W[res] * np.einsum("ij,jk,ik->i", basis[res], ainv, basis[res])
+        lev[res] = q / (1.0 + q)
+    return lev
+
+
 def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, radius, clip=5.0, min_stars=5,
-                                 max_folds=20, seed=0):
+                                 max_folds=20, seed=0, max_leverage=0.5):
     """PSF-flux error of a pixel model where it was not fitted, from the stars themselves.
 
     Every fitted star is left out in turn and the model refitted without it (the same
@@ -636,6 +669,9 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
         Number of refits at most.
     seed : int
         Seed of the fold assignment.
+    max_leverage : float
+        Fitted stars with a larger leverage (:func:`_fit_leverage`) are left out of the
+        estimate: the model without them is not the model the catalogue is measured with.
 
     Returns
     -------
@@ -673,7 +709,11 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
     for k in np.flatnonzero(reserved & ~use):
         mod = np.tensordot(basis[k], coeffs, axes=1)
         ratios[k], errors[k] = _cv_ratio_one(data[k], wts[k], mod, apw)
-    ok = np.isfinite(ratios) & np.isfinite(errors) & (errors > 0)
+    # A star that dominates the fit (leverage > max_leverage) is not a fair test: without
+    # it the model is a different, much weaker one (e.g. the one bright star that sets the
+    # wings), while every other source is measured with the model that includes it.
+    lev = _fit_leverage(data, wts, use, basis, coeffs, reserved)
+    ok = np.isfinite(ratios) & np.isfinite(errors) & (errors > 0) & ~(lev > max_leverage)
     r, e = ratios[ok], errors[ok]
     if r.size < min_stars:
         return float("nan"), ratios, errors
@@ -690,7 +730,9 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
         tau2 = _paule_mandel(r[keep], e[keep])
         w = 1.0 / (e**2 + tau2)
         mu = np.sum(w[keep] * r[keep]) / np.sum(w[keep])
-        new = np.abs(r - mu) <= clip * np.sqrt(e**2 + tau2)
+        # clip only: an outlier of the robust start is never taken back once tau has grown
+        # (it would inflate tau, which would let it in, ...)
+        new = keep & (np.abs(r - mu) <= clip * np.sqrt(e**2 + tau2))
         if new.sum() < min_stars or (new == keep).all():
             break
         keep = new
