@@ -402,8 +402,13 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     cand = select_psf_stars(meas["x"], meas["y"], meas["ixx"], meas["iyy"], meas[apn], meas[apn + "_err"], bad,
                             min_snr=config.psf_min_snr, isolation_radius=config.psf_isolation_radius)
     if cand.sum() < 5:  # few bright stars (shallow or small image): relax the S/N cut
+        # keep the locus the bright stars show: among fainter sources galaxies may outnumber
+        # the stars and form the densest size window (small r visit 23, detector 8: 4 stars
+        # above S/N 50, then ~40 galaxies against ~3 stars above S/N 20)
+        t_bright = (float(np.median(meas["ixx"][cand] + meas["iyy"][cand])) if cand.sum() >= 2 else None)
         cand = select_psf_stars(meas["x"], meas["y"], meas["ixx"], meas["iyy"], meas[apn], meas[apn + "_err"], bad,
-                                min_snr=min(20.0, config.psf_min_snr), isolation_radius=config.psf_isolation_radius)
+                                min_snr=min(20.0, config.psf_min_snr), isolation_radius=config.psf_isolation_radius,
+                                locus_T=t_bright)
     psf_model = None
     psf_info = {"n_candidates": int(cand.sum())}
     used = np.zeros(n_det, bool)
