@@ -567,3 +567,33 @@ def test_visit_photometric_calibration_synthetic():
         visit_photometric_calibration([s.iloc[:1] for s in srcs], list(gains),
                                       config=VisitPhotometryConfig(min_stars=5))
     assert photocalib_for_detector(None, 0) is None
+
+
+@pytest.mark.slow
+def test_calibrate_small_trailed_detector(tmp_path):
+    """`small` visit 14, detector 3: a satellite trail crosses the detector. Calibrate finds
+    it (STREAK plane), subtracts the fitted trail and detects again, so the trail is not
+    shredded into spurious sources, and the astrometry and detection criteria hold there."""
+    from procsky.sim.render import image_filename
+
+    sim.simulate("small", tmp_path, mode="calibrated", visits=[14], detectors=[3], scheduler="sync",
+                 progress=False)
+    exp = Exposure.read(tmp_path / "images" / image_filename("calexp", 14, 3))
+    calexp, src, summary = calibrate_exposure(exp, [read_refcat_file(tmp_path / "refcat/refcat.parquet")])
+    assert summary["n_streaks"] == 1
+    streak = calexp.metadata["calibrate"]["streaks"][0]
+    assert streak["length"] > 1900
+    on = (np.asarray(calexp.mask) & calexp.mask_planes.bitmask("STREAK")) != 0
+    assert 0.001 < on.mean() < 0.05
+    m = _metrics(tmp_path, 14, 3, calexp, src)
+    where = f"{m}"
+    assert m["spurious_fraction"] < 0.01, where
+    assert m["astro_median_mas"] <= 5.0 and m["astro_scatter_mas"] <= 10.0, where
+    assert m["completeness_all"] >= 0.95, where
+    assert m["cr_recovered"] >= 0.95 and m["star_cores_flagged_cr"] == 0, where
+    # no bright star biased by the trail (the pull std is judged over a whole visit, see
+    # test_calibrate_small_visit_psf_fluxes: ~15 stars give it a ~20 % sampling error)
+    assert np.max(np.abs(m["pulls_snr50_500"])) < 4.0 and abs(m["psf_flux_bias"]) < 0.005, where
+    # sources on the trail are flagged and kept out of the calibration fits
+    assert src.flag_streak.any()
+    assert not (src.flag_streak & (src.calib_psf_used | src.calib_astrometry_used | src.calib_photometry_used)).any()

@@ -157,3 +157,27 @@ def test_leverage_and_a_dominant_star_left_out_of_the_cross_validation(varying_f
     data2[k] *= 1000.0
     lev2 = _fit_leverage(data2, wts, used & ok, basis, model.coeffs, reserved & ok)
     assert lev2[k] > 0.9
+
+
+def test_select_psf_stars_locus_varies_across_field_and_can_be_given():
+    """The PSF size grows 12 % across the field: the locus is fitted as a surface, so compact
+    bright galaxies 8 % larger than the local PSF are rejected; with ``locus_T`` (from the
+    brighter stars) galaxies that outnumber the faint stars cannot take the locus over."""
+    rng = np.random.default_rng(16)
+    n = 300
+    x, y = rng.uniform(0, 2000, (2, n))
+    star = rng.random(n) < 0.8  # bright sources: mostly stars
+    t_psf = 10.0 * (1 + 0.12 * x / 2000)
+    T = np.where(star, t_psf * (1 + rng.normal(0, 0.005, n)), t_psf * rng.uniform(1.08, 1.3, n))
+    flux = 10 ** rng.uniform(5, 6.5, n)
+    err = np.sqrt(flux + 1e4)
+    sel = select_psf_stars(x, y, T / 2, T / 2, flux, err, None, min_snr=50, isolation_radius=0)
+    assert sel.sum() > 0.8 * star.sum() and star[sel].all()
+    # faint field: 4 bright stars, 5 faint stars, 40 faint galaxies of one size
+    Tg = np.r_[np.full(4, 10.0), np.full(5, 10.0), np.full(40, 16.0)] * (1 + rng.normal(0, 0.01, 49))
+    fl = np.r_[np.full(4, 1e6), np.full(45, 4e3)]
+    er = np.sqrt(fl + 1e4)
+    xs, ys = rng.uniform(0, 2000, (2, 49))
+    assert not select_psf_stars(xs, ys, Tg / 2, Tg / 2, fl, er, None, min_snr=20, isolation_radius=0)[:9].any()
+    given = select_psf_stars(xs, ys, Tg / 2, Tg / 2, fl, er, None, min_snr=20, isolation_radius=0, locus_T=10.0)
+    assert given[:9].all() and not given[9:].any()

@@ -60,6 +60,7 @@ from procsky.kernels.cosmicray import find_cosmic_rays, find_sharp_sources, repa
 from procsky.kernels.detection import detect_sources
 from procsky.kernels.measure import FLAG_NAMES, measure_sources
 from procsky.kernels.psfmodel import fit_psf_model, render_stamps, select_psf_stars
+from procsky.kernels.streak import find_streaks
 from procsky.photocalib import PhotoCalib
 from procsky.pipeline.task import Input, Output, Task, TaskConfig, default_quanta, register_task
 from procsky.psf import SIGMA_TO_FWHM, GaussianPsf, PolynomialImagePsf
@@ -87,6 +88,12 @@ class CalibrateConfig(TaskConfig):
     """Median filter over the background mesh, boxes."""
     do_cosmic_rays: bool = True
     """Find and repair cosmic rays (L.A.Cosmic)."""
+    do_streaks: bool = True
+    """Find satellite trails (:func:`procsky.kernels.streak.find_streaks`): STREAK plane set, the fitted trail
+    subtracted from the calexp, sources detected again, and those on the trail flagged ``flag_streak`` and kept
+    out of the PSF, astrometric and photometric fits."""
+    streak_mask_fraction: float = 0.5
+    """The STREAK plane covers the pixels where the fitted trail exceeds this fraction of the pixel noise."""
     cr_sigclip: float = 4.5
     """L.A.Cosmic detection limit (Laplacian / noise)."""
     cr_objlim: float = 5.0
@@ -243,6 +250,19 @@ def _subset_detections(det, keep):
                         parent=parent, blended=(cnt[inv] > 1).reshape(-1))
 
 
+def _on_plane(mask, x, y, bit_value) -> np.ndarray:
+    """Whether any of the 3 x 3 pixels around each centroid has ``bit_value`` set."""
+    ny, nx = mask.shape
+    ok = np.isfinite(x) & np.isfinite(y)
+    ix = np.round(np.where(ok, x, 0.0)).astype(np.int64)
+    iy = np.round(np.where(ok, y, 0.0)).astype(np.int64)
+    out = np.zeros(len(ix), bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            out |= (mask[np.clip(iy + dy, 0, ny - 1), np.clip(ix + dx, 0, nx - 1)] & np.uint32(bit_value)) != 0
+    return out & ok
+
+
 def _ap_name(meas: dict, r: float) -> str:
     radii = sorted(float(k[8:].replace("p", ".")) for k in meas if k.startswith("ap_flux_") and not k.endswith("_err")
                    and k[8:].replace("p", "").isdigit())
@@ -334,7 +354,9 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     mask = np.array(exp.mask, dtype=np.uint32)
     ny, nx = image.shape
     planes = exp.mask_planes
-    bit = {n: 1 << planes[n] for n in ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "NO_DATA")}
+    if "STREAK" not in planes:
+        planes = planes.with_plane("STREAK")
+    bit = {n: 1 << planes[n] for n in ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "NO_DATA", "STREAK")}
     bad_input = ~np.isfinite(image) | ~np.isfinite(variance) | ~(variance > 0)
     mask[bad_input] |= np.uint32(bit["NO_DATA"])
     image[bad_input] = 0.0
@@ -385,6 +407,22 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     det = detect_sources(sub, var_det, mask, psf_sigma=sigma, nsigma=config.detection_nsigma,
                          threshold=config.detection_threshold)
     mask[det.detected] |= np.uint32(bit["DETECTED"])
+    # 3c. satellite trails: mask, subtract the fitted trail, detect again (so the trail is
+    # neither shredded into sources nor added to the stars under it)
+    streaks = []
+    if config.do_streaks:
+        st = find_streaks(sub, var_det, mask, psf_sigma=sigma, mask_fraction=config.streak_mask_fraction,
+                          bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"] | bit["EDGE"],
+                          grow_bits=bit["BAD"] | bit["SAT"], detected_bits=bit["DETECTED"],
+                          saturated_bits=bit["SAT"])
+        if len(st.streaks):
+            streaks = [{k: float(row[k]) for k in st.streaks.dtype.names} for row in st.streaks]
+            mask[st.mask] |= np.uint32(bit["STREAK"])
+            sub = (sub - st.model).astype(np.float32)
+            mask &= ~np.uint32(bit["DETECTED"])
+            det = detect_sources(sub, var_det, mask, psf_sigma=sigma, nsigma=config.detection_nsigma,
+                                 threshold=config.detection_threshold)
+            mask[det.detected] |= np.uint32(bit["DETECTED"])
     child_ids = np.arange(1, len(det.x) + 1)
     n_det = len(det.x)
     if n_det == 0:
@@ -395,10 +433,11 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     # 4. measurement without a PSF model
     meas = measure_sources(sub, var_det, mask, det.x, det.y, psf_sigma=sigma, children=det.children,
                            child_ids=child_ids, blended=det.blended, aperture_radii=config.aperture_radii)
+    meas["flag_streak"] = _on_plane(mask, meas["x"], meas["y"], bit["STREAK"])
     # 5. PSF
     apn = _ap_name(meas, 6.0)
     bad = (meas["flag_saturated"] | meas["flag_edge"] | meas["flag_blended"] | meas["flag_interpolated"]
-           | meas["flag_cr"] | meas["flag_bad"] | meas["shape_flag"] | meas["centroid_flag"])
+           | meas["flag_cr"] | meas["flag_bad"] | meas["shape_flag"] | meas["centroid_flag"] | meas["flag_streak"])
     cand = select_psf_stars(meas["x"], meas["y"], meas["ixx"], meas["iyy"], meas[apn], meas[apn + "_err"], bad,
                             min_snr=config.psf_min_snr, isolation_radius=config.psf_isolation_radius)
     if cand.sum() < 5:  # few bright stars (shallow or small image): relax the S/N cut
@@ -508,6 +547,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     meas = measure_sources(sub, var_det, mask, meas["x"], meas["y"], psf_sigma=sigma_psf, children=det.children,
                            child_ids=child_ids, blended=det.blended, aperture_radii=config.aperture_radii,
                            psf_stamps=stamps)
+    meas["flag_streak"] = _on_plane(mask, meas["x"], meas["y"], bit["STREAK"])
     apc_name = _ap_name(meas, config.apcorr_radius)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = meas[apc_name] / meas["psf_flux"]
@@ -538,7 +578,8 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     astro = {"status": "header WCS (no reference catalogue)", "n_matches": 0}
     match = None
     ref_on = None
-    bright = ~(meas["flag_saturated_center"] | meas["centroid_flag"] | meas["flag_edge"]) & np.isfinite(meas["x"])
+    bright = (~(meas["flag_saturated_center"] | meas["centroid_flag"] | meas["flag_edge"] | meas["flag_streak"])
+              & np.isfinite(meas["x"]))
     if refs is not None and len(refs) and wcs is not None:
         if config.apply_proper_motion and exp.visit_info is not None and np.isfinite(exp.visit_info.mjd):
             refs = apply_proper_motion(refs, exp.visit_info.mjd)
@@ -668,11 +709,12 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
             "background_box": list(bkg.box_size), "background_mesh": bkg.mesh_background.tolist(),
             "psf": psf_info, "apcorr": apcorr, "apcorr_radius": float(config.apcorr_radius),
             "astrometry": astro, "photometry": phot, "n_cr_pixels": int(n_cr), "n_cr_sources": n_cr_sources,
+            "streaks": streaks,
         },
     })
     calexp = Exposure(sub, variance, calexp_mask, wcs=wcs, wcs_cards=cards or None, psf=psf, photocalib=photocalib,
                       visit_info=exp.visit_info, detector=exp.detector, metadata=metadata,
-                      mask_planes=exp.mask_planes, xy0=exp.xy0)
+                      mask_planes=planes, xy0=exp.xy0)
     scale = pixel_scale(copy_wcs(wcs), 0.5 * nx, 0.5 * ny) if wcs is not None else float("nan")
     summary = {
         "visit": exp.visit_info.visit if exp.visit_info else None,
@@ -684,6 +726,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         "detection_nu_scale": float(det.nu_scale),
         "n_cr_pixels": int(n_cr),
         "n_cr_sources": n_cr_sources,
+        "n_streaks": len(streaks),
         "sky_level": float(bkg.global_background),
         "sky_rms": float(bkg.global_rms),
         "psf_model": psf_info.get("model"),
@@ -804,6 +847,7 @@ def _catalogue(meas, det, psf_flux, psf_flux_err, bkg, cal, wcs, exp, cand, used
     cols["peak_significance"] = det.peak_significance
     for name in FLAG_NAMES:
         cols[name] = np.asarray(meas[name], bool)
+    cols["flag_streak"] = np.asarray(meas["flag_streak"], bool)
     cols["calib_psf_candidate"] = np.asarray(cand, bool)
     cols["calib_psf_used"] = np.asarray(used, bool)
     cols["calib_psf_reserved"] = np.asarray(reserved, bool)
