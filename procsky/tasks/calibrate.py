@@ -6,8 +6,12 @@ Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md
 1. **Background** (128-px mesh, clipped mode, bicubic spline), subtracted; re-estimated
    once with the detection footprints left out.
 2. **Cosmic rays** (L.A.Cosmic): CR and INTRP planes set, pixels repaired.
-3. **Detection** (PSF-matched filter, 5 sigma, footprints grown, deblended peaks; one
-   child per saturated region): DETECTED plane.
+3. **Detection** (PSF-matched filter, 5 sigma of the measured spread of the smoothed
+   significance away from sources, footprints grown, deblended peaks; one child per
+   saturated region): DETECTED plane. **Satellite trails** (``kernels.streak``: Hough
+   transform of a binned S/N map, then a fitted Gaussian line profile): STREAK plane where
+   the fitted trail exceeds half the pixel noise; the trail is subtracted and the
+   detection repeated; sources on it carry ``flag_streak`` and stay out of the fits below.
 4. **Measurement**: windowed centroids, adaptive moments, aperture, Kron and (later) PSF
    fluxes, flags.
 5. **PSF**: star selection on the size-flux locus; pixelised polynomial PSF fit
@@ -16,7 +20,9 @@ Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md
    Every detection is then tested against the PSF model: faint cosmic-ray tracks that the
    per-pixel L.A.Cosmic test missed (but the matched filter summed into a "source") are
    sharper than the PSF; their sharp pixels are masked CR and repaired and the detection
-   is dropped when no significant PSF-shaped signal is left (``find_sharp_sources``).
+   is dropped when no significant PSF-shaped signal is left (``find_sharp_sources``). A hit
+   on a star (which L.A.Cosmic's fine-structure test protects) is cleaned by the same test
+   at ``cr_psf_star_sigma`` and repaired with the star's PSF fit.
 6. **Remeasure** PSF fluxes with the fitted model; **aperture correction** = clipped
    weighted mean of ``ap_flux(r_apcorr) / psf_flux`` over the PSF stars, applied to
    ``psf_flux``. ``psf_flux_err`` is the photon noise of the PSF fit plus, in quadrature,
