@@ -245,3 +245,12 @@ def test_empirical_threshold_follows_the_measured_noise():
     assert (d_emp <= 3).sum() >= 0.95 * len(fr.x)
     with pytest.raises(ValueError, match="threshold"):
         detect_sources(img, fr.variance, psf_sigma=sig, threshold="stdev")
+
+
+@pytest.mark.parametrize("r", [0, 1, 4])
+def test_dilate_square_matches_scipy(r):
+    from procsky.kernels.detection import dilate_square
+
+    m = np.random.default_rng(r).random((157, 203)) < 0.003
+    ref = ndimage.binary_dilation(m, np.ones((2 * r + 1, 2 * r + 1), bool)) if r else m
+    assert (dilate_square(m, r) == ref).all()

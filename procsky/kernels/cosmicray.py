@@ -36,6 +36,7 @@ import numpy as np
 
 from ._bits import BAD, NO_DATA, SAT, bit
 from .background import _median_inplace
+from .detection import dilate_square
 from .measure import psf_fit_arrays
 
 __all__ = ["CosmicRayResult", "SharpSourceResult", "find_cosmic_rays", "find_sharp_sources", "laplacian_plus",
@@ -304,20 +305,6 @@ def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use
 
 
 @numba.njit(nogil=True, cache=True)
-def _dilate(mask, r):
-    """Square dilation of a boolean mask by ``r`` pixels."""
-    ny, nx = mask.shape
-    out = np.zeros((ny, nx), dtype=np.bool_)
-    for y in range(ny):
-        for x in range(nx):
-            if mask[y, x]:
-                for yy in range(max(0, y - r), min(ny, y + r + 1)):
-                    for xx in range(max(0, x - r), min(nx, x + r + 1)):
-                        out[yy, xx] = True
-    return out
-
-
-@numba.njit(nogil=True, cache=True)
 def repair_pixels(image, bad, ignore, half_width=2):
     """Replace ``bad`` pixels by the median of the good pixels around them (in place).
 
@@ -430,7 +417,7 @@ def find_cosmic_rays(
             break
         # next pass: only pixels within 4 px of this pass's new CR pixels can change verdict
         new = crmask if before is None else (crmask & ~before)
-        active = _dilate(new, 4)
+        active = dilate_square(new, 4)
         # repair in place: donors are never CR or bad pixels, so they still hold input values
         repair_pixels(img, crmask, bad, 2)
         repair_pixels(var, crmask, bad, 2)

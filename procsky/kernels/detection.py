@@ -35,6 +35,7 @@ import numpy as np
 from ._bits import BAD, NO_DATA, SAT, bit
 
 __all__ = [
+    "dilate_square",
     "DetectionResult",
     "detect_sources",
     "gaussian_kernel_1d",
@@ -305,6 +306,39 @@ def label_components(mask):
                 final[r] = n
             labels[y, x] = final[r]
     return labels, n
+
+
+@numba.njit(nogil=True, cache=True)
+def _dilate_rows(m, r, out):
+    """``out[y, x] |= any(m[y, x - r : x + r + 1])`` (two running passes per row)."""
+    ny, nx = m.shape
+    for y in range(ny):
+        last = -(10**9)
+        for x in range(nx):
+            if m[y, x]:
+                last = x
+            if x - last <= r:
+                out[y, x] = True
+        last = 10**9
+        for x in range(nx - 1, -1, -1):
+            if m[y, x]:
+                last = x
+            if last - x <= r:
+                out[y, x] = True
+
+
+@numba.njit(nogil=True, cache=True)
+def dilate_square(mask, r):
+    """Dilate a boolean mask by a square of half-width ``r`` pixels (separable, O(pixels))."""
+    ny, nx = mask.shape
+    out = np.zeros((ny, nx), np.bool_)
+    if r <= 0:
+        out[:, :] = mask
+        return out
+    tmp = np.zeros((ny, nx), np.bool_)
+    _dilate_rows(mask, r, tmp)
+    _dilate_rows(tmp.T, r, out.T)
+    return out
 
 
 @numba.njit(nogil=True, cache=True)

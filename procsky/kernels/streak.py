@@ -60,7 +60,7 @@ import numba
 import numpy as np
 
 from ._bits import BAD, CR, DETECTED, EDGE, NO_DATA, SAT, bit
-from .detection import label_components
+from .detection import dilate_square, label_components
 
 #: Pixels more than _KCLIP sigma below or _KCLIP_HI sigma above the current profile model
 #: are left out of the fits (sources on the line, cosmic rays).
@@ -115,44 +115,6 @@ class StreakResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- pixel selection
-@numba.njit(nogil=True, cache=True)
-def _grow_bool(m, r):
-    """Dilate a boolean mask by a square of half-width ``r`` (separable max filter)."""
-    ny, nx = m.shape
-    tmp = np.zeros((ny, nx), np.bool_)
-    out = np.zeros((ny, nx), np.bool_)
-    if r <= 0:
-        out[:, :] = m
-        return out
-    for y in range(ny):
-        last = -10**9
-        for x in range(nx):
-            if m[y, x]:
-                last = x
-            if x - last <= r:
-                tmp[y, x] = True
-        last = 10**9
-        for x in range(nx - 1, -1, -1):
-            if m[y, x]:
-                last = x
-            if last - x <= r:
-                tmp[y, x] = True
-    for x in range(nx):
-        last = -10**9
-        for y in range(ny):
-            if tmp[y, x]:
-                last = y
-            if y - last <= r:
-                out[y, x] = True
-        last = 10**9
-        for y in range(ny - 1, -1, -1):
-            if tmp[y, x]:
-                last = y
-            if last - y <= r:
-                out[y, x] = True
-    return out
-
-
 @numba.njit(nogil=True, cache=True)
 def _footprint_shapes(labels, n, sat):
     """Per-label major/minor axis sigmas, major-axis angle and whether it holds SAT pixels."""
@@ -358,6 +320,41 @@ def _line_extent(cth, sth, rho, nx, ny):
 
 
 @numba.njit(nogil=True, cache=True)
+def _band_pixels(ny, nx, cth, sth, rho, dmax):
+    """Pixels within ``dmax`` (plus rounding) of the line ``x cos + y sin = rho``.
+
+    The line is scanned along the axis it is closer to (rows when it runs nearer the
+    columns), so each scan line holds a short run of pixels. Returns ``(ys, xs)`` in scan
+    order.
+    """
+    rows = abs(cth) >= abs(sth)
+    nouter = ny if rows else nx
+    ninner = nx if rows else ny
+    cu = sth if rows else cth  # coefficient of the outer coordinate in d
+    cv = cth if rows else sth  # coefficient of the inner coordinate (|cv| >= 1/sqrt(2))
+    cap = nouter * (int(2.0 * dmax * 1.4143) + 3)
+    ys = np.empty(cap, np.int64)
+    xs = np.empty(cap, np.int64)
+    n = 0
+    for u in range(nouter):
+        lo = (rho - u * cu - dmax) / cv
+        hi = (rho - u * cu + dmax) / cv
+        if lo > hi:
+            lo, hi = hi, lo
+        v0 = max(0, int(math.floor(lo)))
+        v1 = min(ninner - 1, int(math.ceil(hi)))
+        for v in range(v0, v1 + 1):
+            if rows:
+                ys[n] = u
+                xs[n] = v
+            else:
+                xs[n] = u
+                ys[n] = v
+            n += 1
+    return ys[:n], xs[:n]
+
+
+@numba.njit(nogil=True, cache=True)
 def _collapse(image, w, cth, sth, rho, dmax, dstep, t0, seglen, nseg, amp=0.0, cst=0.0, d0=0.0, sig=1.0,
               kclip=0.0):
     """Inverse-variance weighted profile across the line, per segment along it.
@@ -371,45 +368,30 @@ def _collapse(image, w, cth, sth, rho, dmax, dstep, t0, seglen, nseg, amp=0.0, c
     nd = int(round(2.0 * dmax / dstep))
     s1 = np.zeros((nseg, nd))
     s0 = np.zeros((nseg, nd))
-    rows = abs(cth) >= abs(sth)  # line closer to the columns: scan rows, x range per row
-    nouter = ny if rows else nx
-    ninner = nx if rows else ny
-    cu = sth if rows else cth   # coefficient of the outer coordinate in d
-    cv = cth if rows else sth   # coefficient of the inner coordinate
-    for u in range(nouter):
-        lo = (rho - u * cu - dmax) / cv
-        hi = (rho - u * cu + dmax) / cv
-        if lo > hi:
-            lo, hi = hi, lo
-        v0 = max(0, int(math.floor(lo)))
-        v1 = min(ninner - 1, int(math.ceil(hi)))
-        for v in range(v0, v1 + 1):
-            if rows:
-                y = u
-                x = v
-            else:
-                x = u
-                y = v
-            ww = w[y, x]
-            if ww <= 0.0:
+    ys, xs = _band_pixels(ny, nx, cth, sth, rho, dmax)
+    for i in range(ys.size):
+        y = ys[i]
+        x = xs[i]
+        ww = w[y, x]
+        if ww <= 0.0:
+            continue
+        d = x * cth + y * sth - rho
+        k = int(math.floor((d + dmax) / dstep))
+        if k < 0 or k >= nd:
+            continue
+        if kclip > 0.0:
+            # asymmetric: sources on the line only add flux, so the upper clip is tight
+            # (2.5 sigma); the truncation lowers the noise mean by a constant that the
+            # fitted constant absorbs
+            r = (image[y, x] - amp * math.exp(-0.5 * ((d - d0) / sig) ** 2) - cst) * math.sqrt(ww)
+            if r > _KCLIP_HI or r < -kclip:
                 continue
-            d = x * cth + y * sth - rho
-            k = int(math.floor((d + dmax) / dstep))
-            if k < 0 or k >= nd:
-                continue
-            if kclip > 0.0:
-                # asymmetric: sources on the line only add flux, so the upper clip is tight
-                # (2.5 sigma); the truncation lowers the noise mean by a constant that the
-                # fitted constant absorbs
-                r = (image[y, x] - amp * math.exp(-0.5 * ((d - d0) / sig) ** 2) - cst) * math.sqrt(ww)
-                if r > _KCLIP_HI or r < -kclip:
-                    continue
-            t = -x * sth + y * cth
-            s = int(math.floor((t - t0) / seglen))
-            if s < 0 or s >= nseg:
-                continue
-            s1[s, k] += ww * image[y, x]
-            s0[s, k] += ww
+        t = -x * sth + y * cth
+        s = int(math.floor((t - t0) / seglen))
+        if s < 0 or s >= nseg:
+            continue
+        s1[s, k] += ww * image[y, x]
+        s0[s, k] += ww
     return s1, s0
 
 
@@ -427,38 +409,23 @@ def _readmit(image, variance, w, labels, drop, cth, sth, rho, dmax, amp, cst, si
     sres = np.zeros(nl)
     svar = np.zeros(nl)
     w2 = w.copy()
+    ys, xs = _band_pixels(ny, nx, cth, sth, rho, dmax)
     for p in range(2):
-        rows = abs(cth) >= abs(sth)
-        nouter = ny if rows else nx
-        ninner = nx if rows else ny
-        cu = sth if rows else cth
-        cv = cth if rows else sth
-        for u in range(nouter):
-            lo = (rho - u * cu - dmax) / cv
-            hi = (rho - u * cu + dmax) / cv
-            if lo > hi:
-                lo, hi = hi, lo
-            v0 = max(0, int(math.floor(lo)))
-            v1 = min(ninner - 1, int(math.ceil(hi)))
-            for v in range(v0, v1 + 1):
-                if rows:
-                    y = u
-                    x = v
-                else:
-                    x = u
-                    y = v
-                k = labels[y, x]
-                if k == 0 or not drop[k]:
-                    continue
-                var = variance[y, x]
-                if not (var > 0.0) or not math.isfinite(var) or not math.isfinite(image[y, x]):
-                    continue
-                if p == 0:
-                    d = x * cth + y * sth - rho
-                    sres[k] += image[y, x] - amp * math.exp(-0.5 * (d / sig) ** 2) - cst
-                    svar[k] += var
-                elif svar[k] > 0.0 and sres[k] < nsig_max * math.sqrt(svar[k]):
-                    w2[y, x] = 1.0 / var
+        for i in range(ys.size):
+            y = ys[i]
+            x = xs[i]
+            k = labels[y, x]
+            if k == 0 or not drop[k]:
+                continue
+            var = variance[y, x]
+            if not (var > 0.0) or not math.isfinite(var) or not math.isfinite(image[y, x]):
+                continue
+            if p == 0:
+                d = x * cth + y * sth - rho
+                sres[k] += image[y, x] - amp * math.exp(-0.5 * (d / sig) ** 2) - cst
+                svar[k] += var
+            elif svar[k] > 0.0 and sres[k] < nsig_max * math.sqrt(svar[k]):
+                w2[y, x] = 1.0 / var
     return w2
 
 
@@ -547,37 +514,22 @@ def _new_line(cth, sth, rho, ta, da, tb, db):
 def _paint(model, mask, variance, cth, sth, rho, t0, t1, amp, sig, frac, dmax):
     """Add the profile between ``t0`` and ``t1`` to ``model``; mask where > frac sigma."""
     ny, nx = model.shape
-    rows = abs(cth) >= abs(sth)
-    nouter = ny if rows else nx
-    ninner = nx if rows else ny
-    cu = sth if rows else cth
-    cv = cth if rows else sth
-    for u in range(nouter):
-        lo = (rho - u * cu - dmax) / cv
-        hi = (rho - u * cu + dmax) / cv
-        if lo > hi:
-            lo, hi = hi, lo
-        v0 = max(0, int(math.floor(lo)))
-        v1 = min(ninner - 1, int(math.ceil(hi)))
-        for v in range(v0, v1 + 1):
-            if rows:
-                y = u
-                x = v
-            else:
-                x = u
-                y = v
-            t = -x * sth + y * cth
-            if t < t0 or t > t1:
-                continue
-            d = x * cth + y * sth - rho
-            m = amp * math.exp(-0.5 * (d / sig) ** 2)
-            model[y, x] += m
-            var = variance[y, x]
-            if var > 0.0 and math.isfinite(var):
-                if m > frac * math.sqrt(var):
-                    mask[y, x] = True
-            elif abs(d) <= 2.0 * sig:
+    ys, xs = _band_pixels(ny, nx, cth, sth, rho, dmax)
+    for i in range(ys.size):
+        y = ys[i]
+        x = xs[i]
+        t = -x * sth + y * cth
+        if t < t0 or t > t1:
+            continue
+        d = x * cth + y * sth - rho
+        m = amp * math.exp(-0.5 * (d / sig) ** 2)
+        model[y, x] += m
+        var = variance[y, x]
+        if var > 0.0 and math.isfinite(var):
+            if m > frac * math.sqrt(var):
                 mask[y, x] = True
+        elif abs(d) <= 2.0 * sig:
+            mask[y, x] = True
 
 
 def streak_model(shape, streaks, variance=None, mask_fraction=0.5):
@@ -718,7 +670,7 @@ def find_streaks(
     ignore = (mask & np.uint32(bad_bits)) != 0
     grown = (mask & np.uint32(grow_bits)) != 0
     if bad_grow > 0 and grown.any():
-        ignore |= _grow_bool(grown, bad_grow)
+        ignore |= dilate_square(grown, bad_grow)
     det = (mask & np.uint32(detected_bits)) != 0
     labels, n_lab = label_components(det)
     sat = (mask & np.uint32(saturated_bits)) != 0

@@ -531,9 +531,10 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         if newcr.any():
             mask[newcr] |= np.uint32(bit["CR"] | bit["INTRP"])
             donors_bad = (mask & np.uint32(bit["BAD"] | bit["SAT"] | bit["NO_DATA"])) != 0
-            repair_pixels(sub, newcr, donors_bad, 2)
+            # the clean PSF fit where there is one, else the median of the good neighbours
             fitted = newcr & np.isfinite(sharp.repair)
-            sub[fitted] = sharp.repair[fitted]  # the clean PSF fit, where there is one
+            repair_pixels(sub, newcr & ~fitted, donors_bad | fitted, 2)
+            sub[fitted] = sharp.repair[fitted]
             repair_pixels(var_det, newcr, donors_bad, 2)
             variance = np.where(newcr, var_det, variance).astype(np.float32)
             n_cr += int(newcr.sum())
