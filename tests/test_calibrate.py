@@ -569,6 +569,34 @@ def test_visit_photometric_calibration_synthetic():
     assert photocalib_for_detector(None, 0) is None
 
 
+def test_visit_photometry_uses_one_aperture_to_total_factor():
+    """calibrate multiplies psf_flux by its own growth-curve factor (noisy per detector); the
+    visit replaces it by the detectors' weighted mean, so the zero point is that of the total
+    flux and no detector's own error reaches it."""
+    from procsky.tasks.photometry import VisitPhotometryConfig, visit_photometric_calibration
+
+    rng = np.random.default_rng(5)
+    zp, loss = 30.0, 0.005  # 0.5 % of the light beyond the aperture
+    own = {0: 1.005, 1: 1.009, 2: 1.001, 3: 1.005}  # detector factors (truth 1.005) and errors
+    errs = {0: 0.0005, 1: 0.004, 2: 0.004, 3: 0.0005}
+    srcs, summaries = [], []
+    for k, g in own.items():
+        # counts in the aperture = total x (1 - loss); calibrate multiplies them by its factor g
+        s = _synthetic_src(rng, zp + 2.5 * np.log10((1 - loss) * g), zp, n=200, ref_err=0.002)
+        srcs.append(s)
+        summaries.append({"zero_point": zp, "aperture_to_total": g, "aperture_to_total_err": errs[k]})
+    rec = visit_photometric_calibration(srcs, list(own), summaries)
+    assert rec["aperture_to_total"] == pytest.approx(1.005, abs=0.0005)
+    for k in own:
+        e = rec["detectors"][str(k)]
+        assert e["aperture_to_total_applied"] == pytest.approx(rec["aperture_to_total"])
+        # the zero point of total counts: the truth (0.5 mmag), whatever the detector's own factor
+        assert e["zero_point"] == pytest.approx(zp, abs=0.0007), k
+    off = visit_photometric_calibration(srcs, list(own), summaries,
+                                        VisitPhotometryConfig(use_visit_aperture_to_total=False))
+    assert off["aperture_to_total"] == 1.0 and off["detectors"]["1"]["aperture_to_total_applied"] == 1.009
+
+
 @pytest.mark.slow
 def test_calibrate_small_trailed_detector(tmp_path):
     """`small` visit 14, detector 3: a satellite trail crosses the detector. Calibrate finds

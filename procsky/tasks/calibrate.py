@@ -65,6 +65,7 @@ from procsky.kernels.background import estimate_background
 from procsky.kernels.cosmicray import find_cosmic_rays, find_sharp_sources, repair_pixels
 from procsky.kernels.detection import detect_sources
 from procsky.kernels.measure import FLAG_NAMES, measure_sources
+from procsky.kernels.growth import GrowthCorrection, aperture_to_total
 from procsky.kernels.psfmodel import fit_psf_model, render_stamps, select_psf_stars
 from procsky.kernels.streak import find_streaks
 from procsky.photocalib import PhotoCalib
@@ -134,6 +135,18 @@ class CalibrateConfig(TaskConfig):
     """Circular aperture radii, pixels."""
     apcorr_radius: float = 17.0
     """Aperture (one of ``aperture_radii``) the PSF fluxes are corrected to, pixels."""
+    total_flux_correction: bool = True
+    """Also correct PSF fluxes from the ``apcorr_radius`` aperture to the total flux, measured on the
+    growth curve of the bright stars out to ``growth_edges`` with a local sky in ``growth_sky_annulus``
+    (``kernels.growth.aperture_to_total``). Without it the zero point, fitted against total reference
+    magnitudes, absorbs the light outside the aperture: on `small` r visit 23 (Moffat beta 3.36,
+    FWHM 5.9 px) 0.4 % of the flux, a zero point 4.2 mmag below the truth."""
+    growth_edges: tuple[float, ...] = (17.0, 21.0, 26.0, 32.0, 40.0)
+    """Ring edges of the growth curve, pixels (the first is ``apcorr_radius``)."""
+    growth_sky_annulus: tuple[float, float] = (48.0, 64.0)
+    """Local sky annulus of the growth curve, pixels."""
+    growth_min_snr: float = 100.0
+    """Minimum aperture S/N of the stars whose growth curve is measured."""
     psf_min_snr: float = 50.0
     """Minimum S/N of PSF star candidates."""
     psf_isolation_radius: float = 10.0
@@ -565,14 +578,31 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     apcorr, apcorr_err, n_ac = _weighted_clipped_mean(ratio[ac_stars], ratio_err[ac_stars])
     if not (np.isfinite(apcorr) and apcorr > 0):
         apcorr, apcorr_err, n_ac = 1.0, float("nan"), 0
-    psf_flux = meas["psf_flux"] * apcorr
+    # 6b. from the aperture to the total flux: the growth curve of bright stars beyond it
+    growth = GrowthCorrection(status="disabled (total_flux_correction=False)")
+    if config.total_flux_correction:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ap_snr = meas[apc_name] / meas[apc_name + "_err"]
+        gstars = ((used | cand) & ~meas["psf_flux_flag"] & ~meas["ap_flux_flag"] & ~meas["flag_saturated"]
+                  & ~meas["flag_blended"] & ~meas["flag_streak"] & (ap_snr > config.growth_min_snr))
+        gi = np.flatnonzero(gstars)
+        edges = np.asarray(config.growth_edges, float)
+        edges = np.concatenate([[float(config.apcorr_radius)], edges[edges > config.apcorr_radius]])
+        inner = {r: (meas[_ap_name(meas, r)][gi], meas[_ap_name(meas, r) + "_err"][gi])
+                 for r in config.aperture_radii if 0.5 * config.apcorr_radius <= r < config.apcorr_radius}
+        growth = aperture_to_total(sub, var_det, mask, det.children, child_ids[gi], meas["x"][gi], meas["y"][gi],
+                                   meas[apc_name][gi], meas[apc_name + "_err"][gi], config.apcorr_radius,
+                                   inner_fluxes=inner, edges=edges, sky_annulus=config.growth_sky_annulus,
+                                   bad_bits=int(_masks.bits("BAD", "SAT", "NO_DATA", "EDGE", "STREAK", "SUSPECT")))
+    apcorr_total = apcorr * growth.correction
+    psf_flux = meas["psf_flux"] * apcorr_total
     # PSF-model error where the model was not fitted (cross-validated on this detector's PSF
     # stars, see kernels.psfmodel.cross_validated_flux_scatter), added in quadrature
     flux_sys = float(psf_info.get("flux_sys", np.nan)) if config.psf_flux_sys_error else float("nan")
     if not np.isfinite(flux_sys):
         flux_sys = 0.0
     psf_info["flux_sys_applied"] = flux_sys
-    psf_flux_err = np.hypot(meas["psf_flux_err"] * apcorr, flux_sys * psf_flux)
+    psf_flux_err = np.hypot(meas["psf_flux_err"] * apcorr_total, flux_sys * psf_flux)
 
     # 7. astrometry
     wcs = copy_wcs(exp.wcs)
@@ -715,6 +745,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
             "background_level": bkg.global_background, "background_rms": bkg.global_rms,
             "background_box": list(bkg.box_size), "background_mesh": bkg.mesh_background.tolist(),
             "psf": psf_info, "apcorr": apcorr, "apcorr_radius": float(config.apcorr_radius),
+            "growth": growth.to_dict(),
             "astrometry": astro, "photometry": phot, "n_cr_pixels": int(n_cr), "n_cr_sources": n_cr_sources,
             "streaks": streaks,
         },
@@ -746,6 +777,9 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         "apcorr": float(apcorr),
         "apcorr_err": float(apcorr_err),
         "apcorr_n_stars": int(n_ac),
+        "aperture_to_total": float(growth.correction),
+        "aperture_to_total_err": float(growth.error),
+        "aperture_to_total_n_stars": int(growth.n_stars),
         "zero_point": float(photocalib.zero_point),
         "zero_point_err": float(photocalib.zero_point_err),
         "zero_point_n_stars": int(phot.get("n_stars", 0)),

@@ -33,6 +33,17 @@ Output ``visit_photocalib`` (dimensions instrument, visit; StructuredData): see
 detector's final :class:`~procsky.photocalib.PhotoCalib` (used by ``warp`` and
 ``assemble_coadd_direct``). Each detector's aperture correction (already applied to the
 ``psf_flux`` of ``src``; the calexp pixels are not aperture corrected) is kept unchanged.
+
+**Aperture to total.** ``calibrate`` also corrects ``psf_flux`` from its aperture to the total
+flux with the growth curve of the detector's bright stars (``aperture_to_total`` in its
+summary, :mod:`procsky.kernels.growth`). On one detector that factor rests on 3-15 stars
+whose wings beyond the aperture are measured to ~1 % each against the sky noise: per
+detector it scatters by ~0.3 %. The PSF wings vary slowly over the focal plane, so the visit
+uses one factor, the clipped inverse-variance weighted mean of the detectors' factors
+(``aperture_to_total``; ``use_visit_aperture_to_total``), in place of each detector's own
+before the zero point is fitted. The zero point is then that of the total flux, the calexp
+pixels' calibration: on `small` r visit 23 (Moffat beta 3.4, 0.5 % of the light beyond
+17 px) the visit zero point was 4.2 mmag below the truth without it.
 """
 
 from __future__ import annotations
@@ -77,6 +88,9 @@ class VisitPhotometryConfig(TaskConfig):
     """Significance (offset / its error) above which an offset is applied."""
     offset_min_stars: int = pydantic.Field(5, ge=2)
     """Detectors with fewer stars never get their own offset."""
+    use_visit_aperture_to_total: bool = True
+    """Replace each detector's aperture-to-total factor (calibrate summary ``aperture_to_total``,
+    already in its ``psf_flux``) by the visit's weighted mean before fitting the zero point."""
 
 
 def _clipped_median(d: np.ndarray, nsigma: float, max_iter: int = 10):
@@ -129,6 +143,8 @@ def _star_table(src: pd.DataFrame, detector: int, summary: dict | None) -> tuple
         "detector_zero_point_err": float(meta.get("zero_point_err", summary.get("zero_point_err", float("nan")))),
         "header_zero_point": float(meta.get("header_zero_point", summary.get("header_zero_point", float("nan")))),
         "apcorr": float(summary.get("apcorr", float("nan"))),
+        "aperture_to_total": float(summary.get("aperture_to_total", 1.0)),
+        "aperture_to_total_err": float(summary.get("aperture_to_total_err", float("nan"))),
         "photometry_status": meta.get("photometry_status", summary.get("photometry_status", "")),
     }
     need = {"ref_mag", "ref_mag_err", "calib_photometry_candidate", "psf_flux", "psf_flux_err"}
@@ -199,6 +215,24 @@ def visit_photometric_calibration(srcs, detectors, summaries=None, config: Visit
     if not infos:
         raise NoWorkError("no src catalogue for this visit")
     stars = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["detector", "d", "err"])
+    # one aperture-to-total factor for the visit in place of each detector's noisy own
+    gc_dets = np.array([infos[k]["aperture_to_total"] for k in infos])
+    gc_errs = np.array([infos[k]["aperture_to_total_err"] for k in infos])
+    gc_ok = np.isfinite(gc_dets) & np.isfinite(gc_errs) & (gc_errs > 0)
+    gc_visit, gc_visit_err, gc_n = 1.0, float("nan"), 0
+    if config.use_visit_aperture_to_total and gc_ok.any():
+        g, ge, _, gu = _clipped_weighted_mean(gc_dets[gc_ok], gc_errs[gc_ok], config.nsigma)
+        if np.isfinite(g) and g > 0:
+            gc_visit, gc_visit_err, gc_n = float(g), float(ge), int(gu.sum())
+    gc_shift = {}
+    for k in infos:
+        gk = infos[k]["aperture_to_total"]
+        use_k = config.use_visit_aperture_to_total and gc_n > 0 and np.isfinite(gk) and gk > 0
+        # m_inst of the detector's counts (which carry its own factor) -> with the visit factor
+        gc_shift[k] = 2.5 * math.log10(gc_visit / gk) if use_k else 0.0
+        infos[k]["aperture_to_total_applied"] = gc_visit if use_k else gk
+    if len(stars):
+        stars["d"] = stars["d"].to_numpy(float) + np.array([gc_shift[k] for k in stars["detector"].to_numpy(int)])
     heads = np.array([infos[k]["header_zero_point"] for k in infos])
     use_head = config.use_header_offsets and np.isfinite(heads).all()
     h_ref = float(np.median(heads)) if use_head else 0.0
@@ -251,6 +285,7 @@ def visit_photometric_calibration(srcs, detectors, summaries=None, config: Visit
         "zero_point": zp, "zero_point_err": zp_err, "n_stars": n_used, "n_candidates": len(stars),
         "n_detectors": sum(1 for v in dets.values() if v["n_stars"] > 0), "scatter": scatter,
         "estimator": config.estimator, "header_offsets_used": bool(use_head),
+        "aperture_to_total": gc_visit, "aperture_to_total_err": gc_visit_err, "aperture_to_total_n_detectors": gc_n,
         "status": (f"visit zero point from {n_used} reference stars on "
                    f"{sum(1 for v in dets.values() if v['n_used'] > 0)} detectors ({config.estimator})"),
         "detectors": dets,
