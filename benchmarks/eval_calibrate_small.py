@@ -79,6 +79,7 @@ def evaluate(simdir: Path, visit: int, detectors=None, estimator: str = "median"
             "fwhm_%": 100 * (summary["psf_fwhm_px"] / m["true_gauss_fwhm_px"] - 1),
             "dT_%": 100 * summary["psf_reserved_dT_median"],
             "psf_sys_%": 100 * summary.get("psf_flux_sys", np.nan),
+            "a2t_%": 100 * (summary.get("aperture_to_total", np.nan) - 1),
             "psf_bias_%": 100 * m["psf_flux_bias"],
             "pull_std": m["pull_std_snr50_500"],
             "n_bright": m["n_bright"],
@@ -139,7 +140,8 @@ def main():
     rec = t.attrs["visit_photocalib"]
     print(f"visit zero point ({rec['estimator']}): {rec['zero_point']:.4f} +- {1000 * rec['zero_point_err']:.2f} mmag "
           f"from {rec['n_stars']} of {rec['n_candidates']} stars on {rec['n_detectors']} detectors; rms of calibrate's "
-          f"per-detector dzp {np.sqrt(np.mean(t['dzp_det_mmag'] ** 2)):.2f} mmag")
+          f"per-detector dzp {np.sqrt(np.mean(t['dzp_det_mmag'] ** 2)):.2f} mmag; aperture-to-total factor of the visit "
+          f"{rec.get('aperture_to_total', 1.0):.4f} +- {rec.get('aperture_to_total_err', float('nan')):.4f}")
     print()
     print(passes(t).to_string())
     p = t.attrs["pooled"]

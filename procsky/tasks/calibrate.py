@@ -31,6 +31,11 @@ Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md
    is measured with a model fitted without it (cross-validation,
    ``kernels.psfmodel.cross_validated_flux_scatter``; 0.0-0.8 % on `small`, where a
    2048 x 2048 detector holds only 9-21 PSF stars). Estimated on the detector's own data.
+   **Aperture to total**: the light outside ``apcorr_radius`` from the growth curve of the
+   bright stars (clipped ring means out to 40 px against a local sky, power-law tail;
+   ``kernels.growth``), also applied to ``psf_flux``, so that the zero point is that of the
+   total flux (``aperture_to_total`` in the summary; ``visit_photometry`` uses the visit's
+   mean of it, the per-detector value scattering by ~0.3 %).
 7. **Astrometry**: reference stars (shards attached by :meth:`CalibrateTask.quanta`)
    matched by offset voting, TAN-SIP fit (full SIP with enough stars; otherwise a linear
    fit on top of the header SIP distortion). Without a reference catalogue, or with too
