@@ -367,10 +367,12 @@ def test_calibrate_small_visit_zero_point(small_visit_metrics, capsys):
     detector of the visit.
 
     The per-detector zero points of ``calibrate`` (7-18 reference stars with 5-20 mmag errors
-    each) are printed for the record: on visit 2 they are -1.4, 0.4, 0.2, -1.8, 0.8, -0.9,
-    -1.3, -2.7, -3.1 mmag from the truth (detector 8 fails 3 mmag; visit 5 has +3.3, +3.0,
-    -4.0). The final PhotoCalib is the visit's: one zero point from the ~100 reference stars
-    of all 9 detectors (measured -1.3 mmag on visit 2, +0.2 on visits 5 and 8).
+    each, and each detector's own aperture-to-total factor) are printed for the record: on
+    visit 2 they are 0.7, 1.3, 2.1, -2.6, 2.4, 0.5, -1.9, 0.8, -1.8 mmag from the truth (on
+    visits 23 and 26 up to 10 mmag). The final PhotoCalib is the visit's: one zero point of
+    the total flux from the ~100 reference stars of all 9 detectors and the visit's
+    aperture-to-total factor (measured -0.2 mmag on visit 2; over the 11 cached visits of
+    `small` -0.7..+1.4 mmag, where the 17-px aperture flux gave -4.2..+0.7).
     """
     rec = _visit_calibration(small_visit_metrics)
     truth = {det: m["true_magzero"] for det, (m, *_) in small_visit_metrics.items()}
