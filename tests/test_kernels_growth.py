@@ -109,7 +109,7 @@ def test_ring_profiles_masked_and_edge_rings_are_nan():
     xs = np.r_[x, 5.0]  # and one position on the image edge
     ys = np.r_[y, 300.0]
     own = np.r_[np.arange(1, 5), 0]
-    mean, v, sky, sky_var = ring_profiles(img, var, mask, children, own, xs, ys, [17, 21, 26], (30, 40), 1)
+    mean, _, sky, _ = ring_profiles(img, var, mask, children, own, xs, ys, [17, 21, 26], (30, 40), 1)
     assert mean.shape == (5, 2) and sky.shape == (5,)
     assert np.isfinite(mean[1:4]).all() and np.isfinite(sky[1:4]).all()
     assert np.isnan(mean[4]).all()  # less than half of each ring on the image

@@ -26,7 +26,7 @@ import numpy as np
 
 from .background import _median_inplace
 
-__all__ = ["GrowthCorrection", "ring_profiles", "aperture_to_total"]
+__all__ = ["GrowthCorrection", "aperture_to_total", "ring_profiles"]
 
 
 @numba.njit(nogil=True, cache=True)

@@ -225,12 +225,12 @@ def visit_photometric_calibration(srcs, detectors, summaries=None, config: Visit
         if np.isfinite(g) and g > 0:
             gc_visit, gc_visit_err, gc_n = float(g), float(ge), int(gu.sum())
     gc_shift = {}
-    for k in infos:
-        gk = infos[k]["aperture_to_total"]
+    for k, info_k in infos.items():
+        gk = info_k["aperture_to_total"]
         use_k = config.use_visit_aperture_to_total and gc_n > 0 and np.isfinite(gk) and gk > 0
         # m_inst of the detector's counts (which carry its own factor) -> with the visit factor
         gc_shift[k] = 2.5 * math.log10(gc_visit / gk) if use_k else 0.0
-        infos[k]["aperture_to_total_applied"] = gc_visit if use_k else gk
+        info_k["aperture_to_total_applied"] = gc_visit if use_k else gk
     if len(stars):
         stars["d"] = stars["d"].to_numpy(float) + np.array([gc_shift[k] for k in stars["detector"].to_numpy(int)])
     heads = np.array([infos[k]["header_zero_point"] for k in infos])
