@@ -26,7 +26,7 @@ import numpy as np
 
 from .background import _median_inplace
 
-__all__ = ["GrowthCorrection", "aperture_to_total", "ring_profiles"]
+__all__ = ["GrowthCorrection", "aperture_to_total", "ring_profiles", "weighted_clipped_mean"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -89,10 +89,11 @@ def _ring_profiles_kernel(image, variance, mask, children, own, xs, ys, edges, s
                     c = children[py, px]
                     if c != 0 and c != own[k]:
                         continue
-                    vv = variance[py, px]
-                    if not (vv > 0.0) or not np.isfinite(image[py, px]):
+                    vv = np.float64(variance[py, px])
+                    val = np.float64(image[py, px])
+                    if not (vv > 0.0) or not np.isfinite(val):
                         continue
-                    vals[n] = image[py, px]
+                    vals[n] = val
                     sig[n] = math.sqrt(vv)
                     n += 1
             # a ring needs half its area on good pixels
@@ -154,9 +155,7 @@ def ring_profiles(image, variance, mask, children, own, x, y, edges, sky_annulus
     npix = np.zeros((n, nr), np.int64)
     sky = np.full(n, np.nan)
     sky_var = np.full(n, np.nan)
-    _ring_profiles_kernel(np.asarray(image, np.float64) if np.asarray(image).dtype != np.float64 else image,
-                          np.asarray(variance, np.float64) if np.asarray(variance).dtype != np.float64 else variance,
-                          mask, children, np.ascontiguousarray(own, np.int64), x, y, edges, s_in, s_out,
+    _ring_profiles_kernel(np.asarray(image), np.asarray(variance), mask, children, np.ascontiguousarray(own, np.int64), x, y, edges, s_in, s_out,
                           np.uint32(bad_bits), float(nsigma), mean, var, npix, sky, sky_var)
     return mean, var, sky, sky_var
 
@@ -184,9 +183,6 @@ class GrowthCorrection:
     profile : dict
         Stacked normalised ring profile: ``r`` (ring radii), ``sb`` (surface brightness per
         pixel over aperture flux) and ``sb_err``.
-    stars : dict
-        Per star: ``x``, ``y``, ``fraction`` (flux between the aperture and the last ring over
-        the aperture flux), ``error`` and ``used`` (survived the clip).
     """
 
     correction: float = 1.0
@@ -197,18 +193,26 @@ class GrowthCorrection:
     gamma: float = float("nan")
     status: str = "not measured"
     profile: dict = field(default_factory=dict)
-    stars: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"correction": float(self.correction), "error": float(self.error), "n_stars": int(self.n_stars),
                 "ring_fraction": float(self.ring_fraction), "tail_fraction": float(self.tail_fraction),
                 "gamma": float(self.gamma), "status": self.status,
-                "profile": {k: [float(v) for v in vals] for k, vals in self.profile.items()},
-                "stars": {k: [v if isinstance(v, bool) else float(v) for v in vals] for k, vals in self.stars.items()}}
+                "profile": {k: [float(v) for v in vals] for k, vals in self.profile.items()}}
 
 
-def _weighted_clipped(v, e, nsigma=3.0, max_iter=5):
-    keep = np.isfinite(v) & np.isfinite(e) & (e > 0)
+def weighted_clipped_mean(values, errors, nsigma=3.0, max_iter=5):
+    """Inverse-variance weighted mean with clipping of points beyond ``nsigma`` of their error
+    (scaled by sqrt of the reduced chi^2 when the scatter exceeds the errors).
+
+    Non-finite values or errors and non-positive errors never enter. Returns ``(mean, error,
+    kept mask)``; NaN mean and error when nothing is usable. Used for the growth-curve
+    fractions here and for calibrate's aperture correction.
+    """
+    v = np.asarray(values, float)
+    e = np.asarray(errors, float)
+    usable = np.isfinite(v) & np.isfinite(e) & (e > 0)
+    keep = usable.copy()
     mean = err = float("nan")
     for _ in range(max_iter):
         if keep.sum() == 0:
@@ -218,7 +222,8 @@ def _weighted_clipped(v, e, nsigma=3.0, max_iter=5):
         chi2 = float(np.sum(w * (v[keep] - mean) ** 2) / max(keep.sum() - 1, 1))
         scale = math.sqrt(max(chi2, 1.0))
         err = scale / math.sqrt(float(np.sum(w)))
-        new = np.isfinite(v) & np.isfinite(e) & (e > 0) & (np.abs(v - mean) <= nsigma * e * scale)
+        with np.errstate(invalid="ignore"):
+            new = usable & (np.abs(v - mean) <= nsigma * e * scale)
         if new.sum() == 0 or (new == keep).all():
             break
         keep = new
@@ -309,7 +314,7 @@ def aperture_to_total(image, variance, mask, children, own, x, y, ap_flux, ap_fl
     frac = excess / total_ap
     frac_err = np.sqrt(excess_var / total_ap**2 + (excess * ap_err / total_ap**2) ** 2)
     frac[~good] = np.nan
-    f_mean, f_err, keep = _weighted_clipped(frac, frac_err, nsigma=nsigma)
+    f_mean, f_err, keep = weighted_clipped_mean(frac, frac_err, nsigma=nsigma)
     if keep.sum() < min_stars or not np.isfinite(f_mean):
         return GrowthCorrection(status=f"only {int(keep.sum())} stars survive clipping (< {min_stars})")
     # stacked profile (surface brightness over aperture flux) for the tail

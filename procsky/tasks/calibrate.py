@@ -70,7 +70,7 @@ from procsky.kernels.background import estimate_background
 from procsky.kernels.cosmicray import find_cosmic_rays, find_sharp_sources, repair_pixels
 from procsky.kernels.detection import detect_sources
 from procsky.kernels.measure import FLAG_NAMES, measure_sources
-from procsky.kernels.growth import GrowthCorrection, aperture_to_total
+from procsky.kernels.growth import GrowthCorrection, aperture_to_total, weighted_clipped_mean
 from procsky.kernels.psfmodel import fit_psf_model, render_stamps, select_psf_stars
 from procsky.kernels.streak import find_streaks
 from procsky.photocalib import PhotoCalib
@@ -211,28 +211,6 @@ class CalibrateConfig(TaskConfig):
 
 
 # ------------------------------------------------------------------------------ helpers
-def _weighted_clipped_mean(values, errors, nsigma=3.0, max_iter=5):
-    """Inverse-variance weighted mean with clipping of points beyond nsigma of their error
-    (scaled by the reduced chi^2 when the scatter exceeds the errors)."""
-    v = np.asarray(values, float)
-    e = np.asarray(errors, float)
-    if not v.size:
-        return float("nan"), float("nan"), 0
-    keep = np.ones(v.size, bool)
-    mean = err = float("nan")
-    for _ in range(max_iter):
-        w = 1.0 / e[keep] ** 2
-        mean = float(np.sum(w * v[keep]) / np.sum(w))
-        chi2 = float(np.sum(w * (v[keep] - mean) ** 2) / max(keep.sum() - 1, 1))
-        scale = math.sqrt(max(chi2, 1.0))
-        err = scale / math.sqrt(float(np.sum(w)))
-        new = np.abs(v - mean) <= nsigma * e * scale
-        if new.sum() == 0 or (new == keep).all():
-            break
-        keep = new
-    return mean, err, int(keep.sum())
-
-
 def _initial_sigma(exp: Exposure, config) -> float:
     if exp.psf is not None:
         try:
@@ -580,7 +558,8 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         ratio_err = np.hypot(meas[apc_name + "_err"], ratio * meas["psf_flux_err"]) / meas["psf_flux"]
     ac_stars = (used & np.isfinite(ratio) & np.isfinite(ratio_err) & (ratio_err > 0) & ~meas["psf_flux_flag"]
                 & ~meas["ap_flux_flag"])
-    apcorr, apcorr_err, n_ac = _weighted_clipped_mean(ratio[ac_stars], ratio_err[ac_stars])
+    apcorr, apcorr_err, ac_kept = weighted_clipped_mean(ratio[ac_stars], ratio_err[ac_stars])
+    n_ac = int(ac_kept.sum())
     if not (np.isfinite(apcorr) and apcorr > 0):
         apcorr, apcorr_err, n_ac = 1.0, float("nan"), 0
     # 6b. from the aperture to the total flux: the growth curve of bright stars beyond it
@@ -591,13 +570,11 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         gstars = ((used | cand) & ~meas["psf_flux_flag"] & ~meas["ap_flux_flag"] & ~meas["flag_saturated"]
                   & ~meas["flag_blended"] & ~meas["flag_streak"] & (ap_snr > config.growth_min_snr))
         gi = np.flatnonzero(gstars)
-        edges = np.asarray(config.growth_edges, float)
-        edges = np.concatenate([[float(config.apcorr_radius)], edges[edges > config.apcorr_radius]])
         inner = {r: (meas[_ap_name(meas, r)][gi], meas[_ap_name(meas, r) + "_err"][gi])
                  for r in config.aperture_radii if 0.5 * config.apcorr_radius <= r < config.apcorr_radius}
         growth = aperture_to_total(sub, var_det, mask, det.children, child_ids[gi], meas["x"][gi], meas["y"][gi],
                                    meas[apc_name][gi], meas[apc_name + "_err"][gi], config.apcorr_radius,
-                                   inner_fluxes=inner, edges=edges, sky_annulus=config.growth_sky_annulus,
+                                   inner_fluxes=inner, edges=config.growth_edges, sky_annulus=config.growth_sky_annulus,
                                    bad_bits=int(_masks.bits("BAD", "SAT", "NO_DATA", "EDGE", "STREAK", "SUSPECT")))
     apcorr_total = apcorr * growth.correction
     psf_flux = meas["psf_flux"] * apcorr_total
