@@ -41,6 +41,8 @@ __all__ = [
     "lanczos_sample",
     "fourier_shift",
     "cross_validated_flux_scatter",
+    "model_flux_error",
+    "warp_images",
 ]
 
 _BAD = bit(BAD) | bit(NO_DATA) | bit(SAT)
@@ -78,6 +80,12 @@ class PsfModelArrays(NamedTuple):
         too few stars.
     cv_flux_ratio : tuple of float
         The cross-validated ratios behind ``flux_sys`` (one per star, see there).
+    warp_order : int
+        Order of the size/shear warp part of the model (-1: none; see :func:`fit_psf_model`).
+    warp_flux_cov : tuple of float
+        Covariance (flattened ``J x J``, ``J`` terms of order ``warp_order``) of the
+        polynomial coefficients of the fractional PSF-flux error that the warp's fitting
+        noise makes (:func:`model_flux_error`).
     """
 
     coeffs: np.ndarray
@@ -96,6 +104,8 @@ class PsfModelArrays(NamedTuple):
     reserved_dT: tuple = ()
     flux_sys: float = float("nan")
     cv_flux_ratio: tuple = ()
+    warp_order: int = -1
+    warp_flux_cov: tuple = ()
 
     def to_dict(self):
         """JSON-able dict (coefficients as nested lists)."""
@@ -103,6 +113,7 @@ class PsfModelArrays(NamedTuple):
         d["coeffs"] = self.coeffs.tolist()
         d["reserved_dT"] = [float(v) for v in self.reserved_dT]
         d["cv_flux_ratio"] = [float(v) for v in self.cv_flux_ratio]
+        d["warp_flux_cov"] = [float(v) for v in self.warp_flux_cov]
         return d
 
     @classmethod
@@ -112,6 +123,7 @@ class PsfModelArrays(NamedTuple):
         d["coeffs"] = np.asarray(d["coeffs"], dtype=np.float64)
         d["reserved_dT"] = tuple(float(v) for v in d.get("reserved_dT", ()))
         d["cv_flux_ratio"] = tuple(float(v) for v in d.get("cv_flux_ratio", ()))
+        d["warp_flux_cov"] = tuple(float(v) for v in d.get("warp_flux_cov", ()))
         return cls(**d)
 
 
@@ -216,6 +228,34 @@ def evaluate_model(model, x, y):
     u = (float(x) - model.x_center) / model.x_scale
     v = (float(y) - model.y_center) / model.y_scale
     return _eval_grid(model.coeffs, px, py, u, v)
+
+
+def model_flux_error(model, x, y):
+    """Fractional PSF-flux error that the fitting noise of the model's warp makes at (x, y).
+
+    ``sqrt(b^T C b)`` with ``b`` the warp's polynomial terms at the position without the
+    constant (a uniform flux-scale error is the aperture correction's, measured on the same
+    stars) and ``C`` = :attr:`PsfModelArrays.warp_flux_cov`. Zero for a model without warp.
+
+    Parameters
+    ----------
+    model : PsfModelArrays
+    x, y : array_like, pixels
+
+    Returns
+    -------
+    ndarray, like ``x``
+    """
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    if model.warp_order < 0 or not len(model.warp_flux_cov):
+        return np.zeros(np.broadcast(x, y).shape)
+    px, py = poly_terms(model.warp_order)
+    cov = np.asarray(model.warp_flux_cov, np.float64).reshape(px.size, px.size)
+    u = (x - model.x_center) / model.x_scale
+    v = (y - model.y_center) / model.y_scale
+    b = np.stack([np.zeros_like(u * v) if a + c == 0 else u**a * v**c for a, c in zip(px, py)], axis=-1)
+    return np.sqrt(np.maximum(np.einsum("...i,ij,...j->...", b, cov, b), 0.0))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -556,6 +596,187 @@ def _solve_pixels(data, wts, flux, use, basis):
     return coeffs
 
 
+def _deriv4(a, axis):
+    """Fourth-order central difference along ``axis`` (zero beyond the stamp)."""
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (2, 2)
+    b = np.pad(a, pad)
+    n = a.shape[axis]
+
+    def sl(k):
+        return np.take(b, np.arange(k, k + n), axis=axis)
+
+    return (sl(0) - 8.0 * sl(1) + 8.0 * sl(3) - sl(4)) / 12.0
+
+
+def warp_images(p0):
+    """Images of the first-order change of a PSF image under a dilation and two shears.
+
+    With ``P_A(r) = P(A^-1 r) / det A`` for ``A = 1 + a_s I + a_1 S_1 + a_2 S_2``
+    (``S_1 = diag(1, -1)``, ``S_2`` the symmetric off-diagonal unit), ``P_A = P + a_s D_s +
+    a_1 D_1 + a_2 D_2 + O(a^2)`` with ``D_s = -(2 P + r . grad P)``,
+    ``D_1 = -(x dP/dx - y dP/dy)`` and ``D_2 = -(y dP/dx + x dP/dy)``. Each keeps the flux
+    (sums to zero) and is even under ``r -> -r``, so none mimics a centroid shift.
+
+    Parameters
+    ----------
+    p0 : ndarray (M, M)
+        A centred PSF image (model grid).
+
+    Returns
+    -------
+    ndarray (3, M, M)
+    """
+    m = p0.shape[0]
+    g = np.arange(m, dtype=np.float64) - m // 2
+    xx, yy = np.meshgrid(g, g)
+    dx = _deriv4(p0, 1)
+    dy = _deriv4(p0, 0)
+    return np.stack([-(2.0 * p0 + xx * dx + yy * dy), -(xx * dx - yy * dy), -(yy * dx + xx * dy)])
+
+
+def _warp_normal(data, wts, flux, use, basis, coeffs, dimg, local_sky=True):
+    """Each star's normal equations ``(G_i, h_i)`` for the warp amplitudes at its position.
+
+    The star's normalised residual ``data / F - P(x)`` against ``sum_k a_k D_k`` with
+    weights ``wts F^2``; with ``local_sky`` a constant per star is fitted too and
+    marginalised (Schur complement), so an error of the local background (which looks like
+    a wide component, i.e. a dilation, on a faint star) does not enter.
+    """
+    k_n = dimg.shape[0]
+    n = data.shape[0]
+    g_all = np.zeros((n, k_n, k_n))
+    h_all = np.zeros((n, k_n))
+    flat = dimg.reshape(k_n, -1)
+    if local_sky:
+        flat = np.vstack([flat, np.ones((1, flat.shape[1]))])
+    for i in np.flatnonzero(use):
+        f = flux[i]
+        p = np.tensordot(basis[i], coeffs, axes=1)
+        w = (np.where(wts[i] > 0, wts[i], 0.0) * f * f).ravel()
+        r = (data[i] / f - p).ravel()
+        g = (flat * w) @ flat.T
+        h = (flat * w) @ r
+        if local_sky:
+            if not g[-1, -1] > 0:
+                continue
+            h = h[:-1] - g[:-1, -1] * (h[-1] / g[-1, -1])
+            g = g[:-1, :-1] - np.outer(g[:-1, -1], g[-1, :-1]) / g[-1, -1]
+        g_all[i] = g
+        h_all[i] = h
+    return g_all, h_all
+
+
+def _solve_warp_normal(g_all, h_all, basis_w, use, prior=0.0):
+    """Warp polynomial coefficients ``(K, J)`` from the stars' normal equations, and the
+    normal matrix (the coefficients' inverse covariance)."""
+    k_n = g_all.shape[1]
+    j_n = basis_w.shape[1]
+    a = np.zeros((k_n * j_n, k_n * j_n))
+    rhs = np.zeros(k_n * j_n)
+    for i in np.flatnonzero(use):
+        a += np.kron(g_all[i], np.outer(basis_w[i], basis_w[i]))
+        rhs += np.kron(h_all[i], basis_w[i])
+    a[np.diag_indices_from(a)] += 1e-9 * (1.0 + np.diag(a))
+    if prior > 0:  # Gaussian prior of width ``prior`` on the non-constant terms
+        pr = np.zeros((k_n, j_n))
+        pr[:, 1:] = 1.0 / prior**2
+        a[np.diag_indices_from(a)] += pr.ravel()
+    return np.linalg.solve(a, rhs).reshape(k_n, j_n), a
+
+
+def _solve_warp(data, wts, flux, use, basis, coeffs, basis_w, dimg, prior=0.0, clip=4.0, local_sky=True):
+    """Polynomial coefficients of the warp amplitudes fitted to the residuals of a pixel model.
+
+    Each star's normalised residual ``data / F - P(x)`` is fitted, with weights ``wts F^2``,
+    by ``sum_k a_k(x) D_k`` where each amplitude ``a_k`` is a polynomial in the detector
+    position (``basis_w``). One star constrains only the few numbers ``<D_k, residual>``:
+    a low-order spatial model of size and shear from a handful of stars, where a pixel
+    polynomial of the same order needs a full image per term.
+
+    Stars are rejected one at a time while the worst leave-one-out chi^2 of a star's own
+    amplitudes against the model without it (its noise and the prediction's, ``K`` degrees
+    of freedom) exceeds the ``clip``-sigma equivalent: a compact galaxy among the PSF stars
+    is wider than the PSF by more than its noise, and a few stars cannot outvote it.
+
+    Returns
+    -------
+    cw : ndarray (K, J)
+        Amplitude ``k``'s coefficient of warp term ``j``.
+    a : ndarray (K J, K J)
+        Normal matrix of the coefficients (inverse covariance; prior included).
+    keep : ndarray (n,) bool
+        Stars of the final warp fit.
+    """
+    from scipy.stats import chi2 as chi2_dist
+    from scipy.stats import norm
+
+    k_n = dimg.shape[0]
+    g_all, h_all = _warp_normal(data, wts, flux, use, basis, coeffs, dimg, local_sky)
+    keep = use & np.array([np.all(np.isfinite(g)) and np.linalg.det(g) > 0 for g in g_all])
+    limit = float(chi2_dist.isf(2.0 * norm.sf(clip), k_n)) if clip > 0 else np.inf
+    while True:
+        cw, a = _solve_warp_normal(g_all, h_all, basis_w, keep, prior)
+        idx = np.flatnonzero(keep)
+        if clip <= 0 or idx.size <= basis_w.shape[1] + 1:
+            return cw, a, keep
+        worst, worst_c2 = -1, limit
+        for i in idx:
+            bi = np.kron(np.eye(k_n), basis_w[i][None, :])  # (K, K*J)
+            a_i = a - np.kron(g_all[i], np.outer(basis_w[i], basis_w[i]))
+            rhs_i = (cw.ravel() @ a) - np.kron(h_all[i], basis_w[i])
+            try:
+                c_i = np.linalg.solve(a_i, rhs_i)
+                cov_pred = bi @ np.linalg.solve(a_i, bi.T)
+                own = np.linalg.inv(g_all[i])
+            except np.linalg.LinAlgError:
+                continue
+            d = np.linalg.solve(g_all[i], h_all[i]) - bi @ c_i
+            c2 = float(d @ np.linalg.solve(own + cov_pred, d))
+            if c2 > worst_c2:
+                worst, worst_c2 = i, c2
+        if worst < 0:
+            return cw, a, keep
+        keep[worst] = False
+
+
+def _fold_warp(coeffs, order, cw, dimg, warp_order):
+    """Pixel-polynomial coefficients (order ``max(order, warp_order)``) of pixel model + warp."""
+    tot = max(order, warp_order)
+    px, py = poly_terms(tot)
+    where = {(int(a), int(b)): i for i, (a, b) in enumerate(zip(px, py))}
+    out = np.zeros((px.size,) + coeffs.shape[1:])
+    for i, (a, b) in enumerate(zip(*poly_terms(order))):
+        out[where[int(a), int(b)]] += coeffs[i]
+    for j, (a, b) in enumerate(zip(*poly_terms(warp_order))):
+        out[where[int(a), int(b)]] += np.tensordot(cw[:, j], dimg, axes=1)
+    return out
+
+
+def _basis(u, v, order):
+    px, py = poly_terms(order)
+    if u.size == 0:
+        return np.zeros((0, px.size))
+    return np.ascontiguousarray(np.column_stack([u**a * v**b for a, b in zip(px, py)]), dtype=np.float64)
+
+
+def _fit_coeffs(data, fwts, flux, use, basis, order, basis_w=None, warp_order=-1, oversample=1, warp_prior=0.0):
+    """One solve of the model: pixel polynomial, normalised, plus the warp if asked.
+
+    Returns the folded coefficients and, with a warp, ``(pixel coefficients, warp
+    coefficients, warp normal matrix, warp images, stars of the warp fit)``.
+    """
+    coeffs = _solve_pixels(data, fwts, np.where(use, flux, 1.0), use, basis)
+    norm = coeffs[0].sum() / oversample**2
+    if norm != 0:
+        coeffs /= norm
+    if warp_order < 0:
+        return coeffs, None
+    dimg = warp_images(coeffs[0])
+    cw, a, keep = _solve_warp(data, fwts, np.where(use, flux, 1.0), use, basis, coeffs, basis_w, dimg, warp_prior)
+    return _fold_warp(coeffs, order, cw, dimg, warp_order), (coeffs, cw, a, dimg, keep)
+
+
 @numba.njit(nogil=True, cache=True)
 def _star_fit(data, wts, coeffs, basis, use):
     """Flux of each star by a linear fit of the model; chi^2 per degree of freedom."""
@@ -667,7 +888,7 @@ def _fit_leverage(data, wts, use, basis, coeffs, reserved=None):
 
 
 def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, radius, clip=5.0, min_stars=5,
-                                 max_folds=20, seed=0, max_leverage=0.5, fit_wts=None):
+                                 max_folds=20, seed=0, max_leverage=0.5, fit_wts=None, refit=None):
     """PSF-flux error of a pixel model where it was not fitted, from the stars themselves.
 
     Every fitted star is left out in turn and the model refitted without it (the same
@@ -709,6 +930,9 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
         estimate: the model without them is not the model the catalogue is measured with.
     fit_wts : ndarray (n, M, M), optional
         Weights of the model fit, if not ``wts`` (:func:`fit_psf_model`'s accuracy floor).
+    refit : callable, optional
+        ``refit(use) -> coeffs`` fits the model (normalised, on ``basis``) to a subset of the
+        stars; default the plain pixel polynomial on ``basis``.
 
     Returns
     -------
@@ -736,11 +960,14 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
         sub = use & ~out
         if sub.sum() < basis.shape[1] + 1:
             continue
-        ck = _solve_pixels(data, fw, np.where(sub, flux, 1.0), sub, basis)
-        norm = ck[0].sum()
-        if norm == 0:
-            continue
-        ck /= norm
+        if refit is not None:
+            ck = refit(sub)
+        else:
+            ck = _solve_pixels(data, fw, np.where(sub, flux, 1.0), sub, basis)
+            norm = ck[0].sum()
+            if norm == 0:
+                continue
+            ck /= norm
         for k in np.flatnonzero(out):
             mod = np.tensordot(basis[k], ck, axes=1)
             ratios[k], errors[k] = _cv_ratio_one(data[k], wts[k], mod, apw)
@@ -820,6 +1047,8 @@ def fit_psf_model(
     min_stars=None,
     cv_radius_fwhm=1.3,
     accuracy=0.01,
+    warp_order=-1,
+    warp_prior=0.0,
 ):
     """Fit a pixelised, spatially varying PSF model to stars.
 
@@ -861,6 +1090,11 @@ def fit_psf_model(
         follows that one star (on `small` r visit 23, detector 8, one star of 3.5e5 counts
         against 30 of 2-5e3 gave an order-2 model without a defined FWHM at the centre).
         The noise of the cross-validation ratios keeps the plain variance.
+    warp_order : int
+        Order of a size-and-shear warp of the pixel model (:func:`warp_images`,
+        :func:`_solve_warp`), fitted to the residuals of the order-``order`` pixel polynomial;
+        -1 for none. The result is folded into a pixel polynomial of order
+        ``max(order, warp_order)``, so it renders like any other model.
 
     Returns
     -------
@@ -897,8 +1131,11 @@ def fit_psf_model(
     xsc, ysc = max(0.5 * nx, 1.0), max(0.5 * ny, 1.0)
     u = (xs - xc) / xsc
     v = (ys - yc) / ysc
-    basis = np.column_stack([u ** a * v ** b for a, b in zip(px, py)]) if n else np.zeros((0, nc))
-    basis = np.ascontiguousarray(basis, dtype=np.float64)
+    basis = _basis(u, v, order)
+    warp_order = int(warp_order)
+    basis_w = _basis(u, v, warp_order) if warp_order >= 0 else None
+    order_tot = max(order, warp_order)
+    basis_tot = _basis(u, v, order_tot)
     data, wts, usable = _extract_stamps(img, var, msk, xs, ys, m, oversample, int(bad_bits), oversample != 1)
     if oversample == 1 and n:
         data = _extract_stamps_fourier(img, xs, ys, m, usable)
@@ -927,12 +1164,9 @@ def fit_psf_model(
     use &= np.isfinite(flux)
     coeffs = None
     for it in range(max(1, n_iter)):
-        coeffs = _solve_pixels(data, fwts, np.where(use, flux, 1.0), use, basis)
-        # normalise each term so the constant model sums to 1 (flux scale)
-        norm = coeffs[0].sum() / oversample**2
-        if norm != 0:
-            coeffs /= norm
-        fl, chi2 = _star_fit(data, fwts, coeffs, basis, usable)
+        # the constant term sums to 1 (flux scale)
+        coeffs, winfo = _fit_coeffs(data, fwts, flux, use, basis, order, basis_w, warp_order, oversample, warp_prior)
+        fl, chi2 = _star_fit(data, fwts, coeffs, basis_tot, usable)
         good = use & np.isfinite(fl) & (fl > 0)
         if it < n_iter - 1 and good.sum() > min_stars:
             c = chi2[good]
@@ -945,7 +1179,7 @@ def fit_psf_model(
                 use = good
             flux = np.where(np.isfinite(fl) & (fl > 0), fl, flux)
     model = PsfModelArrays(
-        coeffs=coeffs, order=int(order), x_center=float(xc), y_center=float(yc), x_scale=float(xsc),
+        coeffs=coeffs, order=int(order_tot), x_center=float(xc), y_center=float(yc), x_scale=float(xsc),
         y_scale=float(ysc), oversample=int(oversample), stamp_size=int(stamp_size), fwhm=np.nan,
         n_stars=int(use.sum()), n_reserved=int(reserved.sum()), reserved_dT_median=np.nan, reserved_dT_std=np.nan,
     )
@@ -967,8 +1201,9 @@ def fit_psf_model(
     flux_sys, cv_ratio = float("nan"), np.zeros(0)
     if oversample == 1 and np.isfinite(fwhm) and cv_radius_fwhm > 0:
         flux_sys, cv_ratio, _ = cross_validated_flux_scatter(
-            data, wts, np.where(use, flux, 1.0), use & usable, basis, coeffs, reserved & usable,
-            cv_radius_fwhm * fwhm, fit_wts=fwts)
+            data, wts, np.where(use, flux, 1.0), use & usable, basis_tot, coeffs, reserved & usable,
+            cv_radius_fwhm * fwhm, fit_wts=fwts,
+            refit=lambda sub: _fit_coeffs(data, fwts, flux, sub, basis, order, basis_w, warp_order, 1, warp_prior)[0])
         cv_ratio = cv_ratio[np.isfinite(cv_ratio)]
     model = model._replace(
         flux_sys=float(flux_sys),
@@ -978,4 +1213,15 @@ def fit_psf_model(
         reserved_dT_std=float(np.std(dT)) if dT.size > 1 else np.nan,
         reserved_dT=tuple(float(v) for v in dT),
     )
+    if winfo is not None:
+        # fractional flux error of a source fitted with the model when the warp amplitudes
+        # are off by da: dF/F = -sum_k da_k <D_k, P> / <P, P> (uniform weights: the faint
+        # source's case, and within a few per cent of a bright one's)
+        cpix, _, a_w, dimg, _ = winfo
+        p0 = cpix[0]
+        sens = np.tensordot(dimg, p0, axes=2) / float(np.sum(p0 * p0))
+        j_n = basis_w.shape[1]
+        smap = np.kron(sens[None, :], np.eye(j_n))  # (J, K J)
+        cov = smap @ np.linalg.inv(a_w) @ smap.T
+        model = model._replace(warp_order=warp_order, warp_flux_cov=tuple(float(v) for v in cov.ravel()))
     return model, use, reserved

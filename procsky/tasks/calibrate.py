@@ -71,7 +71,7 @@ from procsky.kernels.cosmicray import find_cosmic_rays, find_sharp_sources, repa
 from procsky.kernels.detection import detect_sources
 from procsky.kernels.measure import FLAG_NAMES, measure_sources
 from procsky.kernels.growth import GrowthCorrection, aperture_to_total, weighted_clipped_mean
-from procsky.kernels.psfmodel import fit_psf_model, render_stamps, select_psf_stars
+from procsky.kernels.psfmodel import fit_psf_model, model_flux_error, render_stamps, select_psf_stars
 from procsky.kernels.streak import find_streaks
 from procsky.photocalib import PhotoCalib
 from procsky.pipeline.task import Input, Output, Task, TaskConfig, default_quanta, register_task
@@ -166,6 +166,20 @@ class CalibrateConfig(TaskConfig):
     pixel of the model is a polynomial fit: with 2 stars per term, a 2048 x 2048 detector of
     `small` with ~15 stars got order-2 models that extrapolated 1-10 % wrong PSF fluxes into
     the corners; 3 per term keeps order <= 1 there, measured pull std 1.17 instead of 2.6)."""
+    psf_warp_order: int = 1
+    """Order of the size-and-shear warp of the PSF model (``kernels.psfmodel.warp_images``)
+    that follows the PSF's spatial variation when the stars are too few for a pixel
+    polynomial of that order (-1: pixel polynomials only). Each star constrains three
+    numbers (size, two shears) rather than a whole image per term: on the `small` cache
+    (5-24 stars per detector) the PSF-flux error of the model against the true PSF dropped
+    from 0.40 % to 0.25 % rms over 99 detectors."""
+    psf_warp_prior: float = 0.02
+    """Gaussian prior width of the warp's non-constant terms (fractional size or shear change
+    at the detector edge): with few, faint stars a compact galaxy or noise otherwise makes a
+    gradient of several per cent."""
+    psf_pixel_stars_per_term: float = 10.0
+    """With the warp on, a pixel polynomial of order > 0 needs this many stars per term (plus
+    3): it replaces the warp only where there are enough stars to fit whole images per term."""
     psf_flux_sys_error: bool = True
     """Add the PSF model's cross-validated fractional flux error (``summary["psf_flux_sys"]``,
     estimated from this detector's PSF stars) in quadrature to ``psf_flux_err``."""
@@ -456,20 +470,23 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     reserved = np.zeros(n_det, bool)
     stamp = int(config.psf_stamp_size) | 1
     idx = np.flatnonzero(cand)
+    warp = int(config.psf_warp_order)
+    per_term = config.psf_pixel_stars_per_term if warp >= 0 else config.psf_min_stars_per_term
     for order in range(int(config.psf_order), -1, -1):
+        nc = (order + 1) * (order + 2) // 2
         try:
-            nc = (order + 1) * (order + 2) // 2
             arrays, u, r = fit_psf_model(sub, var_det, mask, meas["x"][idx], meas["y"][idx], stamp_size=stamp,
                                          order=order, reserve_fraction=config.psf_reserve_fraction,
-                                         min_stars=5 if order == 0 else
-                                         max(int(config.psf_min_stars_per_term * nc) + 3, 5))
+                                         min_stars=5 if order == 0 else max(int(per_term * nc) + 3, 5),
+                                         warp_order=warp if warp > order else -1, warp_prior=config.psf_warp_prior)
         except ValueError as exc:
             psf_info["last_error"] = str(exc)
             continue
         psf_model = arrays
         used[idx[u]] = True
         reserved[idx[r]] = True
-        psf_info.update(model="PolynomialImagePsf", order=order, n_stars=int(arrays.n_stars),
+        psf_info.update(model="PolynomialImagePsf", order=int(arrays.order), pixel_order=order,
+                        warp_order=int(arrays.warp_order), n_stars=int(arrays.n_stars),
                         n_reserved=int(arrays.n_reserved), fwhm_px=float(arrays.fwhm),
                         reserved_dT_median=float(arrays.reserved_dT_median),
                         reserved_dT_std=float(arrays.reserved_dT_std),
@@ -584,7 +601,10 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     if not np.isfinite(flux_sys):
         flux_sys = 0.0
     psf_info["flux_sys_applied"] = flux_sys
-    psf_flux_err = np.hypot(meas["psf_flux_err"] * apcorr_total, flux_sys * psf_flux)
+    # the warp's own fitting noise at each position (largest where the model extrapolates)
+    warp_err = (model_flux_error(psf_model, meas["x"], meas["y"]) if psf_model is not None and config.psf_flux_sys_error
+                else np.zeros(n_det))
+    psf_flux_err = np.sqrt((meas["psf_flux_err"] * apcorr_total) ** 2 + (flux_sys**2 + warp_err**2) * psf_flux**2)
 
     # 7. astrometry
     wcs = copy_wcs(exp.wcs)
