@@ -78,7 +78,25 @@ class SlurmServer:
         return None
 
     # -- life cycle -----------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> "SlurmServer":
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> "SlurmServer":
+        """Start slurmctld and slurmd and wait for the node to be idle.
+
+        The two ports are picked free but only bound by the daemons later, so another process
+        of a busy machine can take one in between ("Address already in use"): then the
+        daemons are stopped and started again on new ports, up to ``attempts`` times.
+        """
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+                self.stop()
+                for f in (self.workdir / "log").glob("*.log"):
+                    f.unlink()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "SlurmServer":
         w = self.workdir
         for sub in ("state", "spool", "log"):
             (w / sub).mkdir(parents=True, exist_ok=True)

@@ -234,7 +234,7 @@ def test_warp_follows_the_psf_size_with_ten_stars(sparse_gradient_field):
     """Ten stars are too few for a pixel polynomial of order 1 (3 images of 625 pixels each
     from 8 fitted stars) but give a size/shear warp of order 1 (9 numbers)."""
     fr, img, cat = sparse_gradient_field
-    kw = dict(stamp_size=25, order=0, reserve_fraction=0.0, min_stars=5)
+    kw = {"stamp_size": 25, "order": 0, "reserve_fraction": 0.0, "min_stars": 5}
     flat, _, _ = fit_psf_model(img, fr.variance, None, cat["x"], cat["y"], **kw)
     warped, used, _ = fit_psf_model(img, fr.variance, None, cat["x"], cat["y"], warp_order=1, warp_prior=0.05, **kw)
     assert warped.order == 1 and warped.warp_order == 1 and used.sum() >= 9
@@ -265,7 +265,7 @@ def test_warp_leaves_out_a_compact_galaxy(sparse_gradient_field):
     var2 = fr.variance + gal.model.astype(np.float32)
     x = np.append(np.asarray(cat["x"]), gx)
     y = np.append(np.asarray(cat["y"]), gy)
-    kw = dict(stamp_size=25, order=0, reserve_fraction=0.0, min_stars=5, warp_order=1, warp_prior=0.05)
+    kw = {"stamp_size": 25, "order": 0, "reserve_fraction": 0.0, "min_stars": 5, "warp_order": 1, "warp_prior": 0.05}
     clean, _, _ = fit_psf_model(img, fr.variance, None, cat["x"], cat["y"], **kw)
     model, used, _ = fit_psf_model(img2, var2, None, x, y, **kw)
     assert not used[-1]

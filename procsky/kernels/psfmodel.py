@@ -760,6 +760,34 @@ def _basis(u, v, order):
     return np.ascontiguousarray(np.column_stack([u**a * v**b for a, b in zip(px, py)]), dtype=np.float64)
 
 
+def _warp_flux_cov(winfo, j_n):
+    """Covariance (J x J) of the polynomial coefficients of the fractional PSF-flux error that
+    the warp's fitting noise makes: ``dF/F = -sum_k da_k <D_k, P> / <P, P>`` for warp
+    amplitudes off by ``da`` (uniform weights: a faint source's case, within a few per cent
+    of a bright one's)."""
+    cpix, _, a_w, dimg, _ = winfo
+    p0 = cpix[0]
+    sens = np.tensordot(dimg, p0, axes=2) / float(np.sum(p0 * p0))
+    smap = np.kron(sens[None, :], np.eye(j_n))  # (J, K J)
+    return smap @ np.linalg.inv(a_w) @ smap.T
+
+
+def _warp_flux_var(cov, basis_w):
+    """Variance of the warp's fractional PSF-flux error at each row of ``basis_w`` (without the
+    constant term: a uniform error is the aperture correction's, fitted on the same stars)."""
+    b = np.array(basis_w, dtype=np.float64, copy=True)
+    b[:, 0] = 0.0
+    return np.maximum(np.einsum("ij,jk,ik->i", b, cov, b), 0.0)
+
+
+def _floored_weights(data, wts, accuracy):
+    """Weights ``1 / (V + (accuracy I)^2)`` from inverse variances ``wts`` (PSFEx's accuracy floor)."""
+    if not accuracy > 0:
+        return wts
+    with np.errstate(divide="ignore"):
+        return np.where(wts > 0, 1.0 / (1.0 / np.where(wts > 0, wts, 1.0) + (accuracy * np.maximum(data, 0.0)) ** 2), 0.0)
+
+
 def _fit_coeffs(data, fwts, flux, use, basis, order, basis_w=None, warp_order=-1, oversample=1, warp_prior=0.0):
     """One solve of the model: pixel polynomial, normalised, plus the warp if asked.
 
@@ -888,7 +916,7 @@ def _fit_leverage(data, wts, use, basis, coeffs, reserved=None):
 
 
 def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, radius, clip=5.0, min_stars=5,
-                                 max_folds=20, seed=0, max_leverage=0.5, fit_wts=None, refit=None):
+                                 max_folds=20, seed=0, max_leverage=0.5, fit_wts=None, refit=None, model_var=None):
     """PSF-flux error of a pixel model where it was not fitted, from the stars themselves.
 
     Every fitted star is left out in turn and the model refitted without it (the same
@@ -931,8 +959,13 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
     fit_wts : ndarray (n, M, M), optional
         Weights of the model fit, if not ``wts`` (:func:`fit_psf_model`'s accuracy floor).
     refit : callable, optional
-        ``refit(use) -> coeffs`` fits the model (normalised, on ``basis``) to a subset of the
-        stars; default the plain pixel polynomial on ``basis``.
+        ``refit(use) -> (coeffs, var)`` fits the model (normalised, on ``basis``) to a subset
+        of the stars; ``var`` (n,) or None is that model's own fractional PSF-flux variance
+        from its fitting noise at every star (a warp's, :func:`model_flux_error`), added to
+        the noise of the left-out stars' ratios, so that ``tau`` is the error beyond it.
+        Default the plain pixel polynomial on ``basis``.
+    model_var : ndarray (n,), optional
+        The same for the full model at the held-back stars.
 
     Returns
     -------
@@ -960,8 +993,9 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
         sub = use & ~out
         if sub.sum() < basis.shape[1] + 1:
             continue
+        var_k = None
         if refit is not None:
-            ck = refit(sub)
+            ck, var_k = refit(sub)
         else:
             ck = _solve_pixels(data, fw, np.where(sub, flux, 1.0), sub, basis)
             norm = ck[0].sum()
@@ -971,9 +1005,13 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
         for k in np.flatnonzero(out):
             mod = np.tensordot(basis[k], ck, axes=1)
             ratios[k], errors[k] = _cv_ratio_one(data[k], wts[k], mod, apw)
+            if var_k is not None:
+                errors[k] = math.hypot(errors[k], ratios[k] * math.sqrt(var_k[k]))
     for k in np.flatnonzero(reserved & ~use):
         mod = np.tensordot(basis[k], coeffs, axes=1)
         ratios[k], errors[k] = _cv_ratio_one(data[k], wts[k], mod, apw)
+        if model_var is not None:
+            errors[k] = math.hypot(errors[k], ratios[k] * math.sqrt(model_var[k]))
     # A star that dominates the fit (leverage > max_leverage) is not a fair test: without
     # it the model is a different, much weaker one (e.g. the one bright star that sets the
     # wings), while every other source is measured with the model that includes it.
@@ -1122,8 +1160,7 @@ def fit_psf_model(
     m = stamp_size * oversample
     if m % 2 == 0:
         m += 1
-    px, py = poly_terms(order)
-    nc = px.size
+    nc = poly_terms(order)[0].size
     if min_stars is None:
         min_stars = 2 * nc + 3
     ny, nx = img.shape
@@ -1139,11 +1176,7 @@ def fit_psf_model(
     data, wts, usable = _extract_stamps(img, var, msk, xs, ys, m, oversample, int(bad_bits), oversample != 1)
     if oversample == 1 and n:
         data = _extract_stamps_fourier(img, xs, ys, m, usable)
-    fwts = wts
-    if accuracy > 0 and n:
-        with np.errstate(divide="ignore"):
-            fwts = np.where(wts > 0, 1.0 / (1.0 / np.where(wts > 0, wts, 1.0) + (accuracy * np.maximum(data, 0.0)) ** 2),
-                            0.0)
+    fwts = _floored_weights(data, wts, accuracy) if n else wts
     rng = np.random.default_rng(seed)
     reserved = np.zeros(n, bool)
     cand = np.flatnonzero(usable)
@@ -1198,12 +1231,18 @@ def fit_psf_model(
             tstar = ts[0] + ts[1]
             dT.append((tstar - (tm[0] + tm[1])) / tstar)
     dT = np.asarray(dT)
+    cov_w = _warp_flux_cov(winfo, basis_w.shape[1]) if winfo is not None else None
+
+    def refit(sub):
+        ck, info = _fit_coeffs(data, fwts, flux, sub, basis, order, basis_w, warp_order, 1, warp_prior)
+        return ck, (_warp_flux_var(_warp_flux_cov(info, basis_w.shape[1]), basis_w) if info is not None else None)
+
     flux_sys, cv_ratio = float("nan"), np.zeros(0)
     if oversample == 1 and np.isfinite(fwhm) and cv_radius_fwhm > 0:
         flux_sys, cv_ratio, _ = cross_validated_flux_scatter(
             data, wts, np.where(use, flux, 1.0), use & usable, basis_tot, coeffs, reserved & usable,
-            cv_radius_fwhm * fwhm, fit_wts=fwts,
-            refit=lambda sub: _fit_coeffs(data, fwts, flux, sub, basis, order, basis_w, warp_order, 1, warp_prior)[0])
+            cv_radius_fwhm * fwhm, fit_wts=fwts, refit=refit,
+            model_var=_warp_flux_var(cov_w, basis_w) if cov_w is not None else None)
         cv_ratio = cv_ratio[np.isfinite(cv_ratio)]
     model = model._replace(
         flux_sys=float(flux_sys),
@@ -1213,15 +1252,6 @@ def fit_psf_model(
         reserved_dT_std=float(np.std(dT)) if dT.size > 1 else np.nan,
         reserved_dT=tuple(float(v) for v in dT),
     )
-    if winfo is not None:
-        # fractional flux error of a source fitted with the model when the warp amplitudes
-        # are off by da: dF/F = -sum_k da_k <D_k, P> / <P, P> (uniform weights: the faint
-        # source's case, and within a few per cent of a bright one's)
-        cpix, _, a_w, dimg, _ = winfo
-        p0 = cpix[0]
-        sens = np.tensordot(dimg, p0, axes=2) / float(np.sum(p0 * p0))
-        j_n = basis_w.shape[1]
-        smap = np.kron(sens[None, :], np.eye(j_n))  # (J, K J)
-        cov = smap @ np.linalg.inv(a_w) @ smap.T
-        model = model._replace(warp_order=warp_order, warp_flux_cov=tuple(float(v) for v in cov.ravel()))
+    if cov_w is not None:
+        model = model._replace(warp_order=warp_order, warp_flux_cov=tuple(float(v) for v in cov_w.ravel()))
     return model, use, reserved
