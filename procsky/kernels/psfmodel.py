@@ -915,7 +915,7 @@ def _fit_leverage(data, wts, use, basis, coeffs, reserved=None):
     return lev
 
 
-def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, radius, clip=5.0, min_stars=5,
+def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, radius, clip=3.5, min_stars=5,
                                  max_folds=20, seed=0, max_leverage=0.5, fit_wts=None, refit=None, model_var=None):
     """PSF-flux error of a pixel model where it was not fitted, from the stars themselves.
 
@@ -927,7 +927,7 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
     model ``ratio = 1`` whatever the local PSF, within the (correlated) noise of the two
     fluxes; a model that is too wide/narrow/shifted there gives ``ratio - 1 ~ -`` its
     PSF-flux error. The excess scatter beyond the noise, ``tau`` (Paule & Mandel 1982
-    estimator of the between-star variance, after a 5-sigma clip against the median and
+    estimator of the between-star variance, after a 3.5-sigma clip against the median and
     MAD, then against the fitted scatter), is the fractional PSF-flux
     error of the model at an arbitrary position (where every non-PSF source is measured).
 
@@ -946,7 +946,10 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
         Aperture radius (about 3 PSF sigma: nearly the total flux, a few times the PSF's
         effective area of noise).
     clip : float
-        Outlier clip (stars with an undetected neighbour or a cosmic ray), sigma.
+        Outlier clip (stars with an undetected neighbour or a cosmic ray), sigma. 3.5 rather
+        than 5: over the 99 detectors of the `small` cache it moved the pooled PSF-flux pull
+        std of visits 1 / 14 / 20 from 0.87 / 0.93 / 0.96 to 0.92 / 0.96 / 0.97 and changed
+        no visit the other way (3 gave the same, visit 2 1.06 -> 1.08).
     min_stars : int
         Fewer measurable ratios: NaN.
     max_folds : int

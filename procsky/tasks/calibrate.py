@@ -172,11 +172,13 @@ class CalibrateConfig(TaskConfig):
     polynomial of that order (-1: pixel polynomials only). Each star constrains three
     numbers (size, two shears) rather than a whole image per term: on the `small` cache
     (5-24 stars per detector) the PSF-flux error of the model against the true PSF dropped
-    from 0.40 % to 0.25 % rms over 99 detectors."""
-    psf_warp_prior: float = 0.02
+    from 0.40 % to 0.25 % rms over 99 detectors (``psf_warp_prior`` 0.01)."""
+    psf_warp_prior: float = 0.01
     """Gaussian prior width of the warp's non-constant terms (fractional size or shear change
     at the detector edge): with few, faint stars a compact galaxy or noise otherwise makes a
-    gradient of several per cent."""
+    gradient of several per cent. Against the true PSF of the 99 detectors of the `small` cache
+    the model's PSF-flux error was 0.25 % rms with 0.01, 0.32 % with 0.02 (one detector, 6
+    stars of which 2 compact galaxies: 0.8 % against 2.0 %)."""
     psf_pixel_stars_per_term: float = 10.0
     """With the warp on, a pixel polynomial of order > 0 needs this many stars per term (plus
     3): it replaces the warp only where there are enough stars to fit whole images per term."""
