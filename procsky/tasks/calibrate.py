@@ -15,8 +15,11 @@ Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md
 4. **Measurement**: windowed centroids, adaptive moments, aperture, Kron and (later) PSF
    fluxes, flags.
 5. **PSF**: star selection on the size-flux locus; pixelised polynomial PSF fit
-   (PSFEx-like) with held-back stars; falls back to lower orders, then to a Gaussian of
-   the stars' mean moments when too few stars are found (recorded in the metadata).
+   (PSFEx-like) with held-back stars when there are >= 10 stars per polynomial term,
+   else the constant pixel model with a size-and-shear warp of order 1 across the detector
+   (``kernels.psfmodel.warp_images``: 3 numbers per star instead of an image per term);
+   falls back to lower orders, then to a Gaussian of the stars' mean moments when too few
+   stars are found (recorded in the metadata).
    Every detection is then tested against the PSF model: faint cosmic-ray tracks that the
    per-pixel L.A.Cosmic test missed (but the matched filter summed into a "source") are
    sharper than the PSF; their sharp pixels are masked CR and repaired and the detection
@@ -30,7 +33,9 @@ Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md
    excess scatter, beyond their noise, of the PSF stars' aperture/PSF flux ratios when each
    is measured with a model fitted without it (cross-validation,
    ``kernels.psfmodel.cross_validated_flux_scatter``; 0.0-0.8 % on `small`, where a
-   2048 x 2048 detector holds only 9-21 PSF stars). Estimated on the detector's own data.
+   2048 x 2048 detector holds only 9-21 PSF stars), plus, with a warp, the warp's own
+   fitting noise at each source (``kernels.psfmodel.model_flux_error``, largest where the
+   model extrapolates). Estimated on the detector's own data.
    **Aperture to total**: the light outside ``apcorr_radius`` from the growth curve of the
    bright stars (clipped ring means out to 40 px against a local sky, power-law tail;
    ``kernels.growth``), also applied to ``psf_flux``, so that the zero point is that of the
