@@ -246,16 +246,14 @@ def model_flux_error(model, x, y):
     -------
     ndarray, like ``x``
     """
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
+    x, y = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(y, np.float64))
     if model.warp_order < 0 or not len(model.warp_flux_cov):
-        return np.zeros(np.broadcast(x, y).shape)
-    px, py = poly_terms(model.warp_order)
-    cov = np.asarray(model.warp_flux_cov, np.float64).reshape(px.size, px.size)
-    u = (x - model.x_center) / model.x_scale
-    v = (y - model.y_center) / model.y_scale
-    b = np.stack([np.zeros_like(u * v) if a + c == 0 else u**a * v**c for a, c in zip(px, py)], axis=-1)
-    return np.sqrt(np.maximum(np.einsum("...i,ij,...j->...", b, cov, b), 0.0))
+        return np.zeros(x.shape)
+    j_n = poly_terms(model.warp_order)[0].size
+    cov = np.asarray(model.warp_flux_cov, np.float64).reshape(j_n, j_n)
+    b = _basis(((x - model.x_center) / model.x_scale).ravel(), ((y - model.y_center) / model.y_scale).ravel(),
+               model.warp_order)
+    return np.sqrt(_warp_flux_var(cov, b)).reshape(x.shape)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -721,10 +719,11 @@ def _solve_warp(data, wts, flux, use, basis, coeffs, basis_w, dimg, prior=0.0, c
         if clip <= 0 or idx.size <= basis_w.shape[1] + 1:
             return cw, a, keep
         worst, worst_c2 = -1, limit
+        rhs = cw.ravel() @ a  # the normal equations' right-hand side (a is symmetric)
         for i in idx:
             bi = np.kron(np.eye(k_n), basis_w[i][None, :])  # (K, K*J)
             a_i = a - np.kron(g_all[i], np.outer(basis_w[i], basis_w[i]))
-            rhs_i = (cw.ravel() @ a) - np.kron(h_all[i], basis_w[i])
+            rhs_i = rhs - np.kron(h_all[i], basis_w[i])
             try:
                 c_i = np.linalg.solve(a_i, rhs_i)
                 cov_pred = bi @ np.linalg.solve(a_i, bi.T)
@@ -794,14 +793,15 @@ def _fit_coeffs(data, fwts, flux, use, basis, order, basis_w=None, warp_order=-1
     Returns the folded coefficients and, with a warp, ``(pixel coefficients, warp
     coefficients, warp normal matrix, warp images, stars of the warp fit)``.
     """
-    coeffs = _solve_pixels(data, fwts, np.where(use, flux, 1.0), use, basis)
+    flux = np.where(use, flux, 1.0)
+    coeffs = _solve_pixels(data, fwts, flux, use, basis)
     norm = coeffs[0].sum() / oversample**2
     if norm != 0:
         coeffs /= norm
     if warp_order < 0:
         return coeffs, None
     dimg = warp_images(coeffs[0])
-    cw, a, keep = _solve_warp(data, fwts, np.where(use, flux, 1.0), use, basis, coeffs, basis_w, dimg, warp_prior)
+    cw, a, keep = _solve_warp(data, fwts, flux, use, basis, coeffs, basis_w, dimg, warp_prior)
     return _fold_warp(coeffs, order, cw, dimg, warp_order), (coeffs, cw, a, dimg, keep)
 
 
@@ -987,6 +987,11 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
     ratios = np.full(n, np.nan)
     errors = np.full(n, np.nan)
     # leave-one-out with up to max_folds fitted stars, else max_folds random folds (cost)
+    if refit is None:
+
+        def refit(sub):
+            return _fit_coeffs(data, fw, flux, sub, basis, 0)
+
     fit_idx = np.flatnonzero(use)
     nf = min(fit_idx.size, int(max_folds))
     fold = np.full(n, -1)
@@ -996,15 +1001,7 @@ def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, 
         sub = use & ~out
         if sub.sum() < basis.shape[1] + 1:
             continue
-        var_k = None
-        if refit is not None:
-            ck, var_k = refit(sub)
-        else:
-            ck = _solve_pixels(data, fw, np.where(sub, flux, 1.0), sub, basis)
-            norm = ck[0].sum()
-            if norm == 0:
-                continue
-            ck /= norm
+        ck, var_k = refit(sub)
         for k in np.flatnonzero(out):
             mod = np.tensordot(basis[k], ck, axes=1)
             ratios[k], errors[k] = _cv_ratio_one(data[k], wts[k], mod, apw)
