@@ -10,8 +10,10 @@ detector and over each visit's detectors, for
 
 * ``pixel``: the pixel polynomial alone, order by star count (3 stars per term), as before
   the warp (``CalibrateConfig(psf_warp_order=-1)``);
-* ``warp``: pixel order 0 plus the size/shear warp of order 1 (calibrate's default for
+* ``warp``: calibrate's default (pixel order 0 plus the size/shear warp of order 1 on
   detectors with fewer than 33 PSF stars).
+
+Both are fitted by ``procsky.tasks.calibrate.fit_detector_psf``, as calibrate fits them.
 
 Usage::
 
@@ -43,35 +45,27 @@ class _Captured(Exception):
 
 
 def psf_inputs(exp, ref):
-    """Run calibrate up to its PSF fit and return that fit's inputs."""
+    """Run calibrate up to its PSF fit and return that fit's inputs (image, variance, mask, x, y)."""
     got = {}
 
-    def capture(image, variance, mask, x, y, **kw):
-        got.update(image=np.array(image), variance=np.array(np.broadcast_to(variance, image.shape)),
-                   mask=None if mask is None else np.array(mask), x=np.array(x), y=np.array(y))
+    def capture(image, variance, mask, x, y, config):
+        got["args"] = (np.array(image), np.array(np.broadcast_to(variance, image.shape)),
+                       None if mask is None else np.array(mask), np.array(x), np.array(y))
         raise _Captured
 
-    real = cal.fit_psf_model
-    cal.fit_psf_model = capture
+    real = cal.fit_detector_psf
+    cal.fit_detector_psf = capture
     try:
         cal.calibrate_exposure(exp, ref, cal.CalibrateConfig())
     except _Captured:
         pass
     finally:
-        cal.fit_psf_model = real
-    return got
+        cal.fit_detector_psf = real
+    return got["args"]
 
 
-def fit_variant(inp, name):
-    chains = {"pixel": [(2, -1, 21), (1, -1, 12), (0, -1, 5)], "warp": [(0, 1, 5)]}[name]
-    for order, warp, min_stars in chains:
-        try:
-            return pm.fit_psf_model(inp["image"], inp["variance"], inp["mask"], inp["x"], inp["y"], stamp_size=25,
-                                    order=order, min_stars=min_stars, warp_order=warp,
-                                    warp_prior=cal.CalibrateConfig().psf_warp_prior)[0]
-        except ValueError:
-            continue
-    return None
+# the two models compared, each fitted exactly as calibrate fits it with that configuration
+VARIANTS = {"pixel": cal.CalibrateConfig(psf_warp_order=-1), "warp": cal.CalibrateConfig()}
 
 
 def main():
@@ -101,9 +95,9 @@ def main():
                 off = (px - np.floor(px + 0.5), py - np.floor(py + 0.5))
                 truth.append(truth_psf_image(par, float(fx), float(fy), size=25, offset=off))
             truth = np.array(truth)
-            row = {"visit": v, "detector": det, "n_candidates": len(inp["x"])}
-            for name in ("pixel", "warp"):
-                model = fit_variant(inp, name)
+            row = {"visit": v, "detector": det, "n_candidates": len(inp[3])}
+            for name, config in VARIANTS.items():
+                model = cal.fit_detector_psf(*inp, config)[0]
                 if model is None:
                     row[name] = np.nan
                     continue

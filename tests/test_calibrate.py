@@ -7,6 +7,7 @@ the accuracy targets) and the raw -> ISR -> calibrate twin comparison.
 
 from __future__ import annotations
 
+import functools
 import glob
 from pathlib import Path
 
@@ -48,12 +49,24 @@ def _true_wcs(tr):
     return WCS(fits.Header.fromstring(tr.wcs_header, sep="\n"))
 
 
+@functools.lru_cache(maxsize=16)
+def _read_truth_file(path: Path, mtime_ns: int) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+def _truth_table(d: Path, name: str) -> pd.DataFrame:
+    """A truth table of the simulation in ``d``, read once per file version (the metric helpers
+    of every detector of a visit read the same tables); callers filter, never modify it."""
+    path = Path(d) / "truth" / f"{name}.parquet"
+    return _read_truth_file(path, path.stat().st_mtime_ns)
+
+
 def _truth(d: Path, visit: int, det: int):
-    dets = pd.read_parquet(d / "truth/detectors.parquet")
+    dets = _truth_table(d, "detectors")
     tr = dets[(dets.visit == visit) & (dets.detector == det)].iloc[0]
-    ex = pd.read_parquet(d / "truth/exposures.parquet")
+    ex = _truth_table(d, "exposures")
     ex = ex[(ex.visit == visit) & (ex.detector == det)].copy()
-    obj = pd.read_parquet(d / "truth/objects.parquet").set_index("object_id")
+    obj = _truth_table(d, "objects").set_index("object_id")
     ex = ex.join(obj[["kind", "ra", "dec", "hlr_disk", "hlr_bulge"]], on="object_id")
     var_sky = tr.sky_level / tr.gain + (tr.read_noise / tr.gain) ** 2
     # optimal (matched-filter) S/N of the object as drawn: a Gaussian of the PSF sigma for
@@ -64,7 +77,7 @@ def _truth(d: Path, visit: int, det: int):
     ex["r_half_px"] = np.where(ex.kind.to_numpy() == "galaxy", rhalf, 0.0)
     sig2 = tr.psf_sigma_px**2 + (ex.r_half_px.to_numpy() / 1.1774) ** 2
     ex["snr"] = ex.counts / np.sqrt(4 * np.pi * sig2 * var_sky + ex.counts / tr.gain)
-    crs = pd.read_parquet(d / "truth/cosmic_rays.parquet")
+    crs = _truth_table(d, "cosmic_rays")
     crs = crs[(crs.visit == visit) & (crs.detector == det)]
     return tr, ex, crs, var_sky
 
@@ -88,7 +101,7 @@ def _spurious(d: Path, visit: int, det: int, tr, src, shape, margin: float = 15.
     """
     from scipy.spatial import cKDTree
 
-    obj = pd.read_parquet(d / "truth/objects.parquet")
+    obj = _truth_table(d, "objects")
     w = _true_wcs(tr)
     ox, oy = w.all_world2pix(obj.ra.to_numpy(), obj.dec.to_numpy(), 0)
     ny, nx = shape
@@ -97,7 +110,7 @@ def _spurious(d: Path, visit: int, det: int, tr, src, shape, margin: float = 15.
     # an object beyond the edge is seen, truncated, at its nearest on-detector point
     ox, oy = np.clip(ox, 0.0, nx - 1.0), np.clip(oy, 0.0, ny - 1.0)
     # on-detector objects: the exact truth positions of this exposure
-    ex = pd.read_parquet(d / "truth/exposures.parquet")
+    ex = _truth_table(d, "exposures")
     ex = ex[(ex.visit == visit) & (ex.detector == det)].set_index("object_id")
     on = obj.object_id.isin(ex.index).to_numpy()
     ox[on] = ex.loc[obj.object_id[on], "x"].to_numpy()
@@ -133,8 +146,6 @@ def _metrics(d: Path, visit: int, det: int, calexp, src):
     m["completeness_stars"] = float(found[sel & stars].mean())
     m["completeness_all"] = float(found[sel].mean())
     ttree = cKDTree(np.c_[ex.x, ex.y])
-    d2, _ = ttree.query(np.c_[src.x, src.y])
-    m["unmatched_fraction"] = float((d2 > 4.0).mean())
     spurious = _spurious(d, visit, det, tr, src, calexp.shape)
     m["spurious_fraction"] = float(spurious.mean()) if len(src) else 0.0
     m["n_spurious"] = int(spurious.sum())

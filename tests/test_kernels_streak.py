@@ -219,13 +219,11 @@ def test_streak_on_simulated_small_visit14(tmp_path):
     from procsky.instruments.simcam import SimcamGeometry
     from procsky.kernels.background import estimate_background
     from procsky.sim import simulate
-    from procsky.sim.recipe import validate_recipe
+    from procsky.sim.recipe import load_recipe
     from procsky.sim.render import _satellite, image_filename
 
     simulate("small", tmp_path, visits=[14], detectors=[3], scheduler="sync", workers=1, progress=False)
-    import yaml
-
-    recipe = validate_recipe(yaml.safe_load((tmp_path / "recipe.yaml").read_text()))
+    recipe = load_recipe(tmp_path / "recipe.yaml")
     visit = pd.read_parquet(tmp_path / "truth/visits.parquet").set_index("visit").loc[14].to_dict()
     visit["visit"] = 14
     exp = Exposure.read(tmp_path / "images" / image_filename("calexp", 14, 3)).compute()

@@ -221,9 +221,12 @@ def significance(images, variances, good, model, vmodel, model_error: float = 0.
     model_error : float
     error_scale : ndarray (ny, nx), optional
     """
-    scale = np.abs(model) if error_scale is None else error_scale
+    err2 = variances + vmodel
+    if model_error > 0:
+        scale = np.abs(model) if error_scale is None else error_scale
+        err2 = err2 + (model_error * scale) ** 2
     with np.errstate(invalid="ignore", divide="ignore"):
-        sig = (images - model) / np.sqrt(variances + vmodel + (model_error * scale) ** 2)
+        sig = (images - model) / np.sqrt(err2)
     sig = np.where(good, sig, 0.0)
     stack = sig.reshape((-1,) + sig.shape[-2:])
     gstack = np.asarray(good).reshape(stack.shape)

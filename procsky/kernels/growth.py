@@ -53,7 +53,7 @@ def _clipped_ring_mean(vals, sig, n, nsigma):
 
 @numba.njit(nogil=True, cache=True)
 def _ring_profiles_kernel(image, variance, mask, children, own, xs, ys, edges, sky_in, sky_out, bad_bits, nsigma,
-                          mean, var, npix, sky, sky_var):
+                          mean, var, sky, sky_var):
     ny, nx = image.shape
     nr = edges.size - 1
     rmax = sky_out
@@ -99,13 +99,12 @@ def _ring_profiles_kernel(image, variance, mask, children, own, xs, ys, edges, s
             # a ring needs half its area on good pixels
             area = math.pi * (r_out * r_out - r_in * r_in)
             if n < 0.5 * area:
-                m, mv, kept = np.nan, np.nan, 0
+                m, mv = np.nan, np.nan
             else:
-                m, mv, kept = _clipped_ring_mean(vals, sig, n, nsigma)
+                m, mv, _ = _clipped_ring_mean(vals, sig, n, nsigma)
             if j < nr:
                 mean[k, j] = m
                 var[k, j] = mv
-                npix[k, j] = kept
             else:
                 sky[k] = m
                 sky_var[k] = mv
@@ -152,11 +151,10 @@ def ring_profiles(image, variance, mask, children, own, x, y, edges, sky_annulus
     n, nr = x.size, edges.size - 1
     mean = np.full((n, nr), np.nan)
     var = np.full((n, nr), np.nan)
-    npix = np.zeros((n, nr), np.int64)
     sky = np.full(n, np.nan)
     sky_var = np.full(n, np.nan)
     _ring_profiles_kernel(np.asarray(image), np.asarray(variance), mask, children, np.ascontiguousarray(own, np.int64), x, y, edges, s_in, s_out,
-                          np.uint32(bad_bits), float(nsigma), mean, var, npix, sky, sky_var)
+                          np.uint32(bad_bits), float(nsigma), mean, var, sky, sky_var)
     return mean, var, sky, sky_var
 
 

@@ -885,7 +885,7 @@ def decorrelation_kernel(kernel, var_convolved, var_unconvolved, *, corr_convolv
         raise ValueError(f"variances must be >= 0 and not both zero, got {var_unconvolved}, {var_convolved}")
     pa = a * _correlation_power(corr_unconvolved, n)
     pc = c * kf2 * _correlation_power(corr_convolved, n)
-    power = pa + pc  # (n, n): kf2 is
+    power = pa + pc  # (n, n) noise power of the difference before decorrelation
     phif = np.sqrt(power[0, 0] / power)
     phi = np.real(np.fft.ifft2(phif))
     phi = np.roll(phi, (hw, hw), axis=(0, 1))[: 2 * hw + 1, : 2 * hw + 1]

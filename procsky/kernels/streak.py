@@ -53,6 +53,7 @@ Cost on one core: ~0.21-0.28 CPU s per 2048^2 image, ~0.65-0.9 s per 4096^2 (bin
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -684,8 +685,13 @@ def find_streaks(
     else:
         drop = np.zeros(1, np.bool_)
     snr, w = _snr_and_weight(image, variance, ignore, labels, drop)
-    excluded = ignore.copy()  # never used: bad pixels and the streaks found
-    noise_med = float(np.median(np.sqrt(variance[w > 0]))) if (w > 0).any() else 1.0
+    excluded = ignore  # pixels no fit may use: bad pixels, then also the streaks found
+    valid0 = w > 0
+
+    @functools.cache
+    def noise_med():
+        """Median pixel noise of the usable pixels (only a fallback: a full-image median)."""
+        return float(np.median(np.sqrt(variance[valid0]))) if valid0.any() else 1.0
 
     # 2.-3. binned S/N and Hough transform
     binned, valid = _bin_snr(snr, w, b, float(clip))
@@ -869,7 +875,7 @@ def _refine_and_verify(image, w, variance, cth, sth, rho, nx, ny, b, max_width, 
         cth, sth = math.cos(th), math.sin(th)
     noise_line = _median_noise(variance, w, cth, sth, rho, t_start, t_end)
     if not np.isfinite(noise_line):
-        noise_line = noise_med
+        noise_line = noise_med()
     x0, y0 = rho * cth - t_start * sth, rho * sth + t_start * cth
     x1, y1 = rho * cth - t_end * sth, rho * sth + t_end * cth
     peak_snr = ampf / noise_line

@@ -83,7 +83,7 @@ from procsky.pipeline.task import Input, Output, Task, TaskConfig, default_quant
 from procsky.psf import SIGMA_TO_FWHM, GaussianPsf, PolynomialImagePsf
 from procsky.wcs import copy_wcs, pixel_scale, wcs_cards, wcs_from_cards
 
-__all__ = ["CalibrateConfig", "CalibrateTask", "calibrate_exposure", "SRC_UNITS"]
+__all__ = ["CalibrateConfig", "CalibrateTask", "calibrate_exposure", "fit_detector_psf", "SRC_UNITS"]
 
 _VD = ("instrument", "visit", "detector")
 _BIT = {name: _masks.bit(name) for name in ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "NO_DATA", "SUSPECT")}
@@ -343,6 +343,38 @@ def _wcs_from_solution(sol, shape, extra_sip=None):
 
 
 # ------------------------------------------------------------------------------ the work
+def fit_detector_psf(image, variance, mask, x, y, config: CalibrateConfig):
+    """The PSF model of one detector from its PSF stars, as calibrate fits it.
+
+    Pixel polynomial orders from ``config.psf_order`` down to 0, the first the stars allow
+    (``psf_pixel_stars_per_term`` stars per term with the warp on, else
+    ``psf_min_stars_per_term``; 5 for a constant model), with the size-and-shear warp of
+    order ``psf_warp_order`` on top where that is higher than the pixel order.
+
+    Returns
+    -------
+    (PsfModelArrays, used, reserved, pixel order), or ``(None, None, None, reason)`` when no
+    order has enough usable stars.
+    """
+    warp = int(config.psf_warp_order)
+    per_term = config.psf_pixel_stars_per_term if warp >= 0 else config.psf_min_stars_per_term
+    stamp = int(config.psf_stamp_size) | 1
+    reason = "no usable star"
+    for order in range(int(config.psf_order), -1, -1):
+        nc = (order + 1) * (order + 2) // 2
+        try:
+            arrays, used, reserved = fit_psf_model(
+                image, variance, mask, x, y, stamp_size=stamp, order=order,
+                reserve_fraction=config.psf_reserve_fraction,
+                min_stars=5 if order == 0 else max(int(per_term * nc) + 3, 5),
+                warp_order=warp if warp > order else -1, warp_prior=config.psf_warp_prior)
+        except ValueError as exc:
+            reason = str(exc)
+            continue
+        return arrays, used, reserved, order
+    return None, None, None, reason
+
+
 def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig | None = None):
     """Calibrate one detector exposure (see the module docstring).
 
@@ -477,18 +509,11 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     reserved = np.zeros(n_det, bool)
     stamp = int(config.psf_stamp_size) | 1
     idx = np.flatnonzero(cand)
-    warp = int(config.psf_warp_order)
-    per_term = config.psf_pixel_stars_per_term if warp >= 0 else config.psf_min_stars_per_term
-    for order in range(int(config.psf_order), -1, -1):
-        nc = (order + 1) * (order + 2) // 2
-        try:
-            arrays, u, r = fit_psf_model(sub, var_det, mask, meas["x"][idx], meas["y"][idx], stamp_size=stamp,
-                                         order=order, reserve_fraction=config.psf_reserve_fraction,
-                                         min_stars=5 if order == 0 else max(int(per_term * nc) + 3, 5),
-                                         warp_order=warp if warp > order else -1, warp_prior=config.psf_warp_prior)
-        except ValueError as exc:
-            psf_info["last_error"] = str(exc)
-            continue
+    fitted = fit_detector_psf(sub, var_det, mask, meas["x"][idx], meas["y"][idx], config)
+    if fitted[0] is None:
+        psf_info["last_error"] = fitted[3]
+    else:
+        arrays, u, r, order = fitted
         psf_model = arrays
         used[idx[u]] = True
         reserved[idx[r]] = True
@@ -499,7 +524,6 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
                         reserved_dT_std=float(arrays.reserved_dT_std),
                         reserved_dT=[float(v) for v in arrays.reserved_dT],
                         flux_sys=float(arrays.flux_sys), cv_flux_ratio=[float(v) for v in arrays.cv_flux_ratio])
-        break
     if psf_model is not None:
         psf = _psf_from_arrays(psf_model, exp.xy0)
         stamps = render_stamps(psf_model, meas["x"], meas["y"], stamp)

@@ -27,7 +27,6 @@ from procsky.tasks.warp import (
     WARP_DIMS,
     apply_visit_photocalib,
     calexp_patch_groups,
-    load_task_skymap,
 )
 
 __all__ = ["AssembleCoaddConfig", "AssembleCoaddDirectTask", "AssembleCoaddTask"]

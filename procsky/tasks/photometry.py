@@ -94,7 +94,7 @@ class VisitPhotometryConfig(TaskConfig):
 
 
 def _clipped_median(d: np.ndarray, nsigma: float, max_iter: int = 10):
-    """(median, error of the median, MAD sigma, used mask) with MAD-sigma clipping.
+    """(median, error of the median, used mask) with MAD-sigma clipping.
 
     The same estimator as calibrate's per-detector zero point
     (:func:`procsky.kernels.astrometry.photometric_zero_point`), on differences ``d``.
@@ -102,12 +102,11 @@ def _clipped_median(d: np.ndarray, nsigma: float, max_iter: int = 10):
     from procsky.kernels.astrometry import photometric_zero_point
 
     zp, err, _, used = photometric_zero_point(d, np.zeros_like(d), nsigma=nsigma, max_iter=max_iter)
-    sig = 1.4826 * float(np.median(np.abs(d[used] - zp)))
-    return zp, err, sig, used
+    return zp, err, used
 
 
 def _clipped_weighted_mean(d: np.ndarray, e: np.ndarray, nsigma: float, max_iter: int = 10):
-    """(mean, error, rms scale, used mask): inverse-variance weighted mean, clipping points beyond
+    """(mean, error, used mask): inverse-variance weighted mean, clipping points beyond
     ``nsigma`` of their error times sqrt(reduced chi^2); starts from the median (robust start)."""
     used = np.isfinite(d) & np.isfinite(e) & (e > 0)
     centre = float(np.median(d[used]))
@@ -129,7 +128,7 @@ def _clipped_weighted_mean(d: np.ndarray, e: np.ndarray, nsigma: float, max_iter
             break
         used = new
     w = 1.0 / e[used] ** 2
-    return mean, scale / math.sqrt(float(np.sum(w))), scale, used
+    return mean, scale / math.sqrt(float(np.sum(w))), used
 
 
 def _star_table(src: pd.DataFrame, detector: int, summary: dict | None) -> tuple[pd.DataFrame, dict]:
@@ -214,14 +213,14 @@ def visit_photometric_calibration(srcs, detectors, summaries=None, config: Visit
         infos[int(det)] = info
     if not infos:
         raise NoWorkError("no src catalogue for this visit")
-    stars = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["detector", "d", "err"])
+    stars = pd.concat(tables, ignore_index=True)
     # one aperture-to-total factor for the visit in place of each detector's noisy own
     gc_dets = np.array([infos[k]["aperture_to_total"] for k in infos])
     gc_errs = np.array([infos[k]["aperture_to_total_err"] for k in infos])
     gc_ok = np.isfinite(gc_dets) & np.isfinite(gc_errs) & (gc_errs > 0)
     gc_visit, gc_visit_err, gc_n = 1.0, float("nan"), 0
     if config.use_visit_aperture_to_total and gc_ok.any():
-        g, ge, _, gu = _clipped_weighted_mean(gc_dets[gc_ok], gc_errs[gc_ok], config.nsigma)
+        g, ge, gu = _clipped_weighted_mean(gc_dets[gc_ok], gc_errs[gc_ok], config.nsigma)
         if np.isfinite(g) and g > 0:
             gc_visit, gc_visit_err, gc_n = float(g), float(ge), int(gu.sum())
     gc_shift = {}
@@ -244,9 +243,9 @@ def visit_photometric_calibration(srcs, detectors, summaries=None, config: Visit
     d = stars["d"].to_numpy(float) - np.array([head_off[k] for k in det_of])
     e = stars["err"].to_numpy(float)
     if config.estimator == "median":
-        zp, zp_err, scatter, used = _clipped_median(d, config.nsigma)
+        zp, zp_err, used = _clipped_median(d, config.nsigma)
     else:
-        zp, zp_err, scatter, used = _clipped_weighted_mean(d, e, config.nsigma)
+        zp, zp_err, used = _clipped_weighted_mean(d, e, config.nsigma)
     if int(used.sum()) < config.min_stars:
         raise NoWorkError(f"only {int(used.sum())} reference stars survive clipping (< min_stars={config.min_stars})")
     resid = d - zp
@@ -260,7 +259,7 @@ def visit_photometric_calibration(srcs, detectors, summaries=None, config: Visit
         off = off_err = float("nan")
         k_used = 0
         if n >= 2:
-            off, off_err, _, u = _clipped_median(r, config.nsigma)
+            off, off_err, u = _clipped_median(r, config.nsigma)
             k_used = int(u.sum())
         elif n == 1:
             off = float(r[np.isfinite(r)][0])
