@@ -144,3 +144,72 @@ def test_find_sharp_sources_removes_faint_tracks_keeps_stars():
     # the bright star's PSF fit is consistent: nothing to clean
     assert res.chi2_excess[1] < 0.5
     assert not res.cr_pixels[50:71, 140:161].any()
+
+
+def _rasterised_track(img, x0, y0, length, angle, energy):
+    """A cosmic-ray track the way ``procsky.sim`` draws one: ``energy`` spread evenly over
+    0.4-pixel steps along a line, each step deposited in its nearest pixel."""
+    steps = max(1, int(length / 0.4))
+    s = np.linspace(0.0, length, steps)
+    xx = np.rint(x0 + s * np.cos(angle)).astype(int)
+    yy = np.rint(y0 + s * np.sin(angle)).astype(int)
+    np.add.at(img, (yy, xx), energy / steps)
+    return xx, yy
+
+
+def test_find_cr_tracks_removes_faint_tracks_keeps_faint_sources():
+    """Faint tracks (1-4 sigma per pixel, 8-20 pixels long, too faint for the pixel tests)
+    whose matched-filter sum is a 6-10 sigma detection are recognised as lines sharper than
+    the PSF; faint stars, an elongated galaxy (as wide as the PSF across) and a star with a
+    track across it are kept; the isolated tracks' pixels are flagged and repaired to the
+    local background."""
+    from procsky.kernels.cosmicray import find_cr_tracks
+    from procsky.kernels.testing import gaussian_psf_image
+
+    rng = np.random.default_rng(11)
+    ny = nx = 240
+    sigma = 2.5
+    noise = 17.0
+    img = rng.normal(0.0, noise, (ny, nx))
+    var = np.full((ny, nx), noise**2, np.float32)
+    # faint stars: S/N ~ 7, 10 and 15 (PSF-fit S/N = F / (noise sqrt(4 pi sigma^2)))
+    neff = noise * np.sqrt(4 * np.pi * sigma**2)
+    sources = [(40.3, 40.6, 7 * neff), (200.2, 40.1, 10 * neff), (40.0, 200.0, 15 * neff)]
+    for x, y, f in sources:
+        ix, iy = int(round(x)), int(round(y))
+        img[iy - 12: iy + 13, ix - 12: ix + 13] += f * gaussian_psf_image(25, sigma, x - ix, y - iy)
+    # an elongated galaxy: sigma 5 x 1 px intrinsic (PSF-convolved 5.6 x 2.7), S/N ~ 10
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    a2, b2 = 5.0**2 + sigma**2, 1.0**2 + sigma**2
+    u, v = (xx - 120) * np.cos(0.6) + (yy - 200) * np.sin(0.6), -(xx - 120) * np.sin(0.6) + (yy - 200) * np.cos(0.6)
+    gal = np.exp(-0.5 * (u**2 / a2 + v**2 / b2)) / (2 * np.pi * np.sqrt(a2 * b2))
+    img += 16 * neff * gal
+    sources.append((120.0, 200.0, 0.0))
+    # isolated faint tracks (each pixel 1-4 sigma) and one across the S/N 15 star
+    tracks = [(100, 60, 16, 0.3, 900.0), (160, 120, 10, 2.2, 700.0), (60, 110, 20, 1.2, 1100.0),
+              (34, 196, 12, 0.1, 800.0)]
+    pix = [_rasterised_track(img, *t) for t in tracks]
+    cx = [np.mean(p[0]) for p in pix[:3]]
+    cy = [np.mean(p[1]) for p in pix[:3]]
+    xs = np.array([s[0] for s in sources] + cx)
+    ys = np.array([s[1] for s in sources] + cy)
+    stamps = np.stack([gaussian_psf_image(25, sigma, x - np.floor(x + 0.5), y - np.floor(y + 0.5))
+                       for x, y in zip(xs, ys)])
+    res = find_cr_tracks(img.astype(np.float32), var, None, xs, ys, stamps, sigma)
+    assert list(res.is_cr) == [False] * 4 + [True] * 3, (res.gain_line, res.gain_psf, res.gain_broad)
+    for (txx, tyy), t in zip(pix[:3], tracks[:3]):
+        on = res.cr_pixels[tyy, txx]
+        inside = (np.abs(txx - np.mean(txx)) <= 7) & (np.abs(tyy - np.mean(tyy)) <= 7)
+        assert on[inside].mean() >= 0.8  # the track within the test window
+        # repaired to the local background, within the noise
+        assert abs(np.nanmedian(res.repair[tyy[on], txx[on]])) < noise
+    # nothing flagged on the sources
+    for x, y, _ in sources:
+        assert not res.cr_pixels[int(y) - 3: int(y) + 4, int(x) - 3: int(x) + 4].any()
+    # and nothing farther than one pixel from a track
+    track = np.zeros((ny, nx), bool)
+    for txx, tyy in pix:
+        track[tyy, txx] = True
+    assert not (res.cr_pixels & ~ndimage.binary_dilation(track, np.ones((3, 3), bool))).any()
+    with pytest.raises(ValueError, match="psf_sigma"):
+        find_cr_tracks(img, var, None, xs, ys, stamps, 0.0)

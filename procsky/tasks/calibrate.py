@@ -25,7 +25,10 @@ Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md
    sharper than the PSF; their sharp pixels are masked CR and repaired and the detection
    is dropped when no significant PSF-shaped signal is left (``find_sharp_sources``). A hit
    on a star (which L.A.Cosmic's fine-structure test protects) is cleaned by the same test
-   at ``cr_psf_star_sigma`` and repaired with the star's PSF fit.
+   at ``cr_psf_star_sigma`` and repaired with the star's PSF fit. Fainter tracks still
+   (1-4 sigma per pixel) are recognised as a whole: a detection that a line one pixel wide
+   fits better than both the PSF and a line as wide as the PSF, with no PSF-shaped signal
+   left beside it, is dropped and the track masked (``find_cr_tracks``).
 6. **Remeasure** PSF fluxes with the fitted model; **aperture correction** = clipped
    weighted mean of ``ap_flux(r_apcorr) / psf_flux`` over the PSF stars, applied to
    ``psf_flux``. ``psf_flux_err`` is the photon noise of the PSF fit plus, in quadrature,
@@ -72,7 +75,7 @@ from procsky.errors import AlgorithmError, NoWorkError
 from procsky.exposure import Exposure
 from procsky.kernels.astrometry import fit_tan_sip, match_sources, photometric_zero_point
 from procsky.kernels.background import estimate_background
-from procsky.kernels.cosmicray import find_cosmic_rays, find_sharp_sources, repair_pixels
+from procsky.kernels.cosmicray import find_cosmic_rays, find_cr_tracks, find_sharp_sources, repair_pixels
 from procsky.kernels.detection import detect_sources
 from procsky.kernels.measure import FLAG_NAMES, measure_sources
 from procsky.kernels.growth import GrowthCorrection, aperture_to_total, weighted_clipped_mean
@@ -131,6 +134,16 @@ class CalibrateConfig(TaskConfig):
     +13.6 %, pull +9, unflagged)."""
     cr_psf_model_error: float = 0.05
     """Fractional PSF-model error allowed for on a star's pixels (value and curvature) in that test."""
+    cr_track_test: bool = True
+    """Then test the detections below ``cr_track_nu_max`` for faint cosmic-ray tracks, lines sharper than the
+    PSF (``kernels.cosmicray.find_cr_tracks``); a detection a track explains, with no PSF-shaped signal left
+    beside it, is removed and its track masked CR."""
+    cr_track_nu_max: float = 30.0
+    """PSF significance above which a detection is not tested for a track."""
+    cr_track_min_gain: float = 12.0
+    """Chi^2 by which the best sharp line must beat the PSF and the best PSF-wide line, each ..."""
+    cr_track_min_total: float = 28.0
+    """... and both summed."""
     detection_nsigma: float = 5.0
     """Detection threshold in units of the smoothed noise."""
     detection_threshold: str = "empirical"
@@ -582,7 +595,24 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
             repair_pixels(var_det, newcr, donors_bad, 2)
             variance = np.where(newcr, var_det, variance).astype(np.float32)
             n_cr += int(newcr.sum())
-        keep = ~sharp.is_cr
+        is_cr = sharp.is_cr
+        if config.cr_track_test:
+            # faint tracks: judged on their pixels not yet flagged (repaired values are not data)
+            tracks = find_cr_tracks(sub, var_det, mask, meas["x"], meas["y"], stamps, sigma_psf,
+                                    skip=skip | is_cr,
+                                    bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"],
+                                    nu_max=config.cr_track_nu_max, min_gain=config.cr_track_min_gain,
+                                    min_total=config.cr_track_min_total, nu_keep=config.detection_nsigma)
+            newcr = tracks.cr_pixels & ((mask & np.uint32(bit["CR"])) == 0)
+            if newcr.any():
+                mask[newcr] |= np.uint32(bit["CR"] | bit["INTRP"])
+                sub[newcr] = tracks.repair[newcr]
+                donors_bad = (mask & np.uint32(bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"])) != 0
+                repair_pixels(var_det, newcr, donors_bad & ~newcr, 2)
+                variance = np.where(newcr, var_det, variance).astype(np.float32)
+                n_cr += int(newcr.sum())
+            is_cr = is_cr | tracks.is_cr
+        keep = ~is_cr
         n_cr_sources = int((~keep).sum())
         if n_cr_sources:
             gone = np.setdiff1d(det.parent[~keep], det.parent[keep])
