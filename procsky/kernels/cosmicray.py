@@ -543,18 +543,23 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
             continue
         ix = int(math.floor(xs[k] + 0.5))
         iy = int(math.floor(ys[k] + 0.5))
-        if iy - h < 0 or iy + h >= ny or ix - h < 0 or ix + h >= nx:
-            continue
+        # a window that crosses the image edge keeps its pixels inside (an edge hit is
+        # judged on what the detector saw)
         for j in range(s):
             for i in range(s):
                 yy = iy + j - h
                 xx = ix + i - h
-                d[j, i] = image[yy, xx]
-                v[j, i] = variance[yy, xx]
                 p[j, i] = stamps[k, c0 + j - h, c0 + i - h] if abs(j - h) <= c0 and abs(i - h) <= c0 else 0.0
-                ok[j, i] = (mask[yy, xx] & bad_bits) == 0 and v[j, i] > 0.0 and np.isfinite(d[j, i])
-                use[j, i] = ok[j, i]
                 sharp[j, i] = False
+                if 0 <= yy < ny and 0 <= xx < nx:
+                    d[j, i] = image[yy, xx]
+                    v[j, i] = variance[yy, xx]
+                    ok[j, i] = (mask[yy, xx] & bad_bits) == 0 and v[j, i] > 0.0 and np.isfinite(d[j, i])
+                else:
+                    d[j, i] = 0.0
+                    v[j, i] = 1.0
+                    ok[j, i] = False
+                use[j, i] = ok[j, i]
         a, sa, chi2, npix, b0, b1, b2 = _fit_psf_plane(d, v, p, use, h)
         if not np.isfinite(a) or npix <= 4:
             continue
@@ -728,20 +733,24 @@ class TrackResult(NamedTuple):
     is_cr : ndarray (n,) bool
         The detection is a cosmic-ray track: a line sharper than the PSF explains it and no
         significant PSF-shaped signal is left beside it.
+    on_star : ndarray (n,) bool
+        A track crosses this bright detection (which keeps its row).
     cr_pixels : ndarray (ny, nx) bool
         The track pixels of those detections (within 0.8 px of the fitted line segment).
     gain_line, gain_psf, gain_broad : ndarray (n,) float
         Chi^2 drop over a plane of the best sharp line segment, of the PSF and of the best
-        line segment as wide as the PSF (NaN where not tested).
+        line segment as wide as the PSF (NaN where not tested; on a bright detection the
+        lines' drops are over the PSF + plane fit, -1 where not computed).
     nu_psf : ndarray (n,) float
         PSF significance left in the joint fit PSF + line + plane.
     theta : ndarray (n,) float
         Position angle of the best line, radians from +x.
     repair : ndarray (ny, nx) float
-        On ``cr_pixels``: the plane (+ any PSF part) of the joint fit there.
+        On ``cr_pixels``: the plane and PSF parts of the joint fit there.
     """
 
     is_cr: np.ndarray
+    on_star: np.ndarray
     cr_pixels: np.ndarray
     gain_line: np.ndarray
     gain_psf: np.ndarray
@@ -803,10 +812,11 @@ def _projected_gain(m, dres, w, use, h, Gi):
 
 
 @numba.njit(nogil=True, cache=True)
-def _line_template(m, h, c, sn, rho, half_len, width):
+def _line_template(m, h, c, sn, rho, t0, t1, width):
     """A line segment through the window: cross-track profile (``width`` <= 0: a triangle of
     one pixel, a rasterised track; else a Gaussian of that sigma, integral 1 across), along
-    the track 1 within ``half_len`` of the centre, tapering to 0 over one more pixel."""
+    the track (coordinate ``t`` from the window centre) 1 for ``t0 <= t <= t1``, tapering
+    to 0 over one more pixel."""
     s = 2 * h + 1
     for j in range(s):
         for i in range(s):
@@ -814,8 +824,8 @@ def _line_template(m, h, c, sn, rho, half_len, width):
             y = j - h
             t = x * c + y * sn
             dp = -x * sn + y * c - rho
-            at = abs(t)
-            along = 1.0 if at <= half_len else max(0.0, 1.0 - (at - half_len))
+            out = t0 - t if t < t0 else (t - t1 if t > t1 else 0.0)
+            along = max(0.0, 1.0 - out)
             if along == 0.0:
                 m[j, i] = 0.0
                 continue
@@ -826,8 +836,121 @@ def _line_template(m, h, c, sn, rho, half_len, width):
 
 
 @numba.njit(nogil=True, cache=True)
+def _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp):
+    """For a template ``m`` beside a star: its chi^2 numerator against the residual of the
+    PSF + plane fit (``dres2``), its norm with the plane and the PSF projected out, and the
+    plane-only projections the joint fit needs: (md2, mm2, md, mm, q, mp)."""
+    s = 2 * h + 1
+    md2 = 0.0
+    md = 0.0
+    mm = 0.0
+    mp = 0.0
+    q = np.zeros(3)
+    for j in range(s):
+        for i in range(s):
+            if use[j, i] and m[j, i] != 0.0:
+                ww = w[j, i] * m[j, i]
+                md2 += ww * dres2[j, i]
+                md += ww * dres[j, i]
+                mm += ww * m[j, i]
+                mp += ww * p_perp[j, i]
+                q[0] += ww
+                q[1] += ww * (i - h)
+                q[2] += ww * (j - h)
+    mm -= (q[0] * (Gi[0, 0] * q[0] + Gi[0, 1] * q[1] + Gi[0, 2] * q[2])
+           + q[1] * (Gi[1, 0] * q[0] + Gi[1, 1] * q[1] + Gi[1, 2] * q[2])
+           + q[2] * (Gi[2, 0] * q[0] + Gi[2, 1] * q[1] + Gi[2, 2] * q[2]))
+    return md2, mm - mp * mp / pp, md, mm, q, mp
+
+
+@numba.njit(nogil=True, cache=True)
+def _track_on_star(d, w0, p, use, h, a0, model_error, psf_sigma, n_theta, n_rho, rho_max, half_lengths, star_gain,
+                   best, flag, rep):
+    """A track across a bright star: the sharp line fitted to the residual of the star's PSF
+    + plane fit, against noise plus ``model_error`` of the model (value), and compared with a
+    PSF-wide line (a model error is as wide as the PSF). Fills ``flag`` and ``rep`` (the
+    joint fit's PSF + plane) and returns (gain_sharp, gain_broad) or gains < 0 when untested."""
+    s = 2 * h + 1
+    w = np.zeros((s, s))
+    for j in range(s):
+        for i in range(s):
+            flag[j, i] = False
+            if use[j, i]:
+                w[j, i] = 1.0 / (1.0 / w0[j, i] + (model_error * a0 * p[j, i]) ** 2)
+    Gi, b = _plane_projection(d, w, use, h)
+    dres = np.empty((s, s))
+    for j in range(s):
+        for i in range(s):
+            dres[j, i] = d[j, i] - b[0] - b[1] * (i - h) - b[2] * (j - h)
+    pd, pp, qp = _projected_gain(p, dres, w, use, h, Gi)
+    if not (pp > 0.0 and pd > 0.0):
+        return -1.0, -1.0
+    a = pd / pp
+    cp = Gi @ qp
+    p_perp = np.empty((s, s))
+    dres2 = np.empty((s, s))
+    for j in range(s):
+        for i in range(s):
+            p_perp[j, i] = p[j, i] - cp[0] - cp[1] * (i - h) - cp[2] * (j - h)
+            dres2[j, i] = dres[j, i] - a * p_perp[j, i]
+    m = np.empty((s, s))
+    g_sharp = 0.0
+    g_broad = 0.0
+    th_b = 0.0
+    rho_b = 0.0
+    l_b = 0.0
+    for kind in range(2):
+        for it in range(n_theta):
+            th = math.pi * it / n_theta
+            c = math.cos(th)
+            sn = math.sin(th)
+            for ir in range(n_rho):
+                rho = -rho_max + 0.5 * ir
+                for il in range(half_lengths.size):
+                    _line_template(m, h, c, sn, rho, -half_lengths[il], half_lengths[il], 0.0 if kind == 0 else psf_sigma)
+                    md2, mm2, md, mm, q, mp = _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp)
+                    if not (mm2 > 0.0 and md2 > 0.0):
+                        continue
+                    g = md2 * md2 / mm2
+                    if kind == 0 and g > g_sharp:
+                        g_sharp = g
+                        th_b = th
+                        rho_b = rho
+                        l_b = half_lengths[il]
+                    elif kind == 1 and g > g_broad:
+                        g_broad = g
+        if kind == 0 and g_sharp < star_gain:
+            return g_sharp, -1.0
+    if not (g_sharp - g_broad >= star_gain):
+        return g_sharp, g_broad
+    # the extent of the track along the best line, then the joint fit a P + c L + plane
+    t0b, t1b, g_ext = -l_b, l_b, 0.0
+    for t0 in range(-h, 1):
+        for t1 in range(0, h + 1):
+            _line_template(m, h, math.cos(th_b), math.sin(th_b), rho_b, float(t0), float(t1), 0.0)
+            md2, mm2, md, mm, q, mp = _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp)
+            if mm2 > 0.0 and md2 > 0.0 and md2 * md2 / mm2 > g_ext:
+                g_ext = md2 * md2 / mm2
+                t0b, t1b = float(t0), float(t1)
+    _line_template(best, h, math.cos(th_b), math.sin(th_b), rho_b, t0b, t1b, 0.0)
+    md2, mm2, ld, ll, ql, pl = _star_gain(best, dres, dres2, w, use, h, Gi, p_perp, pp)
+    det = pp * ll - pl * pl
+    if not det > 0.0:
+        return g_sharp, g_broad
+    aj = (ll * pd - pl * ld) / det
+    cj = (pp * ld - pl * pd) / det
+    e = b - Gi @ (aj * qp + cj * ql)
+    for j in range(s):
+        for i in range(s):
+            if use[j, i] and best[j, i] >= 0.2:
+                flag[j, i] = True
+                rep[j, i] = aj * p[j, i] + e[0] + e[1] * (i - h) + e[2] * (j - h)
+    return g_sharp, g_broad
+
+
+@numba.njit(nogil=True, cache=True)
 def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_sigma, n_theta, rho_max,
-                  half_lengths, nu_max, min_gain, min_total, nu_keep, crpix, repair, out):
+                  half_lengths, nu_max, min_gain, min_total, nu_keep, star_gain, model_error, crpix, repair, out):
     ny, nx = image.shape
     s = 2 * h + 1
     S = stamps.shape[1]
@@ -839,6 +962,8 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_
     dres = np.empty((s, s))
     m = np.empty((s, s))
     best = np.empty((s, s))
+    flag = np.zeros((s, s), dtype=np.bool_)
+    rep = np.zeros((s, s))
     n_rho = int(2 * rho_max / 0.5) + 1
     for k in range(xs.size):
         if skip[k] or not (np.isfinite(xs[k]) and np.isfinite(ys[k])):
@@ -872,6 +997,20 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_
             continue
         gain_psf = pd * pd / pp if pd > 0 else 0.0
         if pd / math.sqrt(pp) > nu_max:
+            # a star cut by the image edge has a sharp residual along it: not tested
+            if not star_gain > 0.0 or iy - h < 0 or iy + h >= ny or ix - h < 0 or ix + h >= nx:
+                continue
+            gs, gb = _track_on_star(d, w, p, use, h, pd / pp, model_error, psf_sigma, n_theta, n_rho, rho_max,
+                                    half_lengths, star_gain, best, flag, rep)
+            out[k, 0] = gs
+            out[k, 1] = gain_psf
+            out[k, 2] = gb
+            for j in range(s):
+                for i in range(s):
+                    if flag[j, i]:
+                        crpix[iy + j - h, ix + i - h] = True
+                        repair[iy + j - h, ix + i - h] = rep[j, i]
+                        out[k, 5] = 2.0
             continue
         # best sharp line segment; only if it beats the PSF, the best PSF-wide one
         g_best = 0.0
@@ -887,7 +1026,7 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_
                 for ir in range(n_rho):
                     rho = -rho_max + 0.5 * ir
                     for il in range(half_lengths.size):
-                        _line_template(m, h, c, sn, rho, half_lengths[il], 0.0 if kind == 0 else psf_sigma)
+                        _line_template(m, h, c, sn, rho, -half_lengths[il], half_lengths[il], 0.0 if kind == 0 else psf_sigma)
                         md, mp, q = _projected_gain(m, dres, w, use, h, Gi)
                         if not (mp > 0.0 and md > 0.0):
                             continue
@@ -910,8 +1049,17 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_
         if not (g_best - gain_psf >= min_gain and g_best - out[k, 2] >= min_gain
                 and 2.0 * g_best - gain_psf - out[k, 2] >= min_total):
             continue
+        # the extent of the track along the best line
+        t0b, t1b, g_ext = -l_best, l_best, 0.0
+        for t0 in range(-h, 1):
+            for t1 in range(0, h + 1):
+                _line_template(m, h, math.cos(th_best), math.sin(th_best), rho_best, float(t0), float(t1), 0.0)
+                md, mp, q = _projected_gain(m, dres, w, use, h, Gi)
+                if mp > 0.0 and md > 0.0 and md * md / mp > g_ext:
+                    g_ext = md * md / mp
+                    t0b, t1b = float(t0), float(t1)
         # joint fit a P + c L + plane: is a PSF-shaped source left beside the line?
-        _line_template(best, h, math.cos(th_best), math.sin(th_best), rho_best, l_best, 0.0)
+        _line_template(best, h, math.cos(th_best), math.sin(th_best), rho_best, t0b, t1b, 0.0)
         ld, ll, ql = _projected_gain(best, dres, w, use, h, Gi)
         pl = 0.0
         for j in range(s):
@@ -950,7 +1098,8 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_
 
 def find_cr_tracks(image, variance, mask, x, y, psf_stamps, psf_sigma, *, skip=None, half_width=7,
                    bad_bits=bit(BAD) | bit(SAT) | bit(NO_DATA), n_theta=36, rho_max=2.0,
-                   half_lengths=(2.0, 4.0, 7.0), nu_max=30.0, min_gain=12.0, min_total=28.0, nu_keep=5.0):
+                   half_lengths=(2.0, 4.0, 7.0), nu_max=30.0, min_gain=12.0, min_total=28.0, nu_keep=5.0,
+                   star_gain=25.0, model_error=0.02):
     """Find detections that are faint cosmic-ray tracks: lines sharper than the PSF.
 
     A grazing cosmic ray deposits a few hundred electrons along a rasterised line of 5-30
@@ -976,10 +1125,14 @@ def find_cr_tracks(image, variance, mask, x, y, psf_stamps, psf_sigma, *, skip=N
     3. a joint fit ``a PSF + c line + plane`` leaves ``a / sigma_a < nu_keep`` (the detection
        threshold): nothing PSF-shaped is under the track.
 
-    Detections brighter than ``nu_max`` (PSF significance) are not tested: there the
-    pixel-level tests see the hit. Pixels already flagged should be in ``bad_bits`` (their
-    repaired values are not data), so a partly flagged track is judged on its remaining
-    pixels.
+    On a detection brighter than ``nu_max`` (PSF significance: a star, which keeps its row)
+    the lines are fitted to the residual of its PSF + plane fit, with the noise plus
+    ``model_error`` times the model, and a sharp line that gains ``star_gain`` over the
+    residual and over the best PSF-wide line (a model error is as wide as the PSF) is a
+    track across the star: ``on_star``, its pixels flagged and repaired with the joint
+    PSF + line + plane fit (``star_gain=0`` leaves bright detections alone). Pixels already
+    flagged should be in ``bad_bits`` (their repaired values are not data), so a partly
+    flagged track is judged on its remaining pixels.
 
     Parameters
     ----------
@@ -996,7 +1149,7 @@ def find_cr_tracks(image, variance, mask, x, y, psf_stamps, psf_sigma, *, skip=N
         Detections not to test.
     half_width : int
         Window half width, pixels.
-    n_theta, rho_max, half_lengths, nu_max, min_gain, min_total, nu_keep
+    n_theta, rho_max, half_lengths, nu_max, min_gain, min_total, nu_keep, star_gain, model_error
         See above.
 
     Returns
@@ -1016,6 +1169,6 @@ def find_cr_tracks(image, variance, mask, x, y, psf_stamps, psf_sigma, *, skip=N
     out[:, 5] = 0.0
     _track_kernel(img, var, msk, xs, ys, st, sk, h, np.uint32(bad_bits), float(psf_sigma), int(n_theta),
                   float(rho_max), np.asarray(half_lengths, dtype=np.float64), float(nu_max), float(min_gain),
-                  float(min_total), float(nu_keep), crpix, repair, out)
-    return TrackResult(is_cr=out[:, 5] > 0, cr_pixels=crpix, gain_line=out[:, 0], gain_psf=out[:, 1],
+                  float(min_total), float(nu_keep), float(star_gain), float(model_error), crpix, repair, out)
+    return TrackResult(is_cr=out[:, 5] == 1.0, on_star=out[:, 5] == 2.0, cr_pixels=crpix, gain_line=out[:, 0], gain_psf=out[:, 1],
                        gain_broad=out[:, 2], nu_psf=out[:, 3], theta=out[:, 4], repair=repair)

@@ -144,6 +144,12 @@ class CalibrateConfig(TaskConfig):
     """Chi^2 by which the best sharp line must beat the PSF and the best PSF-wide line, each ..."""
     cr_track_min_total: float = 28.0
     """... and both summed."""
+    cr_track_star_gain: float = 25.0
+    """On a detection above ``cr_track_nu_max``: chi^2 by which a sharp line must improve the PSF fit, and
+    beat a PSF-wide line, for a track across the star (flagged CR and repaired, the star kept); 0 leaves
+    bright detections alone."""
+    cr_track_model_error: float = 0.02
+    """Fractional PSF-model error allowed for on a bright detection's pixels in that test."""
     detection_nsigma: float = 5.0
     """Detection threshold in units of the smoothed noise."""
     detection_threshold: str = "empirical"
@@ -578,7 +584,8 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     # repaired; detections with no significant PSF-shaped signal left are removed.
     n_cr_sources = 0
     if config.do_cosmic_rays and config.cr_psf_test:
-        skip = meas["flag_saturated"] | meas["flag_edge"] | ~np.isfinite(meas["x"]) | ~np.isfinite(meas["y"])
+        # detections at the edge are tested too, on the part of the window inside the image
+        skip = meas["flag_saturated"] | ~np.isfinite(meas["x"]) | ~np.isfinite(meas["y"])
         hw = int(min(6, max(3, round(2.0 * sigma_psf * 1.1774))))
         sharp = find_sharp_sources(sub, var_det, mask, meas["x"], meas["y"], stamps, skip=skip, half_width=hw,
                                    z_min=config.cr_psf_z, excess_min=config.cr_psf_excess,
@@ -602,7 +609,8 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
                                     skip=skip | is_cr,
                                     bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"],
                                     nu_max=config.cr_track_nu_max, min_gain=config.cr_track_min_gain,
-                                    min_total=config.cr_track_min_total, nu_keep=config.detection_nsigma)
+                                    min_total=config.cr_track_min_total, nu_keep=config.detection_nsigma,
+                                    star_gain=config.cr_track_star_gain, model_error=config.cr_track_model_error)
             newcr = tracks.cr_pixels & ((mask & np.uint32(bit["CR"])) == 0)
             if newcr.any():
                 mask[newcr] |= np.uint32(bit["CR"] | bit["INTRP"])
