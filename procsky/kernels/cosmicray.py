@@ -908,7 +908,7 @@ def _track_on_star(d, w0, p, use, h, a0, model_error, psf_sigma, n_theta, n_rho,
                 rho = -rho_max + 0.5 * ir
                 for il in range(half_lengths.size):
                     _line_template(m, h, c, sn, rho, -half_lengths[il], half_lengths[il], 0.0 if kind == 0 else psf_sigma)
-                    md2, mm2, md, mm, q, mp = _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp)
+                    md2, mm2, _, _, _, _ = _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp)
                     if not (mm2 > 0.0 and md2 > 0.0):
                         continue
                     g = md2 * md2 / mm2
@@ -926,9 +926,9 @@ def _track_on_star(d, w0, p, use, h, a0, model_error, psf_sigma, n_theta, n_rho,
     # the extent of the track along the best line, then the joint fit a P + c L + plane
     t0b, t1b, g_ext = -l_b, l_b, 0.0
     for t0 in range(-h, 1):
-        for t1 in range(0, h + 1):
+        for t1 in range(h + 1):
             _line_template(m, h, math.cos(th_b), math.sin(th_b), rho_b, float(t0), float(t1), 0.0)
-            md2, mm2, md, mm, q, mp = _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp)
+            md2, mm2, _, _, _, _ = _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp)
             if mm2 > 0.0 and md2 > 0.0 and md2 * md2 / mm2 > g_ext:
                 g_ext = md2 * md2 / mm2
                 t0b, t1b = float(t0), float(t1)
@@ -1027,7 +1027,7 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_
                     rho = -rho_max + 0.5 * ir
                     for il in range(half_lengths.size):
                         _line_template(m, h, c, sn, rho, -half_lengths[il], half_lengths[il], 0.0 if kind == 0 else psf_sigma)
-                        md, mp, q = _projected_gain(m, dres, w, use, h, Gi)
+                        md, mp, _ = _projected_gain(m, dres, w, use, h, Gi)
                         if not (mp > 0.0 and md > 0.0):
                             continue
                         g = md * md / mp
@@ -1052,9 +1052,9 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_
         # the extent of the track along the best line
         t0b, t1b, g_ext = -l_best, l_best, 0.0
         for t0 in range(-h, 1):
-            for t1 in range(0, h + 1):
+            for t1 in range(h + 1):
                 _line_template(m, h, math.cos(th_best), math.sin(th_best), rho_best, float(t0), float(t1), 0.0)
-                md, mp, q = _projected_gain(m, dres, w, use, h, Gi)
+                md, mp, _ = _projected_gain(m, dres, w, use, h, Gi)
                 if mp > 0.0 and md > 0.0 and md * md / mp > g_ext:
                     g_ext = md * md / mp
                     t0b, t1b = float(t0), float(t1)
@@ -1121,7 +1121,9 @@ def find_cr_tracks(image, variance, mask, x, y, psf_stamps, psf_sigma, *, skip=N
        real objects, 38 of tracks) the objects reached 13.8 over the PSF and 11.6 over both
        (24 summed): for a point source the best line gains about a third of the PSF's chi^2
        drop plus the best of the trials on noise, and a real elongated source is as wide
-       as the PSF across; the tracks without a source under them reached 12-110 over both;
+       as the PSF across; the tracks without a source under them reached 12-110 over both.
+       Over all 99 detectors of 11 `small` visits this removed 77 of the 87 spurious
+       detections that were tracks and lost no detection of a truth source above S/N 10;
     3. a joint fit ``a PSF + c line + plane`` leaves ``a / sigma_a < nu_keep`` (the detection
        threshold): nothing PSF-shaped is under the track.
 
@@ -1130,7 +1132,11 @@ def find_cr_tracks(image, variance, mask, x, y, psf_stamps, psf_sigma, *, skip=N
     ``model_error`` times the model, and a sharp line that gains ``star_gain`` over the
     residual and over the best PSF-wide line (a model error is as wide as the PSF) is a
     track across the star: ``on_star``, its pixels flagged and repaired with the joint
-    PSF + line + plane fit (``star_gain=0`` leaves bright detections alone). Pixels already
+    PSF + line + plane fit (``star_gain=0`` leaves bright detections alone). On 12 `small`
+    detectors the ~520 bright stars without a hit reached 21 over the residual and 12 over
+    the wide line; a star of S/N 350 crossed by a 2100-count track, 34 and 28. Over the 99
+    detectors two stars were found, both under a simulated track, and no other. A star
+    cut by the image edge is not tested (the cut is a sharp edge). Pixels already
     flagged should be in ``bad_bits`` (their repaired values are not data), so a partly
     flagged track is judged on its remaining pixels.
 

@@ -147,7 +147,8 @@ class CalibrateConfig(TaskConfig):
     cr_track_star_gain: float = 25.0
     """On a detection above ``cr_track_nu_max``: chi^2 by which a sharp line must improve the PSF fit, and
     beat a PSF-wide line, for a track across the star (flagged CR and repaired, the star kept); 0 leaves
-    bright detections alone."""
+    bright detections alone. On ``small`` r visit 23 a S/N 477 star crossed by an unflagged 2146-count track
+    measured +1.4 %, pull +5.4; it is now flagged and repaired (the visit's pooled pull std 1.18 -> 1.04)."""
     cr_track_model_error: float = 0.02
     """Fractional PSF-model error allowed for on a bright detection's pixels in that test."""
     detection_nsigma: float = 5.0
