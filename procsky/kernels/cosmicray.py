@@ -836,6 +836,34 @@ def _line_template(m, h, c, sn, rho, t0, t1, width):
 
 
 @numba.njit(nogil=True, cache=True)
+def _line_bank(h, psf_sigma, n_theta, rho_max, half_lengths):
+    """The line segments every detection is tested with (they depend on the window only):
+    sharp and PSF-wide templates and their (angle, offset, half-length)."""
+    n_rho = int(2 * rho_max / 0.5) + 1
+    n = n_theta * n_rho * half_lengths.size
+    s = 2 * h + 1
+    sharp = np.empty((n, s, s))
+    broad = np.empty((n, s, s))
+    par = np.empty((n, 3))
+    t = 0
+    for it in range(n_theta):
+        th = math.pi * it / n_theta
+        c = math.cos(th)
+        sn = math.sin(th)
+        for ir in range(n_rho):
+            rho = -rho_max + 0.5 * ir
+            for il in range(half_lengths.size):
+                L = half_lengths[il]
+                _line_template(sharp[t], h, c, sn, rho, -L, L, 0.0)
+                _line_template(broad[t], h, c, sn, rho, -L, L, psf_sigma)
+                par[t, 0] = th
+                par[t, 1] = rho
+                par[t, 2] = L
+                t += 1
+    return sharp, broad, par
+
+
+@numba.njit(nogil=True, cache=True)
 def _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp):
     """For a template ``m`` beside a star: its chi^2 numerator against the residual of the
     PSF + plane fit (``dres2``), its norm with the plane and the PSF projected out, and the
@@ -864,8 +892,7 @@ def _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp):
 
 
 @numba.njit(nogil=True, cache=True)
-def _track_on_star(d, w0, p, use, h, a0, model_error, psf_sigma, n_theta, n_rho, rho_max, half_lengths, star_gain,
-                   best, flag, rep):
+def _track_on_star(d, w0, p, use, h, a0, model_error, sharp_bank, broad_bank, par, star_gain, best, flag, rep):
     """A track across a bright star: the sharp line fitted to the residual of the star's PSF
     + plane fit, against noise plus ``model_error`` of the model (value), and compared with a
     PSF-wide line (a model error is as wide as the PSF). Fills ``flag`` and ``rep`` (the
@@ -900,25 +927,19 @@ def _track_on_star(d, w0, p, use, h, a0, model_error, psf_sigma, n_theta, n_rho,
     rho_b = 0.0
     l_b = 0.0
     for kind in range(2):
-        for it in range(n_theta):
-            th = math.pi * it / n_theta
-            c = math.cos(th)
-            sn = math.sin(th)
-            for ir in range(n_rho):
-                rho = -rho_max + 0.5 * ir
-                for il in range(half_lengths.size):
-                    _line_template(m, h, c, sn, rho, -half_lengths[il], half_lengths[il], 0.0 if kind == 0 else psf_sigma)
-                    md2, mm2, _, _, _, _ = _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp)
-                    if not (mm2 > 0.0 and md2 > 0.0):
-                        continue
-                    g = md2 * md2 / mm2
-                    if kind == 0 and g > g_sharp:
-                        g_sharp = g
-                        th_b = th
-                        rho_b = rho
-                        l_b = half_lengths[il]
-                    elif kind == 1 and g > g_broad:
-                        g_broad = g
+        bank = sharp_bank if kind == 0 else broad_bank
+        for t in range(par.shape[0]):
+            md2, mm2, _, _, _, _ = _star_gain(bank[t], dres, dres2, w, use, h, Gi, p_perp, pp)
+            if not (mm2 > 0.0 and md2 > 0.0):
+                continue
+            g = md2 * md2 / mm2
+            if kind == 0 and g > g_sharp:
+                g_sharp = g
+                th_b = par[t, 0]
+                rho_b = par[t, 1]
+                l_b = par[t, 2]
+            elif kind == 1 and g > g_broad:
+                g_broad = g
         if kind == 0 and g_sharp < star_gain:
             return g_sharp, -1.0
     if not (g_sharp - g_broad >= star_gain):
@@ -949,8 +970,8 @@ def _track_on_star(d, w0, p, use, h, a0, model_error, psf_sigma, n_theta, n_rho,
 
 
 @numba.njit(nogil=True, cache=True)
-def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_sigma, n_theta, rho_max,
-                  half_lengths, nu_max, min_gain, min_total, nu_keep, star_gain, model_error, crpix, repair, out):
+def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, sharp_bank, broad_bank, par, nu_max,
+                  min_gain, min_total, nu_keep, star_gain, model_error, crpix, repair, out):
     ny, nx = image.shape
     s = 2 * h + 1
     S = stamps.shape[1]
@@ -964,7 +985,6 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_
     best = np.empty((s, s))
     flag = np.zeros((s, s), dtype=np.bool_)
     rep = np.zeros((s, s))
-    n_rho = int(2 * rho_max / 0.5) + 1
     for k in range(xs.size):
         if skip[k] or not (np.isfinite(xs[k]) and np.isfinite(ys[k])):
             continue
@@ -1000,8 +1020,8 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_
             # a star cut by the image edge has a sharp residual along it: not tested
             if not star_gain > 0.0 or iy - h < 0 or iy + h >= ny or ix - h < 0 or ix + h >= nx:
                 continue
-            gs, gb = _track_on_star(d, w, p, use, h, pd / pp, model_error, psf_sigma, n_theta, n_rho, rho_max,
-                                    half_lengths, star_gain, best, flag, rep)
+            gs, gb = _track_on_star(d, w, p, use, h, pd / pp, model_error, sharp_bank, broad_bank, par, star_gain,
+                                    best, flag, rep)
             out[k, 0] = gs
             out[k, 1] = gain_psf
             out[k, 2] = gb
@@ -1019,24 +1039,18 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, psf_
         l_best = 0.0
         for kind in range(2):
             g_kind = 0.0
-            for it in range(n_theta):
-                th = math.pi * it / n_theta
-                c = math.cos(th)
-                sn = math.sin(th)
-                for ir in range(n_rho):
-                    rho = -rho_max + 0.5 * ir
-                    for il in range(half_lengths.size):
-                        _line_template(m, h, c, sn, rho, -half_lengths[il], half_lengths[il], 0.0 if kind == 0 else psf_sigma)
-                        md, mp, _ = _projected_gain(m, dres, w, use, h, Gi)
-                        if not (mp > 0.0 and md > 0.0):
-                            continue
-                        g = md * md / mp
-                        if g > g_kind:
-                            g_kind = g
-                            if kind == 0:
-                                th_best = th
-                                rho_best = rho
-                                l_best = half_lengths[il]
+            bank = sharp_bank if kind == 0 else broad_bank
+            for t in range(par.shape[0]):
+                md, mp, _ = _projected_gain(bank[t], dres, w, use, h, Gi)
+                if not (mp > 0.0 and md > 0.0):
+                    continue
+                g = md * md / mp
+                if g > g_kind:
+                    g_kind = g
+                    if kind == 0:
+                        th_best = par[t, 0]
+                        rho_best = par[t, 1]
+                        l_best = par[t, 2]
             if kind == 0:
                 g_best = g_kind
                 out[k, 0] = g_best
@@ -1173,8 +1187,10 @@ def find_cr_tracks(image, variance, mask, x, y, psf_stamps, psf_sigma, *, skip=N
     repair = np.full(img.shape, np.nan)
     out = np.full((xs.size, 6), np.nan)
     out[:, 5] = 0.0
-    _track_kernel(img, var, msk, xs, ys, st, sk, h, np.uint32(bad_bits), float(psf_sigma), int(n_theta),
-                  float(rho_max), np.asarray(half_lengths, dtype=np.float64), float(nu_max), float(min_gain),
-                  float(min_total), float(nu_keep), float(star_gain), float(model_error), crpix, repair, out)
+    sharp_bank, broad_bank, par = _line_bank(h, float(psf_sigma), int(n_theta), float(rho_max),
+                                             np.asarray(half_lengths, dtype=np.float64))
+    _track_kernel(img, var, msk, xs, ys, st, sk, h, np.uint32(bad_bits), sharp_bank, broad_bank, par, float(nu_max),
+                  float(min_gain), float(min_total), float(nu_keep), float(star_gain), float(model_error), crpix,
+                  repair, out)
     return TrackResult(is_cr=out[:, 5] == 1.0, on_star=out[:, 5] == 2.0, cr_pixels=crpix, gain_line=out[:, 0], gain_psf=out[:, 1],
                        gain_broad=out[:, 2], nu_psf=out[:, 3], theta=out[:, 4], repair=repair)
