@@ -576,6 +576,11 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
         on_star = not out[k, 0] > excess_min
         if on_star and not star_sigma > 0:
             continue
+        # a star cut by the image edge (its centroid pulled inwards, its residual steep
+        # against the cut) is not cleaned: on `tiny` a S/N 600 star centred on the first
+        # row had its core flagged
+        if on_star and (iy - h < 0 or iy + h >= ny or ix - h < 0 or ix + h >= nx):
+            continue
         thr = star_sigma if on_star else pixel_sigma
         me2 = (model_error * a) ** 2 if on_star else 0.0
         # clean: pixels whose residual from the PSF fit is significant AND sharper than the
