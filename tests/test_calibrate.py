@@ -25,6 +25,7 @@ galsim = pytest.importorskip("galsim")
 sim = pytest.importorskip("procsky.sim")
 
 from procsky.refcat import read_refcat_file  # noqa: E402
+from procsky.sim.truth import SimTruth  # noqa: E402
 from procsky.tasks.calibrate import CalibrateTask, calibrate_exposure  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real/legacysurvey"
@@ -49,16 +50,17 @@ def _true_wcs(tr):
     return WCS(fits.Header.fromstring(tr.wcs_header, sep="\n"))
 
 
-@functools.lru_cache(maxsize=16)
-def _read_truth_file(path: Path, mtime_ns: int) -> pd.DataFrame:
-    return pd.read_parquet(path)
+@functools.lru_cache(maxsize=8)
+def _sim_truth(d: Path, mtime_ns: int) -> SimTruth:
+    return SimTruth(d)
 
 
 def _truth_table(d: Path, name: str) -> pd.DataFrame:
-    """A truth table of the simulation in ``d``, read once per file version (the metric helpers
-    of every detector of a visit read the same tables); callers filter, never modify it."""
-    path = Path(d) / "truth" / f"{name}.parquet"
-    return _read_truth_file(path, path.stat().st_mtime_ns)
+    """A truth table of the simulation in ``d``, read once per version of its truth folder (the
+    metric helpers of every detector of a visit read the same tables); callers filter, never
+    modify it."""
+    d = Path(d)
+    return getattr(_sim_truth(d, (d / "truth").stat().st_mtime_ns), name)
 
 
 def _truth(d: Path, visit: int, det: int):

@@ -399,6 +399,6 @@ def dilate(mask, radius: int):
     """Binary dilation of a 2-d boolean mask by a square of half-side ``radius`` pixels."""
     if radius <= 0 or not mask.any():
         return mask.copy()
-    from scipy.ndimage import binary_dilation
+    from .detection import dilate_square
 
-    return binary_dilation(mask, structure=np.ones((2 * radius + 1, 2 * radius + 1), bool))
+    return dilate_square(np.ascontiguousarray(mask, dtype=bool), int(radius))

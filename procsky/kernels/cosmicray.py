@@ -525,12 +525,37 @@ def _fit_psf_plane(d, v, p, use, h):
 
 
 @numba.njit(nogil=True, cache=True)
+def _window(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v, p, ok):
+    """Fill the ``(2 h + 1)^2`` window around pixel (ix, iy): data ``d``, variance ``v``, the
+    detection's PSF stamp ``p`` (0 beyond it) and the usable pixels ``ok``; a window that
+    crosses the image edge keeps its pixels inside (an edge detection is judged on what the
+    detector saw). Returns the number of usable pixels."""
+    ny, nx = image.shape
+    s = 2 * h + 1
+    c0 = stamps.shape[1] // 2
+    n = 0
+    for j in range(s):
+        for i in range(s):
+            yy = iy + j - h
+            xx = ix + i - h
+            p[j, i] = stamps[k, c0 + j - h, c0 + i - h] if abs(j - h) <= c0 and abs(i - h) <= c0 else 0.0
+            if 0 <= yy < ny and 0 <= xx < nx:
+                d[j, i] = image[yy, xx]
+                v[j, i] = variance[yy, xx]
+                ok[j, i] = (mask[yy, xx] & bad_bits) == 0 and v[j, i] > 0.0 and np.isfinite(d[j, i])
+            else:
+                d[j, i] = 0.0
+                v[j, i] = 1.0
+                ok[j, i] = False
+            n += ok[j, i]
+    return n
+
+
+@numba.njit(nogil=True, cache=True)
 def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, z_min, excess_min,
                           pixel_sigma, grow_sigma, nu_keep, max_iter, star_sigma, model_error, crpix, repair, out):
     ny, nx = image.shape
     s = 2 * h + 1
-    S = stamps.shape[1]
-    c0 = S // 2
     d = np.empty((s, s))
     v = np.empty((s, s))
     p = np.empty((s, s))
@@ -543,22 +568,10 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
             continue
         ix = int(math.floor(xs[k] + 0.5))
         iy = int(math.floor(ys[k] + 0.5))
-        # a window that crosses the image edge keeps its pixels inside (an edge hit is
-        # judged on what the detector saw)
+        _window(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v, p, ok)
         for j in range(s):
             for i in range(s):
-                yy = iy + j - h
-                xx = ix + i - h
-                p[j, i] = stamps[k, c0 + j - h, c0 + i - h] if abs(j - h) <= c0 and abs(i - h) <= c0 else 0.0
                 sharp[j, i] = False
-                if 0 <= yy < ny and 0 <= xx < nx:
-                    d[j, i] = image[yy, xx]
-                    v[j, i] = variance[yy, xx]
-                    ok[j, i] = (mask[yy, xx] & bad_bits) == 0 and v[j, i] > 0.0 and np.isfinite(d[j, i])
-                else:
-                    d[j, i] = 0.0
-                    v[j, i] = 1.0
-                    ok[j, i] = False
                 use[j, i] = ok[j, i]
         a, sa, chi2, npix, b0, b1, b2 = _fit_psf_plane(d, v, p, use, h)
         if not np.isfinite(a) or npix <= 4:
@@ -794,6 +807,14 @@ def _plane_projection(d, w, use, h):
 
 
 @numba.njit(nogil=True, cache=True)
+def _quad(a, Gi, b):
+    """``a^T Gi b`` for 3-vectors (plane projections)."""
+    return (a[0] * (Gi[0, 0] * b[0] + Gi[0, 1] * b[1] + Gi[0, 2] * b[2])
+            + a[1] * (Gi[1, 0] * b[0] + Gi[1, 1] * b[1] + Gi[1, 2] * b[2])
+            + a[2] * (Gi[2, 0] * b[0] + Gi[2, 1] * b[1] + Gi[2, 2] * b[2]))
+
+
+@numba.njit(nogil=True, cache=True)
 def _projected_gain(m, dres, w, use, h, Gi):
     """For a template ``m``: (sum w m dres, sum w m_perp^2, plane coefficients of m), where
     ``m_perp`` is ``m`` minus its weighted plane fit and ``dres`` the data minus theirs."""
@@ -810,10 +831,7 @@ def _projected_gain(m, dres, w, use, h, Gi):
                 q[0] += ww
                 q[1] += ww * (i - h)
                 q[2] += ww * (j - h)
-    mp = mm - (q[0] * (Gi[0, 0] * q[0] + Gi[0, 1] * q[1] + Gi[0, 2] * q[2])
-               + q[1] * (Gi[1, 0] * q[0] + Gi[1, 1] * q[1] + Gi[1, 2] * q[2])
-               + q[2] * (Gi[2, 0] * q[0] + Gi[2, 1] * q[1] + Gi[2, 2] * q[2]))
-    return md, mp, q
+    return md, mm - _quad(q, Gi, q), q
 
 
 @numba.njit(nogil=True, cache=True)
@@ -890,10 +908,26 @@ def _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp):
                 q[0] += ww
                 q[1] += ww * (i - h)
                 q[2] += ww * (j - h)
-    mm -= (q[0] * (Gi[0, 0] * q[0] + Gi[0, 1] * q[1] + Gi[0, 2] * q[2])
-           + q[1] * (Gi[1, 0] * q[0] + Gi[1, 1] * q[1] + Gi[1, 2] * q[2])
-           + q[2] * (Gi[2, 0] * q[0] + Gi[2, 1] * q[1] + Gi[2, 2] * q[2]))
+    mm -= _quad(q, Gi, q)
     return md2, mm - mp * mp / pp, md, mm, q, mp
+
+
+@numba.njit(nogil=True, cache=True)
+def _joint_fit(pd, pp, qp, ld, ll, ql, pl, b, Gi):
+    """Joint fit ``a P + c L + plane`` from the plane-projected sums of the PSF ``P`` and a
+    line ``L`` (``*d``: against the data, ``pp, ll, pl``: norms and cross term, ``q*``: their
+    plane sums; ``b``: the plane fitted to the data alone). Returns (ok, a, c, sigma_a,
+    plane coefficients of the joint fit)."""
+    det = pp * ll - pl * pl
+    e = np.zeros(3)
+    if not det > 0.0:
+        return False, 0.0, 0.0, 0.0, e
+    a = (ll * pd - pl * ld) / det
+    c = (pp * ld - pl * pd) / det
+    for r in range(3):
+        e[r] = b[r] - (Gi[r, 0] * (a * qp[0] + c * ql[0]) + Gi[r, 1] * (a * qp[1] + c * ql[1])
+                       + Gi[r, 2] * (a * qp[2] + c * ql[2]))
+    return True, a, c, math.sqrt(ll / det), e
 
 
 @numba.njit(nogil=True, cache=True)
@@ -960,12 +994,9 @@ def _track_on_star(d, w0, p, use, h, a0, model_error, sharp_bank, broad_bank, pa
                 t0b, t1b = float(t0), float(t1)
     _line_template(best, h, math.cos(th_b), math.sin(th_b), rho_b, t0b, t1b, 0.0)
     md2, mm2, ld, ll, ql, pl = _star_gain(best, dres, dres2, w, use, h, Gi, p_perp, pp)
-    det = pp * ll - pl * pl
-    if not det > 0.0:
+    ok, aj, _, _, e = _joint_fit(pd, pp, qp, ld, ll, ql, pl, b, Gi)
+    if not ok:
         return g_sharp, g_broad
-    aj = (ll * pd - pl * ld) / det
-    cj = (pp * ld - pl * pd) / det
-    e = b - Gi @ (aj * qp + cj * ql)
     for j in range(s):
         for i in range(s):
             if use[j, i] and best[j, i] >= 0.2:
@@ -979,9 +1010,8 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
                   min_gain, min_total, nu_keep, star_gain, model_error, crpix, repair, out):
     ny, nx = image.shape
     s = 2 * h + 1
-    S = stamps.shape[1]
-    c0 = S // 2
     d = np.empty((s, s))
+    v = np.empty((s, s))
     w = np.empty((s, s))
     p = np.empty((s, s))
     use = np.zeros((s, s), dtype=np.bool_)
@@ -995,22 +1025,10 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
             continue
         ix = int(math.floor(xs[k] + 0.5))
         iy = int(math.floor(ys[k] + 0.5))
-        npix = 0
+        npix = _window(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v, p, use)
         for j in range(s):
             for i in range(s):
-                yy = iy + j - h
-                xx = ix + i - h
-                use[j, i] = False
-                d[j, i] = 0.0
-                w[j, i] = 0.0
-                p[j, i] = stamps[k, c0 + j - h, c0 + i - h] if abs(j - h) <= c0 and abs(i - h) <= c0 else 0.0
-                if 0 <= yy < ny and 0 <= xx < nx:
-                    v = variance[yy, xx]
-                    if (mask[yy, xx] & bad_bits) == 0 and v > 0.0 and np.isfinite(image[yy, xx]):
-                        use[j, i] = True
-                        d[j, i] = image[yy, xx]
-                        w[j, i] = 1.0 / v
-                        npix += 1
+                w[j, i] = 1.0 / v[j, i] if use[j, i] else 0.0
         if npix < s * s // 2:
             continue
         Gi, b = _plane_projection(d, w, use, h)
@@ -1085,34 +1103,21 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
             for i in range(s):
                 if use[j, i]:
                     pl += w[j, i] * p[j, i] * best[j, i]
-        pl -= (ql[0] * (Gi[0, 0] * qp[0] + Gi[0, 1] * qp[1] + Gi[0, 2] * qp[2])
-               + ql[1] * (Gi[1, 0] * qp[0] + Gi[1, 1] * qp[1] + Gi[1, 2] * qp[2])
-               + ql[2] * (Gi[2, 0] * qp[0] + Gi[2, 1] * qp[1] + Gi[2, 2] * qp[2]))
-        det = pp * ll - pl * pl
-        if not det > 0.0:
+        pl -= _quad(ql, Gi, qp)
+        ok, a, _, sa, e = _joint_fit(pd, pp, qp, ld, ll, ql, pl, b, Gi)
+        if not ok:
             continue
-        a = (ll * pd - pl * ld) / det
-        cl = (pp * ld - pl * pd) / det
-        sa = math.sqrt(ll / det)
         nu_a = a / sa
         out[k, 3] = nu_a
         if nu_a >= nu_keep:
             continue
         out[k, 5] = 1.0
-        # plane + PSF part of the joint fit, for the repair
-        e0 = b[0] - (Gi[0, 0] * (a * qp[0] + cl * ql[0]) + Gi[0, 1] * (a * qp[1] + cl * ql[1])
-                     + Gi[0, 2] * (a * qp[2] + cl * ql[2]))
-        e1 = b[1] - (Gi[1, 0] * (a * qp[0] + cl * ql[0]) + Gi[1, 1] * (a * qp[1] + cl * ql[1])
-                     + Gi[1, 2] * (a * qp[2] + cl * ql[2]))
-        e2 = b[2] - (Gi[2, 0] * (a * qp[0] + cl * ql[0]) + Gi[2, 1] * (a * qp[1] + cl * ql[1])
-                     + Gi[2, 2] * (a * qp[2] + cl * ql[2]))
+        # plane + PSF part of the joint fit, for the repair (usable pixels are inside the image)
         for j in range(s):
             for i in range(s):
-                yy = iy + j - h
-                xx = ix + i - h
-                if best[j, i] >= 0.2 and 0 <= yy < ny and 0 <= xx < nx and use[j, i]:
-                    crpix[yy, xx] = True
-                    repair[yy, xx] = max(a, 0.0) * p[j, i] + e0 + e1 * (i - h) + e2 * (j - h)
+                if best[j, i] >= 0.2 and use[j, i]:
+                    crpix[iy + j - h, ix + i - h] = True
+                    repair[iy + j - h, ix + i - h] = max(a, 0.0) * p[j, i] + e[0] + e[1] * (i - h) + e[2] * (j - h)
 
 
 def find_cr_tracks(image, variance, mask, x, y, psf_stamps, psf_sigma, *, skip=None, half_width=7,

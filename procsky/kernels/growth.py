@@ -33,9 +33,9 @@ __all__ = ["GrowthCorrection", "aperture_to_total", "ring_profiles", "weighted_c
 def _clipped_ring_mean(vals, sig, n, nsigma):
     """Mean of ``vals[:n]`` after clipping at ``nsigma * sig`` about their median.
 
-    Returns (mean, variance of the mean, number kept)."""
+    Returns (mean, variance of the mean)."""
     if n < 3:
-        return np.nan, np.nan, 0
+        return np.nan, np.nan
     tmp = vals[:n].copy()
     med = _median_inplace(tmp, n)
     s = 0.0
@@ -47,8 +47,8 @@ def _clipped_ring_mean(vals, sig, n, nsigma):
             v += sig[i] * sig[i]
             k += 1
     if k < 3:
-        return np.nan, np.nan, k
-    return s / k, v / (k * k), k
+        return np.nan, np.nan
+    return s / k, v / (k * k)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -101,7 +101,7 @@ def _ring_profiles_kernel(image, variance, mask, children, own, xs, ys, edges, s
             if n < 0.5 * area:
                 m, mv = np.nan, np.nan
             else:
-                m, mv, _ = _clipped_ring_mean(vals, sig, n, nsigma)
+                m, mv = _clipped_ring_mean(vals, sig, n, nsigma)
             if j < nr:
                 mean[k, j] = m
                 var[k, j] = mv

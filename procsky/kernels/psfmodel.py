@@ -477,15 +477,9 @@ def select_psf_stars(
     for _ in range(10):
         if sel.sum() < 3:
             break
-        if sel.sum() >= 15:
-            terms = [np.ones_like(xn), xn, yn, xn * xn, xn * yn, yn * yn]
-        elif sel.sum() >= 6:
-            terms = [np.ones_like(xn), xn, yn]
-        else:
-            terms = [np.ones_like(xn)]
-        A = np.column_stack([t[sel] for t in terms])
-        coef = np.linalg.lstsq(A, logT[sel], rcond=None)[0]
-        locus = np.column_stack(terms) @ coef
+        B = _basis(xn, yn, 2 if sel.sum() >= 15 else (1 if sel.sum() >= 6 else 0))
+        coef = np.linalg.lstsq(B[sel], logT[sel], rcond=None)[0]
+        locus = B @ coef
         resid = logT - locus
         mad = 1.4826 * np.median(np.abs(resid[sel] - np.median(resid[sel])))
         mad = max(mad, 1e-4)
@@ -703,8 +697,6 @@ def _solve_warp(data, wts, flux, use, basis, coeffs, basis_w, dimg, prior=0.0, c
         Amplitude ``k``'s coefficient of warp term ``j``.
     a : ndarray (K J, K J)
         Normal matrix of the coefficients (inverse covariance; prior included).
-    keep : ndarray (n,) bool
-        Stars of the final warp fit.
     """
     from scipy.stats import chi2 as chi2_dist
     from scipy.stats import norm
@@ -717,7 +709,7 @@ def _solve_warp(data, wts, flux, use, basis, coeffs, basis_w, dimg, prior=0.0, c
         cw, a = _solve_warp_normal(g_all, h_all, basis_w, keep, prior)
         idx = np.flatnonzero(keep)
         if clip <= 0 or idx.size <= basis_w.shape[1] + 1:
-            return cw, a, keep
+            return cw, a
         worst, worst_c2 = -1, limit
         rhs = cw.ravel() @ a  # the normal equations' right-hand side (a is symmetric)
         for i in idx:
@@ -735,7 +727,7 @@ def _solve_warp(data, wts, flux, use, basis, coeffs, basis_w, dimg, prior=0.0, c
             if c2 > worst_c2:
                 worst, worst_c2 = i, c2
         if worst < 0:
-            return cw, a, keep
+            return cw, a
         keep[worst] = False
 
 
@@ -764,7 +756,7 @@ def _warp_flux_cov(winfo, j_n):
     the warp's fitting noise makes: ``dF/F = -sum_k da_k <D_k, P> / <P, P>`` for warp
     amplitudes off by ``da`` (uniform weights: a faint source's case, within a few per cent
     of a bright one's)."""
-    cpix, _, a_w, dimg, _ = winfo
+    cpix, a_w, dimg = winfo
     p0 = cpix[0]
     sens = np.tensordot(dimg, p0, axes=2) / float(np.sum(p0 * p0))
     smap = np.kron(sens[None, :], np.eye(j_n))  # (J, K J)
@@ -790,8 +782,8 @@ def _floored_weights(data, wts, accuracy):
 def _fit_coeffs(data, fwts, flux, use, basis, order, basis_w=None, warp_order=-1, oversample=1, warp_prior=0.0):
     """One solve of the model: pixel polynomial, normalised, plus the warp if asked.
 
-    Returns the folded coefficients and, with a warp, ``(pixel coefficients, warp
-    coefficients, warp normal matrix, warp images, stars of the warp fit)``.
+    Returns the folded coefficients and, with a warp, ``(pixel coefficients, warp normal
+    matrix, warp images)`` (what :func:`_warp_flux_cov` needs).
     """
     flux = np.where(use, flux, 1.0)
     coeffs = _solve_pixels(data, fwts, flux, use, basis)
@@ -801,8 +793,8 @@ def _fit_coeffs(data, fwts, flux, use, basis, order, basis_w=None, warp_order=-1
     if warp_order < 0:
         return coeffs, None
     dimg = warp_images(coeffs[0])
-    cw, a, keep = _solve_warp(data, fwts, flux, use, basis, coeffs, basis_w, dimg, warp_prior)
-    return _fold_warp(coeffs, order, cw, dimg, warp_order), (coeffs, cw, a, dimg, keep)
+    cw, a = _solve_warp(data, fwts, flux, use, basis, coeffs, basis_w, dimg, warp_prior)
+    return _fold_warp(coeffs, order, cw, dimg, warp_order), (coeffs, a, dimg)
 
 
 @numba.njit(nogil=True, cache=True)

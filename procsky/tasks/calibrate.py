@@ -592,17 +592,24 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
                                    z_min=config.cr_psf_z, excess_min=config.cr_psf_excess,
                                    pixel_sigma=config.cr_psf_pixel_sigma, nu_keep=config.detection_nsigma,
                                    star_sigma=config.cr_psf_star_sigma, model_error=config.cr_psf_model_error)
-        newcr = sharp.cr_pixels & ((mask & np.uint32(bit["CR"])) == 0)
-        if newcr.any():
+        def mark_cr(pixels, fit, var_donor_bits):
+            """Flag ``pixels`` not yet CR as CR + INTRP; the image takes the clean fit where
+            there is one, else the median of the good neighbours; the variance the median of
+            its neighbours outside ``var_donor_bits``. Returns the variance plane and the count."""
+            newcr = pixels & ((mask & np.uint32(bit["CR"])) == 0)
+            if not newcr.any():
+                return variance, 0
             mask[newcr] |= np.uint32(bit["CR"] | bit["INTRP"])
             donors_bad = (mask & np.uint32(bit["BAD"] | bit["SAT"] | bit["NO_DATA"])) != 0
-            # the clean PSF fit where there is one, else the median of the good neighbours
-            fitted = newcr & np.isfinite(sharp.repair)
-            repair_pixels(sub, newcr & ~fitted, donors_bad | fitted, 2)
-            sub[fitted] = sharp.repair[fitted]
-            repair_pixels(var_det, newcr, donors_bad, 2)
-            variance = np.where(newcr, var_det, variance).astype(np.float32)
-            n_cr += int(newcr.sum())
+            fitted = newcr & np.isfinite(fit)
+            if (newcr & ~fitted).any():
+                repair_pixels(sub, newcr & ~fitted, donors_bad | fitted, 2)
+            sub[fitted] = fit[fitted]
+            repair_pixels(var_det, newcr, ((mask & np.uint32(var_donor_bits)) != 0) & ~newcr, 2)
+            return np.where(newcr, var_det, variance).astype(np.float32), int(newcr.sum())
+
+        variance, n_new = mark_cr(sharp.cr_pixels, sharp.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"])
+        n_cr += n_new
         is_cr = sharp.is_cr
         if config.cr_track_test:
             # faint tracks: judged on their pixels not yet flagged (repaired values are not data)
@@ -612,14 +619,10 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
                                     nu_max=config.cr_track_nu_max, min_gain=config.cr_track_min_gain,
                                     min_total=config.cr_track_min_total, nu_keep=config.detection_nsigma,
                                     star_gain=config.cr_track_star_gain, model_error=config.cr_track_model_error)
-            newcr = tracks.cr_pixels & ((mask & np.uint32(bit["CR"])) == 0)
-            if newcr.any():
-                mask[newcr] |= np.uint32(bit["CR"] | bit["INTRP"])
-                sub[newcr] = tracks.repair[newcr]
-                donors_bad = (mask & np.uint32(bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"])) != 0
-                repair_pixels(var_det, newcr, donors_bad & ~newcr, 2)
-                variance = np.where(newcr, var_det, variance).astype(np.float32)
-                n_cr += int(newcr.sum())
+            # the track pixels all have the joint fit; earlier CR pixels are no variance donors
+            variance, n_new = mark_cr(tracks.cr_pixels, tracks.repair,
+                                      bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"])
+            n_cr += n_new
             is_cr = is_cr | tracks.is_cr
         keep = ~is_cr
         n_cr_sources = int((~keep).sum())
