@@ -157,6 +157,44 @@ def _rasterised_track(img, x0, y0, length, angle, energy):
     return xx, yy
 
 
+def test_cosmic_ray_growth_follows_faint_track_pixels():
+    """Long tracks drawn the way ``procsky.sim`` draws them (energy in 0.4-pixel steps, so
+    pixels along a track differ by up to 3x) over a star field: L.A.Cosmic alone leaves
+    5-8 sigma pixels next to flagged ones (their Laplacian is cut by the bright neighbour
+    along the track); the growth step flags them, and no star core."""
+    fwhm = 5.0
+    fr = make_star_field((400, 400), 60, fwhm=fwhm, flux_range=(2e3, 3e5), sky=300.0, read_noise=5.0, seed=31,
+                         min_separation=10)
+    rng = np.random.default_rng(32)
+    img = fr.image.astype(np.float64).copy()
+    dep = np.zeros(img.shape)
+    # the simulator's distributions: length exponential (mean 6 px), energy log-normal
+    for _ in range(200):
+        length = rng.exponential(6.0)
+        ang = rng.uniform(0, 2 * np.pi)
+        x0, y0 = rng.uniform(35, 365, 2)
+        _rasterised_track(dep, x0, y0, length, ang, np.exp(rng.normal(np.log(2500.0), 0.6)))
+    img = (img + dep).astype(np.float32)
+    noise = np.sqrt(np.median(fr.variance))
+    bright = dep > 5 * noise
+    plain = find_cosmic_rays(img, fr.variance, grow_sigma=None)
+    grown = find_cosmic_rays(img, fr.variance)
+    rec_plain = plain.mask[bright].mean()
+    rec_grown = grown.mask[bright].mean()
+    assert rec_grown >= 0.95 and rec_grown > rec_plain + 0.02, (rec_plain, rec_grown)
+    assert (plain.mask & ~grown.mask).sum() == 0
+    hit = dep > 0
+    cores = _core_mask(fr, fwhm, hit)
+    assert cores.sum() > 1000
+    assert not (grown.mask & cores).any()
+    # what the growth adds is the track: at most a few pixels beyond one pixel from a hit
+    added = grown.mask & ~plain.mask
+    assert (added & ~ndimage.binary_dilation(hit, np.ones((3, 3), bool))).sum() <= 3
+    # and grown pixels are repaired to the image without the tracks, within the noise
+    err = (grown.image - fr.image)[added & hit]
+    assert np.median(np.abs(err)) < 3 * noise
+
+
 def test_find_cr_tracks_removes_faint_tracks_keeps_faint_sources():
     """Faint tracks (1-4 sigma per pixel, 8-20 pixels long, too faint for the pixel tests)
     whose matched-filter sum is a 6-10 sigma detection are recognised as lines sharper than

@@ -183,6 +183,17 @@ def test_select_psf_stars_locus_varies_across_field_and_can_be_given():
     assert not select_psf_stars(xs, ys, Tg / 2, Tg / 2, fl, er, None, min_snr=20, isolation_radius=0)[:9].any()
     given = select_psf_stars(xs, ys, Tg / 2, Tg / 2, fl, er, None, min_snr=20, isolation_radius=0, locus_T=10.0)
     assert given[:9].all() and not given[9:].any()
+    # compact faint galaxies 0.13 dex (35 %) above the locus at S/N ~25, where a star's own size
+    # noise is ~0.05 dex: inside the 3-sigma clip, outside the cap on the excess
+    Tc = np.r_[np.full(9, 10.0) * (1 + rng.normal(0, 0.02, 9)), np.full(6, 13.5)]
+    fc = np.r_[np.full(4, 1e6), np.full(11, 3e3)]
+    ec = np.sqrt(fc + 1e4)
+    xc, yc = rng.uniform(0, 2000, (2, 15))
+    loose = select_psf_stars(xc, yc, Tc / 2, Tc / 2, fc, ec, None, min_snr=20, isolation_radius=0, locus_T=10.0)
+    capped = select_psf_stars(xc, yc, Tc / 2, Tc / 2, fc, ec, None, min_snr=20, isolation_radius=0, locus_T=10.0,
+                              max_excess=0.05)
+    assert loose[9:].all()  # what the symmetric clip lets in (S/N 26: width 0.05 dex)
+    assert capped[:9].all() and not capped[9:].any()
 
 
 def _gauss(size, sxx, syy, sxy):

@@ -403,6 +403,7 @@ def select_psf_stars(
     max_stars=500,
     locus_T=None,
     locus_width=0.02,
+    max_excess=None,
 ):
     """Select PSF stars from the size/flux locus.
 
@@ -429,6 +430,13 @@ def select_psf_stars(
         ``hypot(locus_width, noise)``, in one pass.
     locus_width : float, dex
         Intrinsic width of a given locus (the PSF size changes across a detector).
+    max_excess : float, dex, optional
+        With ``locus_T``: also at most this far above it, whatever the noise. Below S/N ~50
+        galaxies outnumber stars several times and a compact one is only 0.1-0.15 dex larger
+        than the PSF, while a star's own noise is ``1.23 / SNR`` dex (0.05 at S/N 25): the
+        symmetric ``size_nsigma`` clip lets them in. Over the 99 ``small`` detectors, at S/N
+        20-30, a cap of 0.05 dex keeps 85 % of the stars and 0.5 % of the galaxies instead of
+        99 % and 7 % (8 galaxies against 246 stars instead of 120 against 287).
 
     Returns
     -------
@@ -456,7 +464,10 @@ def select_psf_stars(
     if locus_T is not None and np.isfinite(locus_T) and locus_T > 0:
         width = np.hypot(locus_width, 1.23 / snr[ok])
         sel = ok.copy()
-        sel[ok] = np.abs(lt - math.log10(float(locus_T))) < size_nsigma * width
+        r = lt - math.log10(float(locus_T))
+        sel[ok] = np.abs(r) < size_nsigma * width
+        if max_excess is not None:
+            sel[ok] &= r < float(max_excess)
         return _keep_brightest(sel, snr, max_stars)
     # densest 0.05-dex window = stellar locus
     srt = np.sort(lt)

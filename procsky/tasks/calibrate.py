@@ -118,6 +118,10 @@ class CalibrateConfig(TaskConfig):
     """L.A.Cosmic detection limit (Laplacian / noise)."""
     cr_objlim: float = 5.0
     """L.A.Cosmic contrast limit against fine structure (raise to protect undersampled stars)."""
+    cr_grow_sigma: float = 3.5
+    """After L.A.Cosmic, CR regions grow along the faint parts of their tracks: a neighbour whose excess over
+    the median of its good 5 x 5 surroundings is above this many sigma and beats its fine structure by
+    ``cr_objlim`` joins (``kernels.cosmicray._grow_tracks``); 0 switches it off."""
     cr_psf_test: bool = True
     """After the PSF model: test every detection against it and treat those sharper than the
     PSF as cosmic rays (``kernels.cosmicray.find_sharp_sources``)."""
@@ -181,6 +185,12 @@ class CalibrateConfig(TaskConfig):
     """Minimum S/N of PSF star candidates."""
     psf_isolation_radius: float = 10.0
     """No other detection within this radius of a PSF star, pixels."""
+    psf_locus_max_excess: float = 0.05
+    """With fewer than 5 candidates above ``psf_min_snr`` the S/N cut drops to 20 around the bright stars'
+    locus; those fainter candidates must also lie less than this (dex in ``T = ixx + iyy``) above it, since
+    compact galaxies outnumber stars there (``kernels.psfmodel.select_psf_stars``, ``max_excess``). On
+    ``small`` r visit 23 detector 8 two galaxies at S/N 23-27 with T 0.13 dex above the locus were 2 of the 6
+    PSF stars and the model FWHM came out 1.4 % wide."""
     psf_order: int = 2
     """Polynomial order of the PSF spatial variation (lowered automatically with few stars)."""
     psf_stamp_size: int = 25
@@ -453,7 +463,8 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     # 2. cosmic rays (before detection, so hits do not become sources)
     n_cr = 0
     if config.do_cosmic_rays:
-        cr = find_cosmic_rays(sub, var_det, mask, sigclip=config.cr_sigclip, objlim=config.cr_objlim)
+        cr = find_cosmic_rays(sub, var_det, mask, sigclip=config.cr_sigclip, objlim=config.cr_objlim,
+                              grow_sigma=config.cr_grow_sigma)
         n_cr = cr.n_pixels
         if n_cr:
             mask[cr.mask] |= np.uint32(bit["CR"] | bit["INTRP"])
@@ -485,6 +496,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     # 3c. satellite trails: mask, subtract the fitted trail, detect again (so the trail is
     # neither shredded into sources nor added to the stars under it)
     streaks = []
+    streak_model = None
     if config.do_streaks:
         st = find_streaks(sub, var_det, mask, psf_sigma=sigma, mask_fraction=config.streak_mask_fraction,
                           bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"] | bit["EDGE"],
@@ -494,6 +506,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
             streaks = [{k: float(row[k]) for k in st.streaks.dtype.names} for row in st.streaks]
             mask[st.mask] |= np.uint32(bit["STREAK"])
             sub = (sub - st.model).astype(np.float32)
+            streak_model = st.model
             mask &= ~np.uint32(bit["DETECTED"])
             det = detect_sources(sub, var_det, mask, psf_sigma=sigma, nsigma=config.detection_nsigma,
                                  threshold=config.detection_threshold)
@@ -522,7 +535,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         t_bright = (float(np.median(meas["ixx"][cand] + meas["iyy"][cand])) if cand.sum() >= 2 else None)
         cand = select_psf_stars(meas["x"], meas["y"], meas["ixx"], meas["iyy"], meas[apn], meas[apn + "_err"], bad,
                                 min_snr=min(20.0, config.psf_min_snr), isolation_radius=config.psf_isolation_radius,
-                                locus_T=t_bright)
+                                locus_T=t_bright, max_excess=config.psf_locus_max_excess)
     psf_model = None
     psf_info = {"n_candidates": int(cand.sum())}
     used = np.zeros(n_det, bool)
@@ -612,8 +625,14 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         n_cr += n_new
         is_cr = sharp.is_cr
         if config.cr_track_test:
-            # faint tracks: judged on their pixels not yet flagged (repaired values are not data)
+            # faint tracks: judged with the values of the CR pixels before their repair (a track
+            # flagged in part is judged whole); bright stars on their pixels not yet flagged
+            crm = (mask & np.uint32(bit["CR"])) != 0
+            raw = sub.copy()
+            raw[crm] = image[crm] - bkg.background[crm] - (streak_model[crm] if streak_model is not None else 0.0)
+            raw[bad_input] = 0.0
             tracks = find_cr_tracks(sub, var_det, mask, meas["x"], meas["y"], stamps, sigma_psf,
+                                    raw=raw, raw_bits=bit["CR"],
                                     skip=skip | is_cr,
                                     bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"],
                                     nu_max=config.cr_track_nu_max, min_gain=config.cr_track_min_gain,
