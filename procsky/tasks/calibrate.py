@@ -396,7 +396,7 @@ def fit_detector_psf(image, variance, mask, x, y, config: CalibrateConfig):
             arrays, used, reserved = fit_psf_model(
                 image, variance, mask, x, y, stamp_size=stamp, order=order,
                 reserve_fraction=config.psf_reserve_fraction,
-                min_stars=5 if order == 0 else max(int(per_term * nc) + 3, 5),
+                min_stars=5 if order == 0 else max(int(per_term * nc) + 3, 5), zero_bits=_BIT["CR"] | _BIT["INTRP"],
                 warp_order=warp if warp > order else -1, warp_prior=config.psf_warp_prior)
         except ValueError as exc:
             reason = str(exc)
@@ -524,8 +524,13 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     meas["flag_streak"] = _on_plane(mask, meas["x"], meas["y"], bit["STREAK"])
     # 5. PSF
     apn = _ap_name(meas, 6.0)
-    bad = (meas["flag_saturated"] | meas["flag_edge"] | meas["flag_blended"] | meas["flag_interpolated"]
-           | meas["flag_cr"] | meas["flag_bad"] | meas["shape_flag"] | meas["centroid_flag"] | meas["flag_streak"])
+    # a cosmic ray (repaired, zero weight in the fit) or a bad pixel away from the centre does not
+    # exclude a star: the stamp fit drops stars with bad pixels in their cutout and weights repaired
+    # pixels 0. On `small` r visit 23 detector 8, 3 stars of S/N 70-456 were lost to CR hits in their
+    # footprints, with 5 candidates left
+    bad = (meas["flag_saturated"] | meas["flag_edge"] | meas["flag_blended"] | meas["flag_interpolated_center"]
+           | meas["flag_cr_center"] | meas["flag_bad_center"] | meas["shape_flag"] | meas["centroid_flag"]
+           | meas["flag_streak"])
     cand = select_psf_stars(meas["x"], meas["y"], meas["ixx"], meas["iyy"], meas[apn], meas[apn + "_err"], bad,
                             min_snr=config.psf_min_snr, isolation_radius=config.psf_isolation_radius)
     if cand.sum() < 5:  # few bright stars (shallow or small image): relax the S/N cut
@@ -666,7 +671,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio_err = np.hypot(meas[apc_name + "_err"], ratio * meas["psf_flux_err"]) / meas["psf_flux"]
     ac_stars = (used & np.isfinite(ratio) & np.isfinite(ratio_err) & (ratio_err > 0) & ~meas["psf_flux_flag"]
-                & ~meas["ap_flux_flag"])
+                & ~meas["ap_flux_flag"] & ~meas["flag_interpolated"])
     apcorr, apcorr_err, ac_kept = weighted_clipped_mean(ratio[ac_stars], ratio_err[ac_stars])
     n_ac = int(ac_kept.sum())
     if not (np.isfinite(apcorr) and apcorr > 0):
@@ -677,7 +682,8 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         with np.errstate(divide="ignore", invalid="ignore"):
             ap_snr = meas[apc_name] / meas[apc_name + "_err"]
         gstars = ((used | cand) & ~meas["psf_flux_flag"] & ~meas["ap_flux_flag"] & ~meas["flag_saturated"]
-                  & ~meas["flag_blended"] & ~meas["flag_streak"] & (ap_snr > config.growth_min_snr))
+                  & ~meas["flag_blended"] & ~meas["flag_streak"] & ~meas["flag_interpolated"]
+                  & (ap_snr > config.growth_min_snr))
         gi = np.flatnonzero(gstars)
         inner = {r: (meas[_ap_name(meas, r)][gi], meas[_ap_name(meas, r) + "_err"][gi])
                  for r in config.aperture_radii if 0.5 * config.apcorr_radius <= r < config.apcorr_radius}
