@@ -1128,6 +1128,27 @@ def _track_on_star(d, w0, p, use, h, a0, model_error, sharp_bank, broad_bank, pa
 
 
 @numba.njit(nogil=True, cache=True)
+def _window_psf_gain(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v, p, use, w, dres):
+    """Gather a detection's window (:func:`_window`), its weights ``w``, the weighted plane
+    ``b`` (with ``Gi``) and the plane-subtracted data ``dres``; return those with the PSF's
+    projected sums ``pd, pp, qp`` (:func:`_projected_gain`) and the number of usable pixels.
+    With fewer than half the window usable nothing is fitted and ``pp = 0``."""
+    s = 2 * h + 1
+    npix = _window(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v, p, use)
+    for j in range(s):
+        for i in range(s):
+            w[j, i] = 1.0 / v[j, i] if use[j, i] else 0.0
+    if npix < s * s // 2:
+        return npix, np.zeros((3, 3)), np.zeros(3), 0.0, 0.0, np.zeros(3)
+    Gi, b = _plane_projection(d, w, use, h)
+    for j in range(s):
+        for i in range(s):
+            dres[j, i] = d[j, i] - b[0] - b[1] * (i - h) - b[2] * (j - h)
+    pd, pp, qp = _projected_gain(p, dres, w, use, h, Gi)
+    return npix, Gi, b, pd, pp, qp
+
+
+@numba.njit(nogil=True, cache=True)
 def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, sharp_bank, broad_bank, par, nu_max,
                   min_gain, min_total, nu_keep, star_gain, model_error, crpix, repair, out, raw, raw_bits):
     ny, nx = image.shape
@@ -1150,17 +1171,8 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
             continue
         ix = int(math.floor(xs[k] + 0.5))
         iy = int(math.floor(ys[k] + 0.5))
-        npix = _window(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v, p, use)
-        for j in range(s):
-            for i in range(s):
-                w[j, i] = 1.0 / v[j, i] if use[j, i] else 0.0
-        if npix < s * s // 2:
-            continue
-        Gi, b = _plane_projection(d, w, use, h)
-        for j in range(s):
-            for i in range(s):
-                dres[j, i] = d[j, i] - b[0] - b[1] * (i - h) - b[2] * (j - h)
-        pd, pp, qp = _projected_gain(p, dres, w, use, h, Gi)
+        npix, Gi, b, pd, pp, qp = _window_psf_gain(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v, p,
+                                                   use, w, dres)
         if not pp > 0.0:
             continue
         gain_psf = pd * pd / pp if pd > 0 else 0.0
@@ -1190,15 +1202,8 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
         if raw_bits != 0:
             # the line search: pixels flagged earlier (raw_bits) take their values before the
             # repair, so that a track partly flagged by L.A.Cosmic is found whole
-            npix = _window(raw, variance, mask, stamps, k, ix, iy, h, bad_bits & ~raw_bits, d, v, p, use)
-            for j in range(s):
-                for i in range(s):
-                    w[j, i] = 1.0 / v[j, i] if use[j, i] else 0.0
-            Gi, b = _plane_projection(d, w, use, h)
-            for j in range(s):
-                for i in range(s):
-                    dres[j, i] = d[j, i] - b[0] - b[1] * (i - h) - b[2] * (j - h)
-            pd, pp, qp = _projected_gain(p, dres, w, use, h, Gi)
+            _, Gi, b, pd, pp, qp = _window_psf_gain(raw, variance, mask, stamps, k, ix, iy, h, bad_bits & ~raw_bits,
+                                                       d, v, p, use, w, dres)
             if not pp > 0.0:
                 continue
             gain_psf = pd * pd / pp if pd > 0 else 0.0
