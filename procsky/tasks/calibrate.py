@@ -32,7 +32,7 @@ Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md
    left beside it, is dropped and the track masked (``find_cr_tracks``; the lines are sought
    with the earlier CR pixels at their values before the repair, so that a partly flagged
    track is seen whole). PSF candidates may carry repaired CR pixels away from their centre
-   (weighted 0 in the fit); the brightest third of them is never held back.
+   (weighted 0 in the fit); the brightest tenth of them is never held back.
 6. **Remeasure** PSF fluxes with the fitted model; **aperture correction** = clipped
    weighted mean of ``ap_flux(r_apcorr) / psf_flux`` over the PSF stars, applied to
    ``psf_flux``. ``psf_flux_err`` is the photon noise of the PSF fit plus, in quadrature,
