@@ -197,7 +197,8 @@ class CalibrateConfig(TaskConfig):
     """No other detection within this radius of a PSF star, pixels."""
     psf_locus_max_excess: float = 0.05
     """With fewer than 5 candidates above ``psf_min_snr`` the S/N cut drops to 20 around the bright stars'
-    locus; those fainter candidates must also lie less than this (dex in ``T = ixx + iyy``) above it, since
+    locus (when at least 2 bright candidates give it); those fainter candidates must also lie less than this
+    (dex in ``T = ixx + iyy``) above it, since
     compact galaxies outnumber stars there (``kernels.psfmodel.select_psf_stars``, ``max_excess``). On
     ``small`` r visit 23 detector 8 two galaxies at S/N 23-27 with T 0.13 dex above the locus were 2 of the 6
     PSF stars and the model FWHM came out 1.4 % wide."""
