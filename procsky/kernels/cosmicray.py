@@ -352,6 +352,24 @@ def repair_pixels(image, bad, ignore, half_width=2):
 
 
 @numba.njit(nogil=True, cache=True)
+def _good_median5(arr, y, x, bad1, bad2, skip_centre, buf):
+    """Median of ``arr`` over the 5 x 5 window around (y, x), leaving out pixels set in
+    ``bad1`` or ``bad2`` (and the centre with ``skip_centre``); returns (median, count), the
+    median NaN when no pixel is left. ``buf`` holds at least 25 values."""
+    ny, nx = arr.shape
+    n = 0
+    for yy in range(max(0, y - 2), min(ny, y + 3)):
+        for xx in range(max(0, x - 2), min(nx, x + 3)):
+            if (skip_centre and yy == y and xx == x) or bad1[yy, xx] or bad2[yy, xx]:
+                continue
+            buf[n] = arr[yy, xx]
+            n += 1
+    if n == 0:
+        return np.nan, 0
+    return _median_inplace(buf, n), n
+
+
+@numba.njit(nogil=True, cache=True)
 def _grow_tracks(img, var, ignore, crmask, sigma, objlim, max_iter):
     """Extend CR regions along faint parts of their tracks (in place; repairs what it adds).
 
@@ -400,24 +418,13 @@ def _grow_tracks(img, var, ignore, crmask, sigma, objlim, max_iter):
                     if crmask[y, x] or ignore[y, x] or seen[y, x] == rnd:
                         continue
                     seen[y, x] = rnd
-                    n = 0
-                    for yy in range(max(0, y - 2), min(ny, y + 3)):
-                        for xx in range(max(0, x - 2), min(nx, x + 3)):
-                            if (yy != y or xx != x) and not crmask[yy, xx] and not ignore[yy, xx]:
-                                buf[n] = img[yy, xx]
-                                n += 1
+                    med, n = _good_median5(img, y, x, crmask, ignore, True, buf)
                     if n < 8:
                         continue
-                    e = img[y, x] - _median_inplace(buf, n)
+                    e = img[y, x] - med
                     # noise: 5 x 5 median variance of the pixels not ignored (bad input pixels
                     # may carry variance 0)
-                    n = 0
-                    for yy in range(max(0, y - 2), min(ny, y + 3)):
-                        for xx in range(max(0, x - 2), min(nx, x + 3)):
-                            if not ignore[yy, xx]:
-                                buf[n] = var[yy, xx]
-                                n += 1
-                    noise = _median_inplace(buf, n)
+                    noise, _ = _good_median5(var, y, x, ignore, ignore, False, buf)
                     if not (noise > 1e-5):
                         noise = 1e-5
                     noise = math.sqrt(noise)
@@ -447,21 +454,10 @@ def _grow_tracks(img, var, ignore, crmask, sigma, objlim, max_iter):
         for k in range(na):
             y = added[k, 0]
             x = added[k, 1]
-            n = 0
-            for yy in range(max(0, y - 2), min(ny, y + 3)):
-                for xx in range(max(0, x - 2), min(nx, x + 3)):
-                    if not crmask[yy, xx] and not ignore[yy, xx]:
-                        buf[n] = img[yy, xx]
-                        n += 1
+            med, n = _good_median5(img, y, x, crmask, ignore, False, buf)
             if n > 0:
-                img[y, x] = _median_inplace(buf, n)
-                n = 0
-                for yy in range(max(0, y - 2), min(ny, y + 3)):
-                    for xx in range(max(0, x - 2), min(nx, x + 3)):
-                        if not crmask[yy, xx] and not ignore[yy, xx]:
-                            buf[n] = var[yy, xx]
-                            n += 1
-                var[y, x] = _median_inplace(buf, n)
+                img[y, x] = med
+                var[y, x], _ = _good_median5(var, y, x, crmask, ignore, False, buf)
         total += na
         front = added[:na].copy()
     return total
@@ -1073,12 +1069,8 @@ def _track_on_star(d, w0, p, use, h, a0, model_error, sharp_bank, broad_bank, pa
             flag[j, i] = False
             if use[j, i]:
                 w[j, i] = 1.0 / (1.0 / w0[j, i] + (model_error * a0 * p[j, i]) ** 2)
-    Gi, b = _plane_projection(d, w, use, h)
     dres = np.empty((s, s))
-    for j in range(s):
-        for i in range(s):
-            dres[j, i] = d[j, i] - b[0] - b[1] * (i - h) - b[2] * (j - h)
-    pd, pp, qp = _projected_gain(p, dres, w, use, h, Gi)
+    Gi, b, pd, pp, qp = _plane_psf_sums(d, w, use, p, h, dres)
     if not (pp > 0.0 and pd > 0.0):
         return -1.0, -1.0
     a = pd / pp
@@ -1136,6 +1128,19 @@ def _track_on_star(d, w0, p, use, h, a0, model_error, sharp_bank, broad_bank, pa
 
 
 @numba.njit(nogil=True, cache=True)
+def _plane_psf_sums(d, w, use, p, h, dres):
+    """Weighted plane of a window (``Gi``, ``b``), the plane-subtracted data ``dres`` (filled)
+    and the PSF's projected sums ``pd, pp, qp`` (:func:`_projected_gain`)."""
+    s = 2 * h + 1
+    Gi, b = _plane_projection(d, w, use, h)
+    for j in range(s):
+        for i in range(s):
+            dres[j, i] = d[j, i] - b[0] - b[1] * (i - h) - b[2] * (j - h)
+    pd, pp, qp = _projected_gain(p, dres, w, use, h, Gi)
+    return Gi, b, pd, pp, qp
+
+
+@numba.njit(nogil=True, cache=True)
 def _window_psf_gain(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v, p, use, w, dres):
     """Gather a detection's window (:func:`_window`), its weights ``w``, the weighted plane
     ``b`` (with ``Gi``) and the plane-subtracted data ``dres``; return those with the PSF's
@@ -1148,11 +1153,7 @@ def _window_psf_gain(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v
             w[j, i] = 1.0 / v[j, i] if use[j, i] else 0.0
     if npix < s * s // 2:
         return npix, np.zeros((3, 3)), np.zeros(3), 0.0, 0.0, np.zeros(3)
-    Gi, b = _plane_projection(d, w, use, h)
-    for j in range(s):
-        for i in range(s):
-            dres[j, i] = d[j, i] - b[0] - b[1] * (i - h) - b[2] * (j - h)
-    pd, pp, qp = _projected_gain(p, dres, w, use, h, Gi)
+    Gi, b, pd, pp, qp = _plane_psf_sums(d, w, use, p, h, dres)
     return npix, Gi, b, pd, pp, qp
 
 
@@ -1171,9 +1172,9 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
     best = np.empty((s, s))
     flag = np.zeros((s, s), dtype=np.bool_)
     rep = np.zeros((s, s))
-    wx = np.empty((s, s))
-    usex = np.zeros((s, s), dtype=np.bool_)
-    dresx = np.empty((s, s))
+    wr = np.empty((s, s))
+    user = np.zeros((s, s), dtype=np.bool_)
+    dresr = np.empty((s, s))
     for k in range(xs.size):
         if skip[k] or not (np.isfinite(xs[k]) and np.isfinite(ys[k])):
             continue
@@ -1200,21 +1201,18 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
                         repair[iy + j - h, ix + i - h] = rep[j, i]
                         out[k, 5] = 2.0
             continue
-        # the joint fit below (is a PSF-shaped source left?) uses the pixels not flagged yet
-        pdx, ppx, qpx, Gix, bx = pd, pp, qp, Gi, b
-        for j in range(s):
-            for i in range(s):
-                wx[j, i] = w[j, i]
-                usex[j, i] = use[j, i]
-                dresx[j, i] = dres[j, i]
+        # the line search (lw, luse, ldres, lGi); the joint fit below (is a PSF-shaped source
+        # left?) keeps the pixels not flagged yet (w, use, dres, Gi, b, pd, pp, qp)
+        lw, luse, ldres, lGi = w, use, dres, Gi
         if raw_bits != 0:
-            # the line search: pixels flagged earlier (raw_bits) take their values before the
-            # repair, so that a track partly flagged by L.A.Cosmic is found whole
-            _, Gi, b, pd, pp, qp = _window_psf_gain(raw, variance, mask, stamps, k, ix, iy, h, bad_bits & ~raw_bits,
-                                                       d, v, p, use, w, dres)
-            if not pp > 0.0:
+            # pixels flagged earlier (raw_bits) take their values before the repair, so that a
+            # track partly flagged by L.A.Cosmic is found whole
+            _, lGi, _, lpd, lpp, _ = _window_psf_gain(raw, variance, mask, stamps, k, ix, iy, h,
+                                                      bad_bits & ~raw_bits, d, v, p, user, wr, dresr)
+            if not lpp > 0.0:
                 continue
-            gain_psf = pd * pd / pp if pd > 0 else 0.0
+            lw, luse, ldres = wr, user, dresr
+            gain_psf = lpd * lpd / lpp if lpd > 0 else 0.0
         # best sharp line segment; only if it beats the PSF, the best PSF-wide one
         g_best = 0.0
         th_best = 0.0
@@ -1224,7 +1222,7 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
             g_kind = 0.0
             bank = sharp_bank if kind == 0 else broad_bank
             for t in range(par.shape[0]):
-                md, mp, _ = _projected_gain(bank[t], dres, w, use, h, Gi)
+                md, mp, _ = _projected_gain(bank[t], ldres, lw, luse, h, lGi)
                 if not (mp > 0.0 and md > 0.0):
                     continue
                 g = md * md / mp
@@ -1251,7 +1249,7 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
         for t0 in range(-h, 1):
             for t1 in range(h + 1):
                 _line_template(m, h, math.cos(th_best), math.sin(th_best), rho_best, float(t0), float(t1), 0.0)
-                md, mp, _ = _projected_gain(m, dres, w, use, h, Gi)
+                md, mp, _ = _projected_gain(m, ldres, lw, luse, h, lGi)
                 if mp > 0.0 and md > 0.0 and md * md / mp > g_ext:
                     g_ext = md * md / mp
                     t0b, t1b = float(t0), float(t1)
@@ -1259,22 +1257,22 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
         # source left beside the line? (a bright hit that L.A.Cosmic flagged would leave a
         # misfit of the rasterised line that drags the PSF amplitude of a galaxy beside it)
         _line_template(best, h, math.cos(th_best), math.sin(th_best), rho_best, t0b, t1b, 0.0)
-        ld, ll, ql = _projected_gain(best, dresx, wx, usex, h, Gix)
+        ld, ll, ql = _projected_gain(best, dres, w, use, h, Gi)
         if raw_bits != 0 and ll > 0.0:
             # found with the flagged pixels' raw values, the line must also explain the pixels
             # not flagged about as well as the PSF does: a faint source beside a flagged hit
             # (the hit alone makes a strong line) is left to the PSF there
             g_line_x = ld * ld / ll if ld > 0.0 else 0.0
-            g_psf_x = pdx * pdx / ppx if pdx > 0.0 and ppx > 0.0 else 0.0
+            g_psf_x = pd * pd / pp if pd > 0.0 else 0.0
             if g_line_x < g_psf_x - min_gain:
                 continue
         pl = 0.0
         for j in range(s):
             for i in range(s):
-                if usex[j, i]:
-                    pl += wx[j, i] * p[j, i] * best[j, i]
-        pl -= _quad(ql, Gix, qpx)
-        ok, a, _, sa, e = _joint_fit(pdx, ppx, qpx, ld, ll, ql, pl, bx, Gix)
+                if use[j, i]:
+                    pl += w[j, i] * p[j, i] * best[j, i]
+        pl -= _quad(ql, Gi, qp)
+        ok, a, _, sa, e = _joint_fit(pd, pp, qp, ld, ll, ql, pl, b, Gi)
         if not ok:
             continue
         nu_a = a / sa
@@ -1285,7 +1283,7 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
         # plane + PSF part of the joint fit, for the repair (usable pixels are inside the image)
         for j in range(s):
             for i in range(s):
-                if best[j, i] >= 0.2 and usex[j, i]:
+                if best[j, i] >= 0.2 and use[j, i]:
                     crpix[iy + j - h, ix + i - h] = True
                     repair[iy + j - h, ix + i - h] = max(a, 0.0) * p[j, i] + e[0] + e[1] * (i - h) + e[2] * (j - h)
 

@@ -646,7 +646,6 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
             crm = (mask & np.uint32(bit["CR"])) != 0
             raw = sub.copy()
             raw[crm] = image[crm] - bkg.background[crm] - (streak_model[crm] if streak_model is not None else 0.0)
-            raw[bad_input] = 0.0
             tracks = find_cr_tracks(sub, var_det, mask, meas["x"], meas["y"], stamps, sigma_psf,
                                     raw=raw, raw_bits=bit["CR"],
                                     skip=skip | is_cr,
