@@ -29,6 +29,8 @@ from procsky.sim.truth import SimTruth  # noqa: E402
 from procsky.tasks.calibrate import CalibrateTask, calibrate_exposure  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real/legacysurvey"
+# truth S/N of the bright isolated stars on which astrometry is judged (see ``_metrics``)
+ASTRO_SNR_MIN = 100.0
 
 
 def _draw(root: Path, recipe: str, mode: str, detectors, visits=(1,)):
@@ -169,8 +171,27 @@ def _metrics(d: Path, visit: int, det: int, calexp, src):
     m["flux_ratios"] = ratio
     dra = (s.ra.to_numpy() - t.ra.to_numpy()) * np.cos(np.radians(t.dec.to_numpy())) * 3.6e6
     ddec = (s.dec.to_numpy() - t.dec.to_numpy()) * 3.6e6
-    m["astro_median_mas"] = float(np.hypot(np.median(dra), np.median(ddec)))
-    m["astro_scatter_mas"] = float(np.sqrt(0.5 * (np.var(dra) + np.var(ddec))))
+    # Astrometry is judged on the stars whose own centroid noise is below the 10 mas target:
+    # truth S/N >= ASTRO_SNR_MIN. At S/N 50-100 the photon noise of any centroid is ~10 mas
+    # (the windowed centroid is within 3 % of the Cramer-Rao bound for these PSFs), so a
+    # per-detector scatter of 8-16 such stars tests the noise, not the pipeline. Those stars
+    # are checked instead through their pulls (offset / reported error, ``astro_pulls``).
+    snr = t.snr.to_numpy()
+    a = snr >= ASTRO_SNR_MIN
+    m["n_astro"] = int(a.sum())
+    m["astro_median_mas"] = float(np.hypot(np.median(dra[a]), np.median(ddec[a]))) if a.any() else float("nan")
+    m["astro_scatter_mas"] = float(np.sqrt(0.5 * (np.var(dra[a]) + np.var(ddec[a])))) if a.sum() > 1 else float("nan")
+    m["astro_scatter_snr50_mas"] = float(np.sqrt(0.5 * (np.var(dra) + np.var(ddec)))) if len(s) > 1 else float("nan")
+    scale_mas = 3.6e6 * np.sqrt(abs(np.linalg.det(_true_wcs(tr).pixel_scale_matrix)))
+    err = scale_mas * np.sqrt(0.5 * (s.x_err.to_numpy() ** 2 + s.y_err.to_numpy() ** 2))
+    m["astro_pulls_snr50_500"] = np.r_[dra[mid] / err[mid], ddec[mid] / err[mid]]
+    # per star, for the S/N-binned table of benchmarks/eval_calibrate_small.py: the offset on the
+    # sky (centroid and fitted WCS) and the centroid's offset from the truth position mapped to
+    # pixels by the true WCS (centroid alone), both in mas
+    tx, ty = _true_wcs(tr).all_world2pix(t.ra.to_numpy(), t.dec.to_numpy(), 0)
+    m["astro_stars"] = pd.DataFrame({"snr": snr, "dra_mas": dra, "ddec_mas": ddec, "err_mas": err,
+                                     "dx_mas": scale_mas * (s.x.to_numpy() - tx),
+                                     "dy_mas": scale_mas * (s.y.to_numpy() - ty)})
     big = crs[crs.counts > 5 * np.sqrt(var_sky)]
     crm = (np.asarray(calexp.mask) & masks.bit("CR")) != 0
     m["cr_recovered"] = float(crm[big.y, big.x].mean()) if len(big) else 1.0
@@ -328,20 +349,31 @@ def test_calibrate_small_visit_detection_psf_astrometry(small_visit_metrics):
     """Every detector of the visit: PSF FWHM, astrometry, detection, cosmic rays; held-back
     PSF residuals pooled over the visit.
 
+    Astrometry per detector on bright isolated stars of truth S/N >= ``ASTRO_SNR_MIN`` (3-20
+    per detector): median offset <= 5 mas, scatter <= 10 mas; the fainter stars (S/N 50-500,
+    ~250 in the visit) through their pulls, offset over reported error: std 0.85-1.2.
+
     Detection: completeness >= 95 % of truth sources with S/N >= 10 (S/N of the object as
-    drawn, see ``_truth``) and fewer than 1 % spurious detections (``_spurious``: a
-    detection not assigned one-to-one to a truth object of any brightness within
-    max(4 px, 2 r_half); shreds, cosmic-ray residuals, trail pieces and noise count).
+    drawn, see ``_truth``) per detector, and fewer than 1 % spurious detections
+    (``_spurious``: a detection not assigned one-to-one to a truth object of any brightness
+    within max(4 px, 2 r_half); shreds, cosmic-ray residuals, trail pieces and noise count) in
+    the visit's catalogue. A detector holds ~250 detections and ~0.6 spurious ones, so its own
+    fraction passes 1 % by Poisson chance on ~3 % of detectors; each detector is held to 2 %.
     A 2048 x 2048 detector of `small` holds only 6-15 PSF stars, 0-3 of them held back,
     so the held-back dT/T is judged on all held-back stars of the visit (~20).
     """
     for det, (m, summary, *_) in small_visit_metrics.items():
         where = f"detector {det}: {m}"
         assert summary["psf_fwhm_px"] == pytest.approx(m["true_gauss_fwhm_px"], rel=0.01), where
+        assert m["n_astro"] >= 3, where
         assert m["astro_median_mas"] <= 5.0 and m["astro_scatter_mas"] <= 10.0, where
         assert m["completeness_all"] >= 0.95 and m["completeness_stars"] >= 0.95, where
-        assert m["spurious_fraction"] < 0.01, where
+        assert m["spurious_fraction"] < 0.02, where
         assert m["cr_recovered"] >= 0.95 and m["star_cores_flagged_cr"] == 0, where
+    ms = [m for m, *_ in small_visit_metrics.values()]
+    assert sum(m["n_spurious"] for m in ms) < 0.01 * sum(m["n_src"] for m in ms)
+    pulls = np.concatenate([m["astro_pulls_snr50_500"] for m in ms])
+    assert pulls.size > 100 and 0.85 <= np.std(pulls) <= 1.2
     dT = np.concatenate([r for _, _, r, _ in small_visit_metrics.values()])
     assert dT.size > 10 and abs(np.median(dT)) < 0.01
 
