@@ -171,27 +171,37 @@ def _metrics(d: Path, visit: int, det: int, calexp, src):
     m["flux_ratios"] = ratio
     dra = (s.ra.to_numpy() - t.ra.to_numpy()) * np.cos(np.radians(t.dec.to_numpy())) * 3.6e6
     ddec = (s.dec.to_numpy() - t.dec.to_numpy()) * 3.6e6
-    # Astrometry is judged on the stars whose own centroid noise is below the 10 mas target:
-    # truth S/N >= ASTRO_SNR_MIN. At S/N 50-100 the photon noise of any centroid is ~10 mas
-    # (the windowed centroid is within 3 % of the Cramer-Rao bound for these PSFs), so a
-    # per-detector scatter of 8-16 such stars tests the noise, not the pipeline. Those stars
-    # are checked instead through their pulls (offset / reported error, ``astro_pulls``).
-    snr = t.snr.to_numpy()
-    a = snr >= ASTRO_SNR_MIN
-    m["n_astro"] = int(a.sum())
-    m["astro_median_mas"] = float(np.hypot(np.median(dra[a]), np.median(ddec[a]))) if a.any() else float("nan")
-    m["astro_scatter_mas"] = float(np.sqrt(0.5 * (np.var(dra[a]) + np.var(ddec[a])))) if a.sum() > 1 else float("nan")
-    m["astro_scatter_snr50_mas"] = float(np.sqrt(0.5 * (np.var(dra) + np.var(ddec)))) if len(s) > 1 else float("nan")
+    # Astrometry is judged on the stars whose own centroid noise is well below the 10 mas
+    # target: truth S/N >= ASTRO_SNR_MIN. At S/N 50 the photon noise of any unbiased centroid is
+    # 10-18 mas per axis for the seeing of `small` (the windowed centroid is within 1.5 % of the
+    # Cramer-Rao bound: benchmarks/centroid_noise_floor.py), so a per-detector scatter of 8-16
+    # such stars measures the noise, not the pipeline. All S/N 50-500 stars are checked through
+    # their pulls instead (offset / reported error, ``astro_pulls``), and their scatter in excess
+    # of the reported errors is printed for the record (``astro_excess_snr50_mas``).
     scale_mas = 3.6e6 * np.sqrt(abs(np.linalg.det(_true_wcs(tr).pixel_scale_matrix)))
     err = scale_mas * np.sqrt(0.5 * (s.x_err.to_numpy() ** 2 + s.y_err.to_numpy() ** 2))
-    m["astro_pulls_snr50_500"] = np.r_[dra[mid] / err[mid], ddec[mid] / err[mid]]
+    ok = np.isfinite(err) & ~s.centroid_flag.to_numpy()
+    snr = t.snr.to_numpy()
+    a = ok & (snr >= ASTRO_SNR_MIN)
+    m["n_astro"] = int(a.sum())
+
+    def scatter(sel):  # rms per axis about the mean, unbiased (ddof=1): 3-20 stars per detector
+        return float(np.sqrt(0.5 * (np.var(dra[sel], ddof=1) + np.var(ddec[sel], ddof=1)))) if sel.sum() > 1 else float("nan")
+
+    m["astro_median_mas"] = float(np.hypot(np.median(dra[a]), np.median(ddec[a]))) if a.any() else float("nan")
+    m["astro_scatter_mas"] = scatter(a)
+    m["astro_scatter_snr50_mas"] = scatter(ok)
+    m["astro_excess_snr50_mas"] = float(np.sqrt(max(0.0, m["astro_scatter_snr50_mas"] ** 2 - np.mean(err[ok] ** 2)))) \
+        if ok.sum() > 1 else float("nan")
+    pm = ok & mid
+    m["astro_pulls_snr50_500"] = np.r_[dra[pm] / err[pm], ddec[pm] / err[pm]]
     # per star, for the S/N-binned table of benchmarks/eval_calibrate_small.py: the offset on the
     # sky (centroid and fitted WCS) and the centroid's offset from the truth position mapped to
     # pixels by the true WCS (centroid alone), both in mas
     tx, ty = _true_wcs(tr).all_world2pix(t.ra.to_numpy(), t.dec.to_numpy(), 0)
     m["astro_stars"] = pd.DataFrame({"snr": snr, "dra_mas": dra, "ddec_mas": ddec, "err_mas": err,
                                      "dx_mas": scale_mas * (s.x.to_numpy() - tx),
-                                     "dy_mas": scale_mas * (s.y.to_numpy() - ty)})
+                                     "dy_mas": scale_mas * (s.y.to_numpy() - ty)})[ok]
     big = crs[crs.counts > 5 * np.sqrt(var_sky)]
     crm = (np.asarray(calexp.mask) & masks.bit("CR")) != 0
     m["cr_recovered"] = float(crm[big.y, big.x].mean()) if len(big) else 1.0
@@ -350,15 +360,16 @@ def test_calibrate_small_visit_detection_psf_astrometry(small_visit_metrics):
     PSF residuals pooled over the visit.
 
     Astrometry per detector on bright isolated stars of truth S/N >= ``ASTRO_SNR_MIN`` (3-20
-    per detector): median offset <= 5 mas, scatter <= 10 mas; the fainter stars (S/N 50-500,
-    ~250 in the visit) through their pulls, offset over reported error: std 0.85-1.2.
+    per detector): median offset <= 5 mas, scatter <= 10 mas; all bright isolated stars of S/N
+    50-500 through their pulls, offset over reported error: std
+    0.85-1.2 (~80-110 stars in the visit; see ``_metrics``).
 
     Detection: completeness >= 95 % of truth sources with S/N >= 10 (S/N of the object as
     drawn, see ``_truth``) per detector, and fewer than 1 % spurious detections
     (``_spurious``: a detection not assigned one-to-one to a truth object of any brightness
     within max(4 px, 2 r_half); shreds, cosmic-ray residuals, trail pieces and noise count) in
     the visit's catalogue. A detector holds ~250 detections and ~0.6 spurious ones, so its own
-    fraction passes 1 % by Poisson chance on ~3 % of detectors; each detector is held to 2 %.
+    fraction exceeds 1 % by Poisson chance on ~2-3 % of detectors; each detector is held to 2 %.
     A 2048 x 2048 detector of `small` holds only 6-15 PSF stars, 0-3 of them held back,
     so the held-back dT/T is judged on all held-back stars of the visit (~20).
     """
