@@ -35,6 +35,7 @@ __all__ = [
     "match_sources",
     "TanSipSolution",
     "fit_tan_sip",
+    "tan_sip_position_error",
     "sip_pixel_to_sky",
     "sip_sky_to_pixel",
     "photometric_zero_point",
@@ -332,6 +333,11 @@ class TanSipSolution(NamedTuple):
     used : ndarray (n,) bool
     residual_xi, residual_eta : ndarray (n,), arcsec
         Reference minus fit for every input star.
+    fit_scale : float, pixels
+        Normalisation of the pixel offsets in the design of the fit (``fit_tan_sip(scale=)``).
+    cov_xi, cov_eta : ndarray (nterm, nterm), arcsec^2, or None
+        Covariance of the xi and eta polynomial coefficients (in the normalised design basis),
+        for :func:`tan_sip_position_error`.
     """
 
     crval: np.ndarray
@@ -350,6 +356,9 @@ class TanSipSolution(NamedTuple):
     used: np.ndarray
     residual_xi: np.ndarray
     residual_eta: np.ndarray
+    fit_scale: float = 1000.0
+    cov_xi: np.ndarray | None = None
+    cov_eta: np.ndarray | None = None
 
     def to_fits_cards(self):
         """FITS WCS keywords (dict) for ``astropy.wcs.WCS(header)`` / ``procsky.wcs``."""
@@ -590,7 +599,53 @@ def fit_tan_sip(
     reta = (dec - fdec) * 3600.0
     rms = float(np.sqrt(np.mean(rxi[used] ** 2 + reta[used] ** 2)))
     mad = lambda r: float(1.4826 * np.median(np.abs(r - np.median(r))))  # noqa: E731
-    return sol._replace(rms=rms, rms_x=mad(rxi[used]), rms_y=mad(reta[used]), residual_xi=rxi, residual_eta=reta)
+    d = design[used] * np.sqrt(w[used])[:, None]
+    return sol._replace(rms=rms, rms_x=mad(rxi[used]), rms_y=mad(reta[used]), residual_xi=rxi, residual_eta=reta,
+                        fit_scale=float(scale), cov_xi=_sandwich_cov(d, rxi[used] * np.sqrt(w[used])),
+                        cov_eta=_sandwich_cov(d, reta[used] * np.sqrt(w[used])))
+
+
+def _sandwich_cov(d, r):
+    """Heteroscedasticity-consistent covariance of least-squares coefficients (HC1; White 1980,
+    Econometrica 48, 817; MacKinnon & White 1985): ``n/(n-p) B D^T diag(r^2) D B`` with
+    ``B = (D^T D)^-1``, from the design ``d`` (n, p) and residuals ``r`` of the stars used.
+
+    Each star's residual estimates its own noise (centroid and reference position), so faint
+    and bright stars in one unweighted fit are handled without an error model."""
+    n, p = d.shape
+    if n <= p:
+        return None
+    b = np.linalg.pinv(d.T @ d)
+    meat = (d * (r * r)[:, None]).T @ d
+    return (n / (n - p)) * (b @ meat @ b)
+
+
+def tan_sip_position_error(sol: TanSipSolution, x, y):
+    """The fitted WCS's own 1-sigma error at pixel positions, from the fit's covariance.
+
+    Parameters
+    ----------
+    sol : TanSipSolution
+        From :func:`fit_tan_sip` (``cov_xi``/``cov_eta`` set).
+    x, y : array, pixels, 0-based
+        Positions in the frame the solution was fitted in.
+
+    Returns
+    -------
+    err_xi, err_eta : ndarray, arcsec
+        Along the tangent-plane axes (xi along RA cos(dec), eta along Dec); NaN when the fit
+        had no covariance (as many stars as terms).
+    """
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    if sol.cov_xi is None or sol.cov_eta is None:
+        nan = np.full(x.shape, np.nan)
+        return nan, nan.copy()
+    d, _ = _poly_design((x.ravel() - sol.crpix[0]) / sol.fit_scale, (y.ravel() - sol.crpix[1]) / sol.fit_scale,
+                        sol.order)
+    exi = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, sol.cov_xi, d), 0.0)).reshape(x.shape)
+    eeta = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, sol.cov_eta, d), 0.0)).reshape(x.shape)
+    return exi, eeta
 
 
 # ----------------------------------------------------------------------- zero point

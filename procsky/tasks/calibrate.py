@@ -51,7 +51,11 @@ Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md
 7. **Astrometry**: reference stars (shards attached by :meth:`CalibrateTask.quanta`)
    matched by offset voting, TAN-SIP fit (full SIP with enough stars; otherwise a linear
    fit on top of the header SIP distortion). Without a reference catalogue, or with too
-   few matches, the header WCS is kept and ``astrometry_status`` says why.
+   few matches, the header WCS is kept and ``astrometry_status`` says why. The fit's
+   coefficient covariance (heteroscedasticity-consistent, from the residuals of the stars
+   used) gives the WCS's own error at every source, added to the centroid error in
+   ``ra_err``/``dec_err`` (mas; ~1 mas on `small`, where it dominates the error of S/N > 500
+   stars).
 8. **Photometry**: zero point = clipped median of ``m_ref - m_inst`` (aperture-corrected
    PSF magnitudes of unflagged, unsaturated stars); otherwise the header zero point.
 9. **Catalogue** ``src``: fluxes in nJy, positions (ra, dec) from the fitted WCS, flags
@@ -77,7 +81,7 @@ import pandas as pd
 from procsky import masks as _masks
 from procsky.errors import AlgorithmError, NoWorkError
 from procsky.exposure import Exposure
-from procsky.kernels.astrometry import fit_tan_sip, match_sources, photometric_zero_point
+from procsky.kernels.astrometry import fit_tan_sip, match_sources, photometric_zero_point, tan_sip_position_error
 from procsky.kernels.background import estimate_background
 from procsky.kernels.cosmicray import find_cosmic_rays, find_cr_tracks, find_sharp_sources, repair_pixels
 from procsky.kernels.detection import detect_sources
@@ -98,6 +102,7 @@ _BIT = {name: _masks.bit(name) for name in ("BAD", "SAT", "INTRP", "CR", "EDGE",
 #: Units of the fixed ``src`` columns (flux columns are nJy, listed at run time).
 SRC_UNITS = {
     "x": "pixel", "y": "pixel", "x_err": "pixel", "y_err": "pixel", "ra": "deg", "dec": "deg",
+    "ra_err": "mas", "dec_err": "mas",
     "ixx": "pixel2", "iyy": "pixel2", "ixy": "pixel2", "sky": "nJy/pixel", "sky_rms": "nJy/pixel",
     "kron_radius": "pixel", "peak_significance": "sigma", "psf_chi2": "",
 }
@@ -841,7 +846,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
 
     # 9. catalogue
     src = _catalogue(meas, det, psf_flux, psf_flux_err, bkg, cal, wcs, exp, cand, used, reserved, phot_used,
-                     astro.get("used_index"), config, flux_sys)
+                     astro.get("used_index"), config, flux_sys, astro.get("position_error"))
     src["ref_mag"] = ref_mag
     src["ref_mag_err"] = ref_mag_err
     src["calib_photometry_candidate"] = phot_cand
@@ -849,6 +854,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     src.attrs["meta"].update(zero_point=float(photocalib.zero_point), zero_point_err=float(photocalib.zero_point_err),
                              header_zero_point=header_zp, photometry_status=phot["status"])
     astro.pop("used_index", None)
+    astro.pop("position_error", None)
     calexp_mask = mask
     metadata = dict(exp.metadata)
     metadata.update({
@@ -901,6 +907,7 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         "astrometry_n_used": int(astro.get("n_used", 0)),
         "astrometry_rms_mas": float(astro.get("rms_mas", np.nan)),
         "astrometry_scatter_mas": float(astro.get("scatter_mas", np.nan)),
+        "astrometry_wcs_err_max_mas": float(astro.get("wcs_err_max_mas", np.nan)),
         "pixel_scale_arcsec": float(scale),
     }
     return calexp, src, summary
@@ -938,6 +945,9 @@ def _fit_wcs(meas, m_src, refs_m: pd.DataFrame, wcs, shape, config, astro):
         sol = fit_tan_sip(x, y, ra, dec, crpix=crpix, crval=crval, order=order, shape=shape)
         new_wcs, cards = _wcs_from_solution(sol, shape)
         status = f"fitted TAN-SIP order {order}"
+
+        def position_error(px, py):
+            return tan_sip_position_error(sol, px, py)
     else:
         # Few stars: keep the header distortion, fit CRVAL and CD on SIP-corrected positions.
         crpix0, a, b = header_sip
@@ -947,6 +957,10 @@ def _fit_wcs(meas, m_src, refs_m: pd.DataFrame, wcs, shape, config, astro):
         sol = fit_tan_sip(x + fu, y + fv, ra, dec, crpix=tuple(crpix0), crval=crval, order=1, shape=shape)
         new_wcs, cards = _wcs_from_solution(sol, shape, extra_sip=(a, b))
         status = "fitted TAN (CRVAL, CD) on the header SIP distortion"
+
+        def position_error(px, py):
+            gu, gv = _apply_sip(a, b, px - crpix0[0], py - crpix0[1])
+            return tan_sip_position_error(sol, px + gu, py + gv)
     # residuals through the final WCS (the stored one), milliarcseconds
     fra, fdec = copy_wcs(new_wcs).pixel_to_world_values(x, y)
     dxi = ((ra - fra + 180.0) % 360.0 - 180.0) * np.cos(np.radians(dec)) * 3.6e6
@@ -956,20 +970,26 @@ def _fit_wcs(meas, m_src, refs_m: pd.DataFrame, wcs, shape, config, astro):
     astro.update(status=status, n_used=int(used.sum()), rms_mas=float(np.sqrt(np.mean(r2))),
                  scatter_mas=float(1.4826 * np.median(np.sqrt(r2)) / 1.1774),
                  median_offset_mas=[float(np.median(dxi[used])), float(np.median(deta[used]))],
-                 used_index=m_src[used])
+                 used_index=m_src[used], position_error=position_error)
+    # the fitted WCS's own error (per axis, mas) at the centre and its largest on a grid over the detector
+    gy, gx = np.meshgrid(np.linspace(0, ny - 1, 9), np.linspace(0, nx - 1, 9), indexing="ij")
+    exi, eeta = position_error(gx.ravel(), gy.ravel())
+    e = 1000.0 * np.sqrt(0.5 * (exi**2 + eeta**2))
+    astro.update(wcs_err_centre_mas=float(e[e.size // 2]), wcs_err_max_mas=float(np.max(e)))
     return new_wcs, cards, astro
 
 
 def _catalogue(meas, det, psf_flux, psf_flux_err, bkg, cal, wcs, exp, cand, used, reserved, phot_used,
-               astro_used, config, flux_sys=0.0) -> pd.DataFrame:
+               astro_used, config, flux_sys=0.0, position_error=None) -> pd.DataFrame:
     n = len(meas["x"])
     x, y = meas["x"], meas["y"]
     if wcs is not None and n:
         xs = np.where(np.isfinite(x), x, det.x)
         ys = np.where(np.isfinite(y), y, det.y)
         ra, dec = copy_wcs(wcs).pixel_to_world_values(xs, ys)
+        ra_err, dec_err = _sky_errors(meas, wcs, xs, ys, position_error)
     else:
-        ra = dec = np.full(n, np.nan)
+        ra = dec = ra_err = dec_err = np.full(n, np.nan)
     ix = np.clip(np.round(np.nan_to_num(x, nan=0.0)).astype(int), 0, exp.shape[1] - 1)
     iy = np.clip(np.round(np.nan_to_num(y, nan=0.0)).astype(int), 0, exp.shape[0] - 1)
     visit = exp.visit_info.visit if exp.visit_info is not None and exp.visit_info.visit is not None else 0
@@ -979,7 +999,7 @@ def _catalogue(meas, det, psf_flux, psf_flux_err, bkg, cal, wcs, exp, cand, used
         "id": (np.int64(visit) * 1000 + detector) * 1_000_000 + np.arange(1, n + 1, dtype=np.int64),
         "parent": det.parent.astype(np.int64),
         "x": x + exp.xy0[0], "y": y + exp.xy0[1], "x_err": meas["x_err"], "y_err": meas["y_err"],
-        "ra": np.asarray(ra, float), "dec": np.asarray(dec, float),
+        "ra": np.asarray(ra, float), "dec": np.asarray(dec, float), "ra_err": ra_err, "dec_err": dec_err,
         "psf_flux": psf_flux * cal, "psf_flux_err": psf_flux_err * cal, "psf_chi2": meas["psf_chi2"],
     }
     units = dict(SRC_UNITS)
@@ -1014,8 +1034,29 @@ def _catalogue(meas, det, psf_flux, psf_flux_err, bkg, cal, wcs, exp, cand, used
                         "psf_flux_aperture_corrected": True, "psf_flux_sys": float(flux_sys),
                         "psf_flux_err": "photon noise of the PSF fit (x aperture correction) plus, in quadrature, "
                                         "psf_flux_sys x psf_flux: the PSF model's cross-validated fractional flux "
-                                        "error on this detector's PSF stars"}
+                                        "error on this detector's PSF stars",
+                        "ra_err": "1-sigma sky position errors, mas, ra_err along RA (of ra cos(dec)): the centroid "
+                                  "error through the WCS plus, in quadrature, the fitted WCS's own error at the source "
+                                  "(covariance of the TAN-SIP fit); the centroid error alone when the header WCS is "
+                                  "kept"}
     return df
+
+
+def _sky_errors(meas, wcs, xs, ys, position_error=None):
+    """1-sigma sky position errors (mas) along RA cos(dec) and Dec: the centroid covariance through
+    the WCS's linear part (the SIP terms change it by < 0.1 %), plus the fitted WCS's own error
+    (``position_error(x, y)`` -> arcsec per axis, from ``_fit_wcs``) in quadrature."""
+    j = np.asarray(copy_wcs(wcs).pixel_scale_matrix, float) * 3.6e6  # mas / pixel
+    xe2 = np.asarray(meas["x_err"], float) ** 2
+    ye2 = np.asarray(meas["y_err"], float) ** 2
+    xy = np.nan_to_num(np.asarray(meas["xy_cov"], float))
+    var_a = j[0, 0] ** 2 * xe2 + 2 * j[0, 0] * j[0, 1] * xy + j[0, 1] ** 2 * ye2
+    var_d = j[1, 0] ** 2 * xe2 + 2 * j[1, 0] * j[1, 1] * xy + j[1, 1] ** 2 * ye2
+    if position_error is not None:
+        exi, eeta = position_error(xs, ys)
+        var_a = var_a + (1000.0 * np.nan_to_num(exi)) ** 2
+        var_d = var_d + (1000.0 * np.nan_to_num(eeta)) ** 2
+    return np.sqrt(var_a), np.sqrt(var_d)
 
 
 # ------------------------------------------------------------------------------ tasks
