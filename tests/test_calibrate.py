@@ -202,7 +202,8 @@ def _metrics(d: Path, visit: int, det: int, calexp, src):
     m["astro_stars"] = pd.DataFrame({"snr": snr, "dra_mas": dra, "ddec_mas": ddec, "err_mas": err,
                                      "dx_mas": scale_mas * (s.x.to_numpy() - tx),
                                      "dy_mas": scale_mas * (s.y.to_numpy() - ty),
-                                     "ra_err_mas": s.ra_err.to_numpy(), "dec_err_mas": s.dec_err.to_numpy()})[ok]
+                                     "ra_err_mas": 3.6e6 * s.ra_err.to_numpy(),
+                                     "dec_err_mas": 3.6e6 * s.dec_err.to_numpy()})[ok]
     big = crs[crs.counts > 5 * np.sqrt(var_sky)]
     crm = (np.asarray(calexp.mask) & masks.bit("CR")) != 0
     m["cr_recovered"] = float(crm[big.y, big.x].mean()) if len(big) else 1.0
@@ -248,8 +249,9 @@ def test_calibrate_tiny_against_truth(tiny):
     assert src.attrs["units"]["psf_flux"] == "nJy" and src.attrs["units"]["ra"] == "deg"
     # sky position errors: the centroid error through the WCS, never below it (the fitted WCS's
     # error adds in quadrature), in mas
-    assert src.attrs["units"]["ra_err"] == "mas" and summary["astrometry_wcs_err_max_mas"] > 0
-    scale = 1000.0 * summary["pixel_scale_arcsec"]
+    assert src.attrs["units"]["ra_err"] == "deg" and summary["astrometry_wcs_err_max_mas"] > 0
+    assert src.attrs["meta"]["ra_err_includes_wcs"]
+    scale = summary["pixel_scale_arcsec"] / 3600.0
     good = np.isfinite(src.x_err) & np.isfinite(src.ra_err)
     assert good.mean() > 0.9
     assert (src.ra_err[good] >= 0.99 * scale * np.minimum(src.x_err, src.y_err)[good]).all()
@@ -264,6 +266,8 @@ def test_calibrate_without_refcat_keeps_header(tiny):
     assert "header zero point" in summary["photometry_status"]
     assert calexp.wcs_cards == exp.wcs_cards
     assert np.isfinite(src.psf_flux).sum() > 10
+    # header WCS: ra_err holds the centroid error only, and says so
+    assert not src.attrs["meta"]["ra_err_includes_wcs"] and np.isfinite(src.ra_err).mean() > 0.9
 
 
 def test_calibrate_no_work_on_tiny_or_empty_images(tiny):

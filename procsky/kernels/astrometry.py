@@ -542,6 +542,7 @@ def fit_tan_sip(
         xi, eta = tan_project(ra, dec, crval[0], crval[1])
         cxi, *_ = np.linalg.lstsq(design[used] * sw[:, None], xi[used] * sw, rcond=None)
         ceta, *_ = np.linalg.lstsq(design[used] * sw[:, None], eta[used] * sw, rcond=None)
+        fit_used = used.copy()
         rxi = (xi - design @ cxi) * 3600.0
         reta = (eta - design @ ceta) * 3600.0
         if clip and clip > 0:
@@ -554,6 +555,12 @@ def fit_tan_sip(
                 break
             if new.sum() >= nterm + 2:
                 used = new
+    if not np.array_equal(fit_used, used):
+        # the last pass changed the stars in use: the coefficients, residuals and covariance
+        # below must all come from one set
+        sw = np.sqrt(w[used])
+        cxi, *_ = np.linalg.lstsq(design[used] * sw[:, None], xi[used] * sw, rcond=None)
+        ceta, *_ = np.linalg.lstsq(design[used] * sw[:, None], eta[used] * sw, rcond=None)
     # final coefficients in pixel units; constant terms are now ~0 (absorbed in crval)
     cxi_pix = np.array([c / scale ** (p + q) for c, (p, q) in zip(cxi, terms)])
     ceta_pix = np.array([c / scale ** (p + q) for c, (p, q) in zip(ceta, terms)])

@@ -53,9 +53,12 @@ Chain (LSST ``CalibrateTask`` / ``CharacterizeImageTask`` in one pass, DESIGN.md
    fit on top of the header SIP distortion). Without a reference catalogue, or with too
    few matches, the header WCS is kept and ``astrometry_status`` says why. The fit's
    coefficient covariance (heteroscedasticity-consistent, from the residuals of the stars
-   used) gives the WCS's own error at every source, added to the centroid error in
-   ``ra_err``/``dec_err`` (mas; ~1 mas on `small`, where it dominates the error of S/N > 500
-   stars).
+   used; HC1, White 1980) gives the WCS's own error at every source, added to the centroid
+   error in ``ra_err``/``dec_err`` (deg, as in the reference catalogues; ~1 mas on `small`,
+   where it dominates the error of S/N > 500 stars). It is common to all sources of a
+   detector, leaves out errors of a kept header SIP, and is only a rough estimate (±30 % per
+   detector) - and no error at all for unmodelled distortion - when few stars force a lower
+   fit order.
 8. **Photometry**: zero point = clipped median of ``m_ref - m_inst`` (aperture-corrected
    PSF magnitudes of unflagged, unsaturated stars); otherwise the header zero point.
 9. **Catalogue** ``src``: fluxes in nJy, positions (ra, dec) from the fitted WCS, flags
@@ -102,7 +105,7 @@ _BIT = {name: _masks.bit(name) for name in ("BAD", "SAT", "INTRP", "CR", "EDGE",
 #: Units of the fixed ``src`` columns (flux columns are nJy, listed at run time).
 SRC_UNITS = {
     "x": "pixel", "y": "pixel", "x_err": "pixel", "y_err": "pixel", "ra": "deg", "dec": "deg",
-    "ra_err": "mas", "dec_err": "mas",
+    "ra_err": "deg", "dec_err": "deg",
     "ixx": "pixel2", "iyy": "pixel2", "ixy": "pixel2", "sky": "nJy/pixel", "sky_rms": "nJy/pixel",
     "kron_radius": "pixel", "peak_significance": "sigma", "psf_chi2": "",
 }
@@ -1035,18 +1038,21 @@ def _catalogue(meas, det, psf_flux, psf_flux_err, bkg, cal, wcs, exp, cand, used
                         "psf_flux_err": "photon noise of the PSF fit (x aperture correction) plus, in quadrature, "
                                         "psf_flux_sys x psf_flux: the PSF model's cross-validated fractional flux "
                                         "error on this detector's PSF stars",
-                        "ra_err": "1-sigma sky position errors, mas, ra_err along RA (of ra cos(dec)): the centroid "
-                                  "error through the WCS plus, in quadrature, the fitted WCS's own error at the source "
-                                  "(covariance of the TAN-SIP fit); the centroid error alone when the header WCS is "
-                                  "kept"}
+                        "ra_err": "1-sigma sky position errors, deg (as in the reference catalogues), ra_err of "
+                                  "ra cos(dec): the centroid error through the WCS plus, in quadrature, the fitted "
+                                  "WCS's own error at the source (covariance of the TAN-SIP fit; common to all "
+                                  "sources of the detector, so it cancels in relative positions); the centroid error "
+                                  "alone when the header WCS is kept (ra_err_includes_wcs False)",
+                        "ra_err_includes_wcs": position_error is not None}
     return df
 
 
 def _sky_errors(meas, wcs, xs, ys, position_error=None):
-    """1-sigma sky position errors (mas) along RA cos(dec) and Dec: the centroid covariance through
-    the WCS's linear part (the SIP terms change it by < 0.1 %), plus the fitted WCS's own error
-    (``position_error(x, y)`` -> arcsec per axis, from ``_fit_wcs``) in quadrature."""
-    j = np.asarray(copy_wcs(wcs).pixel_scale_matrix, float) * 3.6e6  # mas / pixel
+    """1-sigma sky position errors (deg) along RA cos(dec) and Dec: the centroid covariance through
+    the WCS's linear part (CD; the SIP terms change the local scale by ~0.1-0.5 % across a
+    detector), plus the fitted WCS's own error (``position_error(x, y)`` -> arcsec per axis, from
+    ``_fit_wcs``) in quadrature. The RA-Dec covariance is not kept."""
+    j = np.asarray(copy_wcs(wcs).pixel_scale_matrix, float) * 3.6e6  # mas / pixel (world axes: RA, Dec)
     xe2 = np.asarray(meas["x_err"], float) ** 2
     ye2 = np.asarray(meas["y_err"], float) ** 2
     xy = np.nan_to_num(np.asarray(meas["xy_cov"], float))
@@ -1056,7 +1062,7 @@ def _sky_errors(meas, wcs, xs, ys, position_error=None):
         exi, eeta = position_error(xs, ys)
         var_a = var_a + (1000.0 * np.nan_to_num(exi)) ** 2
         var_d = var_d + (1000.0 * np.nan_to_num(eeta)) ** 2
-    return np.sqrt(var_a), np.sqrt(var_d)
+    return np.sqrt(var_a) / 3.6e6, np.sqrt(var_d) / 3.6e6
 
 
 # ------------------------------------------------------------------------------ tasks
