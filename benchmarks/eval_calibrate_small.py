@@ -213,10 +213,6 @@ def report(t: pd.DataFrame, simdir: Path) -> None:
     print(flush=True)
 
 
-def _evaluate(args):
-    return evaluate(*args)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("simdir", type=Path)
@@ -231,20 +227,19 @@ def main():
         visits = sorted(int(v) for v in pd.read_parquet(args.simdir / "truth/detectors.parquet").visit.unique())
     else:
         visits = [int(v) for v in args.visit.split(",")]
-    jobs = [(args.simdir, v, dets, args.estimator) for v in visits]
-    if args.workers > 1 and len(visits) > 1:
+    n = len(visits)
+    jobs = ([args.simdir] * n, visits, [dets] * n, [args.estimator] * n)
+    pool = None
+    if args.workers > 1 and n > 1:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(args.workers) as pool:
-            tables = []
-            for t in pool.map(_evaluate, jobs):  # in visit order, each printed when it is done
-                report(t, args.simdir)
-                tables.append(t)
-    else:
-        tables = []
-        for j in jobs:
-            tables.append(_evaluate(j))
-            report(tables[-1], args.simdir)
+        pool = ProcessPoolExecutor(args.workers)
+    tables = []
+    for t in (pool.map if pool else map)(evaluate, *jobs):  # in visit order, each printed when done
+        report(t, args.simdir)
+        tables.append(t)
+    if pool:
+        pool.shutdown()
     if len(tables) > 1:
         lines = pd.DataFrame([visit_line(t) for t in tables])
         print(f"one line per visit ({len(tables)} visits, {int(lines['ndet'].sum())} detectors):")

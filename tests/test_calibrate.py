@@ -178,7 +178,8 @@ def _metrics(d: Path, visit: int, det: int, calexp, src):
     # such stars measures the noise, not the pipeline. All S/N 50-500 stars are checked through
     # their pulls instead (offset / reported error, ``astro_pulls``), and their scatter in excess
     # of the reported errors is printed for the record (``astro_excess_snr50_mas``).
-    scale_mas = 3.6e6 * np.sqrt(abs(np.linalg.det(_true_wcs(tr).pixel_scale_matrix)))
+    wtrue = _true_wcs(tr)
+    scale_mas = 3.6e6 * np.sqrt(abs(np.linalg.det(wtrue.pixel_scale_matrix)))
     err = scale_mas * np.sqrt(0.5 * (s.x_err.to_numpy() ** 2 + s.y_err.to_numpy() ** 2))
     ok = np.isfinite(err) & ~s.centroid_flag.to_numpy()
     snr = t.snr.to_numpy()
@@ -198,7 +199,7 @@ def _metrics(d: Path, visit: int, det: int, calexp, src):
     # per star, for the S/N-binned table of benchmarks/eval_calibrate_small.py: the offset on the
     # sky (centroid and fitted WCS) and the centroid's offset from the truth position mapped to
     # pixels by the true WCS (centroid alone), both in mas
-    tx, ty = _true_wcs(tr).all_world2pix(t.ra.to_numpy(), t.dec.to_numpy(), 0)
+    tx, ty = wtrue.all_world2pix(t.ra.to_numpy(), t.dec.to_numpy(), 0)
     m["astro_stars"] = pd.DataFrame({"snr": snr, "dra_mas": dra, "ddec_mas": ddec, "err_mas": err,
                                      "dx_mas": scale_mas * (s.x.to_numpy() - tx),
                                      "dy_mas": scale_mas * (s.y.to_numpy() - ty),
@@ -247,8 +248,8 @@ def test_calibrate_tiny_against_truth(tiny):
         assert col in src.columns, col
     assert src["flag_edge"].dtype == bool and src["id"].is_unique
     assert src.attrs["units"]["psf_flux"] == "nJy" and src.attrs["units"]["ra"] == "deg"
-    # sky position errors: the centroid error through the WCS, never below it (the fitted WCS's
-    # error adds in quadrature), in mas
+    # sky position errors (deg): the centroid error through the WCS, never below it (the fitted
+    # WCS's error adds in quadrature)
     assert src.attrs["units"]["ra_err"] == "deg" and summary["astrometry_wcs_err_max_mas"] > 0
     assert src.attrs["meta"]["ra_err_includes_wcs"]
     scale = summary["pixel_scale_arcsec"] / 3600.0

@@ -531,17 +531,19 @@ def fit_tan_sip(
     v = (y - crpix[1]) / scale
     used = np.ones(n, bool)
     design, terms = _poly_design(u, v, order)
-    cxi = ceta = None
+
+    def solve(sel, xi, eta):  # weighted least squares of both axes on the stars ``sel``
+        sw = np.sqrt(w[sel])
+        dw = design[sel] * sw[:, None]
+        return (np.linalg.lstsq(dw, xi[sel] * sw, rcond=None)[0], np.linalg.lstsq(dw, eta[sel] * sw, rcond=None)[0])
+
     for it in range(max(2, n_iter)):
         xi, eta = tan_project(ra, dec, crval[0], crval[1])
-        sw = np.sqrt(w[used])
-        cxi, *_ = np.linalg.lstsq(design[used] * sw[:, None], xi[used] * sw, rcond=None)
-        ceta, *_ = np.linalg.lstsq(design[used] * sw[:, None], eta[used] * sw, rcond=None)
+        cxi, ceta = solve(used, xi, eta)
         # move the tangent point so that crpix maps to (0, 0) and refit
         crval = np.array(tan_deproject(cxi[0], ceta[0], crval[0], crval[1]), float).ravel()
         xi, eta = tan_project(ra, dec, crval[0], crval[1])
-        cxi, *_ = np.linalg.lstsq(design[used] * sw[:, None], xi[used] * sw, rcond=None)
-        ceta, *_ = np.linalg.lstsq(design[used] * sw[:, None], eta[used] * sw, rcond=None)
+        cxi, ceta = solve(used, xi, eta)
         fit_used = used.copy()
         rxi = (xi - design @ cxi) * 3600.0
         reta = (eta - design @ ceta) * 3600.0
@@ -558,9 +560,7 @@ def fit_tan_sip(
     if not np.array_equal(fit_used, used):
         # the last pass changed the stars in use: the coefficients, residuals and covariance
         # below must all come from one set
-        sw = np.sqrt(w[used])
-        cxi, *_ = np.linalg.lstsq(design[used] * sw[:, None], xi[used] * sw, rcond=None)
-        ceta, *_ = np.linalg.lstsq(design[used] * sw[:, None], eta[used] * sw, rcond=None)
+        cxi, ceta = solve(used, xi, eta)
     # final coefficients in pixel units; constant terms are now ~0 (absorbed in crval)
     cxi_pix = np.array([c / scale ** (p + q) for c, (p, q) in zip(cxi, terms)])
     ceta_pix = np.array([c / scale ** (p + q) for c, (p, q) in zip(ceta, terms)])

@@ -1052,17 +1052,17 @@ def _sky_errors(meas, wcs, xs, ys, position_error=None):
     the WCS's linear part (CD; the SIP terms change the local scale by ~0.1-0.5 % across a
     detector), plus the fitted WCS's own error (``position_error(x, y)`` -> arcsec per axis, from
     ``_fit_wcs``) in quadrature. The RA-Dec covariance is not kept."""
-    j = np.asarray(copy_wcs(wcs).pixel_scale_matrix, float) * 3.6e6  # mas / pixel (world axes: RA, Dec)
+    j = np.asarray(copy_wcs(wcs).pixel_scale_matrix, float)  # deg / pixel (world axes: RA, Dec)
     xe2 = np.asarray(meas["x_err"], float) ** 2
     ye2 = np.asarray(meas["y_err"], float) ** 2
     xy = np.nan_to_num(np.asarray(meas["xy_cov"], float))
     var_a = j[0, 0] ** 2 * xe2 + 2 * j[0, 0] * j[0, 1] * xy + j[0, 1] ** 2 * ye2
     var_d = j[1, 0] ** 2 * xe2 + 2 * j[1, 0] * j[1, 1] * xy + j[1, 1] ** 2 * ye2
     if position_error is not None:
-        exi, eeta = position_error(xs, ys)
-        var_a = var_a + (1000.0 * np.nan_to_num(exi)) ** 2
-        var_d = var_d + (1000.0 * np.nan_to_num(eeta)) ** 2
-    return np.sqrt(var_a) / 3.6e6, np.sqrt(var_d) / 3.6e6
+        exi, eeta = position_error(xs, ys)  # arcsec
+        var_a = var_a + (np.nan_to_num(exi) / 3600.0) ** 2
+        var_d = var_d + (np.nan_to_num(eeta) / 3600.0) ** 2
+    return np.sqrt(var_a), np.sqrt(var_d)
 
 
 # ------------------------------------------------------------------------------ tasks
