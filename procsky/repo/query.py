@@ -27,20 +27,25 @@ Grammar::
     literal   := STRING | ['-'] NUMBER | TRUE | FALSE
 
 Every syntax error raises :class:`procsky.errors.QuerySyntaxError` with the 0-based
-character position of the offending token.
+character position of the offending token. A name that is no dimension of the data searched
+(``vist=1``) is not a syntax error, but it would silently match nothing (or everything under
+``NOT``): :func:`check_identifiers` refuses it with a "did you mean" hint, given the names
+the caller knows.
 """
 
 from __future__ import annotations
 
+import difflib
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from procsky.errors import QuerySyntaxError
+from procsky.errors import ProcskyValueError, QuerySyntaxError
 
 __all__ = [
     "Expression",
+    "check_identifiers",
     "parse_expression",
     "STANDARD_DIMENSION_TYPES",
     "Token",
@@ -507,6 +512,51 @@ def parse_expression(
     names: set[str] = set()
     _check(ast, expression, types, names)
     return Expression(expression, ast, frozenset(names))
+
+
+def check_identifiers(
+    expression: Expression,
+    known: Iterable[str],
+    *,
+    label: str = "where expression",
+    scope: str = "the datasets searched",
+) -> None:
+    """Refuse identifiers of ``expression`` that are not in ``known`` (``vist=1``).
+
+    A name absent from every data ID makes each comparison with it unknown (SQL NULL), so
+    the expression would silently select nothing, or everything under ``NOT``. This is the
+    one check of that rule: the registry query and the pipeline's ``--where`` both use it.
+
+    Parameters
+    ----------
+    expression : Expression
+        The parsed expression.
+    known : iterable of str
+        The dimension (or column) names the expression may use.
+    label : str
+        How the caller's user gave the expression (``"--where"`` on the command line).
+    scope : str
+        What ``known`` describes, for the message (``"this pipeline"``).
+
+    Raises
+    ------
+    ProcskyValueError
+        Naming each unknown identifier with the closest known name (difflib) and listing
+        the known names.
+    """
+    known = sorted(set(known))
+    unknown = sorted(set(expression.identifiers) - set(known))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    verb = "is not a dimension" if len(unknown) == 1 else "are not dimensions"
+    raise ProcskyValueError(
+        f"{label} {expression.text!r} names {', '.join(hints)}, which {verb} of {scope}; "
+        f"known dimensions: {', '.join(known)}."
+    )
 
 
 def _check(node, expression: str, types: Mapping[str, type], names: set[str]) -> None:

@@ -56,7 +56,12 @@ from procsky.repo.dimensions import (
     data_id_key,
     sort_dimensions,
 )
-from procsky.repo.query import STANDARD_DIMENSION_TYPES, Expression, parse_expression
+from procsky.repo.query import (
+    STANDARD_DIMENSION_TYPES,
+    Expression,
+    check_identifiers,
+    parse_expression,
+)
 
 __all__ = ["Registry", "DatasetRef", "SCHEMA_VERSION"]
 
@@ -826,7 +831,7 @@ class Registry:
         def resolve(name: str, values: tuple[Any, ...], pos: int):
             if name in STANDARD_DIMENSION_TYPES:
                 return ds.c[name]
-            if name in ("run", "dataset_type", "storage_class"):
+            if name in _DATASET_COLUMNS:
                 return ds.c[name]
             elem = ds.c.data_id[name]
             kinds = {type(v) for v in values}
@@ -861,6 +866,10 @@ class Registry:
             if not runs:
                 return []
             stmt = stmt.where(ds.c.run.in_(list(runs)))
+        if not isinstance(where, Mapping):
+            where = _as_expression(where)
+            if where is not None:
+                self._check_where_names(where, dataset_type)
         clause = self._where_clause(ds, where)
         if clause is not None:
             stmt = stmt.where(clause)
@@ -877,6 +886,34 @@ class Registry:
             order = {r: i for i, r in enumerate(runs)}
             refs.sort(key=lambda ref: order[ref.run])  # stable: keeps the rest of the order
         return refs
+
+    def _check_where_names(self, expr: Expression, dataset_type) -> None:
+        """Refuse a name no searched data ID can hold (``vist=1`` would match nothing).
+
+        Known: the standard dimensions, the dataset columns (``run``, ``dataset_type``,
+        ``storage_class``), the dimensions of the dataset types searched, and any other
+        key present in the data ID of at least one of their datasets.
+        """
+        known = set(STANDARD_DIMENSION_TYPES) | set(_DATASET_COLUMNS)
+        if set(expr.identifiers) <= known:
+            return
+        types = None if dataset_type is None else (
+            [dataset_type] if isinstance(dataset_type, str) else list(dataset_type))
+        dtypes = [dt for dt in self.dataset_types() if types is None or dt.name in types]
+        known.update(d for dt in dtypes for d in dt.dimensions)
+        ds = self.tables["dataset"]
+        with self.reading() as conn:
+            for name in sorted(set(expr.identifiers) - known):
+                # A free data-ID key (dimensions.py: "other names may appear"): known
+                # when some dataset searched carries it.
+                stmt = sa.select(ds.c.id).where(ds.c.data_id[name].as_string().is_not(None))
+                if types is not None:
+                    stmt = stmt.where(ds.c.dataset_type.in_(types))
+                if conn.execute(stmt.limit(1)).first() is not None:
+                    known.add(name)
+        scope = ("any dataset type in this repository" if types is None
+                 else ", ".join(types))
+        check_identifiers(expr, known, scope=scope)
 
     def _where_clause(self, ds: sa.Table, where):
         if where is None:
@@ -968,6 +1005,10 @@ class Registry:
                 )
             ).all()
         return {(r[0], r[1]): r[2] for r in rows}
+
+
+#: Columns of the dataset table a where expression may name besides the dimensions.
+_DATASET_COLUMNS = ("run", "dataset_type", "storage_class")
 
 
 def new_dataset_id() -> str:
