@@ -23,6 +23,12 @@ Design
   failed or was blocked). Transient failures (lost worker: ``KilledWorker`` /
   ``CommClosedError``; ``OSError`` from storage other than a malformed file;
   :class:`TransientError`) are retried ``retries`` times before the quantum is failed.
+* **Why.** Every step that falls back to a degraded mode calls
+  :func:`procsky.notes.note_degraded`; the notes made while a quantum runs (collected per
+  quantum with a context variable, see :mod:`procsky.notes`) come back in
+  ``QuantumResult.notes`` and are stored in the quantum's ``provenance`` JSON under
+  ``"notes"``. :class:`RunSummary` groups the no_work/failed/blocked reasons and the notes
+  of the run (:func:`procsky.pipeline.report.group_outcomes`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from typing import Any, Callable
 import sqlalchemy as sa
 
 from procsky.errors import NoWorkError, ProcskyFileError, TransientError
+from procsky.notes import collect_notes, note_degraded
 from procsky.pipeline.graph import QuantumGraph, Quantum, graph_tables
 
 __all__ = [
@@ -109,6 +116,7 @@ class QuantumResult:
     """What a worker reports about one quantum.
 
     ``status`` is ``succeeded``, ``no_work``, ``failed`` or ``transient`` (retry).
+    ``notes``: the degraded-mode notes the quantum made (:func:`procsky.notes.note_degraded`).
     """
 
     quantum_id: int
@@ -118,6 +126,7 @@ class QuantumResult:
     error_message: str | None = None
     traceback: str | None = None
     provenance: dict = field(default_factory=dict)
+    notes: list[dict] = field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=1)
@@ -300,13 +309,21 @@ def execute_quantum(job: QuantumJob, repo=None) -> QuantumResult:
     monitor = _RSSMonitor.get()
     token = monitor.open()
     try:
-        result = _execute(job, repo, prov)
+        with collect_notes() as notes:
+            if job.missing:
+                n = sum(len(v) for v in job.missing.values())
+                note_degraded("inputs_missing", f"ran without {n} input(s) of {sorted(job.missing)} whose "
+                              "quanta failed (tolerated)", missing=job.missing)
+            result = _execute(job, repo, prov)
     finally:
         peak = monitor.close(token)
     end = time.time()
     prov.update(end=end, cpu_seconds=time.thread_time() - cpu0, peak_memory=peak,
                 versions=_versions())
+    if notes:
+        prov["notes"] = notes
     result.provenance = prov
+    result.notes = notes
     return result
 
 
@@ -429,11 +446,20 @@ def _accepts(func: Callable, name: str) -> bool:
 
 @dataclass
 class RunSummary:
-    """Counts of quanta per task and state after a run, and the wall time (s)."""
+    """Counts of quanta per task and state after a run, the wall time (s), and why.
+
+    ``outcomes``: per task label, ``{"reasons": [...], "degraded": [...]}`` as made by
+    :func:`procsky.pipeline.report.group_outcomes`: the failed/blocked/no_work quanta
+    grouped by reason and the degraded-mode notes grouped by code, each with a count, the
+    first data IDs and an example message. ``str()`` shows at most ``max_groups`` groups
+    per task (``procsky report`` lists them all).
+    """
 
     run: str
     counts: dict[str, dict[str, int]]
     wall_seconds: float
+    outcomes: dict[str, dict] = field(default_factory=dict)
+    max_groups: int = 5
 
     @property
     def ok(self) -> bool:
@@ -441,10 +467,16 @@ class RunSummary:
                    and c.get("pending", 0) == 0 for c in self.counts.values())
 
     def __str__(self) -> str:
+        from procsky.pipeline.report import format_outcomes
+
         lines = [f"run {self.run!r} ({self.wall_seconds:.1f} s):"]
         for label, c in self.counts.items():
             parts = ", ".join(f"{k} {v}" for k, v in c.items() if v)
             lines.append(f"  {label}: {parts or 'no quanta'}")
+            lines += format_outcomes(self.outcomes.get(label) or {}, indent="    ",
+                                     max_groups=self.max_groups)
+        if any(self.outcomes.values()):
+            lines.append(f"  (every reason and note: procsky report REPO --run {self.run})")
         return "\n".join(lines)
 
 
@@ -531,7 +563,28 @@ class Executor:
             finally:
                 if bar is not None:
                     bar.close()
-        return RunSummary(graph.run, graph.counts(), time.time() - t0)
+        return RunSummary(graph.run, graph.counts(), time.time() - t0, self._outcomes(graph))
+
+    def _outcomes(self, graph: QuantumGraph) -> dict[str, dict]:
+        """Reasons and degraded-mode notes of ``graph``'s quanta, grouped per task (from the
+        registry, so quanta finished in earlier sessions of a resumed run count too)."""
+        from procsky.pipeline.report import group_outcomes
+
+        try:
+            t = self._tables["quantum"]
+            ids = {q.id for q in graph if q.id is not None}
+            with self._repo.registry.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(t.c.id, t.c.task, t.c.data_id, t.c.state, t.c.error_class, t.c.error_message,
+                              t.c.provenance)
+                    .where(t.c.run == graph.run,
+                           sa.or_(t.c.state.in_(("failed", "blocked", "no_work")),
+                                  t.c.provenance.like('%"notes"%')))
+                    .order_by(t.c.stage, t.c.id)).mappings().all()
+            return group_outcomes([dict(r) for r in rows if r["id"] in ids])
+        except Exception as exc:  # pragma: no cover - the summary must not fail a finished run
+            log.warning("could not group the reasons of run %r: %s", graph.run, exc)
+            return {}
 
     def _bar(self, label: str, total: int, done: int):
         if not self.progress or total == 0:
