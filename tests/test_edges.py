@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from procsky.cli import main
-from procsky.errors import ProcskyValueError
+from procsky.errors import ProcskyFileError, ProcskyValueError
 from procsky.repo import Repo
 
 
@@ -65,3 +65,64 @@ def test_cli_query_unknown_dimension(repo):
     assert res.exit_code != 0
     assert "did you mean 'visit'?" in res.output
     assert "Traceback" not in res.output
+
+
+# ------------------------------------------------ 2. command-line errors name command-line flags
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    """One simulated `tiny` calibrated frame (visit 1, detector 0), ~3 MB, a few seconds."""
+    pytest.importorskip("galsim")
+    from procsky.sim import simulate
+
+    out = tmp_path_factory.mktemp("tiny1")
+    res = simulate("tiny", out, visits=[1], detectors=[0], scheduler="sync", workers=1, progress=False)
+    return res.images[0]
+
+
+def test_cli_repo_create_existing_names_the_flag(tmp_path):
+    root = tmp_path / "r"
+    runner = CliRunner()
+    assert runner.invoke(main, ["repo", "create", str(root)]).exit_code == 0
+    res = runner.invoke(main, ["repo", "create", str(root)])
+    assert res.exit_code != 0
+    assert "--exist-ok" in res.output and "exist_ok=True" not in res.output
+    assert runner.invoke(main, ["repo", "create", str(root), "--exist-ok"]).exit_code == 0
+    # Python callers keep the Python remedy.
+    with pytest.raises(ProcskyFileError, match="exist_ok=True"):
+        Repo.create(root)
+
+
+def test_cli_ingest_record_conflict_names_the_flag(repo, tiny_file):
+    from procsky.instruments import get_instrument, ingest_files
+    from procsky.repo.registry import RecordConflictError
+
+    rec = dict(get_instrument("simcam").ingest_file(tiny_file)[0].records["visit"][0])
+    rec["airmass"] = rec["airmass"] + 0.5  # as if the header had been corrected since
+    repo.add_dimension_records("visit", [rec])
+    runner = CliRunner()
+    res = runner.invoke(main, ["ingest", str(repo.root), str(tiny_file), "-i", "simcam", "--no-progress"])
+    assert res.exit_code != 0
+    assert "--replace-records" in res.output and "replace=True" not in res.output
+    assert "visit" in res.output
+    assert repo.query() == []  # stopped before writing anything
+    # The Python layers name their own arguments, and the error pickles with its details.
+    with pytest.raises(RecordConflictError, match="replace_records=True") as info:
+        ingest_files(repo, [tiny_file], "simcam")
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == str(info.value) and again.element == "visit"
+    with pytest.raises(RecordConflictError, match="pass replace=True"):
+        repo.add_dimension_records("visit", [rec | {"airmass": 9.0}])
+    res = runner.invoke(main, ["ingest", str(repo.root), str(tiny_file), "-i", "simcam", "--no-progress",
+                               "--replace-records"])
+    assert res.exit_code == 0, res.output
+    assert len(repo.query("isr_exposure")) == 1
+    assert repo.dimension_records("visit")[0]["airmass"] != rec["airmass"]
+
+
+def test_cli_skymap_conflict_names_no_python_argument(repo):
+    runner = CliRunner()
+    base = ["skymap", "register", str(repo.root), "sm", "--kind", "discrete", "--center", "150,2", "--radius", "0.02"]
+    assert runner.invoke(main, base).exit_code == 0
+    res = runner.invoke(main, base[:-1] + ["0.03"])
+    assert res.exit_code != 0
+    assert "another name" in res.output and "replace=True" not in res.output

@@ -13,7 +13,10 @@ from procsky.cli import main
 @click.option("--instrument", "-i", required=True, help="Camera definition: generic, decam-cp, 90prime-cp, mosaic3-cp, noirlab-cp, simcam.")
 @click.option("--run", default=None, help="Output run (default: <instrument>/raw).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
-def ingest(repo, files, instrument, run, progress):
+@click.option("--replace-records", is_flag=True,
+              help="Overwrite visit/detector records that differ from the registered ones (e.g. after "
+                   "correcting headers) instead of stopping.")
+def ingest(repo, files, instrument, run, progress, replace_records):
     """Ingest FILES into the repository REPO.
 
     Every file is read and checked before anything is written, so a bad file stops the
@@ -26,9 +29,17 @@ def ingest(repo, files, instrument, run, progress):
     """
     from procsky.instruments import ingest_files
     from procsky.repo import Repo
+    from procsky.repo.registry import RecordConflictError
 
     r = Repo(repo)
-    report = ingest_files(r, files, instrument, run=run, progress=progress)
+    try:
+        report = ingest_files(r, files, instrument, run=run, progress=progress, replace_records=replace_records)
+    except RecordConflictError as e:
+        # The Python remedy (replace_records=True) means nothing here: name the flag.
+        raise e.with_fix(
+            f"the files describe {e.element} {e.key} differently from the repository; add "
+            "--replace-records to overwrite the registered record"
+        ) from e
     runs = sorted({ref.run for ref in report})
     click.echo(
         f"ingested {len(report)} dataset(s) from {len(files)} file(s)"

@@ -53,8 +53,19 @@ def repo_create(repo, registry, exist_ok):
       procsky repo create /data/hsc-repo
       procsky repo create /data/repo --registry postgresql+psycopg://me@dbhost/procsky
     """
-    from procsky.repo import Repo
+    from pathlib import Path
 
+    from procsky.errors import ProcskyFileError
+    from procsky.repo import Repo
+    from procsky.repo.butler import CONFIG_NAME
+
+    root = Path(repo).expanduser().absolute()
+    if not exist_ok and (root / CONFIG_NAME).exists():
+        # Repo.create's message names its Python argument (exist_ok=True); name the flag.
+        raise ProcskyFileError(
+            f"{root} is already a procsky repository; use it as it is (procsky ingest/query/run "
+            f"{repo} ...), or add --exist-ok to make `procsky repo create` succeed on it"
+        )
     r = Repo.create(repo, registry=registry, exist_ok=exist_ok)
     click.echo(f"created repository {r.root} (registry: {r.registry.url.split('@')[-1]})")
 

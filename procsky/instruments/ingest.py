@@ -13,6 +13,7 @@ from pathlib import Path
 
 from procsky.errors import ProcskyError, ProcskyFileError
 from procsky.instruments.base import IngestItem, get_instrument
+from procsky.repo.registry import RecordConflictError
 
 __all__ = ["ingest_files", "default_run", "IngestReport"]
 
@@ -51,6 +52,7 @@ def ingest_files(
     run: str | None = None,
     *,
     progress: bool = False,
+    replace_records: bool = False,
 ) -> IngestReport:
     """Ingest camera files into ``repo``.
 
@@ -65,6 +67,10 @@ def ingest_files(
         Output run; ``<instrument>/raw`` by default.
     progress : bool
         Show progress bars.
+    replace_records : bool
+        Overwrite dimension records (visit, detector ...) that differ from the ones
+        already registered (say, after correcting the headers); by default such a
+        difference stops the ingest before any dataset is written.
 
     Returns
     -------
@@ -91,7 +97,13 @@ def ingest_files(
                     records.setdefault(element, {})[repr(sorted(rec.items()))] = rec
     order = ["instrument", "band", "physical_filter", "detector", "visit"]
     for element in sorted(records, key=lambda e: order.index(e) if e in order else len(order)):
-        repo.add_dimension_records(element, list(records[element].values()))
+        try:
+            repo.add_dimension_records(element, list(records[element].values()), replace=replace_records)
+        except RecordConflictError as e:
+            raise e.with_fix(
+                f"the files describe {element} {e.key} differently from the repository; pass "
+                "replace_records=True to overwrite the registered record"
+            ) from e
 
     refs, skipped = [], []
     runs = repo.runs() if callable(repo.runs) else repo.runs

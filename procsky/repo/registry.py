@@ -63,7 +63,7 @@ from procsky.repo.query import (
     parse_expression,
 )
 
-__all__ = ["Registry", "DatasetRef", "SCHEMA_VERSION"]
+__all__ = ["Registry", "DatasetRef", "RecordConflictError", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 
@@ -129,6 +129,30 @@ class DatasetRef:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DatasetRef) and other.id == self.id
+
+
+class RecordConflictError(ConflictError):
+    """A dimension record differs from the one already registered under its key.
+
+    The message ends with the remedy for the caller's interface: ``replace=True`` for
+    :meth:`Registry.add_dimension_records`; a layer with another way to say it (an
+    ``ingest`` option, a command-line flag) re-raises :meth:`with_fix`.
+    """
+
+    def __init__(self, element: str = "", key: str = "", existing: Any = None, new: Any = None,
+                 fix: str = "pass replace=True to overwrite"):
+        super().__init__(element, key, existing, new, fix)
+        self.element, self.key, self.existing, self.new, self.fix = element, key, existing, new, fix
+
+    def __str__(self) -> str:
+        if not self.key:  # made from a message alone
+            return str(self.element)
+        return (f"a different {self.element} record with key {self.key} exists: {self.existing} vs "
+                f"{self.new}; {self.fix}")
+
+    def with_fix(self, fix: str) -> "RecordConflictError":
+        """The same conflict with another remedy (raise it ``from`` this one)."""
+        return RecordConflictError(self.element, self.key, self.existing, self.new, fix)
 
 
 def _build_metadata() -> tuple[sa.MetaData, dict[str, sa.Table]]:
@@ -675,10 +699,7 @@ class Registry:
                 if _jsonable(existing[0]) == _jsonable(row["record"]):
                     continue
                 if not replace:
-                    raise ConflictError(
-                        f"a different {element} record with key {row['key']} exists: "
-                        f"{existing[0]} vs {row['record']}; pass replace=True to overwrite"
-                    )
+                    raise RecordConflictError(element, row["key"], existing[0], row["record"])
                 conn.execute(sa.update(t).where(key_clause).values(**row))
                 changed += 1
             return changed
