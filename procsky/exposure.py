@@ -685,10 +685,16 @@ def _write_fits(exp: Exposure, path: Path, extra=None) -> None:
 def _read_fits(path: Path, lazy: bool) -> Exposure:
     from astropy.io import fits
 
+    # Headers walked first (no pixels read): a cut copy is reported as truncated, not as
+    # whatever astropy finds missing. The check is the one every instrument's ingest uses.
+    from procsky.instruments.base import check_fits_complete
+
+    check_fits_complete(path)
     try:
         with fits.open(path, memmap=False, checksum=True) as hdul:
             names = [h.name for h in hdul]
             if not {"IMAGE", "MASK", "VARIANCE"} <= set(names):
+                _refuse_truncated(path, hdul[0].header, names)
                 raise ProcskyFileError(
                     f"{path} is not a procsky/LSST-style exposure (HDUs {names}); "
                     "read instrument files through `procsky ingest --instrument NAME`"
@@ -711,6 +717,15 @@ def _read_fits(path: Path, lazy: bool) -> Exposure:
 
         image, variance, mask = (da.from_array(a, chunks=DEFAULT_CHUNK) for a in (image, variance, mask))
     return Exposure._from_attributes(image, variance, mask, attrs)
+
+
+def _refuse_truncated(path: Path, primary, names: list) -> None:
+    """Say "truncated" when a procsky file lacks exposure HDUs: it was cut at an HDU boundary."""
+    if "PSKYVER" in primary:  # written by procsky, so all of IMAGE, MASK, VARIANCE were there
+        raise ProcskyFileError(
+            f"{path} is truncated or corrupt: it has {path.stat().st_size} bytes and ends after HDUs "
+            f"{names}, but procsky writes PRIMARY, IMAGE, MASK, VARIANCE and PROCSKY; copy or write it again"
+        )
 
 
 def _attrs_from_headers(hdul) -> dict:

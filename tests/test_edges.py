@@ -126,3 +126,43 @@ def test_cli_skymap_conflict_names_no_python_argument(repo):
     res = runner.invoke(main, base[:-1] + ["0.03"])
     assert res.exit_code != 0
     assert "another name" in res.output and "replace=True" not in res.output
+
+
+# ---------------------------------------------------------------- 3. truncated FITS at ingest
+@pytest.mark.parametrize("instrument", ["simcam", "generic", "decam-cp", "90prime-cp", "mosaic3-cp", "noirlab-cp"])
+def test_ingest_truncated_fits_says_truncated(repo, tiny_file, tmp_path, instrument):
+    from procsky.instruments import ingest_files, instrument_names
+
+    assert set(instrument_names()) <= {"simcam", "generic", "decam-cp", "90prime-cp", "mosaic3-cp", "noirlab-cp"}, \
+        "a new instrument: add it to this test"
+    data = tiny_file.read_bytes()
+    # named like a CP InstCal image so that every loader gets as far as reading it
+    cut = tmp_path / "c4d_260101_000000_ooi_g_v1.fits"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ProcskyFileError) as info:
+        ingest_files(repo, [cut], instrument)
+    msg = str(info.value)
+    assert cut.name in msg and "truncated" in msg
+    assert f"has {len(data) // 2} bytes" in msg and "headers describe at least" in msg
+    assert repo.query() == []
+
+
+def test_truncated_fits_messages(repo, tiny_file, tmp_path):
+    from procsky.exposure import Exposure
+    from procsky.instruments import get_instrument
+    from procsky.instruments.base import check_fits_complete
+
+    check_fits_complete(tiny_file)  # a whole file passes
+    data = tiny_file.read_bytes()
+    cut = tmp_path / "cut.fits"
+    # cut inside a header, inside the pixels, and exactly after the primary HDU
+    for n, want in ((1000, "ends inside the header of HDU #0"), (len(data) // 2, "HDU #2 MASK"),
+                    (2880, "ends after HDUs ['PRIMARY']")):
+        cut.write_bytes(data[:n])
+        for read in (Exposure.read, get_instrument("simcam").ingest_file):
+            with pytest.raises(ProcskyFileError, match="truncated or corrupt") as info:
+                read(cut)
+            assert want in str(info.value) and f"{n} bytes" in str(info.value)
+    cut.write_bytes(data[: len(data) // 2])
+    res = CliRunner().invoke(main, ["ingest", str(repo.root), str(cut), "-i", "simcam", "--no-progress"])
+    assert res.exit_code != 0 and "cut.fits is truncated or corrupt" in res.output

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from procsky.errors import ProcskyError, ProcskyFileError
-from procsky.instruments.base import IngestItem, get_instrument
+from procsky.instruments.base import IngestItem, check_fits_complete, get_instrument
 from procsky.repo.registry import RecordConflictError
 
 __all__ = ["ingest_files", "default_run", "IngestReport"]
@@ -37,6 +37,9 @@ def _read_all(inst, files: Sequence[Path], progress: bool) -> list[tuple[Path, l
     out = []
     for path in tqdm(files, desc="reading", unit="file", disable=not progress or len(files) < 2):
         try:
+            # Every instrument: a truncated file is named as such, not as whatever part of
+            # it the loader found missing first.
+            check_fits_complete(path)
             out.append((path, inst.ingest_file(path)))
         except ProcskyError as e:
             # Name the file in the message, keep the class so callers can tell errors apart.

@@ -40,6 +40,7 @@ from procsky.instruments.base import (
     IngestItem,
     Instrument,
     calib_frame_exposure,
+    check_fits_complete,
     calib_frame_records,
     calibration_kind,
     register_instrument,
@@ -230,6 +231,7 @@ class SimcamInstrument(Instrument):
         path = Path(path)
         if not path.exists():
             raise ProcskyFileError(f"no such file: {path}")
+        check_fits_complete(path)
         try:
             header = fits.getheader(path, 0)
         except OSError as e:
