@@ -166,3 +166,74 @@ def test_truncated_fits_messages(repo, tiny_file, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     res = CliRunner().invoke(main, ["ingest", str(repo.root), str(cut), "-i", "simcam", "--no-progress"])
     assert res.exit_code != 0 and "cut.fits is truncated or corrupt" in res.output
+
+
+# -------------------------------------------------- 4. astropy sees the units of catalogue Parquet
+def _src_like(n=5):
+    from procsky.tasks.calibrate import SRC_UNITS
+
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({name: rng.normal(size=n) for name in SRC_UNITS})
+    df["psf_flux"] = rng.uniform(1e3, 1e5, n)
+    df["flag_edge"] = rng.uniform(size=n) > 0.5
+    df["id"] = np.arange(n, dtype=np.int64)
+    df["kind"] = ["star", "galaxy", "star", "cr", "star"][:n]
+    df.attrs["units"] = {**SRC_UNITS, "psf_flux": "nJy", "ref_mag": "mag(AB)"}
+    df.attrs["meta"] = {"flux_unit": "nJy", "zero_point": 27.25, "photometry_status": "ok"}
+    return df
+
+
+def test_parquet_units_visible_to_astropy_pandas_and_dask(repo):
+    import dask.dataframe as dd
+    import pyarrow.parquet as pq
+    from astropy import units as u
+    from astropy.table import Table
+
+    df = _src_like()
+    df["ref_mag"] = 20.0
+    ref = repo.put(df, "src", {"instrument": "simcam", "visit": 1, "detector": 0}, "run1")
+    path = repo.path(ref)
+    t = Table.read(path)
+    assert t["ra"].unit == u.deg and t["psf_flux"].unit == u.nJy
+    assert t["x"].unit == u.pix and t["ixx"].unit == u.pix**2
+    assert t["sky"].unit == u.nJy / u.pix
+    assert str(t["ref_mag"].unit) == "mag(AB)"
+    assert t["flag_edge"].unit is None and t["flag_edge"].dtype == bool
+    assert list(t["kind"]) == list(df["kind"])
+    assert t.meta["zero_point"] == 27.25 and t.meta["photometry_status"] == "ok"
+    assert t.colnames == list(df.columns)
+    # pandas, dask and procsky read the same file as before, procsky metadata intact
+    pd.testing.assert_frame_equal(pd.read_parquet(path), df, check_like=False)
+    # (dask adds the hive-style folders of the data-ID path, instrument=simcam/..., as columns)
+    got = dd.read_parquet(str(path)).compute().reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[list(df.columns)], df, check_dtype=False)  # dask: its own string dtype
+    back = repo.get(ref)
+    assert back.attrs["units"]["ra"] == "deg" and back.attrs["meta"]["zero_point"] == 27.25
+    md = pq.read_schema(path).metadata
+    assert b"procsky.units" in md and b"procsky.meta" in md and b"pandas" in md
+    assert pq.read_schema(path).field("ra").metadata[b"unit"] == b"deg"
+
+
+def test_parquet_astropy_table_and_edge_cases(repo):
+    from astropy import units as u
+    from astropy.table import Table
+
+    t = Table({"flux": [1.0, 2.0], "name": ["a", "bcd"]}, meta={"origin": "test"})
+    t["flux"].unit = u.nJy
+    t["flux"].description = "PSF flux"
+    ref = repo.put(t, "tbl", {"visit": 1}, "run1")
+    back = Table.read(repo.path(ref))
+    assert back["flux"].unit == u.nJy and back["flux"].description == "PSF flux"
+    assert back.meta == {"origin": "test"} and list(back["name"]) == ["a", "bcd"]
+    # an empty table with a string column, and a frame with a non-default index
+    empty = pd.DataFrame({"s": pd.Series([], dtype=object), "v": np.array([], dtype=np.float32)})
+    empty.attrs["units"] = {"v": "mas"}
+    ref = repo.put(empty, "tbl", {"visit": 2}, "run1")
+    back = Table.read(repo.path(ref))
+    assert len(back) == 0 and back["v"].unit == u.mas
+    indexed = pd.DataFrame({"v": [1.0, 2.0]}, index=pd.Index([10, 20], name="obj"))
+    indexed.attrs["units"] = {"v": "s"}
+    ref = repo.put(indexed, "tbl", {"visit": 3}, "run1")
+    back = Table.read(repo.path(ref))
+    assert back["v"].unit == u.s and list(back["obj"]) == [10, 20]
+    pd.testing.assert_frame_equal(pd.read_parquet(repo.path(ref)), indexed)

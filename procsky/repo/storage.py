@@ -6,7 +6,8 @@ storage class      extension  in memory
 ``Exposure``       ``.zarr``  :class:`procsky.exposure.Exposure` (read back lazily)
 ``DataFrame``      ``.parquet``  pandas DataFrame or astropy Table (read as pandas;
                               column units in the Parquet schema metadata and in
-                              ``df.attrs["units"]``)
+                              ``df.attrs["units"]``; astropy's ``Table.read`` sees
+                              them too)
 ``StructuredData`` ``.json``  dict of JSON-able values (numpy scalars/arrays allowed)
 =================  =========  =====================================================
 
@@ -192,6 +193,7 @@ class DataFrameStorage(StorageClass):
         import pyarrow as pa
 
         units: dict[str, str] = {}
+        descriptions: dict[str, str] = {}
         meta: dict[str, Any] = {}
         if isinstance(obj, pa.Table):
             table = obj
@@ -209,6 +211,8 @@ class DataFrameStorage(StorageClass):
                 unit = obj[name].unit
                 if unit is not None:
                     units[name] = unit.to_string()
+                if obj[name].description:
+                    descriptions[name] = str(obj[name].description)
             meta = dict(obj.meta)
             try:
                 frame = obj.to_pandas(index=False)
@@ -228,11 +232,16 @@ class DataFrameStorage(StorageClass):
         schema_md = dict(table.schema.metadata or {})
         if units:
             schema_md[b"procsky.units"] = json.dumps(units).encode()
+        plain_meta: dict[str, Any] = {}
         if meta:
             try:
-                schema_md[b"procsky.meta"] = json.dumps(meta, default=_json_default).encode()
+                text = json.dumps(meta, default=_json_default)
             except TypeError:
                 pass  # non-JSON metadata is dropped, as astropy does for Parquet
+            else:
+                schema_md[b"procsky.meta"] = text.encode()
+                plain_meta = json.loads(text)
+        schema_md.update(_astropy_metadata(table, units, descriptions, plain_meta))
         schema = pa.schema(fields, metadata=schema_md)
         return pa.Table.from_arrays(table.columns, schema=schema)
 
@@ -268,6 +277,45 @@ class DataFrameStorage(StorageClass):
             raise ProcskyFileError(
                 f"Parquet written to {path} cannot be read back ({exc})"
             ) from exc
+
+
+def _astropy_metadata(table, units: dict, descriptions: dict, meta: dict) -> dict[bytes, bytes]:
+    """Schema metadata in the form astropy's Parquet writer uses, so ``Table.read`` shows units.
+
+    astropy (``astropy.io.misc.parquet``) keeps column units, descriptions and the table
+    ``meta`` in an ECSV-style YAML header under ``table_meta_yaml`` (every column must be
+    listed there), and the length of string columns under ``table::len::<name>``. The
+    header is built with astropy's public ``astropy.table.meta.get_yaml_from_header`` from
+    zero-length columns, so no data are copied. pandas and dask ignore these keys.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from astropy.table import Column
+    from astropy.table.meta import get_yaml_from_header
+
+    out: dict[bytes, bytes] = {}
+    cols = []
+    for f in table.schema:
+        t = f.type
+        is_text = pa.types.is_string(t) or pa.types.is_large_string(t)
+        is_bytes = pa.types.is_binary(t) or pa.types.is_large_binary(t)
+        if is_text or is_bytes:
+            length = pc.max((pc.utf8_length if is_text else pc.binary_length)(table[f.name])).as_py()
+            out[f"table::len::{f.name}".encode()] = str(max(int(length or 0), 1)).encode()
+            dtype: Any = str if is_text else bytes
+        elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+            dtype = np.dtype(t.to_pandas_dtype())
+        else:  # timestamps, lists ...: the YAML type is informative only, astropy reads arrow's
+            dtype = object
+        cols.append(Column(name=f.name, dtype=dtype, length=0, unit=units.get(f.name),
+                           description=descriptions.get(f.name)))
+    try:
+        lines = get_yaml_from_header({"cols": cols, "meta": meta} if meta else {"cols": cols})
+    except Exception:  # a meta value YAML refuses: keep the units, drop the meta
+        lines = get_yaml_from_header({"cols": cols})
+    out[b"table_meta_yaml"] = "\n".join(lines).encode()
+    return out
 
 
 def _json_default(obj: Any):
