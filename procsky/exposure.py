@@ -118,6 +118,25 @@ class VisitInfo:
     }
 
 
+# Spellings of pixel units in metadata and camera headers -> the FITS/astropy name.
+_UNIT_NAMES = {"adu": "adu", "electron": "electron", "electrons": "electron", "e-": "electron", "njy": "nJy",
+               "count": "count", "counts": "count", "adu/s": "adu/s"}
+
+
+def _squared_unit(unit: str) -> str:
+    """The unit of a variance plane: ``adu`` -> ``adu2`` (FITS notation when astropy has one)."""
+    import astropy.units as u
+
+    try:
+        sq = u.Unit(unit) ** 2
+    except ValueError:
+        return f"({unit})**2"
+    try:
+        return sq.to_string("fits")
+    except (ValueError, TypeError):  # e.g. electron: not a FITS standard unit
+        return sq.to_string()
+
+
 def _jsonable(v):
     if isinstance(v, (np.floating, float)):
         v = float(v)
@@ -291,6 +310,25 @@ class Exposure:
         image, variance, mask = dask.persist(self.image, self.variance, self.mask)
         return self._replace(image=image, variance=variance, mask=mask)
 
+    @property
+    def image_unit(self) -> str | None:
+        """Unit of the image pixels, as the step that made them recorded it (None: unknown).
+
+        ``metadata["flux_unit"] == "nJy"`` marks flux-calibrated pixels (warps, coadds,
+        templates: nJy per pixel, no PhotoCalib); otherwise the pixels are counts whose
+        unit ISR and the simulator record in ``metadata["units"]`` (``adu``, ``electron``,
+        ``adu/s`` for a master dark), or ``detector["image_units"]``; the PhotoCalib, when
+        present, turns those counts into nJy. A camera's own ``BUNIT`` (NOIRLab CP) comes
+        through ``metadata["flux_unit"]``.
+        """
+        flux_unit = str(self.metadata.get("flux_unit") or "").strip()
+        for value in (flux_unit if flux_unit.lower() == "njy" else "", self.metadata.get("units"),
+                      self.detector.get("image_units"), flux_unit):
+            text = str(value or "").strip()
+            if text:
+                return _UNIT_NAMES.get(text.lower(), text)
+        return None
+
     def mask_bits(self, *names: str) -> int:
         """OR of the bit values of the named planes, in this exposure's plane map."""
         return self.mask_planes.bitmask(names)
@@ -384,6 +422,9 @@ class Exposure:
             attrs={"procsky": json.dumps(self.attributes())},
         )
         ds["image"].attrs["long_name"] = "image"
+        if self.image_unit:
+            ds["image"].attrs["units"] = self.image_unit
+            ds["variance"].attrs["units"] = _squared_unit(self.image_unit)
         ds["variance"].attrs["long_name"] = "variance (image units squared)"
         ds["mask"].attrs["flag_masks"] = [1 << b for b in self.mask_planes.values()]
         ds["mask"].attrs["flag_meanings"] = " ".join(self.mask_planes.keys())
@@ -653,22 +694,35 @@ def _write_fits(exp: Exposure, path: Path, extra=None) -> None:
             else:
                 ph.append(card, end=True)
 
-    def plane_header(extname):
+    def plane_header(extname, unit=None, comment=""):
         h = fits.Header()
         for k, v, c in exp.wcs_cards:
             h[k] = (v, c)
         h["EXTNAME"] = extname
+        if unit:
+            h["BUNIT"] = (unit, comment)
         h["LTV1"] = -exp.xy0[0]
         h["LTV2"] = -exp.xy0[1]
         return h
 
-    img = fits.ImageHDU(np.asarray(exp.image, dtype=np.float32), header=plane_header("IMAGE"))
+    # BUNIT only when the processing recorded the unit: no guess between ADU and electrons.
+    unit = exp.image_unit
+    if unit == "nJy":
+        why = "flux-calibrated, per pixel"
+    elif unit and exp.photocalib is not None:
+        why = "counts; MAGZERO (PRIMARY) is the AB mag of one"
+    else:
+        why = "pixel unit"
+    img = fits.ImageHDU(np.asarray(exp.image, dtype=np.float32), header=plane_header("IMAGE", unit, why))
     mh = plane_header("MASK")
+    mh["COMMENT"] = "Bit planes (uint32): bit MP_<NAME> set means the pixel is flagged <NAME>"
+    mh["COMMENT"] = "(LSST mask planes: BAD, SAT, CR, EDGE, DETECTED, NO_DATA ...); 0 = good."
     for name, b in exp.mask_planes.items():
         # 8-character keywords hold MP_ + 5 letters; HIERARCH keeps longer names whole.
         mh[f"MP_{name}" if len(name) <= 5 else f"HIERARCH MP_{name}"] = b
     msk = fits.ImageHDU(np.asarray(exp.mask, dtype=np.uint32), header=mh, uint=True)
-    var = fits.ImageHDU(np.asarray(exp.variance, dtype=np.float32), header=plane_header("VARIANCE"))
+    var = fits.ImageHDU(np.asarray(exp.variance, dtype=np.float32),
+                        header=plane_header("VARIANCE", unit and _squared_unit(unit), "variance of IMAGE"))
     attrs = json.dumps(exp.attributes())
     col = fits.Column(name="JSON", format=f"{max(len(attrs), 1)}A", array=np.array([attrs]))
     meta = fits.BinTableHDU.from_columns([col], name="PROCSKY")

@@ -237,3 +237,56 @@ def test_parquet_astropy_table_and_edge_cases(repo):
     back = Table.read(repo.path(ref))
     assert back["v"].unit == u.s and list(back["obj"]) == [10, 20]
     pd.testing.assert_frame_equal(pd.read_parquet(repo.path(ref)), indexed)
+
+
+# ----------------------------------------------------------------- 5. BUNIT in exported FITS
+def _exposure(metadata=None, detector=None, photocalib=None, shape=(40, 50)):
+    from astropy.wcs import WCS
+
+    from procsky.exposure import Exposure
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [20.0, 15.0]
+    w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=shape).astype(np.float32)
+    return Exposure(img, np.full(shape, 2.0, np.float32), np.zeros(shape, np.uint32), wcs=w,
+                    metadata=metadata, detector=detector, photocalib=photocalib)
+
+
+def test_fits_bunit_follows_the_recorded_pixel_unit(tmp_path, tiny_file):
+    from astropy import units as u
+    from astropy.io import fits
+
+    from procsky.exposure import Exposure
+    from procsky.photocalib import PhotoCalib
+
+    def headers(exp):
+        path = exp.write(tmp_path / "x.fits")
+        with fits.open(path) as h:
+            return h["IMAGE"].header, h["VARIANCE"].header, h["MASK"].header
+
+    # simulated calibrated frame: counts in ADU with a PhotoCalib
+    sim = Exposure.read(tiny_file)
+    assert sim.photocalib is not None and sim.image_unit == "adu"
+    ih, vh, mh = headers(sim)
+    assert ih["BUNIT"] == "adu" and vh["BUNIT"] == "adu2" and "MAGZERO" in ih.comments["BUNIT"]
+    assert u.Unit(vh["BUNIT"]) == u.adu**2
+    assert "BUNIT" not in mh and any("bit" in str(c).lower() for c in mh["COMMENT"])
+    # ISR output in electrons (the raw's "adu" replaced by ISR's units)
+    isr = _exposure({"units": "electron"}, {"image_units": "electron"}, PhotoCalib(0.5))
+    ih, vh, _ = headers(isr)
+    assert ih["BUNIT"] == "electron" and u.Unit(vh["BUNIT"]) == u.electron**2
+    # warp/coadd: nJy per pixel, even when a calexp's "units" rides along in the metadata
+    coadd = _exposure({"flux_unit": "nJy", "units": "electron"}, {"image_units": "electron"})
+    ih, vh, _ = headers(coadd)
+    assert ih["BUNIT"] == "nJy" and u.Unit(vh["BUNIT"]) == u.nJy**2
+    assert coadd.to_xarray()["image"].attrs["units"] == "nJy"
+    # a master dark is a rate
+    ih, vh, _ = headers(_exposure({"units": "adu/s"}, {"image_units": "adu"}))
+    assert u.Unit(ih["BUNIT"]) == u.adu / u.s and u.Unit(vh["BUNIT"]) == (u.adu / u.s) ** 2
+    # nothing recorded: no guess
+    ih, vh, _ = headers(_exposure())
+    assert "BUNIT" not in ih and "BUNIT" not in vh
