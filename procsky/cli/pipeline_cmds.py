@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 
 import click
 
@@ -45,7 +47,12 @@ def _apply(options):
 @_apply(_common)
 @click.option("--cluster", default=None, help="Cluster profile (local, slurm, pbs, htcondor, lsf or a YAML path).")
 @click.option("--scheduler", default=None, help="Address (tcp://host:port) or scheduler file of a running scheduler.")
-@click.option("--workers", type=int, default=None, help="Workers (local) or jobs (batch profiles) to start.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Workers (local) or jobs (batch profiles) to start.")
+@click.option("--worker-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS",
+              help="Give up when no worker has joined after this long (default: the profile's "
+                   "worker_timeout, else 60 for local and 300 for batch profiles and --scheduler).")
 @click.option("--sync", is_flag=True, help="Run in this process without dask.distributed (debugging).")
 @click.option("--resume", is_flag=True, help="Continue --output (it must exist); succeeded quanta are skipped.")
 @click.option("--retry-failed", is_flag=True, help="Also rerun failed quanta (and their blocked descendants).")
@@ -55,42 +62,51 @@ def _apply(options):
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
               help="Write an HTML report here at the end.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar per stage.")
-def run_cmd(pipeline, repo, where, output, tasks, config, inputs, cluster, scheduler, workers, sync,
-            resume, retry_failed, retries, max_in_flight, html_path, progress):
+def run_cmd(pipeline, repo, where, output, tasks, config, inputs, cluster, scheduler, workers,
+            worker_timeout, sync, resume, retry_failed, retries, max_in_flight, html_path, progress):
     """Run PIPELINE (a packaged name such as drp/ap, or a YAML file) over REPO.
+
+    Everything is checked before a cluster starts: the cluster profile (and the batch
+    system's commands), the repository, the pipeline and its -c overrides, --tasks,
+    --where, and the quanta of every task (e.g. that the sky map is registered).
 
     \b
     Examples:
       procsky run drp --repo R --where "tract=0" --output drp/run1
       procsky run drp --repo R --output drp/run1 --resume --retry-failed
-      procsky run my.yaml --repo R --output r2 --cluster slurm -c calibrate.threshold=5
+      procsky run drp --repo R --output r2 --cluster slurm -c calibrate.detection_nsigma=4
+      procsky run my.yaml --repo R --output r3 --cluster my-site.yaml --worker-timeout 900
     """
-    from procsky.pipeline.clusters import connect
+    from procsky.pipeline.clusters import check_profile, load_profile
     from procsky.pipeline.report import run_report, write_html
-    from procsky.pipeline.run import run_pipeline
+    from procsky.pipeline.run import plan_run
 
     if sync and (cluster or scheduler):
         raise click.UsageError("--sync runs without a cluster; drop --cluster/--scheduler.")
-    client = cl = None
-    try:
-        if not sync:
-            overrides = {}
-            if workers is not None and not scheduler:
-                from procsky.pipeline.clusters import load_profile
-
-                kind = load_profile(cluster or "local")["cluster"]
-                overrides = {"n_workers": workers} if kind == "local" else {"jobs": workers}
-            client, cl = connect(scheduler=scheduler, cluster=cluster, **overrides)
-            click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
-        summary = run_pipeline(repo, pipeline, where=where, output=output, client=client,
-                               config=list(config), tasks=_split(tasks), collections=_split(inputs),
-                               resume=True if resume else None, retry_failed=retry_failed,
-                               retries=retries, max_in_flight=max_in_flight, progress=progress)
-    finally:
-        if client is not None:
-            client.close()
-        if cl is not None:
-            cl.close()
+    if cluster and scheduler:
+        raise click.UsageError("--scheduler uses a running scheduler; drop --cluster (or --scheduler).")
+    # 1. The cluster profile: exists, parses, its package and batch commands are there.
+    spec = None
+    if not sync and not scheduler:
+        overrides = {}
+        if workers is not None:
+            kind = load_profile(cluster or "local")["cluster"]
+            overrides = {"n_workers": workers} if kind == "local" else {"jobs": workers}
+        if worker_timeout is not None:
+            overrides["worker_timeout"] = worker_timeout
+        spec = check_profile(cluster or "local", **overrides)
+    # 2. Repository, pipeline, overrides, --tasks, --where, and the quantum graph itself.
+    plan = plan_run(repo, pipeline, where=where, output=output, config=list(config),
+                    tasks=_split(tasks), collections=_split(inputs),
+                    resume=True if resume else None)
+    for note in plan.warnings:
+        click.echo(f"warning: {note}", err=True)
+    # 3. Only now: a cluster, its first worker, then the stored graph and its execution.
+    summary = _execute(plan, spec, scheduler, worker_timeout, sync,
+                       dict(retry_failed=retry_failed, retries=retries, max_in_flight=max_in_flight,
+                            progress=progress),
+                       resume_cmd=_resume_command(pipeline, repo, where, output, tasks, config, inputs,
+                                                  cluster, scheduler, workers, worker_timeout))
     click.echo(str(summary))
     if html_path:
         write_html(run_report(repo, output), html_path)
@@ -100,6 +116,78 @@ def run_cmd(pipeline, repo, where, output, tasks, config, inputs, cluster, sched
         click.echo(f"{bad} quanta failed or blocked; see `procsky report {repo} --run {output}`; "
                    "fix and rerun with --retry-failed.", err=True)
         sys.exit(1)
+
+
+def _execute(plan, spec, scheduler, worker_timeout, sync, run_options, *, resume_cmd: str):
+    """Start the cluster, wait for a worker, run; one line and exit 130 on Ctrl-C."""
+    from procsky.pipeline.clusters import (
+        DEFAULT_WORKER_TIMEOUT,
+        connect,
+        dashboard_status,
+        mute_cluster,
+        quiet_shutdown,
+        wait_for_workers,
+    )
+    from procsky.pipeline.run import execute_plan
+
+    client = cl = None
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):
+            # Mute the workers before the executor cancels their tasks (each cancelled
+            # task is a log line per worker), then interrupt as Python would.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            mute_cluster(client)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        if sync:
+            return execute_plan(plan, client=None, **run_options)
+        client, cl = connect(scheduler=scheduler, cluster=spec)
+        link, hint = dashboard_status(client)
+        click.echo(f"dask dashboard: {link}" if link else hint, err=True)
+        if spec is None or spec.min_workers > 0:
+            # An adaptive cluster with minimum 0 starts workers only once tasks arrive.
+            timeout = worker_timeout or (spec.worker_timeout if spec else DEFAULT_WORKER_TIMEOUT["batch"])
+            wait_for_workers(client, timeout, cluster=cl, spec=spec)
+        return execute_plan(plan, client=client, **run_options)
+    except KeyboardInterrupt:
+        quiet_shutdown(client, cl)
+        client = cl = None
+        click.echo(_interrupted_line(plan, resume_cmd), err=True)
+        sys.exit(130)
+    finally:
+        if client is not None or cl is not None:
+            quiet_shutdown(client, cl)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted_line(plan, resume_cmd: str) -> str:
+    graph = plan.graph
+    if all(q.id is None for q in graph):  # interrupted before the graph was stored
+        return f"Interrupted before any quantum ran; nothing was stored for run {graph.run!r}."
+    counts = graph.counts()
+    pending = sum(c.get("pending", 0) for c in counts.values())
+    finished = sum(sum(c.values()) for c in counts.values()) - pending
+    return (f"Interrupted: {finished} quanta finished, {pending} pending; "
+            f"resume with `{resume_cmd}`")
+
+
+def _resume_command(pipeline, repo, where, output, tasks, config, inputs, cluster, scheduler,
+                    workers, worker_timeout) -> str:
+    import shlex
+
+    words = ["procsky", "run", pipeline, "--repo", repo]
+    for flag, value in (("--where", where), ("--output", output), ("--tasks", tasks),
+                        ("--inputs", inputs), ("--cluster", cluster), ("--scheduler", scheduler),
+                        ("--workers", workers), ("--worker-timeout", worker_timeout)):
+        if value is not None:
+            words += [flag, str(value)]
+    for item in config:
+        words += ["-c", item]
+    return shlex.join(words + ["--resume"])
 
 
 @main.command("graph")

@@ -1,8 +1,16 @@
-"""One call to build, store and execute a pipeline over a data selection."""
+"""One call to build, store and execute a pipeline over a data selection.
+
+A run is planned before anything is started: :func:`plan_run` opens the repository,
+loads the pipeline with its overrides, and builds the quantum graph (which parses
+``--where``, checks its names, and asks every task for its quanta, so a missing sky map or
+an empty selection is reported here). Only then does ``procsky run`` start a cluster, and
+:func:`execute_plan` stores the graph and runs it. :func:`run_pipeline` does both.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import sqlalchemy as sa
@@ -12,7 +20,7 @@ from procsky.pipeline.executor import DaskExecutor, RunSummary, SyncExecutor
 from procsky.pipeline.graph import QuantumGraph, build_graph, graph_tables
 from procsky.pipeline.pipeline import Pipeline, load_pipeline
 
-__all__ = ["run_pipeline", "make_graph", "open_repo"]
+__all__ = ["run_pipeline", "make_graph", "open_repo", "RunPlan", "plan_run", "execute_plan"]
 
 
 def open_repo(repo):
@@ -94,6 +102,117 @@ def _load_states(repo, graph: QuantumGraph) -> None:
             q.id, q.state = r.id, r.state
 
 
+@dataclass
+class RunPlan:
+    """A checked, not yet stored, quantum graph and what to say before running it.
+
+    Attributes
+    ----------
+    repo : procsky.repo.Repo
+    graph : QuantumGraph
+        Built, states of already stored quanta loaded; not saved.
+    warnings : list of str
+        One-line notes for the user (e.g. calibrate without a reference catalogue).
+    """
+
+    repo: object
+    graph: QuantumGraph
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def todo(self) -> int:
+        """Quanta not finished yet (``pending``)."""
+        return sum(1 for q in self.graph if q.state == "pending")
+
+
+def plan_run(repo, pipeline, *, where: str | None = None, output: str,
+             config: Iterable[str] | dict | None = None, tasks: Sequence[str] | str | None = None,
+             collections: Sequence[str] | None = None, resume: bool | None = None) -> RunPlan:
+    """Check everything a run needs and build its quantum graph, storing nothing.
+
+    Parameters are those of :func:`run_pipeline`.
+
+    Returns
+    -------
+    RunPlan
+
+    Raises
+    ------
+    ProcskyError
+        The repository does not open, the pipeline or an override is invalid, a ``--tasks``
+        label is unknown, ``--where`` does not parse or names no known dimension, a task
+        cannot form its quanta (e.g. the sky map is not registered), ``resume`` does not
+        match the stored run, or there is nothing to run.
+    """
+    repo = open_repo(repo)
+    pipe = _resolve_pipeline(pipeline, config, tasks)
+    existing = _stored_quanta(repo, output)
+    if resume is True and existing == 0:
+        raise RepoError(f"--resume: run {output!r} has no quanta to resume; check the run name "
+                        "or drop --resume to start it.")
+    if resume is False and existing:
+        raise ProcskyValueError(
+            f"run {output!r} already has {existing} quanta; pass --resume to continue it or "
+            "choose a new --output run."
+        )
+    graph = build_graph(repo, pipe, where=where, run=output, collections=collections)
+    if len(graph) == 0:
+        raise ProcskyValueError(
+            f"nothing to run for {pipe.name!r} in run {output!r}: {graph.explain_empty()}; "
+            "check --where and --inputs, or ingest the input data first "
+            "(`procsky query REPO DATASET_TYPE` lists what exists)."
+        )
+    if existing:
+        _load_states(repo, graph)
+    return RunPlan(repo, graph, _plan_warnings(repo, graph))
+
+
+def _plan_warnings(repo, graph: QuantumGraph) -> list[str]:
+    """Degraded modes known before running: calibrate quanta without reference stars."""
+    import sys
+
+    calibrate = sys.modules.get("procsky.tasks.calibrate")  # loaded if the pipeline uses it
+    notes = []
+    for pt in graph.pipeline:
+        if calibrate is None or not issubclass(pt.task_class, calibrate.CalibrateTask):
+            continue
+        todo = [q for q in graph.quanta[pt.label] if q.state == "pending"]
+        bare = [q for q in todo if not q.inputs.get("refcat")]
+        if not bare:
+            continue
+        which = (f"no reference catalogue in {repo.root}" if len(bare) == len(todo)
+                 else f"no reference catalogue shard near {len(bare)} of its {len(todo)} quanta")
+        notes.append(f"{pt.label}: {which}; those detectors keep their header WCS and zero point "
+                     "(ingest one with `procsky ingest-refcat REPO FILES --name NAME`).")
+    return notes
+
+
+def execute_plan(plan: RunPlan, *, client=None, retry_failed: bool = False, retries: int = 2,
+                 max_in_flight: int = 2000, progress: bool = False) -> RunSummary:
+    """Store the graph of ``plan`` (merging with the run's stored states) and execute it.
+
+    Parameters
+    ----------
+    plan : RunPlan
+        From :func:`plan_run`.
+    client : distributed.Client or None
+        ``None`` runs synchronously in this process.
+    retry_failed, retries, max_in_flight, progress
+        As in :func:`run_pipeline`.
+
+    Returns
+    -------
+    RunSummary
+    """
+    plan.graph.save(plan.repo)
+    if client is None:
+        executor = SyncExecutor(retries=retries, progress=progress)
+    else:
+        executor = DaskExecutor(client, max_in_flight=max_in_flight, retries=retries,
+                                progress=progress)
+    return executor.execute(plan.repo, plan.graph, retry_failed=retry_failed)
+
+
 def run_pipeline(repo, pipeline, *, where: str | None = None, output: str,
                  client=None, config: Iterable[str] | dict | None = None,
                  tasks: Sequence[str] | str | None = None, collections: Sequence[str] | None = None,
@@ -134,28 +253,7 @@ def run_pipeline(repo, pipeline, *, where: str | None = None, output: str,
     -------
     RunSummary
     """
-    repo = open_repo(repo)
-    pipe = _resolve_pipeline(pipeline, config, tasks)
-    existing = _stored_quanta(repo, output)
-    if resume is True and existing == 0:
-        raise RepoError(f"--resume: run {output!r} has no quanta to resume; check the run name "
-                        "or drop --resume to start it.")
-    if resume is False and existing:
-        raise ProcskyValueError(
-            f"run {output!r} already has {existing} quanta; pass --resume to continue it or "
-            "choose a new --output run."
-        )
-    graph = build_graph(repo, pipe, where=where, run=output, collections=collections)
-    if len(graph) == 0:
-        raise ProcskyValueError(
-            f"nothing to run for {pipe.name!r} in run {output!r}: {graph.explain_empty()}; "
-            "check --where and --inputs, or ingest the input data first "
-            "(`procsky query REPO DATASET_TYPE` lists what exists)."
-        )
-    graph.save(repo)
-    if client is None:
-        executor = SyncExecutor(retries=retries, progress=progress)
-    else:
-        executor = DaskExecutor(client, max_in_flight=max_in_flight, retries=retries,
-                                progress=progress)
-    return executor.execute(repo, graph, retry_failed=retry_failed)
+    plan = plan_run(repo, pipeline, where=where, output=output, config=config, tasks=tasks,
+                    collections=collections, resume=resume)
+    return execute_plan(plan, client=client, retry_failed=retry_failed, retries=retries,
+                        max_in_flight=max_in_flight, progress=progress)
