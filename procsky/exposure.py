@@ -293,6 +293,26 @@ class Exposure:
             xy0=(self.xy0[0] + x0, self.xy0[1] + y0),
         )
 
+    def data_bbox(self) -> tuple[int, int, int, int] | None:
+        """Smallest box ``(x0, y0, x1, y1)`` (array pixels, ends excluded) holding every pixel
+        with data: finite image and no ``NO_DATA`` bit. ``None`` when there is none.
+
+        ``exp[y0:y1, x0:x1]`` with these trims a mostly empty patch to its data. Reads
+        the image and mask once (two dask reductions when lazy).
+        """
+        valid = np.isfinite(self.image)  # a ufunc: stays lazy on dask planes
+        if "NO_DATA" in self.mask_planes:
+            valid = valid & ((self.mask & np.uint32(self.mask_bits("NO_DATA"))) == 0)
+        rows, cols = valid.any(axis=1), valid.any(axis=0)
+        if _is_dask(valid):
+            import dask
+
+            rows, cols = dask.compute(rows, cols)
+        rows, cols = np.flatnonzero(rows), np.flatnonzero(cols)
+        if rows.size == 0:
+            return None
+        return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
     def compute(self) -> "Exposure":
         """The same exposure with numpy planes (computes dask planes together)."""
         if not self.is_lazy:

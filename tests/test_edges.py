@@ -290,3 +290,103 @@ def test_fits_bunit_follows_the_recorded_pixel_unit(tmp_path, tiny_file):
     # nothing recorded: no guess
     ih, vh, _ = headers(_exposure())
     assert "BUNIT" not in ih and "BUNIT" not in vh
+
+
+# ----------------------------------------------------------------- 6. cut-outs from procsky export
+@pytest.fixture
+def export_repo(repo):
+    """A mostly empty 'coadd' (NaN and NO_DATA outside rows 8-30, columns 12-50) in a repository."""
+    from procsky.masks import DEFAULT_PLANES
+
+    exp = _exposure({"flux_unit": "nJy"}, shape=(60, 80))
+    no_data = np.ones(exp.shape, bool)
+    no_data[8:31, 12:51] = False
+    exp.image[no_data & (np.arange(80)[None, :] % 2 == 0)] = np.nan  # NaN on some, NO_DATA on all
+    exp.mask[no_data] |= np.uint32(1 << DEFAULT_PLANES["NO_DATA"])
+    repo.put(exp, "coadd_test", {"skymap": "sm", "tract": 0, "patch": 1, "band": "r"}, "run1")
+    return repo, exp
+
+
+def _export(repo, tmp_path, *args):
+    out = tmp_path / "out.fits"
+    res = CliRunner().invoke(main, ["export", str(repo.root), "coadd_test", "--where", "patch=1",
+                                    "--out", str(out), *args])
+    return res, out
+
+
+def _same_sky(parent, cut, x0, y0, path):
+    """The cut-out's pixel (i, j) and the parent's (x0 + i, y0 + j) are the same sky position,
+    in procsky and in the written FITS header."""
+    import warnings
+
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    xs, ys = np.array([0.0, 3.0, cut.shape[1] - 1.0]), np.array([0.0, 5.0, cut.shape[0] - 1.0])
+    want = np.array(parent.pixel_to_sky(xs + x0, ys + y0))
+    np.testing.assert_allclose(np.array(cut.pixel_to_sky(xs, ys)), want, rtol=0, atol=1e-10)
+    with fits.open(path) as h, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy notes on the LTV cards
+        hdr = h["IMAGE"].header
+        got = np.array(WCS(hdr).pixel_to_world_values(xs, ys))
+        assert (hdr["LTV1"], hdr["LTV2"]) == (-x0, -y0) and hdr["BUNIT"] == "nJy"
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+def test_export_bbox(export_repo, tmp_path):
+    from procsky.exposure import Exposure
+
+    repo, exp = export_repo
+    res, out = _export(repo, tmp_path, "--bbox", "10,5,40,25")
+    assert res.exit_code == 0, res.output
+    assert "x 10:40, y 5:25 (of 80 x 60)" in res.output
+    cut = Exposure.read(out)
+    np.testing.assert_array_equal(cut.image, exp.image[5:25, 10:40])
+    np.testing.assert_array_equal(cut.mask, exp.mask[5:25, 10:40])
+    np.testing.assert_array_equal(cut.variance, exp.variance[5:25, 10:40])
+    assert cut.xy0 == (10, 5)
+    _same_sky(exp, cut, 10, 5, out)
+    # a box reaching past the edge is clipped to the image
+    res, out = _export(repo, tmp_path, "--bbox", "70,50,100,90")
+    assert res.exit_code == 0 and Exposure.read(out).shape == (10, 10)
+
+
+def test_export_center_size_and_trim(export_repo, tmp_path):
+    from procsky.exposure import Exposure
+
+    repo, exp = export_repo
+    ra, dec = (float(v) for v in exp.pixel_to_sky(30.0, 20.0))
+    for size in ("11", "2.2arcsec", "0.03667arcmin"):  # 0.2 arcsec pixels
+        res, out = _export(repo, tmp_path, "--center", f"{ra:.10f},{dec:.10f}", "--size", size)
+        assert res.exit_code == 0, res.output
+        cut = Exposure.read(out)
+        assert cut.shape == (11, 11) and cut.xy0 == (25, 15)
+        np.testing.assert_allclose(cut.sky_to_pixel(ra, dec), (5.0, 5.0), atol=1e-6)
+        np.testing.assert_array_equal(cut.image, exp.image[15:26, 25:36])
+        _same_sky(exp, cut, 25, 15, out)
+    # --trim: the box of the pixels with data
+    res, out = _export(repo, tmp_path, "--trim")
+    assert res.exit_code == 0, res.output
+    cut = Exposure.read(out)
+    assert cut.shape == (23, 39) and cut.xy0 == (12, 8)
+    np.testing.assert_array_equal(cut.image, exp.image[8:31, 12:51])
+    _same_sky(exp, cut, 12, 8, out)
+    # --trim inside a cut-out
+    res, out = _export(repo, tmp_path, "--bbox", "0,0,20,20", "--trim")
+    assert res.exit_code == 0 and Exposure.read(out).xy0 == (12, 8) and Exposure.read(out).shape == (12, 8)
+    assert exp.data_bbox() == (12, 8, 51, 31)
+
+
+def test_export_cutout_errors(export_repo, tmp_path):
+    repo, exp = export_repo
+    ra, dec = (float(v) for v in exp.pixel_to_sky(30.0, 20.0))
+    for args, want in ((["--bbox", "1,2,3"], "4 comma-separated integers"),
+                       (["--bbox", "10,10,5,20"], "X1 must exceed X0"),
+                       (["--bbox", "100,100,120,120"], "misses this 80 x 60 exposure"),
+                       (["--bbox", "1,1,5,5", "--center", f"{ra},{dec}", "--size", "5"], "not both"),
+                       (["--center", f"{ra},{dec}"], "go together"),
+                       (["--center", f"{ra + 1},{dec}", "--size", "5"], "outside this exposure"),
+                       (["--center", f"{ra},{dec}", "--size", "5 furlongs"], "neither a number of pixels nor an angle"),
+                       (["--bbox", "0,0,10,5", "--trim"], "no pixel of the cut-out has data")):
+        res, _ = _export(repo, tmp_path, *args)
+        assert res.exit_code != 0 and want in res.output, (args, res.output)
