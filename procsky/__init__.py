@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("procsky")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0+unknown"
+# "0.1.0+g<commit>" in a git checkout (read from .git, no subprocess), else the release;
+# version_info() adds whether the checkout has uncommitted changes.
+from procsky._version import __version__, version_info  # noqa: E402
 
 from procsky.errors import ProcskyError  # noqa: E402
 from procsky.exposure import Exposure, VisitInfo  # noqa: E402
@@ -26,4 +23,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'procsky' has no attribute {name!r}")
 
 
-__all__ = ["Exposure", "VisitInfo", "Repo", "open_cluster", "ProcskyError", "__version__"]
+__all__ = ["Exposure", "VisitInfo", "Repo", "open_cluster", "ProcskyError", "__version__", "version_info"]

@@ -390,3 +390,60 @@ def test_export_cutout_errors(export_repo, tmp_path):
                        (["--bbox", "0,0,10,5", "--trim"], "no pixel of the cut-out has data")):
         res, _ = _export(repo, tmp_path, *args)
         assert res.exit_code != 0 and want in res.output, (args, res.output)
+
+
+# --------------------------------------------------------------- 7. the commit in the version
+def test_version_carries_the_git_commit(repo):
+    import shutil
+    import subprocess
+
+    import procsky
+    from procsky import _version
+
+    info = procsky.version_info()
+    assert info.version == _version.release()
+    root = _version._ROOT
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not running from a git checkout")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    # HEAD may move while this runs (commits by others): compare with a fresh read
+    assert _version.git_commit.__wrapped__(root) == head
+    assert procsky.__version__.startswith(info.version + "+g")
+    assert info.dirty in (True, False)
+    assert _version.code_version() == str(info)
+    ref = repo.put({"n": 1}, "metrics", {"visit": 1}, "run1")
+    assert ref.provenance["code_version"] == _version.code_version()
+
+
+def test_git_commit_read_from_dot_git(tmp_path):
+    from procsky._version import VersionInfo, _git_dirty, git_commit
+
+    read = git_commit.__wrapped__  # uncached
+    sha, sha2 = "0123456789abcdef0123456789abcdef01234567", "89abcdef0123456789abcdef0123456789abcdef"
+    root = tmp_path / "co"
+    (root / ".git" / "refs" / "heads").mkdir(parents=True)
+    assert read(root) is None  # no HEAD
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    assert read(root) is None  # unborn branch
+    (root / ".git" / "packed-refs").write_text(f"# pack-refs with: peeled\n{sha2} refs/heads/main\n")
+    assert read(root) == sha2
+    (root / ".git" / "refs" / "heads" / "main").write_text(sha + "\n")
+    assert read(root) == sha  # a loose ref wins over packed-refs
+    (root / ".git" / "HEAD").write_text(sha2 + "\n")
+    assert read(root) == sha2  # detached
+    # a worktree: .git is a file pointing at its git dir, branches in the common dir
+    wt = tmp_path / "wt"
+    wt.mkdir()
+    gd = root / ".git" / "worktrees" / "wt"
+    gd.mkdir(parents=True)
+    (gd / "HEAD").write_text("ref: refs/heads/main\n")
+    (gd / "commondir").write_text("../..\n")
+    (wt / ".git").write_text(f"gitdir: {gd}\n")
+    assert read(wt) == sha
+    assert read(tmp_path / "nowhere") is None
+    assert _git_dirty(tmp_path / "nowhere") is None  # git refuses: unknown, no exception
+    assert str(VersionInfo("0.1.0", sha, True)) == "0.1.0+g0123456.dirty"
+    assert str(VersionInfo("0.1.0", sha, False)) == "0.1.0+g0123456"
+    assert str(VersionInfo("0.1.0")) == "0.1.0"
+    assert str(VersionInfo("0.0.0+unknown", sha)) == "0.0.0+unknown.g0123456"

@@ -79,12 +79,10 @@ PAUSE_ENV = "PROCSKY_REPO_PAUSE_BEFORE_REGISTER"
 
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
-    try:
-        from importlib.metadata import version
+    """Release plus git commit (and ``.dirty``) of the running code, for provenance."""
+    from procsky._version import code_version
 
-        return version("procsky")
-    except Exception:  # not installed (PYTHONPATH checkout)
-        return "unknown"
+    return code_version()
 
 
 @dataclass
