@@ -7,7 +7,7 @@ executor (:mod:`procsky.pipeline.executor`) opens a collector around the quantum
 :func:`collect_notes`, puts the notes in ``QuantumResult.notes`` and stores them in the
 quantum's provenance (key ``"notes"``); ``procsky run`` and ``procsky report`` group them
 by code. Outside a quantum (a notebook calling ``calibrate_exposure``) the note is only
-logged as a warning.
+logged (``warning`` notes as warnings, ``info`` notes at INFO level).
 
 The collector is a :class:`contextvars.ContextVar`, so it follows the thread that runs the
 quantum (a dask worker thread or the caller's thread with ``SyncExecutor``). Notes made in
@@ -73,7 +73,7 @@ def note_degraded(code: str, message: str, *, severity: str = "warning", **detai
     -------
     dict
         The note. Inside a quantum it is collected for the quantum; outside one it is
-        logged as a warning.
+        logged (as a warning when ``severity="warning"``).
     """
     if not _CODE.match(code):
         raise ValueError(f"note code {code!r} must be snake_case (lower-case letters, digits, '_')")
@@ -82,7 +82,7 @@ def note_degraded(code: str, message: str, *, severity: str = "warning", **detai
     note = {"code": code, "message": str(message), "severity": severity, "details": _jsonable(details)}
     notes = _NOTES.get()
     if notes is None:
-        log.warning("degraded (%s): %s", code, message)
+        log.log(logging.WARNING if severity == "warning" else logging.INFO, "degraded (%s): %s", code, message)
     else:
         notes.append(note)
         log.debug("degraded (%s): %s", code, message)

@@ -199,3 +199,37 @@ def test_tolerated_missing_inputs_are_noted(tmp_path):
     assert [(g["code"], g["count"]) for g in deg] == [("inputs_missing", 1)]
     assert deg[0]["data_ids"] == [{"instrument": "toycam", "visit": 2}]
     assert "ran without 1 input(s) of ['stats'] whose quanta failed" in deg[0]["example"]
+
+
+# -- a real stage ---------------------------------------------------------------------------
+
+
+def test_calibrate_without_refcat_notes_header_wcs(tmp_path):
+    """calibrate on one tiny simulated detector, no reference catalogue ingested: the quantum
+    succeeds and says it kept the header WCS and zero point (code ``no_refcat``)."""
+    pytest.importorskip("galsim")
+    import glob
+
+    import procsky.sim as sim
+    from procsky.instruments import ingest_files
+    from procsky.pipeline.executor import RunSummary
+
+    out = tmp_path / "tiny"
+    sim.simulate("tiny", out, mode="calibrated", scheduler="sync", visits=[1], detectors=[0], progress=False)
+    repo = Repo.create(tmp_path / "repo")
+    ingest_files(repo, sorted(glob.glob(str(out / "images/*.fits"))), "simcam", run="simcam/raw")
+    (tmp_path / "p.yaml").write_text("tasks:\n  - label: calibrate\n    task: calibrate\n")
+    s = run_pipeline(repo, str(tmp_path / "p.yaml"), output="cal")
+    assert isinstance(s, RunSummary) and s.ok, str(s)
+    deg = {g["code"]: g for g in s.outcomes["calibrate"]["degraded"]}
+    note = deg["no_refcat"]
+    assert note["count"] == 1 and note["severity"] == "warning"
+    assert note["data_ids"] == [{"detector": 0, "instrument": "simcam", "visit": 1}]
+    assert note["example"] == "no reference catalogue: header WCS and header zero point kept"
+    assert "degraded 1 x no_refcat (warning): no reference catalogue: header WCS and header zero point kept" in str(s)
+    rep = run_report(repo, "cal")
+    assert "no_refcat" in [g["code"] for g in rep["tasks"][0]["degraded"]]
+    assert "no_refcat" in format_table(rep)
+    # the calibrate summary says the same (the note adds no behaviour)
+    stats = repo.get("calibrate_summary", {"instrument": "simcam", "visit": 1, "detector": 0}, run="cal")
+    assert stats["astrometry_status"] == "header WCS (no reference catalogue)"

@@ -92,6 +92,7 @@ from procsky.kernels.measure import FLAG_NAMES, measure_sources
 from procsky.kernels.growth import GrowthCorrection, aperture_to_total, weighted_clipped_mean
 from procsky.kernels.psfmodel import fit_psf_model, model_flux_error, render_stamps, select_psf_stars
 from procsky.kernels.streak import find_streaks
+from procsky.notes import note_degraded
 from procsky.photocalib import PhotoCalib
 from procsky.pipeline.task import Input, Output, Task, TaskConfig, default_quanta, register_task
 from procsky.psf import SIGMA_TO_FWHM, GaussianPsf, PolynomialImagePsf
@@ -572,6 +573,9 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     else:
         arrays, u, r, order = fitted
         psf_model = arrays
+        if order < config.psf_order:
+            note_degraded("psf_order_reduced", f"PSF pixel model of order {order} (< psf_order={config.psf_order}): "
+                          f"{int(arrays.n_stars)} PSF stars", severity="info", order=order, n_stars=int(arrays.n_stars))
         used[idx[u]] = True
         reserved[idx[r]] = True
         psf_info.update(model="PolynomialImagePsf", order=int(arrays.order), pixel_order=order,
@@ -613,6 +617,9 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         used[stars] = True
         psf_info.update(model="GaussianPsf (fallback: too few stars for a pixel model)", n_stars=int(stars.sum()),
                         fwhm_px=float(psf.fwhm()))
+        note_degraded("few_psf_stars", f"too few PSF stars for a pixel model ({int(cand.sum())} candidates; "
+                      f"{psf_info.get('last_error', 'no usable star')}): Gaussian PSF of {int(stars.sum())} sources' "
+                      "moments used", n_candidates=int(cand.sum()), n_stars=int(stars.sum()))
         stamps = np.stack([psf.render(0, 0, offset=(float(x - np.floor(x + 0.5)), float(y - np.floor(y + 0.5))))
                            for x, y in zip(meas["x"], meas["y"])])
         psf_model = None
@@ -679,11 +686,15 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
             cand, used, reserved, stamps = cand[keep], used[keep], reserved[keep], stamps[keep]
             child_ids = child_ids[keep]
             n_det = int(keep.sum())
+    if n_cr > 0.01 * nx * ny:
+        note_degraded("cr_flagged_fraction_high", f"{n_cr} pixels ({100.0 * n_cr / (nx * ny):.1f} % of the "
+                      f"{nx}x{ny} frame, > 1 %) flagged as cosmic rays and repaired", n_cr_pixels=int(n_cr))
     # 6. remeasure with the PSF model: centroids from the first pass, PSF stamps there
     meas = measure_sources(sub, var_det, mask, meas["x"], meas["y"], psf_sigma=sigma_psf, children=det.children,
                            child_ids=child_ids, blended=det.blended, aperture_radii=config.aperture_radii,
                            psf_stamps=stamps)
     meas["flag_streak"] = _on_plane(mask, meas["x"], meas["y"], bit["STREAK"])
+    _note_cr_on_bright_stars(meas)
     apc_name = _ap_name(meas, config.apcorr_radius)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = meas[apc_name] / meas["psf_flux"]
@@ -694,6 +705,8 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
     apcorr, apcorr_err, ac_kept = weighted_clipped_mean(ratio[ac_stars], ratio_err[ac_stars])
     n_ac = int(ac_kept.sum())
     if not (np.isfinite(apcorr) and apcorr > 0):
+        note_degraded("apcorr_default", f"no aperture correction from {int(ac_stars.sum())} PSF stars: 1 used",
+                      n_stars=int(ac_stars.sum()))
         apcorr, apcorr_err, n_ac = 1.0, float("nan"), 0
     # 6b. from the aperture to the total flux: the growth curve of bright stars beyond it
     growth = GrowthCorrection(status="disabled (total_flux_correction=False)")
@@ -710,6 +723,9 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
                                    meas[apc_name][gi], meas[apc_name + "_err"][gi], config.apcorr_radius,
                                    inner_fluxes=inner, edges=config.growth_edges, sky_annulus=config.growth_sky_annulus,
                                    bad_bits=int(_masks.bits("BAD", "SAT", "NO_DATA", "EDGE", "STREAK", "SUSPECT")))
+    if config.total_flux_correction and growth.status != "measured":
+        note_degraded("aperture_to_total_default", f"no aperture-to-total correction ({growth.status}): 1 used",
+                      severity="info")
     apcorr_total = apcorr * growth.correction
     psf_flux = meas["psf_flux"] * apcorr_total
     # PSF-model error where the model was not fitted (cross-validated on this detector's PSF
@@ -782,6 +798,16 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         if config.astrometry_fallback == "fail":
             raise AlgorithmError("astrometric calibration failed: no reference stars overlap this detector")
 
+    if astro["status"].startswith("header WCS"):
+        why = astro["status"][len("header WCS ("):-1]
+        if ref_on is None or not len(ref_on):
+            note_degraded("no_refcat", f"{why}: header WCS and header zero point kept")
+        else:
+            note_degraded("header_wcs_kept", f"astrometric fit not used ({why}): header WCS kept",
+                          n_matches=int(astro.get("n_matches", 0)))
+    elif astro["status"].startswith("fitted TAN ("):
+        note_degraded("astrometry_header_distortion", f"{astro['status']} ({astro.get('n_used', 0)} stars: too "
+                      "few for the full TAN-SIP fit)", severity="info", n_used=int(astro.get("n_used", 0)))
     # 8. photometric zero point
     phot = {"status": "header zero point (no reference catalogue)"}
     photocalib = exp.photocalib
@@ -840,10 +866,12 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
             if config.photometry_fallback == "fail":
                 raise AlgorithmError(f"photometric calibration failed: {zp_reason}")
             phot["status"] = f"header zero point ({zp_reason})"
+            note_degraded("header_zero_point_kept", f"{phot['status']} kept")
     if refs is not None and (ref_on is None or not len(ref_on)) and phot["status"].endswith("(no reference catalogue)"):
         phot["status"] = "header zero point (no reference stars on this detector)"
     if photocalib is None:
         phot["status"] += "; no header zero point either: fluxes stay in counts (calibration 1)"
+        note_degraded("no_zero_point", phot["status"])
         photocalib = PhotoCalib(1.0)
     cal = photocalib.calibration
 
@@ -914,6 +942,18 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
         "pixel_scale_arcsec": float(scale),
     }
     return calexp, src, summary
+
+
+def _note_cr_on_bright_stars(meas: dict, snr_min: float = 100.0) -> None:
+    """Note when most bright unsaturated sources have a cosmic-ray pixel at their centre
+    (the cosmic-ray steps eating stars rather than hits)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = meas["psf_flux"] / meas["psf_flux_err"]
+    bright = np.isfinite(snr) & (snr > snr_min) & ~meas["flag_saturated"]
+    n, n_cr = int(bright.sum()), int((bright & meas["flag_cr_center"]).sum())
+    if n >= 5 and n_cr > 0.5 * n:
+        note_degraded("cr_on_bright_stars", f"{n_cr} of {n} sources of S/N > {snr_min:g} have a cosmic-ray "
+                      "pixel at their centre", n_bright=n, n_cr_center=n_cr)
 
 
 def _band(exp: Exposure) -> str:

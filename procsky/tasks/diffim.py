@@ -23,6 +23,7 @@ from procsky import masks as _masks
 from procsky.diffim import DiaConfig, SubtractionConfig, detect_dia_sources, subtract_images
 from procsky.errors import NoWorkError, ProcskyValueError
 from procsky.exposure import Exposure
+from procsky.notes import note_degraded
 from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, register_task
 
 __all__ = ["MakeTemplateTask", "SubtractTask", "warp_template_to_science", "select_best_seeing", "visit_bands"]
@@ -330,7 +331,23 @@ class SubtractTask(Task):
             "template_coverage": tpl.metadata.get("template_coverage"),
             "kernel": kernel.to_dict(),
         })
+        _note_subtraction(summary, self.config)
         return {"diff": diff, "dia_source": dia, "summary": summary}
+
+
+def _note_subtraction(summary: dict, config: SubtractConfig) -> None:
+    """Degraded-mode notes of one subtraction (kernel order capped by few stamps, partial template)."""
+    from procsky.kernels.psfmatch import _min_stamps
+
+    need, n = _min_stamps(config.spatial_order), summary.get("n_stamps_used")
+    if n is not None and n < need:
+        note_degraded("few_kernel_stamps", f"only {n} of {summary.get('n_stamps')} kernel stamps used (< {need} for "
+                      f"spatial_order={config.spatial_order}): kernel spatial order "
+                      f"{summary.get('spatial_order_used')}", n_stamps_used=n, spatial_order_used=summary.get("spatial_order_used"))
+    cov = summary.get("template_coverage")
+    if cov is not None and cov < 0.9:
+        note_degraded("template_partial_coverage", f"the template covers {100 * cov:.0f} % of the detector: the rest "
+                      "of the difference image is NO_DATA", severity="info", coverage=cov)
 
 
 def _sep(ra1, dec1, ra2, dec2) -> float:

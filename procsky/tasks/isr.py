@@ -46,6 +46,7 @@ import numpy as np
 from procsky import masks as _masks
 from procsky.errors import AlgorithmError, NoWorkError, ProcskyValueError
 from procsky.exposure import Exposure
+from procsky.notes import note_degraded
 from procsky.kernels.isr import (
     combine_frames,
     isr_variance,
@@ -299,6 +300,8 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, dark: Exposure | None =
             f"ISR needs {missing} for {raw.visit_info.visit if raw.visit_info else '?'} but none was given; "
             "ingest the master calibrations (bias, dark, flat) or set require_calibs=False"
         )
+    if missing:
+        note_degraded("isr_calib_missing", f"no master {', '.join(missing)}: that ISR step skipped", missing=missing)
     variance = isr_variance(np.nan_to_num(data), gain, rn, f, bias_var, smooth=config.variance_smoothing)
     mask[nonfinite] |= np.uint32(_NO_DATA)
     data[nonfinite] = 0.0

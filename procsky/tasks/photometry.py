@@ -56,6 +56,7 @@ import pandas as pd
 import pydantic
 
 from procsky.errors import NoWorkError, ProcskyValueError
+from procsky.notes import note_degraded
 from procsky.photocalib import AB_NJY_ZP, PhotoCalib
 from procsky.pipeline.task import Input, Output, Task, TaskConfig, register_task
 
@@ -223,6 +224,9 @@ def visit_photometric_calibration(srcs, detectors, summaries=None, config: Visit
         g, ge, gu = _clipped_weighted_mean(gc_dets[gc_ok], gc_errs[gc_ok], config.nsigma)
         if np.isfinite(g) and g > 0:
             gc_visit, gc_visit_err, gc_n = float(g), float(ge), int(gu.sum())
+    if config.use_visit_aperture_to_total and gc_n == 0:
+        note_degraded("visit_aperture_to_total_unavailable", f"no usable aperture-to-total factor on the "
+                      f"{len(infos)} detector(s): each keeps its own", severity="info")
     gc_shift = {}
     for k, info_k in infos.items():
         gk = info_k["aperture_to_total"]

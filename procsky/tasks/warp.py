@@ -22,6 +22,7 @@ import numpy as np
 import pydantic
 
 from procsky.errors import NoWorkError, ProcskyValueError
+from procsky.notes import note_degraded
 from procsky.pipeline.task import (
     DatasetKey,
     Input,
@@ -147,6 +148,8 @@ def apply_visit_photocalib(calexps, records, data_ids=None):
     from procsky.tasks.photometry import photocalib_for_detector
 
     if not records:
+        note_degraded("no_visit_photocalib", f"no visit_photocalib (visit_photometry had no work or did not run): "
+                      f"the {len(calexps)} calexp(s) keep their own detector zero points")
         return list(calexps)
     if isinstance(records, dict):
         records = [records]
@@ -159,6 +162,8 @@ def apply_visit_photocalib(calexps, records, data_ids=None):
         rec = by_visit.get(visit) or (records[0] if len(records) == 1 and records[0].get("visit") is None else None)
         pc = photocalib_for_detector(rec, det)
         if pc is None:
+            note_degraded("detector_zero_point_kept", f"visit {visit} detector {det} has no visit-level zero point: "
+                          "its calexp keeps its own", visit=visit, detector=det)
             out.append(c)
             continue
         meta = dict(c.metadata)
