@@ -131,17 +131,9 @@ class QuantumResult:
 
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
-    try:
-        from importlib.metadata import version
+    from procsky._version import code_version
 
-        return version("procsky")
-    except Exception:
-        try:
-            import procsky
-
-            return getattr(procsky, "__version__", "unknown")
-        except Exception:  # pragma: no cover
-            return "unknown"
+    return code_version()
 
 
 @functools.lru_cache(maxsize=1)

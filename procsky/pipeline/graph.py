@@ -448,9 +448,7 @@ def _check_where_names(flt: Where, pipeline: Pipeline) -> None:
     """
     if flt.expr is None:
         return
-    import difflib
-
-    from procsky.repo.query import STANDARD_DIMENSION_TYPES
+    from procsky.repo.query import STANDARD_DIMENSION_TYPES, check_identifiers
 
     known = set(STANDARD_DIMENSION_TYPES)
     for pt in pipeline:
@@ -458,15 +456,7 @@ def _check_where_names(flt: Where, pipeline: Pipeline) -> None:
         known.update(klass.dimensions)
         for conn in list(klass.inputs.values()) + list(klass.outputs.values()):
             known.update(conn.dimensions)
-    unknown = sorted(set(flt.expr.identifiers) - known)
-    if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ProcskyValueError(
-            f"--where {flt.text!r} names {', '.join(hints)}, which is not a dimension of this "
-            f"pipeline; known dimensions: {', '.join(sorted(known))}.")
+    check_identifiers(flt.expr, known, label="--where", scope="this pipeline")
 
 
 def build_graph(repo, pipeline: Pipeline, *, where: str | None = None, run: str,
