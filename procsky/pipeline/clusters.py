@@ -366,6 +366,8 @@ def check_profile(profile: str | os.PathLike | dict = "local", *, require_tools:
     """
     doc = copy.deepcopy(profile) if isinstance(profile, dict) else load_profile(profile)
     name = str(profile if not isinstance(profile, dict) else doc.get("path", doc["cluster"]))
+    if "worker_timeout" in overrides:
+        doc["worker_timeout"] = overrides.pop("worker_timeout")
     kind, options, scaling = cluster_kwargs(doc, **overrides)
     timeout = doc.get("worker_timeout")
     if timeout is None:
@@ -577,6 +579,18 @@ def _silence_logging() -> dict[str, int]:
     return levels
 
 
+def _mute_worker() -> None:  # pragma: no cover - runs on workers
+    """Worker side of :func:`mute_cluster`: no log lines, no "Exception ignored in" lines.
+
+    The latter come from the garbage collection of ``worker_client`` clients whose event
+    loop is already closed while the worker shuts down.
+    """
+    import sys
+
+    _silence_logging()
+    sys.unraisablehook = lambda unraisable: None
+
+
 def mute_cluster(client=None, timeout: float = 3.0) -> dict[str, int]:
     """Silence the shutdown chatter of this process and of ``client``'s workers.
 
@@ -589,7 +603,7 @@ def mute_cluster(client=None, timeout: float = 3.0) -> dict[str, int]:
     if client is not None:
         def tell():
             try:
-                client.run(_silence_logging, on_error="ignore")
+                client.run(_mute_worker, on_error="ignore")
             except Exception:
                 pass
 
