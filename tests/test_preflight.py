@@ -306,3 +306,39 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     ps = subprocess.run(["ps", "-s", str(proc.pid), "-o", "stat=,pid=,args="], capture_output=True, text=True)
     left = [line for line in ps.stdout.splitlines() if line.strip() and not line.strip().startswith("Z")]
     assert not left, left
+
+
+# -- degraded modes known in advance ------------------------------------------------------------------
+
+
+def test_calibrate_without_refcat_is_announced(tmp_path, no_cluster):
+    import numpy as np
+    from astropy.wcs import WCS
+
+    from procsky.exposure import Exposure, VisitInfo
+    from procsky.pipeline.run import plan_run
+
+    r = Repo.create(tmp_path / "repo")
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [150.0, 2.0]
+    wcs.wcs.crpix = [30.5, 20.5]
+    wcs.wcs.cd = [[-0.2 / 3600, 0.0], [0.0, 0.2 / 3600]]
+    vi = VisitInfo(exposure_time=30.0, mjd=60000.25, band="g", physical_filter="g_1", airmass=1.1,
+                   boresight_ra=150.0, boresight_dec=2.0, rotation_angle=0.0, observatory="sim",
+                   instrument="simcam", visit=12)
+    image = np.full((40, 60), 100.0, np.float32)
+    exp = Exposure(image, np.full_like(image, 25.0), np.zeros(image.shape, np.uint32), wcs=wcs,
+                   visit_info=vi)
+    r.put(exp, "isr_exposure", {"instrument": "simcam", "visit": 12, "detector": 0}, "isr")
+    plan = plan_run(r, "drp", tasks="calibrate", output="o")
+    assert plan.todo == 1
+    assert len(plan.warnings) == 1
+    assert "calibrate: no reference catalogue" in plan.warnings[0]
+    assert "header WCS and zero point" in plan.warnings[0]
+    assert _stored(r, "o") == 0  # planning stores nothing
+    res = CliRunner().invoke(main, ["run", "drp", "--repo", str(r.root), "--output", "o",
+                                    "--tasks", "calibrate", "--sync", "--no-progress"])
+    warning = [line for line in res.output.splitlines() if line.startswith("warning: calibrate:")]
+    assert len(warning) == 1, res.output
+    assert res.output.index(warning[0]) < res.output.index("run 'o'")  # before running
