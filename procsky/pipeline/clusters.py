@@ -375,9 +375,9 @@ def check_profile(profile: str | os.PathLike | dict = "local", *, require_tools:
     timeout = parse_duration(timeout)
     if timeout <= 0:
         raise ProcskyValueError(f"worker_timeout must be positive, got {doc.get('worker_timeout')!r}.")
-    _cluster_class(kind)
     if require_tools and kind != "local":
-        require_batch_tools(kind, name)
+        require_batch_tools(kind, name)  # first: cheap, while importing dask-jobqueue is not
+    _cluster_class(kind)
     return ClusterSpec(name, str(doc.get("path", "")), kind, options, scaling, timeout)
 
 
