@@ -38,7 +38,7 @@ DYNAMIC_IMPORTS = {
                       "importlib.import_module of a batch cluster class"),
     "psycopg": ("postgres", "procsky/repo/registry.py", "postgresql+psycopg",
                 "SQLAlchemy's PostgreSQL dialect"),
-    "bokeh": ("core", "procsky/cli/pipeline_cmds.py", "dashboard_link",
+    "bokeh": ("core", "procsky/pipeline/clusters.py", "def dashboard_status",
               "distributed serves the dashboard that `procsky run` links to with bokeh"),
 }
 
@@ -222,13 +222,7 @@ def test_missing_sim_extra_names_it(monkeypatch):
         import procsky.sim  # noqa: F401
 
 
-def test_missing_hpc_extra_names_it(monkeypatch):
-    from procsky.errors import ProcskyError
-    from procsky.pipeline.clusters import open_cluster
-
-    _hide(monkeypatch, "dask_jobqueue")
-    with pytest.raises(ProcskyError, match=re.escape("procsky[hpc]")):
-        open_cluster("slurm")
+# The hpc extra's message: tests/test_preflight.py::test_missing_jobqueue_names_the_extra.
 
 
 def test_missing_postgres_extra_names_it(monkeypatch):
