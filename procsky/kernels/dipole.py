@@ -387,6 +387,7 @@ def fit_dipole(image, variance, mask, bad_bits, x0, y0, x1, y1, psf_os, oversamp
     mu = 1e-3
     nu = 2.0
     h = np.zeros(6)
+    hg = np.zeros(6)
     ad = np.zeros((6, 6))
     pn = np.empty(6)
     a_new = np.zeros((6, 6))
@@ -428,7 +429,15 @@ def fit_dipole(image, variance, mask, bad_bits, x0, y0, x1, y1, psf_os, oversamp
             chi2 = chi2_new
             mu *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
             nu = 2.0
-            if small or dchi <= 1e-10 * max(chi2, 1.0):
+            # Gauss-Newton decrement g^T A^-1 g: the chi^2 decrease an undamped step would
+            # still bring; chi^2 is in units of the noise, so 1e-6 is nothing
+            gn = 0.0
+            if _cholesky_solve(a, g, hg):
+                for u in range(6):
+                    gn += g[u] * hg[u]
+            else:
+                gn = np.inf
+            if small or (gn <= 1e-6 * max(1.0, chi2 / max(npix - 6, 1)) and dchi >= 0.0):
                 converged = True
                 break
         else:
