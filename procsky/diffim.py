@@ -282,6 +282,107 @@ def _psf_convolved(psf, extra, center):
     return ImagePsf(fftconvolve(np.pad(k, he), extra, mode="same"))
 
 
+def registration_noise(diff, variance, static, xs, ys, half, *, bad=None, min_stars=5):
+    """Registration and flux-mismatch residuals of a difference image at bright stars.
+
+    A difference ``D = S - K (x) T`` of a static star whose two images are misregistered by
+    ``d`` pixels, or whose matched fluxes differ by a fraction ``e``, is ``D ~ -d . grad(S)
+    + e S`` (first order). Each star's stamp is fitted by weighted least squares with
+    ``[dS/dx, dS/dy, S, 1]``; the scatter of the fitted shifts beyond their own noise is the
+    registration noise ``sigma_reg`` (pixels, per axis), and that of the fitted fractions the
+    flux-mismatch noise ``e``. Robust (median-based) estimates, so that one saturated or
+    blended star does not set them. These feed the corrected detection score of
+    :func:`detect_dia_sources`, the astrometric-noise term of Zackay, Ofek & Gal-Yam (2016,
+    ApJ 830, 27, section 3.3, "S_corr").
+
+    Parameters
+    ----------
+    diff, variance : ndarray (ny, nx)
+        Difference image and its variance.
+    static : ndarray (ny, nx)
+        The static sky in the difference's units (the science image).
+    xs, ys : arrays, array pixels
+        Star positions (the kernel stars).
+    half : int, pixels
+        Stamp half-size.
+    bad : ndarray (ny, nx) bool, optional
+        Pixels left out of the fits.
+    min_stars : int
+        Fewer usable stars give ``nan`` estimates.
+
+    Returns
+    -------
+    dict
+        ``registration_sigma_px``, ``flux_mismatch_rms`` and ``registration_n_stars``.
+    """
+    diff = np.asarray(diff, dtype=np.float64)
+    variance = np.asarray(variance, dtype=np.float64)
+    static = np.asarray(static, dtype=np.float64)
+    ny, nx = diff.shape
+    shifts, shift_var, fracs, frac_var = [], [], [], []
+    for x, y in zip(np.asarray(xs, float), np.asarray(ys, float)):
+        ix, iy = int(round(x)), int(round(y))
+        if ix - half - 1 < 0 or iy - half - 1 < 0 or ix + half + 2 > nx or iy + half + 2 > ny:
+            continue
+        sl = np.s_[iy - half : iy + half + 1, ix - half : ix + half + 1]
+        big = np.s_[iy - half - 1 : iy + half + 2, ix - half - 1 : ix + half + 2]
+        m = static[big]
+        gx = 0.5 * (m[1:-1, 2:] - m[1:-1, :-2])
+        gy = 0.5 * (m[2:, 1:-1] - m[:-2, 1:-1])
+        v = variance[sl]
+        ok = np.isfinite(diff[sl]) & (v > 0) & np.isfinite(m[1:-1, 1:-1])
+        if bad is not None:
+            ok &= ~bad[sl]
+        if ok.sum() < 0.8 * ok.size:
+            continue
+        w = 1.0 / np.sqrt(v[ok])
+        a = np.column_stack([gx[ok], gy[ok], m[1:-1, 1:-1][ok], np.ones(int(ok.sum()))]) * w[:, None]
+        b = diff[sl][ok] * w
+        try:
+            cov = np.linalg.inv(a.T @ a)
+        except np.linalg.LinAlgError:
+            continue
+        c = cov @ (a.T @ b)
+        # D = -d.grad(S) + e S: the shift is minus the gradient coefficients
+        shifts += [-c[0], -c[1]]
+        shift_var += [cov[0, 0], cov[1, 1]]
+        fracs.append(c[2])
+        frac_var.append(cov[2, 2])
+    n = len(fracs)
+    out = {"registration_n_stars": n, "registration_sigma_px": float("nan"), "flux_mismatch_rms": float("nan")}
+    if n < min_stars:
+        return out
+    # median of chi^2(1) is 0.4549: robust variance of a zero-mean normal from the median square
+    sh, shv = np.asarray(shifts), np.asarray(shift_var)
+    fr, frv = np.asarray(fracs), np.asarray(frac_var)
+    out["registration_sigma_px"] = float(math.sqrt(max(np.median(sh**2) / 0.4549 - np.median(shv), 0.0)))
+    fr = fr - np.median(fr)
+    out["flux_mismatch_rms"] = float(math.sqrt(max(np.median(fr**2) / 0.4549 - np.median(frv), 0.0)))
+    return out
+
+
+def corrected_score_variance(static, sigma, registration_sigma, flux_mismatch):
+    """Variance of the matched-filtered difference that registration and flux-matching
+    errors add at static sources (ZOGY's ``V_ast``, Zackay, Ofek & Gal-Yam 2016, eq. 30-32,
+    with a flux-mismatch term): ``sigma_reg^2 |grad F|^2 + e^2 F^2`` with ``F`` the static
+    image filtered by the same Gaussian of ``sigma`` pixels as the detection.
+
+    Returns an array in the units of :func:`procsky.kernels.detection.significance_image`'s
+    numerator squared (zeros when both noises are zero or unknown).
+    """
+    from procsky.kernels.detection import convolve_separable, gaussian_kernel_1d
+
+    reg = float(registration_sigma) if np.isfinite(registration_sigma) else 0.0
+    eps = float(flux_mismatch) if np.isfinite(flux_mismatch) else 0.0
+    static = np.asarray(static, dtype=np.float32)
+    if reg <= 0 and eps <= 0:
+        return np.zeros(static.shape, np.float32)
+    g = gaussian_kernel_1d(float(sigma))
+    f = np.asarray(convolve_separable(np.where(np.isfinite(static), static, 0).astype(np.float32), g, g), np.float64)
+    gy, gx = np.gradient(f)
+    return (reg**2 * (gx**2 + gy**2) + eps**2 * f**2).astype(np.float32)
+
+
 def subtract_images(science, template, config: SubtractionConfig | None = None, *, stars=None, lazy=False):
     """Difference ``science - K (x) template`` (or ``K (x) science - template``) with Alard-Lupton matching.
 
@@ -523,6 +624,23 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
             med = float(np.median(z))
             summary["residual_median_sigma"] = med
             summary["residual_std_sigma"] = float(1.4826 * np.median(np.abs(z - med)))
+            # The variance plane must predict the difference's noise: the correlated-noise
+            # factors are estimates, so the plane is rescaled by the measured robust
+            # spread of diff / sqrt(var) (recorded; a factor far from 1 is a warning).
+            rescale = summary["residual_std_sigma"]
+            summary["variance_rescale"] = 1.0
+            if np.isfinite(rescale) and 0.5 < rescale < 2.0 and abs(rescale - 1.0) > 0.02:
+                dvar = (dvar * np.float32(rescale**2)).astype(np.float32)
+                summary["variance_rescale"] = float(rescale**2)
+        # Registration and flux-matching noise, measured at bright unsaturated stars of
+        # the science image (S/N > 200: the noise the two images share is then negligible
+        # in the fits), on stamps of the star's core.
+        bx, by = _pm.select_kernel_stars(s_img, s_var, any_hard, psf_sigma=sig_s, stamp_radius=int(math.ceil(3 * fwhm)),
+                                         n_cells=cfg.n_cells, per_cell=cfg.per_cell, min_snr=200.0,
+                                         core_radius=int(math.ceil(2 * fwhm)))
+        static = s_img
+        summary.update(registration_noise(diff, dvar, static, bx, by, int(math.ceil(1.5 * fwhm)),
+                                          bad=(dmask & np.uint32(bad_bits)) != 0))
     meta = dict(sci.metadata)
     meta["diffim"] = summary
     diff_exp = sci._replace(image=diff, variance=dvar, mask=dmask, psf=diff_psf, metadata=meta)
@@ -545,6 +663,18 @@ class DiaConfig:
     max_masked_fraction : float
         Sources with more of their PSF weight on masked pixels (no usable value: BAD, SAT,
         NO_DATA, EDGE, SUSPECT) are flagged.
+    min_area : int, pixels
+        Fewer pixels above the threshold are not a detection.
+    registration_noise : bool
+        Detect on the corrected score of Zackay, Ofek & Gal-Yam (2016): the variance of the
+        filtered difference includes the registration and flux-mismatch noise at static
+        sources (:func:`corrected_score_variance`), so that the residuals of bright static
+        stars are not detections. Needs the static image (``detect_dia_sources(static=)``).
+    registration_sigma : float, pixels, optional
+        Registration noise per axis; default: measured by :func:`subtract_images`
+        (``metadata["diffim"]["registration_sigma_px"]``).
+    flux_mismatch : float, optional
+        Fractional flux-matching noise; default: measured likewise (``flux_mismatch_rms``).
     """
 
     nsigma: float = 5.0
@@ -552,6 +682,9 @@ class DiaConfig:
     edge_margin: int = 3
     max_masked_fraction: float = 0.2
     min_area: int = 3
+    registration_noise: bool = True
+    registration_sigma: float | None = None
+    flux_mismatch: float | None = None
 
 
 def _stamp_bad_fraction(mask, bits, ix, iy, psf_stamp):
@@ -692,7 +825,7 @@ def _dipole_fit(image, variance, mask, bits, psf, xp, yp, xn, yn, xy0, half):
             "neg_x": float(params[3]), "neg_y": float(params[4]), "neg_flux": float(params[5]), "chi2": float(chi2)}
 
 
-def detect_dia_sources(diff, config: DiaConfig | None = None):
+def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
     """Detect and measure sources on a difference image, both polarities.
 
     Parameters
@@ -701,6 +834,9 @@ def detect_dia_sources(diff, config: DiaConfig | None = None):
         Difference image (decorrelated), with PSF, variance, mask and optionally WCS,
         PhotoCalib and VisitInfo.
     config : DiaConfig, optional
+    static : ndarray (ny, nx), optional
+        The static sky on the difference's grid and in its units (the science image), for
+        the registration-noise term of the detection score (``config.registration_noise``).
 
     Returns
     -------
@@ -739,9 +875,18 @@ def detect_dia_sources(diff, config: DiaConfig | None = None):
     masked_bits = _masks.bits(*[n for n in _MASKED if n in planes], planes=planes)
     repaired_bits = _masks.bits(*[n for n in _SPREAD_CORE if n in planes], planes=planes)
     sat_bits = _masks.bits(*[n for n in ("SAT",) if n in planes], planes=planes)
+    extra = None
+    if cfg.registration_noise and static is not None:
+        meta = (exp.metadata or {}).get("diffim") or {}
+        reg = cfg.registration_sigma if cfg.registration_sigma is not None else meta.get("registration_sigma_px")
+        eps = cfg.flux_mismatch if cfg.flux_mismatch is not None else meta.get("flux_mismatch_rms")
+        if reg is not None or eps is not None:
+            extra = corrected_score_variance(static, sigma, np.nan if reg is None else reg,
+                                             np.nan if eps is None else eps)
     dets = []
     for pol in (1, -1):
         res = detect_sources(img, var, mask, psf_sigma=sigma, nsigma=cfg.nsigma, polarity=pol, min_area=cfg.min_area,
+                             extra_variance=extra,
                              deblend=True, bad_bits=nodata_bits)
         plane = "DETECTED" if pol == 1 else "DETECTED_NEGATIVE"
         if plane in planes:

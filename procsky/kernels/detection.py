@@ -179,8 +179,8 @@ def convolve_2d(image, kernel):
     return out
 
 
-def significance_image(image, variance, *, sigma=None, kernel=None, bad=None):
-    """Matched-filter significance ``conv(I, g) / sqrt(conv(V, g^2))``.
+def significance_image(image, variance, *, sigma=None, kernel=None, bad=None, extra_variance=None):
+    """Matched-filter significance ``conv(I, g) / sqrt(conv(V, g^2) + E)``.
 
     Parameters
     ----------
@@ -194,6 +194,10 @@ def significance_image(image, variance, *, sigma=None, kernel=None, bad=None):
         Any small kernel instead of the Gaussian (e.g. SExtractor's 3 x 3 pyramid).
     bad : ndarray (ny, nx) bool, optional
         Pixels set to zero signal and zero variance before smoothing (NO_DATA ...).
+    extra_variance : ndarray (ny, nx), optional
+        ``E``: variance of the filtered image not carried by the pixel variance (e.g. the
+        registration noise of a difference image at static stars), in the filtered image's
+        units squared.
 
     Returns
     -------
@@ -215,6 +219,8 @@ def significance_image(image, variance, *, sigma=None, kernel=None, bad=None):
         den = convolve_separable(var, g * g, g * g)
     else:
         raise ValueError("give sigma (PSF sigma, pixels) or kernel (2-D array) for the detection filter")
+    if extra_variance is not None:
+        den = np.where(den > 0, den + np.asarray(extra_variance, dtype=den.dtype), den)
     return _ratio_sqrt(num, den)
 
 
@@ -936,6 +942,7 @@ def detect_sources(
     saturated_bits=bit(SAT),
     saturated_grow=2.0,
     threshold="variance",
+    extra_variance=None,
 ):
     """Detect sources on a background-subtracted image.
 
@@ -993,6 +1000,9 @@ def detect_sources(
         background: the light of sources below the threshold raises and widens the
         distribution of ``nu`` (on ``small`` g band by +0.23 and x1.02), and a threshold that
         ignores it lets several noise-and-confusion bumps per detector through.
+    extra_variance : ndarray (ny, nx), optional
+        Variance of the filtered image beyond the pixel variance (see
+        :func:`significance_image`); used by the detection threshold, not by deblending.
 
     Returns
     -------
@@ -1006,7 +1016,8 @@ def detect_sources(
     bad = None
     if mask is not None and bad_bits:
         bad = (np.asarray(mask) & np.uint32(bad_bits)) != 0
-    nu = significance_image(img if polarity == 1 else -img, variance, sigma=psf_sigma, kernel=kernel, bad=bad)
+    nu = significance_image(img if polarity == 1 else -img, variance, sigma=psf_sigma, kernel=kernel, bad=bad,
+                            extra_variance=extra_variance)
     if grow is None:
         grow = 2.4 * psf_sigma if psf_sigma is not None else 0.0
     if threshold not in ("variance", "empirical"):

@@ -135,7 +135,7 @@ class AssociateDiaConfig(TaskConfig):
     min_reliability: float = pydantic.Field(0.0, ge=0, le=1)
     """Sources with a lower reliability score are not associated."""
     skip_flagged: bool = True
-    """Drop sources flagged edge or masked before associating."""
+    """Drop sources flagged edge, masked or next to saturated pixels before associating."""
 
 
 @register_task("associate_dia")
@@ -174,7 +174,7 @@ class AssociateDiaTask(Task):
                 continue
             m = np.ones(len(df), bool)
             if self.config.skip_flagged:
-                for c in ("flag_edge", "flag_masked"):
+                for c in ("flag_edge", "flag_masked", "flag_saturated_nearby"):
                     if c in df:
                         m &= ~df[c].to_numpy(bool)
             if "reliability" in df:
