@@ -791,9 +791,24 @@ class DaskExecutor(Executor):
                     out[f.key] = exc
             return out
 
+    def _threads(self) -> int:
+        try:
+            return int(sum(self.client.nthreads().values()))
+        except Exception:  # pragma: no cover - a client that cannot tell
+            return 0
+
     def _run_jobs(self, jobs, on_results):
         from distributed import as_completed
 
+        # Nested parallelism only pays when a stage has fewer quanta than worker threads
+        # (one big patch): otherwise the quanta already fill the cluster, and a quantum
+        # that secedes to run its graph on the cluster queues behind every other one's
+        # (each quantum's wall time becomes the whole stage's) and ships its arrays
+        # between workers. Then ``parallel`` tasks run in the thread that holds them.
+        threads = self._threads()
+        if threads and len(jobs) >= threads:
+            for job in jobs:
+                job.parallel = False
         self._job_of_key: dict[str, QuantumJob] = {}
         queue = list(reversed(jobs))  # pop() from the end keeps graph order
         first = []
