@@ -44,6 +44,19 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+def _timing_text(report: dict) -> str:
+    """Per stage: quanta, median wall and CPU seconds per quantum, and their ratio."""
+    lines = ["time per quantum (median wall / CPU seconds; a ratio far above 1 means waiting):"]
+    for t in report.get("tasks", []):
+        wall, cpu = t.get("wall_seconds") or {}, t.get("cpu_seconds") or {}
+        if not wall or not cpu:
+            continue
+        ratio = wall["median"] / cpu["median"] if cpu.get("median") else float("nan")
+        lines.append(f"  {t['task']:18s} {t['quanta']:4d} quanta  wall {wall['median']:6.2f} s  "
+                     f"CPU {cpu['median']:6.2f} s  wall/CPU {ratio:4.1f}")
+    return "\n".join(lines)
+
+
 def run(out: Path, *, workers: int = 2, pipeline: bool = True, max_false: float = 2.0) -> int:
     """Run the demo into ``out`` (replaced); returns the exit status."""
     from procsky.instruments import ingest_files
@@ -96,7 +109,9 @@ def run(out: Path, *, workers: int = 2, pipeline: bool = True, max_false: float 
                               progress=True)
     t_run = time.time() - t1
     print(result, flush=True)
-    html = write_html(run_report(repo, DEMO_RUN), out / "report.html")
+    report = run_report(repo, DEMO_RUN)
+    html = write_html(report, out / "report.html")
+    print(_timing_text(report), flush=True)
 
     ev = evaluate_run(repo, DEMO_RUN, sim_dir)
     (out / "evaluation.json").write_text(json.dumps(ev, indent=1, default=float))
