@@ -64,3 +64,24 @@ def small_r_det4_calexps(small_r_det4) -> dict:
         exp = Exposure.read(small_r_det4 / "images" / image_filename("calexp", v, 4))
         out[v] = calibrate_exposure(exp, refcat)[0].compute()
     return out
+
+
+@pytest.fixture
+def toy_repo(tmp_path):
+    """A fresh repository holding the toy pipeline's inputs (procsky.pipeline.testing)."""
+    from procsky.pipeline import testing as toy
+    from procsky.repo import Repo
+
+    r = Repo.create(tmp_path / "repo")
+    toy.make_toy_inputs(r)
+    return r
+
+
+@pytest.fixture
+def toy_yaml(tmp_path):
+    """The toy pipeline as a YAML file."""
+    from procsky.pipeline import testing as toy
+
+    p = tmp_path / "toy.yaml"
+    p.write_text(toy.TOY_PIPELINE_YAML)
+    return p

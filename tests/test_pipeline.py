@@ -38,17 +38,8 @@ from procsky.repo import Repo
 
 
 @pytest.fixture
-def repo(tmp_path):
-    r = Repo.create(tmp_path / "repo")
-    toy.make_toy_inputs(r)
-    return r
-
-
-@pytest.fixture
-def toy_yaml(tmp_path):
-    p = tmp_path / "toy.yaml"
-    p.write_text(toy.TOY_PIPELINE_YAML)
-    return p
+def repo(toy_repo):
+    return toy_repo
 
 
 # -- task interface ------------------------------------------------------------------------

@@ -26,17 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def repo(tmp_path):
-    r = Repo.create(tmp_path / "repo")
-    toy.make_toy_inputs(r)
-    return r
-
-
-@pytest.fixture
-def toy_yaml(tmp_path):
-    p = tmp_path / "toy.yaml"
-    p.write_text(toy.TOY_PIPELINE_YAML)
-    return p
+def repo(toy_repo):
+    return toy_repo
 
 
 @pytest.fixture
