@@ -175,8 +175,8 @@ def _dia(repo, run: str, truth, radius_arcsec: float) -> dict:
     ex = truth.exposures
     on = ex[[(v, d) in diffed for v, d in zip(ex.visit, ex.detector)]]
     movers = movers[movers.object_id.isin(on.object_id)]
-    dia_obj = pd.concat([o for _, o in _get_all(repo, "dia_object", run) if o is not None and len(o)],
-                        ignore_index=True) if _get_all(repo, "dia_object", run) else pd.DataFrame()
+    tables = [o for _, o in _get_all(repo, "dia_object", run) if o is not None and len(o)]
+    dia_obj = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     srcs = [s for _, s in _get_all(repo, "dia_source", run) if s is not None]
     n_src = int(sum(len(s) for s in srcs))
     out["n_dia_sources"] = n_src
@@ -201,10 +201,7 @@ def _dia(repo, run: str, truth, radius_arcsec: float) -> dict:
         kinds = stat.kind.to_numpy()[j[j >= 0]]
         out["false_on"] = {"star": int((kinds == "star").sum()), "galaxy": int((kinds == "galaxy").sum()),
                            "nothing": int((j < 0).sum())}
-        out["false_examples"] = [
-            {"ra": float(r.ra), "dec": float(r.dec), **{k: (int(r[k]) if k in r and pd.notna(r[k]) else None)
-                                                         for k in ("n_dia_sources",)}}
-            for _, r in false.head(5).iterrows()]
+        out["false_examples"] = [{"ra": float(r.ra), "dec": float(r.dec)} for r in false.head(5).itertuples()]
     return out
 
 
