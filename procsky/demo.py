@@ -17,8 +17,10 @@ The real DECam/90prime/Mosaic-3 cut-outs of ``../shared/data/real`` are not used
 41x51 to 245x251 px with 1-3 stars each they are too small for a PSF model or an
 astrometric fit, so calibrate has nothing to do on them (the tests exercise them).
 
-Exit status 0 only when every quantum succeeded or had no work and the DIA purity is sane
-(at most ``--max-false`` DIA objects with no truth counterpart per detector-visit).
+Exit status 0 only when every quantum succeeded or had no work, the DIA purity is sane
+(at most ``--max-false`` DIA objects with no truth counterpart per detector-visit) and at
+least half of the truth variables and transients on the differenced detectors were
+recovered.
 """
 
 from __future__ import annotations
@@ -131,6 +133,12 @@ def run(out: Path, *, workers: int = 2, pipeline: bool = True, max_false: float 
         status = 1
     elif false_rate > max_false:
         _say(f"DIA purity check failed: {false_rate:.2f} false DIA objects per detector-visit (> {max_false})")
+        status = 1
+    rec = ev.get("dia", {}).get("recovered", {})
+    n_truth = sum(v["truth"] for v in rec.values())
+    n_found = sum(v["recovered"] for v in rec.values())
+    if n_truth and 2 * n_found < n_truth:
+        _say(f"DIA recovery check failed: {n_found} of {n_truth} truth variables and transients recovered")
         status = 1
     return status
 

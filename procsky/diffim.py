@@ -397,7 +397,9 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     stars : (x, y) arrays, optional
         Kernel star positions (array pixels); selected automatically when omitted.
     lazy : bool
-        Return dask planes instead of computing them.
+        Return dask planes instead of computing them. The measured-noise steps (variance
+        rescale, residual statistics, registration noise) need the pixels and are then
+        skipped: :func:`detect_dia_sources` detects without the registration term.
 
     Returns
     -------
@@ -876,6 +878,9 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
     repaired_bits = _masks.bits(*[n for n in _SPREAD_CORE if n in planes], planes=planes)
     sat_bits = _masks.bits(*[n for n in ("SAT",) if n in planes], planes=planes)
     extra = None
+    if static is not None and np.shape(static) != img.shape:
+        raise ProcskyValueError(f"static image shape {np.shape(static)} differs from the difference's {img.shape}; "
+                                "pass the science image on the difference's pixel grid")
     if cfg.registration_noise and static is not None:
         meta = (exp.metadata or {}).get("diffim") or {}
         reg = cfg.registration_sigma if cfg.registration_sigma is not None else meta.get("registration_sigma_px")

@@ -380,6 +380,8 @@ def check_fits_complete(path: str | Path) -> None:
         Naming the file, its size, the size its headers describe and the HDU cut.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ProcskyFileError(f"{path} is a directory, not a FITS file")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         if fh.read(2) == b"\x1f\x8b":

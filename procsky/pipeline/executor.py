@@ -8,7 +8,9 @@ Design
 * **Bounded batches.** At most ``max_in_flight`` quanta are held by the scheduler at any
   time; as results arrive, more are submitted (a sliding window over the stage). Tasks that
   build dask graphs inside a quantum (``Task.parallel``) run under
-  ``distributed.worker_client`` so the waiting quantum does not hold a worker thread.
+  ``distributed.worker_client`` so the waiting quantum does not hold a worker thread, but
+  only when the stage has fewer quanta than worker threads (see ``DaskExecutor._run_jobs``);
+  otherwise the quanta fill the cluster and each runs in the thread that holds it.
 * **Who registers.** The worker runs the task and writes the output files with
   ``repo.write_pending`` (complete, verified, unregistered); the *driver* registers them
   with ``repo.register`` in the same registry transaction that marks the quantum
@@ -48,6 +50,7 @@ from typing import Any, Callable
 
 import sqlalchemy as sa
 
+from procsky._version import code_version
 from procsky.errors import NoWorkError, ProcskyFileError, TransientError
 from procsky.notes import collect_notes, note_degraded
 from procsky.pipeline.graph import QuantumGraph, Quantum, graph_tables
@@ -130,13 +133,6 @@ class QuantumResult:
 
 
 @functools.lru_cache(maxsize=1)
-def _code_version() -> str:
-    from procsky._version import code_version
-
-    return code_version()
-
-
-@functools.lru_cache(maxsize=1)
 def _versions_cached() -> tuple:
     return tuple(_versions_uncached().items())
 
@@ -149,7 +145,7 @@ def _versions_uncached() -> dict[str, str]:
     import dask
     import numpy
 
-    out = {"procsky": _code_version(), "python": sys.version.split()[0],
+    out = {"procsky": code_version(), "python": sys.version.split()[0],
            "numpy": numpy.__version__, "dask": dask.__version__}
     try:
         import distributed
@@ -286,7 +282,7 @@ def execute_quantum(job: QuantumJob, repo=None) -> QuantumResult:
     cpu0 = time.thread_time()
     prov: dict = {
         "quantum_id": job.quantum_id, "task": job.task, "task_class": job.task_class,
-        "config_hash": job.config_hash, "code_version": _code_version(), "run": job.run,
+        "config_hash": job.config_hash, "code_version": code_version(), "run": job.run,
         "data_id": job.data_id, "host": socket.gethostname(), "pid": os.getpid(),
         "attempt": job.attempt, "start": start,
     }
@@ -805,8 +801,8 @@ class DaskExecutor(Executor):
         # that secedes to run its graph on the cluster queues behind every other one's
         # (each quantum's wall time becomes the whole stage's) and ships its arrays
         # between workers. Then ``parallel`` tasks run in the thread that holds them.
-        threads = self._threads()
-        if threads and len(jobs) >= threads:
+        threads = self._threads()  # 0: no worker yet (an adaptive cluster still scaling up)
+        if len(jobs) >= threads:
             for job in jobs:
                 job.parallel = False
         self._job_of_key: dict[str, QuantumJob] = {}

@@ -28,7 +28,6 @@ registered dataset.
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import time
@@ -40,6 +39,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from procsky._version import code_version
 from procsky.errors import (
     ConflictError,
     ProcskyFileError,
@@ -75,14 +75,6 @@ REPO_FORMAT_VERSION = 1
 #: Test hook: seconds to sleep between writing a dataset's files and registering it
 #: (lets tests SIGKILL a writer at the worst moment).
 PAUSE_ENV = "PROCSKY_REPO_PAUSE_BEFORE_REGISTER"
-
-
-@functools.lru_cache(maxsize=1)
-def _code_version() -> str:
-    """Release plus git commit (and ``.dirty``) of the running code, for provenance."""
-    from procsky._version import code_version
-
-    return code_version()
 
 
 @dataclass
@@ -203,7 +195,7 @@ class Repo:
             "format_version": REPO_FORMAT_VERSION,
             "registry": registry,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "procsky_version": _code_version(),
+            "procsky_version": code_version(),
             "fsync": bool(fsync),
         }
         tmp = root / f".{CONFIG_NAME}.tmp-{uuid.uuid4().hex[:8]}"
@@ -465,7 +457,7 @@ class Repo:
             self.registry.ensure_run(run, conn)
         rows = []
         for p in pendings:
-            prov = {"code_version": _code_version(), **p.provenance, **dict(provenance or {})}
+            prov = {"code_version": code_version(), **p.provenance, **dict(provenance or {})}
             rows.append(
                 self.registry.dataset_row(
                     id=p.id,

@@ -166,6 +166,7 @@ def _dia(repo, run: str, truth, radius_arcsec: float) -> dict:
     if not summaries:
         return out
     out["residual_std_sigma"] = _stats([s.get("residual_std_sigma") for _, s in summaries])
+    out["n_variance_rescaled"] = int(sum(s.get("variance_rescale", 1.0) != 1.0 for _, s in summaries))
     out["registration_sigma_px"] = _stats([s.get("registration_sigma_px") for _, s in summaries])
     out["kernel_stamps_used"] = _stats([s.get("n_stamps_used") for _, s in summaries])
     objects = truth.objects
@@ -266,11 +267,13 @@ def format_evaluation(ev: dict) -> str:
     if co:
         lines.append("  coadds")
         for band, c in sorted(co.items()):
-            lines.append(f"    {band}: 5-sigma point-source depth {c['m5']:.2f} AB from {c['n_inputs']} visits "
+            n_in = f"{c['n_inputs']} visits" if c.get("n_inputs") is not None else "its inputs"
+            lines.append(f"    {band}: 5-sigma point-source depth {c['m5']:.2f} AB from {n_in} "
                          f"({100 * c['area_fraction']:.0f} % of the patch has data)")
     if dia.get("n_differences"):
         lines.append(f"  difference imaging ({dia['n_differences']} detector-visits)")
-        lines.append(f"    noise / variance plane   {_span(dia.get('residual_std_sigma'))} (the plane is rescaled to it); "
+        lines.append(f"    noise / variance plane   {_span(dia.get('residual_std_sigma'))} (rescaled on "
+                     f"{dia.get('n_variance_rescaled', 0)} of {dia['n_differences']}); "
                      f"kernel stamps {_r(dia.get('kernel_stamps_used'), fmt='{:.0f}')} per detector")
         if dia.get("registration_sigma_px"):
             lines.append(f"    registration noise       {_span(dia.get('registration_sigma_px'), '{:.3f}')} px per axis "

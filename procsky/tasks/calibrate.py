@@ -793,12 +793,16 @@ def calibrate_exposure(exposure: Exposure, refcat=None, config: CalibrateConfig 
             if config.astrometry_fallback == "fail":
                 raise AlgorithmError(f"astrometric calibration failed: {reason}")
             astro["status"] = f"header WCS ({reason})"
+    elif refs is not None and len(refs) and wcs is None:
+        astro["status"] = "no WCS (the exposure has none to start the match from)"
     elif refs is not None and len(refs) == 0:
         astro["status"] = "header WCS (no reference stars on this detector)"
         if config.astrometry_fallback == "fail":
             raise AlgorithmError("astrometric calibration failed: no reference stars overlap this detector")
 
-    if astro["status"].startswith("header WCS"):
+    if astro["status"].startswith("no WCS"):
+        note_degraded("no_header_wcs", "the exposure has no WCS: no astrometric match, no sky positions")
+    elif astro["status"].startswith("header WCS"):
         why = astro["status"][len("header WCS ("):-1]
         if ref_on is None or not len(ref_on):
             note_degraded("no_refcat", f"{why}: header WCS and header zero point kept")

@@ -352,6 +352,11 @@ def _note_subtraction(summary: dict, config: SubtractConfig) -> None:
         note_degraded("few_kernel_stamps", f"only {n} of {summary.get('n_stamps')} kernel stamps used (< {need} for "
                       f"spatial_order={config.spatial_order}): kernel spatial order "
                       f"{summary.get('spatial_order_used')}", n_stamps_used=n, spatial_order_used=summary.get("spatial_order_used"))
+    res = summary.get("residual_std_sigma")
+    if res is not None and summary.get("variance_rescale") == 1.0 and (not np.isfinite(res) or abs(res - 1.0) > 0.5):
+        note_degraded("variance_not_rescaled", f"the difference's noise is {res:.2f} x what its variance plane "
+                      "predicts, too far from 1 to rescale: detection thresholds are off by that factor",
+                      residual_std_sigma=res)
     cov = summary.get("template_coverage")
     if cov is not None and cov < 0.9:
         note_degraded("template_partial_coverage", f"the template covers {100 * cov:.0f} % of the detector: the rest "
