@@ -30,7 +30,7 @@ Design
   quantum with a context variable, see :mod:`procsky.notes`) come back in
   ``QuantumResult.notes`` and are stored in the quantum's ``provenance`` JSON under
   ``"notes"``. :class:`RunSummary` groups the no_work/failed/blocked reasons and the notes
-  of the run (:func:`procsky.pipeline.report.group_outcomes`).
+  of the run (:func:`procsky.pipeline.outcomes.group_outcomes`).
 """
 
 from __future__ import annotations
@@ -437,7 +437,7 @@ class RunSummary:
     """Counts of quanta per task and state after a run, the wall time (s), and why.
 
     ``outcomes``: per task label, ``{"reasons": [...], "degraded": [...]}`` as made by
-    :func:`procsky.pipeline.report.group_outcomes`: the failed/blocked/no_work quanta
+    :func:`procsky.pipeline.outcomes.group_outcomes`: the failed/blocked/no_work quanta
     grouped by reason and the degraded-mode notes grouped by code, each with a count, the
     first data IDs and an example message. ``str()`` shows at most ``max_groups`` groups
     per task (``procsky report`` lists them all).
@@ -455,7 +455,7 @@ class RunSummary:
                    and c.get("pending", 0) == 0 for c in self.counts.values())
 
     def __str__(self) -> str:
-        from procsky.pipeline.report import format_outcomes
+        from procsky.pipeline.outcomes import format_outcomes
 
         lines = [f"run {self.run!r} ({self.wall_seconds:.1f} s):"]
         for label, c in self.counts.items():
@@ -556,7 +556,7 @@ class Executor:
     def _outcomes(self, graph: QuantumGraph) -> dict[str, dict]:
         """Reasons and degraded-mode notes of ``graph``'s quanta, grouped per task (from the
         registry, so quanta finished in earlier sessions of a resumed run count too)."""
-        from procsky.pipeline.report import group_outcomes
+        from procsky.pipeline.outcomes import group_outcomes
 
         try:
             t = self._tables["quantum"]
