@@ -761,7 +761,7 @@ def _read_fits(path: Path, lazy: bool) -> Exposure:
 
     # Headers walked first (no pixels read): a cut copy is reported as truncated, not as
     # whatever astropy finds missing. The check is the one every instrument's ingest uses.
-    from procsky.instruments.base import check_fits_complete
+    from procsky.fitscheck import check_fits_complete
 
     check_fits_complete(path)
     try:
