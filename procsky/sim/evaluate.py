@@ -18,6 +18,7 @@ Everything is computed from stored datasets; nothing is re-run.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["evaluate_run", "format_evaluation"]
+
+log = logging.getLogger(__name__)
 
 #: AB zero point of a flux in nJy: m = 31.4 - 2.5 log10(f / nJy).
 _AB_NJY = 31.4
@@ -53,7 +56,8 @@ def _sky_match(ra1, dec1, ra2, dec2, radius_arcsec: float):
 def _get_all(repo, dataset_type: str, run: str) -> list[tuple[dict, Any]]:
     try:
         refs = repo.query(dataset_type, run=run)
-    except Exception:  # noqa: BLE001 - a dataset type this run never produced
+    except Exception as exc:  # noqa: BLE001 - a dataset type this run never produced
+        log.debug("no %s datasets in run %r: %s", dataset_type, run, exc)
         return []
     return [(dict(ref.data_id), repo.get(ref)) for ref in sorted(refs, key=lambda r: sorted(r.data_id.items()))]
 
