@@ -1,0 +1,208 @@
+"""The one owner of dask for pixel work.
+
+Every stage builds and runs its dask graphs through these functions; nothing else in
+``procsky`` calls ``map_overlap``, ``from_delayed``, ``store`` or ``dask.compute`` (the
+executor's scheduler choice lives here too). Kernels (:mod:`procsky.kernels`) are numba or
+numpy functions of one chunk and know nothing of dask; the stage modules
+(:mod:`procsky.coadd`, :mod:`procsky.diffim` ...) describe *what* to compute per chunk and
+with how much overlap; this module decides *how*.
+
+Three shapes of pixel work cover the pipeline:
+
+* :func:`map_overlap` / :func:`map_overlap_with_origin`: a kernel applied per chunk with a
+  margin of ``depth`` pixels taken from the neighbours (convolution, PSF matching,
+  difference imaging), the depth coming from the kernel's radius;
+* :func:`from_chunk_tasks`: arrays assembled from one delayed task per output chunk that
+  returns several planes at once (warping, coaddition);
+* :func:`store_planes`: lazy planes written to a Zarr group in batches of whole, aligned
+  storage chunks, so that memory is bounded by the batch, not by the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "is_dask",
+    "as_dask",
+    "axis_chunks",
+    "map_overlap",
+    "map_overlap_with_origin",
+    "from_chunk_tasks",
+    "compute",
+    "persist",
+    "store_planes",
+    "chunk_slices",
+    "on_dask_worker",
+    "task_scheduler",
+]
+
+
+def is_dask(a: Any) -> bool:
+    """True for a dask collection (anything with a graph)."""
+    return hasattr(a, "dask") and hasattr(a, "chunks")
+
+
+def as_dask(a: Any, chunks: int | tuple | None = None):
+    """``a`` as a dask array: rechunked to ``chunks`` if it already is one (and ``chunks``
+    is given), else wrapped with ``chunks`` (default 1024)."""
+    import dask.array as da
+
+    if is_dask(a):
+        return a if chunks is None else a.rechunk(chunks)
+    return da.from_array(np.asarray(a), chunks=chunks or 1024)
+
+
+def axis_chunks(n: int, chunk: int, depth: int) -> tuple[int, ...]:
+    """Chunk sizes along one axis of length ``n``, every chunk at least ``depth`` long
+    (``map_overlap`` needs each chunk to hold its neighbour's margin)."""
+    c = max(int(chunk), int(depth), 1)
+    sizes = [c] * (n // c) + ([n % c] if n % c else [])
+    if len(sizes) > 1 and sizes[-1] < depth:
+        sizes[-2] += sizes.pop()
+    return tuple(sizes)
+
+
+def map_overlap(func: Callable, *arrays, depth: int, dtype, boundary: Any = "none", trim: bool = True,
+                **kwargs):
+    """Apply ``func`` to every chunk of ``arrays`` extended by ``depth`` pixels on each side.
+
+    A thin, explicit wrapper of :func:`dask.array.map_overlap`: ``depth`` is the kernel's
+    radius, ``boundary="none"`` gives edge chunks no padding (the kernel sees the true
+    image edge), ``trim=True`` cuts the margin off the result again. Extra keyword
+    arguments go to ``func``. Returns a lazy array of ``dtype``.
+    """
+    import dask.array as da
+
+    return da.map_overlap(func, *arrays, depth=depth, boundary=boundary, trim=trim, dtype=dtype,
+                          meta=np.empty((0,) * arrays[0].ndim, dtype), **kwargs)
+
+
+def map_overlap_with_origin(func: Callable, arrays: Sequence, *, depth: int, dtype, chunk: int):
+    """Run ``func(*padded_blocks, y0=, x0=)`` per chunk with ``depth`` pixels of overlap.
+
+    The arrays are rechunked so that every chunk is at least ``depth`` wide; the edges are
+    padded with zeros; ``func`` gets the origin ``(y0, x0)`` of its chunk's interior in the
+    full array (for spatially varying kernels) and returns the interior itself, without
+    the margin.
+    """
+    import dask.array as da
+
+    darrs = [a if is_dask(a) else da.from_array(np.asarray(a), chunks=chunk) for a in arrays]
+    chunks = tuple(axis_chunks(n, chunk, depth) for n in darrs[0].shape)
+    darrs = [a.rechunk(chunks) for a in darrs]
+    chunks = darrs[0].chunks
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
+
+    def wrapped(*blocks, block_info=None):
+        iy, ix = block_info[0]["chunk-location"]
+        return func(*blocks, y0=int(starts[0][iy]), x0=int(starts[1][ix])).astype(dtype)
+
+    return da.map_overlap(wrapped, *darrs, depth=depth, boundary=0, trim=False, dtype=dtype, chunks=chunks,
+                          meta=np.zeros((0, 0), dtype=dtype), align_arrays=False)
+
+
+def from_chunk_tasks(chunk_tasks: Sequence[Sequence[Any]], shapes: Sequence[Sequence[tuple[int, int]]],
+                     dtypes: Sequence, names: Sequence[str]) -> list:
+    """Assemble dask arrays (one per plane) from a grid of delayed per-chunk tuples.
+
+    ``chunk_tasks[row][col]`` is a :class:`dask.delayed.Delayed` returning a tuple of
+    planes for the chunk of shape ``shapes[row][col]``; plane ``k`` has dtype
+    ``dtypes[k]`` and a graph name prefixed by ``names[k]``.
+    """
+    import dask.array as da
+
+    planes = []
+    for k, (dt, name) in enumerate(zip(dtypes, names)):
+        rows = []
+        for row_t, row_s in zip(chunk_tasks, shapes):
+            rows.append([da.from_delayed(t[k], shape=s, dtype=dt, meta=np.empty((0, 0), dt),
+                                         name=f"{name}-{t.key}-{k}")
+                         for t, s in zip(row_t, row_s)])
+        planes.append(da.block(rows))
+    return planes
+
+
+def compute(*args, **kwargs):
+    """:func:`dask.compute` (the one call site for the library)."""
+    import dask
+
+    return dask.compute(*args, **kwargs)
+
+
+def persist(*args, **kwargs):
+    """:func:`dask.persist`."""
+    import dask
+
+    return dask.persist(*args, **kwargs)
+
+
+def chunk_slices(shape: tuple[int, int], chunks: tuple[int, int]) -> Iterator[tuple[slice, slice]]:
+    """Row-major slices of the storage chunks of an array of ``shape``."""
+    ny, nx = shape
+    cy, cx = chunks
+    for y in range(0, ny, cy):
+        for x in range(0, nx, cx):
+            yield slice(y, min(y + cy, ny)), slice(x, min(x + cx, nx))
+
+
+def store_planes(planes: Mapping[str, Any], targets: Mapping[str, Any], *, batch: int = 16) -> None:
+    """Compute lazy ``planes`` and write them into the matching zarr ``targets``, ``batch``
+    storage chunks at a time.
+
+    Every write covers whole storage chunks of the target (zarr v3 takes no locks, so two
+    writers of one chunk would lose data); peak memory is one batch of chunks of every
+    plane, whatever the size of the image and the depth of the graph behind it.
+    """
+    names = list(planes)
+    if not names:
+        return
+    shape = targets[names[0]].shape
+    chunks = targets[names[0]].chunks
+    slices = list(chunk_slices(shape, chunks))
+    for k in range(0, len(slices), batch):
+        part = slices[k : k + batch]
+        blocks = compute(*[tuple(planes[n][s] for n in names) for s in part])
+        for s, values in zip(part, blocks):
+            for n, v in zip(names, values):
+                targets[n][s] = np.asarray(v, dtype=targets[n].dtype)
+
+
+def on_dask_worker() -> bool:
+    """True when called from a task running on a ``distributed`` worker."""
+    try:
+        from distributed import get_worker
+    except ImportError:
+        return False
+    try:
+        get_worker()
+    except ValueError:  # not inside a worker task
+        return False
+    return True
+
+
+@contextmanager
+def task_scheduler(parallel: bool):
+    """The scheduler a pipeline task's lazy arrays run on.
+
+    ``parallel``: a task that spreads its chunks over the cluster (its graph is submitted
+    from the worker through ``worker_client``, which frees the worker's slot meanwhile);
+    outside a worker, the caller's scheduler. Otherwise the chunks run in the calling
+    thread: the cluster already runs one quantum per worker thread.
+    """
+    if parallel and on_dask_worker():
+        from distributed import worker_client
+
+        with worker_client():
+            yield
+    elif parallel:
+        yield
+    else:
+        import dask
+
+        with dask.config.set(scheduler="synchronous"):
+            yield
