@@ -1,5 +1,5 @@
-# procsky: `make demo` runs the tiny end-to-end campaign; `make test` runs the tests.
-# Both create .venv when missing and install procsky into it.
+# procsky: `make demo` runs the tiny end-to-end campaign; `make test` runs the tests;
+# `make lint` checks style, format and types. All create .venv when missing and install procsky into it.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-test
 DEMO_STAMP := $(VENV)/.installed-demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-slow bench clean venv
+.PHONY: demo test test-fast test-slow lint bench clean venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,16 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
+## lint: ruff (lint and format, configured in pyproject.toml) and mypy; every check runs, then make fails if one did
+lint: $(STAMP)
+	@status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/ruff format --check . || status=1; \
+	$(VENV)/bin/mypy procsky || status=1; \
+	exit $$status
+
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf demo-out build dist *.egg-info .pytest_cache
+	rm -rf demo-out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
