@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"  # the toy tasks (tests/toytasks.py) are test code, not part of procsky
 sys.path.insert(0, str(ROOT))
 
 
@@ -82,11 +83,12 @@ def main(argv=None):
     import distributed
 
     from procsky.pipeline import DaskExecutor, Pipeline, build_graph
-    from procsky.pipeline import testing as toy
+    sys.path.insert(0, str(TESTS))
+    import toytasks as toy
     from procsky.repo import Repo
 
     tmp = Path(tempfile.mkdtemp(prefix="procsky-bench-"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]), OMP_NUM_THREADS="1")
     sched_file = tmp / "scheduler.json"
     sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", "0",
                               "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],

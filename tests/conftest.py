@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,16 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
+TESTS = Path(__file__).resolve().parent
+
+# The toy tasks (tests/toytasks.py) are test code, not part of procsky: importing them here
+# registers them for every test; dask worker processes and the subprocesses tests start
+# (`python -m procsky ...`) find them through PYTHONPATH.
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+if str(TESTS) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+import toytasks  # noqa: E402,F401  (registers toy_measure, toy_gather, toy_gather_tolerant, toy_noop)
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +79,8 @@ def small_r_det4_calexps(small_r_det4) -> dict:
 
 @pytest.fixture
 def toy_repo(tmp_path):
-    """A fresh repository holding the toy pipeline's inputs (procsky.pipeline.testing)."""
-    from procsky.pipeline import testing as toy
+    """A fresh repository holding the toy pipeline's inputs (tests/toytasks.py)."""
+    import toytasks as toy
     from procsky.repo import Repo
 
     r = Repo.create(tmp_path / "repo")
@@ -80,7 +91,7 @@ def toy_repo(tmp_path):
 @pytest.fixture
 def toy_yaml(tmp_path):
     """The toy pipeline as a YAML file."""
-    from procsky.pipeline import testing as toy
+    import toytasks as toy
 
     p = tmp_path / "toy.yaml"
     p.write_text(toy.TOY_PIPELINE_YAML)

@@ -16,8 +16,8 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
+import toytasks as toy  # noqa: E402
 from procsky.pipeline import DaskExecutor, Pipeline, run_pipeline, run_report  # noqa: E402
-from procsky.pipeline import testing as toy  # noqa: E402
 from procsky.pipeline.graph import load_states  # noqa: E402
 from procsky.repo import Repo  # noqa: E402
 

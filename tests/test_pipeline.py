@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 from click.testing import CliRunner
+import toytasks as toy
 
 from procsky.errors import (
     NoWorkError,
@@ -30,7 +31,6 @@ from procsky.pipeline import (
     run_pipeline,
     run_report,
 )
-from procsky.pipeline import testing as toy
 from procsky.pipeline.clusters import cluster_kwargs, find_profile, parse_duration
 from procsky.pipeline.graph import Where
 from procsky.pipeline.task import DatasetKey, default_quanta, get_task_class
@@ -58,11 +58,37 @@ def test_config_frozen_and_hashed():
 
 def test_registry_by_name_and_path():
     assert get_task_class("toy_measure") is toy.ToyMeasureTask
-    assert get_task_class("procsky.pipeline.testing:ToyGatherTask") is toy.ToyGatherTask
+    assert get_task_class("toytasks:ToyGatherTask") is toy.ToyGatherTask
     with pytest.raises(ProcskyKeyError, match="no task registered"):
         get_task_class("no_such_task")
     with pytest.raises(ProcskyTypeError):
         register_task("bad")(int)
+
+
+def test_tasks_are_entry_points_and_broken_ones_raise(monkeypatch):
+    import re
+    from importlib.metadata import EntryPoint
+    from pathlib import Path
+
+    import procsky.tasks.base as base
+    from procsky.errors import ProcskyError
+
+    # every task procsky registers is declared as an entry point (found without importing)
+    eps = base._entry_points()
+    src = Path(base.__file__).parent
+    for path in src.rglob("*.py"):
+        module = ".".join(("procsky", "tasks", *path.relative_to(src).with_suffix("").parts))
+        for name in re.findall(r'^@register_task\("(\w+)"\)', path.read_text(), re.M):
+            assert name in eps, f"{module}: task {name!r} is not in [project.entry-points.\"procsky.tasks\"]"
+            assert eps[name].value.partition(":")[0] == module
+    assert get_task_class("calibrate").__name__ == "CalibrateTask"
+    # a task module that fails to import raises, naming the entry point and the cause
+    broken = EntryPoint(name="broken", value="procsky_no_such_module:BrokenTask", group=base.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(base, "_entry_points", lambda: {**eps, "broken": broken})
+    with pytest.raises(ProcskyError, match="broken.*procsky_no_such_module.*ModuleNotFoundError"):
+        get_task_class("broken")
+    with pytest.raises(ProcskyError, match="procsky_no_such_module"):
+        base.registered_tasks()
 
 
 def test_default_quanta_join_and_gather():
@@ -140,6 +166,52 @@ def test_load_pipeline_with_overrides(toy_yaml):
         load_pipeline(toy_yaml, ["nosuch.x=1"])
     with pytest.raises(ProcskyKeyError, match="packaged"):
         load_pipeline("no_such_pipeline")
+
+
+def test_nested_overrides_build_new_frozen_configs(tmp_path):
+    pipe = Pipeline.from_tasks([("nested", toy.ToyNestedTask)])
+    before = pipe["nested"].config
+    pipe2 = pipe.with_overrides(parse_overrides(["nested.inner.leaf.budget=1e9", "nested.inner.name=b",
+                                                 "nested.inner.weights.r=2"]))
+    cfg = pipe2["nested"].config
+    assert cfg.inner.leaf.budget == 1e9 and cfg.inner.leaf.order == 2 and cfg.inner.name == "b"
+    assert cfg.inner.weights == {"g": 1.0, "r": 2.0}  # dict fields merge key by key
+    assert before.inner.leaf.budget == 64.0 and before.inner.name == "a"  # nothing changed in place
+    assert cfg.config_hash() != before.config_hash()
+    with pytest.raises(Exception):
+        cfg.inner.leaf.budget = 1.0
+    # dotted keys in a mapping, and the same result from a nested mapping
+    dotted = pipe.with_overrides({"nested": {"inner.leaf.budget": 1e9, "inner.name": "b",
+                                             "inner.weights.r": 2}})["nested"].config
+    nested = pipe.with_overrides({"nested": {"inner": {"leaf": {"budget": 1e9}, "name": "b",
+                                                       "weights": {"r": 2}}}})["nested"].config
+    assert dotted == nested == cfg and dotted.config_hash() == cfg.config_hash()
+    # unknown fields name the valid ones, at the level where they are wrong
+    with pytest.raises(ProcskyValueError, match="budgt.*valid fields of inner.leaf: budget, order"):
+        pipe.with_overrides({"nested": {"inner.leaf.budgt": 1}})
+    with pytest.raises(ProcskyValueError, match="valid fields: inner, n"):
+        pipe.with_overrides({"nested": {"innr.name": "x"}})
+    with pytest.raises(ProcskyValueError, match="order"):
+        pipe.with_overrides({"nested": {"inner.leaf.order": "many"}})
+    # YAML config blocks accept nested mappings and dotted keys
+    p = tmp_path / "nested.yaml"
+    p.write_text("tasks:\n  - label: nested\n    task: toy_nested\n"
+                 "    config: {inner: {name: b, weights: {g: 1.0, r: 2.0}}, inner.leaf.budget: 1.0e+9}\n")
+    assert load_pipeline(p)["nested"].config == cfg
+    p.write_text("tasks:\n  - label: nested\n    task: toy_nested\n    config: {inner: {nme: b}}\n")
+    with pytest.raises(ProcskyValueError, match="nme.*valid fields of inner: leaf, name, weights"):
+        load_pipeline(p)
+    # what the executor ships to a worker (model_dump) rebuilds the same configuration
+    assert toy.ToyNestedTask(cfg.model_dump()).config == cfg
+    assert json.loads(json.dumps(pipe2.to_dict()))["tasks"][0]["config"]["inner"]["leaf"]["budget"] == 1e9
+
+
+def test_nested_override_changes_the_stored_hash(repo, tmp_path):
+    pipe = Pipeline.from_tasks([("nested", toy.ToyNestedTask)])
+    run_pipeline(repo, pipe, output="nested")
+    with pytest.raises(ProcskyValueError, match="new --output"):
+        run_pipeline(repo, pipe, output="nested", config=["nested.inner.leaf.order=3"])
+    run_pipeline(repo, pipe, output="nested", config={"nested": {"inner": {"leaf": {"order": 2}}}})
 
 
 def test_pipeline_order_checked():

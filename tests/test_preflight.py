@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+import toytasks as toy
 
 from procsky.cli import main
 from procsky.errors import ProcskyError, ProcskyFileError
 from procsky.pipeline import clusters
-from procsky.pipeline import testing as toy
 from procsky.pipeline.graph import graph_tables
 from procsky.repo import Repo
 

@@ -9,11 +9,11 @@ import threading
 
 import pandas as pd
 import pytest
+import toytasks as toy
 
 from procsky.errors import AlgorithmError, NoWorkError
 from procsky.notes import collect_notes, note_degraded
 from procsky.pipeline import Input, Output, Pipeline, Task, register_task, run_pipeline
-from procsky.pipeline import testing as toy
 from procsky.pipeline.report import format_table, group_outcomes, normalise_reason, run_report, write_html
 from procsky.repo import Repo
 

@@ -34,7 +34,7 @@ def test_pipeline_on_slurm(slurm, tmp_path, monkeypatch):
     import distributed
 
     from procsky.pipeline import open_cluster, run_pipeline
-    from procsky.pipeline import testing as toy
+    import toytasks as toy
     from procsky.pipeline.graph import load_states
     from procsky.repo import Repo
 
@@ -49,7 +49,7 @@ def test_pipeline_on_slurm(slurm, tmp_path, monkeypatch):
         "slurm", queue="debug", cores=1, processes=1, memory="1GiB", walltime="00:30:00",
         lifetime_margin="5m", jobs=2, adapt=None, python=sys.executable,
         local_directory=str(tmp_path / "dask-local"), log_directory=str(tmp_path / "dask-logs"),
-        job_script_prologue=[f"export PYTHONPATH={ROOT}"],
+        job_script_prologue=[f"export PYTHONPATH={ROOT}:{ROOT}/tests"],
         scheduler_options={"host": "127.0.0.1", "dashboard_address": ":0"},
     )
     try:

@@ -1,4 +1,9 @@
-"""Small tasks for testing and benchmarking the pipeline machinery.
+"""Small tasks for testing and benchmarking the pipeline machinery (not part of procsky).
+
+``tests/conftest.py`` imports this module (``tests/`` is on ``sys.path`` under pytest, and on
+``PYTHONPATH`` for the worker processes and subprocesses the tests start), which registers
+the tasks below; ``benchmarks/bench_scheduler.py`` imports it from ``tests/``. Pipelines
+name the tasks by class path (``toytasks:ToyMeasureTask``) so any process can import them.
 
 * ``toy_measure`` (per {instrument, visit, detector}): reads a ``toy_raw`` table of pixel
   values, subtracts a clipped background and measures per-row statistics with a dask
@@ -16,11 +21,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pydantic
 
 from procsky.errors import AlgorithmError, NoWorkError
-from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, register_task
+from procsky.tasks.base import Input, Output, QuantumSpec, Task, TaskConfig, register_task
 
-__all__ = ["ToyMeasureTask", "ToyGatherTask", "ToyGatherTolerantTask", "ToyNoopTask", "make_toy_inputs", "TOY_PIPELINE_YAML"]
+__all__ = ["ToyMeasureTask", "ToyGatherTask", "ToyGatherTolerantTask", "ToyNoopTask", "ToyNestedTask", "make_toy_inputs",
+           "TOY_PIPELINE_YAML"]
 
 _VD = ("instrument", "visit", "detector")
 
@@ -129,6 +136,46 @@ class ToyNoopTask(Task):
         return {}
 
 
+class ToyLeafConfig(pydantic.BaseModel):
+    """Innermost level of :class:`ToyNestedConfig` (a library-style configuration)."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    budget: float = 64.0
+    """A budget, MiB."""
+    order: int = 2
+    """An order."""
+
+
+class ToyInnerConfig(pydantic.BaseModel):
+    """Middle level of :class:`ToyNestedConfig`."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "a"
+    """A name."""
+    leaf: ToyLeafConfig = ToyLeafConfig()
+    """Nested library configuration."""
+    weights: dict[str, float] = {"g": 1.0}
+    """A plain dict field (merged key by key by overrides)."""
+
+
+class ToyNestedConfig(TaskConfig):
+    """Configuration of :class:`ToyNestedTask`: a task config holding library configs."""
+
+    n: int = 2
+    """Number of quanta."""
+    inner: ToyInnerConfig = ToyInnerConfig()
+    """Nested configuration."""
+
+
+@register_task("toy_nested")
+class ToyNestedTask(ToyNoopTask):
+    """:class:`ToyNoopTask` with a nested configuration (config override tests)."""
+
+    Config = ToyNestedConfig
+
+
 def make_toy_inputs(repo, run: str = "raw", *, visits=(1, 2), detectors=(0, 1, 2),
                     rows: int = 40, cols: int = 8, seed: int = 42, instrument: str = "toycam"):
     """Put deterministic ``toy_raw`` tables (Gaussian noise + a few bright rows) in ``repo``.
@@ -154,7 +201,7 @@ TOY_PIPELINE_YAML = """\
 description: toy two-stage pipeline (tests)
 tasks:
   - label: measure
-    task: toy_measure
+    task: toytasks:ToyMeasureTask
   - label: gather
-    task: toy_gather
+    task: toytasks:ToyGatherTask
 """

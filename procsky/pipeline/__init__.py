@@ -2,7 +2,7 @@
 
 Public names::
 
-    Task, TaskConfig, Input, Output, register_task     the task interface (task.py)
+    Task, TaskConfig, Input, Output, register_task     the task interface (procsky.tasks.base)
     Pipeline, load_pipeline                            pipelines from YAML (pipeline.py)
     build_graph, QuantumGraph                          the quantum graph (graph.py)
     run_pipeline, make_graph                           build + store + execute (run.py)
@@ -25,7 +25,7 @@ from procsky.pipeline.graph import STATES, QuantumGraph, build_graph
 from procsky.pipeline.pipeline import Pipeline, load_pipeline, parse_overrides
 from procsky.pipeline.report import run_report
 from procsky.pipeline.run import make_graph, run_pipeline
-from procsky.pipeline.task import (
+from procsky.tasks.base import (
     DatasetKey,
     Input,
     Output,

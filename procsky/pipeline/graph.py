@@ -4,7 +4,7 @@ Built from the registry and a ``--where`` expression:
 
 * quanta of a task whose inputs already exist come from the registry (``repo.query``);
 * quanta of later tasks come from the *predicted* outputs of earlier ones, grouped by
-  :meth:`procsky.pipeline.task.Task.quanta` (which a task overrides to map dimensions,
+  :meth:`procsky.tasks.base.Task.quanta` (which a task overrides to map dimensions,
   e.g. visit/detector -> tract/patch);
 * the expression is applied with SQL's three-valued logic on each data ID: a data ID is
   dropped only when the expression is *false* on it; an expression that cannot be decided
@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from procsky.errors import ProcskyTypeError, ProcskyValueError, RepoError
 from procsky.pipeline.pipeline import Pipeline
-from procsky.pipeline.task import DatasetKey, QuantumSpec, data_id_key
+from procsky.tasks.base import DatasetKey, QuantumSpec, data_id_key
 
 __all__ = [
     "STATES",

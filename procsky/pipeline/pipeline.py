@@ -6,7 +6,7 @@ A pipeline file looks like::
     tasks:
       - label: calibrate
         task: calibrate                          # registered name ...
-        config: {detection_threshold: 5.0}
+        config: {detection_threshold: 5.0}   # nested fields: {psf: {order: 2}} or {psf.order: 2}
       - label: warp
         task: procsky.tasks.warp:WarpTask        # ... or "module:Class"
 
@@ -14,8 +14,10 @@ A pipeline file looks like::
 given without ``task`` uses its label as the registered name). Packaged pipelines live in
 ``procsky/pipelines/<name>.yaml`` and are found by name (``drp``, ``ap``).
 
-Configuration is overridden with ``label.field=value`` strings (``-c`` on the command line);
-values are parsed as YAML scalars (``5``, ``1e-3``, ``true``, ``[1, 2]``, ``'text'``).
+Configuration is overridden with ``label.field=value`` strings (``-c`` on the command line),
+nested configurations with more dots (``assemble_coadd.coadd.memory_budget=1e9``); values
+are parsed as YAML scalars (``5``, ``1e-3``, ``true``, ``[1, 2]``, ``'text'``). Overrides
+build new frozen configurations (:func:`procsky.tasks.base.override_config`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import pydantic
 import yaml
 
 from procsky.errors import ProcskyFileError, ProcskyKeyError, ProcskyValueError
-from procsky.pipeline.task import Task, TaskConfig, get_task_class
+from procsky.tasks.base import Task, TaskConfig, build_config, get_task_class, override_config
 
 __all__ = ["PipelineTask", "Pipeline", "load_pipeline", "parse_overrides", "pipeline_path"]
 
@@ -44,7 +45,7 @@ class PipelineTask:
     label : str
         Name of the task in this pipeline (unique).
     task_class : type
-        The :class:`~procsky.pipeline.task.Task` subclass.
+        The :class:`~procsky.tasks.base.Task` subclass.
     config : TaskConfig
         Frozen configuration.
     class_path : str
@@ -135,7 +136,12 @@ class Pipeline:
                         name=self.name)
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> "Pipeline":
-        """A copy whose task configurations are updated from ``{label: {field: value}}``."""
+        """A copy whose task configurations are updated from ``{label: {field: value}}``.
+
+        Fields may be nested (``{"assemble_coadd": {"coadd": {"memory_budget": 1e9}}}``) or
+        dotted (``{"assemble_coadd": {"coadd.memory_budget": 1e9}}``); the configurations
+        are rebuilt, never changed in place.
+        """
         tasks = []
         for t in self.tasks:
             extra = overrides.get(t.label)
@@ -174,42 +180,27 @@ class Pipeline:
         return cls(items, name=name)
 
 
-def _deep_update(base: dict, extra: Mapping) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _deep_update(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def _update_config(t: PipelineTask, extra: Mapping[str, Any]) -> TaskConfig:
-    merged = _deep_update(t.config.model_dump(), extra)
-    try:
-        return t.task_class.Config(**merged)
-    except pydantic.ValidationError as exc:
-        fields = ", ".join(sorted(t.task_class.Config.model_fields))
-        raise ProcskyValueError(
-            f"invalid configuration for task {t.label!r}: {exc}\n(fields of "
-            f"{t.task_class.Config.__name__}: {fields})"
-        ) from exc
+    return override_config(t.config, extra, what=f"task {t.label!r} ({t.task_class.__name__})")
 
 
 def _class_path(klass: type) -> str:
     return f"{klass.__module__}:{klass.__qualname__}"
 
 
-def _make_pipeline_task(label: str, klass, config: Mapping, pipeline_name: str) -> PipelineTask:
+def _make_pipeline_task(label: str, klass: type | str, config: Mapping[str, Any] | TaskConfig,
+                        pipeline_name: str) -> PipelineTask:
     if isinstance(klass, str):
         klass = get_task_class(klass)
     klass.validate_declaration()
-    try:
-        cfg = klass.Config(**dict(config or {}))
-    except pydantic.ValidationError as exc:
+    if isinstance(config, klass.Config):
+        return PipelineTask(label, klass, config, _class_path(klass))
+    if not isinstance(config, Mapping):
         raise ProcskyValueError(
-            f"pipeline {pipeline_name!r}, task {label!r}: invalid configuration: {exc}"
-        ) from exc
+            f"pipeline {pipeline_name!r}, task {label!r}: 'config' must be a mapping of fields, "
+            f"not {type(config).__name__}."
+        )
+    cfg = build_config(klass.Config, config, what=f"pipeline {pipeline_name!r}, task {label!r}")
     return PipelineTask(label, klass, cfg, _class_path(klass))
 
 

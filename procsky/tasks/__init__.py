@@ -1,4 +1,7 @@
-"""Pipeline tasks: one module per stage (isr, calibrate, warp, coadd, diffim ...).
+"""Pipeline tasks: the task interface (:mod:`procsky.tasks.base`) and one module per stage.
 
-Each module registers its tasks with ``procsky.pipeline.register_task``; tasks do no I/O.
+Each stage module (isr, calibrate, warp, coadd, diffim, dia, photometry) defines thin tasks
+on top of the stage's public functions; tasks do no I/O. They are declared as entry points
+(group ``procsky.tasks`` in ``pyproject.toml``) and imported only when a pipeline names
+them, so importing this package loads no stage.
 """
