@@ -10,6 +10,7 @@ algorithms.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,30 +291,40 @@ def register_instrument(cls: type[Instrument]) -> type[Instrument]:
     return cls
 
 
-def _load_builtin() -> None:
-    # Import the packaged definitions so they register themselves.
-    from procsky.instruments import generic, noirlab_cp  # noqa: F401
+#: The packaged cameras by name, as ``"module:Class"``: imported on first use, so this module
+#: imports no camera module (the camera modules import this one).
+_BUILTIN: dict[str, str] = {
+    "generic": "procsky.instruments.generic:GenericInstrument",
+    "decam-cp": "procsky.instruments.noirlab_cp:DecamCP",
+    "90prime-cp": "procsky.instruments.noirlab_cp:NinetyPrimeCP",
+    "mosaic3-cp": "procsky.instruments.noirlab_cp:Mosaic3CP",
+    "noirlab-cp": "procsky.instruments.noirlab_cp:AnyCP",
+    "simcam": "procsky.instruments.simcam:SimcamInstrument",
+}
 
+
+def _instrument_class(name: str) -> type[Instrument]:
+    """The class registered as ``name``, importing its packaged module on first use."""
+    if name not in _REGISTRY and name in _BUILTIN:
+        module_name, _, attr = _BUILTIN[name].partition(":")
+        cls = getattr(importlib.import_module(module_name), attr)
+        _REGISTRY.setdefault(name, cls)  # the module's @register_instrument did this already
     try:
-        from procsky.instruments import simcam  # noqa: F401
-    except ImportError:  # simcam needs the optional GalSim-free part only; tolerate absence
-        pass
+        return _REGISTRY[name]
+    except KeyError:
+        raise ProcskyKeyError(
+            f"unknown instrument {name!r}; known instruments: {', '.join(instrument_names())}"
+        ) from None
 
 
 def get_instrument(name: str) -> Instrument:
     """An instance of the instrument called ``name``."""
-    _load_builtin()
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise ProcskyKeyError(
-            f"unknown instrument {name!r}; known instruments: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    return _instrument_class(name)()
 
 
 def instrument_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    """Names of the packaged and the registered instruments."""
+    return sorted(set(_REGISTRY) | set(_BUILTIN))
 
 
 def open_fits(path: str | Path):
