@@ -1,0 +1,239 @@
+"""Configurations of the calibrate steps: one frozen model per step, gathered by :class:`CalibrationConfig`.
+
+The task configuration (:class:`procsky.tasks.calibrate.CalibrateConfig`) is a
+:class:`CalibrationConfig` plus the task's own fields, so that pipeline overrides address a
+step's field with a dotted path: ``-c calibrate.psf.order=1``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+__all__ = [
+    "AstrometryConfig",
+    "BackgroundConfig",
+    "CalibrationConfig",
+    "CosmicRayConfig",
+    "DetectionConfig",
+    "MeasurementConfig",
+    "PhotometryConfig",
+    "PsfConfig",
+]
+
+_FROZEN = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+
+class BackgroundConfig(pydantic.BaseModel):
+    """Sky background: clipped mode on a mesh, bicubic spline (:func:`procsky.kernels.background`)."""
+
+    model_config = _FROZEN
+
+    box_size: int = 128
+    """Background mesh box size, pixels (LSST default 128)."""
+    filter_size: int = 3
+    """Median filter over the background mesh, boxes."""
+
+
+class CosmicRayConfig(pydantic.BaseModel):
+    """Cosmic rays: L.A.Cosmic before detection, then the detections sharper than the PSF model."""
+
+    model_config = _FROZEN
+
+    enabled: bool = True
+    """Find and repair cosmic rays (L.A.Cosmic and the tests against the PSF model)."""
+    sigclip: float = 4.5
+    """L.A.Cosmic detection limit (Laplacian / noise)."""
+    objlim: float = 5.0
+    """L.A.Cosmic contrast limit against fine structure (raise to protect undersampled stars)."""
+    grow_sigma: float = 3.5
+    """After L.A.Cosmic, CR regions grow along the faint parts of their tracks: a neighbour whose excess over
+    the median of its good 5 x 5 surroundings is above this many sigma and 2.5 times its fine structure joins;
+    0 switches it off. The bright core of a track passes L.A.Cosmic's test, its faint wings do not, and left
+    unflagged they are detected as sources."""
+    psf_test: bool = True
+    """After the PSF model: test every detection against it and treat those sharper than the
+    PSF as cosmic rays (``kernels.cosmicray.find_sharp_sources``)."""
+    psf_z: float = 2.0
+    """PSF-fit chi^2 excess, in sigma of the chi^2 distribution, above which a detection is cleaned."""
+    psf_excess: float = 0.5
+    """... and above which fraction of the detection's PSF significance squared."""
+    psf_pixel_sigma: float = 3.0
+    """Residual (and contrast against opposite neighbours) of a pixel flagged sharper than the PSF, sigma."""
+    psf_star_sigma: float = 5.0
+    """The same for a cosmic ray on a star (L.A.Cosmic's fine-structure test protects star cores), against
+    the noise plus ``psf_model_error`` of the star's model; 0 leaves stars alone. The hit is repaired
+    with the clean PSF fit: an unflagged hit biases the star's flux by many sigma."""
+    psf_model_error: float = 0.05
+    """Fractional PSF-model error allowed for on a star's pixels (value and curvature) in that test."""
+    track_test: bool = True
+    """Then test the detections below ``track_nu_max`` for faint cosmic-ray tracks, lines sharper than the
+    PSF (``kernels.cosmicray.find_cr_tracks``); a detection a track explains, with no PSF-shaped signal left
+    beside it, is removed and its track masked CR."""
+    track_nu_max: float = 30.0
+    """PSF significance above which a detection is not tested for a track."""
+    track_rho_max: float = 4.0
+    """Largest distance of a tested line from the detection's centroid, pixels. 4 rather than 2: once the
+    growth flags a track's bright pixels before detection, what is left to detect is a noise peak lifted by
+    the track's faint pixels 3-4 px beside it."""
+    track_min_gain: float = 12.0
+    """Chi^2 by which the best sharp line must beat the PSF and the best PSF-wide line, each ..."""
+    track_min_total: float = 28.0
+    """... and both summed."""
+    track_star_gain: float = 25.0
+    """On a detection above ``track_nu_max``: chi^2 by which a sharp line must improve the PSF fit, and
+    beat a PSF-wide line, for a track across the star (flagged CR and repaired, the star kept); 0 leaves
+    bright detections alone. A faint track across a bright star otherwise biases its flux by several sigma."""
+    track_model_error: float = 0.02
+    """Fractional PSF-model error allowed for on a bright detection's pixels in that test."""
+
+
+class DetectionConfig(pydantic.BaseModel):
+    """Detection: PSF-matched filter, threshold, footprints, deblending; satellite trails."""
+
+    model_config = _FROZEN
+
+    nsigma: float = 5.0
+    """Detection threshold in units of the smoothed noise."""
+    threshold: str = "empirical"
+    """``"empirical"``: the threshold is ``nsigma`` times the measured spread of the smoothed
+    significance away from sources, above its median (LSST's ``pixel_stdev`` with a temporary local
+    background); ``"variance"``: in units of the noise the variance plane predicts. The light of
+    sources below the threshold shifts and widens the smoothed significance by a few per cent, which a
+    variance-plane threshold turns into spurious noise bumps."""
+    initial_fwhm_arcsec: float = 1.0
+    """First guess of the seeing FWHM when the input has no PSF, arcsec."""
+    streaks: bool = True
+    """Find satellite trails (:func:`procsky.kernels.streak.find_streaks`): STREAK plane set, the fitted trail
+    subtracted from the calexp, sources detected again, and those on the trail flagged ``flag_streak`` and kept
+    out of the PSF, astrometric and photometric fits."""
+    streak_mask_fraction: float = 0.5
+    """The STREAK plane covers the pixels where the fitted trail exceeds this fraction of the pixel noise."""
+
+
+class MeasurementConfig(pydantic.BaseModel):
+    """Source measurement: apertures, the aperture correction and the aperture-to-total correction."""
+
+    model_config = _FROZEN
+
+    aperture_radii: tuple[float, ...] = (3.0, 4.5, 6.0, 9.0, 12.0, 17.0)
+    """Circular aperture radii, pixels."""
+    apcorr_radius: float = 17.0
+    """Aperture (one of ``aperture_radii``) the PSF fluxes are corrected to, pixels."""
+    total_flux_correction: bool = True
+    """Also correct PSF fluxes from the ``apcorr_radius`` aperture to the total flux, measured on the
+    growth curve of the bright stars out to ``growth_edges`` with a local sky in ``growth_sky_annulus``
+    (``kernels.growth.aperture_to_total``). Without it the zero point, fitted against total reference
+    magnitudes, absorbs the light outside the aperture (a few mmag for a Moffat PSF)."""
+    growth_edges: tuple[float, ...] = (17.0, 21.0, 26.0, 32.0, 40.0)
+    """Ring edges of the growth curve, pixels (the first is ``apcorr_radius``)."""
+    growth_sky_annulus: tuple[float, float] = (48.0, 64.0)
+    """Local sky annulus of the growth curve, pixels."""
+    growth_min_snr: float = 100.0
+    """Minimum aperture S/N of the stars whose growth curve is measured."""
+
+
+class PsfConfig(pydantic.BaseModel):
+    """PSF: star selection on the size-flux locus, pixelised polynomial model with a size-and-shear warp."""
+
+    model_config = _FROZEN
+
+    min_snr: float = 50.0
+    """Minimum S/N of PSF star candidates."""
+    isolation_radius: float = 10.0
+    """No other detection within this radius of a PSF star, pixels."""
+    locus_max_excess: float = 0.05
+    """With fewer than 5 candidates above ``min_snr`` the S/N cut drops to 20 around the bright stars'
+    locus (when at least 2 bright candidates give it); those fainter candidates must also lie less than this
+    (dex in ``T = ixx + iyy``) above it, since compact galaxies outnumber stars there
+    (``kernels.psfmodel.select_psf_stars``, ``max_excess``) and would widen the model."""
+    order: int = 2
+    """Polynomial order of the PSF spatial variation (lowered automatically with few stars)."""
+    stamp_size: int = 25
+    """PSF model stamp size, pixels (odd)."""
+    min_stars_per_term: float = 3.0
+    """A PSF model with n > 1 polynomial terms needs ``min_stars_per_term * n + 3`` stars, a constant
+    one 5: every pixel of the model is a polynomial fit, and with 2 stars per term a detector with ~15
+    stars gets models that extrapolate PSF fluxes wrong by per cents into its corners."""
+    warp_order: int = 1
+    """Order of the size-and-shear warp of the PSF model (``kernels.psfmodel.warp_images``)
+    that follows the PSF's spatial variation when the stars are too few for a pixel
+    polynomial of that order (-1: pixel polynomials only). Each star constrains three
+    numbers (size, two shears) rather than a whole image per term, so the warp follows the
+    variation with far fewer stars (``benchmarks/eval_psf_model_small.py``)."""
+    warp_prior: float = 0.01
+    """Gaussian prior width of the warp's non-constant terms (fractional size or shear change
+    at the detector edge): with few, faint stars a compact galaxy or noise otherwise makes a
+    gradient of several per cent."""
+    pixel_stars_per_term: float = 10.0
+    """With the warp on, a pixel polynomial of order > 0 needs this many stars per term (plus
+    3): it replaces the warp only where there are enough stars to fit whole images per term."""
+    flux_sys_error: bool = True
+    """Add the PSF model's cross-validated fractional flux error (``summary["psf_flux_sys"]``,
+    estimated from this detector's PSF stars) in quadrature to ``psf_flux_err``."""
+    reserve_fraction: float = 0.2
+    """Fraction of PSF stars held back for validation."""
+    fallback_gaussian: bool = True
+    """With too few stars for a pixel model, use a Gaussian of the stars' moments (else AlgorithmError)."""
+    min_pixels_for_failure: int = 512 * 512
+    """Images smaller than this without any usable star end NoWorkError (a cut-out), larger
+    ones AlgorithmError (a real failure)."""
+
+
+class AstrometryConfig(pydantic.BaseModel):
+    """Astrometry: reference stars matched by offset voting, TAN-SIP fit."""
+
+    model_config = _FROZEN
+
+    match_max_offset: float = 100.0
+    """Largest header-WCS error searched by the matcher, pixels."""
+    match_max_rotation: float = 1.0
+    """Largest header-WCS rotation error searched, degrees."""
+    match_radius: float = 1.5
+    """Final matching radius, pixels (also that of the zero-point stars)."""
+    min_matches: int = 5
+    """Fewer matches: keep the header WCS (or fail, see ``fallback``)."""
+    max_rms_arcsec: float = 0.3
+    """A fit with a larger rms is rejected (header WCS kept, or AlgorithmError), arcsec."""
+    sip_order: int = 3
+    """SIP order of a full TAN-SIP fit."""
+    min_stars_per_sip_coefficient: float = 3.0
+    """A full fit needs this many matches per coefficient; else linear on the header SIP."""
+    fallback: Literal["header", "fail"] = "header"
+    """What to do with too few reference matches: keep the header WCS, or AlgorithmError."""
+    apply_proper_motion: bool = True
+    """Move reference positions to the visit epoch when proper motions are given."""
+
+
+class PhotometryConfig(pydantic.BaseModel):
+    """Photometry: the detector's zero point against the reference magnitudes."""
+
+    model_config = _FROZEN
+
+    refcat_band_map: dict[str, str] = {}
+    """Band -> reference magnitude column suffix (e.g. {"z": "RP"}); default ``mag_<band>``."""
+    min_snr: float = 20.0
+    """Minimum S/N of stars used for the zero point."""
+    min_stars: int = 3
+    """Fewer stars: keep the header zero point (or fail, see ``fallback``)."""
+    fallback: Literal["header", "fail"] = "header"
+    """What to do without a zero point from the reference catalogue."""
+
+
+class CalibrationConfig(pydantic.BaseModel):
+    """Configuration of :func:`procsky.calibrate.calibrate_exposure`: one nested model per step."""
+
+    model_config = _FROZEN
+
+    background: BackgroundConfig = BackgroundConfig()
+    cosmic_rays: CosmicRayConfig = CosmicRayConfig()
+    detection: DetectionConfig = DetectionConfig()
+    measurement: MeasurementConfig = MeasurementConfig()
+    psf: PsfConfig = PsfConfig()
+    astrometry: AstrometryConfig = AstrometryConfig()
+    photometry: PhotometryConfig = PhotometryConfig()
+    min_usable_pixels: int = 10000
+    """Fewer unmasked pixels than this: NoWorkError (tiny cut-outs)."""
+    refcat_name: str | None = None
+    """Reference catalogue to use (None: the only one attached; error if several)."""

@@ -1,0 +1,150 @@
+"""The calibrate chain: the steps of :mod:`procsky.calibrate` run in order on one detector."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from procsky.calibrate.astrometry import fit_astrometry
+from procsky.calibrate.background import refine_background, subtract_background
+from procsky.calibrate.catalogue import make_calexp, make_catalogue, make_summary
+from procsky.calibrate.config import CalibrationConfig
+from procsky.calibrate.cosmicrays import find_cosmic_ray_pixels, remove_sharp_sources
+from procsky.calibrate.detection import detect, detect_first, initial_sigma, measure_seeing
+from procsky.calibrate.measurement import aperture_corrections, measure, measure_with_psf, psf_flux_errors
+from procsky.calibrate.photometry import fit_zero_point
+from procsky.calibrate.psf import model_psf
+from procsky.calibrate.state import PLANE_NAMES, CalibrateState
+from procsky.errors import NoWorkError
+from procsky.exposure import Exposure
+from procsky.masks import DEFAULT_PLANES, MaskPlanes
+from procsky.psf import SIGMA_TO_FWHM
+
+__all__ = ["calibrate_exposure", "make_state", "process_arrays", "run_pixel_steps"]
+
+
+def make_state(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, planes: MaskPlanes,
+               min_usable_pixels: int) -> CalibrateState:
+    """The initial state of the steps: float32 image and variance and a uint32 mask (copies), with the
+    STREAK plane added; pixels with a non-finite value or a variance <= 0 are NO_DATA (value 0,
+    variance inf). NoWorkError with fewer than ``min_usable_pixels`` usable pixels."""
+    image = np.array(image, dtype=np.float32)
+    variance = np.array(variance, dtype=np.float32)
+    mask = np.zeros(image.shape, np.uint32) if mask is None else np.array(mask, dtype=np.uint32)
+    ny, nx = image.shape
+    if "STREAK" not in planes:
+        planes = planes.with_plane("STREAK")
+    bit = {n: 1 << planes[n] for n in PLANE_NAMES}
+    bad_input = ~np.isfinite(image) | ~np.isfinite(variance) | ~(variance > 0)
+    mask[bad_input] |= np.uint32(bit["NO_DATA"])
+    image[bad_input] = 0.0
+    variance[bad_input] = np.float32(np.inf)
+    usable = (mask & np.uint32(bit["NO_DATA"] | bit["BAD"])) == 0
+    n_usable = int(usable.sum())
+    if n_usable < min_usable_pixels:
+        raise NoWorkError(
+            f"only {n_usable} usable pixels in this {nx}x{ny} image (< min_usable_pixels="
+            f"{min_usable_pixels}); too small to calibrate"
+        )
+    var_det = np.where(np.isfinite(variance), variance, 0.0).astype(np.float32)
+    return CalibrateState(image=image, variance=variance, mask=mask, planes=planes, bit=bit, bad_input=bad_input,
+                          var_det=var_det)
+
+
+def run_pixel_steps(state: CalibrateState, config: CalibrationConfig) -> None:
+    """Background, cosmic rays, detection, measurement, PSF and the corrected PSF fluxes: every step
+    that needs neither a reference catalogue nor the exposure's metadata. ``state.sigma0`` (the first
+    seeing guess) must be set."""
+    # background first pass, then cosmic rays (before detection, so that hits do not become sources)
+    subtract_background(state, config.background)
+    find_cosmic_ray_pixels(state, config.cosmic_rays)
+    # a first detection at the guessed seeing masks the sources for the final background
+    det0 = detect_first(state, config.detection)
+    refine_background(state, config.background, det0.detected)
+    measure_seeing(state, det0, config.measurement.aperture_radii)
+    detect(state, config.detection)
+    measure(state, config.measurement)
+    model_psf(state, config.psf)
+    remove_sharp_sources(state, config.cosmic_rays, nu_keep=config.detection.nsigma)
+    measure_with_psf(state, config.measurement)
+    aperture_corrections(state, config.measurement)
+    psf_flux_errors(state, config.psf)
+
+
+def calibrate_exposure(exposure: Exposure, refcat: Any = None,
+                       config: CalibrationConfig | None = None) -> tuple[Exposure, pd.DataFrame, dict[str, Any]]:
+    """Calibrate one detector exposure (see :mod:`procsky.calibrate`).
+
+    Parameters
+    ----------
+    exposure : Exposure
+        Instrument-calibrated image (counts: ADU or electrons) with variance and mask.
+    refcat : pandas.DataFrame or list of DataFrame, optional
+        Reference catalogue (normalised :mod:`procsky.refcat` schema) or its shards.
+    config : CalibrationConfig, optional
+        (or the task's :class:`procsky.tasks.calibrate.CalibrateConfig`, which is one)
+
+    Returns
+    -------
+    calexp : Exposure
+    src : pandas.DataFrame
+    summary : dict
+
+    Raises
+    ------
+    NoWorkError
+        Too few usable pixels (tiny cut-out, all NO_DATA).
+    AlgorithmError
+        No star usable for a PSF model, or too few reference matches when the fallback is
+        ``"fail"``.
+    """
+    config = config or CalibrationConfig()
+    exp = exposure.compute()
+    state = make_state(exp.image, exp.variance, exp.mask, exp.mask_planes, config.min_usable_pixels)
+    state.exposure, state.xy0 = exp, exp.xy0
+    state.sigma0 = initial_sigma(exp, config.detection)
+    run_pixel_steps(state, config)
+    fit_astrometry(state, refcat, config)
+    fit_zero_point(state, config.photometry, match_radius=config.astrometry.match_radius)
+    src = make_catalogue(state, config)
+    calexp = make_calexp(state, config)
+    return calexp, src, make_summary(state, src)
+
+
+def process_arrays(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None = None, *,
+                   psf_fwhm: float | None = None, config: CalibrationConfig | None = None,
+                   planes: MaskPlanes = DEFAULT_PLANES) -> CalibrateState:
+    """The pixel steps of :func:`calibrate_exposure` on bare arrays (no WCS, no reference catalogue).
+
+    Background, cosmic rays, detection, measurement, PSF model, the detections sharper than the PSF,
+    PSF fluxes with their aperture and aperture-to-total corrections: the chain calibrate runs, for
+    notebooks, tests and benchmarks on synthetic frames.
+
+    Parameters
+    ----------
+    image, variance : ndarray (ny, nx)
+        Image (sky not subtracted) and its variance, counts.
+    mask : ndarray (ny, nx) uint32, optional
+        Input mask planes (``planes``: LSST bit order by default).
+    psf_fwhm : float, optional
+        First guess of the seeing FWHM, pixels; default ``config.detection.initial_fwhm_arcsec``
+        at 0.2"/pixel.
+    config : CalibrationConfig, optional
+
+    Returns
+    -------
+    CalibrateState
+        ``sub`` (background-subtracted, cosmic rays repaired), ``variance``, ``mask``, ``background``,
+        ``cosmic_rays``, ``det``, ``meas`` (PSF fluxes as measured; ``psf_flux``/``psf_flux_err``
+        corrected), ``psf_model``, ``psf`` and ``psf_info``, ``cand``/``used``/``reserved``.
+    """
+    config = config or CalibrationConfig()
+    state = make_state(image, variance, mask, planes, config.min_usable_pixels)
+    if psf_fwhm is not None:
+        state.sigma0 = float(psf_fwhm) / SIGMA_TO_FWHM
+    else:
+        state.sigma0 = max(config.detection.initial_fwhm_arcsec / 0.2 / SIGMA_TO_FWHM, 0.7)
+    run_pixel_steps(state, config)
+    return state

@@ -1,0 +1,135 @@
+"""Measurement steps: windowed centroids, adaptive moments, aperture, Kron and PSF fluxes, flags; the
+aperture correction and the aperture-to-total correction of the PSF fluxes and their errors.
+
+**Aperture correction** = clipped weighted mean of ``ap_flux(apcorr_radius) / psf_flux`` over the PSF
+stars, applied to ``psf_flux``. **Aperture to total**: the light outside ``apcorr_radius`` from the
+growth curve of the bright stars (clipped ring means out to 40 px against a local sky, power-law tail;
+``kernels.growth``), also applied to ``psf_flux``, so that the zero point is that of the total flux
+(``visit_photometry`` uses the visit's mean of it, the per-detector value being noisier).
+``psf_flux_err`` is the photon noise of the PSF fit plus, in quadrature, the PSF model's fractional
+flux error ``flux_sys`` times the flux: the excess scatter, beyond their noise, of the PSF stars'
+aperture/PSF flux ratios when each is measured with a model fitted without it (cross-validation,
+``kernels.psfmodel.cross_validated_flux_scatter``), plus, with a warp, the warp's own fitting noise at
+each source (``kernels.psfmodel.model_flux_error``, largest where the model extrapolates).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from procsky import masks as _masks
+from procsky.calibrate.config import MeasurementConfig, PsfConfig
+from procsky.calibrate.detection import ap_name
+from procsky.calibrate.state import CalibrateState
+from procsky.kernels.growth import GrowthCorrection, aperture_to_total, weighted_clipped_mean
+from procsky.kernels.measure import measure_sources
+from procsky.kernels.psfmodel import model_flux_error
+from procsky.notes import note_degraded
+
+__all__ = ["aperture_corrections", "measure", "measure_with_psf", "on_plane", "psf_flux_errors"]
+
+_GROWTH_BAD = int(_masks.bits("BAD", "SAT", "NO_DATA", "EDGE", "STREAK", "SUSPECT"))
+
+
+def on_plane(mask: np.ndarray, x: np.ndarray, y: np.ndarray, bit_value: int) -> np.ndarray:
+    """Whether any of the 3 x 3 pixels around each centroid has ``bit_value`` set."""
+    ny, nx = mask.shape
+    ok = np.isfinite(x) & np.isfinite(y)
+    ix = np.round(np.where(ok, x, 0.0)).astype(np.int64)
+    iy = np.round(np.where(ok, y, 0.0)).astype(np.int64)
+    out = np.zeros(len(ix), bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            out |= (mask[np.clip(iy + dy, 0, ny - 1), np.clip(ix + dx, 0, nx - 1)] & np.uint32(bit_value)) != 0
+    return out & ok
+
+
+def measure(state: CalibrateState, config: MeasurementConfig) -> None:
+    """First measurement of the detections, without a PSF model (Gaussian of ``state.sigma``)."""
+    det = state.det
+    state.meas = measure_sources(state.sub, state.var_det, state.mask, det.x, det.y, psf_sigma=state.sigma,
+                                 children=det.children, child_ids=state.child_ids, blended=det.blended,
+                                 aperture_radii=config.aperture_radii)
+    state.meas["flag_streak"] = on_plane(state.mask, state.meas["x"], state.meas["y"], state.bit["STREAK"])
+
+
+def _note_cr_on_bright_stars(meas: dict[str, np.ndarray], snr_min: float = 100.0) -> None:
+    """Note when most bright unsaturated sources have a cosmic-ray pixel at their centre
+    (the cosmic-ray steps eating stars rather than hits)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = meas["psf_flux"] / meas["psf_flux_err"]
+    bright = np.isfinite(snr) & (snr > snr_min) & ~meas["flag_saturated"]
+    n, n_cr = int(bright.sum()), int((bright & meas["flag_cr_center"]).sum())
+    if n >= 5 and n_cr > 0.5 * n:
+        note_degraded("cr_on_bright_stars", f"{n_cr} of {n} sources of S/N > {snr_min:g} have a cosmic-ray "
+                      "pixel at their centre", n_bright=n, n_cr_center=n_cr)
+
+
+def measure_with_psf(state: CalibrateState, config: MeasurementConfig) -> None:
+    """Remeasure with the PSF model: centroids from the first pass, PSF stamps there."""
+    det = state.det
+    meas = measure_sources(state.sub, state.var_det, state.mask, state.meas["x"], state.meas["y"],
+                           psf_sigma=state.sigma_psf, children=det.children, child_ids=state.child_ids,
+                           blended=det.blended, aperture_radii=config.aperture_radii, psf_stamps=state.stamps)
+    meas["flag_streak"] = on_plane(state.mask, meas["x"], meas["y"], state.bit["STREAK"])
+    state.meas = meas
+    _note_cr_on_bright_stars(meas)
+
+
+def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> None:
+    """Aperture correction (``apcorr``) over the PSF stars and aperture-to-total (``growth``) over the
+    bright stars."""
+    meas, used, cand = state.meas, state.used, state.cand
+    apc_name = ap_name(meas, config.apcorr_radius)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = meas[apc_name] / meas["psf_flux"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio_err = np.hypot(meas[apc_name + "_err"], ratio * meas["psf_flux_err"]) / meas["psf_flux"]
+    ac_stars = (used & np.isfinite(ratio) & np.isfinite(ratio_err) & (ratio_err > 0) & ~meas["psf_flux_flag"]
+                & ~meas["ap_flux_flag"] & ~meas["flag_interpolated"])
+    apcorr, apcorr_err, ac_kept = weighted_clipped_mean(ratio[ac_stars], ratio_err[ac_stars])
+    n_ac = int(ac_kept.sum())
+    if not (np.isfinite(apcorr) and apcorr > 0):
+        note_degraded("apcorr_default", f"no aperture correction from {int(ac_stars.sum())} PSF stars: 1 used",
+                      n_stars=int(ac_stars.sum()))
+        apcorr, apcorr_err, n_ac = 1.0, float("nan"), 0
+    state.apcorr, state.apcorr_err, state.n_apcorr = apcorr, apcorr_err, n_ac
+    # from the aperture to the total flux: the growth curve of bright stars beyond it
+    growth = GrowthCorrection(status="disabled (total_flux_correction=False)")
+    if config.total_flux_correction:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ap_snr = meas[apc_name] / meas[apc_name + "_err"]
+        gstars = ((used | cand) & ~meas["psf_flux_flag"] & ~meas["ap_flux_flag"] & ~meas["flag_saturated"]
+                  & ~meas["flag_blended"] & ~meas["flag_streak"] & ~meas["flag_interpolated"]
+                  & (ap_snr > config.growth_min_snr))
+        gi = np.flatnonzero(gstars)
+        inner = {r: (meas[ap_name(meas, r)][gi], meas[ap_name(meas, r) + "_err"][gi])
+                 for r in config.aperture_radii if 0.5 * config.apcorr_radius <= r < config.apcorr_radius}
+        growth = aperture_to_total(state.sub, state.var_det, state.mask, state.det.children, state.child_ids[gi],
+                                   meas["x"][gi], meas["y"][gi], meas[apc_name][gi], meas[apc_name + "_err"][gi],
+                                   config.apcorr_radius, inner_fluxes=inner, edges=config.growth_edges,
+                                   sky_annulus=config.growth_sky_annulus, bad_bits=_GROWTH_BAD)
+    if config.total_flux_correction and growth.status != "measured":
+        note_degraded("aperture_to_total_default", f"no aperture-to-total correction ({growth.status}): 1 used",
+                      severity="info")
+    state.growth = growth
+
+
+def psf_flux_errors(state: CalibrateState, config: PsfConfig) -> None:
+    """Corrected ``psf_flux`` and its error ``psf_flux_err``, with the PSF model's own error in quadrature."""
+    meas = state.meas
+    apcorr_total = state.apcorr * state.growth.correction
+    psf_flux = meas["psf_flux"] * apcorr_total
+    # PSF-model error where the model was not fitted (cross-validated on this detector's PSF
+    # stars, see kernels.psfmodel.cross_validated_flux_scatter), added in quadrature
+    flux_sys = float(state.psf_info.get("flux_sys", np.nan)) if config.flux_sys_error else float("nan")
+    if not np.isfinite(flux_sys):
+        flux_sys = 0.0
+    state.psf_info["flux_sys_applied"] = flux_sys
+    # the warp's own fitting noise at each position (largest where the model extrapolates)
+    warp_err = (model_flux_error(state.psf_model, meas["x"], meas["y"])
+                if state.psf_model is not None and config.flux_sys_error else np.zeros(state.n_det))
+    state.psf_flux = psf_flux
+    state.psf_flux_err = np.sqrt((meas["psf_flux_err"] * apcorr_total) ** 2
+                                 + (flux_sys**2 + warp_err**2) * psf_flux**2)
+    state.flux_sys = flux_sys

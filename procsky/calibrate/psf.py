@@ -1,0 +1,172 @@
+"""PSF step: star selection on the size-flux locus and the PSF model of the detector.
+
+A pixelised polynomial PSF (PSFEx-like) with held-back stars when there are enough stars per
+polynomial term, else the constant pixel model with a size-and-shear warp of order 1 across the
+detector (``kernels.psfmodel.warp_images``: 3 numbers per star instead of an image per term);
+lower orders when the stars are fewer, then a Gaussian of the stars' mean moments (recorded in the
+metadata). PSF candidates may carry repaired cosmic-ray pixels away from their centre (weighted 0
+in the fit); the brightest tenth of them is never held back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from procsky import masks as _masks
+from procsky.calibrate.config import PsfConfig
+from procsky.calibrate.detection import ap_name
+from procsky.calibrate.state import CalibrateState
+from procsky.errors import AlgorithmError, NoWorkError
+from procsky.kernels.psfmodel import PsfModelArrays, fit_psf_model, render_stamps, select_psf_stars
+from procsky.notes import note_degraded
+from procsky.psf import SIGMA_TO_FWHM, GaussianPsf, PolynomialImagePsf
+
+__all__ = ["fit_detector_psf", "model_psf", "psf_from_arrays", "select_stars"]
+
+# repaired pixels weigh 0 in the PSF fit
+_ZERO_BITS = int(_masks.bit("CR") | _masks.bit("INTRP"))
+
+
+def fit_detector_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: np.ndarray, y: np.ndarray,
+                     config: PsfConfig) -> tuple:
+    """The PSF model of one detector from its PSF stars, as calibrate fits it.
+
+    Pixel polynomial orders from ``config.order`` down to 0, the first the stars allow
+    (``pixel_stars_per_term`` stars per term with the warp on, else ``min_stars_per_term``;
+    5 for a constant model), with the size-and-shear warp of order ``warp_order`` on top
+    where that is higher than the pixel order.
+
+    Returns
+    -------
+    (PsfModelArrays, used, reserved, pixel order), or ``(None, None, None, reason)`` when no
+    order has enough usable stars.
+    """
+    warp = int(config.warp_order)
+    per_term = config.pixel_stars_per_term if warp >= 0 else config.min_stars_per_term
+    stamp = int(config.stamp_size) | 1
+    reason = "no usable star"
+    for order in range(int(config.order), -1, -1):
+        nc = (order + 1) * (order + 2) // 2
+        try:
+            arrays, used, reserved = fit_psf_model(
+                image, variance, mask, x, y, stamp_size=stamp, order=order,
+                reserve_fraction=config.reserve_fraction,
+                min_stars=5 if order == 0 else max(int(per_term * nc) + 3, 5), zero_bits=_ZERO_BITS,
+                warp_order=warp if warp > order else -1, warp_prior=config.warp_prior)
+        except ValueError as exc:
+            reason = str(exc)
+            continue
+        return arrays, used, reserved, order
+    return None, None, None, reason
+
+
+def psf_from_arrays(model: PsfModelArrays, xy0: tuple[int, int]) -> PolynomialImagePsf:
+    """procsky PSF model from the kernel's PsfModelArrays (oversample 1), in parent pixels."""
+    if model.oversample != 1:
+        raise AlgorithmError("PSF models with oversample != 1 cannot be stored yet; fit with oversample=1")
+    return PolynomialImagePsf(model.coeffs, model.order, model.x_center + xy0[0], model.y_center + xy0[1],
+                              model.x_scale, model.y_scale)
+
+
+def _psf_star_bad(meas: dict[str, np.ndarray]) -> np.ndarray:
+    """Sources that cannot be PSF stars. A cosmic ray (repaired, zero weight in the fit) or a bad
+    pixel away from the centre does not exclude a star: the stamp fit drops stars with bad pixels
+    in their cutout and weights repaired pixels 0, and CR hits in the footprints of the few bright
+    stars of a detector would otherwise leave too few candidates."""
+    return (meas["flag_saturated"] | meas["flag_edge"] | meas["flag_blended"] | meas["flag_interpolated_center"]
+            | meas["flag_cr_center"] | meas["flag_bad_center"] | meas["shape_flag"] | meas["centroid_flag"]
+            | meas["flag_streak"])
+
+
+def select_stars(state: CalibrateState, config: PsfConfig) -> np.ndarray:
+    """PSF star candidates (``state.cand``) on the size-flux locus of ``state.meas``."""
+    meas = state.meas
+    apn = ap_name(meas, 6.0)
+    bad = _psf_star_bad(meas)
+    cand = select_psf_stars(meas["x"], meas["y"], meas["ixx"], meas["iyy"], meas[apn], meas[apn + "_err"], bad,
+                            min_snr=config.min_snr, isolation_radius=config.isolation_radius)
+    if cand.sum() < 5:  # few bright stars (shallow or small image): relax the S/N cut
+        # keep the locus the bright stars show: among fainter sources galaxies may outnumber
+        # the stars and form the densest size window
+        t_bright = (float(np.median(meas["ixx"][cand] + meas["iyy"][cand])) if cand.sum() >= 2 else None)
+        cand = select_psf_stars(meas["x"], meas["y"], meas["ixx"], meas["iyy"], meas[apn], meas[apn + "_err"], bad,
+                                min_snr=min(20.0, config.min_snr), isolation_radius=config.isolation_radius,
+                                locus_T=t_bright, max_excess=config.locus_max_excess)
+    state.cand = cand
+    return bad
+
+
+def model_psf(state: CalibrateState, config: PsfConfig) -> None:
+    """Select the PSF stars and fit the model: ``psf`` (procsky PSF, parent pixels), ``psf_model``
+    (kernel arrays, None for the Gaussian fallback), ``psf_info``, ``used``, ``reserved``, the
+    PSF ``stamps`` at every source and ``sigma_psf``."""
+    bad = select_stars(state, config)
+    meas, cand, n_det = state.meas, state.cand, state.n_det
+    ny, nx = state.shape
+    psf_model = None
+    psf_info: dict = {"n_candidates": int(cand.sum())}
+    used = np.zeros(n_det, bool)
+    reserved = np.zeros(n_det, bool)
+    stamp = int(config.stamp_size) | 1
+    idx = np.flatnonzero(cand)
+    fitted = fit_detector_psf(state.sub, state.var_det, state.mask, meas["x"][idx], meas["y"][idx], config)
+    if fitted[0] is None:
+        psf_info["last_error"] = fitted[3]
+    else:
+        arrays, u, r, order = fitted
+        psf_model = arrays
+        if order < config.order:
+            note_degraded("psf_order_reduced", f"PSF pixel model of order {order} (< psf.order={config.order}): "
+                          f"{int(arrays.n_stars)} PSF stars", severity="info", order=order, n_stars=int(arrays.n_stars))
+        used[idx[u]] = True
+        reserved[idx[r]] = True
+        psf_info.update(model="PolynomialImagePsf", order=int(arrays.order), pixel_order=order,
+                        warp_order=int(arrays.warp_order), n_stars=int(arrays.n_stars),
+                        n_reserved=int(arrays.n_reserved), fwhm_px=float(arrays.fwhm),
+                        reserved_dT_median=float(arrays.reserved_dT_median),
+                        reserved_dT_std=float(arrays.reserved_dT_std),
+                        reserved_dT=[float(v) for v in arrays.reserved_dT],
+                        flux_sys=float(arrays.flux_sys), cv_flux_ratio=[float(v) for v in arrays.cv_flux_ratio])
+    if psf_model is not None:
+        psf = psf_from_arrays(psf_model, state.xy0)
+        stamps = render_stamps(psf_model, meas["x"], meas["y"], stamp)
+    else:
+        stars = cand if cand.any() else (~bad & np.isfinite(meas["ixx"]))
+        if not stars.any() and nx * ny < config.min_pixels_for_failure:
+            raise NoWorkError(
+                f"no star usable for a PSF in this {nx}x{ny} cut-out ({n_det} detections, all flagged or "
+                f"without moments); too small to calibrate (< psf.min_pixels_for_failure="
+                f"{config.min_pixels_for_failure} pixels)"
+            )
+        if not config.fallback_gaussian or not stars.any():
+            raise AlgorithmError(
+                f"too few PSF stars ({int(cand.sum())} candidates) to model the PSF of this {nx}x{ny} image "
+                f"({psf_info.get('last_error', 'no usable star')}); lower psf.min_snr or psf.order"
+            )
+        ixx = float(np.nanmedian(meas["ixx"][stars]))
+        iyy = float(np.nanmedian(meas["iyy"][stars]))
+        ixy = float(np.nanmedian(meas["ixy"][stars]))
+        t = ixx + iyy
+        det_m = ixx * iyy - ixy * ixy
+        if np.isfinite(det_m) and det_m > 0 and t > 0:
+            s, e1, e2 = det_m**0.25, (ixx - iyy) / t, 2 * ixy / t
+            emag = math.hypot(e1, e2)
+            if emag > 0.5:  # a blend or a galaxy dominates: keep the size, drop the shape
+                e1 = e2 = 0.0
+        else:
+            s, e1, e2 = state.sigma, 0.0, 0.0
+        psf = GaussianPsf(float(s), float(e1), float(e2), size=stamp)
+        used[stars] = True
+        psf_info.update(model="GaussianPsf (fallback: too few stars for a pixel model)", n_stars=int(stars.sum()),
+                        fwhm_px=float(psf.fwhm()))
+        note_degraded("few_psf_stars", f"too few PSF stars for a pixel model ({int(cand.sum())} candidates; "
+                      f"{psf_info.get('last_error', 'no usable star')}): Gaussian PSF of {int(stars.sum())} sources' "
+                      "moments used", n_candidates=int(cand.sum()), n_stars=int(stars.sum()))
+        stamps = np.stack([psf.render(0, 0, offset=(float(x - np.floor(x + 0.5)), float(y - np.floor(y + 0.5))))
+                           for x, y in zip(meas["x"], meas["y"])])
+    state.psf, state.psf_model, state.psf_info = psf, psf_model, psf_info
+    state.used, state.reserved, state.stamps = used, reserved, stamps
+    state.sigma_psf = (psf_info["fwhm_px"] / SIGMA_TO_FWHM if np.isfinite(psf_info.get("fwhm_px", np.nan))
+                       else state.sigma)
