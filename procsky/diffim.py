@@ -23,14 +23,18 @@ simulate_pair(...)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import pydantic
 
+from procsky import _dask
 from procsky import masks as _masks
 from procsky.errors import AlgorithmError, NoWorkError, ProcskyValueError
 from procsky.kernels import convolve as _conv
 from procsky.kernels import psfmatch as _pm
+from procsky.psf import PsfModel
 
 __all__ = [
     "SubtractionConfig",
@@ -41,6 +45,17 @@ __all__ = [
     "forced_dia_photometry",
     "simulate_pair",
     "psf_sigma_at",
+    "registration_noise",
+    "corrected_score_variance",
+    "dia_detection_mask",
+    "warp_template_to_science",
+    "difference_image",
+    "diffim_summary",
+    "with_recorded_summary",
+    "note_subtraction",
+    "Deferred",
+    "DeferredPsf",
+    "deferred_exposure",
 ]
 
 _NOT_USABLE = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT", "INTRP")
@@ -61,9 +76,8 @@ _FIT_EXCLUDE = ("NO_DATA", "BAD", "SAT")
 _MASKED = tuple(n for n in _NOT_USABLE if n not in _SPREAD_CORE)
 
 
-@dataclass(frozen=True)
-class SubtractionConfig:
-    """Options of :func:`subtract_images` (the task config mirrors them).
+class SubtractionConfig(pydantic.BaseModel):
+    """Options of :func:`subtract_images` (the ``subtract`` task config contains one).
 
     Attributes
     ----------
@@ -96,11 +110,13 @@ class SubtractionConfig:
         Dask chunk size for the convolution.
     """
 
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
     mode: str = "auto"
-    degrees: tuple = (6, 4, 2)
-    scales: tuple = (0.5, 1.0, 2.0)
-    spatial_order: int = 2
-    background_order: int = 1
+    degrees: tuple[int, ...] = (6, 4, 2)
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    spatial_order: int = pydantic.Field(2, ge=0, le=4)
+    background_order: int = pydantic.Field(1, ge=0, le=4)
     kernel_half_width: int | None = None
     stamp_half: int | None = None
     n_cells: int = 5
@@ -123,35 +139,6 @@ def _bad(mask, planes, names=_NOT_USABLE):
         if n in planes:
             bits |= 1 << planes[n]
     return (np.asarray(mask) & np.uint32(bits)) != 0, bits
-
-
-def _axis_chunks(n, chunk, depth):
-    """Chunk sizes along one axis, every chunk at least ``depth`` (map_overlap needs it)."""
-    c = max(int(chunk), int(depth), 1)
-    sizes = [c] * (n // c) + ([n % c] if n % c else [])
-    if len(sizes) > 1 and sizes[-1] < depth:
-        sizes[-2] += sizes.pop()
-    return tuple(sizes)
-
-
-def _overlap_map(func, arrays, depth, dtype, chunk):
-    """Run ``func(*padded_blocks, block_info)`` per chunk with ``depth`` pixels of overlap."""
-    import dask.array as da
-
-    darrs = [a if hasattr(a, "dask") else da.from_array(np.asarray(a), chunks=chunk) for a in arrays]
-    chunks = tuple(_axis_chunks(n, chunk, depth) for n in darrs[0].shape)
-    darrs = [a.rechunk(chunks) for a in darrs]
-
-    chunks = darrs[0].chunks
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
-
-    def wrapped(*blocks, block_info=None):
-        iy, ix = block_info[0]["chunk-location"]
-        return func(*blocks, y0=int(starts[0][iy]), x0=int(starts[1][ix])).astype(dtype)
-
-    # trim=False: the function returns the valid interior itself (its margin is the overlap).
-    return da.map_overlap(wrapped, *darrs, depth=depth, boundary=0, trim=False, dtype=dtype, chunks=chunks,
-                          meta=np.zeros((0, 0), dtype=dtype), align_arrays=False)
 
 
 def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, *, xy0=(0, 0), spread_bits=0,
@@ -208,9 +195,10 @@ def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, 
             out = (out & np.uint32(~core_bits & 0xFFFFFFFF)) | (core & np.uint32(core_bits))
         return out
 
-    img = _overlap_map(conv_img, [image], h, np.float32, chunk)
-    var = _overlap_map(conv_var, [variance], h, np.float32, chunk)
-    msk = _overlap_map(conv_mask, [mask], r, np.uint32, chunk) if r > 0 else mask
+    img = _dask.map_overlap_with_origin(conv_img, [image], depth=h, dtype=np.float32, chunk=chunk)
+    var = _dask.map_overlap_with_origin(conv_var, [variance], depth=h, dtype=np.float32, chunk=chunk)
+    msk = (_dask.map_overlap_with_origin(conv_mask, [mask], depth=r, dtype=np.uint32, chunk=chunk) if r > 0
+           else mask)
     return img, var, msk
 
 
@@ -220,7 +208,7 @@ def _convolve_plain(arr, kernel2d, chunk, dtype=np.float32):
     def f(b, y0, x0):
         return _conv.convolve_valid(b, kernel2d)
 
-    return _overlap_map(f, [arr], h, dtype, chunk)
+    return _dask.map_overlap_with_origin(f, [arr], depth=h, dtype=dtype, chunk=chunk)
 
 
 def _flux_ratio(conv_img, tgt_img, xs, ys, half):
@@ -383,7 +371,7 @@ def corrected_score_variance(static, sigma, registration_sigma, flux_mismatch):
     return (reg**2 * (gx**2 + gy**2) + eps**2 * f**2).astype(np.float32)
 
 
-def subtract_images(science, template, config: SubtractionConfig | None = None, *, stars=None, lazy=False):
+def subtract_images(science, template, config: SubtractionConfig | None = None, *, stars=None, lazy: bool = True):
     """Difference ``science - K (x) template`` (or ``K (x) science - template``) with Alard-Lupton matching.
 
     Parameters
@@ -397,9 +385,10 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     stars : (x, y) arrays, optional
         Kernel star positions (array pixels); selected automatically when omitted.
     lazy : bool
-        Return dask planes instead of computing them. The measured-noise steps (variance
-        rescale, residual statistics, registration noise) need the pixels and are then
-        skipped: :func:`detect_dia_sources` detects without the registration term.
+        Build the difference as a dask graph (the default): nothing is computed until the
+        planes, the PSF or the summary are. The kernel fit, the noise measurements and the
+        convolution then run once, when the first of them is computed (e.g. when the
+        difference is written); the result is the one ``lazy=False`` gives at once.
 
     Returns
     -------
@@ -407,8 +396,10 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
         In the science image's units and photometric calibration; its PSF is the PSF of the
         difference image; ``metadata['diffim']`` holds the summary.
     kernel : procsky.kernels.psfmatch.MatchingKernel
+        (a :class:`dask.delayed.Delayed` of it when ``lazy``)
     summary : dict
-        Kernel size, basis, direction, stamps used, residual statistics.
+        Kernel size, basis, direction, stamps used, residual statistics (a ``Delayed`` of
+        it when ``lazy``; also ``metadata['diffim']`` of the difference).
 
     Raises
     ------
@@ -417,9 +408,17 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     NoWorkError
         The template has no valid pixels over the science image.
     """
-    import dask.array as da
-
     cfg = config or SubtractionConfig()
+    _check_pair(science, template, cfg)
+    if not lazy:
+        return _subtract_now(science, template, cfg, stars)
+    once = Deferred(_subtract_now, science, template, cfg, stars)
+    diff = deferred_exposure(once, science, part=lambda r: r[0])
+    return diff, once.delayed(lambda r: r[1], "kernel"), diff.metadata["diffim"]
+
+
+def _check_pair(science, template, cfg: SubtractionConfig) -> None:
+    """The checks of a science/template pair that need no pixels."""
     if science.shape != template.shape:
         raise ProcskyValueError(
             f"template shape {template.shape} differs from science shape {science.shape}; warp the template "
@@ -429,6 +428,13 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
         raise ProcskyValueError("science and template need PSF models for PSF matching; run calibrate/coadd first")
     if cfg.mode not in ("auto", "convolve_template", "convolve_science"):
         raise ProcskyValueError(f"mode must be auto, convolve_template or convolve_science, got {cfg.mode!r}")
+
+
+def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
+    """:func:`subtract_images` computed at once (numpy planes)."""
+    import dask.array as da
+
+    _check_pair(science, template, cfg)
     planes = science.mask_planes
     sci = science.compute()
     tpl = template.compute()
@@ -615,43 +621,329 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     dmask = dmask.astype(np.uint32)
     diff = da.where((dmask & np.uint32(nodata)) != 0, np.float32(0.0), diff).astype(np.float32)
     dvar = dvar.astype(np.float32)
-    if not lazy:
-        import dask
-
-        diff, dvar, dmask = dask.compute(diff, dvar, dmask)
-        dmask = np.asarray(dmask, dtype=np.uint32)
-        good = ~((dmask & np.uint32(bad_bits)) != 0)
-        if good.any():
-            z = diff[good] / np.sqrt(np.where(dvar[good] > 0, dvar[good], np.inf))
-            med = float(np.median(z))
-            summary["residual_median_sigma"] = med
-            summary["residual_std_sigma"] = float(1.4826 * np.median(np.abs(z - med)))
-            # The variance plane must predict the difference's noise: the correlated-noise
-            # factors are estimates, so the plane is rescaled by the measured robust
-            # spread of diff / sqrt(var) (recorded; a factor far from 1 is a warning).
-            rescale = summary["residual_std_sigma"]
-            summary["variance_rescale"] = 1.0
-            if np.isfinite(rescale) and 0.5 < rescale < 2.0 and abs(rescale - 1.0) > 0.02:
-                dvar = (dvar * np.float32(rescale**2)).astype(np.float32)
-                summary["variance_rescale"] = float(rescale**2)
-        # Registration and flux-matching noise, measured at bright unsaturated stars of
-        # the science image (S/N > 200: the noise the two images share is then negligible
-        # in the fits), on stamps of the star's core.
-        bx, by = _pm.select_kernel_stars(s_img, s_var, any_hard, psf_sigma=sig_s, stamp_radius=int(math.ceil(3 * fwhm)),
-                                         n_cells=cfg.n_cells, per_cell=cfg.per_cell, min_snr=200.0,
-                                         core_radius=int(math.ceil(2 * fwhm)))
-        static = s_img
-        summary.update(registration_noise(diff, dvar, static, bx, by, int(math.ceil(1.5 * fwhm)),
-                                          bad=(dmask & np.uint32(bad_bits)) != 0))
+    diff, dvar, dmask = _dask.compute(diff, dvar, dmask)
+    dmask = np.asarray(dmask, dtype=np.uint32)
+    good = ~((dmask & np.uint32(bad_bits)) != 0)
+    if good.any():
+        z = diff[good] / np.sqrt(np.where(dvar[good] > 0, dvar[good], np.inf))
+        med = float(np.median(z))
+        summary["residual_median_sigma"] = med
+        summary["residual_std_sigma"] = float(1.4826 * np.median(np.abs(z - med)))
+        # The variance plane must predict the difference's noise: the correlated-noise
+        # factors are estimates, so the plane is rescaled by the measured robust
+        # spread of diff / sqrt(var) (recorded; a factor far from 1 is a warning).
+        rescale = summary["residual_std_sigma"]
+        summary["variance_rescale"] = 1.0
+        if np.isfinite(rescale) and 0.5 < rescale < 2.0 and abs(rescale - 1.0) > 0.02:
+            dvar = (dvar * np.float32(rescale**2)).astype(np.float32)
+            summary["variance_rescale"] = float(rescale**2)
+    # Registration and flux-matching noise, measured at bright unsaturated stars of
+    # the science image (S/N > 200: the noise the two images share is then negligible
+    # in the fits), on stamps of the star's core.
+    bx, by = _pm.select_kernel_stars(s_img, s_var, any_hard, psf_sigma=sig_s, stamp_radius=int(math.ceil(3 * fwhm)),
+                                     n_cells=cfg.n_cells, per_cell=cfg.per_cell, min_snr=200.0,
+                                     core_radius=int(math.ceil(2 * fwhm)))
+    static = s_img
+    summary.update(registration_noise(diff, dvar, static, bx, by, int(math.ceil(1.5 * fwhm)),
+                                      bad=(dmask & np.uint32(bad_bits)) != 0))
     meta = dict(sci.metadata)
     meta["diffim"] = summary
     diff_exp = sci._replace(image=diff, variance=dvar, mask=dmask, psf=diff_psf, metadata=meta)
     return diff_exp, kern, summary
 
 
+# ============================================================================ lazy results
+class Deferred:
+    """A whole-image computation run at most once, by the first graph task or attribute
+    that needs its result.
+
+    The kernel fit needs the pixels of the star stamps and of the whole image (noise
+    correlation, variance rescaling, registration noise), and its results shape the
+    difference's PSF and summary as well as its planes. Wrapping it here lets a difference
+    be built without computing anything, and computed once whichever of planes, PSF or
+    metadata is asked for first (the planes and the metadata when the difference is
+    written). Thread-safe; a failure is kept and raised again to every caller.
+    """
+
+    def __init__(self, func: Callable, *args: Any) -> None:
+        import threading
+        import uuid
+
+        self._func: Callable | None = func
+        self._args: tuple = args
+        self._lock = threading.Lock()
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.name = f"{getattr(func, '__name__', 'deferred').strip('_')}-{uuid.uuid4().hex}"
+
+    @property
+    def done(self) -> bool:
+        """True once the computation ran (successfully or not)."""
+        return self._done
+
+    def get(self) -> Any:
+        """The result, computed on the first call."""
+        with self._lock:
+            if not self._done:
+                try:
+                    self._value = self._func(*self._args)
+                except BaseException as e:  # kept for every later caller
+                    self._error = e
+                self._done = True
+                self._func, self._args = None, ()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def delayed(self, part: Callable[[Any], Any], what: str):
+        """A :class:`dask.delayed.Delayed` of ``part(result)``."""
+        import dask
+
+        return dask.delayed(_deferred_part, pure=False)(self, part, dask_key_name=f"{what}-{self.name}")
+
+
+def _deferred_part(deferred: Deferred, part: Callable[[Any], Any]) -> Any:
+    return part(deferred.get())
+
+
+class DeferredPsf(PsfModel):
+    """The PSF of a deferred difference image: resolved (the difference computed) on first use."""
+
+    def __init__(self, deferred: Deferred, part: Callable[[Any], PsfModel]) -> None:
+        self._deferred = deferred
+        self._part = part
+
+    def resolve(self) -> PsfModel:
+        """The PSF model itself."""
+        psf = self._part(self._deferred.get())
+        if psf is None:
+            raise ProcskyValueError("the deferred difference image has no PSF")
+        return psf
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return self.resolve().size
+
+    def kernel(self, x: float, y: float) -> np.ndarray:
+        return self.resolve().kernel(x, y)
+
+    def render(self, x: float, y: float, *, size: int | None = None,
+               offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+        return self.resolve().render(x, y, size=size, offset=offset)
+
+    def moments(self, x: float, y: float) -> tuple[float, float, float]:
+        return self.resolve().moments(x, y)
+
+    def fwhm(self, x: float, y: float) -> float:
+        return self.resolve().fwhm(x, y)
+
+    def to_dict(self) -> dict:
+        return self.resolve().to_dict()
+
+
+def deferred_exposure(deferred: Deferred, like, *, part: Callable[[Any], Any], metadata_keys=("diffim",),
+                      chunk: int | None = None):
+    """A lazy :class:`~procsky.exposure.Exposure` whose planes, PSF and ``metadata_keys``
+    are those of the exposure ``part(deferred.get())``; everything else is ``like``'s.
+
+    The planes are dask arrays in chunks of ``chunk`` pixels (default: the storage chunk of
+    :meth:`Exposure.write`), the metadata values :class:`dask.delayed.Delayed` objects;
+    they share the one deferred computation.
+    """
+    from procsky.exposure import DEFAULT_CHUNK
+
+    ny, nx = like.shape
+    planes = deferred.delayed(lambda r: _planes_of(part(r)), "planes")
+    image, variance, mask = _dask.from_chunk_tasks([[planes]], [[(ny, nx)]], [np.float32, np.float32, np.uint32],
+                                                   ["diff-image", "diff-variance", "diff-mask"])
+    c = int(chunk or DEFAULT_CHUNK)
+    meta = dict(like.metadata)
+    for k in metadata_keys:
+        meta[k] = deferred.delayed(lambda r, k=k: part(r).metadata[k], f"metadata-{k}")
+    return like._replace(image=image.rechunk(c), variance=variance.rechunk(c), mask=mask.rechunk(c),
+                         psf=DeferredPsf(deferred, lambda r: part(r).psf), metadata=meta)
+
+
+def _planes_of(exp) -> tuple:
+    return (np.asarray(exp.image, dtype=np.float32), np.asarray(exp.variance, dtype=np.float32),
+            np.asarray(exp.mask, dtype=np.uint32))
+
+
+# ============================================================================ one detector
+def warp_template_to_science(templates, science, *, order: int = 3):
+    """Resample template patches onto the science exposure's pixel grid and merge them.
+
+    Parameters
+    ----------
+    templates : list of Exposure
+        Template patches (with WCS and PSF), nJy per template pixel.
+    science : Exposure
+        Science exposure with a WCS; its grid, ``xy0`` and detector are used.
+    order : int
+        Lanczos order.
+
+    Returns
+    -------
+    Exposure
+        numpy planes on the science grid (nJy per science pixel); pixels covered by no
+        template are NO_DATA; PSF = the warped PSF of the patch covering the detector
+        centre (else of the patch covering the most pixels).
+
+    Raises
+    ------
+    NoWorkError
+        No template overlaps the science exposure.
+    """
+    from procsky.coadd import WarpConfig, warp_exposure
+    from procsky.exposure import Exposure
+
+    if science.wcs is None:
+        raise ProcskyValueError("the science exposure has no WCS; it cannot be matched to a template")
+    ny, nx = science.shape
+    nodata = np.uint32(_masks.bit("NO_DATA"))
+    img = np.zeros((ny, nx), np.float32)
+    var = np.zeros((ny, nx), np.float32)
+    msk = np.full((ny, nx), nodata, np.uint32)
+    filled = np.zeros((ny, nx), bool)
+    best = (None, -1, False)
+    cfg = WarpConfig(order=order, chunk=max(ny, nx) if max(ny, nx) <= 4096 else 2048)
+    for tpl in templates:
+        if tpl is None:
+            continue
+        try:
+            w = warp_exposure(tpl, science.wcs_cards, (ny, nx), xy0=(0, 0), config=cfg, full=True)
+        except NoWorkError:
+            continue
+        i, v, m = _dask.compute(w.image, w.variance, w.mask)
+        ok = ((m & nodata) == 0) & np.isfinite(i) & ~filled
+        img[ok], var[ok], msk[ok] = i[ok], v[ok], m[ok]
+        filled |= ok
+        covers_center = bool(((m & nodata) == 0)[ny // 2, nx // 2])
+        score = int(ok.sum())
+        if w.psf is not None and ((covers_center and not best[2]) or (covers_center == best[2] and score > best[1])):
+            best = (w.psf, score, covers_center)
+    if not filled.any():
+        raise NoWorkError("no template patch overlaps this detector")
+    return Exposure(img, var, msk, wcs=science.wcs, wcs_cards=science.wcs_cards, psf=best[0],
+                    detector=science.detector, xy0=science.xy0,
+                    metadata={"flux_unit": "nJy", "template_coverage": float(filled.mean())})
+
+
+#: Metadata keys a detector difference (:func:`difference_image`) adds to the calexp's.
+DIFFERENCE_METADATA = ("diffim", "diffim_record")
+
+
+def difference_image(calexp, templates, config: SubtractionConfig | None = None, *,
+                     detection: DiaConfig | None = None, warp_order: int = 3, lazy: bool = True):
+    """The difference image of one detector, as the ``subtract`` task stores it.
+
+    The template patches are warped onto the calexp's grid (:func:`warp_template_to_science`),
+    subtracted (:func:`subtract_images`) and the DIA detections of both polarities flagged
+    in the mask (:func:`dia_detection_mask`, with the calexp as the static sky of the
+    registration-noise term, as :func:`detect_dia_sources` is then called on it).
+    ``metadata`` gains ``diffim`` (the summary) and ``diffim_record``: JSON text of the
+    summary (non-finite values kept, which JSON metadata turns into null), the matching
+    kernel (:meth:`MatchingKernel.to_dict`) and the template coverage, from which
+    :func:`diffim_summary` is made. Degraded-mode notes (few kernel stamps, variance not
+    rescaled, partial template) are made when the difference is computed.
+
+    With ``lazy`` (the default) nothing is computed: the planes are dask arrays and the
+    metadata values delayed objects of one deferred computation (see :class:`Deferred`).
+    """
+    cfg = config or SubtractionConfig()
+    det = detection or DiaConfig()
+    if not lazy:
+        return _difference_now(calexp, templates, cfg, det, warp_order)
+    once = Deferred(_difference_now, calexp, templates, cfg, det, warp_order)
+    return deferred_exposure(once, calexp, part=lambda r: r, metadata_keys=DIFFERENCE_METADATA)
+
+
+def _difference_now(calexp, templates, cfg: SubtractionConfig, det: DiaConfig, warp_order: int):
+    import json
+
+    science = calexp.compute()
+    tpl = warp_template_to_science(templates, science, order=warp_order)
+    diff, kernel, summary = _subtract_now(science, tpl, cfg)
+    # the science image is the static sky of the registration-noise term of the score
+    mask = dia_detection_mask(diff, det, static=np.asarray(science.image, dtype=np.float32))
+    coverage = tpl.metadata.get("template_coverage")
+    note_subtraction(summary, cfg.spatial_order, coverage)
+    meta = dict(diff.metadata)
+    meta["diffim_record"] = json.dumps({"summary": summary, "template_coverage": coverage,
+                                        "kernel": kernel.to_dict()}, default=_json_value)
+    return diff._replace(mask=mask, metadata=meta)
+
+
+def _json_value(obj: Any) -> Any:
+    """numpy scalars and arrays, tuples -> JSON values (as the repository's JSON storage)."""
+    tolist = getattr(obj, "tolist", None)
+    if tolist is not None and getattr(obj, "ndim", 0) > 0:
+        return tolist()
+    item = getattr(obj, "item", None)
+    if item is not None:
+        return item()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def note_subtraction(summary: dict, spatial_order: int, template_coverage: float | None = None) -> None:
+    """Degraded-mode notes of one subtraction: kernel order capped by few stamps, noise too
+    far from the variance plane to rescale, partial template coverage."""
+    from procsky.notes import note_degraded
+
+    need, n = _pm._min_stamps(spatial_order), summary.get("n_stamps_used")
+    if n is not None and n < need:
+        note_degraded("few_kernel_stamps", f"only {n} of {summary.get('n_stamps')} kernel stamps used (< {need} for "
+                      f"spatial_order={spatial_order}): kernel spatial order "
+                      f"{summary.get('spatial_order_used')}", n_stamps_used=n,
+                      spatial_order_used=summary.get("spatial_order_used"))
+    res = summary.get("residual_std_sigma")
+    if res is not None and summary.get("variance_rescale") == 1.0 and (not np.isfinite(res) or abs(res - 1.0) > 0.5):
+        note_degraded("variance_not_rescaled", f"the difference's noise is {res:.2f} x what its variance plane "
+                      "predicts, too far from 1 to rescale: detection thresholds are off by that factor",
+                      residual_std_sigma=res)
+    cov = template_coverage
+    if cov is not None and cov < 0.9:
+        note_degraded("template_partial_coverage", f"the template covers {100 * cov:.0f} % of the detector: the rest "
+                      "of the difference image is NO_DATA", severity="info", coverage=cov)
+
+
+def with_recorded_summary(diff):
+    """``diff`` with ``metadata["diffim"]`` as :func:`difference_image` made it (from
+    ``diffim_record``: stored JSON metadata turns non-finite values into null, which would
+    change what :func:`detect_dia_sources` reads there); ``diff`` itself without a record."""
+    import json
+
+    text = (diff.metadata or {}).get("diffim_record")
+    if not text:
+        return diff
+    return diff._replace(metadata={**diff.metadata, "diffim": json.loads(text)["summary"]})
+
+
+def diffim_summary(diff, dia_sources) -> dict:
+    """The per-detector ``diffim_summary`` of a difference made by :func:`difference_image`
+    and its DIA sources: the subtraction summary, the DIA source counts, the template
+    coverage and the matching kernel."""
+    import json
+
+    record = json.loads((diff.metadata or {}).get("diffim_record") or "{}")
+    summary = dict(record.get("summary") or {})
+    dia = dia_sources
+    summary.update({
+        "n_dia_sources": int(len(dia)),
+        "n_dia_positive": int((~dia.is_negative & ~dia.is_dipole).sum()),
+        "n_dia_negative": int(dia.is_negative.sum()),
+        "n_dia_dipoles": int(dia.is_dipole.sum()),
+        "template_coverage": record.get("template_coverage"),
+        "kernel": record.get("kernel"),
+    })
+    return summary
+
+
 # ============================================================================ DIA sources
-@dataclass(frozen=True)
-class DiaConfig:
+class DiaConfig(pydantic.BaseModel):
     """Options of :func:`detect_dia_sources`.
 
     Attributes
@@ -679,8 +971,10 @@ class DiaConfig:
         Fractional flux-matching noise; default: measured likewise (``flux_mismatch_rms``).
     """
 
-    nsigma: float = 5.0
-    dipole_radius: float = 1.5
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    nsigma: float = pydantic.Field(5.0, gt=0)
+    dipole_radius: float = pydantic.Field(1.5, gt=0)
     edge_margin: int = 3
     max_masked_fraction: float = 0.2
     min_area: int = 3
@@ -827,6 +1121,57 @@ def _dipole_fit(image, variance, mask, bits, psf, xp, yp, xn, yn, xy0, half):
             "neg_x": float(params[3]), "neg_y": float(params[4]), "neg_flux": float(params[5]), "chi2": float(chi2)}
 
 
+def _detect_both(exp, cfg: DiaConfig, static=None) -> tuple:
+    """Detection in both polarities on a computed difference ``exp``.
+
+    Returns ``(image, variance, mask, detections, psf_sigma)``: ``mask`` is a copy of the
+    difference's with DETECTED / DETECTED_NEGATIVE set, ``detections`` a list of
+    ``(x, y, polarity, peak_significance)`` (array pixels), positive ones first.
+    """
+    from procsky.kernels.detection import detect_sources
+
+    img = np.asarray(exp.image, dtype=np.float32)
+    var = np.asarray(exp.variance, dtype=np.float32)
+    mask = np.asarray(exp.mask, dtype=np.uint32).copy()
+    planes = exp.mask_planes
+    ny, nx = img.shape
+    x0, y0 = exp.xy0
+    psf = exp.psf
+    if psf is None:
+        raise ProcskyValueError("the difference image has no PSF; subtract_images sets one")
+    cx, cy = x0 + nx / 2, y0 + ny / 2
+    sigma = psf_sigma_at(psf, cx, cy)
+    nodata_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD") if n in planes], planes=planes)
+    extra = None
+    if static is not None and np.shape(static) != img.shape:
+        raise ProcskyValueError(f"static image shape {np.shape(static)} differs from the difference's {img.shape}; "
+                                "pass the science image on the difference's pixel grid")
+    if cfg.registration_noise and static is not None:
+        meta = (exp.metadata or {}).get("diffim") or {}
+        reg = cfg.registration_sigma if cfg.registration_sigma is not None else meta.get("registration_sigma_px")
+        eps = cfg.flux_mismatch if cfg.flux_mismatch is not None else meta.get("flux_mismatch_rms")
+        if reg is not None or eps is not None:
+            extra = corrected_score_variance(static, sigma, np.nan if reg is None else reg,
+                                             np.nan if eps is None else eps)
+    dets = []
+    for pol in (1, -1):
+        res = detect_sources(img, var, mask, psf_sigma=sigma, nsigma=cfg.nsigma, polarity=pol, min_area=cfg.min_area,
+                             extra_variance=extra,
+                             deblend=True, bad_bits=nodata_bits)
+        plane = "DETECTED" if pol == 1 else "DETECTED_NEGATIVE"
+        if plane in planes:
+            mask[res.detected] |= np.uint32(1 << planes[plane])
+        for i in range(len(res.x)):
+            dets.append((float(res.x[i]), float(res.y[i]), pol, float(res.peak_significance[i])))
+    return img, var, mask, dets, sigma
+
+
+def dia_detection_mask(diff, config: DiaConfig | None = None, *, static=None) -> np.ndarray:
+    """The mask of ``diff`` with the DETECTED / DETECTED_NEGATIVE planes of
+    :func:`detect_dia_sources` (same arguments) set, without measuring the sources."""
+    return _detect_both(diff.compute(), config or DiaConfig(), static)[2]
+
+
 def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
     """Detect and measure sources on a difference image, both polarities.
 
@@ -855,49 +1200,21 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
     """
     import pandas as pd
 
-    from procsky.kernels.detection import detect_sources
     from procsky.kernels.measure import adaptive_moments, windowed_centroid
 
     cfg = config or DiaConfig()
     exp = diff.compute()
-    img = np.asarray(exp.image, dtype=np.float32)
-    var = np.asarray(exp.variance, dtype=np.float32)
-    mask = np.asarray(exp.mask, dtype=np.uint32).copy()
+    img, var, mask, dets, sigma = _detect_both(exp, cfg, static)
     planes = exp.mask_planes
     ny, nx = img.shape
     x0, y0 = exp.xy0
     psf = exp.psf
-    if psf is None:
-        raise ProcskyValueError("the difference image has no PSF; subtract_images sets one")
-    cx, cy = x0 + nx / 2, y0 + ny / 2
-    sigma = psf_sigma_at(psf, cx, cy)
     fwhm = 2.3548 * sigma
     nodata_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD") if n in planes], planes=planes)
     fit_bits = _masks.bits(*[n for n in _FIT_EXCLUDE if n in planes], planes=planes)
     masked_bits = _masks.bits(*[n for n in _MASKED if n in planes], planes=planes)
     repaired_bits = _masks.bits(*[n for n in _SPREAD_CORE if n in planes], planes=planes)
     sat_bits = _masks.bits(*[n for n in ("SAT",) if n in planes], planes=planes)
-    extra = None
-    if static is not None and np.shape(static) != img.shape:
-        raise ProcskyValueError(f"static image shape {np.shape(static)} differs from the difference's {img.shape}; "
-                                "pass the science image on the difference's pixel grid")
-    if cfg.registration_noise and static is not None:
-        meta = (exp.metadata or {}).get("diffim") or {}
-        reg = cfg.registration_sigma if cfg.registration_sigma is not None else meta.get("registration_sigma_px")
-        eps = cfg.flux_mismatch if cfg.flux_mismatch is not None else meta.get("flux_mismatch_rms")
-        if reg is not None or eps is not None:
-            extra = corrected_score_variance(static, sigma, np.nan if reg is None else reg,
-                                             np.nan if eps is None else eps)
-    dets = []
-    for pol in (1, -1):
-        res = detect_sources(img, var, mask, psf_sigma=sigma, nsigma=cfg.nsigma, polarity=pol, min_area=cfg.min_area,
-                             extra_variance=extra,
-                             deblend=True, bad_bits=nodata_bits)
-        plane = "DETECTED" if pol == 1 else "DETECTED_NEGATIVE"
-        if plane in planes:
-            mask[res.detected] |= np.uint32(1 << planes[plane])
-        for i in range(len(res.x)):
-            dets.append((float(res.x[i]), float(res.y[i]), pol, float(res.peak_significance[i])))
     # Pair positive and negative detections into dipoles (closest pairs first).
     pos = [d for d in dets if d[2] == 1]
     neg = [d for d in dets if d[2] == -1]

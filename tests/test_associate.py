@@ -86,7 +86,7 @@ def epochs():
         sci.detector = {"id": 3}
         if n == 0:
             first_truth = truth
-        diff, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=0, degrees=(4, 2, 2)))
+        diff, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=0, degrees=(4, 2, 2)), lazy=False)
         out.append((diff, first_truth))
     return out
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import dask
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.spatial import cKDTree
 
@@ -43,7 +45,7 @@ def varying_pair():
 def varying_diff(varying_pair):
     sci, tpl, truth = varying_pair
     sci.photocalib = PhotoCalib(2.0)
-    return subtract_images(sci, tpl)
+    return subtract_images(sci, tpl, lazy=False)
 
 
 def test_static_sky_subtracts_to_noise(varying_diff, varying_pair):
@@ -62,8 +64,8 @@ def test_static_sky_subtracts_to_noise(varying_diff, varying_pair):
 
 def test_spatially_varying_kernel_beats_constant(varying_pair):
     sci, tpl, truth = varying_pair
-    const, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=0, decorrelate=False))
-    vary, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=2, decorrelate=False))
+    const, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=0, decorrelate=False), lazy=False)
+    vary, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=2, decorrelate=False), lazy=False)
     z_c = _stamp_z(const, truth)
     z_v = _stamp_z(vary, truth)
     assert np.mean(z_v**2) < 0.6 * np.mean(z_c**2)
@@ -111,7 +113,7 @@ def test_negative_and_dipole_sources():
     _render_star(img, 180.0, 190.0, -20000.0, sig, None, 20)
     _render_star(img, 181.5, 190.0, 20000.0, sig, None, 20)
     sci.image = img.astype(np.float32)
-    diff, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=0, degrees=(4, 2, 2)))
+    diff, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=0, degrees=(4, 2, 2)), lazy=False)
     df, _ = detect_dia_sources(diff)
     neg = df[(df.x - 60.3).abs().lt(2) & (df.y - 70.2).abs().lt(2)]
     assert len(neg) == 1 and bool(neg.is_negative.iloc[0])
@@ -125,19 +127,19 @@ def test_negative_and_dipole_sources():
 def test_convolve_science_when_template_is_broader():
     sci, tpl, truth = simulate_pair((320, 320), n_stars=200, seeing_science=(1.4, 1.4), seeing_template=2.2, seed=8,
                                     template_depth=8.0)
-    diff, kern, summary = subtract_images(sci, tpl, SubtractionConfig(spatial_order=1, degrees=(4, 2, 2)))
+    diff, kern, summary = subtract_images(sci, tpl, SubtractionConfig(spatial_order=1, degrees=(4, 2, 2)), lazy=False)
     assert summary["mode"] == "convolve_science"
     z = _stamp_z(diff, truth, margin=40)
     assert 0.85 <= z.std() <= 1.25 and abs(z.mean()) < 0.1
     forced = subtract_images(sci, tpl, SubtractionConfig(mode="convolve_template", spatial_order=0, degrees=(4, 2, 2),
-                                                         decorrelate=False))[2]
+                                                         decorrelate=False), lazy=False)[2]
     assert forced["mode"] == "convolve_template"
 
 
 def test_chunked_convolution_equals_single_chunk_and_lazy(varying_pair):
     sci, tpl, truth = varying_pair
     cfg = dict(spatial_order=1, degrees=(2, 2, 2), n_cells=3)
-    a, ka, _ = subtract_images(sci, tpl, SubtractionConfig(chunk=512, **cfg))
+    a, ka, _ = subtract_images(sci, tpl, SubtractionConfig(chunk=512, **cfg), lazy=False)
     b, kb, _ = subtract_images(sci, tpl, SubtractionConfig(chunk=100, **cfg), lazy=True)
     assert b.is_lazy
     b = b.compute()
@@ -153,7 +155,7 @@ def test_light_curve_amplitude():
     for n, ph in enumerate(phases):
         sci, tpl, truth = simulate_pair((256, 256), n_stars=150, seeing_science=(2.0, 2.0), seeing_template=1.5,
                                         seed=21, variable_delta=amp * np.sin(ph), noise_seed=n)
-        diff, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=0, degrees=(4, 2, 2)))
+        diff, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=0, degrees=(4, 2, 2)), lazy=False)
         st = truth["stars"]
         f = forced_dia_photometry(diff, x=[st["x"][0]], y=[st["y"][0]], ids=[7])
         assert list(f.dia_object_id) == [7]
@@ -168,9 +170,9 @@ def test_light_curve_amplitude():
 def test_errors_say_what_to_do():
     sci, tpl, _ = simulate_pair((128, 128), n_stars=2, seed=3)
     with pytest.raises(ProcskyValueError, match="warp the template"):
-        subtract_images(sci, tpl[0:100, 0:100])
+        subtract_images(sci, tpl[0:100, 0:100], lazy=False)
     with pytest.raises(AlgorithmError, match="kernel"):
-        subtract_images(sci, tpl)
+        subtract_images(sci, tpl, lazy=False)
 
 
 def test_select_best_seeing():
@@ -188,6 +190,8 @@ def test_template_and_subtract_tasks():
 
     from procsky.coadd import warp_exposure
     from procsky.exposure import VisitInfo
+    from procsky.diffim import warp_template_to_science
+    from procsky.tasks.dia import DetectDiaTask
     from procsky.tasks.diffim import MakeTemplateTask, SubtractTask
 
     shape = (192, 192)
@@ -202,7 +206,7 @@ def test_template_and_subtract_tasks():
         exp.photocalib = PhotoCalib(0.5)
         exp.visit_info = VisitInfo(mjd=60000.0 + n, band="g", visit=10 + n)
         warps.append(warp_exposure(exp, exp.wcs_cards, shape, full=True).compute())
-    out = MakeTemplateTask({"best_seeing_fraction": 0.5, "min_count": 2, "reject_artifacts": False}).run(warps)
+    out = MakeTemplateTask({"best_seeing_fraction": 0.5, "min_count": 2, "coadd": {"reject_artifacts": False}}).run(warps)
     tpl = out["template"].compute()
     assert tpl.metadata["template_visits"] == [11, 12]
     assert tpl.psf is not None and tpl.psf.fwhm(96, 96) < 1.7 * 2.3548
@@ -210,8 +214,13 @@ def test_template_and_subtract_tasks():
                                   n_transients=3, transient_flux=(8000.0, 10000.0), wcs=w)
     sci.photocalib = PhotoCalib(0.5)
     sci.visit_info = VisitInfo(mjd=60010.0, band="g", visit=20)
-    res = SubtractTask({"spatial_order": 0, "degrees": [4, 2, 2]}).run(
-        sci, [tpl], data_ids={"calexp": {"instrument": "x", "visit": 20, "detector": 1}})
+    did = {"instrument": "x", "visit": 20, "detector": 1}
+    with dask.config.set(scheduler=_no_compute):  # the task builds a graph, computes nothing
+        res = SubtractTask({"subtraction": {"spatial_order": 0, "degrees": [4, 2, 2]}}).run(
+            sci, [tpl], data_ids={"calexp": did})
+    assert set(res) == {"diff"} and res["diff"].is_lazy
+    diff = res["diff"].compute()
+    res = DetectDiaTask().run(diff, sci, data_ids={"diff": did})
     dia, summary = res["dia_source"], res["summary"]
     assert summary["n_dia_sources"] == len(dia) and summary["mode"] == "convolve_template"
     assert summary["kernel_sum"] == pytest.approx(2.0, rel=0.03)  # counts per nJy of the 0.5 nJy/count science
@@ -220,9 +229,22 @@ def test_template_and_subtract_tasks():
     assert np.all(d < 1.5)
     np.testing.assert_allclose(dia.psf_flux.to_numpy()[i], 0.5 * truth["transients"]["flux"], rtol=0.1)
     assert (dia.visit == 20).all()
-    det = res["diff"].mask_bits("DETECTED")
+    det = diff.mask_bits("DETECTED")
     for x, y in zip(truth["transients"]["x"], truth["transients"]["y"]):
-        assert res["diff"].mask[int(round(y)), int(round(x))] & det
+        assert diff.mask[int(round(y)), int(round(x))] & det
+    # the same outputs as subtracting and detecting at once
+    wt = warp_template_to_science([tpl], sci)
+    d0, k0, s0 = subtract_images(sci, wt, SubtractionConfig(spatial_order=0, degrees=(4, 2, 2)), lazy=False)
+    df0, m0 = detect_dia_sources(d0, static=np.asarray(sci.image, np.float32))
+    for a, b in ((diff.image, d0.image), (diff.variance, d0.variance), (diff.mask, m0)):
+        np.testing.assert_array_equal(a, b)
+    assert diff.psf.to_dict() == d0.psf.to_dict()
+    pd.testing.assert_frame_equal(dia[list(df0.columns)], df0)
+    assert summary["kernel"] == k0.to_dict() and {k: summary[k] for k in s0} == s0
+
+
+def _no_compute(*args, **kwargs):
+    raise AssertionError("a dask graph was computed")
 
 
 # ----------------------------------------------------------------------------- slow: sim
@@ -285,7 +307,7 @@ def test_small_simulation_dia(small_r_det4, small_r_det4_calexps):
         sci = calexps[v]
         tpl = build_coadd([calexps[t] for t in tvis], out_cards=sci.wcs_cards, out_shape=sci.shape,
                           config=CoaddConfig(reject_artifacts=False), inputs_are_warps=False).to_exposure().compute()
-        diff, kern, summ = subtract_images(sci, tpl)
+        diff, kern, summ = subtract_images(sci, tpl, lazy=False)
         df, _ = detect_dia_sources(diff, static=np.asarray(sci.image, np.float32))  # as SubtractTask
         diffs[v], dfs[v] = diff, df
         # per-detector summary: kernel size, residual statistics

@@ -1,8 +1,11 @@
 """DIA tasks: ``detect_dia``, ``associate_dia`` and ``forced_dia``.
 
-* ``detect_dia`` (per {instrument, visit, detector}): re-run DIA detection and measurement
-  on a stored ``diff`` (``subtract`` already does it; this task lets one change the
-  threshold without re-subtracting). Writes ``dia_source``.
+* ``detect_dia`` (per {instrument, visit, detector}): DIA detection in both polarities and
+  measurement (:func:`procsky.diffim.detect_dia_sources`) on a stored ``diff``, with the
+  calexp as the static sky of the registration-noise term of the detection score. Writes
+  ``dia_source`` and the per-detector ``diffim_summary`` (the subtraction summary stored
+  with the difference plus the DIA source counts). Run after ``subtract``, it measures the
+  difference once it is stored, so that the difference is computed once.
 * ``associate_dia`` (per {skymap, tract}): gathers every ``dia_source`` of the run and
   associates them into ``dia_object`` (:func:`procsky.kernels.associate.associate_sources`:
   nearest object within 1 arcsec, visits in time order, sources by id; running mean
@@ -19,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pydantic
 
-from procsky.diffim import DiaConfig, detect_dia_sources, forced_dia_photometry
+from procsky.diffim import DiaConfig, detect_dia_sources, diffim_summary, forced_dia_photometry, with_recorded_summary
 from procsky.errors import NoWorkError
 from procsky.kernels.associate import associate_sources
 from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, register_task
@@ -33,10 +36,8 @@ _PATCH = ("skymap", "tract", "patch")
 class DetectDiaConfig(TaskConfig):
     """Configuration of :class:`DetectDiaTask`."""
 
-    detection_threshold: float = pydantic.Field(5.0, gt=0)
-    """Threshold in units of the local matched-filter noise, sigma."""
-    dipole_radius: float = pydantic.Field(1.5, gt=0)
-    """Opposite-sign detections closer than this (PSF FWHM) form a dipole."""
+    dia: DiaConfig = DiaConfig()
+    """Detection threshold, dipole pairing, flags (:class:`procsky.diffim.DiaConfig`)."""
 
 
 @register_task("detect_dia")
@@ -44,18 +45,28 @@ class DetectDiaTask(Task):
     """Detection in both polarities and measurement on a difference image."""
 
     dimensions = _VD
-    inputs = {"diff": Input("diff", _VD)}
-    outputs = {"dia_source": Output("dia_source", _VD)}
+    inputs = {
+        "diff": Input("diff", _VD),
+        "static": Input("calexp", _VD, optional=True),
+    }
+    outputs = {
+        "dia_source": Output("dia_source", _VD),
+        "summary": Output("diffim_summary", _VD),
+    }
     Config = DetectDiaConfig
 
-    def run(self, diff, data_ids=None):
-        df, _ = detect_dia_sources(diff, DiaConfig(nsigma=self.config.detection_threshold,
-                                                   dipole_radius=self.config.dipole_radius))
+    def run(self, diff, static=None, data_ids=None):
+        """Returns ``{"dia_source": DataFrame, "summary": dict}``."""
+        if diff is None:
+            raise NoWorkError("no difference image")
+        sky = None if static is None else np.asarray(static.image, dtype=np.float32)
+        diff = with_recorded_summary(diff)
+        df, _ = detect_dia_sources(diff, self.config.dia, static=sky)
         did = (data_ids or {}).get("diff") or {}
         for k in ("visit", "detector"):
             if k in did:
                 df[k] = np.full(len(df), int(did[k]), dtype=np.int64)
-        return {"dia_source": df}
+        return {"dia_source": df, "summary": diffim_summary(diff, df)}
 
 
 def associate_dia_sources(sources: list, data_ids: list | None = None, *, radius_arcsec: float = 1.0,

@@ -3,13 +3,13 @@
 * ``make_template`` (per {skymap, tract, patch, band}): coadd of the best-seeing warps of
   the patch (a configurable fraction, at least a minimum count), stored as ``template``;
   built with :func:`procsky.coadd.build_coadd`.
-* ``subtract`` (per {instrument, visit, detector}): warps the overlapping template patches
-  onto the science detector's pixel grid (:func:`warp_template_to_science`, Lanczos3 via
-  :func:`procsky.coadd.warp_exposure`), PSF-matches and subtracts
-  (:func:`procsky.diffim.subtract_images`: Alard-Lupton kernel with spatial variation and a
-  differential background, noise decorrelation), detects and measures DIA sources in both
-  polarities (:func:`procsky.diffim.detect_dia_sources`). Outputs ``diff``, ``dia_source``
-  and a per-detector ``diffim_summary`` dict.
+* ``subtract`` (per {instrument, visit, detector}): the difference image of a calexp
+  (:func:`procsky.diffim.difference_image`: the overlapping template patches warped onto
+  the detector's grid, Alard-Lupton PSF matching with spatial variation and a differential
+  background, noise decorrelation, DIA detections flagged in the mask), handed to the
+  executor as a lazy graph and computed once, when it is written. ``detect_dia``
+  (:mod:`procsky.tasks.dia`) then measures the DIA sources on the stored difference and
+  writes ``dia_source`` and the per-detector ``diffim_summary``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import numpy as np
 import pydantic
 
 from procsky import masks as _masks
-from procsky.diffim import DiaConfig, SubtractionConfig, detect_dia_sources, subtract_images
-from procsky.errors import NoWorkError, ProcskyValueError
-from procsky.exposure import Exposure
-from procsky.notes import note_degraded
+from procsky.coadd import CoaddConfig
+from procsky.diffim import DiaConfig, SubtractionConfig, difference_image, warp_template_to_science
+from procsky.errors import NoWorkError
 from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, register_task
 
 __all__ = ["MakeTemplateTask", "SubtractTask", "warp_template_to_science", "select_best_seeing", "visit_bands"]
@@ -87,10 +86,8 @@ class MakeTemplateConfig(TaskConfig):
     """At least this many warps (all when fewer exist)."""
     max_count: int | None = None
     """At most this many warps."""
-    statistic: str = "mean"
-    """Coadd statistic (``mean``, ``clipped_mean``, ``median``)."""
-    reject_artifacts: bool = True
-    """CompareWarp-style artifact rejection (see :class:`procsky.coadd.CoaddConfig`)."""
+    coadd: CoaddConfig = CoaddConfig()
+    """How the selected warps are combined (statistic, CompareWarp-style artifact rejection ...)."""
 
 
 @register_task("make_template")
@@ -121,7 +118,7 @@ class MakeTemplateTask(Task):
 
     def run(self, warps):
         """Coadd the best-seeing warps; returns ``{"template": Exposure}`` (lazy planes)."""
-        from procsky.coadd import CoaddConfig, build_coadd
+        from procsky.coadd import build_coadd
         from procsky.wcs import shift_wcs, wcs_from_cards
 
         warps = [w for w in warps if w is not None]
@@ -151,8 +148,7 @@ class MakeTemplateTask(Task):
         y1 = max(w.xy0[1] + w.shape[0] for w in sel)
         ref = sel[0]
         _, cards = shift_wcs(wcs_from_cards(ref.wcs_cards), x0 - ref.xy0[0], y0 - ref.xy0[1], ref.wcs_cards)
-        cfg = CoaddConfig(statistic=self.config.statistic, reject_artifacts=self.config.reject_artifacts)
-        lazy = build_coadd(sel, out_cards=cards, out_shape=(y1 - y0, x1 - x0), xy0=(x0, y0), config=cfg,
+        lazy = build_coadd(sel, out_cards=cards, out_shape=(y1 - y0, x1 - x0), xy0=(x0, y0), config=self.config.coadd,
                            inputs_are_warps=True)
         band = None
         if ref.visit_info is not None:
@@ -165,128 +161,36 @@ class MakeTemplateTask(Task):
 
 
 # ------------------------------------------------------------------------ subtraction
-def warp_template_to_science(templates, science: Exposure, *, order: int = 3) -> Exposure:
-    """Resample template patches onto the science exposure's pixel grid and merge them.
-
-    Parameters
-    ----------
-    templates : list of Exposure
-        Template patches (with WCS and PSF), nJy per template pixel.
-    science : Exposure
-        Science exposure with a WCS; its grid, ``xy0`` and detector are used.
-    order : int
-        Lanczos order.
-
-    Returns
-    -------
-    Exposure
-        numpy planes on the science grid (nJy per science pixel); pixels covered by no
-        template are NO_DATA; PSF = the warped PSF of the patch covering the detector
-        centre (else of the patch covering the most pixels).
-
-    Raises
-    ------
-    NoWorkError
-        No template overlaps the science exposure.
-    """
-    import dask
-
-    from procsky.coadd import WarpConfig, warp_exposure
-
-    if science.wcs is None:
-        raise ProcskyValueError("the science exposure has no WCS; it cannot be matched to a template")
-    ny, nx = science.shape
-    nodata = np.uint32(_masks.bit("NO_DATA"))
-    img = np.zeros((ny, nx), np.float32)
-    var = np.zeros((ny, nx), np.float32)
-    msk = np.full((ny, nx), nodata, np.uint32)
-    filled = np.zeros((ny, nx), bool)
-    best = (None, -1, False)
-    cfg = WarpConfig(order=order, chunk=max(ny, nx) if max(ny, nx) <= 4096 else 2048)
-    for tpl in templates:
-        if tpl is None:
-            continue
-        try:
-            w = warp_exposure(tpl, science.wcs_cards, (ny, nx), xy0=(0, 0), config=cfg, full=True)
-        except NoWorkError:
-            continue
-        i, v, m = dask.compute(w.image, w.variance, w.mask)
-        ok = ((m & nodata) == 0) & np.isfinite(i) & ~filled
-        img[ok], var[ok], msk[ok] = i[ok], v[ok], m[ok]
-        filled |= ok
-        covers_center = bool(((m & nodata) == 0)[ny // 2, nx // 2])
-        score = int(ok.sum())
-        if w.psf is not None and ((covers_center and not best[2]) or (covers_center == best[2] and score > best[1])):
-            best = (w.psf, score, covers_center)
-    if not filled.any():
-        raise NoWorkError("no template patch overlaps this detector")
-    return Exposure(img, var, msk, wcs=science.wcs, wcs_cards=science.wcs_cards, psf=best[0],
-                    detector=science.detector, xy0=science.xy0,
-                    metadata={"flux_unit": "nJy", "template_coverage": float(filled.mean())})
-
-
 class SubtractConfig(TaskConfig):
-    """Configuration of :class:`SubtractTask` (see :class:`procsky.diffim.SubtractionConfig`)."""
+    """Configuration of :class:`SubtractTask`."""
 
-    mode: str = "auto"
-    """``auto`` (convolve the sharper image), ``convolve_template`` or ``convolve_science``."""
-    degrees: tuple[int, ...] = (6, 4, 2)
-    """Polynomial degree of each Gaussian of the Alard-Lupton basis."""
-    scales: tuple[float, ...] = (0.5, 1.0, 2.0)
-    """Gaussian widths in units of the matching sigma."""
-    spatial_order: int = pydantic.Field(2, ge=0, le=4)
-    """Maximum order of the spatial variation of the kernel (chosen by cross-validation)."""
-    background_order: int = pydantic.Field(1, ge=0, le=4)
-    """Order of the differential background."""
-    kernel_half_width: int | None = None
-    """Kernel half-width in pixels (default from the PSF widths)."""
-    min_snr: float = 30.0
-    """Minimum significance of kernel stars."""
-    n_cells: int = 5
-    """Kernel stars are spread over n_cells x n_cells cells ..."""
-    per_cell: int = 6
-    """... with at most this many per cell."""
-    decorrelate: bool = True
-    """Apply the noise-decorrelation afterburner."""
-    chunk: int = 1024
-    """Dask chunk side of the convolution, pixels."""
-    detection_threshold: float = 5.0
-    """DIA detection threshold, sigma."""
+    subtraction: SubtractionConfig = SubtractionConfig()
+    """PSF matching and subtraction (:class:`procsky.diffim.SubtractionConfig`)."""
+    detection_threshold: float = pydantic.Field(5.0, gt=0)
+    """Threshold of the DIA detections flagged in the difference's mask (DETECTED,
+    DETECTED_NEGATIVE), sigma; ``detect_dia`` measures the sources at its own threshold."""
     warp_order: int = 3
     """Lanczos order of the template warp."""
     template_search_radius: float = 2.0
     """Templates whose patch centre is farther than this from the visit boresight are not
     read (degrees; used only when the registry knows the boresight and the sky map)."""
 
-    def subtraction(self) -> SubtractionConfig:
-        return SubtractionConfig(mode=self.mode, degrees=tuple(self.degrees), scales=tuple(self.scales),
-                                 spatial_order=self.spatial_order, background_order=self.background_order,
-                                 kernel_half_width=self.kernel_half_width, min_snr=self.min_snr,
-                                 n_cells=self.n_cells, per_cell=self.per_cell, decorrelate=self.decorrelate,
-                                 chunk=self.chunk)
-
 
 @register_task("subtract")
 class SubtractTask(Task):
-    """Template warp, Alard-Lupton subtraction, DIA detection and measurement per detector."""
+    """Template warp, Alard-Lupton subtraction and DIA detection mask per detector (lazy)."""
 
     dimensions = _VD
     inputs = {
         "calexp": Input("calexp", _VD),
         "templates": Input("template", _PATCH + ("band",), multiple=True),
     }
-    outputs = {
-        "diff": Output("diff", _VD),
-        "dia_source": Output("dia_source", _VD),
-        "summary": Output("diffim_summary", _VD),
-    }
+    outputs = {"diff": Output("diff", _VD)}
     Config = SubtractConfig
     # One detector's subtraction is a few CPU-seconds of numpy/numba work: it runs in the
     # worker thread that holds the quantum (parallelism comes from the many detectors of a
-    # stage). As a ``parallel`` task every quantum seceded from its worker at once and
-    # queued its small graphs behind every other quantum's, so each quantum's wall time was
-    # the whole stage's (300 s of wall for 1-2 s of CPU per quantum on the demo) and its
-    # CPU time was not counted in its thread.
+    # stage). As a ``parallel`` task every quantum would secede from its worker and queue
+    # its small graphs behind every other quantum's, its wall time becoming the stage's.
     parallel = False
 
     def quanta(self, repo, inputs, where):
@@ -316,51 +220,13 @@ class SubtractTask(Task):
         return out
 
     def run(self, calexp, templates, data_ids=None):
-        """Returns ``{"diff": Exposure, "dia_source": DataFrame, "summary": dict}``."""
+        """Returns ``{"diff": Exposure}``: a lazy difference image, computed when written."""
         if calexp is None:
             raise NoWorkError("no calexp")
-        science = calexp.compute()
-        tpl = warp_template_to_science(templates, science, order=self.config.warp_order)
-        diff, kernel, summary = subtract_images(science, tpl, self.config.subtraction())
-        # the science image is the static sky of the registration-noise term of the score
-        dia, mask = detect_dia_sources(diff, DiaConfig(nsigma=self.config.detection_threshold),
-                                       static=np.asarray(science.image, dtype=np.float32))
-        diff = diff._replace(mask=mask)
-        did = (data_ids or {}).get("calexp") or {}
-        for k in ("visit", "detector"):
-            if k in did:
-                dia[k] = np.full(len(dia), int(did[k]), dtype=np.int64)
-        summary = dict(summary)
-        summary.update({
-            "n_dia_sources": int(len(dia)),
-            "n_dia_positive": int((~dia.is_negative & ~dia.is_dipole).sum()),
-            "n_dia_negative": int(dia.is_negative.sum()),
-            "n_dia_dipoles": int(dia.is_dipole.sum()),
-            "template_coverage": tpl.metadata.get("template_coverage"),
-            "kernel": kernel.to_dict(),
-        })
-        _note_subtraction(summary, self.config)
-        return {"diff": diff, "dia_source": dia, "summary": summary}
-
-
-def _note_subtraction(summary: dict, config: SubtractConfig) -> None:
-    """Degraded-mode notes of one subtraction (kernel order capped by few stamps, partial template)."""
-    from procsky.kernels.psfmatch import _min_stamps
-
-    need, n = _min_stamps(config.spatial_order), summary.get("n_stamps_used")
-    if n is not None and n < need:
-        note_degraded("few_kernel_stamps", f"only {n} of {summary.get('n_stamps')} kernel stamps used (< {need} for "
-                      f"spatial_order={config.spatial_order}): kernel spatial order "
-                      f"{summary.get('spatial_order_used')}", n_stamps_used=n, spatial_order_used=summary.get("spatial_order_used"))
-    res = summary.get("residual_std_sigma")
-    if res is not None and summary.get("variance_rescale") == 1.0 and (not np.isfinite(res) or abs(res - 1.0) > 0.5):
-        note_degraded("variance_not_rescaled", f"the difference's noise is {res:.2f} x what its variance plane "
-                      "predicts, too far from 1 to rescale: detection thresholds are off by that factor",
-                      residual_std_sigma=res)
-    cov = summary.get("template_coverage")
-    if cov is not None and cov < 0.9:
-        note_degraded("template_partial_coverage", f"the template covers {100 * cov:.0f} % of the detector: the rest "
-                      "of the difference image is NO_DATA", severity="info", coverage=cov)
+        diff = difference_image(calexp, templates, self.config.subtraction,
+                                detection=DiaConfig(nsigma=self.config.detection_threshold),
+                                warp_order=self.config.warp_order)
+        return {"diff": diff}
 
 
 def _sep(ra1, dec1, ra2, dec2) -> float:
