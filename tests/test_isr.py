@@ -28,13 +28,12 @@ from procsky.kernels.isr import (
     saturation_mask,
 )
 from procsky.photocalib import PhotoCalib
+from procsky.isr import IsrConfig, run_isr
 from procsky.tasks.isr import (
-    IsrConfig,
     IsrTask,
     MakeMasterBiasTask,
     MakeMasterDarkTask,
     MakeMasterFlatTask,
-    run_isr,
 )
 
 NY, NX, NOS = 96, 80, 16
@@ -437,3 +436,22 @@ def test_raw_small_isr_calibrate_matches_calibrated_twin(small_r_det4, tmp_path)
     assert std_all < 0.3  # independent exposures would give 1
     dzp = sum_b["zero_point"] - sum_a["zero_point"] - 2.5 * np.log10(g / norm)
     assert abs(dzp) < 0.003  # the issue's zero-point tolerance (3 mmag)
+
+
+def test_isr_task_configs_nest_the_library_settings():
+    """Each ISR task config holds the frozen library settings of :mod:`procsky.isr` (same
+    defaults as before the split); pipeline overrides address them with dotted paths."""
+    import pydantic
+
+    from procsky.isr import MasterConfig, MasterDarkConfig, OverscanConfig
+    from procsky.tasks.base import override_config
+
+    cfg = IsrTask().config
+    assert cfg.isr == IsrConfig() and cfg.isr.overscan == OverscanConfig(method="poly", order=3, nsigma=3.0)
+    assert MakeMasterBiasTask().config.master == MasterConfig()
+    assert MakeMasterDarkTask().config.master == MasterDarkConfig()
+    assert MakeMasterDarkTask().config.master.defect_nsigma == 5.0
+    new = override_config(cfg, {"isr.units": "adu", "isr.overscan.order": 2})
+    assert new.isr.units == "adu" and new.isr.overscan.order == 2 and cfg.isr.units == "electron"
+    with pytest.raises(pydantic.ValidationError):
+        IsrConfig(overscan_order=2)  # the overscan settings live in IsrConfig.overscan

@@ -21,7 +21,8 @@ The order and conventions follow the LSST ``IsrTask`` and ccdproc:
 Master frames are combined pixel by pixel with an iterated sigma-clipped mean
 (:func:`combine_frames`), as ``lsst.cp.pipe`` and ccdproc's ``Combiner`` do.
 
-No dask, no I/O, no procsky imports: the tasks in ``procsky.tasks.isr`` wrap these.
+No dask, no I/O, no procsky imports: :mod:`procsky.isr` applies these to Exposures (and
+:mod:`procsky.tasks.isr` wraps that in tasks).
 """
 
 from __future__ import annotations
