@@ -150,26 +150,58 @@ def chunk_slices(shape: tuple[int, int], chunks: tuple[int, int]) -> Iterator[tu
             yield slice(y, min(y + cy, ny)), slice(x, min(x + cx, nx))
 
 
-def store_planes(planes: Mapping[str, Any], targets: Mapping[str, Any], *, batch: int = 16) -> None:
+def _regions(planes: Mapping[str, Any], shape: tuple[int, int], chunks: tuple[int, int]) -> list[tuple[slice, slice]]:
+    """Write regions: the dask chunks of the planes when they all share one grid made of
+    whole storage chunks (each region then is one task's output), else the storage chunks."""
+    grids = {tuple(a.chunks) for a in planes.values() if is_dask(a)}
+    if len(grids) == 1:
+        grid = grids.pop()
+        bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in grid]
+        if all(all(int(b) % c == 0 or int(b) == n for b in bs) for bs, c, n in zip(bounds, chunks, shape)):
+            return [(slice(int(y0), int(y1)), slice(int(x0), int(x1)))
+                    for y0, y1 in zip(bounds[0][:-1], bounds[0][1:])
+                    for x0, x1 in zip(bounds[1][:-1], bounds[1][1:])]
+    return list(chunk_slices(shape, chunks))
+
+
+def store_planes(planes: Mapping[str, Any], targets: Mapping[str, Any], *, batch: int = 16,
+                 with_first: Sequence[Any] = ()) -> tuple:
     """Compute lazy ``planes`` and write them into the matching zarr ``targets``, ``batch``
-    storage chunks at a time.
+    regions at a time.
 
     Every write covers whole storage chunks of the target (zarr v3 takes no locks, so two
-    writers of one chunk would lose data); peak memory is one batch of chunks of every
-    plane, whatever the size of the image and the depth of the graph behind it.
+    writers of one chunk would lose data); a region is one dask chunk of the planes when
+    their chunks are made of whole storage chunks, else one storage chunk. Peak memory is
+    one batch of regions of every plane, whatever the size of the image and the depth of
+    the graph behind it; when every region fits one batch, the graph is computed once.
+
+    ``with_first``: further dask objects (e.g. ``dask.delayed`` statistics of the planes)
+    computed in the same call as the first batch, so work they share with the planes is
+    done once. Returns their computed values, in order.
     """
     names = list(planes)
+    extra = list(with_first)
     if not names:
-        return
-    shape = targets[names[0]].shape
-    chunks = targets[names[0]].chunks
-    slices = list(chunk_slices(shape, chunks))
-    for k in range(0, len(slices), batch):
-        part = slices[k : k + batch]
-        blocks = compute(*[tuple(planes[n][s] for n in names) for s in part])
-        for s, values in zip(part, blocks):
-            for n, v in zip(names, values):
+        return tuple(compute(*extra)) if extra else ()
+    shape = tuple(targets[names[0]].shape)
+    chunks = tuple(targets[names[0]].chunks)
+    for n in names:
+        if tuple(targets[n].shape) != shape or tuple(targets[n].chunks) != chunks:
+            raise ValueError(f"target {n!r} has shape/chunks {targets[n].shape}/{targets[n].chunks}, "
+                             f"not {shape}/{chunks} like {names[0]!r}")
+    slices = _regions(planes, shape, chunks)
+    values: tuple = ()
+    for k in range(0, len(slices), max(int(batch), 1)):
+        part = slices[k : k + max(int(batch), 1)]
+        first = extra if k == 0 else []
+        out = compute(*[tuple(planes[n][s] for n in names) for s in part], *first)
+        blocks, got = out[: len(part)], out[len(part) :]
+        if k == 0:
+            values = tuple(got)
+        for s, vals in zip(part, blocks):
+            for n, v in zip(names, vals):
                 targets[n][s] = np.asarray(v, dtype=targets[n].dtype)
+    return values
 
 
 def on_dask_worker() -> bool:

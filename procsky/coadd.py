@@ -1,8 +1,9 @@
-"""Warping and coaddition as lazy dask graphs (the one place of this stage that owns dask).
+"""Coaddition as lazy dask graphs: warps (or calexps warped on the fly) combined per patch.
 
-The numerical work is in :mod:`procsky.kernels.warp` and :mod:`procsky.kernels.coadd`
-(numpy/numba only); this module turns it into dask arrays over output chunks, evaluates
-the WCS pixel mappings and writes Zarr.
+The numerical work is in :mod:`procsky.kernels.coadd` (combination, artifact search) and
+:mod:`procsky.kernels.psfmatch` (Fourier PSF matching to a Gaussian); warping is in
+:mod:`procsky.warp`; dask is driven through :mod:`procsky._dask`. This module builds the
+per-chunk tasks, the coadd weights and the coadd PSF.
 
 Design (after reproject's ``mosaicking/_coadd.py``):
 
@@ -20,36 +21,61 @@ Design (after reproject's ``mosaicking/_coadd.py``):
 * Per-visit weights (inverse median variance) are known from metadata, computed from
   numpy inputs, or are a small lazy dask reduction on which every chunk task depends, so
   building a coadd graph computes nothing.
-* Writing goes to a pre-created Zarr exposure, in batches of whole storage chunks
-  (:func:`procsky.exposure.write_zarr_region` refuses unaligned writes).
+* Writing goes through :meth:`procsky.exposure.Exposure.write` (the path the pipeline
+  takes), which stores the planes and the ``n_inputs`` plane in batches of whole storage
+  chunks (:func:`procsky._dask.store_planes`).
 * The coadd PSF is a :class:`procsky.psf.CoaddPsf`: each input's PSF warped onto the
   output grid (on a grid of positions, :class:`procsky.psf.GridImagePsf`) with its
   footprint polygon and coadd weight; at any position only the inputs whose footprint
   contains it contribute (LSST's ``CoaddPsf``).
 
-Public API: :class:`WarpConfig`, :class:`CoaddConfig`, :func:`warp_exposure`,
-:func:`build_coadd` (returns a :class:`LazyCoadd`), :func:`pixel_mapping`.
+Public API: :class:`CoaddConfig`, :func:`build_coadd` (returns a :class:`LazyCoadd`),
+:func:`psf_match_exposure`. The warp names (:class:`WarpConfig`, :func:`warp_exposure`,
+:func:`pixel_mapping`, :func:`source_box`, :func:`footprint_polygon`,
+:func:`psf_grid_nodes`) are re-exported from :mod:`procsky.warp`.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pydantic
 
+from procsky import _dask
 from procsky import masks as _masks
 from procsky.errors import NoWorkError, ProcskyTypeError, ProcskyValueError
-from procsky.exposure import Exposure, create_zarr_exposure, write_zarr_region
+from procsky.exposure import Exposure
 from procsky.kernels import coadd as kc
+from procsky.kernels import psfmatch as kpm
 from procsky.kernels import warp as kw
-from procsky.psf import CoaddPsf, GaussianPsf, GridImagePsf, ImagePsf, PsfModel
+from procsky.psf import CoaddPsf, GaussianPsf, ImagePsf, PsfModel
 from procsky.skymap import Box, PatchInfo
-from procsky.wcs import wcs_from_cards
+from procsky.warp import (  # re-exported: the public warp names were long importable from here
+    WarpConfig,
+    _area_at,
+    _calexp_median_variance,
+    _chunk_boxes,
+    _component,
+    _is_dask,
+    _make_warp_source,
+    _median_variance_of,
+    _plane_store,
+    _psf_input_of_calexp,
+    _PsfInput,
+    _Source,
+    _sub,
+    _warped_psf,
+    _zarr_of,
+    footprint_polygon,
+    pixel_mapping,
+    psf_grid_nodes,
+    source_box,
+    warp_exposure,
+)
 
 __all__ = [
     "CoaddConfig",
@@ -57,6 +83,7 @@ __all__ = [
     "WarpConfig",
     "build_coadd",
     "pixel_mapping",
+    "psf_match_exposure",
     "source_box",
     "footprint_polygon",
     "psf_grid_nodes",
@@ -64,37 +91,6 @@ __all__ = [
 ]
 
 _NO_DATA = _masks.bit("NO_DATA")
-
-
-class WarpConfig(pydantic.BaseModel):
-    """How calexps are resampled onto a sky grid.
-
-    Attributes
-    ----------
-    order : int
-        Lanczos order (3: Lanczos3, LSST's and SWarp's default).
-    grid_step : int, pixels
-        Spacing of the coarse grid on which the WCS mapping is evaluated exactly and then
-        interpolated with bicubic splines (error < 0.001 px, tested); 0 evaluates every
-        pixel exactly.
-    mask_radius : float, pixels, optional
-        Input mask bits within this distance of the sample point are ORed into the output;
-        ``None`` means the whole Lanczos footprint.
-    chunk : int, pixels
-        Output chunk side (dask chunks and Zarr storage chunks).
-    psf_grid_step : int, pixels
-        Spacing of the grid of positions (multiples of it in the tract pixel frame, plus
-        the box edges) on which warp and coadd PSFs are evaluated and stored; they are
-        interpolated bilinearly in between (:class:`procsky.psf.GridImagePsf`).
-    """
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-
-    order: int = pydantic.Field(3, ge=1, le=8)
-    grid_step: int = pydantic.Field(32, ge=0)
-    mask_radius: float | None = None
-    chunk: int = pydantic.Field(1024, ge=16)
-    psf_grid_step: int = pydantic.Field(500, ge=16)
 
 
 class CoaddConfig(pydantic.BaseModel):
@@ -150,128 +146,6 @@ class CoaddConfig(pydantic.BaseModel):
     warp: WarpConfig = WarpConfig()
 
 
-# ----------------------------------------------------------------------------- mapping
-_LOCAL = threading.local()
-
-
-def _wcs(cards, shape=None):
-    """A WCS from cards, parsed once per thread (astropy WCS objects are not thread-safe,
-    and parsing costs ~15 ms, more than warping a small chunk)."""
-    cache = getattr(_LOCAL, "wcs", None)
-    if cache is None:
-        cache = _LOCAL.wcs = {}
-    key = (repr(list(cards)), None if shape is None else tuple(shape))
-    w = cache.get(key)
-    if w is None:
-        if len(cache) > 256:
-            cache.clear()
-        w = cache[key] = wcs_from_cards(cards, shape)
-    return w
-
-
-def pixel_mapping(out_cards, in_cards, box: Box, *, grid_step: int = 32, in_shape=None):
-    """Input pixel coordinates sampled by each output pixel of ``box``.
-
-    Parameters
-    ----------
-    out_cards, in_cards : list of FITS cards
-        Output and input WCSs (stored cards; rebuilt here, one copy per call, so this is
-        thread-safe).
-    box : Box
-        Output pixels (in the output WCS's pixel frame).
-    grid_step : int, pixels
-        0: exact at every pixel; otherwise exact on a grid of this spacing (plus the box
-        edges) and bicubic-spline interpolated in between.
-    in_shape : (ny, nx), optional
-
-    Returns
-    -------
-    xin, yin : ndarray (box.ny, box.nx) float64
-        0-based input pixel coordinates (NaN where the mapping is undefined).
-    """
-    out_wcs = _wcs(out_cards)
-    in_wcs = _wcs(in_cards, in_shape)
-
-    def exact(x, y):
-        ra, dec = out_wcs.pixel_to_world_values(x, y)
-        with np.errstate(all="ignore"):
-            xi, yi = in_wcs.world_to_pixel_values(ra, dec)
-        return np.asarray(xi, float), np.asarray(yi, float)
-
-    xs = np.arange(box.x0, box.x1, dtype=float)
-    ys = np.arange(box.y0, box.y1, dtype=float)
-    if grid_step <= 0 or (box.nx <= 4 * grid_step and box.ny <= 4 * grid_step and box.nx * box.ny <= 4096):
-        xx, yy = np.meshgrid(xs, ys)
-        return exact(xx, yy)
-
-    def grid(lo, hi):
-        n = max(4, int(math.ceil((hi - 1 - lo) / grid_step)) + 1)
-        return np.linspace(lo, hi - 1, n) if hi - lo > 1 else np.array([lo - 1.0, lo, lo + 1.0, lo + 2.0])
-
-    gx, gy = grid(box.x0, box.x1), grid(box.y0, box.y1)
-    gxx, gyy = np.meshgrid(gx, gy)
-    xi, yi = exact(gxx, gyy)
-    if not (np.all(np.isfinite(xi)) and np.all(np.isfinite(yi))):
-        xx, yy = np.meshgrid(xs, ys)
-        return exact(xx, yy)
-    return kw.interpolate_grid(gx, gy, xi, xs, ys), kw.interpolate_grid(gx, gy, yi, xs, ys)
-
-
-def _jacobian(out_cards, in_cards, x: float, y: float, in_shape=None) -> np.ndarray:
-    """d(x_in, y_in)/d(x_out, y_out) at output pixel (x, y), by central differences."""
-    b = Box(int(math.floor(x)) - 1, int(math.floor(y)) - 1, int(math.floor(x)) + 2, int(math.floor(y)) + 2)
-    xi, yi = pixel_mapping(out_cards, in_cards, b, grid_step=0, in_shape=in_shape)
-    return np.array([[(xi[1, 2] - xi[1, 0]) / 2, (xi[2, 1] - xi[0, 1]) / 2],
-                     [(yi[1, 2] - yi[1, 0]) / 2, (yi[2, 1] - yi[0, 1]) / 2]])
-
-
-# ----------------------------------------------------------------------------- sources
-def _zarr_of(arr):
-    """The zarr.Array behind a dask array made by ``da.from_zarr`` (else None)."""
-    try:
-        import zarr
-
-        graph = arr.__dask_graph__()
-        if len(graph.layers) != 1:
-            return None
-        for task in dict(graph).values():
-            for a in getattr(task, "args", ()):
-                v = getattr(a, "value", a)
-                if isinstance(v, zarr.Array) and tuple(v.shape) == tuple(arr.shape):
-                    return v
-            return None
-    except Exception:
-        return None
-    return None
-
-
-def _is_dask(a) -> bool:
-    return type(a).__module__.startswith("dask")
-
-
-def _plane_store(a):
-    """A readable array for a plane: numpy, zarr.Array, or the dask array itself."""
-    if _is_dask(a):
-        z = _zarr_of(a)
-        return z if z is not None else a
-    return np.asarray(a)
-
-
-@dataclass
-class _Source:
-    """Base: one input visit/detector as seen on the output grid."""
-
-    box: Box  # output pixels it may cover
-    visit: int | None
-    weight_index: int
-
-    def needs_dask(self) -> bool:
-        return False
-
-    def dask_parts(self, box: Box):
-        return None
-
-
 @dataclass
 class _GridSource(_Source):
     """An exposure already on the output grid (a warp); planes cover ``box``."""
@@ -312,442 +186,6 @@ class _GridSource(_Source):
         return out_img, out_var, out_msk
 
 
-@dataclass
-class _WarpSource(_Source):
-    """A calexp resampled on the fly; ``box`` is its footprint on the output grid."""
-
-    image: object = None
-    variance: object = None
-    mask: object = None
-    in_cards: list = field(default_factory=list)
-    in_shape: tuple = (0, 0)
-    out_cards: list = field(default_factory=list)
-    calibration: float = 1.0
-    warp: WarpConfig = WarpConfig()
-    remap: object = None
-
-    def needs_dask(self) -> bool:
-        return _is_dask(self.image)
-
-    def dask_parts(self, box: Box):
-        # The input region needed for ``box``; read through dask (a dependency).
-        reg = self._input_region(box)
-        if reg is None:
-            return None
-        return (reg, self.image[reg.slices()], self.variance[reg.slices()], self.mask[reg.slices()])
-
-    def _input_region(self, box: Box, mapping=None):
-        inter = box.intersection(self.box)
-        if inter.empty:
-            return None
-        if mapping is None:
-            # Outline of the box (exact WCS), enough for the bounding region.
-            xi, yi = _outline_mapping(self.out_cards, self.in_cards, inter, self.in_shape)
-        else:
-            xi, yi = mapping
-        ok = np.isfinite(xi) & np.isfinite(yi)
-        if not ok.any():
-            return None
-        a = self.warp.order + 2
-        ny, nx = self.in_shape
-        reg = Box(max(0, int(np.floor(xi[ok].min())) - a), max(0, int(np.floor(yi[ok].min())) - a),
-                  min(nx, int(np.ceil(xi[ok].max())) + a + 1), min(ny, int(np.ceil(yi[ok].max())) + a + 1))
-        return None if reg.empty else reg
-
-    def read(self, box: Box, parts=None):
-        out_img = np.full(box.shape, np.nan, np.float32)
-        out_var = np.full(box.shape, np.nan, np.float32)
-        out_msk = np.full(box.shape, _NO_DATA, np.uint32)
-        inter = box.intersection(self.box)
-        if inter.empty:
-            return out_img, out_var, out_msk
-        xin, yin = pixel_mapping(self.out_cards, self.in_cards, inter, grid_step=self.warp.grid_step,
-                                 in_shape=self.in_shape)
-        if parts is not None:
-            reg, img, var, msk = parts
-            # The dependency covers the region for the whole requested box; crop to ours.
-            img, var, msk = np.asarray(img), np.asarray(var), np.asarray(msk)
-        else:
-            reg = self._input_region(inter, (xin, yin))
-            if reg is None:
-                return out_img, out_var, out_msk
-            sl = reg.slices()
-            img, var, msk = (np.asarray(p[sl]) for p in (self.image, self.variance, self.mask))
-        if self.remap is not None:
-            msk = self.remap[0].remap(msk.astype(np.uint32), self.remap[1])
-        scale = self.calibration * kw.area_ratio(xin, yin) if min(inter.shape) >= 2 else self.calibration
-        wi, wv, wm = kw.warp_planes(img, var, msk, xin - reg.x0, yin - reg.y0, scale, order=self.warp.order,
-                                    mask_radius=self.warp.mask_radius, no_data_bit=_NO_DATA)
-        dst = inter.shifted(-box.x0, -box.y0).slices()
-        out_img[dst], out_var[dst], out_msk[dst] = wi, wv, wm
-        return out_img, out_var, out_msk
-
-
-def _outline_mapping(out_cards, in_cards, box: Box, in_shape):
-    n = 9
-    xs = np.concatenate([np.linspace(box.x0, box.x1 - 1, n), np.full(n, box.x1 - 1.0),
-                         np.linspace(box.x0, box.x1 - 1, n), np.full(n, float(box.x0))])
-    ys = np.concatenate([np.full(n, float(box.y0)), np.linspace(box.y0, box.y1 - 1, n),
-                         np.full(n, box.y1 - 1.0), np.linspace(box.y0, box.y1 - 1, n)])
-    ow, iw = _wcs(out_cards), _wcs(in_cards, in_shape)
-    ra, dec = ow.pixel_to_world_values(xs, ys)
-    with np.errstate(all="ignore"):
-        xi, yi = iw.world_to_pixel_values(ra, dec)
-    return np.asarray(xi, float), np.asarray(yi, float)
-
-
-def source_box(exposure: Exposure, out_cards, out_shape, *, chunk: int | None = None) -> Box | None:
-    """Bounding box on an output grid of an exposure's footprint (None if disjoint).
-
-    Parameters
-    ----------
-    exposure : Exposure
-        Input with a WCS.
-    out_cards : list
-        Output WCS cards.
-    out_shape : (ny, nx)
-    chunk : int, optional
-        Expand the box outwards to multiples of this (aligned storage writes).
-    """
-    from procsky.skymap import footprint_points
-
-    in_wcs = exposure.wcs
-    if in_wcs is None:
-        raise ProcskyValueError("the exposure has no WCS; calibrate it (astrometry) before warping")
-    ra, dec = footprint_points(in_wcs, exposure.shape, n_edge=24)
-    ow = _wcs(out_cards)
-    x, y = ow.world_to_pixel_values(ra, dec)
-    x, y = np.asarray(x), np.asarray(y)
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        return None
-    full = Box(0, 0, int(out_shape[1]), int(out_shape[0]))
-    b = Box(int(np.floor(x.min())) - 1, int(np.floor(y.min())) - 1, int(np.ceil(x.max())) + 2,
-            int(np.ceil(y.max())) + 2).intersection(full)
-    if b.empty:
-        return None
-    if chunk:
-        b = Box(b.x0 // chunk * chunk, b.y0 // chunk * chunk, min(full.x1, -(-b.x1 // chunk) * chunk),
-                min(full.y1, -(-b.y1 // chunk) * chunk))
-    return b
-
-
-# ----------------------------------------------------------------------------- chunks
-def _chunk_boxes(box: Box, chunk: int):
-    """Chunk boxes tiling ``box`` (relative grid starting at box origin), row-major."""
-    ys = list(range(box.y0, box.y1, chunk))
-    xs = list(range(box.x0, box.x1, chunk))
-    return [[Box(x, y, min(x + chunk, box.x1), min(y + chunk, box.y1)) for x in xs] for y in ys]
-
-
-def _assemble(chunk_tasks, boxes, dtype_list, names):
-    """dask arrays (one per output plane) from per-chunk delayed tuples."""
-    import dask.array as da
-
-    planes = []
-    for k, (dt, name) in enumerate(zip(dtype_list, names)):
-        rows = []
-        for row_t, row_b in zip(chunk_tasks, boxes):
-            rows.append([da.from_delayed(t[k], shape=b.shape, dtype=dt, meta=np.empty((0, 0), dt), name=f"{name}-{t.key}-{k}")
-                         for t, b in zip(row_t, row_b)])
-        planes.append(da.block(rows))
-    return planes
-
-
-def _warp_chunk(box: Box, source: _Source, parts):
-    img, var, msk = source.read(box, parts)
-    return img, var, msk
-
-
-def _median_variance_of(arr) -> float:
-    """Median of the finite, positive values of a (subsampled) variance plane."""
-    a = np.asarray(arr, dtype=np.float64)
-    a = a[np.isfinite(a) & (a > 0)]
-    if a.size == 0:
-        return float("nan")
-    return float(np.median(a))
-
-
-def _sub(arr, n: int = 64):
-    """A strided subsample of a plane (about n x n values) for robust statistics."""
-    ny, nx = arr.shape
-    return arr[:: max(1, ny // n), :: max(1, nx // n)]
-
-
-# ----------------------------------------------------------------------------- warp
-def warp_exposure(calexp: Exposure, out_cards, out_shape, *, xy0=(0, 0), config: WarpConfig | None = None,
-                  full: bool = False, metadata: dict | None = None) -> Exposure:
-    """Resample a calibrated exposure onto an output grid (e.g. a patch), lazily.
-
-    Parameters
-    ----------
-    calexp : Exposure
-        Input (numpy, Zarr-backed or other dask planes) with WCS; its PhotoCalib turns
-        counts into nJy (without one the pixel unit is kept).
-    out_cards : list
-        Output WCS cards (``PatchInfo.wcs_cards``).
-    out_shape : (ny, nx)
-        Output grid shape.
-    xy0 : (int, int)
-        Parent (tract) pixel of output pixel (0, 0); the warp's ``xy0`` adds its offset.
-    config : WarpConfig
-    full : bool
-        Cover the whole output grid; otherwise only the chunk-aligned overlap box.
-    metadata : dict, optional
-        Added to the output metadata.
-
-    Returns
-    -------
-    Exposure
-        Lazy planes (dask, chunked ``config.chunk``) in nJy per output pixel; ``xy0`` is
-        the tract pixel of its first pixel; WCS = output WCS shifted to the box; PSF = a
-        :class:`~procsky.psf.GridImagePsf` (tract pixels) of the input PSF warped to the
-        output frame on a grid of ``config.psf_grid_step``, valid where the input has
-        data; metadata holds
-        ``median_variance`` (nJy^2, for per-visit weights), the box and the visit.
-
-    Raises
-    ------
-    NoWorkError
-        The exposure does not overlap the output grid.
-    """
-    config = config or WarpConfig()
-    out_shape = (int(out_shape[0]), int(out_shape[1]))
-    full_box = Box(0, 0, out_shape[1], out_shape[0])
-    box = full_box if full else source_box(calexp, out_cards, out_shape, chunk=config.chunk)
-    if box is None:
-        raise NoWorkError("the exposure does not overlap the output grid")
-    src = _make_warp_source(calexp, out_cards, config, box, 0)
-    import dask
-
-    boxes = _chunk_boxes(box, config.chunk)
-    token = dask.base.tokenize(calexp.wcs_cards, out_cards, box, config.model_dump(), id(calexp))
-    # The source is one literal node of the graph that every chunk task depends on
-    # (traverse=False: dask must not walk into its arrays).
-    src_d = dask.delayed(src, traverse=False, name=f"warp-source-{token}")
-    tasks = []
-    for row in boxes:
-        trow = []
-        for b in row:
-            parts = src.dask_parts(b) if src.needs_dask() else None
-            key = f"warp-chunk-{token}-{b.x0}-{b.y0}"
-            trow.append(dask.delayed(_warp_chunk, pure=True)(b, src_d, parts, dask_key_name=key))
-        tasks.append(trow)
-    img, var, msk = _assemble(tasks, boxes, (np.float32, np.float32, np.uint32), ("warp-image", "warp-variance",
-                                                                                   "warp-mask"))
-    from procsky.wcs import shift_wcs
-
-    wcs, cards = shift_wcs(wcs_from_cards(out_cards), box.x0, box.y0, list(out_cards))
-    wcs = wcs_from_cards(cards, box.shape)
-    cx, cy = (box.x0 + box.x1 - 1) / 2.0, (box.y0 + box.y1 - 1) / 2.0
-    psf = _grid_psf([_psf_input_of_calexp(calexp, box)], [1.0], out_cards, box, xy0, config.psf_grid_step,
-                    config.order)
-    med = _calexp_median_variance(calexp)
-    scale = src.calibration * _area_at(out_cards, calexp, cx, cy)
-    meta = dict(calexp.metadata)
-    meta.update({
-        "warp_box": box.to_list(),
-        "median_variance": None if med is None else float(med * scale * scale),
-        "visit": None if calexp.visit_info is None else calexp.visit_info.visit,
-        "flux_unit": "nJy" if calexp.photocalib is not None else meta.get("flux_unit", "counts"),
-        "lanczos_order": config.order,
-    })
-    poly = footprint_polygon(calexp, out_cards, xy0)
-    if poly is not None:
-        meta["footprint"] = poly.tolist()  # outline of the calexp, tract pixels (coadd PSF coverage)
-    meta.update(metadata or {})
-    return Exposure(img, var, msk, wcs=wcs, wcs_cards=cards, psf=psf, photocalib=None, visit_info=calexp.visit_info,
-                    detector=calexp.detector, metadata=meta, mask_planes=_masks.DEFAULT_PLANES,
-                    xy0=(int(xy0[0]) + box.x0, int(xy0[1]) + box.y0))
-
-
-def _calexp_median_variance(exp: Exposure) -> float | None:
-    v = exp.metadata.get("median_variance_counts")
-    if v is not None:
-        return float(v)
-    if _is_dask(exp.variance):
-        z = _zarr_of(exp.variance)
-        if z is None:
-            return None  # unknown without computing; callers fall back to lazy weights
-        return _median_variance_of(_sub(z)[...])
-    return _median_variance_of(_sub(np.asarray(exp.variance)))
-
-
-def _area_at(out_cards, exp: Exposure, x: float, y: float) -> float:
-    jac = _jacobian(out_cards, exp.wcs_cards, x, y, exp.shape)
-    return float(abs(np.linalg.det(jac)))
-
-
-def _make_warp_source(calexp: Exposure, out_cards, config: WarpConfig, box: Box, widx: int) -> _WarpSource:
-    if calexp.wcs is None:
-        raise ProcskyValueError("cannot warp an exposure without a WCS; run calibrate (astrometry) first")
-    remap = None
-    if calexp.mask_planes != _masks.DEFAULT_PLANES:
-        remap = (calexp.mask_planes, _masks.DEFAULT_PLANES)
-    cal = calexp.photocalib.calibration if calexp.photocalib is not None else 1.0
-    return _WarpSource(
-        box=box, visit=None if calexp.visit_info is None else calexp.visit_info.visit, weight_index=widx,
-        image=_plane_store(calexp.image), variance=_plane_store(calexp.variance), mask=_plane_store(calexp.mask),
-        in_cards=list(calexp.wcs_cards), in_shape=tuple(calexp.shape), out_cards=list(out_cards),
-        calibration=float(cal), warp=config, remap=remap,
-    )
-
-
-def _warped_psf(exp: Exposure, out_cards, x: float, y: float, order: int) -> PsfModel | None:
-    """The exposure's PSF at output pixel (x, y), resampled into the output frame."""
-    if exp.psf is None:
-        return None
-    jac = _jacobian(out_cards, exp.wcs_cards, x, y, exp.shape)
-    ow = _wcs(out_cards)
-    ra, dec = ow.pixel_to_world_values(x, y)
-    xi, yi = exp.wcs.world_to_pixel_values(ra, dec)
-    # PSF models use parent-detector coordinates.
-    k = exp.psf.kernel(float(xi) + exp.xy0[0], float(yi) + exp.xy0[1])
-    img = kw.warp_kernel_image(k, jac, order=order)
-    return ImagePsf(img)
-
-
-def psf_grid_nodes(lo: int, hi: int, step: int) -> np.ndarray:
-    """Node positions of a PSF grid over pixels ``lo .. hi - 1`` (parent/tract frame).
-
-    The multiples of ``step`` inside the range plus both ends, so that grids of different
-    boxes (warps of several detectors, a coadd of those warps) share their inner nodes.
-    """
-    lo, hi = int(lo), int(hi) - 1
-    inner = np.arange(-(-lo // step) * step, hi + 1, step)
-    nodes = np.unique(np.concatenate([[lo], inner, [hi]]).astype(float))
-    return nodes
-
-
-def _node_mapping(out_cards, in_cards, in_shape, x, y):
-    """Input pixels of output pixels (x, y) (1-d arrays) and the Jacobians there.
-
-    Returns ``xi, yi`` (n,) and ``jac`` (n, 2, 2), by central differences of the exact
-    WCS mapping.
-    """
-    ow, iw = _wcs(out_cards), _wcs(in_cards, in_shape)
-    x = np.asarray(x, float)
-    y = np.asarray(y, float)
-    px = np.concatenate([x, x + 1, x - 1, x, x])
-    py = np.concatenate([y, y, y, y + 1, y - 1])
-    ra, dec = ow.pixel_to_world_values(px, py)
-    with np.errstate(all="ignore"):
-        xi, yi = iw.world_to_pixel_values(ra, dec)
-    xi, yi = np.asarray(xi, float).reshape(5, -1), np.asarray(yi, float).reshape(5, -1)
-    jac = np.empty((x.size, 2, 2))
-    jac[:, 0, 0] = (xi[1] - xi[2]) / 2
-    jac[:, 0, 1] = (xi[3] - xi[4]) / 2
-    jac[:, 1, 0] = (yi[1] - yi[2]) / 2
-    jac[:, 1, 1] = (yi[3] - yi[4]) / 2
-    return xi[0], yi[0], jac
-
-
-@dataclass
-class _PsfInput:
-    """What the coadd PSF needs of one input: its PSF model and where it has data.
-
-    ``kind`` is ``"calexp"`` (PSF in the input's detector frame, mapped through the WCSs;
-    covers the output pixels that land inside the input) or ``"warp"`` (PSF already in the
-    output frame, in tract pixels; covers its box, and where its PSF grid has data).
-    """
-
-    kind: str
-    psf: PsfModel | None
-    box: Box  # output pixels (relative to the output grid)
-    in_cards: list = field(default_factory=list)
-    in_shape: tuple = (0, 0)
-    in_xy0: tuple = (0, 0)
-    polygon: object = None  # footprint (n, 2) in the output's tract pixels, or None
-
-    def kernels_at(self, out_cards, xy0, x, y, order: int):
-        """Kernels (or None where not covered) at output pixels (x, y), 1-d arrays."""
-        out = [None] * len(x)
-        if self.psf is None:
-            return out
-        inside = np.array([self.box.x0 <= a < self.box.x1 and self.box.y0 <= b < self.box.y1 for a, b in zip(x, y)],
-                          bool)
-        if not inside.any():
-            return out
-        # only calexp inputs get here: a warp's PSF is already on the output grid (_component)
-        idx = np.flatnonzero(inside)
-        xi, yi, jac = _node_mapping(out_cards, self.in_cards, self.in_shape, np.asarray(x)[idx], np.asarray(y)[idx])
-        ny, nx = self.in_shape
-        for j, k in enumerate(idx):
-            if not (np.isfinite(xi[j]) and np.isfinite(yi[j]) and -0.5 <= xi[j] <= nx - 0.5
-                    and -0.5 <= yi[j] <= ny - 0.5):
-                continue
-            ker = self.psf.kernel(float(xi[j]) + self.in_xy0[0], float(yi[j]) + self.in_xy0[1])
-            out[k] = kw.warp_kernel_image(ker, jac[j], order=order)
-        return out
-
-
-def _grid_psf(inputs: Sequence[_PsfInput], weights, out_cards, region: Box, xy0, step: int, order: int):
-    """The weighted sum of the inputs' warped PSFs on a grid of nodes over ``region``
-    (output pixels; ``xy0`` is the parent/tract pixel of output pixel (0, 0)).
-
-    At every node only the inputs that cover it contribute, each with its coadd weight
-    (LSST ``CoaddPsf``, Jee & Tyson 2011); nodes covered by no input are marked invalid.
-    Returns a :class:`GridImagePsf` in the output's parent (tract) pixel frame, or None.
-    """
-    if not inputs or all(p.psf is None for p in inputs):
-        return None
-    gx = psf_grid_nodes(xy0[0] + region.x0, xy0[0] + region.x1, step) - xy0[0]
-    gy = psf_grid_nodes(xy0[1] + region.y0, xy0[1] + region.y1, step) - xy0[1]
-    xx, yy = np.meshgrid(gx, gy)
-    x, y = xx.ravel(), yy.ravel()
-    acc: list = [None] * x.size
-    tot = np.zeros(x.size)
-    for p, wt in zip(inputs, weights):
-        if p.psf is None or not (np.isfinite(wt) and wt > 0):
-            continue
-        for k, ker in enumerate(p.kernels_at(out_cards, xy0, x, y, order)):
-            if ker is None:
-                continue
-            if acc[k] is None:
-                acc[k] = wt * ker
-            else:
-                n = max(acc[k].shape[0], ker.shape[0])
-                acc[k] = _pad_to(acc[k], n) + wt * _pad_to(ker, n)
-            tot[k] += wt
-    valid = tot > 0
-    if not valid.any():
-        return None
-    size = max(a.shape[0] for a in acc if a is not None)
-    kernels = np.zeros((x.size, size, size))
-    for k in np.flatnonzero(valid):
-        kernels[k] = _pad_to(acc[k], size) / tot[k]
-    return GridImagePsf(kernels.reshape(gy.size, gx.size, size, size), gx + xy0[0], gy + xy0[1],
-                        valid.reshape(gy.size, gx.size))
-
-
-def _psf_input_of_calexp(exp: Exposure, box: Box) -> _PsfInput:
-    return _PsfInput("calexp", exp.psf, box, list(exp.wcs_cards), tuple(exp.shape), tuple(exp.xy0))
-
-
-def footprint_polygon(exposure: Exposure, out_cards, xy0=(0, 0), n_edge: int = 16) -> np.ndarray | None:
-    """Outline of an exposure's pixels on an output grid: (n, 2) vertices in the output's
-    parent (tract) pixel frame (``xy0`` = parent pixel of output pixel (0, 0))."""
-    from procsky.skymap import footprint_points
-
-    if exposure.wcs is None:
-        return None
-    ra, dec = footprint_points(exposure.wcs, exposure.shape, n_edge=n_edge)
-    x, y = _wcs(out_cards).world_to_pixel_values(ra, dec)
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        return None
-    return np.column_stack([x + xy0[0], y + xy0[1]])
-
-
-def _component(pin: _PsfInput, out_cards, xy0, step: int, order: int):
-    """(PSF in the output's tract frame, footprint polygon) of one coadd input."""
-    if pin.psf is None:
-        return None, None
-    if pin.kind == "warp":
-        return pin.psf, pin.polygon
-    one = _grid_psf([pin], [1.0], out_cards, pin.box, xy0, step, order)
-    return one, pin.polygon
-
-
 def psf_match_exposure(exposure: Exposure, target_fwhm: float, *, chunk: int | None = None) -> Exposure:
     """A PSF-matched copy of a warp: convolved to a round Gaussian PSF, lazily.
 
@@ -765,11 +203,9 @@ def psf_match_exposure(exposure: Exposure, target_fwhm: float, *, chunk: int | N
     Exposure
         Image convolved with the matching kernel ``K`` (K * psf = Gaussian), variance with
         ``K^2`` times the Lanczos noise-correlation factor, NO_DATA grown by the kernel
-        radius; PSF = the target Gaussian. Made with ``dask.array.map_overlap`` (depth =
-        kernel radius).
+        radius; PSF = the target Gaussian. Made with :func:`procsky._dask.map_overlap` (depth =
+        kernel radius, no padding at the image edge).
     """
-    import dask.array as da
-
     if exposure.psf is None:
         raise ProcskyValueError("PSF matching needs a PSF model on the exposure")
     fwhm = exposure.psf.fwhm(0.0, 0.0)
@@ -781,20 +217,13 @@ def psf_match_exposure(exposure: Exposure, target_fwhm: float, *, chunk: int | N
     kernel = _psf_matching_kernels([exposure.psf], CoaddConfig(target_fwhm=target_fwhm))[0]
     r = kernel.shape[0] // 2
     corr = kw.lanczos_noise_correlation(3)
-
-    def as_dask(a):
-        if _is_dask(a):
-            return a if chunk is None else a.rechunk(chunk)
-        return da.from_array(np.asarray(a), chunks=chunk or 1024)
-
-    img, var, msk = (as_dask(getattr(exposure, p)) for p in ("image", "variance", "mask"))
+    img, var, msk = (_dask.as_dask(getattr(exposure, p), chunk) for p in ("image", "variance", "mask"))
 
     def block(i, v, m, which):
-        ci, cv, cm = _convolve_planes(i, v, m, kernel, corr)
+        ci, cv, cm = kpm.convolve_planes(i, v, m, kernel, corr, no_data_bit=_NO_DATA)
         return (ci, cv, cm)[which]
 
-    planes = [da.map_overlap(block, img, var, msk, depth=r, boundary="none", which=k, dtype=dt,
-                             meta=np.empty((0, 0), dt))
+    planes = [_dask.map_overlap(block, img, var, msk, depth=r, dtype=dt, which=k)
               for k, dt in enumerate((np.float32, np.float32, np.uint32))]
     meta = dict(exposure.metadata)
     meta["psf_matched_fwhm"] = float(target_fwhm)
@@ -803,59 +232,6 @@ def psf_match_exposure(exposure: Exposure, target_fwhm: float, *, chunk: int | N
 
 
 # ----------------------------------------------------------------------------- coadd
-def _matching_kernel(psf_img: np.ndarray, target_img: np.ndarray, eps: float = 1e-4) -> np.ndarray:
-    """Kernel K with K * psf ~= target (Wiener-regularised Fourier division)."""
-    n = max(psf_img.shape[0], target_img.shape[0])
-    n = n | 1
-    p = _pad_to(psf_img, n)
-    t = _pad_to(target_img, n)
-    P = np.fft.rfft2(np.fft.ifftshift(p))
-    T = np.fft.rfft2(np.fft.ifftshift(t))
-    K = T * np.conj(P) / (np.abs(P) ** 2 + eps * np.abs(P).max() ** 2)
-    k = np.fft.fftshift(np.fft.irfft2(K, s=(n, n)))
-    return k / k.sum()
-
-
-def _pad_to(k, n):
-    m = k.shape[0]
-    if m == n:
-        return k
-    if m > n:
-        c = (m - n) // 2
-        return k[c : c + n, c : c + n]
-    out = np.zeros((n, n))
-    c = (n - m) // 2
-    out[c : c + m, c : c + m] = k
-    return out
-
-
-def _convolve_planes(img, var, msk, kernel, corr: float = 1.0, min_cover: float = 0.3):
-    """PSF-match a strip: convolve image with K and variance with K^2.
-
-    Normalised convolution over the valid pixels (Knutsson & Westin 1993), so that data
-    next to a NO_DATA region or the strip edge is still matched; pixels whose kernel covers
-    less than ``min_cover`` of valid weight become NO_DATA.
-    """
-    from scipy.signal import fftconvolve
-
-    bad = ~(np.isfinite(img) & np.isfinite(var)) | ((msk & _NO_DATA) != 0)
-    valid = (~bad).astype(np.float64)
-    i = np.where(bad, 0.0, img)
-    v = np.where(bad, 0.0, var)
-    cover = fftconvolve(valid, kernel, mode="same")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ci = fftconvolve(i, kernel, mode="same") / cover
-        # Var(sum K x) = sum K^2 V only for independent pixels; warped pixels are
-        # positively correlated by the Lanczos kernel, which ``corr`` accounts for.
-        cv = fftconvolve(v, kernel * kernel, mode="same") * corr / (cover * cover)
-    cm = msk.copy()
-    lost = ~(cover >= min_cover) | bad
-    ci[lost] = np.nan
-    cv[lost] = np.nan
-    cm[lost] |= _NO_DATA
-    return ci.astype(np.float32), cv.astype(np.float32), cm
-
-
 def _coadd_chunk(box: Box, sources: list, parts: list, weights, kernels: list, cfg: CoaddConfig, bits: dict):
     """Coadd of one output chunk: image, variance, mask, n_inputs."""
     weights = np.asarray(weights, float)
@@ -898,8 +274,9 @@ def _coadd_chunk(box: Box, sources: list, parts: list, weights, kernels: list, c
                     if kernels[k] is None:
                         ci[k], cv[k], cm[k] = imgs[k], vars_[k], msks[k]
                     else:
-                        ci[k], cv[k], cm[k] = _convolve_planes(imgs[k], vars_[k], msks[k], kernels[k],
-                                                               kw.lanczos_noise_correlation(cfg.warp.order))
+                        ci[k], cv[k], cm[k] = kpm.convolve_planes(imgs[k], vars_[k], msks[k], kernels[k],
+                                                                    kw.lanczos_noise_correlation(cfg.warp.order),
+                                                                    no_data_bit=_NO_DATA)
             else:
                 ci, cv, cm = imgs, vars_, msks
             rejected = kc.find_artifacts(ci, cv, cm, bad_bits=bad, threshold=cfg.artifact_threshold,
@@ -959,7 +336,7 @@ def _coadd_chunk_streaming(box: Box, sources, parts, w, kernels, cfg: CoaddConfi
             return matched_cache[k]
         i, v, m = raw(k, big)
         if use_k and kernels[k] is not None:
-            i, v, m = _convolve_planes(i, v, m, kernels[k], corr)
+            i, v, m = kpm.convolve_planes(i, v, m, kernels[k], corr, no_data_bit=_NO_DATA)
         good = ((m & np.uint32(bad)) == 0) & np.isfinite(i) & np.isfinite(v)
         if keep:
             matched_cache[k] = (i, v, good)
@@ -1034,11 +411,9 @@ class LazyCoadd:
 
     def resolved_weights(self) -> np.ndarray:
         """Per-input weights (computes the small lazy reduction if needed)."""
-        import dask
-
         w = self.weights
         if _is_dask(w) or hasattr(w, "dask"):
-            w = dask.compute(w)[0]
+            w = _dask.compute(w)[0]
         return np.asarray(w, float)
 
     def psf(self, weights=None) -> PsfModel | None:
@@ -1063,8 +438,13 @@ class LazyCoadd:
             return None
         return CoaddPsf(psfs, wts, polys)
 
-    def to_exposure(self, *, band: str | None = None) -> Exposure:
-        """The coadd as an :class:`Exposure` with lazy planes (weights and PSF computed)."""
+    def to_exposure(self, *, band: str | None = None, n_inputs: bool = True) -> Exposure:
+        """The coadd as an :class:`Exposure` with lazy planes (weights and PSF computed).
+
+        With ``n_inputs`` the number of inputs per pixel travels as the extra plane
+        ``"n_inputs"`` (written next to the three planes); a merged multi-detector warp
+        leaves it out.
+        """
         w = self.resolved_weights()
         meta = dict(self.metadata)
         meta["weights"] = [float(x) for x in w]  # per input, in input order: see "input_visits"
@@ -1073,43 +453,15 @@ class LazyCoadd:
         vi = VisitInfo(band=band or meta.get("band", "")) if (band or meta.get("band")) else None
         planes = _masks.DEFAULT_PLANES
         return Exposure(self.image, self.variance, self.mask, wcs_cards=self.wcs_cards, psf=self.psf(w),
-                        visit_info=vi, metadata=meta, mask_planes=planes, xy0=self.xy0)
+                        visit_info=vi, metadata=meta, mask_planes=planes, xy0=self.xy0,
+                        extra_planes={"n_inputs": self.n_inputs} if n_inputs else None)
 
     def write(self, path, *, batch: int = 16, overwrite: bool = True, band: str | None = None):
-        """Write to a Zarr v3 exposure (plus an ``n_inputs`` array), ``batch`` chunks at a time.
-
-        Returns the path.
-        """
-        group = self.create_store(path, overwrite=overwrite, band=band)
-        self.write_chunks(group, batch=batch)
+        """Write to a Zarr v3 exposure (plus an ``n_inputs`` array), ``batch`` storage chunks
+        at a time, through :meth:`Exposure.write` (the path the pipeline takes); memory per
+        batch does not grow with the number of inputs. Returns the path."""
+        self.to_exposure(band=band).write(path, overwrite=overwrite, batch=batch)
         return path
-
-    def create_store(self, path, *, overwrite: bool = True, band: str | None = None):
-        """Create the Zarr exposure with its attributes (weights, coadd PSF, WCS): the
-        client-side part of :meth:`write`, whose size grows with the number of inputs (the
-        coadd PSF keeps one warped PSF per input). Returns the Zarr group."""
-        exp = self.to_exposure(band=band)
-        attrs = exp.attributes()
-        group = create_zarr_exposure(path, self.image.shape, (self.chunk, self.chunk), attrs, overwrite=overwrite)
-        group.create_array("n_inputs", shape=self.image.shape, chunks=(self.chunk, self.chunk), dtype=np.int32,
-                           fill_value=0, dimension_names=("y", "x"))
-        return group
-
-    def write_chunks(self, group, *, batch: int = 16):
-        """Compute and write the planes into ``group`` (from :meth:`create_store`),
-        ``batch`` storage chunks at a time; memory per batch does not grow with the
-        number of inputs."""
-        import dask
-
-        ny, nx = self.image.shape
-        boxes = [b for row in _chunk_boxes(Box(0, 0, nx, ny), self.chunk) for b in row]
-        for k in range(0, len(boxes), batch):
-            part = boxes[k : k + batch]
-            blocks = dask.compute(*[(self.image[b.slices()], self.variance[b.slices()], self.mask[b.slices()],
-                                     self.n_inputs[b.slices()]) for b in part])
-            for b, (i, v, m, n) in zip(part, blocks):
-                write_zarr_region(group, b.y0, b.x0, {"image": i, "variance": v, "mask": m})
-                group["n_inputs"][b.slices()] = n
 
 
 def _bits(cfg: CoaddConfig) -> dict:
@@ -1247,8 +599,9 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
             trow.append(dask.delayed(_coadd_chunk, pure=True)(
                 b, [src_d[k] for k in idx], parts, wobj, [ker_d[k] for k in idx], cfg_d, bits, dask_key_name=key))
         tasks.append(trow)
-    img, var, msk, nin = _assemble(tasks, boxes, (np.float32, np.float32, np.uint32, np.int32),
-                                   ("coadd-image", "coadd-variance", "coadd-mask", "coadd-n-inputs"))
+    img, var, msk, nin = _dask.from_chunk_tasks(tasks, [[b.shape for b in row] for row in boxes],
+                                                (np.float32, np.float32, np.uint32, np.int32),
+                                                ("coadd-image", "coadd-variance", "coadd-mask", "coadd-n-inputs"))
     meta = {
         "visits": sorted({v for v in visits if v is not None}),
         # per used input, aligned with "weights": its visit and its index in the inputs given
@@ -1298,7 +651,7 @@ def _psf_matching_kernels(psfs, config: CoaddConfig):
             continue
         n = max(p.size, int(2 * math.ceil(2.5 * target_fwhm)) + 1) | 1
         target = GaussianPsf.from_fwhm(target_fwhm, size=n).kernel()
-        k = _matching_kernel(p.kernel(0.0, 0.0), target)
+        k = kpm.fourier_matching_kernel(p.kernel(0.0, 0.0), target)
         # Trim to where the kernel has weight (faster convolution).
         r = min(n // 2, int(math.ceil(2.0 * target_fwhm)))
         c = k.shape[0] // 2

@@ -11,9 +11,12 @@ Storage
 Zarr v3 (``*.zarr``)
     A group with arrays ``image``, ``variance``, ``mask`` and JSON attributes ``procsky``
     (format version, WCS cards, PSF, PhotoCalib, VisitInfo, detector, metadata, mask
-    planes, xy0). Reading returns lazy dask arrays. Writes are aligned to the storage
-    chunks: zarr v3 takes no locks, and two writers touching one chunk lose data silently,
-    so a write whose dask chunks straddle storage chunks is refused.
+    planes, xy0), plus one array per extra plane (e.g. a coadd's ``n_inputs``). Reading
+    returns lazy dask arrays. Lazy planes are computed and written in batches of whole
+    storage chunks (:func:`procsky._dask.store_planes`), so memory is bounded by a batch,
+    not by the image. Writes are aligned to the storage chunks: zarr v3 takes no locks,
+    and two writers touching one chunk lose data silently, so a write whose dask chunks
+    straddle storage chunks is refused.
 FITS (``*.fits``, ``*.fits.gz``)
     Multi-extension: an empty PRIMARY with the visit keywords, then ``IMAGE``, ``MASK``
     and ``VARIANCE`` HDUs carrying the WCS cards (LSST's layout, so DS9 and astropy open
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from procsky import _dask
 from procsky import masks as _masks
 from procsky.errors import ProcskyFileError, ProcskyTypeError, ProcskyValueError
 from procsky.photocalib import PhotoCalib
@@ -179,6 +183,13 @@ class Exposure:
     wcs_cards : list, optional
         The WCS as FITS cards ``[(key, value, comment), ...]``; kept verbatim so that TPV
         and SIP terms survive storage. Derived from ``wcs`` when omitted.
+    extra_planes : dict of str to array (ny, nx), optional
+        Further named planes of the same shape (numpy or dask, any numeric dtype, e.g. a
+        coadd's ``n_inputs``): stored as extra Zarr arrays and read back (not in FITS).
+
+    ``metadata`` values may be ``dask.delayed`` objects (a statistic of lazy planes): the
+    Zarr writer computes them together with the first batch of planes and stores the
+    results; :meth:`compute` computes them with the planes.
     """
 
     def __init__(
@@ -196,6 +207,7 @@ class Exposure:
         mask_planes: _masks.MaskPlanes | None = None,
         xy0: tuple[int, int] = (0, 0),
         wcs_cards: list | None = None,
+        extra_planes: Mapping | None = None,
     ):
         image = _as_plane(image, "image")
         shape = image.shape
@@ -228,6 +240,14 @@ class Exposure:
         self.metadata = dict(metadata) if metadata else {}
         self.mask_planes = mask_planes if mask_planes is not None else _masks.DEFAULT_PLANES
         self.xy0 = (int(xy0[0]), int(xy0[1]))
+        self.extra_planes = {}
+        for name, arr in (extra_planes or {}).items():
+            if name in _PLANES or not str(name).isidentifier():
+                raise ProcskyValueError(f"extra plane name {name!r} must be an identifier other than {_PLANES}")
+            arr = arr if _is_dask(arr) else np.asarray(arr)
+            if tuple(arr.shape) != tuple(shape):
+                raise ProcskyValueError(f"extra plane {name!r} has shape {arr.shape} but image has {shape}")
+            self.extra_planes[str(name)] = arr
 
     # ------------------------------------------------------------------ basics
     @property
@@ -241,7 +261,8 @@ class Exposure:
 
     @property
     def is_lazy(self) -> bool:
-        return any(_is_dask(getattr(self, p)) for p in _PLANES)
+        return any(_is_dask(getattr(self, p)) for p in _PLANES) or any(
+            _is_dask(a) for a in self.extra_planes.values())
 
     def __repr__(self) -> str:
         kind = "dask" if self.is_lazy else "numpy"
@@ -262,6 +283,7 @@ class Exposure:
             mask_planes=self.mask_planes,
             xy0=self.xy0,
             wcs_cards=self._wcs_cards,
+            extra_planes=self.extra_planes,
         )
         kw.update(changes)
         return Exposure(**kw)
@@ -269,7 +291,11 @@ class Exposure:
     def copy(self) -> "Exposure":
         """A copy with copied numpy planes (dask planes are immutable and shared)."""
         planes = {p: (getattr(self, p) if _is_dask(getattr(self, p)) else getattr(self, p).copy()) for p in _PLANES}
-        return self._replace(**planes, wcs=copy_wcs(self.wcs), metadata=json.loads(json.dumps(self.metadata)))
+        extra = {n: (a if _is_dask(a) else a.copy()) for n, a in self.extra_planes.items()}
+        lazy = {k: v for k, v in self.metadata.items() if _is_delayed(v)}
+        meta = json.loads(json.dumps({k: v for k, v in self.metadata.items() if k not in lazy}))
+        meta.update(lazy)
+        return self._replace(**planes, wcs=copy_wcs(self.wcs), metadata=meta, extra_planes=extra)
 
     def __getitem__(self, key) -> "Exposure":
         """A cut-out ``exp[y0:y1, x0:x1]`` (step 1 slices only); the WCS follows."""
@@ -291,6 +317,7 @@ class Exposure:
             wcs=wcs,
             wcs_cards=cards or [],
             xy0=(self.xy0[0] + x0, self.xy0[1] + y0),
+            extra_planes={n: a[y0:y1, x0:x1] for n, a in self.extra_planes.items()},
         )
 
     def data_bbox(self) -> tuple[int, int, int, int] | None:
@@ -305,30 +332,32 @@ class Exposure:
             valid = valid & ((self.mask & np.uint32(self.mask_bits("NO_DATA"))) == 0)
         rows, cols = valid.any(axis=1), valid.any(axis=0)
         if _is_dask(valid):
-            import dask
-
-            rows, cols = dask.compute(rows, cols)
+            rows, cols = _dask.compute(rows, cols)
         rows, cols = np.flatnonzero(rows), np.flatnonzero(cols)
         if rows.size == 0:
             return None
         return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
     def compute(self) -> "Exposure":
-        """The same exposure with numpy planes (computes dask planes together)."""
-        if not self.is_lazy:
+        """The same exposure with numpy planes and metadata values (computes the dask planes,
+        extra planes and delayed metadata together, so shared work is done once)."""
+        lazy_meta = {k: v for k, v in self.metadata.items() if _is_delayed(v)}
+        if not self.is_lazy and not lazy_meta:
             return self
-        import dask
-
-        image, variance, mask = dask.compute(self.image, self.variance, self.mask)
-        return self._replace(image=image, variance=variance, mask=mask)
+        names = list(self.extra_planes)
+        image, variance, mask, extra, meta = _dask.compute(
+            self.image, self.variance, self.mask, [self.extra_planes[n] for n in names], lazy_meta)
+        return self._replace(image=image, variance=variance, mask=mask, metadata={**self.metadata, **meta},
+                             extra_planes=dict(zip(names, extra)))
 
     def persist(self) -> "Exposure":
+        """The same exposure with its dask planes (and extra planes) persisted."""
         if not self.is_lazy:
             return self
-        import dask
-
-        image, variance, mask = dask.persist(self.image, self.variance, self.mask)
-        return self._replace(image=image, variance=variance, mask=mask)
+        names = list(self.extra_planes)
+        image, variance, mask, *extra = _dask.persist(self.image, self.variance, self.mask,
+                                                      *[self.extra_planes[n] for n in names])
+        return self._replace(image=image, variance=variance, mask=mask, extra_planes=dict(zip(names, extra)))
 
     @property
     def image_unit(self) -> str | None:
@@ -458,6 +487,7 @@ class Exposure:
         chunks: int | tuple[int, int] | None = None,
         overwrite: bool = True,
         primary_header=None,
+        batch: int = 16,
     ) -> Path:
         """Write to ``*.zarr`` (Zarr v3 group) or ``*.fits`` / ``*.fits.gz`` (MEF).
 
@@ -472,13 +502,16 @@ class Exposure:
         primary_header : astropy.io.fits.Header or mapping, optional
             Extra cards for the FITS PRIMARY header (instrument keywords such as GAIN,
             DATASEC); ignored for Zarr, whose attributes hold everything procsky needs.
+        batch : int
+            Zarr: number of chunk regions of the lazy planes computed and written at once
+            (memory is bounded by one batch; see :func:`procsky._dask.store_planes`).
         """
         path = Path(path)
         kind = _kind_of(path)
         if not overwrite and path.exists():
             raise ProcskyFileError(f"{path} exists; pass overwrite=True to replace it")
         if kind == "zarr":
-            _write_zarr(self, path, chunks)
+            _write_zarr(self, path, chunks, batch=batch)
         else:
             _write_fits(self, path, primary_header)
         return path
@@ -513,6 +546,11 @@ def _as_plane(a, name: str):
             raise ProcskyTypeError(f"Exposure mask must be an integer bit-plane array, got dtype {arr.dtype}")
         arr = arr.astype(want)
     return arr
+
+
+def _is_delayed(v) -> bool:
+    """A ``dask.delayed`` (or other dask collection) metadata value, computed at write time."""
+    return hasattr(v, "__dask_graph__") and hasattr(v, "key")
 
 
 def _zeros_like(image, dtype):
@@ -618,11 +656,16 @@ def write_zarr_region(group, y0: int, x0: int, planes: Mapping[str, np.ndarray])
         arr[y0 : y0 + ny, x0 : x0 + nx] = np.asarray(block, dtype=_DTYPES[name])
 
 
-def _write_zarr(exp: Exposure, path: Path, chunks) -> None:
+def _write_zarr(exp: Exposure, path: Path, chunks, *, batch: int = 16) -> None:
+    """Write ``exp`` as a Zarr v3 group: lazy planes (and delayed metadata, computed with the
+    first batch) through :func:`procsky._dask.store_planes`, numpy planes at once, then the
+    attributes, last, so a store with attributes is complete."""
     import zarr
 
     shape = exp.shape
-    dask_planes = {p: getattr(exp, p) for p in _PLANES if _is_dask(getattr(exp, p))}
+    all_planes = {p: getattr(exp, p) for p in _PLANES}
+    all_planes.update(exp.extra_planes)
+    dask_planes = {p: a for p, a in all_planes.items() if _is_dask(a)}
     if chunks is None and dask_planes:
         first = next(iter(dask_planes.values()))
         chunks = (first.chunks[0][0], first.chunks[1][0])
@@ -635,24 +678,27 @@ def _write_zarr(exp: Exposure, path: Path, chunks) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     arrays = {}
-    for name in _PLANES:
+    for name, arr in all_planes.items():
         arrays[name] = group.create_array(
             name,
             shape=shape,
             chunks=(cy, cx),
-            dtype=_DTYPES[name],
+            dtype=_DTYPES.get(name, arr.dtype),
             fill_value=0,
             dimension_names=("y", "x"),
         )
+    lazy_meta = {k: v for k, v in exp.metadata.items() if _is_delayed(v)}
+    keys = list(lazy_meta)
     if dask_planes:
-        import dask.array as da
-
-        sources = [dask_planes[n] for n in dask_planes]
-        targets = [arrays[n] for n in dask_planes]
-        da.store(sources, targets, lock=False)
-    for name in _PLANES:
+        values = _dask.store_planes(dask_planes, {n: arrays[n] for n in dask_planes}, batch=batch,
+                                    with_first=[lazy_meta[k] for k in keys])
+    else:
+        values = _dask.compute(*[lazy_meta[k] for k in keys]) if keys else ()
+    for name, arr in all_planes.items():
         if name not in dask_planes:
-            arrays[name][...] = np.asarray(getattr(exp, name))
+            arrays[name][...] = np.asarray(arr)
+    if keys:
+        exp = exp._replace(metadata={**exp.metadata, **dict(zip(keys, values))})
     group.attrs["procsky"] = exp.attributes()
 
 
@@ -669,13 +715,18 @@ def _read_zarr(path: Path, lazy: bool) -> Exposure:
             f"{path} is not a procsky exposure: missing {missing or ['procsky attributes']}"
         )
     attrs = group.attrs["procsky"]
+    extra_names = sorted(n for n, _ in group.arrays() if n not in _PLANES)
     if lazy:
         import dask.array as da
 
         planes = [da.from_zarr(group[p], inline_array=True, name=f"{p}-{_token(path, p)}") for p in _PLANES]
+        extra = {n: da.from_zarr(group[n], inline_array=True, name=f"{n}-{_token(path, n)}") for n in extra_names}
     else:
         planes = [group[p][...] for p in _PLANES]
-    return Exposure._from_attributes(*planes, attrs)
+        extra = {n: group[n][...] for n in extra_names}
+    exp = Exposure._from_attributes(*planes, attrs)
+    exp.extra_planes = extra
+    return exp
 
 
 def _token(path: Path, plane: str) -> str:

@@ -272,50 +272,62 @@ def test_robust_statistics(ten_visits, statistic):
 
 @pytest.mark.parametrize("reject", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_coadd_memory_does_not_grow_with_visits(tmp_path, reject):
-    """Peak traced memory of writing a Zarr-backed patch coadd of 10 and of 40 visits."""
+    """Peak traced memory of the pipeline's coadd write, for 10 and for 40 visits.
+
+    The path the pipeline takes: :class:`AssembleCoaddTask` builds the lazy coadd from
+    Zarr-backed warps, and the executor's ``_write`` hands it to the repository's
+    :class:`ExposureStorage`, which writes it with :meth:`Exposure.write` (planes and
+    ``n_inputs`` in batches of whole chunks, then the attributes). The attributes grow
+    with the number of inputs by design (the coadd PSF keeps one warped PSF per input,
+    ~15 kB per visit here); the patch holds 16 chunks, one write batch, so that as on a
+    real patch the batch of pixels, not the attributes, sets the peak.
+    """
     import tracemalloc
 
     import dask
 
-    sm = make_skymap(inner=200)
+    from procsky.repo.storage import ExposureStorage
+    from procsky.tasks.coadd import AssembleCoaddTask
+
+    sm = make_skymap(inner=440)
     patch = sm.patch(0, 0)
     stars = make_stars(9, half=20.0)
     paths = []
     base = [warp_exposure(make_visit(k, stars), patch.wcs_cards, patch.shape, xy0=patch.xy0,
                           config=WarpConfig(chunk=512)).compute() for k in range(4)]
+    geometry = {"patch_box": patch.outer.to_list(), "patch_wcs": [list(c) for c in patch.wcs_cards]}
     rng = np.random.default_rng(5)
     for k in range(40):
         b = base[k % 4]
         # Independent noise per visit on top of a warped visit (cheaper than 40 warps).
         img = b.image + (rng.normal(size=b.shape) * np.sqrt(np.nan_to_num(b.variance))).astype(np.float32)
-        w = Exposure(img, b.variance, b.mask, wcs_cards=b.wcs_cards, psf=b.psf, metadata=b.metadata,
+        w = Exposure(img, b.variance, b.mask, wcs_cards=b.wcs_cards, psf=b.psf, metadata={**b.metadata, **geometry},
                      visit_info=VisitInfo(band="r", visit=k), xy0=b.xy0)
         p = tmp_path / f"w{k}.zarr"
         w.write(p, chunks=120)
         paths.append(p)
+    task = AssembleCoaddTask({"coadd": {"reject_artifacts": reject, "memory_budget": 2**20, "warp": {"chunk": 120}}})
+    storage = ExposureStorage()
     # Warm up (imports, numba and FFT caches) so that only the coadd's own memory is traced.
-    warm = build_coadd([Exposure.read(p) for p in paths[:3]], patch,
-                       config=CoaddConfig(reject_artifacts=reject, memory_budget=2**20), chunk=120)
     with dask.config.set(scheduler="synchronous"):
-        warm.write(tmp_path / "warm.zarr", batch=2)
+        storage.write(task.run([Exposure.read(p) for p in paths[:3]])["coadd"], tmp_path / "warm.zarr")
     peaks = {}
     for n in (10, 40):
-        warps = [Exposure.read(p) for p in paths[:n]]
-        lazy = build_coadd(warps, patch, config=CoaddConfig(reject_artifacts=reject, memory_budget=2**20), chunk=120)
+        # The task's run (weights, the coadd PSF: one warped PSF per input like LSST's
+        # CoaddPsf) is the client's part; the write computes every chunk, which is what
+        # must not grow with the number of visits.
+        coadd = task.run([Exposure.read(p) for p in paths[:n]])["coadd"]
         with dask.config.set(scheduler="synchronous"):
-            # The store's attributes (weights, WCS and the coadd PSF, which keeps one
-            # warped PSF per input like LSST's CoaddPsf: ~15 kB per visit here) are made
-            # once by the client; the chunk computation is what workers do, and what
-            # must not grow with the number of visits.
-            group = lazy.create_store(tmp_path / f"c{n}.zarr")
             tracemalloc.start()
-            lazy.write_chunks(group, batch=2)
+            storage.write(coadd, tmp_path / f"c{n}.zarr")
             _, peaks[n] = tracemalloc.get_traced_memory()
             tracemalloc.stop()
     print(f"peak traced memory (bytes), reject={reject}: {peaks}")
     assert peaks[40] < 1.2 * peaks[10], peaks
     out = Exposure.read(tmp_path / "c40.zarr")
     assert out.shape == patch.shape and out.metadata["visits"] == list(range(40))
+    n_inputs = out.extra_planes["n_inputs"].compute()
+    assert n_inputs.dtype == np.int32 and n_inputs.max() == 40
 
 
 def test_tasks_quanta_run_and_export(tmp_path):
@@ -338,8 +350,8 @@ def test_tasks_quanta_run_and_export(tmp_path):
     sm = make_skymap()
     sm.name = "test"
     register_skymap(repo, sm)
-    cfg = {"skymap": "test", "chunk": 128}
-    pipe = Pipeline.from_tasks([("warp", WarpTask, cfg), ("coadd", AssembleCoaddTask, {"chunk": 128})])
+    cfg = {"skymap": "test", "warp": {"chunk": 128}}
+    pipe = Pipeline.from_tasks([("warp", WarpTask, cfg), ("coadd", AssembleCoaddTask, {"coadd": {"warp": {"chunk": 128}}})])
     graph = make_graph(repo, pipe, output="coadd_run", where="band='r'")
     warps_q = graph.quanta["warp"]
     assert sorted(q.data_id["visit"] for q in warps_q) == [0, 1, 2, 3]
@@ -354,10 +366,10 @@ def test_tasks_quanta_run_and_export(tmp_path):
         repo.put(out["warp"], "warp", q.outputs["warp"].data_id, "coadd_run")
     cq = graph.quanta["coadd"][0]
     warps = [repo.get("warp", d.data_id, run="coadd_run") for d in cq.inputs["warps"]]
-    coadd = AssembleCoaddTask({"chunk": 128}).run(warps=warps, data_ids={"warps": [d.data_id for d in cq.inputs["warps"]]})
+    coadd = AssembleCoaddTask({"coadd": {"warp": {"chunk": 128}}}).run(warps=warps, data_ids={"warps": [d.data_id for d in cq.inputs["warps"]]})
     repo.put(coadd["coadd"], "coadd", cq.outputs["coadd"].data_id, "coadd_run")
     # The direct task (warps on the fly) gives the same pixels.
-    direct_task = AssembleCoaddDirectTask({"skymap": "test", "chunk": 128})
+    direct_task = AssembleCoaddDirectTask({"skymap": "test", "coadd": {"warp": {"chunk": 128}}})
     dq = direct_task.quanta(repo, {"calexps": [d for q in warps_q for d in q.inputs["calexps"]]}, None)
     assert len(dq) == 1 and dq[0].data_id == {"skymap": "test", "tract": 0, "patch": 0, "band": "r"}
     direct = direct_task.run(calexps=[repo.get(d.dataset_type, d.data_id, run=d.run) for d in dq[0].inputs["calexps"]],

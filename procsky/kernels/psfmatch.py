@@ -890,3 +890,68 @@ def decorrelation_kernel(kernel, var_convolved, var_unconvolved, *, corr_convolv
     phi = np.real(np.fft.ifft2(phif))
     phi = np.roll(phi, (hw, hw), axis=(0, 1))[: 2 * hw + 1, : 2 * hw + 1]
     return phi / phi.sum()
+
+
+# ------------------------------------------------------------- Fourier matching to a model
+# Matching a PSF *model* to a target model (no stars fitted): used by coaddition to bring
+# every warp to one round Gaussian before its artifact search (CompareWarp).
+def fourier_matching_kernel(psf_img: np.ndarray, target_img: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """Kernel ``K`` with ``K * psf ~= target``, by Wiener-regularised Fourier division.
+
+    Both images are centred, odd-sized kernels; the result has the larger of their sizes
+    (made odd) and unit sum. ``eps`` regularises the division where the PSF's transform is
+    small (relative to its peak power), which keeps the kernel from amplifying noise at
+    frequencies the PSF has suppressed.
+    """
+    n = max(psf_img.shape[0], target_img.shape[0])
+    n = n | 1
+    p = pad_kernel(psf_img, n)
+    t = pad_kernel(target_img, n)
+    P = np.fft.rfft2(np.fft.ifftshift(p))
+    T = np.fft.rfft2(np.fft.ifftshift(t))
+    K = T * np.conj(P) / (np.abs(P) ** 2 + eps * np.abs(P).max() ** 2)
+    k = np.fft.fftshift(np.fft.irfft2(K, s=(n, n)))
+    return k / k.sum()
+
+
+def pad_kernel(k: np.ndarray, n: int) -> np.ndarray:
+    """A centred square kernel zero-padded (or centrally cropped) to side ``n``."""
+    m = k.shape[0]
+    if m == n:
+        return k
+    if m > n:
+        c = (m - n) // 2
+        return k[c : c + n, c : c + n]
+    out = np.zeros((n, n))
+    c = (n - m) // 2
+    out[c : c + m, c : c + m] = k
+    return out
+
+
+def convolve_planes(img: np.ndarray, var: np.ndarray, msk: np.ndarray, kernel: np.ndarray, corr: float = 1.0,
+                    min_cover: float = 0.3, *, no_data_bit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PSF-match a block: convolve the image with ``K`` and the variance with ``K^2``.
+
+    Normalised convolution over the valid pixels (Knutsson & Westin 1993), so that data
+    next to a ``no_data_bit`` region or the block edge is still matched; pixels whose
+    kernel covers less than ``min_cover`` of valid weight get ``no_data_bit`` (and NaN).
+    ``corr`` multiplies the variance: ``Var(sum K x) = sum K^2 V`` only holds for
+    independent pixels, and warped pixels are correlated by their resampling kernel.
+    Returns float32 image and variance and the uint32 mask.
+    """
+    from scipy.signal import fftconvolve
+
+    bad = ~(np.isfinite(img) & np.isfinite(var)) | ((msk & no_data_bit) != 0)
+    valid = (~bad).astype(np.float64)
+    i = np.where(bad, 0.0, img)
+    v = np.where(bad, 0.0, var)
+    cover = fftconvolve(valid, kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ci = fftconvolve(i, kernel, mode="same") / cover
+        cv = fftconvolve(v, kernel * kernel, mode="same") * corr / (cover * cover)
+    cm = msk.copy()
+    lost = ~(cover >= min_cover) | bad
+    ci[lost] = np.nan
+    cv[lost] = np.nan
+    cm[lost] |= no_data_bit
+    return ci.astype(np.float32), cv.astype(np.float32), cm

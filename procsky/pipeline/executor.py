@@ -359,24 +359,13 @@ def _execute(job: QuantumJob, repo, prov: dict) -> QuantumResult:
         kwargs["data_id"] = dict(job.data_id)  # the quantum's own data ID (e.g. which patch)
     # Run the task.
     try:
-        if job.parallel:
-            try:
-                from distributed import worker_client
+        # A parallel task spreads its chunks over the cluster (from a worker, through
+        # worker_client; elsewhere on the caller's scheduler); the lazy arrays of a serial
+        # one are computed in this thread: the cluster already runs one quantum per thread.
+        from procsky import _dask
 
-                with worker_client():
-                    outputs = task.run(**kwargs)
-                    outputs = _write(repo, job, outputs)
-            except ValueError as exc:
-                if "No worker found" not in str(exc):
-                    raise
-                outputs = _write(repo, job, task.run(**kwargs))
-        else:
-            import dask
-
-            # Lazy arrays made by a serial task are computed in this thread: the cluster
-            # already runs one quantum per worker thread.
-            with dask.config.set(scheduler="synchronous"):
-                outputs = _write(repo, job, task.run(**kwargs))
+        with _dask.task_scheduler(job.parallel):
+            outputs = _write(repo, job, task.run(**kwargs))
     except NoWorkError as exc:
         return _error(qid, "no_work", exc, "", prov)
     except _WriteError as exc:

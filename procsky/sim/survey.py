@@ -199,7 +199,9 @@ def simulate(recipe, out, *, seed: int | None = None, mode: str = "calibrated", 
     if sched != "sync":
         kwargs["num_workers"] = workers or os.cpu_count() or 1
     with _TqdmCallback(len(tasks), f"procsky sim {recipe.name}", progress):
-        results, calib_names = dask.compute(tasks, calib_tasks, **kwargs)
+        from procsky import _dask
+
+        results, calib_names = _dask.compute(tasks, calib_tasks, **kwargs)
 
     truth = [r[0] for r in results]
     crs = [r[1] for r in results]

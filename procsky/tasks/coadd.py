@@ -2,7 +2,8 @@
 
 ``assemble_coadd`` (quantum ``{skymap, tract, patch, band}``) gathers every ``warp`` of
 the patch and band and returns the coadd as a lazy :class:`~procsky.exposure.Exposure`
-built by :func:`procsky.coadd.build_coadd`; the executor writes it chunk by chunk.
+built by :func:`procsky.coadd.build_coadd` (with its ``n_inputs`` plane); the executor
+writes it in batches of whole chunks (:meth:`procsky.exposure.Exposure.write`).
 ``assemble_coadd_direct`` does the same from the calexps, warping on the fly (no warp
 intermediates; a configuration choice, see ``benchmarks/bench_coadd.py``); it uses the
 ``visit_photocalib`` of each visit when present (as ``warp`` does).
@@ -11,9 +12,11 @@ intermediates; a configuration choice, see ``benchmarks/bench_coadd.py``); it us
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 import pydantic
 
+from procsky.coadd import CoaddConfig
 from procsky.errors import NoWorkError, ProcskyValueError
 from procsky.pipeline.task import (
     Input,
@@ -34,32 +37,41 @@ __all__ = ["AssembleCoaddConfig", "AssembleCoaddDirectTask", "AssembleCoaddTask"
 _PATCH_BAND = ("skymap", "tract", "patch", "band")
 
 
+# The tasks' working memory per chunk task is 256 MiB, not the library's 64 MiB default:
+# a pipeline worker runs one chunk task per thread and has room for more visits in memory.
+_TASK_COADD = CoaddConfig(memory_budget=256 * 2**20)
+
+
 class AssembleCoaddConfig(TaskConfig):
-    """Configuration of the coadd tasks (see :class:`procsky.coadd.CoaddConfig`)."""
+    """Configuration of the coadd tasks.
+
+    ``coadd`` is the library configuration (:class:`procsky.coadd.CoaddConfig`, with its
+    ``warp`` for calexps warped on the fly, whose ``chunk`` is the output chunk side). Its
+    default equals the library's except ``memory_budget``: 256 MiB per chunk task, the
+    value the tasks have always used (the library default is 64 MiB). Override e.g.
+    ``assemble_coadd.coadd.statistic=median``.
+    """
 
     skymap: str = "default"
     """Registered sky map (``assemble_coadd_direct``)."""
-    statistic: str = pydantic.Field("mean", pattern="^(mean|clipped_mean|median)$")
-    """Per-pixel statistic."""
-    reject_artifacts: bool = True
-    """CompareWarp-style rejection of satellite trails, cosmic rays and ghosts."""
-    artifact_threshold: float = pydantic.Field(5.0, gt=0)
-    """Outlier threshold (sigma)."""
-    psf_match: bool = True
-    """Detect artifacts on PSF-matched warps."""
-    chunk: int = pydantic.Field(1024, ge=16)
-    """Output chunk side (pixels)."""
-    memory_budget: int = pydantic.Field(256 * 2**20, ge=2**20)
-    """Working memory of one chunk task (bytes)."""
-    order: int = pydantic.Field(3, ge=1, le=8)
-    """Lanczos order (on-the-fly warps)."""
+    coadd: CoaddConfig = _TASK_COADD
+    """How the inputs are combined."""
 
-    def coadd_config(self):
-        from procsky.coadd import CoaddConfig, WarpConfig
+    @pydantic.field_validator("coadd", mode="before")
+    @classmethod
+    def _over_task_default(cls, value):
+        # A partial mapping (a pipeline override) updates the task's default, not the library's.
+        if isinstance(value, Mapping):
+            return _merged(_TASK_COADD.model_dump(), value)
+        return value
 
-        return CoaddConfig(statistic=self.statistic, reject_artifacts=self.reject_artifacts,
-                           artifact_threshold=self.artifact_threshold, psf_match=self.psf_match,
-                           memory_budget=self.memory_budget, warp=WarpConfig(order=self.order, chunk=self.chunk))
+
+def _merged(base: dict, update: Mapping) -> dict:
+    """``base`` updated with ``update``, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _patch_geometry(warps):
@@ -102,8 +114,8 @@ class AssembleCoaddTask(Task):
         if not warps:
             raise NoWorkError("no warps for this patch and band")
         cards, shape, xy0 = _patch_geometry(warps)
-        lazy = build_coadd(warps, out_cards=cards, out_shape=shape, xy0=xy0, config=self.config.coadd_config(),
-                           inputs_are_warps=True, chunk=self.config.chunk)
+        lazy = build_coadd(warps, out_cards=cards, out_shape=shape, xy0=xy0, config=self.config.coadd,
+                           inputs_are_warps=True, chunk=self.config.coadd.warp.chunk)
         band = None
         if data_ids and data_ids.get("warps"):
             band = data_ids["warps"][0].get("band")
@@ -158,8 +170,8 @@ class AssembleCoaddDirectTask(Task):
             )
         patch = SkyMap.from_record(skymap).patch(data_id["tract"], data_id["patch"])
         calexps = apply_visit_photocalib(calexps, visit_photocalib, (data_ids or {}).get("calexps"))
-        lazy = build_coadd(calexps, patch, config=self.config.coadd_config(), inputs_are_warps=False,
-                           chunk=self.config.chunk)
+        lazy = build_coadd(calexps, patch, config=self.config.coadd, inputs_are_warps=False,
+                           chunk=self.config.coadd.warp.chunk)
         exp = lazy.to_exposure(band=data_id.get("band"))
         exp.metadata.update({"skymap": data_id.get("skymap"), "tract": patch.tract.id, "patch": patch.id})
         return {"coadd": exp}

@@ -19,9 +19,9 @@ import logging
 from collections import defaultdict
 
 import numpy as np
-import pydantic
 
 from procsky.errors import NoWorkError, ProcskyValueError
+from procsky.warp import WarpConfig
 from procsky.notes import note_degraded
 from procsky.pipeline.task import (
     DatasetKey,
@@ -47,17 +47,9 @@ class WarpTaskConfig(TaskConfig):
 
     skymap: str = "default"
     """Name of the registered sky map."""
-    order: int = pydantic.Field(3, ge=1, le=8)
-    """Lanczos order."""
-    grid_step: int = pydantic.Field(32, ge=0)
-    """WCS mapping grid spacing (pixels); 0 = exact per pixel."""
-    chunk: int = pydantic.Field(1024, ge=16)
-    """Chunk side of the warp (pixels); coadds read whole chunks."""
-
-    def warp_config(self):
-        from procsky.coadd import WarpConfig
-
-        return WarpConfig(order=self.order, grid_step=self.grid_step, chunk=self.chunk)
+    warp: WarpConfig = WarpConfig()
+    """How the calexps are resampled (Lanczos order, WCS grid step, chunk side: coadds read
+    whole chunks); :class:`procsky.warp.WarpConfig`. Override e.g. ``warp.warp.order=4``."""
 
 
 def skymap_input(repo, name: str) -> DatasetKey:
@@ -255,7 +247,7 @@ class WarpTask(Task):
         sm = SkyMap.from_record(skymap)
         patch = sm.patch(data_id["tract"], data_id["patch"])
         calexps = apply_visit_photocalib(calexps, visit_photocalib, (data_ids or {}).get("calexps"))
-        return {"warp": warp_visit(calexps, patch, self.config.warp_config(), skymap_name=sm.name)}
+        return {"warp": warp_visit(calexps, patch, self.config.warp, skymap_name=sm.name)}
 
 
 def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
@@ -265,13 +257,14 @@ def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
     ----------
     calexps : list of Exposure
     patch : procsky.skymap.PatchInfo
-    config : procsky.coadd.WarpConfig
+    config : procsky.warp.WarpConfig
 
     Returns
     -------
     Exposure
     """
-    from procsky.coadd import CoaddConfig, build_coadd, warp_exposure
+    from procsky.coadd import CoaddConfig, build_coadd
+    from procsky.warp import warp_exposure
 
     warps = []
     for c in calexps:
@@ -297,7 +290,7 @@ def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
     _, cards = shift_wcs(patch.wcs, x0 - patch.xy0[0], y0 - patch.xy0[1], list(patch.wcs_cards))
     merged = build_coadd(warps, out_cards=cards, out_shape=(y1 - y0, x1 - x0), xy0=(x0, y0),
                          config=CoaddConfig(reject_artifacts=False, warp=config), inputs_are_warps=True)
-    exp = merged.to_exposure()  # its PSF: each detector's warped PSF grid where that detector has data
+    exp = merged.to_exposure(n_inputs=False)  # its PSF: each detector's warped PSF grid where that detector has data
     exp.visit_info = warps[0].visit_info
     meds = [w.metadata.get("median_variance") for w in warps]
     meds = [m for m in meds if m is not None]
