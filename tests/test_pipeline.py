@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import pickle
 
+import pydantic
 import pytest
 from click.testing import CliRunner
-import toytasks as toy
 
+import toytasks as toy
 from procsky.errors import (
     NoWorkError,
     ProcskyKeyError,
@@ -50,7 +51,7 @@ def test_config_frozen_and_hashed():
     b = toy.ToyMeasureConfig(clip_sigma=3.0)
     c = toy.ToyMeasureConfig(clip_sigma=4.0)
     assert a.config_hash() == b.config_hash() != c.config_hash()
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         a.clip_sigma = 5.0
     with pytest.raises(ProcskyValueError, match="clip_sigmaa"):
         toy.ToyMeasureTask({"clip_sigmaa": 1})
@@ -178,7 +179,7 @@ def test_nested_overrides_build_new_frozen_configs(tmp_path):
     assert cfg.inner.weights == {"g": 1.0, "r": 2.0}  # dict fields merge key by key
     assert before.inner.leaf.budget == 64.0 and before.inner.name == "a"  # nothing changed in place
     assert cfg.config_hash() != before.config_hash()
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.inner.leaf.budget = 1.0
     # dotted keys in a mapping, and the same result from a nested mapping
     dotted = pipe.with_overrides({"nested": {"inner.leaf.budget": 1e9, "inner.name": "b",

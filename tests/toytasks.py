@@ -26,8 +26,8 @@ import pydantic
 from procsky.errors import AlgorithmError, NoWorkError
 from procsky.tasks.base import Input, Output, QuantumSpec, Task, TaskConfig, register_task
 
-__all__ = ["ToyMeasureTask", "ToyGatherTask", "ToyGatherTolerantTask", "ToyNoopTask", "ToyNestedTask", "make_toy_inputs",
-           "TOY_PIPELINE_YAML"]
+__all__ = ["ToyMeasureTask", "ToyGatherTask", "ToyGatherTolerantTask", "ToyNoopTask", "ToyNestedTask",
+           "make_toy_inputs", "TOY_PIPELINE_YAML"]
 
 _VD = ("instrument", "visit", "detector")
 

@@ -59,7 +59,7 @@ _CALIB_WORDS = {
     "lampflat": "flat", "internalflat": "flat",
 }
 
-_REGISTRY: dict[str, type["Instrument"]] = {}
+_REGISTRY: dict[str, type[Instrument]] = {}
 
 
 def calibration_kind(header) -> str | None:

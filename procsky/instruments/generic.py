@@ -59,8 +59,8 @@ def _sexagesimal(value, hours: bool) -> float:
         return float(value)
     except (TypeError, ValueError):
         pass
-    from astropy.coordinates import Angle
     import astropy.units as u
+    from astropy.coordinates import Angle
 
     try:
         return Angle(str(value), unit=u.hourangle if hours else u.deg).deg

@@ -40,9 +40,9 @@ from procsky.instruments.base import (
     IngestItem,
     Instrument,
     calib_frame_exposure,
-    check_fits_complete,
     calib_frame_records,
     calibration_kind,
+    check_fits_complete,
     register_instrument,
 )
 
@@ -241,7 +241,8 @@ class SimcamInstrument(Instrument):
             kind = calibration_kind(header) or kind
         if header.get("INSTRUME", "") != "simcam" or kind not in {"calexp", "raw", "bias", "dark", "flat"}:
             raise ProcskyFileError(
-                f"{path} is not a simcam file (INSTRUME={header.get('INSTRUME')!r}, IMAGETYP={header.get('IMAGETYP')!r}); "
+                f"{path} is not a simcam file (INSTRUME={header.get('INSTRUME')!r}, "
+                f"IMAGETYP={header.get('IMAGETYP')!r}); "
                 "simcam ingests the images/, calibs/ and calib_frames/ files written by `procsky sim`"
             )
         if kind in CALIB_FRAME_DATASET_TYPES and "EXPID" in header:

@@ -22,9 +22,10 @@ build new frozen configurations (:func:`procsky.tasks.base.override_config`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -53,7 +54,7 @@ class PipelineTask:
     """
 
     label: str
-    task_class: type
+    task_class: type[Task]
     config: TaskConfig
     class_path: str
 
@@ -127,7 +128,7 @@ class Pipeline:
     def __len__(self):
         return len(self.tasks)
 
-    def subset(self, labels: Iterable[str]) -> "Pipeline":
+    def subset(self, labels: Iterable[str]) -> Pipeline:
         """The pipeline restricted to ``labels`` (kept in pipeline order)."""
         labels = list(labels)
         for label in labels:
@@ -135,7 +136,7 @@ class Pipeline:
         return Pipeline([t for t in self.tasks if t.label in labels], description=self.description,
                         name=self.name)
 
-    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> "Pipeline":
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Pipeline:
         """A copy whose task configurations are updated from ``{label: {field: value}}``.
 
         Fields may be nested (``{"assemble_coadd": {"coadd": {"memory_budget": 1e9}}}``) or
@@ -168,11 +169,11 @@ class Pipeline:
         }
 
     @classmethod
-    def from_tasks(cls, tasks: Iterable, *, name: str = "pipeline") -> "Pipeline":
+    def from_tasks(cls, tasks: Iterable, *, name: str = "pipeline") -> Pipeline:
         """Build a pipeline from task classes or ``(label, class, config)`` tuples (notebooks)."""
         items = []
         for item in tasks:
-            if isinstance(item, type):
+            if isinstance(item, type) and issubclass(item, Task):
                 label, klass, config = (item.task_name or item.__name__), item, None
             else:
                 label, klass, config = (tuple(item) + (None,))[:3]
@@ -188,7 +189,7 @@ def _class_path(klass: type) -> str:
     return f"{klass.__module__}:{klass.__qualname__}"
 
 
-def _make_pipeline_task(label: str, klass: type | str, config: Mapping[str, Any] | TaskConfig,
+def _make_pipeline_task(label: str, klass: type[Task] | str, config: Mapping[str, Any] | TaskConfig,
                         pipeline_name: str) -> PipelineTask:
     if isinstance(klass, str):
         klass = get_task_class(klass)

@@ -10,15 +10,15 @@ an empty selection is reported here). Only then does ``procsky run`` start a clu
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import sqlalchemy as sa
 
 from procsky.errors import ProcskyValueError, RepoError
 from procsky.pipeline.executor import DaskExecutor, RunSummary, SyncExecutor
 from procsky.pipeline.graph import QuantumGraph, build_graph, graph_tables
-from procsky.pipeline.pipeline import Pipeline, load_pipeline
+from procsky.pipeline.pipeline import Pipeline, load_pipeline, parse_overrides
 
 __all__ = ["run_pipeline", "make_graph", "open_repo", "RunPlan", "plan_run", "execute_plan"]
 
@@ -36,9 +36,7 @@ def _resolve_pipeline(pipeline, config, tasks) -> Pipeline:
     if not isinstance(pipeline, Pipeline):
         pipeline = load_pipeline(pipeline, config)
     elif config:
-        from procsky.pipeline.pipeline import parse_overrides
-
-        pipeline = pipeline.with_overrides(config if isinstance(config, dict) else parse_overrides(config))
+        pipeline = pipeline.with_overrides(config if isinstance(config, Mapping) else parse_overrides(config))
     if tasks:
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -205,6 +203,7 @@ def execute_plan(plan: RunPlan, *, client=None, retry_failed: bool = False, retr
     RunSummary
     """
     plan.graph.save(plan.repo)
+    executor: SyncExecutor | DaskExecutor
     if client is None:
         executor = SyncExecutor(retries=retries, progress=progress)
     else:

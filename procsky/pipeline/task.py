@@ -12,6 +12,7 @@ from procsky.tasks.base import (  # noqa: F401
     QuantumSpec,
     Task,
     TaskConfig,
+    __all__,
     build_config,
     complete_data_id,
     data_id_key,
@@ -21,4 +22,3 @@ from procsky.tasks.base import (  # noqa: F401
     register_task,
     registered_tasks,
 )
-from procsky.tasks.base import __all__  # noqa: F401

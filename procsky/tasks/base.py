@@ -37,8 +37,9 @@ import hashlib
 import importlib
 import json
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pydantic
 
@@ -270,14 +271,14 @@ def _check_fields(model: type[pydantic.BaseModel], values: Mapping[str, Any], wh
 def _invalid(model: type[pydantic.BaseModel], exc: pydantic.ValidationError, what: str) -> ProcskyValueError:
     """A :class:`ProcskyValueError` for a failed validation, listing the fields of the model involved."""
     target = model
-    path = []
+    path: list[str] = []
     for part in (exc.errors()[0].get("loc", ()) if exc.errors() else ()):
         info = target.model_fields.get(part) if isinstance(part, str) else None
         sub = _model_class(info.annotation) if info is not None else None
         if sub is None:
             break
         target = sub
-        path.append(part)
+        path.append(str(part))
     where = f" of {'.'.join(path)}" if path else ""
     return ProcskyValueError(
         f"invalid configuration for {what}: {exc}\n(fields{where} ({target.__name__}): {_field_list(target)})"
