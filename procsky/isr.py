@@ -168,7 +168,9 @@ def amplifier_layout(detector: dict, shape: tuple[int, int], metadata: dict | No
             ds = parse_section(a["datasec"])
             bs = parse_section(a["biassec"])
         except (KeyError, ValueError) as exc:
-            raise ProcskyValueError(f"amplifier {i}: bad datasec/biassec ({exc}); see the raw's detector description") from exc
+            raise ProcskyValueError(
+                f"amplifier {i}: bad datasec/biassec ({exc}); see the raw's detector description"
+            ) from exc
         for name, (x0, x1, y0, y1) in (("datasec", ds), ("biassec", bs)):
             if x0 < 0 or y0 < 0 or x1 > nx or y1 > ny:
                 raise ProcskyValueError(

@@ -538,5 +538,5 @@ def find_cr_tracks(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | N
     _track_kernel(img, var, msk, xs, ys, st, sk, h, np.uint32(bad_bits), sharp_bank, broad_bank, par, float(nu_max),
                   float(min_gain), float(min_total), float(nu_keep), float(star_gain), float(model_error), crpix,
                   repair, out, rw, np.uint32(rb))
-    return TrackResult(is_cr=out[:, 5] == 1.0, on_star=out[:, 5] == 2.0, cr_pixels=crpix, gain_line=out[:, 0], gain_psf=out[:, 1],
-                       gain_broad=out[:, 2], nu_psf=out[:, 3], theta=out[:, 4], repair=repair)
+    return TrackResult(is_cr=out[:, 5] == 1.0, on_star=out[:, 5] == 2.0, cr_pixels=crpix, gain_line=out[:, 0],
+                       gain_psf=out[:, 1], gain_broad=out[:, 2], nu_psf=out[:, 3], theta=out[:, 4], repair=repair)

@@ -95,4 +95,6 @@ def _floored_weights(data, wts, accuracy):
     if not accuracy > 0:
         return wts
     with np.errstate(divide="ignore"):
-        return np.where(wts > 0, 1.0 / (1.0 / np.where(wts > 0, wts, 1.0) + (accuracy * np.maximum(data, 0.0)) ** 2), 0.0)
+        return np.where(
+            wts > 0, 1.0 / (1.0 / np.where(wts > 0, wts, 1.0) + (accuracy * np.maximum(data, 0.0)) ** 2), 0.0
+        )
