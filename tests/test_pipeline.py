@@ -34,7 +34,7 @@ from procsky.pipeline import (
 )
 from procsky.pipeline.clusters import cluster_kwargs, find_profile, parse_duration
 from procsky.pipeline.graph import Where
-from procsky.pipeline.task import DatasetKey, default_quanta, get_task_class
+from procsky.tasks.base import DatasetKey, default_quanta, get_task_class
 from procsky.repo import Repo
 
 
