@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pydantic
@@ -232,9 +232,9 @@ def _overscan_subtract(raw: np.ndarray, amps: list[dict],
     return out, raw[y0:y1, x0:x1], (x0, y0), maps
 
 
-def _calib_plane(calib: Exposure | None, shape: tuple[int, ...],
-                 name: str) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """Image, variance and mask of a master calibration, checked against the data shape."""
+def _calib_plane(calib: Exposure | None, shape: tuple[int, ...], name: str) -> tuple[Any, Any, Any]:
+    """Image, variance and mask (float64, float64, uint32 arrays) of a master calibration,
+    checked against the data shape; three None without one."""
     if calib is None:
         return None, None, None
     c = calib.compute()
@@ -279,8 +279,8 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, dark: Exposure | None =
     gain = maps["gain"]
     rn = maps["read_noise"]
     nonfinite = ~np.isfinite(data)
-    steps = {"overscan": config.overscan.method}
-    missing = []
+    steps: dict[str, Any] = {"overscan": config.overscan.method}
+    missing: list[str] = []
     # Saturation on the overscan-subtracted ADU, before anything rescales the pixels.
     sat_level = maps["saturation"] - config.saturation_tolerance * rn / gain
     sat = saturation_mask(data, np.inf, raw=raw_data, adc_max=config.adc_max) | (data >= sat_level)
@@ -307,7 +307,7 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, dark: Exposure | None =
                     "cannot scale the dark: the raw has no exposure time (visit_info.exposure_time); "
                     "set it at ingest or run with do_dark=False"
                 )
-            td = dark.visit_info.exposure_time if dark.visit_info is not None else float("nan")
+            td = dark.visit_info.exposure_time if dark is not None and dark.visit_info is not None else float("nan")
             scale = t / td if (math.isfinite(td) and td > 0) else t  # a frame of td s, or a rate per s
             data -= d * scale
             mask |= dm & np.uint32(_BAD)
@@ -492,6 +492,7 @@ def make_master_dark(frames: Sequence[Exposure], bias: Exposure | None = None,
         n_defects = int(hot.sum())
     mean = np.where(good, mean, 0.0).astype(np.float32)
     var = np.nan_to_num(var, nan=0.0).astype(np.float32)
+    assert template is not None  # the shape check above needs at least one frame
     out = _master_exposure(mean, var, mask, template, "dark", len(frames))
     out.metadata.update(units="adu/s", n_defects=n_defects)
     return out
@@ -542,4 +543,5 @@ def make_master_flat(frames: Sequence[Exposure], bias: Exposure | None = None, d
     mask[good & ~(mean > 0.2)] |= np.uint32(_BAD)
     mean = np.where(good, mean, 1.0).astype(np.float32)
     var = np.nan_to_num(var, nan=0.0).astype(np.float32)
+    assert template is not None  # the shape check above needs at least one frame
     return _master_exposure(mean, var, mask, template, "flat", len(frames))

@@ -19,6 +19,7 @@ import pytest
 from procsky import masks
 from procsky.errors import AlgorithmError, ProcskyValueError
 from procsky.exposure import Exposure, VisitInfo
+from procsky.isr import IsrConfig, run_isr
 from procsky.kernels.isr import (
     clipped_median_rows,
     combine_frames,
@@ -28,7 +29,6 @@ from procsky.kernels.isr import (
     saturation_mask,
 )
 from procsky.photocalib import PhotoCalib
-from procsky.isr import IsrConfig, run_isr
 from procsky.tasks.isr import (
     IsrTask,
     MakeMasterBiasTask,
@@ -64,7 +64,7 @@ def _raw(expected_e, flat, bias, dark, t=30.0, level=1000.0, seed=2, slope=2.0, 
     raw[:, :NX] = q / GAIN + bias + ramp
     raw[:, NX:] = ramp + (rng.normal(0, RN / GAIN, (NY, NOS)) if noise else 0.0)
     det = {"id": 0, "name": "D0", "gain": GAIN, "read_noise": RN, "saturation": SAT,
-           "datasec": "[1:%d,1:%d]" % (NX, NY), "biassec": [NX, NX + NOS, 0, NY]}
+           "datasec": f"[1:{NX},1:{NY}]", "biassec": [NX, NX + NOS, 0, NY]}
     vi = VisitInfo(exposure_time=t, band="r", physical_filter="f-r", visit=1, instrument="test")
     return Exposure(raw.astype(np.float32), np.ones(raw.shape, np.float32), None, visit_info=vi, detector=det,
                     photocalib=PhotoCalib.from_zero_point(28.0))

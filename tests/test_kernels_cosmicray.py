@@ -235,7 +235,7 @@ def test_find_cr_tracks_removes_faint_tracks_keeps_faint_sources():
                        for x, y in zip(xs, ys)])
     res = find_cr_tracks(img.astype(np.float32), var, None, xs, ys, stamps, sigma)
     assert list(res.is_cr) == [False] * 4 + [True] * 3, (res.gain_line, res.gain_psf, res.gain_broad)
-    for (txx, tyy), t in zip(pix[:3], tracks[:3]):
+    for (txx, tyy), _t in zip(pix[:3], tracks[:3]):
         on = res.cr_pixels[tyy, txx]
         inside = (np.abs(txx - np.mean(txx)) <= 7) & (np.abs(tyy - np.mean(tyy)) <= 7)
         assert on[inside].mean() >= 0.8  # the track within the test window

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from procsky.errors import ProcskyValueError
 from procsky.photometry import VisitPhotometryConfig, visit_photometric_calibration
+
 # re-exported for the modules that import it from here (tasks.warp); new code imports procsky.photometry
 from procsky.photometry import photocalib_for_detector as photocalib_for_detector
 from procsky.tasks.base import Input, Output, Task, TaskConfig, register_task

@@ -167,7 +167,7 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
         # clean: pixels whose residual from the PSF fit is significant AND sharper than the
         # PSF (they stand above at least one pair of opposite neighbours' residuals, which
         # a residual broader than the PSF, e.g. a galaxy's wing, does not)
-        for it in range(max_iter):
+        for _it in range(max_iter):
             for j in range(s):
                 for i in range(s):
                     res[j, i] = d[j, i] - a * p[j, i] - b0 - b1 * (i - h) - b2 * (j - h)
