@@ -25,7 +25,7 @@ are on disk (Zarr) and the coadd is written to Zarr either
 
 * ``on-the-fly``: :func:`~procsky.coadd.build_coadd` from the calexps (each output chunk
   task warps the parts of the calexps it needs), or
-* ``intermediate``: every calexp is first warped (:func:`~procsky.coadd.warp_exposure`)
+* ``intermediate``: every calexp is first warped (:func:`~procsky.warp.warp_exposure`)
   and written to Zarr; the coadd then reads those warps.
 
 Run:  .venv/bin/python benchmarks/bench_coadd.py --modes [--visits 8] [--size 1500]
@@ -48,7 +48,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_coadd import make_stars, measure, render_gaussians
 
-from procsky.coadd import CoaddConfig, WarpConfig, build_coadd
+from procsky.coadd import CoaddConfig, build_coadd
+from procsky.warp import WarpConfig
 from procsky.exposure import Exposure, VisitInfo
 from procsky.photocalib import PhotoCalib
 from procsky.psf import GaussianPsf
@@ -151,7 +152,7 @@ def run_mode(mode, folder: Path, n, patch_inner, reject):
 
     import dask
 
-    from procsky.coadd import warp_exposure
+    from procsky.warp import warp_exposure
 
     sm = discrete_skymap([(RA0, DEC0)], radius=patch_inner * 0.2 / 3600 / 2 * 0.999, patch_inner=patch_inner,
                          patch_border=50, name="bench")
@@ -279,7 +280,8 @@ def main():
     for name, (f, xw, yw) in meas.items():
         r = f[ok] / flux[ok]
         d = np.hypot(xw - x, yw - y)[ok] * 200
-        print(f"  {name:45s} flux/truth median {np.median(r):.5f} (scatter {1.4826 * np.median(np.abs(r - np.median(r))):.4f});"
+        mad = 1.4826 * np.median(np.abs(r - np.median(r)))
+        print(f"  {name:45s} flux/truth median {np.median(r):.5f} (scatter {mad:.4f});"
               f" centroid offset median {np.median(d):.2f} mas")
     if sw is not None:
         sname = "SWarp 2.41 (LANCZOS3, WEIGHTED)"

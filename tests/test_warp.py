@@ -18,7 +18,7 @@ from test_coadd import (
 )
 
 from procsky import masks
-from procsky.coadd import WarpConfig, pixel_mapping, warp_exposure
+from procsky.warp import WarpConfig, pixel_mapping, warp_exposure
 from procsky.errors import NoWorkError
 from procsky.exposure import Exposure
 from procsky.kernels.warp import (
@@ -204,7 +204,7 @@ def test_warp_exposure_lazy_numpy_and_zarr_agree(tmp_path):
 
 
 def test_sources_pickle_and_threads():
-    from procsky.coadd import _make_warp_source
+    from procsky.warp import _make_warp_source
 
     stars = make_stars(4)
     calexp = make_visit(2, stars)

@@ -1,7 +1,7 @@
 """Resampling kernels: Lanczos warping of image, variance and mask planes.
 
 Everything here works on plain numpy blocks; the WCS arithmetic that produces the pixel
-mapping lives in :mod:`procsky.coadd`.
+mapping lives in :mod:`procsky.warp`.
 
 Warping (after LSST ``afw.math.warpExposure`` and SWarp's resampling):
 
