@@ -73,9 +73,9 @@ def main():
     if out.exists():
         shutil.rmtree(out)
 
+    from procsky.calibrate import calibrate_exposure
     from procsky.instruments import get_instrument
     from procsky.refcat import read_refcat_file
-    from procsky.tasks.calibrate import calibrate_exposure
 
     (res, t_sim, w_sim) = cpu(simulate_detector, args.size, out)
     image_path = sorted((out / "images").glob("*.fits"))[0]

@@ -60,10 +60,10 @@ def evaluate(simdir: Path, visit: int, detectors=None, estimator: str = "median"
     ``df.attrs["pooled"]`` holds the PSF-flux pulls (S/N 50-500), flux ratios and held-back
     stars' dT/T of all detectors together.
     """
+    from procsky.calibrate import calibrate_exposure
     from procsky.exposure import Exposure
     from procsky.refcat import read_refcat_file
     from procsky.sim.render import image_filename
-    from procsky.tasks.calibrate import calibrate_exposure
     from procsky.tasks.photometry import VisitPhotometryConfig, visit_photometric_calibration
 
     metrics = _load_metrics()
@@ -151,7 +151,8 @@ def visit_line(t: pd.DataFrame) -> dict:
     p = t.attrs["pooled"]
     return {
         "visit": t.attrs["visit"], "ndet": len(t), "dzp_mmag": float(t["dzp_mmag"].abs().max()),
-        "fwhm_worst_%": float(t["fwhm_%"].abs().max(skipna=False)), "dT_med_%": 100 * float(np.median(p["dT"])) if p["dT"].size else np.nan,
+        "fwhm_worst_%": float(t["fwhm_%"].abs().max(skipna=False)),
+        "dT_med_%": 100 * float(np.median(p["dT"])) if p["dT"].size else np.nan,
         "bias_%": 100 * float(np.median(p["ratios"] - 1)), "pull_std": float(np.std(p["pulls"])),
         "n_astro_min": int(t["n_astro"].min()), "astro_med_max": float(t["astro_med_mas"].max(skipna=False)),
         "astro_sc_max": float(t["astro_sc_mas"].max(skipna=False)), "astro_sc50_max": float(t["astro_sc50_mas"].max()),
@@ -180,7 +181,8 @@ def astrometry_by_snr(stars: pd.DataFrame) -> pd.DataFrame:
         err = np.r_[b.err_mas, b.err_mas]
         sky_err = np.r_[b.ra_err_mas, b.dec_err_mas]
         rows.append({"snr": f"{lo}-{hi}", "n": len(b), "sky_rms_mas": float(np.sqrt(np.mean(sky**2))),
-                     "centroid_rms_mas": float(np.sqrt(np.mean(cen**2))), "err_rms_mas": float(np.sqrt(np.mean(err**2))),
+                     "centroid_rms_mas": float(np.sqrt(np.mean(cen**2))),
+                     "err_rms_mas": float(np.sqrt(np.mean(err**2))),
                      "sky_pull_std": float(np.std(sky / err)), "centroid_pull_std": float(np.std(cen / err)),
                      "radec_err_rms_mas": float(np.sqrt(np.mean(sky_err**2))),
                      "sky_pull_std_radec_err": float(np.std(sky / sky_err))})
@@ -197,14 +199,16 @@ def report(t: pd.DataFrame, simdir: Path) -> None:
     rec = t.attrs["visit_photocalib"]
     print(f"visit zero point ({rec['estimator']}): {rec['zero_point']:.4f} +- {1000 * rec['zero_point_err']:.2f} mmag "
           f"from {rec['n_stars']} of {rec['n_candidates']} stars on {rec['n_detectors']} detectors; rms of calibrate's "
-          f"per-detector dzp {np.sqrt(np.mean(t['dzp_det_mmag'] ** 2)):.2f} mmag; aperture-to-total factor of the visit "
+          f"per-detector dzp {np.sqrt(np.mean(t['dzp_det_mmag'] ** 2)):.2f} mmag; "
+          "aperture-to-total factor of the visit "
           f"{rec.get('aperture_to_total', 1.0):.4f} +- {rec.get('aperture_to_total_err', float('nan')):.4f}")
     print()
     print(passes(t).to_string())
     p = t.attrs["pooled"]
     print()
     print(f"pooled over {len(t)} detectors: PSF-flux pull std (S/N 50-500) {np.std(p['pulls']):.3f} over "
-          f"{p['pulls'].size} stars (1.4826 MAD: {1.4826 * np.median(np.abs(p['pulls'] - np.median(p['pulls']))):.3f}); "
+          f"{p['pulls'].size} stars "
+          f"(1.4826 MAD: {1.4826 * np.median(np.abs(p['pulls'] - np.median(p['pulls']))):.3f}); "
           f"median PSF-flux bias {100 * np.median(p['ratios'] - 1):+.3f}% over {p['ratios'].size} stars; "
           f"held-back median dT/T {100 * np.median(p['dT']):+.2f}% over {p['dT'].size} stars; "
           f"position pull std {np.std(p['astro_pulls']):.3f} over {p['astro_pulls'].size // 2} stars")

@@ -9,11 +9,11 @@ median over the grid (the aperture correction fixes the flux scale). Printed: it
 detector and over each visit's detectors, for
 
 * ``pixel``: the pixel polynomial alone, order by star count (3 stars per term), as before
-  the warp (``CalibrateConfig(psf_warp_order=-1)``);
+  the warp (``PsfConfig(warp_order=-1)``, ``-c calibrate.psf.warp_order=-1``);
 * ``warp``: calibrate's default (pixel order 0 plus the size/shear warp of order 1 on
   detectors with fewer than 33 PSF stars).
 
-Both are fitted by ``procsky.tasks.calibrate.fit_detector_psf``, as calibrate fits them.
+Both are fitted by ``procsky.calibrate.fit_detector_psf``, as calibrate fits them.
 
 Usage::
 
@@ -30,42 +30,34 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import procsky.tasks.calibrate as cal
+from procsky.calibrate import (
+    CalibrationConfig,
+    PsfConfig,
+    fit_detector_psf,
+    run_detection_steps,
+    state_from_exposure,
+)
+from procsky.calibrate.psf import select_stars
 from procsky.exposure import Exposure
 from procsky.instruments.simcam import SimcamGeometry, focal_plane_position
 from procsky.kernels import psfmodel as pm
-from procsky.refcat import read_refcat_file
 from procsky.sim.psf import SimPsfParams, truth_psf_image
 from procsky.sim.recipe import load_recipe
 from procsky.sim.render import image_filename
 
 
-class _Captured(Exception):
-    pass
-
-
-def psf_inputs(exp, ref):
-    """Run calibrate up to its PSF fit and return that fit's inputs (image, variance, mask, x, y)."""
-    got = {}
-
-    def capture(image, variance, mask, x, y, config):
-        got["args"] = (np.array(image), np.array(np.broadcast_to(variance, image.shape)),
-                       None if mask is None else np.array(mask), np.array(x), np.array(y))
-        raise _Captured
-
-    real = cal.fit_detector_psf
-    cal.fit_detector_psf = capture
-    try:
-        cal.calibrate_exposure(exp, ref, cal.CalibrateConfig())
-    except _Captured:
-        pass
-    finally:
-        cal.fit_detector_psf = real
-    return got["args"]
+def psf_inputs(exp: Exposure) -> tuple[np.ndarray, ...]:
+    """Run calibrate's steps up to its PSF fit and return that fit's inputs (image, variance, mask, x, y)."""
+    config = CalibrationConfig()
+    state = state_from_exposure(exp, config)
+    run_detection_steps(state, config)
+    select_stars(state, config.psf)
+    idx = np.flatnonzero(state.cand)
+    return state.sub, state.var_det, state.mask, state.meas["x"][idx], state.meas["y"][idx]
 
 
 # the two models compared, each fitted exactly as calibrate fits it with that configuration
-VARIANTS = {"pixel": cal.CalibrateConfig(psf_warp_order=-1), "warp": cal.CalibrateConfig()}
+VARIANTS = {"pixel": PsfConfig(warp_order=-1), "warp": PsfConfig()}
 
 
 def main():
@@ -78,13 +70,12 @@ def main():
     rec = load_recipe(d / "recipe.yaml")
     geo = SimcamGeometry(rec.instrument, rec.seed)
     visits = pd.read_parquet(d / "truth" / "visits.parquet").set_index("visit")
-    ref = read_refcat_file(d / "refcat" / "refcat.parquet")
     rows = []
     for v in map(int, args.visits.split(",")):
         par = SimPsfParams.from_dict(visits.loc[v])
         for det in map(int, args.detectors.split(",")):
             exp = Exposure.read(d / "images" / image_filename("calexp", v, det))
-            inp = psf_inputs(exp, ref)
+            inp = psf_inputs(exp)
             ny, nx = exp.shape
             rng = np.random.default_rng(100 * v + det)
             g = np.round(np.linspace(60, min(nx, ny) - 60, 6))
@@ -97,7 +88,7 @@ def main():
             truth = np.array(truth)
             row = {"visit": v, "detector": det, "n_candidates": len(inp[3])}
             for name, config in VARIANTS.items():
-                model = cal.fit_detector_psf(*inp, config)[0]
+                model = fit_detector_psf(*inp, config)[0]
                 if model is None:
                     row[name] = np.nan
                     continue

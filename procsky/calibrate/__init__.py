@@ -39,7 +39,14 @@ from procsky.calibrate.config import (
     PhotometryConfig,
     PsfConfig,
 )
-from procsky.calibrate.driver import calibrate_exposure, make_state, process_arrays, run_pixel_steps
+from procsky.calibrate.driver import (
+    calibrate_exposure,
+    make_state,
+    process_arrays,
+    run_detection_steps,
+    run_pixel_steps,
+    state_from_exposure,
+)
 from procsky.calibrate.psf import fit_detector_psf
 from procsky.calibrate.state import CalibrateState
 
@@ -58,5 +65,7 @@ __all__ = [
     "fit_detector_psf",
     "make_state",
     "process_arrays",
+    "run_detection_steps",
     "run_pixel_steps",
+    "state_from_exposure",
 ]

@@ -108,6 +108,7 @@ def _fit_wcs(meas: dict[str, np.ndarray], m_src: np.ndarray, refs_m: pd.DataFram
             return tan_sip_position_error(sol, px, py)
     else:
         # Few stars: keep the header distortion, fit CRVAL and CD on SIP-corrected positions.
+        assert header_sip is not None  # (full otherwise)
         crpix0, a, b = header_sip
         u, v = x - crpix0[0], y - crpix0[1]
         fu, fv = _apply_sip(a, b, u, v)

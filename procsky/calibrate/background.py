@@ -32,9 +32,10 @@ def refine_background(state: CalibrateState, config: BackgroundConfig, detected:
     bkg = estimate_background(state.image, mask_det, box_size=config.box_size, filter_size=config.filter_size,
                               bad_bits=_SECOND_PASS_BAD)
     sub = state.image - bkg.background
-    if state.n_cr:
+    cr = state.cosmic_rays
+    if state.n_cr and cr is not None:
         crm = (state.mask & np.uint32(bit["CR"])) != 0
-        sub = np.where(crm, state.cosmic_rays.image + state.background_first.background - bkg.background, sub)
+        sub = np.where(crm, cr.image + state.background_first.background - bkg.background, sub)
     sub = sub.astype(np.float32)
     sub[state.bad_input] = 0.0
     state.background = bkg

@@ -8,7 +8,8 @@ input image until the PhotoCalib turns them into nJy.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -22,7 +22,8 @@ from procsky.exposure import Exposure
 from procsky.masks import DEFAULT_PLANES, MaskPlanes
 from procsky.psf import SIGMA_TO_FWHM
 
-__all__ = ["calibrate_exposure", "make_state", "process_arrays", "run_pixel_steps"]
+__all__ = ["calibrate_exposure", "make_state", "process_arrays", "run_detection_steps", "run_pixel_steps",
+           "state_from_exposure"]
 
 
 def make_state(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, planes: MaskPlanes,
@@ -53,10 +54,19 @@ def make_state(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
                           var_det=var_det)
 
 
-def run_pixel_steps(state: CalibrateState, config: CalibrationConfig) -> None:
-    """Background, cosmic rays, detection, measurement, PSF and the corrected PSF fluxes: every step
-    that needs neither a reference catalogue nor the exposure's metadata. ``state.sigma0`` (the first
-    seeing guess) must be set."""
+def state_from_exposure(exposure: Exposure, config: CalibrationConfig) -> CalibrateState:
+    """The initial state of the steps from an exposure (computed): its planes, and the first seeing
+    guess from its PSF or WCS."""
+    exp = exposure.compute()
+    state = make_state(exp.image, exp.variance, exp.mask, exp.mask_planes, config.min_usable_pixels)
+    state.exposure, state.xy0 = exp, exp.xy0
+    state.sigma0 = initial_sigma(exp, config.detection)
+    return state
+
+
+def run_detection_steps(state: CalibrateState, config: CalibrationConfig) -> None:
+    """Background, cosmic rays, detection and the first measurement (without a PSF model).
+    ``state.sigma0`` (the first seeing guess) must be set."""
     # background first pass, then cosmic rays (before detection, so that hits do not become sources)
     subtract_background(state, config.background)
     find_cosmic_ray_pixels(state, config.cosmic_rays)
@@ -66,6 +76,12 @@ def run_pixel_steps(state: CalibrateState, config: CalibrationConfig) -> None:
     measure_seeing(state, det0, config.measurement.aperture_radii)
     detect(state, config.detection)
     measure(state, config.measurement)
+
+
+def run_pixel_steps(state: CalibrateState, config: CalibrationConfig) -> None:
+    """:func:`run_detection_steps`, then the PSF model, the detections sharper than it and the corrected
+    PSF fluxes: every step that needs neither a reference catalogue nor the exposure's metadata."""
+    run_detection_steps(state, config)
     model_psf(state, config.psf)
     remove_sharp_sources(state, config.cosmic_rays, nu_keep=config.detection.nsigma)
     measure_with_psf(state, config.measurement)
@@ -101,10 +117,7 @@ def calibrate_exposure(exposure: Exposure, refcat: Any = None,
         ``"fail"``.
     """
     config = config or CalibrationConfig()
-    exp = exposure.compute()
-    state = make_state(exp.image, exp.variance, exp.mask, exp.mask_planes, config.min_usable_pixels)
-    state.exposure, state.xy0 = exp, exp.xy0
-    state.sigma0 = initial_sigma(exp, config.detection)
+    state = state_from_exposure(exposure, config)
     run_pixel_steps(state, config)
     fit_astrometry(state, refcat, config)
     fit_zero_point(state, config.photometry, match_radius=config.astrometry.match_radius)

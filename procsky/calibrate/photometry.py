@@ -9,6 +9,8 @@ detectors (the final PhotoCalib used by the warps).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from procsky.calibrate.astrometry import band, mag_column
@@ -30,7 +32,7 @@ def fit_zero_point(state: CalibrateState, config: PhotometryConfig, match_radius
     ``fallback`` is ``"fail"``."""
     exp, meas, n_det = state.exposure, state.meas, state.n_det
     psf_flux, psf_flux_err, ref_on = state.psf_flux, state.psf_flux_err, state.ref_on
-    phot = {"status": "header zero point (no reference catalogue)"}
+    phot: dict[str, Any] = {"status": "header zero point (no reference catalogue)"}
     photocalib = exp.photocalib
     phot_used = np.zeros(n_det, bool)
     ref_mag = np.full(n_det, np.nan)

@@ -106,6 +106,7 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
     meas, cand, n_det = state.meas, state.cand, state.n_det
     ny, nx = state.shape
     psf_model = None
+    psf: PolynomialImagePsf | GaussianPsf
     psf_info: dict = {"n_candidates": int(cand.sum())}
     used = np.zeros(n_det, bool)
     reserved = np.zeros(n_det, bool)
@@ -157,14 +158,15 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
                 e1 = e2 = 0.0
         else:
             s, e1, e2 = state.sigma, 0.0, 0.0
-        psf = GaussianPsf(float(s), float(e1), float(e2), size=stamp)
+        gauss = GaussianPsf(float(s), float(e1), float(e2), size=stamp)
+        psf = gauss
         used[stars] = True
         psf_info.update(model="GaussianPsf (fallback: too few stars for a pixel model)", n_stars=int(stars.sum()),
-                        fwhm_px=float(psf.fwhm()))
+                        fwhm_px=float(gauss.fwhm()))
         note_degraded("few_psf_stars", f"too few PSF stars for a pixel model ({int(cand.sum())} candidates; "
                       f"{psf_info.get('last_error', 'no usable star')}): Gaussian PSF of {int(stars.sum())} sources' "
                       "moments used", n_candidates=int(cand.sum()), n_stars=int(stars.sum()))
-        stamps = np.stack([psf.render(0, 0, offset=(float(x - np.floor(x + 0.5)), float(y - np.floor(y + 0.5))))
+        stamps = np.stack([gauss.render(0, 0, offset=(float(x - np.floor(x + 0.5)), float(y - np.floor(y + 0.5))))
                            for x, y in zip(meas["x"], meas["y"])])
     state.psf, state.psf_model, state.psf_info = psf, psf_model, psf_info
     state.used, state.reserved, state.stamps = used, reserved, stamps

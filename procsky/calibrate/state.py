@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,14 +24,20 @@ __all__ = ["CalibrateState"]
 PLANE_NAMES = ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "NO_DATA", "STREAK")
 
 
+def _later() -> Any:
+    """A field that a step fills: unset (AttributeError on access) until then, left out of the repr."""
+    return field(init=False, repr=False)
+
+
 @dataclass
 class CalibrateState:
     """What the calibrate steps have found so far; each step reads some fields and fills others.
 
     The pixel planes are in-memory numpy arrays of the detector (counts of the input image);
     ``sub`` is the working image: background-subtracted, cosmic rays repaired, trails removed.
-    Per-source arrays (``meas``, ``cand``, ``used``, ``reserved``, ``stamps``, ``child_ids``)
-    are aligned with ``det`` and shrink together when detections are dropped.
+    Per-source arrays (``meas``, ``cand``, ``used``, ``reserved``, ``stamps``, ``child_ids``,
+    ``psf_flux``, ...) are aligned with ``det`` and shrink together when detections are dropped.
+    A field a step has not filled yet is unset: reading it raises AttributeError.
     """
 
     image: np.ndarray
@@ -47,16 +54,15 @@ class CalibrateState:
     var_det: np.ndarray
     """Variance used by detection and measurement (0 where the input's is not finite)."""
     xy0: tuple[int, int] = (0, 0)
-    exposure: Exposure | None = None
-    """The computed input exposure (None when the steps run on bare arrays)."""
-    notes: dict[str, Any] = field(default_factory=dict)
-    """Free-form results of the steps that go to the metadata (streak list, ...)."""
+    exposure: Exposure = _later()
+    """The computed input exposure (unset when the steps run on bare arrays)."""
 
     # background and cosmic rays
-    sub: np.ndarray | None = None
-    background_first: Background | None = None
-    background: Background | None = None
+    sub: np.ndarray = _later()
+    background_first: Background = _later()
+    background: Background = _later()
     cosmic_rays: CosmicRayResult | None = None
+    """L.A.Cosmic's result (None when cosmic rays are not searched)."""
     n_cr: int = 0
     n_cr_sources: int = 0
     # detection
@@ -64,28 +70,29 @@ class CalibrateState:
     """Gaussian sigma of the first seeing guess, pixels."""
     sigma: float = float("nan")
     """Gaussian sigma of the stellar locus, pixels."""
-    det: DetectionResult | None = None
-    child_ids: np.ndarray | None = None
+    det: DetectionResult = _later()
+    child_ids: np.ndarray = _later()
     streaks: list[dict] = field(default_factory=list)
     streak_model: np.ndarray | None = None
     # measurement and PSF
-    meas: dict[str, np.ndarray] = field(default_factory=dict)
-    cand: np.ndarray | None = None
-    used: np.ndarray | None = None
-    reserved: np.ndarray | None = None
+    meas: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    cand: np.ndarray = _later()
+    used: np.ndarray = _later()
+    reserved: np.ndarray = _later()
     psf_model: PsfModelArrays | None = None
+    """The kernel's PSF model (None for the Gaussian fallback)."""
     psf: Any = None
     """procsky PSF (PolynomialImagePsf, or GaussianPsf fallback), parent pixels."""
     psf_info: dict[str, Any] = field(default_factory=dict)
-    stamps: np.ndarray | None = None
+    stamps: np.ndarray = _later()
     sigma_psf: float = float("nan")
     # photometry of the sources
     apcorr: float = 1.0
     apcorr_err: float = float("nan")
     n_apcorr: int = 0
-    growth: GrowthCorrection | None = None
-    psf_flux: np.ndarray | None = None
-    psf_flux_err: np.ndarray | None = None
+    growth: GrowthCorrection = _later()
+    psf_flux: np.ndarray = _later()
+    psf_flux_err: np.ndarray = _later()
     flux_sys: float = 0.0
     # astrometry
     wcs: Any = None
@@ -93,15 +100,15 @@ class CalibrateState:
     astro: dict[str, Any] = field(default_factory=dict)
     refs: pd.DataFrame | None = None
     ref_on: pd.DataFrame | None = None
-    bright: np.ndarray | None = None
-    position_error: Callable | None = None
+    """Reference stars on the detector (None without a reference catalogue or a WCS)."""
+    bright: np.ndarray = _later()
     # photometric calibration
-    photocalib: PhotoCalib | None = None
+    photocalib: PhotoCalib = _later()
     phot: dict[str, Any] = field(default_factory=dict)
-    phot_used: np.ndarray | None = None
-    ref_mag: np.ndarray | None = None
-    ref_mag_err: np.ndarray | None = None
-    phot_cand: np.ndarray | None = None
+    phot_used: np.ndarray = _later()
+    ref_mag: np.ndarray = _later()
+    ref_mag_err: np.ndarray = _later()
+    phot_cand: np.ndarray = _later()
     header_zp: float = float("nan")
 
     @property
@@ -110,4 +117,6 @@ class CalibrateState:
 
     @property
     def n_det(self) -> int:
-        return 0 if self.det is None else len(self.det.x)
+        """Number of detections (0 before detection)."""
+        det = getattr(self, "det", None)
+        return 0 if det is None else len(det.x)

@@ -10,6 +10,7 @@ nested model per step: ``-c calibrate.psf.order=1``) plus ``refcat_visit_radius_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -51,8 +52,9 @@ class CalibrateTask(Task):
         "summary": Output("calibrate_summary", _VD),
     }
     Config = CalibrateConfig
+    config: CalibrateConfig
 
-    def quanta(self, repo: Any, inputs: dict, where: Any) -> list:
+    def quanta(self, repo: Any, inputs: Mapping[str, list], where: Any) -> list:
         """Default join on the exposure, then only the refcat shards near the visit."""
         from procsky.refcat import shards_in_cone
 
