@@ -50,8 +50,8 @@ def main():
     rows.append((f"procsky cosmic rays ({cr.n_pixels} px, {(cr.mask & crmask).sum() / crmask.sum():.3f} recovered)",
                  t_c, w_c))
     res, t_f, w_f = cpu(process_arrays, img, var, psf_fwhm=args.fwhm)
-    rows.append((f"procsky process_arrays (calibrate's pixel steps: bkg x2, CR, detect x2, measure, PSF fit, "
-                 f"CR tests, PSF fluxes; FWHM {res.psf_info.get('fwhm_px', float('nan')):.3f})", t_f, w_f))
+    rows.append((f"procsky process_arrays (bkg x2, CR, detect x2, measure, PSF fit, CR tests, PSF fluxes; "
+                 f"FWHM {res.psf_info.get('fwhm_px', float('nan')):.3f})", t_f, w_f))
 
     peers = {}
     try:
