@@ -74,7 +74,7 @@ def run_cmd(pipeline, repo, where, output, tasks, config, inputs, cluster, sched
     Examples:
       procsky run drp --repo R --where "tract=0" --output drp/run1
       procsky run drp --repo R --output drp/run1 --resume --retry-failed
-      procsky run drp --repo R --output r2 --cluster slurm -c calibrate.detection_nsigma=4
+      procsky run drp --repo R --output r2 --cluster slurm -c calibrate.detection.nsigma=4
       procsky run my.yaml --repo R --output r3 --cluster my-site.yaml --worker-timeout 900
     """
     from procsky.pipeline.clusters import check_profile, load_profile

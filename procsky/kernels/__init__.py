@@ -11,7 +11,6 @@ dask). Modules:
 ``measure``      centroids, adaptive moments, aperture/Kron/PSF fluxes, flags
 ``psfmodel``     PSF star selection, pixelised polynomial PSF model, rendering
 ``astrometry``   matching to a reference catalogue, TAN-SIP fit, photometric zero point
-``frame``        ``process_frame``: the reference chain of the above
 ``testing``      synthetic star fields with known truth
 """
 
@@ -19,7 +18,6 @@ from .astrometry import fit_tan_sip, match_sources, photometric_zero_point, tan_
 from .background import Background, estimate_background
 from .cosmicray import CosmicRayResult, find_cosmic_rays
 from .detection import DetectionResult, detect_sources, label_chunked, label_components
-from .frame import FrameResult, process_frame
 from .measure import FLAG_NAMES, measure_psf_fluxes, measure_sources
 from .psfmodel import PsfModelArrays, fit_psf_model, render_psf, render_stamps, select_psf_stars
 
@@ -45,6 +43,4 @@ __all__ = [
     "tan_project",
     "tan_deproject",
     "photometric_zero_point",
-    "FrameResult",
-    "process_frame",
 ]

@@ -226,7 +226,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, Any]]:
         if not sep or len(parts) < 2 or not all(parts):
             raise ProcskyValueError(
                 f"config override {item!r} is not of the form task.field=value "
-                "(e.g. -c calibrate.detection_nsigma=4)."
+                "(e.g. -c calibrate.detection.nsigma=4)."
             )
         try:
             value = yaml.safe_load(text) if text.strip() else ""
