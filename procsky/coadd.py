@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pydantic
@@ -150,10 +150,10 @@ class CoaddConfig(pydantic.BaseModel):
 class _GridSource(_Source):
     """An exposure already on the output grid (a warp); planes cover ``box``."""
 
-    image: object = None
-    variance: object = None
-    mask: object = None
-    remap: object = None  # (from MaskPlanes, to MaskPlanes) or None
+    image: Any = None
+    variance: Any = None
+    mask: Any = None
+    remap: Any = None  # (from MaskPlanes, to MaskPlanes) or None
 
     def needs_dask(self) -> bool:
         return _is_dask(self.image)
@@ -244,7 +244,8 @@ def _coadd_chunk(box: Box, sources: list, parts: list, weights, kernels: list, c
     if cfg.statistic == "mean" and not cfg.reject_artifacts:
         acc = kc.MeanAccumulator(box.shape, bad)
         for s, p, wt in zip(sources, parts, w):
-            acc.add(*s.read(box, p), wt)
+            i, v, m = s.read(box, p)
+            acc.add(i, v, m, wt)
         return acc.result(nod)
     if cfg.statistic == "mean":
         return _coadd_chunk_streaming(box, sources, parts, w, kernels, cfg, bits)
@@ -508,6 +509,8 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
     out_shape = (int(out_shape[0]), int(out_shape[1]))
     full = Box(0, 0, out_shape[1], out_shape[0])
     sources: list[_Source] = []
+    box: Box | None
+    src: _Source
     psfs: list = []
     psf_inputs: list = []
     wvals: list = []
@@ -546,12 +549,13 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
             box = source_box(exp, out_cards, out_shape)
             if box is None:
                 continue
-            src = _make_warp_source(exp, out_cards, config.warp, box, len(sources))
+            wsrc = _make_warp_source(exp, out_cards, config.warp, box, len(sources))
+            src = wsrc
             cx, cy = (box.x0 + box.x1 - 1) / 2.0, (box.y0 + box.y1 - 1) / 2.0
             psf = _warped_psf(exp, out_cards, cx, cy, config.warp.order)
             pin = _psf_input_of_calexp(exp, box)
             pin.polygon = footprint_polygon(exp, out_cards, xy0)
-            scale2 = (src.calibration * _area_at(out_cards, exp, cx, cy)) ** 2
+            scale2 = (wsrc.calibration * _area_at(out_cards, exp, cx, cy)) ** 2
             med = _calexp_median_variance(exp)
             if med is None:
                 med = dask.delayed(lambda v, s: _median_variance_of(v) * s)(_sub(exp.variance), scale2)
@@ -644,7 +648,7 @@ def _psf_matching_kernels(psfs, config: CoaddConfig):
     if not fwhms:
         return [None] * len(psfs)
     target_fwhm = config.target_fwhm or 1.1 * max(fwhms)
-    out = []
+    out: list[np.ndarray | None] = []
     for p in psfs:
         if p is None:
             out.append(None)

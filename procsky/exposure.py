@@ -32,6 +32,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,7 +98,8 @@ class VisitInfo:
             raise ProcskyValueError(f"unknown VisitInfo fields {sorted(unknown)}; known: {sorted(names)}")
         # JSON has no NaN: unknown floats are stored as null and come back as NaN.
         floats = {f.name for f in fields(cls) if f.type in ("float", float)}
-        return cls(**{k: (float("nan") if v is None and k in floats else v) for k, v in d.items()})
+        kwargs: dict[str, Any] = {k: (float("nan") if v is None and k in floats else v) for k, v in d.items()}
+        return cls(**kwargs)
 
     def __eq__(self, other) -> bool:
         # NaN marks "unknown"; two unknowns are equal here, unlike float comparison.
@@ -714,7 +716,7 @@ def _read_zarr(path: Path, lazy: bool) -> Exposure:
         raise ProcskyFileError(
             f"{path} is not a procsky exposure: missing {missing or ['procsky attributes']}"
         )
-    attrs = group.attrs["procsky"]
+    attrs: Any = group.attrs["procsky"]
     extra_names = sorted(n for n, _ in group.arrays() if n not in _PLANES)
     if lazy:
         import dask.array as da
@@ -722,11 +724,16 @@ def _read_zarr(path: Path, lazy: bool) -> Exposure:
         planes = [da.from_zarr(group[p], inline_array=True, name=f"{p}-{_token(path, p)}") for p in _PLANES]
         extra = {n: da.from_zarr(group[n], inline_array=True, name=f"{n}-{_token(path, n)}") for n in extra_names}
     else:
-        planes = [group[p][...] for p in _PLANES]
-        extra = {n: group[n][...] for n in extra_names}
-    exp = Exposure._from_attributes(*planes, attrs)
+        planes = [_array(group, p)[...] for p in _PLANES]
+        extra = {n: _array(group, n)[...] for n in extra_names}
+    exp = Exposure._from_attributes(planes[0], planes[1], planes[2], attrs)
     exp.extra_planes = extra
     return exp
+
+
+def _array(group: Any, name: str) -> Any:
+    """The zarr array ``name`` of an exposure group."""
+    return group[name]
 
 
 def _token(path: Path, plane: str) -> str:

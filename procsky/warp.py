@@ -23,6 +23,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pydantic
@@ -84,7 +85,7 @@ class WarpConfig(pydantic.BaseModel):
 _LOCAL = threading.local()
 
 
-def _wcs(cards, shape=None):
+def _wcs(cards: Sequence, shape: tuple[int, int] | None = None) -> Any:
     """A WCS from cards, parsed once per thread (astropy WCS objects are not thread-safe,
     and parsing costs ~15 ms, more than warping a small chunk)."""
     cache = getattr(_LOCAL, "wcs", None)
@@ -99,7 +100,8 @@ def _wcs(cards, shape=None):
     return w
 
 
-def pixel_mapping(out_cards, in_cards, box: Box, *, grid_step: int = 32, in_shape=None):
+def pixel_mapping(out_cards: Sequence, in_cards: Sequence, box: Box, *, grid_step: int = 32,
+                  in_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Input pixel coordinates sampled by each output pixel of ``box``.
 
     Parameters
@@ -147,7 +149,8 @@ def pixel_mapping(out_cards, in_cards, box: Box, *, grid_step: int = 32, in_shap
     return kw.interpolate_grid(gx, gy, xi, xs, ys), kw.interpolate_grid(gx, gy, yi, xs, ys)
 
 
-def _jacobian(out_cards, in_cards, x: float, y: float, in_shape=None) -> np.ndarray:
+def _jacobian(out_cards: Sequence, in_cards: Sequence, x: float, y: float,
+              in_shape: tuple[int, int] | None = None) -> np.ndarray:
     """d(x_in, y_in)/d(x_out, y_out) at output pixel (x, y), by central differences."""
     b = Box(int(math.floor(x)) - 1, int(math.floor(y)) - 1, int(math.floor(x)) + 2, int(math.floor(y)) + 2)
     xi, yi = pixel_mapping(out_cards, in_cards, b, grid_step=0, in_shape=in_shape)
@@ -156,7 +159,7 @@ def _jacobian(out_cards, in_cards, x: float, y: float, in_shape=None) -> np.ndar
 
 
 # ----------------------------------------------------------------------------- sources
-def _zarr_of(arr):
+def _zarr_of(arr: Any) -> Any:
     """The zarr.Array behind a dask array made by ``da.from_zarr`` (else None)."""
     try:
         import zarr
@@ -178,7 +181,7 @@ def _zarr_of(arr):
 _is_dask = _dask.is_dask
 
 
-def _plane_store(a):
+def _plane_store(a: Any) -> Any:
     """A readable array for a plane: numpy, zarr.Array, or the dask array itself."""
     if _is_dask(a):
         z = _zarr_of(a)
@@ -197,23 +200,28 @@ class _Source:
     def needs_dask(self) -> bool:
         return False
 
-    def dask_parts(self, box: Box):
+    def dask_parts(self, box: Box) -> Any:
         return None
+
+    def read(self, box: Box, parts: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image, variance and mask of the source on output pixels ``box`` (NaN/NO_DATA
+        where it has no data); ``parts`` are the dask dependencies of :meth:`dask_parts`."""
+        raise NotImplementedError
 
 
 @dataclass
 class _WarpSource(_Source):
     """A calexp resampled on the fly; ``box`` is its footprint on the output grid."""
 
-    image: object = None
-    variance: object = None
-    mask: object = None
+    image: Any = None
+    variance: Any = None
+    mask: Any = None
     in_cards: list = field(default_factory=list)
     in_shape: tuple = (0, 0)
     out_cards: list = field(default_factory=list)
     calibration: float = 1.0
     warp: WarpConfig = WarpConfig()
-    remap: object = None
+    remap: Any = None
 
     def needs_dask(self) -> bool:
         return _is_dask(self.image)
@@ -272,7 +280,8 @@ class _WarpSource(_Source):
         return out_img, out_var, out_msk
 
 
-def _outline_mapping(out_cards, in_cards, box: Box, in_shape):
+def _outline_mapping(out_cards: Sequence, in_cards: Sequence, box: Box,
+                     in_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     n = 9
     xs = np.concatenate([np.linspace(box.x0, box.x1 - 1, n), np.full(n, box.x1 - 1.0),
                          np.linspace(box.x0, box.x1 - 1, n), np.full(n, float(box.x0))])
@@ -285,7 +294,8 @@ def _outline_mapping(out_cards, in_cards, box: Box, in_shape):
     return np.asarray(xi, float), np.asarray(yi, float)
 
 
-def source_box(exposure: Exposure, out_cards, out_shape, *, chunk: int | None = None) -> Box | None:
+def source_box(exposure: Exposure, out_cards: Sequence, out_shape: tuple[int, int], *,
+               chunk: int | None = None) -> Box | None:
     """Bounding box on an output grid of an exposure's footprint (None if disjoint).
 
     Parameters
@@ -321,19 +331,19 @@ def source_box(exposure: Exposure, out_cards, out_shape, *, chunk: int | None = 
 
 
 # ----------------------------------------------------------------------------- chunks
-def _chunk_boxes(box: Box, chunk: int):
+def _chunk_boxes(box: Box, chunk: int) -> list[list[Box]]:
     """Chunk boxes tiling ``box`` (relative grid starting at box origin), row-major."""
     ys = list(range(box.y0, box.y1, chunk))
     xs = list(range(box.x0, box.x1, chunk))
     return [[Box(x, y, min(x + chunk, box.x1), min(y + chunk, box.y1)) for x in xs] for y in ys]
 
 
-def _warp_chunk(box: Box, source: _Source, parts):
+def _warp_chunk(box: Box, source: _Source, parts: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     img, var, msk = source.read(box, parts)
     return img, var, msk
 
 
-def _median_variance_of(arr) -> float:
+def _median_variance_of(arr: Any) -> float:
     """Median of the finite, positive values of a (subsampled) variance plane."""
     a = np.asarray(arr, dtype=np.float64)
     a = a[np.isfinite(a) & (a > 0)]
@@ -342,15 +352,16 @@ def _median_variance_of(arr) -> float:
     return float(np.median(a))
 
 
-def _sub(arr, n: int = 64):
+def _sub(arr: Any, n: int = 64) -> Any:
     """A strided subsample of a plane (about n x n values) for robust statistics."""
     ny, nx = arr.shape
     return arr[:: max(1, ny // n), :: max(1, nx // n)]
 
 
 # ----------------------------------------------------------------------------- warp
-def warp_exposure(calexp: Exposure, out_cards, out_shape, *, xy0=(0, 0), config: WarpConfig | None = None,
-                  full: bool = False, metadata: dict | None = None) -> Exposure:
+def warp_exposure(calexp: Exposure, out_cards: Sequence, out_shape: tuple[int, int], *,
+                  xy0: tuple[int, int] = (0, 0), config: WarpConfig | None = None, full: bool = False,
+                  metadata: dict | None = None) -> Exposure:
     """Resample a calibrated exposure onto an output grid (e.g. a patch), lazily.
 
     Parameters
@@ -448,12 +459,13 @@ def _calexp_median_variance(exp: Exposure) -> float | None:
     return _median_variance_of(_sub(np.asarray(exp.variance)))
 
 
-def _area_at(out_cards, exp: Exposure, x: float, y: float) -> float:
+def _area_at(out_cards: Sequence, exp: Exposure, x: float, y: float) -> float:
     jac = _jacobian(out_cards, exp.wcs_cards, x, y, exp.shape)
     return float(abs(np.linalg.det(jac)))
 
 
-def _make_warp_source(calexp: Exposure, out_cards, config: WarpConfig, box: Box, widx: int) -> _WarpSource:
+def _make_warp_source(calexp: Exposure, out_cards: Sequence, config: WarpConfig, box: Box,
+                      widx: int) -> _WarpSource:
     if calexp.wcs is None:
         raise ProcskyValueError("cannot warp an exposure without a WCS; run calibrate (astrometry) first")
     remap = None
@@ -468,7 +480,7 @@ def _make_warp_source(calexp: Exposure, out_cards, config: WarpConfig, box: Box,
     )
 
 
-def _warped_psf(exp: Exposure, out_cards, x: float, y: float, order: int) -> PsfModel | None:
+def _warped_psf(exp: Exposure, out_cards: Sequence, x: float, y: float, order: int) -> PsfModel | None:
     """The exposure's PSF at output pixel (x, y), resampled into the output frame."""
     if exp.psf is None:
         return None
@@ -494,7 +506,8 @@ def psf_grid_nodes(lo: int, hi: int, step: int) -> np.ndarray:
     return nodes
 
 
-def _node_mapping(out_cards, in_cards, in_shape, x, y):
+def _node_mapping(out_cards: Sequence, in_cards: Sequence, in_shape: tuple[int, int], x: Any,
+                  y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Input pixels of output pixels (x, y) (1-d arrays) and the Jacobians there.
 
     Returns ``xi, yi`` (n,) and ``jac`` (n, 2, 2), by central differences of the exact
@@ -534,9 +547,10 @@ class _PsfInput:
     in_xy0: tuple = (0, 0)
     polygon: object = None  # footprint (n, 2) in the output's tract pixels, or None
 
-    def kernels_at(self, out_cards, xy0, x, y, order: int):
+    def kernels_at(self, out_cards: Sequence, xy0: tuple[int, int], x: Any, y: Any,
+                   order: int) -> list[np.ndarray | None]:
         """Kernels (or None where not covered) at output pixels (x, y), 1-d arrays."""
-        out = [None] * len(x)
+        out: list[np.ndarray | None] = [None] * len(x)
         if self.psf is None:
             return out
         inside = np.array([self.box.x0 <= a < self.box.x1 and self.box.y0 <= b < self.box.y1 for a, b in zip(x, y)],
@@ -556,7 +570,8 @@ class _PsfInput:
         return out
 
 
-def _grid_psf(inputs: Sequence[_PsfInput], weights, out_cards, region: Box, xy0, step: int, order: int):
+def _grid_psf(inputs: Sequence[_PsfInput], weights: Sequence[float], out_cards: Sequence, region: Box,
+              xy0: tuple[int, int], step: int, order: int) -> GridImagePsf | None:
     """The weighted sum of the inputs' warped PSFs on a grid of nodes over ``region``
     (output pixels; ``xy0`` is the parent/tract pixel of output pixel (0, 0)).
 
@@ -589,8 +604,8 @@ def _grid_psf(inputs: Sequence[_PsfInput], weights, out_cards, region: Box, xy0,
         return None
     size = max(a.shape[0] for a in acc if a is not None)
     kernels = np.zeros((x.size, size, size))
-    for k in np.flatnonzero(valid):
-        kernels[k] = pad_kernel(acc[k], size) / tot[k]
+    for j in np.flatnonzero(valid):
+        kernels[j] = pad_kernel(acc[j], size) / tot[j]
     return GridImagePsf(kernels.reshape(gy.size, gx.size, size, size), gx + xy0[0], gy + xy0[1],
                         valid.reshape(gy.size, gx.size))
 
@@ -599,7 +614,8 @@ def _psf_input_of_calexp(exp: Exposure, box: Box) -> _PsfInput:
     return _PsfInput("calexp", exp.psf, box, list(exp.wcs_cards), tuple(exp.shape), tuple(exp.xy0))
 
 
-def footprint_polygon(exposure: Exposure, out_cards, xy0=(0, 0), n_edge: int = 16) -> np.ndarray | None:
+def footprint_polygon(exposure: Exposure, out_cards: Sequence, xy0: tuple[int, int] = (0, 0),
+                      n_edge: int = 16) -> np.ndarray | None:
     """Outline of an exposure's pixels on an output grid: (n, 2) vertices in the output's
     parent (tract) pixel frame (``xy0`` = parent pixel of output pixel (0, 0))."""
     from procsky.skymap import footprint_points
@@ -614,7 +630,8 @@ def footprint_polygon(exposure: Exposure, out_cards, xy0=(0, 0), n_edge: int = 1
     return np.column_stack([x + xy0[0], y + xy0[1]])
 
 
-def _component(pin: _PsfInput, out_cards, xy0, step: int, order: int):
+def _component(pin: _PsfInput, out_cards: Sequence, xy0: tuple[int, int], step: int,
+               order: int) -> tuple[PsfModel | None, Any]:
     """(PSF in the output's tract frame, footprint polygon) of one coadd input."""
     if pin.psf is None:
         return None, None

@@ -351,7 +351,8 @@ def test_tasks_quanta_run_and_export(tmp_path):
     sm.name = "test"
     register_skymap(repo, sm)
     cfg = {"skymap": "test", "warp": {"chunk": 128}}
-    pipe = Pipeline.from_tasks([("warp", WarpTask, cfg), ("coadd", AssembleCoaddTask, {"coadd": {"warp": {"chunk": 128}}})])
+    coadd_cfg = {"coadd": {"warp": {"chunk": 128}}}
+    pipe = Pipeline.from_tasks([("warp", WarpTask, cfg), ("coadd", AssembleCoaddTask, coadd_cfg)])
     graph = make_graph(repo, pipe, output="coadd_run", where="band='r'")
     warps_q = graph.quanta["warp"]
     assert sorted(q.data_id["visit"] for q in warps_q) == [0, 1, 2, 3]
@@ -366,7 +367,7 @@ def test_tasks_quanta_run_and_export(tmp_path):
         repo.put(out["warp"], "warp", q.outputs["warp"].data_id, "coadd_run")
     cq = graph.quanta["coadd"][0]
     warps = [repo.get("warp", d.data_id, run="coadd_run") for d in cq.inputs["warps"]]
-    coadd = AssembleCoaddTask({"coadd": {"warp": {"chunk": 128}}}).run(warps=warps, data_ids={"warps": [d.data_id for d in cq.inputs["warps"]]})
+    coadd = AssembleCoaddTask(coadd_cfg).run(warps=warps, data_ids={"warps": [d.data_id for d in cq.inputs["warps"]]})
     repo.put(coadd["coadd"], "coadd", cq.outputs["coadd"].data_id, "coadd_run")
     # The direct task (warps on the fly) gives the same pixels.
     direct_task = AssembleCoaddDirectTask({"skymap": "test", "coadd": {"warp": {"chunk": 128}}})

@@ -351,8 +351,8 @@ def _execute(job: QuantumJob, repo, prov: dict) -> QuantumResult:
     prov["inputs"] = input_ids
     missing = [n for n, items in job.inputs.items() if items and not input_ids[n]]
     if missing:
-        exc = NoWorkError(f"inputs {missing} were not produced (their quanta had no work)")
-        return _error(qid, "no_work", exc, "", prov)
+        no_work = NoWorkError(f"inputs {missing} were not produced (their quanta had no work)")
+        return _error(qid, "no_work", no_work, "", prov)
     if _accepts(task.run, "data_ids"):
         kwargs["data_ids"] = data_ids
     if _accepts(task.run, "data_id"):
@@ -369,7 +369,7 @@ def _execute(job: QuantumJob, repo, prov: dict) -> QuantumResult:
     except NoWorkError as exc:
         return _error(qid, "no_work", exc, "", prov)
     except _WriteError as exc:
-        cause = exc.__cause__
+        cause = exc.__cause__ if exc.__cause__ is not None else exc  # raised "from" the write's error
         return _error(qid, "transient" if _is_transient(cause) else "failed", cause,
                       str(exc), prov)
     except Exception as exc:

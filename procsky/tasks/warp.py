@@ -292,8 +292,7 @@ def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
                          config=CoaddConfig(reject_artifacts=False, warp=config), inputs_are_warps=True)
     exp = merged.to_exposure(n_inputs=False)  # its PSF: each detector's warped PSF grid where that detector has data
     exp.visit_info = warps[0].visit_info
-    meds = [w.metadata.get("median_variance") for w in warps]
-    meds = [m for m in meds if m is not None]
+    meds = [float(m) for m in (w.metadata.get("median_variance") for w in warps) if m is not None]
     exp.metadata.update({**warps[0].metadata, **meta, "warp_box": [x0 - patch.xy0[0], y0 - patch.xy0[1],
                                                                      x1 - patch.xy0[0], y1 - patch.xy0[1]],
                          "median_variance": float(np.median(meds)) if meds else None,
