@@ -79,7 +79,7 @@ def make_difference(size=2048, n_dia=200, dipole_fraction=0.3, seed=7, sep=(0.3,
             _render_star(img, x, y, f if kind == "positive" else -f, sig, None, 20)
             rows.append((kind, x, y, np.nan, np.nan, f))
     sci.image = img.astype(np.float32)
-    diff, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=1))
+    diff, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=1), lazy=False)
     return diff.compute(), rows
 
 

@@ -1,19 +1,30 @@
 """Image subtraction: PSF matching, convolution per chunk, decorrelation, DIA measurement.
 
-This module is the layer between the numba/numpy kernels of
-:mod:`procsky.kernels.psfmatch`, :mod:`procsky.kernels.convolve` and
-:mod:`procsky.kernels.associate` and the pipeline tasks (:mod:`procsky.tasks.diffim`,
-:mod:`procsky.tasks.dia`). It owns the dask graphs: the matching-kernel convolution, the
-variance and mask propagation and the decorrelation run per chunk with ``map_overlap``,
-the overlap being the kernel half-width.
+The layer between the numba/numpy kernels (:mod:`procsky.kernels.psfmatch`,
+:mod:`procsky.kernels.convolve`, :mod:`procsky.kernels.dipole`, :mod:`procsky.kernels.detection`)
+and the thin pipeline tasks (:mod:`procsky.tasks.diffim`, :mod:`procsky.tasks.dia`). Its
+dask work goes through :mod:`procsky._dask`: the matching-kernel convolution, the variance
+and mask propagation and the decorrelation run per chunk with an overlap of the kernel
+half-width.
+
+A difference is lazy, like a coadd: :func:`subtract_images` and :func:`difference_image`
+build a graph and compute nothing. The kernel fit needs the pixels of the star stamps and
+the noise measurements (variance rescaling, registration noise, noise correlation) those of
+the whole difference, and their results shape the difference's PSF and summary as well as
+its planes: they run in one :class:`Deferred` computation that the planes, the PSF and the
+metadata share, so that writing the difference computes it once.
 
 Public functions
 ----------------
 subtract_images(science, template, config)
-    Fit an Alard-Lupton kernel and return the difference :class:`~procsky.exposure.Exposure`,
-    the kernel and a summary dict.
+    Fit an Alard-Lupton kernel; the difference :class:`~procsky.exposure.Exposure`, the
+    kernel and a summary dict.
+difference_image(calexp, templates, config)
+    One detector's difference as the ``subtract`` task stores it (template warp,
+    subtraction, DIA detections in the mask).
 detect_dia_sources(diff, config)
-    Detection in both polarities and measurement -> ``dia_source`` DataFrame.
+    Detection in both polarities and measurement -> ``dia_source`` DataFrame;
+    :func:`diffim_summary` the per-detector summary.
 forced_dia_photometry(diff, ra, dec, ids)
     PSF fluxes at fixed positions -> ``dia_forced_source`` rows.
 simulate_pair(...)
@@ -765,6 +776,15 @@ def deferred_exposure(deferred: Deferred, like, *, part: Callable[[Any], Any], m
                          psf=DeferredPsf(deferred, lambda r: part(r).psf), metadata=meta)
 
 
+def _computed(exp):
+    """``exp.compute()`` with a deferred PSF resolved (the dipole fit takes a fast path for
+    the PSF classes it knows)."""
+    out = exp.compute()
+    if isinstance(out.psf, DeferredPsf):
+        out = out._replace(psf=out.psf.resolve())
+    return out
+
+
 def _planes_of(exp) -> tuple:
     return (np.asarray(exp.image, dtype=np.float32), np.asarray(exp.variance, dtype=np.float32),
             np.asarray(exp.mask, dtype=np.uint32))
@@ -1169,7 +1189,7 @@ def _detect_both(exp, cfg: DiaConfig, static=None) -> tuple:
 def dia_detection_mask(diff, config: DiaConfig | None = None, *, static=None) -> np.ndarray:
     """The mask of ``diff`` with the DETECTED / DETECTED_NEGATIVE planes of
     :func:`detect_dia_sources` (same arguments) set, without measuring the sources."""
-    return _detect_both(diff.compute(), config or DiaConfig(), static)[2]
+    return _detect_both(_computed(diff), config or DiaConfig(), static)[2]
 
 
 def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
@@ -1203,7 +1223,7 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
     from procsky.kernels.measure import adaptive_moments, windowed_centroid
 
     cfg = config or DiaConfig()
-    exp = diff.compute()
+    exp = _computed(diff)
     img, var, mask, dets, sigma = _detect_both(exp, cfg, static)
     planes = exp.mask_planes
     ny, nx = img.shape
@@ -1375,7 +1395,7 @@ def forced_dia_photometry(diff, ra=None, dec=None, ids=None, *, x=None, y=None):
     """
     import pandas as pd
 
-    exp = diff.compute()
+    exp = _computed(diff)
     img = np.asarray(exp.image, dtype=np.float32)
     var = np.asarray(exp.variance, dtype=np.float32)
     mask = np.asarray(exp.mask, dtype=np.uint32)
