@@ -4,10 +4,9 @@ from __future__ import annotations
 
 # "0.1.0+g<commit>" in a git checkout (read from .git, no subprocess), else the release;
 # version_info() adds whether the checkout has uncommitted changes.
-from procsky._version import __version__, version_info  # noqa: E402
-
-from procsky.errors import ProcskyError  # noqa: E402
-from procsky.exposure import Exposure, VisitInfo  # noqa: E402
+from procsky._version import __version__, version_info
+from procsky.errors import ProcskyError
+from procsky.exposure import Exposure, VisitInfo
 
 
 def __getattr__(name):

@@ -117,7 +117,7 @@ class MaskPlanes(Mapping):
     def __reduce__(self):
         return (MaskPlanes, (self._planes,))
 
-    def with_plane(self, name: str) -> "MaskPlanes":
+    def with_plane(self, name: str) -> MaskPlanes:
         """Return planes with ``name`` added at the first free bit (unchanged if present)."""
         if name in self._planes:
             return self
@@ -143,7 +143,7 @@ class MaskPlanes(Mapping):
     def to_dict(self) -> dict[str, int]:
         return dict(self._planes)
 
-    def remap(self, mask: np.ndarray, target: "MaskPlanes") -> np.ndarray:
+    def remap(self, mask: np.ndarray, target: MaskPlanes) -> np.ndarray:
         """Translate a mask written with these planes to the bits of ``target``.
 
         Planes missing from ``target`` are added there first by the caller; a plane absent

@@ -26,7 +26,8 @@ import contextvars
 import logging
 import math
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["SEVERITIES", "note_degraded", "collect_notes"]
 

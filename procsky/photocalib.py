@@ -54,7 +54,7 @@ class PhotoCalib:
             raise ProcskyValueError("PhotoCalib calibration_err must be >= 0")
 
     @classmethod
-    def from_zero_point(cls, zero_point: float, zero_point_err: float = 0.0) -> "PhotoCalib":
+    def from_zero_point(cls, zero_point: float, zero_point_err: float = 0.0) -> PhotoCalib:
         """From an AB zero point (mag of one count) and its error (mag)."""
         cal = 10.0 ** (-0.4 * (zero_point - AB_NJY_ZP))
         return cls(cal, cal * 0.4 * math.log(10.0) * zero_point_err)
@@ -86,5 +86,5 @@ class PhotoCalib:
         return {"calibration": self.calibration, "calibration_err": self.calibration_err}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "PhotoCalib | None":
+    def from_dict(cls, d: dict | None) -> PhotoCalib | None:
         return None if d is None else cls(float(d["calibration"]), float(d.get("calibration_err", 0.0)))

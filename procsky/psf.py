@@ -198,7 +198,7 @@ class GaussianPsf(PsfModel):
             raise ProcskyValueError(f"kernel size must be odd, got {self.size}")
 
     @classmethod
-    def from_fwhm(cls, fwhm: float, e1: float = 0.0, e2: float = 0.0, size: int = 0) -> "GaussianPsf":
+    def from_fwhm(cls, fwhm: float, e1: float = 0.0, e2: float = 0.0, size: int = 0) -> GaussianPsf:
         """Gaussian PSF of the given FWHM (pixels, determinant-radius convention)."""
         return cls(fwhm / SIGMA_TO_FWHM, e1, e2, size)
 

@@ -41,8 +41,8 @@ only with care.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -346,13 +346,13 @@ def ingest_refcat(repo, files: Sequence[str | Path], name: str, *, healpix_level
     """
     import re
 
-    from astropy_healpix import lonlat_to_healpix
     import astropy.units as u
+    from astropy_healpix import lonlat_to_healpix
 
     if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$", name):
         raise ProcskyValueError(f"refcat name {name!r} is not valid; use letters, digits, '_' and '-' (e.g. 'gaia_dr2')")
-    files = [Path(f) for f in files]
-    if not files:
+    paths = [Path(f) for f in files]
+    if not paths:
         raise ProcskyValueError("no reference catalogue files given; pass at least one file")
     run = run or refcat_run(name)
     existing = [r for r in _refcat_refs(repo, name) if r.run == run]
@@ -361,11 +361,11 @@ def ingest_refcat(repo, files: Sequence[str | Path], name: str, *, healpix_level
             f"refcat {name!r} already has {len(existing)} shard(s) in run {run!r}; ingest under another "
             "--name, or remove the old shards first (`procsky prune`)"
         )
-    frames = [read_refcat_file(f) for f in files]
+    frames = [read_refcat_file(f) for f in paths]
     df = pd.concat(frames, ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
     df = df.drop_duplicates("ref_id", keep="first").reset_index(drop=True)
     if not len(df):
-        raise ProcskyValueError(f"the reference catalogue files {[str(f) for f in files]} hold no usable sources")
+        raise ProcskyValueError(f"the reference catalogue files {[str(f) for f in paths]} hold no usable sources")
     nside = _nside(healpix_level)
     pix = lonlat_to_healpix(df["ra"].to_numpy() * u.deg, df["dec"].to_numpy() * u.deg, nside, order="nested")
     pix = np.asarray(pix, dtype=np.int64)
@@ -377,7 +377,7 @@ def ingest_refcat(repo, files: Sequence[str | Path], name: str, *, healpix_level
         shard = df.iloc[idx].reset_index(drop=True)
         _set_units(shard)
         shard.attrs["meta"] = {"refcat": name, "healpix_level": int(healpix_level), "healpix": int(pix[idx[0]]),
-                               "sources": [f.name for f in files]}
+                               "sources": [f.name for f in paths]}
         data_id = {"refcat": name, "healpix_level": int(healpix_level), "healpix": int(pix[idx[0]])}
         refs.append(repo.put(shard, REFCAT_DATASET_TYPE, data_id, run))
     return refs

@@ -141,7 +141,7 @@ class SkyMapConfig(pydantic.BaseModel):
     def _check(self):
         if self.kind == "discrete" and not self.centers:
             raise ValueError("a discrete sky map needs at least one centre (ra, dec) in degrees")
-        for ra, dec in self.centers:
+        for _ra, dec in self.centers:
             if not -90.0 <= dec <= 90.0:
                 raise ValueError(f"centre dec {dec} is outside [-90, 90] deg")
         return self

@@ -14,10 +14,11 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from typing import overload
 
 import numpy as np
 from astropy.io import fits
-from astropy.wcs import FITSFixedWarning, WCS
+from astropy.wcs import WCS, FITSFixedWarning
 
 from procsky.errors import ProcskyValueError
 
@@ -91,6 +92,14 @@ def wcs_from_cards(cards, shape: tuple[int, int] | None = None) -> WCS | None:
     if shape is not None:
         wcs.pixel_shape = (int(shape[1]), int(shape[0]))
     return wcs
+
+
+@overload
+def copy_wcs(wcs: None) -> None: ...
+
+
+@overload
+def copy_wcs(wcs: WCS) -> WCS: ...
 
 
 def copy_wcs(wcs: WCS | None) -> WCS | None:

@@ -73,7 +73,7 @@ class PgServer:
         self.running = False
 
     # -- lifecycle ----------------------------------------------------------------------
-    def start(self) -> "PgServer":
+    def start(self) -> PgServer:
         reason = skip_reason()
         if reason:
             raise RuntimeError(reason)
@@ -125,7 +125,7 @@ class PgServer:
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir = None
 
-    def __enter__(self) -> "PgServer":
+    def __enter__(self) -> PgServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -78,7 +78,7 @@ class SlurmServer:
         return None
 
     # -- life cycle -----------------------------------------------------------------------
-    def start(self, timeout: float = 60.0, attempts: int = 3) -> "SlurmServer":
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> SlurmServer:
         """Start slurmctld and slurmd and wait for the node to be idle.
 
         The two ports are picked free but only bound by the daemons later, so another process
@@ -96,7 +96,7 @@ class SlurmServer:
                     f.unlink()
         raise AssertionError("unreachable")
 
-    def _start_once(self, timeout: float) -> "SlurmServer":
+    def _start_once(self, timeout: float) -> SlurmServer:
         w = self.workdir
         for sub in ("state", "spool", "log"):
             (w / sub).mkdir(parents=True, exist_ok=True)

@@ -170,9 +170,8 @@ def test_dynamic_imports_are_declared():
     for module, (group, where, mention, why) in DYNAMIC_IMPORTS.items():
         text = (ROOT / where).read_text()
         assert mention in text, f"{where} no longer holds {mention!r}; update DYNAMIC_IMPORTS ({module}: {why})"
-        assert group in _groups(module), (
-            f"{module} ({why}) must be declared in {'[project] dependencies' if group == 'core' else f'the {group!r} extra'}"
-        )
+        where_declared = "[project] dependencies" if group == "core" else f"the {group!r} extra"
+        assert group in _groups(module), f"{module} ({why}) must be declared in {where_declared}"
 
 
 def test_core_dependencies_are_used():

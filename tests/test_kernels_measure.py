@@ -68,7 +68,7 @@ def test_windowed_centroid_and_error_on_noisy_stars():
     rng = np.random.default_rng(2)
     sig = 1.7
     dx, dy, pulls = [], [], []
-    for k in range(200):
+    for _ in range(200):
         tx, ty = 15 + rng.uniform(-0.5, 0.5), 15 + rng.uniform(-0.5, 0.5)
         st = gaussian_psf_image(31, sig, tx - 15, ty - 15) * 2e4
         var = np.full(st.shape, 100.0) + st

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-import toytasks as toy
 
+import toytasks as toy
 from procsky.cli import main
 from procsky.errors import ProcskyError, ProcskyFileError
 from procsky.pipeline import clusters
@@ -235,7 +235,7 @@ def test_dashboard_of_a_real_scheduler():
     distributed = pytest.importorskip("distributed")
     bokeh_ok = True
     try:
-        import distributed.dashboard.scheduler  # noqa: F401
+        import distributed.dashboard.scheduler
     except ImportError:
         bokeh_ok = False
     with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cl, \

@@ -169,7 +169,8 @@ def test_readme_blocks_run(tmp_path):
             skipped.append(f"{block} (no {REAL})")
             continue
         if block.lang == "bash":  # one shell session, as a reader's: later blocks see `source .venv/bin/activate`
-            script = f'[ -f "{state}" ] && source "{state}"\n{block.code}\nexport -p | grep -v "^declare -[a-zA-Z]*r" > "{state}" || true\n'
+            script = (f'[ -f "{state}" ] && source "{state}"\n{block.code}\n'
+                      f'export -p | grep -v "^declare -[a-zA-Z]*r" > "{state}" || true\n')
             cmd = ["bash", "-e", "-o", "pipefail", "-c", script]
         else:
             cmd = [sys.executable, "-c", block.code]

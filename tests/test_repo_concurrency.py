@@ -25,7 +25,7 @@ from procsky.repo import Repo
 from procsky.repo.butler import PAUSE_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
-import pgserver  # noqa: E402
+import pgserver
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 N_PROC = 8

@@ -9,8 +9,8 @@ import threading
 
 import pandas as pd
 import pytest
-import toytasks as toy
 
+import toytasks as toy
 from procsky.errors import AlgorithmError, NoWorkError
 from procsky.notes import collect_notes, note_degraded
 from procsky.pipeline import Input, Output, Pipeline, Task, register_task, run_pipeline

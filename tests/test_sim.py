@@ -348,8 +348,8 @@ def test_truth_psf_matches_star_image(tiny):
         x0, y0 = int(round(o.x)), int(round(o.y))
         h = 10
         cut = exp.image[y0 - h : y0 + h + 1, x0 - h : x0 + h + 1] - t.sky(row.visit, row.detector, x0, y0)
-        from procsky.sim.psf import truth_psf_image
         from procsky.instruments.simcam import SimcamGeometry, focal_plane_position
+        from procsky.sim.psf import truth_psf_image
 
         g = SimcamGeometry(tiny.recipe.instrument, tiny.recipe.seed)
         fx, fy = focal_plane_position(g, row.detector, o.x, o.y)

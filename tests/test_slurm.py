@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurmserver import SlurmServer  # noqa: E402
+from slurmserver import SlurmServer
 
 pytestmark = pytest.mark.slurm
 
@@ -33,8 +33,8 @@ def slurm(tmp_path_factory):
 def test_pipeline_on_slurm(slurm, tmp_path, monkeypatch):
     import distributed
 
-    from procsky.pipeline import open_cluster, run_pipeline
     import toytasks as toy
+    from procsky.pipeline import open_cluster, run_pipeline
     from procsky.pipeline.graph import load_states
     from procsky.repo import Repo
 

@@ -139,6 +139,7 @@ def cutout_box(exp, *, bbox: str | None = None, center: str | None = None, size:
         if box[2] <= box[0] or box[3] <= box[1]:
             raise ProcskyValueError(f"--bbox {bbox}: X1 must exceed X0 and Y1 Y0 (X1, Y1 are excluded)")
     elif center is not None:
+        assert size is not None  # checked above: --center and --size go together
         box = list(_sky_box(exp, center, size))
     if box is not None:
         asked = tuple(box)
@@ -152,7 +153,7 @@ def cutout_box(exp, *, bbox: str | None = None, center: str | None = None, size:
             raise ProcskyValueError("--trim: no pixel of the cut-out has data (all NaN or NO_DATA)")
         ox, oy = (0, 0) if box is None else (box[0], box[1])
         box = [data[0] + ox, data[1] + oy, data[2] + ox, data[3] + oy]
-    return None if box is None else tuple(box)
+    return None if box is None else (box[0], box[1], box[2], box[3])
 
 
 @main.command("export")

@@ -11,7 +11,7 @@ def _int_list(text: str | None, what: str):
     """Parse '1,3,5-8' into [1, 3, 5, 6, 7, 8]."""
     if not text:
         return None
-    out = []
+    out: list[int] = []
     try:
         for part in text.split(","):
             part = part.strip()

@@ -280,7 +280,7 @@ def match_sources(
     radius = max(2.0 * bin_size, match_radius)
     si = ri = empty
     d = np.zeros(0)
-    for it in range(8):
+    for _it in range(8):
         tx, ty = _apply_affine(aff, rx, ry)
         si, ri, d = _mutual_nn(sx, sy, tx, ty, radius)
         if si.size < 3:
@@ -537,7 +537,7 @@ def fit_tan_sip(
         dw = design[sel] * sw[:, None]
         return (np.linalg.lstsq(dw, xi[sel] * sw, rcond=None)[0], np.linalg.lstsq(dw, eta[sel] * sw, rcond=None)[0])
 
-    for it in range(max(2, n_iter)):
+    for _it in range(max(2, n_iter)):
         xi, eta = tan_project(ra, dec, crval[0], crval[1])
         cxi, ceta = solve(used, xi, eta)
         # move the tangent point so that crpix maps to (0, 0) and refit

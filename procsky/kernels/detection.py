@@ -998,8 +998,8 @@ def detect_sources(
         deviation of ``nu`` away from sources (pixels beyond the grown footprints of a first
         ``nu > nsigma`` pass), as LSST's ``thresholdType="pixel_stdev"`` with a temporary local
         background: the light of sources below the threshold raises and widens the
-        distribution of ``nu`` (on ``small`` g band by +0.23 and x1.02), and a threshold that
-        ignores it lets several noise-and-confusion bumps per detector through.
+        distribution of ``nu``, and a threshold that ignores it lets several
+        noise-and-confusion bumps per detector through.
     extra_variance : ndarray (ny, nx), optional
         Variance of the filtered image beyond the pixel variance (see
         :func:`significance_image`); used by the detection threshold, not by deblending.

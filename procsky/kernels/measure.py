@@ -313,7 +313,7 @@ def adaptive_moments(image, mask, x0, y0, sigma0, max_iter, tol, bad_bits):
     x = x0
     y = y0
     amp = np.nan
-    for it in range(max_iter):
+    for _it in range(max_iter):
         det = mxx * myy - mxy * mxy
         if not (det > 0.0):
             return np.nan, np.nan, np.nan, x0, y0, np.nan, False

@@ -150,7 +150,8 @@ def make_star_field(
     rng = np.random.default_rng(seed)
     ny, nx = shape
     if x is None:
-        xs, ys = [], []
+        xs: list[float] = []
+        ys: list[float] = []
         tries = 0
         while len(xs) < n_stars and tries < 100 * n_stars:
             tries += 1

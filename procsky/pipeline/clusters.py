@@ -171,10 +171,10 @@ def parse_duration(text: str | int | float) -> float:
             parts.insert(0, 0.0)
         h, m, sec = parts
         return days * 86400 + h * 3600 + m * 60 + sec
-    m = _DURATION.match(s)
-    if not m:
+    match = _DURATION.match(s)
+    if not match:
         raise ProcskyValueError(f"cannot read duration {text!r}; use HH:MM:SS, '90m', '2h' or seconds.")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 def _expand(value):

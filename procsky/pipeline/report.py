@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import json
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -41,7 +41,7 @@ def _stats(values: list[float]) -> dict | None:
 def _iso(t: float | None) -> str | None:
     if t is None:
         return None
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def _metrics(repo, run: str) -> list[dict]:
@@ -138,7 +138,7 @@ def run_report(repo, run: str, *, max_failures: int = 1000) -> dict:
     return {
         "schema": REPORT_SCHEMA,
         "run": run,
-        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "repo": str(repo.root),
         "where": meta["where_text"] if meta else None,
         "pipeline": pipeline,
@@ -240,7 +240,8 @@ def write_html(report: dict, path: str | Path) -> Path:
             for g in t.get("reasons", []) + t.get("degraded", []):
                 ids = "<br>".join(e(format_data_id(d)) for d in g["data_ids"])
                 if "code" in g:
-                    kind = f"<td class='l' style='background:{sev_colours.get(g['severity'], '#fff')}'>degraded ({e(g['severity'])})</td>"
+                    colour = sev_colours.get(g["severity"], "#fff")
+                    kind = f"<td class='l' style='background:{colour}'>degraded ({e(g['severity'])})</td>"
                     what = f"<code>{e(g['code'])}</code>"
                 else:
                     kind = f"<td class='l' style='background:{colours[g['state']]}'>{e(g['state'])}</td>"

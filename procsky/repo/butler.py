@@ -32,10 +32,11 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -153,7 +154,7 @@ class Repo:
         *,
         exist_ok: bool = False,
         fsync: bool = False,
-    ) -> "Repo":
+    ) -> Repo:
         """Create a repository.
 
         Parameters
@@ -194,7 +195,7 @@ class Repo:
         config = {
             "format_version": REPO_FORMAT_VERSION,
             "registry": registry,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "procsky_version": code_version(),
             "fsync": bool(fsync),
         }
@@ -210,7 +211,7 @@ class Repo:
         return {"root": str(self.root)}
 
     def __setstate__(self, state):
-        self.__init__(state["root"])
+        type(self).__init__(self, state["root"])
 
     # -- dataset types, runs, chains, dimensions ------------------------------------------
     def dataset_types(self) -> list[DatasetType]:
@@ -385,9 +386,9 @@ class Repo:
             return dt, infer_storage_class(obj)
         sc = get_storage_class(dt.storage_class)
         if not sc.accepts(obj):
+            wanted = {"Exposure": "an Exposure", "DataFrame": "a DataFrame/Table"}.get(sc.name, "a dict")
             raise ProcskyTypeError(
-                f"{name} is stored as {sc.name} but got a {type(obj).__name__}; pass "
-                f"{'an Exposure' if sc.name == 'Exposure' else 'a DataFrame/Table' if sc.name == 'DataFrame' else 'a dict'}"
+                f"{name} is stored as {sc.name} but got a {type(obj).__name__}; pass {wanted}"
                 " or store it under another dataset type name"
             )
         return dt, sc

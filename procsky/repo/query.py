@@ -38,8 +38,9 @@ from __future__ import annotations
 import difflib
 import operator
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from procsky.errors import ProcskyValueError, QuerySyntaxError
 
@@ -129,8 +130,8 @@ def tokenize(expression: str) -> list[Token]:
             pos = m.end()
             continue
         if kind == "quote":
-            value, end = _read_string(expression, pos)
-            tokens.append(Token("STRING", value, pos, expression[pos:end]))
+            string, end = _read_string(expression, pos)
+            tokens.append(Token("STRING", string, pos, expression[pos:end]))
             pos = end
             continue
         if kind == "number":

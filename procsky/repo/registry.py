@@ -28,9 +28,10 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -75,7 +76,7 @@ _JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 def _utcnow() -> datetime:
     # Naive UTC: SQLite keeps no time zone, so store the same thing everywhere.
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 @dataclass
@@ -150,7 +151,7 @@ class RecordConflictError(ConflictError):
         return (f"a different {self.element} record with key {self.key} exists: {self.existing} vs "
                 f"{self.new}; {self.fix}")
 
-    def with_fix(self, fix: str) -> "RecordConflictError":
+    def with_fix(self, fix: str) -> RecordConflictError:
         """The same conflict with another remedy (raise it ``from`` this one)."""
         return RecordConflictError(self.element, self.key, self.existing, self.new, fix)
 
@@ -535,6 +536,7 @@ class Registry:
         def fn(conn):
             _insert_ignore(conn, self.tables["dataset_type"], [dataset_type.to_dict()])
             existing = self.get_dataset_type(dataset_type.name, conn)
+            assert existing is not None  # inserted just above unless already there
             if existing != dataset_type:
                 raise ConflictError(
                     f"dataset type {dataset_type.name!r} is already defined as "
@@ -1056,6 +1058,7 @@ def _insert_ignore(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
     if not rows:
         return 0
     name = conn.dialect.name
+    stmt: sqlite.Insert | postgresql.Insert
     if name == "sqlite":
         stmt = sqlite.insert(table).on_conflict_do_nothing()
     elif name == "postgresql":

@@ -52,7 +52,7 @@ class SimPsfParams:
         return {prefix + k: float(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d, prefix: str = "psf_") -> "SimPsfParams":
+    def from_dict(cls, d, prefix: str = "psf_") -> SimPsfParams:
         return cls(**{f.name: float(d[prefix + f.name]) for f in fields(cls)})
 
     def local(self, fx: float, fy: float) -> tuple[float, float, float]:

@@ -256,7 +256,7 @@ class Recipe(_Model):
     def n_detectors(self) -> int:
         return self.instrument.n_detectors_x * self.instrument.n_detectors_y
 
-    def with_seed(self, seed: int | None) -> "Recipe":
+    def with_seed(self, seed: int | None) -> Recipe:
         """A copy with another seed (``None`` keeps this one)."""
         if seed is None:
             return self
@@ -279,7 +279,7 @@ def _search_dirs() -> list[Path]:
 
 def recipe_names() -> list[str]:
     """Names of the recipes that can be loaded by name."""
-    names = set()
+    names: set[str] = set()
     for d in _search_dirs():
         names.update(p.stem for p in d.glob("*.yaml"))
     return sorted(names)
@@ -320,7 +320,7 @@ def validate_recipe(data: dict, source: str = "<dict>") -> Recipe:
         raise ProcskyValueError(_format_validation_error(e, source)) from None
 
 
-def load_recipe(recipe: "str | Path | dict | Recipe") -> Recipe:
+def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
     """Load a recipe by name (``tiny``, ``small``, ``medium``), YAML path, mapping or Recipe."""
     if isinstance(recipe, Recipe):
         return recipe

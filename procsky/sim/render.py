@@ -501,6 +501,7 @@ def write_detector(recipe, visit: dict, img: DetectorImage, path, mode: str) -> 
     if mode == "raw":
         nx, ny = geometry.nx, geometry.ny
         nos = recipe.raw.overscan_columns
+        assert img.raw is not None  # render_detector(..., raw=True) in raw mode
         image = img.raw
         variance = (np.maximum(img.raw - recipe.raw.bias_level, 0.0) / recipe.instrument.gain
                     + (recipe.instrument.read_noise / recipe.instrument.gain) ** 2).astype(np.float32)
@@ -545,7 +546,7 @@ def write_calibs(recipe, detector: int, bands: list[str], calib_dir) -> list[str
     nb = 20
     bias = bias_pattern(recipe, geometry, detector) + rng.normal(0.0, inst.read_noise / inst.gain / math.sqrt(nb), mask.shape)
     dark = dark_map(recipe, geometry, detector, defects) / inst.gain
-    frames = [("bias", None, bias, np.full(mask.shape, (inst.read_noise / inst.gain) ** 2 / nb)),
+    frames: list[tuple[str, str | None, np.ndarray, np.ndarray]] = [("bias", None, bias, np.full(mask.shape, (inst.read_noise / inst.gain) ** 2 / nb)),
               ("dark", None, dark, np.zeros(mask.shape))]
     for b in bands:
         frames.append(("flat", b, flat_field(recipe, geometry, detector, b), np.zeros(mask.shape)))
@@ -632,6 +633,7 @@ def draw_calib_frame(recipe, geometry, detector: int, kind: str, exposure: int, 
             defects = detector_defects(recipe, geometry, detector)
         if kind == "flat":
             if flat is None:
+                assert band is not None, "a flat frame needs a band"
                 flat = flat_field(recipe, geometry, detector, band)
             t = recipe.raw.flat_exposure_time
             lamp = recipe.raw.flat_level * (1.0 + 0.03 * rng.standard_normal())
@@ -675,12 +677,12 @@ def write_calib_frames(recipe, detector: int, bands: list[str], frame_dir) -> li
     nx, ny, nos = geometry.nx, geometry.ny, recipe.raw.overscan_columns
     bias = bias_pattern(recipe, geometry, detector)
     defects = detector_defects(recipe, geometry, detector)
-    jobs = [("bias", k, None) for k in range(1, recipe.raw.n_bias_frames + 1)]
+    jobs: list[tuple[str, int, str | None]] = [("bias", k, None) for k in range(1, recipe.raw.n_bias_frames + 1)]
     jobs += [("dark", k, None) for k in range(1, recipe.raw.n_dark_frames + 1)]
     for b in bands:
         jobs += [("flat", k, b) for k in range(1, recipe.raw.n_flat_frames + 1)]
     names = []
-    flats: dict[str, np.ndarray] = {}
+    flats: dict[str | None, np.ndarray] = {}
     for kind, k, band in jobs:
         expid = calib_exposure_id(kind, k, band)
         if band is not None and band not in flats:

@@ -24,12 +24,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from procsky.instruments.simcam import BAND_DATA, SimcamGeometry, detector_wcs
 from procsky.sim.psf import draw_psf_params
+
+if TYPE_CHECKING:
+    from procsky.sim.recipe import Recipe
 
 __all__ = ["Scene", "build_scene", "tangent_to_sky", "sky_to_tangent", "epoch_flux", "rng_for", "STREAMS"]
 
@@ -115,7 +119,7 @@ class Scene:
         Half side of the square of sky populated with objects.
     """
 
-    recipe: object
+    recipe: Recipe
     geometry: SimcamGeometry
     objects: pd.DataFrame
     visits: pd.DataFrame
@@ -371,8 +375,8 @@ def build_scene(recipe) -> Scene:
         tr[f"flux_{b}"] = njy(m + _TRANSIENT_COLOURS[b])
     tr["flux_ref"] = njy(m)
     tr["t0"] = rng.uniform(r.mjd_start - 5.0, mjd_end + 2.0, n)
-    tr["rise"] = rng.uniform(*tc.rise_days, n)
-    tr["decay"] = rng.uniform(*tc.decay_days, n)
+    tr["rise"] = rng.uniform(tc.rise_days[0], tc.rise_days[1], n)
+    tr["decay"] = rng.uniform(tc.decay_days[0], tc.decay_days[1], n)
     tr["host_index"] = host
     parts.append(pd.DataFrame(tr))
 
