@@ -106,7 +106,7 @@ def main(argv=None):
                          "are measured as two sources)")
     args = ap.parse_args(argv)
 
-    import procsky.diffim as dm
+    import procsky.diffim.dia as dm
 
     t0 = time.perf_counter()
     diff, rows = make_difference(args.size, args.n_dia, args.dipole_fraction, args.seed, tuple(args.sep))

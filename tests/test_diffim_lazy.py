@@ -12,7 +12,9 @@ import pytest
 from astropy.wcs import WCS
 
 import procsky.diffim as dm
+import procsky.diffim.subtract as dm_subtract
 from procsky.diffim import SubtractionConfig, simulate_pair, subtract_images
+from procsky.errors import ProcskyValueError
 from procsky.exposure import Exposure, VisitInfo
 from procsky.photocalib import PhotoCalib
 from procsky.psf import psf_from_dict
@@ -52,13 +54,13 @@ def test_subtract_images_builds_without_computing_and_computes_once(pair, monkey
     sci, tpl, _ = pair
     eager, k0, s0 = subtract_images(sci, tpl, _CFG, lazy=False)
     calls = []
-    real = dm._subtract_now
+    real = dm_subtract._subtract_now
 
     def counting(*args):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(dm, "_subtract_now", counting)
+    monkeypatch.setattr(dm_subtract, "_subtract_now", counting)
     with dask.config.set(scheduler=_no_compute):
         diff, kern, summary = subtract_images(sci, tpl, _CFG)
     assert diff.is_lazy and not calls
@@ -75,7 +77,7 @@ def test_subtract_images_builds_without_computing_and_computes_once(pair, monkey
 
 def test_lazy_errors_at_build_need_no_pixels(pair):
     sci, tpl, _ = pair
-    with dask.config.set(scheduler=_no_compute), pytest.raises(dm.ProcskyValueError, match="warp the template"):
+    with dask.config.set(scheduler=_no_compute), pytest.raises(ProcskyValueError, match="warp the template"):
         subtract_images(sci, tpl[0:100, 0:100])
 
 

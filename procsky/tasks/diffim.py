@@ -19,7 +19,6 @@ import math
 import numpy as np
 import pydantic
 
-from procsky import masks as _masks
 from procsky.coadd import CoaddConfig
 from procsky.diffim import DiaConfig, SubtractionConfig, difference_image, warp_template_to_science
 from procsky.errors import NoWorkError
