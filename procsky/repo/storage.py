@@ -121,7 +121,12 @@ class StorageClass:
 
 
 class ExposureStorage(StorageClass):
-    """A :class:`procsky.exposure.Exposure` as a Zarr v3 group (``Exposure.write``)."""
+    """A :class:`procsky.exposure.Exposure` as a Zarr v3 group (``Exposure.write``).
+
+    Lazy planes (and extra planes such as a coadd's ``n_inputs``) are computed and written
+    in batches of whole storage chunks (:func:`procsky._dask.store_planes`): this is how the
+    executor writes warps, coadds and differences, with memory bounded by one batch.
+    """
 
     name = "Exposure"
     extension = ".zarr"
