@@ -380,6 +380,8 @@ def test_tasks_quanta_run_and_export(tmp_path):
     assert ok.mean() > 0.9
     np.testing.assert_allclose(stored.image[ok], direct.image[ok], rtol=1e-4, atol=1e-3)
     assert stored.metadata["visits"] == [0, 1, 2, 3] and stored.psf is not None
+    # The repository's write keeps the number of inputs per pixel; a warp has no such plane.
+    assert stored.extra_planes["n_inputs"].max() == 4 and not warps[0].extra_planes
     out = tmp_path / "coadd.fits"
     res = CliRunner().invoke(main, ["export", str(repo.root), "coadd", "--where", "patch=0 AND band='r'",
                                     "--out", str(out)])
