@@ -415,7 +415,7 @@ def test_small_simulation_dia(small_r_det4, small_r_det4_calexps):
 
 
 def test_task_quanta_group_by_band():
-    from procsky.pipeline.task import DatasetKey
+    from procsky.tasks.base import DatasetKey
     from procsky.tasks.diffim import MakeTemplateTask, SubtractTask
     from procsky.tasks.dia import AssociateDiaTask
 

@@ -243,3 +243,37 @@ def test_tolerate_missing_runs_on_the_survivors(tmp_path):
     assert prov["missing_inputs"] == {"stats": [{"instrument": "toycam", "visit": 1, "detector": 2}]}
     with pytest.raises(ValueError, match="tolerate_missing needs multiple"):
         toy.Input("toy_stats", ("visit",), tolerate_missing=True)
+
+
+class _LazyNoWorkTask(toy.Task):
+    """Returns a lazy exposure whose computation finds nothing to do (as a difference image
+    whose template turns out not to overlap does)."""
+
+    dimensions = ("instrument", "visit", "detector")
+    inputs = {"raw": toy.Input("toy_raw", ("instrument", "visit", "detector"))}
+    outputs = {"image": toy.Output("toy_lazy_image", ("instrument", "visit", "detector"))}
+    Config = toy.TaskConfig
+
+    def run(self, raw):
+        import dask
+        import dask.array as da
+
+        from procsky.errors import NoWorkError
+        from procsky.exposure import Exposure
+
+        def fail():
+            raise NoWorkError("nothing overlaps")
+
+        image = da.from_delayed(dask.delayed(fail)(), shape=(8, 8), dtype="float32")
+        return {"image": Exposure(image)}
+
+
+def test_no_work_found_while_writing_a_lazy_output(tmp_path):
+    """A NoWorkError raised while the executor computes a lazy output is the quantum's
+    no_work outcome, not a write failure, and leaves no file behind."""
+    repo = _repo(tmp_path)
+    pipe = Pipeline.from_tasks([("lazy", _LazyNoWorkTask)])
+    s = run_pipeline(repo, pipe, output="t", where="visit = 1")
+    assert s.counts["lazy"] == {**s.counts["lazy"], "no_work": 3}
+    assert not s.counts["lazy"].get("failed")
+    assert not list((repo.root / "t").rglob("*.zarr"))

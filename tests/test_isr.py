@@ -189,7 +189,7 @@ def test_isr_without_calibs_and_errors():
 
 
 def test_isr_task_quanta_pick_matching_flat():
-    from procsky.pipeline.task import DatasetKey
+    from procsky.tasks.base import DatasetKey
 
     task = IsrTask()
     raw = DatasetKey("raw", {"instrument": "sim", "visit": 1, "detector": 0, "band": "g", "physical_filter": "sim-g"})

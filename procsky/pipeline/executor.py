@@ -239,7 +239,7 @@ def _make_task(job: QuantumJob):
     key = (job.task_class, job.config_hash)
     task = _TASKS.get(key)
     if task is None:
-        from procsky.pipeline.task import get_task_class
+        from procsky.tasks.base import get_task_class
 
         task = get_task_class(job.task_class)(job.config)
         _TASKS[key] = task
@@ -401,7 +401,13 @@ def _write(repo, job: QuantumJob, outputs) -> dict:
     for name, (dataset_type, data_id) in job.outputs.items():
         try:
             pendings[name] = repo.write_pending(outputs[name], dataset_type, data_id, job.run)
+        except NoWorkError:
+            # A lazy output (a difference image) runs its algorithm while it is written; a
+            # "nothing to do" found then is the quantum's outcome, not a write failure.
+            repo.discard(list(pendings.values()))
+            raise
         except Exception as exc:
+            repo.discard(list(pendings.values()))
             raise _WriteError(f"writing output {name!r} ({dataset_type} {data_id})") from exc
     return pendings
 

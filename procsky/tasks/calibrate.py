@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from procsky.calibrate import SRC_UNITS, CalibrationConfig, calibrate_exposure, fit_detector_psf
-from procsky.pipeline.task import Input, Output, Task, TaskConfig, default_quanta, register_task
+from procsky.tasks.base import Input, Output, Task, TaskConfig, default_quanta, register_task
 
 __all__ = ["CalibrateConfig", "CalibrateTask", "calibrate_exposure", "fit_detector_psf", "SRC_UNITS"]
 

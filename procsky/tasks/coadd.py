@@ -18,7 +18,7 @@ import pydantic
 
 from procsky.coadd import CoaddConfig
 from procsky.errors import NoWorkError, ProcskyValueError
-from procsky.pipeline.task import (
+from procsky.tasks.base import (
     Input,
     Output,
     QuantumSpec,

@@ -25,7 +25,7 @@ import pydantic
 from procsky.diffim import DiaConfig, detect_dia_sources, diffim_summary, forced_dia_photometry, with_recorded_summary
 from procsky.errors import NoWorkError
 from procsky.kernels.associate import associate_sources
-from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, register_task
+from procsky.tasks.base import Input, Output, QuantumSpec, Task, TaskConfig, register_task
 
 __all__ = ["DetectDiaTask", "AssociateDiaTask", "ForcedDiaTask", "associate_dia_sources"]
 

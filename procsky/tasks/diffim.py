@@ -22,7 +22,7 @@ import pydantic
 from procsky.coadd import CoaddConfig
 from procsky.diffim import DiaConfig, SubtractionConfig, difference_image, warp_template_to_science
 from procsky.errors import NoWorkError
-from procsky.pipeline.task import Input, Output, QuantumSpec, Task, TaskConfig, register_task
+from procsky.tasks.base import Input, Output, QuantumSpec, Task, TaskConfig, register_task
 
 __all__ = ["MakeTemplateTask", "SubtractTask", "warp_template_to_science", "select_best_seeing", "visit_bands"]
 

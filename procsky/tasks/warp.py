@@ -23,7 +23,7 @@ import numpy as np
 from procsky.errors import NoWorkError, ProcskyValueError
 from procsky.warp import WarpConfig
 from procsky.notes import note_degraded
-from procsky.pipeline.task import (
+from procsky.tasks.base import (
     DatasetKey,
     Input,
     Output,
