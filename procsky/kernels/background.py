@@ -20,7 +20,7 @@ footprints in ``ignore`` (or the DETECTED bit in ``bad_bits``) and call again.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numba
 import numpy as np
@@ -322,7 +322,8 @@ def fill_and_filter_mesh(back, rms, filter_size=3, extrapolate_edges=True):
     -------
     back, rms : ndarray (nby, nbx) float64
     """
-    fy, fx = (filter_size, filter_size) if np.isscalar(filter_size) else filter_size
+    # (np.isscalar's type guard does not say which scalar: the sizes are ints)
+    fy, fx = cast(tuple[int, int], (filter_size, filter_size) if np.isscalar(filter_size) else filter_size)
     back = _fill_invalid(np.asarray(back, dtype=np.float64))
     rms = _fill_invalid(np.asarray(rms, dtype=np.float64))
     if fy > 1 or fx > 1:
@@ -496,7 +497,7 @@ def estimate_background(
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"image must be 2-D (ny, nx), got shape {image.shape}; pass one detector")
-    by, bx = (box_size, box_size) if np.isscalar(box_size) else box_size
+    by, bx = cast(tuple[int, int], (box_size, box_size) if np.isscalar(box_size) else box_size)
     by, bx = int(by), int(bx)
     if by < 1 or bx < 1:
         raise ValueError(f"box_size must be >= 1 pixel, got {box_size!r}")

@@ -703,7 +703,7 @@ def find_streaks(
     band, gap, flank = 2, 2, 4
     min_count = max(4.0, 0.5 * min(min_length, min_length_bright) / b)
 
-    out = []
+    out: list[dict] = []
     model = np.zeros(image.shape, np.float64)
     smask = np.zeros(image.shape, np.bool_)
     n_cand = 0
@@ -761,7 +761,7 @@ def find_streaks(
         excluded |= gone
     streaks = np.zeros(len(out), STREAK_DTYPE)
     for i, r in enumerate(out):
-        for k in STREAK_DTYPE.names:
+        for k in STREAK_DTYPE.names:  # type: ignore[union-attr]  # a structured dtype has names
             streaks[k][i] = r[k]
     return StreakResult(mask=smask, model=model.astype(np.float32), streaks=streaks, n_candidates=n_cand)
 
@@ -808,11 +808,11 @@ def _refine_and_verify(image, w, variance, cth, sth, rho, nx, ny, b, max_width, 
                 dd.append(d0k)
                 ww.append((z / sig) ** 2)
         if len(tt) >= 2:
-            tt, dd, ww = np.array(tt), np.array(dd), np.array(ww)
-            A = np.vstack([np.ones_like(tt), tt - tt.mean()]).T * np.sqrt(ww)[:, None]
-            coef = np.linalg.lstsq(A, dd * np.sqrt(ww), rcond=None)[0]
-            da = coef[0] + coef[1] * (ta - tt.mean())
-            db = coef[0] + coef[1] * (tb - tt.mean())
+            t_arr, d_arr, w_arr = np.array(tt), np.array(dd), np.array(ww)
+            A = np.vstack([np.ones_like(t_arr), t_arr - t_arr.mean()]).T * np.sqrt(w_arr)[:, None]
+            coef = np.linalg.lstsq(A, d_arr * np.sqrt(w_arr), rcond=None)[0]
+            da = coef[0] + coef[1] * (ta - t_arr.mean())
+            db = coef[0] + coef[1] * (tb - t_arr.mean())
         else:
             da = db = d0
         th, rho = _new_line(cth, sth, rho, ta, da, tb, db)
@@ -970,7 +970,7 @@ def _refine_ends(image, w, cth, sth, rho, dmax, dstep, dc, sig, ta, tb, t_start,
     else:
         lo = max(ta, t_start - sl)
         n = max(1, round((t_start + sl - lo) / q))
-        s1, s0 = _collapse(image, w, cth, sth, rho, dmax, dstep, lo, (t_start + sl - lo) / n, n, *prev, _KCLIP)
+        s1, s0 = _collapse(image, w, cth, sth, rho, dmax, dstep, lo, (t_start + sl - lo) / n, n, *prev, _KCLIP)  # type: ignore[call-arg]
         for k in range(n):
             ak, vk, _, _ = _lin_fit(s1[k], s0[k], dc, 0.0, sig)
             if vk > 0 and np.isfinite(vk) and ak > 0.5 * seg_nsigma * math.sqrt(vk):
@@ -982,7 +982,7 @@ def _refine_ends(image, w, cth, sth, rho, dmax, dstep, dc, sig, ta, tb, t_start,
         hi = min(tb, t_end + sl)
         lo = t_end - sl
         n = max(1, round((hi - lo) / q))
-        s1, s0 = _collapse(image, w, cth, sth, rho, dmax, dstep, lo, (hi - lo) / n, n, *prev, _KCLIP)
+        s1, s0 = _collapse(image, w, cth, sth, rho, dmax, dstep, lo, (hi - lo) / n, n, *prev, _KCLIP)  # type: ignore[call-arg]
         for k in range(n - 1, -1, -1):
             ak, vk, _, _ = _lin_fit(s1[k], s0[k], dc, 0.0, sig)
             if vk > 0 and np.isfinite(vk) and ak > 0.5 * seg_nsigma * math.sqrt(vk):
