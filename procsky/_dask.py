@@ -9,7 +9,7 @@ with how much overlap; this module decides *how*.
 
 Three shapes of pixel work cover the pipeline:
 
-* :func:`map_overlap` / :func:`map_overlap_with_origin`: a kernel applied per chunk with a
+* :func:`map_with_margin` / :func:`map_with_margin_at`: a kernel applied per chunk with a
   margin of ``depth`` pixels taken from the neighbours (convolution, PSF matching,
   difference imaging), the depth coming from the kernel's radius;
 * :func:`from_chunk_tasks`: arrays assembled from one delayed task per output chunk that
@@ -30,10 +30,10 @@ __all__ = [
     "is_dask",
     "as_dask",
     "axis_chunks",
-    "map_overlap",
-    "map_overlap_with_origin",
+    "map_with_margin",
+    "map_with_margin_at",
     "from_chunk_tasks",
-    "compute",
+    "evaluate",
     "persist",
     "store_planes",
     "chunk_slices",
@@ -67,7 +67,7 @@ def axis_chunks(n: int, chunk: int, depth: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def map_overlap(func: Callable, *arrays, depth: int, dtype, boundary: Any = "none", trim: bool = True,
+def map_with_margin(func: Callable, *arrays, depth: int, dtype, boundary: Any = "none", trim: bool = True,
                 **kwargs):
     """Apply ``func`` to every chunk of ``arrays`` extended by ``depth`` pixels on each side.
 
@@ -82,7 +82,7 @@ def map_overlap(func: Callable, *arrays, depth: int, dtype, boundary: Any = "non
                           meta=np.empty((0,) * arrays[0].ndim, dtype), **kwargs)
 
 
-def map_overlap_with_origin(func: Callable, arrays: Sequence, *, depth: int, dtype, chunk: int):
+def map_with_margin_at(func: Callable, arrays: Sequence, *, depth: int, dtype, chunk: int):
     """Run ``func(*padded_blocks, y0=, x0=)`` per chunk with ``depth`` pixels of overlap.
 
     The arrays are rechunked so that every chunk is at least ``depth`` wide; the edges are
@@ -127,7 +127,7 @@ def from_chunk_tasks(chunk_tasks: Sequence[Sequence[Any]], shapes: Sequence[Sequ
     return planes
 
 
-def compute(*args, **kwargs):
+def evaluate(*args, **kwargs):
     """:func:`dask.compute` (the one call site for the library)."""
     import dask
 
@@ -182,7 +182,7 @@ def store_planes(planes: Mapping[str, Any], targets: Mapping[str, Any], *, batch
     names = list(planes)
     extra = list(with_first)
     if not names:
-        return tuple(compute(*extra)) if extra else ()
+        return tuple(evaluate(*extra)) if extra else ()
     shape = tuple(targets[names[0]].shape)
     chunks = tuple(targets[names[0]].chunks)
     for n in names:
@@ -194,7 +194,7 @@ def store_planes(planes: Mapping[str, Any], targets: Mapping[str, Any], *, batch
     for k in range(0, len(slices), max(int(batch), 1)):
         part = slices[k : k + max(int(batch), 1)]
         first = extra if k == 0 else []
-        out = compute(*[tuple(planes[n][s] for n in names) for s in part], *first)
+        out = evaluate(*[tuple(planes[n][s] for n in names) for s in part], *first)
         blocks, got = out[: len(part)], out[len(part) :]
         if k == 0:
             values = tuple(got)

@@ -203,7 +203,7 @@ def psf_match_exposure(exposure: Exposure, target_fwhm: float, *, chunk: int | N
     Exposure
         Image convolved with the matching kernel ``K`` (K * psf = Gaussian), variance with
         ``K^2`` times the Lanczos noise-correlation factor, NO_DATA grown by the kernel
-        radius; PSF = the target Gaussian. Made with :func:`procsky._dask.map_overlap` (depth =
+        radius; PSF = the target Gaussian. Made with :func:`procsky._dask.map_with_margin` (depth =
         kernel radius, no padding at the image edge).
     """
     if exposure.psf is None:
@@ -223,7 +223,7 @@ def psf_match_exposure(exposure: Exposure, target_fwhm: float, *, chunk: int | N
         ci, cv, cm = kpm.convolve_planes(i, v, m, kernel, corr, no_data_bit=_NO_DATA)
         return (ci, cv, cm)[which]
 
-    planes = [_dask.map_overlap(block, img, var, msk, depth=r, dtype=dt, which=k)
+    planes = [_dask.map_with_margin(block, img, var, msk, depth=r, dtype=dt, which=k)
               for k, dt in enumerate((np.float32, np.float32, np.uint32))]
     meta = dict(exposure.metadata)
     meta["psf_matched_fwhm"] = float(target_fwhm)
@@ -414,7 +414,7 @@ class LazyCoadd:
         """Per-input weights (computes the small lazy reduction if needed)."""
         w = self.weights
         if _is_dask(w) or hasattr(w, "dask"):
-            w = _dask.compute(w)[0]
+            w = _dask.evaluate(w)[0]
         return np.asarray(w, float)
 
     def psf(self, weights=None) -> PsfModel | None:

@@ -334,7 +334,7 @@ class Exposure:
             valid = valid & ((self.mask & np.uint32(self.mask_bits("NO_DATA"))) == 0)
         rows, cols = valid.any(axis=1), valid.any(axis=0)
         if _is_dask(valid):
-            rows, cols = _dask.compute(rows, cols)
+            rows, cols = _dask.evaluate(rows, cols)
         rows, cols = np.flatnonzero(rows), np.flatnonzero(cols)
         if rows.size == 0:
             return None
@@ -347,7 +347,7 @@ class Exposure:
         if not self.is_lazy and not lazy_meta:
             return self
         names = list(self.extra_planes)
-        image, variance, mask, extra, meta = _dask.compute(
+        image, variance, mask, extra, meta = _dask.evaluate(
             self.image, self.variance, self.mask, [self.extra_planes[n] for n in names], lazy_meta)
         return self._replace(image=image, variance=variance, mask=mask, metadata={**self.metadata, **meta},
                              extra_planes=dict(zip(names, extra)))
@@ -695,7 +695,7 @@ def _write_zarr(exp: Exposure, path: Path, chunks, *, batch: int = 16) -> None:
         values = _dask.store_planes(dask_planes, {n: arrays[n] for n in dask_planes}, batch=batch,
                                     with_first=[lazy_meta[k] for k in keys])
     else:
-        values = _dask.compute(*[lazy_meta[k] for k in keys]) if keys else ()
+        values = _dask.evaluate(*[lazy_meta[k] for k in keys]) if keys else ()
     for name, arr in all_planes.items():
         if name not in dask_planes:
             arrays[name][...] = np.asarray(arr)

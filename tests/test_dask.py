@@ -36,13 +36,13 @@ def test_store_planes_writes_whole_chunks_in_batches(monkeypatch, dask_chunks):
     planes = {"a": da.from_array(a, chunks=dask_chunks), "b": da.from_array(b, chunks=dask_chunks)}
     targets = {"a": _Target(a.shape, (10, 10), np.float32), "b": _Target(b.shape, (10, 10), np.int32)}
     calls = []
-    real = _dask.compute
+    real = _dask.evaluate
 
     def counting(*args, **kw):
         calls.append(len(args))
         return real(*args, **kw)
 
-    monkeypatch.setattr(_dask, "compute", counting)
+    monkeypatch.setattr(_dask, "evaluate", counting)
     _dask.store_planes(planes, targets, batch=4)
     np.testing.assert_array_equal(targets["a"].data, a)
     np.testing.assert_array_equal(targets["b"].data, b)
@@ -66,15 +66,15 @@ def test_store_planes_computes_with_first_in_the_first_batch(monkeypatch):
     a = da.from_array(np.ones((20, 20), np.float32), chunks=10)
     stat = dask.delayed(lambda x: float(x.sum()))(a)
     calls = []
-    real = _dask.compute
-    monkeypatch.setattr(_dask, "compute", lambda *args, **kw: calls.append(len(args)) or real(*args, **kw))
+    real = _dask.evaluate
+    monkeypatch.setattr(_dask, "evaluate", lambda *args, **kw: calls.append(len(args)) or real(*args, **kw))
     t = _Target((20, 20), (10, 10), np.float32)
     (value,) = _dask.store_planes({"a": a}, {"a": t}, batch=16, with_first=[stat])
     assert value == 400.0
     assert calls == [5]  # the 4 regions and the statistic, in one call: the graph is computed once
 
 
-def test_map_overlap_depth_and_edges():
+def test_map_with_margin_depth_and_edges():
     x = np.arange(37 * 41, dtype=np.float64).reshape(37, 41)
     seen = []
 
@@ -82,13 +82,13 @@ def test_map_overlap_depth_and_edges():
         seen.append(block.shape)
         return block * 2
 
-    out = _dask.map_overlap(f, da.from_array(x, chunks=16), depth=3, dtype=np.float64).compute()
+    out = _dask.map_with_margin(f, da.from_array(x, chunks=16), depth=3, dtype=np.float64).compute()
     np.testing.assert_array_equal(out, 2 * x)
     # interior blocks get the margin on both sides; edge blocks none beyond the image
     assert (16 + 6, 16 + 6) in seen and (16 + 3, 16 + 3) in seen
 
 
-def test_map_overlap_with_origin_gives_interior_origin():
+def test_map_with_margin_at_gives_interior_origin():
     x = np.zeros((50, 70), np.float32)
 
     def f(block, y0, x0):
@@ -97,7 +97,7 @@ def test_map_overlap_with_origin_gives_interior_origin():
         yy, xx = np.mgrid[y0 : y0 + ny, x0 : x0 + nx]
         return (yy * 1000 + xx).astype(np.float32)
 
-    out = _dask.map_overlap_with_origin(f, [x], depth=4, dtype=np.float32, chunk=20).compute()
+    out = _dask.map_with_margin_at(f, [x], depth=4, dtype=np.float32, chunk=20).compute()
     yy, xx = np.mgrid[0:50, 0:70]
     np.testing.assert_array_equal(out, (yy * 1000 + xx).astype(np.float32))
     assert min(_dask.axis_chunks(50, 20, 12)) >= 12 and sum(_dask.axis_chunks(50, 20, 12)) == 50
@@ -147,3 +147,20 @@ def test_exposure_extra_planes_and_delayed_metadata(tmp_path):
     assert isinstance(done.metadata["noise"], float) and isinstance(done.extra_planes["n_inputs"], np.ndarray)
     with pytest.raises(Exception, match="shape"):
         Exposure(np.zeros((4, 4), np.float32), extra_planes={"n": np.zeros((3, 4))})
+
+
+def test_single_owner_of_dask():
+    """``procsky._dask`` is the only module that calls map_overlap, from_delayed, da.store
+    or dask.compute (the executor only chooses the scheduler through it)."""
+    import re
+    from pathlib import Path
+
+    import procsky
+
+    root = Path(procsky.__file__).parent
+    pattern = re.compile(r"map_overlap|from_delayed|da\.store|dask\.compute")
+    allowed = {root / "_dask.py", root / "pipeline" / "executor.py"}
+    hits = [f"{p.relative_to(root)}:{i}: {line.strip()}"
+            for p in sorted(root.rglob("*.py")) if p not in allowed
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, "dask called outside procsky._dask:\n" + "\n".join(hits)

@@ -63,7 +63,7 @@ def warp_template_to_science(templates, science, *, order: int = 3):
             w = warp_exposure(tpl, science.wcs_cards, (ny, nx), xy0=(0, 0), config=cfg, full=True)
         except NoWorkError:
             continue
-        i, v, m = _dask.compute(w.image, w.variance, w.mask)
+        i, v, m = _dask.evaluate(w.image, w.variance, w.mask)
         ok = ((m & nodata) == 0) & np.isfinite(i) & ~filled
         img[ok], var[ok], msk[ok] = i[ok], v[ok], m[ok]
         filled |= ok

@@ -155,9 +155,9 @@ def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, 
             out = (out & np.uint32(~core_bits & 0xFFFFFFFF)) | (core & np.uint32(core_bits))
         return out
 
-    img = _dask.map_overlap_with_origin(conv_img, [image], depth=h, dtype=np.float32, chunk=chunk)
-    var = _dask.map_overlap_with_origin(conv_var, [variance], depth=h, dtype=np.float32, chunk=chunk)
-    msk = (_dask.map_overlap_with_origin(conv_mask, [mask], depth=r, dtype=np.uint32, chunk=chunk) if r > 0
+    img = _dask.map_with_margin_at(conv_img, [image], depth=h, dtype=np.float32, chunk=chunk)
+    var = _dask.map_with_margin_at(conv_var, [variance], depth=h, dtype=np.float32, chunk=chunk)
+    msk = (_dask.map_with_margin_at(conv_mask, [mask], depth=r, dtype=np.uint32, chunk=chunk) if r > 0
            else mask)
     return img, var, msk
 
@@ -168,7 +168,7 @@ def _convolve_plain(arr, kernel2d, chunk, dtype=np.float32):
     def f(b, y0, x0):
         return _conv.convolve_valid(b, kernel2d)
 
-    return _dask.map_overlap_with_origin(f, [arr], depth=h, dtype=dtype, chunk=chunk)
+    return _dask.map_with_margin_at(f, [arr], depth=h, dtype=dtype, chunk=chunk)
 
 
 def _flux_ratio(conv_img, tgt_img, xs, ys, half):
@@ -581,7 +581,7 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
     dmask = dmask.astype(np.uint32)
     diff = da.where((dmask & np.uint32(nodata)) != 0, np.float32(0.0), diff).astype(np.float32)
     dvar = dvar.astype(np.float32)
-    diff, dvar, dmask = _dask.compute(diff, dvar, dmask)
+    diff, dvar, dmask = _dask.evaluate(diff, dvar, dmask)
     dmask = np.asarray(dmask, dtype=np.uint32)
     good = ~((dmask & np.uint32(bad_bits)) != 0)
     if good.any():

@@ -2,7 +2,7 @@
 
 Everything here is a *true* convolution, ``out(p) = sum_q K(q) in(p - q)``, with kernel
 images of odd size ``2 h + 1`` whose central pixel is the offset ``q = 0``. Blocks are
-given with a margin of ``h`` pixels on every side (the overlap a dask ``map_overlap``
+given with a margin of ``h`` pixels on every side (the margin :func:`procsky._dask.map_with_margin_at`
 adds) and the functions return the *valid* interior, so chunked results are bit-for-bit
 the same as a whole-image convolution away from the image border.
 

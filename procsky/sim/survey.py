@@ -201,7 +201,7 @@ def simulate(recipe, out, *, seed: int | None = None, mode: str = "calibrated", 
     with _TqdmCallback(len(tasks), f"procsky sim {recipe.name}", progress):
         from procsky import _dask
 
-        results, calib_names = _dask.compute(tasks, calib_tasks, **kwargs)
+        results, calib_names = _dask.evaluate(tasks, calib_tasks, **kwargs)
 
     truth = [r[0] for r in results]
     crs = [r[1] for r in results]
