@@ -14,9 +14,9 @@ import toytasks as toy
 from procsky.errors import AlgorithmError, NoWorkError
 from procsky.notes import collect_notes, note_degraded
 from procsky.pipeline import Pipeline, run_pipeline
-from procsky.tasks.base import Input, Output, Task, register_task
 from procsky.pipeline.report import format_table, group_outcomes, normalise_reason, run_report, write_html
 from procsky.repo import Repo
+from procsky.tasks.base import Input, Output, Task, register_task
 
 _VD = ("instrument", "visit", "detector")
 
