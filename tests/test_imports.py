@@ -164,3 +164,32 @@ def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     text = "\n".join(" -> ".join(c) for c in cycles)
     assert not cycles, f"{len(cycles)} import cycle(s) among procsky modules:\n{text}"
+
+
+STAGE_MODULES = ("procsky.isr", "procsky.calibrate", "procsky.photometry", "procsky.warp", "procsky.coadd",
+                 "procsky.diffim")
+
+
+def _external_imports(path: Path) -> set[str]:
+    """Top-level names of the packages ``path`` imports (absolute imports only)."""
+    return {alias.name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "").split(".")[0]
+            for node in _imports(ast.parse(path.read_text(), str(path))) if not getattr(node, "level", 0)
+            for alias in node.names}
+
+
+def test_layers_point_down():
+    """kernels <- stage modules <- tasks <- pipeline: no layer imports one above it, kernels
+    import no dask and nothing of procsky outside procsky.kernels."""
+    graph = import_graph()
+    modules = _modules()
+    bad = []
+    for name, deps in sorted(graph.items()):
+        if name.startswith("procsky.kernels"):
+            bad += [f"{name} -> {d}" for d in deps if not d.startswith("procsky.kernels")]
+            bad += [f"{name} -> {p}" for p in _external_imports(modules[name]) if p in ("dask", "distributed")]
+        if name == "procsky.tasks" or name.startswith("procsky.tasks."):
+            bad += [f"{name} -> {d}" for d in deps if d.startswith(("procsky.pipeline", "procsky.cli"))]
+        if name.startswith(STAGE_MODULES):
+            bad += [f"{name} -> {d}" for d in deps
+                    if d.startswith(("procsky.pipeline", "procsky.cli", "procsky.tasks"))]
+    assert not bad, "imports that point up a layer:\n" + "\n".join(bad)
