@@ -40,18 +40,26 @@ def main():
     bkg, t_b, w_b = cpu(estimate_background, img, box_size=128)
     sub = img - bkg.background
     det, t_d, w_d = cpu(detect_sources, sub, var, psf_sigma=sigma, nsigma=5.0)
-    cat, t_m, w_m = cpu(measure_sources, sub, var, None, det.x, det.y, psf_sigma=sigma, children=det.children,
-                        blended=det.blended)
+    cat, t_m, w_m = cpu(
+        measure_sources, sub, var, None, det.x, det.y, psf_sigma=sigma, children=det.children, blended=det.blended
+    )
     ours = t_b + t_d + t_m
     rows.append(("procsky background", t_b, w_b))
     rows.append((f"procsky detection ({len(det.x)} sources)", t_d, w_d))
     rows.append(("procsky measurement (centroid, moments, 5 apertures, Kron, local bkg, flags)", t_m, w_m))
     cr, t_c, w_c = cpu(find_cosmic_rays, img, var)
-    rows.append((f"procsky cosmic rays ({cr.n_pixels} px, {(cr.mask & crmask).sum() / crmask.sum():.3f} recovered)",
-                 t_c, w_c))
+    rows.append(
+        (f"procsky cosmic rays ({cr.n_pixels} px, {(cr.mask & crmask).sum() / crmask.sum():.3f} recovered)", t_c, w_c)
+    )
     res, t_f, w_f = cpu(process_arrays, img, var, psf_fwhm=args.fwhm)
-    rows.append((f"procsky process_arrays (bkg x2, CR, detect x2, measure, PSF fit, CR tests, PSF fluxes; "
-                 f"FWHM {res.psf_info.get('fwhm_px', float('nan')):.3f})", t_f, w_f))
+    rows.append(
+        (
+            f"procsky process_arrays (bkg x2, CR, detect x2, measure, PSF fit, CR tests, PSF fluxes; "
+            f"FWHM {res.psf_info.get('fwhm_px', float('nan')):.3f})",
+            t_f,
+            w_f,
+        )
+    )
 
     peers = {}
     try:
@@ -72,10 +80,12 @@ def main():
     try:
         import astroscrappy
 
-        (m, _), t_a, w_a = cpu(astroscrappy.detect_cosmics, img, invar=var, sigclip=4.5, objlim=5.0, gain=1.0,
-                               readnoise=5.0, satlevel=1e9)
-        rows.append((f"astroscrappy detect_cosmics ({m.sum()} px, {(m & crmask).sum() / crmask.sum():.3f} recovered)",
-                     t_a, w_a))
+        (m, _), t_a, w_a = cpu(
+            astroscrappy.detect_cosmics, img, invar=var, sigclip=4.5, objlim=5.0, gain=1.0, readnoise=5.0, satlevel=1e9
+        )
+        rows.append(
+            (f"astroscrappy detect_cosmics ({m.sum()} px, {(m & crmask).sum() / crmask.sum():.3f} recovered)", t_a, w_a)
+        )
         peers["astroscrappy"] = t_a
     except ImportError:
         print("astroscrappy not installed: pip install astroscrappy")

@@ -84,13 +84,19 @@ def main():
     fwhm_px = float(yaml.safe_load((out / "recipe.yaml").read_text())["seeing"]["median_fwhm"]) / 0.2
 
     # Warm up numba (compiled code is cached on disk; loading it is not what we time).
-    calibrate_exposure(exp[: 1024, : 1024].compute(), refcat)
+    calibrate_exposure(exp[:1024, :1024].compute(), refcat)
 
     rows = []
     (calexp, src, summary), t_cal, w_cal = cpu(calibrate_exposure, exp, refcat)
-    rows.append((f"procsky calibrate_exposure ({summary['n_sources']} sources, PSF FWHM "
-                 f"{summary['psf_fwhm_arcsec']:.3f}\", astrometry {summary.get('astrometry_status', '?')}, "
-                 f"zp {summary['zero_point']:.3f})", t_cal, w_cal))
+    rows.append(
+        (
+            f"procsky calibrate_exposure ({summary['n_sources']} sources, PSF FWHM "
+            f'{summary["psf_fwhm_arcsec"]:.3f}", astrometry {summary.get("astrometry_status", "?")}, '
+            f"zp {summary['zero_point']:.3f})",
+            t_cal,
+            w_cal,
+        )
+    )
 
     image = np.asarray(exp.image, dtype=np.float64)
     variance = np.asarray(exp.variance, dtype=np.float64)
@@ -112,8 +118,16 @@ def main():
     try:
         import astroscrappy
 
-        (m, _), t_a, w_a = cpu(astroscrappy.detect_cosmics, image.astype(np.float32), invar=variance.astype(np.float32),
-                               sigclip=4.5, objlim=5.0, gain=1.0, readnoise=5.0, satlevel=1e9)
+        (m, _), t_a, w_a = cpu(
+            astroscrappy.detect_cosmics,
+            image.astype(np.float32),
+            invar=variance.astype(np.float32),
+            sigclip=4.5,
+            objlim=5.0,
+            gain=1.0,
+            readnoise=5.0,
+            satlevel=1e9,
+        )
         rows.append((f"astroscrappy detect_cosmics ({int(m.sum())} px)", t_a, w_a))
         peers["astroscrappy"] = t_a
     except ImportError:
@@ -136,22 +150,61 @@ def main():
         if "SNR_WIN" not in params:
             params += "\nSNR_WIN\n"
         (work / "prepsfex.param").write_text(params)
-        t_x, w_x = child_cpu([
-            sex, "image.fits", "-c", str(PSFEX_SHARE / "prepsfex.sex"),
-            "-PARAMETERS_NAME", "prepsfex.param",
-            "-FILTER_NAME", str(SEX_SHARE / "default.conv"),
-            "-STARNNW_NAME", str(SEX_SHARE / "default.nnw"),
-            "-CATALOG_NAME", "image.ldac", "-CATALOG_TYPE", "FITS_LDAC",
-            "-WEIGHT_TYPE", "MAP_VAR", "-WEIGHT_IMAGE", "variance.fits",
-            "-DETECT_THRESH", "5", "-ANALYSIS_THRESH", "5", "-GAIN", str(gain),
-            "-SEEING_FWHM", f"{fwhm_px * 0.2:.3f}", "-BACK_SIZE", "128",
-            "-VERBOSE_TYPE", "QUIET",
-        ], work)
+        t_x, w_x = child_cpu(
+            [
+                sex,
+                "image.fits",
+                "-c",
+                str(PSFEX_SHARE / "prepsfex.sex"),
+                "-PARAMETERS_NAME",
+                "prepsfex.param",
+                "-FILTER_NAME",
+                str(SEX_SHARE / "default.conv"),
+                "-STARNNW_NAME",
+                str(SEX_SHARE / "default.nnw"),
+                "-CATALOG_NAME",
+                "image.ldac",
+                "-CATALOG_TYPE",
+                "FITS_LDAC",
+                "-WEIGHT_TYPE",
+                "MAP_VAR",
+                "-WEIGHT_IMAGE",
+                "variance.fits",
+                "-DETECT_THRESH",
+                "5",
+                "-ANALYSIS_THRESH",
+                "5",
+                "-GAIN",
+                str(gain),
+                "-SEEING_FWHM",
+                f"{fwhm_px * 0.2:.3f}",
+                "-BACK_SIZE",
+                "128",
+                "-VERBOSE_TYPE",
+                "QUIET",
+            ],
+            work,
+        )
         rows.append(("SExtractor (PSFEx preparation run: background, detection, apertures, vignets)", t_x, w_x))
-        t_p, w_p = child_cpu([
-            psfex, "image.ldac", "-c", str(PSFEX_SHARE / "default.psfex"), "-PSFVAR_DEGREES", "2",
-            "-CHECKPLOT_TYPE", "NONE", "-CHECKIMAGE_TYPE", "NONE", "-WRITE_XML", "N", "-VERBOSE_TYPE", "QUIET",
-        ], work)
+        t_p, w_p = child_cpu(
+            [
+                psfex,
+                "image.ldac",
+                "-c",
+                str(PSFEX_SHARE / "default.psfex"),
+                "-PSFVAR_DEGREES",
+                "2",
+                "-CHECKPLOT_TYPE",
+                "NONE",
+                "-CHECKIMAGE_TYPE",
+                "NONE",
+                "-WRITE_XML",
+                "N",
+                "-VERBOSE_TYPE",
+                "QUIET",
+            ],
+            work,
+        )
         rows.append(("PSFEx (polynomial degree 2)", t_p, w_p))
         peers["sextractor+psfex"] = t_x + t_p
     else:

@@ -46,15 +46,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_coadd import make_stars, measure, render_gaussians
-
 from procsky.coadd import CoaddConfig, build_coadd
-from procsky.warp import WarpConfig
 from procsky.exposure import Exposure, VisitInfo
 from procsky.photocalib import PhotoCalib
 from procsky.psf import GaussianPsf
 from procsky.skymap import discrete_skymap
+from procsky.warp import WarpConfig
 from procsky.wcs import wcs_from_cards
+from test_coadd import make_stars, measure, render_gaussians
 
 RA0, DEC0 = 150.0, 2.0
 
@@ -65,12 +64,20 @@ def make_visits(n, size, stars, seed=0):
         rng = np.random.default_rng(seed * 1000 + k)
         th = math.radians(rng.uniform(0, 360))
         s = 0.26 / 3600
-        cards = [("CTYPE1", "RA---TAN", ""), ("CTYPE2", "DEC--TAN", ""),
-                 ("CRVAL1", RA0 + rng.uniform(-5, 5) / 3600, ""), ("CRVAL2", DEC0 + rng.uniform(-5, 5) / 3600, ""),
-                 ("CRPIX1", size / 2 + 0.5, ""), ("CRPIX2", size / 2 + 0.5, ""),
-                 ("CD1_1", -s * math.cos(th), ""), ("CD1_2", s * math.sin(th), ""),
-                 ("CD2_1", s * math.sin(th), ""), ("CD2_2", s * math.cos(th), ""),
-                 ("CUNIT1", "deg", ""), ("CUNIT2", "deg", "")]
+        cards = [
+            ("CTYPE1", "RA---TAN", ""),
+            ("CTYPE2", "DEC--TAN", ""),
+            ("CRVAL1", RA0 + rng.uniform(-5, 5) / 3600, ""),
+            ("CRVAL2", DEC0 + rng.uniform(-5, 5) / 3600, ""),
+            ("CRPIX1", size / 2 + 0.5, ""),
+            ("CRPIX2", size / 2 + 0.5, ""),
+            ("CD1_1", -s * math.cos(th), ""),
+            ("CD1_2", s * math.sin(th), ""),
+            ("CD2_1", s * math.sin(th), ""),
+            ("CD2_2", s * math.cos(th), ""),
+            ("CUNIT1", "deg", ""),
+            ("CUNIT2", "deg", ""),
+        ]
         wcs = wcs_from_cards(cards, (size, size))
         x, y = wcs.world_to_pixel_values(stars[0], stars[1])
         cal = PhotoCalib(10 ** (-0.4 * (rng.uniform(27, 28) - 31.4)))
@@ -78,8 +85,16 @@ def make_visits(n, size, stars, seed=0):
         img = render_gaussians((size, size), x, y, stars[2] / cal.calibration, psf.sigma)
         var = np.full((size, size), rng.uniform(4, 8) ** 2) + np.maximum(img, 0) / 4
         img = img + rng.normal(size=img.shape) * np.sqrt(var)
-        out.append(Exposure(img.astype(np.float32), var.astype(np.float32), wcs_cards=cards, psf=psf,
-                            photocalib=cal, visit_info=VisitInfo(band="r", visit=k)))
+        out.append(
+            Exposure(
+                img.astype(np.float32),
+                var.astype(np.float32),
+                wcs_cards=cards,
+                psf=psf,
+                photocalib=cal,
+                visit_info=VisitInfo(band="r", visit=k),
+            )
+        )
     return out
 
 
@@ -107,8 +122,7 @@ def run_swarp(visits, patch, work: Path):
         for key, val, com in v.wcs_cards:
             h[key] = (val, com)
         fits.writeto(work / f"v{k}.fits", (v.image * cal).astype(np.float32), h, overwrite=True)
-        fits.writeto(work / f"v{k}.weight.fits", (1.0 / (v.variance * cal * cal)).astype(np.float32), h,
-                     overwrite=True)
+        fits.writeto(work / f"v{k}.weight.fits", (1.0 / (v.variance * cal * cal)).astype(np.float32), h, overwrite=True)
         names.append(str(work / f"v{k}.fits"))
     head = fits.Header()
     head["NAXIS"] = 2
@@ -116,11 +130,38 @@ def run_swarp(visits, patch, work: Path):
     for key, val, com in patch.wcs_cards:
         head[key] = (val, com)
     (work / "coadd.head").write_text(head.tostring(sep="\n", endcard=True) + "\n")
-    cmd = ["/usr/bin/SWarp", *names, "-IMAGEOUT_NAME", str(work / "coadd.fits"),
-           "-WEIGHTOUT_NAME", str(work / "coadd.weight.fits"), "-RESAMPLING_TYPE", "LANCZOS3",
-           "-COMBINE_TYPE", "WEIGHTED", "-WEIGHT_TYPE", "MAP_WEIGHT", "-WEIGHT_SUFFIX", ".weight.fits",
-           "-SUBTRACT_BACK", "N", "-FSCALASTRO_TYPE", "FIXED", "-RESAMPLE_DIR", str(work), "-NTHREADS", "1",
-           "-WRITE_XML", "N", "-VERBOSE_TYPE", "QUIET", "-COPY_KEYWORDS", "", "-CENTER_TYPE", "MANUAL"]
+    cmd = [
+        "/usr/bin/SWarp",
+        *names,
+        "-IMAGEOUT_NAME",
+        str(work / "coadd.fits"),
+        "-WEIGHTOUT_NAME",
+        str(work / "coadd.weight.fits"),
+        "-RESAMPLING_TYPE",
+        "LANCZOS3",
+        "-COMBINE_TYPE",
+        "WEIGHTED",
+        "-WEIGHT_TYPE",
+        "MAP_WEIGHT",
+        "-WEIGHT_SUFFIX",
+        ".weight.fits",
+        "-SUBTRACT_BACK",
+        "N",
+        "-FSCALASTRO_TYPE",
+        "FIXED",
+        "-RESAMPLE_DIR",
+        str(work),
+        "-NTHREADS",
+        "1",
+        "-WRITE_XML",
+        "N",
+        "-VERBOSE_TYPE",
+        "QUIET",
+        "-COPY_KEYWORDS",
+        "",
+        "-CENTER_TYPE",
+        "MANUAL",
+    ]
     c0, w0 = os.times(), time.perf_counter()
     subprocess.run(cmd, check=True, cwd=work, capture_output=True)
     c1 = os.times()
@@ -138,9 +179,15 @@ def run_reproject(visits, patch):
 
     data = [((v.image * v.photocalib.calibration).astype(np.float64), v.wcs) for v in visits]
     weights = [1.0 / (v.variance.astype(np.float64) * v.photocalib.calibration**2) for v in visits]
-    out, foot = reproject_and_coadd(data, patch.wcs, shape_out=patch.shape, input_weights=weights,
-                                    reproject_function=reproject_interp, combine_function="mean",
-                                    order="bicubic")
+    out, foot = reproject_and_coadd(
+        data,
+        patch.wcs,
+        shape_out=patch.shape,
+        input_weights=weights,
+        reproject_function=reproject_interp,
+        combine_function="mean",
+        order="bicubic",
+    )
     out = out * (0.2 / 0.26) ** 2  # surface brightness -> flux per output pixel
     out[foot == 0] = np.nan
     return out
@@ -154,8 +201,13 @@ def run_mode(mode, folder: Path, n, patch_inner, reject):
 
     from procsky.warp import warp_exposure
 
-    sm = discrete_skymap([(RA0, DEC0)], radius=patch_inner * 0.2 / 3600 / 2 * 0.999, patch_inner=patch_inner,
-                         patch_border=50, name="bench")
+    sm = discrete_skymap(
+        [(RA0, DEC0)],
+        radius=patch_inner * 0.2 / 3600 / 2 * 0.999,
+        patch_inner=patch_inner,
+        patch_border=50,
+        name="bench",
+    )
     patch = sm.patch(0, 0)
     wcfg = WarpConfig(chunk=512)
     cfg = CoaddConfig(reject_artifacts=reject, warp=wcfg)
@@ -175,9 +227,14 @@ def run_mode(mode, folder: Path, n, patch_inner, reject):
             lazy = build_coadd(calexps, patch, config=cfg, inputs_are_warps=False)
         lazy.write(folder / f"coadd-{mode}.zarr")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"mode": mode, "wall": wall, "cpu": cpu, "warp_wall": t_warp,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-            "npix": patch.shape[0] * patch.shape[1]}
+    return {
+        "mode": mode,
+        "wall": wall,
+        "cpu": cpu,
+        "warp_wall": t_warp,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "npix": patch.shape[0] * patch.shape[1],
+    }
 
 
 def main_modes(args):
@@ -189,14 +246,26 @@ def main_modes(args):
         stars = make_stars(args.stars, seed=2, half=half, fmin=1e5, fmax=3e6)
         for k, v in enumerate(make_visits(args.visits, args.size, stars)):
             v.write(work / f"calexp{k}.zarr", chunks=512)
-        print(f"{args.visits} calexps of {args.size}x{args.size} px on disk (Zarr) -> patch of {args.patch + 100} px "
-              f"(chunks 512, dask synchronous, artifact rejection {'on' if args.reject else 'off'}); "
-              "each mode in its own process")
+        print(
+            f"{args.visits} calexps of {args.size}x{args.size} px on disk (Zarr) -> patch of {args.patch + 100} px "
+            f"(chunks 512, dask synchronous, artifact rejection {'on' if args.reject else 'off'}); "
+            "each mode in its own process"
+        )
         print(f"{'mode':14s} {'wall s':>8s} {'cpu s':>8s} {'of which warps s':>17s} {'peak RSS MB':>12s}")
         results = {}
         for mode in ("on-the-fly", "intermediate"):
-            cmd = [sys.executable, __file__, "--run-mode", mode, "--folder", str(work), "--visits", str(args.visits),
-                   "--patch", str(args.patch)] + (["--reject"] if args.reject else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--run-mode",
+                mode,
+                "--folder",
+                str(work),
+                "--visits",
+                str(args.visits),
+                "--patch",
+                str(args.patch),
+            ] + (["--reject"] if args.reject else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             r = json.loads(out)
             results[mode] = r
@@ -204,8 +273,10 @@ def main_modes(args):
         a = Exposure.read(work / "coadd-on-the-fly.zarr").image.compute()
         b = Exposure.read(work / "coadd-intermediate.zarr").image.compute()
         ok = np.isfinite(a) & np.isfinite(b)
-        print(f"max |difference| between the two coadds: {np.max(np.abs(a[ok] - b[ok])):.3g} nJy "
-              f"(coadd pixel rms {1.4826 * np.median(np.abs(a[ok])):.3g} nJy)")
+        print(
+            f"max |difference| between the two coadds: {np.max(np.abs(a[ok] - b[ok])):.3g} nJy "
+            f"(coadd pixel rms {1.4826 * np.median(np.abs(a[ok])):.3g} nJy)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -217,8 +288,8 @@ def main():
     ap.add_argument("--run-mode", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--visits", type=int, default=8)
-    ap.add_argument("--size", type=int, default=1500, help="visit side, pixels (0.26\"/px)")
-    ap.add_argument("--patch", type=int, default=1800, help="patch inner side, pixels (0.2\"/px)")
+    ap.add_argument("--size", type=int, default=1500, help='visit side, pixels (0.26"/px)')
+    ap.add_argument("--patch", type=int, default=1800, help='patch inner side, pixels (0.2"/px)')
     ap.add_argument("--stars", type=int, default=400)
     args = ap.parse_args()
     if args.run_mode:
@@ -232,8 +303,9 @@ def main():
     half = args.patch * 0.2 / 2 * 0.8
     stars = make_stars(args.stars, seed=2, half=half, fmin=1e5, fmax=3e6)
     visits = make_visits(args.visits, args.size, stars)
-    sm = discrete_skymap([(RA0, DEC0)], radius=args.patch * 0.2 / 3600 / 2 * 0.999, patch_inner=args.patch,
-                         patch_border=50, name="bench")
+    sm = discrete_skymap(
+        [(RA0, DEC0)], radius=args.patch * 0.2 / 3600 / 2 * 0.999, patch_inner=args.patch, patch_border=50, name="bench"
+    )
     patch = sm.patch(0, 0)
     npix = patch.shape[0] * patch.shape[1]
     # Warm-up (numba cache load) on a tiny problem.
@@ -257,8 +329,10 @@ def main():
     rp, w, c = timed(lambda: run_reproject(visits, patch))
     rows["reproject_and_coadd (bicubic)"] = (rp, w, c)
 
-    print(f"{args.visits} visits of {args.size}x{args.size} px -> patch {patch.shape[1]}x{patch.shape[0]} px "
-          f"({npix / 1e6:.2f} Mpix)")
+    print(
+        f"{args.visits} visits of {args.size}x{args.size} px -> patch {patch.shape[1]}x{patch.shape[0]} px "
+        f"({npix / 1e6:.2f} Mpix)"
+    )
     base = rows["procsky (mean)"][1]
     print(f"{'tool':45s} {'wall s':>8s} {'cpu s':>8s} {'Mpix/s':>8s} {'wall / procsky':>15s}")
     for name, (_, w, c) in rows.items():
@@ -272,17 +346,21 @@ def main():
         f, xw, yw, _ = measure(img, x, y)
         meas[name] = (f, xw, yw)
     ok = np.ones(len(x), bool)
-    for name, (img, _, _) in rows.items():
-        ix, iy = np.clip(np.round(x).astype(int), 0, patch.shape[1] - 1), np.clip(np.round(y).astype(int), 0,
-                                                                                   patch.shape[0] - 1)
+    for _name, (img, _, _) in rows.items():
+        ix, iy = (
+            np.clip(np.round(x).astype(int), 0, patch.shape[1] - 1),
+            np.clip(np.round(y).astype(int), 0, patch.shape[0] - 1),
+        )
         ok &= np.isfinite(img[iy, ix]) & (x > 15) & (y > 15) & (x < patch.shape[1] - 15) & (y < patch.shape[0] - 15)
     print(f"  {ok.sum()} stars")
     for name, (f, xw, yw) in meas.items():
         r = f[ok] / flux[ok]
         d = np.hypot(xw - x, yw - y)[ok] * 200
         mad = 1.4826 * np.median(np.abs(r - np.median(r)))
-        print(f"  {name:45s} flux/truth median {np.median(r):.5f} (scatter {mad:.4f});"
-              f" centroid offset median {np.median(d):.2f} mas")
+        print(
+            f"  {name:45s} flux/truth median {np.median(r):.5f} (scatter {mad:.4f});"
+            f" centroid offset median {np.median(d):.2f} mas"
+        )
     if sw is not None:
         sname = "SWarp 2.41 (LANCZOS3, WEIGHTED)"
         for name, (f, _, _) in meas.items():
@@ -291,9 +369,11 @@ def main():
                 print(f"  {name:45s} flux / SWarp median {np.median(r):.5f}")
         both = np.isfinite(ours) & np.isfinite(sw)
         diff = (ours - sw)[both]
-        print(f"\npixel difference procsky - SWarp: median {np.median(diff):.3g} nJy, robust rms "
-              f"{1.4826 * np.median(np.abs(diff - np.median(diff))):.3g} nJy (coadd noise rms "
-              f"{np.nanmedian(np.abs(ours)) * 1.4826:.3g} nJy)")
+        print(
+            f"\npixel difference procsky - SWarp: median {np.median(diff):.3g} nJy, robust rms "
+            f"{1.4826 * np.median(np.abs(diff - np.median(diff))):.3g} nJy (coadd noise rms "
+            f"{np.nanmedian(np.abs(ours)) * 1.4826:.3g} nJy)"
+        )
 
 
 if __name__ == "__main__":

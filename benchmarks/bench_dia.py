@@ -42,8 +42,14 @@ def make_difference(size=2048, n_dia=200, dipole_fraction=0.3, seed=7, sep=(0.3,
     from procsky.diffim import SubtractionConfig, _render_star, simulate_pair, subtract_images
 
     scale = (size / 2048.0) ** 2
-    sci, tpl, truth = simulate_pair((size, size), n_stars=int(4000 * scale), seeing_science=(2.0, 2.4),
-                                    seeing_template=1.5, seed=seed, star_flux=(300.0, 1e5))
+    sci, tpl, truth = simulate_pair(
+        (size, size),
+        n_stars=int(4000 * scale),
+        seeing_science=(2.0, 2.4),
+        seeing_template=1.5,
+        seed=seed,
+        star_flux=(300.0, 1e5),
+    )
     rng = np.random.default_rng(seed + 1)
     ny, nx = sci.image.shape
     img = sci.image.astype(np.float64)
@@ -97,21 +103,34 @@ def main(argv=None):
     ap.add_argument("--n-dia", type=int, default=200)
     ap.add_argument("--dipole-fraction", type=float, default=0.3)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--scipy", type=int, default=0, metavar="N",
-                    help="also time the former scipy dipole fit on the first N recorded dipoles (slow: ~s each)")
+    ap.add_argument(
+        "--scipy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time the former scipy dipole fit on the first N recorded dipoles (slow: ~s each)",
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile one run of detect_dia_sources")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--sep", type=float, nargs=2, default=(0.3, 1.3), metavar=("MIN", "MAX"),
-                    help="dipole separations in science FWHM (pairs beyond DiaConfig.dipole_radius = 1.5 FWHM "
-                         "are measured as two sources)")
+    ap.add_argument(
+        "--sep",
+        type=float,
+        nargs=2,
+        default=(0.3, 1.3),
+        metavar=("MIN", "MAX"),
+        help="dipole separations in science FWHM (pairs beyond DiaConfig.dipole_radius = 1.5 FWHM "
+        "are measured as two sources)",
+    )
     args = ap.parse_args(argv)
 
     import procsky.diffim.dia as dm
 
     t0 = time.perf_counter()
     diff, rows = make_difference(args.size, args.n_dia, args.dipole_fraction, args.seed, tuple(args.sep))
-    print(f"simulated + subtracted {args.size}x{args.size} in {time.perf_counter() - t0:.1f} s wall; "
-          f"PSF of the difference: {type(diff.psf).__name__} size {diff.psf.size}")
+    print(
+        f"simulated + subtracted {args.size}x{args.size} in {time.perf_counter() - t0:.1f} s wall; "
+        f"PSF of the difference: {type(diff.psf).__name__} size {diff.psf.size}"
+    )
 
     # warm-up (numba compilation / cache load), recording the dipole-fit calls
     calls = []
@@ -142,12 +161,13 @@ def main(argv=None):
         orig(*a, **k)
     t_dip = (time.process_time() - t) / max(len(calls), 1)
     t = time.process_time()
-    for a, k in calls:
+    for a, _k in calls:
         # the build _dipole_fit does (same crop)
         xp, yp, xn, yn, xy0, half = a[5:11]
         reach = half + int(math.ceil(0.5 * math.hypot(xp - xn, yp - yn))) + 3
-        dm._oversampled_psf(a[4], xy0[0] + 0.5 * (xp + xn), xy0[1] + 0.5 * (yp + yn),
-                            size=2 * dm._fft_friendly_half(reach) + 1)
+        dm._oversampled_psf(
+            a[4], xy0[0] + 0.5 * (xp + xn), xy0[1] + 0.5 * (yp + yn), size=2 * dm._fft_friendly_half(reach) + 1
+        )
     t_os = (time.process_time() - t) / max(len(calls), 1)
 
     t_old = None
@@ -178,16 +198,18 @@ def main(argv=None):
     print(f"{'DIA sources injected (dipoles)':44s} {f'{len(rows)} ({truth_dip})':>12s}")
     print(f"{'DIA sources found (dipoles, fitted)':44s} {f'{n_src} ({n_dip}, {n_fit})':>12s}")
     if dsep:
-        print(f"{'  matched dipoles: median |d sep| px, |d flux|':44s} "
-              f"{f'{np.median(np.abs(dsep)):.3f} {np.median(np.abs(dflux)):.3f}':>12s}")
-    print(f"{'detect_dia_sources CPU s (median of %d)' % args.repeat:44s} {t_med:12.3f}")
+        print(
+            f"{'  matched dipoles: median |d sep| px, |d flux|':44s} "
+            f"{f'{np.median(np.abs(dsep)):.3f} {np.median(np.abs(dflux)):.3f}':>12s}"
+        )
+    print(f"{f'detect_dia_sources CPU s (median of {args.repeat})':44s} {t_med:12.3f}")
     print(f"{'  runs':44s} {' '.join(f'{x:.2f}' for x in times):>12s}")
     print(f"{'CPU s per 100 DIA sources':44s} {100 * t_med / max(n_src, 1):12.3f}")
     print(f"{'dipole fit CPU ms per dipole (numba LM)':44s} {1e3 * t_dip:12.2f}")
     print(f"{'  of which oversampled PSF build, ms':44s} {1e3 * t_os:12.2f}")
     print(f"{'dipole fits CPU s per image':44s} {t_dip * len(calls):12.3f}")
     if t_old is not None:
-        print(f"{'former scipy fit CPU s per dipole (%d)' % len(sub):44s} {t_old:12.2f}")
+        print(f"{f'former scipy fit CPU s per dipole ({len(sub)})':44s} {t_old:12.2f}")
         print(f"{'  speed-up':44s} {t_old / t_dip:12.0f}x")
         if dchi:
             print(f"{'  chi2 new/old - 1: median, max':44s} {f'{np.median(dchi):+.4f} {max(dchi):+.4f}':>12s}")
@@ -204,11 +226,23 @@ def main(argv=None):
         st.sort_stats("cumulative")
         print()
         print("profile (cumulative s; cProfile overhead included):")
-        names = ("detect_dia_sources", "detect_sources", "windowed_centroid", "_psf_fit", "render", "shift_image",
-                 "_moments", "_stamp_bad_fraction", "_dipole_fit", "_oversampled_psf", "fit_dipole",
-                 "_calibrate_and_locate", "kernel")
+        names = (
+            "detect_dia_sources",
+            "detect_sources",
+            "windowed_centroid",
+            "_psf_fit",
+            "render",
+            "shift_image",
+            "_moments",
+            "_stamp_bad_fraction",
+            "_dipole_fit",
+            "_oversampled_psf",
+            "fit_dipole",
+            "_calibrate_and_locate",
+            "kernel",
+        )
         seen = {}
-        for (fn, line, name), (cc, nc, tt, ct, callers) in st.stats.items():
+        for (fn, _line, name), (_cc, nc, _tt, ct, _callers) in st.stats.items():
             if name in names and ("procsky" in fn or name in ("fit_dipole",)):
                 key = f"{os.path.basename(fn)}:{name}"
                 c, t0_ = seen.get(key, (0, 0.0))

@@ -74,9 +74,16 @@ def run_size(n, threads, seed=1, *, sfft_half_width=None, mem_limit_gb=8.0, spat
 
     scale = (n / 2048.0) ** 2
     t0 = time.time()
-    sci, tpl, truth = simulate_pair((n, n), n_stars=int(5000 * scale), seeing_science=(2.0, 2.6), seeing_template=1.5,
-                                    seed=seed, n_transients=int(50 * scale), transient_flux=(2000.0, 20000.0),
-                                    star_flux=(300.0, 2e5))
+    sci, tpl, truth = simulate_pair(
+        (n, n),
+        n_stars=int(5000 * scale),
+        seeing_science=(2.0, 2.6),
+        seeing_template=1.5,
+        seed=seed,
+        n_transients=int(50 * scale),
+        transient_flux=(2000.0, 20000.0),
+        star_flux=(300.0, 2e5),
+    )
     t_sim = time.time() - t0
     res = {"size": n, "n_stars": int(5000 * scale), "simulate_s": t_sim, "threads": threads}
     print(f"[{n}] simulated in {t_sim:.1f} s", file=sys.stderr, flush=True)
@@ -93,26 +100,33 @@ def run_size(n, threads, seed=1, *, sfft_half_width=None, mem_limit_gb=8.0, spat
             best = np.inf
             for _ in range(2):
                 t = time.time()
-                d, kern, summ = subtract_images(sci, tpl, SubtractionConfig(decorrelate=dec, chunk=1024,
-                                                                              spatial_order=spatial_order),
-                                                 lazy=False)
+                d, kern, summ = subtract_images(
+                    sci, tpl, SubtractionConfig(decorrelate=dec, chunk=1024, spatial_order=spatial_order), lazy=False
+                )
                 best = min(best, time.time() - t)
             res[key] = best
             if dec:
                 diff_d = d
             else:
                 diff_nd = d
-    print(f"[{n}] procsky {res['procsky_s']:.1f} s (decorrelated {res['procsky_decorrelated_s']:.1f} s)",
-          file=sys.stderr, flush=True)
+    print(
+        f"[{n}] procsky {res['procsky_s']:.1f} s (decorrelated {res['procsky_decorrelated_s']:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     import resource
 
     res["procsky_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     ksum = summ["kernel_sum"]
     sigma = np.sqrt(sci.variance + ksum**2 * tpl.variance)
     zstd, zmean, dvals = _stamp_stats(diff_nd.image, sigma, truth)
-    res["procsky"] = {"stamp_z_std": zstd, "stamp_z_mean": zmean,
-                      "stamp_over_sky_std": float(np.std(dvals) / _sky_std(diff_nd.image, truth)),
-                      "kernel_half_width": summ["kernel_half_width"], "n_stamps_used": summ["n_stamps_used"]}
+    res["procsky"] = {
+        "stamp_z_std": zstd,
+        "stamp_z_mean": zmean,
+        "stamp_over_sky_std": float(np.std(dvals) / _sky_std(diff_nd.image, truth)),
+        "kernel_half_width": summ["kernel_half_width"],
+        "n_stamps_used": summ["n_stamps_used"],
+    }
     zstd_d, zmean_d, _ = _stamp_stats(diff_d.image, np.sqrt(diff_d.variance), truth)
     res["procsky_decorrelated"] = {"stamp_z_std": zstd_d, "stamp_z_mean": zmean_d}
     h = summ["kernel_half_width"]
@@ -131,8 +145,16 @@ def run_size(n, threads, seed=1, *, sfft_half_width=None, mem_limit_gb=8.0, spat
         fits.PrimaryHDU(sci.image.astype(np.float64)).writeto(os.path.join(tmp, "sci.fits"))
         sfft_h = h if sfft_half_width is None else sfft_half_width
         res["sfft_kernel_half_width"] = sfft_h
-        cmd = [sys.executable, os.path.abspath(__file__), "--sfft-worker", tmp, str(sfft_h), str(threads),
-               str(mem_limit_gb), str(spatial_order)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--sfft-worker",
+            tmp,
+            str(sfft_h),
+            str(threads),
+            str(mem_limit_gb),
+            str(spatial_order),
+        ]
         t = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         res["sfft_total_s"] = time.time() - t
@@ -145,8 +167,11 @@ def run_size(n, threads, seed=1, *, sfft_half_width=None, mem_limit_gb=8.0, spat
             res.update(json.load(f))
         sdiff = fits.getdata(os.path.join(tmp, "diff.fits")).astype(np.float64)
     zstd_s, zmean_s, svals = _stamp_stats(sdiff, sigma, truth)
-    res["sfft"] = {"stamp_z_std": zstd_s, "stamp_z_mean": zmean_s,
-                   "stamp_over_sky_std": float(np.std(svals) / _sky_std(sdiff, truth))}
+    res["sfft"] = {
+        "stamp_z_std": zstd_s,
+        "stamp_z_mean": zmean_s,
+        "stamp_over_sky_std": float(np.std(svals) / _sky_std(sdiff, truth)),
+    }
     return res
 
 
@@ -165,17 +190,31 @@ def _sfft_worker(tmp, half_width, threads, mem_limit_gb, spatial_order):
     buf = io.StringIO()
     t = time.time()
     with contextlib.redirect_stdout(buf):
-        Customized_Packet.CP(FITS_REF=ref, FITS_SCI=sci, FITS_mREF=ref, FITS_mSCI=sci, ForceConv="REF",
-                             GKerHW=int(half_width), FITS_DIFF=diff, KerPolyOrder=int(spatial_order), BGPolyOrder=1,
-                             ConstPhotRatio=False, BACKEND_4SUBTRACT="Numpy",
-                             NUM_CPU_THREADS_4SUBTRACT=int(threads), VERBOSE_LEVEL=1)
+        Customized_Packet.CP(
+            FITS_REF=ref,
+            FITS_SCI=sci,
+            FITS_mREF=ref,
+            FITS_mSCI=sci,
+            ForceConv="REF",
+            GKerHW=int(half_width),
+            FITS_DIFF=diff,
+            KerPolyOrder=int(spatial_order),
+            BGPolyOrder=1,
+            ConstPhotRatio=False,
+            BACKEND_4SUBTRACT="Numpy",
+            NUM_CPU_THREADS_4SUBTRACT=int(threads),
+            VERBOSE_LEVEL=1,
+        )
     wall = time.time() - t
     text = buf.getvalue()
     comp = re.search(r"Compilations of SFFT-SUBTRACTION TAKES \[([0-9.]+) s\]", text)
     sub = re.search(r"Report: SFFT-SUBTRACTION TAKES \[([0-9.]+) s\]", text)
-    info = {"sfft_wall_s": wall, "sfft_compile_s": float(comp.group(1)) if comp else None,
-            "sfft_s": float(sub.group(1)) if sub else wall,
-            "sfft_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    info = {
+        "sfft_wall_s": wall,
+        "sfft_compile_s": float(comp.group(1)) if comp else None,
+        "sfft_s": float(sub.group(1)) if sub else wall,
+        "sfft_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
     with open(os.path.join(tmp, "info.json"), "w") as f:
         json.dump(info, f)
 
@@ -185,11 +224,19 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/bench_diffim.json")
-    ap.add_argument("--sfft-half-width", type=int, default=None,
-                    help="SFFT kernel half-width (default: procsky's, from the PSF widths)")
+    ap.add_argument(
+        "--sfft-half-width",
+        type=int,
+        default=None,
+        help="SFFT kernel half-width (default: procsky's, from the PSF widths)",
+    )
     ap.add_argument("--mem-limit-gb", type=float, default=8.0, help="address-space limit of the SFFT process")
-    ap.add_argument("--spatial-order", type=int, default=2,
-                    help="kernel spatial polynomial order of both tools (SFFT's KerPolyOrder)")
+    ap.add_argument(
+        "--spatial-order",
+        type=int,
+        default=2,
+        help="kernel spatial polynomial order of both tools (SFFT's KerPolyOrder)",
+    )
     ap.add_argument("--no-sfft", action="store_true", help="time procsky only")
     ap.add_argument("--sfft-worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -199,8 +246,14 @@ def main(argv=None):
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     results = []
     for n in args.sizes:
-        r = run_size(n, args.threads, sfft_half_width=args.sfft_half_width, mem_limit_gb=args.mem_limit_gb,
-                     spatial_order=args.spatial_order, sfft=not args.no_sfft)
+        r = run_size(
+            n,
+            args.threads,
+            sfft_half_width=args.sfft_half_width,
+            mem_limit_gb=args.mem_limit_gb,
+            spatial_order=args.spatial_order,
+            sfft=not args.no_sfft,
+        )
         r["spatial_order"] = args.spatial_order
         if "sfft_s" in r:
             r["time_ratio_sfft_over_procsky"] = r["sfft_s"] / r["procsky_s"]

@@ -83,6 +83,7 @@ def main(argv=None):
     import distributed
 
     from procsky.pipeline import DaskExecutor, Pipeline, build_graph
+
     sys.path.insert(0, str(TESTS))
     import toytasks as toy
     from procsky.repo import Repo
@@ -90,17 +91,44 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="procsky-bench-"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]), OMP_NUM_THREADS="1")
     sched_file = tmp / "scheduler.json"
-    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", "0",
-                              "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sched = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--port",
+            "0",
+            "--dashboard-address",
+            ":0",
+            "--scheduler-file",
+            str(sched_file),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     workers = None
     try:
         while not sched_file.exists():
             time.sleep(0.1)
-        workers = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
-                                    "--scheduler-file", str(sched_file), "--nworkers", str(args.workers),
-                                    "--nthreads", "1", "--memory-limit", "2GiB"],
-                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        workers = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                "--scheduler-file",
+                str(sched_file),
+                "--nworkers",
+                str(args.workers),
+                "--nthreads",
+                "1",
+                "--memory-limit",
+                "2GiB",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         client = distributed.Client(scheduler_file=str(sched_file))
         client.wait_for_workers(args.workers, timeout=120)
         sampler = Sampler({"driver": os.getpid(), "scheduler": sched.pid})

@@ -39,8 +39,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="/tmp/bench_sim")
-    ap.add_argument("--full", action="append", default=[], choices=["small", "medium"],
-                    help="run this recipe in full instead of estimating it from a subset")
+    ap.add_argument(
+        "--full",
+        action="append",
+        default=[],
+        choices=["small", "medium"],
+        help="run this recipe in full instead of estimating it from a subset",
+    )
     ap.add_argument("--skip-tiny", action="store_true")
     args = ap.parse_args(argv)
     from procsky.sim import load_recipe
@@ -55,8 +60,10 @@ def main(argv=None):
             # process_time() is per process: with threads it counts the other threads too
             cpu = "n/a" if sched == "threads" else f"{_run.cpu:.1f}"
             results[f"tiny_{sched}_image_cpu_s"] = None if sched == "threads" else round(_run.cpu, 2)
-            print(f"tiny ({n} images of 512x512), {sched:9s} x{args.workers}: {secs:6.1f} s wall, "
-                  f"{cpu} CPU-s in image tasks (measured)")
+            print(
+                f"tiny ({n} images of 512x512), {sched:9s} x{args.workers}: {secs:6.1f} s wall, "
+                f"{cpu} CPU-s in image tasks (measured)"
+            )
         speedup = results["tiny_sync_s"] / results["tiny_processes_s"]
         results["processes_speedup"] = round(speedup, 2)
         results["threads_speedup"] = round(results["tiny_sync_s"] / results["tiny_threads_s"], 2)
@@ -74,18 +81,22 @@ def main(argv=None):
         cpu_per_image = _run.cpu / n
         results[f"{name}_cpu_per_image_s"] = round(cpu_per_image, 2)
         results[f"{name}_estimated_image_cpu_total_s"] = round(cpu_per_image * n_total, 0)
-        print(f"{name}: {cpu_per_image:.1f} CPU-s per image (measured on {n}) => {cpu_per_image * n_total / 60:.0f} "
-              f"CPU-min for all {n_total} images, ~{cpu_per_image * n_total / 60 / args.workers:.0f} min on "
-              f"{args.workers} free cores (estimated)")
+        print(
+            f"{name}: {cpu_per_image:.1f} CPU-s per image (measured on {n}) => {cpu_per_image * n_total / 60:.0f} "
+            f"CPU-min for all {n_total} images, ~{cpu_per_image * n_total / 60 / args.workers:.0f} min on "
+            f"{args.workers} free cores (estimated)"
+        )
         per_image = max(some - one, 1e-3) / (n - 1)
         fixed = max(one - per_image, 0.0)
         est = fixed + per_image * n_total / speedup
         results[f"{name}_per_image_s"] = round(per_image, 2)
         results[f"{name}_fixed_s"] = round(fixed, 1)
         results[f"{name}_estimated_total_s"] = round(est, 0)
-        print(f"{name}: {per_image:.1f} s per 2048x2048 image serially (measured on {n}), fixed {fixed:.0f} s; "
-              f"all {n_total} images on {args.workers} processes (speedup {speedup:.2f}): "
-              f"about {est / 60:.0f} min (estimated)")
+        print(
+            f"{name}: {per_image:.1f} s per 2048x2048 image serially (measured on {n}), fixed {fixed:.0f} s; "
+            f"all {n_total} images on {args.workers} processes (speedup {speedup:.2f}): "
+            f"about {est / 60:.0f} min (estimated)"
+        )
     results["load_avg_end"] = os.getloadavg()
     print(json.dumps(results))
 

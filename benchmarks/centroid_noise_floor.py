@@ -50,8 +50,9 @@ def _adaptive_sigma(p, xx, yy):
     return s
 
 
-def floor_table(snrs, scale_arcsec: float, fwhms=(0.6, 0.9, 1.15, 1.3), betas=(3.0, 4.5),
-                optics_arcsec: float = 0.35) -> list[dict]:
+def floor_table(
+    snrs, scale_arcsec: float, fwhms=(0.6, 0.9, 1.15, 1.3), betas=(3.0, 4.5), optics_arcsec: float = 0.35
+) -> list[dict]:
     """One row per (beta, FWHM, S/N): the bound and the windowed centroid's noise over it.
 
     Sky-dominated noise (variance 1 per pixel); the star's own photon noise only lowers the
@@ -77,9 +78,18 @@ def floor_table(snrs, scale_arcsec: float, fwhms=(0.6, 0.9, 1.15, 1.3), betas=(3
                     # fixed point sum(w I dx) = 0: noise of the sum over its derivative in x
                     noise = np.sqrt(np.sum(w**2 * xx**2))
                     ratios.append(noise / abs(flux * np.sum(w * xx * dp)) / crb)
-                rows.append({"beta": beta, "fwhm_arcsec": fwhm_arcsec, "snr": snr,
-                             "snr_optimal": flux * np.sqrt(np.sum(p**2)), "bound_mas": 1000 * scale_arcsec * crb,
-                             "xwin_0.8s": ratios[0], "xwin_1.0s": ratios[1], "xwin_1.2s": ratios[2]})
+                rows.append(
+                    {
+                        "beta": beta,
+                        "fwhm_arcsec": fwhm_arcsec,
+                        "snr": snr,
+                        "snr_optimal": flux * np.sqrt(np.sum(p**2)),
+                        "bound_mas": 1000 * scale_arcsec * crb,
+                        "xwin_0.8s": ratios[0],
+                        "xwin_1.0s": ratios[1],
+                        "xwin_1.2s": ratios[2],
+                    }
+                )
     return rows
 
 
@@ -92,8 +102,10 @@ def main():
 
     t = pd.DataFrame(floor_table([float(v) for v in args.snr.split(",")], args.scale))
     pd.set_option("display.width", 200)
-    print("Cramer-Rao bound per axis, and the windowed centroid's noise as a ratio to it "
-          "(window sigma 0.8 / 1.0 / 1.2 x the adaptive sigma)")
+    print(
+        "Cramer-Rao bound per axis, and the windowed centroid's noise as a ratio to it "
+        "(window sigma 0.8 / 1.0 / 1.2 x the adaptive sigma)"
+    )
     print(t.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 

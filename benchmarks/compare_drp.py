@@ -34,8 +34,26 @@ import numpy as np
 
 RUN = "cmp/drp"
 #: Metadata keys whose values legitimately change between two runs of the same code.
-VOLATILE = ("time", "seconds", "host", "code_version", "version", "created", "pid", "worker", "date",
-            "uuid", "elapsed", "cpu", "memory", "peak", "started", "finished", "run_id", "id")
+VOLATILE = (
+    "time",
+    "seconds",
+    "host",
+    "code_version",
+    "version",
+    "created",
+    "pid",
+    "worker",
+    "date",
+    "uuid",
+    "elapsed",
+    "cpu",
+    "memory",
+    "peak",
+    "started",
+    "finished",
+    "run_id",
+    "id",
+)
 
 
 def make_run(out: Path, recipe: str, detectors, visits, workers: int, radius: float, patch_inner: int) -> None:
@@ -52,13 +70,16 @@ def make_run(out: Path, recipe: str, detectors, visits, workers: int, radius: fl
         shutil.rmtree(out)
     out.mkdir(parents=True)
     t0 = time.time()
-    sim = simulate(recipe, out / "sim", mode="calibrated", workers=workers, detectors=detectors, visits=visits,
-                   progress=False)
+    sim = simulate(
+        recipe, out / "sim", mode="calibrated", workers=workers, detectors=detectors, visits=visits, progress=False
+    )
     repo = Repo.create(out / "repo")
     ingest_files(repo, sorted((out / "sim" / "images").glob("*.fits")), "simcam", run="simcam/raw", progress=False)
     ingest_refcat(repo, [out / "sim" / "refcat" / "refcat.parquet"], name="sim")
     ra, dec = sim.recipe.field.ra, sim.recipe.field.dec
-    register_skymap(repo, discrete_skymap([(ra, dec)], radius=radius, name="default", patch_inner=patch_inner), tracts=True)
+    register_skymap(
+        repo, discrete_skymap([(ra, dec)], radius=radius, name="default", patch_inner=patch_inner), tracts=True
+    )
     print(f"simulated and ingested in {time.time() - t0:.0f} s", flush=True)
     t1 = time.time()
     result = run_pipeline(repo, "drp", where="instrument='simcam'", output=RUN, client=None, progress=False)
@@ -119,7 +140,10 @@ def _cmp_array(a: np.ndarray, b: np.ndarray, name: str, rtol: float) -> tuple[st
     fin = np.isfinite(a) & np.isfinite(b)
     scale = float(np.max(np.abs(a[fin]))) if fin.any() else 1.0
     worst = float(np.max(np.abs(a[fin].astype(np.float64) - b[fin]))) / (scale or 1.0) if fin.any() else 0.0
-    msg = f"{name}: {int((~same).sum())} of {a.size} differ, max |diff|/max|a| = {worst:.2e}, NaN mismatches {nan_mismatch}"
+    msg = (
+        f"{name}: {int((~same).sum())} of {a.size} differ, max |diff|/max|a| = {worst:.2e}, "
+        f"NaN mismatches {nan_mismatch}"
+    )
     return ("close" if worst < rtol and nan_mismatch == 0 else "different"), msg
 
 
@@ -222,8 +246,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "run":
         ids = lambda s: None if s is None else [int(x) for x in s.split(",")]  # noqa: E731
-        make_run(args.out, args.recipe, ids(args.detectors), ids(args.visits), args.workers, args.radius,
-                 args.patch_inner)
+        make_run(
+            args.out, args.recipe, ids(args.detectors), ids(args.visits), args.workers, args.radius, args.patch_inner
+        )
         return 0
     return compare(args.before, args.after, args.rtol)
 

@@ -87,39 +87,47 @@ def evaluate(simdir: Path, visit: int, detectors=None, estimator: str = "median"
         srcs.append(src)
         summaries.append(summary)
         truth.append(m["true_magzero"])
-        rows.append({
-            "det": int(det),
-            "n_src": m["n_src"],
-            "dzp_det_mmag": 1000 * (summary["zero_point"] - m["true_magzero"]),
-            "fwhm_%": 100 * (summary["psf_fwhm_px"] / m["true_gauss_fwhm_px"] - 1),
-            "dT_%": 100 * summary["psf_reserved_dT_median"],
-            "psf_sys_%": 100 * summary.get("psf_flux_sys", np.nan),
-            "a2t_%": 100 * (summary.get("aperture_to_total", np.nan) - 1),
-            "psf_bias_%": 100 * m["psf_flux_bias"],
-            "pull_std": m["pull_std_snr50_500"],
-            "n_bright": m["n_bright"],
-            "astro_med_mas": m["astro_median_mas"],
-            "astro_sc_mas": m["astro_scatter_mas"],
-            "n_astro": m["n_astro"],
-            "astro_sc50_mas": m["astro_scatter_snr50_mas"],
-            "astro_xs50_mas": m["astro_excess_snr50_mas"],
-            "compl_%": 100 * m["completeness_all"],
-            "compl_star_%": 100 * m["completeness_stars"],
-            "spur_%": 100 * m["spurious_fraction"],
-            "n_spur": m["n_spurious"],
-            "cr_%": 100 * m["cr_recovered"],
-            "cr_cores": m["star_cores_flagged_cr"],
-            "cpu_s": cpu,
-        })
+        rows.append(
+            {
+                "det": int(det),
+                "n_src": m["n_src"],
+                "dzp_det_mmag": 1000 * (summary["zero_point"] - m["true_magzero"]),
+                "fwhm_%": 100 * (summary["psf_fwhm_px"] / m["true_gauss_fwhm_px"] - 1),
+                "dT_%": 100 * summary["psf_reserved_dT_median"],
+                "psf_sys_%": 100 * summary.get("psf_flux_sys", np.nan),
+                "a2t_%": 100 * (summary.get("aperture_to_total", np.nan) - 1),
+                "psf_bias_%": 100 * m["psf_flux_bias"],
+                "pull_std": m["pull_std_snr50_500"],
+                "n_bright": m["n_bright"],
+                "astro_med_mas": m["astro_median_mas"],
+                "astro_sc_mas": m["astro_scatter_mas"],
+                "n_astro": m["n_astro"],
+                "astro_sc50_mas": m["astro_scatter_snr50_mas"],
+                "astro_xs50_mas": m["astro_excess_snr50_mas"],
+                "compl_%": 100 * m["completeness_all"],
+                "compl_star_%": 100 * m["completeness_stars"],
+                "spur_%": 100 * m["spurious_fraction"],
+                "n_spur": m["n_spurious"],
+                "cr_%": 100 * m["cr_recovered"],
+                "cr_cores": m["star_cores_flagged_cr"],
+                "cpu_s": cpu,
+            }
+        )
     df = pd.DataFrame(rows)
-    rec = visit_photometric_calibration(srcs, [int(d) for d in detectors], summaries,
-                                        VisitPhotometryConfig(estimator=estimator), visit=visit)
+    rec = visit_photometric_calibration(
+        srcs, [int(d) for d in detectors], summaries, VisitPhotometryConfig(estimator=estimator), visit=visit
+    )
     final = [rec["detectors"][str(int(d))]["zero_point"] for d in detectors]
     df.insert(2, "dzp_mmag", 1000 * (np.asarray(final) - np.asarray(truth)))
     df.insert(3, "offset_mmag", [1000 * rec["detectors"][str(int(d))]["offset"] for d in detectors])
     df.attrs["visit_photocalib"] = rec
-    df.attrs["pooled"] = {"pulls": np.concatenate(pulls), "ratios": np.concatenate(ratios), "dT": np.concatenate(dts),
-                          "astro_pulls": np.concatenate(apulls), "astro_stars": pd.concat(astars, ignore_index=True)}
+    df.attrs["pooled"] = {
+        "pulls": np.concatenate(pulls),
+        "ratios": np.concatenate(ratios),
+        "dT": np.concatenate(dts),
+        "astro_pulls": np.concatenate(apulls),
+        "astro_stars": pd.concat(astars, ignore_index=True),
+    }
     df.attrs["visit"] = visit
     return df
 
@@ -127,22 +135,24 @@ def evaluate(simdir: Path, visit: int, detectors=None, estimator: str = "median"
 def passes(t: pd.DataFrame) -> pd.Series:
     """Pass flags of one visit's table, judged as the slow tests judge them."""
     p = t.attrs["pooled"]
-    return pd.Series({
-        "zero point |dzp| <= 3 mmag (visit-level)": bool((t["dzp_mmag"].abs() <= 3).all()),
-        "PSF FWHM within 1% (per detector)": bool((t["fwhm_%"].abs() <= 1).all()),
-        "held-back |median dT/T| < 1% (visit)": bool(p["dT"].size > 0 and abs(np.median(p["dT"])) < 0.01),
-        "PSF flux |bias| < 0.5% (visit)": bool(abs(np.median(p["ratios"] - 1)) < 0.005),
-        "PSF flux pull std 0.9-1.1 (visit)": bool(0.9 <= np.std(p["pulls"]) <= 1.1),
-        "astrometry >= 3 stars of S/N >= 100 (per detector)": bool((t["n_astro"] >= 3).all()),
-        "astrometry median <= 5 mas (per detector)": bool((t["astro_med_mas"] <= 5).all()),
-        "astrometry scatter <= 10 mas (per detector)": bool((t["astro_sc_mas"] <= 10).all()),
-        "position pull std 0.85-1.2 (visit)": bool(0.85 <= np.std(p["astro_pulls"]) <= 1.2),
-        "completeness >= 95% (S/N >= 10, per detector)": bool((t["compl_%"] >= 95).all()),
-        "spurious < 1% (visit)": bool(t["n_spur"].sum() < 0.01 * t["n_src"].sum()),
-        "spurious < 2% (per detector)": bool((t["spur_%"] < 2).all()),
-        "CR recovered >= 95% (per detector)": bool((t["cr_%"] >= 95).all()),
-        "no star core flagged CR": bool((t["cr_cores"] == 0).all()),
-    })
+    return pd.Series(
+        {
+            "zero point |dzp| <= 3 mmag (visit-level)": bool((t["dzp_mmag"].abs() <= 3).all()),
+            "PSF FWHM within 1% (per detector)": bool((t["fwhm_%"].abs() <= 1).all()),
+            "held-back |median dT/T| < 1% (visit)": bool(p["dT"].size > 0 and abs(np.median(p["dT"])) < 0.01),
+            "PSF flux |bias| < 0.5% (visit)": bool(abs(np.median(p["ratios"] - 1)) < 0.005),
+            "PSF flux pull std 0.9-1.1 (visit)": bool(0.9 <= np.std(p["pulls"]) <= 1.1),
+            "astrometry >= 3 stars of S/N >= 100 (per detector)": bool((t["n_astro"] >= 3).all()),
+            "astrometry median <= 5 mas (per detector)": bool((t["astro_med_mas"] <= 5).all()),
+            "astrometry scatter <= 10 mas (per detector)": bool((t["astro_sc_mas"] <= 10).all()),
+            "position pull std 0.85-1.2 (visit)": bool(0.85 <= np.std(p["astro_pulls"]) <= 1.2),
+            "completeness >= 95% (S/N >= 10, per detector)": bool((t["compl_%"] >= 95).all()),
+            "spurious < 1% (visit)": bool(t["n_spur"].sum() < 0.01 * t["n_src"].sum()),
+            "spurious < 2% (per detector)": bool((t["spur_%"] < 2).all()),
+            "CR recovered >= 95% (per detector)": bool((t["cr_%"] >= 95).all()),
+            "no star core flagged CR": bool((t["cr_cores"] == 0).all()),
+        }
+    )
 
 
 def visit_line(t: pd.DataFrame) -> dict:
@@ -150,16 +160,25 @@ def visit_line(t: pd.DataFrame) -> dict:
     pooled value of each visit-level one."""
     p = t.attrs["pooled"]
     return {
-        "visit": t.attrs["visit"], "ndet": len(t), "dzp_mmag": float(t["dzp_mmag"].abs().max()),
+        "visit": t.attrs["visit"],
+        "ndet": len(t),
+        "dzp_mmag": float(t["dzp_mmag"].abs().max()),
         "fwhm_worst_%": float(t["fwhm_%"].abs().max(skipna=False)),
         "dT_med_%": 100 * float(np.median(p["dT"])) if p["dT"].size else np.nan,
-        "bias_%": 100 * float(np.median(p["ratios"] - 1)), "pull_std": float(np.std(p["pulls"])),
-        "n_astro_min": int(t["n_astro"].min()), "astro_med_max": float(t["astro_med_mas"].max(skipna=False)),
-        "astro_sc_max": float(t["astro_sc_mas"].max(skipna=False)), "astro_sc50_max": float(t["astro_sc50_mas"].max()),
+        "bias_%": 100 * float(np.median(p["ratios"] - 1)),
+        "pull_std": float(np.std(p["pulls"])),
+        "n_astro_min": int(t["n_astro"].min()),
+        "astro_med_max": float(t["astro_med_mas"].max(skipna=False)),
+        "astro_sc_max": float(t["astro_sc_mas"].max(skipna=False)),
+        "astro_sc50_max": float(t["astro_sc50_mas"].max()),
         "astro_xs50_max": float(t["astro_xs50_mas"].max()),
-        "pos_pull_std": float(np.std(p["astro_pulls"])), "compl_min_%": float(t["compl_%"].min()),
-        "spur_visit_%": 100 * float(t["n_spur"].sum() / t["n_src"].sum()), "spur_worst_%": float(t["spur_%"].max()),
-        "cr_min_%": float(t["cr_%"].min()), "cr_cores": int(t["cr_cores"].sum()), "cpu_s": float(t["cpu_s"].sum()),
+        "pos_pull_std": float(np.std(p["astro_pulls"])),
+        "compl_min_%": float(t["compl_%"].min()),
+        "spur_visit_%": 100 * float(t["n_spur"].sum() / t["n_src"].sum()),
+        "spur_worst_%": float(t["spur_%"].max()),
+        "cr_min_%": float(t["cr_%"].min()),
+        "cr_cores": int(t["cr_cores"].sum()),
+        "cpu_s": float(t["cpu_s"].sum()),
         "all_pass": bool(passes(t).all()),
     }
 
@@ -180,12 +199,19 @@ def astrometry_by_snr(stars: pd.DataFrame) -> pd.DataFrame:
         cen = np.r_[b.dx_mas, b.dy_mas]
         err = np.r_[b.err_mas, b.err_mas]
         sky_err = np.r_[b.ra_err_mas, b.dec_err_mas]
-        rows.append({"snr": f"{lo}-{hi}", "n": len(b), "sky_rms_mas": float(np.sqrt(np.mean(sky**2))),
-                     "centroid_rms_mas": float(np.sqrt(np.mean(cen**2))),
-                     "err_rms_mas": float(np.sqrt(np.mean(err**2))),
-                     "sky_pull_std": float(np.std(sky / err)), "centroid_pull_std": float(np.std(cen / err)),
-                     "radec_err_rms_mas": float(np.sqrt(np.mean(sky_err**2))),
-                     "sky_pull_std_radec_err": float(np.std(sky / sky_err))})
+        rows.append(
+            {
+                "snr": f"{lo}-{hi}",
+                "n": len(b),
+                "sky_rms_mas": float(np.sqrt(np.mean(sky**2))),
+                "centroid_rms_mas": float(np.sqrt(np.mean(cen**2))),
+                "err_rms_mas": float(np.sqrt(np.mean(err**2))),
+                "sky_pull_std": float(np.std(sky / err)),
+                "centroid_pull_std": float(np.std(cen / err)),
+                "radec_err_rms_mas": float(np.sqrt(np.mean(sky_err**2))),
+                "sky_pull_std_radec_err": float(np.std(sky / sky_err)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -197,23 +223,29 @@ def report(t: pd.DataFrame, simdir: Path) -> None:
     print(t.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print()
     rec = t.attrs["visit_photocalib"]
-    print(f"visit zero point ({rec['estimator']}): {rec['zero_point']:.4f} +- {1000 * rec['zero_point_err']:.2f} mmag "
-          f"from {rec['n_stars']} of {rec['n_candidates']} stars on {rec['n_detectors']} detectors; rms of calibrate's "
-          f"per-detector dzp {np.sqrt(np.mean(t['dzp_det_mmag'] ** 2)):.2f} mmag; "
-          "aperture-to-total factor of the visit "
-          f"{rec.get('aperture_to_total', 1.0):.4f} +- {rec.get('aperture_to_total_err', float('nan')):.4f}")
+    print(
+        f"visit zero point ({rec['estimator']}): {rec['zero_point']:.4f} +- {1000 * rec['zero_point_err']:.2f} mmag "
+        f"from {rec['n_stars']} of {rec['n_candidates']} stars on {rec['n_detectors']} detectors; rms of calibrate's "
+        f"per-detector dzp {np.sqrt(np.mean(t['dzp_det_mmag'] ** 2)):.2f} mmag; "
+        "aperture-to-total factor of the visit "
+        f"{rec.get('aperture_to_total', 1.0):.4f} +- {rec.get('aperture_to_total_err', float('nan')):.4f}"
+    )
     print()
     print(passes(t).to_string())
     p = t.attrs["pooled"]
     print()
-    print(f"pooled over {len(t)} detectors: PSF-flux pull std (S/N 50-500) {np.std(p['pulls']):.3f} over "
-          f"{p['pulls'].size} stars "
-          f"(1.4826 MAD: {1.4826 * np.median(np.abs(p['pulls'] - np.median(p['pulls']))):.3f}); "
-          f"median PSF-flux bias {100 * np.median(p['ratios'] - 1):+.3f}% over {p['ratios'].size} stars; "
-          f"held-back median dT/T {100 * np.median(p['dT']):+.2f}% over {p['dT'].size} stars; "
-          f"position pull std {np.std(p['astro_pulls']):.3f} over {p['astro_pulls'].size // 2} stars")
-    print(f"spurious: {int(t['n_spur'].sum())} of {int(t['n_src'].sum())} detections "
-          f"({100 * t['n_spur'].sum() / t['n_src'].sum():.2f}%); CPU {t['cpu_s'].sum():.1f} s")
+    print(
+        f"pooled over {len(t)} detectors: PSF-flux pull std (S/N 50-500) {np.std(p['pulls']):.3f} over "
+        f"{p['pulls'].size} stars "
+        f"(1.4826 MAD: {1.4826 * np.median(np.abs(p['pulls'] - np.median(p['pulls']))):.3f}); "
+        f"median PSF-flux bias {100 * np.median(p['ratios'] - 1):+.3f}% over {p['ratios'].size} stars; "
+        f"held-back median dT/T {100 * np.median(p['dT']):+.2f}% over {p['dT'].size} stars; "
+        f"position pull std {np.std(p['astro_pulls']):.3f} over {p['astro_pulls'].size // 2} stars"
+    )
+    print(
+        f"spurious: {int(t['n_spur'].sum())} of {int(t['n_src'].sum())} detections "
+        f"({100 * t['n_spur'].sum() / t['n_src'].sum():.2f}%); CPU {t['cpu_s'].sum():.1f} s"
+    )
     print(flush=True)
 
 
@@ -222,8 +254,9 @@ def main():
     ap.add_argument("simdir", type=Path)
     ap.add_argument("--visit", type=str, default="2", help="a visit, comma-separated visits, or 'all'")
     ap.add_argument("--detectors", type=str, default=None, help="comma-separated (default: all)")
-    ap.add_argument("--estimator", default="median", choices=["median", "weighted_mean"],
-                    help="visit-level zero point estimator")
+    ap.add_argument(
+        "--estimator", default="median", choices=["median", "weighted_mean"], help="visit-level zero point estimator"
+    )
     ap.add_argument("--workers", type=int, default=1, help="visits evaluated in parallel processes")
     args = ap.parse_args()
     dets = [int(v) for v in args.detectors.split(",")] if args.detectors else None

@@ -96,14 +96,19 @@ def main():
                 f = np.sum(st * truth, axis=(1, 2)) / np.sum(st * st, axis=(1, 2))
                 row[name] = 100 * float(np.std(f / np.median(f) - 1))
             rows.append(row)
-            print(f"visit {v} detector {det}: {row['n_candidates']} stars, PSF-flux error rms "
-                  f"pixel {row['pixel']:.2f} %, warp {row['warp']:.2f} %", flush=True)
+            print(
+                f"visit {v} detector {det}: {row['n_candidates']} stars, PSF-flux error rms "
+                f"pixel {row['pixel']:.2f} %, warp {row['warp']:.2f} %",
+                flush=True,
+            )
     df = pd.DataFrame(rows)
     rms = df.groupby("visit")[["pixel", "warp"]].agg(lambda s: float(np.sqrt(np.mean(s**2))))
     print("\nrms over each visit's detectors (%):")
     print(rms.round(2).T.to_string())
-    print(f"\nall {len(df)} detectors: pixel {np.sqrt(np.mean(df.pixel**2)):.2f} %, "
-          f"warp {np.sqrt(np.mean(df.warp**2)):.2f} %; worst pixel {df.pixel.max():.2f} %, warp {df.warp.max():.2f} %")
+    print(
+        f"\nall {len(df)} detectors: pixel {np.sqrt(np.mean(df.pixel**2)):.2f} %, "
+        f"warp {np.sqrt(np.mean(df.warp**2)):.2f} %; worst pixel {df.pixel.max():.2f} %, warp {df.warp.max():.2f} %"
+    )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,7 @@ def axis_chunks(n: int, chunk: int, depth: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def map_with_margin(func: Callable, *arrays, depth: int, dtype, boundary: Any = "none", trim: bool = True,
-                **kwargs):
+def map_with_margin(func: Callable, *arrays, depth: int, dtype, boundary: Any = "none", trim: bool = True, **kwargs):
     """Apply ``func`` to every chunk of ``arrays`` extended by ``depth`` pixels on each side.
 
     A thin, explicit wrapper of :func:`dask.array.map_overlap`: ``depth`` is the kernel's
@@ -78,8 +77,16 @@ def map_with_margin(func: Callable, *arrays, depth: int, dtype, boundary: Any = 
     """
     import dask.array as da
 
-    return da.map_overlap(func, *arrays, depth=depth, boundary=boundary, trim=trim, dtype=dtype,
-                          meta=np.empty((0,) * arrays[0].ndim, dtype), **kwargs)
+    return da.map_overlap(
+        func,
+        *arrays,
+        depth=depth,
+        boundary=boundary,
+        trim=trim,
+        dtype=dtype,
+        meta=np.empty((0,) * arrays[0].ndim, dtype),
+        **kwargs,
+    )
 
 
 def map_with_margin_at(func: Callable, arrays: Sequence, *, depth: int, dtype, chunk: int):
@@ -102,12 +109,25 @@ def map_with_margin_at(func: Callable, arrays: Sequence, *, depth: int, dtype, c
         iy, ix = block_info[0]["chunk-location"]
         return func(*blocks, y0=int(starts[0][iy]), x0=int(starts[1][ix])).astype(dtype)
 
-    return da.map_overlap(wrapped, *darrs, depth=depth, boundary=0, trim=False, dtype=dtype, chunks=chunks,
-                          meta=np.zeros((0, 0), dtype=dtype), align_arrays=False)
+    return da.map_overlap(
+        wrapped,
+        *darrs,
+        depth=depth,
+        boundary=0,
+        trim=False,
+        dtype=dtype,
+        chunks=chunks,
+        meta=np.zeros((0, 0), dtype=dtype),
+        align_arrays=False,
+    )
 
 
-def from_chunk_tasks(chunk_tasks: Sequence[Sequence[Any]], shapes: Sequence[Sequence[tuple[int, int]]],
-                     dtypes: Sequence, names: Sequence[str]) -> list:
+def from_chunk_tasks(
+    chunk_tasks: Sequence[Sequence[Any]],
+    shapes: Sequence[Sequence[tuple[int, int]]],
+    dtypes: Sequence,
+    names: Sequence[str],
+) -> list:
     """Assemble dask arrays (one per plane) from a grid of delayed per-chunk tuples.
 
     ``chunk_tasks[row][col]`` is a :class:`dask.delayed.Delayed` returning a tuple of
@@ -120,9 +140,12 @@ def from_chunk_tasks(chunk_tasks: Sequence[Sequence[Any]], shapes: Sequence[Sequ
     for k, (dt, name) in enumerate(zip(dtypes, names)):
         rows = []
         for row_t, row_s in zip(chunk_tasks, shapes):
-            rows.append([da.from_delayed(t[k], shape=s, dtype=dt, meta=np.empty((0, 0), dt),
-                                         name=f"{name}-{t.key}-{k}")
-                         for t, s in zip(row_t, row_s)])
+            rows.append(
+                [
+                    da.from_delayed(t[k], shape=s, dtype=dt, meta=np.empty((0, 0), dt), name=f"{name}-{t.key}-{k}")
+                    for t, s in zip(row_t, row_s)
+                ]
+            )
         planes.append(da.block(rows))
     return planes
 
@@ -158,14 +181,17 @@ def _regions(planes: Mapping[str, Any], shape: tuple[int, int], chunks: tuple[in
         grid = grids.pop()
         bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in grid]
         if all(all(int(b) % c == 0 or int(b) == n for b in bs) for bs, c, n in zip(bounds, chunks, shape)):
-            return [(slice(int(y0), int(y1)), slice(int(x0), int(x1)))
-                    for y0, y1 in zip(bounds[0][:-1], bounds[0][1:])
-                    for x0, x1 in zip(bounds[1][:-1], bounds[1][1:])]
+            return [
+                (slice(int(y0), int(y1)), slice(int(x0), int(x1)))
+                for y0, y1 in zip(bounds[0][:-1], bounds[0][1:])
+                for x0, x1 in zip(bounds[1][:-1], bounds[1][1:])
+            ]
     return list(chunk_slices(shape, chunks))
 
 
-def store_planes(planes: Mapping[str, Any], targets: Mapping[str, Any], *, batch: int = 16,
-                 with_first: Sequence[Any] = ()) -> tuple:
+def store_planes(
+    planes: Mapping[str, Any], targets: Mapping[str, Any], *, batch: int = 16, with_first: Sequence[Any] = ()
+) -> tuple:
     """Compute lazy ``planes`` and write them into the matching zarr ``targets``, ``batch``
     regions at a time.
 
@@ -187,8 +213,10 @@ def store_planes(planes: Mapping[str, Any], targets: Mapping[str, Any], *, batch
     chunks = tuple(targets[names[0]].chunks)
     for n in names:
         if tuple(targets[n].shape) != shape or tuple(targets[n].chunks) != chunks:
-            raise ValueError(f"target {n!r} has shape/chunks {targets[n].shape}/{targets[n].chunks}, "
-                             f"not {shape}/{chunks} like {names[0]!r}")
+            raise ValueError(
+                f"target {n!r} has shape/chunks {targets[n].shape}/{targets[n].chunks}, "
+                f"not {shape}/{chunks} like {names[0]!r}"
+            )
     slices = _regions(planes, shape, chunks)
     values: tuple = ()
     for k in range(0, len(slices), max(int(batch), 1)):

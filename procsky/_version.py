@@ -70,7 +70,7 @@ def _git_dir(root: Path) -> Path | None:
     if dot.is_file():  # a worktree or submodule: "gitdir: <path>"
         text = dot.read_text().strip()
         if text.startswith("gitdir:"):
-            path = Path(text[len("gitdir:"):].strip())
+            path = Path(text[len("gitdir:") :].strip())
             return path if path.is_absolute() else (root / path).resolve()
     return None
 
@@ -102,7 +102,7 @@ def git_commit(root: Path = _ROOT) -> str | None:
             return None
         head = (git_dir / "HEAD").read_text().strip()
         if head.startswith("ref:"):
-            return _resolve_ref(git_dir, head[len("ref:"):].strip())
+            return _resolve_ref(git_dir, head[len("ref:") :].strip())
         return head if _SHA.fullmatch(head) else None  # detached HEAD
     except (OSError, UnicodeDecodeError):
         return None
@@ -114,7 +114,11 @@ def _git_dirty(root: Path) -> bool | None:
     try:
         res = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, env=env, check=False,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            env=env,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None

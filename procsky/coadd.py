@@ -223,12 +223,15 @@ def psf_match_exposure(exposure: Exposure, target_fwhm: float, *, chunk: int | N
         ci, cv, cm = kpm.convolve_planes(i, v, m, kernel, corr, no_data_bit=_NO_DATA)
         return (ci, cv, cm)[which]
 
-    planes = [_dask.map_with_margin(block, img, var, msk, depth=r, dtype=dt, which=k)
-              for k, dt in enumerate((np.float32, np.float32, np.uint32))]
+    planes = [
+        _dask.map_with_margin(block, img, var, msk, depth=r, dtype=dt, which=k)
+        for k, dt in enumerate((np.float32, np.float32, np.uint32))
+    ]
     meta = dict(exposure.metadata)
     meta["psf_matched_fwhm"] = float(target_fwhm)
-    return exposure._replace(image=planes[0], variance=planes[1], mask=planes[2],
-                             psf=GaussianPsf.from_fwhm(target_fwhm), metadata=meta)
+    return exposure._replace(
+        image=planes[0], variance=planes[1], mask=planes[2], psf=GaussianPsf.from_fwhm(target_fwhm), metadata=meta
+    )
 
 
 # ----------------------------------------------------------------------------- coadd
@@ -238,8 +241,12 @@ def _coadd_chunk(box: Box, sources: list, parts: list, weights, kernels: list, c
     n_src = len(sources)
     w = np.array([weights[s.weight_index] for s in sources], float) if n_src else np.zeros(0)
     if n_src == 0:
-        return (np.full(box.shape, np.nan, np.float32), np.full(box.shape, np.nan, np.float32),
-                np.full(box.shape, _NO_DATA, np.uint32), np.zeros(box.shape, np.int32))
+        return (
+            np.full(box.shape, np.nan, np.float32),
+            np.full(box.shape, np.nan, np.float32),
+            np.full(box.shape, _NO_DATA, np.uint32),
+            np.zeros(box.shape, np.int32),
+        )
     bad, nod, rej, clipped = bits["bad"], bits["no_data"], bits["rejected"], bits["clipped"]
     if cfg.statistic == "mean" and not cfg.reject_artifacts:
         acc = kc.MeanAccumulator(box.shape, bad)
@@ -275,21 +282,42 @@ def _coadd_chunk(box: Box, sources: list, parts: list, weights, kernels: list, c
                     if kernels[k] is None:
                         ci[k], cv[k], cm[k] = imgs[k], vars_[k], msks[k]
                     else:
-                        ci[k], cv[k], cm[k] = kpm.convolve_planes(imgs[k], vars_[k], msks[k], kernels[k],
-                                                                    kw.lanczos_noise_correlation(cfg.warp.order),
-                                                                    no_data_bit=_NO_DATA)
+                        ci[k], cv[k], cm[k] = kpm.convolve_planes(
+                            imgs[k],
+                            vars_[k],
+                            msks[k],
+                            kernels[k],
+                            kw.lanczos_noise_correlation(cfg.warp.order),
+                            no_data_bit=_NO_DATA,
+                        )
             else:
                 ci, cv, cm = imgs, vars_, msks
-            rejected = kc.find_artifacts(ci, cv, cm, bad_bits=bad, threshold=cfg.artifact_threshold,
-                                         max_epochs=cfg.artifact_max_epochs, max_fraction=cfg.artifact_max_fraction,
-                                         grow=cfg.artifact_grow, model_error=cfg.artifact_model_error,
-                                         error_radius=halo - cfg.artifact_grow)
+            rejected = kc.find_artifacts(
+                ci,
+                cv,
+                cm,
+                bad_bits=bad,
+                threshold=cfg.artifact_threshold,
+                max_epochs=cfg.artifact_max_epochs,
+                max_fraction=cfg.artifact_max_fraction,
+                grow=cfg.artifact_grow,
+                model_error=cfg.artifact_model_error,
+                error_radius=halo - cfg.artifact_grow,
+            )
         inner = strip.shifted(-big.x0, -big.y0).slices()
         sl = (slice(None),) + inner
         ii, vv, mm, nn = kc.combine_stack(
-            imgs[sl], vars_[sl], msks[sl], w, statistic=cfg.statistic, bad_bits=bad, no_data_bit=nod,
-            clip_sigma=cfg.clip_sigma, clip_iter=cfg.clip_iter,
-            rejected=None if rejected is None else rejected[sl], rejected_bit=rej,
+            imgs[sl],
+            vars_[sl],
+            msks[sl],
+            w,
+            statistic=cfg.statistic,
+            bad_bits=bad,
+            no_data_bit=nod,
+            clip_sigma=cfg.clip_sigma,
+            clip_iter=cfg.clip_iter,
+            rejected=None if rejected is None else rejected[sl],
+            rejected_bit=rej,
         )
         if rejected is not None:
             # Mark CLIPPED where an input was rejected as an artifact.
@@ -358,8 +386,9 @@ def _coadd_chunk_streaming(box: Box, sources, parts, w, kernels, cfg: CoaddConfi
         n_out += out
         idx = np.flatnonzero(out)
         sparse.append((idx, sig.ravel()[idx].astype(np.float32)))
-    transient = kc.transient_pixels(n_out, n_good, max_epochs=cfg.artifact_max_epochs,
-                                    max_fraction=cfg.artifact_max_fraction, min_inputs=3)
+    transient = kc.transient_pixels(
+        n_out, n_good, max_epochs=cfg.artifact_max_epochs, max_fraction=cfg.artifact_max_fraction, min_inputs=3
+    )
     acc = kc.MeanAccumulator(box.shape, bad)
     inner = box.shifted(-big.x0, -big.y0).slices()
     clipped_any = np.zeros(box.shape, bool)
@@ -428,8 +457,7 @@ class LazyCoadd:
         for pin, wt in zip(self.psf_inputs, w):
             if pin.psf is None or not (np.isfinite(wt) and wt > 0):
                 continue
-            p, poly = _component(pin, self.wcs_cards, self.xy0, self.config.warp.psf_grid_step,
-                                 self.config.warp.order)
+            p, poly = _component(pin, self.wcs_cards, self.xy0, self.config.warp.psf_grid_step, self.config.warp.order)
             if p is None:
                 continue
             psfs.append(p)
@@ -453,9 +481,18 @@ class LazyCoadd:
 
         vi = VisitInfo(band=band or meta.get("band", "")) if (band or meta.get("band")) else None
         planes = _masks.DEFAULT_PLANES
-        return Exposure(self.image, self.variance, self.mask, wcs_cards=self.wcs_cards, psf=self.psf(w),
-                        visit_info=vi, metadata=meta, mask_planes=planes, xy0=self.xy0,
-                        extra_planes={"n_inputs": self.n_inputs} if n_inputs else None)
+        return Exposure(
+            self.image,
+            self.variance,
+            self.mask,
+            wcs_cards=self.wcs_cards,
+            psf=self.psf(w),
+            visit_info=vi,
+            metadata=meta,
+            mask_planes=planes,
+            xy0=self.xy0,
+            extra_planes={"n_inputs": self.n_inputs} if n_inputs else None,
+        )
 
     def write(self, path, *, batch: int = 16, overwrite: bool = True, band: str | None = None):
         """Write to a Zarr v3 exposure (plus an ``n_inputs`` array), ``batch`` storage chunks
@@ -475,9 +512,18 @@ def _bits(cfg: CoaddConfig) -> dict:
     }
 
 
-def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, out_cards=None, out_shape=None,
-                xy0=(0, 0), config: CoaddConfig | None = None, weights=None, inputs_are_warps: bool | None = None,
-                chunk: int | None = None) -> LazyCoadd:
+def build_coadd(
+    inputs: Sequence[Exposure],
+    patch: PatchInfo | None = None,
+    *,
+    out_cards=None,
+    out_shape=None,
+    xy0=(0, 0),
+    config: CoaddConfig | None = None,
+    weights=None,
+    inputs_are_warps: bool | None = None,
+    chunk: int | None = None,
+) -> LazyCoadd:
     """Build the lazy dask graph of a coadd; nothing is computed.
 
     Parameters
@@ -521,18 +567,32 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
             raise ProcskyTypeError(f"coadd input {k} is a {type(exp).__name__}, not an Exposure")
         is_warp = inputs_are_warps if inputs_are_warps is not None else ("warp_box" in exp.metadata)
         if is_warp:
-            box = Box(exp.xy0[0] - xy0[0], exp.xy0[1] - xy0[1], exp.xy0[0] - xy0[0] + exp.shape[1],
-                      exp.xy0[1] - xy0[1] + exp.shape[0])
+            box = Box(
+                exp.xy0[0] - xy0[0],
+                exp.xy0[1] - xy0[1],
+                exp.xy0[0] - xy0[0] + exp.shape[1],
+                exp.xy0[1] - xy0[1] + exp.shape[0],
+            )
             if box.intersection(full).empty:
                 continue
             remap = None if exp.mask_planes == _masks.DEFAULT_PLANES else (exp.mask_planes, _masks.DEFAULT_PLANES)
-            src = _GridSource(box=box, visit=_visit_of(exp), weight_index=len(sources),
-                              image=_plane_store(exp.image), variance=_plane_store(exp.variance),
-                              mask=_plane_store(exp.mask), remap=remap)
+            src = _GridSource(
+                box=box,
+                visit=_visit_of(exp),
+                weight_index=len(sources),
+                image=_plane_store(exp.image),
+                variance=_plane_store(exp.variance),
+                mask=_plane_store(exp.mask),
+                remap=remap,
+            )
             poly = exp.metadata.get("footprint")
             if poly is None and not hasattr(exp.psf, "covers"):
-                poly = [[xy0[0] + box.x0 - 0.5, xy0[1] + box.y0 - 0.5], [xy0[0] + box.x1 - 0.5, xy0[1] + box.y0 - 0.5],
-                        [xy0[0] + box.x1 - 0.5, xy0[1] + box.y1 - 0.5], [xy0[0] + box.x0 - 0.5, xy0[1] + box.y1 - 0.5]]
+                poly = [
+                    [xy0[0] + box.x0 - 0.5, xy0[1] + box.y0 - 0.5],
+                    [xy0[0] + box.x1 - 0.5, xy0[1] + box.y0 - 0.5],
+                    [xy0[0] + box.x1 - 0.5, xy0[1] + box.y1 - 0.5],
+                    [xy0[0] + box.x0 - 0.5, xy0[1] + box.y1 - 0.5],
+                ]
             pin = _PsfInput("warp", exp.psf, box, polygon=None if poly is None else np.asarray(poly, float))
             psf = exp.psf
             if psf is not None and not isinstance(psf, (ImagePsf, GaussianPsf)):
@@ -543,8 +603,11 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
                 med = _median_variance_of(_sub(np.asarray(exp.variance)))
             elif med is None:
                 z = _zarr_of(exp.variance)
-                med = dask.delayed(_median_variance_of)(_sub(exp.variance)) if z is None else \
-                    _median_variance_of(_sub(z)[...])
+                med = (
+                    dask.delayed(_median_variance_of)(_sub(exp.variance))
+                    if z is None
+                    else _median_variance_of(_sub(z)[...])
+                )
         else:
             box = source_box(exp, out_cards, out_shape)
             if box is None:
@@ -578,19 +641,26 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
         wobj = dask.delayed(_inverse)(wvals)
     else:
         wobj = _inverse(wvals)
-    kernels = _psf_matching_kernels(psfs, config) if (config.reject_artifacts and config.psf_match) else \
-        [None] * len(sources)
+    kernels = (
+        _psf_matching_kernels(psfs, config) if (config.reject_artifacts and config.psf_match) else [None] * len(sources)
+    )
     bits = _bits(config)
     boxes = _chunk_boxes(full, chunk)
-    token = dask.base.tokenize(out_cards, out_shape, [s.box for s in sources], config.model_dump(),
-                               [id(e) for e in inputs], chunk)
-    halo = (max((k.shape[0] // 2 for k in kernels if k is not None), default=0) + config.artifact_grow
-            if config.reject_artifacts else 0)
+    token = dask.base.tokenize(
+        out_cards, out_shape, [s.box for s in sources], config.model_dump(), [id(e) for e in inputs], chunk
+    )
+    halo = (
+        max((k.shape[0] // 2 for k in kernels if k is not None), default=0) + config.artifact_grow
+        if config.reject_artifacts
+        else 0
+    )
     # Sources, kernels and the configuration are literal graph nodes shared by the chunk
     # tasks that overlap them (traverse=False: dask must not walk into their arrays).
     src_d = [dask.delayed(s, traverse=False, name=f"coadd-source-{token}-{k}") for k, s in enumerate(sources)]
-    ker_d = [None if k is None else dask.delayed(k, traverse=False, name=f"coadd-kernel-{token}-{i}")
-             for i, k in enumerate(kernels)]
+    ker_d = [
+        None if k is None else dask.delayed(k, traverse=False, name=f"coadd-kernel-{token}-{i}")
+        for i, k in enumerate(kernels)
+    ]
     cfg_d = dask.delayed(config, traverse=False, name=f"coadd-config-{token}")
     tasks = []
     for row in boxes:
@@ -600,12 +670,18 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
             idx = [k for k, s in enumerate(sources) if s.box.overlaps(near)]
             parts = [sources[k].dask_parts(near) if sources[k].needs_dask() else None for k in idx]
             key = f"coadd-chunk-{token}-{b.x0}-{b.y0}"
-            trow.append(dask.delayed(_coadd_chunk, pure=True)(
-                b, [src_d[k] for k in idx], parts, wobj, [ker_d[k] for k in idx], cfg_d, bits, dask_key_name=key))
+            trow.append(
+                dask.delayed(_coadd_chunk, pure=True)(
+                    b, [src_d[k] for k in idx], parts, wobj, [ker_d[k] for k in idx], cfg_d, bits, dask_key_name=key
+                )
+            )
         tasks.append(trow)
-    img, var, msk, nin = _dask.from_chunk_tasks(tasks, [[b.shape for b in row] for row in boxes],
-                                                (np.float32, np.float32, np.uint32, np.int32),
-                                                ("coadd-image", "coadd-variance", "coadd-mask", "coadd-n-inputs"))
+    img, var, msk, nin = _dask.from_chunk_tasks(
+        tasks,
+        [[b.shape for b in row] for row in boxes],
+        (np.float32, np.float32, np.uint32, np.int32),
+        ("coadd-image", "coadd-variance", "coadd-mask", "coadd-n-inputs"),
+    )
     meta = {
         "visits": sorted({v for v in visits if v is not None}),
         # per used input, aligned with "weights": its visit and its index in the inputs given
@@ -617,8 +693,9 @@ def build_coadd(inputs: Sequence[Exposure], patch: PatchInfo | None = None, *, o
         "flux_unit": "nJy",
         "noise_correlation_factor": kw.lanczos_noise_correlation(config.warp.order),
     }
-    return LazyCoadd(img, var, msk, nin, wobj, list(out_cards), tuple(int(v) for v in xy0),
-                     visits, psf_inputs, chunk, meta, config)
+    return LazyCoadd(
+        img, var, msk, nin, wobj, list(out_cards), tuple(int(v) for v in xy0), visits, psf_inputs, chunk, meta, config
+    )
 
 
 def _visit_of(exp: Exposure):

@@ -54,8 +54,10 @@ def _timing_text(report: dict) -> str:
         if not wall or not cpu:
             continue
         ratio = wall["median"] / cpu["median"] if cpu.get("median") else float("nan")
-        lines.append(f"  {t['task']:18s} {t['quanta']:4d} quanta  wall {wall['median']:6.2f} s  "
-                     f"CPU {cpu['median']:6.2f} s  wall/CPU {ratio:4.1f}")
+        lines.append(
+            f"  {t['task']:18s} {t['quanta']:4d} quanta  wall {wall['median']:6.2f} s  "
+            f"CPU {cpu['median']:6.2f} s  wall/CPU {ratio:4.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -84,8 +86,7 @@ def run(out: Path, *, workers: int = 2, pipeline: bool = True, max_false: float 
     images = sorted((sim_dir / "images").glob("*.fits"))
     refs = ingest_files(repo, images, "simcam", run="simcam/raw", progress=False)
     ingest_refcat(repo, [sim_dir / "refcat" / "refcat.parquet"], name="sim")
-    _say(f"simulated and ingested {len(refs)} detector images and the reference catalogue "
-         f"({sim.seconds:.0f} s)")
+    _say(f"simulated and ingested {len(refs)} detector images and the reference catalogue ({sim.seconds:.0f} s)")
     if not pipeline:
         return 0
 
@@ -100,15 +101,13 @@ def run(out: Path, *, workers: int = 2, pipeline: bool = True, max_false: float 
     # patch holds the whole focal plane and its dithers, where a rings patch of 4200 px
     # would be three quarters empty.
     ra, dec = sim.recipe.field.ra, sim.recipe.field.dec
-    register_skymap(repo, discrete_skymap([(ra, dec)], radius=0.065, name=SKYMAP, patch_inner=2400),
-                    tracts=True)
-    _say(f"registered the discrete sky map {SKYMAP!r}: one tract at ({ra}, {dec}), one patch of 2600 px, 0.2\"/px")
+    register_skymap(repo, discrete_skymap([(ra, dec)], radius=0.065, name=SKYMAP, patch_inner=2400), tracts=True)
+    _say(f'registered the discrete sky map {SKYMAP!r}: one tract at ({ra}, {dec}), one patch of 2600 px, 0.2"/px')
 
     t1 = time.time()
     _say(f"running every stage of drp on a LocalCluster of {workers} workers ...")
     with open_cluster("local", n_workers=workers) as cluster, Client(cluster) as client:
-        result = run_pipeline(repo, "drp", where="instrument='simcam'", output=DEMO_RUN, client=client,
-                              progress=True)
+        result = run_pipeline(repo, "drp", where="instrument='simcam'", output=DEMO_RUN, client=client, progress=True)
     t_run = time.time() - t1
     print(result, flush=True)
     report = run_report(repo, DEMO_RUN)
@@ -148,8 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="demo-out", help="output folder (replaced)")
     ap.add_argument("--workers", type=int, default=2, help="dask workers (one thread each)")
     ap.add_argument("--no-pipeline", action="store_true", help="stop after the simulation and ingest")
-    ap.add_argument("--max-false", type=float, default=2.0,
-                    help="most DIA objects with no truth counterpart per detector-visit before failing")
+    ap.add_argument(
+        "--max-false",
+        type=float,
+        default=2.0,
+        help="most DIA objects with no truth counterpart per detector-visit before failing",
+    )
     args = ap.parse_args(argv)
     try:
         return run(Path(args.out), workers=args.workers, pipeline=not args.no_pipeline, max_false=args.max_false)

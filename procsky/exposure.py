@@ -89,7 +89,7 @@ class VisitInfo:
         return {k: _jsonable(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: Mapping | None) -> "VisitInfo | None":
+    def from_dict(cls, d: Mapping | None) -> VisitInfo | None:
         if d is None:
             return None
         names = {f.name for f in fields(cls)}
@@ -125,8 +125,16 @@ class VisitInfo:
 
 
 # Spellings of pixel units in metadata and camera headers -> the FITS/astropy name.
-_UNIT_NAMES = {"adu": "adu", "electron": "electron", "electrons": "electron", "e-": "electron", "njy": "nJy",
-               "count": "count", "counts": "count", "adu/s": "adu/s"}
+_UNIT_NAMES = {
+    "adu": "adu",
+    "electron": "electron",
+    "electrons": "electron",
+    "e-": "electron",
+    "njy": "nJy",
+    "count": "count",
+    "counts": "count",
+    "adu/s": "adu/s",
+}
 
 
 def _squared_unit(unit: str) -> str:
@@ -263,15 +271,14 @@ class Exposure:
 
     @property
     def is_lazy(self) -> bool:
-        return any(_is_dask(getattr(self, p)) for p in _PLANES) or any(
-            _is_dask(a) for a in self.extra_planes.values())
+        return any(_is_dask(getattr(self, p)) for p in _PLANES) or any(_is_dask(a) for a in self.extra_planes.values())
 
     def __repr__(self) -> str:
         kind = "dask" if self.is_lazy else "numpy"
         band = self.visit_info.band if self.visit_info else "?"
         return f"<Exposure {self.shape[0]}x{self.shape[1]} ({kind}) band={band!r} xy0={self.xy0}>"
 
-    def _replace(self, **changes) -> "Exposure":
+    def _replace(self, **changes) -> Exposure:
         kw = dict(
             image=self.image,
             variance=self.variance,
@@ -290,7 +297,7 @@ class Exposure:
         kw.update(changes)
         return Exposure(**kw)
 
-    def copy(self) -> "Exposure":
+    def copy(self) -> Exposure:
         """A copy with copied numpy planes (dask planes are immutable and shared)."""
         planes = {p: (getattr(self, p) if _is_dask(getattr(self, p)) else getattr(self, p).copy()) for p in _PLANES}
         extra = {n: (a if _is_dask(a) else a.copy()) for n, a in self.extra_planes.items()}
@@ -299,7 +306,7 @@ class Exposure:
         meta.update(lazy)
         return self._replace(**planes, wcs=copy_wcs(self.wcs), metadata=meta, extra_planes=extra)
 
-    def __getitem__(self, key) -> "Exposure":
+    def __getitem__(self, key) -> Exposure:
         """A cut-out ``exp[y0:y1, x0:x1]`` (step 1 slices only); the WCS follows."""
         if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key)):
             raise ProcskyTypeError("index an Exposure with two slices: exp[y0:y1, x0:x1]")
@@ -340,7 +347,7 @@ class Exposure:
             return None
         return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
-    def compute(self) -> "Exposure":
+    def compute(self) -> Exposure:
         """The same exposure with numpy planes and metadata values (computes the dask planes,
         extra planes and delayed metadata together, so shared work is done once)."""
         lazy_meta = {k: v for k, v in self.metadata.items() if _is_delayed(v)}
@@ -348,17 +355,24 @@ class Exposure:
             return self
         names = list(self.extra_planes)
         image, variance, mask, extra, meta = _dask.evaluate(
-            self.image, self.variance, self.mask, [self.extra_planes[n] for n in names], lazy_meta)
-        return self._replace(image=image, variance=variance, mask=mask, metadata={**self.metadata, **meta},
-                             extra_planes=dict(zip(names, extra)))
+            self.image, self.variance, self.mask, [self.extra_planes[n] for n in names], lazy_meta
+        )
+        return self._replace(
+            image=image,
+            variance=variance,
+            mask=mask,
+            metadata={**self.metadata, **meta},
+            extra_planes=dict(zip(names, extra)),
+        )
 
-    def persist(self) -> "Exposure":
+    def persist(self) -> Exposure:
         """The same exposure with its dask planes (and extra planes) persisted."""
         if not self.is_lazy:
             return self
         names = list(self.extra_planes)
-        image, variance, mask, *extra = _dask.persist(self.image, self.variance, self.mask,
-                                                      *[self.extra_planes[n] for n in names])
+        image, variance, mask, *extra = _dask.persist(
+            self.image, self.variance, self.mask, *[self.extra_planes[n] for n in names]
+        )
         return self._replace(image=image, variance=variance, mask=mask, extra_planes=dict(zip(names, extra)))
 
     @property
@@ -373,8 +387,12 @@ class Exposure:
         through ``metadata["flux_unit"]``.
         """
         flux_unit = str(self.metadata.get("flux_unit") or "").strip()
-        for value in (flux_unit if flux_unit.lower() == "njy" else "", self.metadata.get("units"),
-                      self.detector.get("image_units"), flux_unit):
+        for value in (
+            flux_unit if flux_unit.lower() == "njy" else "",
+            self.metadata.get("units"),
+            self.detector.get("image_units"),
+            flux_unit,
+        ):
             text = str(value or "").strip()
             if text:
                 return _UNIT_NAMES.get(text.lower(), text)
@@ -412,7 +430,7 @@ class Exposure:
         }
 
     @classmethod
-    def _from_attributes(cls, image, variance, mask, attrs: Mapping) -> "Exposure":
+    def _from_attributes(cls, image, variance, mask, attrs: Mapping) -> Exposure:
         version = attrs.get("format_version", 0)
         if version > FORMAT_VERSION:
             raise ProcskyFileError(
@@ -519,7 +537,7 @@ class Exposure:
         return path
 
     @classmethod
-    def read(cls, path, *, lazy: bool | None = None) -> "Exposure":
+    def read(cls, path, *, lazy: bool | None = None) -> Exposure:
         """Read an exposure written by :meth:`write`.
 
         Zarr stores open lazily (dask arrays, one task per storage chunk); FITS files are
@@ -692,8 +710,9 @@ def _write_zarr(exp: Exposure, path: Path, chunks, *, batch: int = 16) -> None:
     lazy_meta = {k: v for k, v in exp.metadata.items() if _is_delayed(v)}
     keys = list(lazy_meta)
     if dask_planes:
-        values = _dask.store_planes(dask_planes, {n: arrays[n] for n in dask_planes}, batch=batch,
-                                    with_first=[lazy_meta[k] for k in keys])
+        values = _dask.store_planes(
+            dask_planes, {n: arrays[n] for n in dask_planes}, batch=batch, with_first=[lazy_meta[k] for k in keys]
+        )
     else:
         values = _dask.evaluate(*[lazy_meta[k] for k in keys]) if keys else ()
     for name, arr in all_planes.items():
@@ -713,9 +732,7 @@ def _read_zarr(path: Path, lazy: bool) -> Exposure:
         raise ProcskyFileError(f"{path} is not a readable Zarr exposure store: {e}") from e
     missing = [p for p in _PLANES if p not in group]
     if missing or "procsky" not in group.attrs:
-        raise ProcskyFileError(
-            f"{path} is not a procsky exposure: missing {missing or ['procsky attributes']}"
-        )
+        raise ProcskyFileError(f"{path} is not a procsky exposure: missing {missing or ['procsky attributes']}")
     attrs: Any = group.attrs["procsky"]
     extra_names = sorted(n for n, _ in group.arrays() if n not in _PLANES)
     if lazy:
@@ -799,8 +816,10 @@ def _write_fits(exp: Exposure, path: Path, extra=None) -> None:
         # 8-character keywords hold MP_ + 5 letters; HIERARCH keeps longer names whole.
         mh[f"MP_{name}" if len(name) <= 5 else f"HIERARCH MP_{name}"] = b
     msk = fits.ImageHDU(np.asarray(exp.mask, dtype=np.uint32), header=mh, uint=True)
-    var = fits.ImageHDU(np.asarray(exp.variance, dtype=np.float32),
-                        header=plane_header("VARIANCE", unit and _squared_unit(unit), "variance of IMAGE"))
+    var = fits.ImageHDU(
+        np.asarray(exp.variance, dtype=np.float32),
+        header=plane_header("VARIANCE", unit and _squared_unit(unit), "variance of IMAGE"),
+    )
     attrs = json.dumps(exp.attributes())
     col = fits.Column(name="JSON", format=f"{max(len(attrs), 1)}A", array=np.array([attrs]))
     meta = fits.BinTableHDU.from_columns([col], name="PROCSKY")

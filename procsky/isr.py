@@ -181,13 +181,15 @@ def amplifier_layout(detector: dict, shape: tuple[int, int], metadata: dict | No
                 f"amplifier {i}: biassec {bs} shares neither rows nor columns with datasec {ds}; "
                 "serial overscan must span the data rows"
             )
-        out.append({
-            "datasec": ds,
-            "biassec": bs,
-            "gain": float(a.get("gain", detector.get("gain", 1.0)) or 1.0),
-            "read_noise": float(a.get("read_noise", detector.get("read_noise", 0.0)) or 0.0),
-            "saturation": float(a.get("saturation", detector.get("saturation", np.inf)) or np.inf),
-        })
+        out.append(
+            {
+                "datasec": ds,
+                "biassec": bs,
+                "gain": float(a.get("gain", detector.get("gain", 1.0)) or 1.0),
+                "read_noise": float(a.get("read_noise", detector.get("read_noise", 0.0)) or 0.0),
+                "saturation": float(a.get("saturation", detector.get("saturation", np.inf)) or np.inf),
+            }
+        )
     return out
 
 
@@ -199,8 +201,9 @@ def amplifier_layout_or_none(exp: Exposure) -> list[dict] | None:
         return None
 
 
-def _overscan_subtract(raw: np.ndarray, amps: list[dict],
-                       config: OverscanConfig) -> tuple[np.ndarray, np.ndarray, tuple[int, int], dict]:
+def _overscan_subtract(
+    raw: np.ndarray, amps: list[dict], config: OverscanConfig
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int], dict]:
     """Overscan-subtract every amplifier; returns (data ADU, raw data, (x0, y0), maps)."""
     x0 = min(a["datasec"][0] for a in amps)
     x1 = max(a["datasec"][1] for a in amps)
@@ -247,8 +250,13 @@ def _calib_plane(calib: Exposure | None, shape: tuple[int, ...], name: str) -> t
     return img, np.asarray(c.variance, dtype=np.float64), np.asarray(c.mask, dtype=np.uint32)
 
 
-def run_isr(raw: Exposure, bias: Exposure | None = None, dark: Exposure | None = None,
-            flat: Exposure | None = None, config: IsrConfig | None = None) -> Exposure:
+def run_isr(
+    raw: Exposure,
+    bias: Exposure | None = None,
+    dark: Exposure | None = None,
+    flat: Exposure | None = None,
+    config: IsrConfig | None = None,
+) -> Exposure:
     """Remove the instrument signature of one raw frame.
 
     Parameters
@@ -274,7 +282,7 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, dark: Exposure | None =
     data, raw_data, (ox, oy), maps = _overscan_subtract(rimg, amps, config.overscan)
     shape = data.shape
     mask = np.zeros(shape, dtype=np.uint32)
-    rmask = np.asarray(raw.mask, dtype=np.uint32)[oy:oy + shape[0], ox:ox + shape[1]]
+    rmask = np.asarray(raw.mask, dtype=np.uint32)[oy : oy + shape[0], ox : ox + shape[1]]
     mask |= rmask & np.uint32(_BAD | _SAT | _NO_DATA)
     gain = maps["gain"]
     rn = maps["read_noise"]
@@ -360,9 +368,18 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, dark: Exposure | None =
     meta["imagetyp"] = "isr"
     meta["isr"] = {**steps, "missing": missing}
     return Exposure(
-        data.astype(np.float32), variance, mask, wcs=wcs, wcs_cards=cards or None, psf=raw.psf,
-        photocalib=photocalib, visit_info=raw.visit_info, detector=detector, metadata=meta,
-        mask_planes=raw.mask_planes, xy0=(raw.xy0[0] + ox, raw.xy0[1] + oy),
+        data.astype(np.float32),
+        variance,
+        mask,
+        wcs=wcs,
+        wcs_cards=cards or None,
+        psf=raw.psf,
+        photocalib=photocalib,
+        visit_info=raw.visit_info,
+        detector=detector,
+        metadata=meta,
+        mask_planes=raw.mask_planes,
+        xy0=(raw.xy0[0] + ox, raw.xy0[1] + oy),
     )
 
 
@@ -376,25 +393,28 @@ def _trimmed(frame: Exposure, config: MasterConfig) -> tuple[np.ndarray, np.ndar
     if amps is None:  # already trimmed and overscan-corrected
         return img, np.asarray(frame.mask, dtype=np.uint32), frame
     data, _, (ox, oy), _ = _overscan_subtract(img, amps, config.overscan)
-    m = np.asarray(frame.mask, dtype=np.uint32)[oy:oy + data.shape[0], ox:ox + data.shape[1]]
+    m = np.asarray(frame.mask, dtype=np.uint32)[oy : oy + data.shape[0], ox : ox + data.shape[1]]
     return data, m, frame
 
 
-def _master_exposure(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, template: Exposure, kind: str,
-                     n: int) -> Exposure:
+def _master_exposure(
+    image: np.ndarray, variance: np.ndarray, mask: np.ndarray, template: Exposure, kind: str, n: int
+) -> Exposure:
     """A master calibration Exposure with the detector description of ``template`` (trimmed)."""
     det = dict(template.detector)
     for k in ("datasec", "biassec", "amplifiers"):
         det.pop(k, None)
     det["nx"], det["ny"] = image.shape[1], image.shape[0]
-    return Exposure(image, variance, mask, detector=det,
-                    metadata={"imagetyp": kind, "n_frames": int(n), "combine": "clipped mean"})
+    return Exposure(
+        image, variance, mask, detector=det, metadata={"imagetyp": kind, "n_frames": int(n), "combine": "clipped mean"}
+    )
 
 
 def _frame_isr_config(config: MasterConfig) -> IsrConfig:
     """ISR of a calibration exposure: overscan, bias (and dark), in ADU, no flat, no ADC check."""
-    return IsrConfig(overscan=config.overscan, do_flat=False, units="adu", adc_max=None,
-                     saturation_tolerance=0.0, saturation_grow=0)
+    return IsrConfig(
+        overscan=config.overscan, do_flat=False, units="adu", adc_max=None, saturation_tolerance=0.0, saturation_grow=0
+    )
 
 
 def _frame_isr(frame: Exposure, bias: Exposure | None, dark: Exposure | None, icfg: IsrConfig) -> Exposure:
@@ -427,9 +447,7 @@ def make_master_bias(frames: Sequence[Exposure], config: MasterConfig | None = N
     """
     config = config or MasterConfig()
     if len(frames) < config.min_frames:
-        raise AlgorithmError(
-            f"{len(frames)} bias frame(s) for a master bias; need >= min_frames={config.min_frames}"
-        )
+        raise AlgorithmError(f"{len(frames)} bias frame(s) for a master bias; need >= min_frames={config.min_frames}")
     trimmed = [_trimmed(f, config) for f in frames]
     shapes = {t[0].shape for t in trimmed}
     if len(shapes) != 1:
@@ -443,8 +461,9 @@ def make_master_bias(frames: Sequence[Exposure], config: MasterConfig | None = N
     return _master_exposure(mean, var, mask, trimmed[0][2], "bias", len(frames))
 
 
-def make_master_dark(frames: Sequence[Exposure], bias: Exposure | None = None,
-                     config: MasterDarkConfig | None = None) -> Exposure:
+def make_master_dark(
+    frames: Sequence[Exposure], bias: Exposure | None = None, config: MasterDarkConfig | None = None
+) -> Exposure:
     """Master dark of a detector: bias-subtracted dark frames per second, clipped mean (ADU/s),
     with hot pixels and bad columns flagged BAD (``config.defect_nsigma``).
 
@@ -457,9 +476,7 @@ def make_master_dark(frames: Sequence[Exposure], bias: Exposure | None = None,
     """
     config = config or MasterDarkConfig()
     if len(frames) < config.min_frames:
-        raise AlgorithmError(
-            f"{len(frames)} dark frame(s) for a master dark; need >= min_frames={config.min_frames}"
-        )
+        raise AlgorithmError(f"{len(frames)} dark frame(s) for a master dark; need >= min_frames={config.min_frames}")
     icfg = _frame_isr_config(config).model_copy(update={"do_dark": False})
     bias = None if bias is None else bias.compute()  # read the master once, not per frame
     images, bads = [], []
@@ -467,9 +484,7 @@ def make_master_dark(frames: Sequence[Exposure], bias: Exposure | None = None,
     for f in frames:
         t = f.visit_info.exposure_time if f.visit_info is not None else float("nan")
         if not (math.isfinite(t) and t > 0):
-            raise AlgorithmError(
-                f"a dark frame has exposure time {t}; darks need EXPTIME > 0 (set at ingest)"
-            )
+            raise AlgorithmError(f"a dark frame has exposure time {t}; darks need EXPTIME > 0 (set at ingest)")
         exp = _frame_isr(f, bias, None, icfg)
         template = template or exp
         images.append(np.asarray(exp.image, dtype=np.float64) / t)
@@ -498,8 +513,12 @@ def make_master_dark(frames: Sequence[Exposure], bias: Exposure | None = None,
     return out
 
 
-def make_master_flat(frames: Sequence[Exposure], bias: Exposure | None = None, dark: Exposure | None = None,
-                     config: MasterConfig | None = None) -> Exposure:
+def make_master_flat(
+    frames: Sequence[Exposure],
+    bias: Exposure | None = None,
+    dark: Exposure | None = None,
+    config: MasterConfig | None = None,
+) -> Exposure:
     """Master flat of a detector and filter: bias/dark-corrected frames normalised by their
     median, clipped mean, normalised to median 1; pixels below 0.2 are BAD.
 
@@ -511,9 +530,7 @@ def make_master_flat(frames: Sequence[Exposure], bias: Exposure | None = None, d
     """
     config = config or MasterConfig()
     if len(frames) < config.min_frames:
-        raise AlgorithmError(
-            f"{len(frames)} flat frame(s) for a master flat; need >= min_frames={config.min_frames}"
-        )
+        raise AlgorithmError(f"{len(frames)} flat frame(s) for a master flat; need >= min_frames={config.min_frames}")
     icfg = _frame_isr_config(config)
     bias = None if bias is None else bias.compute()  # read the masters once, not per frame
     dark = None if dark is None else dark.compute()
@@ -530,8 +547,9 @@ def make_master_flat(frames: Sequence[Exposure], bias: Exposure | None = None, d
         images.append(img)
         bads.append(bad)
         scales.append(med)
-    mean, var, n = combine_frames(np.stack(images), np.stack(bads), nsigma=config.nsigma,
-                                  max_iter=config.max_iter, scales=scales)
+    mean, var, n = combine_frames(
+        np.stack(images), np.stack(bads), nsigma=config.nsigma, max_iter=config.max_iter, scales=scales
+    )
     good = n > 0
     norm = float(np.median(mean[good])) if good.any() else float("nan")
     if not (math.isfinite(norm) and norm > 0):

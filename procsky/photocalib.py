@@ -49,7 +49,9 @@ class PhotoCalib:
 
     def __post_init__(self):
         if not (math.isfinite(self.calibration) and self.calibration > 0):
-            raise ProcskyValueError(f"PhotoCalib calibration must be a positive finite nJy/count, got {self.calibration}")
+            raise ProcskyValueError(
+                f"PhotoCalib calibration must be a positive finite nJy/count, got {self.calibration}"
+            )
         if not self.calibration_err >= 0:
             raise ProcskyValueError("PhotoCalib calibration_err must be >= 0")
 

@@ -162,8 +162,9 @@ def _star_table(src: pd.DataFrame, detector: int, summary: dict | None) -> tuple
     return pd.DataFrame({"detector": detector, "d": d[ok], "err": err[ok]}), info
 
 
-def visit_photometric_calibration(srcs, detectors, summaries=None, config: VisitPhotometryConfig | None = None,
-                                  *, visit=None) -> dict:
+def visit_photometric_calibration(
+    srcs, detectors, summaries=None, config: VisitPhotometryConfig | None = None, *, visit=None
+) -> dict:
     """One photometric zero point for a visit from the ``src`` catalogues of its detectors.
 
     Parameters
@@ -222,8 +223,11 @@ def visit_photometric_calibration(srcs, detectors, summaries=None, config: Visit
         if np.isfinite(g) and g > 0:
             gc_visit, gc_visit_err, gc_n = float(g), float(ge), int(gu.sum())
     if config.use_visit_aperture_to_total and gc_n == 0:
-        note_degraded("visit_aperture_to_total_unavailable", f"no usable aperture-to-total factor on the "
-                      f"{len(infos)} detector(s): each keeps its own", severity="info")
+        note_degraded(
+            "visit_aperture_to_total_unavailable",
+            f"no usable aperture-to-total factor on the {len(infos)} detector(s): each keeps its own",
+            severity="info",
+        )
     gc_shift = {}
     for k, info_k in infos.items():
         gk = info_k["aperture_to_total"]
@@ -238,8 +242,10 @@ def visit_photometric_calibration(srcs, detectors, summaries=None, config: Visit
     h_ref = float(np.median(heads)) if use_head else 0.0
     head_off = {k: (infos[k]["header_zero_point"] - h_ref if use_head else 0.0) for k in infos}
     if len(stars) < config.min_stars:
-        raise NoWorkError(f"only {len(stars)} usable reference stars in the visit (< min_stars={config.min_stars}); "
-                          "the detectors keep their own zero points")
+        raise NoWorkError(
+            f"only {len(stars)} usable reference stars in the visit (< min_stars={config.min_stars}); "
+            "the detectors keep their own zero points"
+        )
     det_of = stars["detector"].to_numpy(int)
     d = stars["d"].to_numpy(float) - np.array([head_off[k] for k in det_of])
     e = stars["err"].to_numpy(float)
@@ -267,27 +273,48 @@ def visit_photometric_calibration(srcs, detectors, summaries=None, config: Visit
         # the error of a detector offset cannot be smaller than the visit scatter allows
         if n >= 2 and scatter > 0:
             off_err = max(off_err, 1.2533 * scatter / math.sqrt(max(k_used, 1)))
-        applied = bool(config.per_detector_offsets and k_used >= config.offset_min_stars and np.isfinite(off)
-                       and np.isfinite(off_err) and off_err > 0 and abs(off) > config.offset_nsigma * off_err)
+        applied = bool(
+            config.per_detector_offsets
+            and k_used >= config.offset_min_stars
+            and np.isfinite(off)
+            and np.isfinite(off_err)
+            and off_err > 0
+            and abs(off) > config.offset_nsigma * off_err
+        )
         zp_k = zp + head_off[k] + (off if applied else 0.0)
         zp_k_err = math.hypot(zp_err, off_err) if applied else zp_err
         pc = PhotoCalib.from_zero_point(zp_k, zp_k_err)
         dets[str(k)] = {
-            "calibration": pc.calibration, "calibration_err": pc.calibration_err,
-            "zero_point": zp_k, "zero_point_err": zp_k_err,
-            "offset": off, "offset_err": off_err, "offset_applied": applied,
-            "n_stars": n, "n_used": int(used[mine].sum()), "header_offset": head_off[k],
+            "calibration": pc.calibration,
+            "calibration_err": pc.calibration_err,
+            "zero_point": zp_k,
+            "zero_point_err": zp_k_err,
+            "offset": off,
+            "offset_err": off_err,
+            "offset_applied": applied,
+            "n_stars": n,
+            "n_used": int(used[mine].sum()),
+            "header_offset": head_off[k],
             **info,
         }
     n_used = int(used.sum())
     return {
         "visit": None if visit is None else int(visit),
-        "zero_point": zp, "zero_point_err": zp_err, "n_stars": n_used, "n_candidates": len(stars),
-        "n_detectors": sum(1 for v in dets.values() if v["n_stars"] > 0), "scatter": scatter,
-        "estimator": config.estimator, "header_offsets_used": bool(use_head),
-        "aperture_to_total": gc_visit, "aperture_to_total_err": gc_visit_err, "aperture_to_total_n_detectors": gc_n,
-        "status": (f"visit zero point from {n_used} reference stars on "
-                   f"{sum(1 for v in dets.values() if v['n_used'] > 0)} detectors ({config.estimator})"),
+        "zero_point": zp,
+        "zero_point_err": zp_err,
+        "n_stars": n_used,
+        "n_candidates": len(stars),
+        "n_detectors": sum(1 for v in dets.values() if v["n_stars"] > 0),
+        "scatter": scatter,
+        "estimator": config.estimator,
+        "header_offsets_used": bool(use_head),
+        "aperture_to_total": gc_visit,
+        "aperture_to_total_err": gc_visit_err,
+        "aperture_to_total_n_detectors": gc_n,
+        "status": (
+            f"visit zero point from {n_used} reference stars on "
+            f"{sum(1 for v in dets.values() if v['n_used'] > 0)} detectors ({config.estimator})"
+        ),
         "detectors": dets,
     }
 

@@ -110,7 +110,9 @@ class PsfModel:
         """Normalised kernel centred on the central pixel, at detector position (x, y)."""
         raise NotImplementedError
 
-    def render(self, x: float, y: float, *, size: int | None = None, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    def render(
+        self, x: float, y: float, *, size: int | None = None, offset: tuple[float, float] = (0.0, 0.0)
+    ) -> np.ndarray:
         """Normalised kernel at (x, y), optionally of another odd ``size`` and shifted by a
         sub-pixel ``offset`` (dx, dy) in pixels, e.g. the fractional part of a centroid."""
         k = self.kernel(x, y)
@@ -288,8 +290,7 @@ class PolynomialImagePsf(PsfModel):
         nterms = (order + 1) * (order + 2) // 2
         if c.ndim != 3 or c.shape[0] != nterms or c.shape[1] != c.shape[2] or c.shape[1] % 2 == 0:
             raise ProcskyValueError(
-                f"PolynomialImagePsf needs coeffs of shape ({nterms}, n, n) with n odd for order {order}, "
-                f"got {c.shape}"
+                f"PolynomialImagePsf needs coeffs of shape ({nterms}, n, n) with n odd for order {order}, got {c.shape}"
             )
         if scale_x <= 0 or scale_y <= 0:
             raise ProcskyValueError("PolynomialImagePsf scales must be > 0")
@@ -382,8 +383,9 @@ class GridImagePsf(PsfModel):
     def kernel(self, x: float, y: float) -> np.ndarray:
         i0, i1, fx = self._bracket(self.xs, float(x))
         j0, j1, fy = self._bracket(self.ys, float(y))
-        k = ((1 - fy) * ((1 - fx) * self.kernels[j0, i0] + fx * self.kernels[j0, i1])
-             + fy * ((1 - fx) * self.kernels[j1, i0] + fx * self.kernels[j1, i1]))
+        k = (1 - fy) * ((1 - fx) * self.kernels[j0, i0] + fx * self.kernels[j0, i1]) + fy * (
+            (1 - fx) * self.kernels[j1, i0] + fx * self.kernels[j1, i1]
+        )
         s = k.sum()
         return k / s if s > 0 else k
 
@@ -501,8 +503,13 @@ class CoaddPsf(PsfModel):
         }
 
 
-_TYPES = {"GaussianPsf": GaussianPsf, "ImagePsf": ImagePsf, "PolynomialImagePsf": PolynomialImagePsf,
-          "GridImagePsf": GridImagePsf, "CoaddPsf": CoaddPsf}
+_TYPES = {
+    "GaussianPsf": GaussianPsf,
+    "ImagePsf": ImagePsf,
+    "PolynomialImagePsf": PolynomialImagePsf,
+    "GridImagePsf": GridImagePsf,
+    "CoaddPsf": CoaddPsf,
+}
 
 
 def psf_from_dict(d: dict | None) -> PsfModel | None:

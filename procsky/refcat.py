@@ -140,8 +140,7 @@ def read_refcat_file(path: str | Path) -> pd.DataFrame:
             df = _table_to_pandas(t)
         else:
             raise ProcskyFileError(
-                f"cannot tell the format of reference catalogue {path}; use .parquet, .fits, "
-                ".fits.gz, .csv or .ecsv"
+                f"cannot tell the format of reference catalogue {path}; use .parquet, .fits, .fits.gz, .csv or .ecsv"
             )
     except ProcskyFileError:
         raise
@@ -237,7 +236,9 @@ def normalise_refcat(df: pd.DataFrame, *, units: dict | None = None) -> pd.DataF
         jyear = _col(df, "ref_epoch", "epoch")
         # Julian year -> MJD: J2000.0 = MJD 51544.5, 365.25 d per Julian year.
         out["epoch_mjd"] = (
-            51544.5 + (np.asarray(jyear, dtype=np.float64) - 2000.0) * 365.25 if jyear is not None else np.full(n, np.nan)
+            51544.5 + (np.asarray(jyear, dtype=np.float64) - 2000.0) * 365.25
+            if jyear is not None
+            else np.full(n, np.nan)
         )
     mags = {}
     if gaia:
@@ -248,7 +249,9 @@ def normalise_refcat(df: pd.DataFrame, *, units: dict | None = None) -> pd.DataF
             snr = _col(df, f"phot_{key}_mean_flux_over_error")
             m = np.asarray(m, dtype=np.float64)
             with np.errstate(divide="ignore", invalid="ignore"):
-                err = 2.5 / math.log(10.0) / np.asarray(snr, dtype=np.float64) if snr is not None else np.full(n, np.nan)
+                err = (
+                    2.5 / math.log(10.0) / np.asarray(snr, dtype=np.float64) if snr is not None else np.full(n, np.nan)
+                )
             mags[band] = (m, err)
         if "G" in mags and "BP" in mags and "RP" in mags:
             g, gerr = mags["G"]
@@ -267,7 +270,9 @@ def normalise_refcat(df: pd.DataFrame, *, units: dict | None = None) -> pd.DataF
         m = np.asarray(m, dtype=np.float64)
         out[f"mag_{band}"] = m
         out[f"mag_{band}_err"] = np.where(np.isfinite(m), np.asarray(err, dtype=np.float64), np.nan)
-    good = np.isfinite(out["ra"].to_numpy()) & np.isfinite(out["dec"].to_numpy()) & (np.abs(out["dec"].to_numpy()) <= 90)
+    good = (
+        np.isfinite(out["ra"].to_numpy()) & np.isfinite(out["dec"].to_numpy()) & (np.abs(out["dec"].to_numpy()) <= 90)
+    )
     out = out[good].reset_index(drop=True)
     _set_units(out)
     return out
@@ -319,8 +324,9 @@ def refcat_run(name: str) -> str:
     return f"refcats/{name}"
 
 
-def ingest_refcat(repo, files: Sequence[str | Path], name: str, *, healpix_level: int = DEFAULT_HEALPIX_LEVEL,
-                  run: str | None = None) -> list:
+def ingest_refcat(
+    repo, files: Sequence[str | Path], name: str, *, healpix_level: int = DEFAULT_HEALPIX_LEVEL, run: str | None = None
+) -> list:
     """Ingest catalogue files into ``repo`` as HEALPix-sharded ``refcat`` datasets.
 
     Every file is read and normalised before anything is written, so a bad file changes
@@ -350,7 +356,9 @@ def ingest_refcat(repo, files: Sequence[str | Path], name: str, *, healpix_level
     from astropy_healpix import lonlat_to_healpix
 
     if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$", name):
-        raise ProcskyValueError(f"refcat name {name!r} is not valid; use letters, digits, '_' and '-' (e.g. 'gaia_dr2')")
+        raise ProcskyValueError(
+            f"refcat name {name!r} is not valid; use letters, digits, '_' and '-' (e.g. 'gaia_dr2')"
+        )
     paths = [Path(f) for f in files]
     if not paths:
         raise ProcskyValueError("no reference catalogue files given; pass at least one file")
@@ -376,8 +384,12 @@ def ingest_refcat(repo, files: Sequence[str | Path], name: str, *, healpix_level
     for idx in np.split(order, bounds):
         shard = df.iloc[idx].reset_index(drop=True)
         _set_units(shard)
-        shard.attrs["meta"] = {"refcat": name, "healpix_level": int(healpix_level), "healpix": int(pix[idx[0]]),
-                               "sources": [f.name for f in paths]}
+        shard.attrs["meta"] = {
+            "refcat": name,
+            "healpix_level": int(healpix_level),
+            "healpix": int(pix[idx[0]]),
+            "sources": [f.name for f in paths],
+        }
         data_id = {"refcat": name, "healpix_level": int(healpix_level), "healpix": int(pix[idx[0]])}
         refs.append(repo.put(shard, REFCAT_DATASET_TYPE, data_id, run))
     return refs
@@ -429,8 +441,9 @@ def shard_ids_for_cone(ra: float, dec: float, radius_deg: float, healpix_level: 
     return np.asarray(hp.cone_search_lonlat(float(ra) * u.deg, float(dec) * u.deg, r * u.deg), dtype=np.int64)
 
 
-def shards_in_cone(data_ids: Iterable[dict], ra: float, dec: float, radius_deg: float,
-                   name: str | None = None) -> list[int]:
+def shards_in_cone(
+    data_ids: Iterable[dict], ra: float, dec: float, radius_deg: float, name: str | None = None
+) -> list[int]:
     """Indices of the shard data IDs (as stored) that may overlap a cone.
 
     Works on data IDs only (no I/O), for :meth:`procsky.pipeline.Task.quanta`.
@@ -468,9 +481,14 @@ def concat_shards(shards: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate shard DataFrames (dropping duplicates), keeping the units."""
     shards = [s for s in shards if s is not None and len(s)]
     if not shards:
-        return _set_units(pd.DataFrame({c: pd.Series(dtype=np.int64 if c == "ref_id" else np.float64)
-                                        for c in ("ref_id", "ra", "dec", "ra_err", "dec_err", "pm_ra",
-                                                  "pm_dec", "epoch_mjd")}))
+        return _set_units(
+            pd.DataFrame(
+                {
+                    c: pd.Series(dtype=np.int64 if c == "ref_id" else np.float64)
+                    for c in ("ref_id", "ra", "dec", "ra_err", "dec_err", "pm_ra", "pm_dec", "epoch_mjd")
+                }
+            )
+        )
     df = pd.concat(shards, ignore_index=True, sort=False).drop_duplicates("ref_id").reset_index(drop=True)
     return _set_units(df)
 
@@ -482,8 +500,9 @@ def _angular_sep_deg(ra1, dec1, ra2, dec2):
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(s, 0, 1))))
 
 
-def load_refcat(repo, name: str, ra: float, dec: float, radius_deg: float, *, epoch_mjd: float | None = None,
-                run=None) -> pd.DataFrame:
+def load_refcat(
+    repo, name: str, ra: float, dec: float, radius_deg: float, *, epoch_mjd: float | None = None, run=None
+) -> pd.DataFrame:
     """Reference sources of ``name`` within ``radius_deg`` of (ra, dec).
 
     Parameters
@@ -555,8 +574,9 @@ def select_in_footprint(df: pd.DataFrame, wcs, shape: tuple[int, int], margin_px
     return _set_units(sub)
 
 
-def load_refcat_for_wcs(repo, name: str, wcs, shape: tuple[int, int], *, margin_px: float = 50.0,
-                        epoch_mjd: float | None = None, run=None) -> pd.DataFrame:
+def load_refcat_for_wcs(
+    repo, name: str, wcs, shape: tuple[int, int], *, margin_px: float = 50.0, epoch_mjd: float | None = None, run=None
+) -> pd.DataFrame:
     """Reference sources falling on a detector of ``shape`` (ny, nx) with ``wcs``.
 
     Parameters

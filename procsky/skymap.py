@@ -197,9 +197,7 @@ class TractInfo:
         """(px, py) of a patch id."""
         npx, npy = self.n_patches
         if not 0 <= int(patch) < npx * npy:
-            raise ProcskyKeyError(
-                f"tract {self.id} has patches 0..{npx * npy - 1} ({npx} x {npy}); no patch {patch}"
-            )
+            raise ProcskyKeyError(f"tract {self.id} has patches 0..{npx * npy - 1} ({npx} x {npy}); no patch {patch}")
         return int(patch) % npx, int(patch) // npx
 
     def patch(self, patch: int) -> PatchInfo:
@@ -213,6 +211,7 @@ class TractInfo:
         """Ids of patches whose *outer* box overlaps a tract pixel box."""
         b, n = self.patch_border, self.patch_inner
         npx, npy = self.n_patches
+
         # Outer box of patch p along an axis: [p n, (p + 1) n + 2 b).
         def rng(lo, hi, count):
             first = max(0, int(math.floor((lo - 2 * b) / n)))
@@ -452,9 +451,16 @@ class SkyMap:
         nx = npx * c.patch_inner + 2 * c.patch_border
         ny = npy * c.patch_inner + 2 * c.patch_border
         return TractInfo(
-            id=tid, ra=float(ra), dec=float(dec), box=Box(0, 0, nx, ny), n_patches=(npx, npy),
-            pixel_scale=c.pixel_scale, patch_inner=c.patch_inner, patch_border=c.patch_border,
-            ra_range=ra_range, dec_range=dec_range,
+            id=tid,
+            ra=float(ra),
+            dec=float(dec),
+            box=Box(0, 0, nx, ny),
+            n_patches=(npx, npy),
+            pixel_scale=c.pixel_scale,
+            patch_inner=c.patch_inner,
+            patch_border=c.patch_border,
+            ra_range=ra_range,
+            dec_range=dec_range,
         )
 
     # ----------------------------------------------------------------- look-ups
@@ -519,8 +525,12 @@ class SkyMap:
             # Tract pixel coordinates of the TAN projection (east left, north up).
             x = -xi / scale + (t.box.nx - 1) / 2.0
             y = eta / scale + (t.box.ny - 1) / 2.0
-            box = Box(int(math.floor(x.min())), int(math.floor(y.min())), int(math.ceil(x.max())) + 1,
-                      int(math.ceil(y.max())) + 1)
+            box = Box(
+                int(math.floor(x.min())),
+                int(math.floor(y.min())),
+                int(math.ceil(x.max())) + 1,
+                int(math.ceil(y.max())) + 1,
+            )
             if not box.overlaps(t.box):
                 continue
             patches = t.patches_overlapping(box)

@@ -100,8 +100,9 @@ def _wcs(cards: Sequence, shape: tuple[int, int] | None = None) -> Any:
     return w
 
 
-def pixel_mapping(out_cards: Sequence, in_cards: Sequence, box: Box, *, grid_step: int = 32,
-                  in_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pixel_mapping(
+    out_cards: Sequence, in_cards: Sequence, box: Box, *, grid_step: int = 32, in_shape: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Input pixel coordinates sampled by each output pixel of ``box``.
 
     Parameters
@@ -149,13 +150,15 @@ def pixel_mapping(out_cards: Sequence, in_cards: Sequence, box: Box, *, grid_ste
     return kw.interpolate_grid(gx, gy, xi, xs, ys), kw.interpolate_grid(gx, gy, yi, xs, ys)
 
 
-def _jacobian(out_cards: Sequence, in_cards: Sequence, x: float, y: float,
-              in_shape: tuple[int, int] | None = None) -> np.ndarray:
+def _jacobian(
+    out_cards: Sequence, in_cards: Sequence, x: float, y: float, in_shape: tuple[int, int] | None = None
+) -> np.ndarray:
     """d(x_in, y_in)/d(x_out, y_out) at output pixel (x, y), by central differences."""
     b = Box(int(math.floor(x)) - 1, int(math.floor(y)) - 1, int(math.floor(x)) + 2, int(math.floor(y)) + 2)
     xi, yi = pixel_mapping(out_cards, in_cards, b, grid_step=0, in_shape=in_shape)
-    return np.array([[(xi[1, 2] - xi[1, 0]) / 2, (xi[2, 1] - xi[0, 1]) / 2],
-                     [(yi[1, 2] - yi[1, 0]) / 2, (yi[2, 1] - yi[0, 1]) / 2]])
+    return np.array(
+        [[(xi[1, 2] - xi[1, 0]) / 2, (xi[2, 1] - xi[0, 1]) / 2], [(yi[1, 2] - yi[1, 0]) / 2, (yi[2, 1] - yi[0, 1]) / 2]]
+    )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -247,8 +250,12 @@ class _WarpSource(_Source):
             return None
         a = self.warp.order + 2
         ny, nx = self.in_shape
-        reg = Box(max(0, int(np.floor(xi[ok].min())) - a), max(0, int(np.floor(yi[ok].min())) - a),
-                  min(nx, int(np.ceil(xi[ok].max())) + a + 1), min(ny, int(np.ceil(yi[ok].max())) + a + 1))
+        reg = Box(
+            max(0, int(np.floor(xi[ok].min())) - a),
+            max(0, int(np.floor(yi[ok].min())) - a),
+            min(nx, int(np.ceil(xi[ok].max())) + a + 1),
+            min(ny, int(np.ceil(yi[ok].max())) + a + 1),
+        )
         return None if reg.empty else reg
 
     def read(self, box: Box, parts=None):
@@ -258,8 +265,9 @@ class _WarpSource(_Source):
         inter = box.intersection(self.box)
         if inter.empty:
             return out_img, out_var, out_msk
-        xin, yin = pixel_mapping(self.out_cards, self.in_cards, inter, grid_step=self.warp.grid_step,
-                                 in_shape=self.in_shape)
+        xin, yin = pixel_mapping(
+            self.out_cards, self.in_cards, inter, grid_step=self.warp.grid_step, in_shape=self.in_shape
+        )
         if parts is not None:
             reg, img, var, msk = parts
             # The dependency covers the region for the whole requested box; crop to ours.
@@ -273,20 +281,42 @@ class _WarpSource(_Source):
         if self.remap is not None:
             msk = self.remap[0].remap(msk.astype(np.uint32), self.remap[1])
         scale = self.calibration * kw.area_ratio(xin, yin) if min(inter.shape) >= 2 else self.calibration
-        wi, wv, wm = kw.warp_planes(img, var, msk, xin - reg.x0, yin - reg.y0, scale, order=self.warp.order,
-                                    mask_radius=self.warp.mask_radius, no_data_bit=_NO_DATA)
+        wi, wv, wm = kw.warp_planes(
+            img,
+            var,
+            msk,
+            xin - reg.x0,
+            yin - reg.y0,
+            scale,
+            order=self.warp.order,
+            mask_radius=self.warp.mask_radius,
+            no_data_bit=_NO_DATA,
+        )
         dst = inter.shifted(-box.x0, -box.y0).slices()
         out_img[dst], out_var[dst], out_msk[dst] = wi, wv, wm
         return out_img, out_var, out_msk
 
 
-def _outline_mapping(out_cards: Sequence, in_cards: Sequence, box: Box,
-                     in_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _outline_mapping(
+    out_cards: Sequence, in_cards: Sequence, box: Box, in_shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     n = 9
-    xs = np.concatenate([np.linspace(box.x0, box.x1 - 1, n), np.full(n, box.x1 - 1.0),
-                         np.linspace(box.x0, box.x1 - 1, n), np.full(n, float(box.x0))])
-    ys = np.concatenate([np.full(n, float(box.y0)), np.linspace(box.y0, box.y1 - 1, n),
-                         np.full(n, box.y1 - 1.0), np.linspace(box.y0, box.y1 - 1, n)])
+    xs = np.concatenate(
+        [
+            np.linspace(box.x0, box.x1 - 1, n),
+            np.full(n, box.x1 - 1.0),
+            np.linspace(box.x0, box.x1 - 1, n),
+            np.full(n, float(box.x0)),
+        ]
+    )
+    ys = np.concatenate(
+        [
+            np.full(n, float(box.y0)),
+            np.linspace(box.y0, box.y1 - 1, n),
+            np.full(n, box.y1 - 1.0),
+            np.linspace(box.y0, box.y1 - 1, n),
+        ]
+    )
     ow, iw = _wcs(out_cards), _wcs(in_cards, in_shape)
     ra, dec = ow.pixel_to_world_values(xs, ys)
     with np.errstate(all="ignore"):
@@ -294,8 +324,9 @@ def _outline_mapping(out_cards: Sequence, in_cards: Sequence, box: Box,
     return np.asarray(xi, float), np.asarray(yi, float)
 
 
-def source_box(exposure: Exposure, out_cards: Sequence, out_shape: tuple[int, int], *,
-               chunk: int | None = None) -> Box | None:
+def source_box(
+    exposure: Exposure, out_cards: Sequence, out_shape: tuple[int, int], *, chunk: int | None = None
+) -> Box | None:
     """Bounding box on an output grid of an exposure's footprint (None if disjoint).
 
     Parameters
@@ -320,13 +351,18 @@ def source_box(exposure: Exposure, out_cards: Sequence, out_shape: tuple[int, in
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         return None
     full = Box(0, 0, int(out_shape[1]), int(out_shape[0]))
-    b = Box(int(np.floor(x.min())) - 1, int(np.floor(y.min())) - 1, int(np.ceil(x.max())) + 2,
-            int(np.ceil(y.max())) + 2).intersection(full)
+    b = Box(
+        int(np.floor(x.min())) - 1, int(np.floor(y.min())) - 1, int(np.ceil(x.max())) + 2, int(np.ceil(y.max())) + 2
+    ).intersection(full)
     if b.empty:
         return None
     if chunk:
-        b = Box(b.x0 // chunk * chunk, b.y0 // chunk * chunk, min(full.x1, -(-b.x1 // chunk) * chunk),
-                min(full.y1, -(-b.y1 // chunk) * chunk))
+        b = Box(
+            b.x0 // chunk * chunk,
+            b.y0 // chunk * chunk,
+            min(full.x1, -(-b.x1 // chunk) * chunk),
+            min(full.y1, -(-b.y1 // chunk) * chunk),
+        )
     return b
 
 
@@ -359,9 +395,16 @@ def _sub(arr: Any, n: int = 64) -> Any:
 
 
 # ----------------------------------------------------------------------------- warp
-def warp_exposure(calexp: Exposure, out_cards: Sequence, out_shape: tuple[int, int], *,
-                  xy0: tuple[int, int] = (0, 0), config: WarpConfig | None = None, full: bool = False,
-                  metadata: dict | None = None) -> Exposure:
+def warp_exposure(
+    calexp: Exposure,
+    out_cards: Sequence,
+    out_shape: tuple[int, int],
+    *,
+    xy0: tuple[int, int] = (0, 0),
+    config: WarpConfig | None = None,
+    full: bool = False,
+    metadata: dict | None = None,
+) -> Exposure:
     """Resample a calibrated exposure onto an output grid (e.g. a patch), lazily.
 
     Parameters
@@ -418,33 +461,48 @@ def warp_exposure(calexp: Exposure, out_cards: Sequence, out_shape: tuple[int, i
             key = f"warp-chunk-{token}-{b.x0}-{b.y0}"
             trow.append(dask.delayed(_warp_chunk, pure=True)(b, src_d, parts, dask_key_name=key))
         tasks.append(trow)
-    img, var, msk = _dask.from_chunk_tasks(tasks, [[b.shape for b in row] for row in boxes],
-                                           (np.float32, np.float32, np.uint32),
-                                           ("warp-image", "warp-variance", "warp-mask"))
+    img, var, msk = _dask.from_chunk_tasks(
+        tasks,
+        [[b.shape for b in row] for row in boxes],
+        (np.float32, np.float32, np.uint32),
+        ("warp-image", "warp-variance", "warp-mask"),
+    )
     from procsky.wcs import shift_wcs
 
     wcs, cards = shift_wcs(wcs_from_cards(out_cards), box.x0, box.y0, list(out_cards))
     wcs = wcs_from_cards(cards, box.shape)
     cx, cy = (box.x0 + box.x1 - 1) / 2.0, (box.y0 + box.y1 - 1) / 2.0
-    psf = _grid_psf([_psf_input_of_calexp(calexp, box)], [1.0], out_cards, box, xy0, config.psf_grid_step,
-                    config.order)
+    psf = _grid_psf([_psf_input_of_calexp(calexp, box)], [1.0], out_cards, box, xy0, config.psf_grid_step, config.order)
     med = _calexp_median_variance(calexp)
     scale = src.calibration * _area_at(out_cards, calexp, cx, cy)
     meta = dict(calexp.metadata)
-    meta.update({
-        "warp_box": box.to_list(),
-        "median_variance": None if med is None else float(med * scale * scale),
-        "visit": None if calexp.visit_info is None else calexp.visit_info.visit,
-        "flux_unit": "nJy" if calexp.photocalib is not None else meta.get("flux_unit", "counts"),
-        "lanczos_order": config.order,
-    })
+    meta.update(
+        {
+            "warp_box": box.to_list(),
+            "median_variance": None if med is None else float(med * scale * scale),
+            "visit": None if calexp.visit_info is None else calexp.visit_info.visit,
+            "flux_unit": "nJy" if calexp.photocalib is not None else meta.get("flux_unit", "counts"),
+            "lanczos_order": config.order,
+        }
+    )
     poly = footprint_polygon(calexp, out_cards, xy0)
     if poly is not None:
         meta["footprint"] = poly.tolist()  # outline of the calexp, tract pixels (coadd PSF coverage)
     meta.update(metadata or {})
-    return Exposure(img, var, msk, wcs=wcs, wcs_cards=cards, psf=psf, photocalib=None, visit_info=calexp.visit_info,
-                    detector=calexp.detector, metadata=meta, mask_planes=_masks.DEFAULT_PLANES,
-                    xy0=(int(xy0[0]) + box.x0, int(xy0[1]) + box.y0))
+    return Exposure(
+        img,
+        var,
+        msk,
+        wcs=wcs,
+        wcs_cards=cards,
+        psf=psf,
+        photocalib=None,
+        visit_info=calexp.visit_info,
+        detector=calexp.detector,
+        metadata=meta,
+        mask_planes=_masks.DEFAULT_PLANES,
+        xy0=(int(xy0[0]) + box.x0, int(xy0[1]) + box.y0),
+    )
 
 
 def _calexp_median_variance(exp: Exposure) -> float | None:
@@ -464,8 +522,7 @@ def _area_at(out_cards: Sequence, exp: Exposure, x: float, y: float) -> float:
     return float(abs(np.linalg.det(jac)))
 
 
-def _make_warp_source(calexp: Exposure, out_cards: Sequence, config: WarpConfig, box: Box,
-                      widx: int) -> _WarpSource:
+def _make_warp_source(calexp: Exposure, out_cards: Sequence, config: WarpConfig, box: Box, widx: int) -> _WarpSource:
     if calexp.wcs is None:
         raise ProcskyValueError("cannot warp an exposure without a WCS; run calibrate (astrometry) first")
     remap = None
@@ -473,10 +530,18 @@ def _make_warp_source(calexp: Exposure, out_cards: Sequence, config: WarpConfig,
         remap = (calexp.mask_planes, _masks.DEFAULT_PLANES)
     cal = calexp.photocalib.calibration if calexp.photocalib is not None else 1.0
     return _WarpSource(
-        box=box, visit=None if calexp.visit_info is None else calexp.visit_info.visit, weight_index=widx,
-        image=_plane_store(calexp.image), variance=_plane_store(calexp.variance), mask=_plane_store(calexp.mask),
-        in_cards=list(calexp.wcs_cards), in_shape=tuple(calexp.shape), out_cards=list(out_cards),
-        calibration=float(cal), warp=config, remap=remap,
+        box=box,
+        visit=None if calexp.visit_info is None else calexp.visit_info.visit,
+        weight_index=widx,
+        image=_plane_store(calexp.image),
+        variance=_plane_store(calexp.variance),
+        mask=_plane_store(calexp.mask),
+        in_cards=list(calexp.wcs_cards),
+        in_shape=tuple(calexp.shape),
+        out_cards=list(out_cards),
+        calibration=float(cal),
+        warp=config,
+        remap=remap,
     )
 
 
@@ -506,8 +571,9 @@ def psf_grid_nodes(lo: int, hi: int, step: int) -> np.ndarray:
     return nodes
 
 
-def _node_mapping(out_cards: Sequence, in_cards: Sequence, in_shape: tuple[int, int], x: Any,
-                  y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _node_mapping(
+    out_cards: Sequence, in_cards: Sequence, in_shape: tuple[int, int], x: Any, y: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Input pixels of output pixels (x, y) (1-d arrays) and the Jacobians there.
 
     Returns ``xi, yi`` (n,) and ``jac`` (n, 2, 2), by central differences of the exact
@@ -547,14 +613,16 @@ class _PsfInput:
     in_xy0: tuple = (0, 0)
     polygon: object = None  # footprint (n, 2) in the output's tract pixels, or None
 
-    def kernels_at(self, out_cards: Sequence, xy0: tuple[int, int], x: Any, y: Any,
-                   order: int) -> list[np.ndarray | None]:
+    def kernels_at(
+        self, out_cards: Sequence, xy0: tuple[int, int], x: Any, y: Any, order: int
+    ) -> list[np.ndarray | None]:
         """Kernels (or None where not covered) at output pixels (x, y), 1-d arrays."""
         out: list[np.ndarray | None] = [None] * len(x)
         if self.psf is None:
             return out
-        inside = np.array([self.box.x0 <= a < self.box.x1 and self.box.y0 <= b < self.box.y1 for a, b in zip(x, y)],
-                          bool)
+        inside = np.array(
+            [self.box.x0 <= a < self.box.x1 and self.box.y0 <= b < self.box.y1 for a, b in zip(x, y)], bool
+        )
         if not inside.any():
             return out
         # only calexp inputs get here: a warp's PSF is already on the output grid (_component)
@@ -562,16 +630,24 @@ class _PsfInput:
         xi, yi, jac = _node_mapping(out_cards, self.in_cards, self.in_shape, np.asarray(x)[idx], np.asarray(y)[idx])
         ny, nx = self.in_shape
         for j, k in enumerate(idx):
-            if not (np.isfinite(xi[j]) and np.isfinite(yi[j]) and -0.5 <= xi[j] <= nx - 0.5
-                    and -0.5 <= yi[j] <= ny - 0.5):
+            if not (
+                np.isfinite(xi[j]) and np.isfinite(yi[j]) and -0.5 <= xi[j] <= nx - 0.5 and -0.5 <= yi[j] <= ny - 0.5
+            ):
                 continue
             ker = self.psf.kernel(float(xi[j]) + self.in_xy0[0], float(yi[j]) + self.in_xy0[1])
             out[k] = kw.warp_kernel_image(ker, jac[j], order=order)
         return out
 
 
-def _grid_psf(inputs: Sequence[_PsfInput], weights: Sequence[float], out_cards: Sequence, region: Box,
-              xy0: tuple[int, int], step: int, order: int) -> GridImagePsf | None:
+def _grid_psf(
+    inputs: Sequence[_PsfInput],
+    weights: Sequence[float],
+    out_cards: Sequence,
+    region: Box,
+    xy0: tuple[int, int],
+    step: int,
+    order: int,
+) -> GridImagePsf | None:
     """The weighted sum of the inputs' warped PSFs on a grid of nodes over ``region``
     (output pixels; ``xy0`` is the parent/tract pixel of output pixel (0, 0)).
 
@@ -606,16 +682,18 @@ def _grid_psf(inputs: Sequence[_PsfInput], weights: Sequence[float], out_cards: 
     kernels = np.zeros((x.size, size, size))
     for j in np.flatnonzero(valid):
         kernels[j] = pad_kernel(acc[j], size) / tot[j]
-    return GridImagePsf(kernels.reshape(gy.size, gx.size, size, size), gx + xy0[0], gy + xy0[1],
-                        valid.reshape(gy.size, gx.size))
+    return GridImagePsf(
+        kernels.reshape(gy.size, gx.size, size, size), gx + xy0[0], gy + xy0[1], valid.reshape(gy.size, gx.size)
+    )
 
 
 def _psf_input_of_calexp(exp: Exposure, box: Box) -> _PsfInput:
     return _PsfInput("calexp", exp.psf, box, list(exp.wcs_cards), tuple(exp.shape), tuple(exp.xy0))
 
 
-def footprint_polygon(exposure: Exposure, out_cards: Sequence, xy0: tuple[int, int] = (0, 0),
-                      n_edge: int = 16) -> np.ndarray | None:
+def footprint_polygon(
+    exposure: Exposure, out_cards: Sequence, xy0: tuple[int, int] = (0, 0), n_edge: int = 16
+) -> np.ndarray | None:
     """Outline of an exposure's pixels on an output grid: (n, 2) vertices in the output's
     parent (tract) pixel frame (``xy0`` = parent pixel of output pixel (0, 0))."""
     from procsky.skymap import footprint_points
@@ -630,8 +708,9 @@ def footprint_polygon(exposure: Exposure, out_cards: Sequence, xy0: tuple[int, i
     return np.column_stack([x + xy0[0], y + xy0[1]])
 
 
-def _component(pin: _PsfInput, out_cards: Sequence, xy0: tuple[int, int], step: int,
-               order: int) -> tuple[PsfModel | None, Any]:
+def _component(
+    pin: _PsfInput, out_cards: Sequence, xy0: tuple[int, int], step: int, order: int
+) -> tuple[PsfModel | None, Any]:
     """(PSF in the output's tract frame, footprint polygon) of one coadd input."""
     if pin.psf is None:
         return None, None
@@ -639,5 +718,3 @@ def _component(pin: _PsfInput, out_cards: Sequence, xy0: tuple[int, int], step: 
         return pin.psf, pin.polygon
     one = _grid_psf([pin], [1.0], out_cards, pin.box, xy0, step, order)
     return one, pin.polygon
-
-

@@ -87,8 +87,7 @@ class PgServer:
             self.user = pwd.getpwuid(os.geteuid()).pw_name
         data = self.workdir / "data"
         self._run(
-            [str(self.bin_dir / "initdb"), "-D", str(data), "-U", self.user, "-A", "trust",
-             "-E", "UTF8", "--no-sync"]
+            [str(self.bin_dir / "initdb"), "-D", str(data), "-U", self.user, "-A", "trust", "-E", "UTF8", "--no-sync"]
         )
         last_error = None
         for _attempt in range(3):  # a free port may be taken between probe and bind
@@ -100,8 +99,19 @@ class PgServer:
             )
             try:
                 self._run(
-                    [str(self.bin_dir / "pg_ctl"), "-D", str(data), "-o", opts,
-                     "-l", str(self.workdir / "postgres.log"), "-w", "-t", "60", "start"]
+                    [
+                        str(self.bin_dir / "pg_ctl"),
+                        "-D",
+                        str(data),
+                        "-o",
+                        opts,
+                        "-l",
+                        str(self.workdir / "postgres.log"),
+                        "-w",
+                        "-t",
+                        "60",
+                        "start",
+                    ]
                 )
                 self.running = True
                 return self
@@ -116,8 +126,7 @@ class PgServer:
         if self.running:
             try:
                 self._run(
-                    [str(self.bin_dir / "pg_ctl"), "-D", str(self.workdir / "data"),
-                     "-m", "immediate", "-w", "stop"]
+                    [str(self.bin_dir / "pg_ctl"), "-D", str(self.workdir / "data"), "-m", "immediate", "-w", "stop"]
                 )
             except RuntimeError:
                 pass
@@ -142,7 +151,10 @@ class PgServer:
 
         name = name or f"procsky_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(
-            host="127.0.0.1", port=self.port, user=self.user, dbname="postgres",
+            host="127.0.0.1",
+            port=self.port,
+            user=self.user,
+            dbname="postgres",
             autocommit=True,
         ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
@@ -153,9 +165,7 @@ class PgServer:
         return path.read_text(errors="replace") if path and path.exists() else ""
 
     def _run(self, cmd: list[str]) -> None:
-        proc = subprocess.run(
-            self._as_user + cmd, capture_output=True, text=True, timeout=120, cwd="/tmp"
-        )
+        proc = subprocess.run(self._as_user + cmd, capture_output=True, text=True, timeout=120, cwd="/tmp")
         if proc.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()} "

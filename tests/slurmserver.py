@@ -102,7 +102,8 @@ class SlurmServer:
             (w / sub).mkdir(parents=True, exist_ok=True)
         pdir = _plugin_dir()
         auth_none = os.path.exists(os.path.join(pdir, "auth_none.so")) and os.path.exists(
-            os.path.join(pdir, "cred_none.so"))
+            os.path.join(pdir, "cred_none.so")
+        )
         ctld_port, d_port = _free_port(), _free_port()
         lines = [
             "ClusterName=procskytest",
@@ -140,8 +141,7 @@ class SlurmServer:
         if auth_none:
             lines += ["AuthType=auth/none", "CredType=cred/none"]
         else:
-            lines += ["AuthType=auth/munge", "CredType=cred/munge",
-                      f"AuthInfo=socket={w / 'munge.socket'}"]
+            lines += ["AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={w / 'munge.socket'}"]
             self._start_munge()
         self.conf.write_text("\n".join(lines) + "\n")
         # cgroup.conf is read by slurmd even with the non-cgroup plugins on some versions.
@@ -154,8 +154,7 @@ class SlurmServer:
             for p in self.procs:
                 if p.poll() is not None:
                     raise RuntimeError(f"{p.args[0]} exited with {p.returncode}:\n{self.logs()}")
-            r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env,
-                               capture_output=True, text=True)
+            r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True)
             state = r.stdout.strip()
             if r.returncode == 0 and state.startswith("idle"):
                 return self
@@ -168,15 +167,26 @@ class SlurmServer:
         key = w / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self._spawn(["munged", "-F", "--force", f"--key-file={key}", f"--socket={w / 'munge.socket'}",
-                     f"--pid-file={w / 'munged.pid'}", f"--log-file={w / 'log' / 'munged.log'}",
-                     f"--seed-file={w / 'munge.seed'}"], "munged.out")
+        self._spawn(
+            [
+                "munged",
+                "-F",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={w / 'munge.socket'}",
+                f"--pid-file={w / 'munged.pid'}",
+                f"--log-file={w / 'log' / 'munged.log'}",
+                f"--seed-file={w / 'munge.seed'}",
+            ],
+            "munged.out",
+        )
         time.sleep(1.0)
 
     def _spawn(self, cmd: list[str], out: str) -> None:
         fh = open(self.workdir / "log" / out, "wb")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        )
         fh.close()
 
     def logs(self) -> str:
@@ -189,8 +199,7 @@ class SlurmServer:
         return "\n".join(text)
 
     def squeue(self) -> str:
-        return subprocess.run(["squeue", "-h", "-o", "%i %T %j"], env=self.env, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(["squeue", "-h", "-o", "%i %T %j"], env=self.env, capture_output=True, text=True).stdout
 
     def _our_stepds(self) -> list[int]:
         """slurmstepd processes started by this cluster (their SLURM_CONF is ours)."""

@@ -77,10 +77,18 @@ def epochs():
     out = []
     for n in range(4):
         # the transients exist in the first two epochs only; the variable star in all
-        sci, tpl, truth = simulate_pair(shape, n_stars=150, seeing_science=(2.0, 2.0), seeing_template=1.5, seed=31,
-                                        noise_seed=n, n_transients=2 if n < 2 else 0,
-                                        transient_flux=(8000.0, 8000.0),
-                                        variable_delta=[3000.0, -3000.0, 3000.0, -3000.0][n], wcs=wcs)
+        sci, tpl, truth = simulate_pair(
+            shape,
+            n_stars=150,
+            seeing_science=(2.0, 2.0),
+            seeing_template=1.5,
+            seed=31,
+            noise_seed=n,
+            n_transients=2 if n < 2 else 0,
+            transient_flux=(8000.0, 8000.0),
+            variable_delta=[3000.0, -3000.0, 3000.0, -3000.0][n],
+            wcs=wcs,
+        )
         sci.photocalib = PhotoCalib(0.5)
         sci.visit_info = VisitInfo(mjd=60000.0 + n, band="r", visit=100 + n)
         sci.detector = {"id": 3}
@@ -93,7 +101,7 @@ def epochs():
 
 def test_dia_chain_associates_transients_and_builds_light_curves(epochs):
     tables = []
-    for diff, truth in epochs:
+    for diff, _truth in epochs:
         df, _ = detect_dia_sources(diff)
         tables.append(df)
     truth = epochs[0][1]
@@ -116,8 +124,14 @@ def test_dia_chain_associates_transients_and_builds_light_curves(epochs):
     task = ForcedDiaTask()
     curve = []
     for diff, _ in epochs:
-        out = task.run(diff, [objects], data_ids={"diff": {"visit": diff.visit_info.visit, "detector": 3},
-                                                  "dia_objects": [{"skymap": "s", "tract": 0}]})
+        out = task.run(
+            diff,
+            [objects],
+            data_ids={
+                "diff": {"visit": diff.visit_info.visit, "detector": 3},
+                "dia_objects": [{"skymap": "s", "tract": 0}],
+            },
+        )
         f = out["dia_forced_source"]
         assert set(f.dia_object_id) <= set(objects.dia_object_id)
         assert (f.visit == diff.visit_info.visit).all() and (f.tract == 0).all()

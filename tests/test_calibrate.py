@@ -35,8 +35,9 @@ ASTRO_SNR_MIN = 100.0
 
 def _draw(root: Path, recipe: str, mode: str, detectors, visits=(1,)):
     out = root / f"{recipe}_{mode}"
-    sim.simulate(recipe, out, mode=mode, scheduler="sync", visits=list(visits), detectors=list(detectors),
-                 progress=False)
+    sim.simulate(
+        recipe, out, mode=mode, scheduler="sync", visits=list(visits), detectors=list(detectors), progress=False
+    )
     return out
 
 
@@ -194,19 +195,29 @@ def _metrics(d: Path, visit: int, det: int, calexp, src):
     m["astro_median_mas"] = float(np.hypot(np.median(dra[a]), np.median(ddec[a]))) if a.any() else float("nan")
     m["astro_scatter_mas"] = scatter(a)
     m["astro_scatter_snr50_mas"] = scatter(ok)
-    m["astro_excess_snr50_mas"] = float(np.sqrt(max(0.0, m["astro_scatter_snr50_mas"] ** 2 - np.mean(err[ok] ** 2)))) \
-        if ok.sum() > 1 else float("nan")
+    m["astro_excess_snr50_mas"] = (
+        float(np.sqrt(max(0.0, m["astro_scatter_snr50_mas"] ** 2 - np.mean(err[ok] ** 2))))
+        if ok.sum() > 1
+        else float("nan")
+    )
     pm = ok & mid
     m["astro_pulls_snr50_500"] = np.r_[dra[pm] / err[pm], ddec[pm] / err[pm]]
     # per star, for the S/N-binned table of benchmarks/eval_calibrate_small.py: the offset on the
     # sky (centroid and fitted WCS) and the centroid's offset from the truth position mapped to
     # pixels by the true WCS (centroid alone), both in mas
     tx, ty = wtrue.all_world2pix(t.ra.to_numpy(), t.dec.to_numpy(), 0)
-    m["astro_stars"] = pd.DataFrame({"snr": snr, "dra_mas": dra, "ddec_mas": ddec, "err_mas": err,
-                                     "dx_mas": scale_mas * (s.x.to_numpy() - tx),
-                                     "dy_mas": scale_mas * (s.y.to_numpy() - ty),
-                                     "ra_err_mas": 3.6e6 * s.ra_err.to_numpy(),
-                                     "dec_err_mas": 3.6e6 * s.dec_err.to_numpy()})[ok]
+    m["astro_stars"] = pd.DataFrame(
+        {
+            "snr": snr,
+            "dra_mas": dra,
+            "ddec_mas": ddec,
+            "err_mas": err,
+            "dx_mas": scale_mas * (s.x.to_numpy() - tx),
+            "dy_mas": scale_mas * (s.y.to_numpy() - ty),
+            "ra_err_mas": 3.6e6 * s.ra_err.to_numpy(),
+            "dec_err_mas": 3.6e6 * s.dec_err.to_numpy(),
+        }
+    )[ok]
     big = crs[crs.counts > 5 * np.sqrt(var_sky)]
     crm = (np.asarray(calexp.mask) & masks.bit("CR")) != 0
     m["cr_recovered"] = float(crm[big.y, big.x].mean()) if len(big) else 1.0
@@ -245,8 +256,26 @@ def test_calibrate_tiny_against_truth(tiny):
     assert calexp.photocalib.zero_point == pytest.approx(summary["zero_point"])
     assert (np.asarray(calexp.mask) & masks.bit("DETECTED")).any()
     assert abs(float(np.median(calexp.image))) < 0.5 * summary["sky_rms"]  # background subtracted
-    for col in ("id", "x", "y", "x_err", "y_err", "ra", "dec", "psf_flux", "psf_flux_err", "ap_flux_3",
-                "ap_flux_3_err", "ixx", "iyy", "ixy", "sky", "flag_edge", "flag_saturated", "calib_psf_used"):
+    for col in (
+        "id",
+        "x",
+        "y",
+        "x_err",
+        "y_err",
+        "ra",
+        "dec",
+        "psf_flux",
+        "psf_flux_err",
+        "ap_flux_3",
+        "ap_flux_3_err",
+        "ixx",
+        "iyy",
+        "ixy",
+        "sky",
+        "flag_edge",
+        "flag_saturated",
+        "calib_psf_used",
+    ):
         assert col in src.columns, col
     assert src["flag_edge"].dtype == bool and src["id"].is_unique
     assert src.attrs["units"]["psf_flux"] == "nJy" and src.attrs["units"]["ra"] == "deg"
@@ -297,10 +326,13 @@ def test_config_is_a_tree_of_frozen_step_configs(tmp_path):
         CalibrateConfig(psf_order=1)  # the flat names are gone
     with pytest.raises(pydantic.ValidationError):
         c.psf.order = 1  # frozen
-    (tmp_path / "p.yaml").write_text("description: t\ntasks:\n  - label: calibrate\n    task: calibrate\n"
-                                     "    config: {psf: {stamp_size: 21}, detection.nsigma: 4.5}\n")
+    (tmp_path / "p.yaml").write_text(
+        "description: t\ntasks:\n  - label: calibrate\n    task: calibrate\n"
+        "    config: {psf: {stamp_size: 21}, detection.nsigma: 4.5}\n"
+    )
     cfg = load_pipeline(tmp_path / "p.yaml", ["calibrate.psf.order=1", "calibrate.refcat_visit_radius_deg=2"])[
-        "calibrate"].config
+        "calibrate"
+    ].config
     assert (cfg.psf.order, cfg.psf.stamp_size, cfg.psf.warp_order) == (1, 21, 1)
     assert cfg.detection.nsigma == 4.5 and cfg.refcat_visit_radius_deg == 2.0
 
@@ -331,8 +363,10 @@ def test_task_run_and_refcat_shards_in_quanta(tiny, tmp_path):
     # quanta: only shards near the boresight
     from procsky.pipeline.graph import Where, _existing
 
-    cands = {"exposure": _existing(repo, "isr_exposure", ["simcam/raw"], Where(None), "x"),
-             "refcat": _existing(repo, "refcat", None, Where(None), "x")}
+    cands = {
+        "exposure": _existing(repo, "isr_exposure", ["simcam/raw"], Where(None), "x"),
+        "refcat": _existing(repo, "refcat", None, Where(None), "x"),
+    }
     specs = CalibrateTask().quanta(repo, cands, None)
     assert len(specs) == 1
     attached = specs[0].inputs["refcat"]
@@ -385,8 +419,16 @@ def small_visit_metrics(small_r_det4, tmp_path_factory):
 
     others = [0, 1, 2, 3, 5, 6, 7, 8]
     d = tmp_path_factory.mktemp("small_visit2")
-    sim.simulate("small", d, mode="calibrated", visits=[SMALL_VISIT], detectors=others, scheduler="processes",
-                 workers=2, progress=False)
+    sim.simulate(
+        "small",
+        d,
+        mode="calibrated",
+        visits=[SMALL_VISIT],
+        detectors=others,
+        scheduler="processes",
+        workers=2,
+        progress=False,
+    )
     ref = [read_refcat_file(d / "refcat/refcat.parquet")]
     out = {}
     for det in range(9):
@@ -462,9 +504,13 @@ def _visit_calibration(small_visit_metrics, **config):
     from procsky.tasks.photometry import VisitPhotometryConfig, visit_photometric_calibration
 
     dets = sorted(small_visit_metrics)
-    return visit_photometric_calibration([small_visit_metrics[k][3] for k in dets], dets,
-                                         [small_visit_metrics[k][1] for k in dets],
-                                         VisitPhotometryConfig(**config), visit=SMALL_VISIT)
+    return visit_photometric_calibration(
+        [small_visit_metrics[k][3] for k in dets],
+        dets,
+        [small_visit_metrics[k][1] for k in dets],
+        VisitPhotometryConfig(**config),
+        visit=SMALL_VISIT,
+    )
 
 
 @pytest.mark.slow
@@ -484,8 +530,10 @@ def test_calibrate_small_visit_zero_point(small_visit_metrics, capsys):
     with capsys.disabled():
         per = {det: round(1000 * (s["zero_point"] - truth[det]), 1) for det, (_, s, *_) in small_visit_metrics.items()}
         final = {int(k): round(1000 * (v["zero_point"] - truth[int(k)]), 1) for k, v in rec["detectors"].items()}
-        print(f"\nvisit {SMALL_VISIT} zero point - truth (mmag): calibrate per detector {per}; "
-              f"visit-level {final} (err {1000 * rec['zero_point_err']:.1f}, {rec['n_stars']} stars)")
+        print(
+            f"\nvisit {SMALL_VISIT} zero point - truth (mmag): calibrate per detector {per}; "
+            f"visit-level {final} (err {1000 * rec['zero_point_err']:.1f}, {rec['n_stars']} stars)"
+        )
     assert rec["n_detectors"] == 9 and rec["n_stars"] > 50
     for det, (m, summary, *_) in small_visit_metrics.items():
         entry = rec["detectors"][str(det)]
@@ -519,8 +567,12 @@ def test_raw_isr_calibrate_matches_calibrated_twin(tmp_path):
     ref = [read_refcat_file(cal / "refcat/refcat.parquet")]
     _, src_a, sum_a = calibrate_exposure(Exposure.read(cal / "images/calexp-v000001-d001.fits"), ref)
     c = raw / "calibs"
-    isr = run_isr(Exposure.read(raw / "images/raw-v000001-d001.fits"), Exposure.read(c / "bias-d001.fits"),
-                  Exposure.read(c / "dark-d001.fits"), Exposure.read(c / "flat-g-d001.fits"))
+    isr = run_isr(
+        Exposure.read(raw / "images/raw-v000001-d001.fits"),
+        Exposure.read(c / "bias-d001.fits"),
+        Exposure.read(c / "dark-d001.fits"),
+        Exposure.read(c / "flat-g-d001.fits"),
+    )
     _, src_b, sum_b = calibrate_exposure(isr, ref)
     d, j = cKDTree(np.c_[src_b.x, src_b.y]).query(np.c_[src_a.x, src_a.y], distance_upper_bound=1.0)
     ok = np.isfinite(d)
@@ -553,8 +605,9 @@ def test_pipeline_isr_then_calibrate_on_raw(tmp_path):
     files = sorted(glob.glob(str(raw / "images/*.fits"))) + sorted(glob.glob(str(raw / "calibs/*-d000.fits")))
     ingest_files(repo, files, "simcam", run="simcam/raw")
     ingest_refcat(repo, [raw / "refcat/refcat.parquet"], "sim")
-    (tmp_path / "p.yaml").write_text("tasks:\n  - label: isr\n    task: isr\n"
-                                     "  - label: calibrate\n    task: calibrate\n")
+    (tmp_path / "p.yaml").write_text(
+        "tasks:\n  - label: isr\n    task: isr\n  - label: calibrate\n    task: calibrate\n"
+    )
     summary = run_pipeline(repo, str(tmp_path / "p.yaml"), output="proc")
     assert summary.ok, str(summary)
     did = {"instrument": "simcam", "visit": 1, "detector": 0}
@@ -581,8 +634,9 @@ def test_pipeline_visit_photometry_then_warp(tiny, tmp_path):
     ingest_files(repo, sorted(glob.glob(str(tiny / "images/*.fits"))), "simcam", run="simcam/raw")
     ingest_refcat(repo, [tiny / "refcat/refcat.parquet"], "sim")
     register_skymap(repo, rings_skymap(name="default"))
-    summary = run_pipeline(repo, "drp", where="instrument='simcam'", output="drp",
-                           tasks=["isr", "calibrate", "visit_photometry", "warp"])
+    summary = run_pipeline(
+        repo, "drp", where="instrument='simcam'", output="drp", tasks=["isr", "calibrate", "visit_photometry", "warp"]
+    )
     assert summary.ok, str(summary)
     vid = {"instrument": "simcam", "visit": 1}
     rec = repo.get("visit_photocalib", vid, run="drp")
@@ -634,9 +688,15 @@ def _synthetic_src(rng, zp_true, zp_det, n=40, ref_err=0.01, flat_offset=0.0, he
     snr = 200.0
     counts_obs = counts * (1 + rng.normal(0, 1 / snr, n))
     cal = 10 ** (-0.4 * (zp_det - AB_NJY_ZP))
-    src = pd.DataFrame({"psf_flux": counts_obs * cal, "psf_flux_err": counts * cal / snr,
-                        "ref_mag": m_true + rng.normal(0, ref_err, n), "ref_mag_err": np.full(n, ref_err),
-                        "calib_photometry_candidate": np.ones(n, bool)})
+    src = pd.DataFrame(
+        {
+            "psf_flux": counts_obs * cal,
+            "psf_flux_err": counts * cal / snr,
+            "ref_mag": m_true + rng.normal(0, ref_err, n),
+            "ref_mag_err": np.full(n, ref_err),
+            "calib_photometry_candidate": np.ones(n, bool),
+        }
+    )
     src.attrs["meta"] = {"zero_point": zp_det, "zero_point_err": 0.003, "header_zero_point": header}
     return src
 
@@ -649,8 +709,12 @@ def test_visit_photometric_calibration_synthetic():
     rng = np.random.default_rng(3)
     zp = 30.0
     gains = {0: 0.0, 1: 0.1, 2: -0.05}  # electrons: zero points differ by 2.5 log10(gain)
-    srcs = [_synthetic_src(rng, zp + g, zp + g + rng.normal(0, 0.004), header=zp + g + 0.02,
-                           flat_offset=0.05 if k == 2 else 0.0) for k, g in gains.items()]
+    srcs = [
+        _synthetic_src(
+            rng, zp + g, zp + g + rng.normal(0, 0.004), header=zp + g + 0.02, flat_offset=0.05 if k == 2 else 0.0
+        )
+        for k, g in gains.items()
+    ]
     rec = visit_photometric_calibration(srcs, list(gains), visit=7)
     assert rec["visit"] == 7 and rec["header_offsets_used"] and rec["n_detectors"] == 3
     for k, g in gains.items():
@@ -672,8 +736,9 @@ def test_visit_photometric_calibration_synthetic():
     rec3 = visit_photometric_calibration(srcs[:1], [0])
     assert not rec3["header_offsets_used"] and rec3["zero_point"] == pytest.approx(zp, abs=0.005)
     with pytest.raises(NoWorkError):
-        visit_photometric_calibration([s.iloc[:1] for s in srcs], list(gains),
-                                      config=VisitPhotometryConfig(min_stars=5))
+        visit_photometric_calibration(
+            [s.iloc[:1] for s in srcs], list(gains), config=VisitPhotometryConfig(min_stars=5)
+        )
     assert photocalib_for_detector(None, 0) is None
 
 
@@ -700,8 +765,9 @@ def test_visit_photometry_uses_one_aperture_to_total_factor():
         assert e["aperture_to_total_applied"] == pytest.approx(rec["aperture_to_total"])
         # the zero point of total counts: the truth (0.5 mmag), whatever the detector's own factor
         assert e["zero_point"] == pytest.approx(zp, abs=0.0007), k
-    off = visit_photometric_calibration(srcs, list(own), summaries,
-                                        VisitPhotometryConfig(use_visit_aperture_to_total=False))
+    off = visit_photometric_calibration(
+        srcs, list(own), summaries, VisitPhotometryConfig(use_visit_aperture_to_total=False)
+    )
     assert off["aperture_to_total"] == 1.0 and off["detectors"]["1"]["aperture_to_total_applied"] == 1.009
 
 
@@ -712,8 +778,7 @@ def test_calibrate_small_trailed_detector(tmp_path):
     shredded into spurious sources, and the astrometry and detection criteria hold there."""
     from procsky.sim.render import image_filename
 
-    sim.simulate("small", tmp_path, mode="calibrated", visits=[14], detectors=[3], scheduler="sync",
-                 progress=False)
+    sim.simulate("small", tmp_path, mode="calibrated", visits=[14], detectors=[3], scheduler="sync", progress=False)
     exp = Exposure.read(tmp_path / "images" / image_filename("calexp", 14, 3))
     calexp, src, summary = calibrate_exposure(exp, [read_refcat_file(tmp_path / "refcat/refcat.parquet")])
     assert summary["n_streaks"] == 1

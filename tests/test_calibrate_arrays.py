@@ -20,8 +20,18 @@ REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" /
 
 @pytest.fixture(scope="module")
 def frame_run():
-    fr = make_star_field((1024, 1024), 450, fwhm=4.0, fwhm_gradient=0.1, flux_range=(2e3, 4e5), sky=800.0,
-                         read_noise=5.0, seed=21, min_separation=14, margin=12)
+    fr = make_star_field(
+        (1024, 1024),
+        450,
+        fwhm=4.0,
+        fwhm_gradient=0.1,
+        flux_range=(2e3, 4e5),
+        sky=800.0,
+        read_noise=5.0,
+        seed=21,
+        min_separation=14,
+        margin=12,
+    )
     img, crmask = add_cosmic_rays(fr.image, 250, seed=22)
     yy, xx = np.mgrid[:1024, :1024]
     img = img + (0.05 * xx + 0.02 * yy).astype(np.float32)  # sky gradient on top of the 800 counts
@@ -99,8 +109,9 @@ def test_real_frame_against_sextractor_catalogue():
     nsigma = 1.5 / (np.sqrt((kernel**2).sum()) / kernel.sum())
     var = np.float32(bk.global_rms**2)
     det = detect_sources(sub, var, kernel=kernel, nsigma=nsigma, min_area=5, grow=0, deblend=False)
-    cat = measure_sources(sub, np.full(img.shape, var, np.float32), None, det.x, det.y, psf_sigma=1.5,
-                          aperture_radii=(5.0,))
+    cat = measure_sources(
+        sub, np.full(img.shape, var, np.float32), None, det.x, det.y, psf_sigma=1.5, aperture_radii=(5.0,)
+    )
     tree = cKDTree(np.column_stack([cat["x"], cat["y"]]))
     d_iso, i_iso = tree.query(ref[:, 1:3] - 1.0)  # FITS 1-based -> 0-based
     d_win, i_win = tree.query(ref[:, 3:5] - 1.0)
@@ -110,8 +121,10 @@ def test_real_frame_against_sextractor_catalogue():
     assert found.mean() >= 0.95
     idx = np.where(d_win < 1.0, i_win, i_iso)[found]
     ratio = cat["ap_flux_5"][idx] / ref[found, 12]
-    print(f"sep/image.fits: {found.mean():.1%} of {len(ref)} SExtractor objects matched within 1 px; "
-          f"median aperture flux ratio {np.median(ratio):.4f}")
+    print(
+        f"sep/image.fits: {found.mean():.1%} of {len(ref)} SExtractor objects matched within 1 px; "
+        f"median aperture flux ratio {np.median(ratio):.4f}"
+    )
     assert np.median(ratio) == pytest.approx(1.0, abs=0.01)
     # errors: SExtractor with GAIN=0 uses the background rms only, as we do here
     assert np.median(cat["ap_flux_5_err"][idx] / ref[found, 13]) == pytest.approx(1.0, abs=0.05)

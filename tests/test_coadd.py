@@ -21,8 +21,14 @@ RA0, DEC0 = 150.0, 2.0
 
 # ----------------------------------------------------------------------------- synthetic data
 def make_skymap(inner=300, border=20, scale=0.2):
-    return discrete_skymap([(RA0, DEC0)], radius=inner * scale / 3600 / 2 * 0.999, pixel_scale=scale,
-                           patch_inner=inner, patch_border=border, name="test")
+    return discrete_skymap(
+        [(RA0, DEC0)],
+        radius=inner * scale / 3600 / 2 * 0.999,
+        pixel_scale=scale,
+        patch_inner=inner,
+        patch_border=border,
+        name="test",
+    )
 
 
 def make_stars(n=25, seed=1, half=30.0, fmin=2e5, fmax=2e6):
@@ -46,17 +52,30 @@ def visit_cards(seed, shape=(380, 380), scale=0.26, sip=True):
     ra = RA0 + rng.uniform(-4, 4) / 3600.0
     dec = DEC0 + rng.uniform(-4, 4) / 3600.0
     cards = [
-        ("CTYPE1", "RA---TAN-SIP" if sip else "RA---TAN", ""), ("CTYPE2", "DEC--TAN-SIP" if sip else "DEC--TAN", ""),
-        ("CRVAL1", ra, ""), ("CRVAL2", dec, ""),
-        ("CRPIX1", shape[1] / 2 + rng.uniform(-5, 5), ""), ("CRPIX2", shape[0] / 2 + rng.uniform(-5, 5), ""),
-        ("CD1_1", -s * math.cos(th), ""), ("CD1_2", s * math.sin(th), ""),
-        ("CD2_1", s * math.sin(th), ""), ("CD2_2", s * math.cos(th), ""),
-        ("CUNIT1", "deg", ""), ("CUNIT2", "deg", ""),
+        ("CTYPE1", "RA---TAN-SIP" if sip else "RA---TAN", ""),
+        ("CTYPE2", "DEC--TAN-SIP" if sip else "DEC--TAN", ""),
+        ("CRVAL1", ra, ""),
+        ("CRVAL2", dec, ""),
+        ("CRPIX1", shape[1] / 2 + rng.uniform(-5, 5), ""),
+        ("CRPIX2", shape[0] / 2 + rng.uniform(-5, 5), ""),
+        ("CD1_1", -s * math.cos(th), ""),
+        ("CD1_2", s * math.sin(th), ""),
+        ("CD2_1", s * math.sin(th), ""),
+        ("CD2_2", s * math.cos(th), ""),
+        ("CUNIT1", "deg", ""),
+        ("CUNIT2", "deg", ""),
     ]
     if sip:
-        cards += [("A_ORDER", 2, ""), ("B_ORDER", 2, ""),
-                  ("A_2_0", 2e-6 * rng.normal(), ""), ("A_1_1", 1e-6 * rng.normal(), ""), ("A_0_2", 1e-6, ""),
-                  ("B_2_0", 1e-6, ""), ("B_1_1", -2e-6 * rng.normal(), ""), ("B_0_2", 1e-6 * rng.normal(), "")]
+        cards += [
+            ("A_ORDER", 2, ""),
+            ("B_ORDER", 2, ""),
+            ("A_2_0", 2e-6 * rng.normal(), ""),
+            ("A_1_1", 1e-6 * rng.normal(), ""),
+            ("A_0_2", 1e-6, ""),
+            ("B_2_0", 1e-6, ""),
+            ("B_1_1", -2e-6 * rng.normal(), ""),
+            ("B_0_2", 1e-6 * rng.normal(), ""),
+        ]
     return cards
 
 
@@ -98,8 +117,14 @@ def make_visit(k, stars, *, shape=(380, 380), sky_sigma=None, noise=True, extra=
         img = img + extra(k, shape)
     if noise:
         img = img + rng.normal(size=shape) * np.sqrt(var)
-    exp = Exposure(img.astype(np.float32), var.astype(np.float32), wcs_cards=cards, psf=psf, photocalib=cal,
-                   visit_info=VisitInfo(band="r", visit=k, exposure_time=30.0))
+    exp = Exposure(
+        img.astype(np.float32),
+        var.astype(np.float32),
+        wcs_cards=cards,
+        psf=psf,
+        photocalib=cal,
+        visit_info=VisitInfo(band="r", visit=k, exposure_time=30.0),
+    )
     return exp
 
 
@@ -127,8 +152,9 @@ def test_build_coadd_is_lazy(tmp_path):
     calexps = [Exposure.read(p) for p in paths]
     with raise_if_dask_computes():
         lazy = build_coadd(calexps, patch, config=CoaddConfig(warp=WarpConfig(chunk=128)))
-        warps = [warp_exposure(c, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=WarpConfig(chunk=128))
-                 for c in calexps]
+        warps = [
+            warp_exposure(c, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=WarpConfig(chunk=128)) for c in calexps
+        ]
         lazy2 = build_coadd(warps, patch, config=CoaddConfig(statistic="median", warp=WarpConfig(chunk=128)))
     assert lazy.image.shape == patch.shape and lazy.image.chunksize == (128, 128)
     assert lazy2.image.shape == patch.shape
@@ -184,9 +210,17 @@ def test_coadd_flux_and_positions(ten_visits):
 
 def test_coadd_noise_matches_variance(ten_visits):
     _, visits = ten_visits
-    empty = [Exposure(v.image * 0 + np.random.default_rng(i).normal(size=v.shape).astype(np.float32)
-                      * np.sqrt(v.variance), v.variance, wcs_cards=v.wcs_cards, psf=v.psf, photocalib=v.photocalib,
-                      visit_info=v.visit_info) for i, v in enumerate(visits)]
+    empty = [
+        Exposure(
+            v.image * 0 + np.random.default_rng(i).normal(size=v.shape).astype(np.float32) * np.sqrt(v.variance),
+            v.variance,
+            wcs_cards=v.wcs_cards,
+            psf=v.psf,
+            photocalib=v.photocalib,
+            visit_info=v.visit_info,
+        )
+        for i, v in enumerate(visits)
+    ]
     patch = make_skymap().patch(0, 0)
     exp = build_coadd(empty, patch, config=CoaddConfig(warp=WarpConfig(chunk=256))).to_exposure().compute()
     good = (exp.mask & masks.bit("NO_DATA")) == 0
@@ -226,8 +260,10 @@ def test_artifacts_rejected_variable_kept():
     def scale(k):
         return np.where(np.arange(len(flux)) == var_star, amp[k], 1.0)
 
-    visits = [make_visit(k, stars, flux_scale=scale(k), extra=lambda kk, sh: _trail(kk, sh) + _cosmics(kk, sh))
-              for k in range(10)]
+    visits = [
+        make_visit(k, stars, flux_scale=scale(k), extra=lambda kk, sh: _trail(kk, sh) + _cosmics(kk, sh))
+        for k in range(10)
+    ]
     patch = make_skymap().patch(0, 0)
     exp = build_coadd(visits, patch, config=CoaddConfig(warp=WarpConfig(chunk=256))).to_exposure().compute()
     clean_visits = [make_visit(k, stars, flux_scale=scale(k)) for k in range(10)]
@@ -293,16 +329,28 @@ def test_coadd_memory_does_not_grow_with_visits(tmp_path, reject):
     patch = sm.patch(0, 0)
     stars = make_stars(9, half=20.0)
     paths = []
-    base = [warp_exposure(make_visit(k, stars), patch.wcs_cards, patch.shape, xy0=patch.xy0,
-                          config=WarpConfig(chunk=512)).compute() for k in range(4)]
+    base = [
+        warp_exposure(
+            make_visit(k, stars), patch.wcs_cards, patch.shape, xy0=patch.xy0, config=WarpConfig(chunk=512)
+        ).compute()
+        for k in range(4)
+    ]
     geometry = {"patch_box": patch.outer.to_list(), "patch_wcs": [list(c) for c in patch.wcs_cards]}
     rng = np.random.default_rng(5)
     for k in range(40):
         b = base[k % 4]
         # Independent noise per visit on top of a warped visit (cheaper than 40 warps).
         img = b.image + (rng.normal(size=b.shape) * np.sqrt(np.nan_to_num(b.variance))).astype(np.float32)
-        w = Exposure(img, b.variance, b.mask, wcs_cards=b.wcs_cards, psf=b.psf, metadata={**b.metadata, **geometry},
-                     visit_info=VisitInfo(band="r", visit=k), xy0=b.xy0)
+        w = Exposure(
+            img,
+            b.variance,
+            b.mask,
+            wcs_cards=b.wcs_cards,
+            psf=b.psf,
+            metadata={**b.metadata, **geometry},
+            visit_info=VisitInfo(band="r", visit=k),
+            xy0=b.xy0,
+        )
         p = tmp_path / f"w{k}.zarr"
         w.write(p, chunks=120)
         paths.append(p)
@@ -345,8 +393,9 @@ def test_tasks_quanta_run_and_export(tmp_path):
     repo = Repo.create(tmp_path / "repo")
     stars = make_stars(9)
     for k in range(4):
-        repo.put(make_visit(k, stars), "calexp", {"instrument": "simcam", "visit": k, "detector": 0, "band": "r"},
-                 "calib")
+        repo.put(
+            make_visit(k, stars), "calexp", {"instrument": "simcam", "visit": k, "detector": 0, "band": "r"}, "calib"
+        )
     sm = make_skymap()
     sm.name = "test"
     register_skymap(repo, sm)
@@ -373,8 +422,11 @@ def test_tasks_quanta_run_and_export(tmp_path):
     direct_task = AssembleCoaddDirectTask({"skymap": "test", "coadd": {"warp": {"chunk": 128}}})
     dq = direct_task.quanta(repo, {"calexps": [d for q in warps_q for d in q.inputs["calexps"]]}, None)
     assert len(dq) == 1 and dq[0].data_id == {"skymap": "test", "tract": 0, "patch": 0, "band": "r"}
-    direct = direct_task.run(calexps=[repo.get(d.dataset_type, d.data_id, run=d.run) for d in dq[0].inputs["calexps"]],
-                             skymap=repo.get("skymap", {"skymap": "test"}), data_id=dq[0].data_id)["coadd"].compute()
+    direct = direct_task.run(
+        calexps=[repo.get(d.dataset_type, d.data_id, run=d.run) for d in dq[0].inputs["calexps"]],
+        skymap=repo.get("skymap", {"skymap": "test"}),
+        data_id=dq[0].data_id,
+    )["coadd"].compute()
     stored = repo.get("coadd", cq.outputs["coadd"].data_id).compute()
     ok = np.isfinite(stored.image) & np.isfinite(direct.image)
     assert ok.mean() > 0.9
@@ -383,14 +435,16 @@ def test_tasks_quanta_run_and_export(tmp_path):
     # The repository's write keeps the number of inputs per pixel; a warp has no such plane.
     assert stored.extra_planes["n_inputs"].max() == 4 and not warps[0].extra_planes
     out = tmp_path / "coadd.fits"
-    res = CliRunner().invoke(main, ["export", str(repo.root), "coadd", "--where", "patch=0 AND band='r'",
-                                    "--out", str(out)])
+    res = CliRunner().invoke(
+        main, ["export", str(repo.root), "coadd", "--where", "patch=0 AND band='r'", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     with fits.open(out) as hdul:
         np.testing.assert_array_equal(hdul["IMAGE"].data, stored.image)
         assert hdul["IMAGE"].header["CTYPE1"] == "RA---TAN"
-    res = CliRunner().invoke(main, ["skymap", "register", str(repo.root), "test", "--kind", "discrete",
-                                    "--center", "1,1"])
+    res = CliRunner().invoke(
+        main, ["skymap", "register", str(repo.root), "test", "--kind", "discrete", "--center", "1,1"]
+    )
     assert res.exit_code != 0 and "already registered" in res.output
 
 
@@ -531,8 +585,9 @@ def _isolated_stars(objects, x, y, shape, *, fmin=1e4, fmax=8e5, radius=30.0, ma
 
     f = objects["flux_r"].to_numpy()
     star = (objects["kind"] == "star").to_numpy()
-    cand = np.flatnonzero(star & (f > fmin) & (f < fmax) & (x > edge) & (y > edge) & (x < shape[1] - edge)
-                          & (y < shape[0] - edge))
+    cand = np.flatnonzero(
+        star & (f > fmin) & (f < fmax) & (x > edge) & (y > edge) & (x < shape[1] - edge) & (y < shape[0] - edge)
+    )
     tree = cKDTree(np.c_[x, y])
     keep = []
     for i in cand:
@@ -567,11 +622,15 @@ def test_small_coadd_star_fluxes_positions_and_psf(small_r_det4, small_r_det4_ca
     from procsky.psf import CoaddPsf, image_moments
 
     calexps = [small_r_det4_calexps[v] for v in sorted(small_r_det4_calexps)]
-    cen = np.array([np.asarray(e.pixel_to_sky((e.shape[1] - 1) / 2, (e.shape[0] - 1) / 2), float)
-                    for e in calexps])
+    cen = np.array([np.asarray(e.pixel_to_sky((e.shape[1] - 1) / 2, (e.shape[0] - 1) / 2), float) for e in calexps])
     ra0, dec0 = cen.mean(axis=0)
-    sm = discrete_skymap([(float(ra0), float(dec0))], radius=2000 * 0.2 / 3600 / 2 * 0.999, patch_inner=2000,
-                         patch_border=100, name="small")
+    sm = discrete_skymap(
+        [(float(ra0), float(dec0))],
+        radius=2000 * 0.2 / 3600 / 2 * 0.999,
+        patch_inner=2000,
+        patch_border=100,
+        name="small",
+    )
     patch = sm.patch(0, 0)
     lazy = build_coadd(calexps, patch, config=CoaddConfig(warp=WarpConfig(chunk=128)))  # artifact rejection on
     psf = lazy.psf()
@@ -590,7 +649,11 @@ def test_small_coadd_star_fluxes_positions_and_psf(small_r_det4, small_r_det4_ca
         core = rr <= 8
         # The same inputs over the star's core (an input's edge through the core mixes
         # PSFs); none saturated.
-        if nin[core].min() != nin[core].max() or nin[core].min() < 2 or np.any(msk[core] & masks.bits("SAT", "NO_DATA")):
+        if (
+            nin[core].min() != nin[core].max()
+            or nin[core].min() < 2
+            or np.any(msk[core] & masks.bits("SAT", "NO_DATA"))
+        ):
             continue
         ann = img[(rr >= 30) & (rr <= 50) & np.isfinite(img)]
         for _ in range(3):
@@ -604,13 +667,25 @@ def test_small_coadd_star_fluxes_positions_and_psf(small_r_det4, small_r_det4_ca
         # PSF model rendered at that position with the same sub-pixel offset.
         st = (data - np.median(ann))[h - 12 : h + 13, h - 12 : h + 13]
         k = psf.render(ix + patch.xy0[0], iy + patch.xy0[1], size=25, offset=(x[i] - ix, y[i] - iy))
-        rows.append((i, flux / objects["flux_r"].iloc[i], (xw[0] - xc) * 200, (yw[0] - yc) * 200,
-                     image_moments(st), image_moments(k), int(nin[h, h]), objects["flux_r"].iloc[i]))
+        rows.append(
+            (
+                i,
+                flux / objects["flux_r"].iloc[i],
+                (xw[0] - xc) * 200,
+                (yw[0] - yc) * 200,
+                image_moments(st),
+                image_moments(k),
+                int(nin[h, h]),
+                objects["flux_r"].iloc[i],
+            )
+        )
     assert len(rows) >= 6, len(rows)
     ratio = np.array([r[1] for r in rows])
     dpos = np.hypot([r[2] for r in rows], [r[3] for r in rows])
-    print(f"\n{len(rows)} isolated stars: flux / truth median {np.median(ratio):.5f} (each: {np.round(ratio, 4)}); "
-          f"position offset median {np.median(dpos):.2f} mas")
+    print(
+        f"\n{len(rows)} isolated stars: flux / truth median {np.median(ratio):.5f} (each: {np.round(ratio, 4)}); "
+        f"position offset median {np.median(dpos):.2f} mas"
+    )
     assert abs(np.median(ratio) - 1) < 0.005, np.median(ratio)
     assert np.median(dpos) < 5.0, np.median(dpos)
     # Coadd PSF against the bright stars' images: second moments at each star's position
@@ -623,6 +698,8 @@ def test_small_coadd_star_fluxes_positions_and_psf(small_r_det4, small_r_det4_ca
         _, _, sxx, syy, sxy = r[4]
         _, _, pxx, pyy, pxy = r[5]
         t = pxx + pyy
-        print(f"star {r[0]} ({r[6]} inputs): star Ixx Iyy Ixy {sxx:.3f} {syy:.3f} {sxy:.3f}; "
-              f"coadd PSF {pxx:.3f} {pyy:.3f} {pxy:.3f} px^2")
+        print(
+            f"star {r[0]} ({r[6]} inputs): star Ixx Iyy Ixy {sxx:.3f} {syy:.3f} {sxy:.3f}; "
+            f"coadd PSF {pxx:.3f} {pyy:.3f} {pxy:.3f} px^2"
+        )
         assert abs(sxx - pxx) / t < 0.03 and abs(syy - pyy) / t < 0.03 and abs(sxy - pxy) / t < 0.03

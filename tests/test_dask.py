@@ -160,7 +160,11 @@ def test_single_owner_of_dask():
     root = Path(procsky.__file__).parent
     pattern = re.compile(r"map_overlap|from_delayed|da\.store|dask\.compute")
     allowed = {root / "_dask.py", root / "pipeline" / "executor.py"}
-    hits = [f"{p.relative_to(root)}:{i}: {line.strip()}"
-            for p in sorted(root.rglob("*.py")) if p not in allowed
-            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    hits = [
+        f"{p.relative_to(root)}:{i}: {line.strip()}"
+        for p in sorted(root.rglob("*.py"))
+        if p not in allowed
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not hits, "dask called outside procsky._dask:\n" + "\n".join(hits)

@@ -34,12 +34,19 @@ RUNTIME_EXTRAS = ("sim", "hpc", "postgres")
 #: module -> (extra or "core", file, text of that file that shows the use, why).
 #: The test checks that the file still holds the text, so the table cannot go stale.
 DYNAMIC_IMPORTS = {
-    "dask_jobqueue": ("hpc", "procsky/pipeline/clusters.py", '"dask_jobqueue"',
-                      "importlib.import_module of a batch cluster class"),
-    "psycopg": ("postgres", "procsky/repo/registry.py", "postgresql+psycopg",
-                "SQLAlchemy's PostgreSQL dialect"),
-    "bokeh": ("core", "procsky/pipeline/clusters.py", "def dashboard_status",
-              "distributed serves the dashboard that `procsky run` links to with bokeh"),
+    "dask_jobqueue": (
+        "hpc",
+        "procsky/pipeline/clusters.py",
+        '"dask_jobqueue"',
+        "importlib.import_module of a batch cluster class",
+    ),
+    "psycopg": ("postgres", "procsky/repo/registry.py", "postgresql+psycopg", "SQLAlchemy's PostgreSQL dialect"),
+    "bokeh": (
+        "core",
+        "procsky/pipeline/clusters.py",
+        "def dashboard_status",
+        "distributed serves the dashboard that `procsky run` links to with bokeh",
+    ),
 }
 
 #: Core dependencies no procsky module imports by name, and why they are declared.
@@ -113,8 +120,13 @@ class _Imports(ast.NodeVisitor):
     def visit_Call(self, node):
         # pytest.importorskip("photutils.aperture") is an import too
         f = node.func
-        if (isinstance(f, ast.Attribute) and f.attr == "importorskip" and node.args
-                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        if (
+            isinstance(f, ast.Attribute)
+            and f.attr == "importorskip"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             self.found.append((node.args[0].value.split(".")[0], node.lineno, True))
         self.generic_visit(node)
 
@@ -145,8 +157,10 @@ def test_procsky_imports_are_declared_for_users():
     for module, where, _, _ in _third_party_imports("procsky"):
         groups = _groups(module)
         if not groups & allowed:
-            bad.append(f"{where}: imports {module!r} (distribution {'/'.join(_dists(module))}), declared in "
-                       f"{sorted(groups) or 'nothing'}")
+            bad.append(
+                f"{where}: imports {module!r} (distribution {'/'.join(_dists(module))}), declared in "
+                f"{sorted(groups) or 'nothing'}"
+            )
     assert not bad, (
         "procsky imports modules a user's install does not get; add each to [project] dependencies "
         "(or to the runtime extra that needs it and import it lazily) in pyproject.toml:\n  " + "\n  ".join(bad)

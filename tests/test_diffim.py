@@ -37,8 +37,16 @@ def _stamp_z(diff, truth, n=40, r=8, margin=30):
 @pytest.fixture(scope="module")
 def varying_pair():
     # Science PSF sigma varies 2.0 -> 2.6 px across the detector; template 1.5 px, deep.
-    return simulate_pair((512, 512), n_stars=400, seeing_science=(2.0, 2.6), seeing_template=1.5, seed=11,
-                         n_transients=25, transient_flux=(400.0, 20000.0), flux_scale=0.8)
+    return simulate_pair(
+        (512, 512),
+        n_stars=400,
+        seeing_science=(2.0, 2.6),
+        seeing_template=1.5,
+        seed=11,
+        n_transients=25,
+        transient_flux=(400.0, 20000.0),
+        flux_scale=0.8,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +110,9 @@ def test_transients_detected_measured_and_no_false_positives(varying_diff, varyi
 
 
 def test_negative_and_dipole_sources():
-    sci, tpl, truth = simulate_pair((256, 256), n_stars=120, seeing_science=(2.2, 2.2), seeing_template=1.5, seed=5,
-                                    variable_delta=None)
+    sci, tpl, truth = simulate_pair(
+        (256, 256), n_stars=120, seeing_science=(2.2, 2.2), seeing_template=1.5, seed=5, variable_delta=None
+    )
     # A star that faded (negative) and one that moved by 1.5 px (dipole).
     from procsky.diffim import _render_star
 
@@ -125,14 +134,19 @@ def test_negative_and_dipole_sources():
 
 
 def test_convolve_science_when_template_is_broader():
-    sci, tpl, truth = simulate_pair((320, 320), n_stars=200, seeing_science=(1.4, 1.4), seeing_template=2.2, seed=8,
-                                    template_depth=8.0)
+    sci, tpl, truth = simulate_pair(
+        (320, 320), n_stars=200, seeing_science=(1.4, 1.4), seeing_template=2.2, seed=8, template_depth=8.0
+    )
     diff, kern, summary = subtract_images(sci, tpl, SubtractionConfig(spatial_order=1, degrees=(4, 2, 2)), lazy=False)
     assert summary["mode"] == "convolve_science"
     z = _stamp_z(diff, truth, margin=40)
     assert 0.85 <= z.std() <= 1.25 and abs(z.mean()) < 0.1
-    forced = subtract_images(sci, tpl, SubtractionConfig(mode="convolve_template", spatial_order=0, degrees=(4, 2, 2),
-                                                         decorrelate=False), lazy=False)[2]
+    forced = subtract_images(
+        sci,
+        tpl,
+        SubtractionConfig(mode="convolve_template", spatial_order=0, degrees=(4, 2, 2), decorrelate=False),
+        lazy=False,
+    )[2]
     assert forced["mode"] == "convolve_template"
 
 
@@ -153,8 +167,15 @@ def test_light_curve_amplitude():
     phases = np.linspace(0, 2 * np.pi, 6, endpoint=False) + 0.3
     fluxes = []
     for n, ph in enumerate(phases):
-        sci, tpl, truth = simulate_pair((256, 256), n_stars=150, seeing_science=(2.0, 2.0), seeing_template=1.5,
-                                        seed=21, variable_delta=amp * np.sin(ph), noise_seed=n)
+        sci, tpl, truth = simulate_pair(
+            (256, 256),
+            n_stars=150,
+            seeing_science=(2.0, 2.0),
+            seeing_template=1.5,
+            seed=21,
+            variable_delta=amp * np.sin(ph),
+            noise_seed=n,
+        )
         diff, _, _ = subtract_images(sci, tpl, SubtractionConfig(spatial_order=0, degrees=(4, 2, 2)), lazy=False)
         st = truth["stars"]
         f = forced_dia_photometry(diff, x=[st["x"][0]], y=[st["y"][0]], ids=[7])
@@ -189,8 +210,8 @@ def test_template_and_subtract_tasks():
     from astropy.wcs import WCS
 
     from procsky.coadd import warp_exposure
-    from procsky.exposure import VisitInfo
     from procsky.diffim import warp_template_to_science
+    from procsky.exposure import VisitInfo
     from procsky.tasks.dia import DetectDiaTask
     from procsky.tasks.diffim import MakeTemplateTask, SubtractTask
 
@@ -206,18 +227,29 @@ def test_template_and_subtract_tasks():
         exp.photocalib = PhotoCalib(0.5)
         exp.visit_info = VisitInfo(mjd=60000.0 + n, band="g", visit=10 + n)
         warps.append(warp_exposure(exp, exp.wcs_cards, shape, full=True).compute())
-    out = MakeTemplateTask({"best_seeing_fraction": 0.5, "min_count": 2, "coadd": {"reject_artifacts": False}}).run(warps)
+    out = MakeTemplateTask({"best_seeing_fraction": 0.5, "min_count": 2, "coadd": {"reject_artifacts": False}}).run(
+        warps
+    )
     tpl = out["template"].compute()
     assert tpl.metadata["template_visits"] == [11, 12]
     assert tpl.psf is not None and tpl.psf.fwhm(96, 96) < 1.7 * 2.3548
-    sci, _, truth = simulate_pair(shape, n_stars=120, seeing_science=(2.2, 2.2), seed=41, noise_seed=9,
-                                  n_transients=3, transient_flux=(8000.0, 10000.0), wcs=w)
+    sci, _, truth = simulate_pair(
+        shape,
+        n_stars=120,
+        seeing_science=(2.2, 2.2),
+        seed=41,
+        noise_seed=9,
+        n_transients=3,
+        transient_flux=(8000.0, 10000.0),
+        wcs=w,
+    )
     sci.photocalib = PhotoCalib(0.5)
     sci.visit_info = VisitInfo(mjd=60010.0, band="g", visit=20)
     did = {"instrument": "x", "visit": 20, "detector": 1}
     with dask.config.set(scheduler=_no_compute):  # the task builds a graph, computes nothing
         res = SubtractTask({"subtraction": {"spatial_order": 0, "degrees": [4, 2, 2]}}).run(
-            sci, [tpl], data_ids={"calexp": did})
+            sci, [tpl], data_ids={"calexp": did}
+        )
     assert set(res) == {"diff"} and res["diff"].is_lazy
     diff = res["diff"].compute()
     res = DetectDiaTask().run(diff, sci, data_ids={"diff": did})
@@ -305,8 +337,17 @@ def test_small_simulation_dia(small_r_det4, small_r_det4_calexps):
         if v in tvis:
             continue
         sci = calexps[v]
-        tpl = build_coadd([calexps[t] for t in tvis], out_cards=sci.wcs_cards, out_shape=sci.shape,
-                          config=CoaddConfig(reject_artifacts=False), inputs_are_warps=False).to_exposure().compute()
+        tpl = (
+            build_coadd(
+                [calexps[t] for t in tvis],
+                out_cards=sci.wcs_cards,
+                out_shape=sci.shape,
+                config=CoaddConfig(reject_artifacts=False),
+                inputs_are_warps=False,
+            )
+            .to_exposure()
+            .compute()
+        )
         diff, kern, summ = subtract_images(sci, tpl, lazy=False)
         df, _ = detect_dia_sources(diff, static=np.asarray(sci.image, np.float32))  # as SubtractTask
         diffs[v], dfs[v] = diff, df
@@ -320,7 +361,11 @@ def test_small_simulation_dia(small_r_det4, small_r_det4_calexps):
         zs, per_star = [], []
         for xx, yy in zip(x, y):
             ix, iy = int(round(xx)), int(round(yy))
-            if 30 < ix < diff.shape[1] - 30 and 30 < iy < diff.shape[0] - 30 and not bad[iy - 8 : iy + 9, ix - 8 : ix + 9].any():
+            if (
+                30 < ix < diff.shape[1] - 30
+                and 30 < iy < diff.shape[0] - 30
+                and not bad[iy - 8 : iy + 9, ix - 8 : ix + 9].any()
+            ):
                 zs.append(z[iy - 8 : iy + 9, ix - 8 : ix + 9].ravel())
                 per_star.append(zs[-1].std())
         zs = np.concatenate(zs)
@@ -365,20 +410,47 @@ def test_small_simulation_dia(small_r_det4, small_r_det4_calexps):
         n_false_raw += int(clean.sum())
         n_false += int((clean & (df.reliability.to_numpy() >= 0.5)).sum())
         false_v = (int(clean.sum()), int((clean & (df.reliability.to_numpy() >= 0.5)).sum()))
-        results[v] = {"z_std": round(float(zs.std()), 3), "z_robust": round(float(robust), 3),
-                      "z_median": round(float(np.median(zs)), 3), "ok_frac": round(float(ok_frac), 2),
-                      "n_det": len(df), "false": false_v, "kernel": summ["kernel_size"],
-                      "resid": round(summ["residual_std_sigma"], 3)}
+        results[v] = {
+            "z_std": round(float(zs.std()), 3),
+            "z_robust": round(float(robust), 3),
+            "z_median": round(float(np.median(zs)), 3),
+            "ok_frac": round(float(ok_frac), 2),
+            "n_det": len(df),
+            "false": false_v,
+            "kernel": summ["kernel_size"],
+            "resid": round(summ["residual_std_sigma"], 3),
+        }
     objects, assoc = associate_dia_sources(list(dfs.values()))
     # each truth variable/transient detected at S/N >= 10 is associated into one DIA object
     obj_of = assoc.set_index(["visit", "dia_source_id"]).dia_object_id
     per_truth = {}
     for v, sid, oid in found_src:
         per_truth.setdefault(oid, set()).add(int(obj_of.loc[(v, sid)]))
-    print("small sim DIA:", results, "template visits", tvis, "expected", n_expected, "found", n_found,
-          "good flux", n_good_flux, bad_flux, "pulls", pulls, "DIA objects per truth object",
-          {k: len(o) for k, o in per_truth.items()}, "reliable", n_reliable, "false (raw)", n_false_raw,
-          "false (reliability >= 0.5)", n_false, "visits", len(diffs))
+    print(
+        "small sim DIA:",
+        results,
+        "template visits",
+        tvis,
+        "expected",
+        n_expected,
+        "found",
+        n_found,
+        "good flux",
+        n_good_flux,
+        bad_flux,
+        "pulls",
+        pulls,
+        "DIA objects per truth object",
+        {k: len(o) for k, o in per_truth.items()},
+        "reliable",
+        n_reliable,
+        "false (raw)",
+        n_false_raw,
+        "false (reliability >= 0.5)",
+        n_false,
+        "visits",
+        len(diffs),
+    )
     for v, r in results.items():
         # pooled robust std and median over the stars' stamps, and most stars individually
         assert 0.9 <= r["z_robust"] <= 1.2 and abs(r["z_median"]) < 0.1 and r["ok_frac"] >= 0.75, (v, r)
@@ -399,14 +471,18 @@ def test_small_simulation_dia(small_r_det4, small_r_det4_calexps):
             continue
         mjd, flux = [], []
         for v, diff in diffs.items():
-            f = forced_dia_photometry(diff, [objects.ra.iloc[i]], [objects.dec.iloc[i]], [objects.dia_object_id.iloc[i]])
+            f = forced_dia_photometry(
+                diff, [objects.ra.iloc[i]], [objects.dec.iloc[i]], [objects.dia_object_id.iloc[i]]
+            )
             if len(f) and not f.flag_edge.iloc[0] and np.isfinite(f.psf_flux.iloc[0]):
                 mjd.append(calexps[v].visit_info.mjd)
                 flux.append(f.psf_flux.iloc[0])
         if len(flux) < 6:
             continue
         ph = 2 * np.pi * (np.array(mjd) - row.t0) / row.period
-        coef = np.linalg.lstsq(np.column_stack([np.sin(ph), np.cos(ph), np.ones_like(ph)]), np.array(flux), rcond=None)[0]
+        coef = np.linalg.lstsq(np.column_stack([np.sin(ph), np.cos(ph), np.ones_like(ph)]), np.array(flux), rcond=None)[
+            0
+        ]
         amp, amp_true = np.hypot(coef[0], coef[1]), row.flux_r * row.amplitude
         print("light curve", row.object_id, "amplitude", round(amp), "truth", round(amp_true))
         assert amp == pytest.approx(amp_true, rel=0.05)
@@ -416,20 +492,25 @@ def test_small_simulation_dia(small_r_det4, small_r_det4_calexps):
 
 def test_task_quanta_group_by_band():
     from procsky.tasks.base import DatasetKey
-    from procsky.tasks.diffim import MakeTemplateTask, SubtractTask
     from procsky.tasks.dia import AssociateDiaTask
+    from procsky.tasks.diffim import MakeTemplateTask, SubtractTask
 
-    cal = [DatasetKey("calexp", {"instrument": "c", "visit": v, "detector": 1, "band": b}) for v, b in
-           [(1, "g"), (2, "r")]]
+    cal = [
+        DatasetKey("calexp", {"instrument": "c", "visit": v, "detector": 1, "band": b}) for v, b in [(1, "g"), (2, "r")]
+    ]
     tpl = [DatasetKey("template", {"skymap": "s", "tract": 0, "patch": p, "band": b}) for p in (0, 1) for b in "gr"]
     specs = SubtractTask().quanta(None, {"calexp": cal, "templates": tpl}, None)
     assert [s.data_id["visit"] for s in specs] == [1, 2]
     assert all({t.data_id["band"] for t in s.inputs["templates"]} == {s.data_id["band"]} for s in specs)
     assert all(len(s.inputs["templates"]) == 2 for s in specs)
-    warps = [DatasetKey("warp", {"instrument": "c", "visit": v, "skymap": "s", "tract": 0, "patch": 3, "band": b})
-             for v, b in [(1, "g"), (2, "r"), (3, "g")]]
+    warps = [
+        DatasetKey("warp", {"instrument": "c", "visit": v, "skymap": "s", "tract": 0, "patch": 3, "band": b})
+        for v, b in [(1, "g"), (2, "r"), (3, "g")]
+    ]
     specs = MakeTemplateTask().quanta(None, {"warps": warps}, None)
     assert [(s.data_id["band"], len(s.inputs["warps"])) for s in specs] == [("g", 2), ("r", 1)]
     srcs = [DatasetKey("dia_source", {"instrument": "c", "visit": v, "detector": 1}) for v in (1, 2)]
     specs = AssociateDiaTask().quanta(None, {"dia_sources": srcs, "templates": tpl}, None)
-    assert len(specs) == 1 and specs[0].data_id == {"skymap": "s", "tract": 0} and len(specs[0].inputs["dia_sources"]) == 2
+    assert (
+        len(specs) == 1 and specs[0].data_id == {"skymap": "s", "tract": 0} and len(specs[0].inputs["dia_sources"]) == 2
+    )

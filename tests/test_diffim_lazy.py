@@ -43,8 +43,16 @@ def _wcs(shape):
 @pytest.fixture(scope="module")
 def pair():
     shape = (160, 160)
-    sci, tpl, truth = simulate_pair(shape, n_stars=100, seeing_science=(2.2, 2.2), seeing_template=1.5, seed=5,
-                                    n_transients=3, transient_flux=(8000.0, 10000.0), wcs=_wcs(shape))
+    sci, tpl, truth = simulate_pair(
+        shape,
+        n_stars=100,
+        seeing_science=(2.2, 2.2),
+        seeing_template=1.5,
+        seed=5,
+        n_transients=3,
+        transient_flux=(8000.0, 10000.0),
+        wcs=_wcs(shape),
+    )
     sci.photocalib = PhotoCalib(0.5)
     sci.visit_info = VisitInfo(mjd=60010.0, band="g", visit=20)
     return sci, tpl, truth

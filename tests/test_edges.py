@@ -26,10 +26,10 @@ def repo(tmp_path):
 
 
 def _fill(repo):
-    repo.add_dimension_records("visit", [
-        {"instrument": "simcam", "visit": v, "band": "g" if v % 2 else "r", "physical_filter": "x"}
-        for v in (1, 2)
-    ])
+    repo.add_dimension_records(
+        "visit",
+        [{"instrument": "simcam", "visit": v, "band": "g" if v % 2 else "r", "physical_filter": "x"} for v in (1, 2)],
+    )
     for v in (1, 2):
         repo.put(pd.DataFrame({"v": [v]}), "src", {"instrument": "simcam", "visit": v, "detector": 0}, "run1")
     # a free data-ID key (not a standard dimension) on one dataset type only
@@ -112,8 +112,9 @@ def test_cli_ingest_record_conflict_names_the_flag(repo, tiny_file):
     assert str(again) == str(info.value) and again.element == "visit"
     with pytest.raises(RecordConflictError, match="pass replace=True"):
         repo.add_dimension_records("visit", [rec | {"airmass": 9.0}])
-    res = runner.invoke(main, ["ingest", str(repo.root), str(tiny_file), "-i", "simcam", "--no-progress",
-                               "--replace-records"])
+    res = runner.invoke(
+        main, ["ingest", str(repo.root), str(tiny_file), "-i", "simcam", "--no-progress", "--replace-records"]
+    )
     assert res.exit_code == 0, res.output
     assert len(repo.query("isr_exposure")) == 1
     assert repo.dimension_records("visit")[0]["airmass"] != rec["airmass"]
@@ -133,8 +134,9 @@ def test_cli_skymap_conflict_names_no_python_argument(repo):
 def test_ingest_truncated_fits_says_truncated(repo, tiny_file, tmp_path, instrument):
     from procsky.instruments import ingest_files, instrument_names
 
-    assert set(instrument_names()) <= {"simcam", "generic", "decam-cp", "90prime-cp", "mosaic3-cp", "noirlab-cp"}, \
+    assert set(instrument_names()) <= {"simcam", "generic", "decam-cp", "90prime-cp", "mosaic3-cp", "noirlab-cp"}, (
         "a new instrument: add it to this test"
+    )
     data = tiny_file.read_bytes()
     # named like a CP InstCal image so that every loader gets as far as reading it
     cut = tmp_path / "c4d_260101_000000_ooi_g_v1.fits"
@@ -156,8 +158,11 @@ def test_truncated_fits_messages(repo, tiny_file, tmp_path):
     data = tiny_file.read_bytes()
     cut = tmp_path / "cut.fits"
     # cut inside a header, inside the pixels, and exactly after the primary HDU
-    for n, want in ((1000, "ends inside the header of HDU #0"), (len(data) // 2, "HDU #2 MASK"),
-                    (2880, "ends after HDUs ['PRIMARY']")):
+    for n, want in (
+        (1000, "ends inside the header of HDU #0"),
+        (len(data) // 2, "HDU #2 MASK"),
+        (2880, "ends after HDUs ['PRIMARY']"),
+    ):
         cut.write_bytes(data[:n])
         for read in (Exposure.read, get_instrument("simcam").ingest_file):
             with pytest.raises(ProcskyFileError, match="truncated or corrupt") as info:
@@ -252,8 +257,15 @@ def _exposure(metadata=None, detector=None, photocalib=None, shape=(40, 50)):
     w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
     rng = np.random.default_rng(3)
     img = rng.normal(size=shape).astype(np.float32)
-    return Exposure(img, np.full(shape, 2.0, np.float32), np.zeros(shape, np.uint32), wcs=w,
-                    metadata=metadata, detector=detector, photocalib=photocalib)
+    return Exposure(
+        img,
+        np.full(shape, 2.0, np.float32),
+        np.zeros(shape, np.uint32),
+        wcs=w,
+        metadata=metadata,
+        detector=detector,
+        photocalib=photocalib,
+    )
 
 
 def test_fits_bunit_follows_the_recorded_pixel_unit(tmp_path, tiny_file):
@@ -309,8 +321,9 @@ def export_repo(repo):
 
 def _export(repo, tmp_path, *args):
     out = tmp_path / "out.fits"
-    res = CliRunner().invoke(main, ["export", str(repo.root), "coadd_test", "--where", "patch=1",
-                                    "--out", str(out), *args])
+    res = CliRunner().invoke(
+        main, ["export", str(repo.root), "coadd_test", "--where", "patch=1", "--out", str(out), *args]
+    )
     return res, out
 
 
@@ -380,14 +393,16 @@ def test_export_center_size_and_trim(export_repo, tmp_path):
 def test_export_cutout_errors(export_repo, tmp_path):
     repo, exp = export_repo
     ra, dec = (float(v) for v in exp.pixel_to_sky(30.0, 20.0))
-    for args, want in ((["--bbox", "1,2,3"], "4 comma-separated integers"),
-                       (["--bbox", "10,10,5,20"], "X1 must exceed X0"),
-                       (["--bbox", "100,100,120,120"], "misses this 80 x 60 exposure"),
-                       (["--bbox", "1,1,5,5", "--center", f"{ra},{dec}", "--size", "5"], "not both"),
-                       (["--center", f"{ra},{dec}"], "go together"),
-                       (["--center", f"{ra + 1},{dec}", "--size", "5"], "outside this exposure"),
-                       (["--center", f"{ra},{dec}", "--size", "5 furlongs"], "neither a number of pixels nor an angle"),
-                       (["--bbox", "0,0,10,5", "--trim"], "no pixel of the cut-out has data")):
+    for args, want in (
+        (["--bbox", "1,2,3"], "4 comma-separated integers"),
+        (["--bbox", "10,10,5,20"], "X1 must exceed X0"),
+        (["--bbox", "100,100,120,120"], "misses this 80 x 60 exposure"),
+        (["--bbox", "1,1,5,5", "--center", f"{ra},{dec}", "--size", "5"], "not both"),
+        (["--center", f"{ra},{dec}"], "go together"),
+        (["--center", f"{ra + 1},{dec}", "--size", "5"], "outside this exposure"),
+        (["--center", f"{ra},{dec}", "--size", "5 furlongs"], "neither a number of pixels nor an angle"),
+        (["--bbox", "0,0,10,5", "--trim"], "no pixel of the cut-out has data"),
+    ):
         res, _ = _export(repo, tmp_path, *args)
         assert res.exit_code != 0 and want in res.output, (args, res.output)
 
@@ -405,8 +420,9 @@ def test_version_carries_the_git_commit(repo):
     root = _version._ROOT
     if shutil.which("git") is None or not (root / ".git").exists():
         pytest.skip("not running from a git checkout")
-    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     # HEAD may move while this runs (commits by others): compare with a fresh read
     assert _version.git_commit.__wrapped__(root) == head
     assert procsky.__version__.startswith(info.version + "+g")

@@ -47,26 +47,43 @@ def test_format_evaluation_shows_every_section():
             "bright_star_psf_mag_minus_truth_mmag": _stats([-1.0, 0.0, 1.0]),
         },
         "coadd": {"g": {"m5": 25.25, "n_inputs": 4, "area_fraction": 0.7, "nea_px": 60.0}},
-        "dia": {"n_differences": 32, "residual_std_sigma": _stats([0.7, 1.0]),
-                "kernel_stamps_used": _stats([20]), "registration_sigma_px": _stats([0.01, 0.02]),
-                "recovered": {"variable": {"truth": 5, "recovered": 5}, "transient": {"truth": 3, "recovered": 3}},
-                "n_dia_objects": 44, "n_dia_sources": 500, "n_false_objects": 33,
-                "false_objects_per_detector_visit": 33 / 32,
-                "false_on": {"star": 22, "galaxy": 2, "nothing": 9}},
+        "dia": {
+            "n_differences": 32,
+            "residual_std_sigma": _stats([0.7, 1.0]),
+            "kernel_stamps_used": _stats([20]),
+            "registration_sigma_px": _stats([0.01, 0.02]),
+            "recovered": {"variable": {"truth": 5, "recovered": 5}, "transient": {"truth": 3, "recovered": 3}},
+            "n_dia_objects": 44,
+            "n_dia_sources": 500,
+            "n_false_objects": 33,
+            "false_objects_per_detector_visit": 33 / 32,
+            "false_on": {"star": 22, "galaxy": 2, "nothing": 9},
+        },
     }
     text = format_evaluation(ev)
-    for needle in ("sources per detector", "PSF FWHM", "zero point - truth", "zero-point scatter",
-                   "astrometry vs truth", "5-sigma point-source depth 25.25", "variables 5/5", "transients 3/3",
-                   "33 with no truth counterpart (1.03 per detector-visit)", "22 static stars"):
+    for needle in (
+        "sources per detector",
+        "PSF FWHM",
+        "zero point - truth",
+        "zero-point scatter",
+        "astrometry vs truth",
+        "5-sigma point-source depth 25.25",
+        "variables 5/5",
+        "transients 3/3",
+        "33 with no truth counterpart (1.03 per detector-visit)",
+        "22 static stars",
+    ):
         assert needle in text, (needle, text)
     # a run that stopped before difference imaging says nothing about DIA
     assert "difference imaging" not in format_evaluation({**ev, "dia": {"n_differences": 0}})
 
 
 def test_demo_timing_table():
-    report = {"tasks": [
-        {"task": "subtract", "quanta": 32, "wall_seconds": {"median": 3.0}, "cpu_seconds": {"median": 2.0}},
-        {"task": "isr", "quanta": 0, "wall_seconds": None, "cpu_seconds": None},
-    ]}
+    report = {
+        "tasks": [
+            {"task": "subtract", "quanta": 32, "wall_seconds": {"median": 3.0}, "cpu_seconds": {"median": 2.0}},
+            {"task": "isr", "quanta": 0, "wall_seconds": None, "cpu_seconds": None},
+        ]
+    }
     text = _timing_text(report)
     assert "subtract" in text and "wall/CPU  1.5" in text and "isr" not in text

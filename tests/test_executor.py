@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=":0", memory_limit="2GiB")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="2GiB"
+    )
     c = distributed.Client(cluster)
     yield c
     c.close()
@@ -48,8 +49,7 @@ def _yaml(tmp_path):
 
 def _checksums(repo, run):
     """{(dataset type, data ID): checksum} of every dataset of ``run``."""
-    return {(r.dataset_type, json.dumps(r.data_id, sort_keys=True)): r.checksum
-            for r in repo.query(run=run)}
+    return {(r.dataset_type, json.dumps(r.data_id, sort_keys=True)): r.checksum for r in repo.query(run=run)}
 
 
 def test_dask_matches_sync(client, tmp_path):
@@ -120,8 +120,7 @@ def test_worker_killed_mid_run(client, tmp_path):
     result = {}
 
     def go():
-        result["s"] = run_pipeline(repo, pipe, output="killed", client=client,
-                                   config=["measure.sleep=0.4"])
+        result["s"] = run_pipeline(repo, pipe, output="killed", client=client, config=["measure.sleep=0.4"])
 
     th = threading.Thread(target=go)
     th.start()
@@ -147,16 +146,33 @@ def test_worker_killed_mid_run(client, tmp_path):
 
 def _cli(args, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "procsky", *args], env=env, cwd=str(ROOT),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "procsky", *args],
+        env=env,
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
 
 
 @pytest.mark.slow  # two CLI processes, each starting its own LocalCluster (~40 s)
 def test_driver_killed_and_resumed(tmp_path):
     repo = _repo(tmp_path, visits=(1, 2, 3))
     pipe = _yaml(tmp_path)
-    args = ["run", str(pipe), "--repo", str(repo.root), "--output", "o", "--workers", "2",
-            "--no-progress", "-c", "measure.sleep=0.3"]
+    args = [
+        "run",
+        str(pipe),
+        "--repo",
+        str(repo.root),
+        "--output",
+        "o",
+        "--workers",
+        "2",
+        "--no-progress",
+        "-c",
+        "measure.sleep=0.3",
+    ]
     # The subprocess starts its own LocalCluster; kill it once some quanta succeeded.
     proc = _cli(args, start_new_session=True)
     deadline = time.time() + 90
@@ -172,8 +188,7 @@ def test_driver_killed_and_resumed(tmp_path):
     assert proc.poll() is None, proc.stdout.read().decode()
     os.killpg(proc.pid, signal.SIGKILL)  # driver and its worker processes
     proc.wait()
-    before = {r["id"]: (r["end_time"], r["provenance"]) for r in load_states(repo, "o")
-              if r["state"] == "succeeded"}
+    before = {r["id"]: (r["end_time"], r["provenance"]) for r in load_states(repo, "o") if r["state"] == "succeeded"}
     assert 3 <= len(before) < 12
     # Restart with --resume: nothing that succeeded is redone; all outputs complete.
     proc = _cli(args + ["--resume"])
@@ -200,8 +215,20 @@ def test_cli_on_running_scheduler(client, tmp_path):
     sched_file.write_text(json.dumps({"type": "Scheduler", "address": client.scheduler.address}))
     runner = CliRunner()
     for i, target in enumerate((client.scheduler.address, str(sched_file))):
-        res = runner.invoke(main, ["run", str(_yaml(tmp_path)), "--repo", str(repo.root), "--output",
-                                   f"cli{i}", "--scheduler", target, "--no-progress"])
+        res = runner.invoke(
+            main,
+            [
+                "run",
+                str(_yaml(tmp_path)),
+                "--repo",
+                str(repo.root),
+                "--output",
+                f"cli{i}",
+                "--scheduler",
+                target,
+                "--no-progress",
+            ],
+        )
         assert res.exit_code == 0, res.output
         assert "dask dashboard: http" in res.output and "measure: succeeded 3" in res.output
     assert _checksums(repo, "cli0") == _checksums(repo, "cli1")

@@ -10,14 +10,13 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
+from conftest import raise_if_dask_computes
 from procsky import Exposure, VisitInfo
 from procsky.errors import ProcskyFileError, ProcskyValueError
 from procsky.masks import DEFAULT_PLANES, MaskPlanes, bit
 from procsky.photocalib import PhotoCalib, mag_to_njy, njy_to_mag
 from procsky.psf import GaussianPsf, ImagePsf, PolynomialImagePsf, psf_from_dict
 from procsky.wcs import wcs_cards
-
-from conftest import raise_if_dask_computes
 
 
 def _quiet_wcs(header):
@@ -33,7 +32,11 @@ def _tpv_header(real_data):
 
 
 def _sip_header(real_data):
-    hdr = fits.Header.fromtextfile(str(real_data / "ccdproc" / "sip-wcs.fit")) if False else fits.getheader(real_data / "ccdproc" / "sip-wcs.fit")
+    hdr = (
+        fits.Header.fromtextfile(str(real_data / "ccdproc" / "sip-wcs.fit"))
+        if False
+        else fits.getheader(real_data / "ccdproc" / "sip-wcs.fit")
+    )
     return hdr
 
 
@@ -170,7 +173,10 @@ def test_read_errors(tmp_path):
 
 
 def test_mask_planes():
-    assert [DEFAULT_PLANES[n] for n in ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "SUSPECT", "NO_DATA")] == list(range(9))
+    assert [
+        DEFAULT_PLANES[n]
+        for n in ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "SUSPECT", "NO_DATA")
+    ] == list(range(9))
     planes = MaskPlanes().with_plane("GHOST")
     assert planes["GHOST"] not in DEFAULT_PLANES.values()
     assert bit("SAT") == 2

@@ -29,7 +29,8 @@ def _modules() -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
@@ -150,8 +151,9 @@ def test_graph_sees_imports():
     graph = import_graph()
     assert "procsky.tasks.base" in graph["procsky.pipeline.pipeline"]
     assert "procsky.instruments.base" in graph["procsky.instruments.generic"]
-    assert not any(m.startswith("procsky.pipeline") for m in graph["procsky.tasks.base"]), \
+    assert not any(m.startswith("procsky.pipeline") for m in graph["procsky.tasks.base"]), (
         "tasks sit below the pipeline: procsky.tasks.base must not import procsky.pipeline"
+    )
     assert graph["procsky.tasks"] == set(), "procsky.tasks must not import the stage modules"
 
 
@@ -166,15 +168,24 @@ def test_no_import_cycles():
     assert not cycles, f"{len(cycles)} import cycle(s) among procsky modules:\n{text}"
 
 
-STAGE_MODULES = ("procsky.isr", "procsky.calibrate", "procsky.photometry", "procsky.warp", "procsky.coadd",
-                 "procsky.diffim")
+STAGE_MODULES = (
+    "procsky.isr",
+    "procsky.calibrate",
+    "procsky.photometry",
+    "procsky.warp",
+    "procsky.coadd",
+    "procsky.diffim",
+)
 
 
 def _external_imports(path: Path) -> set[str]:
     """Top-level names of the packages ``path`` imports (absolute imports only)."""
-    return {alias.name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "").split(".")[0]
-            for node in _imports(ast.parse(path.read_text(), str(path))) if not getattr(node, "level", 0)
-            for alias in node.names}
+    return {
+        alias.name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "").split(".")[0]
+        for node in _imports(ast.parse(path.read_text(), str(path)))
+        if not getattr(node, "level", 0)
+        for alias in node.names
+    }
 
 
 def test_layers_point_down():
@@ -190,6 +201,7 @@ def test_layers_point_down():
         if name == "procsky.tasks" or name.startswith("procsky.tasks."):
             bad += [f"{name} -> {d}" for d in deps if d.startswith(("procsky.pipeline", "procsky.cli"))]
         if name.startswith(STAGE_MODULES):
-            bad += [f"{name} -> {d}" for d in deps
-                    if d.startswith(("procsky.pipeline", "procsky.cli", "procsky.tasks"))]
+            bad += [
+                f"{name} -> {d}" for d in deps if d.startswith(("procsky.pipeline", "procsky.cli", "procsky.tasks"))
+            ]
     assert not bad, "imports that point up a layer:\n" + "\n".join(bad)

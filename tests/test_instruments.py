@@ -168,8 +168,18 @@ def test_cli_ingest_and_errors(tmp_path, real_data):
 def test_calibration_kind_and_master_detection():
     from procsky.instruments.base import calibration_kind, is_master_calibration
 
-    kinds = {"zero": "bias", "BIAS": "bias", "Dome Flat": "flat", "sky_flat": "flat", "twilight flat": "flat",
-             "dark": "dark", "Master Bias": "bias", "object": None, "raw": None, "calexp": None}
+    kinds = {
+        "zero": "bias",
+        "BIAS": "bias",
+        "Dome Flat": "flat",
+        "sky_flat": "flat",
+        "twilight flat": "flat",
+        "dark": "dark",
+        "Master Bias": "bias",
+        "object": None,
+        "raw": None,
+        "calexp": None,
+    }
     for value, kind in kinds.items():
         assert calibration_kind(fits.Header([("IMAGETYP", value)])) == kind, value
     assert calibration_kind(fits.Header([("OBSTYPE", "zero")])) == "bias"
@@ -182,8 +192,16 @@ def test_calibration_kind_and_master_detection():
 def _camera_frame(path, imagetyp, expnum, value, extra=(), ny=40, nx=50, nos=8, master=False):
     rng = np.random.default_rng(expnum)
     data = rng.normal(value, 2.0, (ny, nx + (0 if master else nos))).astype(np.float32)
-    hdr = fits.Header([("IMAGETYP", imagetyp), ("GAIN", 2.0), ("RDNOISE", 4.0), ("EXPTIME", 0.0),
-                       ("CCDNUM", 3), ("MJD-OBS", 60000.0 + expnum / 1e4)])
+    hdr = fits.Header(
+        [
+            ("IMAGETYP", imagetyp),
+            ("GAIN", 2.0),
+            ("RDNOISE", 4.0),
+            ("EXPTIME", 0.0),
+            ("CCDNUM", 3),
+            ("MJD-OBS", 60000.0 + expnum / 1e4),
+        ]
+    )
     for key, v in extra:
         hdr[key] = v
     if master:
@@ -209,8 +227,13 @@ def test_generic_ingests_calibration_frames_without_wcs(repo, tmp_path):
     got = {(r.dataset_type, r.data_id.get("visit")) for r in refs}
     assert got == {("bias_frame", 100), ("bias_frame", 101), ("bias_frame", 102), ("flat_frame", 200), ("bias", None)}
     flat_ref = next(r for r in refs if r.dataset_type == "flat_frame")
-    assert flat_ref.data_id == {"instrument": "generic", "visit": 200, "detector": 3, "band": "r",
-                                "physical_filter": "r DECam SDSS"}
+    assert flat_ref.data_id == {
+        "instrument": "generic",
+        "visit": 200,
+        "detector": 3,
+        "band": "r",
+        "physical_filter": "r DECam SDSS",
+    }
     exp = repo.get(flat_ref).compute()
     # the layout the ISR needs, and the exposure time that scales a dark
     assert exp.detector["biassec"] == "[51:58,1:40]" and exp.detector["datasec"] == "[1:50,1:40]"
@@ -239,14 +262,19 @@ def test_simcam_calibration_frames_noise_and_ingest(repo, tmp_path):
     recipe = load_recipe(data)
     names = write_calib_frames(recipe, 1, ["r"], tmp_path / "frames")
     assert names == [f"bias-e{calib_exposure_id('bias', k):06d}-d001.fits" for k in (1, 2, 3)] + [
-        f"dark-e{calib_exposure_id('dark', 1):06d}-d001.fits"] + [
-        f"flat-e{calib_exposure_id('flat', k, 'r'):06d}-d001.fits" for k in (1, 2)]
+        f"dark-e{calib_exposure_id('dark', 1):06d}-d001.fits"
+    ] + [f"flat-e{calib_exposure_id('flat', k, 'r'):06d}-d001.fits" for k in (1, 2)]
     refs = ingest_files(repo, [tmp_path / "frames" / n for n in names], "simcam")
     assert [r.dataset_type for r in refs] == ["bias_frame"] * 3 + ["dark_frame"] + ["flat_frame"] * 2
     assert refs[0].data_id == {"instrument": "simcam", "visit": 900001, "detector": 1}
     assert refs[3].data_id == {"instrument": "simcam", "visit": 900501, "detector": 1}
-    assert refs[4].data_id == {"instrument": "simcam", "visit": 903001, "detector": 1, "band": "r",
-                               "physical_filter": "simcam-r"}
+    assert refs[4].data_id == {
+        "instrument": "simcam",
+        "visit": 903001,
+        "detector": 1,
+        "band": "r",
+        "physical_filter": "simcam-r",
+    }
     geom = SimcamGeometry(recipe.instrument, recipe.seed)
     g, rn, nx = recipe.instrument.gain, recipe.instrument.read_noise, geom.nx
     pattern = bias_pattern(recipe, geom, 1)

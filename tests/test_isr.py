@@ -63,11 +63,24 @@ def _raw(expected_e, flat, bias, dark, t=30.0, level=1000.0, seed=2, slope=2.0, 
     raw = np.empty((NY, NX + NOS))
     raw[:, :NX] = q / GAIN + bias + ramp
     raw[:, NX:] = ramp + (rng.normal(0, RN / GAIN, (NY, NOS)) if noise else 0.0)
-    det = {"id": 0, "name": "D0", "gain": GAIN, "read_noise": RN, "saturation": SAT,
-           "datasec": f"[1:{NX},1:{NY}]", "biassec": [NX, NX + NOS, 0, NY]}
+    det = {
+        "id": 0,
+        "name": "D0",
+        "gain": GAIN,
+        "read_noise": RN,
+        "saturation": SAT,
+        "datasec": f"[1:{NX},1:{NY}]",
+        "biassec": [NX, NX + NOS, 0, NY],
+    }
     vi = VisitInfo(exposure_time=t, band="r", physical_filter="f-r", visit=1, instrument="test")
-    return Exposure(raw.astype(np.float32), np.ones(raw.shape, np.float32), None, visit_info=vi, detector=det,
-                    photocalib=PhotoCalib.from_zero_point(28.0))
+    return Exposure(
+        raw.astype(np.float32),
+        np.ones(raw.shape, np.float32),
+        None,
+        visit_info=vi,
+        detector=det,
+        photocalib=PhotoCalib.from_zero_point(28.0),
+    )
 
 
 def _calib(img, bad=None):
@@ -193,8 +206,9 @@ def test_isr_task_quanta_pick_matching_flat():
 
     task = IsrTask()
     raw = DatasetKey("raw", {"instrument": "sim", "visit": 1, "detector": 0, "band": "g", "physical_filter": "sim-g"})
-    flats = [DatasetKey("flat", {"instrument": "sim", "detector": 0, "band": b, "physical_filter": f"sim-{b}"})
-             for b in "gr"]
+    flats = [
+        DatasetKey("flat", {"instrument": "sim", "detector": 0, "band": b, "physical_filter": f"sim-{b}"}) for b in "gr"
+    ]
     bias = [DatasetKey("bias", {"instrument": "sim", "detector": d}) for d in (0, 1)]
     specs = task.quanta(None, {"raw": [raw], "flat": flats, "bias": bias, "dark": []}, None)
     assert len(specs) == 1
@@ -208,8 +222,9 @@ def test_master_bias_and_flat_tasks():
     expected, flat, bias, dark = _truth()
     rng = np.random.default_rng(9)
     zeros = np.zeros((NY, NX))
-    bias_frames = [_raw(zeros, np.ones((NY, NX)), bias, zeros, t=0.0, level=1000 + 5 * k, seed=10 + k)
-                   for k in range(9)]
+    bias_frames = [
+        _raw(zeros, np.ones((NY, NX)), bias, zeros, t=0.0, level=1000 + 5 * k, seed=10 + k) for k in range(9)
+    ]
     mb = MakeMasterBiasTask().run(frames=bias_frames)["bias"]
     assert mb.shape == (NY, NX)
     assert np.std(mb.image - bias) < 1.5 * RN / GAIN / 3.0  # noise ~ rn/gain/sqrt(9)
@@ -252,14 +267,20 @@ def test_master_dark_task_rate_and_defects():
 def test_raw_sim_through_isr_matches_calibrated_twin(tmp_path):
     sim = pytest.importorskip("procsky.sim")
     pytest.importorskip("galsim")
-    sim.simulate("tiny", tmp_path / "cal", mode="calibrated", scheduler="sync", visits=[1], detectors=[0],
-                 progress=False)
+    sim.simulate(
+        "tiny", tmp_path / "cal", mode="calibrated", scheduler="sync", visits=[1], detectors=[0], progress=False
+    )
     sim.simulate("tiny", tmp_path / "raw", mode="raw", scheduler="sync", visits=[1], detectors=[0], progress=False)
     raw = Exposure.read(tmp_path / "raw/images/raw-v000001-d000.fits")
     cal = Exposure.read(tmp_path / "cal/images/calexp-v000001-d000.fits")
     c = tmp_path / "raw/calibs"
-    out = run_isr(raw, Exposure.read(c / "bias-d000.fits"), Exposure.read(c / "dark-d000.fits"),
-                  Exposure.read(c / "flat-g-d000.fits"), IsrConfig(units="adu"))
+    out = run_isr(
+        raw,
+        Exposure.read(c / "bias-d000.fits"),
+        Exposure.read(c / "dark-d000.fits"),
+        Exposure.read(c / "flat-g-d000.fits"),
+        IsrConfig(units="adu"),
+    )
     diff = out.image - cal.image
     # ADC rounding (1/sqrt(12)) and the master-bias noise (rn/gain/sqrt(20)) only
     expect = np.sqrt(1 / 12 + (raw.detector["read_noise"] / raw.detector["gain"]) ** 2 / 20)
@@ -281,8 +302,9 @@ def _match_catalogues(src_a, src_b, radius=1.0):
     d, j = cKDTree(np.c_[src_b.x, src_b.y]).query(np.c_[src_a.x, src_a.y], distance_upper_bound=radius)
     ok = np.isfinite(d)
     a, b = src_a[ok], src_b.iloc[j[ok]]
-    pull = (b.psf_flux.to_numpy() - a.psf_flux.to_numpy()) / np.hypot(a.psf_flux_err.to_numpy(),
-                                                                       b.psf_flux_err.to_numpy())
+    pull = (b.psf_flux.to_numpy() - a.psf_flux.to_numpy()) / np.hypot(
+        a.psf_flux_err.to_numpy(), b.psf_flux_err.to_numpy()
+    )
     snr = (a.psf_flux / a.psf_flux_err).to_numpy()
     flags = ["flag_bad", "flag_saturated", "flag_edge", "psf_flux_flag"]
     clean = ~np.logical_or.reduce([a[f].to_numpy() | b[f].to_numpy() for f in flags])
@@ -326,8 +348,9 @@ def test_calibs_pipeline_from_frames_then_isr_matches_calibrated_twin(tmp_path):
         assert f"{label}: succeeded 1" in str(summary), str(summary)
     bias = repo.get("bias", {"instrument": "simcam", "detector": 0}, run="calibs/run1").compute()
     dark = repo.get("dark", {"instrument": "simcam", "detector": 0}, run="calibs/run1").compute()
-    flat = repo.get("flat", {"instrument": "simcam", "detector": 0, "physical_filter": "simcam-g"},
-                    run="calibs/run1").compute()
+    flat = repo.get(
+        "flat", {"instrument": "simcam", "detector": 0, "physical_filter": "simcam-g"}, run="calibs/run1"
+    ).compute()
     # masters against the simulator's own: noise of a 5-frame clipped mean (and of its 20-frame
     # master); a median-centred clip of few frames costs up to ~25% in noise
     sim_bias = Exposure.read(raw / "calibs/bias-d000.fits")
@@ -350,8 +373,9 @@ def test_calibs_pipeline_from_frames_then_isr_matches_calibrated_twin(tmp_path):
     rel = flat.image / sim_flat / norm - 1
     assert np.std(rel) < 1.25 / np.sqrt(rec.n_flat_frames * rec.flat_level)
 
-    summary = run_pipeline(repo, "drp", output="drp/run1", tasks=["isr", "calibrate"],
-                           where="instrument='simcam' AND visit=1")
+    summary = run_pipeline(
+        repo, "drp", output="drp/run1", tasks=["isr", "calibrate"], where="instrument='simcam' AND visit=1"
+    )
     assert summary.ok, str(summary)
     did = {"instrument": "simcam", "visit": 1, "detector": 0}
     isr = repo.get("isr_exposure", did, run="drp/run1").compute()
@@ -428,9 +452,11 @@ def test_raw_small_isr_calibrate_matches_calibrated_twin(small_r_det4, tmp_path)
     faint = sel & (snr < 50)
     assert sel.sum() > 300 and faint.sum() > 250
     med, std_all, std_faint = float(np.median(pull[sel])), float(np.std(pull[sel])), float(np.std(pull[faint]))
-    print(f"small v2 d4: matched {ok.mean():.3f} (unsaturated {ok[unsat].mean():.3f}), pulls: median {med:.3f}, "
-          f"std {std_all:.3f} (S/N>5), std {std_faint:.3f} (5<S/N<50, predicted {predicted:.3f}), "
-          f"zero points {sum_a['zero_point']:.4f} / {sum_b['zero_point'] - 2.5 * np.log10(g / norm):.4f}")
+    print(
+        f"small v2 d4: matched {ok.mean():.3f} (unsaturated {ok[unsat].mean():.3f}), pulls: median {med:.3f}, "
+        f"std {std_all:.3f} (S/N>5), std {std_faint:.3f} (5<S/N<50, predicted {predicted:.3f}), "
+        f"zero points {sum_a['zero_point']:.4f} / {sum_b['zero_point'] - 2.5 * np.log10(g / norm):.4f}"
+    )
     assert abs(med) < 0.05
     assert 0.8 * predicted < std_faint < 1.5 * predicted
     assert std_all < 0.3  # independent exposures would give 1

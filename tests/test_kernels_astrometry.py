@@ -24,10 +24,25 @@ def _true_wcs():
     from astropy.wcs import WCS
 
     h = {
-        "CTYPE1": "RA---TAN-SIP", "CTYPE2": "DEC--TAN-SIP", "CRVAL1": 150.0, "CRVAL2": 2.0,
-        "CRPIX1": 1024.5, "CRPIX2": 1024.5, "CD1_1": -PIX, "CD1_2": 0.0, "CD2_1": 0.0, "CD2_2": PIX,
-        "A_ORDER": 3, "B_ORDER": 3, "A_2_0": 2e-6, "A_0_2": -1e-6, "A_1_1": 5e-7, "B_2_0": 1e-6,
-        "B_1_1": -2e-6, "A_3_0": 3e-10, "B_0_3": -2e-10,
+        "CTYPE1": "RA---TAN-SIP",
+        "CTYPE2": "DEC--TAN-SIP",
+        "CRVAL1": 150.0,
+        "CRVAL2": 2.0,
+        "CRPIX1": 1024.5,
+        "CRPIX2": 1024.5,
+        "CD1_1": -PIX,
+        "CD1_2": 0.0,
+        "CD2_1": 0.0,
+        "CD2_2": PIX,
+        "A_ORDER": 3,
+        "B_ORDER": 3,
+        "A_2_0": 2e-6,
+        "A_0_2": -1e-6,
+        "A_1_1": 5e-7,
+        "B_2_0": 1e-6,
+        "B_1_1": -2e-6,
+        "A_3_0": 3e-10,
+        "B_0_3": -2e-10,
     }
     return WCS(h)
 
@@ -52,8 +67,20 @@ def test_tan_projection_round_trip_and_astropy(dec0):
     assert sep.max() < 1e-3  # mas
     from astropy.wcs import WCS
 
-    w = WCS({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 200.0, "CRVAL2": dec0, "CRPIX1": 1.0,
-             "CRPIX2": 1.0, "CD1_1": 1.0, "CD1_2": 0.0, "CD2_1": 0.0, "CD2_2": 1.0})
+    w = WCS(
+        {
+            "CTYPE1": "RA---TAN",
+            "CTYPE2": "DEC--TAN",
+            "CRVAL1": 200.0,
+            "CRVAL2": dec0,
+            "CRPIX1": 1.0,
+            "CRPIX2": 1.0,
+            "CD1_1": 1.0,
+            "CD1_2": 0.0,
+            "CD2_1": 0.0,
+            "CD2_2": 1.0,
+        }
+    )
     px, py = w.all_world2pix(ra, dec, 0)
     np.testing.assert_allclose(px, xi, atol=1e-9)
     np.testing.assert_allclose(py, eta, atol=1e-9)
@@ -81,8 +108,16 @@ def test_match_and_fit_tan_sip(dra, ddec, rot):
     assert real.all()  # no spurious source matched
     assert (truth_ref[m.src_index] == m.ref_index).all()
     assert len(m.src_index) >= 0.95 * det.sum()
-    sol = fit_tan_sip(sx[m.src_index], sy[m.src_index], ra[m.ref_index], dec[m.ref_index], crpix=(1023.5, 1023.5),
-                      crval=(150.01, 2.01), order=3, shape=(NY, NX))
+    sol = fit_tan_sip(
+        sx[m.src_index],
+        sy[m.src_index],
+        ra[m.ref_index],
+        dec[m.ref_index],
+        crpix=(1023.5, 1023.5),
+        crval=(150.01, 2.01),
+        order=3,
+        shape=(NY, NX),
+    )
     per_axis = noise * 0.2 * 1000  # mas
     assert sol.rms_x * 1000 == pytest.approx(per_axis, rel=0.2)
     assert sol.rms_y * 1000 == pytest.approx(per_axis, rel=0.2)
@@ -106,18 +141,21 @@ def test_match_and_fit_tan_sip(dra, ddec, rot):
 
 def test_match_reports_failure_instead_of_raising():
     rng = np.random.default_rng(2)
-    m = match_sources(rng.uniform(0, 100, 50), rng.uniform(0, 100, 50), rng.uniform(0, 100, 3),
-                      rng.uniform(0, 100, 3))
+    m = match_sources(rng.uniform(0, 100, 50), rng.uniform(0, 100, 50), rng.uniform(0, 100, 3), rng.uniform(0, 100, 3))
     assert not m.ok and "too few" in m.message
-    m = match_sources(rng.uniform(0, 2000, 200), rng.uniform(0, 2000, 200), rng.uniform(0, 2000, 200),
-                      rng.uniform(0, 2000, 200), max_offset=50)
+    m = match_sources(
+        rng.uniform(0, 2000, 200),
+        rng.uniform(0, 2000, 200),
+        rng.uniform(0, 2000, 200),
+        rng.uniform(0, 2000, 200),
+        max_offset=50,
+    )
     assert not m.ok or len(m.src_index) < 15
 
 
 def test_fit_tan_sip_needs_enough_stars():
     with pytest.raises(ValueError, match="cannot constrain"):
-        fit_tan_sip(np.arange(5.0), np.arange(5.0), np.arange(5.0), np.arange(5.0), crpix=(0, 0), crval=(0, 0),
-                    order=3)
+        fit_tan_sip(np.arange(5.0), np.arange(5.0), np.arange(5.0), np.arange(5.0), crpix=(0, 0), crval=(0, 0), order=3)
 
 
 def test_fit_clips_outliers():
@@ -149,8 +187,7 @@ def test_tan_sip_position_error_matches_monte_carlo():
     off, pred = [], []
     for _ in range(300):
         sx, sy = x + rng.normal(0, sig), y + rng.normal(0, sig)
-        sol = fit_tan_sip(sx, sy, ra, dec, crpix=(1023.5, 1023.5), crval=(150.0, 2.0), order=3, shape=(NY, NX),
-                          clip=0)
+        sol = fit_tan_sip(sx, sy, ra, dec, crpix=(1023.5, 1023.5), crval=(150.0, 2.0), order=3, shape=(NY, NX), clip=0)
         fra, fdec = sip_pixel_to_sky(sol, probe_x, probe_y)
         off.append(np.c_[(fra - pra) * np.cos(np.radians(pdec)) * 3600, (fdec - pdec) * 3600])
         exi, eeta = tan_sip_position_error(sol, probe_x, probe_y)

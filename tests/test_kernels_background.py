@@ -39,7 +39,14 @@ def slow_clipped_mode(values, nsigma=3.0, max_iter=20):
 
 def test_mask_bits_match_lsst_order():
     assert (_bits.BAD, _bits.SAT, _bits.INTRP, _bits.CR, _bits.EDGE, _bits.DETECTED, _bits.NO_DATA) == (
-        0, 1, 2, 3, 4, 5, 8)
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        8,
+    )
     masks = pytest.importorskip("procsky.masks")
     for name in ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "SUSPECT", "NO_DATA"):
         assert masks.STANDARD_PLANES[name] == getattr(_bits, name)

@@ -37,8 +37,9 @@ def test_repair_pixels_uses_good_neighbours_median():
 
 
 def _field(fwhm, seed):
-    fr = make_star_field((384, 384), 80, fwhm=fwhm, flux_range=(2e3, 3e5), sky=300.0, read_noise=5.0, seed=seed,
-                         min_separation=10)
+    fr = make_star_field(
+        (384, 384), 80, fwhm=fwhm, flux_range=(2e3, 3e5), sky=300.0, read_noise=5.0, seed=seed, min_separation=10
+    )
     img, crmask = add_cosmic_rays(fr.image, 120, seed=seed + 100)
     return fr, img, crmask
 
@@ -77,8 +78,9 @@ def test_cosmic_rays_agree_with_astroscrappy():
     astroscrappy = pytest.importorskip("astroscrappy")
     fr, img, crmask = _field(4.0, seed=11)
     ours = find_cosmic_rays(img, fr.variance, sigclip=4.5, sigfrac=0.3, objlim=5.0, niter=4).mask
-    theirs, _ = astroscrappy.detect_cosmics(img, invar=fr.variance, sigclip=4.5, sigfrac=0.3, objlim=5.0, niter=4,
-                                            gain=1.0, readnoise=5.0, satlevel=1e9)
+    theirs, _ = astroscrappy.detect_cosmics(
+        img, invar=fr.variance, sigclip=4.5, sigfrac=0.3, objlim=5.0, niter=4, gain=1.0, readnoise=5.0, satlevel=1e9
+    )
     inter = (ours & theirs).sum()
     union = (ours | theirs).sum()
     assert inter / union > 0.85
@@ -124,8 +126,9 @@ def test_find_sharp_sources_removes_faint_tracks_keeps_stars():
             on_track[y0 + k, x0 + k] = True
     xs = np.array([s[0] for s in stars] + [x0 + 2.5 for x0, _ in tracks[:2]])
     ys = np.array([s[1] for s in stars] + [y0 + 2.5 for _, y0 in tracks[:2]])
-    stamps = np.stack([gaussian_psf_image(25, sigma, x - np.floor(x + 0.5), y - np.floor(y + 0.5))
-                       for x, y in zip(xs, ys)])
+    stamps = np.stack(
+        [gaussian_psf_image(25, sigma, x - np.floor(x + 0.5), y - np.floor(y + 0.5)) for x, y in zip(xs, ys)]
+    )
     res = find_sharp_sources(img, var, None, xs, ys, stamps, half_width=4, z_min=2.0)
     assert list(res.is_cr) == [False, False, False, True, True]
     # the isolated tracks' pixels are found
@@ -163,8 +166,9 @@ def test_cosmic_ray_growth_follows_faint_track_pixels():
     5-8 sigma pixels next to flagged ones (their Laplacian is cut by the bright neighbour
     along the track); the growth step flags them, and no star core."""
     fwhm = 5.0
-    fr = make_star_field((400, 400), 60, fwhm=fwhm, flux_range=(2e3, 3e5), sky=300.0, read_noise=5.0, seed=31,
-                         min_separation=10)
+    fr = make_star_field(
+        (400, 400), 60, fwhm=fwhm, flux_range=(2e3, 3e5), sky=300.0, read_noise=5.0, seed=31, min_separation=10
+    )
     rng = np.random.default_rng(32)
     img = fr.image.astype(np.float64).copy()
     dep = np.zeros(img.shape)
@@ -215,7 +219,7 @@ def test_find_cr_tracks_removes_faint_tracks_keeps_faint_sources():
     sources = [(40.3, 40.6, 7 * neff), (200.2, 40.1, 10 * neff), (40.0, 200.0, 15 * neff)]
     for x, y, f in sources:
         ix, iy = int(round(x)), int(round(y))
-        img[iy - 12: iy + 13, ix - 12: ix + 13] += f * gaussian_psf_image(25, sigma, x - ix, y - iy)
+        img[iy - 12 : iy + 13, ix - 12 : ix + 13] += f * gaussian_psf_image(25, sigma, x - ix, y - iy)
     # an elongated galaxy: sigma 5 x 1 px intrinsic (PSF-convolved 5.6 x 2.7), S/N ~ 10
     yy, xx = np.mgrid[0:ny, 0:nx]
     a2, b2 = 5.0**2 + sigma**2, 1.0**2 + sigma**2
@@ -224,15 +228,20 @@ def test_find_cr_tracks_removes_faint_tracks_keeps_faint_sources():
     img += 16 * neff * gal
     sources.append((120.0, 200.0, 0.0))
     # isolated faint tracks (each pixel 1-4 sigma) and one across the S/N 15 star
-    tracks = [(100, 60, 16, 0.3, 900.0), (160, 120, 10, 2.2, 700.0), (60, 110, 20, 1.2, 1100.0),
-              (34, 196, 12, 0.1, 800.0)]
+    tracks = [
+        (100, 60, 16, 0.3, 900.0),
+        (160, 120, 10, 2.2, 700.0),
+        (60, 110, 20, 1.2, 1100.0),
+        (34, 196, 12, 0.1, 800.0),
+    ]
     pix = [_rasterised_track(img, *t) for t in tracks]
     cx = [np.mean(p[0]) for p in pix[:3]]
     cy = [np.mean(p[1]) for p in pix[:3]]
     xs = np.array([s[0] for s in sources] + cx)
     ys = np.array([s[1] for s in sources] + cy)
-    stamps = np.stack([gaussian_psf_image(25, sigma, x - np.floor(x + 0.5), y - np.floor(y + 0.5))
-                       for x, y in zip(xs, ys)])
+    stamps = np.stack(
+        [gaussian_psf_image(25, sigma, x - np.floor(x + 0.5), y - np.floor(y + 0.5)) for x, y in zip(xs, ys)]
+    )
     res = find_cr_tracks(img.astype(np.float32), var, None, xs, ys, stamps, sigma)
     assert list(res.is_cr) == [False] * 4 + [True] * 3, (res.gain_line, res.gain_psf, res.gain_broad)
     for (txx, tyy), _t in zip(pix[:3], tracks[:3]):
@@ -243,7 +252,7 @@ def test_find_cr_tracks_removes_faint_tracks_keeps_faint_sources():
         assert abs(np.nanmedian(res.repair[tyy[on], txx[on]])) < noise
     # nothing flagged on the sources
     for x, y, _ in sources:
-        assert not res.cr_pixels[int(y) - 3: int(y) + 4, int(x) - 3: int(x) + 4].any()
+        assert not res.cr_pixels[int(y) - 3 : int(y) + 4, int(x) - 3 : int(x) + 4].any()
     # and nothing farther than one pixel from a track
     track = np.zeros((ny, nx), bool)
     for txx, tyy in pix:
@@ -271,15 +280,16 @@ def test_find_cr_tracks_cleans_a_track_across_a_bright_star():
     model = np.zeros((ny, nx))
     for x, y, f in stars:
         ix, iy = int(round(x)), int(round(y))
-        model[iy - 12: iy + 13, ix - 12: ix + 13] += f * gaussian_psf_image(25, sigma, x - ix, y - iy)
+        model[iy - 12 : iy + 13, ix - 12 : ix + 13] += f * gaussian_psf_image(25, sigma, x - ix, y - iy)
     var = sky_var + model  # the stars' own Poisson noise (gain 1)
     img = model + rng.normal(0.0, 1.0, (ny, nx)) * np.sqrt(var)
     txx, tyy = _rasterised_track(img, 55.0, 57.0, 11.0, 0.35, 2500.0)
     xs = np.array([s[0] for s in stars])
     ys = np.array([s[1] for s in stars])
     sig = [sigma, sigma, 0.97 * sigma]  # the third star's model is 3 % too narrow
-    stamps = np.stack([gaussian_psf_image(25, sg, x - np.floor(x + 0.5), y - np.floor(y + 0.5))
-                       for x, y, sg in zip(xs, ys, sig)])
+    stamps = np.stack(
+        [gaussian_psf_image(25, sg, x - np.floor(x + 0.5), y - np.floor(y + 0.5)) for x, y, sg in zip(xs, ys, sig)]
+    )
     res = find_cr_tracks(img.astype(np.float32), var.astype(np.float32), None, xs, ys, stamps, sigma)
     assert list(res.on_star) == [True, False, False], (res.gain_line, res.gain_broad)
     assert not res.is_cr.any()
@@ -321,8 +331,20 @@ def test_find_cr_tracks_raw_keeps_faint_star_beside_flagged_hit_and_finds_partly
         img[hit] = np.median(img[21:26, 21:28])  # repaired
         mask[hit] = crbit
         stamps = gaussian_psf_image(25, sigma, 0.2, -0.1)[None]
-        res = find_cr_tracks(img.astype(np.float32), var, mask, np.array([20.2]), np.array([19.9]), stamps, sigma,
-                             half_width=h, rho_max=4.0, bad_bits=crbit, raw=raw.astype(np.float32), raw_bits=crbit)
+        res = find_cr_tracks(
+            img.astype(np.float32),
+            var,
+            mask,
+            np.array([20.2]),
+            np.array([19.9]),
+            stamps,
+            sigma,
+            half_width=h,
+            rho_max=4.0,
+            bad_bits=crbit,
+            raw=raw.astype(np.float32),
+            raw_bits=crbit,
+        )
         dropped += int(res.is_cr[0])
     assert dropped <= 1, dropped
     # a faint track (4-6 sigma per pixel where flagged, 1-2 sigma beyond) whose middle is flagged:
@@ -344,7 +366,18 @@ def test_find_cr_tracks_raw_keeps_faint_star_beside_flagged_hit_and_finds_partly
         stamps = gaussian_psf_image(25, sigma, x0 - round(x0), y0 - round(y0))[None]
         for with_raw in (False, True):
             kw = dict(raw=raw.astype(np.float32), raw_bits=crbit) if with_raw else {}
-            res = find_cr_tracks(img.astype(np.float32), var, mask, np.array([x0]), np.array([y0]), stamps, sigma,
-                                 half_width=h, rho_max=4.0, bad_bits=crbit, **kw)
+            res = find_cr_tracks(
+                img.astype(np.float32),
+                var,
+                mask,
+                np.array([x0]),
+                np.array([y0]),
+                stamps,
+                sigma,
+                half_width=h,
+                rho_max=4.0,
+                bad_bits=crbit,
+                **kw,
+            )
             found[with_raw] += int(res.is_cr[0])
     assert found[True] >= 8 and found[True] > found[False], found

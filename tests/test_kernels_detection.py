@@ -107,8 +107,9 @@ def test_completeness_and_purity_at_snr_10():
     # fluxes spanning S/N 5..50 for a sky-dominated PSF-optimal measurement
     noise_psf = read * np.sqrt(4 * np.pi * sigma**2)
     snr = rng.uniform(5, 50, n)
-    fr = make_star_field((1024, 1024), n, fwhm=fwhm, sky=0.0, read_noise=read, seed=8, min_separation=15,
-                         flux=snr * noise_psf)
+    fr = make_star_field(
+        (1024, 1024), n, fwhm=fwhm, sky=0.0, read_noise=read, seed=8, min_separation=15, flux=snr * noise_psf
+    )
     # variance from the sky only (sky-dominated), as ISR would give without the sources
     det = detect_sources(fr.image, read**2, psf_sigma=sigma, nsigma=5.0)
     tree = cKDTree(np.column_stack([det.x, det.y]))
@@ -121,8 +122,17 @@ def test_completeness_and_purity_at_snr_10():
 
 
 def test_deblend_two_close_stars_and_no_split_of_bright_star():
-    fr = make_star_field((101, 101), 0, x=[40.0, 48.0, 80.0], y=[50.0, 51.0, 20.0], flux=[5e4, 3e4, 1e6],
-                         fwhm=4.0, sky=100.0, read_noise=5.0, seed=9)
+    fr = make_star_field(
+        (101, 101),
+        0,
+        x=[40.0, 48.0, 80.0],
+        y=[50.0, 51.0, 20.0],
+        flux=[5e4, 3e4, 1e6],
+        fwhm=4.0,
+        sky=100.0,
+        read_noise=5.0,
+        seed=9,
+    )
     img = fr.image - 100.0
     det = detect_sources(img, fr.variance, psf_sigma=4.0 / 2.3548, nsigma=5.0)
     assert len(det.x) == 3
@@ -140,8 +150,9 @@ def test_deblend_two_close_stars_and_no_split_of_bright_star():
 
 
 def test_negative_polarity_and_bad_pixels():
-    fr = make_star_field((64, 64), 0, x=[20.0, 45.0], y=[20.0, 52.0], flux=[2e4, 2e4], fwhm=3.0, sky=0.0,
-                         read_noise=5.0, seed=10)
+    fr = make_star_field(
+        (64, 64), 0, x=[20.0, 45.0], y=[20.0, 52.0], flux=[2e4, 2e4], fwhm=3.0, sky=0.0, read_noise=5.0, seed=10
+    )
     img = fr.image.copy()
     img[40:, :] *= -1  # second star negative
     mask = np.zeros(img.shape, np.uint32)
@@ -162,8 +173,7 @@ def test_completeness_in_a_crowded_field():
     """
     found, total, spurious, ndet = 0, 0, 0, 0
     for seed in (1, 2, 3):
-        fr = make_star_field((1024, 1024), 750, fwhm=4.0, flux_range=(1e3, 2e6), sky=800.0, read_noise=5.0,
-                             seed=seed)
+        fr = make_star_field((1024, 1024), 750, fwhm=4.0, flux_range=(1e3, 2e6), sky=800.0, read_noise=5.0, seed=seed)
         snr = fr.flux / (np.sqrt(825.0) * np.sqrt(4 * np.pi * (4 / 2.3548) ** 2))
         det = detect_sources(fr.image - 800.0, fr.variance, psf_sigma=4 / 2.3548)
         d, _ = cKDTree(np.column_stack([fr.x, fr.y])).query(np.column_stack([det.x, det.y]))
@@ -226,8 +236,9 @@ def test_empirical_threshold_follows_the_measured_noise():
     """A variance plane that underestimates the noise by 30 % lets noise peaks through a
     5 sigma variance threshold; the empirical threshold measures the spread of the
     significance away from sources (x1.30) and keeps the real stars."""
-    fr = make_star_field((800, 800), 60, fwhm=3.0, flux_range=(3e3, 3e4), sky=200.0, read_noise=5.0, seed=8,
-                         min_separation=20, margin=15)
+    fr = make_star_field(
+        (800, 800), 60, fwhm=3.0, flux_range=(3e3, 3e4), sky=200.0, read_noise=5.0, seed=8, min_separation=20, margin=15
+    )
     rng = np.random.default_rng(9)
     img = (fr.image - fr.sky + rng.normal(0.0, 1.0, fr.image.shape) * np.sqrt(fr.variance) * 0.83).astype(np.float32)
     # total noise is now 1.30x what the variance plane says

@@ -60,8 +60,15 @@ def _dipole_fit_scipy(image, variance, mask, bits, psf, xp, yp, xn, yn, xy0, hal
     except Exception:  # noqa: BLE001
         return None
     chi2 = float(np.sum(res.fun**2) / max(ok.sum() - 6, 1))
-    return {"pos_x": res.x[0], "pos_y": res.x[1], "pos_flux": res.x[2], "neg_x": res.x[3], "neg_y": res.x[4],
-            "neg_flux": res.x[5], "chi2": chi2}
+    return {
+        "pos_x": res.x[0],
+        "pos_y": res.x[1],
+        "pos_flux": res.x[2],
+        "neg_x": res.x[3],
+        "neg_y": res.x[4],
+        "neg_flux": res.x[5],
+        "chi2": chi2,
+    }
 
 
 def _add_psf(img, psf, x, y, flux):
@@ -105,8 +112,11 @@ def _gaussian_image_psf(fwhm, size=31):
 
 
 # ----------------------------------------------------------------------- oversampled PSF
-@pytest.mark.parametrize("psf", [GaussianPsf.from_fwhm(4.0), _gaussian_image_psf(4.0), GaussianPsf.from_fwhm(3.0, 0.1, -0.05)],
-                         ids=["gaussian", "image", "elliptical"])
+@pytest.mark.parametrize(
+    "psf",
+    [GaussianPsf.from_fwhm(4.0), _gaussian_image_psf(4.0), GaussianPsf.from_fwhm(3.0, 0.1, -0.05)],
+    ids=["gaussian", "image", "elliptical"],
+)
 def test_oversampled_psf_reproduces_render(psf):
     os_ = _oversampled_psf(psf, 10.0, 20.0)
     s = os_.shape[0] // 4
@@ -137,8 +147,9 @@ def test_batched_shifts_equal_render():
         full = psf.render(80.0, 30.0)
         frac = full[(full.shape[0] - s) // 2 :, (full.shape[0] - s) // 2 :][:s, :s].sum()
         for a, b, dx, dy in oversampled_offsets(4):
-            np.testing.assert_allclose(os_[b::4, a::4], frac * psf.render(80.0, 30.0, size=s, offset=(dx, dy)),
-                                       rtol=0, atol=1e-12)
+            np.testing.assert_allclose(
+                os_[b::4, a::4], frac * psf.render(80.0, 30.0, size=s, offset=(dx, dy)), rtol=0, atol=1e-12
+            )
 
 
 def test_cropped_oversampled_psf_keeps_full_normalisation():
@@ -154,8 +165,9 @@ def test_cropped_oversampled_psf_keeps_full_normalisation():
     # the fit box stays >= 3 px inside the crop (diffim._dipole_fit's margin)
     np.testing.assert_allclose(v[3:-3, 3:-3], full[21:40, 21:40], atol=1e-3 * full.max())
     # every sub-pixel phase keeps the weight the full kernel has inside the crop
-    assert os_[::4, ::4].sum() == pytest.approx(full.sum() - (psf.render(0, 0).sum() - psf.render(0, 0)[18:43, 18:43].sum()),
-                                                rel=1e-3)
+    assert os_[::4, ::4].sum() == pytest.approx(
+        full.sum() - (psf.render(0, 0).sum() - psf.render(0, 0)[18:43, 18:43].sum()), rel=1e-3
+    )
     assert os_[1::4, 2::4].sum() == pytest.approx(os_[::4, ::4].sum(), rel=1e-12)
 
 
@@ -228,7 +240,9 @@ def test_dipole_fit_kernel_outputs():
 def test_undersampled_psf_converges():
     fwhm = 1.5
     psf = GaussianPsf.from_fwhm(fwhm)
-    for k, (xp, yp, xn, yn) in enumerate([(24.2, 24.1, 22.7, 24.3), (30.4, 20.0, 29.6, 18.9), (20.0, 20.0, 21.9, 21.9)]):
+    for k, (xp, yp, xn, yn) in enumerate(
+        [(24.2, 24.1, 22.7, 24.3), (30.4, 20.0, 29.6, 18.9), (20.0, 20.0, 21.9, 21.9)]
+    ):
         img, var, mask = _simulate(psf, xp, yp, 3e4, xn, yn, 3e4, seed=k)
         sxp, syp, sxn, syn = _peaks(img, 0.5)
         res = _dipole_fit(img, var, mask, BITS, psf, sxp, syp, sxn, syn, (0, 0), _half(fwhm, sxp, syp, sxn, syn))

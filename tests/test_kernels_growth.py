@@ -88,8 +88,9 @@ def test_aperture_to_total_ignores_neighbour_footprints():
     truth = 1.0 / _moffat_enclosed(17.0, fwhm, beta)
     assert g.correction == pytest.approx(truth, abs=1.5e-3)
     # without the labels the neighbours' light would be counted as wing (4e4 of ~6e5: +~5 %)
-    g2 = aperture_to_total(img, var, mask, np.where(children >= 100, 0, children), own, x, y, ap, ap_err, 17.0,
-                           nsigma=1e6)
+    g2 = aperture_to_total(
+        img, var, mask, np.where(children >= 100, 0, children), own, x, y, ap, ap_err, 17.0, nsigma=1e6
+    )
     assert g2.correction - truth > 0.01 or g2.status != "measured"
 
 

@@ -73,8 +73,9 @@ def test_windowed_centroid_and_error_on_noisy_stars():
         st = gaussian_psf_image(31, sig, tx - 15, ty - 15) * 2e4
         var = np.full(st.shape, 100.0) + st
         img = (st + rng.normal(size=st.shape) * np.sqrt(var)).astype(np.float32)
-        x, y, ex, ey, exy, ok = windowed_centroid(img, var.astype(np.float32), np.zeros(st.shape, np.uint32), 15.0,
-                                                  15.0, sig, 50, 0)
+        x, y, ex, ey, exy, ok = windowed_centroid(
+            img, var.astype(np.float32), np.zeros(st.shape, np.uint32), 15.0, 15.0, sig, 50, 0
+        )
         assert ok
         dx.append(x - tx)
         dy.append(y - ty)
@@ -100,8 +101,7 @@ def test_adaptive_moments_elliptical_and_failure_flag():
     cxx, cyy, cxy = 6.0, 3.0, 1.5
     inv = np.linalg.inv([[cxx, cxy], [cxy, cyy]])
     img = np.exp(-0.5 * (inv[0, 0] * xx**2 + 2 * inv[0, 1] * xx * yy + inv[1, 1] * yy**2))
-    ixx, iyy, ixy, x, y, amp, ok = adaptive_moments(img, np.zeros(img.shape, np.uint32), 30.0, 30.0, 2.0, 200, 1e-9,
-                                                    0)
+    ixx, iyy, ixy, x, y, amp, ok = adaptive_moments(img, np.zeros(img.shape, np.uint32), 30.0, 30.0, 2.0, 200, 1e-9, 0)
     assert ok
     assert (ixx, iyy, ixy) == (pytest.approx(cxx, rel=1e-3), pytest.approx(cyy, rel=1e-3), pytest.approx(cxy, rel=1e-3))
     bad = adaptive_moments(-img, np.zeros(img.shape, np.uint32), 30.0, 30.0, 2.0, 50, 1e-6, 0)
@@ -117,11 +117,28 @@ def _psf_stamps(x, y, sig, size=25):
 def test_measure_sources_fluxes_unbiased_with_good_pulls():
     fwhm = 4.0
     sig = fwhm / 2.3548
-    fr = make_star_field((768, 768), 250, fwhm=fwhm, flux_range=(5e3, 2e5), sky=400.0, read_noise=5.0, seed=3,
-                         min_separation=30, margin=30)
+    fr = make_star_field(
+        (768, 768),
+        250,
+        fwhm=fwhm,
+        flux_range=(5e3, 2e5),
+        sky=400.0,
+        read_noise=5.0,
+        seed=3,
+        min_separation=30,
+        margin=30,
+    )
     img = fr.image - fr.sky
-    cat = measure_sources(img, fr.variance, None, np.round(fr.x), np.round(fr.y), psf_sigma=sig,
-                          aperture_radii=(3.0, 12.0), annulus=(14.0, 22.0))
+    cat = measure_sources(
+        img,
+        fr.variance,
+        None,
+        np.round(fr.x),
+        np.round(fr.y),
+        psf_sigma=sig,
+        aperture_radii=(3.0, 12.0),
+        annulus=(14.0, 22.0),
+    )
     assert not any(cat[f].any() for f in ("centroid_flag", "shape_flag", "flag_edge"))
     dx = cat["x"] - fr.x
     assert abs(np.median(dx)) < 0.005 and np.std(dx / cat["x_err"]) == pytest.approx(1.0, abs=0.15)

@@ -40,8 +40,18 @@ def test_lanczos_reproduces_constant_and_linear():
 
 @pytest.fixture(scope="module")
 def varying_field():
-    fr = make_star_field((1024, 1024), 260, fwhm=4.0, fwhm_gradient=0.15, flux_range=(2e4, 5e5), sky=300.0,
-                         read_noise=5.0, seed=12, min_separation=25, margin=25)
+    fr = make_star_field(
+        (1024, 1024),
+        260,
+        fwhm=4.0,
+        fwhm_gradient=0.15,
+        flux_range=(2e4, 5e5),
+        sky=300.0,
+        read_noise=5.0,
+        seed=12,
+        min_separation=25,
+        margin=25,
+    )
     img = fr.image - fr.sky
     cat = measure_sources(img, fr.variance, None, np.round(fr.x), np.round(fr.y), psf_sigma=4.0 * FWHM_TO_SIGMA)
     return fr, img, cat
@@ -82,8 +92,9 @@ def test_model_round_trips_and_renders_in_batch(varying_field):
 
 
 def test_oversampled_model_renders():
-    fr = make_star_field((512, 512), 120, fwhm=3.0, flux_range=(3e4, 3e5), sky=100.0, seed=13, min_separation=25,
-                         margin=25)
+    fr = make_star_field(
+        (512, 512), 120, fwhm=3.0, flux_range=(3e4, 3e5), sky=100.0, seed=13, min_separation=25, margin=25
+    )
     img = fr.image - fr.sky
     model, used, _ = fit_psf_model(img, fr.variance, None, fr.x, fr.y, stamp_size=15, order=0, oversample=2)
     assert model.coeffs.shape[1] == 31
@@ -190,8 +201,9 @@ def test_select_psf_stars_locus_varies_across_field_and_can_be_given():
     ec = np.sqrt(fc + 1e4)
     xc, yc = rng.uniform(0, 2000, (2, 15))
     loose = select_psf_stars(xc, yc, Tc / 2, Tc / 2, fc, ec, None, min_snr=20, isolation_radius=0, locus_T=10.0)
-    capped = select_psf_stars(xc, yc, Tc / 2, Tc / 2, fc, ec, None, min_snr=20, isolation_radius=0, locus_T=10.0,
-                              max_excess=0.05)
+    capped = select_psf_stars(
+        xc, yc, Tc / 2, Tc / 2, fc, ec, None, min_snr=20, isolation_radius=0, locus_T=10.0, max_excess=0.05
+    )
     assert loose[9:].all()  # what the symmetric clip lets in (S/N 26: width 0.05 dex)
     assert capped[:9].all() and not capped[9:].any()
 
@@ -226,8 +238,18 @@ def test_warp_images_are_the_first_order_dilation_and_shears():
 @pytest.fixture(scope="module")
 def sparse_gradient_field():
     """Ten bright stars on a 1024^2 detector whose FWHM changes by 8 % from left to right."""
-    fr = make_star_field((1024, 1024), 10, fwhm=4.0, fwhm_gradient=0.08, flux_range=(3e4, 3e5), sky=300.0,
-                         read_noise=5.0, seed=5, min_separation=150, margin=40)
+    fr = make_star_field(
+        (1024, 1024),
+        10,
+        fwhm=4.0,
+        fwhm_gradient=0.08,
+        flux_range=(3e4, 3e5),
+        sky=300.0,
+        read_noise=5.0,
+        seed=5,
+        min_separation=150,
+        margin=40,
+    )
     img = fr.image - fr.sky
     cat = measure_sources(img, fr.variance, None, np.round(fr.x), np.round(fr.y), psf_sigma=4.0 * FWHM_TO_SIGMA)
     return fr, img, cat
@@ -270,8 +292,9 @@ def test_warp_leaves_out_a_compact_galaxy(sparse_gradient_field):
     the model's size where it sits. Without that check the model's flux there is 0.6 % off."""
     fr, img, cat = sparse_gradient_field
     gx, gy = 900.0, 880.0
-    gal = make_star_field((1024, 1024), 1, fwhm=4.0 * 1.04 * 1.1, x=[gx], y=[gy], flux=[3e4], sky=0.0,
-                          read_noise=0.0, seed=1)
+    gal = make_star_field(
+        (1024, 1024), 1, fwhm=4.0 * 1.04 * 1.1, x=[gx], y=[gy], flux=[3e4], sky=0.0, read_noise=0.0, seed=1
+    )
     img2 = img + gal.model.astype(np.float32)
     var2 = fr.variance + gal.model.astype(np.float32)
     x = np.append(np.asarray(cat["x"]), gx)
@@ -303,17 +326,18 @@ def test_repaired_cosmic_ray_pixels_get_zero_weight():
     xs, ys = xs.ravel(), ys.ravel()
     for k, (x, y) in enumerate(zip(xs, ys)):
         ix, iy = int(round(x)), int(round(y))
-        img[iy - 15: iy + 16, ix - 15: ix + 16] += 2e4 * gaussian_psf_image(31, sigma, x - ix, y - iy)
+        img[iy - 15 : iy + 16, ix - 15 : ix + 16] += 2e4 * gaussian_psf_image(31, sigma, x - ix, y - iy)
         if k % 2 == 0:
-            hit[iy - 1: iy + 2, ix + 2 + k % 4 // 2] = True
+            hit[iy - 1 : iy + 2, ix + 2 + k % 4 // 2] = True
     img[hit] += 2e3
     img = img.astype(np.float32)
     repair_pixels(img, hit, np.zeros_like(hit), 2)
     img[hit] += 500.0  # what a poor repair can leave of a hit (100 sigma)
     mask = np.where(hit, np.uint32(masks.bit("CR") | masks.bit("INTRP")), np.uint32(0))
     truth = 2.3548200450309493 * np.sqrt(sigma**2 + 1 / 12)
-    model, used, reserved = fit_psf_model(img, var, mask, xs, ys, stamp_size=21, order=0, cv_radius_fwhm=0,
-                                          zero_bits=masks.bit("CR") | masks.bit("INTRP"))
+    model, used, reserved = fit_psf_model(
+        img, var, mask, xs, ys, stamp_size=21, order=0, cv_radius_fwhm=0, zero_bits=masks.bit("CR") | masks.bit("INTRP")
+    )
     assert (used | reserved)[::2].mean() >= 0.8  # the stars with a hit are in (the chi^2 clip takes a few)
     assert model.fwhm == pytest.approx(truth, rel=0.005)
     assert abs(model.reserved_dT_median) < 0.01

@@ -74,9 +74,9 @@ def test_streak_bit_matches_masks():
         # faint: 0.7 sigma per pixel at the peak, S/N ~45 over its ~1100 px: width and
         # amplitude are known to a few per cent only (statistical 1-sigma ~3 %)
         (0.7, 0.35, 500.0, 2.5, 0.10),
-        (2.0, 1.60, 480.0, 3.0, 0.03),   # near-horizontal
+        (2.0, 1.60, 480.0, 3.0, 0.03),  # near-horizontal
         (7.0, 2.49, -150.0, 2.5, 0.02),  # bright, like `small` visit 14
-        (1.5, 0.02, 600.0, 2.2, 0.03),   # near-vertical (the direction of bleed columns)
+        (1.5, 0.02, 600.0, 2.2, 0.03),  # near-vertical (the direction of bleed columns)
     ],
 )
 def test_recovers_injected_trail(snr_peak, theta, rho, sigma, tol):
@@ -235,8 +235,11 @@ def test_streak_on_simulated_small_visit14(tmp_path):
     # background (sources and trail masked by a first detection), detection: calibrate's steps 1-3b
     bkg = estimate_background(image, mask).background
     det0 = detect_sources(image - bkg, variance, mask, psf_sigma=sigma, nsigma=5.0)
-    bkg = estimate_background(image, mask | np.where(det0.detected, np.uint32(bit(DETECTED)), np.uint32(0)),
-                              bad_bits=int(bit(BAD) | bit(SAT) | bit(CR) | bit(DETECTED) | (1 << 8))).background
+    bkg = estimate_background(
+        image,
+        mask | np.where(det0.detected, np.uint32(bit(DETECTED)), np.uint32(0)),
+        bad_bits=int(bit(BAD) | bit(SAT) | bit(CR) | bit(DETECTED) | (1 << 8)),
+    ).background
     sub = (image - bkg).astype(np.float32)
     det = detect_sources(sub, variance, mask, psf_sigma=sigma, nsigma=5.0)
     mask[det.detected] |= np.uint32(bit(DETECTED))
@@ -259,8 +262,12 @@ def test_streak_on_simulated_small_visit14(tmp_path):
         ys = s["rho"] * sn + t * c + ds * sn
         x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
         fx, fy = xs - x0, ys - y0
-        v = (true[y0, x0] * (1 - fx) * (1 - fy) + true[y0, x0 + 1] * fx * (1 - fy)
-             + true[y0 + 1, x0] * (1 - fx) * fy + true[y0 + 1, x0 + 1] * fx * fy)
+        v = (
+            true[y0, x0] * (1 - fx) * (1 - fy)
+            + true[y0, x0 + 1] * fx * (1 - fy)
+            + true[y0 + 1, x0] * (1 - fx) * fy
+            + true[y0 + 1, x0 + 1] * fx * fy
+        )
         assert abs(np.sum(ds * v) / np.sum(v)) < 0.3
     # masking completeness where the true trail is above 1 sigma
     above = true > noise
@@ -277,6 +284,7 @@ def test_no_streak_on_small_r_det4(small_r_det4_calexps):
     for v, calexp in small_r_det4_calexps.items():
         ny, nx = calexp.shape
         sigma = float(calexp.psf.fwhm(0.5 * nx, 0.5 * ny)) / 2.3548
-        res = find_streaks(np.asarray(calexp.image), np.asarray(calexp.variance),
-                           np.asarray(calexp.mask, np.uint32), psf_sigma=sigma)
+        res = find_streaks(
+            np.asarray(calexp.image), np.asarray(calexp.variance), np.asarray(calexp.mask, np.uint32), psf_sigma=sigma
+        )
         assert len(res.streaks) == 0, (v, res.streaks)

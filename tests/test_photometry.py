@@ -17,9 +17,15 @@ from procsky.tasks.photometry import VisitPhotometryTask
 def _src(rng: np.random.Generator, zp: float, n: int = 60) -> pd.DataFrame:
     m_true = rng.uniform(17, 20, n)
     flux = 10 ** (-0.4 * (m_true - zp))  # counts
-    src = pd.DataFrame({"psf_flux": flux * 10 ** (-0.4 * (zp - 31.4)), "psf_flux_err": 0.01 * flux,
-                        "ref_mag": m_true + rng.normal(0, 0.01, n), "ref_mag_err": np.full(n, 0.01),
-                        "calib_photometry_candidate": np.ones(n, bool)})
+    src = pd.DataFrame(
+        {
+            "psf_flux": flux * 10 ** (-0.4 * (zp - 31.4)),
+            "psf_flux_err": 0.01 * flux,
+            "ref_mag": m_true + rng.normal(0, 0.01, n),
+            "ref_mag_err": np.full(n, 0.01),
+            "calib_photometry_candidate": np.ones(n, bool),
+        }
+    )
     src.attrs["meta"] = {"zero_point": zp, "zero_point_err": 0.003, "header_zero_point": zp}
     return src
 

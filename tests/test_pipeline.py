@@ -34,8 +34,8 @@ from procsky.pipeline import (
 )
 from procsky.pipeline.clusters import cluster_kwargs, find_profile, parse_duration
 from procsky.pipeline.graph import Where
-from procsky.tasks.base import DatasetKey, default_quanta, get_task_class
 from procsky.repo import Repo
+from procsky.tasks.base import DatasetKey, default_quanta, get_task_class
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_tasks_are_entry_points_and_broken_ones_raise(monkeypatch):
     for path in src.rglob("*.py"):
         module = ".".join(("procsky", "tasks", *path.relative_to(src).with_suffix("").parts))
         for name in re.findall(r'^@register_task\("(\w+)"\)', path.read_text(), re.M):
-            assert name in eps, f"{module}: task {name!r} is not in [project.entry-points.\"procsky.tasks\"]"
+            assert name in eps, f'{module}: task {name!r} is not in [project.entry-points."procsky.tasks"]'
             assert eps[name].value.partition(":")[0] == module
     assert get_task_class("calibrate").__name__ == "CalibrateTask"
     # a task module that fails to import raises, naming the entry point and the cause
@@ -94,8 +94,7 @@ def test_tasks_are_entry_points_and_broken_ones_raise(monkeypatch):
 
 def test_default_quanta_join_and_gather():
     task = toy.ToyGatherTask()
-    stats = [DatasetKey("toy_stats", {"instrument": "c", "visit": v, "detector": d})
-             for v in (1, 2) for d in (0, 1, 2)]
+    stats = [DatasetKey("toy_stats", {"instrument": "c", "visit": v, "detector": d}) for v in (1, 2) for d in (0, 1, 2)]
     specs = default_quanta(task, {"stats": stats})
     assert [s.data_id for s in specs] == [{"instrument": "c", "visit": 1}, {"instrument": "c", "visit": 2}]
     assert [d.data_id["detector"] for d in specs[0].inputs["stats"]] == [0, 1, 2]
@@ -122,12 +121,16 @@ def test_default_quanta_join_and_gather():
 def test_implied_values_narrow_other_inputs():
     class Isr(Task):
         dimensions = ("instrument", "visit", "detector")
-        inputs = {"raw": Input("raw", ("instrument", "visit", "detector")),
-                  "flat": Input("flat", ("instrument", "detector"), optional=True)}
+        inputs = {
+            "raw": Input("raw", ("instrument", "visit", "detector")),
+            "flat": Input("flat", ("instrument", "detector"), optional=True),
+        }
         outputs = {}
 
-    raws = [DatasetKey("raw", {"instrument": "c", "visit": v, "detector": 0, "physical_filter": f})
-            for v, f in ((1, "g"), (2, "r"))]
+    raws = [
+        DatasetKey("raw", {"instrument": "c", "visit": v, "detector": 0, "physical_filter": f})
+        for v, f in ((1, "g"), (2, "r"))
+    ]
     flats = [DatasetKey("flat", {"instrument": "c", "detector": 0, "physical_filter": f}) for f in "gr"]
     specs = default_quanta(Isr(), {"raw": raws, "flat": flats})
     assert [s.inputs["flat"][0].data_id["physical_filter"] for s in specs] == ["g", "r"]
@@ -148,10 +151,14 @@ def test_implied_output_dimensions():
 
 
 def test_parse_overrides_yaml_scalars():
-    o = parse_overrides(["measure.clip_sigma=2.5", "measure.min_rows=3", "gather.threshold=1e3",
-                         "a.b.c=true", "a.name='x y'"])
-    assert o == {"measure": {"clip_sigma": 2.5, "min_rows": 3},
-                 "gather": {"threshold": 1000.0}, "a": {"b": {"c": True}, "name": "x y"}}
+    o = parse_overrides(
+        ["measure.clip_sigma=2.5", "measure.min_rows=3", "gather.threshold=1e3", "a.b.c=true", "a.name='x y'"]
+    )
+    assert o == {
+        "measure": {"clip_sigma": 2.5, "min_rows": 3},
+        "gather": {"threshold": 1000.0},
+        "a": {"b": {"c": True}, "name": "x y"},
+    }
     with pytest.raises(ProcskyValueError, match="task.field=value"):
         parse_overrides(["clip_sigma=2"])
 
@@ -172,8 +179,9 @@ def test_load_pipeline_with_overrides(toy_yaml):
 def test_nested_overrides_build_new_frozen_configs(tmp_path):
     pipe = Pipeline.from_tasks([("nested", toy.ToyNestedTask)])
     before = pipe["nested"].config
-    pipe2 = pipe.with_overrides(parse_overrides(["nested.inner.leaf.budget=1e9", "nested.inner.name=b",
-                                                 "nested.inner.weights.r=2"]))
+    pipe2 = pipe.with_overrides(
+        parse_overrides(["nested.inner.leaf.budget=1e9", "nested.inner.name=b", "nested.inner.weights.r=2"])
+    )
     cfg = pipe2["nested"].config
     assert cfg.inner.leaf.budget == 1e9 and cfg.inner.leaf.order == 2 and cfg.inner.name == "b"
     assert cfg.inner.weights == {"g": 1.0, "r": 2.0}  # dict fields merge key by key
@@ -182,10 +190,12 @@ def test_nested_overrides_build_new_frozen_configs(tmp_path):
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.inner.leaf.budget = 1.0
     # dotted keys in a mapping, and the same result from a nested mapping
-    dotted = pipe.with_overrides({"nested": {"inner.leaf.budget": 1e9, "inner.name": "b",
-                                             "inner.weights.r": 2}})["nested"].config
-    nested = pipe.with_overrides({"nested": {"inner": {"leaf": {"budget": 1e9}, "name": "b",
-                                                       "weights": {"r": 2}}}})["nested"].config
+    dotted = pipe.with_overrides({"nested": {"inner.leaf.budget": 1e9, "inner.name": "b", "inner.weights.r": 2}})[
+        "nested"
+    ].config
+    nested = pipe.with_overrides({"nested": {"inner": {"leaf": {"budget": 1e9}, "name": "b", "weights": {"r": 2}}}})[
+        "nested"
+    ].config
     assert dotted == nested == cfg and dotted.config_hash() == cfg.config_hash()
     # unknown fields name the valid ones, at the level where they are wrong
     with pytest.raises(ProcskyValueError, match="budgt.*valid fields of inner.leaf: budget, order"):
@@ -196,8 +206,10 @@ def test_nested_overrides_build_new_frozen_configs(tmp_path):
         pipe.with_overrides({"nested": {"inner.leaf.order": "many"}})
     # YAML config blocks accept nested mappings and dotted keys
     p = tmp_path / "nested.yaml"
-    p.write_text("tasks:\n  - label: nested\n    task: toy_nested\n"
-                 "    config: {inner: {name: b, weights: {g: 1.0, r: 2.0}}, inner.leaf.budget: 1.0e+9}\n")
+    p.write_text(
+        "tasks:\n  - label: nested\n    task: toy_nested\n"
+        "    config: {inner: {name: b, weights: {g: 1.0, r: 2.0}}, inner.leaf.budget: 1.0e+9}\n"
+    )
     assert load_pipeline(p)["nested"].config == cfg
     p.write_text("tasks:\n  - label: nested\n    task: toy_nested\n    config: {inner: {nme: b}}\n")
     with pytest.raises(ProcskyValueError, match="nme.*valid fields of inner: leaf, name, weights"):
@@ -233,9 +245,9 @@ def test_packaged_pipelines_load():
 
 def test_where_three_valued():
     w = Where("tract=42 AND visit=1")
-    assert w({"visit": 1}) is True          # undecided -> kept
+    assert w({"visit": 1}) is True  # undecided -> kept
     assert w.decide({"visit": 1}) is None
-    assert w({"visit": 2}) is False         # decided false on what is known
+    assert w({"visit": 2}) is False  # decided false on what is known
     with pytest.raises(QuerySyntaxError):
         Where("visit = = 1")
 
@@ -285,8 +297,7 @@ def test_sync_run_outputs_and_provenance(repo, toy_yaml):
     s = run_pipeline(repo, toy_yaml, output="out")
     assert s.ok and s.counts["measure"]["succeeded"] == 6 and s.counts["gather"]["succeeded"] == 2
     summary = repo.get("toy_visit", {"instrument": "toycam", "visit": 1}, run="out")
-    stats = [repo.get("toy_stats", {"instrument": "toycam", "visit": 1, "detector": d}, run="out")
-             for d in (0, 1, 2)]
+    stats = [repo.get("toy_stats", {"instrument": "toycam", "visit": 1, "detector": d}, run="out") for d in (0, 1, 2)]
     assert summary["n_rows"] == sum(len(t) for t in stats) == 120
     assert summary["total_flux"] == pytest.approx(sum(t["flux"].sum() for t in stats))
     # provenance of the stored quanta
@@ -424,10 +435,32 @@ def test_job_pickles(repo, toy_yaml):
 # -- reports and CLI -----------------------------------------------------------------------
 
 
-REPORT_KEYS = {"schema", "run", "generated", "repo", "where", "pipeline", "totals", "tasks",
-               "failures", "failures_truncated", "metrics"}
-TASK_KEYS = {"task", "task_class", "config_hash", "quanta", "counts", "wall_seconds", "cpu_seconds",
-             "peak_memory_bytes", "attempts_max", "first_start", "last_end"}
+REPORT_KEYS = {
+    "schema",
+    "run",
+    "generated",
+    "repo",
+    "where",
+    "pipeline",
+    "totals",
+    "tasks",
+    "failures",
+    "failures_truncated",
+    "metrics",
+}
+TASK_KEYS = {
+    "task",
+    "task_class",
+    "config_hash",
+    "quanta",
+    "counts",
+    "wall_seconds",
+    "cpu_seconds",
+    "peak_memory_bytes",
+    "attempts_max",
+    "first_start",
+    "last_end",
+}
 
 
 def test_cli_run_graph_report(repo, toy_yaml, tmp_path):
@@ -435,15 +468,30 @@ def test_cli_run_graph_report(repo, toy_yaml, tmp_path):
 
     runner = CliRunner()
     root = str(repo.root)
-    res = runner.invoke(main, ["graph", str(toy_yaml), "--repo", root, "--output", "cli",
-                               "--where", "visit=1", "--format", "json"])
+    res = runner.invoke(
+        main, ["graph", str(toy_yaml), "--repo", root, "--output", "cli", "--where", "visit=1", "--format", "json"]
+    )
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.output)["quanta"]) == 4
     res = runner.invoke(main, ["graph", str(toy_yaml), "--repo", root, "--output", "cli", "--format", "dot"])
     assert res.exit_code == 0 and res.output.startswith("digraph")
-    res = runner.invoke(main, ["run", str(toy_yaml), "--repo", root, "--output", "cli", "--sync",
-                               "--no-progress", "-c", "gather.threshold=50", "--html",
-                               str(tmp_path / "r.html")])
+    res = runner.invoke(
+        main,
+        [
+            "run",
+            str(toy_yaml),
+            "--repo",
+            root,
+            "--output",
+            "cli",
+            "--sync",
+            "--no-progress",
+            "-c",
+            "gather.threshold=50",
+            "--html",
+            str(tmp_path / "r.html"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "measure: succeeded 6" in res.output
     assert (tmp_path / "r.html").read_text().count("<tr>") >= 3
@@ -461,8 +509,7 @@ def test_cli_run_graph_report(repo, toy_yaml, tmp_path):
     assert res.exit_code == 0 and "measure" in res.output and "succeeded" in res.output
     res = runner.invoke(main, ["report", root, "--run", "nope"])
     assert res.exit_code != 0 and "no pipeline quanta" in res.output
-    res = runner.invoke(main, ["run", str(toy_yaml), "--repo", root, "--output", "cli2", "--sync",
-                               "-c", "measure=3"])
+    res = runner.invoke(main, ["run", str(toy_yaml), "--repo", root, "--output", "cli2", "--sync", "-c", "measure=3"])
     assert res.exit_code != 0 and "task.field=value" in res.output
 
 
@@ -475,8 +522,7 @@ def test_cluster_profiles(tmp_path, monkeypatch):
         assert kind == name
         if name != "local":
             prologue = " ".join(kw["job_script_prologue"])
-            for var in ("OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1", "OPENBLAS_NUM_THREADS=1",
-                        "NUMBA_NUM_THREADS=1"):
+            for var in ("OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1", "OPENBLAS_NUM_THREADS=1", "NUMBA_NUM_THREADS=1"):
                 assert var in prologue
             assert "--lifetime" in kw["worker_extra_args"]
             assert "adapt" in scaling
@@ -500,8 +546,9 @@ def test_jobqueue_job_script():
     pytest.importorskip("dask_jobqueue")
     from procsky.pipeline import open_cluster
 
-    cluster = open_cluster("slurm", walltime="02:00:00", queue="debug", adapt=None,
-                           scheduler_options={"dashboard_address": ":0"})
+    cluster = open_cluster(
+        "slurm", walltime="02:00:00", queue="debug", adapt=None, scheduler_options={"dashboard_address": ":0"}
+    )
     try:
         script = cluster.job_script()
     finally:

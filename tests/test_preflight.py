@@ -47,10 +47,10 @@ def _stored(repo, run: str) -> int:
 
     t = graph_tables(repo)
     with repo.registry.engine.connect() as conn:
-        n = conn.execute(sa.select(sa.func.count()).select_from(t["quantum"])
-                         .where(t["quantum"].c.run == run)).scalar_one()
-        n += conn.execute(sa.select(sa.func.count()).select_from(t["run"])
-                          .where(t["run"].c.run == run)).scalar_one()
+        n = conn.execute(
+            sa.select(sa.func.count()).select_from(t["quantum"]).where(t["quantum"].c.run == run)
+        ).scalar_one()
+        n += conn.execute(sa.select(sa.func.count()).select_from(t["run"]).where(t["run"].c.run == run)).scalar_one()
     return n
 
 
@@ -61,8 +61,7 @@ def _bin_dir(tmp_path, stubs=()) -> Path:
     (d / "python").symlink_to(sys.executable)
     for name in stubs:
         p = d / name
-        p.write_text(f'#!/bin/sh\necho "{name} $*" >> "{tmp_path}/calls.log"\n'
-                     'echo "Submitted batch job 4242"\n')
+        p.write_text(f'#!/bin/sh\necho "{name} $*" >> "{tmp_path}/calls.log"\necho "Submitted batch job 4242"\n')
         p.chmod(0o755)
     return d
 
@@ -75,8 +74,9 @@ def test_missing_sbatch_fails_fast_and_stores_nothing(tmp_path, monkeypatch, no_
     r = Repo.create(tmp_path / "empty")
     monkeypatch.setenv("PATH", str(_bin_dir(tmp_path)))
     t0 = time.perf_counter()
-    res = CliRunner().invoke(main, ["run", "drp", "--repo", str(r.root), "--output", "o",
-                                    "--cluster", "slurm", "--no-progress"])
+    res = CliRunner().invoke(
+        main, ["run", "drp", "--repo", str(r.root), "--output", "o", "--cluster", "slurm", "--no-progress"]
+    )
     elapsed = time.perf_counter() - t0
     print(f"slurm-missing error after {elapsed:.2f} s")
     assert res.exit_code not in (0, None), res.output
@@ -86,13 +86,16 @@ def test_missing_sbatch_fails_fast_and_stores_nothing(tmp_path, monkeypatch, no_
     assert _stored(r, "o") == 0
 
 
-@pytest.mark.parametrize("kind, words", [
-    ("slurm", ["sbatch", "slurm-client", "slurm-wlm"]),
-    ("pbs", ["qsub", "OpenPBS", "Torque"]),
-    ("htcondor", ["condor_submit", "htcondor"]),
-    ("lsf", ["bsub", "no Debian package"]),
-    ("sge", ["qsub", "gridengine-client"]),
-])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("slurm", ["sbatch", "slurm-client", "slurm-wlm"]),
+        ("pbs", ["qsub", "OpenPBS", "Torque"]),
+        ("htcondor", ["condor_submit", "htcondor"]),
+        ("lsf", ["bsub", "no Debian package"]),
+        ("sge", ["qsub", "gridengine-client"]),
+    ],
+)
 def test_batch_tool_messages(tmp_path, monkeypatch, kind, words):
     monkeypatch.setenv("PATH", str(_bin_dir(tmp_path)))
     with pytest.raises(ProcskyFileError) as info:
@@ -110,19 +113,23 @@ def test_missing_jobqueue_names_the_extra(monkeypatch, no_cluster):
 # -- everything else is checked before a cluster starts ------------------------------------------
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--where", "visit = = 1"], "visit = = 1"),                    # does not parse
-    (["--where", "vist=1"], "did you mean 'visit'"),                # unknown dimension
-    (["-c", "measure.nope=3"], "nope"),                             # unknown config field
-    (["-c", "gather.threshold=[1"], "not valid YAML"),              # unreadable value
-    (["-c", "nosuchtask.x=1"], "unknown task"),
-    (["--tasks", "mesure"], "no task 'mesure'"),
-    (["--cluster", "nosuchprofile"], "no cluster profile 'nosuchprofile'"),
-    (["--resume"], "no quanta to resume"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--where", "visit = = 1"], "visit = = 1"),  # does not parse
+        (["--where", "vist=1"], "did you mean 'visit'"),  # unknown dimension
+        (["-c", "measure.nope=3"], "nope"),  # unknown config field
+        (["-c", "gather.threshold=[1"], "not valid YAML"),  # unreadable value
+        (["-c", "nosuchtask.x=1"], "unknown task"),
+        (["--tasks", "mesure"], "no task 'mesure'"),
+        (["--cluster", "nosuchprofile"], "no cluster profile 'nosuchprofile'"),
+        (["--resume"], "no quanta to resume"),
+    ],
+)
 def test_bad_arguments_fail_before_any_cluster(repo, toy_yaml, no_cluster, extra, message):
-    res = CliRunner().invoke(main, ["run", str(toy_yaml), "--repo", str(repo.root), "--output", "o",
-                                    "--no-progress", *extra])
+    res = CliRunner().invoke(
+        main, ["run", str(toy_yaml), "--repo", str(repo.root), "--output", "o", "--no-progress", *extra]
+    )
     assert res.exit_code not in (0, None), res.output
     assert message in res.output, res.output
     assert _stored(repo, "o") == 0
@@ -137,8 +144,7 @@ def test_missing_repo_and_skymap_fail_before_any_cluster(tmp_path, no_cluster):
     assert res.exit_code not in (0, None), res.output
     assert "no 'skymap' dataset named 'default'" in res.output
     assert "procsky skymap register" in res.output
-    res = runner.invoke(main, ["run", "drp", "--repo", str(r.root), "--output", "o",
-                               "-c", "calibrate.threshold=5"])
+    res = runner.invoke(main, ["run", "drp", "--repo", str(r.root), "--output", "o", "-c", "calibrate.threshold=5"])
     assert res.exit_code not in (0, None) and "threshold" in res.output, res.output
     assert _stored(r, "o") == 0
 
@@ -167,11 +173,24 @@ def _profile(tmp_path, text: str) -> Path:
 
 
 def test_local_cluster_without_workers_times_out(repo, toy_yaml, tmp_path):
-    prof = _profile(tmp_path, "cluster: local\noptions: {n_workers: 0, processes: false, "
-                              "dashboard_address: ':0'}\n")
+    prof = _profile(tmp_path, "cluster: local\noptions: {n_workers: 0, processes: false, dashboard_address: ':0'}\n")
     t0 = time.perf_counter()
-    res = CliRunner().invoke(main, ["run", str(toy_yaml), "--repo", str(repo.root), "--output", "o",
-                                    "--cluster", str(prof), "--worker-timeout", "2", "--no-progress"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(toy_yaml),
+            "--repo",
+            str(repo.root),
+            "--output",
+            "o",
+            "--cluster",
+            str(prof),
+            "--worker-timeout",
+            "2",
+            "--no-progress",
+        ],
+    )
     elapsed = time.perf_counter() - t0
     print(f"local worker timeout (2 s) reported after {elapsed:.1f} s")
     assert res.exit_code not in (0, None), res.output
@@ -183,16 +202,20 @@ def test_local_cluster_without_workers_times_out(repo, toy_yaml, tmp_path):
 def test_batch_jobs_that_never_start_time_out_and_are_cancelled(repo, toy_yaml, tmp_path, monkeypatch):
     pytest.importorskip("dask_jobqueue")
     monkeypatch.setenv("PATH", str(_bin_dir(tmp_path, ("sbatch", "squeue", "scancel"))))
-    prof = _profile(tmp_path, """\
+    prof = _profile(
+        tmp_path,
+        """\
 cluster: slurm
 options: {cores: 1, processes: 1, memory: 1GiB, walltime: "01:00:00",
           scheduler_options: {dashboard_address: ":0"}}
 scale: {jobs: 1}
 worker_timeout: 3
-""")
+""",
+    )
     t0 = time.perf_counter()
-    res = CliRunner().invoke(main, ["run", str(toy_yaml), "--repo", str(repo.root), "--output", "o",
-                                    "--cluster", str(prof), "--no-progress"])
+    res = CliRunner().invoke(
+        main, ["run", str(toy_yaml), "--repo", str(repo.root), "--output", "o", "--cluster", str(prof), "--no-progress"]
+    )
     elapsed = time.perf_counter() - t0
     print(f"batch worker timeout (3 s) reported after {elapsed:.1f} s")
     assert res.exit_code not in (0, None), res.output
@@ -238,8 +261,10 @@ def test_dashboard_of_a_real_scheduler():
         import distributed.dashboard.scheduler
     except ImportError:
         bokeh_ok = False
-    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cl, \
-            distributed.Client(cl) as client:
+    with (
+        distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cl,
+        distributed.Client(cl) as client,
+    ):
         link, hint = clusters.dashboard_status(client)
     assert (link is not None and link.startswith("http")) == bokeh_ok
     assert (hint is None) == bokeh_ok
@@ -256,15 +281,35 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     toy.make_toy_inputs(r, visits=(1, 2))
     pipe = tmp_path / "toy.yaml"
     pipe.write_text(toy.TOY_PIPELINE_YAML)
-    prof = _profile(tmp_path, "cluster: local\noptions: {n_workers: 2, threads_per_worker: 1, "
-                              "processes: true, memory_limit: 2GiB, dashboard_address: ':0'}\n")
-    args = ["run", str(pipe), "--repo", str(r.root), "--output", "o", "--cluster", str(prof),
-            "--no-progress", "-c", "measure.sleep=1.5"]
+    prof = _profile(
+        tmp_path,
+        "cluster: local\noptions: {n_workers: 2, threads_per_worker: 1, "
+        "processes: true, memory_limit: 2GiB, dashboard_address: ':0'}\n",
+    )
+    args = [
+        "run",
+        str(pipe),
+        "--repo",
+        str(r.root),
+        "--output",
+        "o",
+        "--cluster",
+        str(prof),
+        "--no-progress",
+        "-c",
+        "measure.sleep=1.5",
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # A new session stands for the terminal's foreground process group: SIGINT to the group
     # reaches the driver and its worker processes, as Ctrl-C does.
-    proc = subprocess.Popen([sys.executable, "-m", "procsky", *args], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "procsky", *args],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -315,12 +360,21 @@ def test_calibrate_without_refcat_is_announced(tmp_path, no_cluster):
     wcs.wcs.crval = [150.0, 2.0]
     wcs.wcs.crpix = [30.5, 20.5]
     wcs.wcs.cd = [[-0.2 / 3600, 0.0], [0.0, 0.2 / 3600]]
-    vi = VisitInfo(exposure_time=30.0, mjd=60000.25, band="g", physical_filter="g_1", airmass=1.1,
-                   boresight_ra=150.0, boresight_dec=2.0, rotation_angle=0.0, observatory="sim",
-                   instrument="simcam", visit=12)
+    vi = VisitInfo(
+        exposure_time=30.0,
+        mjd=60000.25,
+        band="g",
+        physical_filter="g_1",
+        airmass=1.1,
+        boresight_ra=150.0,
+        boresight_dec=2.0,
+        rotation_angle=0.0,
+        observatory="sim",
+        instrument="simcam",
+        visit=12,
+    )
     image = np.full((40, 60), 100.0, np.float32)
-    exp = Exposure(image, np.full_like(image, 25.0), np.zeros(image.shape, np.uint32), wcs=wcs,
-                   visit_info=vi)
+    exp = Exposure(image, np.full_like(image, 25.0), np.zeros(image.shape, np.uint32), wcs=wcs, visit_info=vi)
     r.put(exp, "isr_exposure", {"instrument": "simcam", "visit": 12, "detector": 0}, "isr")
     plan = plan_run(r, "drp", tasks="calibrate", output="o")
     assert plan.todo == 1
@@ -328,8 +382,9 @@ def test_calibrate_without_refcat_is_announced(tmp_path, no_cluster):
     assert "calibrate: no reference catalogue" in plan.warnings[0]
     assert "header WCS and zero point" in plan.warnings[0]
     assert _stored(r, "o") == 0  # planning stores nothing
-    res = CliRunner().invoke(main, ["run", "drp", "--repo", str(r.root), "--output", "o",
-                                    "--tasks", "calibrate", "--sync", "--no-progress"])
+    res = CliRunner().invoke(
+        main, ["run", "drp", "--repo", str(r.root), "--output", "o", "--tasks", "calibrate", "--sync", "--no-progress"]
+    )
     warning = [line for line in res.output.splitlines() if line.startswith("warning: calibrate:")]
     assert len(warning) == 1, res.output
     assert res.output.index(warning[0]) < res.output.index("run 'o'")  # before running

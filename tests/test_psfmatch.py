@@ -26,8 +26,11 @@ def test_fft_and_separable_match_direct():
     assert ref.shape == (34, 31)
     np.testing.assert_allclose(cv.convolve_valid(block, k), ref, atol=1e-10)
     fy, fx = rng.normal(size=7), rng.normal(size=7)
-    np.testing.assert_allclose(cv.convolve_separable_valid(block, fy, fx),
-                               cv.convolve_valid_direct(block, fy[:, None] * fx[None, :]), atol=1e-10)
+    np.testing.assert_allclose(
+        cv.convolve_separable_valid(block, fy, fx),
+        cv.convolve_valid_direct(block, fy[:, None] * fx[None, :]),
+        atol=1e-10,
+    )
 
 
 def test_convolution_is_true_convolution():
@@ -51,7 +54,7 @@ def test_spatial_convolve_matches_per_pixel_kernel():
     x0, y0 = 30, 40
     out = cv.spatial_convolve(block, ks, order, x0, y0, shape)
     var = cv.spatial_convolve_variance(block**2, ks, order, x0, y0, shape)
-    for (y, x) in [(0, 0), (7, 13), (19, 24)]:
+    for y, x in [(0, 0), (7, 13), (19, 24)]:
         u, v = cv.normalized_coords(x + x0, y + y0, shape)
         k = np.tensordot(cv.poly_terms_2d(u, v, order), ks, axes=1)
         patch = block[y : y + 2 * h + 1, x : x + 2 * h + 1]

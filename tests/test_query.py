@@ -35,9 +35,7 @@ def test_precedence_and_structure():
     assert isinstance(e.ast, InList) and e.ast.negated
     e = parse_expression("10 < visit")
     assert isinstance(e.ast, Compare) and e.ast.op == "<"
-    assert parse_expression("tract=42 AND band IN ('g','r') AND visit > 10").identifiers == {
-        "tract", "band", "visit"
-    }
+    assert parse_expression("tract=42 AND band IN ('g','r') AND visit > 10").identifiers == {"tract", "band", "visit"}
 
 
 @pytest.mark.parametrize(
@@ -137,8 +135,12 @@ def test_sql_agrees_with_python_on_random_data_ids():
     rows = []
     for i in range(300):
         d = {}
-        for key, values in (("visit", range(0, 20)), ("detector", range(0, 5)),
-                            ("band", ["g", "r", "i"]), ("tract", [0, 1])):
+        for key, values in (
+            ("visit", range(0, 20)),
+            ("detector", range(0, 5)),
+            ("band", ["g", "r", "i"]),
+            ("tract", [0, 1]),
+        ):
             if rng.random() < 0.85:  # some keys missing (NULL)
                 d[key] = rng.choice(list(values))
         d["seeing"] = round(rng.uniform(0.5, 1.2), 3)

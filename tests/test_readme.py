@@ -89,10 +89,16 @@ def readme_blocks(text: str) -> list[Block]:
 def test_every_block_is_run_or_marked():
     blocks = readme_blocks(README.read_text())
     assert blocks, "README.md has no bash or python block: did the fences change?"
-    bad = [f"{b}: unknown mark {b.mark!r} (use skip or realdata)" for b in blocks
-           if b.mark not in (None, "skip", "realdata")]
-    bad += [f"{b}: a skip mark needs its reason, <!-- readme-test: skip (REASON) -->" for b in blocks
-            if b.mark == "skip" and not b.reason]
+    bad = [
+        f"{b}: unknown mark {b.mark!r} (use skip or realdata)"
+        for b in blocks
+        if b.mark not in (None, "skip", "realdata")
+    ]
+    bad += [
+        f"{b}: a skip mark needs its reason, <!-- readme-test: skip (REASON) -->"
+        for b in blocks
+        if b.mark == "skip" and not b.reason
+    ]
     assert not bad, "\n".join(bad)
     # The commands CI runs itself must be the ones the README skips.
     skipped = "".join(b.code for b in blocks if b.mark == "skip")
@@ -108,7 +114,10 @@ def test_readme_parser_reads_marks():
     )
     blocks = readme_blocks(text)
     assert [(b.line, b.lang, b.mark, b.reason) for b in blocks] == [
-        (3, "bash", "skip", "CI runs it"), (9, "python", "realdata", ""), (12, "bash", None, "")]
+        (3, "bash", "skip", "CI runs it"),
+        (9, "python", "realdata", ""),
+        (12, "bash", None, ""),
+    ]
     assert blocks[2].code == "echo hi\n"
 
 
@@ -130,8 +139,9 @@ def _workspace(tmp: Path) -> Path:
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int | None, str]:
     """Run ``cmd`` in its own process group; on timeout kill the group (dask workers too)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=max(timeout, 1.0))
         return proc.returncode, out
@@ -169,8 +179,10 @@ def test_readme_blocks_run(tmp_path):
             skipped.append(f"{block} (no {REAL})")
             continue
         if block.lang == "bash":  # one shell session, as a reader's: later blocks see `source .venv/bin/activate`
-            script = (f'[ -f "{state}" ] && source "{state}"\n{block.code}\n'
-                      f'export -p | grep -v "^declare -[a-zA-Z]*r" > "{state}" || true\n')
+            script = (
+                f'[ -f "{state}" ] && source "{state}"\n{block.code}\n'
+                f'export -p | grep -v "^declare -[a-zA-Z]*r" > "{state}" || true\n'
+            )
             cmd = ["bash", "-e", "-o", "pipefail", "-c", script]
         else:
             cmd = [sys.executable, "-c", block.code]

@@ -27,16 +27,18 @@ GAIA = sorted(glob.glob(str(Path(__file__).resolve().parents[2] / "shared/data/r
 
 def _sim_like(n=400, ra0=150.0, dec0=2.0, half=0.6, seed=0):
     rng = np.random.default_rng(seed)
-    df = pd.DataFrame({
-        "ref_id": np.arange(1, n + 1),
-        "ra": ra0 + rng.uniform(-half, half, n) / np.cos(np.radians(dec0)),
-        "dec": dec0 + rng.uniform(-half, half, n),
-        "ra_err": np.full(n, 1e-7),
-        "dec_err": np.full(n, 1e-7),
-        "epoch_mjd": np.full(n, 57388.0),
-        "mag_g": rng.uniform(15, 20, n),
-        "mag_g_err": np.full(n, 0.01),
-    })
+    df = pd.DataFrame(
+        {
+            "ref_id": np.arange(1, n + 1),
+            "ra": ra0 + rng.uniform(-half, half, n) / np.cos(np.radians(dec0)),
+            "dec": dec0 + rng.uniform(-half, half, n),
+            "ra_err": np.full(n, 1e-7),
+            "dec_err": np.full(n, 1e-7),
+            "epoch_mjd": np.full(n, 57388.0),
+            "mag_g": rng.uniform(15, 20, n),
+            "mag_g_err": np.full(n, 0.01),
+        }
+    )
     return df
 
 
@@ -68,13 +70,24 @@ def test_normalise_sim_like_and_gaia_like():
     df = normalise_refcat(_sim_like(5))
     assert list(df.columns[:8]) == ["ref_id", "ra", "dec", "ra_err", "dec_err", "pm_ra", "pm_dec", "epoch_mjd"]
     assert df.attrs["units"]["mag_g"] == "mag(AB)" and df.attrs["units"]["ra_err"] == "deg"
-    gaia = pd.DataFrame({
-        "source_id": [1, 2], "ra": [10.0, 10.1], "dec": [-5.0, -5.1], "ra_error": [0.36, 0.72],
-        "dec_error": [3.6, 0.1], "pmra": [10.0, np.nan], "pmdec": [-20.0, np.nan], "ref_epoch": [2015.5, 2015.5],
-        "phot_g_mean_mag": [17.0, 18.0], "phot_g_mean_flux_over_error": [1085.7, 108.57],
-        "phot_bp_mean_mag": [17.5, np.nan], "phot_bp_mean_flux_over_error": [100.0, np.nan],
-        "phot_rp_mean_mag": [16.5, np.nan], "phot_rp_mean_flux_over_error": [100.0, np.nan],
-    })
+    gaia = pd.DataFrame(
+        {
+            "source_id": [1, 2],
+            "ra": [10.0, 10.1],
+            "dec": [-5.0, -5.1],
+            "ra_error": [0.36, 0.72],
+            "dec_error": [3.6, 0.1],
+            "pmra": [10.0, np.nan],
+            "pmdec": [-20.0, np.nan],
+            "ref_epoch": [2015.5, 2015.5],
+            "phot_g_mean_mag": [17.0, 18.0],
+            "phot_g_mean_flux_over_error": [1085.7, 108.57],
+            "phot_bp_mean_mag": [17.5, np.nan],
+            "phot_bp_mean_flux_over_error": [100.0, np.nan],
+            "phot_rp_mean_mag": [16.5, np.nan],
+            "phot_rp_mean_flux_over_error": [100.0, np.nan],
+        }
+    )
     g = normalise_refcat(gaia)
     assert g["ra_err"].tolist() == pytest.approx([1e-7, 2e-7])  # mas -> deg
     assert g["epoch_mjd"].iloc[0] == pytest.approx(51544.5 + 15.5 * 365.25)
@@ -87,8 +100,17 @@ def test_normalise_sim_like_and_gaia_like():
 
 
 def test_proper_motion_moves_positions():
-    df = normalise_refcat(pd.DataFrame({"ra": [10.0, 20.0], "dec": [60.0, 0.0], "pmra": [3600.0, np.nan],
-                                        "pmdec": [-3600.0, np.nan], "ref_epoch": [2000.0, 2000.0]}))
+    df = normalise_refcat(
+        pd.DataFrame(
+            {
+                "ra": [10.0, 20.0],
+                "dec": [60.0, 0.0],
+                "pmra": [3600.0, np.nan],
+                "pmdec": [-3600.0, np.nan],
+                "ref_epoch": [2000.0, 2000.0],
+            }
+        )
+    )
     moved = apply_proper_motion(df, 51544.5 + 365.25)
     assert moved["dec"].iloc[0] == pytest.approx(60.0 - 3.6 / 3600, abs=1e-9)
     assert moved["ra"].iloc[0] == pytest.approx(10.0 + 3.6 / 3600 / np.cos(np.radians(60.0)), abs=1e-9)

@@ -50,9 +50,19 @@ def _exposure(seed=0, band="g"):
     wcs.wcs.crval = [150.0, 2.0]
     wcs.wcs.crpix = [30.5, 20.5]
     wcs.wcs.cd = [[-0.2 / 3600, 0.0], [0.0, 0.2 / 3600]]
-    vi = VisitInfo(exposure_time=30.0, mjd=60000.25, band=band, physical_filter=f"{band}_1",
-                   airmass=1.1, boresight_ra=150.0, boresight_dec=2.0, rotation_angle=0.0,
-                   observatory="sim", instrument="simcam", visit=12)
+    vi = VisitInfo(
+        exposure_time=30.0,
+        mjd=60000.25,
+        band=band,
+        physical_filter=f"{band}_1",
+        airmass=1.1,
+        boresight_ra=150.0,
+        boresight_dec=2.0,
+        rotation_angle=0.0,
+        observatory="sim",
+        instrument="simcam",
+        visit=12,
+    )
     return Exposure(image, variance, mask, wcs=wcs, visit_info=vi, metadata={"note": "x"})
 
 
@@ -63,9 +73,26 @@ def test_create_and_open(tmp_path):
     assert repo.root == root and (root / "procsky.yaml").is_file()
     assert (root / "registry.sqlite3").is_file()
     names = {dt.name for dt in repo.dataset_types()}
-    assert {"raw", "calexp", "src", "bias", "dark", "flat", "warp", "coadd", "template",
-            "object", "forced_source", "diff", "dia_source", "dia_object",
-            "dia_forced_source", "metrics", "summary", "refcat"} <= names
+    assert {
+        "raw",
+        "calexp",
+        "src",
+        "bias",
+        "dark",
+        "flat",
+        "warp",
+        "coadd",
+        "template",
+        "object",
+        "forced_source",
+        "diff",
+        "dia_source",
+        "dia_object",
+        "dia_forced_source",
+        "metrics",
+        "summary",
+        "refcat",
+    } <= names
     assert Repo(root).root == root
     with pytest.raises(ProcskyFileError, match="already a procsky repository"):
         Repo.create(root)
@@ -86,8 +113,13 @@ def test_open_bad_paths(tmp_path):
 
 # --------------------------------------------------------------------------- round trips
 def test_put_get_dict(repo):
-    ref = repo.put({"n": np.int64(3), "x": np.array([1.5, 2.0]), "s": "a"}, "metrics",
-                   {"instrument": "simcam", "visit": 12}, "run1", provenance={"task": "t1"})
+    ref = repo.put(
+        {"n": np.int64(3), "x": np.array([1.5, 2.0]), "s": "a"},
+        "metrics",
+        {"instrument": "simcam", "visit": 12},
+        "run1",
+        provenance={"task": "t1"},
+    )
     assert isinstance(ref, DatasetRef)
     assert ref.uri == "run1/metrics/instrument=simcam/visit=12.json"
     assert (repo.root / ref.uri).is_file()
@@ -202,14 +234,18 @@ def test_verify_detects_corruption(repo):
 
 # --------------------------------------------------------------------------- queries
 def _fill(repo):
-    repo.add_dimension_records("visit", [
-        {"instrument": "simcam", "visit": v, "band": "g" if v % 2 else "r", "physical_filter": "x"}
-        for v in range(1, 7)
-    ])
+    repo.add_dimension_records(
+        "visit",
+        [
+            {"instrument": "simcam", "visit": v, "band": "g" if v % 2 else "r", "physical_filter": "x"}
+            for v in range(1, 7)
+        ],
+    )
     for v in range(1, 7):
         for d in range(2):
-            repo.put(pd.DataFrame({"v": [v], "d": [d]}), "src",
-                     {"instrument": "simcam", "visit": v, "detector": d}, "run1")
+            repo.put(
+                pd.DataFrame({"v": [v], "d": [d]}), "src", {"instrument": "simcam", "visit": v, "detector": d}, "run1"
+            )
     for t in (0, 1):
         for p in range(3):
             repo.put({"t": t, "p": p}, "metrics", {"skymap": "sm", "tract": t, "patch": p, "band": "g"}, "run1")
@@ -236,9 +272,7 @@ def test_query_where(repo):
     from procsky.repo import parse_expression
 
     e = parse_expression("visit >= 2 AND NOT detector = 0")
-    assert {r.id for r in repo.query("src", e)} == {
-        r.id for r in repo.query("src") if e.evaluate(r.data_id)
-    }
+    assert {r.id for r in repo.query("src", e)} == {r.id for r in repo.query("src") if e.evaluate(r.data_id)}
 
 
 def test_get_with_partial_or_implied_data_id(repo):
@@ -273,10 +307,13 @@ def test_runs_chains_and_search_order(repo):
 
 
 def test_dimension_records(repo):
-    n = repo.add_dimension_records("visit", [
-        {"instrument": "simcam", "visit": 1, "band": "g", "mjd": 60000.1},
-        {"instrument": "simcam", "visit": 2, "band": "r", "mjd": 60000.2},
-    ])
+    n = repo.add_dimension_records(
+        "visit",
+        [
+            {"instrument": "simcam", "visit": 1, "band": "g", "mjd": 60000.1},
+            {"instrument": "simcam", "visit": 2, "band": "r", "mjd": 60000.2},
+        ],
+    )
     assert n == 2
     assert repo.add_dimension_records("visit", [{"instrument": "simcam", "visit": 1, "band": "g", "mjd": 60000.1}]) == 0
     with pytest.raises(ConflictError, match="replace=True"):
@@ -294,8 +331,9 @@ def test_pending_registered_in_callers_transaction(repo):
     """The executor's pattern: write outputs, then register them and mark its own
     quantum row done in one transaction; a rollback registers nothing."""
     md = sa.MetaData()
-    quanta = sa.Table("test_quantum", md, sa.Column("id", sa.String(40), primary_key=True),
-                      sa.Column("state", sa.String(20)))
+    quanta = sa.Table(
+        "test_quantum", md, sa.Column("id", sa.String(40), primary_key=True), sa.Column("state", sa.String(20))
+    )
     md.create_all(repo.registry.engine)
 
     p1 = repo.write_pending({"a": 1}, "metrics", {"visit": 1}, "run1")
@@ -315,8 +353,7 @@ def test_pending_registered_in_callers_transaction(repo):
 
     with repo.registry.transaction() as conn:
         conn.execute(sa.insert(quanta).values(id="q1", state="succeeded"))
-        refs = repo.register([p1, p2], provenance={"quantum_id": "q1", "task": "calibrate"},
-                             connection=conn)
+        refs = repo.register([p1, p2], provenance={"quantum_id": "q1", "task": "calibrate"}, connection=conn)
     assert {r.provenance["quantum_id"] for r in repo.query()} == {"q1"}
     assert [r.id for r in refs] == [p1.id, p2.id]
     assert repo.get("metrics", {"visit": 1}) == {"a": 1}
@@ -352,8 +389,7 @@ def test_threads_share_one_repo(repo):
     from concurrent.futures import ThreadPoolExecutor
 
     def work(t):
-        return [repo.put({"t": t, "i": i}, "metrics", {"visit": t, "detector": i}, "run1").id
-                for i in range(15)]
+        return [repo.put({"t": t, "i": i}, "metrics", {"visit": t, "detector": i}, "run1").id for i in range(15)]
 
     with ThreadPoolExecutor(4) as pool:
         ids = [i for chunk in pool.map(work, range(4)) for i in chunk]

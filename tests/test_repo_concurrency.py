@@ -260,9 +260,7 @@ def test_writers_killed_at_random_times(tmp_path):
             p.wait()
             p.stdout.close()
         reopened = Repo(repo.root)
-        refs = reopened.query("tiny_table") if any(
-            dt.name == "tiny_table" for dt in reopened.dataset_types()
-        ) else []
+        refs = reopened.query("tiny_table") if any(dt.name == "tiny_table" for dt in reopened.dataset_types()) else []
         assert reopened.verify(refs) == []
         for ref in refs[:5]:
             assert len(reopened.get(ref)) == 200
@@ -274,8 +272,12 @@ def test_writers_killed_at_random_times(tmp_path):
             if repo.find("tiny_table", {"instrument": "simcam", "visit": visit, "detector": det}) is None:
                 import pandas as pd
 
-                repo.put(pd.DataFrame({"v": [1.0]}), "tiny_table",
-                         {"instrument": "simcam", "visit": visit, "detector": det}, "run1")
+                repo.put(
+                    pd.DataFrame({"v": [1.0]}),
+                    "tiny_table",
+                    {"instrument": "simcam", "visit": visit, "detector": det},
+                    "run1",
+                )
     refs = repo.query("tiny_table")
     assert len(refs) == 2 * 12
     assert repo.verify(refs) == []

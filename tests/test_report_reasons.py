@@ -56,8 +56,9 @@ def toy_run(tmp_path):
 
 def test_normalise_reason_groups_numbers_ids_and_paths():
     a = normalise_reason("no calexp overlaps patch {'tract': 0, 'patch': 5}")
-    assert a == normalise_reason("no calexp overlaps patch {'tract': 3, 'patch': 66}") == \
-        "no calexp overlaps patch {...}"
+    assert (
+        a == normalise_reason("no calexp overlaps patch {'tract': 3, 'patch': 66}") == "no calexp overlaps patch {...}"
+    )
     assert normalise_reason("only 3 rows (< min_rows=5)") == "only N rows (< min_rows=N)"
     assert normalise_reason("only 1.5e-3 of 512x512 pixels at [1, 2, 3]") == "only N of NxN pixels at [N, ...]"
     assert normalise_reason("cannot read /data/repo/x/1.fits: bad") == "cannot read <path>: bad"
@@ -116,16 +117,22 @@ def test_run_summary_groups_reasons_and_notes(toy_run):
     text = str(s)
     print(text)
     assert "measure: succeeded 3, failed 1, no_work 4" in text
-    assert "no_work 2 x NoWorkError: only 9 rows (< min_rows=21)  [detector=0 instrument=toycam visit=1; " \
-           "detector=0 instrument=toycam visit=2]" in text
+    assert (
+        "no_work 2 x NoWorkError: only 9 rows (< min_rows=21)  [detector=0 instrument=toycam visit=1; "
+        "detector=0 instrument=toycam visit=2]" in text
+    )
     assert "no_work 2 x NoWorkError: no calexp overlaps patch {'tract': 0, 'patch': 7}" in text
     assert "failed 1 x AlgorithmError: task 'measure' on" in text
-    assert "degraded 3 x few_rows (warning): only 40 rows on detector 1: mean kept  [" \
-           "detector=1 instrument=toycam visit=1; detector=3 instrument=toycam visit=1; " \
-           "detector=3 instrument=toycam visit=2; ...]" not in text  # exactly 3 quanta: no "..."
-    assert "degraded 3 x few_rows (warning): only 40 rows on detector 1: mean kept  [" \
-           "detector=1 instrument=toycam visit=1; detector=3 instrument=toycam visit=1; " \
-           "detector=3 instrument=toycam visit=2]" in text
+    assert (
+        "degraded 3 x few_rows (warning): only 40 rows on detector 1: mean kept  ["
+        "detector=1 instrument=toycam visit=1; detector=3 instrument=toycam visit=1; "
+        "detector=3 instrument=toycam visit=2; ...]" not in text
+    )  # exactly 3 quanta: no "..."
+    assert (
+        "degraded 3 x few_rows (warning): only 40 rows on detector 1: mean kept  ["
+        "detector=1 instrument=toycam visit=1; detector=3 instrument=toycam visit=1; "
+        "detector=3 instrument=toycam visit=2]" in text
+    )
     assert "degraded 2 x header_kept (info): header value 1.5 kept" in text
     assert "gather: succeeded 1, blocked 1" in text and "blocked 1 x Blocked: input quantum measure" in text
     # the notes are in the registry's provenance and in the result of each quantum
@@ -140,8 +147,17 @@ def _rows(repo):
 
 
 def test_summary_text_is_capped():
-    rows = [{"task": "t", "data_id": {"i": i}, "state": "no_work", "error_class": "NoWorkError",
-             "error_message": f"reason {chr(97 + i)} for {i}", "provenance": None} for i in range(9)]
+    rows = [
+        {
+            "task": "t",
+            "data_id": {"i": i},
+            "state": "no_work",
+            "error_class": "NoWorkError",
+            "error_message": f"reason {chr(97 + i)} for {i}",
+            "provenance": None,
+        }
+        for i in range(9)
+    ]
     from procsky.pipeline.executor import RunSummary
 
     s = RunSummary("r", {"t": {"no_work": 9}}, 1.0, group_outcomes(rows))
@@ -159,10 +175,13 @@ def test_report_json_table_and_html_show_reasons(toy_run, tmp_path):
     assert {(g["state"], g["reason"], g["count"]) for g in measure["reasons"]} == {
         ("failed", "task 'measure' on {...}: kernel fit failed with N stamps", 1),
         ("no_work", "only N rows (< min_rows=N)", 2),
-        ("no_work", "no calexp overlaps patch {...}", 2)}
+        ("no_work", "no calexp overlaps patch {...}", 2),
+    }
     assert set(measure["reasons"][0]) == {"state", "error_class", "reason", "count", "data_ids", "example"}
     assert [(g["code"], g["severity"], g["count"]) for g in measure["degraded"]] == [
-        ("few_rows", "warning", 3), ("header_kept", "info", 2)]
+        ("few_rows", "warning", 3),
+        ("header_kept", "info", 2),
+    ]
     assert set(measure["degraded"][0]) == {"code", "severity", "count", "data_ids", "example"}
     assert measure["degraded"][0]["data_ids"][0] == {"instrument": "toycam", "visit": 1, "detector": 1}
     assert "degraded" not in gather and gather["reasons"][0]["state"] == "blocked"

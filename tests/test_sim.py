@@ -93,8 +93,22 @@ def test_cli_sim_subset(tiny, tmp_path):
     from procsky.cli import main
 
     out = tmp_path / "cli"
-    res = CliRunner().invoke(main, ["sim", "tiny", "--out", str(out), "--visits", "3", "--detectors", "0-1",
-                                    "--scheduler", "sync", "--no-progress"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "sim",
+            "tiny",
+            "--out",
+            str(out),
+            "--visits",
+            "3",
+            "--detectors",
+            "0-1",
+            "--scheduler",
+            "sync",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "wrote 2 calexp images" in res.output
     for name in ("calexp-v000003-d000.fits", "calexp-v000003-d001.fits"):
@@ -124,9 +138,11 @@ def test_tiny_layout_and_speed(tiny):
     for c in ("object_id", "visit", "mjd", "band", "flux"):
         assert c in t.lightcurves.columns
     ref = t.refcat
-    for c in ["ref_id", "ra", "dec", "ra_err", "dec_err"] + [f"mag_{b}" for b in r.band_names] + [
-        f"mag_{b}_err" for b in r.band_names
-    ]:
+    for c in (
+        ["ref_id", "ra", "dec", "ra_err", "dec_err"]
+        + [f"mag_{b}" for b in r.band_names]
+        + [f"mag_{b}_err" for b in r.band_names]
+    ):
         assert c in ref.columns
     assert len(ref) > 10 and (ref["ra_err"] > 0).all()
     # refcat magnitudes scatter about the truth by their errors
@@ -157,7 +173,9 @@ def test_truth_positions_follow_the_distorted_wcs(tiny):
         exp = Exposure.read(path)
         h = exp.visit_info
         det = exp.detector["id"]
-        rows = t.exposures.query(f"visit == {h.visit} and detector == {det}").merge(t.objects[["object_id", "ra", "dec"]])
+        rows = t.exposures.query(f"visit == {h.visit} and detector == {det}").merge(
+            t.objects[["object_id", "ra", "dec"]]
+        )
         x, y = exp.wcs.all_world2pix(rows["ra"], rows["dec"], 0)
         assert np.allclose(x, rows["x"], atol=1e-4) and np.allclose(y, rows["y"], atol=1e-4)
         # the distortion is real: pure TAN (no SIP) differs by up to a few pixels
@@ -232,7 +250,9 @@ def test_truth_matches_pixels(tiny):
             # expected centroid noise: source-limited sigma/sqrt(N_e) plus sky-limited
             # sqrt(8 pi) sigma^2 sigma_sky / F, times 1.5 for adaptive (not optimal) weights
             s2 = row.psf_sigma_px**2
-            noise = 1.5 * math.sqrt(s2 / (o.counts * row.gain) + 8 * math.pi * s2 * s2 * np.median(exp.variance[ap]) / o.counts**2)
+            noise = 1.5 * math.sqrt(
+                s2 / (o.counts * row.gain) + 8 * math.pi * s2 * s2 * np.median(exp.variance[ap]) / o.counts**2
+            )
             if noise > 0.02 / 3:
                 continue
             h = int(5 * row.psf_fwhm_px)
@@ -353,8 +373,10 @@ def test_truth_psf_matches_star_image(tiny):
 
         g = SimcamGeometry(tiny.recipe.instrument, tiny.recipe.seed)
         fx, fy = focal_plane_position(g, row.detector, o.x, o.y)
-        model = truth_psf_image(t.psf_params(row.visit), float(fx), float(fy), size=2 * h + 1,
-                                offset=(o.x - x0, o.y - y0)) * o.counts
+        model = (
+            truth_psf_image(t.psf_params(row.visit), float(fx), float(fy), size=2 * h + 1, offset=(o.x - x0, o.y - y0))
+            * o.counts
+        )
         resid = np.abs(cut - model).max() / model.max()
         assert resid < 0.05
         return

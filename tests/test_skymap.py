@@ -78,10 +78,18 @@ def test_patch_geometry(rings):
 def test_find_patches_of_a_footprint(rings):
     # A 2k x 4k detector with rotation, on the boundary between two tracts.
     edge = rings.tract(rings.find_tract(0.0, 0.7)).ra_range[1]
-    cards = [("CTYPE1", "RA---TAN", ""), ("CTYPE2", "DEC--TAN", ""), ("CRVAL1", edge, ""), ("CRVAL2", 0.7, ""),
-             ("CRPIX1", 1024.0, ""), ("CRPIX2", 2048.0, ""), ("CD1_1", -7.2e-5 * np.cos(0.3), ""),
-             ("CD1_2", 7.2e-5 * np.sin(0.3), ""), ("CD2_1", 7.2e-5 * np.sin(0.3), ""),
-             ("CD2_2", 7.2e-5 * np.cos(0.3), "")]
+    cards = [
+        ("CTYPE1", "RA---TAN", ""),
+        ("CTYPE2", "DEC--TAN", ""),
+        ("CRVAL1", edge, ""),
+        ("CRVAL2", 0.7, ""),
+        ("CRPIX1", 1024.0, ""),
+        ("CRPIX2", 2048.0, ""),
+        ("CD1_1", -7.2e-5 * np.cos(0.3), ""),
+        ("CD1_2", 7.2e-5 * np.sin(0.3), ""),
+        ("CD2_1", 7.2e-5 * np.sin(0.3), ""),
+        ("CD2_2", 7.2e-5 * np.cos(0.3), ""),
+    ]
     wcs = wcs_from_cards(cards, (4096, 2048))
     found = rings.find_patches(wcs, (4096, 2048))
     assert found
@@ -103,8 +111,7 @@ def test_find_patches_of_a_footprint(rings):
 def test_discrete_skymap_and_registration(tmp_path):
     from procsky.repo import Repo
 
-    sm = discrete_skymap([(244.78, 12.07), (10.0, -5.0)], radius=0.05, name="tc3", patch_inner=1000,
-                         patch_border=50)
+    sm = discrete_skymap([(244.78, 12.07), (10.0, -5.0)], radius=0.05, name="tc3", patch_inner=1000, patch_border=50)
     assert len(sm) == 2
     t = sm.tract(0)
     assert t.n_patches == (2, 2)

@@ -46,9 +46,18 @@ def test_pipeline_on_slurm(slurm, tmp_path, monkeypatch):
     run_pipeline(repo, pipe, output="ref")
 
     cluster = open_cluster(
-        "slurm", queue="debug", cores=1, processes=1, memory="1GiB", walltime="00:30:00",
-        lifetime_margin="5m", jobs=2, adapt=None, python=sys.executable,
-        local_directory=str(tmp_path / "dask-local"), log_directory=str(tmp_path / "dask-logs"),
+        "slurm",
+        queue="debug",
+        cores=1,
+        processes=1,
+        memory="1GiB",
+        walltime="00:30:00",
+        lifetime_margin="5m",
+        jobs=2,
+        adapt=None,
+        python=sys.executable,
+        local_directory=str(tmp_path / "dask-local"),
+        log_directory=str(tmp_path / "dask-logs"),
         job_script_prologue=[f"export PYTHONPATH={ROOT}:{ROOT}/tests"],
         scheduler_options={"host": "127.0.0.1", "dashboard_address": ":0"},
     )

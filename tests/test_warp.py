@@ -9,16 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from test_coadd import (
-    make_skymap,
-    make_stars,
-    make_visit,
-    render_gaussians,
-    visit_cards,
-)
 
 from procsky import masks
-from procsky.warp import WarpConfig, pixel_mapping, warp_exposure
 from procsky.errors import NoWorkError
 from procsky.exposure import Exposure
 from procsky.kernels.warp import (
@@ -31,6 +23,14 @@ from procsky.kernels.warp import (
 from procsky.photocalib import PhotoCalib
 from procsky.psf import GaussianPsf
 from procsky.skymap import Box
+from procsky.warp import WarpConfig, pixel_mapping, warp_exposure
+from test_coadd import (
+    make_skymap,
+    make_stars,
+    make_visit,
+    render_gaussians,
+    visit_cards,
+)
 
 NO_DATA = masks.bit("NO_DATA")
 
@@ -140,8 +140,15 @@ def test_grid_mapping_error_below_a_thousandth_pixel():
     cards = visit_cards(3, shape=(2000, 2000))
     # Stronger SIP than the test default: up to ~1 px at the corners.
     cards = [c for c in cards if not c[0].startswith(("A_", "B_"))] + [
-        ("A_ORDER", 3, ""), ("B_ORDER", 3, ""), ("A_2_0", 3e-7, ""), ("A_0_2", -2e-7, ""),
-        ("A_3_0", 1e-10, ""), ("B_1_1", 2.5e-7, ""), ("B_0_3", -1e-10, ""), ("B_2_1", 5e-11, "")]
+        ("A_ORDER", 3, ""),
+        ("B_ORDER", 3, ""),
+        ("A_2_0", 3e-7, ""),
+        ("A_0_2", -2e-7, ""),
+        ("A_3_0", 1e-10, ""),
+        ("B_1_1", 2.5e-7, ""),
+        ("B_0_3", -1e-10, ""),
+        ("B_2_1", 5e-11, ""),
+    ]
     box = Box(0, 0, 700, 600)
     xe, ye = pixel_mapping(patch.wcs_cards, cards, box, grid_step=0, in_shape=(2000, 2000))
     xg, yg = pixel_mapping(patch.wcs_cards, cards, box, grid_step=32, in_shape=(2000, 2000))
@@ -237,7 +244,6 @@ def test_warp_kernel_image_and_area():
 
 def test_psf_matched_warp():
     from conftest import raise_if_dask_computes
-
     from procsky.coadd import psf_match_exposure
     from procsky.psf import image_moments
 

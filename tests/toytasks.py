@@ -26,8 +26,15 @@ import pydantic
 from procsky.errors import AlgorithmError, NoWorkError
 from procsky.tasks.base import Input, Output, QuantumSpec, Task, TaskConfig, register_task
 
-__all__ = ["ToyMeasureTask", "ToyGatherTask", "ToyGatherTolerantTask", "ToyNoopTask", "ToyNestedTask",
-           "make_toy_inputs", "TOY_PIPELINE_YAML"]
+__all__ = [
+    "ToyMeasureTask",
+    "ToyGatherTask",
+    "ToyGatherTolerantTask",
+    "ToyNoopTask",
+    "ToyNestedTask",
+    "make_toy_inputs",
+    "TOY_PIPELINE_YAML",
+]
 
 _VD = ("instrument", "visit", "detector")
 
@@ -98,12 +105,14 @@ class ToyGatherTask(Task):
 
     def run(self, stats, data_ids):
         fluxes = np.concatenate([s["flux"].to_numpy() for s in stats])
-        return {"summary": {
-            "detectors": [d["detector"] for d in data_ids["stats"]],
-            "n_rows": int(fluxes.size),
-            "total_flux": float(fluxes.sum()),
-            "n_detections": int((fluxes > self.config.threshold).sum()),
-        }}
+        return {
+            "summary": {
+                "detectors": [d["detector"] for d in data_ids["stats"]],
+                "n_rows": int(fluxes.size),
+                "total_flux": float(fluxes.sum()),
+                "n_detections": int((fluxes > self.config.threshold).sum()),
+            }
+        }
 
 
 @register_task("toy_gather_tolerant")
@@ -176,8 +185,17 @@ class ToyNestedTask(ToyNoopTask):
     Config = ToyNestedConfig
 
 
-def make_toy_inputs(repo, run: str = "raw", *, visits=(1, 2), detectors=(0, 1, 2),
-                    rows: int = 40, cols: int = 8, seed: int = 42, instrument: str = "toycam"):
+def make_toy_inputs(
+    repo,
+    run: str = "raw",
+    *,
+    visits=(1, 2),
+    detectors=(0, 1, 2),
+    rows: int = 40,
+    cols: int = 8,
+    seed: int = 42,
+    instrument: str = "toycam",
+):
     """Put deterministic ``toy_raw`` tables (Gaussian noise + a few bright rows) in ``repo``.
 
     Returns

@@ -83,8 +83,15 @@ def _wcs_from_solution(sol: Any, shape: tuple[int, int], extra_sip: tuple[np.nda
     return w, wcs_cards(w) if w is not None else card_list
 
 
-def _fit_wcs(meas: dict[str, np.ndarray], m_src: np.ndarray, refs_m: pd.DataFrame, wcs: Any,
-             shape: tuple[int, int], config: AstrometryConfig, astro: dict[str, Any]):
+def _fit_wcs(
+    meas: dict[str, np.ndarray],
+    m_src: np.ndarray,
+    refs_m: pd.DataFrame,
+    wcs: Any,
+    shape: tuple[int, int],
+    config: AstrometryConfig,
+    astro: dict[str, Any],
+):
     """TAN-SIP fit of the matched stars; returns (wcs, cards, info)."""
     ny, nx = shape
     x = meas["x"][m_src]
@@ -120,16 +127,22 @@ def _fit_wcs(meas: dict[str, np.ndarray], m_src: np.ndarray, refs_m: pd.DataFram
         def position_error(px, py):
             gu, gv = _apply_sip(a, b, px - crpix0[0], py - crpix0[1])
             return tan_sip_position_error(sol, px + gu, py + gv)
+
     # residuals through the final WCS (the stored one), milliarcseconds
     fra, fdec = copy_wcs(new_wcs).pixel_to_world_values(x, y)
     dxi = ((ra - fra + 180.0) % 360.0 - 180.0) * np.cos(np.radians(dec)) * 3.6e6
     deta = (dec - fdec) * 3.6e6
     used = np.asarray(sol.used, bool)
     r2 = dxi[used] ** 2 + deta[used] ** 2
-    astro.update(status=status, n_used=int(used.sum()), rms_mas=float(np.sqrt(np.mean(r2))),
-                 scatter_mas=float(1.4826 * np.median(np.sqrt(r2)) / 1.1774),
-                 median_offset_mas=[float(np.median(dxi[used])), float(np.median(deta[used]))],
-                 used_index=m_src[used], position_error=position_error)
+    astro.update(
+        status=status,
+        n_used=int(used.sum()),
+        rms_mas=float(np.sqrt(np.mean(r2))),
+        scatter_mas=float(1.4826 * np.median(np.sqrt(r2)) / 1.1774),
+        median_offset_mas=[float(np.median(dxi[used])), float(np.median(deta[used]))],
+        used_index=m_src[used],
+        position_error=position_error,
+    )
     # the fitted WCS's own error (per axis, mas) at the centre and its largest on a grid over the detector
     gy, gx = np.meshgrid(np.linspace(0, ny - 1, 9), np.linspace(0, nx - 1, 9), indexing="ij")
     exi, eeta = position_error(gx.ravel(), gy.ravel())
@@ -158,8 +171,9 @@ def fit_astrometry(state: CalibrateState, refcat: Any, config: CalibrationConfig
     astro: dict[str, Any] = {"status": "header WCS (no reference catalogue)", "n_matches": 0}
     match = None
     ref_on = None
-    bright = (~(meas["flag_saturated_center"] | meas["centroid_flag"] | meas["flag_edge"] | meas["flag_streak"])
-              & np.isfinite(meas["x"]))
+    bright = ~(
+        meas["flag_saturated_center"] | meas["centroid_flag"] | meas["flag_edge"] | meas["flag_streak"]
+    ) & np.isfinite(meas["x"])
     if refs is not None and len(refs) and wcs is not None:
         if cfg.apply_proper_motion and exp.visit_info is not None and np.isfinite(exp.visit_info.mjd):
             refs = apply_proper_motion(refs, exp.visit_info.mjd)
@@ -167,12 +181,18 @@ def fit_astrometry(state: CalibrateState, refcat: Any, config: CalibrationConfig
         sidx = np.flatnonzero(bright)
         magcol = mag_column(ref_on, exp, config.photometry.refcat_band_map)
         if len(ref_on) >= 1 and sidx.size >= 1:
-            match = match_sources(meas["x"][sidx], meas["y"][sidx], ref_on["x"].to_numpy(), ref_on["y"].to_numpy(),
-                                  src_flux=state.psf_flux[sidx],
-                                  ref_mag=ref_on[magcol].to_numpy() if magcol else None,
-                                  max_offset=cfg.match_max_offset, max_rotation=cfg.match_max_rotation,
-                                  match_radius=cfg.match_radius,
-                                  min_matches=min(cfg.min_matches, 6))
+            match = match_sources(
+                meas["x"][sidx],
+                meas["y"][sidx],
+                ref_on["x"].to_numpy(),
+                ref_on["y"].to_numpy(),
+                src_flux=state.psf_flux[sidx],
+                ref_mag=ref_on[magcol].to_numpy() if magcol else None,
+                max_offset=cfg.match_max_offset,
+                max_rotation=cfg.match_max_rotation,
+                match_radius=cfg.match_radius,
+                min_matches=min(cfg.min_matches, 6),
+            )
             m_src = sidx[match.src_index]
             m_ref = match.ref_index
         else:
@@ -181,8 +201,9 @@ def fit_astrometry(state: CalibrateState, refcat: Any, config: CalibrationConfig
         fit_error = None
         if m_src.size >= cfg.min_matches and (match is None or match.ok):
             try:
-                new_wcs, new_cards, new_astro = _fit_wcs(meas, m_src, ref_on.iloc[m_ref], wcs, (ny, nx), cfg,
-                                                         dict(astro))
+                new_wcs, new_cards, new_astro = _fit_wcs(
+                    meas, m_src, ref_on.iloc[m_ref], wcs, (ny, nx), cfg, dict(astro)
+                )
             except (ValueError, np.linalg.LinAlgError) as exc:
                 fit_error = f"TAN-SIP fit failed: {exc}"
             else:
@@ -190,16 +211,21 @@ def fit_astrometry(state: CalibrateState, refcat: Any, config: CalibrationConfig
                     wcs, cards, astro = new_wcs, new_cards, new_astro
                 else:
                     # (max_astrometry_rms_arcsec = astrometry.max_rms_arcsec; the status text is stored)
-                    fit_error = (f"fit rms {new_astro['rms_mas']:.0f} mas > max_astrometry_rms_arcsec="
-                                 f"{cfg.max_rms_arcsec} (bad matches?)")
+                    fit_error = (
+                        f"fit rms {new_astro['rms_mas']:.0f} mas > max_astrometry_rms_arcsec="
+                        f"{cfg.max_rms_arcsec} (bad matches?)"
+                    )
         if fit_error is not None:
             if cfg.fallback == "fail":
                 raise AlgorithmError(f"astrometric calibration failed: {fit_error}")
             astro["status"] = f"header WCS ({fit_error})"
         elif not astro["status"].startswith("fitted"):
             # (status texts name the fields as they were first called: min_astrometry_matches = min_matches)
-            reason = (match.message if match is not None and not match.ok else
-                      f"only {m_src.size} reference matches (< min_astrometry_matches={cfg.min_matches})")
+            reason = (
+                match.message
+                if match is not None and not match.ok
+                else f"only {m_src.size} reference matches (< min_astrometry_matches={cfg.min_matches})"
+            )
             if cfg.fallback == "fail":
                 raise AlgorithmError(f"astrometric calibration failed: {reason}")
             astro["status"] = f"header WCS ({reason})"
@@ -213,14 +239,21 @@ def fit_astrometry(state: CalibrateState, refcat: Any, config: CalibrationConfig
     if astro["status"].startswith("no WCS"):
         note_degraded("no_header_wcs", "the exposure has no WCS: no astrometric match, no sky positions")
     elif astro["status"].startswith("header WCS"):
-        why = astro["status"][len("header WCS ("):-1]
+        why = astro["status"][len("header WCS (") : -1]
         if ref_on is None or not len(ref_on):
             note_degraded("no_refcat", f"{why}: header WCS and header zero point kept")
         else:
-            note_degraded("header_wcs_kept", f"astrometric fit not used ({why}): header WCS kept",
-                          n_matches=int(astro.get("n_matches", 0)))
+            note_degraded(
+                "header_wcs_kept",
+                f"astrometric fit not used ({why}): header WCS kept",
+                n_matches=int(astro.get("n_matches", 0)),
+            )
     elif astro["status"].startswith("fitted TAN ("):
-        note_degraded("astrometry_header_distortion", f"{astro['status']} ({astro.get('n_used', 0)} stars: too "
-                      "few for the full TAN-SIP fit)", severity="info", n_used=int(astro.get("n_used", 0)))
+        note_degraded(
+            "astrometry_header_distortion",
+            f"{astro['status']} ({astro.get('n_used', 0)} stars: too few for the full TAN-SIP fit)",
+            severity="info",
+            n_used=int(astro.get("n_used", 0)),
+        )
     state.wcs, state.wcs_cards, state.astro = wcs, cards, astro
     state.refs, state.ref_on, state.bright = refs, ref_on, bright

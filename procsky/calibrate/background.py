@@ -29,8 +29,9 @@ def refine_background(state: CalibrateState, config: BackgroundConfig, detected:
     this one; unusable input pixels stay 0."""
     bit = state.bit
     mask_det = state.mask | np.where(detected, np.uint32(bit["DETECTED"]), np.uint32(0))
-    bkg = estimate_background(state.image, mask_det, box_size=config.box_size, filter_size=config.filter_size,
-                              bad_bits=_SECOND_PASS_BAD)
+    bkg = estimate_background(
+        state.image, mask_det, box_size=config.box_size, filter_size=config.filter_size, bad_bits=_SECOND_PASS_BAD
+    )
     sub = state.image - bkg.background
     cr = state.cosmic_rays
     if state.n_cr and cr is not None:

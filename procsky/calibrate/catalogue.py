@@ -25,15 +25,28 @@ __all__ = ["SRC_UNITS", "make_calexp", "make_catalogue", "make_summary"]
 
 #: Units of the fixed ``src`` columns (flux columns are nJy, listed at run time).
 SRC_UNITS = {
-    "x": "pixel", "y": "pixel", "x_err": "pixel", "y_err": "pixel", "ra": "deg", "dec": "deg",
-    "ra_err": "deg", "dec_err": "deg",
-    "ixx": "pixel2", "iyy": "pixel2", "ixy": "pixel2", "sky": "nJy/pixel", "sky_rms": "nJy/pixel",
-    "kron_radius": "pixel", "peak_significance": "sigma", "psf_chi2": "",
+    "x": "pixel",
+    "y": "pixel",
+    "x_err": "pixel",
+    "y_err": "pixel",
+    "ra": "deg",
+    "dec": "deg",
+    "ra_err": "deg",
+    "dec_err": "deg",
+    "ixx": "pixel2",
+    "iyy": "pixel2",
+    "ixy": "pixel2",
+    "sky": "nJy/pixel",
+    "sky_rms": "nJy/pixel",
+    "kron_radius": "pixel",
+    "peak_significance": "sigma",
+    "psf_chi2": "",
 }
 
 
-def _sky_errors(meas: dict[str, np.ndarray], wcs: Any, xs: np.ndarray, ys: np.ndarray,
-                position_error: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _sky_errors(
+    meas: dict[str, np.ndarray], wcs: Any, xs: np.ndarray, ys: np.ndarray, position_error: Callable | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """1-sigma sky position errors (deg) along RA cos(dec) and Dec: the centroid covariance through
     the WCS's linear part (CD; the SIP terms change the local scale by ~0.1-0.5 % across a
     detector), plus the fitted WCS's own error (``position_error(x, y)`` -> arcsec per axis, from
@@ -74,9 +87,17 @@ def make_catalogue(state: CalibrateState, config: CalibrationConfig) -> pd.DataF
         # unique per (visit, detector): (visit * 1000 + detector) * 10^6 + running number
         "id": (np.int64(visit) * 1000 + detector) * 1_000_000 + np.arange(1, n + 1, dtype=np.int64),
         "parent": det.parent.astype(np.int64),
-        "x": x + exp.xy0[0], "y": y + exp.xy0[1], "x_err": meas["x_err"], "y_err": meas["y_err"],
-        "ra": np.asarray(ra, float), "dec": np.asarray(dec, float), "ra_err": ra_err, "dec_err": dec_err,
-        "psf_flux": state.psf_flux * cal, "psf_flux_err": state.psf_flux_err * cal, "psf_chi2": meas["psf_chi2"],
+        "x": x + exp.xy0[0],
+        "y": y + exp.xy0[1],
+        "x_err": meas["x_err"],
+        "y_err": meas["y_err"],
+        "ra": np.asarray(ra, float),
+        "dec": np.asarray(dec, float),
+        "ra_err": ra_err,
+        "dec_err": dec_err,
+        "psf_flux": state.psf_flux * cal,
+        "psf_flux_err": state.psf_flux_err * cal,
+        "psf_chi2": meas["psf_chi2"],
     }
     units = dict(SRC_UNITS)
     for k in meas:
@@ -106,17 +127,21 @@ def make_catalogue(state: CalibrateState, config: CalibrationConfig) -> pd.DataF
     cols["calib_photometry_used"] = np.asarray(state.phot_used, bool)
     df = pd.DataFrame(cols)
     df.attrs["units"] = units
-    df.attrs["meta"] = {"flux_unit": "nJy", "apcorr_radius_px": float(config.measurement.apcorr_radius),
-                        "psf_flux_aperture_corrected": True, "psf_flux_sys": float(state.flux_sys),
-                        "psf_flux_err": "photon noise of the PSF fit (x aperture correction) plus, in quadrature, "
-                                        "psf_flux_sys x psf_flux: the PSF model's cross-validated fractional flux "
-                                        "error on this detector's PSF stars",
-                        "ra_err": "1-sigma sky position errors, deg (as in the reference catalogues), ra_err of "
-                                  "ra cos(dec): the centroid error through the WCS plus, in quadrature, the fitted "
-                                  "WCS's own error at the source (covariance of the TAN-SIP fit; common to all "
-                                  "sources of the detector, so it cancels in relative positions); the centroid error "
-                                  "alone when the header WCS is kept (ra_err_includes_wcs False)",
-                        "ra_err_includes_wcs": position_error is not None}
+    df.attrs["meta"] = {
+        "flux_unit": "nJy",
+        "apcorr_radius_px": float(config.measurement.apcorr_radius),
+        "psf_flux_aperture_corrected": True,
+        "psf_flux_sys": float(state.flux_sys),
+        "psf_flux_err": "photon noise of the PSF fit (x aperture correction) plus, in quadrature, "
+        "psf_flux_sys x psf_flux: the PSF model's cross-validated fractional flux "
+        "error on this detector's PSF stars",
+        "ra_err": "1-sigma sky position errors, deg (as in the reference catalogues), ra_err of "
+        "ra cos(dec): the centroid error through the WCS plus, in quadrature, the fitted "
+        "WCS's own error at the source (covariance of the TAN-SIP fit; common to all "
+        "sources of the detector, so it cancels in relative positions); the centroid error "
+        "alone when the header WCS is kept (ra_err_includes_wcs False)",
+        "ra_err_includes_wcs": position_error is not None,
+    }
     # reference magnitudes of the stars eligible for the zero point: the visit-level calibration
     # (``procsky.tasks.photometry``) pools them over the detectors of a visit
     df["ref_mag"] = state.ref_mag
@@ -124,8 +149,12 @@ def make_catalogue(state: CalibrateState, config: CalibrationConfig) -> pd.DataF
     df["calib_photometry_candidate"] = state.phot_cand
     df.attrs["units"].update(ref_mag="mag", ref_mag_err="mag")
     photocalib = state.photocalib
-    df.attrs["meta"].update(zero_point=float(photocalib.zero_point), zero_point_err=float(photocalib.zero_point_err),
-                            header_zero_point=state.header_zp, photometry_status=state.phot["status"])
+    df.attrs["meta"].update(
+        zero_point=float(photocalib.zero_point),
+        zero_point_err=float(photocalib.zero_point_err),
+        header_zero_point=state.header_zp,
+        photometry_status=state.phot["status"],
+    )
     return df
 
 
@@ -136,26 +165,51 @@ def make_calexp(state: CalibrateState, config: CalibrationConfig) -> Exposure:
     state.astro.pop("used_index", None)
     state.astro.pop("position_error", None)
     metadata = dict(exp.metadata)
-    metadata.update({
-        "calibrate": {
-            "background_level": bkg.global_background, "background_rms": bkg.global_rms,
-            "background_box": list(bkg.box_size), "background_mesh": bkg.mesh_background.tolist(),
-            "psf": state.psf_info, "apcorr": state.apcorr, "apcorr_radius": float(config.measurement.apcorr_radius),
-            "growth": growth.to_dict(),
-            "astrometry": state.astro, "photometry": state.phot, "n_cr_pixels": int(state.n_cr),
-            "n_cr_sources": state.n_cr_sources,
-            "streaks": state.streaks,
-        },
-    })
-    return Exposure(state.sub, state.variance, state.mask, wcs=state.wcs, wcs_cards=state.wcs_cards or None,
-                    psf=state.psf, photocalib=state.photocalib, visit_info=exp.visit_info, detector=exp.detector,
-                    metadata=metadata, mask_planes=state.planes, xy0=exp.xy0)
+    metadata.update(
+        {
+            "calibrate": {
+                "background_level": bkg.global_background,
+                "background_rms": bkg.global_rms,
+                "background_box": list(bkg.box_size),
+                "background_mesh": bkg.mesh_background.tolist(),
+                "psf": state.psf_info,
+                "apcorr": state.apcorr,
+                "apcorr_radius": float(config.measurement.apcorr_radius),
+                "growth": growth.to_dict(),
+                "astrometry": state.astro,
+                "photometry": state.phot,
+                "n_cr_pixels": int(state.n_cr),
+                "n_cr_sources": state.n_cr_sources,
+                "streaks": state.streaks,
+            },
+        }
+    )
+    return Exposure(
+        state.sub,
+        state.variance,
+        state.mask,
+        wcs=state.wcs,
+        wcs_cards=state.wcs_cards or None,
+        psf=state.psf,
+        photocalib=state.photocalib,
+        visit_info=exp.visit_info,
+        detector=exp.detector,
+        metadata=metadata,
+        mask_planes=state.planes,
+        xy0=exp.xy0,
+    )
 
 
 def make_summary(state: CalibrateState, src: pd.DataFrame) -> dict[str, Any]:
     """One row of figures of merit of the detector (the ``calibrate_summary`` dataset)."""
-    exp, det, bkg, psf_info, astro, phot = state.exposure, state.det, state.background, state.psf_info, \
-        state.astro, state.phot
+    exp, det, bkg, psf_info, astro, phot = (
+        state.exposure,
+        state.det,
+        state.background,
+        state.psf_info,
+        state.astro,
+        state.phot,
+    )
     ny, nx = state.shape
     wcs, photocalib, growth = state.wcs, state.photocalib, state.growth
     scale = pixel_scale(copy_wcs(wcs), 0.5 * nx, 0.5 * ny) if wcs is not None else float("nan")

@@ -30,8 +30,9 @@ def find_cosmic_ray_pixels(state: CalibrateState, config: CosmicRayConfig) -> No
     if not config.enabled:
         return
     bit = state.bit
-    cr = find_cosmic_rays(state.sub, state.var_det, state.mask, sigclip=config.sigclip, objlim=config.objlim,
-                          grow_sigma=config.grow_sigma)
+    cr = find_cosmic_rays(
+        state.sub, state.var_det, state.mask, sigclip=config.sigclip, objlim=config.objlim, grow_sigma=config.grow_sigma
+    )
     state.cosmic_rays = cr
     state.n_cr = cr.n_pixels
     if state.n_cr:
@@ -69,10 +70,22 @@ def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep
         # detections at the edge are tested too, on the part of the window inside the image
         skip = meas["flag_saturated"] | ~np.isfinite(meas["x"]) | ~np.isfinite(meas["y"])
         hw = int(min(6, max(3, round(2.0 * state.sigma_psf * 1.1774))))
-        sharp = find_sharp_sources(state.sub, state.var_det, mask, meas["x"], meas["y"], state.stamps, skip=skip,
-                                   half_width=hw, z_min=config.psf_z, excess_min=config.psf_excess,
-                                   pixel_sigma=config.psf_pixel_sigma, nu_keep=nu_keep,
-                                   star_sigma=config.psf_star_sigma, model_error=config.psf_model_error)
+        sharp = find_sharp_sources(
+            state.sub,
+            state.var_det,
+            mask,
+            meas["x"],
+            meas["y"],
+            state.stamps,
+            skip=skip,
+            half_width=hw,
+            z_min=config.psf_z,
+            excess_min=config.psf_excess,
+            pixel_sigma=config.psf_pixel_sigma,
+            nu_keep=nu_keep,
+            star_sigma=config.psf_star_sigma,
+            model_error=config.psf_model_error,
+        )
         state.n_cr += _mark_cr(state, sharp.cr_pixels, sharp.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"])
         is_cr = sharp.is_cr
         if config.track_test:
@@ -80,19 +93,35 @@ def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep
             # flagged in part is judged whole); bright stars on their pixels not yet flagged
             crm = (mask & np.uint32(bit["CR"])) != 0
             raw = state.sub.copy()
-            raw[crm] = (state.image[crm] - state.background.background[crm]
-                        - (state.streak_model[crm] if state.streak_model is not None else 0.0))
-            tracks = find_cr_tracks(state.sub, state.var_det, mask, meas["x"], meas["y"], state.stamps,
-                                    state.sigma_psf, raw=raw, raw_bits=bit["CR"],
-                                    skip=skip | is_cr,
-                                    bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"],
-                                    nu_max=config.track_nu_max, rho_max=config.track_rho_max,
-                                    min_gain=config.track_min_gain,
-                                    min_total=config.track_min_total, nu_keep=nu_keep,
-                                    star_gain=config.track_star_gain, model_error=config.track_model_error)
+            raw[crm] = (
+                state.image[crm]
+                - state.background.background[crm]
+                - (state.streak_model[crm] if state.streak_model is not None else 0.0)
+            )
+            tracks = find_cr_tracks(
+                state.sub,
+                state.var_det,
+                mask,
+                meas["x"],
+                meas["y"],
+                state.stamps,
+                state.sigma_psf,
+                raw=raw,
+                raw_bits=bit["CR"],
+                skip=skip | is_cr,
+                bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"],
+                nu_max=config.track_nu_max,
+                rho_max=config.track_rho_max,
+                min_gain=config.track_min_gain,
+                min_total=config.track_min_total,
+                nu_keep=nu_keep,
+                star_gain=config.track_star_gain,
+                model_error=config.track_model_error,
+            )
             # the track pixels all have the joint fit; earlier CR pixels are no variance donors
-            state.n_cr += _mark_cr(state, tracks.cr_pixels, tracks.repair,
-                                   bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"])
+            state.n_cr += _mark_cr(
+                state, tracks.cr_pixels, tracks.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"]
+            )
             is_cr = is_cr | tracks.is_cr
         keep = ~is_cr
         state.n_cr_sources = int((~keep).sum())
@@ -100,8 +129,12 @@ def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep
             _drop_detections(state, keep)
     ny, nx = state.shape
     if state.n_cr > 0.01 * nx * ny:
-        note_degraded("cr_flagged_fraction_high", f"{state.n_cr} pixels ({100.0 * state.n_cr / (nx * ny):.1f} % of "
-                      f"the {nx}x{ny} frame, > 1 %) flagged as cosmic rays and repaired", n_cr_pixels=int(state.n_cr))
+        note_degraded(
+            "cr_flagged_fraction_high",
+            f"{state.n_cr} pixels ({100.0 * state.n_cr / (nx * ny):.1f} % of "
+            f"the {nx}x{ny} frame, > 1 %) flagged as cosmic rays and repaired",
+            n_cr_pixels=int(state.n_cr),
+        )
 
 
 def _drop_detections(state: CalibrateState, keep: np.ndarray) -> None:
@@ -113,10 +146,16 @@ def _drop_detections(state: CalibrateState, keep: np.ndarray) -> None:
         state.mask[np.isin(det.footprints, gone)] &= ~np.uint32(state.bit["DETECTED"])
     parent = det.parent[keep]
     _, inv, cnt = np.unique(parent, return_inverse=True, return_counts=True)
-    state.det = det._replace(x=det.x[keep], y=det.y[keep], peak_significance=det.peak_significance[keep],
-                             parent=parent, blended=(cnt[inv] > 1).reshape(-1))
-    state.meas = {k: (v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == (n_det,) else v)
-                  for k, v in state.meas.items()}
+    state.det = det._replace(
+        x=det.x[keep],
+        y=det.y[keep],
+        peak_significance=det.peak_significance[keep],
+        parent=parent,
+        blended=(cnt[inv] > 1).reshape(-1),
+    )
+    state.meas = {
+        k: (v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == (n_det,) else v) for k, v in state.meas.items()
+    }
     state.cand, state.used, state.reserved = state.cand[keep], state.used[keep], state.reserved[keep]
     state.stamps = state.stamps[keep]
     state.child_ids = state.child_ids[keep]

@@ -47,14 +47,18 @@ def initial_sigma(exp: Exposure, config: DetectionConfig) -> float:
 
 def detect_first(state: CalibrateState, config: DetectionConfig) -> DetectionResult:
     """Detection at the guessed seeing ``state.sigma0``, to mask sources for the final background."""
-    return detect_sources(state.sub, state.var_det, state.mask, psf_sigma=state.sigma0, nsigma=config.nsigma,
-                          threshold=config.threshold)
+    return detect_sources(
+        state.sub, state.var_det, state.mask, psf_sigma=state.sigma0, nsigma=config.nsigma, threshold=config.threshold
+    )
 
 
 def ap_name(meas: dict[str, np.ndarray], r: float) -> str:
     """Name of the aperture flux column of ``meas`` whose radius is closest to ``r``."""
-    radii = sorted(float(k[8:].replace("p", ".")) for k in meas if k.startswith("ap_flux_") and not k.endswith("_err")
-                   and k[8:].replace("p", "").isdigit())
+    radii = sorted(
+        float(k[8:].replace("p", "."))
+        for k in meas
+        if k.startswith("ap_flux_") and not k.endswith("_err") and k[8:].replace("p", "").isdigit()
+    )
     best = min(radii, key=lambda q: abs(q - r))
     return "ap_flux_" + f"{best:g}".replace(".", "p")
 
@@ -79,8 +83,17 @@ def _stellar_sigma(meas: dict[str, np.ndarray], snr_min: float, fallback: float)
 
 def measure_seeing(state: CalibrateState, det0: DetectionResult, aperture_radii: tuple[float, ...]) -> None:
     """``state.sigma``: the stellar locus of the first detections, measured once to refine the seeing guess."""
-    meas0 = measure_sources(state.sub, state.var_det, state.mask, det0.x, det0.y, psf_sigma=state.sigma0,
-                            children=det0.children, blended=det0.blended, aperture_radii=aperture_radii)
+    meas0 = measure_sources(
+        state.sub,
+        state.var_det,
+        state.mask,
+        det0.x,
+        det0.y,
+        psf_sigma=state.sigma0,
+        children=det0.children,
+        blended=det0.blended,
+        aperture_radii=aperture_radii,
+    )
     state.sigma = _stellar_sigma(meas0, 20.0, state.sigma0) if len(det0.x) else state.sigma0
 
 
@@ -88,23 +101,31 @@ def detect(state: CalibrateState, config: DetectionConfig) -> None:
     """Final detection at the measured seeing ``state.sigma`` (DETECTED plane), after removing
     satellite trails; ``det`` and ``child_ids`` filled. AlgorithmError without any detection."""
     bit, mask = state.bit, state.mask
-    det = detect_sources(state.sub, state.var_det, mask, psf_sigma=state.sigma, nsigma=config.nsigma,
-                         threshold=config.threshold)
+    det = detect_sources(
+        state.sub, state.var_det, mask, psf_sigma=state.sigma, nsigma=config.nsigma, threshold=config.threshold
+    )
     mask[det.detected] |= np.uint32(bit["DETECTED"])
     if config.streaks:
-        st = find_streaks(state.sub, state.var_det, mask, psf_sigma=state.sigma,
-                          mask_fraction=config.streak_mask_fraction,
-                          bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"] | bit["EDGE"],
-                          grow_bits=bit["BAD"] | bit["SAT"], detected_bits=bit["DETECTED"],
-                          saturated_bits=bit["SAT"])
+        st = find_streaks(
+            state.sub,
+            state.var_det,
+            mask,
+            psf_sigma=state.sigma,
+            mask_fraction=config.streak_mask_fraction,
+            bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"] | bit["EDGE"],
+            grow_bits=bit["BAD"] | bit["SAT"],
+            detected_bits=bit["DETECTED"],
+            saturated_bits=bit["SAT"],
+        )
         if len(st.streaks):
             state.streaks = [{k: float(row[k]) for k in st.streaks.dtype.names} for row in st.streaks]
             mask[st.mask] |= np.uint32(bit["STREAK"])
             state.sub = (state.sub - st.model).astype(np.float32)
             state.streak_model = st.model
             mask &= ~np.uint32(bit["DETECTED"])
-            det = detect_sources(state.sub, state.var_det, mask, psf_sigma=state.sigma, nsigma=config.nsigma,
-                                 threshold=config.threshold)
+            det = detect_sources(
+                state.sub, state.var_det, mask, psf_sigma=state.sigma, nsigma=config.nsigma, threshold=config.threshold
+            )
             mask[det.detected] |= np.uint32(bit["DETECTED"])
     state.det = det
     state.child_ids = np.arange(1, len(det.x) + 1)

@@ -22,12 +22,19 @@ from procsky.exposure import Exposure
 from procsky.masks import DEFAULT_PLANES, MaskPlanes
 from procsky.psf import SIGMA_TO_FWHM
 
-__all__ = ["calibrate_exposure", "make_state", "process_arrays", "run_detection_steps", "run_pixel_steps",
-           "state_from_exposure"]
+__all__ = [
+    "calibrate_exposure",
+    "make_state",
+    "process_arrays",
+    "run_detection_steps",
+    "run_pixel_steps",
+    "state_from_exposure",
+]
 
 
-def make_state(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, planes: MaskPlanes,
-               min_usable_pixels: int) -> CalibrateState:
+def make_state(
+    image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, planes: MaskPlanes, min_usable_pixels: int
+) -> CalibrateState:
     """The initial state of the steps: float32 image and variance and a uint32 mask (copies), with the
     STREAK plane added; pixels with a non-finite value or a variance <= 0 are NO_DATA (value 0,
     variance inf). NoWorkError with fewer than ``min_usable_pixels`` usable pixels."""
@@ -50,8 +57,9 @@ def make_state(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
             f"{min_usable_pixels}); too small to calibrate"
         )
     var_det = np.where(np.isfinite(variance), variance, 0.0).astype(np.float32)
-    return CalibrateState(image=image, variance=variance, mask=mask, planes=planes, bit=bit, bad_input=bad_input,
-                          var_det=var_det)
+    return CalibrateState(
+        image=image, variance=variance, mask=mask, planes=planes, bit=bit, bad_input=bad_input, var_det=var_det
+    )
 
 
 def state_from_exposure(exposure: Exposure, config: CalibrationConfig) -> CalibrateState:
@@ -89,8 +97,9 @@ def run_pixel_steps(state: CalibrateState, config: CalibrationConfig) -> None:
     psf_flux_errors(state, config.psf)
 
 
-def calibrate_exposure(exposure: Exposure, refcat: Any = None,
-                       config: CalibrationConfig | None = None) -> tuple[Exposure, pd.DataFrame, dict[str, Any]]:
+def calibrate_exposure(
+    exposure: Exposure, refcat: Any = None, config: CalibrationConfig | None = None
+) -> tuple[Exposure, pd.DataFrame, dict[str, Any]]:
     """Calibrate one detector exposure (see :mod:`procsky.calibrate`).
 
     Parameters
@@ -126,9 +135,15 @@ def calibrate_exposure(exposure: Exposure, refcat: Any = None,
     return calexp, src, make_summary(state, src)
 
 
-def process_arrays(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None = None, *,
-                   psf_fwhm: float | None = None, config: CalibrationConfig | None = None,
-                   planes: MaskPlanes = DEFAULT_PLANES) -> CalibrateState:
+def process_arrays(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    psf_fwhm: float | None = None,
+    config: CalibrationConfig | None = None,
+    planes: MaskPlanes = DEFAULT_PLANES,
+) -> CalibrateState:
     """The pixel steps of :func:`calibrate_exposure` on bare arrays (no WCS, no reference catalogue).
 
     Background, cosmic rays, detection, measurement, PSF model, the detections sharper than the PSF,

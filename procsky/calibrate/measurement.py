@@ -47,9 +47,18 @@ def on_plane(mask: np.ndarray, x: np.ndarray, y: np.ndarray, bit_value: int) -> 
 def measure(state: CalibrateState, config: MeasurementConfig) -> None:
     """First measurement of the detections, without a PSF model (Gaussian of ``state.sigma``)."""
     det = state.det
-    state.meas = measure_sources(state.sub, state.var_det, state.mask, det.x, det.y, psf_sigma=state.sigma,
-                                 children=det.children, child_ids=state.child_ids, blended=det.blended,
-                                 aperture_radii=config.aperture_radii)
+    state.meas = measure_sources(
+        state.sub,
+        state.var_det,
+        state.mask,
+        det.x,
+        det.y,
+        psf_sigma=state.sigma,
+        children=det.children,
+        child_ids=state.child_ids,
+        blended=det.blended,
+        aperture_radii=config.aperture_radii,
+    )
     state.meas["flag_streak"] = on_plane(state.mask, state.meas["x"], state.meas["y"], state.bit["STREAK"])
 
 
@@ -61,16 +70,30 @@ def _note_cr_on_bright_stars(meas: dict[str, np.ndarray], snr_min: float = 100.0
     bright = np.isfinite(snr) & (snr > snr_min) & ~meas["flag_saturated"]
     n, n_cr = int(bright.sum()), int((bright & meas["flag_cr_center"]).sum())
     if n >= 5 and n_cr > 0.5 * n:
-        note_degraded("cr_on_bright_stars", f"{n_cr} of {n} sources of S/N > {snr_min:g} have a cosmic-ray "
-                      "pixel at their centre", n_bright=n, n_cr_center=n_cr)
+        note_degraded(
+            "cr_on_bright_stars",
+            f"{n_cr} of {n} sources of S/N > {snr_min:g} have a cosmic-ray pixel at their centre",
+            n_bright=n,
+            n_cr_center=n_cr,
+        )
 
 
 def measure_with_psf(state: CalibrateState, config: MeasurementConfig) -> None:
     """Remeasure with the PSF model: centroids from the first pass, PSF stamps there."""
     det = state.det
-    meas = measure_sources(state.sub, state.var_det, state.mask, state.meas["x"], state.meas["y"],
-                           psf_sigma=state.sigma_psf, children=det.children, child_ids=state.child_ids,
-                           blended=det.blended, aperture_radii=config.aperture_radii, psf_stamps=state.stamps)
+    meas = measure_sources(
+        state.sub,
+        state.var_det,
+        state.mask,
+        state.meas["x"],
+        state.meas["y"],
+        psf_sigma=state.sigma_psf,
+        children=det.children,
+        child_ids=state.child_ids,
+        blended=det.blended,
+        aperture_radii=config.aperture_radii,
+        psf_stamps=state.stamps,
+    )
     meas["flag_streak"] = on_plane(state.mask, meas["x"], meas["y"], state.bit["STREAK"])
     state.meas = meas
     _note_cr_on_bright_stars(meas)
@@ -85,13 +108,23 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
         ratio = meas[apc_name] / meas["psf_flux"]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio_err = np.hypot(meas[apc_name + "_err"], ratio * meas["psf_flux_err"]) / meas["psf_flux"]
-    ac_stars = (used & np.isfinite(ratio) & np.isfinite(ratio_err) & (ratio_err > 0) & ~meas["psf_flux_flag"]
-                & ~meas["ap_flux_flag"] & ~meas["flag_interpolated"])
+    ac_stars = (
+        used
+        & np.isfinite(ratio)
+        & np.isfinite(ratio_err)
+        & (ratio_err > 0)
+        & ~meas["psf_flux_flag"]
+        & ~meas["ap_flux_flag"]
+        & ~meas["flag_interpolated"]
+    )
     apcorr, apcorr_err, ac_kept = weighted_clipped_mean(ratio[ac_stars], ratio_err[ac_stars])
     n_ac = int(ac_kept.sum())
     if not (np.isfinite(apcorr) and apcorr > 0):
-        note_degraded("apcorr_default", f"no aperture correction from {int(ac_stars.sum())} PSF stars: 1 used",
-                      n_stars=int(ac_stars.sum()))
+        note_degraded(
+            "apcorr_default",
+            f"no aperture correction from {int(ac_stars.sum())} PSF stars: 1 used",
+            n_stars=int(ac_stars.sum()),
+        )
         apcorr, apcorr_err, n_ac = 1.0, float("nan"), 0
     state.apcorr, state.apcorr_err, state.n_apcorr = apcorr, apcorr_err, n_ac
     # from the aperture to the total flux: the growth curve of bright stars beyond it
@@ -99,19 +132,42 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
     if config.total_flux_correction:
         with np.errstate(divide="ignore", invalid="ignore"):
             ap_snr = meas[apc_name] / meas[apc_name + "_err"]
-        gstars = ((used | cand) & ~meas["psf_flux_flag"] & ~meas["ap_flux_flag"] & ~meas["flag_saturated"]
-                  & ~meas["flag_blended"] & ~meas["flag_streak"] & ~meas["flag_interpolated"]
-                  & (ap_snr > config.growth_min_snr))
+        gstars = (
+            (used | cand)
+            & ~meas["psf_flux_flag"]
+            & ~meas["ap_flux_flag"]
+            & ~meas["flag_saturated"]
+            & ~meas["flag_blended"]
+            & ~meas["flag_streak"]
+            & ~meas["flag_interpolated"]
+            & (ap_snr > config.growth_min_snr)
+        )
         gi = np.flatnonzero(gstars)
-        inner = {r: (meas[ap_name(meas, r)][gi], meas[ap_name(meas, r) + "_err"][gi])
-                 for r in config.aperture_radii if 0.5 * config.apcorr_radius <= r < config.apcorr_radius}
-        growth = aperture_to_total(state.sub, state.var_det, state.mask, state.det.children, state.child_ids[gi],
-                                   meas["x"][gi], meas["y"][gi], meas[apc_name][gi], meas[apc_name + "_err"][gi],
-                                   config.apcorr_radius, inner_fluxes=inner, edges=config.growth_edges,
-                                   sky_annulus=config.growth_sky_annulus, bad_bits=_GROWTH_BAD)
+        inner = {
+            r: (meas[ap_name(meas, r)][gi], meas[ap_name(meas, r) + "_err"][gi])
+            for r in config.aperture_radii
+            if 0.5 * config.apcorr_radius <= r < config.apcorr_radius
+        }
+        growth = aperture_to_total(
+            state.sub,
+            state.var_det,
+            state.mask,
+            state.det.children,
+            state.child_ids[gi],
+            meas["x"][gi],
+            meas["y"][gi],
+            meas[apc_name][gi],
+            meas[apc_name + "_err"][gi],
+            config.apcorr_radius,
+            inner_fluxes=inner,
+            edges=config.growth_edges,
+            sky_annulus=config.growth_sky_annulus,
+            bad_bits=_GROWTH_BAD,
+        )
     if config.total_flux_correction and growth.status != "measured":
-        note_degraded("aperture_to_total_default", f"no aperture-to-total correction ({growth.status}): 1 used",
-                      severity="info")
+        note_degraded(
+            "aperture_to_total_default", f"no aperture-to-total correction ({growth.status}): 1 used", severity="info"
+        )
     state.growth = growth
 
 
@@ -127,9 +183,11 @@ def psf_flux_errors(state: CalibrateState, config: PsfConfig) -> None:
         flux_sys = 0.0
     state.psf_info["flux_sys_applied"] = flux_sys
     # the warp's own fitting noise at each position (largest where the model extrapolates)
-    warp_err = (model_flux_error(state.psf_model, meas["x"], meas["y"])
-                if state.psf_model is not None and config.flux_sys_error else np.zeros(state.n_det))
+    warp_err = (
+        model_flux_error(state.psf_model, meas["x"], meas["y"])
+        if state.psf_model is not None and config.flux_sys_error
+        else np.zeros(state.n_det)
+    )
     state.psf_flux = psf_flux
-    state.psf_flux_err = np.sqrt((meas["psf_flux_err"] * apcorr_total) ** 2
-                                 + (flux_sys**2 + warp_err**2) * psf_flux**2)
+    state.psf_flux_err = np.sqrt((meas["psf_flux_err"] * apcorr_total) ** 2 + (flux_sys**2 + warp_err**2) * psf_flux**2)
     state.flux_sys = flux_sys

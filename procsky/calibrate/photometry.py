@@ -44,8 +44,7 @@ def fit_zero_point(state: CalibrateState, config: PhotometryConfig, match_radius
         rx, ry = copy_wcs(state.wcs).world_to_pixel_values(ref_on["ra"].to_numpy(), ref_on["dec"].to_numpy())
         from scipy.spatial import cKDTree
 
-        good = (state.bright & np.isfinite(psf_flux) & (psf_flux > 0) & ~meas["flag_saturated"]
-                & ~meas["psf_flux_flag"])
+        good = state.bright & np.isfinite(psf_flux) & (psf_flux > 0) & ~meas["flag_saturated"] & ~meas["psf_flux_flag"]
         with np.errstate(divide="ignore", invalid="ignore"):
             good &= psf_flux / psf_flux_err > config.min_snr
         zp_reason = None
@@ -68,15 +67,22 @@ def fit_zero_point(state: CalibrateState, config: PhotometryConfig, match_radius
                 inst_err = 1.0857 * psf_flux_err[gi] / psf_flux[gi]
                 try:
                     zp, zp_err, n_zp, zused = photometric_zero_point(
-                        ref_on[magcol].to_numpy()[rj], inst, ref_err=ref_on[magcol + "_err"].to_numpy()[rj]
-                        if magcol + "_err" in ref_on.columns else None, inst_err=inst_err)
+                        ref_on[magcol].to_numpy()[rj],
+                        inst,
+                        ref_err=ref_on[magcol + "_err"].to_numpy()[rj] if magcol + "_err" in ref_on.columns else None,
+                        inst_err=inst_err,
+                    )
                 except ValueError as exc:
                     zp_reason = str(exc)
                 else:
                     if n_zp >= config.min_stars:
                         photocalib = PhotoCalib.from_zero_point(zp, zp_err)
-                        phot = {"status": f"fitted against {magcol}", "zero_point": zp, "zero_point_err": zp_err,
-                                "n_stars": int(n_zp)}
+                        phot = {
+                            "status": f"fitted against {magcol}",
+                            "zero_point": zp,
+                            "zero_point_err": zp_err,
+                            "n_stars": int(n_zp),
+                        }
                         phot_used[gi[zused]] = True
                     else:
                         zp_reason = f"only {n_zp} stars survive clipping"
@@ -89,8 +95,11 @@ def fit_zero_point(state: CalibrateState, config: PhotometryConfig, match_radius
                 raise AlgorithmError(f"photometric calibration failed: {zp_reason}")
             phot["status"] = f"header zero point ({zp_reason})"
             note_degraded("header_zero_point_kept", f"{phot['status']} kept")
-    if (state.refs is not None and (ref_on is None or not len(ref_on))
-            and phot["status"].endswith("(no reference catalogue)")):
+    if (
+        state.refs is not None
+        and (ref_on is None or not len(ref_on))
+        and phot["status"].endswith("(no reference catalogue)")
+    ):
         phot["status"] = "header zero point (no reference stars on this detector)"
     if photocalib is None:
         phot["status"] += "; no header zero point either: fluxes stay in counts (calibration 1)"

@@ -29,8 +29,9 @@ __all__ = ["fit_detector_psf", "model_psf", "psf_from_arrays", "select_stars"]
 _ZERO_BITS = int(_masks.bit("CR") | _masks.bit("INTRP"))
 
 
-def fit_detector_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: np.ndarray, y: np.ndarray,
-                     config: PsfConfig) -> tuple:
+def fit_detector_psf(
+    image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: np.ndarray, y: np.ndarray, config: PsfConfig
+) -> tuple:
     """The PSF model of one detector from its PSF stars, as calibrate fits it.
 
     Pixel polynomial orders from ``config.order`` down to 0, the first the stars allow
@@ -51,10 +52,19 @@ def fit_detector_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, 
         nc = (order + 1) * (order + 2) // 2
         try:
             arrays, used, reserved = fit_psf_model(
-                image, variance, mask, x, y, stamp_size=stamp, order=order,
+                image,
+                variance,
+                mask,
+                x,
+                y,
+                stamp_size=stamp,
+                order=order,
                 reserve_fraction=config.reserve_fraction,
-                min_stars=5 if order == 0 else max(int(per_term * nc) + 3, 5), zero_bits=_ZERO_BITS,
-                warp_order=warp if warp > order else -1, warp_prior=config.warp_prior)
+                min_stars=5 if order == 0 else max(int(per_term * nc) + 3, 5),
+                zero_bits=_ZERO_BITS,
+                warp_order=warp if warp > order else -1,
+                warp_prior=config.warp_prior,
+            )
         except ValueError as exc:
             reason = str(exc)
             continue
@@ -66,8 +76,9 @@ def psf_from_arrays(model: PsfModelArrays, xy0: tuple[int, int]) -> PolynomialIm
     """procsky PSF model from the kernel's PsfModelArrays (oversample 1), in parent pixels."""
     if model.oversample != 1:
         raise AlgorithmError("PSF models with oversample != 1 cannot be stored yet; fit with oversample=1")
-    return PolynomialImagePsf(model.coeffs, model.order, model.x_center + xy0[0], model.y_center + xy0[1],
-                              model.x_scale, model.y_scale)
+    return PolynomialImagePsf(
+        model.coeffs, model.order, model.x_center + xy0[0], model.y_center + xy0[1], model.x_scale, model.y_scale
+    )
 
 
 def _psf_star_bad(meas: dict[str, np.ndarray]) -> np.ndarray:
@@ -75,9 +86,17 @@ def _psf_star_bad(meas: dict[str, np.ndarray]) -> np.ndarray:
     pixel away from the centre does not exclude a star: the stamp fit drops stars with bad pixels
     in their cutout and weights repaired pixels 0, and CR hits in the footprints of the few bright
     stars of a detector would otherwise leave too few candidates."""
-    return (meas["flag_saturated"] | meas["flag_edge"] | meas["flag_blended"] | meas["flag_interpolated_center"]
-            | meas["flag_cr_center"] | meas["flag_bad_center"] | meas["shape_flag"] | meas["centroid_flag"]
-            | meas["flag_streak"])
+    return (
+        meas["flag_saturated"]
+        | meas["flag_edge"]
+        | meas["flag_blended"]
+        | meas["flag_interpolated_center"]
+        | meas["flag_cr_center"]
+        | meas["flag_bad_center"]
+        | meas["shape_flag"]
+        | meas["centroid_flag"]
+        | meas["flag_streak"]
+    )
 
 
 def select_stars(state: CalibrateState, config: PsfConfig) -> np.ndarray:
@@ -85,15 +104,34 @@ def select_stars(state: CalibrateState, config: PsfConfig) -> np.ndarray:
     meas = state.meas
     apn = ap_name(meas, 6.0)
     bad = _psf_star_bad(meas)
-    cand = select_psf_stars(meas["x"], meas["y"], meas["ixx"], meas["iyy"], meas[apn], meas[apn + "_err"], bad,
-                            min_snr=config.min_snr, isolation_radius=config.isolation_radius)
+    cand = select_psf_stars(
+        meas["x"],
+        meas["y"],
+        meas["ixx"],
+        meas["iyy"],
+        meas[apn],
+        meas[apn + "_err"],
+        bad,
+        min_snr=config.min_snr,
+        isolation_radius=config.isolation_radius,
+    )
     if cand.sum() < 5:  # few bright stars (shallow or small image): relax the S/N cut
         # keep the locus the bright stars show: among fainter sources galaxies may outnumber
         # the stars and form the densest size window
-        t_bright = (float(np.median(meas["ixx"][cand] + meas["iyy"][cand])) if cand.sum() >= 2 else None)
-        cand = select_psf_stars(meas["x"], meas["y"], meas["ixx"], meas["iyy"], meas[apn], meas[apn + "_err"], bad,
-                                min_snr=min(20.0, config.min_snr), isolation_radius=config.isolation_radius,
-                                locus_T=t_bright, max_excess=config.locus_max_excess)
+        t_bright = float(np.median(meas["ixx"][cand] + meas["iyy"][cand])) if cand.sum() >= 2 else None
+        cand = select_psf_stars(
+            meas["x"],
+            meas["y"],
+            meas["ixx"],
+            meas["iyy"],
+            meas[apn],
+            meas[apn + "_err"],
+            bad,
+            min_snr=min(20.0, config.min_snr),
+            isolation_radius=config.isolation_radius,
+            locus_T=t_bright,
+            max_excess=config.locus_max_excess,
+        )
     state.cand = cand
     return bad
 
@@ -119,17 +157,29 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
         arrays, u, r, order = fitted
         psf_model = arrays
         if order < config.order:
-            note_degraded("psf_order_reduced", f"PSF pixel model of order {order} (< psf.order={config.order}): "
-                          f"{int(arrays.n_stars)} PSF stars", severity="info", order=order, n_stars=int(arrays.n_stars))
+            note_degraded(
+                "psf_order_reduced",
+                f"PSF pixel model of order {order} (< psf.order={config.order}): {int(arrays.n_stars)} PSF stars",
+                severity="info",
+                order=order,
+                n_stars=int(arrays.n_stars),
+            )
         used[idx[u]] = True
         reserved[idx[r]] = True
-        psf_info.update(model="PolynomialImagePsf", order=int(arrays.order), pixel_order=order,
-                        warp_order=int(arrays.warp_order), n_stars=int(arrays.n_stars),
-                        n_reserved=int(arrays.n_reserved), fwhm_px=float(arrays.fwhm),
-                        reserved_dT_median=float(arrays.reserved_dT_median),
-                        reserved_dT_std=float(arrays.reserved_dT_std),
-                        reserved_dT=[float(v) for v in arrays.reserved_dT],
-                        flux_sys=float(arrays.flux_sys), cv_flux_ratio=[float(v) for v in arrays.cv_flux_ratio])
+        psf_info.update(
+            model="PolynomialImagePsf",
+            order=int(arrays.order),
+            pixel_order=order,
+            warp_order=int(arrays.warp_order),
+            n_stars=int(arrays.n_stars),
+            n_reserved=int(arrays.n_reserved),
+            fwhm_px=float(arrays.fwhm),
+            reserved_dT_median=float(arrays.reserved_dT_median),
+            reserved_dT_std=float(arrays.reserved_dT_std),
+            reserved_dT=[float(v) for v in arrays.reserved_dT],
+            flux_sys=float(arrays.flux_sys),
+            cv_flux_ratio=[float(v) for v in arrays.cv_flux_ratio],
+        )
     if psf_model is not None:
         psf = psf_from_arrays(psf_model, state.xy0)
         stamps = render_stamps(psf_model, meas["x"], meas["y"], stamp)
@@ -161,14 +211,27 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
         gauss = GaussianPsf(float(s), float(e1), float(e2), size=stamp)
         psf = gauss
         used[stars] = True
-        psf_info.update(model="GaussianPsf (fallback: too few stars for a pixel model)", n_stars=int(stars.sum()),
-                        fwhm_px=float(gauss.fwhm()))
-        note_degraded("few_psf_stars", f"too few PSF stars for a pixel model ({int(cand.sum())} candidates; "
-                      f"{psf_info.get('last_error', 'no usable star')}): Gaussian PSF of {int(stars.sum())} sources' "
-                      "moments used", n_candidates=int(cand.sum()), n_stars=int(stars.sum()))
-        stamps = np.stack([gauss.render(0, 0, offset=(float(x - np.floor(x + 0.5)), float(y - np.floor(y + 0.5))))
-                           for x, y in zip(meas["x"], meas["y"])])
+        psf_info.update(
+            model="GaussianPsf (fallback: too few stars for a pixel model)",
+            n_stars=int(stars.sum()),
+            fwhm_px=float(gauss.fwhm()),
+        )
+        note_degraded(
+            "few_psf_stars",
+            f"too few PSF stars for a pixel model ({int(cand.sum())} candidates; "
+            f"{psf_info.get('last_error', 'no usable star')}): Gaussian PSF of {int(stars.sum())} sources' "
+            "moments used",
+            n_candidates=int(cand.sum()),
+            n_stars=int(stars.sum()),
+        )
+        stamps = np.stack(
+            [
+                gauss.render(0, 0, offset=(float(x - np.floor(x + 0.5)), float(y - np.floor(y + 0.5))))
+                for x, y in zip(meas["x"], meas["y"])
+            ]
+        )
     state.psf, state.psf_model, state.psf_info = psf, psf_model, psf_info
     state.used, state.reserved, state.stamps = used, reserved, stamps
-    state.sigma_psf = (psf_info["fwhm_px"] / SIGMA_TO_FWHM if np.isfinite(psf_info.get("fwhm_px", np.nan))
-                       else state.sigma)
+    state.sigma_psf = (
+        psf_info["fwhm_px"] / SIGMA_TO_FWHM if np.isfinite(psf_info.get("fwhm_px", np.nan)) else state.sigma
+    )

@@ -42,8 +42,15 @@ def skymap_register(repo, name, kind, centers, radius, pixel_scale, patch_inner,
             raise ProcskyValueError(f"--center {c!r} is not 'RA,DEC' in degrees, e.g. --center 244.78,12.07") from None
         parsed.append((ra, dec))
     try:
-        cfg = SkyMapConfig(kind=kind, centers=tuple(parsed), radius=radius, pixel_scale=pixel_scale,
-                           patch_inner=patch_inner, patch_border=patch_border, num_rings=num_rings)
+        cfg = SkyMapConfig(
+            kind=kind,
+            centers=tuple(parsed),
+            radius=radius,
+            pixel_scale=pixel_scale,
+            patch_inner=patch_inner,
+            patch_border=patch_border,
+            num_rings=num_rings,
+        )
     except ValueError as e:
         raise ProcskyValueError(f"invalid sky map options: {e}") from None
     sm = SkyMap(cfg, name=name)
@@ -66,8 +73,10 @@ def skymap_show(repo, name, ra, dec):
     if ra is not None and dec is not None:
         for tract, patches in sm.tracts_patches_for_sky([ra], [dec]).items():
             t = sm.tract(tract)
-            click.echo(f"tract {tract}: centre ({t.ra:.5f}, {t.dec:.5f}) {t.box.nx}x{t.box.ny} px, "
-                       f"{t.n_patches[0]}x{t.n_patches[1]} patches; patches {patches}")
+            click.echo(
+                f"tract {tract}: centre ({t.ra:.5f}, {t.dec:.5f}) {t.box.nx}x{t.box.ny} px, "
+                f"{t.n_patches[0]}x{t.n_patches[1]} patches; patches {patches}"
+            )
 
 
 def _ints(text: str, n: int, option: str, example: str) -> list[int]:
@@ -101,7 +110,8 @@ def _sky_box(exp, center: str, size: str) -> tuple[int, int, int, int]:
     ny, nx = exp.shape
     if not (math.isfinite(x) and math.isfinite(y)) or not (-0.5 <= x < nx - 0.5 and -0.5 <= y < ny - 0.5):
         raise ProcskyValueError(
-            f"--center {center} is outside this exposure (pixel x={x:.1f}, y={y:.1f} of {nx} x {ny})")
+            f"--center {center} is outside this exposure (pixel x={x:.1f}, y={y:.1f} of {nx} x {ny})"
+        )
     try:
         n = float(size)  # a plain number: pixels
     except ValueError:
@@ -119,8 +129,9 @@ def _sky_box(exp, center: str, size: str) -> tuple[int, int, int, int]:
     return x0, y0, x0 + n, y0 + n
 
 
-def cutout_box(exp, *, bbox: str | None = None, center: str | None = None, size: str | None = None,
-               trim: bool = False) -> tuple[int, int, int, int] | None:
+def cutout_box(
+    exp, *, bbox: str | None = None, center: str | None = None, size: str | None = None, trim: bool = False
+) -> tuple[int, int, int, int] | None:
     """The box ``(x0, y0, x1, y1)`` (array pixels, ends excluded) that ``procsky export`` writes.
 
     ``None`` means the whole exposure. The box is clipped to the exposure; ``trim`` then
@@ -147,7 +158,7 @@ def cutout_box(exp, *, bbox: str | None = None, center: str | None = None, size:
         if box[2] <= box[0] or box[3] <= box[1]:
             raise ProcskyValueError(f"the cut-out {asked} (x0, y0, x1, y1) misses this {nx} x {ny} exposure")
     if trim:
-        sub = exp if box is None else exp[box[1]:box[3], box[0]:box[2]]
+        sub = exp if box is None else exp[box[1] : box[3], box[0] : box[2]]
         data = sub.data_bbox()
         if data is None:
             raise ProcskyValueError("--trim: no pixel of the cut-out has data (all NaN or NO_DATA)")
@@ -159,16 +170,27 @@ def cutout_box(exp, *, bbox: str | None = None, center: str | None = None, size:
 @main.command("export")
 @click.argument("repo", type=click.Path(file_okay=False, exists=True))
 @click.argument("dataset_type")
-@click.option("--where", default=None, help="Data-ID expression selecting one dataset, e.g. \"tract=0 AND patch=3\".")
+@click.option("--where", default=None, help='Data-ID expression selecting one dataset, e.g. "tract=0 AND patch=3".')
 @click.option("--run", default=None, help="Run or chain to search (default: all, newest first).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Output FITS file (.fits/.fits.gz).")
-@click.option("--bbox", default=None, metavar="X0,Y0,X1,Y1",
-              help="Cut-out in pixels of the dataset: 0-based, X1 and Y1 excluded (Python's exp[y0:y1, x0:x1]).")
+@click.option(
+    "--bbox",
+    default=None,
+    metavar="X0,Y0,X1,Y1",
+    help="Cut-out in pixels of the dataset: 0-based, X1 and Y1 excluded (Python's exp[y0:y1, x0:x1]).",
+)
 @click.option("--center", default=None, metavar="RA,DEC", help="Centre of a cut-out, degrees (with --size).")
-@click.option("--size", default=None, metavar="N|ANGLE",
-              help="Side of the --center cut-out: pixels (200) or an angle (30arcsec, 1.5arcmin).")
-@click.option("--trim", is_flag=True,
-              help="Shrink the image (or the cut-out) to the box of pixels with data (finite, not NO_DATA).")
+@click.option(
+    "--size",
+    default=None,
+    metavar="N|ANGLE",
+    help="Side of the --center cut-out: pixels (200) or an angle (30arcsec, 1.5arcmin).",
+)
+@click.option(
+    "--trim",
+    is_flag=True,
+    help="Shrink the image (or the cut-out) to the box of pixels with data (finite, not NO_DATA).",
+)
 def export(repo, dataset_type, where, run, out, bbox, center, size, trim):
     """Export one exposure dataset (coadd, warp, calexp ...) of REPO to a FITS file.
 
@@ -196,8 +218,9 @@ def export(repo, dataset_type, where, run, out, bbox, center, size, trim):
             seen.add(key)
             unique.append(ref)
     if not unique:
-        raise ProcskyValueError(f"no {dataset_type} matches --where {where!r}; list them with "
-                                f"`procsky query {repo} {dataset_type}`")
+        raise ProcskyValueError(
+            f"no {dataset_type} matches --where {where!r}; list them with `procsky query {repo} {dataset_type}`"
+        )
     if len(unique) > 1:
         ids = "; ".join(str(u.data_id) for u in unique[:5])
         raise ProcskyValueError(f"{len(unique)} {dataset_type} datasets match ({ids} ...); narrow --where to one")

@@ -10,12 +10,20 @@ from procsky.cli import main
 @main.command("ingest")
 @click.argument("repo", type=click.Path(file_okay=False))
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--instrument", "-i", required=True, help="Camera definition: generic, decam-cp, 90prime-cp, mosaic3-cp, noirlab-cp, simcam.")
+@click.option(
+    "--instrument",
+    "-i",
+    required=True,
+    help="Camera definition: generic, decam-cp, 90prime-cp, mosaic3-cp, noirlab-cp, simcam.",
+)
 @click.option("--run", default=None, help="Output run (default: <instrument>/raw).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
-@click.option("--replace-records", is_flag=True,
-              help="Overwrite visit/detector records that differ from the registered ones (e.g. after "
-                   "correcting headers) instead of stopping.")
+@click.option(
+    "--replace-records",
+    is_flag=True,
+    help="Overwrite visit/detector records that differ from the registered ones (e.g. after "
+    "correcting headers) instead of stopping.",
+)
 def ingest(repo, files, instrument, run, progress, replace_records):
     """Ingest FILES into the repository REPO.
 

@@ -22,15 +22,21 @@ def _split(text: str | None) -> list[str] | None:
 
 _common = [
     click.argument("pipeline"),
-    click.option("--repo", "repo", required=True, type=click.Path(file_okay=False),
-                 help="Repository root."),
+    click.option("--repo", "repo", required=True, type=click.Path(file_okay=False), help="Repository root."),
     click.option("--where", default=None, help="Data-ID expression, e.g. \"visit IN (1,2) AND band='g'\"."),
     click.option("--output", required=True, help="Output run (an existing run is continued)."),
     click.option("--tasks", default=None, help="Comma-separated task labels to run (inputs must exist)."),
-    click.option("-c", "--config", "config", multiple=True, metavar="TASK.FIELD=VALUE",
-                 help="Configuration override (value parsed as YAML); repeatable."),
-    click.option("--inputs", default=None,
-                 help="Comma-separated input runs searched after --output (default: all runs)."),
+    click.option(
+        "-c",
+        "--config",
+        "config",
+        multiple=True,
+        metavar="TASK.FIELD=VALUE",
+        help="Configuration override (value parsed as YAML); repeatable.",
+    ),
+    click.option(
+        "--inputs", default=None, help="Comma-separated input runs searched after --output (default: all runs)."
+    ),
 ]
 
 
@@ -47,23 +53,48 @@ def _apply(options):
 @_apply(_common)
 @click.option("--cluster", default=None, help="Cluster profile (local, slurm, pbs, htcondor, lsf or a YAML path).")
 @click.option("--scheduler", default=None, help="Address (tcp://host:port) or scheduler file of a running scheduler.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Workers (local) or jobs (batch profiles) to start.")
-@click.option("--worker-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="SECONDS",
-              help="Give up when no worker has joined after this long (default: the profile's "
-                   "worker_timeout, else 60 for local and 300 for batch profiles and --scheduler).")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Workers (local) or jobs (batch profiles) to start."
+)
+@click.option(
+    "--worker-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Give up when no worker has joined after this long (default: the profile's "
+    "worker_timeout, else 60 for local and 300 for batch profiles and --scheduler).",
+)
 @click.option("--sync", is_flag=True, help="Run in this process without dask.distributed (debugging).")
 @click.option("--resume", is_flag=True, help="Continue --output (it must exist); succeeded quanta are skipped.")
 @click.option("--retry-failed", is_flag=True, help="Also rerun failed quanta (and their blocked descendants).")
 @click.option("--retries", type=int, default=2, show_default=True, help="Retries after a transient failure.")
-@click.option("--max-in-flight", type=int, default=2000, show_default=True,
-              help="Most quanta held by the scheduler at once.")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
-              help="Write an HTML report here at the end.")
+@click.option(
+    "--max-in-flight", type=int, default=2000, show_default=True, help="Most quanta held by the scheduler at once."
+)
+@click.option(
+    "--html", "html_path", type=click.Path(dir_okay=False), default=None, help="Write an HTML report here at the end."
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar per stage.")
-def run_cmd(pipeline, repo, where, output, tasks, config, inputs, cluster, scheduler, workers,
-            worker_timeout, sync, resume, retry_failed, retries, max_in_flight, html_path, progress):
+def run_cmd(
+    pipeline,
+    repo,
+    where,
+    output,
+    tasks,
+    config,
+    inputs,
+    cluster,
+    scheduler,
+    workers,
+    worker_timeout,
+    sync,
+    resume,
+    retry_failed,
+    retries,
+    max_in_flight,
+    html_path,
+    progress,
+):
     """Run PIPELINE (a packaged name such as drp/ap, or a YAML file) over REPO.
 
     Everything is checked before a cluster starts: the cluster profile (and the batch
@@ -96,25 +127,41 @@ def run_cmd(pipeline, repo, where, output, tasks, config, inputs, cluster, sched
             overrides["worker_timeout"] = worker_timeout
         spec = check_profile(cluster or "local", **overrides)
     # 2. Repository, pipeline, overrides, --tasks, --where, and the quantum graph itself.
-    plan = plan_run(repo, pipeline, where=where, output=output, config=list(config),
-                    tasks=_split(tasks), collections=_split(inputs),
-                    resume=True if resume else None)
+    plan = plan_run(
+        repo,
+        pipeline,
+        where=where,
+        output=output,
+        config=list(config),
+        tasks=_split(tasks),
+        collections=_split(inputs),
+        resume=True if resume else None,
+    )
     for note in plan.warnings:
         click.echo(f"warning: {note}", err=True)
     # 3. Only now: a cluster, its first worker, then the stored graph and its execution.
-    summary = _execute(plan, spec, scheduler, worker_timeout, sync,
-                       dict(retry_failed=retry_failed, retries=retries, max_in_flight=max_in_flight,
-                            progress=progress),
-                       resume_cmd=_resume_command(pipeline, repo, where, output, tasks, config, inputs,
-                                                  cluster, scheduler, workers, worker_timeout))
+    summary = _execute(
+        plan,
+        spec,
+        scheduler,
+        worker_timeout,
+        sync,
+        dict(retry_failed=retry_failed, retries=retries, max_in_flight=max_in_flight, progress=progress),
+        resume_cmd=_resume_command(
+            pipeline, repo, where, output, tasks, config, inputs, cluster, scheduler, workers, worker_timeout
+        ),
+    )
     click.echo(str(summary))
     if html_path:
         write_html(run_report(repo, output), html_path)
         click.echo(f"report: {html_path}")
     if not summary.ok:
         bad = sum(c.get("failed", 0) + c.get("blocked", 0) for c in summary.counts.values())
-        click.echo(f"{bad} quanta failed or blocked; see `procsky report {repo} --run {output}`; "
-                   "fix and rerun with --retry-failed.", err=True)
+        click.echo(
+            f"{bad} quanta failed or blocked; see `procsky report {repo} --run {output}`; "
+            "fix and rerun with --retry-failed.",
+            err=True,
+        )
         sys.exit(1)
 
 
@@ -133,6 +180,7 @@ def _execute(plan, spec, scheduler, worker_timeout, sync, run_options, *, resume
     client = cl = None
     previous = None
     if threading.current_thread() is threading.main_thread():
+
         def on_sigint(signum, frame):
             # Mute the workers before the executor cancels their tasks (each cancelled
             # task is a log line per worker), then interrupt as Python would.
@@ -171,18 +219,25 @@ def _interrupted_line(plan, resume_cmd: str) -> str:
     counts = graph.counts()
     pending = sum(c.get("pending", 0) for c in counts.values())
     finished = sum(sum(c.values()) for c in counts.values()) - pending
-    return (f"Interrupted: {finished} quanta finished, {pending} pending; "
-            f"resume with `{resume_cmd}`")
+    return f"Interrupted: {finished} quanta finished, {pending} pending; resume with `{resume_cmd}`"
 
 
-def _resume_command(pipeline, repo, where, output, tasks, config, inputs, cluster, scheduler,
-                    workers, worker_timeout) -> str:
+def _resume_command(
+    pipeline, repo, where, output, tasks, config, inputs, cluster, scheduler, workers, worker_timeout
+) -> str:
     import shlex
 
     words = ["procsky", "run", pipeline, "--repo", repo]
-    for flag, value in (("--where", where), ("--output", output), ("--tasks", tasks),
-                        ("--inputs", inputs), ("--cluster", cluster), ("--scheduler", scheduler),
-                        ("--workers", workers), ("--worker-timeout", worker_timeout)):
+    for flag, value in (
+        ("--where", where),
+        ("--output", output),
+        ("--tasks", tasks),
+        ("--inputs", inputs),
+        ("--cluster", cluster),
+        ("--scheduler", scheduler),
+        ("--workers", workers),
+        ("--worker-timeout", worker_timeout),
+    ):
         if value is not None:
             words += [flag, str(value)]
     for item in config:
@@ -192,16 +247,23 @@ def _resume_command(pipeline, repo, where, output, tasks, config, inputs, cluste
 
 @main.command("graph")
 @_apply(_common)
-@click.option("--format", "fmt", type=click.Choice(["json", "dot", "summary"]), default="summary",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["json", "dot", "summary"]), default="summary", show_default=True)
 @click.option("--save", is_flag=True, help="Store the graph in the registry (as `run` does).")
 @click.option("-o", "--out", "out", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
 def graph_cmd(pipeline, repo, where, output, tasks, config, inputs, fmt, save, out):
     """Build and show the quantum graph of PIPELINE over REPO (no execution)."""
     from procsky.pipeline.run import make_graph
 
-    graph = make_graph(repo, pipeline, where=where, output=output, config=list(config),
-                       tasks=_split(tasks), collections=_split(inputs), save=save)
+    graph = make_graph(
+        repo,
+        pipeline,
+        where=where,
+        output=output,
+        config=list(config),
+        tasks=_split(tasks),
+        collections=_split(inputs),
+        save=save,
+    )
     if fmt == "json":
         text = graph.to_json()
     elif fmt == "dot":

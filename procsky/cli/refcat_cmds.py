@@ -11,8 +11,13 @@ from procsky.cli import main
 @click.argument("repo", type=click.Path(file_okay=False))
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--name", "-n", required=True, help="Catalogue name used by the tasks (e.g. gaia_dr2, sim).")
-@click.option("--healpix-level", default=7, show_default=True, type=click.IntRange(0, 29),
-              help="HEALPix level of the shards (7: ~27 arcmin pixels).")
+@click.option(
+    "--healpix-level",
+    default=7,
+    show_default=True,
+    type=click.IntRange(0, 29),
+    help="HEALPix level of the shards (7: ~27 arcmin pixels).",
+)
 @click.option("--run", default=None, help="Output run (default: refcats/NAME).")
 def ingest_refcat_cmd(repo, files, name, healpix_level, run):
     """Ingest reference catalogue FILES (Parquet, FITS, CSV) into REPO as NAME.
@@ -31,5 +36,7 @@ def ingest_refcat_cmd(repo, files, name, healpix_level, run):
 
     refs = ingest_refcat(Repo(repo), list(files), name, healpix_level=healpix_level, run=run)
     runs = sorted({r.run for r in refs})
-    click.echo(f"ingested refcat {name!r}: {len(refs)} shard(s) at HEALPix level {healpix_level} "
-               f"from {len(files)} file(s) into run {', '.join(runs)}")
+    click.echo(
+        f"ingested refcat {name!r}: {len(refs)} shard(s) at HEALPix level {healpix_level} "
+        f"from {len(files)} file(s) into run {', '.join(runs)}"
+    )

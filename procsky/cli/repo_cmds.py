@@ -94,8 +94,14 @@ def repo_info(repo):
 
 @repo_group.command("clean")
 @click.argument("repo", type=click.Path())
-@click.option("--min-age", type=float, default=3600.0, show_default=True, metavar="SECONDS",
-              help="Only files older than this (a running writer may own younger ones).")
+@click.option(
+    "--min-age",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Only files older than this (a running writer may own younger ones).",
+)
 @click.option("--dry-run", is_flag=True, help="List the files, remove nothing.")
 def repo_clean(repo, min_age, dry_run):
     """Remove files of crashed writers from REPO (temporary or never registered)."""
@@ -163,10 +169,20 @@ def query_cmd(repo, dataset_type, where, run, fmt):
 @main.command("show")
 @click.argument("repo", type=click.Path())
 @click.argument("dataset_type")
-@click.option("--where", "-w", required=True, metavar="EXPR",
-              help="Data-ID expression selecting one dataset, e.g. \"visit=12 AND detector=3\".")
-@click.option("--run", "-r", multiple=True, metavar="RUN",
-              help="Run or chain to search (repeatable, in order). Default: all runs, newest first.")
+@click.option(
+    "--where",
+    "-w",
+    required=True,
+    metavar="EXPR",
+    help='Data-ID expression selecting one dataset, e.g. "visit=12 AND detector=3".',
+)
+@click.option(
+    "--run",
+    "-r",
+    multiple=True,
+    metavar="RUN",
+    help="Run or chain to search (repeatable, in order). Default: all runs, newest first.",
+)
 def show_cmd(repo, dataset_type, where, run):
     """Summarise one dataset of DATASET_TYPE in REPO selected by --where.
 
@@ -177,8 +193,7 @@ def show_cmd(repo, dataset_type, where, run):
     refs = r.query(dataset_type, where=where, run=_runs(run))
     if not refs:
         raise ProcskyKeyError(
-            f"no {dataset_type} matches --where {where!r}; list candidates with "
-            f"`procsky query {repo} {dataset_type}`"
+            f"no {dataset_type} matches --where {where!r}; list candidates with `procsky query {repo} {dataset_type}`"
         )
     # Several runs may hold the same data ID: show the first (run search order).
     distinct = {json.dumps(ref.data_id, sort_keys=True) for ref in refs}
@@ -282,10 +297,10 @@ def _summarise_exposure(exp) -> list[str]:
     except ImportError:  # pragma: no cover - masks is part of the package
         counts = {f"bit{b}": int(np.count_nonzero(mask & np.uint32(1 << b))) for b in range(32)}
     nonzero = {k: v for k, v in counts.items() if v}
-    out.append("mask planes:   " + (
-        ", ".join(f"{k} {v} ({100.0 * v / (ny * nx):.2f}%)" for k, v in nonzero.items())
-        if nonzero else "none set"
-    ))
+    out.append(
+        "mask planes:   "
+        + (", ".join(f"{k} {v} ({100.0 * v / (ny * nx):.2f}%)" for k, v in nonzero.items()) if nonzero else "none set")
+    )
     return out
 
 
@@ -302,10 +317,16 @@ def _pixel_scale_arcsec(exp) -> float | None:
 @main.command("prune")
 @click.argument("repo", type=click.Path())
 @click.option("--run", "-r", required=True, metavar="RUN", help="Run to prune (not a chain).")
-@click.option("--dataset-type", "-t", "dataset_types", required=True, multiple=True,
-              metavar="TYPE", help="Dataset type to remove (repeatable).")
-@click.option("--where", "-w", default=None, metavar="EXPR",
-              help="Only datasets matching this data-ID expression.")
+@click.option(
+    "--dataset-type",
+    "-t",
+    "dataset_types",
+    required=True,
+    multiple=True,
+    metavar="TYPE",
+    help="Dataset type to remove (repeatable).",
+)
+@click.option("--where", "-w", default=None, metavar="EXPR", help="Only datasets matching this data-ID expression.")
 @click.option("--dry-run", is_flag=True, help="List what would be removed, remove nothing.")
 def prune_cmd(repo, run, dataset_types, where, dry_run):
     """Remove datasets of --dataset-type in --run from REPO (registry and files together).
@@ -316,9 +337,7 @@ def prune_cmd(repo, run, dataset_types, where, dry_run):
     """
     r = _open(repo)
     if run not in r.runs():
-        raise ProcskyKeyError(
-            f"no run {run!r} in {r.root}; runs: {', '.join(r.runs()) or '(none)'}"
-        )
+        raise ProcskyKeyError(f"no run {run!r} in {r.root}; runs: {', '.join(r.runs()) or '(none)'}")
     refs = r.query(list(dataset_types), where=where, run=run)
     refs = [ref for ref in refs if ref.run == run]
     if dry_run:

@@ -29,10 +29,20 @@ def _int_list(text: str | None, what: str):
 @click.argument("recipe")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--seed", type=int, default=None, help="Override the recipe's random seed.")
-@click.option("--mode", type=click.Choice(["calibrated", "raw"]), default="calibrated", show_default=True,
-              help="calibrated: image/variance/mask per detector; raw: overscan, bias, dark, flat + calibs.")
-@click.option("--scheduler", type=click.Choice(["processes", "threads", "sync"]), default="processes",
-              show_default=True, help="dask local scheduler (GalSim holds the GIL: processes scale best).")
+@click.option(
+    "--mode",
+    type=click.Choice(["calibrated", "raw"]),
+    default="calibrated",
+    show_default=True,
+    help="calibrated: image/variance/mask per detector; raw: overscan, bias, dark, flat + calibs.",
+)
+@click.option(
+    "--scheduler",
+    type=click.Choice(["processes", "threads", "sync"]),
+    default="processes",
+    show_default=True,
+    help="dask local scheduler (GalSim holds the GIL: processes scale best).",
+)
 @click.option("--workers", "-j", type=int, default=None, help="Parallel workers (default: all CPUs).")
 @click.option("--visits", default=None, help="Only these visits, e.g. '1,2,5-8'.")
 @click.option("--detectors", default=None, help="Only these detectors, e.g. '0-3'.")
@@ -48,8 +58,17 @@ def sim(recipe, out, seed, mode, scheduler, workers, visits, detectors, no_progr
     """
     from procsky.sim import simulate
 
-    res = simulate(recipe, out, seed=seed, mode=mode, scheduler=scheduler, workers=workers,
-                   visits=_int_list(visits, "--visits"), detectors=_int_list(detectors, "--detectors"), progress=not no_progress)
+    res = simulate(
+        recipe,
+        out,
+        seed=seed,
+        mode=mode,
+        scheduler=scheduler,
+        workers=workers,
+        visits=_int_list(visits, "--visits"),
+        detectors=_int_list(detectors, "--detectors"),
+        progress=not no_progress,
+    )
     click.echo(
         f"wrote {len(res.images)} {('raw' if mode == 'raw' else 'calexp')} images"
         + (f", {len(res.calibs)} master calibrations (calibs/)" if res.calibs else "")

@@ -94,4 +94,3 @@ __all__ = [
     "deferred_exposure",
     "DIFFERENCE_METADATA",
 ]
-

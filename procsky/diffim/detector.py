@@ -15,8 +15,14 @@ from .dia import DiaConfig, dia_detection_mask
 from .lazy import Deferred, deferred_exposure
 from .subtract import SubtractionConfig, _subtract_now
 
-__all__ = ["warp_template_to_science", "difference_image", "diffim_summary", "with_recorded_summary",
-           "note_subtraction", "DIFFERENCE_METADATA"]
+__all__ = [
+    "warp_template_to_science",
+    "difference_image",
+    "diffim_summary",
+    "with_recorded_summary",
+    "note_subtraction",
+    "DIFFERENCE_METADATA",
+]
 
 
 def warp_template_to_science(templates, science, *, order: int = 3):
@@ -73,17 +79,32 @@ def warp_template_to_science(templates, science, *, order: int = 3):
             best = (w.psf, score, covers_center)
     if not filled.any():
         raise NoWorkError("no template patch overlaps this detector")
-    return Exposure(img, var, msk, wcs=science.wcs, wcs_cards=science.wcs_cards, psf=best[0],
-                    detector=science.detector, xy0=science.xy0,
-                    metadata={"flux_unit": "nJy", "template_coverage": float(filled.mean())})
+    return Exposure(
+        img,
+        var,
+        msk,
+        wcs=science.wcs,
+        wcs_cards=science.wcs_cards,
+        psf=best[0],
+        detector=science.detector,
+        xy0=science.xy0,
+        metadata={"flux_unit": "nJy", "template_coverage": float(filled.mean())},
+    )
 
 
 #: Metadata keys a detector difference (:func:`difference_image`) adds to the calexp's.
 DIFFERENCE_METADATA = ("diffim", "diffim_record")
 
 
-def difference_image(calexp, templates, config: SubtractionConfig | None = None, *,
-                     detection: DiaConfig | None = None, warp_order: int = 3, lazy: bool = True):
+def difference_image(
+    calexp,
+    templates,
+    config: SubtractionConfig | None = None,
+    *,
+    detection: DiaConfig | None = None,
+    warp_order: int = 3,
+    lazy: bool = True,
+):
     """The difference image of one detector, as the ``subtract`` task stores it.
 
     The template patches are warped onto the calexp's grid (:func:`warp_template_to_science`),
@@ -118,8 +139,9 @@ def _difference_now(calexp, templates, cfg: SubtractionConfig, det: DiaConfig, w
     coverage = tpl.metadata.get("template_coverage")
     note_subtraction(summary, cfg.spatial_order, coverage)
     meta = dict(diff.metadata)
-    meta["diffim_record"] = json.dumps({"summary": summary, "template_coverage": coverage,
-                                        "kernel": kernel.to_dict()}, default=_json_value)
+    meta["diffim_record"] = json.dumps(
+        {"summary": summary, "template_coverage": coverage, "kernel": kernel.to_dict()}, default=_json_value
+    )
     return diff._replace(mask=mask, metadata=meta)
 
 
@@ -143,19 +165,30 @@ def note_subtraction(summary: dict, spatial_order: int, template_coverage: float
 
     need, n = _pm._min_stamps(spatial_order), summary.get("n_stamps_used")
     if n is not None and n < need:
-        note_degraded("few_kernel_stamps", f"only {n} of {summary.get('n_stamps')} kernel stamps used (< {need} for "
-                      f"spatial_order={spatial_order}): kernel spatial order "
-                      f"{summary.get('spatial_order_used')}", n_stamps_used=n,
-                      spatial_order_used=summary.get("spatial_order_used"))
+        note_degraded(
+            "few_kernel_stamps",
+            f"only {n} of {summary.get('n_stamps')} kernel stamps used (< {need} for "
+            f"spatial_order={spatial_order}): kernel spatial order "
+            f"{summary.get('spatial_order_used')}",
+            n_stamps_used=n,
+            spatial_order_used=summary.get("spatial_order_used"),
+        )
     res = summary.get("residual_std_sigma")
     if res is not None and summary.get("variance_rescale") == 1.0 and (not np.isfinite(res) or abs(res - 1.0) > 0.5):
-        note_degraded("variance_not_rescaled", f"the difference's noise is {res:.2f} x what its variance plane "
-                      "predicts, too far from 1 to rescale: detection thresholds are off by that factor",
-                      residual_std_sigma=res)
+        note_degraded(
+            "variance_not_rescaled",
+            f"the difference's noise is {res:.2f} x what its variance plane "
+            "predicts, too far from 1 to rescale: detection thresholds are off by that factor",
+            residual_std_sigma=res,
+        )
     cov = template_coverage
     if cov is not None and cov < 0.9:
-        note_degraded("template_partial_coverage", f"the template covers {100 * cov:.0f} % of the detector: the rest "
-                      "of the difference image is NO_DATA", severity="info", coverage=cov)
+        note_degraded(
+            "template_partial_coverage",
+            f"the template covers {100 * cov:.0f} % of the detector: the rest of the difference image is NO_DATA",
+            severity="info",
+            coverage=cov,
+        )
 
 
 def with_recorded_summary(diff):
@@ -179,12 +212,14 @@ def diffim_summary(diff, dia_sources) -> dict:
     record = json.loads((diff.metadata or {}).get("diffim_record") or "{}")
     summary = dict(record.get("summary") or {})
     dia = dia_sources
-    summary.update({
-        "n_dia_sources": int(len(dia)),
-        "n_dia_positive": int((~dia.is_negative & ~dia.is_dipole).sum()),
-        "n_dia_negative": int(dia.is_negative.sum()),
-        "n_dia_dipoles": int(dia.is_dipole.sum()),
-        "template_coverage": record.get("template_coverage"),
-        "kernel": record.get("kernel"),
-    })
+    summary.update(
+        {
+            "n_dia_sources": int(len(dia)),
+            "n_dia_positive": int((~dia.is_negative & ~dia.is_dipole).sum()),
+            "n_dia_negative": int(dia.is_negative.sum()),
+            "n_dia_dipoles": int(dia.is_dipole.sum()),
+            "template_coverage": record.get("template_coverage"),
+            "kernel": record.get("kernel"),
+        }
+    )
     return summary

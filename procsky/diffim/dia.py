@@ -142,7 +142,8 @@ def _shift_batch(k, dxs, dys):
     fx = np.fft.rfftfreq(padded.shape[1])[None, None, :]
     # separable phase ramp: exp(-2 pi i (fx dx + fy dy)) = exp(-2 pi i fx dx) exp(-2 pi i fy dy)
     ramp = np.exp(-2j * np.pi * fx * np.asarray(dxs, float)[:, None, None]) * np.exp(
-        -2j * np.pi * fy * np.asarray(dys, float)[:, None, None])
+        -2j * np.pi * fy * np.asarray(dys, float)[:, None, None]
+    )
     out = np.fft.irfft2(f[None] * ramp, s=padded.shape, axes=(-2, -1))[:, py : py + ny, px : px + nx]
     zero = (np.asarray(dxs) == 0) & (np.asarray(dys) == 0)
     out[zero] = k  # render does not shift at a zero offset
@@ -186,12 +187,20 @@ def _dipole_fit(image, variance, mask, bits, psf, xp, yp, xn, yn, xy0, half):
     reach = half + int(math.ceil(0.5 * math.hypot(xp - xn, yp - yn))) + 3
     psf_os = _oversampled_psf(psf, xy0[0] + xc, xy0[1] + yc, size=2 * _fft_friendly_half(reach) + 1)
     p0 = np.array([xp, yp, 1.0, xn, yn, 1.0], dtype=np.float64)
-    params, _, chi2, npix, _, converged = fit_dipole(image, variance, mask, int(bits), ix0, iy0, ix1, iy1, psf_os,
-                                                     _DIPOLE_OVERSAMPLE, p0)
+    params, _, chi2, npix, _, converged = fit_dipole(
+        image, variance, mask, int(bits), ix0, iy0, ix1, iy1, psf_os, _DIPOLE_OVERSAMPLE, p0
+    )
     if npix < 10 or not converged or not np.all(np.isfinite(params)) or not np.isfinite(chi2):
         return None
-    return {"pos_x": float(params[0]), "pos_y": float(params[1]), "pos_flux": float(params[2]),
-            "neg_x": float(params[3]), "neg_y": float(params[4]), "neg_flux": float(params[5]), "chi2": float(chi2)}
+    return {
+        "pos_x": float(params[0]),
+        "pos_y": float(params[1]),
+        "pos_flux": float(params[2]),
+        "neg_x": float(params[3]),
+        "neg_y": float(params[4]),
+        "neg_flux": float(params[5]),
+        "chi2": float(chi2),
+    }
 
 
 def _detect_both(exp, cfg: DiaConfig, static=None) -> tuple:
@@ -217,20 +226,32 @@ def _detect_both(exp, cfg: DiaConfig, static=None) -> tuple:
     nodata_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD") if n in planes], planes=planes)
     extra = None
     if static is not None and np.shape(static) != img.shape:
-        raise ProcskyValueError(f"static image shape {np.shape(static)} differs from the difference's {img.shape}; "
-                                "pass the science image on the difference's pixel grid")
+        raise ProcskyValueError(
+            f"static image shape {np.shape(static)} differs from the difference's {img.shape}; "
+            "pass the science image on the difference's pixel grid"
+        )
     if cfg.registration_noise and static is not None:
         meta = (exp.metadata or {}).get("diffim") or {}
         reg = cfg.registration_sigma if cfg.registration_sigma is not None else meta.get("registration_sigma_px")
         eps = cfg.flux_mismatch if cfg.flux_mismatch is not None else meta.get("flux_mismatch_rms")
         if reg is not None or eps is not None:
-            extra = corrected_score_variance(static, sigma, np.nan if reg is None else reg,
-                                             np.nan if eps is None else eps)
+            extra = corrected_score_variance(
+                static, sigma, np.nan if reg is None else reg, np.nan if eps is None else eps
+            )
     dets = []
     for pol in (1, -1):
-        res = detect_sources(img, var, mask, psf_sigma=sigma, nsigma=cfg.nsigma, polarity=pol, min_area=cfg.min_area,
-                             extra_variance=extra,
-                             deblend=True, bad_bits=nodata_bits)
+        res = detect_sources(
+            img,
+            var,
+            mask,
+            psf_sigma=sigma,
+            nsigma=cfg.nsigma,
+            polarity=pol,
+            min_area=cfg.min_area,
+            extra_variance=extra,
+            deblend=True,
+            bad_bits=nodata_bits,
+        )
         plane = "DETECTED" if pol == 1 else "DETECTED_NEGATIVE"
         if plane in planes:
             mask[res.detected] |= np.uint32(1 << planes[plane])
@@ -301,7 +322,7 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
     pairs.sort()
     used_p, used_n = set(), set()
     sources = []
-    for dd, i, j in pairs:
+    for _dd, i, j in pairs:
         if i in used_p or j in used_n:
             continue
         used_p.add(i)
@@ -331,17 +352,27 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
         rfrac = _stamp_bad_fraction(mask, repaired_bits, ix, iy, stamp)
         near_sat = _stamp_bad_fraction(mask, sat_bits, ix, iy, np.ones((2 * int(2 * fwhm) + 1,) * 2)) > 0
         edge = (
-            xw < cfg.edge_margin or yw < cfg.edge_margin or xw > nx - 1 - cfg.edge_margin or yw > ny - 1 - cfg.edge_margin
+            xw < cfg.edge_margin
+            or yw < cfg.edge_margin
+            or xw > nx - 1 - cfg.edge_margin
+            or yw > ny - 1 - cfg.edge_margin
             or _stamp_bad_fraction(mask, nodata_bits, ix, iy, np.ones((2 * cfg.edge_margin + 1,) * 2)) > 0
         )
         row = {
-            "x": xw + x0, "y": yw + y0, "x_err": ex, "y_err": ey,
-            "psf_flux": f, "psf_flux_err": fe, "psf_chi2": chi2,
+            "x": xw + x0,
+            "y": yw + y0,
+            "x_err": ex,
+            "y_err": ey,
+            "psf_flux": f,
+            "psf_flux_err": fe,
+            "psf_chi2": chi2,
             "snr": f / fe if fe and np.isfinite(fe) and fe > 0 else np.nan,
             "peak_significance": a[3] * pol,
             "is_negative": bool(pol == -1 and kind != "dipole"),
             "is_dipole": kind == "dipole",
-            "ixx": mxx, "iyy": myy, "ixy": mxy,
+            "ixx": mxx,
+            "iyy": myy,
+            "ixy": mxy,
             "masked_fraction": mfrac,
             "repaired_fraction": rfrac,
             "flag_edge": bool(edge),
@@ -353,17 +384,35 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
         }
         dip = None
         if kind == "dipole":
-            dip = _dipole_fit(img, var, mask, fit_bits, psf, a[0], a[1], b[0], b[1], (x0, y0),
-                              int(math.ceil(2 * fwhm + 0.5 * math.hypot(a[0] - b[0], a[1] - b[1]))))
-        row.update({
-            "dipole_pos_flux": dip["pos_flux"] if dip else np.nan,
-            "dipole_neg_flux": dip["neg_flux"] if dip else np.nan,
-            "dipole_separation": (math.hypot(dip["pos_x"] - dip["neg_x"], dip["pos_y"] - dip["neg_y"]) if dip else np.nan),
-            "dipole_angle": (math.degrees(math.atan2(dip["pos_y"] - dip["neg_y"], dip["pos_x"] - dip["neg_x"]))
-                             if dip else np.nan),
-            "dipole_chi2": dip["chi2"] if dip else np.nan,
-            "flag_dipole_fit": bool(kind == "dipole" and dip is None),
-        })
+            dip = _dipole_fit(
+                img,
+                var,
+                mask,
+                fit_bits,
+                psf,
+                a[0],
+                a[1],
+                b[0],
+                b[1],
+                (x0, y0),
+                int(math.ceil(2 * fwhm + 0.5 * math.hypot(a[0] - b[0], a[1] - b[1]))),
+            )
+        row.update(
+            {
+                "dipole_pos_flux": dip["pos_flux"] if dip else np.nan,
+                "dipole_neg_flux": dip["neg_flux"] if dip else np.nan,
+                "dipole_separation": (
+                    math.hypot(dip["pos_x"] - dip["neg_x"], dip["pos_y"] - dip["neg_y"]) if dip else np.nan
+                ),
+                "dipole_angle": (
+                    math.degrees(math.atan2(dip["pos_y"] - dip["neg_y"], dip["pos_x"] - dip["neg_x"]))
+                    if dip
+                    else np.nan
+                ),
+                "dipole_chi2": dip["chi2"] if dip else np.nan,
+                "flag_dipole_fit": bool(kind == "dipole" and dip is None),
+            }
+        )
         # Reliability: penalise masked PSF weight, a PSF fit worse than the noise and a
         # shape that adaptive moments cannot measure (cosmic rays, bad columns and other
         # sharp or linear artifacts; real point sources on a difference image converge).
@@ -374,11 +423,37 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
             rel *= 0.25
         row["reliability"] = float(rel)
         rows.append(row)
-    cols = ["x", "y", "x_err", "y_err", "psf_flux", "psf_flux_err", "psf_chi2", "snr", "peak_significance",
-            "is_negative", "is_dipole", "ixx", "iyy", "ixy", "masked_fraction", "repaired_fraction", "flag_edge",
-            "flag_masked",
-            "flag_saturated_nearby", "flag_centroid", "flag_shape", "flag_psf_flux", "dipole_pos_flux",
-            "dipole_neg_flux", "dipole_separation", "dipole_angle", "dipole_chi2", "flag_dipole_fit", "reliability"]
+    cols = [
+        "x",
+        "y",
+        "x_err",
+        "y_err",
+        "psf_flux",
+        "psf_flux_err",
+        "psf_chi2",
+        "snr",
+        "peak_significance",
+        "is_negative",
+        "is_dipole",
+        "ixx",
+        "iyy",
+        "ixy",
+        "masked_fraction",
+        "repaired_fraction",
+        "flag_edge",
+        "flag_masked",
+        "flag_saturated_nearby",
+        "flag_centroid",
+        "flag_shape",
+        "flag_psf_flux",
+        "dipole_pos_flux",
+        "dipole_neg_flux",
+        "dipole_separation",
+        "dipole_angle",
+        "dipole_chi2",
+        "flag_dipole_fit",
+        "reliability",
+    ]
     df = pd.DataFrame(rows, columns=cols)
     for c in cols:
         if c.startswith("flag_") or c.startswith("is_"):
@@ -409,8 +484,14 @@ def _calibrate_and_locate(df, exp, flux_cols, err_col):
         df[err_col] = df[err_col] * cal
     unit = "nJy" if exp.photocalib is not None else "count"
     df.attrs["flux_unit"] = unit
-    df.attrs["units"] = {**{c: unit for c in flux_cols + [err_col]}, "x": "pixel", "y": "pixel", "ra": "deg",
-                         "dec": "deg", "mjd": "d"}
+    df.attrs["units"] = {
+        **{c: unit for c in flux_cols + [err_col]},
+        "x": "pixel",
+        "y": "pixel",
+        "ra": "deg",
+        "dec": "deg",
+        "mjd": "d",
+    }
     if exp.wcs is not None and len(df):
         ra, dec = exp.pixel_to_sky(df["x"].to_numpy() - x0, df["y"].to_numpy() - y0)
         df["ra"] = np.asarray(ra, dtype=np.float64)
@@ -474,11 +555,30 @@ def forced_dia_photometry(diff, ra=None, dec=None, ids=None, *, x=None, y=None):
         stamp = exp.psf.render(xx + x0, yy + y0)
         mfrac = _stamp_bad_fraction(mask, masked_bits, ix, iy, stamp)
         edge = _stamp_bad_fraction(mask, nod, ix, iy, np.ones((7, 7))) > 0
-        rows.append({"dia_object_id": int(oid), "x": xx + x0, "y": yy + y0, "psf_flux": f, "psf_flux_err": fe,
-                     "psf_chi2": chi2, "masked_fraction": mfrac, "flag_edge": bool(edge),
-                     "flag_psf_flux": not np.isfinite(f)})
-    cols = ["dia_object_id", "x", "y", "psf_flux", "psf_flux_err", "psf_chi2", "masked_fraction", "flag_edge",
-            "flag_psf_flux"]
+        rows.append(
+            {
+                "dia_object_id": int(oid),
+                "x": xx + x0,
+                "y": yy + y0,
+                "psf_flux": f,
+                "psf_flux_err": fe,
+                "psf_chi2": chi2,
+                "masked_fraction": mfrac,
+                "flag_edge": bool(edge),
+                "flag_psf_flux": not np.isfinite(f),
+            }
+        )
+    cols = [
+        "dia_object_id",
+        "x",
+        "y",
+        "psf_flux",
+        "psf_flux_err",
+        "psf_chi2",
+        "masked_fraction",
+        "flag_edge",
+        "flag_psf_flux",
+    ]
     df = pd.DataFrame(rows, columns=cols)
     df["dia_object_id"] = df["dia_object_id"].astype(np.int64)
     for c in ("x", "y", "psf_flux", "psf_flux_err", "psf_chi2", "masked_fraction"):

@@ -94,8 +94,9 @@ class DeferredPsf(PsfModel):
     def kernel(self, x: float, y: float) -> np.ndarray:
         return self.resolve().kernel(x, y)
 
-    def render(self, x: float, y: float, *, size: int | None = None,
-               offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    def render(
+        self, x: float, y: float, *, size: int | None = None, offset: tuple[float, float] = (0.0, 0.0)
+    ) -> np.ndarray:
         return self.resolve().render(x, y, size=size, offset=offset)
 
     def moments(self, x: float, y: float) -> tuple[float, float, float]:
@@ -108,8 +109,9 @@ class DeferredPsf(PsfModel):
         return self.resolve().to_dict()
 
 
-def deferred_exposure(deferred: Deferred, like, *, part: Callable[[Any], Any], metadata_keys=("diffim",),
-                      chunk: int | None = None):
+def deferred_exposure(
+    deferred: Deferred, like, *, part: Callable[[Any], Any], metadata_keys=("diffim",), chunk: int | None = None
+):
     """A lazy :class:`~procsky.exposure.Exposure` whose planes, PSF and ``metadata_keys``
     are those of the exposure ``part(deferred.get())``; everything else is ``like``'s.
 
@@ -121,14 +123,20 @@ def deferred_exposure(deferred: Deferred, like, *, part: Callable[[Any], Any], m
 
     ny, nx = like.shape
     planes = deferred.delayed(lambda r: _planes_of(part(r)), "planes")
-    image, variance, mask = _dask.from_chunk_tasks([[planes]], [[(ny, nx)]], [np.float32, np.float32, np.uint32],
-                                                   ["diff-image", "diff-variance", "diff-mask"])
+    image, variance, mask = _dask.from_chunk_tasks(
+        [[planes]], [[(ny, nx)]], [np.float32, np.float32, np.uint32], ["diff-image", "diff-variance", "diff-mask"]
+    )
     c = int(chunk or DEFAULT_CHUNK)
     meta = dict(like.metadata)
     for k in metadata_keys:
         meta[k] = deferred.delayed(lambda r, k=k: part(r).metadata[k], f"metadata-{k}")
-    return like._replace(image=image.rechunk(c), variance=variance.rechunk(c), mask=mask.rechunk(c),
-                         psf=DeferredPsf(deferred, lambda r: part(r).psf), metadata=meta)
+    return like._replace(
+        image=image.rechunk(c),
+        variance=variance.rechunk(c),
+        mask=mask.rechunk(c),
+        psf=DeferredPsf(deferred, lambda r: part(r).psf),
+        metadata=meta,
+    )
 
 
 def _computed(exp):
@@ -141,5 +149,8 @@ def _computed(exp):
 
 
 def _planes_of(exp) -> tuple:
-    return (np.asarray(exp.image, dtype=np.float32), np.asarray(exp.variance, dtype=np.float32),
-            np.asarray(exp.mask, dtype=np.uint32))
+    return (
+        np.asarray(exp.image, dtype=np.float32),
+        np.asarray(exp.variance, dtype=np.float32),
+        np.asarray(exp.mask, dtype=np.uint32),
+    )

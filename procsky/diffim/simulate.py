@@ -34,10 +34,26 @@ def _render_star(img, x, y, flux, sigma_fn, beta, half):
     img[y0:y1, x0:x1] += flux * prof
 
 
-def simulate_pair(shape=(512, 512), *, n_stars=300, seeing_science=(2.2, 2.2), seeing_template=1.6, ellip_science=0.0,
-                  moffat_beta=None, sky=200.0, template_depth=4.0, flux_scale=1.0, n_transients=0,
-                  transient_flux=(3000.0, 20000.0), variable_delta=None, seed=1, star_flux=(500.0, 2e5),
-                  background_offset=0.0, noise_seed=None, wcs=None):
+def simulate_pair(
+    shape=(512, 512),
+    *,
+    n_stars=300,
+    seeing_science=(2.2, 2.2),
+    seeing_template=1.6,
+    ellip_science=0.0,
+    moffat_beta=None,
+    sky=200.0,
+    template_depth=4.0,
+    flux_scale=1.0,
+    n_transients=0,
+    transient_flux=(3000.0, 20000.0),
+    variable_delta=None,
+    seed=1,
+    star_flux=(500.0, 2e5),
+    background_offset=0.0,
+    noise_seed=None,
+    wcs=None,
+):
     """A synthetic science/template pair on the same pixel grid (tests and benchmarks).
 
     Parameters

@@ -15,8 +15,14 @@ from procsky.kernels import psfmatch as _pm
 
 from .lazy import Deferred, deferred_exposure
 
-__all__ = ["SubtractionConfig", "subtract_images", "convolve_exposure_arrays", "psf_sigma_at", "registration_noise",
-           "corrected_score_variance"]
+__all__ = [
+    "SubtractionConfig",
+    "subtract_images",
+    "convolve_exposure_arrays",
+    "psf_sigma_at",
+    "registration_noise",
+    "corrected_score_variance",
+]
 
 _NOT_USABLE = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT", "INTRP")
 # Mask bits of the convolved image OR-ed over the whole kernel footprint (the pixel value
@@ -101,8 +107,9 @@ def _bad(mask, planes, names=_NOT_USABLE):
     return (np.asarray(mask) & np.uint32(bits)) != 0, bits
 
 
-def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, *, xy0=(0, 0), spread_bits=0,
-                             core_bits=0, chunk=1024):
+def convolve_exposure_arrays(
+    image, variance, mask, kernel: _pm.MatchingKernel, *, xy0=(0, 0), spread_bits=0, core_bits=0, chunk=1024
+):
     """Convolve image, variance and mask with a spatially varying matching kernel (lazy).
 
     Parameters
@@ -140,8 +147,7 @@ def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, 
         return _conv.spatial_convolve(b, ks, order, x0 + xy0[0], y0 + xy0[1], shape, cache=img_cache, single=True)
 
     def conv_var(b, y0, x0):
-        v = _conv.spatial_convolve_variance(b, ks, order, x0 + xy0[0], y0 + xy0[1], shape, cache=var_cache,
-                                            single=True)
+        v = _conv.spatial_convolve_variance(b, ks, order, x0 + xy0[0], y0 + xy0[1], shape, cache=var_cache, single=True)
         return np.maximum(v, 0.0)
 
     def conv_mask(b, y0, x0):
@@ -157,8 +163,7 @@ def convolve_exposure_arrays(image, variance, mask, kernel: _pm.MatchingKernel, 
 
     img = _dask.map_with_margin_at(conv_img, [image], depth=h, dtype=np.float32, chunk=chunk)
     var = _dask.map_with_margin_at(conv_var, [variance], depth=h, dtype=np.float32, chunk=chunk)
-    msk = (_dask.map_with_margin_at(conv_mask, [mask], depth=r, dtype=np.uint32, chunk=chunk) if r > 0
-           else mask)
+    msk = _dask.map_with_margin_at(conv_mask, [mask], depth=r, dtype=np.uint32, chunk=chunk) if r > 0 else mask
     return img, var, msk
 
 
@@ -212,7 +217,9 @@ def _correlated_variance_factor(kernel, rho):
     c = ak.shape[0] // 2
     r = rho.shape[0] // 2
     rr = min(r, c)
-    return float(np.sum(rho[r - rr : r + rr + 1, r - rr : r + rr + 1] * ak[c - rr : c + rr + 1, c - rr : c + rr + 1]) / k2)
+    return float(
+        np.sum(rho[r - rr : r + rr + 1, r - rr : r + rr + 1] * ak[c - rr : c + rr + 1, c - rr : c + rr + 1]) / k2
+    )
 
 
 def _psf_convolved(psf, extra, center):
@@ -440,8 +447,9 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
         conv_img, conv_var, conv_mask = s_img, s_var, s_mask
         tgt_img, tgt_var, tgt_mask = t_img, t_var, t_mask
         sig_sharp, sig_broad = sig_s, sig_t
-    basis = _pm.basis_for_psfs(sig_sharp, sig_broad, degrees=cfg.degrees, scales=cfg.scales,
-                               half_width=cfg.kernel_half_width)
+    basis = _pm.basis_for_psfs(
+        sig_sharp, sig_broad, degrees=cfg.degrees, scales=cfg.scales, half_width=cfg.kernel_half_width
+    )
     h = basis.half_width
     fwhm = 2.3548 * sig_broad
     stamp_half = cfg.stamp_half or int(max(math.ceil(3 * fwhm), 8))
@@ -458,24 +466,53 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
     soft_r = int(math.ceil(2.0 * sig_match))
     core = int(math.ceil(1.5 * fwhm))
     if stars is None:
-        sx, sy = _pm.select_kernel_stars(conv_img, conv_var, any_hard, psf_sigma=sig_sharp,
-                                         stamp_radius=stamp_half + h, n_cells=cfg.n_cells, per_cell=cfg.per_cell,
-                                         min_snr=cfg.min_snr, other=tgt_img, other_variance=tgt_var,
-                                         other_bad=any_hard, core_radius=h + core, soft_bad=any_soft,
-                                         soft_core_radius=soft_r + core)
+        sx, sy = _pm.select_kernel_stars(
+            conv_img,
+            conv_var,
+            any_hard,
+            psf_sigma=sig_sharp,
+            stamp_radius=stamp_half + h,
+            n_cells=cfg.n_cells,
+            per_cell=cfg.per_cell,
+            min_snr=cfg.min_snr,
+            other=tgt_img,
+            other_variance=tgt_var,
+            other_bad=any_hard,
+            core_radius=h + core,
+            soft_bad=any_soft,
+            soft_core_radius=soft_r + core,
+        )
     else:
         sx, sy = (np.asarray(a, dtype=float) for a in stars)
     # Weights: the target's variance plus the (unconvolved) variance of the other image
     # scaled by the flux ratio, estimated from the candidate stars' summed fluxes.
     ratio = _flux_ratio(conv_img, tgt_img, sx, sy, stamp_half)
     wvar = tgt_var + ratio**2 * conv_var
-    stamps = _pm.build_stamps(conv_img, tgt_img, np.where(wvar > 0, wvar, np.inf), any_hard, sx, sy, basis,
-                              stamp_half, cfg.background_order, shape=det_shape, xy0=(x0, y0), soft=any_soft,
-                              soft_radius=soft_r)
+    stamps = _pm.build_stamps(
+        conv_img,
+        tgt_img,
+        np.where(wvar > 0, wvar, np.inf),
+        any_hard,
+        sx,
+        sy,
+        basis,
+        stamp_half,
+        cfg.background_order,
+        shape=det_shape,
+        xy0=(x0, y0),
+        soft=any_soft,
+        soft_radius=soft_r,
+    )
     try:
-        kern = _pm.fit_matching_kernel(stamps, basis, spatial_order=cfg.spatial_order,
-                                       background_order=cfg.background_order, shape=det_shape,
-                                       clip_sigma=cfg.clip_sigma, constant_sum=cfg.constant_sum)
+        kern = _pm.fit_matching_kernel(
+            stamps,
+            basis,
+            spatial_order=cfg.spatial_order,
+            background_order=cfg.background_order,
+            shape=det_shape,
+            clip_sigma=cfg.clip_sigma,
+            constant_sum=cfg.constant_sum,
+        )
     except ValueError as e:
         raise AlgorithmError(f"PSF-matching kernel fit failed: {e} ({len(sx)} candidate stars)") from e
     ksum = float(kern.kernel_sum(cx, cy))
@@ -489,15 +526,22 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
     rho_conv, rho_tgt = (rho_t, rho_s) if mode == "convolve_template" else (rho_s, rho_t)
 
     chunk = int(cfg.chunk)
-    c_img, c_var, c_msk = convolve_exposure_arrays(conv_img, conv_var, conv_mask, kern, xy0=(x0, y0),
-                                                   spread_bits=_masks.bits(*[n for n in _SPREAD if n in planes],
-                                                                           planes=planes),
-                                                   core_bits=_masks.bits(*[n for n in _SPREAD_CORE if n in planes],
-                                                                         planes=planes), chunk=chunk)
+    c_img, c_var, c_msk = convolve_exposure_arrays(
+        conv_img,
+        conv_var,
+        conv_mask,
+        kern,
+        xy0=(x0, y0),
+        spread_bits=_masks.bits(*[n for n in _SPREAD if n in planes], planes=planes),
+        core_bits=_masks.bits(*[n for n in _SPREAD_CORE if n in planes], planes=planes),
+        chunk=chunk,
+    )
     yy = da.arange(ny, chunks=chunk)[:, None] + y0
     xx = da.arange(nx, chunks=chunk)[None, :] + x0
     uu, vv = (2.0 * xx / max(det_shape[1] - 1, 1) - 1.0), (2.0 * yy / max(det_shape[0] - 1, 1) - 1.0)
-    bg = sum(float(c) * uu**i * vv**j for c, (i, j) in zip(kern.background, _conv.poly_exponents(kern.background_order)))
+    bg = sum(
+        float(c) * uu**i * vv**j for c, (i, j) in zip(kern.background, _conv.poly_exponents(kern.background_order))
+    )
     tg_img = da.from_array(tgt_img, chunks=chunk)
     tg_var = da.from_array(tgt_var, chunks=chunk)
     tg_msk = da.from_array(tgt_mask, chunks=chunk)
@@ -511,7 +555,9 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
         scale = None
     else:
         # K (x) S ~ T - bg: express the difference in science units by the local kernel sum.
-        ksum_map = sum(float(c) * uu**i * vv**j for c, (i, j) in zip(kern.coeffs[0], _conv.poly_exponents(kern.spatial_order)))
+        ksum_map = sum(
+            float(c) * uu**i * vv**j for c, (i, j) in zip(kern.coeffs[0], _conv.poly_exponents(kern.spatial_order))
+        )
         diff = (c_img + bg - tg_img) / ksum_map
         dvar = (c_var + tg_var) / ksum_map**2
         scale = ksum_map
@@ -548,8 +594,9 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
         else:
             v_unconv = float(np.mean(t_var[good])) / ksum**2
             v_conv = float(np.mean(s_var[good]))
-        phi = _pm.decorrelation_kernel(center_kernel, v_conv, v_unconv, corr_convolved=rho_conv,
-                                       corr_unconvolved=rho_tgt)
+        phi = _pm.decorrelation_kernel(
+            center_kernel, v_conv, v_unconv, corr_convolved=rho_conv, corr_unconvolved=rho_tgt
+        )
         hp = phi.shape[0] // 2
         diff_zero = da.where((dmask & np.uint32(nodata)) != 0, 0.0, diff)
         diff = _convolve_plain(diff_zero.astype(np.float32), phi, chunk)
@@ -600,12 +647,23 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
     # Registration and flux-matching noise, measured at bright unsaturated stars of
     # the science image (S/N > 200: the noise the two images share is then negligible
     # in the fits), on stamps of the star's core.
-    bx, by = _pm.select_kernel_stars(s_img, s_var, any_hard, psf_sigma=sig_s, stamp_radius=int(math.ceil(3 * fwhm)),
-                                     n_cells=cfg.n_cells, per_cell=cfg.per_cell, min_snr=200.0,
-                                     core_radius=int(math.ceil(2 * fwhm)))
+    bx, by = _pm.select_kernel_stars(
+        s_img,
+        s_var,
+        any_hard,
+        psf_sigma=sig_s,
+        stamp_radius=int(math.ceil(3 * fwhm)),
+        n_cells=cfg.n_cells,
+        per_cell=cfg.per_cell,
+        min_snr=200.0,
+        core_radius=int(math.ceil(2 * fwhm)),
+    )
     static = s_img
-    summary.update(registration_noise(diff, dvar, static, bx, by, int(math.ceil(1.5 * fwhm)),
-                                      bad=(dmask & np.uint32(bad_bits)) != 0))
+    summary.update(
+        registration_noise(
+            diff, dvar, static, bx, by, int(math.ceil(1.5 * fwhm)), bad=(dmask & np.uint32(bad_bits)) != 0
+        )
+    )
     meta = dict(sci.metadata)
     meta["diffim"] = summary
     diff_exp = sci._replace(image=diff, variance=dvar, mask=dmask, psf=diff_psf, metadata=meta)

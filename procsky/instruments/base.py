@@ -52,11 +52,25 @@ CALIB_FRAME_DATASET_TYPES = {"bias": "bias_frame", "dark": "dark_frame", "flat":
 
 # IMAGETYP / OBSTYPE values (lower case, spaces and underscores removed) of calibrations.
 _CALIB_WORDS = {
-    "bias": "bias", "zero": "bias", "biasframe": "bias", "zeroframe": "bias",
-    "dark": "dark", "darkframe": "dark", "darkcurrent": "dark",
-    "flat": "flat", "flatfield": "flat", "flatframe": "flat", "domeflat": "flat", "skyflat": "flat",
-    "twilightflat": "flat", "twiflat": "flat", "dflat": "flat", "sflat": "flat", "tflat": "flat",
-    "lampflat": "flat", "internalflat": "flat",
+    "bias": "bias",
+    "zero": "bias",
+    "biasframe": "bias",
+    "zeroframe": "bias",
+    "dark": "dark",
+    "darkframe": "dark",
+    "darkcurrent": "dark",
+    "flat": "flat",
+    "flatfield": "flat",
+    "flatframe": "flat",
+    "domeflat": "flat",
+    "skyflat": "flat",
+    "twilightflat": "flat",
+    "twiflat": "flat",
+    "dflat": "flat",
+    "sflat": "flat",
+    "tflat": "flat",
+    "lampflat": "flat",
+    "internalflat": "flat",
 }
 
 _REGISTRY: dict[str, type[Instrument]] = {}
@@ -110,8 +124,9 @@ def header_float(header, *keys, default=float("nan")) -> float:
     return default
 
 
-def calib_frame_exposure(data, header, *, instrument: str, detector: dict, visit: int, band: str = "",
-                         physical_filter: str = "", source=None):
+def calib_frame_exposure(
+    data, header, *, instrument: str, detector: dict, visit: int, band: str = "", physical_filter: str = "", source=None
+):
     """An :class:`~procsky.exposure.Exposure` of one raw calibration exposure of one detector.
 
     Parameters
@@ -168,18 +183,26 @@ def calib_frame_exposure(data, header, *, instrument: str, detector: dict, visit
     mjd = header_float(header, "MJD-OBS", "MJD")
     if np.isfinite(mjd):
         mjd += 0.5 * exptime / 86400.0
-    vi = VisitInfo(exposure_time=exptime, mjd=mjd, band=band or "", physical_filter=physical_filter or "",
-                   instrument=instrument, visit=int(visit))
+    vi = VisitInfo(
+        exposure_time=exptime,
+        mjd=mjd,
+        band=band or "",
+        physical_filter=physical_filter or "",
+        instrument=instrument,
+        visit=int(visit),
+    )
     kind = calibration_kind(header) or "unknown"
     meta = {"imagetyp": kind, "frame": True}
     if source is not None:
         meta["source_file"] = str(Path(source).resolve())
-    return Exposure(np.where(finite, image, 0.0).astype(np.float32), variance, mask, visit_info=vi,
-                    detector=det, metadata=meta)
+    return Exposure(
+        np.where(finite, image, 0.0).astype(np.float32), variance, mask, visit_info=vi, detector=det, metadata=meta
+    )
 
 
-def calib_frame_records(instrument: str, kind: str, visit: int, exposure, physical_filter: str = "",
-                        band: str = "") -> dict[str, list[dict]]:
+def calib_frame_records(
+    instrument: str, kind: str, visit: int, exposure, physical_filter: str = "", band: str = ""
+) -> dict[str, list[dict]]:
     """The ``visit`` (exposure) record of a calibration frame: its type, time and filter."""
     vi = exposure.visit_info
     rec = {"instrument": instrument, "visit": int(visit), "observation_type": kind}

@@ -50,8 +50,6 @@ _WEIGHT_NAMES = {"WEIGHT", "WHT", "IVAR", "INVVAR", "WEIGHTS"}
 _MASK_NAMES = {"MASK", "DQ", "BPM", "FLAGS"}
 
 
-
-
 def _sexagesimal(value, hours: bool) -> float:
     if value is None:
         return float("nan")
@@ -152,7 +150,15 @@ class GenericInstrument(Instrument):
                 header = hdul[i].header.copy()
                 if i != 0:
                     for card in primary.cards:
-                        if card.keyword not in header and card.keyword not in ("SIMPLE", "EXTEND", "NAXIS", "BITPIX", "COMMENT", "HISTORY", ""):
+                        if card.keyword not in header and card.keyword not in (
+                            "SIMPLE",
+                            "EXTEND",
+                            "NAXIS",
+                            "BITPIX",
+                            "COMMENT",
+                            "HISTORY",
+                            "",
+                        ):
                             header.append(card)
                 kind = calibration_kind(header)
                 if kind is not None:
@@ -207,8 +213,10 @@ class GenericInstrument(Instrument):
         data_id = {"instrument": self.name, "detector": int(detector)}
         if kind == "flat":
             data_id.update(band=band, physical_filter=physical_filter)
-        records = {"instrument": [{"instrument": self.name}],
-                   "detector": [{"instrument": self.name, "detector": int(detector), "name": str(det["name"])}]}
+        records = {
+            "instrument": [{"instrument": self.name}],
+            "detector": [{"instrument": self.name, "detector": int(detector), "name": str(det["name"])}],
+        }
         if kind == "flat":
             records["band"] = [{"band": band}]
             records["physical_filter"] = [{"instrument": self.name, "physical_filter": physical_filter, "band": band}]
@@ -220,12 +228,26 @@ class GenericInstrument(Instrument):
             mask[~np.isfinite(data)] |= np.uint32(1 << DEFAULT_PLANES["NO_DATA"])
             exptime = header_float(header, "EXPTIME", "EXPOSURE", "DARKTIME")
             vi = VisitInfo(exposure_time=exptime, band=band, physical_filter=physical_filter, instrument=self.name)
-            exp = Exposure(image, var, mask, visit_info=vi, detector=det,
-                           metadata={"imagetyp": kind, "master": True, "source_file": str(path.resolve())})
+            exp = Exposure(
+                image,
+                var,
+                mask,
+                visit_info=vi,
+                detector=det,
+                metadata={"imagetyp": kind, "master": True, "source_file": str(path.resolve())},
+            )
             return IngestItem(kind, data_id, exp, records)
         visit = _stable_visit(header, path)
-        exp = calib_frame_exposure(data, header, instrument=self.name, detector=det, visit=visit, band=band,
-                                   physical_filter=physical_filter, source=path)
+        exp = calib_frame_exposure(
+            data,
+            header,
+            instrument=self.name,
+            detector=det,
+            visit=visit,
+            band=band,
+            physical_filter=physical_filter,
+            source=path,
+        )
         data_id["visit"] = visit
         records.update(calib_frame_records(self.name, kind, visit, exp, physical_filter, band))
         return IngestItem(CALIB_FRAME_DATASET_TYPES[kind], data_id, exp, records)
@@ -237,13 +259,18 @@ class GenericInstrument(Instrument):
         data_id = {"instrument": self.name, "detector": detector}
         if kind == "flat":
             data_id.update(band=band, physical_filter=physical_filter)
-        records = {"instrument": [{"instrument": self.name}],
-                   "detector": [{"instrument": self.name, "detector": detector,
-                                 "name": str(exp.detector.get("name", detector))}]}
+        records = {
+            "instrument": [{"instrument": self.name}],
+            "detector": [
+                {"instrument": self.name, "detector": detector, "name": str(exp.detector.get("name", detector))}
+            ],
+        }
         has_overscan = "biassec" in (exp.detector or {}) or "biassec" in (exp.metadata or {})
         if is_master_calibration(header) or not has_overscan:
             return IngestItem(kind, data_id, exp, records)
-        visit = exp.visit_info.visit if exp.visit_info and exp.visit_info.visit is not None else _stable_visit(header, path)
+        visit = (
+            exp.visit_info.visit if exp.visit_info and exp.visit_info.visit is not None else _stable_visit(header, path)
+        )
         data_id["visit"] = int(visit)
         records.update(calib_frame_records(self.name, kind, int(visit), exp, physical_filter, band))
         return IngestItem(CALIB_FRAME_DATASET_TYPES[kind], data_id, exp, records)
@@ -273,7 +300,9 @@ class GenericInstrument(Instrument):
         except ProcskyValueError:
             band = "unknown"
         visit = _stable_visit(header, path)
-        vi = visit_info_from_header(header, instrument=self.name, band=band, physical_filter=physical_filter, visit=visit)
+        vi = visit_info_from_header(
+            header, instrument=self.name, band=band, physical_filter=physical_filter, visit=visit
+        )
         gain = header_float(header, "GAIN", default=1.0)
         det = {
             "id": int(detector),
@@ -291,15 +320,25 @@ class GenericInstrument(Instrument):
             detector={k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in det.items()},
             metadata={"source_file": str(path.resolve())},
         )
-        return self._item_from_exposure(exp, header, path, detector, band=band, physical_filter=physical_filter, visit=visit)
+        return self._item_from_exposure(
+            exp, header, path, detector, band=band, physical_filter=physical_filter, visit=visit
+        )
 
     def _item_from_exposure(self, exp, header, path, detector, *, band=None, physical_filter=None, visit=None):
         vi = exp.visit_info
         band = band or (vi.band if vi and vi.band else "unknown")
         physical_filter = physical_filter or (vi.physical_filter if vi and vi.physical_filter else band)
-        visit = visit if visit is not None else (vi.visit if vi and vi.visit is not None else _stable_visit(header, path))
+        visit = (
+            visit if visit is not None else (vi.visit if vi and vi.visit is not None else _stable_visit(header, path))
+        )
         detector = int(exp.detector.get("id", detector)) if exp.detector else int(detector)
-        data_id = {"instrument": self.name, "visit": int(visit), "detector": detector, "band": band, "physical_filter": physical_filter}
+        data_id = {
+            "instrument": self.name,
+            "visit": int(visit),
+            "detector": detector,
+            "band": band,
+            "physical_filter": physical_filter,
+        }
         return IngestItem(INGESTED_DATASET_TYPE, data_id, exp, _records(self.name, exp, data_id))
 
 
@@ -317,11 +356,17 @@ def _records(instrument: str, exp: Exposure, data_id: dict) -> dict[str, list[di
             visit[k] = None if v is None or (isinstance(v, float) and not np.isfinite(v)) else float(v)
     # Detector records hold only what never changes between exposures; per-exposure values
     # (gain from the header, cut-out size) stay in the exposure's ``detector`` dict.
-    det = {"instrument": instrument, "detector": data_id["detector"], "name": str(exp.detector.get("name", data_id["detector"]))}
+    det = {
+        "instrument": instrument,
+        "detector": data_id["detector"],
+        "name": str(exp.detector.get("name", data_id["detector"])),
+    }
     return {
         "instrument": [{"instrument": instrument}],
         "band": [{"band": data_id["band"]}],
-        "physical_filter": [{"instrument": instrument, "physical_filter": data_id["physical_filter"], "band": data_id["band"]}],
+        "physical_filter": [
+            {"instrument": instrument, "physical_filter": data_id["physical_filter"], "band": data_id["band"]}
+        ],
         "visit": [visit],
         "detector": [det],
     }

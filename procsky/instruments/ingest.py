@@ -88,7 +88,9 @@ def ingest_files(
         raise ProcskyFileError("no files to ingest")
     missing = [str(f) for f in files if not f.exists()]
     if missing:
-        raise ProcskyFileError(f"no such file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ProcskyFileError(
+            f"no such file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     run = run or default_run(instrument)
     read = _read_all(inst, files, progress)
 

@@ -105,10 +105,10 @@ class CommunityPipelineInstrument(Instrument):
                 "use --instrument generic for other FITS images"
             )
         if self.camera and cam.lower() != self.camera.lower():
-            hint = {"decam": "decam-cp", "90prime": "90prime-cp", "mosaic3": "mosaic3-cp"}.get(cam.lower(), "noirlab-cp")
-            raise ProcskyValueError(
-                f"{path} was taken with {cam!r}, not {self.camera}; use --instrument {hint}"
+            hint = {"decam": "decam-cp", "90prime": "90prime-cp", "mosaic3": "mosaic3-cp"}.get(
+                cam.lower(), "noirlab-cp"
             )
+            raise ProcskyValueError(f"{path} was taken with {cam!r}, not {self.camera}; use --instrument {hint}")
         return cam
 
     def ingest_file(self, path) -> list[IngestItem]:
@@ -172,7 +172,9 @@ class CommunityPipelineInstrument(Instrument):
         band = str(primary.get("BAND", "")).strip() or self.band_of(physical_filter)
         visit = self.visit_of(primary)
         inst_name = self.data_id_instrument(camera)
-        vi = visit_info_from_header(primary, instrument=inst_name, band=band, physical_filter=physical_filter, visit=visit)
+        vi = visit_info_from_header(
+            primary, instrument=inst_name, band=band, physical_filter=physical_filter, visit=visit
+        )
         metadata = {
             "source_file": str(path.resolve()),
             "cp_extname": hdu.name,
@@ -215,7 +217,15 @@ class DecamCP(CommunityPipelineInstrument):
     camera = "DECam"
     pixel_scale = 0.262
     detector_shape = (4094, 2046)
-    bands = {"u DECam": "u", "g DECam": "g", "r DECam": "r", "i DECam": "i", "z DECam": "z", "Y DECam": "y", "VR DECam": "VR"}
+    bands = {
+        "u DECam": "u",
+        "g DECam": "g",
+        "r DECam": "r",
+        "i DECam": "i",
+        "z DECam": "z",
+        "Y DECam": "y",
+        "VR DECam": "VR",
+    }
 
 
 @register_instrument

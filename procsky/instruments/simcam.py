@@ -137,8 +137,13 @@ class SimcamGeometry:
         c = self.config
         d = self.detectors[detector]
         return DetectorSpec(
-            id=d.id, name=d.name, nx=c.detector_nx, ny=c.detector_ny, gain=c.gain,
-            read_noise=c.read_noise, saturation=c.full_well / c.gain,
+            id=d.id,
+            name=d.name,
+            nx=c.detector_nx,
+            ny=c.detector_ny,
+            gain=c.gain,
+            read_noise=c.read_noise,
+            saturation=c.full_well / c.gain,
         )
 
     def detector_dict(self, detector: int) -> dict:
@@ -146,9 +151,15 @@ class SimcamGeometry:
         s = self.spec(detector)
         d = self.detectors[detector]
         return {
-            "id": s.id, "name": s.name, "nx": s.nx, "ny": s.ny, "gain": s.gain,
-            "read_noise": s.read_noise, "saturation": s.saturation,
-            "focal_plane_x": d.centre_x, "focal_plane_y": d.centre_y,
+            "id": s.id,
+            "name": s.name,
+            "nx": s.nx,
+            "ny": s.ny,
+            "gain": s.gain,
+            "read_noise": s.read_noise,
+            "saturation": s.saturation,
+            "focal_plane_x": d.centre_x,
+            "focal_plane_y": d.centre_y,
             "rotation_deg": math.degrees(d.rotation),
         }
 
@@ -171,8 +182,9 @@ def focal_plane_position(geometry: SimcamGeometry, detector: int, x, y):
     return c * u - s * v, s * u + c * v
 
 
-def detector_wcs(geometry: SimcamGeometry, detector: int, boresight_ra: float, boresight_dec: float,
-                 rotation_deg: float):
+def detector_wcs(
+    geometry: SimcamGeometry, detector: int, boresight_ra: float, boresight_dec: float, rotation_deg: float
+):
     """The exact TAN-SIP WCS of one detector for one pointing.
 
     Parameters
@@ -250,21 +262,34 @@ class SimcamInstrument(Instrument):
         exp = Exposure.read(path)
         det = int(header["DETECTOR"])
         det_record = {
-            "instrument": self.name, "detector": det, "name": str(header["DETNAME"]),
-            "nx": int(header["DETNX"]), "ny": int(header["DETNY"]), "gain": float(header["GAIN"]),
-            "read_noise": float(header["RDNOISE"]), "saturation": float(header["SATURATE"]),
+            "instrument": self.name,
+            "detector": det,
+            "name": str(header["DETNAME"]),
+            "nx": int(header["DETNX"]),
+            "ny": int(header["DETNY"]),
+            "gain": float(header["GAIN"]),
+            "read_noise": float(header["RDNOISE"]),
+            "saturation": float(header["SATURATE"]),
         }
         records: dict[str, list[dict]] = {"detector": [det_record]}
         data_id = {"instrument": self.name, "detector": det}
         if kind in ("calexp", "raw"):  # "calexp" files are ISR-removed frames: see INGESTED_DATASET_TYPE
             vi = exp.visit_info
             data_id.update(visit=int(vi.visit), band=vi.band, physical_filter=vi.physical_filter)
-            records["visit"] = [{
-                "instrument": self.name, "visit": int(vi.visit), "band": vi.band,
-                "physical_filter": vi.physical_filter, "mjd": vi.mjd, "exposure_time": vi.exposure_time,
-                "airmass": vi.airmass, "boresight_ra": vi.boresight_ra, "boresight_dec": vi.boresight_dec,
-                "rotation_angle": vi.rotation_angle,
-            }]
+            records["visit"] = [
+                {
+                    "instrument": self.name,
+                    "visit": int(vi.visit),
+                    "band": vi.band,
+                    "physical_filter": vi.physical_filter,
+                    "mjd": vi.mjd,
+                    "exposure_time": vi.exposure_time,
+                    "airmass": vi.airmass,
+                    "boresight_ra": vi.boresight_ra,
+                    "boresight_dec": vi.boresight_dec,
+                    "rotation_angle": vi.rotation_angle,
+                }
+            ]
         elif kind == "flat":
             band = str(header["BAND"])
             data_id.update(band=band, physical_filter=f"simcam-{band}")
@@ -282,8 +307,12 @@ class SimcamInstrument(Instrument):
             data = np.asarray(data, dtype=np.float64)
         det = int(header["DETECTOR"])
         detector = {
-            "id": det, "name": str(header["DETNAME"]), "nx": int(header["DETNX"]), "ny": int(header["DETNY"]),
-            "gain": float(header["GAIN"]), "read_noise": float(header["RDNOISE"]),
+            "id": det,
+            "name": str(header["DETNAME"]),
+            "nx": int(header["DETNX"]),
+            "ny": int(header["DETNY"]),
+            "gain": float(header["GAIN"]),
+            "read_noise": float(header["RDNOISE"]),
             "saturation": float(header["SATURATE"]),
         }
         visit = int(header["EXPID"])
@@ -291,13 +320,32 @@ class SimcamInstrument(Instrument):
         if kind == "flat":
             band = str(header["BAND"]).strip()
             physical_filter = str(header.get("FILTER", f"simcam-{band}")).strip()
-        exp = calib_frame_exposure(data, header, instrument=self.name, detector=detector, visit=visit, band=band,
-                                   physical_filter=physical_filter, source=path)
+        exp = calib_frame_exposure(
+            data,
+            header,
+            instrument=self.name,
+            detector=detector,
+            visit=visit,
+            band=band,
+            physical_filter=physical_filter,
+            source=path,
+        )
         data_id = {"instrument": self.name, "visit": visit, "detector": det}
         if kind == "flat":
             data_id.update(band=band, physical_filter=physical_filter)
-        records = {"detector": [{"instrument": self.name, "detector": det, "name": detector["name"],
-                                 "nx": detector["nx"], "ny": detector["ny"], "gain": detector["gain"],
-                                 "read_noise": detector["read_noise"], "saturation": detector["saturation"]}]}
+        records = {
+            "detector": [
+                {
+                    "instrument": self.name,
+                    "detector": det,
+                    "name": detector["name"],
+                    "nx": detector["nx"],
+                    "ny": detector["ny"],
+                    "gain": detector["gain"],
+                    "read_noise": detector["read_noise"],
+                    "saturation": detector["saturation"],
+                }
+            ]
+        }
         records.update(calib_frame_records(self.name, kind, visit, exp, physical_filter, band))
         return IngestItem(dataset_type=CALIB_FRAME_DATASET_TYPES[kind], data_id=data_id, obj=exp, records=records)

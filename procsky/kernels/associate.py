@@ -101,7 +101,7 @@ def associate_sources(ra, dec, mjd, visit, source_id, *, radius_arcsec=1.0):
                     pairs.append((d, rank, o))
         pairs.sort()
         used_obj = set()
-        for d, rank, o in pairs:
+        for _d, rank, o in pairs:
             s = group[rank]
             if obj[s] >= 0 or o in used_obj:
                 continue
@@ -119,5 +119,11 @@ def associate_sources(ra, dec, mjd, visit, source_id, *, radius_arcsec=1.0):
                 first.append(mjd[s])
                 last.append(mjd[s])
     ra_o, dec_o = xyz_to_radec(np.array(sums))
-    return (obj, ra_o, dec_o, np.array(counts, dtype=np.int64), np.array(first, dtype=np.float64),
-            np.array(last, dtype=np.float64))
+    return (
+        obj,
+        ra_o,
+        dec_o,
+        np.array(counts, dtype=np.int64),
+        np.array(first, dtype=np.float64),
+        np.array(last, dtype=np.float64),
+    )

@@ -247,9 +247,17 @@ def match_sources(
     ry = np.asarray(ref_y, float)
     empty = np.zeros(0, np.int64)
     if sx.size < min_matches or rx.size < min_matches:
-        return MatchResult(empty, empty, np.zeros(0), np.eye(2, 3), 0.0, (0.0, 0.0), 0, False,
-                           f"too few stars to match: {sx.size} sources, {rx.size} reference stars "
-                           f"(need >= {min_matches} of each)")
+        return MatchResult(
+            empty,
+            empty,
+            np.zeros(0),
+            np.eye(2, 3),
+            0.0,
+            (0.0, 0.0),
+            0,
+            False,
+            f"too few stars to match: {sx.size} sources, {rx.size} reference stars (need >= {min_matches} of each)",
+        )
     isrc = np.arange(sx.size) if src_flux is None else np.argsort(-np.asarray(src_flux, float))
     iref = np.arange(rx.size) if ref_mag is None else np.argsort(np.asarray(ref_mag, float))
     isrc = isrc[:n_bright]
@@ -301,12 +309,17 @@ def match_sources(
         full, _t = _poly_design((rx - cx) / sc, (ry - cy) / sc, poly_order)
         si, ri, d = _mutual_nn(sx, sy, full @ px_, full @ py_, match_radius)
     ok = si.size >= min_matches and votes >= 4
-    msg = "" if ok else (
-        f"match failed: {si.size} pairs within {match_radius} px (need {min_matches}), best vote {votes}; "
-        "increase max_offset/max_rotation or check the approximate WCS and reference catalogue"
+    msg = (
+        ""
+        if ok
+        else (
+            f"match failed: {si.size} pairs within {match_radius} px (need {min_matches}), best vote {votes}; "
+            "increase max_offset/max_rotation or check the approximate WCS and reference catalogue"
+        )
     )
-    return MatchResult(si.astype(np.int64), ri.astype(np.int64), d, aff, float(rot), (float(dx), float(dy)),
-                       int(votes), bool(ok), msg)
+    return MatchResult(
+        si.astype(np.int64), ri.astype(np.int64), d, aff, float(rot), (float(dx), float(dy)), int(votes), bool(ok), msg
+    )
 
 
 # ----------------------------------------------------------------------- TAN-SIP
@@ -381,8 +394,12 @@ class TanSipSolution(NamedTuple):
             "AP_ORDER": int(self.inv_order),
             "BP_ORDER": int(self.inv_order),
         }
-        for name, arr, order, lo in (("A", self.a, self.order, 2), ("B", self.b, self.order, 2),
-                                     ("AP", self.ap, self.inv_order, 0), ("BP", self.bp, self.inv_order, 0)):
+        for name, arr, order, lo in (
+            ("A", self.a, self.order, 2),
+            ("B", self.b, self.order, 2),
+            ("AP", self.ap, self.inv_order, 0),
+            ("BP", self.bp, self.inv_order, 0),
+        ):
             for p in range(order + 1):
                 for q in range(order + 1 - p):
                     if p + q >= lo and arr[p, q] != 0.0:
@@ -597,9 +614,22 @@ def fit_tan_sip(
         ap[p, q] = c1 / scale ** (p + q)
         bp[p, q] = c2 / scale ** (p + q)
     sol = TanSipSolution(
-        crval=crval, crpix=crpix, cd=cd, a=a, b=b, ap=ap, bp=bp, order=int(order), inv_order=inv_order,
-        rms=np.nan, rms_x=np.nan, rms_y=np.nan, n_used=int(used.sum()), used=used,
-        residual_xi=np.zeros(n), residual_eta=np.zeros(n),
+        crval=crval,
+        crpix=crpix,
+        cd=cd,
+        a=a,
+        b=b,
+        ap=ap,
+        bp=bp,
+        order=int(order),
+        inv_order=inv_order,
+        rms=np.nan,
+        rms_x=np.nan,
+        rms_y=np.nan,
+        n_used=int(used.sum()),
+        used=used,
+        residual_xi=np.zeros(n),
+        residual_eta=np.zeros(n),
     )
     fra, fdec = sip_pixel_to_sky(sol, x, y)
     rxi = ((ra - fra + 180.0) % 360.0 - 180.0) * np.cos(np.radians(dec)) * 3600.0
@@ -607,9 +637,16 @@ def fit_tan_sip(
     rms = float(np.sqrt(np.mean(rxi[used] ** 2 + reta[used] ** 2)))
     mad = lambda r: float(1.4826 * np.median(np.abs(r - np.median(r))))  # noqa: E731
     d = design[used] * np.sqrt(w[used])[:, None]
-    return sol._replace(rms=rms, rms_x=mad(rxi[used]), rms_y=mad(reta[used]), residual_xi=rxi, residual_eta=reta,
-                        fit_scale=float(scale), cov_xi=_sandwich_cov(d, rxi[used] * np.sqrt(w[used])),
-                        cov_eta=_sandwich_cov(d, reta[used] * np.sqrt(w[used])))
+    return sol._replace(
+        rms=rms,
+        rms_x=mad(rxi[used]),
+        rms_y=mad(reta[used]),
+        residual_xi=rxi,
+        residual_eta=reta,
+        fit_scale=float(scale),
+        cov_xi=_sandwich_cov(d, rxi[used] * np.sqrt(w[used])),
+        cov_eta=_sandwich_cov(d, reta[used] * np.sqrt(w[used])),
+    )
 
 
 def _sandwich_cov(d, r):
@@ -648,8 +685,9 @@ def tan_sip_position_error(sol: TanSipSolution, x, y):
     if sol.cov_xi is None or sol.cov_eta is None:
         nan = np.full(x.shape, np.nan)
         return nan, nan.copy()
-    d, _ = _poly_design((x.ravel() - sol.crpix[0]) / sol.fit_scale, (y.ravel() - sol.crpix[1]) / sol.fit_scale,
-                        sol.order)
+    d, _ = _poly_design(
+        (x.ravel() - sol.crpix[0]) / sol.fit_scale, (y.ravel() - sol.crpix[1]) / sol.fit_scale, sol.order
+    )
     exi = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, sol.cov_xi, d), 0.0)).reshape(x.shape)
     eeta = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, sol.cov_eta, d), 0.0)).reshape(x.shape)
     return exi, eeta

@@ -73,9 +73,18 @@ class MeanAccumulator:
         if rejected is not None:
             self.rejected |= rejected & np.isfinite(image)
             good &= ~rejected
-        _accumulate(self.sw, self.swi, self.sw2v, self.mask_or, self.n, image.astype(np.float32, copy=False),
-                    variance.astype(np.float32, copy=False), mask.astype(np.uint32, copy=False), good,
-                    float(weight))
+        _accumulate(
+            self.sw,
+            self.swi,
+            self.sw2v,
+            self.mask_or,
+            self.n,
+            image.astype(np.float32, copy=False),
+            variance.astype(np.float32, copy=False),
+            mask.astype(np.uint32, copy=False),
+            good,
+            float(weight),
+        )
 
     def result(self, no_data_bit: int, rejected_bit: int = 0):
         """(image float32, variance float32, mask uint32, n_inputs int32)."""
@@ -106,9 +115,20 @@ def _good(images, variances, masks, bad_bits):
     return ((masks & np.uint32(bad_bits)) == 0) & np.isfinite(images) & np.isfinite(variances)
 
 
-def combine_stack(images, variances, masks, weights, *, statistic: str = "mean", bad_bits: int,
-                  no_data_bit: int, clip_sigma: float = 3.0, clip_iter: int = 2, rejected=None,
-                  rejected_bit: int = 0):
+def combine_stack(
+    images,
+    variances,
+    masks,
+    weights,
+    *,
+    statistic: str = "mean",
+    bad_bits: int,
+    no_data_bit: int,
+    clip_sigma: float = 3.0,
+    clip_iter: int = 2,
+    rejected=None,
+    rejected_bit: int = 0,
+):
     """Combine a stack of warps.
 
     Parameters
@@ -295,8 +315,16 @@ class TrimmedMeanAccumulator:
         self.bot = np.full((self.k,) + tuple(shape), np.inf)
 
     def add(self, image, variance, good):
-        _trim_add(self.s, self.sv, self.n, self.top, self.bot, np.asarray(image, np.float64),
-                  np.asarray(variance, np.float64), np.asarray(good, np.bool_))
+        _trim_add(
+            self.s,
+            self.sv,
+            self.n,
+            self.top,
+            self.bot,
+            np.asarray(image, np.float64),
+            np.asarray(variance, np.float64),
+            np.asarray(good, np.bool_),
+        )
 
     def result(self):
         """(model, model variance, n_good); NaN where no input."""
@@ -348,9 +376,20 @@ def _trim_add(s, sv, n, top, bot, image, variance, good):
                     break
 
 
-def find_artifacts(images, variances, masks, *, bad_bits: int, threshold: float = 5.0,
-                   max_epochs: int = 2, max_fraction: float = 0.3, grow: int = 2, min_inputs: int = 3,
-                   model_error: float = 0.0, error_radius: int = 0):
+def find_artifacts(
+    images,
+    variances,
+    masks,
+    *,
+    bad_bits: int,
+    threshold: float = 5.0,
+    max_epochs: int = 2,
+    max_fraction: float = 0.3,
+    grow: int = 2,
+    min_inputs: int = 3,
+    model_error: float = 0.0,
+    error_radius: int = 0,
+):
     """Transient artifacts of a stack of PSF-matched warps (CompareWarp-style, in memory).
 
     Parameters
@@ -389,8 +428,9 @@ def find_artifacts(images, variances, masks, *, bad_bits: int, threshold: float 
     peak = local_peak(model, error_radius) if model_error > 0 else None  # the term vanishes otherwise
     sig = significance(images, variances, good, model, vmodel, model_error, peak)
     outlier = good & (np.abs(sig) > threshold)
-    transient = transient_pixels(outlier.sum(axis=0), n_good, max_epochs=max_epochs, max_fraction=max_fraction,
-                                 min_inputs=min_inputs)
+    transient = transient_pixels(
+        outlier.sum(axis=0), n_good, max_epochs=max_epochs, max_fraction=max_fraction, min_inputs=min_inputs
+    )
     art = np.stack([artifact_regions(outlier[v], sig[v], transient, grow) for v in range(len(images))])
     return art & np.isfinite(images)
 

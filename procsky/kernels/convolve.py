@@ -253,8 +253,9 @@ def spatial_convolve(block, kernels, order, x0, y0, shape, *, cache=None, single
     key = (fshape, single)
     fks = None if cache is None else cache.get(key)
     if fks is None:
-        fks = [scipy.fft.rfft2(ks[l].astype(dt), s=fshape, workers=1) if np.any(ks[l]) else None
-               for l in range(len(exps))]
+        fks = [
+            scipy.fft.rfft2(ks[l].astype(dt), s=fshape, workers=1) if np.any(ks[l]) else None for l in range(len(exps))
+        ]
         if cache is not None:
             cache[key] = fks
     u, _ = normalized_coords(np.arange(x0, x0 + nx), np.zeros(nx), shape)

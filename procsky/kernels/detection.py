@@ -564,8 +564,9 @@ def _normal_isf(p):
 
 
 @numba.njit(nogil=True, cache=True)
-def deblend_footprints(nu, labels, n, contrast, min_contrast_frac, max_children, false_peak_rate=0.0,
-                       coherence_area=1.0):
+def deblend_footprints(
+    nu, labels, n, contrast, min_contrast_frac, max_children, false_peak_rate=0.0, coherence_area=1.0
+):
     """Split footprints into children by persistence-limited watershed flooding of ``nu``.
 
     Parameters
@@ -1016,8 +1017,9 @@ def detect_sources(
     bad = None
     if mask is not None and bad_bits:
         bad = (np.asarray(mask) & np.uint32(bad_bits)) != 0
-    nu = significance_image(img if polarity == 1 else -img, variance, sigma=psf_sigma, kernel=kernel, bad=bad,
-                            extra_variance=extra_variance)
+    nu = significance_image(
+        img if polarity == 1 else -img, variance, sigma=psf_sigma, kernel=kernel, bad=bad, extra_variance=extra_variance
+    )
     if grow is None:
         grow = 2.4 * psf_sigma if psf_sigma is not None else 0.0
     if threshold not in ("variance", "empirical"):
@@ -1042,8 +1044,14 @@ def detect_sources(
             s_db = max(0.3, deblend_sigma_factor * psf_sigma)
             nu_db = significance_image(img if polarity == 1 else -img, variance, sigma=s_db, bad=bad)
         children, peaks = deblend_footprints(
-            nu_db, footprints, nfp, float(deblend_contrast), float(deblend_min_contrast_frac), int(max_children),
-            float(deblend_false_peak_rate), float(max(1.0, 4.0 * np.pi * s_db * s_db)),
+            nu_db,
+            footprints,
+            nfp,
+            float(deblend_contrast),
+            float(deblend_min_contrast_frac),
+            int(max_children),
+            float(deblend_false_peak_rate),
+            float(max(1.0, 4.0 * np.pi * s_db * s_db)),
         )
         if mask is not None and saturated_bits:
             sat = (np.asarray(mask) & np.uint32(saturated_bits)) != 0

@@ -301,8 +301,9 @@ def _linear_fluxes(img, wgt, vp, vn):
 
 
 @numba.njit(nogil=True, cache=True)
-def fit_dipole(image, variance, mask, bad_bits, x0, y0, x1, y1, psf_os, oversample, p0, max_iter=100,
-               linear_start=True):
+def fit_dipole(
+    image, variance, mask, bad_bits, x0, y0, x1, y1, psf_os, oversample, p0, max_iter=100, linear_start=True
+):
     """Levenberg-Marquardt fit of a dipole (two PSFs of opposite sign) on a pixel box.
 
     Parameters
@@ -367,9 +368,20 @@ def fit_dipole(image, variance, mask, bad_bits, x0, y0, x1, y1, psf_os, oversamp
         return params, errors, np.nan, npix, 0, False
     n = float(oversample)
     qc = float(oversample * ((psf_os.shape[1] // oversample) // 2))
-    ws = (np.zeros((ny, nx)), np.zeros((ny, nx)), np.zeros((ny, nx)), np.zeros((ny, nx)), np.zeros((ny, nx)),
-          np.zeros((ny, nx)), np.empty(nx, np.int64), np.empty((nx, 4)), np.empty((nx, 4)), np.empty(ny, np.int64),
-          np.empty((ny, 4)), np.empty((ny, 4)))
+    ws = (
+        np.zeros((ny, nx)),
+        np.zeros((ny, nx)),
+        np.zeros((ny, nx)),
+        np.zeros((ny, nx)),
+        np.zeros((ny, nx)),
+        np.zeros((ny, nx)),
+        np.empty(nx, np.int64),
+        np.empty((nx, 4)),
+        np.empty((nx, 4)),
+        np.empty(ny, np.int64),
+        np.empty((ny, 4)),
+        np.empty((ny, 4)),
+    )
     p = p0.astype(np.float64).copy()
     a = np.zeros((6, 6))
     g = np.zeros(6)

@@ -52,8 +52,9 @@ def _clipped_ring_mean(vals, sig, n, nsigma):
 
 
 @numba.njit(nogil=True, cache=True)
-def _ring_profiles_kernel(image, variance, mask, children, own, xs, ys, edges, sky_in, sky_out, bad_bits, nsigma,
-                          mean, var, sky, sky_var):
+def _ring_profiles_kernel(
+    image, variance, mask, children, own, xs, ys, edges, sky_in, sky_out, bad_bits, nsigma, mean, var, sky, sky_var
+):
     ny, nx = image.shape
     nr = edges.size - 1
     rmax = sky_out
@@ -153,8 +154,24 @@ def ring_profiles(image, variance, mask, children, own, x, y, edges, sky_annulus
     var = np.full((n, nr), np.nan)
     sky = np.full(n, np.nan)
     sky_var = np.full(n, np.nan)
-    _ring_profiles_kernel(np.asarray(image), np.asarray(variance), mask, children, np.ascontiguousarray(own, np.int64), x, y, edges, s_in, s_out,
-                          np.uint32(bad_bits), float(nsigma), mean, var, sky, sky_var)
+    _ring_profiles_kernel(
+        np.asarray(image),
+        np.asarray(variance),
+        mask,
+        children,
+        np.ascontiguousarray(own, np.int64),
+        x,
+        y,
+        edges,
+        s_in,
+        s_out,
+        np.uint32(bad_bits),
+        float(nsigma),
+        mean,
+        var,
+        sky,
+        sky_var,
+    )
     return mean, var, sky, sky_var
 
 
@@ -193,10 +210,16 @@ class GrowthCorrection:
     profile: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"correction": float(self.correction), "error": float(self.error), "n_stars": int(self.n_stars),
-                "ring_fraction": float(self.ring_fraction), "tail_fraction": float(self.tail_fraction),
-                "gamma": float(self.gamma), "status": self.status,
-                "profile": {k: [float(v) for v in vals] for k, vals in self.profile.items()}}
+        return {
+            "correction": float(self.correction),
+            "error": float(self.error),
+            "n_stars": int(self.n_stars),
+            "ring_fraction": float(self.ring_fraction),
+            "tail_fraction": float(self.tail_fraction),
+            "gamma": float(self.gamma),
+            "status": self.status,
+            "profile": {k: [float(v) for v in vals] for k, vals in self.profile.items()},
+        }
 
 
 def weighted_clipped_mean(values, errors, nsigma=3.0, max_iter=5):
@@ -237,7 +260,7 @@ def _power_law_tail(r, sb, sb_err, r_last, gamma_range=(3.0, 10.0)):
     r, sb, w = r[ok], sb[ok], 1.0 / sb_err[ok] ** 2
     best = (np.inf, float("nan"), 0.0)
     for g in np.arange(gamma_range[0], gamma_range[1] + 1e-9, 0.05):
-        b = r ** -g
+        b = r**-g
         a = float(np.sum(w * b * sb) / np.sum(w * b * b))
         chi2 = float(np.sum(w * (sb - a * b) ** 2))
         if chi2 < best[0]:
@@ -248,9 +271,26 @@ def _power_law_tail(r, sb, sb_err, r_last, gamma_range=(3.0, 10.0)):
     return 2.0 * math.pi * a * r_last ** (2.0 - g) / (g - 2.0), g
 
 
-def aperture_to_total(image, variance, mask, children, own, x, y, ap_flux, ap_flux_err, radius, *,
-                      inner_fluxes=None, edges=None, sky_annulus=None, bad_bits=0, nsigma=3.0,
-                      min_stars=3, max_correction=0.1):
+def aperture_to_total(
+    image,
+    variance,
+    mask,
+    children,
+    own,
+    x,
+    y,
+    ap_flux,
+    ap_flux_err,
+    radius,
+    *,
+    inner_fluxes=None,
+    edges=None,
+    sky_annulus=None,
+    bad_bits=0,
+    nsigma=3.0,
+    min_stars=3,
+    max_correction=0.1,
+):
     """Measure ``total / aperture`` flux from the growth curve of bright stars.
 
     Parameters
@@ -293,16 +333,27 @@ def aperture_to_total(image, variance, mask, children, own, x, y, ap_flux, ap_fl
     if ok.sum() < min_stars:
         return GrowthCorrection(status=f"only {int(ok.sum())} stars with an aperture flux (< {min_stars})")
     idx = np.flatnonzero(ok)
-    mean, var, sky, sky_var = ring_profiles(image, variance, mask, children, np.asarray(own)[idx],
-                                            np.asarray(x, float)[idx], np.asarray(y, float)[idx], edges, sky_annulus,
-                                            bad_bits, nsigma)
+    mean, var, sky, sky_var = ring_profiles(
+        image,
+        variance,
+        mask,
+        children,
+        np.asarray(own)[idx],
+        np.asarray(x, float)[idx],
+        np.asarray(y, float)[idx],
+        edges,
+        sky_annulus,
+        bad_bits,
+        nsigma,
+    )
     ap, ap_err = ap[idx], ap_err[idx]
     area = math.pi * (edges[1:] ** 2 - edges[:-1] ** 2)
     r_last = float(edges[-1])
     good = np.isfinite(mean).all(axis=1) & np.isfinite(sky) & np.isfinite(sky_var)
     if good.sum() < min_stars:
-        return GrowthCorrection(status=f"only {int(good.sum())} stars with clean rings out to {sky_annulus[1]:.0f} px "
-                                       f"(< {min_stars})")
+        return GrowthCorrection(
+            status=f"only {int(good.sum())} stars with clean rings out to {sky_annulus[1]:.0f} px (< {min_stars})"
+        )
     # flux between the aperture and r_last relative to the local sky; the aperture flux
     # itself is re-referenced to the local sky as well (its own sky offset)
     ring_flux = (mean - sky[:, None]) * area[None, :]
@@ -326,8 +377,9 @@ def aperture_to_total(image, variance, mask, children, own, x, y, ap_flux, ap_fl
     if inner_fluxes:
         radii = sorted(float(k) for k in inner_fluxes if float(k) < radius)
         outer = {radius: (ap, ap_err)}
-        outer.update({float(k): (np.asarray(v[0], float)[idx], np.asarray(v[1], float)[idx])
-                      for k, v in inner_fluxes.items()})
+        outer.update(
+            {float(k): (np.asarray(v[0], float)[idx], np.asarray(v[1], float)[idx]) for k, v in inner_fluxes.items()}
+        )
         for r0, r1 in zip(radii, radii[1:] + [radius]):
             if r0 < 0.5 * radius:  # the core is not a wing: keep to the outer half
                 continue
@@ -349,8 +401,19 @@ def aperture_to_total(image, variance, mask, children, own, x, y, ap_flux, ap_fl
     corr = 1.0 + f_mean + tail
     prof = {"r": pr.tolist(), "sb": psb.tolist(), "sb_err": perr.tolist()}
     if not np.isfinite(corr) or abs(corr - 1.0) > max_correction:
-        return GrowthCorrection(status=f"measured correction {corr:.4f} is beyond 1 +- {max_correction}: not applied",
-                                n_stars=int(keep.sum()), gamma=gamma, profile=prof)
-    return GrowthCorrection(correction=float(corr), error=float(f_err), n_stars=int(keep.sum()),
-                            ring_fraction=float(f_mean), tail_fraction=float(tail), gamma=float(gamma),
-                            status="measured", profile=prof)
+        return GrowthCorrection(
+            status=f"measured correction {corr:.4f} is beyond 1 +- {max_correction}: not applied",
+            n_stars=int(keep.sum()),
+            gamma=gamma,
+            profile=prof,
+        )
+    return GrowthCorrection(
+        correction=float(corr),
+        error=float(f_err),
+        n_stars=int(keep.sum()),
+        ring_fraction=float(f_mean),
+        tail_fraction=float(tail),
+        gamma=float(gamma),
+        status="measured",
+        profile=prof,
+    )

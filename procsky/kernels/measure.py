@@ -758,8 +758,10 @@ def measure_sources(
         raise ValueError(f"x and y must have the same length, got {xs.shape} and {ys.shape}")
     n = xs.size
     ch = np.zeros(img.shape, np.int32) if children is None else np.ascontiguousarray(children, dtype=np.int32)
-    cid = np.zeros(n, np.int64) if child_ids is None and children is None else (
-        np.arange(1, n + 1) if child_ids is None else np.asarray(child_ids, dtype=np.int64)
+    cid = (
+        np.zeros(n, np.int64)
+        if child_ids is None and children is None
+        else (np.arange(1, n + 1) if child_ids is None else np.asarray(child_ids, dtype=np.int64))
     )
     radii = np.asarray(aperture_radii, dtype=np.float64).ravel()
     if kron_min_radius is None:
@@ -778,8 +780,23 @@ def measure_sources(
             )
         have = True
     fv, ap, fl = _measure_kernel(
-        img, var, msk, ch, cid, xs, ys, float(psf_sigma), radii, float(annulus[0]), float(annulus[1]),
-        float(kron_factor), float(kron_min_radius), stamps, have, bool(psf_weighted), int(edge_margin),
+        img,
+        var,
+        msk,
+        ch,
+        cid,
+        xs,
+        ys,
+        float(psf_sigma),
+        radii,
+        float(annulus[0]),
+        float(annulus[1]),
+        float(kron_factor),
+        float(kron_min_radius),
+        stamps,
+        have,
+        bool(psf_weighted),
+        int(edge_margin),
     )
     out = {name: fv[:, i] for i, name in enumerate(_FLOAT_NAMES)}
     for a, r in enumerate(radii):

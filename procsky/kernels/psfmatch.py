@@ -107,7 +107,7 @@ class KernelBasis:
         return {"half_width": self.half_width, "sigmas": list(self.sigmas), "degrees": list(self.degrees)}
 
     @classmethod
-    def from_dict(cls, d) -> "KernelBasis":
+    def from_dict(cls, d) -> KernelBasis:
         return make_basis(d["sigmas"], d["degrees"], d["half_width"])
 
 
@@ -154,8 +154,16 @@ def make_basis(sigmas, degrees, half_width: int) -> KernelBasis:
     return KernelBasis(h, sigmas, degrees, fx, fy, sums)
 
 
-def basis_for_psfs(sigma_sharp, sigma_broad, *, degrees=(6, 4, 2), scales=(0.5, 1.0, 2.0), min_sigma=0.5,
-                   half_width=None, half_width_range=(4, 30)) -> KernelBasis:
+def basis_for_psfs(
+    sigma_sharp,
+    sigma_broad,
+    *,
+    degrees=(6, 4, 2),
+    scales=(0.5, 1.0, 2.0),
+    min_sigma=0.5,
+    half_width=None,
+    half_width_range=(4, 30),
+) -> KernelBasis:
     """Basis scaled to the PSF widths of the two images.
 
     Parameters
@@ -303,9 +311,15 @@ class MatchingKernel:
         }
 
     @classmethod
-    def from_dict(cls, d) -> "MatchingKernel":
-        return cls(KernelBasis.from_dict(d["basis"]), np.array(d["coeffs"], float), int(d["spatial_order"]),
-                   np.array(d["background"], float), int(d["background_order"]), tuple(d["shape"]))
+    def from_dict(cls, d) -> MatchingKernel:
+        return cls(
+            KernelBasis.from_dict(d["basis"]),
+            np.array(d["coeffs"], float),
+            int(d["spatial_order"]),
+            np.array(d["background"], float),
+            int(d["background_order"]),
+            tuple(d["shape"]),
+        )
 
 
 @dataclass
@@ -334,9 +348,22 @@ class StampData:
     npix: np.ndarray
 
 
-def build_stamps(to_convolve, target, variance, bad, xs, ys, basis: KernelBasis, stamp_half: int,
-                 background_order: int, shape=None, xy0=(0, 0), min_good_fraction=0.5, soft=None,
-                 soft_radius=0) -> StampData:
+def build_stamps(
+    to_convolve,
+    target,
+    variance,
+    bad,
+    xs,
+    ys,
+    basis: KernelBasis,
+    stamp_half: int,
+    background_order: int,
+    shape=None,
+    xy0=(0, 0),
+    min_good_fraction=0.5,
+    soft=None,
+    soft_radius=0,
+) -> StampData:
     """Normal-equation blocks for stamps centred on (xs, ys).
 
     Parameters
@@ -520,9 +547,20 @@ def _stamp_chi2(stamps, coeffs, bg, P):
     return chi
 
 
-def fit_matching_kernel(stamps: StampData, basis: KernelBasis, *, spatial_order=2, background_order=1,
-                        shape, clip_sigma=3.0, max_iter=3, constant_sum=False, ridge=1e-9,
-                        cross_validate=True, n_folds=4) -> MatchingKernel:
+def fit_matching_kernel(
+    stamps: StampData,
+    basis: KernelBasis,
+    *,
+    spatial_order=2,
+    background_order=1,
+    shape,
+    clip_sigma=3.0,
+    max_iter=3,
+    constant_sum=False,
+    ridge=1e-9,
+    cross_validate=True,
+    n_folds=4,
+) -> MatchingKernel:
     """Fit the spatially varying kernel and background to per-stamp normal equations.
 
     Parameters
@@ -637,9 +675,25 @@ def fit_matching_kernel(stamps: StampData, basis: KernelBasis, *, spatial_order=
 
 
 # --------------------------------------------------------------------- star selection
-def select_kernel_stars(image, variance, bad, *, psf_sigma, stamp_radius, n_cells=4, per_cell=8,
-                        min_snr=20.0, max_snr=np.inf, other=None, other_bad=None, other_variance=None,
-                        core_radius=None, max_bad_fraction=0.5, soft_bad=None, soft_core_radius=0):
+def select_kernel_stars(
+    image,
+    variance,
+    bad,
+    *,
+    psf_sigma,
+    stamp_radius,
+    n_cells=4,
+    per_cell=8,
+    min_snr=20.0,
+    max_snr=np.inf,
+    other=None,
+    other_bad=None,
+    other_variance=None,
+    core_radius=None,
+    max_bad_fraction=0.5,
+    soft_bad=None,
+    soft_core_radius=0,
+):
     """Bright, unsaturated stars spread over the detector for the kernel fit.
 
     The Alard-Lupton model holds for any pixels, so neighbours inside a stamp do no harm;
@@ -698,9 +752,11 @@ def select_kernel_stars(image, variance, bad, *, psf_sigma, stamp_radius, n_cell
     ok = (sig >= min_snr) & (sig <= max_snr)
     ok &= (x >= r) & (y >= r) & (x < nx - r) & (y < ny - r)
     if other is not None:
-        sig2 = significance_image(np.where(other_bad | ~np.isfinite(other), 0.0, other).astype(np.float32),
-                                  np.where(other_bad | ~np.isfinite(other_variance), 0.0, other_variance).astype(np.float32),
-                                  sigma=psf_sigma)
+        sig2 = significance_image(
+            np.where(other_bad | ~np.isfinite(other), 0.0, other).astype(np.float32),
+            np.where(other_bad | ~np.isfinite(other_variance), 0.0, other_variance).astype(np.float32),
+            sigma=psf_sigma,
+        )
     cand = np.nonzero(ok)[0]
     rc = r if core_radius is None else min(int(core_radius), r)
     good = []
@@ -834,8 +890,16 @@ def _correlation_power(rho, n):
     return np.maximum(p, 0.05 * max(float(p[0, 0]), 1e-12))
 
 
-def decorrelation_kernel(kernel, var_convolved, var_unconvolved, *, corr_convolved=None, corr_unconvolved=None,
-                         half_width=None, fft_size=None):
+def decorrelation_kernel(
+    kernel,
+    var_convolved,
+    var_unconvolved,
+    *,
+    corr_convolved=None,
+    corr_unconvolved=None,
+    half_width=None,
+    fft_size=None,
+):
     """Real-space noise decorrelation kernel (Kaiser 2004; Reiss & Lupton 2016).
 
     For a difference ``D = A - kappa (x) B`` where ``B`` (mean variance ``var_convolved``,
@@ -928,8 +992,16 @@ def pad_kernel(k: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def convolve_planes(img: np.ndarray, var: np.ndarray, msk: np.ndarray, kernel: np.ndarray, corr: float = 1.0,
-                    min_cover: float = 0.3, *, no_data_bit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def convolve_planes(
+    img: np.ndarray,
+    var: np.ndarray,
+    msk: np.ndarray,
+    kernel: np.ndarray,
+    corr: float = 1.0,
+    min_cover: float = 0.3,
+    *,
+    no_data_bit: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PSF-match a block: convolve the image with ``K`` and the variance with ``K^2``.
 
     Normalised convolution over the valid pixels (Knutsson & Westin 1993), so that data

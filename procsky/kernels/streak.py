@@ -78,18 +78,23 @@ _SAT_BITS = bit(SAT)
 STREAK = 10
 
 #: Fields of :attr:`StreakResult.streaks`.
-STREAK_DTYPE = np.dtype([
-    ("theta", "f8"),        # normal angle of the line, radians in [0, pi)
-    ("rho", "f8"),          # x cos(theta) + y sin(theta) = rho, pixels (0-based pixel centres)
-    ("x0", "f8"), ("y0", "f8"), ("x1", "f8"), ("y1", "f8"),  # end points (pixels)
-    ("length", "f8"),       # pixels
-    ("width", "f8"),        # Gaussian sigma of the profile across the line, pixels
-    ("amplitude", "f8"),    # peak of the profile, counts per pixel
-    ("amplitude_err", "f8"),
-    ("peak_snr", "f8"),     # amplitude / median pixel noise along the line
-    ("snr", "f8"),          # amplitude / amplitude_err: significance of the whole streak
-    ("mask_halfwidth", "f8"),  # half-width masked at the median noise, pixels
-])
+STREAK_DTYPE = np.dtype(
+    [
+        ("theta", "f8"),  # normal angle of the line, radians in [0, pi)
+        ("rho", "f8"),  # x cos(theta) + y sin(theta) = rho, pixels (0-based pixel centres)
+        ("x0", "f8"),
+        ("y0", "f8"),
+        ("x1", "f8"),
+        ("y1", "f8"),  # end points (pixels)
+        ("length", "f8"),  # pixels
+        ("width", "f8"),  # Gaussian sigma of the profile across the line, pixels
+        ("amplitude", "f8"),  # peak of the profile, counts per pixel
+        ("amplitude_err", "f8"),
+        ("peak_snr", "f8"),  # amplitude / median pixel noise along the line
+        ("snr", "f8"),  # amplitude / amplitude_err: significance of the whole streak
+        ("mask_halfwidth", "f8"),  # half-width masked at the median noise, pixels
+    ]
+)
 
 
 class StreakResult(NamedTuple):
@@ -354,8 +359,7 @@ def _band_pixels(ny, nx, cth, sth, rho, dmax):
 
 
 @numba.njit(nogil=True, cache=True)
-def _collapse(image, w, cth, sth, rho, dmax, dstep, t0, seglen, nseg, amp=0.0, cst=0.0, d0=0.0, sig=1.0,
-              kclip=0.0):
+def _collapse(image, w, cth, sth, rho, dmax, dstep, t0, seglen, nseg, amp=0.0, cst=0.0, d0=0.0, sig=1.0, kclip=0.0):
     """Inverse-variance weighted profile across the line, per segment along it.
 
     Returns ``S1[nseg, nd]`` (sum w f) and ``S0[nseg, nd]`` (sum w) in bins of ``dstep``
@@ -481,11 +485,11 @@ def _grid_fit(s1, s0, dc, d0_lo, d0_hi, nd0, sig_lo, sig_hi, nsig):
 
 def _fit_profile(s1, s0, dc, sig_bounds, d0_range):
     """Offset and width of a collapsed profile: coarse then fine grid."""
-    d0, sig, _ = _grid_fit(s1, s0, dc, -d0_range, d0_range, int(2 * d0_range) + 1,
-                           sig_bounds[0], sig_bounds[1], 20)
+    d0, sig, _ = _grid_fit(s1, s0, dc, -d0_range, d0_range, int(2 * d0_range) + 1, sig_bounds[0], sig_bounds[1], 20)
     step_s = (sig_bounds[1] / sig_bounds[0]) ** (1 / 19)
-    d0, sig, _ = _grid_fit(s1, s0, dc, d0 - 0.3, d0 + 0.3, 7, max(sig / step_s, sig_bounds[0]),
-                           min(sig * step_s, sig_bounds[1]), 7)
+    d0, sig, _ = _grid_fit(
+        s1, s0, dc, d0 - 0.3, d0 + 0.3, 7, max(sig / step_s, sig_bounds[0]), min(sig * step_s, sig_bounds[1]), 7
+    )
     step_s = step_s ** (1 / 6)
     d0, sig, _ = _grid_fit(s1, s0, dc, d0 - 0.1, d0 + 0.1, 9, sig / step_s, sig * step_s, 7)
     amp, va, c, _ = _lin_fit(s1, s0, dc, d0, sig)
@@ -562,8 +566,20 @@ def streak_model(shape, streaks, variance=None, mask_fraction=0.5):
         else:
             var = np.asarray(variance, np.float32)
         dmax = max(6.0 * s["width"], s["mask_halfwidth"] + 1.0)
-        _paint(model, mask, var, cth, sth, float(s["rho"]), t0, t1, float(s["amplitude"]), float(s["width"]),
-               float(mask_fraction), float(dmax))
+        _paint(
+            model,
+            mask,
+            var,
+            cth,
+            sth,
+            float(s["rho"]),
+            t0,
+            t1,
+            float(s["amplitude"]),
+            float(s["width"]),
+            float(mask_fraction),
+            float(dmax),
+        )
     return model.astype(np.float32), mask
 
 
@@ -719,9 +735,25 @@ def find_streaks(
         # binned pixel i covers full-res [i b - 0.5, (i + 1) b - 0.5): centre (i + 0.5) b - 0.5
         cth, sth = math.cos(th), math.sin(th)
         rho = rho_b * b + (0.5 * b - 0.5) * (cth + sth)
-        res = _refine_and_verify(image, w, variance, cth, sth, rho, nx, ny, b, max_width, dstep, segment_length,
-                                 segment_nsigma, (min_length, min_length_bright, bright_nsigma), nsigma, noise_med,
-                                 (labels, drop, excluded))
+        res = _refine_and_verify(
+            image,
+            w,
+            variance,
+            cth,
+            sth,
+            rho,
+            nx,
+            ny,
+            b,
+            max_width,
+            dstep,
+            segment_length,
+            segment_nsigma,
+            (min_length, min_length_bright, bright_nsigma),
+            nsigma,
+            noise_med,
+            (labels, drop, excluded),
+        )
         if res is None:
             # not a streak: remove this line from the transform and look further
             ta, tb = _line_extent(cth, sth, rho, nx, ny)
@@ -732,8 +764,9 @@ def find_streaks(
                 break
             continue
         row = res
-        if any(abs(row["theta"] - o["theta"]) < 0.02 and abs(row["rho"] - o["rho"]) < 3.0 * o["width"] + 2.0
-               for o in out):
+        if any(
+            abs(row["theta"] - o["theta"]) < 0.02 and abs(row["rho"] - o["rho"]) < 3.0 * o["width"] + 2.0 for o in out
+        ):
             # refined onto a streak already found (should not happen once its pixels are out)
             ta, tb = _line_extent(cth, sth, rho, nx, ny)
             js, iis = _zero_line(valid, b, cth, sth, rho, ta, tb, 1.5 * b)
@@ -743,12 +776,32 @@ def find_streaks(
         cth, sth = math.cos(row["theta"]), math.sin(row["theta"])
         t0 = -row["x0"] * sth + row["y0"] * cth
         t1 = -row["x1"] * sth + row["y1"] * cth
-        js, iis = _zero_line(valid, b, cth, sth, row["rho"], min(t0, t1), max(t0, t1),
-                             max(row["mask_halfwidth"], 3.0 * row["width"]) + 1.5 * b)
+        js, iis = _zero_line(
+            valid,
+            b,
+            cth,
+            sth,
+            row["rho"],
+            min(t0, t1),
+            max(t0, t1),
+            max(row["mask_halfwidth"], 3.0 * row["width"]) + 1.5 * b,
+        )
         _hough_remove(acc, cnt, binned, js, iis, cos_t, sin_t, rho_min)
         dmax = max(6.0 * row["width"], row["mask_halfwidth"] + 1.0)
-        _paint(model, smask, variance, cth, sth, row["rho"], min(t0, t1), max(t0, t1), row["amplitude"],
-               row["width"], float(mask_fraction), float(dmax))
+        _paint(
+            model,
+            smask,
+            variance,
+            cth,
+            sth,
+            row["rho"],
+            min(t0, t1),
+            max(t0, t1),
+            row["amplitude"],
+            row["width"],
+            float(mask_fraction),
+            float(dmax),
+        )
         # later candidates must not be refined onto this streak: its pixels leave the fits, with
         # the footprints it runs through (sources merged with a bright trail's footprint)
         gone = model > 0.1 * np.sqrt(np.maximum(variance, 0.0))
@@ -774,8 +827,25 @@ def _segments(ta, tb, seglen):
     return nseg, (tb - ta) / nseg
 
 
-def _refine_and_verify(image, w, variance, cth, sth, rho, nx, ny, b, max_width, dstep, seglen, seg_nsigma,
-                       lengths, nsigma, noise_med, footprints):
+def _refine_and_verify(
+    image,
+    w,
+    variance,
+    cth,
+    sth,
+    rho,
+    nx,
+    ny,
+    b,
+    max_width,
+    dstep,
+    seglen,
+    seg_nsigma,
+    lengths,
+    nsigma,
+    noise_med,
+    footprints,
+):
     """Refine a Hough candidate at full resolution and decide whether it is a streak.
 
     ``lengths`` is ``(min_length, min_length_bright, bright_nsigma)``; ``footprints`` is
@@ -792,8 +862,9 @@ def _refine_and_verify(image, w, variance, cth, sth, rho, nx, ny, b, max_width, 
         if not (math.isfinite(ta) and tb - ta >= min_any):
             return None
         nseg, sl = _segments(ta, tb, seglen)
-        s1, s0, dc, (d0, sig, amp, va, c) = _collapse_fit(image, w, cth, sth, rho, dmax, dstep, ta, sl, nseg,
-                                                            sig_bounds, min(dmax - 2 * max_width, 2.0 * b), prev)
+        s1, s0, dc, (d0, sig, amp, va, c) = _collapse_fit(
+            image, w, cth, sth, rho, dmax, dstep, ta, sl, nseg, sig_bounds, min(dmax - 2 * max_width, 2.0 * b), prev
+        )
         if not amp > 0 or amp < 0.5 * nsigma * math.sqrt(va):
             return None
         # per-segment offsets -> angle
@@ -830,8 +901,9 @@ def _refine_and_verify(image, w, variance, cth, sth, rho, nx, ny, b, max_width, 
         return None
     dmax = max(6.0 * sig + 4.0, 15.0)
     nseg, sl = _segments(ta, tb, seglen)
-    s1, s0, dc, (d0, sig, amp, va, c) = _collapse_fit(image, w, cth, sth, rho, dmax, dstep, ta, sl, nseg,
-                                                        sig_bounds, 1.0, prev)
+    s1, s0, dc, (d0, sig, amp, va, c) = _collapse_fit(
+        image, w, cth, sth, rho, dmax, dstep, ta, sl, nseg, sig_bounds, 1.0, prev
+    )
     prev = (amp, c, 0.0, sig)
     if abs(d0) > 1e-9:
         th, rho = _new_line(cth, sth, rho, ta, d0, tb, d0)
@@ -856,18 +928,35 @@ def _refine_and_verify(image, w, variance, cth, sth, rho, nx, ny, b, max_width, 
     a_med = float(np.median(amps[sel][good]))
     t_start = ta + k0 * sl
     t_end = ta + (k1 + 1) * sl
-    long_enough = t_end - t_start >= min_length or (t_end - t_start >= min_short
-                                                     and a_mean >= bright_nsigma * a_err)
-    if (not long_enough or n_on < 0.6 * good.sum() or a_mean <= 0 or a_med < 0.5 * a_mean
-            or a_mean < nsigma * a_err):
+    long_enough = t_end - t_start >= min_length or (t_end - t_start >= min_short and a_mean >= bright_nsigma * a_err)
+    if not long_enough or n_on < 0.6 * good.sum() or a_mean <= 0 or a_med < 0.5 * a_mean or a_mean < nsigma * a_err:
         return None
     # refine the ends with quarter segments (only where the run stops inside the image)
-    t_start, t_end = _refine_ends(image, w, cth, sth, rho, dmax, dstep, dc, sig, ta, tb, t_start, t_end, sl,
-                                  k0 == 0, k1 == nseg - 1, seg_nsigma, prev)
+    t_start, t_end = _refine_ends(
+        image,
+        w,
+        cth,
+        sth,
+        rho,
+        dmax,
+        dstep,
+        dc,
+        sig,
+        ta,
+        tb,
+        t_start,
+        t_end,
+        sl,
+        k0 == 0,
+        k1 == nseg - 1,
+        seg_nsigma,
+        prev,
+    )
     # final amplitude over the run, with the width free
     nseg2, sl2 = _segments(t_start, t_end, seglen)
-    s1, s0, dc, (d0f, sigf, ampf, vaf, _) = _collapse_fit(image, w, cth, sth, rho, dmax, dstep, t_start, sl2, nseg2,
-                                                           sig_bounds, 0.5, prev)
+    s1, s0, dc, (d0f, sigf, ampf, vaf, _) = _collapse_fit(
+        image, w, cth, sth, rho, dmax, dstep, t_start, sl2, nseg2, sig_bounds, 0.5, prev
+    )
     if abs(d0f) > 1e-9:
         th, rho = _new_line(cth, sth, rho, t_start, d0f, t_end, d0f)
         cth, sth = math.cos(th), math.sin(th)
@@ -879,9 +968,19 @@ def _refine_and_verify(image, w, variance, cth, sth, rho, nx, ny, b, max_width, 
     peak_snr = ampf / noise_line
     half = sigf * math.sqrt(2.0 * math.log(peak_snr / 0.5)) if peak_snr > 0.5 else 0.0
     return {
-        "theta": th % math.pi if th >= 0 else th + math.pi, "rho": rho, "x0": x0, "y0": y0, "x1": x1, "y1": y1,
-        "length": t_end - t_start, "width": sigf, "amplitude": ampf, "amplitude_err": math.sqrt(vaf),
-        "peak_snr": peak_snr, "snr": ampf / math.sqrt(vaf), "mask_halfwidth": half,
+        "theta": th % math.pi if th >= 0 else th + math.pi,
+        "rho": rho,
+        "x0": x0,
+        "y0": y0,
+        "x1": x1,
+        "y1": y1,
+        "length": t_end - t_start,
+        "width": sigf,
+        "amplitude": ampf,
+        "amplitude_err": math.sqrt(vaf),
+        "peak_snr": peak_snr,
+        "snr": ampf / math.sqrt(vaf),
+        "mask_halfwidth": half,
     }
 
 
@@ -917,8 +1016,6 @@ def _fit_robust(s1, s0, dc, sig_bounds, d0_range):
         if keep.any() and not keep.all():
             fit = _fit_profile(s1[keep].sum(0), s0[keep].sum(0), dc, sig_bounds, d0_range)
     return fit
-
-
 
 
 def _collapse_fit(image, w, cth, sth, rho, dmax, dstep, t0, sl, nseg, sig_bounds, d0_range, prev):
@@ -961,8 +1058,9 @@ def _longest_run(on, finite):
     return best
 
 
-def _refine_ends(image, w, cth, sth, rho, dmax, dstep, dc, sig, ta, tb, t_start, t_end, sl, at_start, at_end,
-                 seg_nsigma, prev):
+def _refine_ends(
+    image, w, cth, sth, rho, dmax, dstep, dc, sig, ta, tb, t_start, t_end, sl, at_start, at_end, seg_nsigma, prev
+):
     """Move the end points of a run to the last quarter segment with signal."""
     q = sl / 4.0
     if at_start:

@@ -189,8 +189,15 @@ def make_star_field(
     variance = sky + model + read_noise**2
     image = sky + model + rng.normal(size=shape) * np.sqrt(variance)
     return SyntheticFrame(
-        image=image.astype(np.float32), variance=variance.astype(np.float32), model=model, sky=float(sky),
-        x=x, y=y, flux=flux, sigma_x=sx, sigma_y=sy,
+        image=image.astype(np.float32),
+        variance=variance.astype(np.float32),
+        model=model,
+        sky=float(sky),
+        x=x,
+        y=y,
+        flux=flux,
+        sigma_x=sx,
+        sigma_y=sy,
     )
 
 

@@ -136,8 +136,18 @@ def _warp(image, variance, mask, xin, yin, scale, order, mask_radius, no_data, o
             out_mask[j, i] = m
 
 
-def warp_planes(image, variance, mask, xin, yin, scale=1.0, *, order: int = 3, mask_radius: float | None = None,
-                no_data_bit: int = NO_DATA_BIT):
+def warp_planes(
+    image,
+    variance,
+    mask,
+    xin,
+    yin,
+    scale=1.0,
+    *,
+    order: int = 3,
+    mask_radius: float | None = None,
+    no_data_bit: int = NO_DATA_BIT,
+):
     """Lanczos-resample image, variance and mask onto output positions.
 
     Parameters
@@ -176,9 +186,20 @@ def warp_planes(image, variance, mask, xin, yin, scale=1.0, *, order: int = 3, m
     out_var = np.empty(xin.shape, np.float32)
     out_mask = np.empty(xin.shape, np.uint32)
     radius = float(order if mask_radius is None else mask_radius)
-    _warp(np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(variance, dtype=np.float32),
-          np.ascontiguousarray(mask, dtype=np.uint32), xin, yin, scale, int(order), radius,
-          np.uint32(no_data_bit), out_img, out_var, out_mask)
+    _warp(
+        np.ascontiguousarray(image, dtype=np.float32),
+        np.ascontiguousarray(variance, dtype=np.float32),
+        np.ascontiguousarray(mask, dtype=np.uint32),
+        xin,
+        yin,
+        scale,
+        int(order),
+        radius,
+        np.uint32(no_data_bit),
+        out_img,
+        out_var,
+        out_mask,
+    )
     return out_img, out_var, out_mask
 
 

@@ -50,9 +50,21 @@ import yaml
 
 from procsky.errors import ProcskyError, ProcskyFileError, ProcskyKeyError, ProcskyValueError
 
-__all__ = ["open_cluster", "find_profile", "load_profile", "profile_dirs", "connect", "check_profile",
-           "ClusterSpec", "WorkerTimeoutError", "wait_for_workers", "dashboard_status",
-           "quiet_shutdown", "mute_cluster", "unmute"]
+__all__ = [
+    "open_cluster",
+    "find_profile",
+    "load_profile",
+    "profile_dirs",
+    "connect",
+    "check_profile",
+    "ClusterSpec",
+    "WorkerTimeoutError",
+    "wait_for_workers",
+    "dashboard_status",
+    "quiet_shutdown",
+    "mute_cluster",
+    "unmute",
+]
 
 _PACKAGED = Path(__file__).resolve().parent / "clusters"
 _CHECKOUT = Path(__file__).resolve().parents[2] / "clusters"
@@ -71,21 +83,31 @@ _KINDS = {
 #: Debian 12 has slurm-client/slurm-wlm and gridengine-client; it carries no PBS, HTCondor
 #: or LSF client (``slurm-wlm-torque`` only wraps ``qsub`` around SLURM).
 BATCH_TOOLS: dict[str, tuple[tuple[str, ...], str]] = {
-    "slurm": (("sbatch", "squeue", "scancel"),
-              "install the SLURM client commands (Debian/Ubuntu: `apt-get install slurm-client`, "
-              "or `apt-get install slurm-wlm` for a whole one-node SLURM), or load your site's "
-              "slurm module"),
-    "pbs": (("qsub", "qstat", "qdel"),
-            "install your site's PBS client (OpenPBS/PBS Pro or Torque; Debian packages neither "
-            "OpenPBS nor Torque, see openpbs.org), or load your site's pbs module"),
-    "htcondor": (("condor_submit", "condor_q", "condor_rm"),
-                 "install the HTCondor client (`apt-get install htcondor` after adding the "
-                 "HTCondor apt repository from htcondor.org; Debian itself does not carry it)"),
-    "lsf": (("bsub", "bjobs", "bkill"),
-            "LSF is proprietary and has no Debian package: source your site's LSF environment "
-            "(`. $LSF_ENVDIR/profile.lsf`) or ask your administrators"),
-    "sge": (("qsub", "qstat", "qdel"),
-            "install the Grid Engine client (Debian/Ubuntu: `apt-get install gridengine-client`)"),
+    "slurm": (
+        ("sbatch", "squeue", "scancel"),
+        "install the SLURM client commands (Debian/Ubuntu: `apt-get install slurm-client`, "
+        "or `apt-get install slurm-wlm` for a whole one-node SLURM), or load your site's "
+        "slurm module",
+    ),
+    "pbs": (
+        ("qsub", "qstat", "qdel"),
+        "install your site's PBS client (OpenPBS/PBS Pro or Torque; Debian packages neither "
+        "OpenPBS nor Torque, see openpbs.org), or load your site's pbs module",
+    ),
+    "htcondor": (
+        ("condor_submit", "condor_q", "condor_rm"),
+        "install the HTCondor client (`apt-get install htcondor` after adding the "
+        "HTCondor apt repository from htcondor.org; Debian itself does not carry it)",
+    ),
+    "lsf": (
+        ("bsub", "bjobs", "bkill"),
+        "LSF is proprietary and has no Debian package: source your site's LSF environment "
+        "(`. $LSF_ENVDIR/profile.lsf`) or ask your administrators",
+    ),
+    "sge": (
+        ("qsub", "qstat", "qdel"),
+        "install the Grid Engine client (Debian/Ubuntu: `apt-get install gridengine-client`)",
+    ),
 }
 
 #: Default bound on the wait for the first worker, s.
@@ -144,9 +166,7 @@ def load_profile(name: str | os.PathLike) -> dict:
         raise ProcskyValueError(f"cluster profile {str(path)!r} is not valid YAML: {exc}") from exc
     kind = doc.get("cluster", "local")
     if kind not in _KINDS:
-        raise ProcskyValueError(
-            f"cluster profile {str(path)!r}: cluster: {kind!r} is not one of {sorted(_KINDS)}."
-        )
+        raise ProcskyValueError(f"cluster profile {str(path)!r}: cluster: {kind!r} is not one of {sorted(_KINDS)}.")
     doc["cluster"] = kind
     doc.setdefault("options", {})
     doc["path"] = str(path)
@@ -313,8 +333,7 @@ def _cluster_class(kind: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = ("pip install 'procsky[hpc]'" if module_name == "dask_jobqueue"
-                else f"pip install {module_name}")
+        hint = "pip install 'procsky[hpc]'" if module_name == "dask_jobqueue" else f"pip install {module_name}"
         raise ProcskyKeyError(
             f"cluster profile kind {kind!r} needs the {module_name} package, which is not "
             f"installed; install it with `{hint}`."
@@ -338,8 +357,9 @@ def require_batch_tools(kind: str, profile: str = "") -> None:
     )
 
 
-def check_profile(profile: str | os.PathLike | dict = "local", *, require_tools: bool = True,
-                  **overrides) -> ClusterSpec:
+def check_profile(
+    profile: str | os.PathLike | dict = "local", *, require_tools: bool = True, **overrides
+) -> ClusterSpec:
     """Read and check a cluster profile without starting anything.
 
     Parameters
@@ -460,8 +480,7 @@ def dask_setup(worker=None) -> None:  # pragma: no cover - runs in local worker 
     import dask.array  # noqa: F401
 
 
-def connect(scheduler: str | None = None, cluster: str | os.PathLike | ClusterSpec | None = None,
-            **overrides):
+def connect(scheduler: str | None = None, cluster: str | os.PathLike | ClusterSpec | None = None, **overrides):
     """A ``(client, cluster)`` pair from a scheduler address/file or a cluster profile.
 
     Parameters
@@ -498,8 +517,7 @@ def connect(scheduler: str | None = None, cluster: str | os.PathLike | ClusterSp
         raise
 
 
-def wait_for_workers(client, timeout: float, *, cluster=None, spec: ClusterSpec | None = None,
-                     n: int = 1) -> None:
+def wait_for_workers(client, timeout: float, *, cluster=None, spec: ClusterSpec | None = None, n: int = 1) -> None:
     """Wait until ``n`` workers have joined, at most ``timeout`` seconds.
 
     Raises
@@ -514,33 +532,43 @@ def wait_for_workers(client, timeout: float, *, cluster=None, spec: ClusterSpec 
         pass
     if spec is not None and spec.batch:
         jobs = len(getattr(cluster, "workers", {}) or {})
-        status = {"slurm": "squeue --me", "pbs": "qstat -u $USER", "htcondor": "condor_q",
-                  "lsf": "bjobs", "sge": "qstat"}.get(spec.kind, "the queue")
+        status = {
+            "slurm": "squeue --me",
+            "pbs": "qstat -u $USER",
+            "htcondor": "condor_q",
+            "lsf": "bjobs",
+            "sge": "qstat",
+        }.get(spec.kind, "the queue")
         logs = spec.options.get("log_directory")
         where = f"; the job logs are in {logs}/" if logs else ""
         if jobs == 0:
             where += "; the profile asks for no jobs: give it `scale: {jobs: N}` or pass --workers N"
-        msg = (f"no dask worker joined within {timeout:g} s (cluster profile {spec.name!r}, "
-               f"{jobs} job(s) submitted); check them with `{status}`{where}. If they are still "
-               "queued, wait longer with --worker-timeout SECONDS (or worker_timeout: in the "
-               "profile); if they failed, fix the queue/account/memory options of the profile.")
+        msg = (
+            f"no dask worker joined within {timeout:g} s (cluster profile {spec.name!r}, "
+            f"{jobs} job(s) submitted); check them with `{status}`{where}. If they are still "
+            "queued, wait longer with --worker-timeout SECONDS (or worker_timeout: in the "
+            "profile); if they failed, fix the queue/account/memory options of the profile."
+        )
     elif spec is not None:
-        msg = (f"no dask worker started within {timeout:g} s on this machine (cluster profile "
-               f"{spec.name!r}); the worker processes may have crashed at start (see the messages "
-               "above) or the machine is overloaded; retry with --workers 1 or a longer "
-               "--worker-timeout.")
+        msg = (
+            f"no dask worker started within {timeout:g} s on this machine (cluster profile "
+            f"{spec.name!r}); the worker processes may have crashed at start (see the messages "
+            "above) or the machine is overloaded; retry with --workers 1 or a longer "
+            "--worker-timeout."
+        )
     else:
-        msg = (f"no dask worker is connected to the scheduler {client.scheduler.address} after "
-               f"{timeout:g} s; start workers (`dask worker {client.scheduler.address}`) or "
-               "wait longer with --worker-timeout.")
+        msg = (
+            f"no dask worker is connected to the scheduler {client.scheduler.address} after "
+            f"{timeout:g} s; start workers (`dask worker {client.scheduler.address}`) or "
+            "wait longer with --worker-timeout."
+        )
     raise WorkerTimeoutError(msg)
 
 
 def _scheduler_dashboard(dask_scheduler=None):
     import sys
 
-    return ("dashboard" in getattr(dask_scheduler, "services", {})
-            and "distributed.dashboard.scheduler" in sys.modules)
+    return "dashboard" in getattr(dask_scheduler, "services", {}) and "distributed.dashboard.scheduler" in sys.modules
 
 
 def dashboard_status(client) -> tuple[str | None, str | None]:
@@ -601,6 +629,7 @@ def mute_cluster(client=None, timeout: float = 3.0) -> dict[str, int]:
 
     levels = _silence_logging()
     if client is not None:
+
         def tell():
             try:
                 client.run(_mute_worker, on_error="ignore")

@@ -45,15 +45,16 @@ import threading
 import time
 import traceback as tb_module
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import sqlalchemy as sa
 
 from procsky._version import code_version
 from procsky.errors import NoWorkError, ProcskyFileError, TransientError
 from procsky.notes import collect_notes, note_degraded
-from procsky.pipeline.graph import QuantumGraph, Quantum, graph_tables
+from procsky.pipeline.graph import Quantum, QuantumGraph, graph_tables
 
 __all__ = [
     "QuantumJob",
@@ -145,8 +146,12 @@ def _versions_uncached() -> dict[str, str]:
     import dask
     import numpy
 
-    out = {"procsky": code_version(), "python": sys.version.split()[0],
-           "numpy": numpy.__version__, "dask": dask.__version__}
+    out = {
+        "procsky": code_version(),
+        "python": sys.version.split()[0],
+        "numpy": numpy.__version__,
+        "dask": dask.__version__,
+    }
     try:
         import distributed
 
@@ -167,7 +172,7 @@ class _RSSMonitor:
     concurrently in that process.
     """
 
-    _instance: "_RSSMonitor | None" = None
+    _instance: _RSSMonitor | None = None
     _lock = threading.Lock()
 
     def __init__(self, interval: float = 0.02):
@@ -181,7 +186,7 @@ class _RSSMonitor:
         self._thread.start()
 
     @classmethod
-    def get(cls) -> "_RSSMonitor":
+    def get(cls) -> _RSSMonitor:
         with cls._lock:
             if cls._instance is None or cls._instance._proc.pid != os.getpid():
                 cls._instance = cls()
@@ -259,8 +264,14 @@ def _is_transient(exc: BaseException) -> bool:
 
 def _error(qid: int, status: str, exc: BaseException, where: str, prov: dict) -> QuantumResult:
     message = f"{where}: {exc}" if where else str(exc)
-    return QuantumResult(qid, status, error_class=type(exc).__name__, error_message=message,
-                         traceback="".join(tb_module.format_exception(exc)), provenance=prov)
+    return QuantumResult(
+        qid,
+        status,
+        error_class=type(exc).__name__,
+        error_message=message,
+        traceback="".join(tb_module.format_exception(exc)),
+        provenance=prov,
+    )
 
 
 def execute_quantum(job: QuantumJob, repo=None) -> QuantumResult:
@@ -281,10 +292,17 @@ def execute_quantum(job: QuantumJob, repo=None) -> QuantumResult:
     start = time.time()
     cpu0 = time.thread_time()
     prov: dict = {
-        "quantum_id": job.quantum_id, "task": job.task, "task_class": job.task_class,
-        "config_hash": job.config_hash, "code_version": code_version(), "run": job.run,
-        "data_id": job.data_id, "host": socket.gethostname(), "pid": os.getpid(),
-        "attempt": job.attempt, "start": start,
+        "quantum_id": job.quantum_id,
+        "task": job.task,
+        "task_class": job.task_class,
+        "config_hash": job.config_hash,
+        "code_version": code_version(),
+        "run": job.run,
+        "data_id": job.data_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "attempt": job.attempt,
+        "start": start,
     }
     if job.missing:
         prov["missing_inputs"] = job.missing
@@ -300,14 +318,16 @@ def execute_quantum(job: QuantumJob, repo=None) -> QuantumResult:
         with collect_notes() as notes:
             if job.missing:
                 n = sum(len(v) for v in job.missing.values())
-                note_degraded("inputs_missing", f"ran without {n} input(s) of {sorted(job.missing)} whose "
-                              "quanta failed (tolerated)", missing=job.missing)
+                note_degraded(
+                    "inputs_missing",
+                    f"ran without {n} input(s) of {sorted(job.missing)} whose quanta failed (tolerated)",
+                    missing=job.missing,
+                )
             result = _execute(job, repo, prov)
     finally:
         peak = monitor.close(token)
     end = time.time()
-    prov.update(end=end, cpu_seconds=time.thread_time() - cpu0, peak_memory=peak,
-                versions=_versions())
+    prov.update(end=end, cpu_seconds=time.thread_time() - cpu0, peak_memory=peak, versions=_versions())
     if notes:
         prov["notes"] = notes
     result.provenance = prov
@@ -322,8 +342,7 @@ def _execute(job: QuantumJob, repo, prov: dict) -> QuantumResult:
             repo = _open_repo(job.repo_root)
         task = _make_task(job)
     except Exception as exc:
-        return _error(qid, "transient" if _is_transient(exc) else "failed", exc,
-                      "setting up the quantum", prov)
+        return _error(qid, "transient" if _is_transient(exc) else "failed", exc, "setting up the quantum", prov)
     # Read the inputs.
     kwargs: dict[str, Any] = {}
     data_ids: dict[str, Any] = {}
@@ -337,9 +356,13 @@ def _execute(job: QuantumJob, repo, prov: dict) -> QuantumResult:
                     continue  # an upstream quantum had no work: that input does not exist
                 objs.append(repo.get(dataset_type, data_id, run=ref.run))
             except Exception as exc:
-                return _error(qid, "transient" if _is_transient(exc) else "failed", exc,
-                              f"reading input {name!r} ({dataset_type} {data_id} in run {run!r})",
-                              prov)
+                return _error(
+                    qid,
+                    "transient" if _is_transient(exc) else "failed",
+                    exc,
+                    f"reading input {name!r} ({dataset_type} {data_id} in run {run!r})",
+                    prov,
+                )
             ids.append(str(ref.id))
             dids.append(data_id)
         input_ids[name] = ids
@@ -370,11 +393,15 @@ def _execute(job: QuantumJob, repo, prov: dict) -> QuantumResult:
         return _error(qid, "no_work", exc, "", prov)
     except _WriteError as exc:
         cause = exc.__cause__ if exc.__cause__ is not None else exc  # raised "from" the write's error
-        return _error(qid, "transient" if _is_transient(cause) else "failed", cause,
-                      str(exc), prov)
+        return _error(qid, "transient" if _is_transient(cause) else "failed", cause, str(exc), prov)
     except Exception as exc:
-        return _error(qid, "transient" if isinstance(exc, TransientError) else "failed", exc,
-                      f"task {job.task!r} on {job.data_id}", prov)
+        return _error(
+            qid,
+            "transient" if isinstance(exc, TransientError) else "failed",
+            exc,
+            f"task {job.task!r} on {job.data_id}",
+            prov,
+        )
     return QuantumResult(qid, "succeeded", pendings=outputs)
 
 
@@ -446,8 +473,10 @@ class RunSummary:
 
     @property
     def ok(self) -> bool:
-        return all(c.get("failed", 0) == 0 and c.get("blocked", 0) == 0
-                   and c.get("pending", 0) == 0 for c in self.counts.values())
+        return all(
+            c.get("failed", 0) == 0 and c.get("blocked", 0) == 0 and c.get("pending", 0) == 0
+            for c in self.counts.values()
+        )
 
     def __str__(self) -> str:
         from procsky.pipeline.outcomes import format_outcomes
@@ -456,8 +485,7 @@ class RunSummary:
         for label, c in self.counts.items():
             parts = ", ".join(f"{k} {v}" for k, v in c.items() if v)
             lines.append(f"  {label}: {parts or 'no quanta'}")
-            lines += format_outcomes(self.outcomes.get(label) or {}, indent="    ",
-                                     max_groups=self.max_groups)
+            lines += format_outcomes(self.outcomes.get(label) or {}, indent="    ", max_groups=self.max_groups)
         if any(self.outcomes.values()):
             lines.append(f"  (every reason and note: procsky report REPO --run {self.run})")
         return "\n".join(lines)
@@ -483,8 +511,9 @@ class Executor:
         raise NotImplementedError
 
     # --- driver loop ---------------------------------------------------------------------
-    def execute(self, repo, graph: QuantumGraph, *, retry_failed: bool = False,
-                stages: list[str] | None = None) -> RunSummary:
+    def execute(
+        self, repo, graph: QuantumGraph, *, retry_failed: bool = False, stages: list[str] | None = None
+    ) -> RunSummary:
         """Run every quantum of ``graph`` that is not finished, stage by stage.
 
         Parameters
@@ -519,11 +548,13 @@ class Executor:
                     blocked.append((q, bad[0]))
                     continue
                 job = self._job(q, pt, root, missing)
-                empty = [n for n, c in pt.task_class.inputs.items()
-                         if not c.optional and q.inputs.get(n) and not job.inputs.get(n)]
+                empty = [
+                    n
+                    for n, c in pt.task_class.inputs.items()
+                    if not c.optional and q.inputs.get(n) and not job.inputs.get(n)
+                ]
                 if empty:
-                    nowork.append((q, f"no {', '.join(empty)} input: every quantum producing "
-                                      "them had no work"))
+                    nowork.append((q, f"no {', '.join(empty)} input: every quantum producing them had no work"))
                     continue
                 jobs.append(job)
             if blocked:
@@ -557,13 +588,20 @@ class Executor:
             t = self._tables["quantum"]
             ids = {q.id for q in graph if q.id is not None}
             with self._repo.registry.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(t.c.id, t.c.task, t.c.data_id, t.c.state, t.c.error_class, t.c.error_message,
-                              t.c.provenance)
-                    .where(t.c.run == graph.run,
-                           sa.or_(t.c.state.in_(("failed", "blocked", "no_work")),
-                                  t.c.provenance.like('%"notes"%')))
-                    .order_by(t.c.stage, t.c.id)).mappings().all()
+                rows = (
+                    conn.execute(
+                        sa.select(
+                            t.c.id, t.c.task, t.c.data_id, t.c.state, t.c.error_class, t.c.error_message, t.c.provenance
+                        )
+                        .where(
+                            t.c.run == graph.run,
+                            sa.or_(t.c.state.in_(("failed", "blocked", "no_work")), t.c.provenance.like('%"notes"%')),
+                        )
+                        .order_by(t.c.stage, t.c.id)
+                    )
+                    .mappings()
+                    .all()
+                )
             return group_outcomes([dict(r) for r in rows if r["id"] in ids])
         except Exception as exc:  # pragma: no cover - the summary must not fail a finished run
             log.warning("could not group the reasons of run %r: %s", graph.run, exc)
@@ -620,11 +658,18 @@ class Executor:
                 items.append((d.dataset_type, d.data_id, self._graph.run if producer else d.run))
             inputs[name] = items
         return QuantumJob(
-            quantum_id=q.id, task=q.task, task_class=pt.class_path,
-            config=pt.config.model_dump(), config_hash=pt.config_hash, data_id=q.data_id,
-            inputs=inputs, multiple={n: c.multiple for n, c in klass.inputs.items()},
+            quantum_id=q.id,
+            task=q.task,
+            task_class=pt.class_path,
+            config=pt.config.model_dump(),
+            config_hash=pt.config_hash,
+            data_id=q.data_id,
+            inputs=inputs,
+            multiple={n: c.multiple for n, c in klass.inputs.items()},
             outputs={n: (d.dataset_type, d.data_id) for n, d in q.outputs.items()},
-            run=self._graph.run, repo_root=root, parallel=bool(getattr(klass, "parallel", False)),
+            run=self._graph.run,
+            repo_root=root,
+            parallel=bool(getattr(klass, "parallel", False)),
             missing={n: [dict(d.data_id) for d in lst] for n, lst in missing.items()},
         )
 
@@ -640,10 +685,15 @@ class Executor:
         t = self._tables["quantum"]
         with self._repo.registry.transaction() as conn:
             for q, cause in pairs:
-                msg = (f"input quantum {cause.task} {cause.data_id} is {cause.state}; "
-                       f"rerun with --retry-failed once it is fixed")
-                conn.execute(t.update().where(t.c.id == q.id).values(
-                    state="blocked", error_class="Blocked", error_message=msg, traceback=None))
+                msg = (
+                    f"input quantum {cause.task} {cause.data_id} is {cause.state}; "
+                    f"rerun with --retry-failed once it is fixed"
+                )
+                conn.execute(
+                    t.update()
+                    .where(t.c.id == q.id)
+                    .values(state="blocked", error_class="Blocked", error_message=msg, traceback=None)
+                )
                 q.state = "blocked"
                 q.info = {"error_message": msg}
 
@@ -651,8 +701,11 @@ class Executor:
         t = self._tables["quantum"]
         with self._repo.registry.transaction() as conn:
             for q, reason in pairs:
-                conn.execute(t.update().where(t.c.id == q.id).values(
-                    state="no_work", error_class="NoWorkError", error_message=reason, traceback=None))
+                conn.execute(
+                    t.update()
+                    .where(t.c.id == q.id)
+                    .values(state="no_work", error_class="NoWorkError", error_message=reason, traceback=None)
+                )
                 q.state = "no_work"
 
     def _commit(self, results: list[QuantumResult]) -> None:
@@ -667,14 +720,17 @@ class Executor:
         except Exception as exc:
             if len(results) == 1:
                 r = results[0]
-                err = QuantumResult(r.quantum_id, "failed", error_class=type(exc).__name__,
-                                    error_message=f"registering the outputs: {exc}",
-                                    traceback="".join(tb_module.format_exception(exc)),
-                                    provenance=r.provenance)
+                err = QuantumResult(
+                    r.quantum_id,
+                    "failed",
+                    error_class=type(exc).__name__,
+                    error_message=f"registering the outputs: {exc}",
+                    traceback="".join(tb_module.format_exception(exc)),
+                    provenance=r.provenance,
+                )
                 with self._repo.registry.transaction() as conn:
                     t = self._tables["quantum"]
-                    conn.execute(t.update().where(t.c.id == sa.bindparam("qid")),
-                                 [self._record(conn, err)])
+                    conn.execute(t.update().where(t.c.id == sa.bindparam("qid")), [self._record(conn, err)])
                 self._quanta_by_id[r.quantum_id].state = "failed"
                 return
             for r in results:  # find the culprit: commit one by one
@@ -688,20 +744,30 @@ class Executor:
         t = self._tables
         prov = dict(r.provenance)
         values = dict(
-            qid=r.quantum_id, state=r.status, attempts=prov.get("attempt", 1), error_class=r.error_class,
-            error_message=r.error_message, traceback=r.traceback, host=prov.get("host"),
-            start_time=prov.get("start"), end_time=prov.get("end"),
-            cpu_seconds=prov.get("cpu_seconds"), peak_memory=prov.get("peak_memory"),
-            code_version=prov.get("code_version"), provenance=json.dumps(prov, default=str),
+            qid=r.quantum_id,
+            state=r.status,
+            attempts=prov.get("attempt", 1),
+            error_class=r.error_class,
+            error_message=r.error_message,
+            traceback=r.traceback,
+            host=prov.get("host"),
+            start_time=prov.get("start"),
+            end_time=prov.get("end"),
+            cpu_seconds=prov.get("cpu_seconds"),
+            peak_memory=prov.get("peak_memory"),
+            code_version=prov.get("code_version"),
+            provenance=json.dumps(prov, default=str),
         )
         if r.status == "succeeded" and r.pendings:
             names = list(r.pendings)
-            refs = self._repo.register([r.pendings[n] for n in names], provenance=prov,
-                                       connection=conn)
+            refs = self._repo.register([r.pendings[n] for n in names], provenance=prov, connection=conn)
             for name, ref in zip(names, refs):
-                conn.execute(t["output"].update()
-                             .where(t["output"].c.quantum_id == r.quantum_id, t["output"].c.name == name)
-                             .values(dataset_id=str(ref.id)))
+                conn.execute(
+                    t["output"]
+                    .update()
+                    .where(t["output"].c.quantum_id == r.quantum_id, t["output"].c.name == name)
+                    .values(dataset_id=str(ref.id))
+                )
         return values
 
 
@@ -820,20 +886,26 @@ class DaskExecutor(Executor):
                     if fut.key in fetched:
                         result = fetched[fut.key]
                         if isinstance(result, BaseException):  # pragma: no cover - lost while fetching
-                            result = _error(qid, "transient", result, "fetching the result",
-                                            {"attempt": job.attempt})
+                            result = _error(qid, "transient", result, "fetching the result", {"attempt": job.attempt})
                     else:
                         exc = fut.exception()
                         status = "transient" if _is_transient(exc) else "failed"
-                        result = _error(qid, status, exc, "running on the cluster",
-                                        {"attempt": job.attempt, "task": job.task})
+                        result = _error(
+                            qid, status, exc, "running on the cluster", {"attempt": job.attempt, "task": job.task}
+                        )
                     fut.release()
                     if result.status == "transient":
                         nxt = self._retry(job)
                         if nxt is not None:
-                            log.warning("quantum %s %s: transient failure (%s: %s); attempt %d of %d",
-                                        job.task, job.data_id, result.error_class, result.error_message,
-                                        nxt.attempt, self.retries + 1)
+                            log.warning(
+                                "quantum %s %s: transient failure (%s: %s); attempt %d of %d",
+                                job.task,
+                                job.data_id,
+                                result.error_class,
+                                result.error_message,
+                                nxt.attempt,
+                                self.retries + 1,
+                            )
                             resubmit.append(nxt)
                             continue
                         result.status = "failed"

@@ -204,8 +204,7 @@ class QuantumGraph:
         By task label, in pipeline order.
     """
 
-    def __init__(self, pipeline: Pipeline, run: str, where: str | None,
-                 quanta: dict[str, list[Quantum]]):
+    def __init__(self, pipeline: Pipeline, run: str, where: str | None, quanta: dict[str, list[Quantum]]):
         self.pipeline = pipeline
         self.run = run
         self.where = where
@@ -256,9 +255,11 @@ class QuantumGraph:
             if self.quanta[pt.label]:
                 continue
             wanted = [c.dataset_type for c in pt.task_class.inputs.values() if not c.optional]
-            lines.append(f"task {pt.label!r} has no quanta: no datasets of {wanted} match "
-                         f"--where {self.where!r}" if self.where else
-                         f"task {pt.label!r} has no quanta: no datasets of {wanted} found")
+            lines.append(
+                f"task {pt.label!r} has no quanta: no datasets of {wanted} match --where {self.where!r}"
+                if self.where
+                else f"task {pt.label!r} has no quanta: no datasets of {wanted} found"
+            )
         return "; ".join(lines)
 
     # -- export -------------------------------------------------------------------------
@@ -267,19 +268,31 @@ class QuantumGraph:
         ids = {id(q): i for i, q in enumerate(self)}
         quanta = []
         for q in self:
-            quanta.append({
-                "index": ids[id(q)],
-                "id": q.id,
-                "task": q.task,
-                "data_id": q.data_id,
-                "state": q.state,
-                "inputs": {n: [{"dataset_type": d.dataset_type, "data_id": d.data_id,
-                                "run": d.run, "dataset_id": None if d.id is None else str(d.id)}
-                               for d in lst] for n, lst in q.inputs.items()},
-                "outputs": {n: {"dataset_type": d.dataset_type, "data_id": d.data_id}
-                            for n, d in q.outputs.items()},
-                "depends_on": sorted({ids[id(p)] for p in self.producers(q)}),
-            })
+            quanta.append(
+                {
+                    "index": ids[id(q)],
+                    "id": q.id,
+                    "task": q.task,
+                    "data_id": q.data_id,
+                    "state": q.state,
+                    "inputs": {
+                        n: [
+                            {
+                                "dataset_type": d.dataset_type,
+                                "data_id": d.data_id,
+                                "run": d.run,
+                                "dataset_id": None if d.id is None else str(d.id),
+                            }
+                            for d in lst
+                        ]
+                        for n, lst in q.inputs.items()
+                    },
+                    "outputs": {
+                        n: {"dataset_type": d.dataset_type, "data_id": d.data_id} for n, d in q.outputs.items()
+                    },
+                    "depends_on": sorted({ids[id(p)] for p in self.producers(q)}),
+                }
+            )
         return {
             "run": self.run,
             "where": self.where,
@@ -293,16 +306,23 @@ class QuantumGraph:
 
     def to_dot(self) -> str:
         """Graphviz text: one node per quantum (coloured by state), edges producer -> consumer."""
-        colours = {"pending": "white", "succeeded": "palegreen", "failed": "salmon",
-                   "no_work": "lightgrey", "blocked": "orange"}
-        lines = ["digraph quanta {", "  rankdir=LR;", '  node [shape=box, style=filled, fontsize=10];']
+        colours = {
+            "pending": "white",
+            "succeeded": "palegreen",
+            "failed": "salmon",
+            "no_work": "lightgrey",
+            "blocked": "orange",
+        }
+        lines = ["digraph quanta {", "  rankdir=LR;", "  node [shape=box, style=filled, fontsize=10];"]
         ids = {id(q): i for i, q in enumerate(self)}
         for label, qs in self.quanta.items():
             lines.append(f'  subgraph "cluster_{label}" {{ label="{label}";')
             for q in qs:
                 did = ", ".join(f"{k}={v}" for k, v in q.data_id.items())
-                lines.append(f'    q{ids[id(q)]} [label="{label}\\n{_dot_escape(did)}", '
-                             f'fillcolor={colours.get(q.state, "white")}];')
+                lines.append(
+                    f'    q{ids[id(q)]} [label="{label}\\n{_dot_escape(did)}", '
+                    f"fillcolor={colours.get(q.state, 'white')}];"
+                )
             lines.append("  }")
         for q in self:
             for p in sorted({ids[id(p)] for p in self.producers(q)}):
@@ -324,15 +344,26 @@ class QuantumGraph:
         with repo.registry.transaction() as conn:
             existing_run = conn.execute(sa.select(t["run"].c.run).where(t["run"].c.run == self.run)).first()
             if existing_run is None:
-                conn.execute(t["run"].insert().values(run=self.run, pipeline=pipe_text,
-                                                     where_text=self.where, created=now, updated=now))
+                conn.execute(
+                    t["run"]
+                    .insert()
+                    .values(run=self.run, pipeline=pipe_text, where_text=self.where, created=now, updated=now)
+                )
             else:
-                conn.execute(t["run"].update().where(t["run"].c.run == self.run)
-                             .values(pipeline=pipe_text, where_text=self.where, updated=now))
+                conn.execute(
+                    t["run"]
+                    .update()
+                    .where(t["run"].c.run == self.run)
+                    .values(pipeline=pipe_text, where_text=self.where, updated=now)
+                )
             rows = conn.execute(
-                sa.select(t["quantum"].c.id, t["quantum"].c.task, t["quantum"].c.data_id_key,
-                          t["quantum"].c.state, t["quantum"].c.config_hash)
-                .where(t["quantum"].c.run == self.run)
+                sa.select(
+                    t["quantum"].c.id,
+                    t["quantum"].c.task,
+                    t["quantum"].c.data_id_key,
+                    t["quantum"].c.state,
+                    t["quantum"].c.config_hash,
+                ).where(t["quantum"].c.run == self.run)
             ).all()
             stored = {(r.task, r.data_id_key): r for r in rows}
             hashes = {pt.label: pt.config_hash for pt in self.pipeline}
@@ -355,18 +386,27 @@ class QuantumGraph:
                     if r.config_hash != hashes[q.task]:  # not succeeded (checked above)
                         stale.append({"qid": r.id, "config_hash": hashes[q.task]})
                 else:
-                    new_rows.append({"run": self.run, "task": q.task, "stage": stage_of[q.task],
-                                     "data_id_key": q.key, "data_id": json.dumps(q.data_id),
-                                     "task_class": classes[q.task], "config_hash": hashes[q.task],
-                                     "state": "pending", "attempts": 0})
+                    new_rows.append(
+                        {
+                            "run": self.run,
+                            "task": q.task,
+                            "stage": stage_of[q.task],
+                            "data_id_key": q.key,
+                            "data_id": json.dumps(q.data_id),
+                            "task_class": classes[q.task],
+                            "config_hash": hashes[q.task],
+                            "state": "pending",
+                            "attempts": 0,
+                        }
+                    )
             if stale:
-                conn.execute(t["quantum"].update().where(t["quantum"].c.id == sa.bindparam("qid")),
-                             stale)
+                conn.execute(t["quantum"].update().where(t["quantum"].c.id == sa.bindparam("qid")), stale)
             if new_rows:
                 conn.execute(t["quantum"].insert(), new_rows)
                 ids = conn.execute(
-                    sa.select(t["quantum"].c.id, t["quantum"].c.task, t["quantum"].c.data_id_key)
-                    .where(t["quantum"].c.run == self.run)
+                    sa.select(t["quantum"].c.id, t["quantum"].c.task, t["quantum"].c.data_id_key).where(
+                        t["quantum"].c.run == self.run
+                    )
                 ).all()
                 idmap = {(r.task, r.data_id_key): r.id for r in ids}
                 for q in self:
@@ -375,7 +415,7 @@ class QuantumGraph:
             # Edges: (re)write for every quantum that has not succeeded.
             redo = [q.id for q in self if q.state != "succeeded"]
             for i in range(0, len(redo), 500):
-                chunk = redo[i:i + 500]
+                chunk = redo[i : i + 500]
                 conn.execute(t["input"].delete().where(t["input"].c.quantum_id.in_(chunk)))
                 conn.execute(t["output"].delete().where(t["output"].c.quantum_id.in_(chunk)))
             ins, outs = [], []
@@ -385,14 +425,28 @@ class QuantumGraph:
                 for name, lst in q.inputs.items():
                     for d in lst:
                         p = self.producer_of.get((d.dataset_type, d.key))
-                        ins.append({"quantum_id": q.id, "name": name, "dataset_type": d.dataset_type,
-                                    "data_id": json.dumps(d.data_id), "run": d.run,
-                                    "dataset_id": None if d.id is None else str(d.id),
-                                    "producer_id": None if p is None else p.id})
+                        ins.append(
+                            {
+                                "quantum_id": q.id,
+                                "name": name,
+                                "dataset_type": d.dataset_type,
+                                "data_id": json.dumps(d.data_id),
+                                "run": d.run,
+                                "dataset_id": None if d.id is None else str(d.id),
+                                "producer_id": None if p is None else p.id,
+                            }
+                        )
                 for name, d in q.outputs.items():
-                    outs.append({"quantum_id": q.id, "name": name, "dataset_type": d.dataset_type,
-                                 "data_id_key": d.key, "data_id": json.dumps(d.data_id),
-                                 "dataset_id": None})
+                    outs.append(
+                        {
+                            "quantum_id": q.id,
+                            "name": name,
+                            "dataset_type": d.dataset_type,
+                            "data_id_key": d.key,
+                            "data_id": json.dumps(d.data_id),
+                            "dataset_id": None,
+                        }
+                    )
             if ins:
                 conn.execute(t["input"].insert(), ins)
             if outs:
@@ -404,12 +458,15 @@ def _dot_escape(text: str) -> str:
 
 
 def _ref_key(ref) -> DatasetKey:
-    return DatasetKey(ref.dataset_type if isinstance(ref.dataset_type, str) else ref.dataset_type.name,
-                      dict(ref.data_id), run=ref.run, id=ref.id)
+    return DatasetKey(
+        ref.dataset_type if isinstance(ref.dataset_type, str) else ref.dataset_type.name,
+        dict(ref.data_id),
+        run=ref.run,
+        id=ref.id,
+    )
 
 
-def _existing(repo, dataset_type: str, collections: list[str] | None, where: Where,
-              run: str) -> list[DatasetKey]:
+def _existing(repo, dataset_type: str, collections: list[str] | None, where: Where, run: str) -> list[DatasetKey]:
     """Existing datasets of a type, first collection wins per data ID, filtered by ``where``.
 
     With ``collections=None`` every run is searched, the output ``run`` first.
@@ -460,8 +517,9 @@ def _check_where_names(flt: Where, pipeline: Pipeline) -> None:
     check_identifiers(flt.expr, known, label="--where", scope="this pipeline")
 
 
-def build_graph(repo, pipeline: Pipeline, *, where: str | None = None, run: str,
-                collections: Iterable[str] | None = None) -> QuantumGraph:
+def build_graph(
+    repo, pipeline: Pipeline, *, where: str | None = None, run: str, collections: Iterable[str] | None = None
+) -> QuantumGraph:
     """Build the quantum graph of ``pipeline`` over the data selected by ``where``.
 
     Parameters
@@ -504,9 +562,7 @@ def build_graph(repo, pipeline: Pipeline, *, where: str | None = None, run: str,
         seen_keys: set[str] = set()
         for spec in specs:
             if not isinstance(spec, QuantumSpec):
-                raise ProcskyTypeError(
-                    f"task {pt.label!r}: quanta() must return QuantumSpec objects, got {spec!r}."
-                )
+                raise ProcskyTypeError(f"task {pt.label!r}: quanta() must return QuantumSpec objects, got {spec!r}.")
             if not flt(spec.data_id):
                 continue
             qkey = data_id_key({d: spec.data_id[d] for d in klass.dimensions if d in spec.data_id})
@@ -522,11 +578,12 @@ def build_graph(repo, pipeline: Pipeline, *, where: str | None = None, run: str,
                         f"{missing} that quantum {spec.data_id} does not give; add them to the task "
                         "dimensions or make every input agree on them."
                     )
-                outputs[name] = DatasetKey(conn.dataset_type,
-                                           {d: spec.data_id[d] for d in conn.dimensions},
-                                           run=run, producer=(pt.label, qkey))
-            qs.append(Quantum(pt.label, dict(spec.data_id), qkey,
-                              {n: list(v) for n, v in spec.inputs.items()}, outputs))
+                outputs[name] = DatasetKey(
+                    conn.dataset_type, {d: spec.data_id[d] for d in conn.dimensions}, run=run, producer=(pt.label, qkey)
+                )
+            qs.append(
+                Quantum(pt.label, dict(spec.data_id), qkey, {n: list(v) for n, v in spec.inputs.items()}, outputs)
+            )
         quanta[pt.label] = qs
         for q in qs:
             for d in q.outputs.values():
@@ -547,15 +604,18 @@ def _prune_undecided(graph: QuantumGraph, flt: Where) -> None:
     labels = graph.pipeline.labels
     for label in reversed(labels):
         used: set[tuple[str, str]] = set()
-        for later in labels[labels.index(label) + 1:]:
+        for later in labels[labels.index(label) + 1 :]:
             for q in graph.quanta[later]:
                 for lst in q.inputs.values():
                     used.update((d.dataset_type, d.key) for d in lst)
         kept = []
         for q in graph.quanta[label]:
             feeds_later = all(d.dataset_type in consumed_types for d in q.outputs.values()) and q.outputs
-            if (feeds_later and flt.decide(q.data_id) is None
-                    and not any((d.dataset_type, d.key) in used for d in q.outputs.values())):
+            if (
+                feeds_later
+                and flt.decide(q.data_id) is None
+                and not any((d.dataset_type, d.key) in used for d in q.outputs.values())
+            ):
                 continue
             kept.append(q)
         graph.quanta[label] = kept
@@ -566,9 +626,18 @@ def load_states(repo, run: str) -> list[dict]:
     """Every stored quantum row of ``run`` as a dict (for reports)."""
     t = graph_tables(repo)
     with repo.registry.engine.connect() as conn:
-        rows = conn.execute(sa.select(t["quantum"]).where(t["quantum"].c.run == run)
-                            .order_by(t["quantum"].c.stage, t["quantum"].c.id)).mappings().all()
+        rows = (
+            conn.execute(
+                sa.select(t["quantum"])
+                .where(t["quantum"].c.run == run)
+                .order_by(t["quantum"].c.stage, t["quantum"].c.id)
+            )
+            .mappings()
+            .all()
+        )
     if not rows:
-        raise RepoError(f"run {run!r} has no pipeline quanta recorded; run `procsky run ... "
-                        f"--output {run}` first, or check the run name.")
+        raise RepoError(
+            f"run {run!r} has no pipeline quanta recorded; run `procsky run ... "
+            f"--output {run}` first, or check the run name."
+        )
     return [dict(r) for r in rows]

@@ -101,9 +101,17 @@ def group_outcomes(rows) -> dict[str, dict]:
         if r.get("state") in _REASON_STATES:
             did = _data_id(r.get("data_id"))
             key = (r["state"], r.get("error_class") or "", normalise_reason(r.get("error_message")))
-            g = reasons.setdefault(task, {}).setdefault(key, {
-                "state": key[0], "error_class": r.get("error_class"), "reason": key[2], "count": 0,
-                "data_ids": [], "example": r.get("error_message")})
+            g = reasons.setdefault(task, {}).setdefault(
+                key,
+                {
+                    "state": key[0],
+                    "error_class": r.get("error_class"),
+                    "reason": key[2],
+                    "count": 0,
+                    "data_ids": [],
+                    "example": r.get("error_message"),
+                },
+            )
             g["count"] += 1
             if len(g["data_ids"]) < N_EXAMPLES:
                 g["data_ids"].append(did)
@@ -115,8 +123,9 @@ def group_outcomes(rows) -> dict[str, dict]:
             seen.add(code)
             did = did if did is not None else _data_id(r.get("data_id"))
             sev = n.get("severity") if n.get("severity") in SEVERITIES else "warning"
-            g = degraded.setdefault(task, {}).setdefault(code, {
-                "code": code, "severity": sev, "count": 0, "data_ids": [], "example": n.get("message")})
+            g = degraded.setdefault(task, {}).setdefault(
+                code, {"code": code, "severity": sev, "count": 0, "data_ids": [], "example": n.get("message")}
+            )
             g["count"] += 1
             if SEVERITIES.index(sev) < SEVERITIES.index(g["severity"]):
                 g["severity"] = sev
@@ -127,8 +136,7 @@ def group_outcomes(rows) -> dict[str, dict]:
     for task in list(reasons) + [t for t in degraded if t not in reasons]:
         rs = list(reasons.get(task, {}).values())
         rs.sort(key=lambda g: (order[g["state"]], -g["count"]))  # stable: first seen first
-        ds = sorted(degraded.get(task, {}).values(),
-                    key=lambda g: (SEVERITIES.index(g["severity"]), -g["count"]))
+        ds = sorted(degraded.get(task, {}).values(), key=lambda g: (SEVERITIES.index(g["severity"]), -g["count"]))
         out[task] = {"reasons": rs, "degraded": ds}
     return out
 
@@ -142,8 +150,7 @@ def _clip(text: str | None, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def format_outcomes(outcome: dict, *, indent: str = "  ", max_groups: int | None = None,
-                    width: int = 160) -> list[str]:
+def format_outcomes(outcome: dict, *, indent: str = "  ", max_groups: int | None = None, width: int = 160) -> list[str]:
     """Text lines of one task's :func:`group_outcomes` entry, one line per group.
 
     ``no_work 2 x NoWorkError: only 3 rows (< min_rows=5)  [visit=1 detector=0; ...]``,

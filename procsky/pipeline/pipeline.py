@@ -133,8 +133,7 @@ class Pipeline:
         labels = list(labels)
         for label in labels:
             self[label]  # raises a helpful error for unknown labels
-        return Pipeline([t for t in self.tasks if t.label in labels], description=self.description,
-                        name=self.name)
+        return Pipeline([t for t in self.tasks if t.label in labels], description=self.description, name=self.name)
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Pipeline:
         """A copy whose task configurations are updated from ``{label: {field: value}}``.
@@ -151,8 +150,7 @@ class Pipeline:
         unknown = set(overrides) - set(self.labels)
         if unknown:
             raise ProcskyKeyError(
-                f"config override for unknown task(s) {sorted(unknown)}; pipeline {self.name!r} "
-                f"has {self.labels}."
+                f"config override for unknown task(s) {sorted(unknown)}; pipeline {self.name!r} has {self.labels}."
             )
         return Pipeline(tasks, description=self.description, name=self.name)
 
@@ -162,8 +160,12 @@ class Pipeline:
             "name": self.name,
             "description": self.description,
             "tasks": [
-                {"label": t.label, "task": t.class_path, "config": t.config.model_dump(mode="json"),
-                 "config_hash": t.config_hash}
+                {
+                    "label": t.label,
+                    "task": t.class_path,
+                    "config": t.config.model_dump(mode="json"),
+                    "config_hash": t.config_hash,
+                }
                 for t in self.tasks
             ],
         }
@@ -189,8 +191,9 @@ def _class_path(klass: type) -> str:
     return f"{klass.__module__}:{klass.__qualname__}"
 
 
-def _make_pipeline_task(label: str, klass: type[Task] | str, config: Mapping[str, Any] | TaskConfig,
-                        pipeline_name: str) -> PipelineTask:
+def _make_pipeline_task(
+    label: str, klass: type[Task] | str, config: Mapping[str, Any] | TaskConfig, pipeline_name: str
+) -> PipelineTask:
     if isinstance(klass, str):
         klass = get_task_class(klass)
     klass.validate_declaration()
@@ -225,8 +228,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, Any]]:
         parts = key.strip().split(".")
         if not sep or len(parts) < 2 or not all(parts):
             raise ProcskyValueError(
-                f"config override {item!r} is not of the form task.field=value "
-                "(e.g. -c calibrate.detection.nsigma=4)."
+                f"config override {item!r} is not of the form task.field=value (e.g. -c calibrate.detection.nsigma=4)."
             )
         try:
             value = yaml.safe_load(text) if text.strip() else ""
@@ -259,9 +261,7 @@ def pipeline_path(name: str | Path) -> Path:
     if packaged.exists():
         return packaged
     known = sorted(x.stem for x in _PACKAGED.glob("*.yaml"))
-    raise ProcskyKeyError(
-        f"no pipeline {str(name)!r}: not a file and not a packaged pipeline (packaged: {known})."
-    )
+    raise ProcskyKeyError(f"no pipeline {str(name)!r}: not a file and not a packaged pipeline (packaged: {known}).")
 
 
 def load_pipeline(name: str | Path, overrides: Iterable[str] | Mapping | None = None) -> Pipeline:
@@ -297,8 +297,7 @@ def load_pipeline(name: str | Path, overrides: Iterable[str] | Mapping | None = 
         label = entry.get("label") or entry.get("task")
         if not label:
             raise ProcskyValueError(f"pipeline file {str(path)!r}: entry {entry!r} has no label.")
-        tasks.append(_make_pipeline_task(label, entry.get("task", label), entry.get("config") or {},
-                                         path.stem))
+        tasks.append(_make_pipeline_task(label, entry.get("task", label), entry.get("config") or {}, path.stem))
     pipe = Pipeline(tasks, description=doc.get("description", ""), name=path.stem)
     if overrides:
         if not isinstance(overrides, Mapping):

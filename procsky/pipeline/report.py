@@ -24,8 +24,15 @@ import sqlalchemy as sa
 from procsky.pipeline.graph import STATES, graph_tables, load_states
 from procsky.pipeline.outcomes import format_data_id, format_outcomes, group_outcomes, normalise_reason
 
-__all__ = ["REPORT_SCHEMA", "run_report", "format_table", "write_html", "group_outcomes",
-           "normalise_reason", "format_outcomes"]
+__all__ = [
+    "REPORT_SCHEMA",
+    "run_report",
+    "format_table",
+    "write_html",
+    "group_outcomes",
+    "normalise_reason",
+    "format_outcomes",
+]
 
 REPORT_SCHEMA = "procsky.report/1"
 
@@ -34,8 +41,13 @@ def _stats(values: list[float]) -> dict | None:
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return {"count": len(values), "sum": float(sum(values)), "mean": float(statistics.fmean(values)),
-            "median": float(statistics.median(values)), "max": float(max(values))}
+    return {
+        "count": len(values),
+        "sum": float(sum(values)),
+        "mean": float(statistics.fmean(values)),
+        "median": float(statistics.median(values)),
+        "max": float(max(values)),
+    }
 
 
 def _iso(t: float | None) -> str | None:
@@ -56,8 +68,13 @@ def _metrics(repo, run: str) -> list[dict]:
             values = repo.get(ref)
         except Exception as exc:  # report the problem rather than failing the report
             values = {"error": f"{type(exc).__name__}: {exc}"}
-        out.append({"data_id": dict(ref.data_id), "dataset_id": str(ref.id),
-                    "values": json.loads(json.dumps(values, default=_json_default))})
+        out.append(
+            {
+                "data_id": dict(ref.data_id),
+                "dataset_id": str(ref.id),
+                "values": json.loads(json.dumps(values, default=_json_default)),
+            }
+        )
     return out
 
 
@@ -110,31 +127,40 @@ def run_report(repo, run: str, *, max_failures: int = 1000) -> dict:
         ran = [q for q in qs if q["start_time"] is not None and q["end_time"] is not None]
         starts = [q["start_time"] for q in ran]
         ends = [q["end_time"] for q in ran]
-        tasks.append({
-            "task": label,
-            "task_class": qs[0]["task_class"],
-            "config_hash": qs[0]["config_hash"],
-            "quanta": len(qs),
-            "counts": counts,
-            "wall_seconds": _stats([q["end_time"] - q["start_time"] for q in ran]),
-            "cpu_seconds": _stats([q["cpu_seconds"] for q in ran]),
-            "peak_memory_bytes": _stats([q["peak_memory"] for q in ran]),
-            "attempts_max": max((q["attempts"] or 0) for q in qs),
-            "first_start": _iso(min(starts)) if starts else None,
-            "last_end": _iso(max(ends)) if ends else None,
-        })
+        tasks.append(
+            {
+                "task": label,
+                "task_class": qs[0]["task_class"],
+                "config_hash": qs[0]["config_hash"],
+                "quanta": len(qs),
+                "counts": counts,
+                "wall_seconds": _stats([q["end_time"] - q["start_time"] for q in ran]),
+                "cpu_seconds": _stats([q["cpu_seconds"] for q in ran]),
+                "peak_memory_bytes": _stats([q["peak_memory"] for q in ran]),
+                "attempts_max": max((q["attempts"] or 0) for q in qs),
+                "first_start": _iso(min(starts)) if starts else None,
+                "last_end": _iso(max(ends)) if ends else None,
+            }
+        )
         # present only when non-empty (docs/report-json.md)
         for key in ("reasons", "degraded"):
             if outcomes.get(label, {}).get(key):
                 tasks[-1][key] = outcomes[label][key]
         for q in qs:
             if q["state"] in ("failed", "blocked"):
-                failures.append({
-                    "task": label, "quantum_id": q["id"], "data_id": json.loads(q["data_id"]),
-                    "state": q["state"], "error_class": q["error_class"],
-                    "error_message": q["error_message"], "attempts": q["attempts"],
-                    "host": q["host"], "traceback": q["traceback"],
-                })
+                failures.append(
+                    {
+                        "task": label,
+                        "quantum_id": q["id"],
+                        "data_id": json.loads(q["data_id"]),
+                        "state": q["state"],
+                        "error_class": q["error_class"],
+                        "error_message": q["error_message"],
+                        "attempts": q["attempts"],
+                        "host": q["host"],
+                        "traceback": q["traceback"],
+                    }
+                )
     return {
         "schema": REPORT_SCHEMA,
         "run": run,
@@ -166,20 +192,43 @@ def _fmt_s(st: dict | None, key: str = "mean") -> str:
 
 def format_table(report: dict) -> str:
     """Plain-text rendering of :func:`run_report` (states, timings, memory, failures)."""
-    head = ["task", "quanta", "succeeded", "failed", "no_work", "blocked", "pending",
-            "wall mean s", "wall max s", "cpu mean s", "peak mem max"]
+    head = [
+        "task",
+        "quanta",
+        "succeeded",
+        "failed",
+        "no_work",
+        "blocked",
+        "pending",
+        "wall mean s",
+        "wall max s",
+        "cpu mean s",
+        "peak mem max",
+    ]
     rows = []
     for t in report["tasks"]:
         c = t["counts"]
-        rows.append([t["task"], str(t["quanta"]), str(c["succeeded"]), str(c["failed"]),
-                     str(c["no_work"]), str(c["blocked"]), str(c["pending"]),
-                     _fmt_s(t["wall_seconds"]), _fmt_s(t["wall_seconds"], "max"),
-                     _fmt_s(t["cpu_seconds"]),
-                     _fmt_bytes(t["peak_memory_bytes"]["max"] if t["peak_memory_bytes"] else None)])
+        rows.append(
+            [
+                t["task"],
+                str(t["quanta"]),
+                str(c["succeeded"]),
+                str(c["failed"]),
+                str(c["no_work"]),
+                str(c["blocked"]),
+                str(c["pending"]),
+                _fmt_s(t["wall_seconds"]),
+                _fmt_s(t["wall_seconds"], "max"),
+                _fmt_s(t["cpu_seconds"]),
+                _fmt_bytes(t["peak_memory_bytes"]["max"] if t["peak_memory_bytes"] else None),
+            ]
+        )
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    lines = [f"run {report['run']!r}  where: {report['where'] or '(all)'}",
-             "  ".join(h.ljust(w) for h, w in zip(head, widths)),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        f"run {report['run']!r}  where: {report['where'] or '(all)'}",
+        "  ".join(h.ljust(w) for h, w in zip(head, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     tot = report["totals"]
     lines.append(f"total: {tot['quanta']} quanta, " + ", ".join(f"{s} {tot[s]}" for s in STATES))
@@ -194,8 +243,7 @@ def format_table(report: dict) -> str:
         lines.append("")
         lines.append("failures:")
         for f in report["failures"]:
-            lines.append(f"  [{f['state']}] {f['task']} {f['data_id']}: {f['error_class']}: "
-                         f"{f['error_message']}")
+            lines.append(f"  [{f['state']}] {f['task']} {f['data_id']}: {f['error_class']}: {f['error_message']}")
     if report["metrics"]:
         lines.append("")
         lines.append("metrics:")
@@ -207,8 +255,7 @@ def format_table(report: dict) -> str:
 def write_html(report: dict, path: str | Path) -> Path:
     """Write a self-contained HTML page of :func:`run_report`; returns the path."""
     e = html.escape
-    colours = {"succeeded": "#cfc", "failed": "#fbb", "no_work": "#ddd", "blocked": "#fd9",
-               "pending": "#fff"}
+    colours = {"succeeded": "#cfc", "failed": "#fbb", "no_work": "#ddd", "blocked": "#fd9", "pending": "#fff"}
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>procsky run {e(report['run'])}</title>",
@@ -227,14 +274,18 @@ def write_html(report: dict, path: str | Path) -> Path:
         parts.append(f"<tr><td class='l'>{e(t['task'])}</td><td>{t['quanta']}</td>")
         parts += [f"<td>{t['counts'][s]}</td>" for s in STATES]
         pm = t["peak_memory_bytes"]["max"] if t["peak_memory_bytes"] else None
-        parts.append(f"<td>{_fmt_s(t['wall_seconds'])}</td><td>{_fmt_s(t['wall_seconds'], 'max')}</td>"
-                     f"<td>{_fmt_s(t['cpu_seconds'])}</td><td>{_fmt_bytes(pm)}</td></tr>")
+        parts.append(
+            f"<td>{_fmt_s(t['wall_seconds'])}</td><td>{_fmt_s(t['wall_seconds'], 'max')}</td>"
+            f"<td>{_fmt_s(t['cpu_seconds'])}</td><td>{_fmt_bytes(pm)}</td></tr>"
+        )
     parts.append("</table>")
     why = [t for t in report["tasks"] if t.get("reasons") or t.get("degraded")]
     if why:
-        parts.append("<h2>Why: reasons and degraded modes</h2>"
-                     "<table><tr><th>task</th><th>outcome</th><th>count</th><th>reason / code</th>"
-                     "<th>example</th><th>first data IDs</th></tr>")
+        parts.append(
+            "<h2>Why: reasons and degraded modes</h2>"
+            "<table><tr><th>task</th><th>outcome</th><th>count</th><th>reason / code</th>"
+            "<th>example</th><th>first data IDs</th></tr>"
+        )
         sev_colours = {"warning": "#fe9", "info": "#def"}
         for t in why:
             for g in t.get("reasons", []) + t.get("degraded", []):
@@ -246,23 +297,29 @@ def write_html(report: dict, path: str | Path) -> Path:
                 else:
                     kind = f"<td class='l' style='background:{colours[g['state']]}'>{e(g['state'])}</td>"
                     what = f"{e(str(g['error_class']))}: {e(g['reason'])}"
-                parts.append(f"<tr><td class='l'>{e(t['task'])}</td>{kind}<td>{g['count']}</td>"
-                             f"<td class='l'>{what}</td><td class='l'>{e(str(g['example']))}</td>"
-                             f"<td class='l'>{ids}</td></tr>")
+                parts.append(
+                    f"<tr><td class='l'>{e(t['task'])}</td>{kind}<td>{g['count']}</td>"
+                    f"<td class='l'>{what}</td><td class='l'>{e(str(g['example']))}</td>"
+                    f"<td class='l'>{ids}</td></tr>"
+                )
         parts.append("</table>")
     if report["failures"]:
         parts.append(f"<h2>Failures ({len(report['failures'])})</h2>")
         for f in report["failures"]:
-            parts.append(f"<h3 style='background:{colours[f['state']]}'>[{f['state']}] {e(f['task'])} "
-                         f"{e(json.dumps(f['data_id']))}</h3><p><b>{e(str(f['error_class']))}</b>: "
-                         f"{e(str(f['error_message']))}</p>")
+            parts.append(
+                f"<h3 style='background:{colours[f['state']]}'>[{f['state']}] {e(f['task'])} "
+                f"{e(json.dumps(f['data_id']))}</h3><p><b>{e(str(f['error_class']))}</b>: "
+                f"{e(str(f['error_message']))}</p>"
+            )
             if f.get("traceback"):
                 parts.append(f"<details><summary>traceback</summary><pre>{e(f['traceback'])}</pre></details>")
     if report["metrics"]:
         parts.append("<h2>Metrics</h2><table><tr><th>data ID</th><th>values</th></tr>")
         for m in report["metrics"]:
-            parts.append(f"<tr><td class='l'>{e(json.dumps(m['data_id']))}</td><td class='l'><pre>"
-                         f"{e(json.dumps(m['values'], indent=1, sort_keys=True))}</pre></td></tr>")
+            parts.append(
+                f"<tr><td class='l'>{e(json.dumps(m['data_id']))}</td><td class='l'><pre>"
+                f"{e(json.dumps(m['values'], indent=1, sort_keys=True))}</pre></td></tr>"
+            )
         parts.append("</table>")
     parts.append("</body></html>")
     path = Path(path)

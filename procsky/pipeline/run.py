@@ -47,13 +47,22 @@ def _resolve_pipeline(pipeline, config, tasks) -> Pipeline:
 def _stored_quanta(repo, run: str) -> int:
     t = graph_tables(repo)
     with repo.registry.engine.connect() as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(t["quantum"])
-                            .where(t["quantum"].c.run == run)).scalar_one()
+        return conn.execute(
+            sa.select(sa.func.count()).select_from(t["quantum"]).where(t["quantum"].c.run == run)
+        ).scalar_one()
 
 
-def make_graph(repo, pipeline, *, where: str | None = None, output: str,
-               config: Iterable[str] | dict | None = None, tasks: Sequence[str] | str | None = None,
-               collections: Sequence[str] | None = None, save: bool = False) -> QuantumGraph:
+def make_graph(
+    repo,
+    pipeline,
+    *,
+    where: str | None = None,
+    output: str,
+    config: Iterable[str] | dict | None = None,
+    tasks: Sequence[str] | str | None = None,
+    collections: Sequence[str] | None = None,
+    save: bool = False,
+) -> QuantumGraph:
     """Build (and optionally store) the quantum graph of a pipeline.
 
     Parameters
@@ -90,9 +99,11 @@ def make_graph(repo, pipeline, *, where: str | None = None, output: str,
 def _load_states(repo, graph: QuantumGraph) -> None:
     t = graph_tables(repo)
     with repo.registry.engine.connect() as conn:
-        rows = conn.execute(sa.select(t["quantum"].c.id, t["quantum"].c.task, t["quantum"].c.data_id_key,
-                                      t["quantum"].c.state)
-                            .where(t["quantum"].c.run == graph.run)).all()
+        rows = conn.execute(
+            sa.select(t["quantum"].c.id, t["quantum"].c.task, t["quantum"].c.data_id_key, t["quantum"].c.state).where(
+                t["quantum"].c.run == graph.run
+            )
+        ).all()
     stored = {(r.task, r.data_id_key): r for r in rows}
     for q in graph:
         r = stored.get((q.task, q.key))
@@ -123,9 +134,17 @@ class RunPlan:
         return sum(1 for q in self.graph if q.state == "pending")
 
 
-def plan_run(repo, pipeline, *, where: str | None = None, output: str,
-             config: Iterable[str] | dict | None = None, tasks: Sequence[str] | str | None = None,
-             collections: Sequence[str] | None = None, resume: bool | None = None) -> RunPlan:
+def plan_run(
+    repo,
+    pipeline,
+    *,
+    where: str | None = None,
+    output: str,
+    config: Iterable[str] | dict | None = None,
+    tasks: Sequence[str] | str | None = None,
+    collections: Sequence[str] | None = None,
+    resume: bool | None = None,
+) -> RunPlan:
     """Check everything a run needs and build its quantum graph, storing nothing.
 
     Parameters are those of :func:`run_pipeline`.
@@ -146,12 +165,12 @@ def plan_run(repo, pipeline, *, where: str | None = None, output: str,
     pipe = _resolve_pipeline(pipeline, config, tasks)
     existing = _stored_quanta(repo, output)
     if resume is True and existing == 0:
-        raise RepoError(f"--resume: run {output!r} has no quanta to resume; check the run name "
-                        "or drop --resume to start it.")
+        raise RepoError(
+            f"--resume: run {output!r} has no quanta to resume; check the run name or drop --resume to start it."
+        )
     if resume is False and existing:
         raise ProcskyValueError(
-            f"run {output!r} already has {existing} quanta; pass --resume to continue it or "
-            "choose a new --output run."
+            f"run {output!r} already has {existing} quanta; pass --resume to continue it or choose a new --output run."
         )
     graph = build_graph(repo, pipe, where=where, run=output, collections=collections)
     if len(graph) == 0:
@@ -178,15 +197,27 @@ def _plan_warnings(repo, graph: QuantumGraph) -> list[str]:
         bare = [q for q in todo if not q.inputs.get("refcat")]
         if not bare:
             continue
-        which = (f"no reference catalogue in {repo.root}" if len(bare) == len(todo)
-                 else f"no reference catalogue shard near {len(bare)} of its {len(todo)} quanta")
-        notes.append(f"{pt.label}: {which}; those detectors keep their header WCS and zero point "
-                     "(ingest one with `procsky ingest-refcat REPO FILES --name NAME`).")
+        which = (
+            f"no reference catalogue in {repo.root}"
+            if len(bare) == len(todo)
+            else f"no reference catalogue shard near {len(bare)} of its {len(todo)} quanta"
+        )
+        notes.append(
+            f"{pt.label}: {which}; those detectors keep their header WCS and zero point "
+            "(ingest one with `procsky ingest-refcat REPO FILES --name NAME`)."
+        )
     return notes
 
 
-def execute_plan(plan: RunPlan, *, client=None, retry_failed: bool = False, retries: int = 2,
-                 max_in_flight: int = 2000, progress: bool = False) -> RunSummary:
+def execute_plan(
+    plan: RunPlan,
+    *,
+    client=None,
+    retry_failed: bool = False,
+    retries: int = 2,
+    max_in_flight: int = 2000,
+    progress: bool = False,
+) -> RunSummary:
     """Store the graph of ``plan`` (merging with the run's stored states) and execute it.
 
     Parameters
@@ -207,16 +238,26 @@ def execute_plan(plan: RunPlan, *, client=None, retry_failed: bool = False, retr
     if client is None:
         executor = SyncExecutor(retries=retries, progress=progress)
     else:
-        executor = DaskExecutor(client, max_in_flight=max_in_flight, retries=retries,
-                                progress=progress)
+        executor = DaskExecutor(client, max_in_flight=max_in_flight, retries=retries, progress=progress)
     return executor.execute(plan.repo, plan.graph, retry_failed=retry_failed)
 
 
-def run_pipeline(repo, pipeline, *, where: str | None = None, output: str,
-                 client=None, config: Iterable[str] | dict | None = None,
-                 tasks: Sequence[str] | str | None = None, collections: Sequence[str] | None = None,
-                 resume: bool | None = None, retry_failed: bool = False, retries: int = 2,
-                 max_in_flight: int = 2000, progress: bool = False) -> RunSummary:
+def run_pipeline(
+    repo,
+    pipeline,
+    *,
+    where: str | None = None,
+    output: str,
+    client=None,
+    config: Iterable[str] | dict | None = None,
+    tasks: Sequence[str] | str | None = None,
+    collections: Sequence[str] | None = None,
+    resume: bool | None = None,
+    retry_failed: bool = False,
+    retries: int = 2,
+    max_in_flight: int = 2000,
+    progress: bool = False,
+) -> RunSummary:
     """Build, store and execute a pipeline; resumable.
 
     Parameters
@@ -252,7 +293,9 @@ def run_pipeline(repo, pipeline, *, where: str | None = None, output: str,
     -------
     RunSummary
     """
-    plan = plan_run(repo, pipeline, where=where, output=output, config=config, tasks=tasks,
-                    collections=collections, resume=resume)
-    return execute_plan(plan, client=client, retry_failed=retry_failed, retries=retries,
-                        max_in_flight=max_in_flight, progress=progress)
+    plan = plan_run(
+        repo, pipeline, where=where, output=output, config=config, tasks=tasks, collections=collections, resume=resume
+    )
+    return execute_plan(
+        plan, client=client, retry_failed=retry_failed, retries=retries, max_in_flight=max_in_flight, progress=progress
+    )

@@ -132,8 +132,7 @@ class Repo:
             raise ProcskyFileError(f"cannot read {config_path}: {exc}") from exc
         if int(self.config.get("format_version", 1)) > REPO_FORMAT_VERSION:
             raise RepoError(
-                f"{self.root} was written by a newer procsky (format "
-                f"{self.config['format_version']}); upgrade procsky"
+                f"{self.root} was written by a newer procsky (format {self.config['format_version']}); upgrade procsky"
             )
         self.registry = Registry(self._registry_url(self.config.get("registry")))
         #: Flush dataset files to disk before they are renamed and registered (survives
@@ -177,15 +176,13 @@ class Repo:
             if exist_ok:
                 return cls(root)
             raise ProcskyFileError(
-                f"{root} is already a procsky repository; open it with Repo({str(root)!r}) "
-                "or pass exist_ok=True"
+                f"{root} is already a procsky repository; open it with Repo({str(root)!r}) or pass exist_ok=True"
             )
         if root.exists() and not root.is_dir():
             raise ProcskyFileError(f"cannot create a repository at {root}: it is a file")
         if root.is_dir() and any(root.iterdir()):
             raise ProcskyFileError(
-                f"cannot create a repository in {root}: the folder is not empty; pick a new "
-                "or empty folder"
+                f"cannot create a repository in {root}: the folder is not empty; pick a new or empty folder"
             )
         if registry is not None and not isinstance(registry, str):
             raise ProcskyTypeError(f"registry must be a URL string, got {registry!r}")
@@ -218,9 +215,7 @@ class Repo:
         """All registered dataset types."""
         return self.registry.dataset_types()
 
-    def register_dataset_type(
-        self, name: str, dimensions: Sequence[str], storage_class: str | None
-    ) -> DatasetType:
+    def register_dataset_type(self, name: str, dimensions: Sequence[str], storage_class: str | None) -> DatasetType:
         """Declare a dataset type ahead of its first ``put``."""
         if storage_class is not None:
             get_storage_class(storage_class)
@@ -303,9 +298,7 @@ class Repo:
                 self.discard([pending])
             raise
 
-    def write_pending(
-        self, obj: Any, dataset_type: str, data_id: Mapping[str, Any], run: str
-    ) -> PendingDataset:
+    def write_pending(self, obj: Any, dataset_type: str, data_id: Mapping[str, Any], run: str) -> PendingDataset:
         """Write a dataset's files to their final location, verified, without registering.
 
         Call :meth:`register` (or :meth:`discard`) with the result.
@@ -342,9 +335,7 @@ class Repo:
         try:
             sc.write(obj, tmp)
             if not tmp.exists():
-                raise ProcskyFileError(
-                    f"writing {dataset_type} {data_id} produced no file at {tmp}"
-                )
+                raise ProcskyFileError(f"writing {dataset_type} {data_id} produced no file at {tmp}")
             sc.verify(tmp)
             digest = checksum(tmp)
             if self.fsync:
@@ -363,9 +354,7 @@ class Repo:
         )
         return pending, tmp
 
-    def _dataset_type_for(
-        self, obj: Any, name: str, data_id: dict[str, Any]
-    ) -> tuple[DatasetType, StorageClass]:
+    def _dataset_type_for(self, obj: Any, name: str, data_id: dict[str, Any]) -> tuple[DatasetType, StorageClass]:
         dt = self.registry.get_dataset_type(name)
         if dt is None:
             std = STANDARD_DATASET_TYPES.get(name)
@@ -373,15 +362,10 @@ class Repo:
                 dt = self.registry.register_dataset_type(std)
             else:
                 sc = infer_storage_class(obj)
-                dt = self.registry.register_dataset_type(
-                    DatasetType(name, tuple(data_id), sc.name)
-                )
+                dt = self.registry.register_dataset_type(DatasetType(name, tuple(data_id), sc.name))
         missing = [d for d in dt.dimensions if d not in data_id]
         if missing:
-            raise ProcskyValueError(
-                f"data ID {data_id} for {name} lacks {missing}; {name} needs "
-                f"{list(dt.dimensions)}"
-            )
+            raise ProcskyValueError(f"data ID {data_id} for {name} lacks {missing}; {name} needs {list(dt.dimensions)}")
         if dt.storage_class is None:
             return dt, infer_storage_class(obj)
         sc = get_storage_class(dt.storage_class)
@@ -526,10 +510,7 @@ class Repo:
         if ref is None:
             known = {dt.name for dt in self.dataset_types()}
             if dataset_type not in known:
-                hint = (
-                    f"no dataset type {dataset_type!r} in this repository; known: "
-                    f"{', '.join(sorted(known))}"
-                )
+                hint = f"no dataset type {dataset_type!r} in this repository; known: {', '.join(sorted(known))}"
             else:
                 n = len(self.registry.query_datasets(dataset_type, None, runs))
                 hint = (
@@ -537,10 +518,7 @@ class Repo:
                     f"with `procsky query {self.root} {dataset_type}`"
                 )
             where = f"runs {runs}" if runs else "any run (the repository has none)"
-            raise ProcskyKeyError(
-                f"no {dataset_type} with data ID {canonical_data_id(data_id)} in {where}; "
-                + hint
-            )
+            raise ProcskyKeyError(f"no {dataset_type} with data ID {canonical_data_id(data_id)} in {where}; " + hint)
         return ref
 
     def get(
@@ -553,11 +531,7 @@ class Repo:
 
         ``dataset_type`` may also be a :class:`DatasetRef`.
         """
-        ref = (
-            dataset_type
-            if isinstance(dataset_type, DatasetRef)
-            else self.get_ref(dataset_type, data_id or {}, run)
-        )
+        ref = dataset_type if isinstance(dataset_type, DatasetRef) else self.get_ref(dataset_type, data_id or {}, run)
         path = self.root / ref.uri
         if not path.exists():
             raise ProcskyFileError(
@@ -588,8 +562,7 @@ class Repo:
             for name in [dataset_type] if isinstance(dataset_type, str) else dataset_type:
                 if name not in known:
                     raise ProcskyKeyError(
-                        f"no dataset type {name!r} in this repository; known: "
-                        f"{', '.join(sorted(known))}"
+                        f"no dataset type {name!r} in this repository; known: {', '.join(sorted(known))}"
                     )
         runs = None if run is None else self._runs(run)
         return self.registry.query_datasets(dataset_type, where, runs)
@@ -680,7 +653,6 @@ class Repo:
                 except FileNotFoundError:
                     continue
         return sorted(out)
-
 
     def remove_orphans(self, min_age: float = 3600.0) -> list[Path]:
         """Delete the files :meth:`orphans` finds; returns them.

@@ -162,14 +162,10 @@ def _plain_value(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ProcskyTypeError(
-                f"data ID value {key}={value!r} must be an integer (e.g. {key}=12)"
-            )
+            raise ProcskyTypeError(f"data ID value {key}={value!r} must be an integer (e.g. {key}=12)")
     elif want is str:
         if not isinstance(value, str):
-            raise ProcskyTypeError(
-                f"data ID value {key}={value!r} must be a string (e.g. {key}='g')"
-            )
+            raise ProcskyTypeError(f"data ID value {key}={value!r} must be a string (e.g. {key}='g')")
     elif not isinstance(value, (str, int, float, bool)):
         raise ProcskyTypeError(
             f"data ID value {key}={value!r} has type {type(value).__name__}; data-ID "
@@ -184,8 +180,7 @@ def canonical_data_id(data_id: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(data_id, Mapping):
         raise ProcskyTypeError(
-            f"a data ID must be a dict such as {{'visit': 12, 'detector': 3}}, got "
-            f"{type(data_id).__name__}"
+            f"a data ID must be a dict such as {{'visit': 12, 'detector': 3}}, got {type(data_id).__name__}"
         )
     out: dict[str, Any] = {}
     for key in sort_dimensions(data_id.keys()):

@@ -291,15 +291,13 @@ class _Parser:
     def error(self, message: str, tok: Token | None = None) -> QuerySyntaxError:
         tok = tok or self.tok
         found = "end of expression" if tok.kind == "EOF" else repr(tok.text)
-        return QuerySyntaxError(
-            f"{message}, found {found} at position {tok.pos}", self.expression, tok.pos
-        )
+        return QuerySyntaxError(f"{message}, found {found} at position {tok.pos}", self.expression, tok.pos)
 
     # -- grammar ---------------------------------------------------------------------
     def parse(self):
         if self.tok.kind == "EOF":
             raise QuerySyntaxError(
-                "empty expression; give e.g. \"visit=12 AND detector IN (1, 2)\"",
+                'empty expression; give e.g. "visit=12 AND detector IN (1, 2)"',
                 self.expression,
                 0,
             )
@@ -335,9 +333,7 @@ class _Parser:
                 raise self.error("expected an expression inside the parentheses")
             node = self.or_expr()
             if not self.is_punct(")"):
-                raise self.error(
-                    f"expected ')' to close the '(' at position {open_tok.pos}"
-                )
+                raise self.error(f"expected ')' to close the '(' at position {open_tok.pos}")
             self.advance()
             return node
         left = self.operand()
@@ -481,9 +477,7 @@ class Expression:
         return _to_sql(self.ast, resolve)
 
 
-def parse_expression(
-    expression: str, dimension_types: Mapping[str, type] | None = None
-) -> Expression:
+def parse_expression(expression: str, dimension_types: Mapping[str, type] | None = None) -> Expression:
     """Parse a data-ID expression.
 
     Parameters
@@ -505,9 +499,7 @@ def parse_expression(
         With ``position`` at the offending token.
     """
     if not isinstance(expression, str):
-        raise QuerySyntaxError(
-            f"a data-ID expression must be a string, got {type(expression).__name__}"
-        )
+        raise QuerySyntaxError(f"a data-ID expression must be a string, got {type(expression).__name__}")
     ast = _Parser(expression).parse()
     types = STANDARD_DIMENSION_TYPES if dimension_types is None else dimension_types
     names: set[str] = set()
@@ -579,8 +571,7 @@ def _check(node, expression: str, types: Mapping[str, type], names: set[str]) ->
         if want is int and not _is_int(value):
             hint = f"; write {ident.name}={value}" if isinstance(value, str) and value.isdigit() else ""
             raise QuerySyntaxError(
-                f"{ident.name} is an integer dimension, got the {_literal_kind(value)} "
-                f"{value!r}{hint}",
+                f"{ident.name} is an integer dimension, got the {_literal_kind(value)} {value!r}{hint}",
                 expression,
                 lit.pos,
             )
@@ -757,4 +748,3 @@ def data_id_matches(where: str | Expression | None, data_id: Mapping[str, Any]) 
         return True
     expr = where if isinstance(where, Expression) else parse_expression(where)
     return expr.evaluate(data_id)
-

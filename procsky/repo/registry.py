@@ -140,16 +140,23 @@ class RecordConflictError(ConflictError):
     ``ingest`` option, a command-line flag) re-raises :meth:`with_fix`.
     """
 
-    def __init__(self, element: str = "", key: str = "", existing: Any = None, new: Any = None,
-                 fix: str = "pass replace=True to overwrite"):
+    def __init__(
+        self,
+        element: str = "",
+        key: str = "",
+        existing: Any = None,
+        new: Any = None,
+        fix: str = "pass replace=True to overwrite",
+    ):
         super().__init__(element, key, existing, new, fix)
         self.element, self.key, self.existing, self.new, self.fix = element, key, existing, new, fix
 
     def __str__(self) -> str:
         if not self.key:  # made from a message alone
             return str(self.element)
-        return (f"a different {self.element} record with key {self.key} exists: {self.existing} vs "
-                f"{self.new}; {self.fix}")
+        return (
+            f"a different {self.element} record with key {self.key} exists: {self.existing} vs {self.new}; {self.fix}"
+        )
 
     def with_fix(self, fix: str) -> RecordConflictError:
         """The same conflict with another remedy (raise it ``from`` this one)."""
@@ -193,9 +200,7 @@ def _build_metadata() -> tuple[sa.MetaData, dict[str, sa.Table]]:
         "dataset",
         md,
         sa.Column("id", sa.String(36), primary_key=True),
-        sa.Column(
-            "dataset_type", sa.String(128), sa.ForeignKey("dataset_type.name"), nullable=False
-        ),
+        sa.Column("dataset_type", sa.String(128), sa.ForeignKey("dataset_type.name"), nullable=False),
         sa.Column("run", sa.String(256), sa.ForeignKey("run.name"), nullable=False),
         sa.Column("data_id", _JSON, nullable=False),
         sa.Column("data_id_key", sa.Text, nullable=False),
@@ -326,8 +331,7 @@ class Registry:
                     "pip install 'procsky[postgres]'"
                 ) from exc
         raise ProcskyValueError(
-            f"unsupported registry URL {self.url!r}; use sqlite:///PATH or "
-            "postgresql+psycopg://USER@HOST:PORT/DB"
+            f"unsupported registry URL {self.url!r}; use sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB"
         )
 
     def __getstate__(self):
@@ -355,15 +359,12 @@ class Registry:
     def _create_schema(self) -> None:
         with self.transaction() as conn:
             self.metadata.create_all(conn, checkfirst=True)
-            _insert_ignore(
-                conn, self.tables["meta"], [{"key": "schema_version", "value": str(SCHEMA_VERSION)}]
-            )
+            _insert_ignore(conn, self.tables["meta"], [{"key": "schema_version", "value": str(SCHEMA_VERSION)}])
             _insert_ignore(
                 conn,
                 self.tables["dataset_type"],
                 [
-                    {"name": dt.name, "dimensions": list(dt.dimensions),
-                     "storage_class": dt.storage_class}
+                    {"name": dt.name, "dimensions": list(dt.dimensions), "storage_class": dt.storage_class}
                     for dt in STANDARD_DATASET_TYPES.values()
                 ],
             )
@@ -372,9 +373,7 @@ class Registry:
         try:
             with self.reading() as conn:
                 row = conn.execute(
-                    sa.select(self.tables["meta"].c.value).where(
-                        self.tables["meta"].c.key == "schema_version"
-                    )
+                    sa.select(self.tables["meta"].c.value).where(self.tables["meta"].c.key == "schema_version")
                 ).first()
         except sa.exc.SQLAlchemyError as exc:
             raise RepoError(
@@ -383,8 +382,7 @@ class Registry:
             ) from exc
         if row is None:
             raise RepoError(
-                f"the registry {self!r} has no procsky schema; create the repository with "
-                "`procsky repo create`"
+                f"the registry {self!r} has no procsky schema; create the repository with `procsky repo create`"
             )
         if int(row[0]) > SCHEMA_VERSION:
             raise RepoError(
@@ -521,9 +519,7 @@ class Registry:
             self._type_cache[name] = dt
         return dt
 
-    def register_dataset_type(
-        self, dataset_type: DatasetType, connection: Connection | None = None
-    ) -> DatasetType:
+    def register_dataset_type(self, dataset_type: DatasetType, connection: Connection | None = None) -> DatasetType:
         """Register a dataset type (no-op if an identical one exists).
 
         Raises
@@ -563,8 +559,7 @@ class Registry:
         chain = self.tables["chain"]
         if conn.execute(sa.select(chain.c.name).where(chain.c.name == run).limit(1)).first():
             raise ConflictError(
-                f"{run!r} is a collection chain, not a run; write to one of its runs or "
-                "pick another run name"
+                f"{run!r} is a collection chain, not a run; write to one of its runs or pick another run name"
             )
         _insert_ignore(conn, runs, [{"name": run, "created": _utcnow()}])
 
@@ -572,12 +567,7 @@ class Registry:
         """All runs, newest first."""
         t = self.tables["run"]
         with self.reading() as conn:
-            return [
-                r[0]
-                for r in conn.execute(
-                    sa.select(t.c.name).order_by(t.c.created.desc(), t.c.name.desc())
-                )
-            ]
+            return [r[0] for r in conn.execute(sa.select(t.c.name).order_by(t.c.created.desc(), t.c.name.desc()))]
 
     def chains(self) -> dict[str, list[str]]:
         """All collection chains: name -> ordered list of children."""
@@ -601,9 +591,7 @@ class Registry:
         def fn(conn):
             runs = self.tables["run"]
             if conn.execute(sa.select(runs.c.name).where(runs.c.name == name)).first():
-                raise ConflictError(
-                    f"{name!r} is already a run; a chain needs a name of its own"
-                )
+                raise ConflictError(f"{name!r} is already a run; a chain needs a name of its own")
             known_runs = {r[0] for r in conn.execute(sa.select(runs.c.name))}
             chain = self.tables["chain"]
             known_chains = {r[0] for r in conn.execute(sa.select(chain.c.name).distinct())}
@@ -626,13 +614,9 @@ class Registry:
 
     def _resolve(self, name: str, conn: Connection, stack: tuple[str, ...] = ()) -> list[str]:
         if name in stack:
-            raise ProcskyValueError(
-                f"collection chain cycle: {' -> '.join(stack + (name,))}; remove one link"
-            )
+            raise ProcskyValueError(f"collection chain cycle: {' -> '.join(stack + (name,))}; remove one link")
         chain = self.tables["chain"]
-        rows = conn.execute(
-            sa.select(chain.c.child).where(chain.c.name == name).order_by(chain.c.position)
-        ).all()
+        rows = conn.execute(sa.select(chain.c.child).where(chain.c.name == name).order_by(chain.c.position)).all()
         if rows:
             out: list[str] = []
             for (child,) in rows:
@@ -643,9 +627,7 @@ class Registry:
         runs = self.tables["run"]
         if conn.execute(sa.select(runs.c.name).where(runs.c.name == name)).first() is None:
             known = [r[0] for r in conn.execute(sa.select(runs.c.name).order_by(runs.c.name))]
-            raise ProcskyKeyError(
-                f"no run or chain called {name!r}; known runs: {', '.join(known) or '(none)'}"
-            )
+            raise ProcskyKeyError(f"no run or chain called {name!r}; known runs: {', '.join(known) or '(none)'}")
         return [name]
 
     def resolve_runs(self, run: str | Sequence[str] | None) -> list[str]:
@@ -720,8 +702,7 @@ class Registry:
         missing = [k for k in keys if k not in rec]
         if missing:
             raise ProcskyValueError(
-                f"{element} record {record!r} lacks the key(s) {missing}; a {element} record "
-                f"needs {list(keys)}"
+                f"{element} record {record!r} lacks the key(s) {missing}; a {element} record needs {list(keys)}"
             )
         key_values = canonical_data_id({k: rec[k] for k in keys})
         rec.update(key_values)
@@ -732,16 +713,12 @@ class Registry:
             row[d] = v if isinstance(v, typ) and not isinstance(v, bool) else None
         return row
 
-    def dimension_records(
-        self, element: str, where: str | Expression | None = None
-    ) -> list[dict[str, Any]]:
+    def dimension_records(self, element: str, where: str | Expression | None = None) -> list[dict[str, Any]]:
         """Records of ``element`` matching a data-ID expression on their fields."""
         t = self.tables["dimension"]
         expr = _as_expression(where)
         with self.reading() as conn:
-            rows = conn.execute(
-                sa.select(t.c.record).where(t.c.element == element).order_by(t.c.key)
-            ).all()
+            rows = conn.execute(sa.select(t.c.record).where(t.c.element == element).order_by(t.c.key)).all()
         recs = [dict(r[0]) for r in rows]
         if expr is not None:
             recs = [r for r in recs if expr.evaluate(r)]
@@ -761,9 +738,7 @@ class Registry:
             if all(d in known for d in IMPLIED[element]):
                 continue
             key = data_id_key({k: known[k] for k in keys})
-            row = conn.execute(
-                sa.select(t.c.record).where(sa.and_(t.c.element == element, t.c.key == key))
-            ).first()
+            row = conn.execute(sa.select(t.c.record).where(sa.and_(t.c.element == element, t.c.key == key))).first()
             if row is None:
                 continue
             for d in IMPLIED[element]:
@@ -789,11 +764,7 @@ class Registry:
                     f"{getattr(exc, 'orig', exc)}; the registry may be inconsistent"
                 ) from exc
             dup = rows[0] if len(rows) == 1 else None
-            what = (
-                f"{dup['dataset_type']} {dup['data_id']} in run {dup['run']!r}"
-                if dup
-                else "one of these datasets"
-            )
+            what = f"{dup['dataset_type']} {dup['data_id']} in run {dup['run']!r}" if dup else "one of these datasets"
             raise ConflictError(
                 f"{what} is already registered; write to a new run, or remove the existing "
                 f"dataset first (`procsky prune`)"
@@ -920,8 +891,9 @@ class Registry:
         known = set(STANDARD_DIMENSION_TYPES) | set(_DATASET_COLUMNS)
         if set(expr.identifiers) <= known:
             return
-        types = None if dataset_type is None else (
-            [dataset_type] if isinstance(dataset_type, str) else list(dataset_type))
+        types = (
+            None if dataset_type is None else ([dataset_type] if isinstance(dataset_type, str) else list(dataset_type))
+        )
         dtypes = [dt for dt in self.dataset_types() if types is None or dt.name in types]
         known.update(d for dt in dtypes for d in dt.dimensions)
         ds = self.tables["dataset"]
@@ -934,8 +906,7 @@ class Registry:
                     stmt = stmt.where(ds.c.dataset_type.in_(types))
                 if conn.execute(stmt.limit(1)).first() is not None:
                     known.add(name)
-        scope = ("any dataset type in this repository" if types is None
-                 else ", ".join(types))
+        scope = "any dataset type in this repository" if types is None else ", ".join(types)
         check_identifiers(expr, known, scope=scope)
 
     def _where_clause(self, ds: sa.Table, where):
@@ -944,17 +915,13 @@ class Registry:
         if isinstance(where, Mapping):
             data_id = canonical_data_id(where)
             resolve = self._column_resolver(ds)
-            return sa.and_(
-                sa.true(), *(resolve(k, (v,), -1) == v for k, v in data_id.items())
-            )
+            return sa.and_(sa.true(), *(resolve(k, (v,), -1) == v for k, v in data_id.items()))
         expr = _as_expression(where)
         if expr is None:
             return None
         return expr.to_sql(self._column_resolver(ds))
 
-    def find_dataset(
-        self, dataset_type: str, data_id: Mapping[str, Any], runs: Sequence[str]
-    ) -> DatasetRef | None:
+    def find_dataset(self, dataset_type: str, data_id: Mapping[str, Any], runs: Sequence[str]) -> DatasetRef | None:
         """The dataset of this type and data ID in the first of ``runs`` that has one.
 
         An exact data-ID match is preferred; otherwise ``data_id`` may name a subset or
@@ -989,9 +956,7 @@ class Registry:
             return self._ref(hits[0])
         return None
 
-    def exact_dataset(
-        self, dataset_type: str, data_id: Mapping[str, Any], run: str
-    ) -> DatasetRef | None:
+    def exact_dataset(self, dataset_type: str, data_id: Mapping[str, Any], run: str) -> DatasetRef | None:
         """The dataset with exactly this type, data ID and run, or None."""
         ds = self.tables["dataset"]
         stmt = sa.select(ds).where(
@@ -1023,9 +988,7 @@ class Registry:
         ds = self.tables["dataset"]
         with self.reading() as conn:
             rows = conn.execute(
-                sa.select(ds.c.run, ds.c.dataset_type, sa.func.count()).group_by(
-                    ds.c.run, ds.c.dataset_type
-                )
+                sa.select(ds.c.run, ds.c.dataset_type, sa.func.count()).group_by(ds.c.run, ds.c.dataset_type)
             ).all()
         return {(r[0], r[1]): r[2] for r in rows}
 
@@ -1048,9 +1011,7 @@ def _as_expression(where) -> Expression | None:
         if not where.strip():
             return None
         return parse_expression(where)
-    raise QuerySyntaxError(
-        f"a where expression must be a string such as \"visit=12\", got {type(where).__name__}"
-    )
+    raise QuerySyntaxError(f'a where expression must be a string such as "visit=12", got {type(where).__name__}')
 
 
 def _insert_ignore(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> int:

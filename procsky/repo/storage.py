@@ -149,9 +149,7 @@ class ExposureStorage(StorageClass):
     def read(self, path: Path) -> Any:
         cls = self._cls()
         if cls is None:
-            raise ProcskyFileError(
-                f"cannot read {path}: procsky.exposure is not importable in this install"
-            )
+            raise ProcskyFileError(f"cannot read {path}: procsky.exposure is not importable in this install")
         return cls.read(str(path))
 
     def verify(self, path: Path) -> None:
@@ -161,16 +159,9 @@ class ExposureStorage(StorageClass):
             raise ProcskyFileError(
                 f"Exposure written to {path} cannot be read back ({exc}); the disk may be full"
             ) from exc
-        shapes = {
-            name: getattr(getattr(exp, name, None), "shape", None)
-            for name in ("image", "variance", "mask")
-        }
-        if shapes["image"] is None or any(
-            s is not None and s != shapes["image"] for s in shapes.values()
-        ):
-            raise ProcskyFileError(
-                f"Exposure written to {path} has inconsistent planes {shapes}; rewrite it"
-            )
+        shapes = {name: getattr(getattr(exp, name, None), "shape", None) for name in ("image", "variance", "mask")}
+        if shapes["image"] is None or any(s is not None and s != shapes["image"] for s in shapes.values()):
+            raise ProcskyFileError(f"Exposure written to {path} has inconsistent planes {shapes}; rewrite it")
 
 
 class DataFrameStorage(StorageClass):
@@ -261,9 +252,7 @@ class DataFrameStorage(StorageClass):
         try:
             table = pq.read_table(str(path))
         except Exception as exc:
-            raise ProcskyFileError(
-                f"cannot read Parquet file {path} ({exc}); it may be truncated"
-            ) from exc
+            raise ProcskyFileError(f"cannot read Parquet file {path} ({exc}); it may be truncated") from exc
         df = table.to_pandas()
         md = table.schema.metadata or {}
         units = json.loads(md[b"procsky.units"]) if b"procsky.units" in md else {}
@@ -279,9 +268,7 @@ class DataFrameStorage(StorageClass):
             pq.read_metadata(str(path))
             pq.read_table(str(path))
         except Exception as exc:
-            raise ProcskyFileError(
-                f"Parquet written to {path} cannot be read back ({exc})"
-            ) from exc
+            raise ProcskyFileError(f"Parquet written to {path} cannot be read back ({exc})") from exc
 
 
 def _astropy_metadata(table, units: dict, descriptions: dict, meta: dict) -> dict[bytes, bytes]:
@@ -313,8 +300,9 @@ def _astropy_metadata(table, units: dict, descriptions: dict, meta: dict) -> dic
             dtype = np.dtype(t.to_pandas_dtype())
         else:  # timestamps, lists ...: the YAML type is informative only, astropy reads arrow's
             dtype = object
-        cols.append(Column(name=f.name, dtype=dtype, length=0, unit=units.get(f.name),
-                           description=descriptions.get(f.name)))
+        cols.append(
+            Column(name=f.name, dtype=dtype, length=0, unit=units.get(f.name), description=descriptions.get(f.name))
+        )
     try:
         lines = get_yaml_from_header({"cols": cols, "meta": meta} if meta else {"cols": cols})
     except Exception:  # a meta value YAML refuses: keep the units, drop the meta
@@ -378,9 +366,7 @@ def get_storage_class(name: str) -> StorageClass:
     try:
         return STORAGE_CLASSES[name]
     except KeyError:
-        raise ProcskyKeyError(
-            f"unknown storage class {name!r}; known: {', '.join(STORAGE_CLASSES)}"
-        ) from None
+        raise ProcskyKeyError(f"unknown storage class {name!r}; known: {', '.join(STORAGE_CLASSES)}") from None
 
 
 def infer_storage_class(obj: Any) -> StorageClass:
@@ -393,4 +379,3 @@ def infer_storage_class(obj: Any) -> StorageClass:
         "procsky.exposure.Exposure (Zarr), pandas DataFrame / astropy Table (Parquet) and "
         "dict (JSON)"
     )
-

@@ -66,8 +66,14 @@ def _stats(values) -> dict | None:
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
     if v.size == 0:
         return None
-    return {"n": int(v.size), "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()),
-            "rms": float(np.sqrt(np.mean(v**2))), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
+    return {
+        "n": int(v.size),
+        "median": float(np.median(v)),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "rms": float(np.sqrt(np.mean(v**2))),
+        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+    }
 
 
 def _single_frame(repo, run: str, truth) -> dict:
@@ -89,9 +95,14 @@ def _single_frame(repo, run: str, truth) -> dict:
     out["zero_point_minus_truth_mmag"] = _stats(dzp)
     vpc = _get_all(repo, "visit_photocalib", run)
     # detector zero points about their visit's (one zero point per visit is what the warps use)
-    out["detector_zero_point_scatter_mmag"] = _stats([
-        1000.0 * (d["detector_zero_point"] - p["zero_point"]) for _, p in vpc
-        for d in (p.get("detectors") or {}).values() if d.get("detector_zero_point") is not None])
+    out["detector_zero_point_scatter_mmag"] = _stats(
+        [
+            1000.0 * (d["detector_zero_point"] - p["zero_point"])
+            for _, p in vpc
+            for d in (p.get("detectors") or {}).values()
+            if d.get("detector_zero_point") is not None
+        ]
+    )
     out["astrometry_fit_rms_mas"] = _stats([s.get("astrometry_rms_mas") for _, s in summaries])
     out["astrometry_status"] = sorted({str(s.get("astrometry_status")) for _, s in summaries})
     # Bright isolated stars of each src table against truth: position and PSF flux.
@@ -108,8 +119,19 @@ def _single_frame(repo, run: str, truth) -> dict:
         if on.empty:
             continue
         snr = src.psf_flux / src.psf_flux_err
-        flags = [c for c in ("flag_edge", "flag_saturated", "flag_interpolated_center", "flag_cr_center",
-                             "flag_blended", "centroid_flag", "psf_flux_flag") if c in src]
+        flags = [
+            c
+            for c in (
+                "flag_edge",
+                "flag_saturated",
+                "flag_interpolated_center",
+                "flag_cr_center",
+                "flag_blended",
+                "centroid_flag",
+                "psf_flux_flag",
+            )
+            if c in src
+        ]
         good = (snr > 50).to_numpy() & ~np.any(src[flags].to_numpy(bool), axis=1)
         s = src[good]
         idx, _ = _sky_match(s.ra, s.dec, on.ra, on.dec, 0.5)
@@ -124,9 +146,12 @@ def _single_frame(repo, run: str, truth) -> dict:
         ratio = s.psf_flux.to_numpy()[m] / tf
         dmag.extend((1000.0 * -2.5 * np.log10(ratio[ratio > 0])).tolist())
     if d_ra:
-        out["bright_star_offset_mas"] = {"n": len(d_ra), "median_ra": float(np.median(d_ra)),
-                                         "median_dec": float(np.median(d_dec)),
-                                         "rms_per_axis": float(np.sqrt(np.mean(np.square(d_ra + d_dec))))}
+        out["bright_star_offset_mas"] = {
+            "n": len(d_ra),
+            "median_ra": float(np.median(d_ra)),
+            "median_dec": float(np.median(d_dec)),
+            "rms_per_axis": float(np.sqrt(np.mean(np.square(d_ra + d_dec)))),
+        }
         out["bright_star_psf_mag_minus_truth_mmag"] = _stats(dmag)
     return out
 
@@ -158,8 +183,12 @@ def _coadd_depth(repo, run: str) -> dict:
                 pass
         sigma = math.sqrt(float(np.median(var[ok])) * nea) if np.isfinite(nea) else float("nan")
         n_in = co.metadata.get("n_inputs_total") if co.metadata else None
-        out[band] = {"m5": _AB_NJY - 2.5 * math.log10(5 * sigma) if sigma > 0 else float("nan"),
-                     "n_inputs": n_in, "area_fraction": float(ok.mean()), "nea_px": nea}
+        out[band] = {
+            "m5": _AB_NJY - 2.5 * math.log10(5 * sigma) if sigma > 0 else float("nan"),
+            "n_inputs": n_in,
+            "area_fraction": float(ok.mean()),
+            "nea_px": nea,
+        }
     return out
 
 
@@ -204,8 +233,11 @@ def _dia(repo, run: str, truth, radius_arcsec: float) -> dict:
         stat = objects[~objects.kind.isin(["variable", "transient"])]
         j, sep = _sky_match(false.ra, false.dec, stat.ra, stat.dec, radius_arcsec)
         kinds = stat.kind.to_numpy()[j[j >= 0]]
-        out["false_on"] = {"star": int((kinds == "star").sum()), "galaxy": int((kinds == "galaxy").sum()),
-                           "nothing": int((j < 0).sum())}
+        out["false_on"] = {
+            "star": int((kinds == "star").sum()),
+            "galaxy": int((kinds == "galaxy").sum()),
+            "nothing": int((j < 0).sum()),
+        }
         out["false_examples"] = [{"ra": float(r.ra), "dec": float(r.dec)} for r in false.head(5).itertuples()]
     return out
 
@@ -233,8 +265,12 @@ def evaluate_run(repo, run: str, sim_dir, *, match_radius_arcsec: float = 1.0) -
 
     repo = open_repo(repo)
     truth = SimTruth(Path(sim_dir))
-    return {"run": run, "single_frame": _single_frame(repo, run, truth), "coadd": _coadd_depth(repo, run),
-            "dia": _dia(repo, run, truth, match_radius_arcsec)}
+    return {
+        "run": run,
+        "single_frame": _single_frame(repo, run, truth),
+        "coadd": _coadd_depth(repo, run),
+        "dia": _dia(repo, run, truth, match_radius_arcsec),
+    }
 
 
 def _r(s: dict | None, key: str = "median", fmt: str = "{:.2f}") -> str:
@@ -253,43 +289,61 @@ def format_evaluation(ev: dict) -> str:
     lines = [f"run {ev.get('run')!r} against the simulation's truth:"]
     lines.append(f"  single frame ({sf.get('n_detector_visits', 0)} detector-visits)")
     lines.append(f"    sources per detector     {_span(sf.get('sources_per_detector'), '{:.0f}')}")
-    lines.append(f"    PSF FWHM                 {_span(sf.get('psf_fwhm_arcsec'))} arcsec, "
-                 f"{_r(sf.get('psf_stars_per_detector'), fmt='{:.0f}')} PSF stars per detector")
+    lines.append(
+        f"    PSF FWHM                 {_span(sf.get('psf_fwhm_arcsec'))} arcsec, "
+        f"{_r(sf.get('psf_stars_per_detector'), fmt='{:.0f}')} PSF stars per detector"
+    )
     z = sf.get("zero_point_minus_truth_mmag")
     if z:
         lines.append(f"    zero point - truth       median {z['median']:+.1f} mmag, rms {z['rms']:.1f} mmag")
     zs = sf.get("detector_zero_point_scatter_mmag")
     if zs:
-        lines.append(f"    zero-point scatter       {zs['rms']:.1f} mmag rms of detector zero points about their visit's")
+        lines.append(
+            f"    zero-point scatter       {zs['rms']:.1f} mmag rms of detector zero points about their visit's"
+        )
     a = sf.get("bright_star_offset_mas")
     if a:
-        lines.append(f"    astrometry vs truth      {a['rms_per_axis']:.1f} mas rms per axis over {a['n']} stars of S/N > 50 "
-                     f"(median offset {a['median_ra']:+.1f}, {a['median_dec']:+.1f} mas)")
+        lines.append(
+            f"    astrometry vs truth      {a['rms_per_axis']:.1f} mas rms per axis over {a['n']} stars of S/N > 50 "
+            f"(median offset {a['median_ra']:+.1f}, {a['median_dec']:+.1f} mas)"
+        )
     p = sf.get("bright_star_psf_mag_minus_truth_mmag")
     if p:
-        lines.append(f"    PSF flux vs truth        median {p['median']:+.1f} mmag, rms {p['rms']:.1f} mmag (same stars)")
+        lines.append(
+            f"    PSF flux vs truth        median {p['median']:+.1f} mmag, rms {p['rms']:.1f} mmag (same stars)"
+        )
     if co:
         lines.append("  coadds")
         for band, c in sorted(co.items()):
             n_in = f"{c['n_inputs']} visits" if c.get("n_inputs") is not None else "its inputs"
-            lines.append(f"    {band}: 5-sigma point-source depth {c['m5']:.2f} AB from {n_in} "
-                         f"({100 * c['area_fraction']:.0f} % of the patch has data)")
+            lines.append(
+                f"    {band}: 5-sigma point-source depth {c['m5']:.2f} AB from {n_in} "
+                f"({100 * c['area_fraction']:.0f} % of the patch has data)"
+            )
     if dia.get("n_differences"):
         lines.append(f"  difference imaging ({dia['n_differences']} detector-visits)")
-        lines.append(f"    noise / variance plane   {_span(dia.get('residual_std_sigma'))} (rescaled on "
-                     f"{dia.get('n_variance_rescaled', 0)} of {dia['n_differences']}); "
-                     f"kernel stamps {_r(dia.get('kernel_stamps_used'), fmt='{:.0f}')} per detector")
+        lines.append(
+            f"    noise / variance plane   {_span(dia.get('residual_std_sigma'))} (rescaled on "
+            f"{dia.get('n_variance_rescaled', 0)} of {dia['n_differences']}); "
+            f"kernel stamps {_r(dia.get('kernel_stamps_used'), fmt='{:.0f}')} per detector"
+        )
         if dia.get("registration_sigma_px"):
-            lines.append(f"    registration noise       {_span(dia.get('registration_sigma_px'), '{:.3f}')} px per axis "
-                         "at bright stars (in the detection score)")
+            lines.append(
+                f"    registration noise       {_span(dia.get('registration_sigma_px'), '{:.3f}')} px per axis "
+                "at bright stars (in the detection score)"
+            )
         rec = dia.get("recovered", {})
         parts = [f"{k}s {v['recovered']}/{v['truth']}" for k, v in rec.items()]
         lines.append(f"    recovered                {', '.join(parts)} (truth objects on the differenced detectors)")
-        lines.append(f"    DIA objects              {dia['n_dia_objects']} from {dia['n_dia_sources']} DIA sources; "
-                     f"{dia['n_false_objects']} with no truth counterpart "
-                     f"({dia['false_objects_per_detector_visit']:.2f} per detector-visit)")
+        lines.append(
+            f"    DIA objects              {dia['n_dia_objects']} from {dia['n_dia_sources']} DIA sources; "
+            f"{dia['n_false_objects']} with no truth counterpart "
+            f"({dia['false_objects_per_detector_visit']:.2f} per detector-visit)"
+        )
         if dia.get("false_on"):
             f = dia["false_on"]
-            lines.append(f"    false objects lie on     {f['star']} static stars, {f['galaxy']} galaxies, "
-                         f"{f['nothing']} empty sky")
+            lines.append(
+                f"    false objects lie on     {f['star']} static stars, {f['galaxy']} galaxies, "
+                f"{f['nothing']} empty sky"
+            )
     return "\n".join(lines)

@@ -58,7 +58,9 @@ class SimPsfParams:
     def local(self, fx: float, fy: float) -> tuple[float, float, float]:
         """(atmospheric FWHM arcsec, g1, g2) at focal-plane position (fx, fy) pixels."""
         rx, ry = fx / self.fp_radius, fy / self.fp_radius
-        fwhm = self.fwhm_atm * (1.0 + self.fwhm_grad_x * rx + self.fwhm_grad_y * ry + self.fwhm_r2 * (rx * rx + ry * ry))
+        fwhm = self.fwhm_atm * (
+            1.0 + self.fwhm_grad_x * rx + self.fwhm_grad_y * ry + self.fwhm_r2 * (rx * rx + ry * ry)
+        )
         g1 = self.g1 + self.g1_x * rx + self.g1_y * ry + self.astig * (rx * rx - ry * ry)
         g2 = self.g2 + self.g2_x * rx + self.g2_y * ry + self.astig * 2.0 * rx * ry
         return fwhm, g1, g2
@@ -76,8 +78,9 @@ class SimPsfParams:
         return psf.shear(g1=g1, g2=g2)
 
 
-def draw_psf_params(rng: np.random.Generator, seeing, airmass: float, fp_radius: float,
-                    pixel_scale: float, wavelength_nm: float) -> SimPsfParams:
+def draw_psf_params(
+    rng: np.random.Generator, seeing, airmass: float, fp_radius: float, pixel_scale: float, wavelength_nm: float
+) -> SimPsfParams:
     """Draw one visit's PSF parameters.
 
     The zenith FWHM is log-normal about ``seeing.median_fwhm`` (sigma 0.2 in ln) clipped to

@@ -226,7 +226,9 @@ class Recipe(_Model):
     @classmethod
     def _bands(cls, v):
         if len(v) == 0:
-            raise ValueError("bands must list at least one band, e.g. [{name: r, exposure_time: 30, n_visits: 5, depth: 24}]")
+            raise ValueError(
+                "bands must list at least one band, e.g. [{name: r, exposure_time: 30, n_visits: 5, depth: 24}]"
+            )
         names = [b.name for b in v]
         if len(set(names)) != len(names):
             raise ValueError(f"bands are repeated: {names}")

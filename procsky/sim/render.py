@@ -218,8 +218,21 @@ def _galaxy_profile(galsim, hlr_disk, hlr_bulge, bulge_fraction, g1, g2, sg1, sg
     return prof
 
 
-def _draw_objects(galsim, image_e, objects, x, y, counts_e, wcs, geometry, detector, psf_params, gsparams,
-                  faint_gsparams=None, faint_limit=0.0):
+def _draw_objects(
+    galsim,
+    image_e,
+    objects,
+    x,
+    y,
+    counts_e,
+    wcs,
+    geometry,
+    detector,
+    psf_params,
+    gsparams,
+    faint_gsparams=None,
+    faint_limit=0.0,
+):
     """Add every object's pixel-convolved profile (electrons) to ``image_e`` in stamps.
 
     Objects with fewer than ``faint_limit`` electrons are drawn with ``faint_gsparams``
@@ -307,8 +320,9 @@ def _satellite(visit, geometry, detector, shape):
     return visit["sat_peak_e"] * np.exp(-0.5 * (d / s) ** 2)
 
 
-def render_detector(recipe, visit: dict, detector: int, objects: pd.DataFrame, *, raw: bool = False,
-                    keep_expected: bool = False) -> DetectorImage:
+def render_detector(
+    recipe, visit: dict, detector: int, objects: pd.DataFrame, *, raw: bool = False, keep_expected: bool = False
+) -> DetectorImage:
     """Draw one detector of one visit.
 
     Parameters
@@ -340,8 +354,9 @@ def render_detector(recipe, visit: dict, detector: int, objects: pd.DataFrame, *
     # GalSim pads every FFT to at least 128 x 128 by default; most of our objects need far
     # less, and 32 makes drawing ~3x faster with the same folding/maxk accuracy.
     gsparams = galsim.GSParams(minimum_fft_size=32, maximum_fft_size=8192)
-    faint_gsparams = galsim.GSParams(minimum_fft_size=32, maximum_fft_size=8192, folding_threshold=2e-2,
-                                     maxk_threshold=5e-3)
+    faint_gsparams = galsim.GSParams(
+        minimum_fft_size=32, maximum_fft_size=8192, folding_threshold=2e-2, maxk_threshold=5e-3
+    )
 
     # ---- positions, counts and the noiseless image
     ra = objects["ra"].to_numpy(dtype=float)
@@ -360,9 +375,21 @@ def render_detector(recipe, visit: dict, detector: int, objects: pd.DataFrame, *
     del fxx, fyy
     expected = sky
     del sky
-    _draw_objects(galsim, expected, objects[near].reset_index(drop=True), x[near], y[near], counts[near] * gain,
-                  wcs, geometry, detector, psf_params, gsparams, faint_gsparams,
-                  faint_limit=300.0 * math.sqrt(visit["sky_electrons"] + rn**2))
+    _draw_objects(
+        galsim,
+        expected,
+        objects[near].reset_index(drop=True),
+        x[near],
+        y[near],
+        counts[near] * gain,
+        wcs,
+        geometry,
+        detector,
+        psf_params,
+        gsparams,
+        faint_gsparams,
+        faint_limit=300.0 * math.sqrt(visit["sky_electrons"] + rn**2),
+    )
     trail = _satellite(visit, geometry, detector, (ny, nx))
     if trail is not None:
         expected += trail
@@ -411,40 +438,78 @@ def render_detector(recipe, visit: dict, detector: int, objects: pd.DataFrame, *
 
     # ---- truth
     on = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
-    truth = pd.DataFrame({
-        "object_id": objects["object_id"].to_numpy()[on].astype(np.int64),
-        "visit": np.full(on.sum(), vid, dtype=np.int64),
-        "detector": np.full(on.sum(), detector, dtype=np.int64),
-        "band": band,
-        "x": x[on], "y": y[on], "flux": flux[on], "counts": counts[on],
-    })
+    truth = pd.DataFrame(
+        {
+            "object_id": objects["object_id"].to_numpy()[on].astype(np.int64),
+            "visit": np.full(on.sum(), vid, dtype=np.int64),
+            "detector": np.full(on.sum(), detector, dtype=np.int64),
+            "band": band,
+            "x": x[on],
+            "y": y[on],
+            "flux": flux[on],
+            "counts": counts[on],
+        }
+    )
     if len(cr_list):
         cx, cy = cr_list[:, 0].astype(np.int64), cr_list[:, 1].astype(np.int64)
-        crs = pd.DataFrame({
-            "visit": vid, "detector": detector, "x": cx, "y": cy, "electrons": cr_list[:, 2],
-            "counts": cr_list[:, 2] / (gain * flat[cy, cx]),
-        })
+        crs = pd.DataFrame(
+            {
+                "visit": vid,
+                "detector": detector,
+                "x": cx,
+                "y": cy,
+                "electrons": cr_list[:, 2],
+                "counts": cr_list[:, 2] / (gain * flat[cy, cx]),
+            }
+        )
     else:
-        crs = pd.DataFrame({"visit": pd.Series(dtype=np.int64), "detector": pd.Series(dtype=np.int64),
-                            "x": pd.Series(dtype=np.int64), "y": pd.Series(dtype=np.int64),
-                            "electrons": pd.Series(dtype=float), "counts": pd.Series(dtype=float)})
+        crs = pd.DataFrame(
+            {
+                "visit": pd.Series(dtype=np.int64),
+                "detector": pd.Series(dtype=np.int64),
+                "x": pd.Series(dtype=np.int64),
+                "y": pd.Series(dtype=np.int64),
+                "electrons": pd.Series(dtype=float),
+                "counts": pd.Series(dtype=float),
+            }
+        )
     xc, yc = 0.5 * (nx - 1), 0.5 * (ny - 1)
     fxc, fyc = focal_plane_position(geometry, detector, xc, yc)
     summary = {
-        "visit": vid, "detector": detector, "band": band, "mjd": float(visit["mjd"]),
-        "exposure_time": t, "magzero": float(visit["magzero"]), "gain": gain, "read_noise": rn,
+        "visit": vid,
+        "detector": detector,
+        "band": band,
+        "mjd": float(visit["mjd"]),
+        "exposure_time": t,
+        "magzero": float(visit["magzero"]),
+        "gain": gain,
+        "read_noise": rn,
         "saturation": fw / gain,
-        "sky_level": float(visit["sky_electrons"] * (1 + visit["sky_grad_x"] * fxc / R + visit["sky_grad_y"] * fyc / R) / gain),
+        "sky_level": float(
+            visit["sky_electrons"] * (1 + visit["sky_grad_x"] * fxc / R + visit["sky_grad_y"] * fyc / R) / gain
+        ),
         **_sky_gradient(visit, geometry, detector, gain),
-        "focal_plane_x": float(fxc), "focal_plane_y": float(fyc),
+        "focal_plane_x": float(fxc),
+        "focal_plane_y": float(fyc),
         **psf_summary(psf_params, float(fxc), float(fyc)),
         "n_cosmic_ray_pixels": int(len(cr_list)),
         "n_saturated": int(sat.sum()),
         "satellite": has_trail,
         "wcs_header": wcs.to_header(relax=True).tostring(sep="\n"),
     }
-    return DetectorImage(vid, detector, wcs, calibrated, variance, mask, raw_img,
-                         expected if keep_expected else None, truth, crs, summary)
+    return DetectorImage(
+        vid,
+        detector,
+        wcs,
+        calibrated,
+        variance,
+        mask,
+        raw_img,
+        expected if keep_expected else None,
+        truth,
+        crs,
+        summary,
+    )
 
 
 def _sky_gradient(visit, geometry, detector, gain) -> dict:
@@ -490,10 +555,16 @@ def write_detector(recipe, visit: dict, img: DetectorImage, path, mode: str) -> 
 
     geometry = SimcamGeometry(recipe.instrument, recipe.seed)
     vi = VisitInfo(
-        exposure_time=float(visit["exposure_time"]), mjd=float(visit["mjd"]), band=visit["band"],
-        physical_filter=visit["physical_filter"], airmass=float(visit["airmass"]),
-        boresight_ra=float(visit["boresight_ra"]), boresight_dec=float(visit["boresight_dec"]),
-        rotation_angle=float(visit["rotation_angle"]), observatory="simulated", instrument="simcam",
+        exposure_time=float(visit["exposure_time"]),
+        mjd=float(visit["mjd"]),
+        band=visit["band"],
+        physical_filter=visit["physical_filter"],
+        airmass=float(visit["airmass"]),
+        boresight_ra=float(visit["boresight_ra"]),
+        boresight_dec=float(visit["boresight_dec"]),
+        rotation_angle=float(visit["rotation_angle"]),
+        observatory="simulated",
+        instrument="simcam",
         visit=int(visit["visit"]),
     )
     keys = _common_keys(recipe, geometry, img.detector, mode)
@@ -503,8 +574,10 @@ def write_detector(recipe, visit: dict, img: DetectorImage, path, mode: str) -> 
         nos = recipe.raw.overscan_columns
         assert img.raw is not None  # render_detector(..., raw=True) in raw mode
         image = img.raw
-        variance = (np.maximum(img.raw - recipe.raw.bias_level, 0.0) / recipe.instrument.gain
-                    + (recipe.instrument.read_noise / recipe.instrument.gain) ** 2).astype(np.float32)
+        variance = (
+            np.maximum(img.raw - recipe.raw.bias_level, 0.0) / recipe.instrument.gain
+            + (recipe.instrument.read_noise / recipe.instrument.gain) ** 2
+        ).astype(np.float32)
         mask = np.zeros(image.shape, dtype=np.uint32)
         keys["DATASEC"] = (f"[1:{nx},1:{ny}]", "science pixels (FITS 1-based)")
         keys["BIASSEC"] = (f"[{nx + 1}:{nx + nos},1:{ny}]", "serial overscan (FITS 1-based)")
@@ -517,8 +590,16 @@ def write_detector(recipe, visit: dict, img: DetectorImage, path, mode: str) -> 
     det = geometry.detector_dict(img.detector)
     if mode == "raw":
         det.update(datasec=meta["datasec"], biassec=meta["biassec"])
-    exp = Exposure(image, variance, mask, wcs=img.wcs, visit_info=vi,
-                   photocalib=PhotoCalib.from_zero_point(float(visit["magzero"])), detector=det, metadata=meta)
+    exp = Exposure(
+        image,
+        variance,
+        mask,
+        wcs=img.wcs,
+        visit_info=vi,
+        photocalib=PhotoCalib.from_zero_point(float(visit["magzero"])),
+        detector=det,
+        metadata=meta,
+    )
     exp.write(path, primary_header=keys)
 
 
@@ -544,24 +625,37 @@ def write_calibs(recipe, detector: int, bands: list[str], calib_dir) -> list[str
     names = []
     rng = rng_for(recipe.seed, "signature", detector, 1)
     nb = 20
-    bias = bias_pattern(recipe, geometry, detector) + rng.normal(0.0, inst.read_noise / inst.gain / math.sqrt(nb), mask.shape)
+    bias = bias_pattern(recipe, geometry, detector) + rng.normal(
+        0.0, inst.read_noise / inst.gain / math.sqrt(nb), mask.shape
+    )
     dark = dark_map(recipe, geometry, detector, defects) / inst.gain
-    frames: list[tuple[str, str | None, np.ndarray, np.ndarray]] = [("bias", None, bias, np.full(mask.shape, (inst.read_noise / inst.gain) ** 2 / nb)),
-              ("dark", None, dark, np.zeros(mask.shape))]
+    frames: list[tuple[str, str | None, np.ndarray, np.ndarray]] = [
+        ("bias", None, bias, np.full(mask.shape, (inst.read_noise / inst.gain) ** 2 / nb)),
+        ("dark", None, dark, np.zeros(mask.shape)),
+    ]
     for b in bands:
         frames.append(("flat", b, flat_field(recipe, geometry, detector, b), np.zeros(mask.shape)))
     for kind, band, image, var in frames:
         name = f"{kind}-d{detector:03d}.fits" if band is None else f"{kind}-{band}-d{detector:03d}.fits"
         keys = _common_keys(recipe, geometry, detector, kind)
-        keys["BUNIT"] = {"bias": ("adu", ""), "dark": ("adu/s", "dark current per second"),
-                         "flat": ("", "dimensionless response")}[kind]
+        keys["BUNIT"] = {
+            "bias": ("adu", ""),
+            "dark": ("adu/s", "dark current per second"),
+            "flat": ("", "dimensionless response"),
+        }[kind]
         meta = {"imagetyp": kind, "recipe": recipe.name, "seed": recipe.seed}
         if band is not None:
             keys["BAND"] = (band, "band of this flat")
             keys["FILTER"] = (f"simcam-{band}", "physical filter")
             meta["band"] = band
-        exp = Exposure(image.astype(np.float32), var.astype(np.float32), mask.copy(), wcs=wcs,
-                       detector=geometry.detector_dict(detector), metadata=meta)
+        exp = Exposure(
+            image.astype(np.float32),
+            var.astype(np.float32),
+            mask.copy(),
+            wcs=wcs,
+            detector=geometry.detector_dict(detector),
+            metadata=meta,
+        )
         path = calib_dir / name
         exp.write(path, primary_header=keys)
         names.append(name)
@@ -598,9 +692,18 @@ def calib_frame_filename(kind: str, exposure: int, detector: int) -> str:
     return f"{kind}-e{exposure:06d}-d{detector:03d}.fits"
 
 
-def draw_calib_frame(recipe, geometry, detector: int, kind: str, exposure: int, band: str | None = None,
-                     *, bias: np.ndarray | None = None, flat: np.ndarray | None = None,
-                     defects: pd.DataFrame | None = None) -> np.ndarray:
+def draw_calib_frame(
+    recipe,
+    geometry,
+    detector: int,
+    kind: str,
+    exposure: int,
+    band: str | None = None,
+    *,
+    bias: np.ndarray | None = None,
+    flat: np.ndarray | None = None,
+    defects: pd.DataFrame | None = None,
+) -> np.ndarray:
     """One raw bias, dark or flat exposure of one detector (ADU incl. overscan, uint16).
 
     The same signature as the science raws of :func:`render_detector`: the overscan level
@@ -687,17 +790,20 @@ def write_calib_frames(recipe, detector: int, bands: list[str], frame_dir) -> li
         expid = calib_exposure_id(kind, k, band)
         if band is not None and band not in flats:
             flats[band] = flat_field(recipe, geometry, detector, band)
-        data = draw_calib_frame(recipe, geometry, detector, kind, expid, band, bias=bias,
-                                flat=flats.get(band), defects=defects)
+        data = draw_calib_frame(
+            recipe, geometry, detector, kind, expid, band, bias=bias, flat=flats.get(band), defects=defects
+        )
         keys = _common_keys(recipe, geometry, detector, kind)
         t = {"bias": 0.0, "dark": recipe.raw.dark_exposure_time, "flat": recipe.raw.flat_exposure_time}[kind]
-        keys.update({
-            "EXPID": (expid, "exposure id, shared by all detectors"),
-            "EXPTIME": (t, "exposure time, s"),
-            "MJD-OBS": (recipe.mjd_start - 1.0 + expid % 100000 / 1e5, "start of exposure (MJD)"),
-            "DATASEC": (f"[1:{nx},1:{ny}]", "science pixels (FITS 1-based)"),
-            "BIASSEC": (f"[{nx + 1}:{nx + nos},1:{ny}]", "serial overscan (FITS 1-based)"),
-        })
+        keys.update(
+            {
+                "EXPID": (expid, "exposure id, shared by all detectors"),
+                "EXPTIME": (t, "exposure time, s"),
+                "MJD-OBS": (recipe.mjd_start - 1.0 + expid % 100000 / 1e5, "start of exposure (MJD)"),
+                "DATASEC": (f"[1:{nx},1:{ny}]", "science pixels (FITS 1-based)"),
+                "BIASSEC": (f"[{nx + 1}:{nx + nos},1:{ny}]", "serial overscan (FITS 1-based)"),
+            }
+        )
         if band is not None:
             keys["FILTER"] = (f"simcam-{band}", "physical filter")
             keys["BAND"] = (band, "band of this flat")

@@ -39,8 +39,18 @@ __all__ = ["Scene", "build_scene", "tangent_to_sky", "sky_to_tangent", "epoch_fl
 
 #: Stream numbers for seeding independent random sequences.
 STREAMS = {
-    "stars": 1, "galaxies": 2, "variables": 3, "transients": 4, "visits": 5, "refcat": 6,
-    "noise": 10, "cosmic": 11, "defects": 12, "signature": 13, "flat": 14, "overscan": 15,
+    "stars": 1,
+    "galaxies": 2,
+    "variables": 3,
+    "transients": 4,
+    "visits": 5,
+    "refcat": 6,
+    "noise": 10,
+    "cosmic": 11,
+    "defects": 12,
+    "signature": 13,
+    "flat": 14,
+    "overscan": 15,
     "calib_frame": 16,
 }
 
@@ -131,10 +141,17 @@ class Scene:
         rows = []
         for v in self.visits.itertuples():
             f = epoch_flux(obj, v.band, v.mjd)
-            rows.append(pd.DataFrame({
-                "object_id": obj["object_id"].to_numpy(), "visit": v.visit, "mjd": v.mjd,
-                "band": v.band, "flux": f,
-            }))
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "object_id": obj["object_id"].to_numpy(),
+                        "visit": v.visit,
+                        "mjd": v.mjd,
+                        "band": v.band,
+                        "flux": f,
+                    }
+                )
+            )
         if not rows:
             return pd.DataFrame(columns=["object_id", "visit", "mjd", "band", "flux"])
         out = pd.concat(rows, ignore_index=True)
@@ -162,7 +179,10 @@ class Scene:
         out = {
             "ref_id": np.arange(1, n + 1, dtype=np.int64),
             "object_id": obj["object_id"].to_numpy(),
-            "ra": ra % 360.0, "dec": dec, "ra_err": err_deg, "dec_err": err_deg,
+            "ra": ra % 360.0,
+            "dec": dec,
+            "ra_err": err_deg,
+            "dec_err": err_deg,
             "epoch_mjd": np.full(n, r.refcat.epoch_mjd),
         }
         for b in r.band_names:
@@ -255,28 +275,30 @@ def _build_visits(recipe, geometry: SimcamGeometry) -> pd.DataFrame:
                 "sat_peak_e": float(rng.uniform(3.0, 20.0) * math.sqrt(sky_e + inst.read_noise**2)),
             }
             mid = t + 0.5 * band_cfg.exposure_time / 86400.0
-            rows.append({
-                "visit": visit,
-                "band": band_cfg.name,
-                "physical_filter": f"simcam-{band_cfg.name}",
-                "mjd": mid,
-                "exposure_time": float(band_cfg.exposure_time),
-                "airmass": airmass,
-                "boresight_ra": float(ra),
-                "boresight_dec": float(dec),
-                "rotation_angle": rot,
-                "offset_xi": float(off[0]),
-                "offset_eta": float(off[1]),
-                "zp_electrons": zp_e,
-                "magzero": zp_e - 2.5 * math.log10(inst.gain),
-                "extinction": bd["extinction"] * (airmass - 1.0) + clouds,
-                "sky_mag": sky_mag,
-                "sky_electrons": sky_e,
-                "sky_grad_x": float(rng.normal(0.0, 0.02)),
-                "sky_grad_y": float(rng.normal(0.0, 0.02)),
-                **psf.to_dict(),
-                **sat_row,
-            })
+            rows.append(
+                {
+                    "visit": visit,
+                    "band": band_cfg.name,
+                    "physical_filter": f"simcam-{band_cfg.name}",
+                    "mjd": mid,
+                    "exposure_time": float(band_cfg.exposure_time),
+                    "airmass": airmass,
+                    "boresight_ra": float(ra),
+                    "boresight_dec": float(dec),
+                    "rotation_angle": rot,
+                    "offset_xi": float(off[0]),
+                    "offset_eta": float(off[1]),
+                    "zp_electrons": zp_e,
+                    "magzero": zp_e - 2.5 * math.log10(inst.gain),
+                    "extinction": bd["extinction"] * (airmass - 1.0) + clouds,
+                    "sky_mag": sky_mag,
+                    "sky_electrons": sky_e,
+                    "sky_grad_x": float(rng.normal(0.0, 0.02)),
+                    "sky_grad_y": float(rng.normal(0.0, 0.02)),
+                    **psf.to_dict(),
+                    **sat_row,
+                }
+            )
             t += (band_cfg.exposure_time + 30.0) / 86400.0
     return pd.DataFrame(rows)
 
@@ -300,8 +322,11 @@ def build_scene(recipe) -> Scene:
     m = _power_law_mags(rng, n_star, r.stars.mag_min, r.stars.mag_max, r.stars.slope)
     t = rng.beta(2.0, 3.0, n_star)
     col = _stellar_colours(t)
-    stars = {"kind": np.full(n_star, "star", dtype=object), "xi": rng.uniform(-half, half, n_star),
-             "eta": rng.uniform(-half, half, n_star)}
+    stars = {
+        "kind": np.full(n_star, "star", dtype=object),
+        "xi": rng.uniform(-half, half, n_star),
+        "eta": rng.uniform(-half, half, n_star),
+    }
     for b in bands:
         stars[f"flux_{b}"] = njy(m + col[b])
     stars["flux_ref"] = njy(m)
@@ -314,8 +339,11 @@ def build_scene(recipe) -> Scene:
     m = rng.uniform(vc.mag_min, vc.mag_max, n)
     t = rng.beta(2.0, 3.0, n)
     col = _stellar_colours(t)
-    var = {"kind": np.full(n, "variable", dtype=object), "xi": rng.uniform(-0.8, 0.8, n) * (half - 20),
-           "eta": rng.uniform(-0.8, 0.8, n) * (half - 20)}
+    var = {
+        "kind": np.full(n, "variable", dtype=object),
+        "xi": rng.uniform(-0.8, 0.8, n) * (half - 20),
+        "eta": rng.uniform(-0.8, 0.8, n) * (half - 20),
+    }
     for b in bands:
         var[f"flux_{b}"] = njy(m + col[b])
     var["flux_ref"] = njy(m)
@@ -337,8 +365,11 @@ def build_scene(recipe) -> Scene:
     g1, g2 = emag * np.cos(2 * phi), emag * np.sin(2 * phi)
     dcol = {b: _DISK_COLOURS[b] + rng.normal(0.0, 0.05, n_gal) for b in bands}
     bcol = {b: _BULGE_COLOURS[b] + rng.normal(0.0, 0.05, n_gal) for b in bands}
-    gal = {"kind": np.full(n_gal, "galaxy", dtype=object), "xi": rng.uniform(-half, half, n_gal),
-           "eta": rng.uniform(-half, half, n_gal)}
+    gal = {
+        "kind": np.full(n_gal, "galaxy", dtype=object),
+        "xi": rng.uniform(-half, half, n_gal),
+        "eta": rng.uniform(-half, half, n_gal),
+    }
     f_r = njy(m)
     for b in bands:
         fb = f_r * bt * 10.0 ** (-0.4 * bcol[b])
@@ -388,7 +419,9 @@ def build_scene(recipe) -> Scene:
     hi = objects.get("host_index")
     if hi is not None:
         hid = hi.to_numpy(dtype=float)
-        objects["host_id"] = np.where(np.isfinite(hid) & (hid >= 0), np.nan_to_num(hid, nan=0) + gal_first, -1).astype(np.int64)
+        objects["host_id"] = np.where(np.isfinite(hid) & (hid >= 0), np.nan_to_num(hid, nan=0) + gal_first, -1).astype(
+            np.int64
+        )
         objects = objects.drop(columns=["host_index"])
     ra, dec = tangent_to_sky(objects["xi"].to_numpy(), objects["eta"].to_numpy(), r.field.ra, r.field.dec)
     objects.insert(2, "ra", ra)
@@ -403,7 +436,7 @@ def build_scene(recipe) -> Scene:
     keep = []
     for c in objects.columns:
         for prefix in ("flux_", "bulge_fraction_"):
-            if c.startswith(prefix) and c[len(prefix):] not in r.band_names and c != "flux_ref":
+            if c.startswith(prefix) and c[len(prefix) :] not in r.band_names and c != "flux_ref":
                 break
         else:
             keep.append(c)
@@ -415,8 +448,14 @@ def _apply_lensing(r, objects: pd.DataFrame) -> None:
     import galsim
 
     sc = r.shear
-    halo = galsim.NFWHalo(mass=sc.mass_msun, conc=sc.concentration, redshift=sc.redshift,
-                          halo_pos=galsim.PositionD(*sc.offset_arcsec), omega_m=0.3, omega_lam=0.7)
+    halo = galsim.NFWHalo(
+        mass=sc.mass_msun,
+        conc=sc.concentration,
+        redshift=sc.redshift,
+        halo_pos=galsim.PositionD(*sc.offset_arcsec),
+        omega_m=0.3,
+        omega_lam=0.7,
+    )
     gal = (objects["kind"] == "galaxy").to_numpy() & (objects["redshift"].to_numpy() > sc.redshift + 0.05)
     if not gal.any():
         return

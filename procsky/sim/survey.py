@@ -63,7 +63,12 @@ def select_objects(scene: Scene, visit_row, detector: int, footprint=None) -> pd
     x0, x1, y0, y1 = footprint
     o = scene.objects
     xi, eta = o["xi"].to_numpy(), o["eta"].to_numpy()
-    m = (xi > x0 - _MARGIN_ARCSEC) & (xi < x1 + _MARGIN_ARCSEC) & (eta > y0 - _MARGIN_ARCSEC) & (eta < y1 + _MARGIN_ARCSEC)
+    m = (
+        (xi > x0 - _MARGIN_ARCSEC)
+        & (xi < x1 + _MARGIN_ARCSEC)
+        & (eta > y0 - _MARGIN_ARCSEC)
+        & (eta < y1 + _MARGIN_ARCSEC)
+    )
     sub = o[m]
     band = visit_row.band
     cols = {
@@ -122,8 +127,18 @@ class _TqdmCallback:
         return _CB()
 
 
-def simulate(recipe, out, *, seed: int | None = None, mode: str = "calibrated", scheduler: str = "processes",
-             workers: int | None = None, visits=None, detectors=None, progress: bool = True) -> SimulationResult:
+def simulate(
+    recipe,
+    out,
+    *,
+    seed: int | None = None,
+    mode: str = "calibrated",
+    scheduler: str = "processes",
+    workers: int | None = None,
+    visits=None,
+    detectors=None,
+    progress: bool = True,
+) -> SimulationResult:
     """Simulate a survey and write images, truth and reference catalogues to ``out``.
 
     Parameters
@@ -183,17 +198,25 @@ def simulate(recipe, out, *, seed: int | None = None, mode: str = "calibrated", 
         fps = detector_footprints(scene, row)
         for d in want_dets:
             objs = select_objects(scene, row, d, fps[d])
-            tasks.append(dask.delayed(draw_visit_detector, pure=False)(
-                recipe, vdict, d, objs, str(out), mode, dask_key_name=f"draw-{v}-{d}"))
+            tasks.append(
+                dask.delayed(draw_visit_detector, pure=False)(
+                    recipe, vdict, d, objs, str(out), mode, dask_key_name=f"draw-{v}-{d}"
+                )
+            )
     calib_tasks = []
     if mode == "raw":
         bands = recipe.band_names
-        calib_tasks = [dask.delayed(_calib_task, pure=False)(recipe, d, bands, str(out), dask_key_name=f"calib-{d}")
-                       for d in want_dets]
+        calib_tasks = [
+            dask.delayed(_calib_task, pure=False)(recipe, d, bands, str(out), dask_key_name=f"calib-{d}")
+            for d in want_dets
+        ]
         frame_bands = [b for b in bands if b in set(vrows.loc[want_visits, "band"])]
-        calib_tasks += [dask.delayed(_calib_frames_task, pure=False)(recipe, d, frame_bands, str(out),
-                                                                      dask_key_name=f"calib-frames-{d}")
-                        for d in want_dets]
+        calib_tasks += [
+            dask.delayed(_calib_frames_task, pure=False)(
+                recipe, d, frame_bands, str(out), dask_key_name=f"calib-frames-{d}"
+            )
+            for d in want_dets
+        ]
     sched = "sync" if scheduler in ("sync", "synchronous") else scheduler
     kwargs = {"scheduler": sched}
     if sched != "sync":
@@ -208,8 +231,10 @@ def simulate(recipe, out, *, seed: int | None = None, mode: str = "calibrated", 
     summaries = [r[2] for r in results]
     _write_parquet(_concat(truth, ["visit", "detector", "object_id"]), out / "truth" / "exposures.parquet")
     _write_parquet(_concat(crs, ["visit", "detector", "y", "x"]), out / "truth" / "cosmic_rays.parquet")
-    _write_parquet(pd.DataFrame(summaries).sort_values(["visit", "detector"]).reset_index(drop=True),
-                   out / "truth" / "detectors.parquet")
+    _write_parquet(
+        pd.DataFrame(summaries).sort_values(["visit", "detector"]).reset_index(drop=True),
+        out / "truth" / "detectors.parquet",
+    )
     objects = scene.objects.drop(columns=["flux_ref"])
     _write_parquet(objects, out / "truth" / "objects.parquet")
     _write_parquet(scene.visits, out / "truth" / "visits.parquet")
@@ -239,10 +264,27 @@ def _concat(frames, order):
 
 
 _UNITS = {
-    "ra": "deg", "dec": "deg", "ra_err": "deg", "dec_err": "deg", "x": "pixel", "y": "pixel",
-    "flux": "nJy", "counts": "adu", "mjd": "d", "hlr_disk": "arcsec", "hlr_bulge": "arcsec",
-    "xi": "arcsec", "eta": "arcsec", "period": "d", "t0": "d", "rise": "d", "decay": "d",
-    "electrons": "electron", "sky_level": "adu", "psf_fwhm": "arcsec", "psf_fwhm_px": "pixel",
+    "ra": "deg",
+    "dec": "deg",
+    "ra_err": "deg",
+    "dec_err": "deg",
+    "x": "pixel",
+    "y": "pixel",
+    "flux": "nJy",
+    "counts": "adu",
+    "mjd": "d",
+    "hlr_disk": "arcsec",
+    "hlr_bulge": "arcsec",
+    "xi": "arcsec",
+    "eta": "arcsec",
+    "period": "d",
+    "t0": "d",
+    "rise": "d",
+    "decay": "d",
+    "electrons": "electron",
+    "sky_level": "adu",
+    "psf_fwhm": "arcsec",
+    "psf_fwhm_px": "pixel",
 }
 
 

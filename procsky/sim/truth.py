@@ -131,4 +131,10 @@ def _line_in_pixels(recipe, v, detector: int):
     # f = R_d (p - p0)  =>  p = p0 + R_d^T f
     x0 = px0 + c * fx + s * fy
     y0 = py0 - s * fx + c * fy
-    return x0, y0, float(v["sat_angle"]) - d.rotation, float(v["sat_sigma_px"]), float(v["sat_peak_e"]) / recipe.instrument.gain
+    return (
+        x0,
+        y0,
+        float(v["sat_angle"]) - d.rotation,
+        float(v["sat_sigma_px"]),
+        float(v["sat_peak_e"]) / recipe.instrument.gain,
+    )

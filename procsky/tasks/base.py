@@ -80,8 +80,7 @@ def data_id_key(data_id: Mapping[str, Any]) -> str:
         ``'{"detector":3,"visit":12}'``-style canonical JSON (the same text as the
         registry's ``procsky.repo.dimensions.data_id_key``).
     """
-    return json.dumps({k: _plain(v) for k, v in data_id.items()}, sort_keys=True,
-                      separators=(",", ":"))
+    return json.dumps({k: _plain(v) for k, v in data_id.items()}, sort_keys=True, separators=(",", ":"))
 
 
 def _plain(value: Any) -> Any:
@@ -272,7 +271,7 @@ def _invalid(model: type[pydantic.BaseModel], exc: pydantic.ValidationError, wha
     """A :class:`ProcskyValueError` for a failed validation, listing the fields of the model involved."""
     target = model
     path: list[str] = []
-    for part in (exc.errors()[0].get("loc", ()) if exc.errors() else ()):
+    for part in exc.errors()[0].get("loc", ()) if exc.errors() else ():
         info = target.model_fields.get(part) if isinstance(part, str) else None
         sub = _model_class(info.annotation) if info is not None else None
         if sub is None:
@@ -390,8 +389,7 @@ def register_task(name: str):
 def _register(name: str, cls: Any) -> None:
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ProcskyTypeError(
-            f"task {name!r} is {cls!r}, which is not a procsky Task subclass; derive it from "
-            "procsky.tasks.base.Task."
+            f"task {name!r} is {cls!r}, which is not a procsky Task subclass; derive it from procsky.tasks.base.Task."
         )
     old = _REGISTRY.get(name)
     if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
@@ -475,8 +473,7 @@ def get_task_class(name: str) -> type:
         return _load_entry_point(eps[name])
     known = ", ".join(sorted(set(_REGISTRY) | set(eps))) or "none"
     raise ProcskyKeyError(
-        f"no task registered as {name!r} (registered: {known}); use a registered name or "
-        "'package.module:Class'."
+        f"no task registered as {name!r} (registered: {known}); use a registered name or 'package.module:Class'."
     )
 
 
@@ -674,15 +671,15 @@ def default_quanta(task: Task, inputs: Mapping[str, list[DatasetKey]]) -> list[Q
         chosen: dict[str, list[DatasetKey]] = {}
         # Values implied by the per-quantum covering inputs (e.g. the physical_filter of a
         # raw) narrow the other inputs (the flat of that filter).
-        context = _implied(d for n in covering if not conns[n].multiple
-                           for d in index[n].get(qkey, []))
+        context = _implied(d for n in covering if not conns[n].multiple for d in index[n].get(qkey, []))
         ok = True
         for name, conn in conns.items():
             shared = [d for d in dims if d in conn.dimensions]
             got = index[name].get(data_id_key(_project(qid, shared)), [])
             if len(got) > 1 and name not in covering and context:
-                narrowed = [d for d in got if all(d.data_id[k] == context[k]
-                                                  for k in d.data_id.keys() & context.keys())]
+                narrowed = [
+                    d for d in got if all(d.data_id[k] == context[k] for k in d.data_id.keys() & context.keys())
+                ]
                 got = narrowed if (conn.multiple or narrowed) else got
             if not got and not conn.optional:
                 ok = False

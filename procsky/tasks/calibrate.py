@@ -81,8 +81,9 @@ class CalibrateTask(Task):
             bs = boresights[key]
             cand = [d for d in shards if d.data_id.get("refcat") == name]
             if bs is not None:
-                keep = shards_in_cone([d.data_id for d in cand], bs[0], bs[1], self.config.refcat_visit_radius_deg,
-                                      name)
+                keep = shards_in_cone(
+                    [d.data_id for d in cand], bs[0], bs[1], self.config.refcat_visit_radius_deg, name
+                )
                 cand = [cand[i] for i in keep]
             spec.inputs["refcat"] = sorted(cand, key=lambda d: d.key)
         return specs

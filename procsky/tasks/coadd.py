@@ -114,8 +114,15 @@ class AssembleCoaddTask(Task):
         if not warps:
             raise NoWorkError("no warps for this patch and band")
         cards, shape, xy0 = _patch_geometry(warps)
-        lazy = build_coadd(warps, out_cards=cards, out_shape=shape, xy0=xy0, config=self.config.coadd,
-                           inputs_are_warps=True, chunk=self.config.coadd.warp.chunk)
+        lazy = build_coadd(
+            warps,
+            out_cards=cards,
+            out_shape=shape,
+            xy0=xy0,
+            config=self.config.coadd,
+            inputs_are_warps=True,
+            chunk=self.config.coadd.warp.chunk,
+        )
         band = None
         if data_ids and data_ids.get("warps"):
             band = data_ids["warps"][0].get("band")
@@ -132,16 +139,18 @@ class AssembleCoaddDirectTask(Task):
     inputs = {
         "calexps": Input("calexp", ("instrument", "visit", "detector"), multiple=True, tolerate_missing=True),
         "skymap": Input("skymap", ("skymap",)),
-        "visit_photocalib": Input("visit_photocalib", ("instrument", "visit"), multiple=True, optional=True,
-                                  tolerate_missing=True),
+        "visit_photocalib": Input(
+            "visit_photocalib", ("instrument", "visit"), multiple=True, optional=True, tolerate_missing=True
+        ),
     }
     outputs = {"coadd": Output("coadd", _PATCH_BAND)}
     Config = AssembleCoaddConfig
     parallel = True
 
     def quanta(self, repo, inputs, where):
-        sm_key, skymap, photocalibs, groups = calexp_patch_groups(repo, self.config.skymap,
-                                                                  "assemble_coadd_direct", inputs)
+        sm_key, skymap, photocalibs, groups = calexp_patch_groups(
+            repo, self.config.skymap, "assemble_coadd_direct", inputs
+        )
         by_patch: dict = defaultdict(list)
         for (_instrument, _visit, tract, patch, band), keys in groups:
             by_patch[(tract, patch, band)].extend(keys)
@@ -153,8 +162,16 @@ class AssembleCoaddDirectTask(Task):
             uniq = {k.key: k for k in keys}
             visits = sorted({(k.data_id.get("instrument"), k.data_id.get("visit")) for k in keys}, key=str)
             pcs = {p.key: p for v in visits for p in photocalibs.get(v, [])}
-            specs.append(QuantumSpec(data_id, {"calexps": [uniq[k] for k in sorted(uniq)], "skymap": [sm_key],
-                                               "visit_photocalib": [pcs[k] for k in sorted(pcs)]}))
+            specs.append(
+                QuantumSpec(
+                    data_id,
+                    {
+                        "calexps": [uniq[k] for k in sorted(uniq)],
+                        "skymap": [sm_key],
+                        "visit_photocalib": [pcs[k] for k in sorted(pcs)],
+                    },
+                )
+            )
         return specs
 
     def run(self, calexps, skymap, visit_photocalib=None, data_id=None, data_ids=None):
@@ -170,8 +187,9 @@ class AssembleCoaddDirectTask(Task):
             )
         patch = SkyMap.from_record(skymap).patch(data_id["tract"], data_id["patch"])
         calexps = apply_visit_photocalib(calexps, visit_photocalib, (data_ids or {}).get("calexps"))
-        lazy = build_coadd(calexps, patch, config=self.config.coadd, inputs_are_warps=False,
-                           chunk=self.config.coadd.warp.chunk)
+        lazy = build_coadd(
+            calexps, patch, config=self.config.coadd, inputs_are_warps=False, chunk=self.config.coadd.warp.chunk
+        )
         exp = lazy.to_exposure(band=data_id.get("band"))
         exp.metadata.update({"skymap": data_id.get("skymap"), "tract": patch.tract.id, "patch": patch.id})
         return {"coadd": exp}

@@ -69,8 +69,7 @@ class DetectDiaTask(Task):
         return {"dia_source": df, "summary": diffim_summary(diff, df)}
 
 
-def associate_dia_sources(sources: list, data_ids: list | None = None, *, radius_arcsec: float = 1.0,
-                          keep=None):
+def associate_dia_sources(sources: list, data_ids: list | None = None, *, radius_arcsec: float = 1.0, keep=None):
     """Associate DIA source tables into a DIA object table.
 
     Parameters
@@ -102,8 +101,17 @@ def associate_dia_sources(sources: list, data_ids: list | None = None, *, radius
             if key not in df and key in did:
                 df[key] = np.full(len(df), int(did[key]), dtype=np.int64)
         frames.append(df)
-    cols = ["dia_object_id", "ra", "dec", "n_dia_sources", "first_mjd", "last_mjd", "mean_psf_flux",
-            "max_abs_snr", "n_negative"]
+    cols = [
+        "dia_object_id",
+        "ra",
+        "dec",
+        "n_dia_sources",
+        "first_mjd",
+        "last_mjd",
+        "mean_psf_flux",
+        "max_abs_snr",
+        "n_negative",
+    ]
     if not frames:
         raise NoWorkError("no DIA sources to associate")
     src = pd.concat(frames, ignore_index=True)
@@ -117,20 +125,36 @@ def associate_dia_sources(sources: list, data_ids: list | None = None, *, radius
             raise NoWorkError("no DIA source falls inside this tract")
     # Source ids unique across detectors: (detector, per-image id) ordering within a visit.
     order_id = src["detector"].to_numpy(np.int64) * 10_000_000 + src["dia_source_id"].to_numpy(np.int64)
-    obj, ra, dec, n, first, last = associate_sources(src["ra"], src["dec"], src["mjd"], src["visit"], order_id,
-                                                     radius_arcsec=radius_arcsec)
+    obj, ra, dec, n, first, last = associate_sources(
+        src["ra"], src["dec"], src["mjd"], src["visit"], order_id, radius_arcsec=radius_arcsec
+    )
     src["dia_object_id"] = obj
     good = obj >= 0
     s = src[good]
     g = s.groupby("dia_object_id")
-    out = pd.DataFrame({"dia_object_id": np.arange(len(ra), dtype=np.int64), "ra": ra, "dec": dec,
-                        "n_dia_sources": n, "first_mjd": first, "last_mjd": last})
+    out = pd.DataFrame(
+        {
+            "dia_object_id": np.arange(len(ra), dtype=np.int64),
+            "ra": ra,
+            "dec": dec,
+            "n_dia_sources": n,
+            "first_mjd": first,
+            "last_mjd": last,
+        }
+    )
     out["mean_psf_flux"] = g["psf_flux"].mean().reindex(out.dia_object_id).to_numpy()
     snr = (s["psf_flux"] / s["psf_flux_err"]).abs()
     out["max_abs_snr"] = snr.groupby(s["dia_object_id"]).max().reindex(out.dia_object_id).to_numpy()
     if "is_negative" in s:
-        out["n_negative"] = s["is_negative"].groupby(s["dia_object_id"]).sum().reindex(out.dia_object_id) \
-            .fillna(0).astype(np.int64).to_numpy()
+        out["n_negative"] = (
+            s["is_negative"]
+            .groupby(s["dia_object_id"])
+            .sum()
+            .reindex(out.dia_object_id)
+            .fillna(0)
+            .astype(np.int64)
+            .to_numpy()
+        )
     else:
         out["n_negative"] = 0
     out = out[cols]
@@ -173,8 +197,10 @@ class AssociateDiaTask(Task):
             tracts.setdefault((str(qid["skymap"]), int(qid["tract"])), (qid, []))[1].append(t)
         if not srcs or not tracts:
             return []
-        return [QuantumSpec(data_id=qid, inputs={"dia_sources": srcs, "templates": sorted(lst, key=lambda d: d.key)})
-                for _, (qid, lst) in sorted(tracts.items())]
+        return [
+            QuantumSpec(data_id=qid, inputs={"dia_sources": srcs, "templates": sorted(lst, key=lambda d: d.key)})
+            for _, (qid, lst) in sorted(tracts.items())
+        ]
 
     def run(self, dia_sources, templates=None, data_ids=None):
         keep_fn = _inside_templates(templates) if templates else None
@@ -255,6 +281,13 @@ class ForcedDiaTask(Task):
                 out[k] = np.full(len(out), int(did[k]), dtype=np.int64)
         if len(out) == 0:
             raise NoWorkError("no DIA object falls on this detector")
-        out.attrs["units"] = {"psf_flux": "nJy", "psf_flux_err": "nJy", "x": "pixel", "y": "pixel",
-                              "ra": "deg", "dec": "deg", "mjd": "d"}
+        out.attrs["units"] = {
+            "psf_flux": "nJy",
+            "psf_flux_err": "nJy",
+            "x": "pixel",
+            "y": "pixel",
+            "ra": "deg",
+            "dec": "deg",
+            "mjd": "d",
+        }
         return {"dia_forced_source": out}

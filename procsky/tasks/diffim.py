@@ -112,8 +112,10 @@ class MakeTemplateTask(Task):
                 continue
             key = tuple(qid[d] for d in _PATCH + ("band",))
             groups.setdefault(key, (qid, []))[1].append(ds)
-        return [QuantumSpec(data_id=qid, inputs={"warps": sorted(lst, key=lambda d: d.key)})
-                for _, (qid, lst) in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0])))]
+        return [
+            QuantumSpec(data_id=qid, inputs={"warps": sorted(lst, key=lambda d: d.key)})
+            for _, (qid, lst) in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0])))
+        ]
 
     def run(self, warps):
         """Coadd the best-seeing warps; returns ``{"template": Exposure}`` (lazy planes)."""
@@ -137,8 +139,9 @@ class MakeTemplateTask(Task):
                 fwhm.append(float(w.psf.fwhm(cx, cy)) if w.psf is not None else np.nan)
             except Exception:  # noqa: BLE001 - an unusable PSF ranks last
                 fwhm.append(np.nan)
-        chosen = select_best_seeing(fwhm, self.config.best_seeing_fraction, self.config.min_count,
-                                    self.config.max_count)
+        chosen = select_best_seeing(
+            fwhm, self.config.best_seeing_fraction, self.config.min_count, self.config.max_count
+        )
         sel = [warps[i] for i in chosen]
         # Output grid: the union of the selected warps' boxes (tract pixels).
         x0 = min(w.xy0[0] for w in sel)
@@ -147,8 +150,14 @@ class MakeTemplateTask(Task):
         y1 = max(w.xy0[1] + w.shape[0] for w in sel)
         ref = sel[0]
         _, cards = shift_wcs(wcs_from_cards(ref.wcs_cards), x0 - ref.xy0[0], y0 - ref.xy0[1], ref.wcs_cards)
-        lazy = build_coadd(sel, out_cards=cards, out_shape=(y1 - y0, x1 - x0), xy0=(x0, y0), config=self.config.coadd,
-                           inputs_are_warps=True)
+        lazy = build_coadd(
+            sel,
+            out_cards=cards,
+            out_shape=(y1 - y0, x1 - x0),
+            xy0=(x0, y0),
+            config=self.config.coadd,
+            inputs_are_warps=True,
+        )
         band = None
         if ref.visit_info is not None:
             band = ref.visit_info.band or None
@@ -222,9 +231,13 @@ class SubtractTask(Task):
         """Returns ``{"diff": Exposure}``: a lazy difference image, computed when written."""
         if calexp is None:
             raise NoWorkError("no calexp")
-        diff = difference_image(calexp, templates, self.config.subtraction,
-                                detection=DiaConfig(nsigma=self.config.detection_threshold),
-                                warp_order=self.config.warp_order)
+        diff = difference_image(
+            calexp,
+            templates,
+            self.config.subtraction,
+            detection=DiaConfig(nsigma=self.config.detection_threshold),
+            warp_order=self.config.warp_order,
+        )
         return {"diff": diff}
 
 

@@ -49,7 +49,8 @@ class VisitPhotometryTask(Task):
             # would be attached to the wrong detector.
             raise ProcskyValueError(
                 "VisitPhotometryTask.run needs data_ids={'src': [data ID per src]}; the executor passes "
-                "them to run() methods that accept 'data_ids' (or call visit_photometric_calibration directly)")
+                "them to run() methods that accept 'data_ids' (or call visit_photometric_calibration directly)"
+            )
         dets = [i.get("detector") for i in ids]
         summ = None
         sids = (data_ids or {}).get("summaries") or []

@@ -21,7 +21,6 @@ from collections import defaultdict
 import numpy as np
 
 from procsky.errors import NoWorkError, ProcskyValueError
-from procsky.warp import WarpConfig
 from procsky.notes import note_degraded
 from procsky.tasks.base import (
     DatasetKey,
@@ -32,9 +31,18 @@ from procsky.tasks.base import (
     TaskConfig,
     register_task,
 )
+from procsky.warp import WarpConfig
 
-__all__ = ["WarpTask", "WarpTaskConfig", "apply_visit_photocalib", "load_task_skymap", "overlapping_patches",
-           "skymap_input", "visit_photocalib_index", "calexp_patch_groups"]
+__all__ = [
+    "WarpTask",
+    "WarpTaskConfig",
+    "apply_visit_photocalib",
+    "load_task_skymap",
+    "overlapping_patches",
+    "skymap_input",
+    "visit_photocalib_index",
+    "calexp_patch_groups",
+]
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +148,11 @@ def apply_visit_photocalib(calexps, records, data_ids=None):
     from procsky.tasks.photometry import photocalib_for_detector
 
     if not records:
-        note_degraded("no_visit_photocalib", f"no visit_photocalib (visit_photometry had no work or did not run): "
-                      f"the {len(calexps)} calexp(s) keep their own detector zero points")
+        note_degraded(
+            "no_visit_photocalib",
+            f"no visit_photocalib (visit_photometry had no work or did not run): "
+            f"the {len(calexps)} calexp(s) keep their own detector zero points",
+        )
         return list(calexps)
     if isinstance(records, dict):
         records = [records]
@@ -154,14 +165,21 @@ def apply_visit_photocalib(calexps, records, data_ids=None):
         rec = by_visit.get(visit) or (records[0] if len(records) == 1 and records[0].get("visit") is None else None)
         pc = photocalib_for_detector(rec, det)
         if pc is None:
-            note_degraded("detector_zero_point_kept", f"visit {visit} detector {det} has no visit-level zero point: "
-                          "its calexp keeps its own", visit=visit, detector=det)
+            note_degraded(
+                "detector_zero_point_kept",
+                f"visit {visit} detector {det} has no visit-level zero point: its calexp keeps its own",
+                visit=visit,
+                detector=det,
+            )
             out.append(c)
             continue
         meta = dict(c.metadata)
-        meta["photocalib"] = {"source": "visit_photocalib", "zero_point": pc.zero_point,
-                              "zero_point_err": pc.zero_point_err,
-                              "calexp_zero_point": None if c.photocalib is None else c.photocalib.zero_point}
+        meta["photocalib"] = {
+            "source": "visit_photocalib",
+            "zero_point": pc.zero_point,
+            "zero_point_err": pc.zero_point_err,
+            "calexp_zero_point": None if c.photocalib is None else c.photocalib.zero_point,
+        }
         out.append(c._replace(photocalib=pc, metadata=meta))
     return out
 
@@ -209,12 +227,22 @@ class WarpTask(Task):
         sm_key, skymap, photocalibs, groups = calexp_patch_groups(repo, self.config.skymap, "warp", inputs)
         specs = []
         for (instrument, visit, tract, patch, band), keys in groups:
-            data_id = {"instrument": instrument, "visit": visit, "skymap": skymap.name, "tract": tract,
-                       "patch": patch, "band": band}
+            data_id = {
+                "instrument": instrument,
+                "visit": visit,
+                "skymap": skymap.name,
+                "tract": tract,
+                "patch": patch,
+                "band": band,
+            }
             if where is not None and not where(data_id):
                 continue
-            specs.append(QuantumSpec(data_id, {"calexps": keys, "skymap": [sm_key],
-                                               "visit_photocalib": photocalibs.get((instrument, visit), [])}))
+            specs.append(
+                QuantumSpec(
+                    data_id,
+                    {"calexps": keys, "skymap": [sm_key], "visit_photocalib": photocalibs.get((instrument, visit), [])},
+                )
+            )
         return specs
 
     def run(self, calexps, skymap, visit_photocalib=None, data_id=None, data_ids=None):
@@ -274,8 +302,13 @@ def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
             continue
     if not warps:
         raise NoWorkError(f"no calexp overlaps patch {patch.data_id}")
-    meta = {"skymap": skymap_name, "tract": patch.tract.id, "patch": patch.id, "patch_box": patch.outer.to_list(),
-            "patch_wcs": [list(c) for c in patch.wcs_cards]}
+    meta = {
+        "skymap": skymap_name,
+        "tract": patch.tract.id,
+        "patch": patch.id,
+        "patch_box": patch.outer.to_list(),
+        "patch_wcs": [list(c) for c in patch.wcs_cards],
+    }
     if len(warps) == 1:
         w = warps[0]
         w.metadata.update(meta)
@@ -288,15 +321,26 @@ def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
     from procsky.wcs import shift_wcs
 
     _, cards = shift_wcs(patch.wcs, x0 - patch.xy0[0], y0 - patch.xy0[1], list(patch.wcs_cards))
-    merged = build_coadd(warps, out_cards=cards, out_shape=(y1 - y0, x1 - x0), xy0=(x0, y0),
-                         config=CoaddConfig(reject_artifacts=False, warp=config), inputs_are_warps=True)
+    merged = build_coadd(
+        warps,
+        out_cards=cards,
+        out_shape=(y1 - y0, x1 - x0),
+        xy0=(x0, y0),
+        config=CoaddConfig(reject_artifacts=False, warp=config),
+        inputs_are_warps=True,
+    )
     exp = merged.to_exposure(n_inputs=False)  # its PSF: each detector's warped PSF grid where that detector has data
     exp.visit_info = warps[0].visit_info
     meds = [float(m) for m in (w.metadata.get("median_variance") for w in warps) if m is not None]
-    exp.metadata.update({**warps[0].metadata, **meta, "warp_box": [x0 - patch.xy0[0], y0 - patch.xy0[1],
-                                                                     x1 - patch.xy0[0], y1 - patch.xy0[1]],
-                         "median_variance": float(np.median(meds)) if meds else None,
-                         "detectors": [w.detector.get("id") for w in warps]})
+    exp.metadata.update(
+        {
+            **warps[0].metadata,
+            **meta,
+            "warp_box": [x0 - patch.xy0[0], y0 - patch.xy0[1], x1 - patch.xy0[0], y1 - patch.xy0[1]],
+            "median_variance": float(np.median(meds)) if meds else None,
+            "detectors": [w.detector.get("id") for w in warps],
+        }
+    )
     # Coverage of the merged warp is the union of its detectors' footprints, which its PSF
     # (a CoaddPsf of the detectors' warped PSFs) knows; one detector's outline would be wrong.
     exp.metadata.pop("footprint", None)

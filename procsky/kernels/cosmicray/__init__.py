@@ -18,5 +18,13 @@ from .lacosmic import CosmicRayResult, find_cosmic_rays, laplacian_plus, repair_
 from .sharp import SharpSourceResult, find_sharp_sources
 from .tracks import TrackResult, find_cr_tracks
 
-__all__ = ["CosmicRayResult", "SharpSourceResult", "TrackResult", "find_cosmic_rays", "find_cr_tracks",
-           "find_sharp_sources", "laplacian_plus", "repair_pixels"]
+__all__ = [
+    "CosmicRayResult",
+    "SharpSourceResult",
+    "TrackResult",
+    "find_cosmic_rays",
+    "find_cr_tracks",
+    "find_sharp_sources",
+    "laplacian_plus",
+    "repair_pixels",
+]

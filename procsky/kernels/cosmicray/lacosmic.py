@@ -196,8 +196,28 @@ def _fine_structure_at(img, memo, gens, g, oy, ox, y, x, buf, buf49):
 
 
 @numba.njit(nogil=True, cache=True)
-def _candidates_tile(img, var, lp, ignore, crmask, active, use_active, sigclip, objlim, cand, memo, gens, g,
-                     y0, y1, x0, x1, buf, buf2, buf49):
+def _candidates_tile(
+    img,
+    var,
+    lp,
+    ignore,
+    crmask,
+    active,
+    use_active,
+    sigclip,
+    objlim,
+    cand,
+    memo,
+    gens,
+    g,
+    y0,
+    y1,
+    x0,
+    x1,
+    buf,
+    buf2,
+    buf49,
+):
     ny, nx = img.shape
     oy = y0 - _HALO
     ox = x0 - _HALO
@@ -280,8 +300,28 @@ def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use
     g = g0
     for y0 in range(0, ny, _TILE):
         for x0 in range(0, nx, _TILE):
-            _candidates_tile(img, var, lp, ignore, crmask, active, use_active, sigclip, objlim, cand, memo, gens,
-                             g, y0, min(ny, y0 + _TILE), x0, min(nx, x0 + _TILE), buf, buf2, buf49)
+            _candidates_tile(
+                img,
+                var,
+                lp,
+                ignore,
+                crmask,
+                active,
+                use_active,
+                sigclip,
+                objlim,
+                cand,
+                memo,
+                gens,
+                g,
+                y0,
+                min(ny, y0 + _TILE),
+                x0,
+                min(nx, x0 + _TILE),
+                buf,
+                buf2,
+                buf49,
+            )
             g += 1
     # grow twice: first neighbours with S' > sigclip, then with S' > sigfrac * sigclip
     for level in range(2):
@@ -289,8 +329,24 @@ def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use
         grown = np.zeros((ny, nx), dtype=np.bool_)
         for y0 in range(0, ny, _TILE):
             for x0 in range(0, nx, _TILE):
-                _grow_tile(lp, var, ignore, crmask, cand, grown, thr, memo, gens, g, y0, min(ny, y0 + _TILE), x0,
-                           min(nx, x0 + _TILE), buf, buf2)
+                _grow_tile(
+                    lp,
+                    var,
+                    ignore,
+                    crmask,
+                    cand,
+                    grown,
+                    thr,
+                    memo,
+                    gens,
+                    g,
+                    y0,
+                    min(ny, y0 + _TILE),
+                    x0,
+                    min(nx, x0 + _TILE),
+                    buf,
+                    buf2,
+                )
                 g += 1
         cand = grown
     n = 0
@@ -533,8 +589,9 @@ def find_cosmic_rays(
     g = 1
     for it in range(int(niter)):
         before = crmask.copy() if it > 0 else None
-        n, g = _detect_pass(img, var, bad, float(sigclip), float(sigfrac), float(objlim), crmask, active, it > 0,
-                            memo, gens, g)
+        n, g = _detect_pass(
+            img, var, bad, float(sigclip), float(sigfrac), float(objlim), crmask, active, it > 0, memo, gens, g
+        )
         if n == 0:
             break
         # next pass: only pixels within 4 px of this pass's new CR pixels can change verdict

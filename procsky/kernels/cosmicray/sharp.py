@@ -120,9 +120,30 @@ def _fit_psf_plane(d, v, p, use, h):
                 chi2 += r * r / v[j, i]
     return sol[0], math.sqrt(inv[0, 0]), chi2, npix, sol[1], sol[2], sol[3]
 
+
 @numba.njit(nogil=True, cache=True)
-def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, z_min, excess_min,
-                          pixel_sigma, grow_sigma, nu_keep, max_iter, star_sigma, model_error, crpix, repair, out):
+def _sharp_sources_kernel(
+    image,
+    variance,
+    mask,
+    xs,
+    ys,
+    stamps,
+    skip,
+    h,
+    bad_bits,
+    z_min,
+    excess_min,
+    pixel_sigma,
+    grow_sigma,
+    nu_keep,
+    max_iter,
+    star_sigma,
+    model_error,
+    crpix,
+    repair,
+    out,
+):
     ny, nx = image.shape
     s = 2 * h + 1
     d = np.empty((s, s))
@@ -204,8 +225,11 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
                 grew = False
                 for j in range(s):
                     for i in range(s):
-                        if sharp[j, i] or not ok[j, i] or res[j, i] < grow_sigma * math.sqrt(
-                                v[j, i] + me2 * p[j, i] * p[j, i]):
+                        if (
+                            sharp[j, i]
+                            or not ok[j, i]
+                            or res[j, i] < grow_sigma * math.sqrt(v[j, i] + me2 * p[j, i] * p[j, i])
+                        ):
                             continue
                         for dj in (-1, 0, 1):
                             for di in (-1, 0, 1):
@@ -240,12 +264,26 @@ def _sharp_sources_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bi
             out[k, 4] = 1.0
 
 
-def find_sharp_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, x: np.ndarray,
-                       y: np.ndarray, psf_stamps: np.ndarray, *, skip: np.ndarray | None = None,
-                       half_width: int | None = None, bad_bits: int = bit(BAD) | bit(SAT) | bit(NO_DATA),
-                       z_min: float = 3.0, excess_min: float = 0.5, pixel_sigma: float = 3.0,
-                       grow_sigma: float = 1.5, nu_keep: float = 5.0, max_iter: int = 3, star_sigma: float = 5.0,
-                       model_error: float = 0.05) -> SharpSourceResult:
+def find_sharp_sources(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray | None,
+    x: np.ndarray,
+    y: np.ndarray,
+    psf_stamps: np.ndarray,
+    *,
+    skip: np.ndarray | None = None,
+    half_width: int | None = None,
+    bad_bits: int = bit(BAD) | bit(SAT) | bit(NO_DATA),
+    z_min: float = 3.0,
+    excess_min: float = 0.5,
+    pixel_sigma: float = 3.0,
+    grow_sigma: float = 1.5,
+    nu_keep: float = 5.0,
+    max_iter: int = 3,
+    star_sigma: float = 5.0,
+    model_error: float = 0.05,
+) -> SharpSourceResult:
     """Find detections that are cosmic rays missed by L.A.Cosmic (faint multi-pixel tracks).
 
     L.A.Cosmic tests pixels one at a time, so a low-energy track whose pixels are each only
@@ -306,8 +344,28 @@ def find_sharp_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
     repair = np.full(img.shape, np.nan)
     out = np.full((xs.size, 5), np.nan)
     out[:, 3:] = 0.0
-    _sharp_sources_kernel(img, var, msk, xs, ys, st, sk, h, np.uint32(bad_bits), float(z_min), float(excess_min),
-                          float(pixel_sigma), float(grow_sigma), float(nu_keep), int(max_iter), float(star_sigma),
-                          float(model_error), crpix, repair, out)
-    return SharpSourceResult(is_cr=out[:, 4] > 0, cr_pixels=crpix, chi2_excess=out[:, 0], z=out[:, 1],
-                             nu_clean=out[:, 2], repair=repair)
+    _sharp_sources_kernel(
+        img,
+        var,
+        msk,
+        xs,
+        ys,
+        st,
+        sk,
+        h,
+        np.uint32(bad_bits),
+        float(z_min),
+        float(excess_min),
+        float(pixel_sigma),
+        float(grow_sigma),
+        float(nu_keep),
+        int(max_iter),
+        float(star_sigma),
+        float(model_error),
+        crpix,
+        repair,
+        out,
+    )
+    return SharpSourceResult(
+        is_cr=out[:, 4] > 0, cr_pixels=crpix, chi2_excess=out[:, 0], z=out[:, 1], nu_clean=out[:, 2], repair=repair
+    )

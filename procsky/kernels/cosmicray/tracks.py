@@ -86,9 +86,11 @@ def _plane_projection(d, w, use, h):
 @numba.njit(nogil=True, cache=True)
 def _quad(a, Gi, b):
     """``a^T Gi b`` for 3-vectors (plane projections)."""
-    return (a[0] * (Gi[0, 0] * b[0] + Gi[0, 1] * b[1] + Gi[0, 2] * b[2])
-            + a[1] * (Gi[1, 0] * b[0] + Gi[1, 1] * b[1] + Gi[1, 2] * b[2])
-            + a[2] * (Gi[2, 0] * b[0] + Gi[2, 1] * b[1] + Gi[2, 2] * b[2]))
+    return (
+        a[0] * (Gi[0, 0] * b[0] + Gi[0, 1] * b[1] + Gi[0, 2] * b[2])
+        + a[1] * (Gi[1, 0] * b[0] + Gi[1, 1] * b[1] + Gi[1, 2] * b[2])
+        + a[2] * (Gi[2, 0] * b[0] + Gi[2, 1] * b[1] + Gi[2, 2] * b[2])
+    )
 
 
 @numba.njit(nogil=True, cache=True)
@@ -202,8 +204,9 @@ def _joint_fit(pd, pp, qp, ld, ll, ql, pl, b, Gi):
     a = (ll * pd - pl * ld) / det
     c = (pp * ld - pl * pd) / det
     for r in range(3):
-        e[r] = b[r] - (Gi[r, 0] * (a * qp[0] + c * ql[0]) + Gi[r, 1] * (a * qp[1] + c * ql[1])
-                       + Gi[r, 2] * (a * qp[2] + c * ql[2]))
+        e[r] = b[r] - (
+            Gi[r, 0] * (a * qp[0] + c * ql[0]) + Gi[r, 1] * (a * qp[1] + c * ql[1]) + Gi[r, 2] * (a * qp[2] + c * ql[2])
+        )
     return True, a, c, math.sqrt(ll / det), e
 
 
@@ -309,8 +312,31 @@ def _window_psf_gain(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v
 
 
 @numba.njit(nogil=True, cache=True)
-def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, sharp_bank, broad_bank, par, nu_max,
-                  min_gain, min_total, nu_keep, star_gain, model_error, crpix, repair, out, raw, raw_bits):
+def _track_kernel(
+    image,
+    variance,
+    mask,
+    xs,
+    ys,
+    stamps,
+    skip,
+    h,
+    bad_bits,
+    sharp_bank,
+    broad_bank,
+    par,
+    nu_max,
+    min_gain,
+    min_total,
+    nu_keep,
+    star_gain,
+    model_error,
+    crpix,
+    repair,
+    out,
+    raw,
+    raw_bits,
+):
     ny, nx = image.shape
     s = 2 * h + 1
     d = np.empty((s, s))
@@ -331,8 +357,9 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
             continue
         ix = int(math.floor(xs[k] + 0.5))
         iy = int(math.floor(ys[k] + 0.5))
-        npix, Gi, b, pd, pp, qp = _window_psf_gain(image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v, p,
-                                                   use, w, dres)
+        npix, Gi, b, pd, pp, qp = _window_psf_gain(
+            image, variance, mask, stamps, k, ix, iy, h, bad_bits, d, v, p, use, w, dres
+        )
         if not pp > 0.0:
             continue
         gain_psf = pd * pd / pp if pd > 0 else 0.0
@@ -340,8 +367,9 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
             # a star cut by the image edge has a sharp residual along it: not tested
             if not star_gain > 0.0 or iy - h < 0 or iy + h >= ny or ix - h < 0 or ix + h >= nx:
                 continue
-            gs, gb = _track_on_star(d, w, p, use, h, pd / pp, model_error, sharp_bank, broad_bank, par, star_gain,
-                                    best, flag, rep)
+            gs, gb = _track_on_star(
+                d, w, p, use, h, pd / pp, model_error, sharp_bank, broad_bank, par, star_gain, best, flag, rep
+            )
             out[k, 0] = gs
             out[k, 1] = gain_psf
             out[k, 2] = gb
@@ -358,8 +386,9 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
         if raw_bits != 0:
             # pixels flagged earlier (raw_bits) take their values before the repair, so that a
             # track partly flagged by L.A.Cosmic is found whole
-            _, lGi, _, lpd, lpp, _ = _window_psf_gain(raw, variance, mask, stamps, k, ix, iy, h,
-                                                      bad_bits & ~raw_bits, d, v, p, user, wr, dresr)
+            _, lGi, _, lpd, lpp, _ = _window_psf_gain(
+                raw, variance, mask, stamps, k, ix, iy, h, bad_bits & ~raw_bits, d, v, p, user, wr, dresr
+            )
             if not lpp > 0.0:
                 continue
             lw, luse, ldres = wr, user, dresr
@@ -392,8 +421,11 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
                     break
             else:
                 out[k, 2] = g_kind
-        if not (g_best - gain_psf >= min_gain and g_best - out[k, 2] >= min_gain
-                and 2.0 * g_best - gain_psf - out[k, 2] >= min_total):
+        if not (
+            g_best - gain_psf >= min_gain
+            and g_best - out[k, 2] >= min_gain
+            and 2.0 * g_best - gain_psf - out[k, 2] >= min_total
+        ):
             continue
         # the extent of the track along the best line
         t0b, t1b, g_ext = -l_best, l_best, 0.0
@@ -439,12 +471,30 @@ def _track_kernel(image, variance, mask, xs, ys, stamps, skip, h, bad_bits, shar
                     repair[iy + j - h, ix + i - h] = max(a, 0.0) * p[j, i] + e[0] + e[1] * (i - h) + e[2] * (j - h)
 
 
-def find_cr_tracks(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, x: np.ndarray, y: np.ndarray,
-                   psf_stamps: np.ndarray, psf_sigma: float, *, skip: np.ndarray | None = None, half_width: int = 7,
-                   bad_bits: int = bit(BAD) | bit(SAT) | bit(NO_DATA), n_theta: int = 36, rho_max: float = 2.0,
-                   half_lengths: tuple[float, ...] = (2.0, 4.0, 7.0), nu_max: float = 30.0, min_gain: float = 12.0,
-                   min_total: float = 28.0, nu_keep: float = 5.0, star_gain: float = 25.0, model_error: float = 0.02,
-                   raw: np.ndarray | None = None, raw_bits: int = 0) -> TrackResult:
+def find_cr_tracks(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray | None,
+    x: np.ndarray,
+    y: np.ndarray,
+    psf_stamps: np.ndarray,
+    psf_sigma: float,
+    *,
+    skip: np.ndarray | None = None,
+    half_width: int = 7,
+    bad_bits: int = bit(BAD) | bit(SAT) | bit(NO_DATA),
+    n_theta: int = 36,
+    rho_max: float = 2.0,
+    half_lengths: tuple[float, ...] = (2.0, 4.0, 7.0),
+    nu_max: float = 30.0,
+    min_gain: float = 12.0,
+    min_total: float = 28.0,
+    nu_keep: float = 5.0,
+    star_gain: float = 25.0,
+    model_error: float = 0.02,
+    raw: np.ndarray | None = None,
+    raw_bits: int = 0,
+) -> TrackResult:
     """Find detections that are faint cosmic-ray tracks: lines sharper than the PSF.
 
     A grazing cosmic ray deposits a few hundred electrons along a rasterised line of 5-30
@@ -526,8 +576,9 @@ def find_cr_tracks(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | N
     repair = np.full(img.shape, np.nan)
     out = np.full((xs.size, 6), np.nan)
     out[:, 5] = 0.0
-    sharp_bank, broad_bank, par = _line_bank(h, float(psf_sigma), int(n_theta), float(rho_max),
-                                             np.asarray(half_lengths, dtype=np.float64))
+    sharp_bank, broad_bank, par = _line_bank(
+        h, float(psf_sigma), int(n_theta), float(rho_max), np.asarray(half_lengths, dtype=np.float64)
+    )
     if raw is None or not raw_bits:
         rw, rb = img, 0
     else:
@@ -535,8 +586,39 @@ def find_cr_tracks(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | N
         if rw.shape != img.shape:
             raise ValueError(f"raw shape {rw.shape} differs from image shape {img.shape}")
         rb = int(raw_bits)
-    _track_kernel(img, var, msk, xs, ys, st, sk, h, np.uint32(bad_bits), sharp_bank, broad_bank, par, float(nu_max),
-                  float(min_gain), float(min_total), float(nu_keep), float(star_gain), float(model_error), crpix,
-                  repair, out, rw, np.uint32(rb))
-    return TrackResult(is_cr=out[:, 5] == 1.0, on_star=out[:, 5] == 2.0, cr_pixels=crpix, gain_line=out[:, 0],
-                       gain_psf=out[:, 1], gain_broad=out[:, 2], nu_psf=out[:, 3], theta=out[:, 4], repair=repair)
+    _track_kernel(
+        img,
+        var,
+        msk,
+        xs,
+        ys,
+        st,
+        sk,
+        h,
+        np.uint32(bad_bits),
+        sharp_bank,
+        broad_bank,
+        par,
+        float(nu_max),
+        float(min_gain),
+        float(min_total),
+        float(nu_keep),
+        float(star_gain),
+        float(model_error),
+        crpix,
+        repair,
+        out,
+        rw,
+        np.uint32(rb),
+    )
+    return TrackResult(
+        is_cr=out[:, 5] == 1.0,
+        on_star=out[:, 5] == 2.0,
+        cr_pixels=crpix,
+        gain_line=out[:, 0],
+        gain_psf=out[:, 1],
+        gain_broad=out[:, 2],
+        nu_psf=out[:, 3],
+        theta=out[:, 4],
+        repair=repair,
+    )

@@ -13,7 +13,7 @@ from .stamps import _extract_stamps, _extract_stamps_fourier, _floored_weights
 from .validate import cross_validated_flux_scatter
 from .warp import _warp_flux_cov
 
-__all__ = ['fit_psf_model']
+__all__ = ["fit_psf_model"]
 
 
 def fit_psf_model(
@@ -124,11 +124,13 @@ def fit_psf_model(
     basis_w = _basis(u, v, warp_order) if warp_order >= 0 else None
     order_tot = max(order, warp_order)
     basis_tot = _basis(u, v, order_tot)
-    data, wts, usable = _extract_stamps(img, var, msk, xs, ys, m, oversample, int(bad_bits), oversample != 1,
-                                        int(zero_bits))
+    data, wts, usable = _extract_stamps(
+        img, var, msk, xs, ys, m, oversample, int(bad_bits), oversample != 1, int(zero_bits)
+    )
     if oversample == 1 and n:
-        data = _extract_stamps_fourier(img, xs, ys, m, usable,
-                                       (msk & np.uint32(zero_bits)) != 0 if zero_bits and msk is not None else None)
+        data = _extract_stamps_fourier(
+            img, xs, ys, m, usable, (msk & np.uint32(zero_bits)) != 0 if zero_bits and msk is not None else None
+        )
     fwts = _floored_weights(data, wts, accuracy) if n else wts
     rng = np.random.default_rng(seed)
     reserved = np.zeros(n, bool)
@@ -143,7 +145,7 @@ def fit_psf_model(
         # Not more: the held-back stars validate the model, and fainter ones measure dT/T with
         # more noise
         bright = data[cand].sum(axis=(1, 2))
-        pool = cand[np.argsort(-bright, kind="stable")][int(math.ceil(cand.size / 10)):]
+        pool = cand[np.argsort(-bright, kind="stable")][int(math.ceil(cand.size / 10)) :]
         if pool.size < nres:
             pool = cand
         reserved[rng.choice(pool, nres, replace=False)] = True
@@ -180,9 +182,19 @@ def fit_psf_model(
                 use = good
             flux = np.where(np.isfinite(fl) & (fl > 0), fl, flux)
     model = PsfModelArrays(
-        coeffs=coeffs, order=int(order_tot), x_center=float(xc), y_center=float(yc), x_scale=float(xsc),
-        y_scale=float(ysc), oversample=int(oversample), stamp_size=int(stamp_size), fwhm=np.nan,
-        n_stars=int(use.sum()), n_reserved=int(reserved.sum()), reserved_dT_median=np.nan, reserved_dT_std=np.nan,
+        coeffs=coeffs,
+        order=int(order_tot),
+        x_center=float(xc),
+        y_center=float(yc),
+        x_scale=float(xsc),
+        y_scale=float(ysc),
+        oversample=int(oversample),
+        stamp_size=int(stamp_size),
+        fwhm=np.nan,
+        n_stars=int(use.sum()),
+        n_reserved=int(reserved.sum()),
+        reserved_dT_median=np.nan,
+        reserved_dT_std=np.nan,
     )
     centre = render_psf(model, xc, yc)
     fwhm = stamp_moments(centre)[3]
@@ -208,9 +220,18 @@ def fit_psf_model(
     flux_sys, cv_ratio = float("nan"), np.zeros(0)
     if oversample == 1 and np.isfinite(fwhm) and cv_radius_fwhm > 0:
         flux_sys, cv_ratio, _ = cross_validated_flux_scatter(
-            data, wts, np.where(use, flux, 1.0), use & usable, basis_tot, coeffs, reserved & usable,
-            cv_radius_fwhm * fwhm, fit_wts=fwts, refit=refit,
-            model_var=_warp_flux_var(cov_w, basis_w) if cov_w is not None else None)
+            data,
+            wts,
+            np.where(use, flux, 1.0),
+            use & usable,
+            basis_tot,
+            coeffs,
+            reserved & usable,
+            cv_radius_fwhm * fwhm,
+            fit_wts=fwts,
+            refit=refit,
+            model_var=_warp_flux_var(cov_w, basis_w) if cov_w is not None else None,
+        )
         cv_ratio = cv_ratio[np.isfinite(cv_ratio)]
     model = model._replace(
         flux_sys=float(flux_sys),

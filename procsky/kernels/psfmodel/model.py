@@ -14,7 +14,7 @@ import numpy as np
 
 from .._bits import BAD, NO_DATA, SAT, bit
 
-__all__ = ['PsfModelArrays', 'poly_terms', 'evaluate_model', 'model_flux_error']
+__all__ = ["PsfModelArrays", "poly_terms", "evaluate_model", "model_flux_error"]
 
 _BAD = bit(BAD) | bit(NO_DATA) | bit(SAT)
 
@@ -170,6 +170,7 @@ def model_flux_error(model, x, y):
         return np.zeros(x.shape)
     j_n = poly_terms(model.warp_order)[0].size
     cov = np.asarray(model.warp_flux_cov, np.float64).reshape(j_n, j_n)
-    b = _basis(((x - model.x_center) / model.x_scale).ravel(), ((y - model.y_center) / model.y_scale).ravel(),
-               model.warp_order)
+    b = _basis(
+        ((x - model.x_center) / model.x_scale).ravel(), ((y - model.y_center) / model.y_scale).ravel(), model.warp_order
+    )
     return np.sqrt(_warp_flux_var(cov, b)).reshape(x.shape)

@@ -16,7 +16,7 @@ from ..measure import adaptive_moments
 from .model import _eval_grid, poly_terms
 from .sampling import fourier_shift, lanczos_sample
 
-__all__ = ['render_psf', 'render_stamps', 'stamp_moments']
+__all__ = ["render_psf", "render_stamps", "stamp_moments"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -79,8 +79,19 @@ def render_stamps(model, xs, ys, size=None, batch=512):
         raise ValueError(f"size must be odd, got {size}")
     px, py = poly_terms(model.order)
     if model.oversample != 1:
-        return _render_many(model.coeffs, px, py, model.x_center, model.y_center, model.x_scale,
-                            model.y_scale, model.oversample, size, xs, ys)
+        return _render_many(
+            model.coeffs,
+            px,
+            py,
+            model.x_center,
+            model.y_center,
+            model.x_scale,
+            model.y_scale,
+            model.oversample,
+            size,
+            xs,
+            ys,
+        )
     n = xs.size
     m = model.coeffs.shape[1]
     pad = max(size, m) // 2 + 4
@@ -140,9 +151,10 @@ def stamp_moments(stamp, x=None, y=None, sigma0=2.0):
     x = s // 2 if x is None else x
     y = s // 2 if y is None else y
     m = np.zeros(stamp.shape, dtype=np.uint32)
-    ixx, iyy, ixy, _, _, _, ok = adaptive_moments(np.asarray(stamp, dtype=np.float64), m, float(x), float(y),
-                                                  float(sigma0), 100, 1e-8, 0)
+    ixx, iyy, ixy, _, _, _, ok = adaptive_moments(
+        np.asarray(stamp, dtype=np.float64), m, float(x), float(y), float(sigma0), 100, 1e-8, 0
+    )
     if not ok:
         return np.nan, np.nan, np.nan, np.nan
     det = ixx * iyy - ixy * ixy
-    return ixx, iyy, ixy, 2.0 * math.sqrt(2.0 * math.log(2.0)) * det ** 0.25
+    return ixx, iyy, ixy, 2.0 * math.sqrt(2.0 * math.log(2.0)) * det**0.25

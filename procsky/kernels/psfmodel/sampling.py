@@ -7,7 +7,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ['lanczos_sample', 'fourier_shift']
+__all__ = ["lanczos_sample", "fourier_shift"]
 
 
 @numba.njit(nogil=True, cache=True)

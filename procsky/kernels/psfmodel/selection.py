@@ -8,7 +8,7 @@ import numpy as np
 
 from .model import _basis
 
-__all__ = ['select_psf_stars']
+__all__ = ["select_psf_stars"]
 
 
 def select_psf_stars(

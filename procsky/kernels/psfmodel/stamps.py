@@ -83,8 +83,9 @@ def _extract_stamps_fourier(img, xs, ys, m, usable, fill=None):
             if x0 < 0 or y0 < 0 or x0 + 1 >= big or y0 + 1 >= big or f[y0 : y0 + 2, x0 : x0 + 2].any():
                 continue
             tx, ty = rx - x0, ry - y0
-            cut[k, j, i] = ((1 - ty) * ((1 - tx) * src[y0, x0] + tx * src[y0, x0 + 1])
-                            + ty * ((1 - tx) * src[y0 + 1, x0] + tx * src[y0 + 1, x0 + 1]))
+            cut[k, j, i] = (1 - ty) * ((1 - tx) * src[y0, x0] + tx * src[y0, x0 + 1]) + ty * (
+                (1 - tx) * src[y0 + 1, x0] + tx * src[y0 + 1, x0 + 1]
+            )
     shifted = fourier_shift(cut, -(xs - ix), -(ys - iy))
     c = pad - m // 2
     return np.ascontiguousarray(shifted[:, c : c + m, c : c + m])

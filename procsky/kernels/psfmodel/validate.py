@@ -15,7 +15,7 @@ import numpy as np
 
 from .solve import _fit_coeffs
 
-__all__ = ['cross_validated_flux_scatter']
+__all__ = ["cross_validated_flux_scatter"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -89,8 +89,24 @@ def _fit_leverage(data, wts, use, basis, coeffs, reserved=None):
     return lev
 
 
-def cross_validated_flux_scatter(data, wts, flux, use, basis, coeffs, reserved, radius, clip=3.5, min_stars=5,
-                                 max_folds=20, seed=0, max_leverage=0.5, fit_wts=None, refit=None, model_var=None):
+def cross_validated_flux_scatter(
+    data,
+    wts,
+    flux,
+    use,
+    basis,
+    coeffs,
+    reserved,
+    radius,
+    clip=3.5,
+    min_stars=5,
+    max_folds=20,
+    seed=0,
+    max_leverage=0.5,
+    fit_wts=None,
+    refit=None,
+    model_var=None,
+):
     """PSF-flux error of a pixel model where it was not fitted, from the stars themselves.
 
     Every fitted star is left out in turn and the model refitted without it (the same

@@ -11,7 +11,7 @@ import numpy as np
 
 from .model import poly_terms
 
-__all__ = ['warp_images']
+__all__ = ["warp_images"]
 
 
 def _deriv4(a, axis):
