@@ -18,7 +18,9 @@ The comparison reads the stored files directly (Zarr arrays and attributes, Parq
 columns, JSON), not through procsky's readers, so it does not depend on the code under
 test. Arrays must be bit-identical or differ by less than ``--rtol`` relative to the
 array's largest absolute value (float summation order); metadata keys that record time,
-host or code version are ignored. Exit status 1 when anything else differs.
+host or code version are ignored. A dataset whose every old value is unchanged but which
+gained an attribute or a plane is reported as ``extended`` (listed, not a failure).
+Exit status 1 when anything else differs.
 """
 
 from __future__ import annotations
@@ -109,8 +111,11 @@ def _cmp_json(a, b, path: str, rtol: float, diffs: list[str]) -> None:
         for k in sorted(set(a) | set(b)):
             if _volatile(str(k)):
                 continue
-            if k not in a or k not in b:
-                diffs.append(f"{path}.{k}: only in {'after' if k not in a else 'before'}")
+            if k not in a:
+                diffs.append(f"ADDED {path}.{k}")
+                continue
+            if k not in b:
+                diffs.append(f"{path}.{k}: only in before")
                 continue
             _cmp_json(a[k], b[k], f"{path}.{k}", rtol, diffs)
     elif isinstance(a, list) and isinstance(b, list):
@@ -154,18 +159,24 @@ def _cmp_zarr(pa: Path, pb: Path, rtol: float):
     status, msgs = "identical", []
     attr_diffs: list[str] = []
     _cmp_json(dict(ga.attrs), dict(gb.attrs), "attrs", rtol, attr_diffs)
-    if attr_diffs:
+    added = [d for d in attr_diffs if d.startswith("ADDED ")]
+    if len(added) < len(attr_diffs):
         status = "different"
-        msgs += attr_diffs[:5]
+    elif added:
+        status = "extended"
+    msgs += attr_diffs[:5]
     names_a = sorted(k for k, _ in ga.arrays())
     names_b = sorted(k for k, _ in gb.arrays())
-    if names_a != names_b:
+    if not set(names_a) <= set(names_b):
         return "different", [f"planes {names_a} -> {names_b}"]
+    if names_b != names_a:
+        msgs.append(f"ADDED planes {sorted(set(names_b) - set(names_a))}")
+        status = "extended" if status == "identical" else status
     for n in names_a:
         s, m = _cmp_array(np.asarray(ga[n][...]), np.asarray(gb[n][...]), n, rtol)
         if m:
             msgs.append(m)
-        if s == "different" or (s == "close" and status == "identical"):
+        if s == "different" or (s == "close" and status in ("identical", "extended")):
             status = s
     return status, msgs
 
@@ -221,9 +232,12 @@ def compare(a: Path, b: Path, rtol: float) -> int:
             for m in msgs[:8]:
                 print(f"          {m}")
         bad += status == "different"
-    print("\nper dataset type (identical / close / different):")
+    print("\nper dataset type (identical / close / extended / different):")
     for t, c in sorted(counts.items()):
-        print(f"  {t:24s} {c.get('identical', 0):4d} {c.get('close', 0):4d} {c.get('different', 0):4d}")
+        print(
+            f"  {t:24s} {c.get('identical', 0):4d} {c.get('close', 0):4d} {c.get('extended', 0):4d} "
+            f"{c.get('different', 0):4d}"
+        )
     print("RESULT:", "unchanged" if not bad else f"{bad} dataset(s) differ")
     return 1 if bad else 0
 
