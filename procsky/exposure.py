@@ -465,7 +465,7 @@ class Exposure:
         planes = {p: getattr(self, p) for p in _PLANES}
         planes = {p: (a if _is_dask(a) else da.from_array(a, chunks=DEFAULT_CHUNK)) for p, a in planes.items()}
         ny, nx = self.shape
-        coords = {
+        coords: dict[str, Any] = {
             "x": ("x", np.arange(nx) + self.xy0[0]),
             "y": ("y", np.arange(ny) + self.xy0[1]),
         }
@@ -478,6 +478,7 @@ class Exposure:
                 loc = block_info[None]["array-location"]
                 (ya, yb), (xa, xb) = loc
                 w = wcs_from_cards(cards, shape)
+                assert w is not None, "an exposure with a WCS has its cards"
                 yy, xx = np.mgrid[ya:yb, xa:xb]
                 return w.pixel_to_world_values(xx.astype(float), yy.astype(float))[which]
 

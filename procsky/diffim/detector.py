@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from procsky.kernels import psfmatch as _pm
 from .dia import DiaConfig, dia_detection_mask
 from .lazy import Deferred, deferred_exposure
 from .subtract import SubtractionConfig, _subtract_now
+
+if TYPE_CHECKING:
+    from procsky.psf import PsfModel
 
 __all__ = [
     "warp_template_to_science",
@@ -60,7 +63,7 @@ def warp_template_to_science(templates, science, *, order: int = 3):
     var = np.zeros((ny, nx), np.float32)
     msk = np.full((ny, nx), nodata, np.uint32)
     filled = np.zeros((ny, nx), bool)
-    best = (None, -1, False)
+    best: tuple[PsfModel | None, int, bool] = (None, -1, False)
     cfg = WarpConfig(order=order, chunk=max(ny, nx) if max(ny, nx) <= 4096 else 2048)
     for tpl in templates:
         if tpl is None:

@@ -52,6 +52,7 @@ class Deferred:
         """The result, computed on the first call."""
         with self._lock:
             if not self._done:
+                assert self._func is not None, "the function is dropped only once the computation is done"
                 try:
                     self._value = self._func(*self._args)
                 except BaseException as e:  # kept for every later caller
@@ -128,8 +129,12 @@ def deferred_exposure(
     )
     c = int(chunk or DEFAULT_CHUNK)
     meta = dict(like.metadata)
+
+    def metadata_part(k: str) -> Callable[[Any], Any]:
+        return lambda r: part(r).metadata[k]
+
     for k in metadata_keys:
-        meta[k] = deferred.delayed(lambda r, k=k: part(r).metadata[k], f"metadata-{k}")
+        meta[k] = deferred.delayed(metadata_part(k), f"metadata-{k}")
     return like._replace(
         image=image.rechunk(c),
         variance=variance.rechunk(c),

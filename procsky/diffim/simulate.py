@@ -96,7 +96,7 @@ def simulate_pair(
         ``stars`` (x, y, flux), ``transients`` (x, y, flux), ``noise`` per image.
     """
     from procsky.exposure import Exposure
-    from procsky.psf import ImagePsf, PolynomialImagePsf
+    from procsky.psf import ImagePsf, PolynomialImagePsf, PsfModel
 
     rng = np.random.default_rng(seed)
     ny, nx = shape
@@ -138,6 +138,7 @@ def simulate_pair(
         _render_star(k, 20 + (x - round(x)) * 0, 20, 1.0, lambda *_: sfn(x, y), moffat_beta, 20)
         return k
 
+    s_psf: PsfModel
     if seeing_science[0] == seeing_science[1]:
         s_psf = ImagePsf(psf_model(sig_sci, 0, 0))
     else:

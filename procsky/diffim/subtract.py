@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pydantic
@@ -141,7 +142,8 @@ def convolve_exposure_arrays(
     core_bits = int(core_bits) & ~int(spread_bits)
 
     # Kernel transforms are shared by the blocks of one shape (one cache per plane).
-    img_cache, var_cache = {}, {}
+    img_cache: dict[Any, Any] = {}
+    var_cache: dict[Any, Any] = {}
 
     def conv_img(b, y0, x0):
         return _conv.spatial_convolve(b, ks, order, x0 + xy0[0], y0 + xy0[1], shape, cache=img_cache, single=True)
@@ -607,11 +609,12 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
         if mode == "convolve_template":
             dvar = tg_var * g_tgt + da.from_array(conv_var, chunks=chunk) * (ksum**2 * g_conv)
         else:
+            assert scale is not None, "scale is the kernel-sum map when the science image is convolved"
             dvar = (da.from_array(conv_var, chunks=chunk) * g_conv * scale**2 + tg_var * g_tgt) / scale**2
         edge2 = np.zeros((ny, nx), bool)
-        e = h + _conv.kernel_support_radius(phi, 1e-3)
-        edge2[:e] = edge2[-e:] = True
-        edge2[:, :e] = edge2[:, -e:] = True
+        h2 = h + _conv.kernel_support_radius(phi, 1e-3)
+        edge2[:h2] = edge2[-h2:] = True
+        edge2[:, :h2] = edge2[:, -h2:] = True
         dmask = dmask | da.from_array(np.where(edge2, np.uint32(nodata), np.uint32(0)), chunks=chunk)
         diff_psf_extra = phi
         summary["decorrelation_half_width"] = int(hp)

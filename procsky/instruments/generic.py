@@ -213,7 +213,7 @@ class GenericInstrument(Instrument):
         data_id = {"instrument": self.name, "detector": int(detector)}
         if kind == "flat":
             data_id.update(band=band, physical_filter=physical_filter)
-        records = {
+        records: dict[str, list[dict]] = {
             "instrument": [{"instrument": self.name}],
             "detector": [{"instrument": self.name, "detector": int(detector), "name": str(det["name"])}],
         }
@@ -259,7 +259,7 @@ class GenericInstrument(Instrument):
         data_id = {"instrument": self.name, "detector": detector}
         if kind == "flat":
             data_id.update(band=band, physical_filter=physical_filter)
-        records = {
+        records: dict[str, list[dict]] = {
             "instrument": [{"instrument": self.name}],
             "detector": [
                 {"instrument": self.name, "detector": detector, "name": str(exp.detector.get("name", detector))}

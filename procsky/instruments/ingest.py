@@ -83,16 +83,16 @@ def ingest_files(
     from tqdm.auto import tqdm
 
     inst = get_instrument(instrument)
-    files = [Path(f) for f in files]
-    if not files:
+    paths = [Path(f) for f in files]
+    if not paths:
         raise ProcskyFileError("no files to ingest")
-    missing = [str(f) for f in files if not f.exists()]
+    missing = [str(f) for f in paths if not f.exists()]
     if missing:
         raise ProcskyFileError(
             f"no such file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     run = run or default_run(instrument)
-    read = _read_all(inst, files, progress)
+    read = _read_all(inst, paths, progress)
 
     records: dict[str, dict[str, dict]] = {}
     for _, items in read:

@@ -275,6 +275,8 @@ class SimcamInstrument(Instrument):
         data_id = {"instrument": self.name, "detector": det}
         if kind in ("calexp", "raw"):  # "calexp" files are ISR-removed frames: see INGESTED_DATASET_TYPE
             vi = exp.visit_info
+            if vi is None or vi.visit is None:
+                raise ProcskyFileError(f"{path} has no visit number (a {kind} simcam file must)")
             data_id.update(visit=int(vi.visit), band=vi.band, physical_filter=vi.physical_filter)
             records["visit"] = [
                 {

@@ -78,10 +78,10 @@ def associate_sources(ra, dec, mjd, visit, source_id, *, radius_arcsec=1.0):
     xyz = radec_to_xyz(np.where(finite, ra, 0.0), np.where(finite, dec, 0.0))
     # chord length of the match angle
     chord = 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
-    sums = []  # sum of unit vectors per object
-    counts = []
-    first = []
-    last = []
+    sums: list[np.ndarray] = []  # sum of unit vectors per object
+    counts: list[int] = []
+    first: list[float] = []
+    last: list[float] = []
     # visit groups in processing order
     ov = visit[order]
     om = mjd[order]

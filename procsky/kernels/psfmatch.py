@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numba
 import numpy as np
@@ -137,17 +138,18 @@ def make_basis(sigmas, degrees, half_width: int) -> KernelBasis:
     if h < 1:
         raise ValueError(f"kernel half-width must be >= 1 pixel, got {half_width}")
     q = np.arange(-h, h + 1, dtype=np.float64)
-    fx, fy = [], []
+    fx_rows: list[np.ndarray] = []
+    fy_rows: list[np.ndarray] = []
     for s, d in zip(sigmas, degrees):
         g = np.exp(-0.5 * (q / s) ** 2)
         for i, j in poly_exponents(d):
             ax = g * (q / s) ** i
             ay = g * (q / s) ** j
             norm = math.sqrt(np.sum(ax**2) * np.sum(ay**2))
-            fx.append(ax / math.sqrt(norm))
-            fy.append(ay / math.sqrt(norm))
-    fx = np.array(fx)
-    fy = np.array(fy)
+            fx_rows.append(ax / math.sqrt(norm))
+            fy_rows.append(ay / math.sqrt(norm))
+    fx = np.array(fx_rows)
+    fy = np.array(fy_rows)
     sums = fx.sum(axis=1) * fy.sum(axis=1)
     if not sums[0] > 0:
         raise ValueError("the first basis function must have a positive sum (degree-0 Gaussian first)")
@@ -413,7 +415,7 @@ def build_stamps(
     r = stamp_half + h
     nb = basis.n_basis
     bexp = poly_exponents(background_order)
-    out = {k: [] for k in ("x", "y", "M", "b", "ss", "npix")}
+    out: dict[str, list[Any]] = {k: [] for k in ("x", "y", "M", "b", "ss", "npix")}
     for x, y in zip(np.asarray(xs), np.asarray(ys)):
         ix, iy = int(round(x)), int(round(y))
         if ix - r < 0 or iy - r < 0 or ix + r >= nx or iy + r >= ny:
@@ -759,7 +761,7 @@ def select_kernel_stars(
         )
     cand = np.nonzero(ok)[0]
     rc = r if core_radius is None else min(int(core_radius), r)
-    good = []
+    good_list: list[np.integer] = []
     for i in cand:
         ix, iy = int(x[i]), int(y[i])
         box = bad[iy - r : iy + r + 1, ix - r : ix + r + 1]
@@ -776,8 +778,8 @@ def select_kernel_stars(
                     continue
             if sig2[iy, ix] < min_snr / 3.0:
                 continue
-        good.append(i)
-    good = np.array(good, dtype=np.int64)
+        good_list.append(i)
+    good = np.array(good_list, dtype=np.int64)
     if good.size == 0:
         return np.zeros(0), np.zeros(0)
     good = good[np.argsort(-sig[good], kind="stable")]
@@ -794,12 +796,12 @@ def select_kernel_stars(
     cx = np.minimum((x[good] * n_cells / nx).astype(int), n_cells - 1)
     cy = np.minimum((y[good] * n_cells / ny).astype(int), n_cells - 1)
     cell = cy * n_cells + cx
-    chosen = []
+    chosen_list: list[int] = []
     for c in np.unique(cell):
         members = good[cell == c]
         members = members[np.argsort(-sig[members], kind="stable")]
-        chosen.extend(members[:per_cell].tolist())
-    chosen = np.array(chosen, dtype=np.int64)
+        chosen_list.extend(members[:per_cell].tolist())
+    chosen = np.array(chosen_list, dtype=np.int64)
     return x[chosen].astype(float), y[chosen].astype(float)
 
 

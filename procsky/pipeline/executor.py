@@ -645,6 +645,7 @@ class Executor:
 
     def _job(self, q: Quantum, pt, root: str, missing: dict[str, list] | None = None) -> QuantumJob:
         """The job of ``q``; ``missing``: tolerated missing inputs (see :meth:`_blocking_producers`)."""
+        assert q.id is not None, "quanta get their ids when the graph is saved, before it runs"
         klass = pt.task_class
         missing = missing or {}
         skip = {(d.dataset_type, d.key) for lst in missing.values() for d in lst}
@@ -868,7 +869,7 @@ class DaskExecutor(Executor):
                 job.parallel = False
         self._job_of_key: dict[str, QuantumJob] = {}
         queue = list(reversed(jobs))  # pop() from the end keeps graph order
-        first = []
+        first: list[QuantumJob] = []
         while queue and len(first) < self.max_in_flight:
             first.append(queue.pop())
         initial = self._submit(first)

@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,9 @@ from procsky.errors import ProcskyValueError
 from procsky.sim.recipe import Recipe, load_recipe
 from procsky.sim.render import image_filename, render_detector, write_calib_frames, write_calibs, write_detector
 from procsky.sim.scene import Scene, build_scene, detector_footprints, epoch_flux
+
+if TYPE_CHECKING:
+    from dask.callbacks import Callback
 
 __all__ = ["simulate", "SimulationResult", "select_objects", "draw_visit_detector"]
 
@@ -104,27 +108,25 @@ def _calib_frames_task(recipe, detector, bands, out):
     return write_calib_frames(recipe, detector, bands, Path(out) / "calib_frames")
 
 
-class _TqdmCallback:
+def _tqdm_callback(total: int, desc: str, enabled: bool) -> Callback:
     """A dask local-scheduler callback driving a tqdm bar (one tick per finished task)."""
+    from dask.callbacks import Callback
+    from tqdm.auto import tqdm
 
-    def __new__(cls, total, desc, enabled):
-        from dask.callbacks import Callback
-        from tqdm.auto import tqdm
+    class _CB(Callback):
+        def _start(self, dsk):
+            self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=True)
 
-        class _CB(Callback):
-            def _start(self, dsk):
-                self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=True)
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if isinstance(key, tuple) and key and str(key[0]).startswith("draw"):
+                self.bar.update(1)
+            elif isinstance(key, str) and key.startswith("draw"):
+                self.bar.update(1)
 
-            def _posttask(self, key, result, dsk, state, worker_id):
-                if isinstance(key, tuple) and key and str(key[0]).startswith("draw"):
-                    self.bar.update(1)
-                elif isinstance(key, str) and key.startswith("draw"):
-                    self.bar.update(1)
+        def _finish(self, dsk, state, errored):
+            self.bar.close()
 
-            def _finish(self, dsk, state, errored):
-                self.bar.close()
-
-        return _CB()
+    return _CB()
 
 
 def simulate(
@@ -218,10 +220,10 @@ def simulate(
             for d in want_dets
         ]
     sched = "sync" if scheduler in ("sync", "synchronous") else scheduler
-    kwargs = {"scheduler": sched}
+    kwargs: dict[str, Any] = {"scheduler": sched}
     if sched != "sync":
         kwargs["num_workers"] = workers or os.cpu_count() or 1
-    with _TqdmCallback(len(tasks), f"procsky sim {recipe.name}", progress):
+    with _tqdm_callback(len(tasks), f"procsky sim {recipe.name}", progress):
         from procsky import _dask
 
         results, calib_names = _dask.evaluate(tasks, calib_tasks, **kwargs)

@@ -511,7 +511,9 @@ class Task:
         self.config = config
 
     # -- the computation ------------------------------------------------------------------
-    def run(self, **inputs) -> dict[str, Any]:
+    # ``*args, **inputs``: each task declares its own keyword signature (the executor passes
+    # the inputs by name), and mypy accepts any signature overriding this one.
+    def run(self, *args: Any, **inputs: Any) -> dict[str, Any]:
         """Compute the outputs from in-memory inputs.
 
         Parameters

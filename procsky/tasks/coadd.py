@@ -93,6 +93,7 @@ class AssembleCoaddTask(Task):
     inputs = {"warps": Input("warp", WARP_DIMS, multiple=True, tolerate_missing=True)}
     outputs = {"coadd": Output("coadd", _PATCH_BAND)}
     Config = AssembleCoaddConfig
+    config: AssembleCoaddConfig
     parallel = True
 
     def run(self, warps, data_ids=None):
@@ -145,6 +146,7 @@ class AssembleCoaddDirectTask(Task):
     }
     outputs = {"coadd": Output("coadd", _PATCH_BAND)}
     Config = AssembleCoaddConfig
+    config: AssembleCoaddConfig
     parallel = True
 
     def quanta(self, repo, inputs, where):

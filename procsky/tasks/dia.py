@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pydantic
@@ -54,6 +56,7 @@ class DetectDiaTask(Task):
         "summary": Output("diffim_summary", _VD),
     }
     Config = DetectDiaConfig
+    config: DetectDiaConfig
 
     def run(self, diff, static=None, data_ids=None):
         """Returns ``{"dia_source": DataFrame, "summary": dict}``."""
@@ -184,6 +187,7 @@ class AssociateDiaTask(Task):
     }
     outputs = {"dia_object": Output("dia_object", ("skymap", "tract"))}
     Config = AssociateDiaConfig
+    config: AssociateDiaConfig
 
     def quanta(self, repo, inputs, where):
         """One quantum per tract holding templates, each gathering every DIA source."""
@@ -204,7 +208,7 @@ class AssociateDiaTask(Task):
 
     def run(self, dia_sources, templates=None, data_ids=None):
         keep_fn = _inside_templates(templates) if templates else None
-        frames = []
+        frames: list[Any] = []
         for df in dia_sources:
             if df is None:
                 frames.append(None)
@@ -234,6 +238,7 @@ def _inside_templates(templates):
         inside = np.zeros(len(ra), bool)
         for cards, (ny, nx) in grids:
             w = wcs_from_cards(cards, (ny, nx))
+            assert w is not None, "grids holds only templates with WCS cards"
             x, y = w.world_to_pixel_values(ra, dec)
             inside |= (x >= -0.5) & (y >= -0.5) & (x < nx - 0.5) & (y < ny - 0.5)
         return inside
@@ -259,6 +264,7 @@ class ForcedDiaTask(Task):
     }
     outputs = {"dia_forced_source": Output("dia_forced_source", _VD)}
     Config = ForcedDiaConfig
+    config: ForcedDiaConfig
 
     def run(self, diff, dia_objects, data_ids=None):
         objs = [o for o in dia_objects if o is not None and len(o)]

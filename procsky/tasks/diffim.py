@@ -97,6 +97,7 @@ class MakeTemplateTask(Task):
     inputs = {"warps": Input("warp", ("instrument", "visit") + _PATCH, multiple=True, tolerate_missing=True)}
     outputs = {"template": Output("template", _PATCH + ("band",))}
     Config = MakeTemplateConfig
+    config: MakeTemplateConfig
     parallel = True
 
     def quanta(self, repo, inputs, where):
@@ -195,6 +196,7 @@ class SubtractTask(Task):
     }
     outputs = {"diff": Output("diff", _VD)}
     Config = SubtractConfig
+    config: SubtractConfig
     # One detector's subtraction is a few CPU-seconds of numpy/numba work: it runs in the
     # worker thread that holds the quantum (parallelism comes from the many detectors of a
     # stage). As a ``parallel`` task every quantum would secede from its worker and queue

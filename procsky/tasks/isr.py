@@ -89,6 +89,7 @@ class IsrTask(Task):
     }
     outputs = {"isr_exposure": Output("isr_exposure", _VD)}
     Config = IsrTaskConfig
+    config: IsrTaskConfig
 
     def quanta(self, repo, inputs, where):
         """One quantum per raw; calibrations matched on instrument, detector and filter."""
@@ -136,6 +137,7 @@ class MakeMasterBiasTask(Task):
     inputs = {"frames": Input("bias_frame", _VD, multiple=True)}
     outputs = {"bias": Output("bias", ("instrument", "detector"))}
     Config = MasterTaskConfig
+    config: MasterTaskConfig
 
     def run(self, frames):
         """Combine; returns ``{"bias": Exposure}``."""
@@ -154,6 +156,7 @@ class MakeMasterDarkTask(Task):
     }
     outputs = {"dark": Output("dark", ("instrument", "detector"))}
     Config = MasterDarkTaskConfig
+    config: MasterDarkTaskConfig
 
     def run(self, frames, bias=None):
         """Combine; returns ``{"dark": Exposure}`` (a rate: ISR scales it by the exposure time)."""
@@ -173,6 +176,7 @@ class MakeMasterFlatTask(Task):
     }
     outputs = {"flat": Output("flat", ("instrument", "detector", "physical_filter"))}
     Config = MasterTaskConfig
+    config: MasterTaskConfig
 
     def run(self, frames, bias=None, dark=None):
         """Combine; returns ``{"flat": Exposure}``."""

@@ -40,6 +40,7 @@ class VisitPhotometryTask(Task):
     }
     outputs = {"visit_photocalib": Output("visit_photocalib", _V)}
     Config = VisitPhotometryTaskConfig
+    config: VisitPhotometryTaskConfig
 
     def run(self, src, summaries=None, data_ids=None, data_id=None):
         """Returns ``{"visit_photocalib": dict}`` (see :func:`visit_photometric_calibration`)."""

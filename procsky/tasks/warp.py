@@ -221,6 +221,7 @@ class WarpTask(Task):
     }
     outputs = {"warp": Output("warp", WARP_DIMS)}
     Config = WarpTaskConfig
+    config: WarpTaskConfig
     parallel = True
 
     def quanta(self, repo, inputs, where):

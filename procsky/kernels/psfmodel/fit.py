@@ -181,6 +181,7 @@ def fit_psf_model(
             else:
                 use = good
             flux = np.where(np.isfinite(fl) & (fl > 0), fl, flux)
+    assert coeffs is not None, "the fit loop runs at least once"
     model = PsfModelArrays(
         coeffs=coeffs,
         order=int(order_tot),
@@ -198,7 +199,7 @@ def fit_psf_model(
     )
     centre = render_psf(model, xc, yc)
     fwhm = stamp_moments(centre)[3]
-    dT = []
+    dt_list: list[float] = []
     for k in np.flatnonzero(reserved & usable):
         h = 2 * stamp_size
         ix, iy = int(np.floor(xs[k] + 0.5)), int(np.floor(ys[k] + 0.5))
@@ -209,13 +210,15 @@ def fit_psf_model(
         tm = stamp_moments(st, stamp_size + xs[k] - ix, stamp_size + ys[k] - iy)
         if np.isfinite(ts[0]) and np.isfinite(tm[0]):
             tstar = ts[0] + ts[1]
-            dT.append((tstar - (tm[0] + tm[1])) / tstar)
-    dT = np.asarray(dT)
-    cov_w = _warp_flux_cov(winfo, basis_w.shape[1]) if winfo is not None else None
+            dt_list.append((tstar - (tm[0] + tm[1])) / tstar)
+    dT = np.asarray(dt_list)
+    # Warp terms (basis_w) exist iff warp_order >= 0, and so does a fit's warp information.
+    n_warp = basis_w.shape[1] if basis_w is not None else 0
+    cov_w = _warp_flux_cov(winfo, n_warp) if winfo is not None else None
 
     def refit(sub):
         ck, info = _fit_coeffs(data, fwts, flux, sub, basis, order, basis_w, warp_order, 1, warp_prior)
-        return ck, (_warp_flux_var(_warp_flux_cov(info, basis_w.shape[1]), basis_w) if info is not None else None)
+        return ck, (_warp_flux_var(_warp_flux_cov(info, n_warp), basis_w) if info is not None else None)
 
     flux_sys, cv_ratio = float("nan"), np.zeros(0)
     if oversample == 1 and np.isfinite(fwhm) and cv_radius_fwhm > 0:

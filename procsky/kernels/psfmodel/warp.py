@@ -136,7 +136,8 @@ def _solve_warp(data, wts, flux, use, basis, coeffs, basis_w, dimg, prior=0.0, c
         idx = np.flatnonzero(keep)
         if clip <= 0 or idx.size <= basis_w.shape[1] + 1:
             return cw, a
-        worst, worst_c2 = -1, limit
+        worst: int | np.integer = -1
+        worst_c2 = limit
         rhs = cw.ravel() @ a  # the normal equations' right-hand side (a is symmetric)
         for i in idx:
             bi = np.kron(np.eye(k_n), basis_w[i][None, :])  # (K, K*J)
