@@ -82,6 +82,7 @@ __all__ = [
     "LazyCoadd",
     "WarpConfig",
     "build_coadd",
+    "warp_visit",
     "pixel_mapping",
     "psf_match_exposure",
     "source_box",
@@ -739,3 +740,74 @@ def _psf_matching_kernels(psfs, config: CoaddConfig):
         k = k[c - r : c + r + 1, c - r : c + r + 1]
         out.append(k / k.sum())
     return out
+
+
+def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
+    """Warp the detectors of one visit onto a patch and merge them into one warp.
+
+    It lives beside :func:`build_coadd` because merging the detectors is a small coadd
+    (their overlaps, only at chip gaps, are averaged with their weights).
+
+    Parameters
+    ----------
+    calexps : list of Exposure
+    patch : procsky.skymap.PatchInfo
+    config : procsky.warp.WarpConfig
+
+    Returns
+    -------
+    Exposure
+    """
+    from procsky.warp import warp_exposure
+
+    warps = []
+    for c in calexps:
+        try:
+            warps.append(warp_exposure(c, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=config))
+        except NoWorkError:
+            continue
+    if not warps:
+        raise NoWorkError(f"no calexp overlaps patch {patch.data_id}")
+    meta = {
+        "skymap": skymap_name,
+        "tract": patch.tract.id,
+        "patch": patch.id,
+        "patch_box": patch.outer.to_list(),
+        "patch_wcs": [list(c) for c in patch.wcs_cards],
+    }
+    if len(warps) == 1:
+        w = warps[0]
+        w.metadata.update(meta)
+        return w
+    # Several detectors: their overlap (rare, only at gaps) is averaged with their weights.
+    x0 = min(w.xy0[0] for w in warps)
+    y0 = min(w.xy0[1] for w in warps)
+    x1 = max(w.xy0[0] + w.shape[1] for w in warps)
+    y1 = max(w.xy0[1] + w.shape[0] for w in warps)
+    from procsky.wcs import shift_wcs
+
+    _, cards = shift_wcs(patch.wcs, x0 - patch.xy0[0], y0 - patch.xy0[1], list(patch.wcs_cards))
+    merged = build_coadd(
+        warps,
+        out_cards=cards,
+        out_shape=(y1 - y0, x1 - x0),
+        xy0=(x0, y0),
+        config=CoaddConfig(reject_artifacts=False, warp=config),
+        inputs_are_warps=True,
+    )
+    exp = merged.to_exposure(n_inputs=False)  # its PSF: each detector's warped PSF grid where that detector has data
+    exp.visit_info = warps[0].visit_info
+    meds = [float(m) for m in (w.metadata.get("median_variance") for w in warps) if m is not None]
+    exp.metadata.update(
+        {
+            **warps[0].metadata,
+            **meta,
+            "warp_box": [x0 - patch.xy0[0], y0 - patch.xy0[1], x1 - patch.xy0[0], y1 - patch.xy0[1]],
+            "median_variance": float(np.median(meds)) if meds else None,
+            "detectors": [w.detector.get("id") for w in warps],
+        }
+    )
+    # Coverage of the merged warp is the union of its detectors' footprints, which its PSF
+    # (a CoaddPsf of the detectors' warped PSFs) knows; one detector's outline would be wrong.
+    exp.metadata.pop("footprint", None)
+    return exp

@@ -59,7 +59,12 @@ from procsky.errors import NoWorkError
 from procsky.notes import note_degraded
 from procsky.photocalib import AB_NJY_ZP, PhotoCalib
 
-__all__ = ["VisitPhotometryConfig", "photocalib_for_detector", "visit_photometric_calibration"]
+__all__ = [
+    "VisitPhotometryConfig",
+    "apply_visit_photocalib",
+    "photocalib_for_detector",
+    "visit_photometric_calibration",
+]
 
 
 class VisitPhotometryConfig(pydantic.BaseModel):
@@ -331,3 +336,58 @@ def photocalib_for_detector(record: dict | None, detector) -> PhotoCalib | None:
             return None
         return PhotoCalib.from_zero_point(float(record["zero_point"]), float(record.get("zero_point_err", 0.0)))
     return PhotoCalib(float(entry["calibration"]), float(entry.get("calibration_err", 0.0)))
+
+
+def apply_visit_photocalib(calexps, records, data_ids=None):
+    """Calexps whose PhotoCalib is replaced by the visit-level one of their detector.
+
+    Parameters
+    ----------
+    calexps : list of Exposure
+    records : dict, list of dict, or None
+        ``visit_photocalib`` record(s) (one per visit); None: calexps returned unchanged.
+    data_ids : list of dict, optional
+        Data IDs of ``calexps`` (their ``visit`` and ``detector``); by default read from each
+        calexp's ``visit_info`` and ``detector``.
+
+    Returns
+    -------
+    list of Exposure
+        Shallow copies (planes shared) with ``photocalib`` replaced where the record has the
+        detector, and ``metadata["photocalib"]`` saying which calibration was used.
+    """
+    if not records:
+        note_degraded(
+            "no_visit_photocalib",
+            f"no visit_photocalib (visit_photometry had no work or did not run): "
+            f"the {len(calexps)} calexp(s) keep their own detector zero points",
+        )
+        return list(calexps)
+    if isinstance(records, dict):
+        records = [records]
+    by_visit = {r.get("visit"): r for r in records if r}
+    out = []
+    for i, c in enumerate(calexps):
+        did = data_ids[i] if data_ids is not None and i < len(data_ids) and data_ids[i] else {}
+        visit = did.get("visit", c.visit_info.visit if c.visit_info is not None else None)
+        det = did.get("detector", (c.detector or {}).get("id"))
+        rec = by_visit.get(visit) or (records[0] if len(records) == 1 and records[0].get("visit") is None else None)
+        pc = photocalib_for_detector(rec, det)
+        if pc is None:
+            note_degraded(
+                "detector_zero_point_kept",
+                f"visit {visit} detector {det} has no visit-level zero point: its calexp keeps its own",
+                visit=visit,
+                detector=det,
+            )
+            out.append(c)
+            continue
+        meta = dict(c.metadata)
+        meta["photocalib"] = {
+            "source": "visit_photocalib",
+            "zero_point": pc.zero_point,
+            "zero_point_err": pc.zero_point_err,
+            "calexp_zero_point": None if c.photocalib is None else c.photocalib.zero_point,
+        }
+        out.append(c._replace(photocalib=pc, metadata=meta))
+    return out

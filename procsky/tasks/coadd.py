@@ -18,6 +18,7 @@ import pydantic
 
 from procsky.coadd import CoaddConfig
 from procsky.errors import NoWorkError, ProcskyValueError
+from procsky.photometry import apply_visit_photocalib
 from procsky.tasks.base import (
     Input,
     Output,
@@ -26,11 +27,7 @@ from procsky.tasks.base import (
     TaskConfig,
     register_task,
 )
-from procsky.tasks.warp import (
-    WARP_DIMS,
-    apply_visit_photocalib,
-    calexp_patch_groups,
-)
+from procsky.tasks.warp import WARP_DIMS, calexp_patch_groups
 
 __all__ = ["AssembleCoaddConfig", "AssembleCoaddDirectTask", "AssembleCoaddTask"]
 

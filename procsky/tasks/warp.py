@@ -18,10 +18,9 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
-import numpy as np
-
-from procsky.errors import NoWorkError, ProcskyValueError
-from procsky.notes import note_degraded
+from procsky.coadd import warp_visit
+from procsky.errors import ProcskyValueError
+from procsky.photometry import apply_visit_photocalib
 from procsky.tasks.base import (
     DatasetKey,
     Input,
@@ -36,7 +35,6 @@ from procsky.warp import WarpConfig
 __all__ = [
     "WarpTask",
     "WarpTaskConfig",
-    "apply_visit_photocalib",
     "load_task_skymap",
     "overlapping_patches",
     "skymap_input",
@@ -125,63 +123,6 @@ def visit_photocalib_index(keys) -> dict:
     for k in keys or []:
         out.setdefault((k.data_id.get("instrument"), k.data_id.get("visit")), []).append(k)
     return {key: sorted(v, key=lambda k: k.key)[:1] for key, v in out.items()}
-
-
-def apply_visit_photocalib(calexps, records, data_ids=None):
-    """Calexps whose PhotoCalib is replaced by the visit-level one of their detector.
-
-    Parameters
-    ----------
-    calexps : list of Exposure
-    records : dict, list of dict, or None
-        ``visit_photocalib`` record(s) (one per visit); None: calexps returned unchanged.
-    data_ids : list of dict, optional
-        Data IDs of ``calexps`` (their ``visit`` and ``detector``); by default read from each
-        calexp's ``visit_info`` and ``detector``.
-
-    Returns
-    -------
-    list of Exposure
-        Shallow copies (planes shared) with ``photocalib`` replaced where the record has the
-        detector, and ``metadata["photocalib"]`` saying which calibration was used.
-    """
-    from procsky.tasks.photometry import photocalib_for_detector
-
-    if not records:
-        note_degraded(
-            "no_visit_photocalib",
-            f"no visit_photocalib (visit_photometry had no work or did not run): "
-            f"the {len(calexps)} calexp(s) keep their own detector zero points",
-        )
-        return list(calexps)
-    if isinstance(records, dict):
-        records = [records]
-    by_visit = {r.get("visit"): r for r in records if r}
-    out = []
-    for i, c in enumerate(calexps):
-        did = data_ids[i] if data_ids is not None and i < len(data_ids) and data_ids[i] else {}
-        visit = did.get("visit", c.visit_info.visit if c.visit_info is not None else None)
-        det = did.get("detector", (c.detector or {}).get("id"))
-        rec = by_visit.get(visit) or (records[0] if len(records) == 1 and records[0].get("visit") is None else None)
-        pc = photocalib_for_detector(rec, det)
-        if pc is None:
-            note_degraded(
-                "detector_zero_point_kept",
-                f"visit {visit} detector {det} has no visit-level zero point: its calexp keeps its own",
-                visit=visit,
-                detector=det,
-            )
-            out.append(c)
-            continue
-        meta = dict(c.metadata)
-        meta["photocalib"] = {
-            "source": "visit_photocalib",
-            "zero_point": pc.zero_point,
-            "zero_point_err": pc.zero_point_err,
-            "calexp_zero_point": None if c.photocalib is None else c.photocalib.zero_point,
-        }
-        out.append(c._replace(photocalib=pc, metadata=meta))
-    return out
 
 
 def calexp_patch_groups(repo, skymap_name: str, task: str, inputs) -> tuple:
@@ -277,72 +218,3 @@ class WarpTask(Task):
         patch = sm.patch(data_id["tract"], data_id["patch"])
         calexps = apply_visit_photocalib(calexps, visit_photocalib, (data_ids or {}).get("calexps"))
         return {"warp": warp_visit(calexps, patch, self.config.warp, skymap_name=sm.name)}
-
-
-def warp_visit(calexps, patch, config, *, skymap_name: str = ""):
-    """Warp the detectors of one visit onto a patch and merge them into one warp.
-
-    Parameters
-    ----------
-    calexps : list of Exposure
-    patch : procsky.skymap.PatchInfo
-    config : procsky.warp.WarpConfig
-
-    Returns
-    -------
-    Exposure
-    """
-    from procsky.coadd import CoaddConfig, build_coadd
-    from procsky.warp import warp_exposure
-
-    warps = []
-    for c in calexps:
-        try:
-            warps.append(warp_exposure(c, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=config))
-        except NoWorkError:
-            continue
-    if not warps:
-        raise NoWorkError(f"no calexp overlaps patch {patch.data_id}")
-    meta = {
-        "skymap": skymap_name,
-        "tract": patch.tract.id,
-        "patch": patch.id,
-        "patch_box": patch.outer.to_list(),
-        "patch_wcs": [list(c) for c in patch.wcs_cards],
-    }
-    if len(warps) == 1:
-        w = warps[0]
-        w.metadata.update(meta)
-        return w
-    # Several detectors: their overlap (rare, only at gaps) is averaged with their weights.
-    x0 = min(w.xy0[0] for w in warps)
-    y0 = min(w.xy0[1] for w in warps)
-    x1 = max(w.xy0[0] + w.shape[1] for w in warps)
-    y1 = max(w.xy0[1] + w.shape[0] for w in warps)
-    from procsky.wcs import shift_wcs
-
-    _, cards = shift_wcs(patch.wcs, x0 - patch.xy0[0], y0 - patch.xy0[1], list(patch.wcs_cards))
-    merged = build_coadd(
-        warps,
-        out_cards=cards,
-        out_shape=(y1 - y0, x1 - x0),
-        xy0=(x0, y0),
-        config=CoaddConfig(reject_artifacts=False, warp=config),
-        inputs_are_warps=True,
-    )
-    exp = merged.to_exposure(n_inputs=False)  # its PSF: each detector's warped PSF grid where that detector has data
-    exp.visit_info = warps[0].visit_info
-    meds = [float(m) for m in (w.metadata.get("median_variance") for w in warps) if m is not None]
-    exp.metadata.update(
-        {
-            **warps[0].metadata,
-            **meta,
-            "warp_box": [x0 - patch.xy0[0], y0 - patch.xy0[1], x1 - patch.xy0[0], y1 - patch.xy0[1]],
-            "median_variance": float(np.median(meds)) if meds else None,
-            "detectors": [w.detector.get("id") for w in warps],
-        }
-    )
-    # Coverage of the merged warp is the union of its detectors' footprints, which its PSF
-    # (a CoaddPsf of the detectors' warped PSFs) knows; one detector's outline would be wrong.
-    exp.metadata.pop("footprint", None)
-    return exp
