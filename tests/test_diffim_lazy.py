@@ -73,10 +73,12 @@ def test_subtract_images_builds_without_computing_and_computes_once(pair, monkey
         diff, kern, summary = subtract_images(sci, tpl, _CFG)
     assert diff.is_lazy and not calls
     with dask.config.set(scheduler="synchronous"):
-        got = diff.compute()
+        got = diff.compute()  # planes, PSF and metadata in one call: the subtraction runs once
         assert diff.psf.to_dict() == eager.psf.to_dict()
+        assert len(calls) == 1
+        # parts computed on their own run it again, as any dask collection computed separately
         assert _same(summary.compute(), s0) and kern.compute().to_dict() == k0.to_dict()
-    assert len(calls) == 1
+    assert len(calls) == 3
     for a, b in ((got.image, eager.image), (got.variance, eager.variance), (got.mask, eager.mask)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
@@ -110,3 +112,28 @@ def test_stored_difference_measures_as_in_memory(pair, tmp_path):
     pd.testing.assert_frame_equal(a["dia_source"], b["dia_source"])
     assert len(a["dia_source"]) >= 3
     assert _same(a["summary"], b["summary"]) and a["summary"]["n_dia_sources"] == len(a["dia_source"])
+
+
+def test_lazy_difference_computes_on_a_distributed_cluster(pair, tmp_path):
+    """The graph of a lazy difference holds only picklable tasks whose inputs are the pixel
+    planes: a notebook's Client (worker processes) computes and writes it."""
+    from distributed import Client, LocalCluster
+
+    sci, tpl, _ = pair
+    eager, _, s0 = subtract_images(sci, tpl, _CFG, lazy=False)
+    # Zarr-backed inputs, as the pipeline reads them.
+    sci.write(tmp_path / "sci.zarr", chunks=64)
+    tpl.write(tmp_path / "tpl.zarr", chunks=64)
+    lazy_sci, lazy_tpl = Exposure.read(tmp_path / "sci.zarr"), Exposure.read(tmp_path / "tpl.zarr")
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
+        diff, _, _ = subtract_images(lazy_sci, lazy_tpl, _CFG)
+        diff.write(tmp_path / "diff.zarr")
+    got = Exposure.read(tmp_path / "diff.zarr").compute()
+    np.testing.assert_array_equal(got.image, eager.image)
+    np.testing.assert_array_equal(got.variance, eager.variance)
+    np.testing.assert_array_equal(got.mask, eager.mask)
+    assert got.psf.to_dict() == psf_from_dict(eager.psf.to_dict()).to_dict()
+    assert _same(got.metadata["diffim"], json.loads(json.dumps(s0)))

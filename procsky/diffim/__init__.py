@@ -11,8 +11,9 @@ A difference is lazy, like a coadd: :func:`subtract_images` and :func:`differenc
 build a graph and compute nothing. The kernel fit needs the pixels of the star stamps and
 the noise measurements (variance rescaling, registration noise, noise correlation) those of
 the whole difference, and their results shape the difference's PSF and summary as well as
-its planes: they run in one :class:`Deferred` computation that the planes, the PSF and the
-metadata share, so that writing the difference computes it once.
+its planes: they run in one task of the graph (:func:`deferred`, whose inputs are the
+pixel planes of the calexp and templates) that the planes, the PSF and the metadata share,
+so that writing the difference (or ``Exposure.compute``) computes it once, on any scheduler.
 
 Public functions
 ----------------
@@ -60,7 +61,7 @@ from .dia import (
 from .dia import (
     _oversampled_psf as _oversampled_psf,  # benchmarks, tests
 )
-from .lazy import Deferred, DeferredPsf, deferred_exposure
+from .lazy import LazyPsf, deferred, deferred_exposure, deferred_part
 from .simulate import _render_star as _render_star  # tests, benchmarks
 from .simulate import simulate_pair
 from .subtract import (
@@ -89,8 +90,9 @@ __all__ = [
     "diffim_summary",
     "with_recorded_summary",
     "note_subtraction",
-    "Deferred",
-    "DeferredPsf",
+    "LazyPsf",
+    "deferred",
     "deferred_exposure",
+    "deferred_part",
     "DIFFERENCE_METADATA",
 ]

@@ -12,7 +12,7 @@ from procsky.errors import NoWorkError, ProcskyValueError
 from procsky.kernels import psfmatch as _pm
 
 from .dia import DiaConfig, dia_detection_mask
-from .lazy import Deferred, deferred_exposure
+from .lazy import deferred, deferred_exposure
 from .subtract import SubtractionConfig, _subtract_now
 
 if TYPE_CHECKING:
@@ -121,14 +121,14 @@ def difference_image(
     rescaled, partial template) are made when the difference is computed.
 
     With ``lazy`` (the default) nothing is computed: the planes are dask arrays and the
-    metadata values delayed objects of one deferred computation (see :class:`Deferred`).
+    metadata values delayed parts of one graph task (see :func:`procsky.diffim.lazy.deferred`).
     """
     cfg = config or SubtractionConfig()
     det = detection or DiaConfig()
     if not lazy:
         return _difference_now(calexp, templates, cfg, det, warp_order)
-    once = Deferred(_difference_now, calexp, templates, cfg, det, warp_order)
-    return deferred_exposure(once, calexp, part=lambda r: r, metadata_keys=DIFFERENCE_METADATA)
+    result = deferred(_difference_now, calexp, list(templates), cfg, det, warp_order, name="difference")
+    return deferred_exposure(result, calexp, part=lambda r: r, metadata_keys=DIFFERENCE_METADATA)
 
 
 def _difference_now(calexp, templates, cfg: SubtractionConfig, det: DiaConfig, warp_order: int):

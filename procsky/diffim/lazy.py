@@ -1,12 +1,19 @@
-"""Deferred whole-image computations shared by the planes, PSF and metadata of a lazy exposure.
+"""Whole-image computations shared by the planes, PSF and metadata of a lazy exposure.
 
 A difference image's kernel fit and noise measurements need whole-image pixels, and their
-results shape the PSF and metadata as well as the planes: :class:`Deferred` runs such a
-computation once, for whichever of them is computed first.
+results shape the PSF and metadata as well as the planes. :func:`deferred` makes such a
+computation one task of a dask graph whose inputs are the pixel planes of the exposures it
+reads (so the graph runs on any scheduler: threads, processes, a ``distributed`` cluster);
+:func:`deferred_exposure` turns its result into a lazy :class:`~procsky.exposure.Exposure`
+whose planes, PSF (:class:`LazyPsf`) and metadata values are parts of that one task.
+:meth:`Exposure.compute` and :meth:`Exposure.write` compute the planes, the PSF and the
+delayed metadata in one call, so the computation runs once; a part computed on its own
+(the kernel, the summary) runs it again, as any dask collection computed separately does.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -16,77 +23,97 @@ from procsky import _dask
 from procsky.errors import ProcskyValueError
 from procsky.psf import PsfModel
 
-__all__ = ["Deferred", "DeferredPsf", "deferred_exposure"]
+__all__ = ["LazyPsf", "deferred", "deferred_exposure", "deferred_part"]
+
+_EXPOSURE = "__procsky_exposure__"
 
 
-class Deferred:
-    """A whole-image computation run at most once, by the first graph task or attribute
-    that needs its result.
+def _pack(obj: Any) -> Any:
+    """Exposures in ``obj`` (also inside lists and tuples) as tuples that dask traverses:
+    their planes become dependencies of the task, computed (to numpy) before it runs."""
+    from procsky.exposure import Exposure
 
-    The kernel fit needs the pixels of the star stamps and of the whole image (noise
-    correlation, variance rescaling, registration noise), and its results shape the
-    difference's PSF and summary as well as its planes. Wrapping it here lets a difference
-    be built without computing anything, and computed once whichever of planes, PSF or
-    metadata is asked for first (the planes and the metadata when the difference is
-    written). Thread-safe; a failure is kept and raised again to every caller.
+    if isinstance(obj, Exposure):
+        attrs = {
+            "wcs": obj.wcs,
+            "psf": obj.psf,
+            "photocalib": obj.photocalib,
+            "visit_info": obj.visit_info,
+            "detector": obj.detector,
+            "metadata": obj.metadata,
+            "mask_planes": obj.mask_planes,
+            "xy0": obj.xy0,
+            "wcs_cards": obj.wcs_cards,
+        }
+        return (_EXPOSURE, attrs, obj.image, obj.variance, obj.mask, dict(obj.extra_planes))
+    if isinstance(obj, list):
+        return [_pack(o) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(_pack(o) for o in obj)
+    return obj
+
+
+def _unpack(obj: Any) -> Any:
+    from procsky.exposure import Exposure
+
+    if isinstance(obj, tuple) and len(obj) == 6 and isinstance(obj[0], str) and obj[0] == _EXPOSURE:
+        _, attrs, image, variance, mask, extra = obj
+        return Exposure(image, variance, mask, extra_planes=extra, **attrs)
+    if isinstance(obj, list):
+        return [_unpack(o) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(_unpack(o) for o in obj)
+    return obj
+
+
+def _call(func: Callable, *packed: Any) -> Any:
+    return func(*[_unpack(p) for p in packed])
+
+
+def deferred(func: Callable, *args: Any, name: str | None = None):
+    """``func(*args)`` as one :class:`dask.delayed.Delayed` task; the pixel planes of the
+    Exposures among ``args`` are its dependencies (read or computed by the graph, in
+    parallel, before ``func`` runs on numpy planes). Builds without computing anything."""
+    import dask
+
+    key = f"{name or getattr(func, '__name__', 'deferred').strip('_')}-{uuid.uuid4().hex}"
+    return dask.delayed(_call, pure=False)(func, *[_pack(a) for a in args], dask_key_name=key)
+
+
+def _apply(result: Any, part: Callable[[Any], Any]) -> Any:
+    return part(result)
+
+
+def deferred_part(result, part: Callable[[Any], Any], what: str):
+    """A :class:`dask.delayed.Delayed` of ``part(result)`` (``result`` from :func:`deferred`)."""
+    import dask
+
+    return dask.delayed(_apply, pure=False)(result, part, dask_key_name=f"{what}-{result.key}")
+
+
+class LazyPsf(PsfModel):
+    """The PSF of a lazy exposure: a delayed PSF model, computed on first use.
+
+    :meth:`Exposure.compute` and :meth:`Exposure.write` compute :attr:`lazy_value` with the
+    planes and keep the result here, so asking for the PSF afterwards computes nothing.
     """
 
-    def __init__(self, func: Callable, *args: Any) -> None:
-        import threading
-        import uuid
+    def __init__(self, lazy_value) -> None:
+        self.lazy_value = lazy_value
+        self._psf: PsfModel | None = None
 
-        self._func: Callable | None = func
-        self._args: tuple = args
-        self._lock = threading.Lock()
-        self._done = False
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self.name = f"{getattr(func, '__name__', 'deferred').strip('_')}-{uuid.uuid4().hex}"
-
-    @property
-    def done(self) -> bool:
-        """True once the computation ran (successfully or not)."""
-        return self._done
-
-    def get(self) -> Any:
-        """The result, computed on the first call."""
-        with self._lock:
-            if not self._done:
-                assert self._func is not None, "the function is dropped only once the computation is done"
-                try:
-                    self._value = self._func(*self._args)
-                except BaseException as e:  # kept for every later caller
-                    self._error = e
-                self._done = True
-                self._func, self._args = None, ()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def delayed(self, part: Callable[[Any], Any], what: str):
-        """A :class:`dask.delayed.Delayed` of ``part(result)``."""
-        import dask
-
-        return dask.delayed(_deferred_part, pure=False)(self, part, dask_key_name=f"{what}-{self.name}")
-
-
-def _deferred_part(deferred: Deferred, part: Callable[[Any], Any]) -> Any:
-    return part(deferred.get())
-
-
-class DeferredPsf(PsfModel):
-    """The PSF of a deferred difference image: resolved (the difference computed) on first use."""
-
-    def __init__(self, deferred: Deferred, part: Callable[[Any], PsfModel]) -> None:
-        self._deferred = deferred
-        self._part = part
+    def set_value(self, psf: PsfModel | None) -> None:
+        """Keep the computed model (done by :meth:`Exposure.compute` / :meth:`Exposure.write`)."""
+        if psf is None:
+            raise ProcskyValueError("the lazy exposure has no PSF")
+        self._psf = psf
 
     def resolve(self) -> PsfModel:
-        """The PSF model itself."""
-        psf = self._part(self._deferred.get())
-        if psf is None:
-            raise ProcskyValueError("the deferred difference image has no PSF")
-        return psf
+        """The PSF model itself (computes :attr:`lazy_value` the first time)."""
+        if self._psf is None:
+            self.set_value(_dask.evaluate(self.lazy_value)[0])
+        assert self._psf is not None
+        return self._psf
 
     @property
     def size(self) -> int:  # type: ignore[override]
@@ -110,20 +137,19 @@ class DeferredPsf(PsfModel):
         return self.resolve().to_dict()
 
 
-def deferred_exposure(
-    deferred: Deferred, like, *, part: Callable[[Any], Any], metadata_keys=("diffim",), chunk: int | None = None
-):
+def deferred_exposure(result, like, *, part: Callable[[Any], Any], metadata_keys=("diffim",), chunk: int | None = None):
     """A lazy :class:`~procsky.exposure.Exposure` whose planes, PSF and ``metadata_keys``
-    are those of the exposure ``part(deferred.get())``; everything else is ``like``'s.
+    are those of the exposure ``part(r)``, ``r`` the value of ``result`` (a
+    :func:`deferred` task); everything else is ``like``'s.
 
     The planes are dask arrays in chunks of ``chunk`` pixels (default: the storage chunk of
-    :meth:`Exposure.write`), the metadata values :class:`dask.delayed.Delayed` objects;
-    they share the one deferred computation.
+    :meth:`Exposure.write`), the PSF a :class:`LazyPsf`, the metadata values
+    :class:`dask.delayed.Delayed` objects; all are parts of the one task ``result``.
     """
     from procsky.exposure import DEFAULT_CHUNK
 
     ny, nx = like.shape
-    planes = deferred.delayed(lambda r: _planes_of(part(r)), "planes")
+    planes = deferred_part(result, lambda r: _planes_of(part(r)), "planes")
     image, variance, mask = _dask.from_chunk_tasks(
         [[planes]], [[(ny, nx)]], [np.float32, np.float32, np.uint32], ["diff-image", "diff-variance", "diff-mask"]
     )
@@ -134,23 +160,20 @@ def deferred_exposure(
         return lambda r: part(r).metadata[k]
 
     for k in metadata_keys:
-        meta[k] = deferred.delayed(metadata_part(k), f"metadata-{k}")
+        meta[k] = deferred_part(result, metadata_part(k), f"metadata-{k}")
     return like._replace(
         image=image.rechunk(c),
         variance=variance.rechunk(c),
         mask=mask.rechunk(c),
-        psf=DeferredPsf(deferred, lambda r: part(r).psf),
+        psf=LazyPsf(deferred_part(result, lambda r: part(r).psf, "psf")),
         metadata=meta,
     )
 
 
 def _computed(exp):
-    """``exp.compute()`` with a deferred PSF resolved (the dipole fit takes a fast path for
-    the PSF classes it knows)."""
-    out = exp.compute()
-    if isinstance(out.psf, DeferredPsf):
-        out = out._replace(psf=out.psf.resolve())
-    return out
+    """``exp.compute()``: numpy planes, metadata values and a resolved PSF (the dipole fit
+    takes a fast path for the PSF classes it knows)."""
+    return exp.compute()
 
 
 def _planes_of(exp) -> tuple:

@@ -14,7 +14,7 @@ from procsky.errors import AlgorithmError, NoWorkError, ProcskyValueError
 from procsky.kernels import convolve as _conv
 from procsky.kernels import psfmatch as _pm
 
-from .lazy import Deferred, deferred_exposure
+from .lazy import deferred, deferred_exposure, deferred_part
 
 __all__ = [
     "SubtractionConfig",
@@ -381,9 +381,9 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     _check_pair(science, template, cfg)
     if not lazy:
         return _subtract_now(science, template, cfg, stars)
-    once = Deferred(_subtract_now, science, template, cfg, stars)
-    diff = deferred_exposure(once, science, part=lambda r: r[0])
-    return diff, once.delayed(lambda r: r[1], "kernel"), diff.metadata["diffim"]
+    result = deferred(_subtract_now, science, template, cfg, stars, name="subtract")
+    diff = deferred_exposure(result, science, part=lambda r: r[0])
+    return diff, deferred_part(result, lambda r: r[1], "kernel"), diff.metadata["diffim"]
 
 
 def _check_pair(science, template, cfg: SubtractionConfig) -> None:
