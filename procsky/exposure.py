@@ -351,15 +351,20 @@ class Exposure:
         """The same exposure with numpy planes and metadata values (computes the dask planes,
         extra planes and delayed metadata together, so shared work is done once)."""
         lazy_meta = {k: v for k, v in self.metadata.items() if _is_delayed(v)}
-        lazy_psf = _lazy_psf_value(self.psf)
+        lazy_psf = _lazy_psf(self.psf)
         if not self.is_lazy and not lazy_meta and lazy_psf is None:
             return self
         names = list(self.extra_planes)
         image, variance, mask, extra, meta, psf = _dask.evaluate(
-            self.image, self.variance, self.mask, [self.extra_planes[n] for n in names], lazy_meta, lazy_psf
+            self.image,
+            self.variance,
+            self.mask,
+            [self.extra_planes[n] for n in names],
+            lazy_meta,
+            None if lazy_psf is None else lazy_psf.lazy_value,
         )
         if lazy_psf is not None:
-            self.psf.set_value(psf)  # type: ignore[union-attr]  # kept: asking for the PSF later computes nothing
+            lazy_psf.set_value(psf)  # kept: asking for the PSF later computes nothing
         return self._replace(
             image=image,
             variance=variance,
@@ -573,13 +578,12 @@ def _as_plane(a, name: str):
     return arr
 
 
-def _lazy_psf_value(psf):
-    """The delayed model of a lazy PSF (e.g. a difference image's, made by the graph that
-    makes its planes) not computed yet, else None."""
-    value = getattr(psf, "lazy_value", None)
-    if value is None or getattr(psf, "_psf", None) is not None:
+def _lazy_psf(psf) -> Any:
+    """A lazy PSF (e.g. a difference image's, a part of the graph that makes its planes:
+    it has ``lazy_value`` and ``set_value``) not computed yet, else None."""
+    if getattr(psf, "lazy_value", None) is None or getattr(psf, "_psf", None) is not None:
         return None
-    return value
+    return psf
 
 
 def _is_delayed(v) -> bool:
@@ -724,8 +728,8 @@ def _write_zarr(exp: Exposure, path: Path, chunks, *, batch: int = 16) -> None:
     lazy_meta = {k: v for k, v in exp.metadata.items() if _is_delayed(v)}
     keys = list(lazy_meta)
     # A lazy PSF (a difference image's) is computed with the first batch too.
-    lazy_psf = _lazy_psf_value(exp.psf)
-    with_first = [lazy_meta[k] for k in keys] + ([] if lazy_psf is None else [lazy_psf])
+    lazy_psf = _lazy_psf(exp.psf)
+    with_first = [lazy_meta[k] for k in keys] + ([] if lazy_psf is None else [lazy_psf.lazy_value])
     if dask_planes:
         values = _dask.store_planes(
             dask_planes, {n: arrays[n] for n in dask_planes}, batch=batch, with_first=with_first
@@ -733,7 +737,7 @@ def _write_zarr(exp: Exposure, path: Path, chunks, *, batch: int = 16) -> None:
     else:
         values = _dask.evaluate(*with_first) if with_first else ()
     if lazy_psf is not None:
-        exp.psf.set_value(values[-1])  # type: ignore[union-attr]
+        lazy_psf.set_value(values[-1])
         values = values[:-1]
     for name, arr in all_planes.items():
         if name not in dask_planes:
