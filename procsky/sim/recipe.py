@@ -28,6 +28,8 @@ __all__ = [
     "DitherConfig",
     "BandConfig",
     "SeeingConfig",
+    "PsfConfig",
+    "NoiseConfig",
     "StarConfig",
     "GalaxyConfig",
     "VariableConfig",
@@ -127,6 +129,52 @@ class SeeingConfig(_Model):
         return self
 
 
+class PsfConfig(_Model):
+    """The PSF family (see :mod:`procsky.sim.psf`).
+
+    ``atmospheric`` (default) uses the ``seeing`` section: Moffat (x) Gaussian, varying
+    across the focal plane; with coarse pixels (``instrument.pixel_scale: 1.0``) it gives
+    undersampled ground data. ``space`` ignores ``seeing`` and draws a diffraction-limited
+    PSF (GalSim ``OpticalPSF``: obscured pupil with struts, so Airy wings and diffraction
+    spikes, per-visit Zernike aberrations) convolved with a Gaussian pointing jitter.
+    """
+
+    family: Literal["atmospheric", "space"] = "atmospheric"
+    diameter_m: float = Field(2.4, gt=0.1, le=40, description="space: primary mirror diameter, m")
+    obscuration: float = Field(0.33, ge=0, lt=0.9, description="space: linear central obscuration")
+    nstruts: int = Field(4, ge=0, le=12, description="space: spider struts (each gives a diffraction spike pair)")
+    strut_thick: float = Field(0.03, ge=0, lt=0.3, description="space: strut width, fraction of the diameter")
+    strut_angle_deg: float = Field(45.0, description="space: angle of the first strut from +y, counter-clockwise, deg")
+    aberration_rms: float = Field(
+        0.03, ge=0, le=0.3, description="space: rms of each Zernike term (defocus, astig, coma) per visit, waves"
+    )
+    jitter_fwhm: float = Field(0.01, ge=0, description="space: Gaussian pointing jitter FWHM, arcsec")
+
+
+class NoiseConfig(_Model):
+    """Pixel noise correlation.
+
+    ``correlation: lanczos3`` resamples the noise field (Poisson, dark and read noise; not
+    the signal, cosmic rays or defects) with a separable Lanczos-3 sub-pixel shift, as a
+    warp to another pixel grid does: the noise in neighbouring pixels becomes correlated and
+    its per-pixel variance drops by ``sum(w_x^2) sum(w_y^2)`` while the variance plane stays
+    the pre-resampling one (as in LSST's warps, which carry a noise-correlation factor).
+    ``shift_px`` fixes the shift ``(dx, dy)``; ``null`` draws it per visit and detector,
+    uniform in [-0.5, 0.5). The shift and the resulting variance factor and neighbour
+    correlations are in ``truth/detectors.parquet`` (``noise_*``).
+    """
+
+    correlation: Literal["none", "lanczos3"] = "none"
+    shift_px: tuple[float, float] | None = Field(None, description="sub-pixel shift (dx, dy), |d| <= 0.5")
+
+    @field_validator("shift_px")
+    @classmethod
+    def _sub_pixel(cls, v):
+        if v is not None and not all(abs(d) <= 0.5 for d in v):
+            raise ValueError(f"shift_px components must be within [-0.5, 0.5], got {v}")
+        return v
+
+
 class StarConfig(_Model):
     density: float = Field(5000.0, ge=0, description="stars per deg^2 between mag_min and mag_max (r band)")
     mag_min: float = 16.0
@@ -213,6 +261,8 @@ class Recipe(_Model):
     mjd_start: float = 60310.0
     cadence_days: float = Field(2.0, gt=0)
     seeing: SeeingConfig = Field(default_factory=SeeingConfig)
+    psf: PsfConfig = Field(default_factory=PsfConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
     stars: StarConfig = Field(default_factory=StarConfig)
     galaxies: GalaxyConfig = Field(default_factory=GalaxyConfig)
     variables: VariableConfig = Field(default_factory=VariableConfig)

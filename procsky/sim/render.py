@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from procsky.instruments.simcam import BAND_DATA, SimcamGeometry, detector_wcs, focal_plane_position
-from procsky.sim.psf import SimPsfParams, psf_summary
+from procsky.sim.psf import psf_params_from_dict, psf_summary
 from procsky.sim.scene import rng_for
 
 __all__ = [
@@ -58,6 +58,8 @@ __all__ = [
     "calib_frame_filename",
     "draw_calib_frame",
     "write_calib_frames",
+    "lanczos3_weights",
+    "resample_noise",
 ]
 
 BAD, SAT = 1 << 0, 1 << 1
@@ -174,6 +176,21 @@ def bleed_columns(q: np.ndarray, full_well: float) -> np.ndarray:
     return q >= full_well
 
 
+def _saturated_at(full: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Whether any pixel of the 3x3 box around each position (0-based pixels) is in ``full``."""
+    ny, nx = full.shape
+    out = np.zeros(len(x), dtype=bool)
+    if len(x) == 0 or not full.any():
+        return out
+    xi, yi = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            xx, yy = xi + dx, yi + dy
+            ok = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
+            out[ok] |= full[yy[ok], xx[ok]]
+    return out
+
+
 def _grow(m: np.ndarray) -> np.ndarray:
     """Grow a boolean mask by one pixel (8-connected)."""
     if not m.any():
@@ -232,11 +249,15 @@ def _draw_objects(
     gsparams,
     faint_gsparams=None,
     faint_limit=0.0,
+    noise_e=None,
 ):
     """Add every object's pixel-convolved profile (electrons) to ``image_e`` in stamps.
 
     Objects with fewer than ``faint_limit`` electrons are drawn with ``faint_gsparams``
     (looser FFT folding/maxk thresholds: the lost accuracy is far below their noise).
+    Space PSFs (wide Airy wings and spikes) get stamps reaching the radius beyond which the
+    object's PSF stays below 0.2 ``noise_e`` (the per-pixel noise, e-), so bright stars show
+    their spikes; the flux beyond is below the noise by construction.
     """
     ny, nx = image_e.shape
     if len(x) == 0:
@@ -254,6 +275,10 @@ def _draw_objects(
     sg2 = objects["shear_g2"].to_numpy() if "shear_g2" in objects else np.zeros(len(x))
     scale = psf_params.pixel_scale
     full = galsim.BoundsI(0, nx - 1, 0, ny - 1)
+    wing = None
+    if getattr(psf_params, "family", "atmospheric") == "space":
+        wing = _wing_profile(psf_params.at_focal_plane(0.0, 0.0, gsparams=gsparams))
+        wing_floor = 0.2 * (noise_e if noise_e else 1.0)
     for i in range(len(x)):
         c = counts_e[i]
         if not c > 0:
@@ -266,6 +291,9 @@ def _draw_objects(
         else:
             size_px = 3.0 * fwhm_px
         half = int(math.ceil(min(max(size_px * boost, 8.0), 400.0)))
+        if wing is not None:
+            beyond = np.flatnonzero(c * wing < wing_floor)
+            half = max(half, int(beyond[0]) if len(beyond) else len(wing))
         xc, yc = int(round(x[i])), int(round(y[i]))
         b = galsim.BoundsI(xc - half, xc + half, yc - half, yc + half) & full
         if not b.isDefined():
@@ -280,6 +308,52 @@ def _draw_objects(
         stamp = galsim.ImageF(b, scale=1.0)
         prof.drawImage(image=stamp, center=galsim.PositionD(float(x[i]), float(y[i])), method="auto")
         image_e[b.ymin : b.ymax + 1, b.xmin : b.xmax + 1] += stamp.array
+
+
+def _wing_profile(psf, size: int = 241) -> np.ndarray:
+    """``w[r]``: the largest pixel value (flux 1) of the pixel-convolved PSF at radius >= r px."""
+    img = psf.drawImage(nx=size, ny=size, scale=1.0, method="auto").array
+    c = size // 2
+    yy, xx = np.indices(img.shape)
+    r = np.hypot(xx - c, yy - c).astype(int).ravel()
+    peak = np.zeros(r.max() + 1)
+    np.maximum.at(peak, r, img.ravel())
+    return np.maximum.accumulate(peak[::-1])[::-1][: c + 1]
+
+
+# ------------------------------------------------------------- correlated noise
+def lanczos3_weights(shift: float) -> np.ndarray:
+    """The 7 normalised Lanczos-3 weights ``w[j] = L(j - 3 - shift)`` (``|shift| <= 0.5``).
+
+    ``sum_j w[j] f[i + j - 3]`` interpolates ``f`` at ``i + shift`` (Lanczos 1979; the
+    kernel of most astronomical warpers, e.g. SWarp and LSST's ``lanczos3``).
+    """
+    t = np.arange(-3, 4) - shift
+    w = np.sinc(t) * np.sinc(t / 3.0)
+    w[np.abs(t) >= 3.0] = 0.0
+    return w / w.sum()
+
+
+def resample_noise(noise: np.ndarray, dx: float, dy: float) -> tuple[np.ndarray, dict]:
+    """Resample a noise field by a sub-pixel shift (separable Lanczos-3); return it and its stats.
+
+    The stats: ``noise_variance_factor`` (per-pixel variance after / before,
+    ``sum(wx^2) sum(wy^2)`` for white input) and ``noise_corr_x, noise_corr_y`` (correlation
+    coefficient of horizontally / vertically adjacent pixels, ``sum w_j w_j+1 / sum w^2``).
+    """
+    from scipy.ndimage import correlate1d
+
+    wx, wy = lanczos3_weights(dx), lanczos3_weights(dy)
+    out = correlate1d(noise, wx, axis=1, mode="mirror")
+    out = correlate1d(out, wy, axis=0, mode="mirror")
+    stats = {
+        "noise_shift_x": float(dx),
+        "noise_shift_y": float(dy),
+        "noise_variance_factor": float((wx**2).sum() * (wy**2).sum()),
+        "noise_corr_x": float((wx[:-1] * wx[1:]).sum() / (wx**2).sum()),
+        "noise_corr_y": float((wy[:-1] * wy[1:]).sum() / (wy**2).sum()),
+    }
+    return out, stats
 
 
 def _cosmic_rays(rng, recipe, shape, exptime):
@@ -350,7 +424,7 @@ def render_detector(
     t = float(visit["exposure_time"])
     vid = int(visit["visit"])
     wcs = detector_wcs(geometry, detector, visit["boresight_ra"], visit["boresight_dec"], visit["rotation_angle"])
-    psf_params = SimPsfParams.from_dict(visit)
+    psf_params = psf_params_from_dict(visit)
     # GalSim pads every FFT to at least 128 x 128 by default; most of our objects need far
     # less, and 32 makes drawing ~3x faster with the same folding/maxk accuracy.
     gsparams = galsim.GSParams(minimum_fft_size=32, maximum_fft_size=8192)
@@ -389,6 +463,7 @@ def render_detector(
         gsparams,
         faint_gsparams,
         faint_limit=300.0 * math.sqrt(visit["sky_electrons"] + rn**2),
+        noise_e=math.sqrt(visit["sky_electrons"] + rn**2),
     )
     trail = _satellite(visit, geometry, detector, (ny, nx))
     if trail is not None:
@@ -408,9 +483,35 @@ def render_detector(
     dark_t *= t  # expected dark electrons
     charge *= flat
     charge += rng.poisson(dark_t)
+    noise_stats = {
+        "noise_shift_x": 0.0,
+        "noise_shift_y": 0.0,
+        "noise_variance_factor": 1.0,
+        "noise_corr_x": 0.0,
+        "noise_corr_y": 0.0,
+    }
+    if recipe.noise.correlation == "lanczos3":
+        # Resample the noise (not the signal) as a warp would: Poisson, dark and read noise
+        # of the pixel grid, shifted by a sub-pixel amount with a Lanczos-3 kernel.
+        if recipe.noise.shift_px is None:
+            dx, dy = rng_for(recipe.seed, "resample", vid, detector).uniform(-0.5, 0.5, 2)
+        else:
+            dx, dy = recipe.noise.shift_px
+        mean = expected * flat + dark_t
+        charge -= mean
+        charge += read
+        charge, noise_stats = resample_noise(charge, float(dx), float(dy))
+        charge += mean
+        del mean
+        read[:] = 0.0
+    pre_bleed_full = charge > fw
     cr_map, cr_list = _cosmic_rays(rng_for(recipe.seed, "cosmic", vid, detector), recipe, (ny, nx), t)
     charge += cr_map
     del cr_map
+    # stars whose own charge overflows (cosmic rays landing on a bright pixel could add a
+    # few; checked before they are added)
+    sat_star = _saturated_at(pre_bleed_full, x, y)
+    del pre_bleed_full
     sat = bleed_columns(charge, fw)
     charge += read  # charge is now the signal as read out (e-)
     del read
@@ -448,6 +549,7 @@ def render_detector(
             "y": y[on],
             "flux": flux[on],
             "counts": counts[on],
+            "saturated": sat_star[on],
         }
     )
     if len(cr_list):
@@ -494,6 +596,8 @@ def render_detector(
         **psf_summary(psf_params, float(fxc), float(fyc)),
         "n_cosmic_ray_pixels": int(len(cr_list)),
         "n_saturated": int(sat.sum()),
+        "n_saturated_objects": int(sat_star[on].sum()),
+        **noise_stats,
         "satellite": has_trail,
         "wcs_header": wcs.to_header(relax=True).tostring(sep="\n"),
     }

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from procsky.instruments.simcam import BAND_DATA, SimcamGeometry, detector_wcs
-from procsky.sim.psf import draw_psf_params
+from procsky.sim.psf import SimPsfParams, SpacePsfParams, draw_psf_params, draw_space_psf_params
 
 if TYPE_CHECKING:
     from procsky.sim.recipe import Recipe
@@ -52,6 +52,7 @@ STREAMS = {
     "flat": 14,
     "overscan": 15,
     "calib_frame": 16,
+    "resample": 17,
 }
 
 # Colours relative to r (u-r, g-r, i-r, z-r, y-r offsets are built from these).
@@ -215,14 +216,16 @@ def epoch_flux(objects: pd.DataFrame, band: str, mjd: float) -> np.ndarray:
     return f
 
 
-def _zero_point(band_cfg, inst, seeing) -> float:
+def _zero_point(band_cfg, inst, seeing, fwhm_arcsec: float | None = None) -> float:
     """AB magnitude giving 1 e- in one exposure so that a point source at ``depth`` has S/N 5.
 
     S/N = F / sqrt(F + N_eff (B + RN^2)) with N_eff = 2.266 FWHM^2 pixels (a Gaussian PSF),
     B = sky electrons per pixel; solving for the throughput x = 10^(0.4 ZP) gives a
-    quadratic.
+    quadratic. ``fwhm_arcsec`` (space PSFs) replaces the median seeing (+) optics.
     """
-    fwhm_px = math.hypot(seeing.median_fwhm, seeing.optics_fwhm) / inst.pixel_scale
+    if fwhm_arcsec is None:
+        fwhm_arcsec = math.hypot(seeing.median_fwhm, seeing.optics_fwhm)
+    fwhm_px = fwhm_arcsec / inst.pixel_scale
     n_eff = 2.266 * fwhm_px**2
     f_d = 10.0 ** (-0.4 * band_cfg.depth)
     b = 10.0 ** (-0.4 * BAND_DATA[band_cfg.name]["sky_mag"]) * inst.pixel_scale**2
@@ -230,6 +233,12 @@ def _zero_point(band_cfg, inst, seeing) -> float:
     s = f_d + n_eff * b
     x = (25.0 * s + math.sqrt(625.0 * s * s + 100.0 * f_d * f_d * n_eff * rn2)) / (2.0 * f_d * f_d)
     return 2.5 * math.log10(x)
+
+
+def _space_fwhm(psf_cfg, wavelength_nm: float) -> float:
+    """Approximate FWHM (arcsec) of a space PSF: Airy core 1.03 lambda/D (+) jitter."""
+    lod = wavelength_nm * 1e-9 / psf_cfg.diameter_m * 206264.806
+    return math.hypot(1.03 * lod, psf_cfg.jitter_fwhm)
 
 
 def _build_visits(recipe, geometry: SimcamGeometry) -> pd.DataFrame:
@@ -259,19 +268,33 @@ def _build_visits(recipe, geometry: SimcamGeometry) -> pd.DataFrame:
             ra, dec = tangent_to_sky(off[0], off[1], r.field.ra, r.field.dec)
             airmass = float(rng.uniform(1.0, 1.5))
             bd = BAND_DATA[band_cfg.name]
-            zp_nominal = _zero_point(band_cfg, inst, r.seeing)
+            space = r.psf.family == "space"
+            zp_nominal = _zero_point(
+                band_cfg,
+                inst,
+                r.seeing,
+                _space_fwhm(r.psf, bd["wavelength"]) if space else None,
+            )
             clouds = float(rng.exponential(0.02))
             zp_e = zp_nominal - bd["extinction"] * (airmass - 1.0) - clouds
             sky_mag = bd["sky_mag"] - float(rng.uniform(0.0, 0.4))
             sky_e = 10.0 ** (0.4 * (zp_nominal - sky_mag)) * inst.pixel_scale**2
-            psf = draw_psf_params(rng, r.seeing, airmass, geometry.corner_radius, inst.pixel_scale, bd["wavelength"])
+            psf: SimPsfParams | SpacePsfParams
+            if space:
+                psf = draw_space_psf_params(rng, r.psf, geometry.corner_radius, inst.pixel_scale, bd["wavelength"])
+                psf_width = psf.local(0.0, 0.0)[0]
+            else:
+                psf = draw_psf_params(
+                    rng, r.seeing, airmass, geometry.corner_radius, inst.pixel_scale, bd["wavelength"]
+                )
+                psf_width = psf.fwhm_atm
             sat = bool(rng.uniform() < r.artifacts.satellite_probability)
             sat_row = {
                 "satellite": sat,
                 "sat_x0": float(rng.uniform(-0.4, 0.4) * geometry.width),
                 "sat_y0": float(rng.uniform(-0.4, 0.4) * geometry.height),
                 "sat_angle": float(rng.uniform(0.0, math.pi)),
-                "sat_sigma_px": float(1.5 * psf.fwhm_atm / inst.pixel_scale / 2.355),
+                "sat_sigma_px": float(1.5 * psf_width / inst.pixel_scale / 2.355),
                 "sat_peak_e": float(rng.uniform(3.0, 20.0) * math.sqrt(sky_e + inst.read_noise**2)),
             }
             mid = t + 0.5 * band_cfg.exposure_time / 86400.0

@@ -82,9 +82,10 @@ class SimTruth:
         return WCS(fits.Header.fromstring(row["wcs_header"], sep="\n"))
 
     def psf_params(self, visit: int):
-        from procsky.sim.psf import SimPsfParams
+        """The PSF model of one visit (:class:`~procsky.sim.psf.SimPsfParams` or ``SpacePsfParams``)."""
+        from procsky.sim.psf import psf_params_from_dict
 
-        return SimPsfParams.from_dict(self._row("visits", visit=visit).to_dict())
+        return psf_params_from_dict(self._row("visits", visit=visit).to_dict())
 
     def psf_image(self, visit: int, detector: int, x: float, y: float, size: int = 41) -> np.ndarray:
         """The true pixel-convolved PSF (sum 1) at detector pixel (x, y), centred on the stamp."""
