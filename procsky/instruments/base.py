@@ -340,9 +340,17 @@ def _instrument_class(name: str) -> type[Instrument]:
         ) from None
 
 
-def get_instrument(name: str) -> Instrument:
-    """An instance of the instrument called ``name``."""
-    return _instrument_class(name)()
+def get_instrument(name: str, **options) -> Instrument:
+    """An instance of the instrument called ``name``, built with its ingest ``options`` (if it takes any)."""
+    cls = _instrument_class(name)
+    if not options:
+        return cls()
+    if cls.__init__ is object.__init__:
+        raise ProcskyValueError(
+            f"instrument {name!r} takes no ingest options (got {', '.join(sorted(options))}); "
+            "they are options of the 'generic' instrument"
+        )
+    return cls(**options)
 
 
 def instrument_names() -> list[str]:

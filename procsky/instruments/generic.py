@@ -1,9 +1,24 @@
 """``generic``: any FITS image with a celestial WCS, and calibration frames.
 
-Each 2-d image HDU with a celestial WCS becomes one detector. Variance comes from a
-``VARIANCE`` HDU, or ``1/w`` of a ``WEIGHT``/``IVAR`` HDU, or else is estimated as the
-clipped background noise plus the Poisson term of the sources when the header gives a
-``GAIN``. NaN pixels are masked NO_DATA and pixels at or above ``SATURATE`` are masked SAT.
+Each 2-d image HDU with a celestial WCS becomes one detector. What is read from which
+keyword, the filter -> band table and the options are documented in ``docs/ingest.md``;
+in short:
+
+* **Variance** from a companion file (``weight_pattern`` with ``weight_kind`` ``invvar`` /
+  ``variance`` / ``rms``), else a ``VARIANCE`` HDU, else ``1/w`` of a ``WEIGHT``/``IVAR``
+  HDU, else the clipped background noise plus the Poisson term of the sources when the
+  header gives a ``GAIN``.
+* **Mask**: NaN pixels are NO_DATA, pixels at or above ``SATURATE`` are SAT, and the values
+  of a companion mask file (``mask_pattern``) or of a ``MASK``/``DQ``/``BPM``/``FLAGS`` HDU
+  map to mask planes (``mask_planes`` bit -> plane; any other nonzero value -> BAD).
+* **Band** from ``FILTER`` through the user's ``band_map``, the ``BAND`` keyword, then the
+  default table (:func:`filter_to_band`); ``physical_filter`` keeps the raw ``FILTER``.
+* **PhotoCalib** from the first zero-point keyword found (:data:`ZERO_POINT_KEYWORDS`).
+* **Visit** from ``visit_key`` when given, else ``VISIT``/``EXPNUM``/``EXPID``/``FRAMENUM``,
+  the digits of ``OBSID``, or a hash of ``DATE-OBS`` + ``MJD-OBS``.
+
+Options are the fields of :class:`GenericIngestConfig`, passed as keywords:
+``ingest_files(repo, files, "generic", band_map={"Halpha": "N656"}, visit_key="EXPID")``.
 
 Calibration frames are recognised by ``IMAGETYP``/``OBSTYPE`` (``zero``/``bias``, ``dark``,
 ``flat``, ``dome flat`` ...; see :func:`procsky.instruments.base.calibration_kind`) and
@@ -22,10 +37,12 @@ import re
 import warnings
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import pydantic
 
-from procsky.errors import ProcskyValueError
+from procsky.errors import ProcskyFileError, ProcskyValueError
 from procsky.exposure import Exposure, VisitInfo
 from procsky.instruments.base import (
     CALIB_FRAME_DATASET_TYPES,
@@ -41,13 +58,334 @@ from procsky.instruments.base import (
     register_instrument,
 )
 from procsky.masks import DEFAULT_PLANES
+from procsky.photocalib import PhotoCalib
 from procsky.wcs import has_celestial_wcs, wcs_cards
 
-__all__ = ["GenericInstrument", "header_float", "visit_info_from_header", "robust_sigma"]
+__all__ = [
+    "GenericInstrument",
+    "GenericIngestConfig",
+    "ZERO_POINT_KEYWORDS",
+    "filter_to_band",
+    "zero_point_from_header",
+    "companion_path",
+    "mask_from_values",
+    "variance_from_weight",
+    "header_float",
+    "visit_info_from_header",
+    "robust_sigma",
+]
 
 _VAR_NAMES = {"VARIANCE", "VAR"}
 _WEIGHT_NAMES = {"WEIGHT", "WHT", "IVAR", "INVVAR", "WEIGHTS"}
 _MASK_NAMES = {"MASK", "DQ", "BPM", "FLAGS"}
+
+
+# -- options ---------------------------------------------------------------------------
+class GenericIngestConfig(pydantic.BaseModel):
+    """Options of the ``generic`` instrument (``docs/ingest.md``); all optional."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    band_map: dict[str, str] = {}
+    """Physical filter (the ``FILTER`` value) -> band, tried before the ``BAND`` keyword and the
+    default table: exact value, then case/space-insensitive, then the longest key that starts it."""
+    unmatched_filter: Literal["error", "unknown", "keep"] = "error"
+    """A ``FILTER`` that neither ``band_map``, ``BAND`` nor the default table maps: stop with an error
+    naming it (default), use band ``unknown``, or keep the filter value itself as the band."""
+    filter_key: str | None = None
+    """Header keyword of the filter; default the first of ``FILTER``, ``FILTNAME``, ``FILTER01``."""
+    zero_point_key: str | None = None
+    """Header keyword of the zero point, tried before :data:`ZERO_POINT_KEYWORDS`."""
+    zero_point_unit: Literal["auto", "image", "per-second"] = "auto"
+    """``image``: the zero point is the AB magnitude of one count of the image as stored; ``per-second``:
+    of one count per second, so ``+2.5 log10(EXPTIME)`` is added for an image in counts; ``auto``: image
+    units unless the keyword is one known to be per second (``IMAGEZPT``) or its comment says so."""
+    mask_pattern: str | None = None
+    """Companion mask file, a ``str.format`` pattern with ``{stem}`` (file name without ``.fits[.gz|.fz]``)
+    and ``{name}``, relative to the image's folder: ``"{stem}_mask.fits"``."""
+    mask_planes: dict[int, str] = {}
+    """Mask bit (0-31) -> procsky plane (``BAD``, ``SAT``, ``CR`` ...) for the mask file or HDU."""
+    mask_default_plane: str | None = "BAD"
+    """Plane of the nonzero mask values no ``mask_planes`` bit covers; ``None`` ignores them."""
+    mask_good_nonzero: bool = False
+    """The mask marks good pixels (nonzero = good, e.g. a coverage map): zeros get ``mask_default_plane``."""
+    weight_pattern: str | None = None
+    """Companion weight file, a pattern as ``mask_pattern``: ``"{stem}.weight.fits"``."""
+    weight_kind: Literal["invvar", "variance", "rms"] = "invvar"
+    """What the weight file holds: inverse variance, variance, or noise sigma (image units)."""
+    visit_key: str | None = None
+    """Header keyword whose value is the exposure (visit) id: an integer, or any string (hashed)."""
+
+    @pydantic.field_validator("band_map")
+    @classmethod
+    def _check_bands(cls, v: dict[str, str]) -> dict[str, str]:
+        for f, b in v.items():
+            if not str(f).strip() or not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(b)):
+                raise ValueError(f"band_map entry {f!r} -> {b!r}: a filter and a band name (letters, digits, _.+-)")
+        return v
+
+    @pydantic.field_validator("mask_planes")
+    @classmethod
+    def _check_planes(cls, v: dict[int, str]) -> dict[int, str]:
+        for b, plane in v.items():
+            if not 0 <= int(b) < 32:
+                raise ValueError(f"mask bit {b} is not 0-31")
+            DEFAULT_PLANES[plane]  # raises with the known planes
+        return v
+
+    @pydantic.field_validator("mask_default_plane")
+    @classmethod
+    def _check_default(cls, v: str | None) -> str | None:
+        if v is None or v.lower() == "none":
+            return None
+        DEFAULT_PLANES[v]
+        return v
+
+
+# -- filter -> band --------------------------------------------------------------------
+# Rules on the lower-cased filter name (or its first word, for DECam-style
+# "r DECam SDSS c0002 6430.0 1500.0"): first match wins.
+_BAND_RULES: tuple[tuple[str, str], ...] = (
+    (r"(?:ztf|ptf)[ _-]?([gri])", r"\1"),  # ZTF_g, ZTF_r, ZTF_i
+    (r"z([gri])", r"\1"),  # ZTF short codes zg, zr, zi
+    (r"hsc[ _-]?([grizy])2?", r"\1"),  # HSC-G, HSC-R2, HSC-I2, HSC-Z, HSC-Y
+    (r"sdss[ _-]?([ugriz])['′]?", r"\1"),  # SDSS g, sdss_r'
+    (r"([ugriz])(?:'|′|p|prime|[ _-]?sdss)", r"\1"),  # g', rp, iprime, r_sdss
+    (r"([grizyw])\.0+", r"\1"),  # Pan-STARRS g.00000
+    (r"(?:johnson|cousins|bessell?)[ _-]?([ubvri])c?", "JC"),  # Johnson V, Cousins R, Bessell-I
+    (r"(?:clear|open|none|empty)", "clear"),
+)
+#: Single names kept as they are, case-sensitive: SDSS/LSST/DECam ugrizy (Y -> y), Johnson-Cousins
+#: UBVRI (Rc, Ic -> R, I), near-IR JHK (Ks), DECam VR, Pan-STARRS w, ATLAS o and c, GOTO L.
+_BAND_NAMES = {
+    **{b: b for b in "ugrizy"},
+    "Y": "y",
+    **{b: b for b in "UBVRI"},
+    "Rc": "R",
+    "Ic": "I",
+    **{b: b for b in ("J", "H", "K", "Ks")},
+    "VR": "VR",
+    "w": "w",
+    "o": "o",
+    "c": "c",
+    "L": "L",
+}
+
+
+def _default_band(name: str) -> str | None:
+    for cand in dict.fromkeys([name.strip(), name.strip().split()[0] if name.strip() else ""]):
+        if not cand:
+            continue
+        if cand in _BAND_NAMES:
+            return _BAND_NAMES[cand]
+        low = cand.lower()
+        for pattern, repl in _BAND_RULES:
+            m = re.fullmatch(pattern, low)
+            if m:
+                return m.group(1).upper() if repl == "JC" else m.expand(repl)
+    return None
+
+
+def _norm(s: str) -> str:
+    return " ".join(str(s).lower().split())
+
+
+def filter_to_band(physical_filter: str, band_map: dict[str, str] | None = None) -> str | None:
+    """The band of a physical filter name, or ``None`` when nothing maps it.
+
+    ``band_map`` (user entries) is tried first: the exact name, then ignoring case and
+    repeated spaces, then the longest key the name starts with. Then the default table:
+    ZTF ``ZTF_r``/``zr`` -> r, DECam ``r DECam SDSS c0002 6430.0 1500.0`` -> r (first word),
+    ``g'``/``gp``/``SDSS g`` -> g, HSC ``HSC-R2``/``HSC-I`` -> r/i, Pan-STARRS ``g.00000`` -> g,
+    single ``u g r i z y`` (``Y`` -> y), Johnson-Cousins ``U B V R I`` (and ``Johnson V``,
+    ``Rc``) keep their upper-case names (they are not SDSS bands: map them with ``band_map``
+    to calibrate against an SDSS-system catalogue), ``J H K Ks``, DECam ``VR``, ATLAS ``o``/``c``,
+    ``clear``/``open`` -> clear.
+    """
+    f = str(physical_filter or "").strip()
+    if band_map:
+        if f in band_map:
+            return band_map[f]
+        normed = {_norm(k): v for k, v in band_map.items()}
+        if _norm(f) in normed:
+            return normed[_norm(f)]
+        for key in sorted(normed, key=len, reverse=True):
+            if _norm(f).startswith(key):
+                return normed[key]
+    return _default_band(f) if f else None
+
+
+# -- zero point ------------------------------------------------------------------------
+#: Zero-point keywords in order of precedence, with whether each is per second of exposure
+#: by definition (PTF's ``IMAGEZPT``; legacypipe adds ``2.5 log10(EXPTIME)`` to it). The others
+#: are the AB magnitude of one count of the image as stored: ZTF/PTF ``MAGZP`` (IPAC), ESO
+#: Phase 3 ``PHOTZP``, ``MAGZERO`` (procsky, SWarp/SCAMP users, DECam CP), then looser names.
+#: ``FLUXMAG0`` (LSST/SDSS: counts of a 0 mag source) gives ``2.5 log10(FLUXMAG0)``.
+ZERO_POINT_KEYWORDS: tuple[tuple[str, bool], ...] = (
+    ("MAGZP", False),
+    ("PHOTZP", False),
+    ("MAGZERO", False),
+    ("MAGZPT", False),
+    ("MAG_ZP", False),
+    ("MAGZEROP", False),
+    ("ZPMAG", False),
+    ("ZEROPT", False),
+    ("ZEROPNT", False),
+    ("ZPT", False),
+    ("ZP", False),
+    ("IMAGEZPT", True),
+    ("FLUXMAG0", False),
+)
+_ZP_ERR_KEYS = ("{k}ERR", "{k}_ERR", "{k}UNC", "{k}ER")
+_PER_SECOND = re.compile(
+    r"per\s*s(ec(ond)?)?\b|/\s*s(ec)?\b|\b1\s*s(ec(ond)?)?\b|\bs\^?-1\b|counts?/s|\bcps\b", re.IGNORECASE
+)
+
+
+def _is_rate_unit(header) -> bool:
+    return bool(_PER_SECOND.search(str(header.get("BUNIT", ""))))
+
+
+def zero_point_from_header(header, config: GenericIngestConfig | None = None) -> tuple[PhotoCalib | None, dict]:
+    """The PhotoCalib of the first usable zero-point keyword, and what was used.
+
+    Returns ``(None, {})`` when no keyword holds a zero point. Values outside (0, 50) mag
+    (pipelines write 0, -99 or 99 for "not calibrated") are skipped. A per-second zero point
+    (see :class:`GenericIngestConfig.zero_point_unit`) of an image in counts (``BUNIT`` not a
+    rate) becomes ``zp + 2.5 log10(EXPTIME)``: a source of magnitude m gives
+    ``10**(-0.4 (m - zp_1s))`` counts per second, ``EXPTIME`` times as many in the image.
+    The error comes from ``MAGZPUNC`` (ZTF) or ``<KEY>ERR``/``<KEY>_ERR``/``<KEY>UNC``.
+    """
+    config = config or GenericIngestConfig()
+    keys = list(ZERO_POINT_KEYWORDS)
+    if config.zero_point_key:
+        keys.insert(0, (config.zero_point_key.upper(), False))
+    skipped = []
+    for key, per_second_by_def in keys:
+        if key not in header:
+            continue
+        value = header_float(header, key)
+        if key == "FLUXMAG0":
+            zp = 2.5 * np.log10(value) if np.isfinite(value) and value > 0 else float("nan")
+        else:
+            zp = value
+        if not (np.isfinite(zp) and 0 < zp < 50):
+            skipped.append(f"{key}={header.get(key)!r}")
+            continue
+        if config.zero_point_unit == "auto":
+            per_second = per_second_by_def or bool(_PER_SECOND.search(str(header.comments[key])))
+        else:
+            per_second = config.zero_point_unit == "per-second"
+        info: dict = {"zero_point_keyword": key, "zero_point_header": float(value), "zero_point_per_second": per_second}
+        if per_second and not _is_rate_unit(header):
+            exptime = header_float(header, "EXPTIME", "EXPOSURE", "ITIME")
+            if not (np.isfinite(exptime) and exptime > 0):
+                raise ProcskyValueError(
+                    f"zero point {key}={value} is per second but the header has no positive EXPTIME to scale it "
+                    "to the image's counts; pass zero_point_unit='image' (--zero-point-unit image) if it is not"
+                )
+            zp += 2.5 * np.log10(exptime)
+        err = header_float(header, "MAGZPUNC", *(f.format(k=key) for f in _ZP_ERR_KEYS), default=0.0)
+        if key == "FLUXMAG0":
+            e0 = header_float(header, "FLUXMAG0ERR", "FLUXMAG0_ERR", default=0.0)
+            err = 2.5 / np.log(10.0) * e0 / value
+        err = float(err) if np.isfinite(err) and err >= 0 else 0.0
+        if skipped:
+            info["zero_point_skipped"] = skipped
+        return PhotoCalib.from_zero_point(float(zp), err), info
+    return None, ({"zero_point_skipped": skipped} if skipped else {})
+
+
+# -- companion files -------------------------------------------------------------------
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".fz", ".gz", ".bz2"):
+        name = name.removesuffix(suffix)
+    for suffix in (".fits", ".fit", ".fts", ".FITS", ".FIT"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def companion_path(path: Path, pattern: str) -> Path:
+    """The companion file of ``path`` named by ``pattern`` (``{stem}``, ``{name}``; relative to its folder)."""
+    try:
+        name = pattern.format(stem=_stem(path), name=path.name)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ProcskyValueError(f"file pattern {pattern!r}: use only {{stem}} and {{name}} ({e})") from e
+    out = Path(name)
+    return out if out.is_absolute() else path.parent / out
+
+
+def _companion_plane(path: Path, pattern: str, what: str, index: int, extname: str, shape) -> np.ndarray:
+    comp = companion_path(path, pattern)
+    if comp.resolve() == path.resolve():
+        raise ProcskyValueError(f"{what} pattern {pattern!r} names the image {path.name} itself")
+    if not comp.exists():
+        raise ProcskyFileError(f"{path.name}: no {what} file {comp} (pattern {pattern!r})")
+    with open_fits(comp) as hdul:
+        planes = [i for i, h in enumerate(hdul) if h.data is not None and getattr(h.data, "ndim", 0) == 2]
+        names = {hdul[i].name.upper(): i for i in planes}
+        if extname and extname.upper() in names and extname.upper() != "PRIMARY":
+            i = names[extname.upper()]
+        elif index in planes:
+            i = index
+        elif len(planes) == 1:
+            i = planes[0]
+        else:
+            raise ProcskyValueError(
+                f"{comp}: cannot tell which of its {len(planes)} image HDUs is the {what} of {path.name} HDU {index}"
+            )
+        data = np.asarray(hdul[i].data)
+    if data.shape != tuple(shape):
+        raise ProcskyValueError(f"{what} file {comp} has shape {data.shape}, the image {path.name} {tuple(shape)}")
+    return data
+
+
+def variance_from_weight(weight: np.ndarray, kind: str) -> np.ndarray:
+    """Variance from an inverse variance, variance or sigma map; NaN where it is not positive and finite."""
+    w = np.asarray(weight, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        good = np.isfinite(w) & (w > 0)
+        if kind == "invvar":
+            v = 1.0 / w
+        elif kind == "variance":
+            v = w
+        elif kind == "rms":
+            v = w * w
+        else:
+            raise ProcskyValueError(f"weight_kind {kind!r}: use invvar, variance or rms")
+    return np.where(good, v, np.nan).astype(np.float32)
+
+
+def mask_from_values(values: np.ndarray, config: GenericIngestConfig | None = None) -> np.ndarray:
+    """Procsky mask bits from a mask image's values.
+
+    Each ``config.mask_planes`` bit sets its plane; any other nonzero value sets
+    ``config.mask_default_plane`` (BAD). With ``mask_good_nonzero`` the zeros are the bad
+    pixels. Non-finite values count as bad.
+    """
+    config = config or GenericIngestConfig()
+    v = np.asarray(values)
+    out = np.zeros(v.shape, dtype=np.uint32)
+    if v.dtype.kind == "f":
+        bad = ~np.isfinite(v)
+        iv = np.where(bad, 0, v).astype(np.int64)
+    else:
+        bad = np.zeros(v.shape, dtype=bool)
+        iv = v.astype(np.int64)
+    if config.mask_good_nonzero:
+        bad |= iv == 0
+        iv = np.zeros_like(iv)
+    covered = 0
+    for b, plane in config.mask_planes.items():
+        hit = (iv & (1 << int(b))) != 0
+        out[hit] |= np.uint32(1 << DEFAULT_PLANES[plane])
+        covered |= 1 << int(b)
+    rest = bad | ((iv & ~np.int64(covered)) != 0)
+    if config.mask_default_plane is not None:
+        out[rest] |= np.uint32(1 << DEFAULT_PLANES[config.mask_default_plane])
+    return out
 
 
 def _sexagesimal(value, hours: bool) -> float:
@@ -101,20 +439,45 @@ def robust_sigma(data: np.ndarray) -> float:
     return float(s)
 
 
-def _stable_visit(header, path: Path) -> int:
+def visit_from_header(header, path: Path, visit_key: str | None = None) -> tuple[int, str]:
+    """The exposure (visit) id of a frame and the keyword it came from.
+
+    ``visit_key`` first (an integer value as it is, any other value hashed with CRC-32;
+    missing is an error), then ``VISIT``/``EXPNUM``/``EXPID``/``FRAMENUM`` (positive
+    integers), the last 15 digits of ``OBSID``, else a CRC-32 hash of ``DATE-OBS`` +
+    ``MJD-OBS`` (or of the file name): frames sharing DATE-OBS then share a visit.
+    """
+    if visit_key:
+        key = visit_key.upper()
+        if key not in header:
+            raise ProcskyValueError(f"{path.name}: no {key} keyword in the header (visit_key={visit_key!r})")
+        value = header[key]
+        try:
+            as_float = float(value)
+            if as_float == int(as_float) and as_float >= 0:
+                return int(as_float), key
+        except (TypeError, ValueError, OverflowError):
+            pass
+        return zlib.crc32(str(value).strip().encode()) & 0x7FFFFFFF, key
     for key in ("VISIT", "EXPNUM", "EXPID", "FRAMENUM"):
         if key in header:
             try:
                 value = int(header[key])
                 if value > 0:
-                    return value
+                    return value, key
             except (TypeError, ValueError):
                 pass
     digits = re.sub(r"\D", "", str(header.get("OBSID", "")))
     if digits:
-        return int(digits[-15:])
-    key = str(header.get("DATE-OBS", "")) + str(header.get("MJD-OBS", "")) or path.name
-    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+        return int(digits[-15:]), "OBSID"
+    key = str(header.get("DATE-OBS", "")) + str(header.get("MJD-OBS", ""))
+    if key:
+        return zlib.crc32(key.encode()) & 0x7FFFFFFF, "DATE-OBS"
+    return zlib.crc32(path.name.encode()) & 0x7FFFFFFF, "file name"
+
+
+def _stable_visit(header, path: Path, visit_key: str | None = None) -> int:
+    return visit_from_header(header, path, visit_key)[0]
 
 
 @register_instrument
@@ -123,6 +486,20 @@ class GenericInstrument(Instrument):
 
     name = "generic"
     description = "any FITS image with a celestial WCS (one detector per image HDU)"
+    #: ``ingest_files`` may suggest ``visit_key`` when two frames get the same data ID.
+    accepts_visit_key = True
+
+    def __init__(self, config: GenericIngestConfig | None = None, **options):
+        """Options: the fields of :class:`GenericIngestConfig` (or a ``config``)."""
+        if config is not None and options:
+            raise ProcskyValueError("pass either config or keyword options to the generic instrument, not both")
+        if config is None:
+            try:
+                config = GenericIngestConfig(**options)
+            except pydantic.ValidationError as e:
+                fields = ", ".join(GenericIngestConfig.model_fields)
+                raise ProcskyValueError(f"generic ingest options: {e}\nvalid options: {fields}") from None
+        self.config = config
 
     def ingest_file(self, path) -> list[IngestItem]:
         path = Path(path)
@@ -175,9 +552,11 @@ class GenericInstrument(Instrument):
                         "definition that supplies a WCS."
                     )
                 image = np.asarray(hdul[i].data, dtype=np.float32)
-                variance = self._variance(hdul, header, image)
-                mask = np.zeros(image.shape, dtype=np.uint32)
+                extname = str(header.get("EXTNAME", "")) if i != 0 else ""
+                variance = self._variance(hdul, header, image, path, i, extname)
+                mask = self._mask(hdul, image, path, i, extname)
                 mask[~np.isfinite(image)] |= np.uint32(1 << DEFAULT_PLANES["NO_DATA"])
+                mask[~np.isfinite(variance)] |= np.uint32(1 << DEFAULT_PLANES["NO_DATA"])
                 sat = header_float(header, "SATURATE", "SATURATA")
                 if np.isfinite(sat):
                     with np.errstate(invalid="ignore"):
@@ -188,19 +567,44 @@ class GenericInstrument(Instrument):
             return items
 
     # -- calibration frames ------------------------------------------------------------
-    def _calib_filter(self, header, kind):
+    def _calib_filter(self, header, kind, path=None):
         if kind != "flat":
             return "", ""
-        physical_filter = str(header.get("FILTER", header.get("BAND", "unknown"))).strip() or "unknown"
-        try:
-            band = str(header.get("BAND", "")).strip() or self.band_of(physical_filter)
-        except ProcskyValueError:
-            band = "unknown"
-        return band, physical_filter
+        return self.band_and_filter(header, path)
+
+    def band_and_filter(self, header, path=None) -> tuple[str, str]:
+        """``(band, physical_filter)`` of a header: the raw filter value, and its band.
+
+        The filter is ``filter_key`` or the first of ``FILTER``, ``FILTNAME``, ``FILTER01``
+        (else ``BAND``; neither: ``unknown``/``unknown``). The band is ``band_map``'s, else the
+        ``BAND`` keyword, else :func:`filter_to_band`'s default table, else what
+        ``unmatched_filter`` says.
+        """
+        cfg = self.config
+        keys = [cfg.filter_key.upper()] if cfg.filter_key else ["FILTER", "FILTNAME", "FILTER01"]
+        raw = next((str(header[k]).strip() for k in keys if k in header and str(header[k]).strip()), "")
+        header_band = str(header.get("BAND", "")).strip()
+        physical_filter = raw or header_band or "unknown"
+        if not raw and not header_band:
+            return "unknown", "unknown"
+        band = filter_to_band(raw, cfg.band_map) if cfg.band_map and raw else None
+        band = band or header_band or filter_to_band(raw)
+        if band:
+            return band, physical_filter
+        if cfg.unmatched_filter == "unknown":
+            return "unknown", physical_filter
+        if cfg.unmatched_filter == "keep":
+            return re.sub(r"[^A-Za-z0-9_.+-]+", "_", raw).strip("_") or "unknown", physical_filter
+        where = f"{Path(path).name}: " if path is not None else ""
+        raise ProcskyValueError(
+            f"{where}no band for filter {raw!r} ({'/'.join(keys)}): the default table does not know it. Map it "
+            f"with --band-map '{raw}=BAND' (Python: band_map={{{raw!r}: 'BAND'}}), or pass --unmatched-filter "
+            "unknown|keep to ingest it as band 'unknown' or under its own name (docs/ingest.md lists the table)"
+        )
 
     def _calib_item(self, path, header, hdul, index, kind, detector) -> IngestItem:
         """One calibration HDU: a raw exposure (``<kind>_frame``) or a master (``<kind>``)."""
-        band, physical_filter = self._calib_filter(header, kind)
+        band, physical_filter = self._calib_filter(header, kind, path)
         det = {
             "id": int(detector),
             "name": str(header.get("EXTNAME", header.get("CCDNAME", header.get("DETNAME", detector)))),
@@ -237,7 +641,7 @@ class GenericInstrument(Instrument):
                 metadata={"imagetyp": kind, "master": True, "source_file": str(path.resolve())},
             )
             return IngestItem(kind, data_id, exp, records)
-        visit = _stable_visit(header, path)
+        visit = _stable_visit(header, path, self.config.visit_key)
         exp = calib_frame_exposure(
             data,
             header,
@@ -254,7 +658,7 @@ class GenericInstrument(Instrument):
 
     def _procsky_calib_item(self, exp, header, path, kind) -> IngestItem:
         """A procsky-format calibration exposure: a master unless it still has its overscan."""
-        band, physical_filter = self._calib_filter(header, kind)
+        band, physical_filter = self._calib_filter(header, kind, path)
         detector = int(exp.detector.get("id", 0)) if exp.detector else 0
         data_id = {"instrument": self.name, "detector": detector}
         if kind == "flat":
@@ -275,7 +679,11 @@ class GenericInstrument(Instrument):
         records.update(calib_frame_records(self.name, kind, int(visit), exp, physical_filter, band))
         return IngestItem(CALIB_FRAME_DATASET_TYPES[kind], data_id, exp, records)
 
-    def _variance(self, hdul, header, image):
+    def _variance(self, hdul, header, image, path, index, extname):
+        cfg = self.config
+        if cfg.weight_pattern:
+            w = _companion_plane(path, cfg.weight_pattern, "weight", index, extname, image.shape)
+            return variance_from_weight(w, cfg.weight_kind)
         names = [h.name.upper() for h in hdul]
         for nm in _VAR_NAMES:
             if nm in names:
@@ -293,13 +701,20 @@ class GenericInstrument(Instrument):
             var += np.clip(image - med, 0, None) / gain
         return var.astype(np.float32)
 
+    def _mask(self, hdul, image, path, index, extname):
+        """Mask planes from the companion mask file, else a MASK/DQ/BPM/FLAGS HDU, else none."""
+        cfg = self.config
+        if cfg.mask_pattern:
+            return mask_from_values(_companion_plane(path, cfg.mask_pattern, "mask", index, extname, image.shape), cfg)
+        for h in hdul:
+            if h.name.upper() in _MASK_NAMES and h.data is not None and np.shape(h.data) == image.shape:
+                return mask_from_values(np.asarray(h.data), cfg)
+        return np.zeros(image.shape, dtype=np.uint32)
+
     def _item(self, path, header, image, variance, mask, detector) -> IngestItem:
-        physical_filter = str(header.get("FILTER", header.get("BAND", "unknown"))).strip() or "unknown"
-        try:
-            band = str(header.get("BAND", "")).strip() or self.band_of(physical_filter)
-        except ProcskyValueError:
-            band = "unknown"
-        visit = _stable_visit(header, path)
+        band, physical_filter = self.band_and_filter(header, path)
+        visit, visit_source = visit_from_header(header, path, self.config.visit_key)
+        photocalib, zp_info = zero_point_from_header(header, self.config)
         vi = visit_info_from_header(
             header, instrument=self.name, band=band, physical_filter=physical_filter, visit=visit
         )
@@ -318,7 +733,8 @@ class GenericInstrument(Instrument):
             wcs_cards=wcs_cards(header),
             visit_info=vi,
             detector={k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in det.items()},
-            metadata={"source_file": str(path.resolve())},
+            photocalib=photocalib,
+            metadata={"source_file": str(path.resolve()), "visit_source": visit_source, **zp_info},
         )
         return self._item_from_exposure(
             exp, header, path, detector, band=band, physical_filter=physical_filter, visit=visit

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from procsky.errors import ProcskyError, ProcskyFileError
+from procsky.errors import ProcskyError, ProcskyFileError, ProcskyValueError
 from procsky.instruments.base import IngestItem, check_fits_complete, get_instrument
 from procsky.repo.registry import RecordConflictError
 
@@ -48,6 +48,49 @@ def _read_all(inst, files: Sequence[Path], progress: bool) -> list[tuple[Path, l
     return out
 
 
+def _visit_source(item: IngestItem) -> str:
+    meta = getattr(item.obj, "metadata", None) or {}
+    return str(meta.get("visit_source", ""))
+
+
+def _visit_hint(inst, read, element: str) -> str:
+    """The way out when a visit was derived from a shared keyword (generic: DATE-OBS)."""
+    if element != "visit" or not getattr(inst, "accepts_visit_key", False):
+        return ""
+    sources = {_visit_source(it) for _, items in read for it in items} - {""}
+    return (
+        f" (visits were taken from {', '.join(sorted(sources)) or 'the headers'}); if these are different exposures, "
+        "take the visit from a keyword that tells them apart: visit_key='EXPID' (CLI --visit-key EXPID)"
+    )
+
+
+def _check_distinct(inst, read: list[tuple[Path, list[IngestItem]]]) -> None:
+    """Two items with the same dataset type and data ID: stop before anything is written.
+
+    Frames sharing ``DATE-OBS`` (the visit of a ``generic`` frame without an exposure
+    number) land here; the message names the option that separates them.
+    """
+    seen: dict[tuple, tuple[Path, IngestItem]] = {}
+    for path, items in read:
+        for item in items:
+            key = (item.dataset_type, tuple(sorted(item.data_id.items())))
+            if key in seen:
+                first, prev = seen[key]
+                source = _visit_source(item) or _visit_source(prev)
+                msg = (
+                    f"{first} and {path} give the same {item.dataset_type} data ID {item.data_id}"
+                    + (f" (visit from {source})" if source else "")
+                    + "; ingest refuses to register one over the other."
+                )
+                if getattr(inst, "accepts_visit_key", False) and "visit" in item.data_id:
+                    msg += (
+                        " If they are different exposures, take the visit from a header keyword that tells them "
+                        "apart: --visit-key KEY (Python: visit_key='KEY'), e.g. EXPID, FRAMENUM, OBSID or FILENAME."
+                    )
+                raise ProcskyValueError(msg)
+            seen[key] = (path, item)
+
+
 def ingest_files(
     repo,
     files: Iterable[str | Path],
@@ -56,6 +99,7 @@ def ingest_files(
     *,
     progress: bool = False,
     replace_records: bool = False,
+    **options,
 ) -> IngestReport:
     """Ingest camera files into ``repo``.
 
@@ -74,6 +118,11 @@ def ingest_files(
         Overwrite dimension records (visit, detector ...) that differ from the ones
         already registered (say, after correcting the headers); by default such a
         difference stops the ingest before any dataset is written.
+    **options
+        Options of the instrument, e.g. for ``generic`` (:class:`~procsky.instruments.generic.GenericIngestConfig`,
+        ``docs/ingest.md``): ``band_map={"Halpha": "N656"}``, ``mask_pattern="{stem}_mask.fits"``,
+        ``weight_pattern="{stem}.weight.fits"``, ``weight_kind="rms"``, ``visit_key="EXPID"``,
+        ``zero_point_key``, ``zero_point_unit``. An instrument that takes none refuses them.
 
     Returns
     -------
@@ -82,7 +131,7 @@ def ingest_files(
     """
     from tqdm.auto import tqdm
 
-    inst = get_instrument(instrument)
+    inst = get_instrument(instrument, **options)
     paths = [Path(f) for f in files]
     if not paths:
         raise ProcskyFileError("no files to ingest")
@@ -93,6 +142,7 @@ def ingest_files(
         )
     run = run or default_run(instrument)
     read = _read_all(inst, paths, progress)
+    _check_distinct(inst, read)
 
     records: dict[str, dict[str, dict]] = {}
     for _, items in read:
@@ -107,7 +157,7 @@ def ingest_files(
         except RecordConflictError as e:
             raise e.with_fix(
                 f"the files describe {element} {e.key} differently from the repository; pass "
-                "replace_records=True to overwrite the registered record"
+                "replace_records=True to overwrite the registered record" + _visit_hint(inst, read, element)
             ) from e
 
     refs, skipped = [], []
