@@ -254,3 +254,19 @@ def test_cli_generic_options(tmp_path):
     assert e1.photocalib.zero_point == pytest.approx(25.0)
     res = runner.invoke(main, [*base, "--mask-bit", "x=SAT"])
     assert res.exit_code != 0 and "--mask-bit" in res.output
+
+
+def test_substitution_pattern_and_ignored_bits(repo, tmp_path):
+    """ZTF-style names (``_sciimg`` -> ``_mskimg``) and a bit that marks sources, ignored."""
+    img = _frame(tmp_path / "ztf_20210304_sciimg.fits", FILTER="ZTF_g", EXPID=7, MAGZP=26.0)
+    values = np.zeros(SHAPE, np.int16)
+    values[2, 3] = 2  # bit 1: a source pixel
+    values[4, 5] = 2 | 32  # a saturated source pixel
+    values[6, 7] = 1  # bit 0: a track -> BAD by default
+    fits.PrimaryHDU(values).writeto(tmp_path / "ztf_20210304_mskimg.fits")
+    (ref,) = ingest_files(repo, [img], "generic", mask_pattern="s/sciimg/mskimg/", mask_planes={1: "none", 5: "SAT"})
+    m = _get(repo, ref).mask
+    assert m[2, 3] == 0 and m[4, 5] == 1 << DEFAULT_PLANES["SAT"] and m[6, 7] == 1 << DEFAULT_PLANES["BAD"]
+    assert np.count_nonzero(m) == 2
+    with pytest.raises(ProcskyValueError, match="does not match"):
+        ingest_files(repo, [img], "generic", mask_pattern="s/nomatch/x/")

@@ -101,10 +101,12 @@ class GenericIngestConfig(pydantic.BaseModel):
     of one count per second, so ``+2.5 log10(EXPTIME)`` is added for an image in counts; ``auto``: image
     units unless the keyword is one known to be per second (``IMAGEZPT``) or its comment says so."""
     mask_pattern: str | None = None
-    """Companion mask file, a ``str.format`` pattern with ``{stem}`` (file name without ``.fits[.gz|.fz]``)
-    and ``{name}``, relative to the image's folder: ``"{stem}_mask.fits"``."""
+    """Companion mask file, relative to the image's folder: a ``str.format`` pattern with ``{stem}`` (file name
+    without ``.fits[.gz|.fz]``) and ``{name}`` (``"{stem}_mask.fits"``), or ``s/REGEX/REPLACEMENT/`` applied to
+    the file name (``"s/sciimg/mskimg/"``); see :func:`companion_path`."""
     mask_planes: dict[int, str] = {}
-    """Mask bit (0-31) -> procsky plane (``BAD``, ``SAT``, ``CR`` ...) for the mask file or HDU."""
+    """Mask bit (0-31) -> procsky plane (``BAD``, ``SAT``, ``CR`` ...) for the mask file or HDU; plane ``none``
+    ignores the bit (a bit that marks sources, not defects)."""
     mask_default_plane: str | None = "BAD"
     """Plane of the nonzero mask values no ``mask_planes`` bit covers; ``None`` ignores them."""
     mask_good_nonzero: bool = False
@@ -130,7 +132,8 @@ class GenericIngestConfig(pydantic.BaseModel):
         for b, plane in v.items():
             if not 0 <= int(b) < 32:
                 raise ValueError(f"mask bit {b} is not 0-31")
-            DEFAULT_PLANES[plane]  # raises with the known planes
+            if plane.lower() != "none":
+                DEFAULT_PLANES[plane]  # raises with the known planes
         return v
 
     @pydantic.field_validator("mask_default_plane")
@@ -308,11 +311,27 @@ def _stem(path: Path) -> str:
 
 
 def companion_path(path: Path, pattern: str) -> Path:
-    """The companion file of ``path`` named by ``pattern`` (``{stem}``, ``{name}``; relative to its folder)."""
-    try:
-        name = pattern.format(stem=_stem(path), name=path.name)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ProcskyValueError(f"file pattern {pattern!r}: use only {{stem}} and {{name}} ({e})") from e
+    """The companion file of ``path`` named by ``pattern``, relative to the image's folder.
+
+    Either a ``str.format`` pattern with ``{stem}`` (the name without ``.fits[.gz|.fz]``) and
+    ``{name}`` (``"{stem}_mask.fits"``), or a substitution ``s/REGEX/REPLACEMENT/`` applied once to
+    the file name (ZTF: ``s/sciimg/mskimg/``).
+    """
+    if pattern.startswith("s/"):
+        parts = pattern.split("/")
+        if len(parts) != 4 or parts[3] or not parts[1]:
+            raise ProcskyValueError(f"file pattern {pattern!r}: a substitution is s/REGEX/REPLACEMENT/")
+        try:
+            name, n = re.subn(parts[1], parts[2], path.name, count=1)
+        except re.error as e:
+            raise ProcskyValueError(f"file pattern {pattern!r}: {e}") from e
+        if not n:
+            raise ProcskyValueError(f"file pattern {pattern!r} does not match the file name {path.name}")
+    else:
+        try:
+            name = pattern.format(stem=_stem(path), name=path.name)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ProcskyValueError(f"file pattern {pattern!r}: use only {{stem}} and {{name}} ({e})") from e
     out = Path(name)
     return out if out.is_absolute() else path.parent / out
 
@@ -361,7 +380,7 @@ def variance_from_weight(weight: np.ndarray, kind: str) -> np.ndarray:
 def mask_from_values(values: np.ndarray, config: GenericIngestConfig | None = None) -> np.ndarray:
     """Procsky mask bits from a mask image's values.
 
-    Each ``config.mask_planes`` bit sets its plane; any other nonzero value sets
+    Each ``config.mask_planes`` bit sets its plane (``none``: nothing); any other nonzero value sets
     ``config.mask_default_plane`` (BAD). With ``mask_good_nonzero`` the zeros are the bad
     pixels. Non-finite values count as bad.
     """
@@ -379,9 +398,11 @@ def mask_from_values(values: np.ndarray, config: GenericIngestConfig | None = No
         iv = np.zeros_like(iv)
     covered = 0
     for b, plane in config.mask_planes.items():
+        covered |= 1 << int(b)
+        if plane.lower() == "none":
+            continue
         hit = (iv & (1 << int(b))) != 0
         out[hit] |= np.uint32(1 << DEFAULT_PLANES[plane])
-        covered |= 1 << int(b)
     rest = bad | ((iv & ~np.int64(covered)) != 0)
     if config.mask_default_plane is not None:
         out[rest] |= np.uint32(1 << DEFAULT_PLANES[config.mask_default_plane])
