@@ -293,7 +293,7 @@ def psf_summary(params: SimPsfParams | SpacePsfParams, fx: float, fy: float) -> 
       :func:`half_max_fwhm`) of the optical profile, without the pixel;
     * ``psf_fwhm_pixel_px``: the half-maximum FWHM of the pixel-convolved PSF (the
       "effective PSF" a super-sampled PSF model such as PSFEx's represents); the pixel box
-      adds ~1/12 px^2 to the variance, which matters only when undersampled (+6% at 1.5 px);
+      adds ~1/12 px^2 to the variance, which matters when undersampled (+10-17% at 1.4-1.8 px);
     * ``psf_fwhm_moment_px``: Gaussian-equivalent FWHM from the *unweighted* second moments
       of the pixel-convolved PSF in a 63 x 63 px stamp (:func:`moment_fwhm`); equal to the
       half-maximum FWHM within a few % for a Gaussian, several times it for a space PSF;

@@ -102,6 +102,7 @@ def detector_defects(recipe, geometry: SimcamGeometry, detector: int) -> pd.Data
         x, y = int(rng.integers(0, nx)), int(rng.integers(0, ny))
         rows.append(("hot_pixel", x, y, y, float(rng.uniform(*recipe.raw.hot_pixel_dark))))
     df = pd.DataFrame(rows, columns=["kind", "x", "y0", "y1", "value"])
+    df = df.astype({"x": np.int64, "y0": np.int64, "y1": np.int64, "value": np.float64})  # also when empty
     df.insert(0, "detector", detector)
     return df
 
@@ -176,18 +177,27 @@ def bleed_columns(q: np.ndarray, full_well: float) -> np.ndarray:
     return q >= full_well
 
 
-def _saturated_at(full: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Whether any pixel of the 3x3 box around each position (0-based pixels) is in ``full``."""
+def _saturated_at(full: np.ndarray, x: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Which objects saturate: the brightest object whose 3x3 box (around its 0-based pixel
+    position) touches each connected region of over-full pixels ``full`` (so a faint
+    neighbour of a saturated star is not counted)."""
     ny, nx = full.shape
     out = np.zeros(len(x), dtype=bool)
     if len(x) == 0 or not full.any():
         return out
+    from scipy.ndimage import label
+
+    lab, _ = label(full)
     xi, yi = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
+    owner: dict[int, int] = {}
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
             xx, yy = xi + dx, yi + dy
-            ok = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
-            out[ok] |= full[yy[ok], xx[ok]]
+            ok = np.flatnonzero((xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny))
+            for i, region in zip(ok, lab[yy[ok], xx[ok]]):
+                if region and (region not in owner or counts[i] > counts[owner[region]]):
+                    owner[int(region)] = int(i)
+    out[list(owner.values())] = True
     return out
 
 
@@ -510,7 +520,7 @@ def render_detector(
     del cr_map
     # stars whose own charge overflows (cosmic rays landing on a bright pixel could add a
     # few; checked before they are added)
-    sat_star = _saturated_at(pre_bleed_full, x, y)
+    sat_star = _saturated_at(pre_bleed_full, x, y, counts)
     del pre_bleed_full
     sat = bleed_columns(charge, fw)
     charge += read  # charge is now the signal as read out (e-)
