@@ -10,6 +10,13 @@ tracks still (1-4 sigma per pixel) are recognised as a whole: a detection that a
 wide fits better than both the PSF and a line as wide as the PSF, with no PSF-shaped signal left
 beside it, is dropped and the track masked (``find_cr_tracks``; the lines are sought with the
 earlier CR pixels at their values before the repair, so that a partly flagged track is seen whole).
+
+Undersampled PSFs (FWHM below ``undersampled_fwhm``, 2.5 px): a star core is then about as sharp
+as a hit, L.A.Cosmic's fine-structure test no longer protects it and a PSF model is least exact
+there, so every flag is also held to LSST's ``findCosmicRays`` criterion (``kernels.cosmicray.
+psfsharp``): sharper along a row or a column than the sharpest star of the frame allows. The
+PSF is, before the PSF model, the smaller of the seeing guess and the locus of the frame's bright
+peaks; after it, also the model's. Noted ``cr_undersampled``.
 """
 
 from __future__ import annotations
@@ -19,19 +26,70 @@ import numpy as np
 from procsky.calibrate.config import CosmicRayConfig
 from procsky.calibrate.state import CalibrateState
 from procsky.kernels.cosmicray import find_cosmic_rays, find_cr_tracks, find_sharp_sources, repair_pixels
+from procsky.kernels.cosmicray.psfsharp import (
+    estimate_peak_ratio,
+    fwhm_of_peak_ratio,
+    gaussian_peak_ratio,
+    psf_shaped_peaks,
+    sharper_than_psf,
+)
 from procsky.notes import note_degraded
+from procsky.psf import SIGMA_TO_FWHM
 
 __all__ = ["find_cosmic_ray_pixels", "remove_sharp_sources"]
 
 
+def _sharpest_ratio(*ratios: float) -> float:
+    """The smallest finite positive centred-peak ratio (the sharpest PSF) of ``ratios``, NaN if none."""
+    ok = [r for r in ratios if np.isfinite(r) and r > 0.0]
+    return min(ok) if ok else float("nan")
+
+
+def _note_undersampled(ratio: float, config: CosmicRayConfig, source: str) -> None:
+    note_degraded(
+        "cr_undersampled",
+        f"undersampled PSF (FWHM {fwhm_of_peak_ratio(ratio):.2f} px from {source}, < {config.undersampled_fwhm:g} px):"
+        f" a cosmic-ray pixel must be sharper than {config.undersampled_margin:g} x that PSF's peak-to-neighbour"
+        f" ratio {ratio:.3f} allows, by {config.undersampled_sigma:g} sigma (LSST's criterion); faint hits on"
+        " star cores may stay unflagged",
+        severity="info",
+        fwhm=fwhm_of_peak_ratio(ratio),
+        psf_ratio=ratio,
+    )
+
+
+def undersampled_ratio(state: CalibrateState, config: CosmicRayConfig) -> float:
+    """Before the PSF model: the centred-peak neighbour ratio of the sharpest PSF the frame holds (the
+    seeing guess ``sigma0`` or the bright peaks of ``sub``, whichever is sharper) when its FWHM is
+    below ``config.undersampled_fwhm``; NaN for a well-sampled frame."""
+    if not config.undersampled_fwhm > 0:
+        return float("nan")
+    bad = (state.mask & np.uint32(state.bit["BAD"] | state.bit["SAT"] | state.bit["NO_DATA"])) != 0
+    r_data, _ = estimate_peak_ratio(state.sub, state.var_det, bad, quantile=0.5)
+    r = _sharpest_ratio(r_data, gaussian_peak_ratio(state.sigma0 * SIGMA_TO_FWHM))
+    return r if fwhm_of_peak_ratio(r) < config.undersampled_fwhm else float("nan")
+
+
 def find_cosmic_ray_pixels(state: CalibrateState, config: CosmicRayConfig) -> None:
     """L.A.Cosmic on the background-subtracted image (before detection, so that hits do not become
-    sources): CR and INTRP set, ``sub``, ``var_det`` and ``variance`` repaired, ``n_cr`` counted."""
+    sources): CR and INTRP set, ``sub``, ``var_det`` and ``variance`` repaired, ``n_cr`` counted.
+    Undersampled frames: candidates held to the sharpest PSF (:func:`undersampled_ratio`)."""
     if not config.enabled:
         return
     bit = state.bit
+    ratio = undersampled_ratio(state, config)
+    if np.isfinite(ratio):
+        _note_undersampled(ratio, config, "the bright peaks of the frame or the seeing guess")
     cr = find_cosmic_rays(
-        state.sub, state.var_det, state.mask, sigclip=config.sigclip, objlim=config.objlim, grow_sigma=config.grow_sigma
+        state.sub,
+        state.var_det,
+        state.mask,
+        sigclip=config.sigclip,
+        objlim=config.objlim,
+        grow_sigma=config.grow_sigma,
+        psf_ratio=ratio,
+        psf_margin=config.undersampled_margin,
+        psf_nsigma=config.undersampled_sigma,
     )
     state.cosmic_rays = cr
     state.n_cr = cr.n_pixels
@@ -61,6 +119,61 @@ def _mark_cr(state: CalibrateState, pixels: np.ndarray, fit: np.ndarray, var_don
     return int(newcr.sum())
 
 
+def _keep_psf_shaped(state: CalibrateState, config: CosmicRayConfig, is_cr: np.ndarray, ratio: float) -> np.ndarray:
+    """Undersampled frames: ``is_cr`` without the detections whose peak is provably PSF-shaped
+    (``psf_shaped_peaks``): a PSF model of an undersampled PSF can be far enough off to leave
+    no PSF-shaped signal in a bright star once its "sharp" pixels are removed."""
+    if not np.isfinite(ratio) or not is_cr.any():
+        return is_cr
+    idx = np.flatnonzero(is_cr)
+    bad = (state.mask & np.uint32(state.bit["BAD"] | state.bit["SAT"] | state.bit["NO_DATA"])) != 0
+    shaped = psf_shaped_peaks(
+        state.sub,
+        state.var_det,
+        state.meas["x"][idx],
+        state.meas["y"][idx],
+        ratio,
+        bad=bad,
+        margin=config.undersampled_margin,
+        nsigma=config.undersampled_sigma,
+    )
+    out = is_cr.copy()
+    out[idx[shaped]] = False
+    return out
+
+
+def _spare_kept_sources(
+    state: CalibrateState, config: CosmicRayConfig, pixels: np.ndarray, is_cr: np.ndarray, ratio: float, hw: int
+) -> np.ndarray:
+    """Undersampled frames: of ``pixels``, those within ``hw`` px of a detection kept (not ``is_cr``)
+    stay only when sharper than the PSF of centred-peak ratio ``ratio`` allows (on ``sub``, not yet
+    repaired there). A detection judged a cosmic ray loses all its pixels (its faint track is not
+    significant pixel by pixel)."""
+    if not np.isfinite(ratio) or not pixels.any():
+        return pixels
+    ny, nx = state.shape
+    near = np.zeros((ny, nx), bool)
+    meas = state.meas
+    for x, y in zip(meas["x"][~is_cr], meas["y"][~is_cr]):
+        if np.isfinite(x) and np.isfinite(y):
+            ix, iy = int(round(float(x))), int(round(float(y)))
+            near[max(0, iy - hw) : max(0, iy + hw + 1), max(0, ix - hw) : max(0, ix + hw + 1)] = True
+    test = pixels & near
+    if not test.any():
+        return pixels
+    bad = (state.mask & np.uint32(state.bit["BAD"] | state.bit["SAT"] | state.bit["NO_DATA"])) != 0
+    sharp = sharper_than_psf(
+        state.sub,
+        state.var_det,
+        test,
+        ratio,
+        bad=bad,
+        margin=config.undersampled_margin,
+        nsigma=config.undersampled_sigma,
+    )
+    return (pixels & ~near) | sharp
+
+
 def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep: float) -> None:
     """Test every detection against the PSF model (``state.stamps``); detections that are cosmic rays
     are dropped (with their per-source arrays), their pixels masked CR and repaired. ``nu_keep``:
@@ -70,6 +183,15 @@ def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep
         # detections at the edge are tested too, on the part of the window inside the image
         skip = meas["flag_saturated"] | ~np.isfinite(meas["x"]) | ~np.isfinite(meas["y"])
         hw = int(min(6, max(3, round(2.0 * state.sigma_psf * 1.1774))))
+        # undersampled: the sharpest of the frame's peaks, the seeing guess and the PSF model
+        ratio = float("nan")
+        if config.undersampled_fwhm > 0:
+            r1 = state.cosmic_rays.psf_ratio if state.cosmic_rays is not None else float("nan")
+            ratio = _sharpest_ratio(r1, gaussian_peak_ratio(state.sigma_psf * SIGMA_TO_FWHM))
+            if not fwhm_of_peak_ratio(ratio) < config.undersampled_fwhm:
+                ratio = float("nan")
+            elif not np.isfinite(r1):
+                _note_undersampled(ratio, config, "the PSF model")
         sharp = find_sharp_sources(
             state.sub,
             state.var_det,
@@ -86,8 +208,9 @@ def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep
             star_sigma=config.psf_star_sigma,
             model_error=config.psf_model_error,
         )
-        state.n_cr += _mark_cr(state, sharp.cr_pixels, sharp.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"])
-        is_cr = sharp.is_cr
+        is_cr = _keep_psf_shaped(state, config, sharp.is_cr, ratio)
+        pixels = _spare_kept_sources(state, config, sharp.cr_pixels, is_cr, ratio, hw)
+        state.n_cr += _mark_cr(state, pixels, sharp.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"])
         if config.track_test:
             # faint tracks: judged with the values of the CR pixels before their repair (a track
             # flagged in part is judged whole); bright stars on their pixels not yet flagged
@@ -118,11 +241,10 @@ def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep
                 star_gain=config.track_star_gain,
                 model_error=config.track_model_error,
             )
+            is_cr = is_cr | _keep_psf_shaped(state, config, tracks.is_cr, ratio)
+            pixels = _spare_kept_sources(state, config, tracks.cr_pixels, is_cr, ratio, hw)
             # the track pixels all have the joint fit; earlier CR pixels are no variance donors
-            state.n_cr += _mark_cr(
-                state, tracks.cr_pixels, tracks.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"]
-            )
-            is_cr = is_cr | tracks.is_cr
+            state.n_cr += _mark_cr(state, pixels, tracks.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"])
         keep = ~is_cr
         state.n_cr_sources = int((~keep).sum())
         if state.n_cr_sources:

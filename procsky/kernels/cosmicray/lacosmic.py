@@ -54,12 +54,16 @@ class CosmicRayResult(NamedTuple):
         Variance repaired the same way (None when no variance was given).
     n_pixels : int
         Number of CR pixels.
+    psf_ratio : float
+        The PSF's centred-peak neighbour ratio the candidates were held to (``psf_ratio``
+        argument; NaN when that test was off).
     """
 
     mask: np.ndarray
     image: np.ndarray
     variance: np.ndarray
     n_pixels: int
+    psf_ratio: float = float("nan")
 
 
 @numba.njit(nogil=True, cache=True)
@@ -196,6 +200,29 @@ def _fine_structure_at(img, memo, gens, g, oy, ox, y, x, buf, buf49):
 
 
 @numba.njit(nogil=True, cache=True)
+def _sharper_than_psf_at(img, var, ignore, y, x, rf, nsigma):
+    """LSST's condition (:mod:`.psfsharp`): along the row or the column through (y, x), the mean
+    of the two neighbours is below ``rf`` times the pixel by ``nsigma`` times the noise."""
+    ny, nx = img.shape
+    v0 = img[y, x]
+    if v0 <= 0.0:
+        return False
+    var0 = var[y, x] if var[y, x] > 0.0 else 0.0
+    for d in range(2):
+        y1 = y - d
+        x1 = x - (1 - d)
+        y2 = y + d
+        x2 = x + (1 - d)
+        if y1 < 0 or x1 < 0 or y2 >= ny or x2 >= nx or ignore[y1, x1] or ignore[y2, x2]:
+            continue
+        p = 0.5 * (img[y1, x1] + img[y2, x2])
+        vp = 0.25 * (max(var[y1, x1], 0.0) + max(var[y2, x2], 0.0))
+        if rf * v0 - p > nsigma * math.sqrt(rf * rf * var0 + vp):
+            return True
+    return False
+
+
+@numba.njit(nogil=True, cache=True)
 def _candidates_tile(
     img,
     var,
@@ -206,6 +233,8 @@ def _candidates_tile(
     use_active,
     sigclip,
     objlim,
+    psf_rf,
+    psf_nsigma,
     cand,
     memo,
     gens,
@@ -252,7 +281,7 @@ def _candidates_tile(
             f = _fine_structure_at(img, memo, gens, g, oy, ox, y, x, buf, buf49) / memo[0, y - oy, x - ox]
             if f < 0.01:
                 f = 0.01
-            if spv / f > objlim:
+            if spv / f > objlim and (psf_rf <= 0.0 or _sharper_than_psf_at(img, var, ignore, y, x, psf_rf, psf_nsigma)):
                 cand[y, x] = True
 
 
@@ -276,13 +305,16 @@ def _grow_tile(lp, var, ignore, crmask, src, dst, thr, memo, gens, g, y0, y1, x0
 
 
 @numba.njit(nogil=True, cache=True)
-def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use_active, memo, gens, g0):
+def _detect_pass(
+    img, var, ignore, sigclip, sigfrac, objlim, psf_rf, psf_nsigma, crmask, active, use_active, memo, gens, g0
+):
     """One L.A.Cosmic detection pass; sets new CR pixels in ``crmask``.
 
     The image is swept in tiles of ``_TILE`` pixels with per-tile memo arrays ``memo`` /
     ``gens`` of shape (4, _TILE + 2 _HALO, _TILE + 2 _HALO); ``g0`` is the first sweep number
     to use. With ``use_active`` only pixels where ``active`` is True are tested (later
-    iterations: only the neighbourhood of repaired pixels has changed).
+    iterations: only the neighbourhood of repaired pixels has changed). With ``psf_rf`` > 0 a
+    candidate must also be sharper than the PSF allows (:func:`_sharper_than_psf_at`).
 
     Returns
     -------
@@ -310,6 +342,8 @@ def _detect_pass(img, var, ignore, sigclip, sigfrac, objlim, crmask, active, use
                 use_active,
                 sigclip,
                 objlim,
+                psf_rf,
+                psf_nsigma,
                 cand,
                 memo,
                 gens,
@@ -531,6 +565,9 @@ def find_cosmic_rays(
     grow_sigma: float | None = 3.5,
     grow_objlim: float = 2.5,
     grow_iter: int = 20,
+    psf_ratio: float | None = None,
+    psf_margin: float = 0.7,
+    psf_nsigma: float = 3.0,
 ) -> CosmicRayResult:
     """Find cosmic rays with L.A.Cosmic and interpolate over them.
 
@@ -564,6 +601,14 @@ def find_cosmic_rays(
         Contrast of the growth's excess against the fine structure (star cores give ~1).
     grow_iter : int
         Rounds of that growth at most (each adds at most one pixel along a track).
+    psf_ratio : float, optional
+        For undersampled PSFs, whose star cores L.A.Cosmic's fine-structure test no longer
+        protects: the centred-peak neighbour ratio of the sharpest PSF the frame holds
+        (:func:`.psfsharp.gaussian_peak_ratio`). A candidate must then also be sharper than
+        ``psf_margin * psf_ratio`` allows by ``psf_nsigma`` along its row or column (LSST's
+        criterion, :mod:`.psfsharp`); the growth from accepted pixels is unchanged. None: off.
+    psf_margin, psf_nsigma : float
+        Margin on ``psf_ratio`` and significance of that test.
 
     Returns
     -------
@@ -587,10 +632,26 @@ def find_cosmic_rays(
     memo = np.empty((4, side, side), dtype=np.float32)
     gens = np.zeros((4, side, side), dtype=np.int64)
     g = 1
+    ratio = float("nan") if psf_ratio is None else float(psf_ratio)
+    use_psf = bool(np.isfinite(ratio) and ratio > 0.0)
+    psf_rf = float(psf_margin) * ratio if use_psf else 0.0
     for it in range(int(niter)):
         before = crmask.copy() if it > 0 else None
         n, g = _detect_pass(
-            img, var, bad, float(sigclip), float(sigfrac), float(objlim), crmask, active, it > 0, memo, gens, g
+            img,
+            var,
+            bad,
+            float(sigclip),
+            float(sigfrac),
+            float(objlim),
+            psf_rf,
+            float(psf_nsigma),
+            crmask,
+            active,
+            it > 0,
+            memo,
+            gens,
+            g,
         )
         if n == 0:
             break
@@ -602,4 +663,10 @@ def find_cosmic_rays(
         repair_pixels(var, crmask, bad, 2)
     if grow_sigma and crmask.any():
         _grow_tracks(img, var, bad, crmask, float(grow_sigma), float(grow_objlim), int(grow_iter))
-    return CosmicRayResult(mask=crmask, image=img, variance=var, n_pixels=int(crmask.sum()))
+    return CosmicRayResult(
+        mask=crmask,
+        image=img,
+        variance=var,
+        n_pixels=int(crmask.sum()),
+        psf_ratio=ratio if use_psf else float("nan"),
+    )

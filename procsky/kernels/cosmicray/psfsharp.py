@@ -1,0 +1,334 @@
+"""Sharper than the PSF allows: the pixel criterion of LSST's ``findCosmicRays`` for undersampled data.
+
+L.A.Cosmic (:mod:`.lacosmic`) protects star cores by their fine structure, which is only as
+curved as the Laplacian when the PSF is well sampled; at FWHM 1.2-2 px the core of a star is
+nearly as sharp as a hit and L.A.Cosmic's ``objlim`` no longer tells them apart. The test that
+does is the one of LSST's ``meas_algorithms`` (``findCosmicRays``, condition 3; idea from
+the SDSS photo pipeline, Lupton et al. 2001): a pixel can only be a cosmic ray if, along some
+line through it, the mean of its two opposite neighbours is lower than the PSF permits.
+
+For a PSF sampled by pixels, the ratio ``(I(x-1) + I(x+1)) / (2 I(x))`` is smallest at the
+peak of a star centred on a pixel, and larger at every other pixel phase and at every other
+pixel of the star (for a Gaussian it is ``exp(-1/2s^2) cosh(x/s^2)`` before pixel integration;
+a Moffat of the same FWHM has a larger one). So with ``r`` that centred-peak ratio of the
+sharpest PSF the frame can hold, a pixel ``I0`` with neighbours of mean ``p`` along a row or a
+column is sharper than any PSF-shaped peak when
+
+    ``d = f r I0 - p > k sqrt(f^2 r^2 var(I0) + var(p))``
+
+(``f`` <= 1 a margin for the PSF estimate, LSST's ``cond3_fac2``; ``k`` the significance).
+A hit, one pixel wide, always has a dark pair across its track; a star has none.
+
+``r`` comes from the PSF (:func:`gaussian_peak_ratio` of its FWHM) and, before a PSF is
+fitted, also from the data: :func:`estimate_peak_ratio` takes the locus of the bright local
+maxima that are not sharp in any direction (the stars).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+__all__ = ["estimate_peak_ratio", "fwhm_of_peak_ratio", "gaussian_peak_ratio", "psf_shaped_peaks", "sharper_than_psf"]
+
+
+def gaussian_peak_ratio(fwhm: float) -> float:
+    """Mean of the two row (or column) neighbours over the peak pixel of a pixel-integrated
+    Gaussian of ``fwhm`` (pixels) centred on a pixel: the smallest such ratio a star of that
+    PSF shows at any pixel phase."""
+    s = max(float(fwhm), 1e-3) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    a = math.erf(0.5 / (s * math.sqrt(2.0)))
+    b = math.erf(1.5 / (s * math.sqrt(2.0)))
+    return 0.5 * (b - a) / a
+
+
+def fwhm_of_peak_ratio(ratio: float) -> float:
+    """Inverse of :func:`gaussian_peak_ratio` (bisection), pixels; 0 for ratio <= 0."""
+    if not ratio > 0.0:
+        return 0.0
+    lo, hi = 0.05, 50.0
+    if ratio >= gaussian_peak_ratio(hi):
+        return hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if gaussian_peak_ratio(mid) < ratio:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@numba.njit(nogil=True, cache=True)
+def _peak_ratios(image, variance, bad, snr_min):
+    """(ratio, its noise) of every local maximum (8 neighbours, none bad) with peak/noise above
+    ``snr_min``: ratio = the smallest of the row, column and (square-rooted) diagonal
+    neighbour-mean over peak ratios."""
+    ny, nx = image.shape
+    out_r = np.empty(ny * nx // 9 + 1)
+    out_e = np.empty(ny * nx // 9 + 1)
+    n = 0
+    for y in range(1, ny - 1):
+        for x in range(1, nx - 1):
+            v = image[y, x]
+            if v <= 0.0 or bad[y, x] or not variance[y, x] > 0.0:
+                continue
+            if v < snr_min * math.sqrt(variance[y, x]):
+                continue
+            ok = True
+            for yy in range(y - 1, y + 2):
+                for xx in range(x - 1, x + 2):
+                    if (yy != y or xx != x) and (bad[yy, xx] or image[yy, xx] >= v):
+                        ok = False
+            if not ok or n >= out_r.size:
+                continue
+            # row, column, and the two diagonals (whose ratio is about the square of the row's
+            # for a centred star: compared through its square root)
+            best = np.inf
+            err = 0.0
+            for k in range(4):
+                if k == 0:
+                    a, va, b, vb = image[y, x - 1], variance[y, x - 1], image[y, x + 1], variance[y, x + 1]
+                elif k == 1:
+                    a, va, b, vb = image[y - 1, x], variance[y - 1, x], image[y + 1, x], variance[y + 1, x]
+                elif k == 2:
+                    a, va, b, vb = (
+                        image[y - 1, x - 1],
+                        variance[y - 1, x - 1],
+                        image[y + 1, x + 1],
+                        variance[y + 1, x + 1],
+                    )
+                else:
+                    a, va, b, vb = (
+                        image[y - 1, x + 1],
+                        variance[y - 1, x + 1],
+                        image[y + 1, x - 1],
+                        variance[y + 1, x - 1],
+                    )
+                q = 0.5 * (a + b) / v
+                e = 0.5 * math.sqrt(va + vb) / v
+                if k >= 2:
+                    # sqrt(q) and its noise e / (2 sqrt(q)), with q floored at the noise
+                    qq = max(q, e)
+                    q = math.sqrt(qq) if q > 0.0 else q
+                    e = e / (2.0 * math.sqrt(qq))
+                if q < best:
+                    best = q
+                    err = e
+            out_r[n] = best
+            out_e[n] = err
+            n += 1
+    return out_r[:n], out_e[:n]
+
+
+def estimate_peak_ratio(
+    image: np.ndarray,
+    variance: np.ndarray,
+    bad: np.ndarray | None = None,
+    *,
+    snr_min: float = 30.0,
+    min_ratio: float = 0.08,
+    quantile: float = 0.1,
+    min_peaks: int = 8,
+) -> tuple[float, int]:
+    """The sharpest star-like peak ratio of a frame, from the data.
+
+    Local maxima brighter than ``snr_min`` times their noise have a ratio ``q`` (the smaller of
+    the row and column neighbour-mean over the peak, and of the square roots of the diagonal
+    ones). Cosmic rays (single pixels or tracks)
+    have a dark pair across them: ``q`` within noise of 0. Stars have ``q`` at least the
+    centred-peak ratio of the PSF, more at other pixel phases. The peaks with
+    ``q > max(min_ratio, 5 noise)`` are star-like; the ``quantile`` of their ``q`` is the
+    sharpest PSF-shaped peak (a low quantile: the phases near a pixel centre), robust to the
+    rare hit on a star or pair of hits.
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx)
+        Background-subtracted image.
+    variance : ndarray (ny, nx)
+    bad : ndarray (ny, nx) bool, optional
+        Pixels not to use (a maximum touching one is skipped).
+
+    Returns
+    -------
+    ratio : float
+        NaN with fewer than ``min_peaks`` star-like peaks.
+    n : int
+        Number of star-like peaks.
+    """
+    img = np.ascontiguousarray(image, dtype=np.float64)
+    var = np.ascontiguousarray(variance, dtype=np.float64)
+    badm = np.zeros(img.shape, bool) if bad is None else np.ascontiguousarray(bad, dtype=bool)
+    badm = badm | ~np.isfinite(img) | ~np.isfinite(var)
+    img = np.where(badm, 0.0, img)
+    var = np.where(badm, 0.0, var)
+    q, e = _peak_ratios(img, var, badm, float(snr_min))
+    star = q > np.maximum(min_ratio, 5.0 * e)
+    n = int(star.sum())
+    if n < min_peaks:
+        return float("nan"), n
+    return float(np.quantile(q[star], quantile)), n
+
+
+@numba.njit(nogil=True, cache=True)
+def _sharper_than_psf(image, variance, bad, cand, ratio, margin, nsigma, out):
+    ny, nx = image.shape
+    rf = ratio * margin
+    for y in range(ny):
+        for x in range(nx):
+            if not cand[y, x]:
+                continue
+            v0 = image[y, x]
+            var0 = variance[y, x]
+            if v0 <= 0.0 or not var0 > 0.0:
+                continue
+            sharp = False
+            for d in range(2):
+                dy = d
+                dx = 1 - d
+                y1 = y - dy
+                x1 = x - dx
+                y2 = y + dy
+                x2 = x + dx
+                if y1 < 0 or x1 < 0 or y2 >= ny or x2 >= nx:
+                    continue
+                if bad[y1, x1] or bad[y2, x2]:
+                    continue
+                p = 0.5 * (image[y1, x1] + image[y2, x2])
+                vp = 0.25 * (variance[y1, x1] + variance[y2, x2])
+                if rf * v0 - p > nsigma * math.sqrt(rf * rf * var0 + vp):
+                    sharp = True
+                    break
+            out[y, x] = sharp
+
+
+def sharper_than_psf(
+    image: np.ndarray,
+    variance: np.ndarray,
+    candidates: np.ndarray,
+    ratio: float,
+    *,
+    bad: np.ndarray | None = None,
+    margin: float = 0.7,
+    nsigma: float = 3.0,
+) -> np.ndarray:
+    """Which ``candidates`` pixels are sharper than a PSF of centred-peak ratio ``ratio`` allows.
+
+    A candidate passes when along its row or its column ``margin * ratio * I0`` exceeds the mean
+    of the two neighbours by ``nsigma`` times the noise of that difference (module docstring).
+    Neighbours that are ``bad`` (e.g. already flagged and repaired) give no verdict along their
+    line.
+
+    Parameters
+    ----------
+    image, variance : ndarray (ny, nx)
+        Background-subtracted image (the cosmic rays not yet repaired) and its variance.
+    candidates : ndarray (ny, nx) bool
+    ratio : float
+        :func:`gaussian_peak_ratio` of the sharpest PSF the frame holds.
+    margin : float
+        Fraction of ``ratio`` used (LSST's ``cond3_fac2``), for the error of the PSF estimate.
+    nsigma : float
+        Significance of the contrast (LSST's ``cond3_fac``).
+
+    Returns
+    -------
+    ndarray (ny, nx) bool
+    """
+    img = np.ascontiguousarray(image, dtype=np.float64)
+    var = np.ascontiguousarray(variance, dtype=np.float64)
+    badm = np.zeros(img.shape, bool) if bad is None else np.ascontiguousarray(bad, dtype=bool)
+    badm = badm | ~np.isfinite(img) | ~np.isfinite(var)
+    out = np.zeros(img.shape, bool)
+    _sharper_than_psf(
+        np.where(badm, 0.0, img),
+        np.where(badm, 0.0, var),
+        badm,
+        np.ascontiguousarray(candidates, dtype=bool),
+        float(ratio),
+        float(margin),
+        float(nsigma),
+        out,
+    )
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _psf_shaped_peaks(image, variance, bad, xs, ys, rf, nsigma, out):
+    ny, nx = image.shape
+    for k in range(xs.size):
+        if not (np.isfinite(xs[k]) and np.isfinite(ys[k])):
+            continue
+        cx = int(math.floor(xs[k] + 0.5))
+        cy = int(math.floor(ys[k] + 0.5))
+        # the brightest good pixel of the 3 x 3 around the centroid
+        by = -1
+        bx = -1
+        best = -np.inf
+        for yy in range(max(1, cy - 1), min(ny - 1, cy + 2)):
+            for xx in range(max(1, cx - 1), min(nx - 1, cx + 2)):
+                if not bad[yy, xx] and image[yy, xx] > best:
+                    best = image[yy, xx]
+                    by = yy
+                    bx = xx
+        if by < 0 or not best > 0.0 or not variance[by, bx] > 0.0:
+            continue
+        shaped = True
+        for d in range(2):
+            y1 = by - d
+            x1 = bx - (1 - d)
+            y2 = by + d
+            x2 = bx + (1 - d)
+            if bad[y1, x1] or bad[y2, x2]:
+                shaped = False
+                break
+            p = 0.5 * (image[y1, x1] + image[y2, x2])
+            sd = math.sqrt(rf * rf * variance[by, bx] + 0.25 * (variance[y1, x1] + variance[y2, x2]))
+            # decisive (a hit this bright would show its dark pair) and not sharper than the PSF
+            if rf * best <= 2.0 * nsigma * sd or rf * best - p > nsigma * sd:
+                shaped = False
+                break
+        out[k] = shaped
+
+
+def psf_shaped_peaks(
+    image: np.ndarray,
+    variance: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    ratio: float,
+    *,
+    bad: np.ndarray | None = None,
+    margin: float = 0.7,
+    nsigma: float = 3.0,
+) -> np.ndarray:
+    """Which detections at (x, y) peak like the PSF, provably: the brightest pixel of the 3 x 3
+    around the centroid is bright enough that a hit there would be found sharper than the PSF
+    (``margin * ratio * I0`` above ``2 nsigma`` times the noise of the contrast) and yet, along
+    both its row and its column, it is not (:func:`sharper_than_psf`). Such a detection is a
+    star, whatever a PSF model fitted to it says; faint detections are never counted as such.
+
+    Returns
+    -------
+    ndarray (n,) bool
+    """
+    img = np.ascontiguousarray(image, dtype=np.float64)
+    var = np.ascontiguousarray(variance, dtype=np.float64)
+    badm = np.zeros(img.shape, bool) if bad is None else np.ascontiguousarray(bad, dtype=bool)
+    badm = badm | ~np.isfinite(img) | ~np.isfinite(var)
+    xs = np.ascontiguousarray(x, dtype=np.float64)
+    ys = np.ascontiguousarray(y, dtype=np.float64)
+    out = np.zeros(xs.size, bool)
+    _psf_shaped_peaks(
+        np.where(badm, 0.0, img),
+        np.where(badm, 0.0, var),
+        badm,
+        xs,
+        ys,
+        float(margin) * float(ratio),
+        float(nsigma),
+        out,
+    )
+    return out
