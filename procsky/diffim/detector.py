@@ -106,6 +106,7 @@ def difference_image(
     *,
     detection: DiaConfig | None = None,
     warp_order: int = 3,
+    kernel_mask=None,
     lazy: bool = True,
 ):
     """The difference image of one detector, as the ``subtract`` task stores it.
@@ -122,21 +123,23 @@ def difference_image(
 
     With ``lazy`` (the default) nothing is computed: the planes are dask arrays and the
     metadata values delayed parts of one graph task (see :func:`procsky.diffim.lazy.deferred`).
+    ``kernel_mask`` (boolean, the calexp's shape) leaves pixels out of the kernel fit, as
+    in :func:`subtract_images`.
     """
     cfg = config or SubtractionConfig()
     det = detection or DiaConfig()
     if not lazy:
-        return _difference_now(calexp, templates, cfg, det, warp_order)
-    result = deferred(_difference_now, calexp, list(templates), cfg, det, warp_order, name="difference")
+        return _difference_now(calexp, templates, cfg, det, warp_order, kernel_mask)
+    result = deferred(_difference_now, calexp, list(templates), cfg, det, warp_order, kernel_mask, name="difference")
     return deferred_exposure(result, calexp, part=lambda r: r, metadata_keys=DIFFERENCE_METADATA)
 
 
-def _difference_now(calexp, templates, cfg: SubtractionConfig, det: DiaConfig, warp_order: int):
+def _difference_now(calexp, templates, cfg: SubtractionConfig, det: DiaConfig, warp_order: int, kernel_mask=None):
     import json
 
     science = calexp.compute()
     tpl = warp_template_to_science(templates, science, order=warp_order)
-    diff, kernel, summary = _subtract_now(science, tpl, cfg)
+    diff, kernel, summary = _subtract_now(science, tpl, cfg, kernel_mask=kernel_mask)
     # the science image is the static sky of the registration-noise term of the score
     mask = dia_detection_mask(diff, det, static=np.asarray(science.image, dtype=np.float32))
     coverage = tpl.metadata.get("template_coverage")

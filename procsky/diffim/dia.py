@@ -11,7 +11,7 @@ from procsky import masks as _masks
 from procsky.errors import ProcskyValueError
 
 from .lazy import _computed
-from .subtract import _FIT_EXCLUDE, _MASKED, _SPREAD_CORE, corrected_score_variance, psf_sigma_at
+from .subtract import _FIT_EXCLUDE, _MASKED, _SPREAD_CORE, _psf_sigma_checked, corrected_score_variance, psf_sigma_at
 
 __all__ = ["DiaConfig", "detect_dia_sources", "dia_detection_mask", "forced_dia_photometry"]
 
@@ -222,7 +222,10 @@ def _detect_both(exp, cfg: DiaConfig, static=None) -> tuple:
     if psf is None:
         raise ProcskyValueError("the difference image has no PSF; subtract_images sets one")
     cx, cy = x0 + nx / 2, y0 + ny / 2
-    sigma = psf_sigma_at(psf, cx, cy)
+    # A difference's PSF (the PSF convolved with the matching and decorrelation kernels)
+    # may have no positive-definite moments: psf_sigma_at falls back to the half-maximum
+    # size and notes it.
+    sigma = psf_sigma_at(psf, cx, cy, what="difference-image PSF")
     nodata_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD") if n in planes], planes=planes)
     extra = None
     if static is not None and np.shape(static) != img.shape:
@@ -288,7 +291,9 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
         fit columns, ``ixx``, ``iyy``, ``ixy`` (pixels^2), ``masked_fraction`` (PSF^2 weight on
         pixels without a usable value), ``repaired_fraction`` (on CR/INTRP pixels), flags
         ``flag_edge``, ``flag_masked``, ``flag_saturated_nearby``, ``flag_centroid``,
-        ``flag_shape``, ``flag_psf_flux`` and ``reliability`` in [0, 1].
+        ``flag_shape``, ``flag_psf_flux``, ``flag_psf`` (the PSF could not be rendered there, or
+        its size came from the half-maximum fallback because its moments are not positive
+        definite, :func:`psf_sigma_at`) and ``reliability`` in [0, 1].
     mask : ndarray uint32
         The mask with DETECTED / DETECTED_NEGATIVE set.
     """
@@ -304,6 +309,9 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
     x0, y0 = exp.xy0
     psf = exp.psf
     fwhm = 2.3548 * sigma
+    # PSF size from the half-maximum fallback (moments not positive definite): every
+    # source's PSF-based measurements are flagged ``flag_psf``.
+    psf_ok = _psf_sigma_checked(psf, x0 + nx / 2, y0 + ny / 2)[1]
     nodata_bits = _masks.bits(*[n for n in ("NO_DATA", "BAD") if n in planes], planes=planes)
     fit_bits = _masks.bits(*[n for n in _FIT_EXCLUDE if n in planes], planes=planes)
     masked_bits = _masks.bits(*[n for n in _MASKED if n in planes], planes=planes)
@@ -344,12 +352,20 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
             xw, yw, cok = xc0, yc0, True
         if not cok:
             xw, yw = a[0], a[1]
-        f, fe, chi2, lost = _psf_fit(img, var, mask, fit_bits, psf, xw, yw, (x0, y0))
-        mxx, myy, mxy, mok = _moments(work, mask, xw, yw, sigma, fit_bits, adaptive_moments)
         ix, iy = int(round(xw)), int(round(yw))
-        stamp = psf.render(xw + x0, yw + y0)
-        mfrac = _stamp_bad_fraction(mask, masked_bits, ix, iy, stamp)
-        rfrac = _stamp_bad_fraction(mask, repaired_bits, ix, iy, stamp)
+        src_psf_ok = psf_ok
+        try:
+            f, fe, chi2, lost = _psf_fit(img, var, mask, fit_bits, psf, xw, yw, (x0, y0))
+            stamp = psf.render(xw + x0, yw + y0)
+            mfrac = _stamp_bad_fraction(mask, masked_bits, ix, iy, stamp)
+            rfrac = _stamp_bad_fraction(mask, repaired_bits, ix, iy, stamp)
+        except Exception:  # noqa: BLE001 - a PSF that cannot be rendered here is a flag, not a crash
+            f = fe = chi2 = np.nan
+            src_psf_ok = False
+            box = np.ones((2 * int(math.ceil(2 * fwhm)) + 1,) * 2)
+            mfrac = _stamp_bad_fraction(mask, masked_bits, ix, iy, box)
+            rfrac = _stamp_bad_fraction(mask, repaired_bits, ix, iy, box)
+        mxx, myy, mxy, mok = _moments(work, mask, xw, yw, sigma, fit_bits, adaptive_moments)
         near_sat = _stamp_bad_fraction(mask, sat_bits, ix, iy, np.ones((2 * int(2 * fwhm) + 1,) * 2)) > 0
         edge = (
             xw < cfg.edge_margin
@@ -381,22 +397,26 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
             "flag_centroid": not bool(cok),
             "flag_shape": not bool(mok),
             "flag_psf_flux": not np.isfinite(f),
+            "flag_psf": not bool(src_psf_ok),
         }
         dip = None
         if kind == "dipole":
-            dip = _dipole_fit(
-                img,
-                var,
-                mask,
-                fit_bits,
-                psf,
-                a[0],
-                a[1],
-                b[0],
-                b[1],
-                (x0, y0),
-                int(math.ceil(2 * fwhm + 0.5 * math.hypot(a[0] - b[0], a[1] - b[1]))),
-            )
+            try:
+                dip = _dipole_fit(
+                    img,
+                    var,
+                    mask,
+                    fit_bits,
+                    psf,
+                    a[0],
+                    a[1],
+                    b[0],
+                    b[1],
+                    (x0, y0),
+                    int(math.ceil(2 * fwhm + 0.5 * math.hypot(a[0] - b[0], a[1] - b[1]))),
+                )
+            except Exception:  # noqa: BLE001 - a failed dipole fit is flag_dipole_fit
+                dip = None
         row.update(
             {
                 "dipole_pos_flux": dip["pos_flux"] if dip else np.nan,
@@ -446,6 +466,7 @@ def detect_dia_sources(diff, config: DiaConfig | None = None, *, static=None):
         "flag_centroid",
         "flag_shape",
         "flag_psf_flux",
+        "flag_psf",
         "dipole_pos_flux",
         "dipole_neg_flux",
         "dipole_separation",

@@ -21,6 +21,7 @@ __all__ = [
     "subtract_images",
     "convolve_exposure_arrays",
     "psf_sigma_at",
+    "half_maximum_sigma",
     "registration_noise",
     "corrected_score_variance",
 ]
@@ -75,6 +76,36 @@ class SubtractionConfig(pydantic.BaseModel):
         Apply the noise decorrelation afterburner.
     chunk : int, pixels
         Dask chunk size for the convolution.
+    kernel_mask_planes : tuple of str
+        Mask planes (of either image) whose pixels are left out of the kernel fit, as
+        unusable pixels are: stamp pixels whose kernel footprint holds one get no weight
+        and stars with one in their core are not kernel stars. For what the pipeline's
+        masks do not know (a galaxy, a known variable, a ghost). A boolean array can be
+        given to :func:`subtract_images` (``kernel_mask=``) as well.
+    degrade : bool
+        When the stamps are too few for the configured fit (:func:`procsky.kernels.psfmatch.
+        required_stamps`), refit with smaller bases (:func:`procsky.kernels.psfmatch.
+        reduced_bases`), spatial order 0 and ridge-damped shape coefficients, then with
+        kernel stars down to ``min_snr / 2`` (not below 10); recorded in the summary
+        (``kernel_fit_level``, ``kernel_fit_attempts``) and with ``note_degraded``.
+    params_per_stamp : float
+        Minimum-stamps rule: one usable stamp per this many free parameters, and never
+        fewer than 3 (:func:`procsky.kernels.psfmatch.required_stamps`). Applies to the
+        degraded fits and to the choice of the spatial order; with the configured basis,
+        the per-order minimum of :func:`procsky.kernels.psfmatch.fit_matching_kernel` (so
+        normal fields fit exactly as before).
+    shape_ridge : float
+        Ridge damping of the kernel-shape coefficients in degraded fits (relative to each
+        coefficient's own information; zero-sum functions, so the kernel sum is unbiased).
+    kernel_sum_warn, kernel_sum_fail : float or None
+        Kernel-sum sanity check: the fitted kernel sum is compared with the ratio of the
+        photometric calibrations (when both exposures carry one) or else with the median
+        ratio of the kernel stars' PSF fluxes (each image measured with its own PSF). A
+        fractional disagreement beyond ``max(kernel_sum_warn, 3 sigma of the reference)``
+        is a warning note (2%: twice the 1% accuracy a kernel sum should reach, and above
+        the ~1% PSF-model flux systematics between two images); beyond
+        ``kernel_sum_fail`` (20%: every static star would leave a fifth of its flux in the
+        difference) an AlgorithmError. ``None`` disables the respective test.
     """
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
@@ -93,11 +124,70 @@ class SubtractionConfig(pydantic.BaseModel):
     constant_sum: bool = False
     decorrelate: bool = True
     chunk: int = 1024
+    kernel_mask_planes: tuple[str, ...] = ()
+    degrade: bool = True
+    params_per_stamp: float = pydantic.Field(10.0, gt=0)
+    shape_ridge: float = pydantic.Field(1e-3, ge=0)
+    kernel_sum_warn: float | None = pydantic.Field(0.02, gt=0)
+    kernel_sum_fail: float | None = pydantic.Field(0.2, gt=0)
 
 
-def psf_sigma_at(psf, x, y) -> float:
-    """Gaussian-equivalent sigma (pixels) of a PSF model at (x, y)."""
-    return float(psf.fwhm(x, y)) / 2.3548200450309493
+def psf_sigma_at(psf, x, y, *, what: str = "PSF") -> float:
+    """Gaussian-equivalent sigma (pixels) of a PSF model at (x, y).
+
+    The model's own ``fwhm`` (the determinant radius of its second moments for image
+    PSFs). A PSF whose moments are not positive definite (a difference image's PSF,
+    convolved with a matching kernel with negative lobes; a PSF with large negative wings
+    or nearly one-dimensional) has no moment size: the size at half maximum is used
+    instead (:func:`half_maximum_sigma`) and the fallback is noted (``note_degraded``,
+    code ``psf_size_fallback``).
+    """
+    sigma, ok = _psf_sigma_checked(psf, x, y)
+    if not ok:
+        from procsky.notes import note_degraded
+
+        note_degraded(
+            "psf_size_fallback",
+            f"{what} second moments at ({x:.0f}, {y:.0f}) are not positive definite (a PSF with negative lobes "
+            f"or nearly one-dimensional): its size is taken at half maximum, sigma {sigma:.3f} px",
+            severity="warning",
+            sigma=sigma,
+        )
+    return sigma
+
+
+def half_maximum_sigma(kernel) -> float:
+    """Gaussian-equivalent sigma (pixels) from the area at half maximum of a kernel image:
+    ``FWHM = 2 sqrt(A / pi)`` with ``A`` the number of pixels at or above half the peak
+    (at least one), ``sigma = FWHM / 2.3548``. Defined for any kernel with a positive
+    peak, whatever its wings (negative lobes, spikes) do to its moments."""
+    k = np.asarray(kernel, dtype=np.float64)
+    peak = float(np.nanmax(k)) if k.size else 0.0
+    if not (np.isfinite(peak) and peak > 0):
+        return float("nan")
+    area = max(float(np.count_nonzero(k >= 0.5 * peak)), 1.0)
+    return 2.0 * math.sqrt(area / math.pi) / 2.3548200450309493
+
+
+def _psf_sigma_checked(psf, x, y) -> tuple[float, bool]:
+    """``(sigma, ok)``: :func:`psf_sigma_at` without the note; ``ok`` False when the
+    half-maximum fallback was used."""
+    from procsky.psf import PsfModel
+
+    try:
+        if type(psf).fwhm is PsfModel.fwhm:
+            ixx, iyy, ixy = psf.moments(x, y)
+            if not (ixx > 0 and iyy > 0 and ixx * iyy - ixy * ixy > 0):
+                raise ValueError("second moments not positive definite")
+        sigma = float(psf.fwhm(x, y)) / 2.3548200450309493
+        if np.isfinite(sigma) and sigma > 0:
+            return sigma, True
+    except (ValueError, ArithmeticError):  # ProcskyValueError is a ValueError
+        pass
+    sigma = half_maximum_sigma(psf.kernel(x, y))
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ProcskyValueError(f"the PSF at ({x}, {y}) has no positive peak: it has no size")
+    return sigma, False
 
 
 def _bad(mask, planes, names=_NOT_USABLE):
@@ -340,7 +430,293 @@ def corrected_score_variance(static, sigma, registration_sigma, flux_mismatch):
     return (reg**2 * (gx**2 + gy**2) + eps**2 * f**2).astype(np.float32)
 
 
-def subtract_images(science, template, config: SubtractionConfig | None = None, *, stars=None, lazy: bool = True):
+def _user_kernel_mask(cfg: SubtractionConfig, kernel_mask, s_mask, t_mask, planes, shape) -> np.ndarray:
+    """Pixels the user leaves out of the kernel fit: ``cfg.kernel_mask_planes`` of either
+    image, OR the boolean array ``kernel_mask`` (True = leave out)."""
+    out = np.zeros(shape, bool)
+    names = tuple(cfg.kernel_mask_planes)
+    if names:
+        unknown = [n for n in names if n not in planes]
+        if unknown:
+            raise ProcskyValueError(
+                f"kernel_mask_planes {unknown} are not mask planes of the science image (it has {sorted(planes)})"
+            )
+        out |= _bad(s_mask, planes, names)[0] | _bad(t_mask, planes, names)[0]
+    if kernel_mask is not None:
+        km = np.asarray(kernel_mask)
+        if km.shape != tuple(shape):
+            raise ProcskyValueError(f"kernel_mask shape {km.shape} differs from the image shape {tuple(shape)}")
+        if km.dtype != bool:
+            raise ProcskyValueError(f"kernel_mask must be a boolean array (True = left out), got dtype {km.dtype}")
+        out |= km
+    return out
+
+
+def _fit_kernel(
+    cfg: SubtractionConfig,
+    conv_img,
+    conv_var,
+    tgt_img,
+    tgt_var,
+    hard,
+    soft,
+    sig_sharp,
+    sig_broad,
+    stamp_half,
+    det_shape,
+    xy0,
+    stars,
+) -> dict:
+    """Select kernel stars, build stamps and fit the matching kernel, degrading gracefully.
+
+    The configured fit is tried first. When its stamps are fewer than the free-parameter
+    rule asks (:func:`procsky.kernels.psfmatch.required_stamps`, one stamp per
+    ``params_per_stamp`` parameters, at least 3), smaller bases follow
+    (:func:`procsky.kernels.psfmatch.reduced_bases`: a smaller basis also has a smaller
+    kernel half-width, so more stars are far enough from the edges) at spatial order 0
+    with ridge-damped shape coefficients, and finally the smallest basis with kernel stars
+    down to half the S/N threshold (not below 10). Each attempt is recorded; a degraded
+    fit is noted (``note_degraded``), and when none fits, the AlgorithmError lists them.
+    """
+    from procsky.notes import note_degraded
+
+    fwhm = 2.3548 * sig_broad
+    core = int(math.ceil(1.5 * fwhm))
+    ladder = _pm.reduced_bases(cfg.degrees, cfg.scales) if cfg.degrade else [(tuple(cfg.degrees), tuple(cfg.scales))]
+    plan = [(d, sc, float(cfg.min_snr)) for d, sc in ladder]
+    low_snr = max(0.5 * float(cfg.min_snr), 10.0)
+    if cfg.degrade and stars is None and low_snr < cfg.min_snr:
+        plan.append((ladder[-1][0], ladder[-1][1], low_snr))
+    attempts: list[str] = []
+    for level, (degrees, scales, min_snr) in enumerate(plan):
+        degraded = level > 0
+        basis = _pm.basis_for_psfs(
+            sig_sharp, sig_broad, degrees=degrees, scales=scales, half_width=cfg.kernel_half_width
+        )
+        h = basis.half_width
+        sig_match = float(basis.sigmas[min(1, len(basis.sigmas) - 1)])
+        soft_r = int(math.ceil(2.0 * sig_match))
+        if stars is None:
+            sx, sy = _pm.select_kernel_stars(
+                conv_img,
+                conv_var,
+                hard,
+                psf_sigma=sig_sharp,
+                stamp_radius=stamp_half + h,
+                n_cells=cfg.n_cells,
+                per_cell=cfg.per_cell,
+                min_snr=min_snr,
+                other=tgt_img,
+                other_variance=tgt_var,
+                other_bad=hard,
+                core_radius=h + core,
+                soft_bad=soft,
+                soft_core_radius=soft_r + core,
+            )
+        else:
+            sx, sy = (np.asarray(a, dtype=float) for a in stars)
+        # Weights: the target's variance plus the (unconvolved) variance of the other image
+        # scaled by the flux ratio, estimated from the candidate stars' summed fluxes.
+        ratio = _flux_ratio(conv_img, tgt_img, sx, sy, stamp_half)
+        wvar = tgt_var + ratio**2 * conv_var
+        stamps = _pm.build_stamps(
+            conv_img,
+            tgt_img,
+            np.where(wvar > 0, wvar, np.inf),
+            hard,
+            sx,
+            sy,
+            basis,
+            stamp_half,
+            cfg.background_order,
+            shape=det_shape,
+            xy0=xy0,
+            soft=soft,
+            soft_radius=soft_r,
+        )
+        n = len(stamps.x)
+        n_free = _pm.n_free_parameters(basis.n_basis, 0, cfg.background_order, cfg.constant_sum)
+        need = _pm.required_stamps(n_free, cfg.params_per_stamp) if cfg.degrade else _pm.MIN_KERNEL_STAMPS
+        what = (
+            f"basis degrees {list(degrees)} x {len(degrees)} Gaussians ({basis.n_basis} functions, "
+            f"half-width {h} px{', spatial order 0, ridge ' + format(cfg.shape_ridge, 'g') if degraded else ''}), "
+            f"kernel stars S/N >= {min_snr:g}: {len(sx)} candidates, {n} usable stamps (need {need})"
+        )
+        if n < need and level + 1 < len(plan):
+            attempts.append(what + ": too few")
+            continue
+        try:
+            kern = _pm.fit_matching_kernel(
+                stamps,
+                basis,
+                spatial_order=0 if degraded else cfg.spatial_order,
+                background_order=cfg.background_order,
+                shape=det_shape,
+                clip_sigma=cfg.clip_sigma,
+                constant_sum=cfg.constant_sum,
+                shape_ridge=cfg.shape_ridge if degraded else 0.0,
+                params_per_stamp=cfg.params_per_stamp if degraded else None,
+                min_stamps=min(need, n) if level + 1 == len(plan) else need,
+            )
+        except ValueError as e:
+            attempts.append(f"{what}: {e}")
+            continue
+        attempts.append(what + ": fitted")
+        if degraded:
+            note_degraded(
+                "diffim_kernel_fit_reduced",
+                f"PSF-matching kernel fitted with a reduced basis ({basis.n_basis} functions, degrees "
+                f"{list(degrees)}, spatial order 0, shape ridge {cfg.shape_ridge:g}) on {n} stamps: the "
+                f"configured fit needs more stamps; attempts: " + "; ".join(attempts),
+                severity="warning",
+                level=level,
+                n_stamps=n,
+                n_basis=basis.n_basis,
+                attempts=attempts,
+            )
+        return {
+            "kernel": kern,
+            "basis": basis,
+            "sx": sx,
+            "sy": sy,
+            "ratio": ratio,
+            "stamps": stamps,
+            "level": level,
+            "attempts": attempts,
+            "min_snr": min_snr,
+        }
+    raise AlgorithmError(
+        "PSF-matching kernel fit failed: too few usable kernel stamps for any basis. Tried: "
+        + "; ".join(attempts)
+        + ". Kernel stamps need isolated-enough stars (S/N above the threshold) at least stamp_half + kernel "
+        "half-width from the edges and from masked pixels: give kernel star positions (stars=), lower min_snr, "
+        "stamp_half or kernel_half_width, or check that the template overlaps the science image"
+    )
+
+
+def _kernel_sum_reference(science, template, mode, conv_img, conv_var, tgt_img, tgt_var, hard, xs, ys, xy0, sigma):
+    """What the kernel sum should be: ``(value, sigma, source, n)``.
+
+    ``K (x) C ~ T`` means ``sum K = counts_T / counts_C`` for the same star; with
+    calibrations ``c`` (nJy per count) that is ``c_C / c_T`` (``source="photocalib"``, when
+    both exposures carry one, sigma from their errors). Otherwise the median over the
+    kernel stars (array pixels ``xs, ys``) of the ratio of their PSF fluxes, each image
+    measured with its own PSF model at the star's windowed centroid (``source="psf_flux"``,
+    sigma the robust scatter / sqrt(n)). ``(nan, nan, "none", 0)`` when neither exists.
+    """
+    from procsky.kernels.measure import psf_flux, windowed_centroid
+
+    conv_exp, tgt_exp = (template, science) if mode == "convolve_template" else (science, template)
+    if conv_exp.photocalib is not None and tgt_exp.photocalib is not None:
+        cc, ct = conv_exp.photocalib, tgt_exp.photocalib
+        val = cc.calibration / ct.calibration
+        sig = val * math.hypot(cc.calibration_err / cc.calibration, ct.calibration_err / ct.calibration)
+        return float(val), float(sig), "photocalib", 0
+    mask = hard.astype(np.uint32)
+    ratios, rel_err = [], []
+    for x, y in zip(np.asarray(xs, float), np.asarray(ys, float)):
+        try:
+            xc, yc, _, _, _, ok = windowed_centroid(conv_img, conv_var, mask, float(x), float(y), float(sigma), 20, 1)
+            if not (ok and np.isfinite(xc) and np.isfinite(yc) and abs(xc - x) < 2 and abs(yc - y) < 2):
+                xc, yc = float(x), float(y)
+            ix, iy = int(round(xc)), int(round(yc))
+            fl = []
+            for img, var, psf in ((conv_img, conv_var, conv_exp.psf), (tgt_img, tgt_var, tgt_exp.psf)):
+                stamp = psf.render(ix + xy0[0], iy + xy0[1], offset=(xc - ix, yc - iy))
+                f, fe, _, lost = psf_flux(img, var, mask, ix, iy, np.ascontiguousarray(stamp, np.float64), False, 1)
+                fl.append((f, fe, lost))
+        except Exception:  # noqa: BLE001 - a star that cannot be measured is left out
+            continue
+        (fc, ec, lc), (ft, et, lt) = fl
+        if lc > 0.05 or lt > 0.05 or not (fc > 0 and ft > 0 and np.isfinite(ec) and np.isfinite(et)):
+            continue
+        ratios.append(ft / fc)
+        rel_err.append(math.hypot(ec / fc, et / ft))
+    if not ratios:
+        return float("nan"), float("nan"), "none", 0
+    r = np.asarray(ratios)
+    med = float(np.median(r))
+    n = r.size
+    # robust scatter (or the flux errors when the stars are too few to show one)
+    scat = 1.4826 * float(np.median(np.abs(r - med))) if n >= 3 else 0.0
+    sig = 1.2533 * max(scat, med * float(np.median(rel_err))) / math.sqrt(n)
+    return med, float(sig), "psf_flux", n
+
+
+def _check_kernel_sum(cfg: SubtractionConfig, ksum, ref, ref_sig, source, n_ref, aperture_ratio=None) -> dict:
+    """Compare the kernel sum with its reference (:func:`_kernel_sum_reference`); a note or
+    an AlgorithmError as ``cfg.kernel_sum_warn`` / ``kernel_sum_fail`` say. Returns the
+    summary entries.
+
+    A PSF-flux reference rests on both PSF models: when it also disagrees (beyond
+    ``kernel_sum_warn``) with the model-free ``aperture_ratio`` (median ratio of the kernel
+    stars' box sums), a PSF model is wrong rather than the kernel, and a disagreement
+    beyond ``kernel_sum_fail`` is then a warning, not an error."""
+    from procsky.notes import note_degraded
+
+    out = {
+        "kernel_sum_reference": float(ref),
+        "kernel_sum_reference_err": float(ref_sig),
+        "kernel_sum_reference_source": source,
+        "kernel_sum_reference_n": int(n_ref),
+        "kernel_sum_deviation": float("nan"),
+    }
+    if aperture_ratio is not None:
+        out["kernel_sum_aperture_ratio"] = float(aperture_ratio)
+    if not (np.isfinite(ref) and ref > 0):
+        return out
+    dev = ksum / ref - 1.0
+    uncertain = (
+        source == "psf_flux"
+        and aperture_ratio is not None
+        and np.isfinite(aperture_ratio)
+        and aperture_ratio > 0
+        and abs(ref / aperture_ratio - 1.0) > (cfg.kernel_sum_warn or 0.02)
+    )
+    out["kernel_sum_deviation"] = float(dev)
+    rsig = float(ref_sig / ref) if np.isfinite(ref_sig) else 0.0
+    ref_name = "photometric calibrations" if source == "photocalib" else "kernel stars' PSF fluxes"
+    ref_how = f"from {n_ref} stars" if n_ref else "calibration errors"
+    what = (
+        f"kernel sum {ksum:.4f} disagrees with the {ref_name} ratio {ref:.4f} +- {ref_sig:.4f} ({ref_how}) "
+        f"by {100 * dev:+.1f}%"
+    )
+    if uncertain:
+        what += (
+            f"; the PSF-flux ratio itself disagrees with the stars' box-sum ratio {aperture_ratio:.4f}: a PSF "
+            "model may be wrong"
+        )
+    if cfg.kernel_sum_fail is not None and abs(dev) > cfg.kernel_sum_fail + 3 * rsig and not uncertain:
+        raise AlgorithmError(
+            f"PSF-matching kernel is wrong: {what}, beyond the {100 * cfg.kernel_sum_fail:g}% limit "
+            "(SubtractionConfig.kernel_sum_fail); check the flux units and calibrations of both images, the "
+            "PSF models and the kernel stars (a mismatched or variable star field), or disable the check"
+        )
+    if cfg.kernel_sum_warn is not None and abs(dev) > max(cfg.kernel_sum_warn, 3 * rsig):
+        note_degraded(
+            "diffim_kernel_sum_mismatch",
+            f"{what} (warning threshold {100 * cfg.kernel_sum_warn:g}%): static stars will leave residuals of "
+            "about that fraction of their flux",
+            severity="warning",
+            kernel_sum=ksum,
+            reference=ref,
+            reference_err=ref_sig,
+            source=source,
+            aperture_ratio=aperture_ratio,
+            reference_uncertain=bool(uncertain),
+        )
+    return out
+
+
+def subtract_images(
+    science,
+    template,
+    config: SubtractionConfig | None = None,
+    *,
+    stars=None,
+    kernel_mask=None,
+    lazy: bool = True,
+):
     """Difference ``science - K (x) template`` (or ``K (x) science - template``) with Alard-Lupton matching.
 
     Parameters
@@ -353,6 +729,10 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     config : SubtractionConfig, optional
     stars : (x, y) arrays, optional
         Kernel star positions (array pixels); selected automatically when omitted.
+    kernel_mask : ndarray (ny, nx) bool, optional
+        Pixels left out of the kernel fit (True), beside ``config.kernel_mask_planes``:
+        a stamp pixel whose kernel footprint holds one gets no weight, and stars with one
+        in their core are not kernel stars. The difference itself is not masked.
     lazy : bool
         Build the difference as a dask graph (the default): nothing is computed until the
         planes, the PSF or the summary are. The kernel fit, the noise measurements and the
@@ -373,15 +753,17 @@ def subtract_images(science, template, config: SubtractionConfig | None = None, 
     Raises
     ------
     AlgorithmError
-        Too few usable stars for the kernel fit.
+        Too few usable stars for the kernel fit even with the reduced bases (the message
+        lists what was tried), or a kernel sum far from the reference flux ratio
+        (``config.kernel_sum_fail``).
     NoWorkError
         The template has no valid pixels over the science image.
     """
     cfg = config or SubtractionConfig()
     _check_pair(science, template, cfg)
     if not lazy:
-        return _subtract_now(science, template, cfg, stars)
-    result = deferred(_subtract_now, science, template, cfg, stars, name="subtract")
+        return _subtract_now(science, template, cfg, stars, kernel_mask)
+    result = deferred(_subtract_now, science, template, cfg, stars, kernel_mask, name="subtract")
     diff = deferred_exposure(result, science, part=lambda r: r[0])
     return diff, deferred_part(result, lambda r: r[1], "kernel"), diff.metadata["diffim"]
 
@@ -399,7 +781,7 @@ def _check_pair(science, template, cfg: SubtractionConfig) -> None:
         raise ProcskyValueError(f"mode must be auto, convolve_template or convolve_science, got {cfg.mode!r}")
 
 
-def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
+def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_mask=None):
     """:func:`subtract_images` computed at once (numpy planes)."""
     import dask.array as da
 
@@ -436,8 +818,8 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
     det_shape = (max(int(det_shape[0]), ny), max(int(det_shape[1]), nx))
     x0, y0 = sci.xy0
     cx, cy = x0 + nx / 2.0, y0 + ny / 2.0
-    sig_s = psf_sigma_at(sci.psf, cx, cy)
-    sig_t = psf_sigma_at(tpl.psf, cx, cy)
+    sig_s = psf_sigma_at(sci.psf, cx, cy, what="science PSF")
+    sig_t = psf_sigma_at(tpl.psf, cx, cy, what="template PSF")
     mode = cfg.mode
     if mode == "auto":
         mode = "convolve_template" if sig_t <= sig_s else "convolve_science"
@@ -449,10 +831,6 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
         conv_img, conv_var, conv_mask = s_img, s_var, s_mask
         tgt_img, tgt_var, tgt_mask = t_img, t_var, t_mask
         sig_sharp, sig_broad = sig_s, sig_t
-    basis = _pm.basis_for_psfs(
-        sig_sharp, sig_broad, degrees=cfg.degrees, scales=cfg.scales, half_width=cfg.kernel_half_width
-    )
-    h = basis.half_width
     fwhm = 2.3548 * sig_broad
     stamp_half = cfg.stamp_half or int(max(math.ceil(3 * fwhm), 8))
     # Kernel-fit pixels: values missing or wrong ("hard") spoil every stamp pixel whose
@@ -464,62 +842,45 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
     t_hard = _bad(t_mask, planes, hard_names)[0] | t_nan
     any_hard = s_hard | t_hard
     any_soft = (s_bad | t_bad) & ~any_hard
-    sig_match = float(basis.sigmas[min(1, len(basis.sigmas) - 1)])
-    soft_r = int(math.ceil(2.0 * sig_match))
-    core = int(math.ceil(1.5 * fwhm))
-    if stars is None:
-        sx, sy = _pm.select_kernel_stars(
-            conv_img,
-            conv_var,
-            any_hard,
-            psf_sigma=sig_sharp,
-            stamp_radius=stamp_half + h,
-            n_cells=cfg.n_cells,
-            per_cell=cfg.per_cell,
-            min_snr=cfg.min_snr,
-            other=tgt_img,
-            other_variance=tgt_var,
-            other_bad=any_hard,
-            core_radius=h + core,
-            soft_bad=any_soft,
-            soft_core_radius=soft_r + core,
-        )
-    else:
-        sx, sy = (np.asarray(a, dtype=float) for a in stars)
-    # Weights: the target's variance plus the (unconvolved) variance of the other image
-    # scaled by the flux ratio, estimated from the candidate stars' summed fluxes.
-    ratio = _flux_ratio(conv_img, tgt_img, sx, sy, stamp_half)
-    wvar = tgt_var + ratio**2 * conv_var
-    stamps = _pm.build_stamps(
+    # The user's kernel mask: planes of either image and/or a boolean array.
+    fit_hard = any_hard | _user_kernel_mask(cfg, kernel_mask, s_mask, t_mask, planes, (ny, nx))
+    fit = _fit_kernel(
+        cfg,
         conv_img,
+        conv_var,
         tgt_img,
-        np.where(wvar > 0, wvar, np.inf),
-        any_hard,
-        sx,
-        sy,
-        basis,
+        tgt_var,
+        fit_hard,
+        any_soft & ~fit_hard,
+        sig_sharp,
+        sig_broad,
         stamp_half,
-        cfg.background_order,
-        shape=det_shape,
-        xy0=(x0, y0),
-        soft=any_soft,
-        soft_radius=soft_r,
+        det_shape,
+        (x0, y0),
+        stars,
     )
-    try:
-        kern = _pm.fit_matching_kernel(
-            stamps,
-            basis,
-            spatial_order=cfg.spatial_order,
-            background_order=cfg.background_order,
-            shape=det_shape,
-            clip_sigma=cfg.clip_sigma,
-            constant_sum=cfg.constant_sum,
-        )
-    except ValueError as e:
-        raise AlgorithmError(f"PSF-matching kernel fit failed: {e} ({len(sx)} candidate stars)") from e
+    kern, basis, sx = fit["kernel"], fit["basis"], fit["sx"]
+    h = basis.half_width
     ksum = float(kern.kernel_sum(cx, cy))
     if not (np.isfinite(ksum) and ksum > 0):
         raise AlgorithmError(f"PSF-matching kernel has a non-positive sum {ksum}; the template may not match")
+    st = fit["stamps"]
+    used = np.asarray(kern.stats.get("used", [True] * len(st.x)), bool)
+    ref, ref_sig, ref_source, ref_n = _kernel_sum_reference(
+        sci,
+        tpl,
+        mode,
+        conv_img,
+        conv_var,
+        tgt_img,
+        tgt_var,
+        fit_hard,
+        st.x[used] - x0,
+        st.y[used] - y0,
+        (x0, y0),
+        sig_sharp,
+    )
+    ksum_check = _check_kernel_sum(cfg, ksum, ref, ref_sig, ref_source, ref_n, aperture_ratio=fit["ratio"])
     # Noise correlation of each image, measured on its source-free pixels: a resampled
     # (warped, coadded) template has Lanczos-correlated noise, so the noise of K (x) T is
     # larger than conv(V_T, K^2) and not white; a calexp's comes out ~delta.
@@ -582,6 +943,10 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None):
         "psf_sigma_template": sig_t,
         "kernel_sum": ksum,
         "n_kernel_candidates": int(len(sx)),
+        "kernel_fit_level": int(fit["level"]),
+        "kernel_fit_attempts": list(fit["attempts"]),
+        "kernel_star_min_snr": float(fit["min_snr"]),
+        **ksum_check,
         "background_center": float(kern.background_at(cx, cy)),
         "noise_correlation_science": float(rho_s.sum()),
         "noise_correlation_template": float(rho_t.sum()),

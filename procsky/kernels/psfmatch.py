@@ -56,6 +56,10 @@ __all__ = [
     "select_kernel_stars",
     "decorrelation_kernel",
     "noise_correlation",
+    "required_stamps",
+    "n_free_parameters",
+    "reduced_bases",
+    "MIN_KERNEL_STAMPS",
 ]
 
 
@@ -194,6 +198,38 @@ def basis_for_psfs(
         # Gaussian plus one PSF sigma keeps the wings of the matched PSF.
         half_width = int(min(max(math.ceil(3.0 * max(sigmas) + 0.5 * sigma_broad), lo), hi))
     return make_basis(sigmas, degrees, half_width)
+
+
+def reduced_bases(degrees, scales) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
+    """The configured basis and ever smaller ones, for kernel fits on few stamps.
+
+    ``[(degrees, scales), ...]`` with strictly fewer basis functions at each step: the
+    configured basis; its degrees capped at 4/2/2 (27 functions for HOTPANTS's three
+    Gaussians); the two Gaussians closest to the matching width at degree 2 (12); the one
+    closest at degree 2 (6); and at degree 0 (1 function: a Gaussian broadening and the
+    flux ratio). Dropping the widest Gaussian also shrinks the default kernel half-width,
+    so stars nearer the edges of a small frame become usable.
+    """
+    degrees = tuple(int(d) for d in degrees)
+    scales = tuple(float(x) for x in scales)
+    by_width = sorted(range(len(scales)), key=lambda i: (abs(math.log(scales[i])), scales[i]))
+    two = tuple(sorted(scales[i] for i in by_width[:2]))
+    one = (scales[by_width[0]],)
+    cands = [
+        (degrees, scales),
+        (tuple(min(d, c) for d, c in zip(degrees, (4, 2, 2) + (2,) * len(degrees))), scales),
+        ((2,) * len(two), two),
+        ((2,), one),
+        ((0,), one),
+    ]
+    out: list[tuple[tuple[int, ...], tuple[float, ...]]] = []
+    last = None
+    for d, sc in cands:
+        nb = sum((k + 1) * (k + 2) // 2 for k in d)
+        if last is None or nb < last:
+            out.append((d, sc))
+            last = nb
+    return out
 
 
 def basis_stamp_convolutions(block, basis: KernelBasis) -> np.ndarray:
@@ -487,6 +523,9 @@ def _normal_blocks(D, w, s):
 
 
 def _solve(A, b, ridge=1e-9):
+    """Solve ``A x = b`` after scaling ``A`` to unit diagonal; ``ridge`` (a scalar or one
+    value per parameter) is added to the scaled diagonal (Tikhonov regularisation relative
+    to each parameter's own information)."""
     d = np.diag(A).copy()
     scale = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 1.0)
     As = A * scale[:, None] * scale[None, :]
@@ -512,6 +551,42 @@ def _min_stamps(order):
     return {0: 1, 1: 8, 2: 20, 3: 35}.get(order, 5 * (order + 1) * (order + 2) // 2)
 
 
+#: Fewest kernel stamps any fit accepts: the stamp rejection is median based (chi^2 and
+#: kernel sum against the other stamps), which cannot single out a variable star, a stamp
+#: with a cosmic ray or a mismatched star with fewer than 3 stamps.
+MIN_KERNEL_STAMPS = 3
+
+
+def required_stamps(n_free, params_per_stamp=10.0, min_stamps=MIN_KERNEL_STAMPS) -> int:
+    """Fewest kernel stamps for a fit with ``n_free`` free parameters.
+
+    A stamp constrains the kernel only through its star's few resolution elements at
+    useful S/N: we ask for one stamp per ``params_per_stamp`` free parameters (kernel
+    coefficients times spatial terms, plus the background terms), and never fewer than
+    ``min_stamps``. The full HOTPANTS basis (49 functions) with a linear background at
+    spatial order 0 (52 parameters) needs 6 stamps; at spatial order 1 (150), 15.
+    """
+    return int(max(int(min_stamps), math.ceil(float(n_free) / float(params_per_stamp))))
+
+
+def n_free_parameters(n_basis, spatial_order, background_order, constant_sum=False) -> int:
+    """Free parameters of :func:`fit_matching_kernel` for a basis of ``n_basis`` functions."""
+    nsp = len(poly_exponents(spatial_order))
+    n = n_basis * nsp + len(poly_exponents(background_order))
+    if constant_sum:
+        n -= nsp - 1
+    return int(n)
+
+
+def _ridge_vector(nb, nsp, nbg, free, ridge, shape_ridge):
+    """Per-parameter ridge of the global system: ``shape_ridge`` on the shape coefficients
+    (basis functions 1.., whose sums are zero, so that the damping does not bias the kernel
+    sum), ``ridge`` (conditioning) on the flux term and the background."""
+    r = np.full((nb, nsp), float(ridge))
+    r[1:, :] += float(shape_ridge)
+    return np.concatenate([r[free], np.full(nbg, float(ridge))])
+
+
 def _free(nb, nsp, constant_sum):
     free = np.ones((nb, nsp), bool)
     if constant_sum:
@@ -519,7 +594,7 @@ def _free(nb, nsp, constant_sum):
     return free
 
 
-def _solve_spatial(stamps, keep, P, nb, nbg, free, ridge):
+def _solve_spatial(stamps, keep, P, nb, nbg, free, ridge, shape_ridge=0.0):
     """Assemble and solve the global system from the kept stamps' blocks (Kronecker sums)."""
     nsp = P.shape[1]
     A = np.zeros((nb * nsp + nbg, nb * nsp + nbg))
@@ -535,7 +610,8 @@ def _solve_spatial(stamps, keep, P, nb, nbg, free, ridge):
         bvec[nb * nsp :] += stamps.b[s][nb:]
     use = np.concatenate([free.ravel(), np.ones(nbg, bool)])
     theta = np.zeros(A.shape[0])
-    theta[use] = _solve(A[np.ix_(use, use)], bvec[use], ridge)
+    rv = _ridge_vector(nb, nsp, nbg, free, ridge, shape_ridge) if shape_ridge > 0 else ridge
+    theta[use] = _solve(A[np.ix_(use, use)], bvec[use], rv)
     return theta[: nb * nsp].reshape(nb, nsp), theta[nb * nsp :]
 
 
@@ -562,6 +638,9 @@ def fit_matching_kernel(
     ridge=1e-9,
     cross_validate=True,
     n_folds=4,
+    shape_ridge=0.0,
+    params_per_stamp=None,
+    min_stamps=MIN_KERNEL_STAMPS,
 ) -> MatchingKernel:
     """Fit the spatially varying kernel and background to per-stamp normal equations.
 
@@ -585,6 +664,18 @@ def fit_matching_kernel(
         Hold the kernel sum (photometric ratio) constant over the detector.
     ridge : float
         Tikhonov term on the scaled normal matrix (conditioning only).
+    shape_ridge : float
+        Extra Tikhonov damping of the kernel-shape coefficients (basis functions 1..,
+        zero-sum, so the kernel sum is not biased), relative to each coefficient's own
+        information on the unit-diagonal scaled normal matrix: directions of the fit that
+        the stamps constrain less than ``shape_ridge`` times are damped towards zero. For
+        fits on few stamps (Tikhonov regularisation of the kernel solution as in Becker et
+        al. 2012, MNRAS 425, 1341, who regularise a delta-function basis).
+    params_per_stamp : float, optional
+        When given, a spatial order also needs ``required_stamps(n_free, params_per_stamp)``
+        kept stamps (:func:`required_stamps`); default only the per-order minimum.
+    min_stamps : int
+        Fewest usable stamps (>= 3: the stamp rejection is median based).
     cross_validate : bool
         Choose the spatial order (0 .. ``spatial_order``) with the lowest median held-out
         stamp chi^2 in ``n_folds``-fold cross-validation (the simplest order within 1% of
@@ -598,15 +689,16 @@ def fit_matching_kernel(
     Raises
     ------
     ValueError
-        Fewer than 3 usable stamps (the caller turns this into an AlgorithmError).
+        Fewer than ``min_stamps`` usable stamps (the caller turns this into an AlgorithmError).
     """
     nb = basis.n_basis
     nbg = len(poly_exponents(background_order))
     n = len(stamps.x)
-    if n < 3:
+    min_stamps = max(int(min_stamps), MIN_KERNEL_STAMPS)
+    if n < min_stamps:
         raise ValueError(
-            f"only {n} usable kernel stamps (need >= 3); lower the star S/N threshold or the stamp size, "
-            "or check the template overlaps the science image"
+            f"only {n} usable kernel stamps (need >= {min_stamps}); lower the star S/N threshold or the stamp "
+            "size, or check the template overlaps the science image"
         )
     # 1. Each stamp alone: constant kernel + constant background.
     idx = list(range(nb)) + [nb]
@@ -615,7 +707,9 @@ def fit_matching_kernel(
     for s in range(n):
         A = stamps.M[s][np.ix_(idx, idx)]
         bb = stamps.b[s][idx]
-        th = _solve(A, bb, ridge)
+        th = _solve(
+            A, bb, _ridge_vector(nb, 1, 1, np.ones((nb, 1), bool), ridge, shape_ridge) if shape_ridge > 0 else ridge
+        )
         chi_single[s] = (th @ A @ th - 2 * th @ bb + stamps.ss[s]) / max(stamps.npix[s] - len(idx), 1)
         ksum_single[s] = th[0]
     keep = ~(_robust_outliers(np.log(np.maximum(chi_single, 1e-30)), clip_sigma) & (chi_single > np.median(chi_single)))
@@ -623,7 +717,15 @@ def fit_matching_kernel(
     if keep.sum() < 3:
         keep[:] = True
     order = int(spatial_order)
-    while order > 0 and keep.sum() < _min_stamps(order):
+
+    def need(o):
+        m = _min_stamps(o)
+        if params_per_stamp is not None:
+            nf = n_free_parameters(nb, o, background_order, constant_sum)
+            m = max(m, required_stamps(nf, params_per_stamp, min_stamps))
+        return m
+
+    while order > 0 and keep.sum() < need(order):
         order -= 1
     us, vs = normalized_coords(stamps.x, stamps.y, shape)
     cv = {}
@@ -634,14 +736,16 @@ def fit_matching_kernel(
         kept = np.nonzero(keep)[0]
         folds = np.arange(kept.size) % n_folds
         for o in range(order + 1):
-            if kept.size < _min_stamps(o) + kept.size // n_folds:
+            if kept.size < need(o) + kept.size // n_folds:
                 continue
             Po = poly_terms_2d(us, vs, o).T
             held = []
             for f in range(n_folds):
                 train = np.zeros(n, bool)
                 train[kept[folds != f]] = True
-                c, b = _solve_spatial(stamps, train, Po, nb, nbg, _free(nb, Po.shape[1], constant_sum), ridge)
+                c, b = _solve_spatial(
+                    stamps, train, Po, nb, nbg, _free(nb, Po.shape[1], constant_sum), ridge, shape_ridge
+                )
                 held.extend(_stamp_chi2(stamps, c, b, Po)[kept[folds == f]].tolist())
             cv[o] = float(np.median(held))
         if cv:
@@ -652,7 +756,7 @@ def fit_matching_kernel(
     free = _free(nb, P.shape[1], constant_sum)
     history = []
     for it in range(max_iter + 1):
-        coeffs, bg = _solve_spatial(stamps, keep, P, nb, nbg, free, ridge)
+        coeffs, bg = _solve_spatial(stamps, keep, P, nb, nbg, free, ridge, shape_ridge)
         # Residual chi^2 of every stamp (kept or not) under the global solution.
         chi = _stamp_chi2(stamps, coeffs, bg, P)
         history.append(float(np.mean(chi[keep])))
@@ -660,7 +764,7 @@ def fit_matching_kernel(
             break
         out = _robust_outliers(np.log(np.maximum(chi, 1e-30)), clip_sigma) & (chi > np.median(chi[keep]))
         new_keep = keep & ~out
-        if new_keep.sum() < max(3, _min_stamps(order)) or np.array_equal(new_keep, keep):
+        if new_keep.sum() < max(min_stamps, need(order)) or np.array_equal(new_keep, keep):
             break
         keep = new_keep
     stats = {
