@@ -229,6 +229,7 @@ def make_summary(state: CalibrateState, src: pd.DataFrame) -> dict[str, Any]:
         "psf_model": psf_info.get("model"),
         "psf_fwhm_px": float(psf_info.get("fwhm_px", np.nan)),
         "psf_fwhm_arcsec": float(psf_info.get("fwhm_px", np.nan) * scale),
+        "psf_moment_fwhm_px": float(psf_info.get("moment_fwhm_px", np.nan)),
         "psf_n_stars": int(psf_info.get("n_stars", 0)),
         "psf_reserved_dT_median": float(psf_info.get("reserved_dT_median", np.nan)),
         "psf_reserved_dT_std": float(psf_info.get("reserved_dT_std", np.nan)),

@@ -73,12 +73,25 @@ def fit_detector_psf(
 
 
 def psf_from_arrays(model: PsfModelArrays, xy0: tuple[int, int]) -> PolynomialImagePsf:
-    """procsky PSF model from the kernel's PsfModelArrays (oversample 1), in parent pixels."""
-    if model.oversample != 1:
-        raise AlgorithmError("PSF models with oversample != 1 cannot be stored yet; fit with oversample=1")
+    """procsky PSF model from the kernel's PsfModelArrays (super-sampled or not), in parent pixels."""
     return PolynomialImagePsf(
-        model.coeffs, model.order, model.x_center + xy0[0], model.y_center + xy0[1], model.x_scale, model.y_scale
+        model.coeffs,
+        model.order,
+        model.x_center + xy0[0],
+        model.y_center + xy0[1],
+        model.x_scale,
+        model.y_scale,
+        oversample=int(model.oversample),
+        stamp_size=int(model.stamp_size),
     )
+
+
+def _safe(fn, x: float, y: float) -> float:
+    """``fn(x, y)`` or NaN when the model has no such size there (e.g. moments not positive definite)."""
+    try:
+        return float(fn(x, y))
+    except (ValueError, ArithmeticError):
+        return float("nan")
 
 
 def _psf_star_bad(meas: dict[str, np.ndarray]) -> np.ndarray:
@@ -173,7 +186,6 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
             warp_order=int(arrays.warp_order),
             n_stars=int(arrays.n_stars),
             n_reserved=int(arrays.n_reserved),
-            fwhm_px=float(arrays.fwhm),
             reserved_dT_median=float(arrays.reserved_dT_median),
             reserved_dT_std=float(arrays.reserved_dT_std),
             reserved_dT=[float(v) for v in arrays.reserved_dT],
@@ -214,7 +226,6 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
         psf_info.update(
             model="GaussianPsf (fallback: too few stars for a pixel model)",
             n_stars=int(stars.sum()),
-            fwhm_px=float(gauss.fwhm()),
         )
         note_degraded(
             "few_psf_stars",
@@ -230,6 +241,11 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
                 for x, y in zip(meas["x"], meas["y"])
             ]
         )
+    # one FWHM everywhere (issue 19): the half maximum of the model's effective PSF at the
+    # detector centre, as psf.fwhm() gives it; the unweighted-moment size beside it
+    xc, yc = state.xy0[0] + 0.5 * (nx - 1), state.xy0[1] + 0.5 * (ny - 1)
+    psf_info["fwhm_px"] = _safe(psf.fwhm, xc, yc)
+    psf_info["moment_fwhm_px"] = _safe(psf.moment_fwhm, xc, yc)
     state.psf, state.psf_model, state.psf_info = psf, psf_model, psf_info
     state.used, state.reserved, state.stamps = used, reserved, stamps
     state.sigma_psf = (

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from .fit import fit_psf_model
 from .model import PsfModelArrays, evaluate_model, model_flux_error, poly_terms
-from .render import render_psf, render_stamps, stamp_moments
+from .render import render_grid, render_psf, render_stamps, stamp_moments
 from .sampling import fourier_shift, lanczos_sample
 from .selection import select_psf_stars
 from .stamps import _extract_stamps_fourier as _extract_stamps_fourier  # the tests exercise it directly
@@ -51,6 +51,7 @@ __all__ = [
     "evaluate_model",
     "render_psf",
     "render_stamps",
+    "render_grid",
     "stamp_moments",
     "lanczos_sample",
     "fourier_shift",

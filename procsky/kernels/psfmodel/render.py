@@ -16,7 +16,7 @@ from ..measure import adaptive_moments
 from .model import _eval_grid, poly_terms
 from .sampling import fourier_shift, lanczos_sample
 
-__all__ = ["render_psf", "render_stamps", "stamp_moments"]
+__all__ = ["render_psf", "render_stamps", "render_grid", "stamp_moments"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -39,6 +39,14 @@ def _render(grid, oversample, size, dx, dy):
             for i in range(size):
                 out[j, i] /= tot
     return out
+
+
+def render_grid(grid, oversample, size, dx=0.0, dy=0.0):
+    """Normalised image stamp (odd ``size``) of a model grid sampled ``oversample`` times per pixel
+    (Lanczos-3 at the pixel centres), the PSF centre at (dx, dy) pixels from the central pixel."""
+    if size % 2 == 0:
+        raise ValueError(f"size must be odd, got {size}")
+    return _render(np.ascontiguousarray(grid, dtype=np.float64), int(oversample), int(size), float(dx), float(dy))
 
 
 def render_psf(model, x, y, size=None):
