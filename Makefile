@@ -8,6 +8,10 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-test
 DEMO_STAMP := $(VENV)/.installed-demo
 PYTEST_ARGS ?=
+# pytest-xdist: one test process per core (at most 4), a test file's tests in one process
+# (their module fixtures are built once); TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= auto
+XDIST := -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 .PHONY: demo test test-fast test-slow lint bench clean venv
 
@@ -30,14 +34,14 @@ demo: $(DEMO_STAMP)
 
 ## test: the default (fast) suite, then the slow end-to-end runs (CI runs both)
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow $(XDIST) $(PYTEST_ARGS)
 
 ## lint: ruff (lint and format, configured in pyproject.toml) and mypy; every check runs, then make fails if one did
 lint: $(STAMP)

@@ -44,6 +44,33 @@ def raise_if_dask_computes():
     return dask.config.set(scheduler=_fail)
 
 
+def shared_draw(tmp_path_factory, name: str, draw) -> Path:
+    """A folder ``draw(folder)`` fills once per test session, also when pytest-xdist runs the
+    session in several worker processes (``make test`` does): the workers share the base
+    temporary folder's parent, and the first to take the lock draws while the others wait."""
+    import fcntl
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent
+    else:
+        root = tmp_path_factory.getbasetemp()
+    d = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (d / ".complete").exists():
+                if d.exists():
+                    import shutil
+
+                    shutil.rmtree(d)  # a draw that died half-way
+                d.mkdir()
+                draw(d)
+                (d / ".complete").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return d
+
+
 # ----------------------------------------------------------------------------- `small` draws
 # The slow tests of calibrate, coadd and diffim share these draws of the `small` recipe so
 # CI draws each image once. Pixels of an image do not depend on which subset is drawn.
@@ -56,9 +83,10 @@ def small_r_det4(tmp_path_factory) -> Path:
     pytest.importorskip("galsim")
     from procsky.sim import simulate
 
-    d = tmp_path_factory.mktemp("small_r_det4")
-    simulate("small", d, visits=SMALL_R_VISITS, detectors=[4], scheduler="processes", workers=2, progress=False)
-    return d
+    def draw(d: Path) -> None:
+        simulate("small", d, visits=SMALL_R_VISITS, detectors=[4], scheduler="processes", workers=2, progress=False)
+
+    return shared_draw(tmp_path_factory, "small_r_det4", draw)
 
 
 @pytest.fixture(scope="session")
