@@ -1,0 +1,227 @@
+"""calibrate on the simulator's real-data regimes, against the truth and against SExtractor.
+
+Issue 19 judges calibrate on held-out real frames by comparison with SExtractor (>= 95 % of its
+S/N > 20 sources detected within 1 px, aperture fluxes within 1 %, PSF fluxes within 2 % of
+aperture fluxes at every pixel phase). This script measures the same figures, and the ones
+only a truth can give (completeness at S/N >= 10, PSF-flux bias and its pixel-phase
+dependence, PSF FWHM, star cores flagged as cosmic rays), on one detector-visit of each
+regime recipe of ``procsky.sim``::
+
+    .venv/bin/python benchmarks/compare_regimes.py                       # undersampled, space, tiny
+    .venv/bin/python benchmarks/compare_regimes.py --recipes undersampled --no-cosmic-rays
+
+SExtractor (Debian ``source-extractor``) runs as an external program on the calexp's pixels
+with its variance as the weight map, the same background-subtracted image both codes
+measure; without it those columns are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from procsky.calibrate import CalibrationConfig  # noqa: E402
+from procsky.calibrate.driver import calibrate_exposure  # noqa: E402
+from procsky.exposure import Exposure  # noqa: E402
+from procsky.masks import bit  # noqa: E402
+from procsky.notes import collect_notes  # noqa: E402
+from procsky.refcat import read_refcat_file  # noqa: E402
+from procsky.sim import simulate  # noqa: E402
+from procsky.sim.render import image_filename  # noqa: E402
+from procsky.sim.truth import SimTruth  # noqa: E402
+
+SEX_SHARE = Path("/usr/share/source-extractor")
+APER_RADIUS = 6.0  # px; one of calibrate's aperture radii (ap_flux_6_0)
+
+
+def run_sextractor(work: Path, image: np.ndarray, variance: np.ndarray, fwhm_px: float) -> np.ndarray | None:
+    """SExtractor's catalogue (X_IMAGE, Y_IMAGE 0-based, FLUX_APER at ``APER_RADIUS``, its
+    error, FLAGS as sexflags) of a background-subtracted image, or None when it is not installed."""
+    sex = shutil.which("source-extractor") or shutil.which("sex")
+    if sex is None or not (SEX_SHARE / "default.conv").exists():
+        return None
+    from astropy.io import fits
+
+    work.mkdir(parents=True, exist_ok=True)
+    fits.PrimaryHDU(np.nan_to_num(image).astype(np.float32)).writeto(work / "image.fits", overwrite=True)
+    var = np.where(np.isfinite(variance) & (variance > 0), variance, 1e30).astype(np.float32)
+    fits.PrimaryHDU(var).writeto(work / "variance.fits", overwrite=True)
+    (work / "cat.param").write_text("X_IMAGE\nY_IMAGE\nFLUX_APER(1)\nFLUXERR_APER(1)\nFLAGS\n")
+    subprocess.run(
+        [
+            sex,
+            "image.fits",
+            "-PARAMETERS_NAME",
+            "cat.param",
+            "-FILTER_NAME",
+            str(SEX_SHARE / "default.conv"),
+            "-STARNNW_NAME",
+            str(SEX_SHARE / "default.nnw"),
+            "-CATALOG_NAME",
+            "cat.fits",
+            "-CATALOG_TYPE",
+            "FITS_1.0",
+            "-WEIGHT_TYPE",
+            "MAP_VAR",
+            "-WEIGHT_IMAGE",
+            "variance.fits",
+            "-BACK_TYPE",
+            "MANUAL",
+            "-BACK_VALUE",
+            "0.0",
+            "-DETECT_THRESH",
+            "1.5",
+            "-PHOT_APERTURES",
+            f"{2 * APER_RADIUS:g}",
+            "-SEEING_FWHM",
+            f"{fwhm_px:.3f}",
+            "-PIXEL_SCALE",
+            "1.0",
+            "-VERBOSE_TYPE",
+            "QUIET",
+        ],
+        cwd=work,
+        check=True,
+    )
+    with fits.open(work / "cat.fits") as h:
+        d = h[-1].data
+        return np.rec.fromarrays(
+            [d["X_IMAGE"] - 1.0, d["Y_IMAGE"] - 1.0, d["FLUX_APER"], d["FLUXERR_APER"], d["FLAGS"]],
+            names="x,y,flux,flux_err,sexflags",
+        )
+
+
+def evaluate(recipe: str, work: Path, *, cosmic_rays: bool = True) -> dict:
+    out = work / recipe
+    simulate(recipe, out, visits=[1], detectors=[0], scheduler="sync", progress=False)
+    truth = SimTruth(out)
+    exp = Exposure.read(out / "images" / image_filename("calexp", 1, 0))
+    refcat = read_refcat_file(out / "refcat/refcat.parquet")
+    cfg = CalibrationConfig() if cosmic_rays else CalibrationConfig(cosmic_rays={"enabled": False})
+    with collect_notes() as notes:
+        calexp, src, summary = calibrate_exposure(exp, refcat, cfg)
+        calexp = calexp.compute()
+    cal = calexp.photocalib.calibration  # nJy per count
+    img, var, mask = np.asarray(calexp.image, float), np.asarray(calexp.variance, float), np.asarray(calexp.mask)
+    ny, nx = img.shape
+    res: dict = {"recipe": recipe, "cosmic_rays": cosmic_rays, "n_sources": len(src)}
+    det = truth.detectors.iloc[0]
+    res["psf_fwhm_px"] = summary.get("psf_fwhm_px")
+    res["truth_fwhm_pixel_px"] = float(det.psf_fwhm_pixel_px)
+    res["n_psf_stars"] = int(src.calib_psf_used.sum())
+    res["n_cr_pixels"] = int(summary.get("n_cr_pixels", 0))
+    res["cr_fraction_percent"] = 100.0 * res["n_cr_pixels"] / (nx * ny)
+    res["notes"] = sorted({n["code"] for n in notes})
+
+    # truth stars: unsaturated, isolated (no brighter neighbour within 3 FWHM), away from edges
+    ex = truth.exposures.merge(truth.objects[["object_id", "kind"]])
+    ex = ex[(ex.visit == 1) & (ex.detector == 0)] if "visit" in ex else ex
+    fwhm = float(det.psf_fwhm_pixel_px)
+    sky_var = float(np.median(var))
+    noise = np.sqrt(np.pi * (fwhm / 2.3548) ** 2 * 4 * sky_var + ex.counts.clip(lower=0))
+    ex = ex.assign(snr=ex.counts / noise)
+    xy = ex[["x", "y"]].to_numpy()
+    tree = cKDTree(xy)
+    crowded = np.zeros(len(ex), bool)
+    counts = ex.counts.to_numpy()
+    for i, nb in enumerate(tree.query_ball_point(xy, 3 * max(fwhm, 1.5))):
+        crowded[i] = any(j != i and counts[j] > 0.1 * counts[i] for j in nb)
+    inside = (ex.x > 10) & (ex.x < nx - 11) & (ex.y > 10) & (ex.y < ny - 11)
+    sat_bits = bit("SAT")
+    cx, cy = np.rint(ex.x).astype(int).clip(0, nx - 1), np.rint(ex.y).astype(int).clip(0, ny - 1)
+    clean = inside & ~ex.saturated & ((mask[cy, cx] & sat_bits) == 0) & ~crowded
+    stars = ex[clean & (ex.kind == "star")]
+    # completeness at S/N >= 10 (within 1 px)
+    sxy = src[["x", "y"]].to_numpy() - np.asarray(calexp.xy0)
+    stree = cKDTree(sxy)
+    s10 = ex[clean & (ex.snr >= 10)]
+    d, idx = stree.query(s10[["x", "y"]].to_numpy())
+    res["completeness_snr10_percent"] = 100.0 * float(np.mean(d < 1.0))
+    res["n_truth_snr10"] = len(s10)
+    # star cores flagged CR (no truth cosmic ray within 2 px of the star)
+    crs = truth.cosmic_rays
+    crs = crs[(crs.visit == 1) & (crs.detector == 0)]
+    hit = np.zeros((ny, nx), bool)
+    hit[crs.y.to_numpy(), crs.x.to_numpy()] = True
+    from scipy.ndimage import binary_dilation
+
+    near_hit = binary_dilation(hit, iterations=2)
+    st10 = stars[stars.snr >= 10]
+    sx, sy = np.rint(st10.x).astype(int), np.rint(st10.y).astype(int)
+    unhit = ~near_hit[sy, sx]
+    core_cr = (mask[sy, sx] & bit("CR")) != 0
+    res["star_cores_flagged_cr"] = f"{int((core_cr & unhit).sum())} of {int(unhit.sum())}"
+    big = crs[crs.electrons > 5 * np.sqrt(sky_var) * 1.5] if "electrons" in crs else crs
+    if len(big):
+        res["cr_recall_percent"] = 100.0 * float(np.mean((mask[big.y.to_numpy(), big.x.to_numpy()] & bit("CR")) != 0))
+    # PSF flux vs truth, by pixel phase (S/N > 100 stars)
+    b = stars[stars.snr > 100]
+    d, idx = stree.query(b[["x", "y"]].to_numpy())
+    ok = d < 1.0
+    b, m = b[ok], src.iloc[idx[ok]]
+    ratio = m.psf_flux.to_numpy() / (b.counts.to_numpy() * cal)
+    ap = m[f"ap_flux_{APER_RADIUS:g}".replace(".", "p")].to_numpy()
+    phx, phy = b.x.to_numpy() - np.rint(b.x.to_numpy()), b.y.to_numpy() - np.rint(b.y.to_numpy())
+    centre = (np.abs(phx) < 0.15) & (np.abs(phy) < 0.15)
+    corner = (np.abs(phx) > 0.35) & (np.abs(phy) > 0.35)
+    res["n_bright_stars"] = int(len(b))
+    res["psf_flux_over_truth_median"] = float(np.median(ratio)) if len(ratio) else None
+    res["psf_flux_over_truth_centre"] = float(np.median(ratio[centre])) if centre.any() else None
+    res["psf_flux_over_truth_corner"] = float(np.median(ratio[corner])) if corner.any() else None
+    res["psf_over_aperture_centre"] = float(np.median((m.psf_flux.to_numpy() / ap)[centre])) if centre.any() else None
+    res["psf_over_aperture_corner"] = float(np.median((m.psf_flux.to_numpy() / ap)[corner])) if corner.any() else None
+    if len(ratio):
+        res["psf_flux_scatter_percent"] = float(100 * 1.4826 * np.median(np.abs(ratio - np.median(ratio))))
+
+    # against SExtractor on the same background-subtracted pixels
+    sexcat = run_sextractor(work / f"{recipe}-sex", img, var, fwhm)
+    if sexcat is not None:
+        snr = sexcat.flux / np.maximum(sexcat.flux_err, 1e-30)
+        good = (snr > 20) & (sexcat.sexflags < 4) & (sexcat.x > 10) & (sexcat.x < nx - 11)
+        good &= (sexcat.y > 10) & (sexcat.y < ny - 11)
+        g = sexcat[good]
+        d, idx = stree.query(np.c_[g.x, g.y])
+        res["sextractor_snr20"] = int(len(g))
+        res["detected_of_sextractor_snr20_percent"] = 100.0 * float(np.mean(d < 1.0))
+        mm = d < 1.0
+        apk = f"ap_flux_{APER_RADIUS:g}".replace(".", "p")
+        ours = src[apk].to_numpy()[idx[mm]] / cal
+        theirs = g.flux[mm]
+        bright = (theirs / g.flux_err[mm] > 100) & (theirs / g.flux_err[mm] < 300)
+        if bright.any():
+            r = ours[bright] / theirs[bright]
+            res["aperture_over_sextractor_snr100_300"] = float(np.median(r))
+            res["aperture_over_sextractor_n"] = int(bright.sum())
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", nargs="+", default=["undersampled", "space", "tiny"])
+    ap.add_argument("--no-cosmic-rays", action="store_true", help="calibrate with the cosmic-ray steps off")
+    ap.add_argument("--json", help="write the figures here as well")
+    args = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in args.recipes:
+            row = evaluate(r, Path(tmp), cosmic_rays=not args.no_cosmic_rays)
+            rows.append(row)
+            print(json.dumps(row, indent=1, default=str), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
