@@ -7,7 +7,14 @@ import pytest
 from scipy import ndimage
 
 from procsky.kernels.cosmicray import find_cosmic_rays, laplacian_plus, repair_pixels
-from procsky.kernels.testing import add_cosmic_rays, make_star_field
+from procsky.kernels.cosmicray.psfsharp import (
+    estimate_peak_ratio,
+    fwhm_of_peak_ratio,
+    gaussian_peak_ratio,
+    psf_shaped_peaks,
+    sharper_than_psf,
+)
+from procsky.kernels.testing import add_cosmic_rays, gaussian_psf_image, make_star_field
 
 
 def slow_laplacian_plus(img):
@@ -381,3 +388,107 @@ def test_find_cr_tracks_raw_keeps_faint_star_beside_flagged_hit_and_finds_partly
             )
             found[with_raw] += int(res.is_cr[0])
     assert found[True] >= 8 and found[True] > found[False], found
+
+
+# ------------------------------------------------------------------ undersampled PSFs (issue 19)
+
+
+def _undersampled_field(fwhm, profile, seed):
+    fr = make_star_field(
+        (384, 384),
+        150,
+        fwhm=fwhm,
+        profile=profile,
+        flux_range=(3e3, 1e6),
+        sky=300.0,
+        read_noise=5.0,
+        seed=seed,
+        min_separation=8,
+    )
+    img, crmask = add_cosmic_rays(fr.image, 150, seed=seed + 100)
+    return fr, img - np.float32(fr.sky), crmask
+
+
+@pytest.mark.parametrize(("fwhm", "profile"), [(1.3, "gaussian"), (1.6, "moffat")])
+def test_undersampled_star_cores_spared_with_psf_ratio(fwhm, profile):
+    """At FWHM 1.3-1.6 px a star core is as sharp as a hit: L.A.Cosmic alone flags the cores of many
+    stars (Gaussian 1.3 px: ~1 in 6, the problem of issue 19 on real 1"/px frames); with the
+    centred-peak ratio the frame's peaks give (as calibrate estimates it) no core is flagged, the
+    growth of a hit 2-3 px away included, and the hits are still found."""
+    fr, img, crmask = _undersampled_field(fwhm, profile, seed=5)
+    ratio, n_peaks = estimate_peak_ratio(img, fr.variance, quantile=0.5)
+    assert n_peaks > 100
+    # the frame's peaks give the PSF: exactly for a Gaussian, broader (safer) for a Moffat's wings
+    assert ratio == pytest.approx(gaussian_peak_ratio(fwhm), rel=0.03 if profile == "gaussian" else 0.3)
+    assert ratio >= 0.98 * gaussian_peak_ratio(fwhm)
+    ix, iy = np.rint(fr.x).astype(int), np.rint(fr.y).astype(int)
+    clean = ~ndimage.binary_dilation(crmask, iterations=2)[iy, ix]  # no hit within 2 px
+    assert clean.sum() > 140
+    res = find_cosmic_rays(img, fr.variance, psf_ratio=ratio)
+    assert res.psf_ratio == ratio
+    assert not (res.mask[iy, ix] & clean).any()
+    assert (res.mask & crmask).sum() >= 0.95 * crmask.sum()
+    # few flags away from the hits (a hit's charge beyond 2 px; never a star's pixels)
+    far = ~ndimage.binary_dilation(crmask, iterations=2)
+    assert (res.mask & far).sum() <= 5
+    old = find_cosmic_rays(img, fr.variance)
+    assert np.isnan(old.psf_ratio)
+    if profile == "gaussian":
+        assert (old.mask[iy, ix] & clean).sum() > 15
+        assert (old.mask & far).sum() > 100
+
+
+def test_undersampled_growth_stops_at_a_star_core():
+    """A hit 2.5 px from a bright star of FWHM 1.3 px: L.A.Cosmic grows from the hit into the star
+    (its core pixels have a Laplacian far above the growth threshold); with ``psf_ratio`` the hit is
+    flagged whole and the star not at all."""
+    fwhm = 1.3
+    fr = make_star_field((41, 41), 1, fwhm=fwhm, sky=300.0, read_noise=5.0, seed=3, x=[20.2], y=[20.1], flux=[6e4])
+    img = fr.image - np.float32(fr.sky)
+    hit = np.zeros(img.shape, bool)
+    for y, x, e in [(18, 22, 1500.0), (19, 23, 3800.0), (20, 23, 1500.0), (21, 24, 3700.0)]:
+        img[y, x] += e
+        hit[y, x] = True
+    star = (np.hypot(*(np.indices(img.shape) - np.array([20.1, 20.2])[:, None, None])) < 1.6) & ~hit
+    old = find_cosmic_rays(img, fr.variance)
+    assert old.mask[hit].all() and old.mask[star].sum() >= 3
+    res = find_cosmic_rays(img, fr.variance, psf_ratio=gaussian_peak_ratio(fwhm))
+    assert res.mask[hit].all()
+    assert not res.mask[star].any()
+    # the star's flux is untouched by the repair
+    assert res.image[star].sum() == pytest.approx(img[star].sum(), rel=1e-6)
+
+
+def test_psfsharp_criterion_against_its_gaussian_theory():
+    """:func:`gaussian_peak_ratio` is the centred-peak ratio of a pixel-integrated Gaussian (and
+    :func:`fwhm_of_peak_ratio` its inverse); a star's pixels are never sharper than it at any
+    pixel phase, a lone hit always is; a bright star's peak is provably PSF-shaped, a hit's or a
+    faint star's is not."""
+    for fwhm in (1.2, 1.5, 2.0, 3.0):
+        psf = gaussian_psf_image(9, fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))))
+        assert gaussian_peak_ratio(fwhm) == pytest.approx(0.5 * (psf[4, 3] + psf[4, 5]) / psf[4, 4], rel=1e-6)
+        assert fwhm_of_peak_ratio(gaussian_peak_ratio(fwhm)) == pytest.approx(fwhm, rel=1e-6)
+    fwhm = 1.4
+    ratio = gaussian_peak_ratio(fwhm)
+    rng = np.random.default_rng(4)
+    xs = 10.0 + 20.0 * np.arange(8) + rng.uniform(-0.5, 0.5, 8)
+    ys = 10.0 + rng.uniform(-0.5, 0.5, 8)
+    flux = np.array([300.0, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7])
+    fr = make_star_field((21, 170), fwhm=fwhm, sky=300.0, read_noise=5.0, x=xs, y=ys, flux=flux, seed=5)
+    img = fr.model.astype(np.float32)  # noiseless stars, the variance of a real frame
+    hits = [(4, 5), (16, 25), (4, 45), (16, 65)]
+    for y, x in hits:
+        img[y, x] += 2000.0
+    cand = np.ones(img.shape, bool)
+    sharp = sharper_than_psf(img, fr.variance, cand, ratio)
+    star_pix = fr.model > 0.01 * fr.model.max()
+    hit_mask = np.zeros(img.shape, bool)
+    hit_mask[tuple(np.array(hits).T)] = True
+    assert not (sharp & star_pix & ~hit_mask).any()
+    assert sharp[hit_mask].all()
+    shaped = psf_shaped_peaks(img, fr.variance, xs, ys, ratio)
+    assert shaped[flux >= 1e5].all()  # bright: a hit would show
+    assert not shaped[0]  # a peak of 5 sigma: a hit there would not be found sharper either
+    hx = np.array([h[1] for h in hits], float)
+    hy = np.array([h[0] for h in hits], float)
+    assert not psf_shaped_peaks(img, fr.variance, hx, hy, ratio).any()

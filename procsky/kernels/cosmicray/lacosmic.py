@@ -18,6 +18,11 @@ survives the clip of negative values), in units of the expected noise:
 * the CR pixels are replaced by the median of the good pixels around them and the whole is
   iterated (``niter``) to catch the parts of large hits.
 
+When the PSF is undersampled (FWHM below ~2.5 px) the Laplacian of a star core outgrows its fine
+structure and ``objlim`` stops protecting it. With ``psf_ratio`` every candidate must also
+pass LSST's ``findCosmicRays`` test against the PSF and the growth steps stop at PSF-shaped peaks
+(:mod:`.psfsharp`).
+
 Unlike a whole-image implementation, the expensive medians are computed only where they
 are needed (memoised per pixel): ``L+`` is cheap and computed everywhere; a pixel is a
 candidate only if its Laplacian exceeds ``sigclip`` against a lower bound of its noise, and
@@ -37,6 +42,7 @@ import numpy as np
 from .._bits import BAD, NO_DATA, SAT, bit
 from ..background import _median_inplace
 from ..detection import dilate_square
+from .psfsharp import peak_verdict
 
 __all__ = ["CosmicRayResult", "find_cosmic_rays", "laplacian_plus", "repair_pixels"]
 
@@ -200,25 +206,31 @@ def _fine_structure_at(img, memo, gens, g, oy, ox, y, x, buf, buf49):
 
 
 @numba.njit(nogil=True, cache=True)
-def _sharper_than_psf_at(img, var, ignore, y, x, rf, nsigma):
-    """LSST's condition (:mod:`.psfsharp`): along the row or the column through (y, x), the mean
-    of the two neighbours is below ``rf`` times the pixel by ``nsigma`` times the noise."""
+def _psf_shaped_at(img, var, ignore, f1, f2, f3, y, x, rf, rf_diag, nsigma):
+    """Whether (y, x) is part of a PSF-shaped peak, the veto on growing a cosmic ray into it
+    (``f1``, ``f2``, ``f3``: the cosmic-ray pixels found so far).
+
+    Either it provably peaks like the PSF itself (:func:`.psfsharp.peak_verdict`; lines through cosmic-ray
+    pixels give no verdict: a pixel beside a track is judged across it, a star pixel beside a hit
+    along the lines the hit does not cross), or it lies on the flank of such a peak: one of its 8
+    neighbours, no cosmic ray, provably peaks like the PSF and is brighter by ``nsigma`` times the
+    noise of the difference (a star's flank pixel has its brighter core beside it; a track's side
+    pixels have sky, or more of the track, which is sharper than the PSF or undecided)."""
     ny, nx = img.shape
     v0 = img[y, x]
     if v0 <= 0.0:
         return False
+    verdict = peak_verdict(img, var, ignore, f1, f2, f3, y, x, rf, rf_diag, nsigma)
+    if verdict != 0:
+        return verdict > 0
     var0 = var[y, x] if var[y, x] > 0.0 else 0.0
-    for d in range(2):
-        y1 = y - d
-        x1 = x - (1 - d)
-        y2 = y + d
-        x2 = x + (1 - d)
-        if y1 < 0 or x1 < 0 or y2 >= ny or x2 >= nx or ignore[y1, x1] or ignore[y2, x2]:
-            continue
-        p = 0.5 * (img[y1, x1] + img[y2, x2])
-        vp = 0.25 * (max(var[y1, x1], 0.0) + max(var[y2, x2], 0.0))
-        if rf * v0 - p > nsigma * math.sqrt(rf * rf * var0 + vp):
-            return True
+    for yy in range(max(0, y - 1), min(ny, y + 2)):
+        for xx in range(max(0, x - 1), min(nx, x + 2)):
+            if (yy == y and xx == x) or ignore[yy, xx] or f1[yy, xx] or f2[yy, xx] or f3[yy, xx]:
+                continue
+            if img[yy, xx] - v0 > nsigma * math.sqrt(var0 + max(var[yy, xx], 0.0)):
+                if peak_verdict(img, var, ignore, f1, f2, f3, yy, xx, rf, rf_diag, nsigma) > 0:
+                    return True
     return False
 
 
@@ -234,6 +246,7 @@ def _candidates_tile(
     sigclip,
     objlim,
     psf_rf,
+    psf_rf_diag,
     psf_nsigma,
     cand,
     memo,
@@ -281,13 +294,40 @@ def _candidates_tile(
             f = _fine_structure_at(img, memo, gens, g, oy, ox, y, x, buf, buf49) / memo[0, y - oy, x - ox]
             if f < 0.01:
                 f = 0.01
-            if spv / f > objlim and (psf_rf <= 0.0 or _sharper_than_psf_at(img, var, ignore, y, x, psf_rf, psf_nsigma)):
+            if spv / f > objlim and (
+                psf_rf <= 0.0
+                or peak_verdict(img, var, ignore, ignore, ignore, ignore, y, x, psf_rf, psf_rf_diag, psf_nsigma) < 0
+            ):
                 cand[y, x] = True
 
 
 @numba.njit(nogil=True, cache=True)
-def _grow_tile(lp, var, ignore, crmask, src, dst, thr, memo, gens, g, y0, y1, x0, x1, buf, buf2):
-    """Add to ``dst`` the neighbours of the ``src`` pixels of one tile that have S' > thr."""
+def _grow_tile(
+    img,
+    lp,
+    var,
+    ignore,
+    crmask,
+    src,
+    dst,
+    thr,
+    psf_rf,
+    psf_rf_diag,
+    psf_nsigma,
+    memo,
+    gens,
+    g,
+    y0,
+    y1,
+    x0,
+    x1,
+    buf,
+    buf2,
+):
+    """Add to ``dst`` the neighbours of the ``src`` pixels of one tile that have S' > thr; with ``psf_rf``
+    > 0 (undersampled PSF) not those that provably peak like the PSF (:func:`_psf_shaped_at`, the CR
+    pixels found so far giving no verdict): a star core 2-3 px from a hit has S' far above the
+    threshold when the PSF is as sharp as the hit."""
     ny, nx = lp.shape
     oy = y0 - _HALO
     ox = x0 - _HALO
@@ -300,13 +340,32 @@ def _grow_tile(lp, var, ignore, crmask, src, dst, thr, memo, gens, g, y0, y1, x0
                 for xx in range(max(0, x - 1), min(nx, x + 2)):
                     if dst[yy, xx] or src[yy, xx] or ignore[yy, xx] or crmask[yy, xx]:
                         continue
-                    if _sprime_at(lp, var, memo, gens, g, oy, ox, yy, xx, buf, buf2) > thr:
-                        dst[yy, xx] = True
+                    if _sprime_at(lp, var, memo, gens, g, oy, ox, yy, xx, buf, buf2) <= thr:
+                        continue
+                    if psf_rf > 0.0 and _psf_shaped_at(
+                        img, var, ignore, crmask, src, dst, yy, xx, psf_rf, psf_rf_diag, psf_nsigma
+                    ):
+                        continue
+                    dst[yy, xx] = True
 
 
 @numba.njit(nogil=True, cache=True)
 def _detect_pass(
-    img, var, ignore, sigclip, sigfrac, objlim, psf_rf, psf_nsigma, crmask, active, use_active, memo, gens, g0
+    img,
+    var,
+    ignore,
+    sigclip,
+    sigfrac,
+    objlim,
+    psf_rf,
+    psf_rf_diag,
+    psf_nsigma,
+    crmask,
+    active,
+    use_active,
+    memo,
+    gens,
+    g0,
 ):
     """One L.A.Cosmic detection pass; sets new CR pixels in ``crmask``.
 
@@ -314,7 +373,7 @@ def _detect_pass(
     ``gens`` of shape (4, _TILE + 2 _HALO, _TILE + 2 _HALO); ``g0`` is the first sweep number
     to use. With ``use_active`` only pixels where ``active`` is True are tested (later
     iterations: only the neighbourhood of repaired pixels has changed). With ``psf_rf`` > 0 a
-    candidate must also be sharper than the PSF allows (:func:`_sharper_than_psf_at`).
+    candidate must also be sharper than the PSF allows (:func:`.psfsharp.peak_verdict`).
 
     Returns
     -------
@@ -343,6 +402,7 @@ def _detect_pass(
                 sigclip,
                 objlim,
                 psf_rf,
+                psf_rf_diag,
                 psf_nsigma,
                 cand,
                 memo,
@@ -364,6 +424,7 @@ def _detect_pass(
         for y0 in range(0, ny, _TILE):
             for x0 in range(0, nx, _TILE):
                 _grow_tile(
+                    img,
                     lp,
                     var,
                     ignore,
@@ -371,6 +432,9 @@ def _detect_pass(
                     cand,
                     grown,
                     thr,
+                    psf_rf,
+                    psf_rf_diag,
+                    psf_nsigma,
                     memo,
                     gens,
                     g,
@@ -458,7 +522,7 @@ def _good_median5(arr, y, x, bad1, bad2, skip_centre, buf):
 
 
 @numba.njit(nogil=True, cache=True)
-def _grow_tracks(img, var, ignore, crmask, sigma, objlim, max_iter):
+def _grow_tracks(img, var, ignore, crmask, sigma, objlim, max_iter, psf_rf, psf_rf_diag, psf_nsigma):
     """Extend CR regions along faint parts of their tracks (in place; repairs what it adds).
 
     A pixel 8-adjacent to a CR pixel joins when its excess over the median of the good
@@ -475,7 +539,10 @@ def _grow_tracks(img, var, ignore, crmask, sigma, objlim, max_iter):
     the excess): a star core has an excess about as large as its fine structure (ratio ~1,
     undersampled or not) while a track pixel's 3 x 3 median holds unflagged track pixels and
     its ratio is 3-5. Most CR pixels above 5 sigma that L.A.Cosmic misses lie next to a
-    flagged one.
+    flagged one. That contrast protects star cores only while the PSF is resolved: at FWHM
+    1.2-1.5 px the 3 x 3 median of a core is a fraction of its peak and the ratio reaches 5-7,
+    so with ``psf_rf`` > 0 a pixel that provably peaks like the PSF (:func:`_psf_shaped_at`,
+    lines through CR pixels giving no verdict) does not join either.
 
     Returns
     -------
@@ -529,6 +596,10 @@ def _grow_tracks(img, var, ignore, crmask, sigma, objlim, max_iter):
                     if f < 0.01:
                         f = 0.01
                     if e / noise / f <= objlim:
+                        continue
+                    if psf_rf > 0.0 and _psf_shaped_at(
+                        img, var, ignore, crmask, crmask, crmask, y, x, psf_rf, psf_rf_diag, psf_nsigma
+                    ):
                         continue
                     added[na, 0] = y
                     added[na, 1] = x
@@ -605,8 +676,11 @@ def find_cosmic_rays(
         For undersampled PSFs, whose star cores L.A.Cosmic's fine-structure test no longer
         protects: the centred-peak neighbour ratio of the sharpest PSF the frame holds
         (:func:`.psfsharp.gaussian_peak_ratio`). A candidate must then also be sharper than
-        ``psf_margin * psf_ratio`` allows by ``psf_nsigma`` along its row or column (LSST's
-        criterion, :mod:`.psfsharp`); the growth from accepted pixels is unchanged. None: off.
+        ``psf_margin * psf_ratio`` allows by ``psf_nsigma`` along its row or column (along a
+        diagonal, ``psf_margin * psf_ratio**2``: LSST's criterion, :mod:`.psfsharp`), and neither
+        growth step joins a pixel that provably peaks like the PSF or lies on the flank of such a
+        peak (:func:`_psf_shaped_at`): a star core 2-3 px from a hit is otherwise grown into.
+        None: off.
     psf_margin, psf_nsigma : float
         Margin on ``psf_ratio`` and significance of that test.
 
@@ -635,6 +709,7 @@ def find_cosmic_rays(
     ratio = float("nan") if psf_ratio is None else float(psf_ratio)
     use_psf = bool(np.isfinite(ratio) and ratio > 0.0)
     psf_rf = float(psf_margin) * ratio if use_psf else 0.0
+    psf_rf_diag = psf_rf * ratio
     for it in range(int(niter)):
         before = crmask.copy() if it > 0 else None
         n, g = _detect_pass(
@@ -645,6 +720,7 @@ def find_cosmic_rays(
             float(sigfrac),
             float(objlim),
             psf_rf,
+            psf_rf_diag,
             float(psf_nsigma),
             crmask,
             active,
@@ -662,7 +738,18 @@ def find_cosmic_rays(
         repair_pixels(img, crmask, bad, 2)
         repair_pixels(var, crmask, bad, 2)
     if grow_sigma and crmask.any():
-        _grow_tracks(img, var, bad, crmask, float(grow_sigma), float(grow_objlim), int(grow_iter))
+        _grow_tracks(
+            img,
+            var,
+            bad,
+            crmask,
+            float(grow_sigma),
+            float(grow_objlim),
+            int(grow_iter),
+            psf_rf,
+            psf_rf_diag,
+            float(psf_nsigma),
+        )
     return CosmicRayResult(
         mask=crmask,
         image=img,

@@ -17,7 +17,15 @@ column is sharper than any PSF-shaped peak when
     ``d = f r I0 - p > k sqrt(f^2 r^2 var(I0) + var(p))``
 
 (``f`` <= 1 a margin for the PSF estimate, LSST's ``cond3_fac2``; ``k`` the significance).
-A hit, one pixel wide, always has a dark pair across its track; a star has none.
+Along a diagonal the same holds with ``r^2`` (a Gaussian's diagonal ratio, LSST's ``thres_d``),
+which finds the corners of a track's staircase. A hit, one pixel wide, always has a dark pair
+across its track; a star has none (:func:`peak_verdict`).
+
+The same test, read the other way, protects stars from the growth of a hit beside them (L.A.Cosmic
+adds the neighbours of a hit whatever their shape, and a star core 2-3 px away is as sharp): a pixel
+that along no line is sharper than the PSF, and along one is bright enough that a hit would be,
+provably peaks like the PSF, and so does the flank of such a peak
+(:func:`.lacosmic._psf_shaped_at`).
 
 ``r`` comes from the PSF (:func:`gaussian_peak_ratio` of its FWHM) and, before a PSF is
 fitted, also from the data: :func:`estimate_peak_ratio` takes the locus of the bright local
@@ -31,7 +39,14 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["estimate_peak_ratio", "fwhm_of_peak_ratio", "gaussian_peak_ratio", "psf_shaped_peaks", "sharper_than_psf"]
+__all__ = [
+    "estimate_peak_ratio",
+    "fwhm_of_peak_ratio",
+    "gaussian_peak_ratio",
+    "peak_verdict",
+    "psf_shaped_peaks",
+    "sharper_than_psf",
+]
 
 
 def gaussian_peak_ratio(fwhm: float) -> float:
@@ -173,35 +188,58 @@ def estimate_peak_ratio(
 
 
 @numba.njit(nogil=True, cache=True)
-def _sharper_than_psf(image, variance, bad, cand, ratio, margin, nsigma, out):
+def peak_verdict(img, var, ignore, f1, f2, f3, y, x, rf, rf_diag, nsigma):
+    """LSST's test on the four lines through (y, x): row and column against ``rf``, the diagonals
+    against ``rf_diag`` (the PSF's diagonal ratio, the square of the row's for a Gaussian; LSST's
+    ``thres_d``).
+
+    Returns -1 when sharper than the PSF allows along some line (``r I0`` above the mean of the
+    two neighbours by ``nsigma`` times the noise of the difference); 1 when along none, and along
+    at least one it is bright enough that a hit would show its dark pair there (``r I0`` above
+    ``2 nsigma`` times the noise of the contrast), so it provably peaks like the PSF; 0 otherwise
+    (no verdict). A line through a pixel ``ignore``-d or flagged in ``f1``, ``f2`` or ``f3``
+    (cosmic rays, raw or repaired) gives none."""
+    ny, nx = img.shape
+    v0 = img[y, x]
+    if v0 <= 0.0:
+        return 0
+    var0 = var[y, x] if var[y, x] > 0.0 else 0.0
+    decisive = False
+    for d in range(4):
+        if d == 0:
+            dy, dx, r = 0, 1, rf
+        elif d == 1:
+            dy, dx, r = 1, 0, rf
+        elif d == 2:
+            dy, dx, r = 1, 1, rf_diag
+        else:
+            dy, dx, r = 1, -1, rf_diag
+        y1 = y - dy
+        x1 = x - dx
+        y2 = y + dy
+        x2 = x + dx
+        if min(y1, y2) < 0 or min(x1, x2) < 0 or max(y1, y2) >= ny or max(x1, x2) >= nx:
+            continue
+        if ignore[y1, x1] or ignore[y2, x2] or f1[y1, x1] or f1[y2, x2] or f2[y1, x1] or f2[y2, x2]:
+            continue
+        if f3[y1, x1] or f3[y2, x2]:
+            continue
+        p = 0.5 * (img[y1, x1] + img[y2, x2])
+        sd = math.sqrt(r * r * var0 + 0.25 * (max(var[y1, x1], 0.0) + max(var[y2, x2], 0.0)))
+        if r * v0 - p > nsigma * sd:
+            return -1
+        if r * v0 > 2.0 * nsigma * sd:
+            decisive = True
+    return 1 if decisive else 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _sharper_than_psf(image, variance, bad, cand, rf, rf_diag, nsigma, out):
     ny, nx = image.shape
-    rf = ratio * margin
     for y in range(ny):
         for x in range(nx):
-            if not cand[y, x]:
-                continue
-            v0 = image[y, x]
-            var0 = variance[y, x]
-            if v0 <= 0.0 or not var0 > 0.0:
-                continue
-            sharp = False
-            for d in range(2):
-                dy = d
-                dx = 1 - d
-                y1 = y - dy
-                x1 = x - dx
-                y2 = y + dy
-                x2 = x + dx
-                if y1 < 0 or x1 < 0 or y2 >= ny or x2 >= nx:
-                    continue
-                if bad[y1, x1] or bad[y2, x2]:
-                    continue
-                p = 0.5 * (image[y1, x1] + image[y2, x2])
-                vp = 0.25 * (variance[y1, x1] + variance[y2, x2])
-                if rf * v0 - p > nsigma * math.sqrt(rf * rf * var0 + vp):
-                    sharp = True
-                    break
-            out[y, x] = sharp
+            if cand[y, x] and variance[y, x] > 0.0:
+                out[y, x] = peak_verdict(image, variance, bad, bad, bad, bad, y, x, rf, rf_diag, nsigma) < 0
 
 
 def sharper_than_psf(
@@ -216,8 +254,9 @@ def sharper_than_psf(
 ) -> np.ndarray:
     """Which ``candidates`` pixels are sharper than a PSF of centred-peak ratio ``ratio`` allows.
 
-    A candidate passes when along its row or its column ``margin * ratio * I0`` exceeds the mean
-    of the two neighbours by ``nsigma`` times the noise of that difference (module docstring).
+    A candidate passes when along its row or its column ``margin * ratio * I0`` (along a diagonal
+    ``margin * ratio^2 * I0``, a Gaussian's diagonal ratio) exceeds the mean of the two neighbours
+    by ``nsigma`` times the noise of that difference (module docstring, :func:`peak_verdict`).
     Neighbours that are ``bad`` (e.g. already flagged and repaired) give no verdict along their
     line.
 
@@ -247,8 +286,8 @@ def sharper_than_psf(
         np.where(badm, 0.0, var),
         badm,
         np.ascontiguousarray(candidates, dtype=bool),
-        float(ratio),
-        float(margin),
+        float(margin) * float(ratio),
+        float(margin) * float(ratio) ** 2,
         float(nsigma),
         out,
     )
@@ -256,7 +295,7 @@ def sharper_than_psf(
 
 
 @numba.njit(nogil=True, cache=True)
-def _psf_shaped_peaks(image, variance, bad, xs, ys, rf, nsigma, out):
+def _psf_shaped_peaks(image, variance, bad, xs, ys, rf, rf_diag, nsigma, out):
     ny, nx = image.shape
     for k in range(xs.size):
         if not (np.isfinite(xs[k]) and np.isfinite(ys[k])):
@@ -290,6 +329,9 @@ def _psf_shaped_peaks(image, variance, bad, xs, ys, rf, nsigma, out):
             if rf * best <= 2.0 * nsigma * sd or rf * best - p > nsigma * sd:
                 shaped = False
                 break
+        # nor sharper along a diagonal (a hit crossing the pixel grid at 45 degrees)
+        if shaped and peak_verdict(image, variance, bad, bad, bad, bad, by, bx, rf, rf_diag, nsigma) < 0:
+            shaped = False
         out[k] = shaped
 
 
@@ -307,7 +349,7 @@ def psf_shaped_peaks(
     """Which detections at (x, y) peak like the PSF, provably: the brightest pixel of the 3 x 3
     around the centroid is bright enough that a hit there would be found sharper than the PSF
     (``margin * ratio * I0`` above ``2 nsigma`` times the noise of the contrast) and yet, along
-    both its row and its column, it is not (:func:`sharper_than_psf`). Such a detection is a
+    its row, its column and its diagonals, it is not (:func:`sharper_than_psf`). Such a detection is a
     star, whatever a PSF model fitted to it says; faint detections are never counted as such.
 
     Returns
@@ -328,6 +370,7 @@ def psf_shaped_peaks(
         xs,
         ys,
         float(margin) * float(ratio),
+        float(margin) * float(ratio) ** 2,
         float(nsigma),
         out,
     )
