@@ -14,9 +14,10 @@ earlier CR pixels at their values before the repair, so that a partly flagged tr
 Undersampled PSFs (FWHM below ``undersampled_fwhm``, 2.5 px): a star core is then about as sharp
 as a hit, L.A.Cosmic's fine-structure test no longer protects it and a PSF model is least exact
 there, so every flag is also held to LSST's ``findCosmicRays`` criterion (``kernels.cosmicray.
-psfsharp``): sharper along a row or a column than the sharpest star of the frame allows. The
-PSF is, before the PSF model, the smaller of the seeing guess and the locus of the frame's bright
-peaks; after it, also the model's. Noted ``cr_undersampled``.
+psfsharp``): sharper along a row, a column or a diagonal than the sharpest star of the frame
+allows, and L.A.Cosmic's growth stops at pixels that provably peak like the PSF. The PSF is, before
+the PSF model, the smaller of the seeing guess and the locus of the frame's bright peaks; after it,
+also the model's. Noted ``cr_undersampled``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def undersampled_ratio(state: CalibrateState, config: CosmicRayConfig) -> float:
         return float("nan")
     bad = (state.mask & np.uint32(state.bit["BAD"] | state.bit["SAT"] | state.bit["NO_DATA"])) != 0
     r_data, _ = estimate_peak_ratio(state.sub, state.var_det, bad, quantile=0.5)
+    if not np.isfinite(r_data):
+        # a sparse frame (a small space field): fainter peaks, before trusting the seeing guess alone
+        r_data, _ = estimate_peak_ratio(state.sub, state.var_det, bad, quantile=0.5, snr_min=15.0)
     r = _sharpest_ratio(r_data, gaussian_peak_ratio(state.sigma0 * SIGMA_TO_FWHM))
     return r if fwhm_of_peak_ratio(r) < config.undersampled_fwhm else float("nan")
 
