@@ -6,11 +6,11 @@ Against the simulator's truth: no star core is flagged CR, >= 95 % of the point 
 S/N >= 10 are detected, the truth cosmic rays are still found and few other pixels are flagged,
 and the undersampled frame says so (note ``cr_undersampled``).
 
-The undersampled frame is calibrated a second time with ``psf_model_error = 0`` (a PSF model taken
-as exact): that is how calibrate behaved on real 1"/px frames, whose PSF model is off by more than
-its allowance at the core of an undersampled star (issue 19: 98 % of the S/N > 100 stars carried
-``flag_cr``). Without the undersampled criterion (``undersampled_fwhm = 0``) this frame flags the
-core of ~90 % of its S/N > 100 stars; with it, none.
+The undersampled frame is calibrated a second time with 400 more hits and ``psf_model_error = 0``
+(a PSF model taken as exact): that is how calibrate behaved on real 1"/px frames, whose PSF model is
+off by more than its allowance at the core of an undersampled star (issue 19: 98 % of the S/N > 100
+stars carried ``flag_cr``). Without the undersampled criterion (``undersampled_fwhm = 0``) that run
+flags the cores of 12 of 378 stars and 364 pixels away from any hit; with it, none and 23.
 """
 
 from __future__ import annotations
@@ -177,18 +177,56 @@ def test_undersampled_noted(undersampled):
     assert not any(n["code"] == "cr_flagged_fraction_high" for n in run["notes"])
 
 
-def test_undersampled_inexact_psf_model_spares_star_cores(undersampled):
-    """A PSF model taken as exact (``psf_model_error=0``): its error at the core of every bright star
-    would look like a hit on the star; the undersampled criterion still flags no star core."""
-    out, _, truth = undersampled
+def _add_tracks(exp, gain, n, seed):
+    """``n`` more cosmic rays drawn as ``procsky.sim`` draws them (length exponential, mean 6 px; energy
+    log-normal around 2500 e-, spread over 0.4 px steps), with their Poisson noise in the image and the
+    variance: the exposure and the deposit (counts)."""
+    rng = np.random.default_rng(seed)
+    img = np.asarray(exp.image, np.float64).copy()
+    ny, nx = img.shape
+    dep = np.zeros(img.shape)
+    for _ in range(n):
+        x0, y0 = rng.uniform(0, nx - 1), rng.uniform(0, ny - 1)
+        length, angle = rng.exponential(6.0), rng.uniform(0.0, 2 * np.pi)
+        energy = np.exp(rng.normal(np.log(2500.0), 0.6))
+        steps = max(1, int(length / 0.4))
+        t = np.linspace(0.0, length, steps)
+        xx, yy = np.rint(x0 + t * np.cos(angle)).astype(int), np.rint(y0 + t * np.sin(angle)).astype(int)
+        ok = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
+        np.add.at(dep, (yy[ok], xx[ok]), energy / steps)
+    img += rng.poisson(dep) / gain
+    var = np.asarray(exp.variance, np.float64) + dep / gain**2
+    return exp._replace(image=img.astype(np.float32), variance=var.astype(np.float32)), dep / gain
+
+
+def test_undersampled_many_hits_and_inexact_psf_model(undersampled):
+    """400 more hits (2000 pixels above 5 sigma, where the drawn frame has 60) and a PSF model taken as
+    exact (``psf_model_error=0``: its error at the core of every bright star looks like a hit on the
+    star, the state of calibrate on real 1"/px frames): the hits are found and no star core is flagged."""
+    out, run, truth = undersampled
+    exp, dep = _add_tracks(run["exp"], truth.det.gain, 400, seed=7)
     cfg = CalibrationConfig(cosmic_rays=CosmicRayConfig(psf_model_error=0.0, track_model_error=0.0))
-    run = _calibrate(out, cfg)
-    _check_cores(truth, run["calexp"], "undersampled, psf_model_error=0")
-    frac, n = _completeness(truth, run["src"])
-    assert frac >= 0.95
-    recall, _ = _cr_recall(truth, run["calexp"])
-    assert recall >= 0.9
-    assert not any(n["code"] == "cr_on_bright_stars" for n in run["notes"])
+    refcat = read_refcat_file(out / "refcat/refcat.parquet")
+    with collect_notes() as notes:
+        calexp, src, _ = calibrate_exposure(exp, refcat, cfg)
+        calexp = calexp.compute()
+    cr = _cr_mask(calexp)
+    strong = (dep > 5.0 * np.sqrt(truth.var)) & ~truth.bad
+    assert strong.sum() > 1500
+    # (99.6 %: the few missed are faint pixels beside a bright star, which the criterion cannot prove sharper)
+    assert cr[strong].mean() >= 0.95
+    hit = truth.hit | (dep > 0)
+    near_hit = binary_dilation(hit, np.ones((5, 5), bool))
+    cores = truth.core_sel & ~near_hit[truth.iy, truth.ix]
+    assert cores.sum() > 300
+    assert not (cr[truth.iy, truth.ix] & cores).any()
+    sel = truth.pts[cores]
+    d, _ = cKDTree(src[["x", "y"]].to_numpy()).query(sel[["x", "y"]].to_numpy())
+    assert np.mean(d <= 1.0) >= 0.95
+    # what is flagged is the hits and their charge beside them, not stars or sky
+    assert (cr & ~near_hit).sum() < 0.02 * strong.sum()
+    assert cr.mean() < 0.005
+    assert not any(n["code"] in ("cr_on_bright_stars", "cr_flagged_fraction_high") for n in notes)
 
 
 # ----------------------------------------------------------------------------------------------- space
