@@ -193,6 +193,33 @@ class PsfConfig(pydantic.BaseModel):
     min_pixels_for_failure: int = 512 * 512
     """Images smaller than this without any usable star end NoWorkError (a cut-out), larger
     ones AlgorithmError (a real failure)."""
+    undersampled_fwhm: float = 2.5
+    """Below this FWHM (pixels, half maximum of the pixel-level model) the PSF is undersampled: the
+    model is fitted again super-sampled (``oversample`` samples per pixel, PSFEx's approach, Bertin 2011;
+    ``kernels.psfmodel.fit_supersampled_psf``) to many more stars (``undersampled_min_snr``,
+    ``undersampled_isolation``, ``undersampled_max_stars``), with centres fitted with the model.
+    A pixel-level model of an undersampled PSF cannot be shifted to a star's sub-pixel centre (its
+    samples alias): its PSF fluxes depend on the pixel phase by several per cent. 0 switches it off."""
+    oversample: int = 2
+    """Samples per pixel of the super-sampled model (>= 2). 2 as PSFEx's usual sampling; 3 leaves more of
+    the fine grid to noise with tens of stars (PSF fluxes on the ``undersampled`` regime: centre - corner
+    -7 % at 3, < 1 % at 2)."""
+    supersampled_fit_size: int = 13
+    """Side of the pixel cut-out of each star fitted by the super-sampled model, and of that model
+    (odd, pixels); the light beyond is the aperture corrections'."""
+    undersampled_min_snr: float = 20.0
+    """Minimum S/N of the PSF stars of a super-sampled model (each star constrains only a few samples
+    of the fine grid: the model wants many stars at many pixel phases)."""
+    undersampled_isolation: float = 7.0
+    """No other detection within this radius of a PSF star of a super-sampled model, pixels (the fit's
+    chi^2 clipping rejects the stars a faint neighbour spoils)."""
+    undersampled_max_stars: int = 3000
+    """At most this many PSF stars (the highest S/N) for a super-sampled model."""
+    supersampled_min_stars: int = 40
+    """Fewest PSF stars a super-sampled model of order 0 is fitted to (30 per polynomial term above): fewer
+    stars leave the fine grid's sub-pixel structure to noise, PSF fluxes of stars centred on a pixel
+    then differing from those on a corner by several per cent (on the ``undersampled`` regime, 24
+    stars: 15 %; 41: < 1 %). With fewer the pixel-level model stays, noted ``psf_not_supersampled``."""
 
 
 class AstrometryConfig(pydantic.BaseModel):

@@ -19,7 +19,13 @@ from procsky.calibrate.config import PsfConfig
 from procsky.calibrate.detection import ap_name
 from procsky.calibrate.state import CalibrateState
 from procsky.errors import AlgorithmError, NoWorkError
-from procsky.kernels.psfmodel import PsfModelArrays, fit_psf_model, render_stamps, select_psf_stars
+from procsky.kernels.psfmodel import (
+    PsfModelArrays,
+    fit_psf_model,
+    fit_supersampled_psf,
+    render_stamps,
+    select_psf_stars,
+)
 from procsky.notes import note_degraded
 from procsky.psf import SIGMA_TO_FWHM, GaussianPsf, PolynomialImagePsf
 
@@ -70,6 +76,72 @@ def fit_detector_psf(
             continue
         return arrays, used, reserved, order
     return None, None, None, reason
+
+
+def fit_supersampled(state: CalibrateState, config: PsfConfig, fwhm: float) -> tuple | None:
+    """The super-sampled PSF model of an undersampled detector (see ``PsfConfig.undersampled_fwhm``).
+
+    PSF stars are selected again to a lower S/N and a smaller isolation radius around the locus of
+    the first candidates, and the model is fitted with ``kernels.psfmodel.fit_supersampled_psf``
+    at a spatial order of at most 1 (30 stars per term: each term is a whole fine image) or 0
+    (``supersampled_min_stars``), from centres fitted with a pixel-integrated Gaussian (a
+    windowed centroid is biased towards the pixel centre when undersampled).
+
+    Returns ``(arrays, candidates (n_det,) bool, used, reserved, order)``, or None (and a note) when
+    it cannot be fitted."""
+    meas, cand = state.meas, state.cand
+    apn = ap_name(meas, 6.0)
+    t_locus = float(np.median(meas["ixx"][cand] + meas["iyy"][cand])) if cand.sum() >= 2 else None
+    cand2 = select_psf_stars(
+        meas["x"],
+        meas["y"],
+        meas["ixx"],
+        meas["iyy"],
+        meas[apn],
+        meas[apn + "_err"],
+        _psf_star_bad(meas),
+        min_snr=min(config.undersampled_min_snr, config.min_snr),
+        isolation_radius=min(config.undersampled_isolation, config.isolation_radius),
+        max_stars=int(config.undersampled_max_stars),
+        locus_T=t_locus,
+        max_excess=config.locus_max_excess,
+    )
+    cand2 |= cand
+    idx = np.flatnonzero(cand2)
+    os_ = max(int(config.oversample), 2)
+    size = int(config.supersampled_fit_size) | 1
+    reason = "no usable star"
+    for order in range(min(int(config.order), 1), -1, -1):
+        nc = (order + 1) * (order + 2) // 2
+        try:
+            arrays, used, reserved, _, _ = fit_supersampled_psf(
+                state.sub,
+                state.var_det,
+                state.mask,
+                meas["x"][idx],
+                meas["y"][idx],
+                oversample=os_,
+                fit_size=size,
+                stamp_size=int(config.stamp_size) | 1,
+                order=order,
+                # no held-back stars: every star adds sub-pixel phases, and nothing validates on them here
+                reserve_fraction=0.0,
+                zero_bits=_ZERO_BITS,
+                min_stars=max(30 * nc + 3 if order > 0 else 0, int(config.supersampled_min_stars)),
+                centroid_sigma=fwhm / SIGMA_TO_FWHM,
+            )
+        except ValueError as exc:
+            reason = str(exc)
+            continue
+        return arrays, cand2, idx[used], idx[reserved], order
+    note_degraded(
+        "psf_not_supersampled",
+        f"undersampled PSF (FWHM {fwhm:.2f} px < psf.undersampled_fwhm={config.undersampled_fwhm:g}) but no "
+        f"super-sampled model ({reason}): the pixel-level model's PSF fluxes depend on the pixel phase",
+        fwhm=fwhm,
+        n_candidates=int(cand2.sum()),
+    )
+    return None
 
 
 def psf_from_arrays(model: PsfModelArrays, xy0: tuple[int, int]) -> PolynomialImagePsf:
@@ -179,8 +251,31 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
             )
         used[idx[u]] = True
         reserved[idx[r]] = True
+        fw_pix = _safe(psf_from_arrays(arrays, (0, 0)).fwhm, 0.5 * (nx - 1), 0.5 * (ny - 1))
+        if config.undersampled_fwhm > 0 and fw_pix < config.undersampled_fwhm:
+            sup = fit_supersampled(state, config, fw_pix)
+            if sup is not None:
+                arrays, cand, i_used, i_res, order = sup
+                state.cand = cand
+                psf_model = arrays
+                used[:] = False
+                reserved[:] = False
+                used[i_used] = True
+                reserved[i_res] = True
+                psf_info.update(n_candidates=int(cand.sum()), pixel_model_fwhm_px=fw_pix)
+                note_degraded(
+                    "psf_supersampled",
+                    f"undersampled PSF (pixel-level model FWHM {fw_pix:.2f} px < {config.undersampled_fwhm:g}): "
+                    f"super-sampled model (oversample {arrays.oversample}, order {order}) of {int(arrays.n_stars)} "
+                    "PSF stars",
+                    severity="info",
+                    fwhm=fw_pix,
+                    oversample=int(arrays.oversample),
+                    n_stars=int(arrays.n_stars),
+                )
         psf_info.update(
             model="PolynomialImagePsf",
+            oversample=int(arrays.oversample),
             order=int(arrays.order),
             pixel_order=order,
             warp_order=int(arrays.warp_order),

@@ -29,7 +29,9 @@ Modules, each importing only those above it:
 * :mod:`.warp`: the size-and-shear warp of the pixel model (:func:`warp_images`);
 * :mod:`.solve`: one least-squares solve of the model, star fluxes;
 * :mod:`.validate`: :func:`cross_validated_flux_scatter`;
-* :mod:`.fit`: :func:`fit_psf_model`, which runs them all.
+* :mod:`.fit`: :func:`fit_psf_model`, which runs them all;
+* :mod:`.superres`: :func:`fit_supersampled_psf`, the super-sampled model of undersampled
+  stars (PSFEx's super-resolution: the fine grid solved over all stars' pixels at once).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .render import render_grid, render_psf, render_stamps, stamp_moments
 from .sampling import fourier_shift, lanczos_sample
 from .selection import select_psf_stars
 from .stamps import _extract_stamps_fourier as _extract_stamps_fourier  # the tests exercise it directly
+from .superres import fit_supersampled_psf
 from .validate import _fit_leverage as _fit_leverage  # the tests exercise it directly
 from .validate import cross_validated_flux_scatter
 from .warp import warp_images
@@ -48,6 +51,7 @@ __all__ = [
     "PsfModelArrays",
     "select_psf_stars",
     "fit_psf_model",
+    "fit_supersampled_psf",
     "evaluate_model",
     "render_psf",
     "render_stamps",
