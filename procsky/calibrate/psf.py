@@ -129,6 +129,7 @@ def fit_supersampled(state: CalibrateState, config: PsfConfig, fwhm: float) -> t
                 zero_bits=_ZERO_BITS,
                 min_stars=max(30 * nc + 3 if order > 0 else 0, int(config.supersampled_min_stars)),
                 centroid_sigma=fwhm / SIGMA_TO_FWHM,
+                ridge=float(config.supersampled_ridge),
             )
         except ValueError as exc:
             reason = str(exc)
