@@ -140,6 +140,12 @@ def _difference_now(calexp, templates, cfg: SubtractionConfig, det: DiaConfig, w
     science = calexp.compute()
     tpl = warp_template_to_science(templates, science, order=warp_order)
     diff, kernel, summary = _subtract_now(science, tpl, cfg, kernel_mask=kernel_mask)
+    # A template coadded from the science visit itself shares its noise: the difference is
+    # then quieter than any variance plane of the inputs predicts (the measured rescale of
+    # _check_variance corrects the plane; the summary says why it was needed).
+    visit = science.visit_info.visit if science.visit_info is not None else None
+    tvisits = {v for t in templates for v in ((t.metadata or {}).get("template_visits") or []) if v is not None}
+    summary["science_in_template"] = bool(visit is not None and visit in tvisits)
     # the science image is the static sky of the registration-noise term of the score
     mask = dia_detection_mask(diff, det, static=np.asarray(science.image, dtype=np.float32))
     coverage = tpl.metadata.get("template_coverage")

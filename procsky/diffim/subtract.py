@@ -282,18 +282,86 @@ def _flux_ratio(conv_img, tgt_img, xs, ys, half):
     return float(np.median(r)) if r else 1.0
 
 
-_MIN_CORRELATION_EXCESS = 0.1
+# A measured pixel-noise / variance-plane ratio is applied to an input's plane only beyond
+# this (and beyond 5 sigma of its measurement): faint sources left in the "source-free"
+# pixels widen the noise by ~1%.
+_PLANE_RATIO_TOL = 0.03
+# The difference's variance plane is rescaled when the measured noise differs by more than
+# this fraction; a difference beyond _RESCALE_NOTE is noted.
+_RESCALE_TOL = 0.02
+_RESCALE_NOTE = 0.1
 
 
-def _white_if_weak(rho):
-    """``rho``, or a delta when ``sum(rho) - 1 < 0.1``: faint undetected sources leave a few
-    per cent of apparent correlation on white (unresampled) noise, whereas a Lanczos3
-    resampling gives ``sum(rho) >= 1.25`` (``procsky.kernels.warp.lanczos_noise_correlation``)."""
-    if float(rho.sum()) - 1.0 >= _MIN_CORRELATION_EXCESS:
-        return rho
-    out = np.zeros_like(rho)
-    out[rho.shape[0] // 2, rho.shape[1] // 2] = 1.0
-    return out
+def _input_noise(s_img, s_var, s_mask, s_bad, sig_s, t_img, t_var, t_mask, t_bad, sig_t, planes):
+    """Source-free pixels of a pair and the measured noise of each image there.
+
+    Unusable pixels (``_NOT_USABLE``), DETECTED ones and those within a grown source
+    footprint of either image (:func:`procsky.kernels.psfmatch.source_free_mask`) are left
+    out; each image's noise is then measured against its variance plane
+    (:func:`procsky.kernels.psfmatch.noise_statistics`: plane ratio, correlation and whether
+    it is significant). Informational planes covering whole images (a coadd's) do not
+    empty the selection."""
+    hard = s_bad | t_bad
+    free = _pm.source_free_mask(s_img, s_var, hard, sig_s) & _pm.source_free_mask(t_img, t_var, hard, sig_t)
+    det = np.uint32(_masks.bits(*[n for n in ("DETECTED", "DETECTED_NEGATIVE") if n in planes], planes=planes))
+    free &= ((s_mask & det) == 0) & ((t_mask & det) == 0)
+    return free, _pm.noise_statistics(s_img, s_var, free), _pm.noise_statistics(t_img, t_var, free)
+
+
+def _plane_factor(ns) -> float:
+    """The factor an input's variance plane is multiplied by: its measured noise ratio when
+    that differs from 1 beyond ``_PLANE_RATIO_TOL`` and 5 sigma of the measurement (e.g. a
+    resampled image whose plane is the pre-resampling one, as LSST's warps carry), else 1."""
+    r, err = float(ns["variance_ratio"]), float(ns["variance_ratio_err"])
+    if not (np.isfinite(r) and r > 0):
+        return 1.0
+    return r if abs(r - 1.0) > max(_PLANE_RATIO_TOL, 5.0 * err) else 1.0
+
+
+def _check_variance(summary, diff, dvar, dmask, bad_bits, free, psf_sigma):
+    """Measure the difference's noise against its variance plane on source-free pixels and
+    rescale the plane to it (in place in ``summary``; returns the plane).
+
+    Source-free: the pair's source-free pixels (:func:`_input_noise`) outside the footprints
+    of the difference's own sources (transients, residuals, dipoles: both signs). The robust
+    spread ``1.4826 MAD`` of ``z = diff / sqrt(var)`` there is the measured ratio
+    (``residual_std_sigma``; its median ``residual_median_sigma``). The plane is multiplied
+    by its square (``variance_rescale``) when it differs from 1 by more than 2% and lies
+    within 0.5-2 (beyond that the plane is kept and ``detector.note_subtraction`` notes it);
+    a factor more than 10% from 1 is noted (``variance_rescaled``). With fewer than 1000
+    source-free pixels, all usable pixels are used (``noise_check_pixels`` says which)."""
+    from procsky.notes import note_degraded
+
+    good = ((dmask & np.uint32(bad_bits)) == 0) & np.isfinite(diff) & (dvar > 0)
+    summary["variance_rescale"] = 1.0
+    if not good.any():
+        summary["residual_median_sigma"] = summary["residual_std_sigma"] = float("nan")
+        summary["noise_check_pixels"] = "none"
+        return dvar
+    sel = free & good & _pm.source_free_mask(diff, np.where(good, dvar, 0.0), ~good, psf_sigma)
+    summary["noise_check_pixels"] = "source_free"
+    if sel.sum() < 1000:
+        sel = good
+        summary["noise_check_pixels"] = "all"
+    z = diff[sel] / np.sqrt(dvar[sel])
+    med = float(np.median(z))
+    ratio = float(1.4826 * np.median(np.abs(z - med)))
+    summary["residual_median_sigma"] = med
+    summary["residual_std_sigma"] = ratio
+    summary["noise_check_n_pixels"] = int(sel.sum())
+    if np.isfinite(ratio) and 0.5 < ratio < 2.0 and abs(ratio - 1.0) > _RESCALE_TOL:
+        dvar = (dvar * np.float32(ratio**2)).astype(np.float32)
+        summary["variance_rescale"] = float(ratio**2)
+        if abs(ratio - 1.0) > _RESCALE_NOTE:
+            note_degraded(
+                "variance_rescaled",
+                f"the difference's noise on source-free pixels is {ratio:.2f} x what its variance plane "
+                f"predicted: the plane was rescaled by {ratio**2:.2f}",
+                severity="warning" if abs(ratio - 1.0) > 0.25 else "info",
+                residual_std_sigma=ratio,
+                variance_rescale=ratio**2,
+            )
+    return dvar
 
 
 def _correlated_variance_factor(kernel, rho):
@@ -322,9 +390,11 @@ def _psf_convolved(psf, extra, center):
 
     extra = extra / extra.sum()
     he = extra.shape[0] // 2
-    if isinstance(psf, PolynomialImagePsf):
+    if isinstance(psf, PolynomialImagePsf) and getattr(psf, "oversample", 1) == 1:
         coeffs = np.array([fftconvolve(np.pad(c, he), extra, mode="same") for c in psf.coeffs])
         return PolynomialImagePsf(coeffs, psf.order, psf.x0, psf.y0, psf.scale_x, psf.scale_y)
+    # A super-sampled model (its coefficient images are not pixel kernels) or any other:
+    # the kernel at the centre.
     k = psf.kernel(*center)
     return ImagePsf(fftconvolve(np.pad(k, he), extra, mode="same"))
 
@@ -748,7 +818,14 @@ def subtract_images(
         (a :class:`dask.delayed.Delayed` of it when ``lazy``)
     summary : dict
         Kernel size, basis, direction, stamps used, residual statistics (a ``Delayed`` of
-        it when ``lazy``; also ``metadata['diffim']`` of the difference).
+        it when ``lazy``; also ``metadata['diffim']`` of the difference). The noise: each
+        input's measured noise against its plane on source-free pixels
+        (``noise_plane_ratio_*``, the factor applied ``variance_plane_factor_*``), its
+        correlation (``noise_correlated_*``, ``neighbour_correlation_*``, the sum applied
+        ``noise_correlation_*``: 1 unless measured significant); the difference's measured
+        noise / variance plane on source-free pixels before rescaling
+        (``residual_std_sigma``) and the factor the plane was multiplied by
+        (``variance_rescale``; see ``_check_variance``).
 
     Raises
     ------
@@ -881,12 +958,14 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
         sig_sharp,
     )
     ksum_check = _check_kernel_sum(cfg, ksum, ref, ref_sig, ref_source, ref_n, aperture_ratio=fit["ratio"])
-    # Noise correlation of each image, measured on its source-free pixels: a resampled
-    # (warped, coadded) template has Lanczos-correlated noise, so the noise of K (x) T is
-    # larger than conv(V_T, K^2) and not white; a calexp's comes out ~delta.
-    rho_s = _white_if_weak(_pm.noise_correlation(s_img, s_var, s_bad | (s_mask != 0)))
-    rho_t = _white_if_weak(_pm.noise_correlation(t_img, t_var, t_bad | (t_mask != 0)))
+    # The measured noise of each image on the pixels free of either image's sources: its
+    # ratio to the variance plane and its correlation (a resampled template's is Lanczos-
+    # correlated; a calexp's is white) -- applied only where measured to differ.
+    free, ns_s, ns_t = _input_noise(s_img, s_var, s_mask, s_bad, sig_s, t_img, t_var, t_mask, t_bad, sig_t, planes)
+    r_s, r_t = _plane_factor(ns_s), _plane_factor(ns_t)
+    rho_s, rho_t = ns_s["rho"], ns_t["rho"]
     rho_conv, rho_tgt = (rho_t, rho_s) if mode == "convolve_template" else (rho_s, rho_t)
+    r_conv, r_tgt = (r_t, r_s) if mode == "convolve_template" else (r_s, r_t)
 
     chunk = int(cfg.chunk)
     c_img, c_var, c_msk = convolve_exposure_arrays(
@@ -911,7 +990,9 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
     # Per-pixel variance of K (x) C for correlated C: conv(V, K^2) times
     # sum_d rho(d) A_K(d) / sum K^2 (A_K the kernel's autocorrelation).
     center_kernel = kern.kernel_at(cx, cy)
-    c_var = c_var * _correlated_variance_factor(center_kernel, rho_conv)
+    c_var = c_var * (r_conv * _correlated_variance_factor(center_kernel, rho_conv))
+    if r_tgt != 1.0:
+        tg_var = tg_var * np.float32(r_tgt)
     if mode == "convolve_template":
         diff = tg_img - c_img - bg
         dvar = tg_var + c_var
@@ -950,17 +1031,25 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
         "background_center": float(kern.background_at(cx, cy)),
         "noise_correlation_science": float(rho_s.sum()),
         "noise_correlation_template": float(rho_t.sum()),
+        "noise_correlated_science": bool(ns_s["correlated"]),
+        "noise_correlated_template": bool(ns_t["correlated"]),
+        "neighbour_correlation_science": float(ns_s["neighbour_correlation"]),
+        "neighbour_correlation_template": float(ns_t["neighbour_correlation"]),
+        "noise_plane_ratio_science": float(ns_s["variance_ratio"]),
+        "noise_plane_ratio_template": float(ns_t["variance_ratio"]),
+        "variance_plane_factor_science": float(r_s),
+        "variance_plane_factor_template": float(r_t),
         **{k: v for k, v in kern.stats.items() if k not in ("used", "chi2_history")},
     }
     if cfg.decorrelate:
         # Mean variances in difference-image units over good pixels (LSST uses the means).
         good = ~(s_bad | t_bad)
         if mode == "convolve_template":
-            v_unconv = float(np.mean(s_var[good]))
-            v_conv = float(np.mean(t_var[good])) * ksum**2
+            v_unconv = float(np.mean(s_var[good])) * r_s
+            v_conv = float(np.mean(t_var[good])) * ksum**2 * r_t
         else:
-            v_unconv = float(np.mean(t_var[good])) / ksum**2
-            v_conv = float(np.mean(s_var[good]))
+            v_unconv = float(np.mean(t_var[good])) / ksum**2 * r_t
+            v_conv = float(np.mean(s_var[good])) * r_s
         phi = _pm.decorrelation_kernel(
             center_kernel, v_conv, v_unconv, corr_convolved=rho_conv, corr_unconvolved=rho_tgt
         )
@@ -968,9 +1057,16 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
         diff_zero = da.where((dmask & np.uint32(nodata)) != 0, 0.0, diff)
         diff = _convolve_plain(diff_zero.astype(np.float32), phi, chunk)
         # Noise is now white at the zero-frequency level of the difference's noise power:
-        # per pixel, each image's variance times the sum of its noise correlation (1 for
-        # white noise), the convolved one scaled by the flux ratio.
-        g_conv, g_tgt = float(rho_conv.sum()), float(rho_tgt.sum())
+        # per pixel, each image's variance plane times its measured ratio to the pixel noise
+        # and the sum of its noise correlation (1 for white noise), the convolved one scaled
+        # by the flux ratio (``tg_var`` already carries its plane factor). Exact where the
+        # variances are flat. At a bright source the planes' unconvolved Poisson bumps are
+        # kept rather than propagated through phi (and phi (x) K): the pixel variance is then
+        # overestimated at the peak, but the noise there is correlated on the PSF scale
+        # (phi (x) K of the convolved image), which a per-pixel plane cannot carry and which
+        # makes PSF-fit errors from exactly propagated pixel variances too small (3.5 sigma
+        # flux pulls of faded variables in test_small_simulation_dia).
+        g_conv, g_tgt = float(rho_conv.sum()) * r_conv, float(rho_tgt.sum())
         if mode == "convolve_template":
             dvar = tg_var * g_tgt + da.from_array(conv_var, chunks=chunk) * (ksum**2 * g_conv)
         else:
@@ -998,20 +1094,7 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
     dvar = dvar.astype(np.float32)
     diff, dvar, dmask = _dask.evaluate(diff, dvar, dmask)
     dmask = np.asarray(dmask, dtype=np.uint32)
-    good = ~((dmask & np.uint32(bad_bits)) != 0)
-    if good.any():
-        z = diff[good] / np.sqrt(np.where(dvar[good] > 0, dvar[good], np.inf))
-        med = float(np.median(z))
-        summary["residual_median_sigma"] = med
-        summary["residual_std_sigma"] = float(1.4826 * np.median(np.abs(z - med)))
-        # The variance plane must predict the difference's noise: the correlated-noise
-        # factors are estimates, so the plane is rescaled by the measured robust
-        # spread of diff / sqrt(var) (recorded; a factor far from 1 is a warning).
-        rescale = summary["residual_std_sigma"]
-        summary["variance_rescale"] = 1.0
-        if np.isfinite(rescale) and 0.5 < rescale < 2.0 and abs(rescale - 1.0) > 0.02:
-            dvar = (dvar * np.float32(rescale**2)).astype(np.float32)
-            summary["variance_rescale"] = float(rescale**2)
+    dvar = _check_variance(summary, diff, dvar, dmask, bad_bits, free, sig_s)
     # Registration and flux-matching noise, measured at bright unsaturated stars of
     # the science image (S/N > 200: the noise the two images share is then negligible
     # in the fits), on stamps of the star's core.

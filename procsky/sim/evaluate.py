@@ -199,6 +199,14 @@ def _dia(repo, run: str, truth, radius_arcsec: float) -> dict:
     if not summaries:
         return out
     out["residual_std_sigma"] = _stats([s.get("residual_std_sigma") for _, s in summaries])
+    # The variance plane predicts the noise of a difference from its inputs' noise; where the
+    # template was coadded from the science visit too, the shared noise cancels in part and
+    # only the measured rescale can know it: those are reported apart.
+    shared = [bool(s.get("science_in_template")) for _, s in summaries]
+    ratios = [s.get("residual_std_sigma") for _, s in summaries]
+    out["residual_std_sigma_independent"] = _stats([r for r, sh in zip(ratios, shared) if not sh])
+    out["residual_std_sigma_shared"] = _stats([r for r, sh in zip(ratios, shared) if sh])
+    out["n_science_in_template"] = int(sum(shared))
     out["n_variance_rescaled"] = int(sum(s.get("variance_rescale", 1.0) != 1.0 for _, s in summaries))
     out["registration_sigma_px"] = _stats([s.get("registration_sigma_px") for _, s in summaries])
     out["kernel_stamps_used"] = _stats([s.get("n_stamps_used") for _, s in summaries])
@@ -322,11 +330,24 @@ def format_evaluation(ev: dict) -> str:
             )
     if dia.get("n_differences"):
         lines.append(f"  difference imaging ({dia['n_differences']} detector-visits)")
-        lines.append(
-            f"    noise / variance plane   {_span(dia.get('residual_std_sigma'))} (rescaled on "
-            f"{dia.get('n_variance_rescaled', 0)} of {dia['n_differences']}); "
-            f"kernel stamps {_r(dia.get('kernel_stamps_used'), fmt='{:.0f}')} per detector"
-        )
+        n_sh = dia.get("n_science_in_template", 0)
+        if n_sh and dia.get("residual_std_sigma_shared"):
+            n_ind = dia["n_differences"] - n_sh
+            lines.append(
+                f"    noise / variance plane   {_span(dia.get('residual_std_sigma_independent'))} on {n_ind} "
+                f"with the science visit not in the template; {_span(dia.get('residual_std_sigma_shared'))} "
+                f"on {n_sh} whose template coadds it (shared noise)"
+            )
+            lines.append(
+                f"    variance plane rescaled  on {dia.get('n_variance_rescaled', 0)} of {dia['n_differences']}; "
+                f"kernel stamps {_r(dia.get('kernel_stamps_used'), fmt='{:.0f}')} per detector"
+            )
+        else:
+            lines.append(
+                f"    noise / variance plane   {_span(dia.get('residual_std_sigma'))} (rescaled on "
+                f"{dia.get('n_variance_rescaled', 0)} of {dia['n_differences']}); "
+                f"kernel stamps {_r(dia.get('kernel_stamps_used'), fmt='{:.0f}')} per detector"
+            )
         if dia.get("registration_sigma_px"):
             lines.append(
                 f"    registration noise       {_span(dia.get('registration_sigma_px'), '{:.3f}')} px per axis "
