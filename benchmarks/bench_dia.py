@@ -10,7 +10,11 @@ difference image is made once (:func:`procsky.diffim.subtract_images`), then
 numba's compilation/cache load, median of ``--repeat``).
 
 Reported: CPU seconds of detection + measurement, per 100 DIA sources, the number of
-sources and dipoles found, the CPU per dipole fit (``diffim._dipole_fit``, on the calls
+sources and dipoles found, and the same for the ``detect_dia_sources`` of an earlier
+revision (``--before REV``, default 936bab7: every source's PSF stamp rendered by an FFT
+shift, 16 more per dipole; loaded from ``git show REV:procsky/diffim/dia.py`` as a module of
+the current package, so only the measurement code differs) with the largest differences of
+the two catalogues; the CPU per dipole fit (``diffim._dipole_fit``, on the calls
 ``detect_dia_sources`` makes, recorded once) and with ``--scipy`` the former scipy fit
 (``tests/test_kernels_dipole._dipole_fit_scipy``: LM with numerical Jacobian, FFT-shifted
 PSF per evaluation) on the same calls. ``--profile`` prints where the time goes (cProfile,
@@ -18,7 +22,8 @@ cumulative, top entries of procsky's per-source steps).
 
 Run::
 
-    .venv/bin/python benchmarks/bench_dia.py [--size 2048] [--n-dia 200] [--repeat 3] [--scipy 10] [--profile]
+    .venv/bin/python benchmarks/bench_dia.py [--size 2048] [--n-dia 200] [--repeat 3] [--before 936bab7]
+                                             [--scipy 10] [--profile]
 """
 
 from __future__ import annotations
@@ -97,6 +102,37 @@ def _load_scipy_reference():
     return mod._dipole_fit_scipy
 
 
+def _load_before(rev):
+    """``procsky.diffim.dia`` as it was at ``rev``, importable beside the current one."""
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(
+        ["git", "show", f"{rev}:procsky/diffim/dia.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    path = os.path.join(tempfile.mkdtemp(prefix="bench_dia_"), "_dia_before.py")
+    with open(path, "w") as fh:
+        fh.write(src)
+    name = "procsky.diffim._dia_before"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "procsky.diffim"
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cpu(fn, diff, repeat):
+    """(median CPU s of ``repeat`` runs after a warm-up, the catalogue)."""
+    df, _ = fn(diff)
+    times = []
+    for _ in range(repeat):
+        t = time.process_time()
+        df, _ = fn(diff)
+        times.append(time.process_time() - t)
+    return statistics.median(times), times, df
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=2048)
@@ -111,6 +147,12 @@ def main(argv=None):
         help="also time the former scipy dipole fit on the first N recorded dipoles (slow: ~s each)",
     )
     ap.add_argument("--profile", action="store_true", help="cProfile one run of detect_dia_sources")
+    ap.add_argument(
+        "--before",
+        default="936bab7",
+        metavar="REV",
+        help="also time detect_dia_sources of this git revision ('' to skip)",
+    )
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument(
         "--sep",
@@ -155,6 +197,12 @@ def main(argv=None):
     n_src = len(df)
     n_dip = int(df.is_dipole.sum())
     n_fit = int((df.is_dipole & ~df.flag_dipole_fit).sum())
+
+    before = None
+    if args.before:
+        old_mod = _load_before(args.before)
+        tb, times_b, df_b = _cpu(old_mod.detect_dia_sources, diff, args.repeat)
+        before = (tb, times_b, df_b)
 
     t = time.process_time()
     for a, k in calls:
@@ -205,8 +253,25 @@ def main(argv=None):
     print(f"{f'detect_dia_sources CPU s (median of {args.repeat})':44s} {t_med:12.3f}")
     print(f"{'  runs':44s} {' '.join(f'{x:.2f}' for x in times):>12s}")
     print(f"{'CPU s per 100 DIA sources':44s} {100 * t_med / max(n_src, 1):12.3f}")
+    if before is not None:
+        tb, times_b, df_b = before
+        print(f"{f'before ({args.before}) CPU s (median of {args.repeat})':44s} {tb:12.3f}")
+        print(f"{'  runs':44s} {' '.join(f'{x:.2f}' for x in times_b):>12s}")
+        print(f"{'  CPU s per 100 DIA sources':44s} {100 * tb / max(len(df_b), 1):12.3f}")
+        print(f"{'  speed-up':44s} {tb / max(t_med, 1e-9):12.1f}x")
+        if len(df_b) == n_src:
+            for c in ("psf_flux", "psf_flux_err", "psf_chi2", "dipole_pos_flux", "dipole_separation", "reliability"):
+                a_, b_ = df[c].to_numpy(), df_b[c].to_numpy()
+                ok = np.isfinite(a_) & np.isfinite(b_)
+                rel = np.abs(a_[ok] - b_[ok]) / np.maximum(np.abs(b_[ok]), 1e-12)
+                print(f"{f'  max |after/before - 1| {c}':44s} {(rel.max() if ok.any() else np.nan):12.2e}")
+            flags = [c for c in df.columns if c.startswith("flag_") or c.startswith("is_")]
+            n_flag = int(sum((df[c] != df_b[c]).sum() for c in flags))
+            print(f"{'  flags that differ':44s} {n_flag:12d}")
+        else:
+            print(f"{'  sources before (differ in number)':44s} {len(df_b):12d}")
     print(f"{'dipole fit CPU ms per dipole (numba LM)':44s} {1e3 * t_dip:12.2f}")
-    print(f"{'  of which oversampled PSF build, ms':44s} {1e3 * t_os:12.2f}")
+    print(f"{'per-dipole PSF build it replaced (before), ms':44s} {1e3 * t_os:12.2f}")
     print(f"{'dipole fits CPU s per image':44s} {t_dip * len(calls):12.3f}")
     if t_old is not None:
         print(f"{f'former scipy fit CPU s per dipole ({len(sub)})':44s} {t_old:12.2f}")
