@@ -47,6 +47,8 @@ def _z_checks(diff, truth, margin=40):
         ix, iy = int(round(x)), int(round(y))
         if not (margin < ix < nx - margin and margin < iy < ny - margin):
             continue
+        if np.any(np.hypot(tr["x"] - x, tr["y"] - y) < 15):  # a transient on the star: not static sky
+            continue
         sl = (slice(iy - h, iy + h + 1), slice(ix - h, ix + h + 1))
         if bad[sl].any():
             continue
