@@ -64,6 +64,12 @@ def _sky_errors(
     return np.sqrt(var_a), np.sqrt(var_d)
 
 
+def _apcorr_radius(state: CalibrateState, config: CalibrationConfig) -> float:
+    """The aperture PSF fluxes were corrected to (the configured one when no correction ran)."""
+    r = float(state.apcorr_radius)
+    return r if np.isfinite(r) else float(config.measurement.apcorr_radius)
+
+
 def make_catalogue(state: CalibrateState, config: CalibrationConfig) -> pd.DataFrame:
     """The ``src`` table of the detector (fluxes calibrated by ``state.photocalib``)."""
     meas, det, exp, bkg, wcs = state.meas, state.det, state.exposure, state.background, state.wcs
@@ -129,7 +135,7 @@ def make_catalogue(state: CalibrateState, config: CalibrationConfig) -> pd.DataF
     df.attrs["units"] = units
     df.attrs["meta"] = {
         "flux_unit": "nJy",
-        "apcorr_radius_px": float(config.measurement.apcorr_radius),
+        "apcorr_radius_px": _apcorr_radius(state, config),
         "psf_flux_aperture_corrected": True,
         "psf_flux_sys": float(state.flux_sys),
         "psf_flux_err": "photon noise of the PSF fit (x aperture correction) plus, in quadrature, "
@@ -174,7 +180,7 @@ def make_calexp(state: CalibrateState, config: CalibrationConfig) -> Exposure:
                 "background_mesh": bkg.mesh_background.tolist(),
                 "psf": state.psf_info,
                 "apcorr": state.apcorr,
-                "apcorr_radius": float(config.measurement.apcorr_radius),
+                "apcorr_radius": _apcorr_radius(state, config),
                 "growth": growth.to_dict(),
                 "astrometry": state.astro,
                 "photometry": state.phot,

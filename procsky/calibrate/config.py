@@ -134,7 +134,15 @@ class MeasurementConfig(pydantic.BaseModel):
     aperture_radii: tuple[float, ...] = (3.0, 4.5, 6.0, 9.0, 12.0, 17.0)
     """Circular aperture radii, pixels."""
     apcorr_radius: float = 17.0
-    """Aperture (one of ``aperture_radii``) the PSF fluxes are corrected to, pixels."""
+    """Aperture (one of ``aperture_radii``) the PSF fluxes are corrected to, pixels: the largest one used."""
+    apcorr_fwhm: float | None = 4.0
+    """The aperture correction uses the smallest of ``aperture_radii`` at least this many PSF FWHM wide,
+    ``apcorr_radius`` at most (None: always ``apcorr_radius``). A radius far beyond the PSF only adds
+    the light of neighbours and the error of the sky: on a crowded 1"/px frame (FWHM 1.7 px) the 17 px
+    aperture held 6 % more than the star and the growth curve beyond it 3 % more, so PSF fluxes came
+    out 5 % high and calibrated aperture fluxes 5 % low; at 9 px both are within 0.1 % of the truth.
+    Well-sampled frames (FWHM >= 3.4 px) keep 17 px. The growth curve then starts at that radius,
+    through the larger ``aperture_radii`` to the ``growth_edges``."""
     total_flux_correction: bool = True
     """Also correct PSF fluxes from the ``apcorr_radius`` aperture to the total flux, measured on the
     growth curve of the bright stars out to ``growth_edges`` with a local sky in ``growth_sky_annulus``

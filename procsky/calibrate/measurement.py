@@ -99,11 +99,27 @@ def measure_with_psf(state: CalibrateState, config: MeasurementConfig) -> None:
     _note_cr_on_bright_stars(meas)
 
 
+def apcorr_radius(state: CalibrateState, config: MeasurementConfig) -> tuple[float, tuple[float, ...]]:
+    """The aperture-correction radius (``config.apcorr_fwhm``) and the growth curve's ring edges from it."""
+    radius = float(config.apcorr_radius)
+    fwhm = 2.3548200450309493 * float(state.sigma_psf)
+    if config.apcorr_fwhm is None or not (np.isfinite(fwhm) and fwhm > 0):
+        return radius, tuple(config.growth_edges)
+    wide = sorted(r for r in config.aperture_radii if config.apcorr_fwhm * fwhm <= r <= radius)
+    if not wide or wide[0] >= radius:
+        return radius, tuple(config.growth_edges)
+    r = float(wide[0])
+    edges = (r, *(a for a in sorted(config.aperture_radii) if a > r), *(e for e in config.growth_edges if e > radius))
+    return r, tuple(float(e) for e in edges)
+
+
 def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> None:
     """Aperture correction (``apcorr``) over the PSF stars and aperture-to-total (``growth``) over the
     bright stars."""
     meas, used, cand = state.meas, state.used, state.cand
-    apc_name = ap_name(meas, config.apcorr_radius)
+    radius, edges = apcorr_radius(state, config)
+    state.apcorr_radius = radius
+    apc_name = ap_name(meas, radius)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = meas[apc_name] / meas["psf_flux"]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -146,7 +162,7 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
         inner = {
             r: (meas[ap_name(meas, r)][gi], meas[ap_name(meas, r) + "_err"][gi])
             for r in config.aperture_radii
-            if 0.5 * config.apcorr_radius <= r < config.apcorr_radius
+            if 0.5 * radius <= r < radius
         }
         growth = aperture_to_total(
             state.sub,
@@ -158,9 +174,9 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
             meas["y"][gi],
             meas[apc_name][gi],
             meas[apc_name + "_err"][gi],
-            config.apcorr_radius,
+            radius,
             inner_fluxes=inner,
-            edges=config.growth_edges,
+            edges=edges,
             sky_annulus=config.growth_sky_annulus,
             bad_bits=_GROWTH_BAD,
         )

@@ -89,6 +89,8 @@ class CalibrateState:
     apcorr: float = 1.0
     apcorr_err: float = float("nan")
     n_apcorr: int = 0
+    apcorr_radius: float = float("nan")
+    """The aperture the PSF fluxes were corrected to, pixels (``measurement.apcorr_radius``)."""
     growth: GrowthCorrection = _later()
     psf_flux: np.ndarray = _later()
     psf_flux_err: np.ndarray = _later()
