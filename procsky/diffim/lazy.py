@@ -133,6 +133,9 @@ class LazyPsf(PsfModel):
     def fwhm(self, x: float, y: float) -> float:
         return self.resolve().fwhm(x, y)
 
+    def moment_fwhm(self, x: float, y: float) -> float:
+        return self.resolve().moment_fwhm(x, y)
+
     def to_dict(self) -> dict:
         return self.resolve().to_dict()
 

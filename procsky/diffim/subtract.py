@@ -132,15 +132,24 @@ class SubtractionConfig(pydantic.BaseModel):
     kernel_sum_fail: float | None = pydantic.Field(0.2, gt=0)
 
 
-def psf_sigma_at(psf, x, y, *, what: str = "PSF") -> float:
-    """Gaussian-equivalent sigma (pixels) of a PSF model at (x, y).
+#: A PSF whose moment size exceeds its half-maximum size by more than this factor is sized by
+#: the latter (:func:`psf_sigma_at`).
+MOMENT_SIZE_CAP = 1.25
 
-    The model's own ``fwhm`` (the determinant radius of its second moments for image
-    PSFs). A PSF whose moments are not positive definite (a difference image's PSF,
+
+def psf_sigma_at(psf, x, y, *, what: str = "PSF") -> float:
+    """Gaussian-equivalent sigma (pixels) of a PSF model at (x, y), for PSF matching.
+
+    The size from the unweighted second moments (``moment_fwhm``), at most
+    ``MOMENT_SIZE_CAP`` (1.25) times the half-maximum size (``fwhm``). A ground PSF's
+    wings are part of what the matching kernel must match, and the kernel basis, stamps
+    and detection widths were built on that size (its moment FWHM is ~5-10 % above its
+    half maximum); a PSF whose moments its wings or spikes dominate (a space PSF: a moment
+    FWHM several times the core's) is sized by its core instead, as the issue-19 JWST-like
+    case needs. A PSF whose moments are not positive definite (a difference image's PSF,
     convolved with a matching kernel with negative lobes; a PSF with large negative wings
-    or nearly one-dimensional) has no moment size: the size at half maximum is used
-    instead (:func:`half_maximum_sigma`) and the fallback is noted (``note_degraded``,
-    code ``psf_size_fallback``).
+    or nearly one-dimensional) has no moment size: the half-maximum size is used and the
+    fallback is noted (``note_degraded``, code ``psf_size_fallback``).
     """
     sigma, ok = _psf_sigma_checked(psf, x, y)
     if not ok:
@@ -171,23 +180,25 @@ def half_maximum_sigma(kernel) -> float:
 
 def _psf_sigma_checked(psf, x, y) -> tuple[float, bool]:
     """``(sigma, ok)``: :func:`psf_sigma_at` without the note; ``ok`` False when the
-    half-maximum fallback was used."""
-    from procsky.psf import PsfModel
-
+    moments gave no size (the half-maximum fallback)."""
+    half = mom = float("nan")
     try:
-        if type(psf).fwhm is PsfModel.fwhm:
-            ixx, iyy, ixy = psf.moments(x, y)
-            if not (ixx > 0 and iyy > 0 and ixx * iyy - ixy * ixy > 0):
-                raise ValueError("second moments not positive definite")
-        sigma = float(psf.fwhm(x, y)) / 2.3548200450309493
-        if np.isfinite(sigma) and sigma > 0:
-            return sigma, True
+        half = float(psf.fwhm(x, y))
     except (ValueError, ArithmeticError):  # ProcskyValueError is a ValueError
         pass
-    sigma = half_maximum_sigma(psf.kernel(x, y))
-    if not (np.isfinite(sigma) and sigma > 0):
+    try:
+        ixx, iyy, ixy = (float(v) for v in psf.moments(x, y))
+        if ixx > 0 and iyy > 0 and ixx * iyy - ixy * ixy > 0:  # both positive: negative wings have det > 0 too
+            mom = 2.3548200450309493 * (ixx * iyy - ixy * ixy) ** 0.25
+    except (ValueError, ArithmeticError):
+        pass
+    if not (np.isfinite(half) and half > 0):
+        half = 2.3548200450309493 * half_maximum_sigma(psf.kernel(x, y))
+    if not (np.isfinite(half) and half > 0):
         raise ProcskyValueError(f"the PSF at ({x}, {y}) has no positive peak: it has no size")
-    return sigma, False
+    if np.isfinite(mom) and mom > 0:
+        return min(mom, MOMENT_SIZE_CAP * half) / 2.3548200450309493, True
+    return half / 2.3548200450309493, False
 
 
 def _bad(mask, planes, names=_NOT_USABLE):
