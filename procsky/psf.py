@@ -45,6 +45,7 @@ import numpy as np
 from procsky.errors import ProcskyTypeError, ProcskyValueError
 
 __all__ = [
+    "matching_fwhm",
     "PsfModel",
     "GaussianPsf",
     "ImagePsf",
@@ -96,6 +97,32 @@ def _fourier_upsample(img: np.ndarray, factor: int) -> np.ndarray:
     oy, ox = (my - ny) // 2, (mx - nx) // 2
     big[oy : oy + ny, ox : ox + nx] = spec
     return np.fft.ifft2(np.fft.ifftshift(big)).real * factor * factor
+
+
+#: A PSF whose moment size exceeds its half-maximum size by more than this factor is sized by
+#: the latter in :func:`matching_fwhm`.
+MOMENT_SIZE_CAP = 1.25
+
+
+def matching_fwhm(psf, x: float, y: float) -> float:
+    """The size (FWHM, pixels) that PSF matching and measurement windows work with.
+
+    The unweighted-moment size (``moment_fwhm``), at most ``MOMENT_SIZE_CAP`` times the
+    half-maximum size (``fwhm``, what is reported). A ground PSF's wings are part of what a
+    matching kernel or a Gaussian target must cover (its moment FWHM is 5-10 % above its
+    half maximum, and matching to the half maximum leaves its wings unmatched); a PSF whose
+    moments its wings or spikes dominate (a space PSF) is sized by its core. The half
+    maximum when the moments give no size.
+    """
+    half = float(psf.fwhm(x, y))
+    try:
+        ixx, iyy, ixy = (float(v) for v in psf.moments(x, y))
+    except (ValueError, ArithmeticError):
+        return half
+    det = ixx * iyy - ixy * ixy
+    if not (ixx > 0 and iyy > 0 and det > 0) or not (np.isfinite(half) and half > 0):
+        return half
+    return min(SIGMA_TO_FWHM * det**0.25, MOMENT_SIZE_CAP * half)
 
 
 def half_max_fwhm(image: np.ndarray, step: float = 1.0, upsample: int | None = None) -> float:

@@ -27,7 +27,7 @@ from procsky.kernels.psfmodel import (
     select_psf_stars,
 )
 from procsky.notes import note_degraded
-from procsky.psf import SIGMA_TO_FWHM, GaussianPsf, PolynomialImagePsf
+from procsky.psf import SIGMA_TO_FWHM, GaussianPsf, PolynomialImagePsf, matching_fwhm
 
 __all__ = ["fit_detector_psf", "model_psf", "psf_from_arrays", "select_stars"]
 
@@ -230,6 +230,7 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
     meas, cand, n_det = state.meas, state.cand, state.n_det
     ny, nx = state.shape
     psf_model = None
+    kernel_fwhm = float("nan")
     psf: PolynomialImagePsf | GaussianPsf
     psf_info: dict = {"n_candidates": int(cand.sum())}
     used = np.zeros(n_det, bool)
@@ -274,6 +275,7 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
                     oversample=int(arrays.oversample),
                     n_stars=int(arrays.n_stars),
                 )
+        kernel_fwhm = float(arrays.fwhm)
         psf_info.update(
             model="PolynomialImagePsf",
             oversample=int(arrays.oversample),
@@ -317,6 +319,7 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
         else:
             s, e1, e2 = state.sigma, 0.0, 0.0
         gauss = GaussianPsf(float(s), float(e1), float(e2), size=stamp)
+        kernel_fwhm = float(gauss.fwhm())
         psf = gauss
         used[stars] = True
         psf_info.update(
@@ -344,6 +347,9 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
     psf_info["moment_fwhm_px"] = _safe(psf.moment_fwhm, xc, yc)
     state.psf, state.psf_model, state.psf_info = psf, psf_model, psf_info
     state.used, state.reserved, state.stamps = used, reserved, stamps
-    state.sigma_psf = (
-        psf_info["fwhm_px"] / SIGMA_TO_FWHM if np.isfinite(psf_info.get("fwhm_px", np.nan)) else state.sigma
-    )
+    # measurement windows, apertures and tests keep the size they were built on: the PSF
+    # kernel's own (adaptive-moment) FWHM of a pixel-level model or the Gaussian fallback's;
+    # for a super-sampled model the moment size capped at 1.25x the half maximum
+    if not np.isfinite(kernel_fwhm):
+        kernel_fwhm = _safe(lambda x, y: matching_fwhm(psf, x, y), xc, yc)
+    state.sigma_psf = kernel_fwhm / SIGMA_TO_FWHM if np.isfinite(kernel_fwhm) else state.sigma
