@@ -29,18 +29,9 @@ import numpy as np
 
 from .model import _BAD, PsfModelArrays, _basis, _eval_grid, poly_terms
 from .render import _render
+from .sampling import _lanczos3 as _l3
 
 __all__ = ["fit_supersampled_psf", "gaussian_centroids"]
-
-
-@numba.njit(nogil=True, cache=True)
-def _l3(t):
-    if t == 0.0:
-        return 1.0
-    if t <= -3.0 or t >= 3.0:
-        return 0.0
-    pt = math.pi * t
-    return 3.0 * math.sin(pt) * math.sin(pt / 3.0) / (pt * pt)
 
 
 @numba.njit(nogil=True, cache=True)
