@@ -10,6 +10,7 @@ import pydantic
 
 from procsky import _dask
 from procsky import masks as _masks
+from procsky import psf as _psf
 from procsky.errors import AlgorithmError, NoWorkError, ProcskyValueError
 from procsky.kernels import convolve as _conv
 from procsky.kernels import psfmatch as _pm
@@ -133,8 +134,8 @@ class SubtractionConfig(pydantic.BaseModel):
 
 
 #: A PSF whose moment size exceeds its half-maximum size by more than this factor is sized by
-#: the latter (:func:`psf_sigma_at`).
-MOMENT_SIZE_CAP = 1.25
+#: the latter (:func:`psf_sigma_at`, through :func:`procsky.psf.matching_fwhm`).
+MOMENT_SIZE_CAP = _psf.MOMENT_SIZE_CAP
 
 
 def psf_sigma_at(psf, x, y, *, what: str = "PSF") -> float:
@@ -179,26 +180,24 @@ def half_maximum_sigma(kernel) -> float:
 
 
 def _psf_sigma_checked(psf, x, y) -> tuple[float, bool]:
-    """``(sigma, ok)``: :func:`psf_sigma_at` without the note; ``ok`` False when the
-    moments gave no size (the half-maximum fallback)."""
-    half = mom = float("nan")
+    """``(sigma, ok)``: :func:`psf_sigma_at` without the note. The size is
+    :func:`procsky.psf.matching_fwhm` (the one the coadd's matching target uses too);
+    ``ok`` is False when the moments gave no size (its half-maximum fallback)."""
     try:
-        half = float(psf.fwhm(x, y))
+        fwhm = float(_psf.matching_fwhm(psf, x, y))
     except (ValueError, ArithmeticError):  # ProcskyValueError is a ValueError
-        pass
+        fwhm = float("nan")
+    if not (np.isfinite(fwhm) and fwhm > 0):
+        fwhm = _psf.SIGMA_TO_FWHM * half_maximum_sigma(psf.kernel(x, y))
+    if not (np.isfinite(fwhm) and fwhm > 0):
+        raise ProcskyValueError(f"the PSF at ({x}, {y}) has no positive peak: it has no size")
     try:
         ixx, iyy, ixy = (float(v) for v in psf.moments(x, y))
-        if ixx > 0 and iyy > 0 and ixx * iyy - ixy * ixy > 0:  # both positive: negative wings have det > 0 too
-            mom = 2.3548200450309493 * (ixx * iyy - ixy * ixy) ** 0.25
+        # both positive: negative wings all round have det > 0 too
+        ok = bool(ixx > 0 and iyy > 0 and ixx * iyy - ixy * ixy > 0)
     except (ValueError, ArithmeticError):
-        pass
-    if not (np.isfinite(half) and half > 0):
-        half = 2.3548200450309493 * half_maximum_sigma(psf.kernel(x, y))
-    if not (np.isfinite(half) and half > 0):
-        raise ProcskyValueError(f"the PSF at ({x}, {y}) has no positive peak: it has no size")
-    if np.isfinite(mom) and mom > 0:
-        return min(mom, MOMENT_SIZE_CAP * half) / 2.3548200450309493, True
-    return half / 2.3548200450309493, False
+        ok = False
+    return fwhm / _psf.SIGMA_TO_FWHM, ok
 
 
 def _bad(mask, planes, names=_NOT_USABLE):

@@ -1,0 +1,409 @@
+"""Difference imaging on the simulator's real-data regimes, against the truth and against SFFT.
+
+Issue 19 judges differencing by, on each simulated regime, a difference-image z std of
+0.9-1.1 at static stars and a kernel sum within 1 % of the truth, and on held-out real pairs
+by bright-star residuals within 2x of SFFT's (Hu et al. 2022, ApJ 936, 157) and a variance
+plane within 10 % of the measured noise. For each regime recipe of ``procsky.sim`` this
+script simulates two visits of detector 0 in one band, calibrates both, warps the template
+visit (the sharper seeing; its counts, without its calibration) onto the science visit's
+grid, subtracts with :func:`procsky.diffim.subtract_images` and with SFFT on the same two
+images, and reports:
+
+* ``ksum`` / ``ksum_truth``: the fitted kernel sum at the frame centre and the truth, the
+  ratio of the visits' photometric scalings (truth counts per nJy, science over template;
+  the warp conserves counts);
+* ``z_psf`` / ``z_pix``: std of the PSF-weighted ``sum(P D) / sqrt(sum(P^2 V))`` and of the
+  pixels' ``D / sqrt(V)`` within 1.5 FWHM, at static truth stars (not variable, saturated,
+  near a transient or a masked pixel), on procsky's difference (decorrelated, as the
+  pipeline stores it);
+* ``res``: residual at bright unsaturated static stars (S/N > 100 in the science visit) as a
+  fraction of the star: ``sqrt(max(sum D^2 - N, 0)) / (F ||psf||_2)`` within 2 FWHM, with
+  ``N`` the stamp's expected noise (``c sum(V_sci + k^2 V_tpl)``, ``c`` the difference's
+  measured noise over that prediction on source-free pixels) and ``F ||psf||_2`` the truth
+  star's L2 norm; rms over the stars, for procsky (not decorrelated, the quantity SFFT
+  makes) and SFFT; ``peak``: median over the same stars of the largest ``|D| / sigma``
+  within 2 FWHM;
+* ``var/noise``: the measured noise of ``D / sqrt(V)`` (1.4826 MAD) on pixels far from every
+  truth object (the radius where a Gaussian PSF of the object's flux falls to 0.1 sigma,
+  doubled), procsky's final variance plane;
+* CPU s of each tool (procsky in process after a numba warm-up; SFFT the CPU of its child
+  process, its one-off numba compilation included, and the wall time of its subtraction).
+
+SFFT (``pip install sfft``; benchmark only, not a dependency of procsky) runs through
+``sfft.CustomizedPacket`` on the Numpy backend, one thread, with the kernel half-width,
+spatial order and background order procsky used and ``ForceConv`` as procsky's ``mode``;
+pixels unusable in either image (and their kernel footprint) are zeroed in its fit images.
+
+Usage::
+
+    .venv/bin/python benchmarks/compare_diffim_regimes.py [--recipes stamp256 space] [--no-sfft] [--out x.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REGIMES = ("stamp256", "undersampled", "space", "crowded", "correlated")
+
+
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def simulate_pair(recipe: str, work: Path) -> dict:
+    """Simulate visits of one band (detector 0), calibrate them, and return the science
+    calexp, the template warped onto it (counts), and the truth needed."""
+    from procsky.calibrate import CalibrationConfig
+    from procsky.calibrate.driver import calibrate_exposure
+    from procsky.diffim import warp_template_to_science
+    from procsky.exposure import Exposure
+    from procsky.refcat import read_refcat_file
+    from procsky.sim import simulate
+    from procsky.sim.render import image_filename
+    from procsky.sim.truth import SimTruth
+    from procsky.wcs import wcs_cards
+
+    out = work / recipe
+    simulate(recipe, out, visits=[1, 2, 3], detectors=[0], scheduler="sync", progress=False)
+    truth = SimTruth(out)
+    dets = truth.detectors[truth.detectors.detector == 0]
+    band = dets.band.iloc[0]
+    dets = dets[dets.band == band].sort_values("visit").iloc[:2]
+    # the template is the visit with the sharper PSF: the one convolved
+    dets = dets.sort_values("psf_fwhm_pixel_px")
+    v_tpl, v_sci = int(dets.visit.iloc[0]), int(dets.visit.iloc[1])
+    refcat = read_refcat_file(out / "refcat/refcat.parquet")
+    cal = {}
+    for v in (v_tpl, v_sci):
+        exp = Exposure.read(out / "images" / image_filename("calexp", v, 0))
+        calexp, _, _ = calibrate_exposure(exp, refcat, CalibrationConfig())
+        # the true WCS: registration errors of the astrometric fit are not what is measured
+        w = truth.wcs(v, 0)
+        cal[v] = calexp.compute()._replace(wcs=w, wcs_cards=wcs_cards(w))
+    sci = cal[v_sci]
+    tpl_counts = cal[v_tpl]._replace(photocalib=None)
+    tpl = warp_template_to_science([tpl_counts], sci)
+    ex = truth.exposures
+    scale = {v: float(np.median((ex.counts / ex.flux)[(ex.visit == v) & (ex.flux > 0)])) for v in (v_tpl, v_sci)}
+    return {
+        "truth": truth,
+        "sci": sci,
+        "tpl": tpl,
+        "v_sci": v_sci,
+        "v_tpl": v_tpl,
+        "ksum_truth": scale[v_sci] / scale[v_tpl],
+        "fwhm_sci": float(dets.psf_fwhm_pixel_px.iloc[1]),
+        "fwhm_tpl": float(dets.psf_fwhm_pixel_px.iloc[0]),
+    }
+
+
+def _objects(p: dict):
+    """Truth objects on the science frame: (all, static stars) with x, y, counts, flags."""
+    tr = p["truth"]
+    ex = tr.exposures.merge(tr.objects[["object_id", "kind"]])
+    sci = ex[(ex.visit == p["v_sci"]) & (ex.detector == 0)]
+    tpl = ex[(ex.visit == p["v_tpl"]) & (ex.detector == 0)][["object_id", "saturated"]]
+    sci = sci.merge(tpl.rename(columns={"saturated": "saturated_tpl"}), on="object_id", how="left")
+    sci["saturated_tpl"] = sci["saturated_tpl"].fillna(False).astype(bool)
+    return sci
+
+
+def _far_from_sources(shape, objs, fwhm, sigma_pix):
+    """Pixels beyond twice the radius where a Gaussian PSF of each object's counts falls to
+    0.1 sigma of the noise (at least 2 FWHM)."""
+    ny, nx = shape
+    s = fwhm / 2.3548
+    near = np.zeros(shape, bool)
+    for x, y, c, kind in zip(objs.x, objs.y, objs.counts, objs.kind):
+        peak = max(float(c), 0.0) / (2 * np.pi * s * s)
+        r = 2.0 * s * np.sqrt(2.0 * np.log(max(peak / (0.1 * sigma_pix), 1.0)))
+        r = max(r, 2 * fwhm) * (3.0 if kind == "galaxy" else 1.0)
+        ix, iy, ir = int(round(x)), int(round(y)), int(np.ceil(r))
+        y0, y1, x0, x1 = max(iy - ir, 0), min(iy + ir + 1, ny), max(ix - ir, 0), min(ix + ir + 1, nx)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        near[y0:y1, x0:x1] |= (yy - y) ** 2 + (xx - x) ** 2 < r * r
+    return ~near
+
+
+def measure(p: dict, diff_dec, diff_raw, sdiff, summary) -> dict:
+    """The figures of the module docstring."""
+    sci, tpl = p["sci"], p["tpl"]
+    objs = _objects(p)
+    fwhm = p["fwhm_sci"]
+    ny, nx = sci.shape
+    h = int(summary["kernel_half_width"])
+    k = float(summary["kernel_sum"])
+    vs = np.asarray(sci.variance, float)
+    vt = np.asarray(tpl.variance, float)
+    pred = vs + k * k * vt  # the difference's noise without correlation, science units
+    d_mask = np.asarray(diff_dec.mask)
+    bad = (d_mask & diff_dec.mask_bits("NO_DATA", "BAD", "SAT", "CR", "EDGE", "SUSPECT")) != 0
+    sigma_pix = float(np.sqrt(np.median(vs)))
+    free = _far_from_sources((ny, nx), objs, fwhm, sigma_pix) & ~bad
+    m = h + 2
+    free[:m] = free[-m:] = False
+    free[:, :m] = free[:, -m:] = False
+
+    def robust(z):
+        z = z[np.isfinite(z)]
+        return float(1.4826 * np.median(np.abs(z - np.median(z)))) if z.size else float("nan")
+
+    res: dict = {"n_free_pixels": int(free.sum())}
+    d = np.asarray(diff_dec.image, float)
+    v = np.asarray(diff_dec.variance, float)
+    res["var_over_noise"] = robust(d[free] / np.sqrt(v[free]))  # measured noise / plane
+
+    # static stars: not variable/transient, unsaturated in both visits, away from the
+    # variables and transients, the edges and masked pixels
+    movers = objs[objs.kind.isin(["variable", "transient"])]
+    sat = objs[objs.saturated | objs.saturated_tpl]
+    stars = objs[(objs.kind == "star") & ~objs.saturated & ~objs.saturated_tpl]
+    r_psf = max(int(np.ceil(1.5 * fwhm)), 2)
+    hw = max(int(np.ceil(2.0 * fwhm)), 3)
+    margin = m + hw + 1
+    z_psf, z_pix, sel = [], [], []
+    for i, (x, y) in enumerate(zip(stars.x, stars.y)):
+        ix, iy = int(round(x)), int(round(y))
+        if not (margin <= ix < nx - margin and margin <= iy < ny - margin):
+            continue
+        if len(movers) and np.any(np.hypot(movers.x - x, movers.y - y) < 5 * fwhm + 5):
+            continue
+        if len(sat) and np.any(np.hypot(sat.x - x, sat.y - y) < 10 * fwhm + 10):
+            continue
+        sl = (slice(iy - hw, iy + hw + 1), slice(ix - hw, ix + hw + 1))
+        if bad[sl].any():
+            continue
+        pk = diff_dec.psf.kernel(x, y)
+        c = pk.shape[0] // 2
+        if c < hw:
+            pk = np.pad(pk, hw - c)
+            c = hw
+        pk = pk[c - hw : c + hw + 1, c - hw : c + hw + 1]
+        z_psf.append((pk * d[sl]).sum() / np.sqrt((pk * pk * v[sl]).sum()))
+        yy, xx = np.mgrid[sl]
+        core = (yy - iy) ** 2 + (xx - ix) ** 2 <= r_psf**2
+        z_pix.append((d[sl][core] / np.sqrt(v[sl][core])).ravel())
+        sel.append(i)
+    res["n_static_stars"] = len(z_psf)
+    res["n_truth_stars"] = int(len(stars))
+    res["z_psf"] = float(np.std(z_psf)) if z_psf else float("nan")
+    res["z_pix"] = float(np.concatenate(z_pix).std()) if z_pix else float("nan")
+
+    # bright stars: S/N > 100 in the science visit
+    st = stars.iloc[sel]
+    snr = st.counts / np.sqrt(st.counts + np.pi * (fwhm / 2.3548) ** 2 * 4 * sigma_pix**2)
+    bright = st[snr > 100].sort_values("counts", ascending=False).iloc[:40]
+    psf0 = p["truth"].psf_image(p["v_sci"], 0, nx / 2, ny / 2, size=41)
+    l2 = float(np.sqrt(np.sum((psf0 / psf0.sum()) ** 2)))
+    res["n_bright"] = len(bright)
+    for name, img in (("procsky", diff_raw), ("sfft", sdiff)):
+        if img is None:
+            continue
+        img = np.asarray(img, float)
+        c = robust(img[free] / np.sqrt(pred[free])) ** 2
+        fr, pk = [], []
+        for x, y, cnt in zip(bright.x, bright.y, bright.counts):
+            ix, iy = int(round(x)), int(round(y))
+            sl = (slice(iy - hw, iy + hw + 1), slice(ix - hw, ix + hw + 1))
+            yy, xx = np.mgrid[sl]
+            ap = (yy - y) ** 2 + (xx - x) ** 2 <= hw**2
+            dd, nn = img[sl][ap], c * pred[sl][ap]
+            fr.append(np.sqrt(max(float(np.sum(dd * dd) - np.sum(nn)), 0.0)) / (cnt * l2))
+            pk.append(float(np.max(np.abs(dd) / np.sqrt(nn))))
+        res[f"{name}_res"] = float(np.sqrt(np.mean(np.square(fr)))) if fr else float("nan")
+        res[f"{name}_peak_sigma"] = float(np.median(pk)) if pk else float("nan")
+        res[f"{name}_noise_over_plane"] = float(np.sqrt(c))
+    return res
+
+
+def run_sfft(p: dict, summary: dict, tmp: Path, threads: int, mem_limit_gb: float) -> tuple[np.ndarray | None, dict]:
+    from astropy.io import fits
+
+    sci, tpl = p["sci"], p["tpl"]
+    h = int(summary["kernel_half_width"])
+    planes = sci.mask_planes
+    unusable = [n for n in ("NO_DATA", "BAD", "SAT", "CR", "SUSPECT", "EDGE") if n in planes]
+    bad = ((np.asarray(sci.mask) & sci.mask_bits(*unusable)) != 0) | (
+        (np.asarray(tpl.mask) & tpl.mask_bits(*[n for n in unusable if n in tpl.mask_planes])) != 0
+    )
+    from scipy.ndimage import binary_dilation
+
+    bad = binary_dilation(bad, iterations=h)
+    s = np.nan_to_num(np.asarray(sci.image, np.float64))
+    t = np.nan_to_num(np.asarray(tpl.image, np.float64))
+    for name, arr in (("sci", s), ("ref", t), ("msci", np.where(bad, 0.0, s)), ("mref", np.where(bad, 0.0, t))):
+        fits.PrimaryHDU(arr).writeto(tmp / f"{name}.fits", overwrite=True)
+    conv = "REF" if summary["mode"] == "convolve_template" else "SCI"
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--sfft-worker",
+        str(tmp),
+        str(h),
+        str(threads),
+        str(mem_limit_gb),
+        str(int(summary["spatial_order_used"])),
+        conv,
+    ]
+    c0 = _child_cpu()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    info: dict = {"sfft_cpu_s": _child_cpu() - c0}
+    if proc.returncode != 0 or not (tmp / "info.json").exists():
+        info["sfft_error"] = f"SFFT exited with {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}"
+        return None, info
+    info.update(json.loads((tmp / "info.json").read_text()))
+    sdiff = fits.getdata(tmp / "diff.fits").astype(np.float64)
+    if conv == "SCI":
+        # SFFT's difference is then in the template's units: back to science units
+        sdiff = sdiff / float(summary["kernel_sum"])
+    return sdiff, info
+
+
+def _sfft_worker(tmp, half_width, threads, mem_limit_gb, spatial_order, conv):
+    import contextlib
+    import io
+    import re
+
+    lim = int(float(mem_limit_gb) * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    from sfft.CustomizedPacket import Customized_Packet
+
+    f = {k: os.path.join(tmp, f"{k}.fits") for k in ("ref", "sci", "mref", "msci", "diff")}
+    buf = io.StringIO()
+    t = time.time()
+    with contextlib.redirect_stdout(buf):
+        Customized_Packet.CP(
+            FITS_REF=f["ref"],
+            FITS_SCI=f["sci"],
+            FITS_mREF=f["mref"],
+            FITS_mSCI=f["msci"],
+            ForceConv=conv,
+            GKerHW=int(half_width),
+            FITS_DIFF=f["diff"],
+            KerPolyOrder=int(spatial_order),
+            BGPolyOrder=1,
+            ConstPhotRatio=False,
+            BACKEND_4SUBTRACT="Numpy",
+            NUM_CPU_THREADS_4SUBTRACT=int(threads),
+            VERBOSE_LEVEL=1,
+        )
+    text = buf.getvalue()
+    sub = re.search(r"Report: SFFT-SUBTRACTION TAKES \[([0-9.]+) s\]", text)
+    info = {"sfft_wall_s": time.time() - t, "sfft_subtract_wall_s": float(sub.group(1)) if sub else None}
+    with open(os.path.join(tmp, "info.json"), "w") as fh:
+        json.dump(info, fh)
+
+
+def _warm_up():
+    from procsky.diffim import SubtractionConfig, subtract_images
+    from procsky.diffim import simulate_pair as sp
+
+    s0, t0, _ = sp((256, 256), n_stars=60, seed=2)
+    for dec in (False, True):
+        subtract_images(s0, t0, SubtractionConfig(decorrelate=dec), lazy=False)
+
+
+def evaluate(recipe: str, work: Path, *, sfft: bool, threads: int, mem_limit_gb: float) -> dict:
+    from procsky.diffim import SubtractionConfig, subtract_images
+    from procsky.notes import collect_notes
+
+    p = simulate_pair(recipe, work)
+    res: dict = {"recipe": recipe, "visits": [p["v_tpl"], p["v_sci"]], "fwhm": [p["fwhm_tpl"], p["fwhm_sci"]]}
+    with collect_notes() as notes:
+        t = time.process_time()
+        diff, _, summary = subtract_images(p["sci"], p["tpl"], lazy=False)
+        res["procsky_cpu_s"] = time.process_time() - t
+        raw, _, _ = subtract_images(p["sci"], p["tpl"], SubtractionConfig(decorrelate=False), lazy=False)
+    res["notes"] = sorted({n["code"] for n in notes})
+    res["mode"] = summary["mode"]
+    res["ksum"] = float(summary["kernel_sum"])
+    res["ksum_truth"] = p["ksum_truth"]
+    res["ksum_error"] = res["ksum"] / p["ksum_truth"] - 1.0
+    res["kernel_half_width"] = int(summary["kernel_half_width"])
+    res["kernel_fit_level"] = int(summary["kernel_fit_level"])
+    res["spatial_order_used"] = int(summary["spatial_order_used"])
+    res["psf_sigma"] = [summary["psf_sigma_template"], summary["psf_sigma_science"]]
+    res["variance_rescale"] = float(summary["variance_rescale"])
+    sdiff = None
+    if sfft:
+        with tempfile.TemporaryDirectory(prefix="cmp_diffim_") as tmp:
+            sdiff, info = run_sfft(p, summary, Path(tmp), threads, mem_limit_gb)
+        res.update(info)
+    res.update(measure(p, diff, np.asarray(raw.image, float), sdiff, summary))
+    if sdiff is not None:
+        res["res_ratio_procsky_over_sfft"] = res["procsky_res"] / max(res["sfft_res"], 1e-12)
+    return res
+
+
+def table(results: list[dict]) -> str:
+    head = (
+        "| regime | FWHM tpl/sci px | ksum / truth - 1 | z_psf | z_pix | stars | var/noise | "
+        "res procsky | res SFFT | peak sigma procsky / SFFT | CPU s procsky / SFFT |"
+    )
+    rows = [head, "|" + "---|" * 11]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['recipe']} | error: {r['error']} |" + " |" * 9)
+            continue
+        rows.append(
+            f"| {r['recipe']} | {r['fwhm'][0]:.2f} / {r['fwhm'][1]:.2f} | {100 * r['ksum_error']:+.2f} % | "
+            f"{r['z_psf']:.3f} | {r['z_pix']:.3f} | {r['n_static_stars']} | {r['var_over_noise']:.3f} | "
+            f"{100 * r['procsky_res']:.2f} % | "
+            + (f"{100 * r['sfft_res']:.2f} % | " if "sfft_res" in r else "- | ")
+            + f"{r['procsky_peak_sigma']:.1f} / "
+            + (f"{r['sfft_peak_sigma']:.1f} | " if "sfft_peak_sigma" in r else "- | ")
+            + f"{r['procsky_cpu_s']:.1f} / "
+            + (f"{r['sfft_cpu_s']:.1f} |" if "sfft_cpu_s" in r else "- |")
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipes", nargs="+", default=list(REGIMES))
+    ap.add_argument("--work", default=None, help="directory for the simulations (default: a temporary one)")
+    ap.add_argument("--no-sfft", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mem-limit-gb", type=float, default=6.0)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--sfft-worker", nargs=6, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.sfft_worker:
+        _sfft_worker(*args.sfft_worker)
+        return 0
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    _warm_up()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cmp_diffim_sim_") as tmp:
+        work = Path(args.work or tmp)
+        for recipe in args.recipes:
+            try:
+                r = evaluate(recipe, work, sfft=not args.no_sfft, threads=args.threads, mem_limit_gb=args.mem_limit_gb)
+            except Exception as e:  # report the regime that failed and go on
+                r = {"recipe": recipe, "error": f"{type(e).__name__}: {e}"[:300]}
+            results.append(r)
+            print(json.dumps(r, default=float), file=sys.stderr, flush=True)
+    print(table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
