@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("simdir")
     ap.add_argument("--no-cr", action="store_true", help="cosmic-ray steps off")
     ap.add_argument("--no-supersampling", action="store_true", help="psf.undersampled_fwhm=0")
+    ap.add_argument("--visits", type=int, nargs="+", help="only these visits (default all calexps)")
+    ap.add_argument("--detectors", type=int, nargs="+", help="only these detectors")
     args = ap.parse_args()
     d = CalibrateConfig().model_dump()
     if args.no_cr:
@@ -67,6 +69,8 @@ def main() -> None:
     pooled = []
     for f in sorted(glob.glob(f"{args.simdir}/images/calexp-*.fits")):
         v, dd = map(int, re.findall(r"v(\d+)-d(\d+)", f)[0])
+        if (args.visits and v not in args.visits) or (args.detectors and dd not in args.detectors):
+            continue
         _, src, summ = calibrate_exposure(Exposure.read(f), refcat, cfg)
         det = truth.detectors[(truth.detectors.visit == v) & (truth.detectors.detector == dd)].iloc[0]
         ex = truth.exposures[(truth.exposures.visit == v) & (truth.exposures.detector == dd)].reset_index(drop=True)

@@ -157,6 +157,32 @@ def test_supersampled_model_of_undersampled_stars():
     assert abs(flux_ratio(pix)[1]) > 0.02
 
 
+def test_pixel_gaussian_widths_do_not_depend_on_the_pixel_phase():
+    """Undersampled stars (Moffat, FWHM 1.4 px): adaptive moments of a star centred on a pixel are much
+    smaller than of one on a pixel corner (a stellar locus in them selects stars by phase), the width of
+    a pixel-integrated Gaussian is the same at every phase."""
+    from procsky.kernels.measure import adaptive_moments
+    from procsky.kernels.psfmodel import pixel_gaussian_widths
+
+    psf = galsim.Moffat(beta=3.5, fwhm=1.4)
+    img = np.zeros((60, 120))
+    xs, ys, t_ad = [], [], []
+    for k, (dx, dy) in enumerate([(0.0, 0.0), (0.5, 0.5), (0.25, -0.1), (-0.5, 0.5), (0.1, 0.0), (0.45, -0.4)]):
+        x0, y0 = 10 + 20 * k, 30
+        st = psf.drawImage(nx=15, ny=15, scale=1.0, offset=(dx, dy)).array * 1e5
+        img[y0 - 7 : y0 + 8, x0 - 7 : x0 + 8] += st
+        xs.append(x0 + dx)
+        ys.append(y0 + dy)
+        m = adaptive_moments(st, np.zeros(st.shape, np.uint32), 7 + dx, 7 + dy, 0.6, 100, 1e-6, 0)
+        t_ad.append(m[0] + m[1] if m[-1] else np.nan)
+    t_ad = np.array(t_ad)
+    sig = pixel_gaussian_widths(img, np.full(img.shape, 10.0) + img, None, xs, ys, 0.6)
+    assert np.isfinite(sig).all()
+    assert sig.max() / sig.min() < 1.02
+    # the adaptive size: fails or is > 10 % smaller centred than on a corner
+    assert not np.isfinite(t_ad[0]) or t_ad[0] < 0.9 * t_ad[1]
+
+
 @pytest.fixture(scope="module")
 def undersampled(tmp_path_factory):
     out = tmp_path_factory.mktemp("psfreg") / "undersampled"
@@ -195,6 +221,10 @@ def test_undersampled_regime_psf_against_truth(undersampled):
     keep = np.abs(r - np.median(r)) < 5 * 1.4826 * np.median(np.abs(r - np.median(r)))
     amp = 2 * np.linalg.lstsq(np.column_stack([np.ones(keep.sum()), q[keep]]), r[keep], rcond=None)[0][1]
     assert abs(amp) < 0.01  # centre - corner (the pixel-level model: several per cent)
+    # the PSF stars are at every pixel phase (a locus in adaptive moments kept mostly corner stars)
+    u = src[src.calib_psf_used]
+    fu = np.hypot(u.x - np.round(u.x), u.y - np.round(u.y))
+    assert np.mean(fu < 0.25) > 0.1  # a uniform spread: 0.196
 
 
 def test_undersampled_regime_fluxes_in_counts_against_truth(undersampled):

@@ -23,6 +23,7 @@ from procsky.kernels.psfmodel import (
     PsfModelArrays,
     fit_psf_model,
     fit_supersampled_psf,
+    pixel_gaussian_widths,
     render_stamps,
     select_psf_stars,
 )
@@ -91,22 +92,36 @@ def fit_supersampled(state: CalibrateState, config: PsfConfig, fwhm: float) -> t
     it cannot be fitted."""
     meas, cand = state.meas, state.cand
     apn = ap_name(meas, 6.0)
-    t_locus = float(np.median(meas["ixx"][cand] + meas["iyy"][cand])) if cand.sum() >= 2 else None
+    # the stellar locus in a size that does not depend on the pixel phase: the width of a
+    # pixel-integrated Gaussian (adaptive moments of undersampled stars shrink, or fail, when a star is
+    # centred on a pixel, so a locus in them keeps mostly stars near pixel corners and the model has
+    # no centred star to learn from); a star whose adaptive moments failed is not excluded
+    bad = _psf_star_bad(meas, moments=False)
+    snr = meas[apn] / meas[apn + "_err"]
+    pre = ~bad & np.isfinite(snr) & (snr > min(config.undersampled_min_snr, config.min_snr))
+    sig = np.full(state.n_det, np.nan)
+    sig[pre] = pixel_gaussian_widths(
+        state.sub, state.var_det, state.mask, meas["x"][pre], meas["y"][pre], fwhm / SIGMA_TO_FWHM, zero_bits=_ZERO_BITS
+    )
+    t_pix = 2.0 * sig**2
+    ref = cand & np.isfinite(t_pix)
+    if ref.sum() < 2:
+        ref = pre & np.isfinite(t_pix) & (snr > config.min_snr)
+    t_locus = float(np.median(t_pix[ref])) if ref.sum() >= 2 else None
     cand2 = select_psf_stars(
         meas["x"],
         meas["y"],
-        meas["ixx"],
-        meas["iyy"],
+        0.5 * t_pix,
+        0.5 * t_pix,
         meas[apn],
         meas[apn + "_err"],
-        _psf_star_bad(meas),
+        bad | ~np.isfinite(t_pix),
         min_snr=min(config.undersampled_min_snr, config.min_snr),
         isolation_radius=min(config.undersampled_isolation, config.isolation_radius),
         max_stars=int(config.undersampled_max_stars),
         locus_T=t_locus,
         max_excess=config.locus_max_excess,
     )
-    cand2 |= cand
     idx = np.flatnonzero(cand2)
     os_ = max(int(config.oversample), 2)
     size = int(config.supersampled_fit_size) | 1
@@ -167,22 +182,23 @@ def _safe(fn, x: float, y: float) -> float:
         return float("nan")
 
 
-def _psf_star_bad(meas: dict[str, np.ndarray]) -> np.ndarray:
+def _psf_star_bad(meas: dict[str, np.ndarray], moments: bool = True) -> np.ndarray:
     """Sources that cannot be PSF stars. A cosmic ray (repaired, zero weight in the fit) or a bad
     pixel away from the centre does not exclude a star: the stamp fit drops stars with bad pixels
     in their cutout and weights repaired pixels 0, and CR hits in the footprints of the few bright
-    stars of a detector would otherwise leave too few candidates."""
-    return (
+    stars of a detector would otherwise leave too few candidates. ``moments=False``: a failed adaptive-moment
+    shape does not exclude a star (undersampled stars centred on a pixel, see ``fit_supersampled``)."""
+    bad = (
         meas["flag_saturated"]
         | meas["flag_edge"]
         | meas["flag_blended"]
         | meas["flag_interpolated_center"]
         | meas["flag_cr_center"]
         | meas["flag_bad_center"]
-        | meas["shape_flag"]
         | meas["centroid_flag"]
         | meas["flag_streak"]
     )
+    return bad | meas["shape_flag"] if moments else bad
 
 
 def select_stars(state: CalibrateState, config: PsfConfig) -> np.ndarray:

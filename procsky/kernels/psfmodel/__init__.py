@@ -42,7 +42,7 @@ from .render import render_grid, render_psf, render_stamps, stamp_moments
 from .sampling import fourier_shift, lanczos_sample
 from .selection import select_psf_stars
 from .stamps import _extract_stamps_fourier as _extract_stamps_fourier  # the tests exercise it directly
-from .superres import fit_supersampled_psf
+from .superres import fit_supersampled_psf, pixel_gaussian_widths
 from .validate import _fit_leverage as _fit_leverage  # the tests exercise it directly
 from .validate import cross_validated_flux_scatter
 from .warp import warp_images
@@ -52,6 +52,7 @@ __all__ = [
     "select_psf_stars",
     "fit_psf_model",
     "fit_supersampled_psf",
+    "pixel_gaussian_widths",
     "evaluate_model",
     "render_psf",
     "render_stamps",
