@@ -147,6 +147,9 @@ def test_supersampled_model_of_undersampled_stars():
         im, var, None, xs, ys, oversample=2, fit_size=13, stamp_size=15, order=0, centroid_sigma=0.7
     )
     assert sup.oversample == 2 and used.sum() > 200
+    # validated where it was not fitted: held-back stars' moments, cross-validated PSF fluxes
+    assert sup.n_reserved > 20 and abs(sup.reserved_dT_median) < 0.01
+    assert len(sup.cv_flux_ratio) > 200 and 0 <= sup.flux_sys < 0.003
     sp = PolynomialImagePsf(sup.coeffs, 0, sup.x_center, sup.y_center, sup.x_scale, sup.y_scale, 2, 15)
     assert sp.fwhm(256, 256) == pytest.approx(truth, rel=0.01)
     med, amp = flux_ratio(sup)
@@ -202,6 +205,9 @@ def test_undersampled_regime_psf_against_truth(undersampled):
     assert summary["psf_moment_fwhm_px"] == pytest.approx(float(det.psf_fwhm_moment_px), rel=0.05)
     assert calexp.psf.fwhm(511.5, 511.5) == pytest.approx(summary["psf_fwhm_px"], rel=1e-6)
     assert calexp.psf.oversample == 2 and summary["psf_n_stars"] >= 40
+    # validated like the pixel-level model: held-back stars and a cross-validated PSF-flux error
+    assert src.calib_psf_reserved.sum() >= 10 and abs(summary["psf_reserved_dT_median"]) < 0.02
+    assert 0 < summary["psf_flux_sys"] < 0.01
     ex = truth.exposures
     kind = truth.objects.set_index("object_id").kind.reindex(ex.object_id).to_numpy()
     xy = ex[["x", "y"]].to_numpy()

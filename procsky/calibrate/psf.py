@@ -139,8 +139,9 @@ def fit_supersampled(state: CalibrateState, config: PsfConfig, fwhm: float) -> t
                 fit_size=size,
                 stamp_size=int(config.stamp_size) | 1,
                 order=order,
-                # no held-back stars: every star adds sub-pixel phases, and nothing validates on them here
-                reserve_fraction=0.0,
+                # held-back stars as for the pixel-level model (their moments validate it, and with the
+                # fitted stars' cross-validation give psf_flux_sys), never below the minimum fitted
+                reserve_fraction=config.reserve_fraction,
                 zero_bits=_ZERO_BITS,
                 min_stars=max(30 * nc + 3 if order > 0 else 0, int(config.supersampled_min_stars)),
                 centroid_sigma=fwhm / SIGMA_TO_FWHM,

@@ -30,6 +30,7 @@ import numpy as np
 from .model import _BAD, PsfModelArrays, _basis, _eval_grid, poly_terms
 from .render import _render
 from .sampling import _lanczos3 as _l3
+from .validate import excess_scatter
 
 __all__ = ["fit_supersampled_psf", "gaussian_centroids", "pixel_gaussian_widths"]
 
@@ -331,6 +332,128 @@ def _star_fits(model, cuts, wts, xs, ys, ix, iy, use, recentre):
     return flux, ddx, ddy, chi2
 
 
+def _solve(ata, atb, prior, ridge, nulls, pixel_nulls, nc, m, os_):
+    """The model's samples from its normal equations, with the ridge towards ``prior`` and the
+    no-power-at-whole-cycles-per-pixel constraint (:func:`fit_supersampled_psf`), normalised."""
+    ata = ata.copy()
+    atb = atb.copy()
+    # a ridge relative to each sample's own weight (the floored star weights make the faint
+    # wings weigh as much as the core), plus a tiny absolute one for samples no star reaches
+    diag = np.diag(ata).copy()
+    lam = ridge * diag + 1e-9 * (float(diag.max()) if diag.size and diag.max() > 0 else 1.0)
+    ata[np.diag_indices_from(ata)] += lam
+    atb += lam * prior.ravel()
+    if nulls is not None:
+        lc = pixel_nulls * float(diag.max() if diag.size and diag.max() > 0 else 1.0)
+        for c in range(nc):
+            blk = slice(c * m * m, (c + 1) * m * m)
+            ata[blk, blk] += lc * nulls
+    try:
+        sol = np.linalg.solve(ata, atb)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(ata, atb, rcond=None)[0]
+    coeffs = sol.reshape(nc, m, m)
+    norm = coeffs[0].sum() / os_**2
+    return coeffs / norm if norm != 0 else coeffs
+
+
+def _model_stamp(model, coeffs, x, y, ix, iy, size):
+    """The normalised model of samples ``coeffs`` (else the model's) at star (x, y), on the ``size`` cut-out
+    centred on pixel (ix, iy)."""
+    px, py = poly_terms(model.order)
+    grid = _eval_grid(
+        model.coeffs if coeffs is None else coeffs,
+        px,
+        py,
+        (x - model.x_center) / model.x_scale,
+        (y - model.y_center) / model.y_scale,
+    )
+    return _render(grid, model.oversample, size, x - ix, y - iy)
+
+
+def _cross_validate(
+    model,
+    solve_without,
+    cuts,
+    noise_wts,
+    fit_wts,
+    flux,
+    xs,
+    ys,
+    ix,
+    iy,
+    use,
+    reserved,
+    basis,
+    radius,
+    max_folds,
+    seed,
+    max_leverage=0.5,
+):
+    """Cross-validated PSF-flux ratios of the stars (as :func:`cross_validated_flux_scatter` for the
+    pixel-level model): the fitted stars in ``max_folds`` folds, each fold's ratios with the model solved
+    without it (``solve_without(fold mask)``), the held-back stars with the full model. A ratio is the
+    aperture flux within ``radius`` of the star's centre over the PSF flux times the model's own aperture
+    fraction (:func:`validate._cv_ratio_one`), 1 within the noise for a right model at any pixel phase.
+    Stars with a leverage above ``max_leverage`` in the fit are left out (without them the model is
+    another one). Returns ratios and errors (n,), NaN where not measured."""
+    from ..measure import aperture_weights
+    from .validate import _cv_ratio_one
+
+    n, s, _ = cuts.shape
+    h = s // 2
+    ratios = np.full(n, np.nan)
+    errors = np.full(n, np.nan)
+    fit_idx = np.flatnonzero(use)
+    nf = min(fit_idx.size, int(max_folds))
+    fold = np.full(n, -1)
+    fold[fit_idx] = np.random.default_rng(seed).permutation(fit_idx.size) % max(nf, 1)
+    r = float(min(radius, h - 0.5))
+
+    def ratio(k, coeffs):
+        mod = _model_stamp(model, coeffs, xs[k], ys[k], ix[k], iy[k], s)
+        apw = aperture_weights((s, s), h + xs[k] - ix[k], h + ys[k] - iy[k], r)
+        return _cv_ratio_one(cuts[k], noise_wts[k], mod, apw)
+
+    for f in range(nf):
+        out = fold == f
+        ck = solve_without(out)
+        for k in np.flatnonzero(out):
+            ratios[k], errors[k] = ratio(k, ck)
+    for k in np.flatnonzero(reserved):
+        ratios[k], errors[k] = ratio(k, None)
+    # leverage of each fitted star in the model (its share of the solution at its own position)
+    w_star = np.zeros(n)
+    for k in fit_idx:
+        p = _model_stamp(model, None, xs[k], ys[k], ix[k], iy[k], s)
+        w_star[k] = flux[k] ** 2 * float(np.sum(fit_wts[k] * p * p))
+    b = basis[fit_idx]
+    ainv = np.linalg.pinv((b * w_star[fit_idx, None]).T @ b)
+    lev = np.zeros(n)
+    lev[fit_idx] = w_star[fit_idx] * np.einsum("ij,jk,ik->i", b, ainv, b)
+    ratios[lev > max_leverage] = np.nan
+    return ratios, errors
+
+
+def _reserved_dT(model, image, xs, ys, stars, stamp_size):
+    """``(T_star - T_model) / T_star`` of adaptive moments at each held-back star (as :func:`fit_psf_model`)."""
+    from .render import render_psf, stamp_moments
+
+    out = []
+    ny, nx = image.shape
+    h = 2 * stamp_size
+    for k in np.flatnonzero(stars):
+        ix, iy = int(np.floor(xs[k] + 0.5)), int(np.floor(ys[k] + 0.5))
+        y0, x0 = max(iy - h, 0), max(ix - h, 0)
+        ts = stamp_moments(image[y0 : min(iy + h + 1, ny), x0 : min(ix + h + 1, nx)], xs[k] - x0, ys[k] - y0)
+        st = render_psf(model, xs[k], ys[k], size=2 * stamp_size + 1)
+        tm = stamp_moments(st, stamp_size + xs[k] - ix, stamp_size + ys[k] - iy)
+        if np.isfinite(ts[0]) and np.isfinite(tm[0]):
+            tstar = ts[0] + ts[1]
+            out.append((tstar - (tm[0] + tm[1])) / tstar)
+    return np.asarray(out)
+
+
 def fit_supersampled_psf(
     image,
     variance,
@@ -353,6 +476,8 @@ def fit_supersampled_psf(
     ridge=1e-3,
     pixel_nulls=10.0,
     centroid_sigma=0.0,
+    cv_radius_fwhm=1.3,
+    cv_folds=10,
 ):
     """Fit a super-sampled, spatially varying PSF model to undersampled stars (see the module).
 
@@ -390,10 +515,18 @@ def fit_supersampled_psf(
         is noise that makes PSF fluxes depend on the phase, so fit this model to many stars
         (the caller's minimum, ``min_stars``).
 
+    cv_radius_fwhm, cv_folds : float, int
+        The model's PSF-flux error where it was not fitted (``flux_sys``, as :func:`fit_psf_model`'s):
+        the fitted stars in ``cv_folds`` folds, each compared with the model solved without its fold
+        (aperture of ``cv_radius_fwhm`` FWHM against the PSF flux, at the star's own sub-pixel centre),
+        the held-back stars with the full model; the excess scatter beyond the noise
+        (:func:`validate.excess_scatter`). 0 skips it.
+
     Returns
     -------
     PsfModelArrays, used (n,) bool, reserved (n,) bool, x (n,), y (n,)
-        The model, the stars used and held back, and the refined centres.
+        The model (with ``flux_sys``, ``cv_flux_ratio`` and the held-back stars' ``reserved_dT``), the
+        stars used and held back, and the refined centres.
 
     Raises
     ------
@@ -460,26 +593,9 @@ def fit_supersampled_psf(
     model = None
     nulls = _pixel_null_penalty(m, os_) if pixel_nulls > 0 and os_ > 1 else None
     for it in range(max(1, n_iter)):
-        ata, atb = _normal_equations(cuts, wts, xs - ix, ys - iy, np.where(use, flux, 1.0), use, basis, os_, m)
-        # a ridge relative to each sample's own weight (the floored star weights make the faint
-        # wings weigh as much as the core), plus a tiny absolute one for samples no star reaches
-        diag = np.diag(ata).copy()
-        lam = ridge * diag + 1e-9 * (float(diag.max()) if diag.size and diag.max() > 0 else 1.0)
-        ata[np.diag_indices_from(ata)] += lam
-        atb += lam * prior.ravel()
-        if nulls is not None:
-            lc = pixel_nulls * float(diag.max() if diag.size and diag.max() > 0 else 1.0)
-            for c in range(nc):
-                blk = slice(c * m * m, (c + 1) * m * m)
-                ata[blk, blk] += lc * nulls
-        try:
-            sol = np.linalg.solve(ata, atb)
-        except np.linalg.LinAlgError:
-            sol = np.linalg.lstsq(ata, atb, rcond=None)[0]
-        coeffs = sol.reshape(nc, m, m)
-        norm = coeffs[0].sum() / os_**2
-        if norm != 0:
-            coeffs = coeffs / norm
+        fit_flux = np.where(use, flux, 1.0)
+        ata, atb = _normal_equations(cuts, wts, xs - ix, ys - iy, fit_flux, use, basis, os_, m)
+        coeffs = _solve(ata, atb, prior, ridge, nulls, pixel_nulls, nc, m, os_)
         model = PsfModelArrays(
             coeffs=coeffs,
             order=int(order),
@@ -514,4 +630,53 @@ def fit_supersampled_psf(
                 bad = good & (chi2 > med + clip * max(mad, 1e-3 * med))
                 use = good & ~bad if good.sum() - bad.sum() >= min_stars else good
     assert model is not None, "the fit loop runs at least once"
-    return model._replace(n_stars=int(use.sum())), use, reserved, xs, ys
+    fit_use = use
+    model = model._replace(n_stars=int(use.sum()))
+    # validation where the model was not fitted, as fit_psf_model does it for the pixel-level model:
+    # moments at the held-back stars, and the cross-validated PSF-flux error (psf_flux_sys)
+    dT = _reserved_dT(model, img, xs, ys, reserved & usable, int(stamp_size))
+    flux_sys, cv = float("nan"), np.zeros(0)
+    fwhm_g = sig_g * 2.3548200450309493 if sig_g > 0 else float(_reserved_fwhm(model, xc, yc))
+    if cv_radius_fwhm > 0 and np.isfinite(fwhm_g) and fit_use.sum() > nc + 1:
+
+        def solve_without(out):
+            a_f, b_f = _normal_equations(cuts, wts, xs - ix, ys - iy, fit_flux, fit_use & out, basis, os_, m)
+            return _solve(ata - a_f, atb - b_f, prior, ridge, nulls, pixel_nulls, nc, m, os_)
+
+        wts0 = _cutouts(img, var, msk, xs, ys, fit_size, int(bad_bits), int(zero_bits), 0.0)[1]
+        ratios, errors = _cross_validate(
+            model,
+            solve_without,
+            cuts,
+            wts0,
+            wts,
+            fit_flux,
+            xs,
+            ys,
+            ix,
+            iy,
+            fit_use,
+            reserved & usable,
+            basis,
+            cv_radius_fwhm * fwhm_g,
+            cv_folds,
+            seed,
+        )
+        ok = np.isfinite(ratios) & np.isfinite(errors) & (errors > 0)
+        flux_sys = excess_scatter(ratios[ok], errors[ok])
+        cv = ratios[ok]
+    model = model._replace(
+        flux_sys=float(flux_sys),
+        cv_flux_ratio=tuple(float(v) for v in cv),
+        reserved_dT_median=float(np.median(dT)) if dT.size else np.nan,
+        reserved_dT_std=float(np.std(dT)) if dT.size > 1 else np.nan,
+        reserved_dT=tuple(float(v) for v in dT),
+    )
+    return model, use, reserved, xs, ys
+
+
+def _reserved_fwhm(model, x, y):
+    """Gaussian-equivalent FWHM of the model's adaptive moments at (x, y) (NaN where they fail)."""
+    from .render import render_psf, stamp_moments
+
+    return stamp_moments(render_psf(model, x, y))[3]

@@ -15,7 +15,7 @@ import numpy as np
 
 from .solve import _fit_coeffs
 
-__all__ = ["cross_validated_flux_scatter"]
+__all__ = ["cross_validated_flux_scatter", "excess_scatter"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -209,6 +209,18 @@ def cross_validated_flux_scatter(
     r, e = ratios[ok], errors[ok]
     if r.size < min_stars:
         return float("nan"), ratios, errors
+    return excess_scatter(r, e, clip, min_stars), ratios, errors
+
+
+def excess_scatter(r, e, clip=3.5, min_stars=5):
+    """Fractional scatter of ratios ``r`` (errors ``e``) beyond their noise: the Paule & Mandel (1982)
+    between-star deviation over the weighted mean, after a clip at ``clip`` sigma against the median and
+    MAD (stars with an undetected neighbour or a residual cosmic ray), then against the fitted scatter.
+    NaN with fewer than ``min_stars`` ratios."""
+    r = np.asarray(r, float)
+    e = np.asarray(e, float)
+    if r.size < min_stars:
+        return float("nan")
     # robust start: stars with an undetected neighbour or a residual cosmic ray in the
     # aperture are far out; clip them against the median and MAD before the estimate
     med = np.median(r)
@@ -228,7 +240,7 @@ def cross_validated_flux_scatter(
         if new.sum() < min_stars or (new == keep).all():
             break
         keep = new
-    return float(math.sqrt(tau2) / mu) if mu > 0 else float("nan"), ratios, errors
+    return float(math.sqrt(tau2) / mu) if mu > 0 else float("nan")
 
 
 def _paule_mandel(r, e, max_iter=100):
