@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # pytest-xdist: one test process per core (at most 4), a test file's tests in one process
 # (their module fixtures are built once); TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= auto
-XDIST := -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
+XDIST := -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test test-fast test-slow lint bench clean venv
 
@@ -32,10 +32,10 @@ venv: $(STAMP)
 demo: $(DEMO_STAMP)
 	$(PY) -m procsky.demo
 
-## test: the default (fast) suite, then the slow end-to-end runs (CI runs both)
+## test: the whole suite, fast tests and slow end-to-end runs, in one session (the longest
+## files start first: tests/conftest.py::LONGEST_FIRST); test-fast / test-slow run one part
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
-	$(PY) -m pytest -m slow $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
