@@ -25,7 +25,6 @@ if str(TESTS) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
 import toytasks  # noqa: E402,F401  (registers toy_measure, toy_gather, toy_gather_tolerant, toy_noop)
 
-
 #: The test files that take longest (minutes: whole campaigns, full `small` visits), longest
 #: first. `make test` runs the whole suite in one pytest-xdist session with ``--dist
 #: loadfile --no-loadscope-reorder``: files are handed to the workers in collection order, so
