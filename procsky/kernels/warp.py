@@ -242,19 +242,26 @@ def area_ratio(xin, yin):
     return np.abs(dxdx * dydy - dxdy * dydx)
 
 
-def warp_kernel_image(kernel, jacobian, *, order: int = 3, size: int | None = None):
+def warp_kernel_image(kernel, jacobian, *, order: int = 3, size: int | None = None, offset=(0.0, 0.0)):
     """Resample a PSF kernel image through a local affine pixel mapping.
 
     Parameters
     ----------
     kernel : ndarray (n, n)
-        Input PSF kernel centred on its central pixel (input pixels).
+        Input PSF kernel (input pixels), centred on its central pixel plus ``offset``.
     jacobian : (2, 2) array
         ``d(x_in, y_in) / d(x_out, y_out)`` at the position of interest.
     order : int
         Lanczos order.
     size : int, optional
         Output kernel side (odd); default the input side scaled by the Jacobian.
+    offset : (dx, dy), input pixels
+        Where the PSF's centre lies in ``kernel`` relative to its central pixel: the
+        sub-pixel phase at which the image warp samples the input there. The output is
+        centred on its central pixel and includes the smoothing that Lanczos interpolation
+        at that phase applies to a star (for an undersampled PSF: a lower, wider core at
+        half-pixel phases; for a well-sampled one: negligible). With ``(0, 0)`` the
+        interpolation at the kernel's own pixels is the identity and adds no smoothing.
 
     Returns
     -------
@@ -273,8 +280,8 @@ def warp_kernel_image(kernel, jacobian, *, order: int = 3, size: int | None = No
     kp = np.pad(k, pad)
     yy, xx = np.mgrid[0:size, 0:size].astype(float)
     u, v = xx - c_out, yy - c_out
-    xin = jac[0, 0] * u + jac[0, 1] * v + c_in + pad
-    yin = jac[1, 0] * u + jac[1, 1] * v + c_in + pad
+    xin = jac[0, 0] * u + jac[0, 1] * v + c_in + pad + float(offset[0])
+    yin = jac[1, 0] * u + jac[1, 1] * v + c_in + pad + float(offset[1])
     var = np.zeros_like(kp)
     msk = np.zeros(kp.shape, np.uint32)
     img, _, m = warp_planes(kp, var, msk, xin, yin, 1.0, order=order, mask_radius=0.0)
