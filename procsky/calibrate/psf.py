@@ -96,7 +96,8 @@ def fit_supersampled(state: CalibrateState, config: PsfConfig, fwhm: float) -> t
     # pixel-integrated Gaussian (adaptive moments of undersampled stars shrink, or fail, when a star is
     # centred on a pixel, so a locus in them keeps mostly stars near pixel corners and the model has
     # no centred star to learn from); a star whose adaptive moments failed is not excluded
-    bad = _psf_star_bad(meas, moments=False)
+    # deblended children only where select_stars had to take them (a crowded field)
+    bad = _psf_star_bad(meas, moments=False, blended=not bool((meas["flag_blended"] & cand).any()))
     snr = meas[apn] / meas[apn + "_err"]
     pre = ~bad & np.isfinite(snr) & (snr > min(config.undersampled_min_snr, config.min_snr))
     sig = np.full(state.n_det, np.nan)
@@ -183,16 +184,17 @@ def _safe(fn, x: float, y: float) -> float:
         return float("nan")
 
 
-def _psf_star_bad(meas: dict[str, np.ndarray], moments: bool = True) -> np.ndarray:
+def _psf_star_bad(meas: dict[str, np.ndarray], moments: bool = True, blended: bool = True) -> np.ndarray:
     """Sources that cannot be PSF stars. A cosmic ray (repaired, zero weight in the fit) or a bad
     pixel away from the centre does not exclude a star: the stamp fit drops stars with bad pixels
     in their cutout and weights repaired pixels 0, and CR hits in the footprints of the few bright
-    stars of a detector would otherwise leave too few candidates. ``moments=False``: a failed adaptive-moment
+    stars of a detector would otherwise leave too few candidates. ``blended=False``: nor does being a
+    deblended child (``flag_blended``; see ``select_stars``). ``moments=False``: a failed adaptive-moment
     shape does not exclude a star (undersampled stars centred on a pixel, see ``fit_supersampled``)."""
     bad = (
         meas["flag_saturated"]
         | meas["flag_edge"]
-        | meas["flag_blended"]
+        | (meas["flag_blended"] if blended else False)
         | meas["flag_interpolated_center"]
         | meas["flag_cr_center"]
         | meas["flag_bad_center"]
@@ -203,10 +205,36 @@ def _psf_star_bad(meas: dict[str, np.ndarray], moments: bool = True) -> np.ndarr
 
 
 def select_stars(state: CalibrateState, config: PsfConfig) -> np.ndarray:
-    """PSF star candidates (``state.cand``) on the size-flux locus of ``state.meas``."""
+    """PSF star candidates (``state.cand``) on the size-flux locus of ``state.meas``.
+
+    Deblended children are left out, unless that leaves fewer than 5 candidates: in a crowded field
+    the grown footprints of stars tens of pixels apart merge and every source is a child (the
+    ``crowded`` regime: all 339 sources of S/N > 50, 264 of them without a neighbour within 10 px,
+    and a Gaussian PSF of 1 star); the isolation radius is then the only test of neighbours
+    (noted ``psf_blended_candidates``)."""
     meas = state.meas
-    apn = ap_name(meas, 6.0)
     bad = _psf_star_bad(meas)
+    cand = _select(meas, bad, config)
+    if cand.sum() < 5:
+        bad_b = _psf_star_bad(meas, blended=False)
+        cand_b = _select(meas, bad_b, config)
+        if cand_b.sum() > cand.sum():
+            note_degraded(
+                "psf_blended_candidates",
+                f"{int(cand.sum())} PSF star candidates that are not deblended children: {int(cand_b.sum())} "
+                f"children without a neighbour within psf.isolation_radius={config.isolation_radius:g} px taken "
+                "(a crowded field)",
+                severity="info",
+                n_candidates=int(cand_b.sum()),
+            )
+            cand, bad = cand_b, bad_b
+    state.cand = cand
+    return bad
+
+
+def _select(meas: dict[str, np.ndarray], bad: np.ndarray, config: PsfConfig) -> np.ndarray:
+    """Candidates at ``psf.min_snr``, or at S/N 20 about the bright stars' locus when fewer than 5."""
+    apn = ap_name(meas, 6.0)
     cand = select_psf_stars(
         meas["x"],
         meas["y"],
@@ -235,8 +263,7 @@ def select_stars(state: CalibrateState, config: PsfConfig) -> np.ndarray:
             locus_T=t_bright,
             max_excess=config.locus_max_excess,
         )
-    state.cand = cand
-    return bad
+    return cand
 
 
 def model_psf(state: CalibrateState, config: PsfConfig) -> None:
