@@ -255,3 +255,32 @@ def test_undersampled_regime_fluxes_in_counts_against_truth(undersampled):
     assert ok.sum() >= 15
     assert np.median(s.psf_flux.to_numpy()[ok] / cal / counts[ok]) == pytest.approx(1.0, abs=0.01)
     assert np.median(s.ap_flux_6.to_numpy()[ok] / cal / counts[ok]) == pytest.approx(1.0, abs=0.01)
+
+
+def test_psf_candidates_in_a_crowded_field_where_every_source_is_a_deblended_child():
+    """When grown footprints merge (a crowded field) every source is a deblended child: isolated children
+    become PSF candidates (noted), while a frame with enough unblended candidates keeps leaving children out."""
+    from types import SimpleNamespace
+
+    from procsky.calibrate.config import PsfConfig
+    from procsky.calibrate.psf import select_stars
+    from procsky.notes import collect_notes
+
+    rng = np.random.default_rng(0)
+    n = 60
+    x, y = np.meshgrid(np.arange(6) * 40.0 + 20, np.arange(10) * 40.0 + 20)
+    t = 2 * 1.9**2 * (1 + rng.normal(0, 0.01, n))
+    flags = ("flag_saturated", "flag_edge", "flag_interpolated_center", "flag_cr_center", "flag_bad_center")
+    flags += ("shape_flag", "centroid_flag", "flag_streak")
+    meas = {f: np.zeros(n, bool) for f in flags}
+    meas.update(
+        x=x.ravel(), y=y.ravel(), ixx=t / 2, iyy=t / 2, ap_flux_6=np.full(n, 1e5), ap_flux_6_err=np.full(n, 1e3)
+    )
+    meas["flag_blended"] = np.ones(n, bool)
+    state = SimpleNamespace(meas=meas, cand=None)
+    with collect_notes() as notes:
+        select_stars(state, PsfConfig())
+    assert state.cand.sum() == n and "psf_blended_candidates" in {c["code"] for c in notes}
+    meas["flag_blended"][: n // 2] = False
+    select_stars(state, PsfConfig())
+    assert state.cand.sum() == n // 2 and not (state.cand & meas["flag_blended"]).any()

@@ -4,6 +4,8 @@ visit of each recipe, drawn in-process (a few seconds each)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
@@ -23,6 +25,12 @@ REGIMES = ("undersampled", "space", "crowded", "correlated", "stamp256")
 
 def _draw(name, tmp_path_factory, visits=(1,)):
     out = tmp_path_factory.mktemp("regime") / name
+    res = simulate(name, out, visits=list(visits), detectors=[0], scheduler="sync", progress=False)
+    return res, SimTruth(out)
+
+
+def _draw_subset(name, folder, visits=(1,)):
+    out = folder / name
     res = simulate(name, out, visits=list(visits), detectors=[0], scheduler="sync", progress=False)
     return res, SimTruth(out)
 
@@ -208,3 +216,82 @@ def test_psf_family_defaults_keep_atmospheric():
     assert r.psf.family == "atmospheric" and r.noise.correlation == "none"
     v = build_scene(r).visits
     assert "psf_family" not in v.columns  # the visits table of existing recipes is unchanged
+
+
+# ----------------------------------------------------------------------------- large4k
+def test_large4k_recipe_is_consistent():
+    """The 4k-frame recipe (one full-size DECam/HSC-like CCD at 0.26"/px, two r visits):
+    its scene and PSFs are checked without drawing (a 4096^2 frame takes ~1 min)."""
+    from procsky.sim.recipe import recipe_path
+
+    r = load_recipe("large4k")
+    assert "large4k" in recipe_names()
+    # the datasets/ copy is the packaged one
+    project = Path(__file__).resolve().parents[1] / "datasets" / "large4k.yaml"
+    assert project.read_text() == recipe_path("large4k").read_text()
+    ins = r.instrument
+    assert (ins.n_detectors_x, ins.n_detectors_y, ins.detector_nx, ins.detector_ny) == (1, 1, 4096, 4096)
+    assert ins.pixel_scale == pytest.approx(0.26)
+    scene = build_scene(r)
+    v = scene.visits
+    assert list(v.visit) == [1, 2] and set(v.band) == {"r"}
+    # a well-sampled ground PSF at every corner of both visits (0.7-1.4" = 2.7-5.4 px)
+    geom = SimcamGeometry(ins, r.seed)
+    for row in v.to_dict("records"):
+        p = psf_params_from_dict(row)
+        for x, y in [(0, 0), (4095, 4095), (2047.5, 2047.5)]:
+            fx, fy = focal_plane_position(geom, 0, x, y)
+            s = psf_summary(p, float(fx), float(fy))
+            assert 2.5 <= s["psf_fwhm_pixel_px"] <= 6.0
+    # the scene covers the detector of both visits with the recipe's star density (Poisson)
+    side = 4096 * ins.pixel_scale / 3600.0
+    obj = scene.objects
+    for row in v.to_dict("records"):
+        xi, eta = row["offset_xi"], row["offset_eta"]
+        inside = (
+            (obj.kind == "star")
+            & ((obj.xi - xi).abs() < 0.45 * side * 3600)
+            & ((obj.eta - eta).abs() < 0.45 * side * 3600)
+        )
+        expected = r.stars.density * (0.9 * side) ** 2
+        assert abs(inside.sum() - expected) < 5 * np.sqrt(expected)
+    # the brightest stars saturate (a 4k survey frame has bleed trails): peak electrons of
+    # the brightest star above the full well
+    m = 31.4 - 2.5 * np.log10(obj.flux_r[obj.kind == "star"].max())
+    peak = truth_psf_image(psf_params_from_dict(v.iloc[0].to_dict()), 0.0, 0.0, size=15).max()
+    assert 10 ** (-0.4 * (m - v.zp_electrons.iloc[0])) * peak > ins.full_well
+
+
+@pytest.mark.slow
+def test_large4k_draws(tmp_path):
+    """One 4096 x 4096 visit of large4k drawn (~60-70 s on one core): the frame, its sky and
+    its stars as the truth says."""
+    res, truth = _draw_subset("large4k", tmp_path, visits=(1,))
+    img = Exposure.read(res.images[0])
+    im, var, mask = np.asarray(img.image, float), np.asarray(img.variance), np.asarray(img.mask)
+    assert im.shape == (4096, 4096) and var.shape == im.shape
+    det = truth.detectors.iloc[0]
+    assert det.n_saturated_objects >= 1 and (mask & SAT).any()
+    # the sky: median of the frame at the truth's level, within 1 % (sources add a little)
+    assert np.median(im) == pytest.approx(det.sky_level, rel=0.02)
+    # bright isolated stars: box sums equal the truth's counts (their wings beyond: < 1 %)
+    ex = truth.exposures.merge(truth.objects[["object_id", "kind"]])
+    xy = ex[["x", "y"]].to_numpy()
+    cand = ex[(ex.kind == "star") & ~ex.saturated & ex.x.between(40, 4055) & ex.y.between(40, 4055)]
+    cand = cand[cand.counts > 2e4].sort_values("counts", ascending=False)
+    n = 0
+    for s in cand.itertuples():
+        d = np.hypot(xy[:, 0] - s.x, xy[:, 1] - s.y)
+        if ex.counts[(d < 30) & (d > 0)].sum() > 0.003 * s.counts:
+            continue
+        x0, y0 = int(round(s.x)), int(round(s.y))
+        sl = (slice(y0 - 20, y0 + 21), slice(x0 - 20, x0 + 21))
+        yy, xx = np.mgrid[sl]
+        if mask[sl].any():
+            continue
+        box = im[sl] - truth.sky(1, 0, xx, yy)
+        assert box.sum() == pytest.approx(s.counts, rel=0.02)
+        n += 1
+        if n == 10:
+            break
+    assert n >= 5
