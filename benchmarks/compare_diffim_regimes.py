@@ -9,9 +9,11 @@ visit (the sharper seeing; its counts, without its calibration) onto the science
 grid, subtracts with :func:`procsky.diffim.subtract_images` and with SFFT on the same two
 images, and reports:
 
-* ``ksum`` / ``ksum_truth``: the fitted kernel sum at the frame centre and the truth, the
-  ratio of the visits' photometric scalings (truth counts per nJy, science over template;
-  the warp conserves counts);
+* ``ksum`` / ``ksum_truth``: the kernel sum at the frame centre and the truth, the ratio of
+  the visits' photometric scalings (truth counts per nJy of the image matched to over the
+  one convolved; the warp conserves counts); ``flux_residual``: median over the bright
+  stars of the net flux of the difference over the star's (the effective kernel-sum error,
+  for both tools);
 * ``z_psf`` / ``z_pix``: std of the PSF-weighted ``sum(P D) / sqrt(sum(P^2 V))`` and of the
   pixels' ``D / sqrt(V)`` within 1.5 FWHM, at static truth stars (not variable, saturated,
   near a transient or a masked pixel), on procsky's difference (decorrelated, as the
@@ -217,7 +219,7 @@ def measure(p: dict, diff_dec, diff_raw, sdiff, summary) -> dict:
             continue
         img = np.asarray(img, float)
         c = robust(img[free] / np.sqrt(pred[free])) ** 2
-        fr, pk = [], []
+        fr, pk, fl = [], [], []
         for x, y, cnt in zip(bright.x, bright.y, bright.counts):
             ix, iy = int(round(x)), int(round(y))
             sl = (slice(iy - hw, iy + hw + 1), slice(ix - hw, ix + hw + 1))
@@ -225,10 +227,13 @@ def measure(p: dict, diff_dec, diff_raw, sdiff, summary) -> dict:
             ap = (yy - y) ** 2 + (xx - x) ** 2 <= hw**2
             dd, nn = img[sl][ap], c * pred[sl][ap]
             fr.append(np.sqrt(max(float(np.sum(dd * dd) - np.sum(nn)), 0.0)) / (cnt * l2))
+            fl.append(float(np.sum(dd)) / cnt)
             pk.append(float(np.max(np.abs(dd) / np.sqrt(nn))))
         res[f"{name}_res"] = float(np.sqrt(np.mean(np.square(fr)))) if fr else float("nan")
         res[f"{name}_peak_sigma"] = float(np.median(pk)) if pk else float("nan")
         res[f"{name}_noise_over_plane"] = float(np.sqrt(c))
+        # net flux left at the bright stars (the effective kernel-sum error, science units)
+        res[f"{name}_flux_residual"] = float(np.median(fl)) if fl else float("nan")
     return res
 
 
@@ -333,8 +338,10 @@ def evaluate(recipe: str, work: Path, *, sfft: bool, threads: int, mem_limit_gb:
     res["notes"] = sorted({n["code"] for n in notes})
     res["mode"] = summary["mode"]
     res["ksum"] = float(summary["kernel_sum"])
-    res["ksum_truth"] = p["ksum_truth"]
-    res["ksum_error"] = res["ksum"] / p["ksum_truth"] - 1.0
+    # K (x) C ~ T: the truth sum is counts_T / counts_C
+    res["ksum_truth"] = p["ksum_truth"] if res["mode"] == "convolve_template" else 1.0 / p["ksum_truth"]
+    res["ksum_error"] = res["ksum"] / res["ksum_truth"] - 1.0
+    res["ksum_fitted_error"] = float(summary.get("kernel_sum_fitted", res["ksum"])) / res["ksum_truth"] - 1.0
     res["kernel_half_width"] = int(summary["kernel_half_width"])
     res["kernel_fit_level"] = int(summary["kernel_fit_level"])
     res["spatial_order_used"] = int(summary["spatial_order_used"])

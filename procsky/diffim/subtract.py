@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -107,6 +108,19 @@ class SubtractionConfig(pydantic.BaseModel):
         the ~1% PSF-model flux systematics between two images); beyond
         ``kernel_sum_fail`` (20%: every static star would leave a fifth of its flux in the
         difference) an AlgorithmError. ``None`` disables the respective test.
+    kernel_sum_rescale : float or None
+        A least-squares kernel fit conserves flux only when the kernel can match the two
+        PSFs exactly; when it cannot (an undersampled image resampled by the template warp,
+        whose stars' profiles depend on their pixel phase; two space PSFs whose aberrations
+        differ in the wings), the fitted scaling is the projection of one star profile on
+        the other and falls short of the flux ratio (2.6 % on the ``undersampled`` regime).
+        When the kernel sum differs from a trusted reference (the photometric calibrations,
+        or the kernel stars' PSF-flux ratio when it agrees with their box-sum ratio) by more
+        than this fraction and 3 sigma of the reference, the kernel is rescaled to the
+        reference (the photometric scaling taken from photometry, as ZOGY's ``F_r / F_n``,
+        Zackay, Ofek & Gal-Yam 2016): static stars then leave no net flux. Recorded as
+        ``kernel_sum_fitted`` and ``kernel_sum_rescale`` and noted
+        (``diffim_kernel_sum_rescaled``). ``None`` keeps the fitted sum.
     """
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
@@ -131,6 +145,7 @@ class SubtractionConfig(pydantic.BaseModel):
     shape_ridge: float = pydantic.Field(1e-3, ge=0)
     kernel_sum_warn: float | None = pydantic.Field(0.02, gt=0)
     kernel_sum_fail: float | None = pydantic.Field(0.2, gt=0)
+    kernel_sum_rescale: float | None = pydantic.Field(0.005, gt=0)
 
 
 #: A PSF whose moment size exceeds its half-maximum size by more than this factor is sized by
@@ -563,12 +578,17 @@ def _fit_kernel(
     fwhm = 2.3548 * sig_broad
     core = int(math.ceil(1.5 * fwhm))
     ladder = _pm.reduced_bases(cfg.degrees, cfg.scales) if cfg.degrade else [(tuple(cfg.degrees), tuple(cfg.scales))]
-    plan = [(d, sc, float(cfg.min_snr)) for d, sc in ladder]
+    plan = [(d, sc, float(cfg.min_snr), False) for d, sc in ladder]
     low_snr = max(0.5 * float(cfg.min_snr), 10.0)
-    if cfg.degrade and stars is None and low_snr < cfg.min_snr:
-        plan.append((ladder[-1][0], ladder[-1][1], low_snr))
+    if cfg.degrade and stars is None:
+        # Then kernel stars down to low_snr, unusable pixels refused only within the star's
+        # core rather than its core plus the kernel margin (build_stamps gives no weight to
+        # the stamp pixels whose kernel footprint holds one), each basis again: in a sparse
+        # field (a space frame's few bright stars, each with a hot pixel or a cosmic ray
+        # somewhere in its box) these are the stars left.
+        plan += [(d, sc, min(low_snr, float(cfg.min_snr)), True) for d, sc in ladder]
     attempts: list[str] = []
-    for level, (degrees, scales, min_snr) in enumerate(plan):
+    for level, (degrees, scales, min_snr, relaxed) in enumerate(plan):
         degraded = level > 0
         basis = _pm.basis_for_psfs(
             sig_sharp, sig_broad, degrees=degrees, scales=scales, half_width=cfg.kernel_half_width
@@ -589,7 +609,7 @@ def _fit_kernel(
                 other=tgt_img,
                 other_variance=tgt_var,
                 other_bad=hard,
-                core_radius=h + core,
+                core_radius=core if relaxed else h + core,
                 soft_bad=soft,
                 soft_core_radius=soft_r + core,
             )
@@ -620,7 +640,8 @@ def _fit_kernel(
         what = (
             f"basis degrees {list(degrees)} x {len(degrees)} Gaussians ({basis.n_basis} functions, "
             f"half-width {h} px{', spatial order 0, ridge ' + format(cfg.shape_ridge, 'g') if degraded else ''}), "
-            f"kernel stars S/N >= {min_snr:g}: {len(sx)} candidates, {n} usable stamps (need {need})"
+            f"kernel stars S/N >= {min_snr:g}{', masked pixels allowed outside the core' if relaxed else ''}: "
+            f"{len(sx)} candidates, {n} usable stamps (need {need})"
         )
         if n < need and level + 1 < len(plan):
             attempts.append(what + ": too few")
@@ -786,6 +807,45 @@ def _check_kernel_sum(cfg: SubtractionConfig, ksum, ref, ref_sig, source, n_ref,
             reference_uncertain=bool(uncertain),
         )
     return out
+
+
+def _kernel_sum_rescale(cfg: SubtractionConfig, ksum, ref, ref_sig, source, aperture_ratio) -> float:
+    """The factor the fitted kernel is multiplied by (``cfg.kernel_sum_rescale``): the
+    reference over the fitted sum when the reference is trusted (the calibrations, or a
+    PSF-flux ratio within ``kernel_sum_warn`` of the box-sum ratio) and the two differ by
+    more than ``kernel_sum_rescale`` and 3 sigma of the reference, and less than
+    ``kernel_sum_fail``; else 1."""
+    from procsky.notes import note_degraded
+
+    if cfg.kernel_sum_rescale is None or not (np.isfinite(ref) and ref > 0 and ksum > 0):
+        return 1.0
+    if source == "psf_flux":
+        tol = cfg.kernel_sum_warn or 0.02
+        if not (aperture_ratio is not None and np.isfinite(aperture_ratio) and aperture_ratio > 0):
+            return 1.0
+        if abs(ref / aperture_ratio - 1.0) > tol:
+            return 1.0
+    elif source != "photocalib":
+        return 1.0
+    dev = ksum / ref - 1.0
+    rsig = float(ref_sig / ref) if np.isfinite(ref_sig) else 0.0
+    if abs(dev) <= max(cfg.kernel_sum_rescale, 3.0 * rsig):
+        return 1.0
+    if cfg.kernel_sum_fail is not None and abs(dev) > cfg.kernel_sum_fail:
+        return 1.0
+    factor = float(ref / ksum)
+    note_degraded(
+        "diffim_kernel_sum_rescaled",
+        f"the fitted kernel sum {ksum:.4f} differs from the {source} ratio {ref:.4f} +- {ref_sig:.4f} by "
+        f"{100 * dev:+.1f}% (the kernel cannot match the two PSFs exactly): the kernel was rescaled by {factor:.4f}",
+        severity="info",
+        kernel_sum=ksum,
+        reference=ref,
+        reference_err=ref_sig,
+        source=source,
+        factor=factor,
+    )
+    return factor
 
 
 def subtract_images(
@@ -968,6 +1028,12 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
         sig_sharp,
     )
     ksum_check = _check_kernel_sum(cfg, ksum, ref, ref_sig, ref_source, ref_n, aperture_ratio=fit["ratio"])
+    rescale = _kernel_sum_rescale(cfg, ksum, ref, ref_sig, ref_source, fit["ratio"])
+    ksum_check["kernel_sum_fitted"] = ksum
+    ksum_check["kernel_sum_rescale"] = rescale
+    if rescale != 1.0:
+        kern = dataclasses.replace(kern, coeffs=kern.coeffs * rescale)
+        ksum = float(kern.kernel_sum(cx, cy))
     # The measured noise of each image on the pixels free of either image's sources: its
     # ratio to the variance plane and its correlation (a resampled template's is Lanczos-
     # correlated; a calexp's is white) -- applied only where measured to differ.
