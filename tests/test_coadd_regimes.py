@@ -46,6 +46,7 @@ from procsky import masks  # noqa: E402
 from procsky.coadd import CoaddConfig, WarpConfig, build_coadd  # noqa: E402
 from procsky.exposure import Exposure  # noqa: E402
 from procsky.instruments.simcam import SimcamGeometry, focal_plane_position  # noqa: E402
+from procsky.notes import collect_notes  # noqa: E402
 from procsky.psf import PolynomialImagePsf  # noqa: E402
 from procsky.sim import load_recipe, simulate  # noqa: E402
 from procsky.sim.psf import half_max_fwhm  # noqa: E402
@@ -170,7 +171,8 @@ def _build(name, tmp_path_factory, *, calibrated=False):
         name=name,
     )
     patch = sm.patch(0, 0)
-    lazy = build_coadd(calexps, patch, config=CoaddConfig(warp=WarpConfig(chunk=256)))
+    with collect_notes() as notes:
+        lazy = build_coadd(calexps, patch, config=CoaddConfig(warp=WarpConfig(chunk=256)))
     # Cosmic-ray pixels of the inputs on the patch, grown by the Lanczos-3 footprint: with
     # fewer than 3 inputs the coadd cannot reject them (kernels.coadd.transient_pixels).
     hit = np.zeros(patch.shape, bool)
@@ -199,6 +201,7 @@ def _build(name, tmp_path_factory, *, calibrated=False):
         scale=scale,
         cosmic_rays=hit,
         calexps=calexps,
+        notes=[n["code"] for n in notes],
     )
 
 
@@ -477,6 +480,7 @@ def test_undersampled_coadd_against_truth(undersampled):
     # of a 1.7 px Gaussian, phase-averaged), so the coadd PSF is wider than the inputs'
     # (half maximum of the pixel kernel against that of their fine-sampled mixture).
     _check(fig, undersampled["scale"], fwhm_range=(1.0, 1.15))
+    assert "coadd_undersampled_inputs" in undersampled["notes"]
 
 
 @pytest.mark.slow  # drawing the space regime (OpticalPSF stars, 300 galaxies per arcmin^2) takes ~10 s
@@ -493,6 +497,7 @@ def test_correlated_coadd_against_truth(correlated):
     # coadd's, by the predicted amount
     assert fig["noise_ratio_expected"] < 0.97
     _check(fig, correlated["scale"], fwhm_range=(0.97, 1.03))
+    assert "coadd_undersampled_inputs" not in correlated["notes"]
 
 
 @pytest.mark.slow
