@@ -18,7 +18,7 @@ images, and reports:
   pixels' ``D / sqrt(V)`` within 1.5 FWHM, at static truth stars (not variable, saturated,
   near a transient or a masked pixel), on procsky's difference (decorrelated, as the
   pipeline stores it);
-* ``res``: residual at bright unsaturated static stars (S/N > 100 in the science visit) as a
+* ``res``: residual at bright unsaturated static stars (S/N > 50 in the science visit) as a
   fraction of the star: ``sqrt(max(sum D^2 - N, 0)) / (F ||psf||_2)`` within 2 FWHM, with
   ``N`` the stamp's expected noise (``c sum(V_sci + k^2 V_tpl)``, ``c`` the difference's
   measured noise over that prediction on source-free pixels) and ``F ||psf||_2`` the truth
@@ -210,7 +210,7 @@ def measure(p: dict, diff_dec, diff_raw, sdiff, summary) -> dict:
     # bright stars: S/N > 100 in the science visit
     st = stars.iloc[sel]
     snr = st.counts / np.sqrt(st.counts + np.pi * (fwhm / 2.3548) ** 2 * 4 * sigma_pix**2)
-    bright = st[snr > 100].sort_values("counts", ascending=False).iloc[:40]
+    bright = st[snr > 50].sort_values("counts", ascending=False).iloc[:40]
     psf0 = p["truth"].psf_image(p["v_sci"], 0, nx / 2, ny / 2, size=41)
     l2 = float(np.sqrt(np.sum((psf0 / psf0.sum()) ** 2)))
     res["n_bright"] = len(bright)

@@ -1026,13 +1026,15 @@ def source_free_mask(image, variance, bad, psf_sigma, *, threshold=5.0, footprin
     lab, n = ndimage.label(foot)
     src = np.zeros(img.shape, bool)
     if n:
-        peak = ndimage.maximum(sn, lab, index=np.arange(1, n + 1))
+        # the footprints holding a pixel above threshold (their peak is above it)
         keep = np.zeros(n + 1, bool)
-        keep[1:] = peak > threshold
+        keep[lab[sn > threshold]] = True
+        keep[0] = False
         src = keep[lab]
     g = int(math.ceil(3 * s)) if grow is None else int(grow)
     if g > 0 and src.any():
-        src = ndimage.binary_dilation(src, structure=np.ones((3, 3), bool), iterations=g)
+        # g dilations by a 3x3 square = one by a (2g + 1) square, done separably
+        src = ndimage.maximum_filter(src.view(np.uint8), size=2 * g + 1, mode="constant", cval=0).view(bool)
     return ok & ~src
 
 
