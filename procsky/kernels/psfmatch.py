@@ -1041,7 +1041,8 @@ def source_free_mask(image, variance, bad, psf_sigma, *, threshold=5.0, footprin
 def _mad_var(a):
     """Robust variance ``(1.4826 MAD)^2`` of a 1-D array."""
     med = np.median(a)
-    return float((1.4826 * np.median(np.abs(a - med))) ** 2)
+    dev = np.abs(a - med)
+    return float((1.4826 * np.median(dev, overwrite_input=True)) ** 2)  # dev is ours to reorder
 
 
 def noise_statistics(image, variance, free, *, radius=3, max_size=768, nsigma=5.0, min_excess=0.05):
