@@ -30,7 +30,15 @@ import toytasks  # noqa: E402,F401  (registers toy_measure, toy_gather, toy_gath
 #: loadfile --no-loadscope-reorder``: files are handed to the workers in collection order, so
 #: these start first and the many short files fill the workers' time around them. Only the
 #: order changes; a file missing here runs after them in its usual place.
-LONGEST_FIRST = ("test_readme.py", "test_coadd.py", "test_calibrate.py", "test_diffim.py", "test_repo_concurrency.py")
+LONGEST_FIRST = (
+    "test_readme.py",
+    "test_coadd.py",
+    "test_calibrate.py",
+    "test_coadd_regimes.py",
+    "test_sim_regimes.py",
+    "test_diffim.py",
+    "test_repo_concurrency.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
