@@ -18,6 +18,17 @@ images, and reports:
   pixels' ``D / sqrt(V)`` within 1.5 FWHM, at static truth stars (not variable, saturated,
   near a transient or a masked pixel), on procsky's difference (decorrelated, as the
   pipeline stores it);
+* ``z_psf_bins``: the same PSF-weighted pulls in bins of the star's science S/N (< 30,
+  30-100, > 100): std, robust std (1.4826 MAD), median and count. A std over all stars mixes
+  the variance check (is the plane right at stars? the faint bin) with the bright stars'
+  shape residuals (a few % of an S/N 500 star is 10 sigma for any tool);
+  ``z_psf_bins_procsky_raw`` / ``z_psf_bins_sfft``: the pulls ``sum(P D) / sqrt(sum(P^2
+  pred))`` on each tool's un-decorrelated difference with one noise model for both,
+  ``pred = V_sci + k^2 V_tpl`` (the input variance planes, ``k`` procsky's kernel sum),
+  divided by the robust spread of the same pull at source-free positions (a grid of
+  stamps wholly on source-free pixels: the scale then carries the noise's correlation; the
+  per-pixel ratio on source-free pixels when fewer than 30 such stamps exist, as in
+  ``crowded``); ``P`` the difference's PSF at the frame centre for both;
 * ``res``: residual at bright unsaturated static stars (S/N > 50 in the science visit) as a
   fraction of the star: ``sqrt(max(sum D^2 - N, 0)) / (F ||psf||_2)`` within 2 FWHM, with
   ``N`` the stamp's expected noise (``c sum(V_sci + k^2 V_tpl)``, ``c`` the difference's
@@ -143,6 +154,31 @@ def _far_from_sources(shape, objs, fwhm, sigma_pix):
     return ~near
 
 
+SNR_BINS = ((0.0, 30.0), (30.0, 100.0), (100.0, np.inf))
+
+
+def pd_series(values, index):
+    import pandas as pd
+
+    return pd.Series(values, index=index)
+
+
+def _binned(z, snr, robust) -> dict:
+    """std, robust std (1.4826 MAD) and count of the pulls ``z`` in bins of S/N."""
+    out = {}
+    for lo, hi in SNR_BINS:
+        sel = (snr >= lo) & (snr < hi) & np.isfinite(z)
+        key = f"{lo:g}-{hi:g}"
+        zz = z[sel]
+        out[key] = {
+            "n": int(sel.sum()),
+            "std": float(np.std(zz)) if zz.size > 1 else float("nan"),
+            "robust_std": robust(zz) if zz.size > 1 else float("nan"),
+            "median": float(np.median(zz)) if zz.size else float("nan"),
+        }
+    return out
+
+
 def measure(p: dict, diff_dec, diff_raw, sdiff, summary) -> dict:
     """The figures of the module docstring."""
     sci, tpl = p["sci"], p["tpl"]
@@ -207,9 +243,42 @@ def measure(p: dict, diff_dec, diff_raw, sdiff, summary) -> dict:
     res["z_psf"] = float(np.std(z_psf)) if z_psf else float("nan")
     res["z_pix"] = float(np.concatenate(z_pix).std()) if z_pix else float("nan")
 
-    # bright stars: S/N > 100 in the science visit
     st = stars.iloc[sel]
-    snr = st.counts / np.sqrt(st.counts + np.pi * (fwhm / 2.3548) ** 2 * 4 * sigma_pix**2)
+    snr = (st.counts / np.sqrt(st.counts + np.pi * (fwhm / 2.3548) ** 2 * 4 * sigma_pix**2)).to_numpy()
+    res["z_psf_bins"] = _binned(np.asarray(z_psf), snr, robust)
+    # the same PSF-weighted pulls on the un-decorrelated differences of both tools, with the
+    # noise each makes: pred = V_sci + k^2 V_tpl, scaled by the pulls' measured spread at
+    # source-free positions (the noise's correlation included)
+    pk_c = diff_dec.psf.kernel(nx / 2, ny / 2)
+    c0 = pk_c.shape[0] // 2
+    if c0 < hw:
+        pk_c = np.pad(pk_c, hw - c0)
+        c0 = hw
+    pk_c = pk_c[c0 - hw : c0 + hw + 1, c0 - hw : c0 + hw + 1]
+    empty = []
+    step = 2 * hw + 1
+    for iy in range(margin, ny - margin, step):
+        for ix in range(margin, nx - margin, step):
+            if free[iy - hw : iy + hw + 1, ix - hw : ix + hw + 1].all():
+                empty.append((ix, iy))
+    res["n_free_positions"] = len(empty)
+    for name, img in (("procsky_raw", diff_raw), ("sfft", sdiff)):
+        if img is None:
+            continue
+        img = np.asarray(img, float)
+
+        def pull(ix, iy, img=img):
+            sl = (slice(iy - hw, iy + hw + 1), slice(ix - hw, ix + hw + 1))
+            return (pk_c * img[sl]).sum() / np.sqrt((pk_c * pk_c * pred[sl]).sum())
+
+        z0 = np.array([pull(ix, iy) for ix, iy in empty])
+        scale = robust(z0) if len(z0) >= 30 else robust(img[free] / np.sqrt(pred[free]))
+        res[f"{name}_free_pull_scale"] = scale
+        zs = np.array([pull(int(round(x)), int(round(y))) for x, y in zip(st.x, st.y)]) / scale
+        res[f"z_psf_bins_{name}"] = _binned(zs, snr, robust)
+
+    # bright stars: S/N > 50 in the science visit
+    snr = pd_series(snr, st.index)
     bright = st[snr > 50].sort_values("counts", ascending=False).iloc[:40]
     psf0 = p["truth"].psf_image(p["v_sci"], 0, nx / 2, ny / 2, size=41)
     l2 = float(np.sqrt(np.sum((psf0 / psf0.sum()) ** 2)))
@@ -381,6 +450,29 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def z_table(results: list[dict]) -> str:
+    """PSF-weighted pulls at static stars by S/N: std / robust std (n), procsky's stored
+    difference with its variance plane, and both tools' un-decorrelated differences with
+    the common noise model."""
+    bins = [f"{lo:g}-{hi:g}" for lo, hi in SNR_BINS]
+    head = "| regime | difference | " + " | ".join(f"S/N {b}: std / robust (n)" for b in bins) + " |"
+    rows = [head, "|" + "---|" * (2 + len(bins))]
+    for r in results:
+        for key, label in (
+            ("z_psf_bins", "procsky (plane)"),
+            ("z_psf_bins_procsky_raw", "procsky raw (model)"),
+            ("z_psf_bins_sfft", "SFFT (model)"),
+        ):
+            if key not in r:
+                continue
+            cells = [
+                f"{r[key][b]['std']:.2f} / {r[key][b]['robust_std']:.2f} ({r[key][b]['n']})" if r[key][b]["n"] else "-"
+                for b in bins
+            ]
+            rows.append(f"| {r['recipe']} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipes", nargs="+", default=list(REGIMES))
@@ -407,6 +499,8 @@ def main(argv=None) -> int:
             results.append(r)
             print(json.dumps(r, default=float), file=sys.stderr, flush=True)
     print(table(results))
+    print()
+    print(z_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=float))
     return 0
