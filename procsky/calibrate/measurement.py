@@ -99,16 +99,72 @@ def measure_with_psf(state: CalibrateState, config: MeasurementConfig) -> None:
     _note_cr_on_bright_stars(meas)
 
 
+# the aperture correction's radius holds at least this fraction of the PSF model's light (its stamp)
+_APCORR_ENCIRCLED = 0.98
+# and at least this fraction of the aperture-correction stars have no other detection inside it
+_APCORR_CLEAN_FRACTION = 0.5
+
+
+def model_encircled_energy(state: CalibrateState, radii: tuple[float, ...], sub: int = 5) -> np.ndarray:
+    """Fraction of the PSF model's light (its stamp at the detector centre, normalised to 1) inside
+    each circular aperture of ``radii`` pixels, the pixels split ``sub`` x ``sub``; NaN without a model."""
+    psf = state.psf
+    if psf is None:
+        return np.full(len(radii), np.nan)
+    ny, nx = state.shape
+    try:
+        k = np.asarray(psf.kernel(state.xy0[0] + 0.5 * (nx - 1), state.xy0[1] + 0.5 * (ny - 1)), float)
+    except Exception:  # noqa: BLE001 - a model that cannot render has no curve of growth
+        return np.full(len(radii), np.nan)
+    tot = k.sum()
+    if not (np.isfinite(tot) and tot > 0):
+        return np.full(len(radii), np.nan)
+    n = k.shape[0]
+    off = (np.arange(sub) + 0.5) / sub - 0.5
+    c = np.arange(n) - n // 2
+    fx = (c[None, :, None, None] + off[None, None, None, :]) ** 2
+    fy = (c[:, None, None, None] + off[None, None, :, None]) ** 2
+    rr = np.sqrt(fx + fy)  # (n, n, sub, sub)
+    return np.array([float((k * (rr <= r).mean(axis=(2, 3))).sum() / tot) for r in radii])
+
+
+def _clean(state: CalibrateState, radius: float) -> np.ndarray:
+    """Sources with no other detection within ``radius`` + 2 pixels (their aperture holds no neighbour's core)."""
+    from scipy.spatial import cKDTree
+
+    x, y = state.meas["x"], state.meas["y"]
+    ok = np.isfinite(x) & np.isfinite(y)
+    xy = np.column_stack([np.where(ok, x, -1e9), np.where(ok, y, -1e9)])
+    counts = np.array([len(v) for v in cKDTree(xy).query_ball_point(xy, radius + 2.0)])
+    return ok & (counts <= 1)
+
+
 def apcorr_radius(state: CalibrateState, config: MeasurementConfig) -> tuple[float, tuple[float, ...]]:
-    """The aperture-correction radius (``config.apcorr_fwhm``) and the growth curve's ring edges from it."""
+    """The aperture-correction radius and the growth curve's ring edges from it.
+
+    The smallest of ``aperture_radii`` at least ``config.apcorr_fwhm`` half-maximum FWHM wide, raised to
+    the smallest one holding ``_APCORR_ENCIRCLED`` of the PSF model's light (a space PSF's sharp core
+    and wide wings: 4 FWHM hold 95 % of it), ``apcorr_radius`` at most; then lowered, not below the
+    encircled-energy radius, while fewer than ``_APCORR_CLEAN_FRACTION`` of the PSF stars have no other
+    detection inside it (a crowded field, where a wide aperture holds neighbours' light)."""
     radius = float(config.apcorr_radius)
     fwhm = 2.3548200450309493 * float(state.sigma_psf)
     if config.apcorr_fwhm is None or not (np.isfinite(fwhm) and fwhm > 0):
         return radius, tuple(config.growth_edges)
-    wide = sorted(r for r in config.aperture_radii if config.apcorr_fwhm * fwhm <= r <= radius)
-    if not wide or wide[0] >= radius:
+    radii = sorted(float(r) for r in config.aperture_radii if r <= radius)
+    ee = model_encircled_energy(state, tuple(radii))
+    r_ee = next((r for r, e in zip(radii, ee) if e >= _APCORR_ENCIRCLED), radii[0] if radii else radius)
+    wide = [r for r in radii if r >= max(config.apcorr_fwhm * fwhm, r_ee)]
+    r = wide[0] if wide else radius
+    stars = state.used
+    if stars is not None and stars.any():
+        for lower in sorted((a for a in radii if r_ee <= a <= r), reverse=True):
+            r = lower
+            if _clean(state, lower)[stars].mean() >= _APCORR_CLEAN_FRACTION:
+                break
+    state.psf_info["apcorr_model_encircled"] = {f"{a:g}": float(e) for a, e in zip(radii, ee)}
+    if r >= radius:
         return radius, tuple(config.growth_edges)
-    r = float(wide[0])
     edges = (r, *(a for a in sorted(config.aperture_radii) if a > r), *(e for e in config.growth_edges if e > radius))
     return r, tuple(float(e) for e in edges)
 
@@ -124,6 +180,19 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
         ratio = meas[apc_name] / meas["psf_flux"]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio_err = np.hypot(meas[apc_name + "_err"], ratio * meas["psf_flux_err"]) / meas["psf_flux"]
+    # only PSF stars whose aperture holds no other detection (as the LSST pipelines' aperture correction
+    # keeps unblended stars): in a crowded field neighbours' light biases ap/psf high
+    clean = _clean(state, radius)
+    if (used & clean).sum() >= 3:
+        used = used & clean
+    else:
+        note_degraded(
+            "apcorr_blended_stars",
+            f"fewer than 3 PSF stars with no other detection within {radius:g} + 2 px: the aperture correction "
+            "uses them all (neighbours' light may bias it high)",
+            severity="info",
+            radius=radius,
+        )
     ac_stars = (
         used
         & np.isfinite(ratio)
