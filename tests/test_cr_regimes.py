@@ -9,8 +9,8 @@ and the undersampled frame says so (note ``cr_undersampled``).
 The undersampled frame is calibrated a second time with 400 more hits and ``psf_model_error = 0``
 (a PSF model taken as exact): that is how calibrate behaved on real 1"/px frames, whose PSF model is
 off by more than its allowance at the core of an undersampled star (issue 19: 98 % of the S/N > 100
-stars carried ``flag_cr``). Without the undersampled criterion (``undersampled_fwhm = 0``) that run
-flags the cores of 12 of 378 stars and 364 pixels away from any hit; with it, none and 23.
+stars carried ``flag_cr``). Before the PSF's criterion held the flags (issue 19), that run flagged
+the cores of 12 of 378 stars and 364 pixels away from any hit; with it, none and 23.
 
 A 256 px cut-out of the ``crowded`` recipe (well sampled, overlapping PSFs) with 60 more hits: no star
 core flagged, the hits found, hardly anything else flagged (the PSF-model test took blended neighbours

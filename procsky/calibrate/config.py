@@ -90,12 +90,13 @@ class CosmicRayConfig(pydantic.BaseModel):
     undersampled_fwhm: float = 2.5
     """Below this PSF FWHM (pixels) the frame is undersampled and the cosmic-ray steps hold every flag to the
     PSF (LSST's ``findCosmicRays`` criterion, ``kernels.cosmicray.psfsharp``): an L.A.Cosmic candidate must be
-    sharper along its row, column or a diagonal than the sharpest star the frame holds allows, L.A.Cosmic's
-    growth stops at pixels that provably peak like the PSF (a star core beside a hit), and the PSF-model tests
-    may flag a pixel of a detection they keep only when it passes that test too (a PSF model is least exact
-    where the PSF is undersampled). The FWHM is the smaller of the seeing guess and the locus of the bright
-    peaks of the frame (S/N > 30, or > 15 on a sparse frame; before the PSF model), then also of the PSF model.
-    Noted ``cr_undersampled``; 0 switches it off."""
+    sharper along its row, column or a diagonal than the sharpest star the frame holds allows, and L.A.Cosmic's
+    growth stops at pixels that provably peak like the PSF (a star core beside a hit). The FWHM is the smaller
+    of the seeing guess and the locus of the bright peaks of the frame (S/N > 30, or > 15 on a sparse frame;
+    before the PSF model), then also of the PSF model. Noted ``cr_undersampled``; 0 switches these L.A.Cosmic
+    steps off. The later PSF-model tests hold their flags to the same criterion on every frame, undersampled
+    or not (in a crowded field the residual of a PSF fit holds its blended neighbours, exactly as sharp as the
+    PSF): a pixel of a detection they keep is flagged only when it is sharper than the PSF allows."""
     undersampled_margin: float = 0.7
     """Fraction of the PSF's centred-peak neighbour ratio a cosmic-ray pixel must be below (LSST's
     ``cond3_fac2``), for the error of the PSF estimate."""
