@@ -2,9 +2,12 @@
 aperture correction and the aperture-to-total correction of the PSF fluxes and their errors.
 
 **Aperture correction** = clipped weighted mean of ``ap_flux(apcorr_radius) / psf_flux`` over the PSF
-stars, applied to ``psf_flux``. **Aperture to total**: the light outside ``apcorr_radius`` from the
+stars with no other detection inside the aperture, applied to ``psf_flux``; its radius holds >= 98 % of
+the PSF model's light (a space PSF: more than 4 FWHM) and is lowered, not below that, in a crowded field
+(:func:`apcorr_radius`). **Aperture to total**: the light outside ``apcorr_radius`` from the
 growth curve of the bright stars (clipped ring means out to 40 px against a local sky, power-law tail;
-``kernels.growth``), also applied to ``psf_flux``, so that the zero point is that of the total flux
+``kernels.growth``; with fewer than 3 stars of ``growth_min_snr``, fainter ones when the light they
+find beyond the aperture is significant), also applied to ``psf_flux``, so that the zero point is that of the total flux
 (``visit_photometry`` uses the visit's mean of it, the per-detector value being noisier).
 ``psf_flux_err`` is the photon noise of the PSF fit plus, in quadrature, the PSF model's fractional
 flux error ``flux_sys`` times the flux: the excess scatter, beyond their noise, of the PSF stars'
@@ -28,6 +31,8 @@ from procsky.notes import note_degraded
 
 __all__ = ["aperture_corrections", "measure", "measure_with_psf", "on_plane", "psf_flux_errors"]
 
+# aperture S/N thresholds of the growth-curve stars tried, in turn, below ``growth_min_snr``
+_GROWTH_FALLBACK_SNR = (50.0, 30.0, 20.0)
 _GROWTH_BAD = int(_masks.bits("BAD", "SAT", "NO_DATA", "EDGE", "STREAK", "SUSPECT"))
 
 
@@ -225,8 +230,12 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
             & ~meas["flag_blended"]
             & ~meas["flag_streak"]
             & ~meas["flag_interpolated"]
-            & (ap_snr > config.growth_min_snr)
         )
+        # the growth curve wants the brightest stars; a small or sparse frame (a space detector: 2 stars of
+        # S/N > 100 where 8 % of a diffraction PSF's light lies beyond 12 px) falls back to fainter ones
+        tries = (float(config.growth_min_snr), *(s for s in _GROWTH_FALLBACK_SNR if s < config.growth_min_snr))
+        snr_min = next((s for s in tries if (gstars & (ap_snr > s)).sum() >= 3), tries[0])
+        gstars &= ap_snr > snr_min
         gi = np.flatnonzero(gstars)
         inner = {
             r: (meas[ap_name(meas, r)][gi], meas[ap_name(meas, r) + "_err"][gi])
@@ -249,6 +258,26 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
             sky_annulus=config.growth_sky_annulus,
             bad_bits=_GROWTH_BAD,
         )
+        if snr_min < config.growth_min_snr and growth.status == "measured":
+            # fainter stars' growth curves are noise- and sky-dominated: used only when the light beyond the
+            # aperture they measure is positive and significant (a diffraction PSF's 9 % at 7 sigma on the
+            # space regime; -0.8 +- 0.8 % on the correlated-noise regime is left out)
+            if growth.correction - 1.0 > 3.0 * growth.error:
+                note_degraded(
+                    "aperture_to_total_faint_stars",
+                    f"fewer than 3 stars of aperture S/N > {config.growth_min_snr:g} for the growth curve: "
+                    f"{growth.n_stars} of S/N > {snr_min:g} used (correction {growth.correction:.4f} "
+                    f"+- {growth.error:.4f})",
+                    severity="info",
+                    snr_min=snr_min,
+                    n_stars=growth.n_stars,
+                )
+            else:
+                growth = GrowthCorrection(
+                    status=f"growth curve of {growth.n_stars} stars of S/N > {snr_min:g} not significantly above 1 "
+                    f"({growth.correction:.4f} +- {growth.error:.4f})",
+                    n_stars=growth.n_stars,
+                )
     if config.total_flux_correction and growth.status != "measured":
         note_degraded(
             "aperture_to_total_default", f"no aperture-to-total correction ({growth.status}): 1 used", severity="info"
