@@ -78,15 +78,6 @@ def lanczos(t, order: int = 3):
 TAP_TABLE_STEPS = 1024
 
 
-@numba.njit(nogil=True, cache=True)
-def _fill_tap_table(order, steps, table):
-    n = 2 * order
-    for p in range(steps + 1):
-        f = p / steps
-        for k in range(n):
-            table[p, k] = _lanczos(f + (order - 1 - k), order)
-
-
 @functools.lru_cache(maxsize=8)
 def tap_table(order: int = 3, steps: int = TAP_TABLE_STEPS) -> np.ndarray:
     """Lanczos taps ``L(f + order - 1 - k)``, ``k = 0 .. 2 order - 1``, at phases ``f = p / steps``.
@@ -94,8 +85,8 @@ def tap_table(order: int = 3, steps: int = TAP_TABLE_STEPS) -> np.ndarray:
     Row ``p`` holds the (unnormalised) weights of the ``2 order`` input pixels ``floor(x) - order + 1 + k``
     for a sample at ``x`` with ``x - floor(x) = p / steps``; shape ``(steps + 1, 2 order)``, read-only.
     """
-    table = np.empty((steps + 1, 2 * order))
-    _fill_tap_table(order, steps, table)
+    phase = np.arange(steps + 1) / steps
+    table = lanczos(phase[:, None] + (order - 1 - np.arange(2 * order)), order)
     table.flags.writeable = False
     return table
 
