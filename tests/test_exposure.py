@@ -123,6 +123,30 @@ def test_zarr_is_lazy_and_slices_lazily(tmp_path):
     assert cut.xy0 == (20, 50)
 
 
+def test_zarr_codecs_and_zstd_stores_read(tmp_path):
+    """Float planes are stored with Blosc-LZ4 (shuffled), the mask with zstd; a store whose
+    float planes are zstd-compressed (as written before) reads back identically."""
+    import zarr
+
+    exp = _random_exposure((120, 90), [], seed=3)
+    exp.write(tmp_path / "e.zarr", chunks=64)
+    g = zarr.open_group(str(tmp_path / "e.zarr"), mode="r")
+    for name in ("image", "variance"):
+        (codec,) = g[name].compressors
+        assert type(codec).__name__ == "BloscCodec" and codec.cname.value == "lz4"
+    assert type(g["mask"].compressors[0]).__name__ == "ZstdCodec"
+    old = zarr.open_group(str(tmp_path / "old.zarr"), mode="w", zarr_format=3)
+    for name in ("image", "variance", "mask"):
+        old.create_array(name, data=np.asarray(g[name][...]), chunks=(64, 64), dimension_names=("y", "x"))
+    old.attrs["procsky"] = g.attrs["procsky"]
+    assert type(old["image"].compressors[0]).__name__ == "ZstdCodec"
+    for path in ("e.zarr", "old.zarr"):
+        back = Exposure.read(tmp_path / path).compute()
+        np.testing.assert_array_equal(back.image, exp.image)
+        np.testing.assert_array_equal(back.variance, exp.variance)
+        np.testing.assert_array_equal(back.mask, exp.mask)
+
+
 def test_cutout_wcs_follows(real_data):
     header, shape = _tpv_header(real_data)
     exp = _random_exposure(shape, wcs_cards(header))
