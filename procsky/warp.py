@@ -122,6 +122,24 @@ def pixel_mapping(
     xin, yin : ndarray (box.ny, box.nx) float64
         0-based input pixel coordinates (NaN where the mapping is undefined).
     """
+    xin, yin, _ = _mapping(out_cards, in_cards, box, grid_step, in_shape, area=False)
+    return xin, yin
+
+
+def _mapping(
+    out_cards: Sequence,
+    in_cards: Sequence,
+    box: Box,
+    grid_step: int,
+    in_shape: tuple[int, int] | None,
+    *,
+    area: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`pixel_mapping` and (``area=True``) the output-to-input pixel area ratio
+    ``|det d(xin, yin)/d(x, y)|`` at every pixel of ``box``: from the mapping grid's splines
+    (:func:`procsky.kernels.warp.interpolate_mapping`), or, where the mapping is evaluated
+    exactly, by central differences of the exact mapping on the box grown by one pixel
+    (so that strips one pixel wide get their area too)."""
     out_wcs = _wcs(out_cards)
     in_wcs = _wcs(in_cards, in_shape)
 
@@ -131,11 +149,22 @@ def pixel_mapping(
             xi, yi = in_wcs.world_to_pixel_values(ra, dec)
         return np.asarray(xi, float), np.asarray(yi, float)
 
+    def exact_box():
+        g = 1 if area else 0
+        xx, yy = np.meshgrid(
+            np.arange(box.x0 - g, box.x1 + g, dtype=float), np.arange(box.y0 - g, box.y1 + g, dtype=float)
+        )
+        xi, yi = exact(xx, yy)
+        if not area:
+            return xi, yi, None
+        with np.errstate(invalid="ignore"):
+            ratio = kw.area_ratio(xi, yi)[1:-1, 1:-1]
+        return xi[1:-1, 1:-1], yi[1:-1, 1:-1], ratio
+
     xs = np.arange(box.x0, box.x1, dtype=float)
     ys = np.arange(box.y0, box.y1, dtype=float)
     if grid_step <= 0 or (box.nx <= 4 * grid_step and box.ny <= 4 * grid_step and box.nx * box.ny <= 4096):
-        xx, yy = np.meshgrid(xs, ys)
-        return exact(xx, yy)
+        return exact_box()
 
     def grid(lo, hi):
         n = max(4, int(math.ceil((hi - 1 - lo) / grid_step)) + 1)
@@ -145,9 +174,10 @@ def pixel_mapping(
     gxx, gyy = np.meshgrid(gx, gy)
     xi, yi = exact(gxx, gyy)
     if not (np.all(np.isfinite(xi)) and np.all(np.isfinite(yi))):
-        xx, yy = np.meshgrid(xs, ys)
-        return exact(xx, yy)
-    return kw.interpolate_grid(gx, gy, xi, xs, ys), kw.interpolate_grid(gx, gy, yi, xs, ys)
+        return exact_box()
+    if not area:
+        return kw.interpolate_grid(gx, gy, xi, xs, ys), kw.interpolate_grid(gx, gy, yi, xs, ys), None
+    return kw.interpolate_mapping(gx, gy, xi, yi, xs, ys)
 
 
 def _jacobian(
@@ -265,9 +295,7 @@ class _WarpSource(_Source):
         inter = box.intersection(self.box)
         if inter.empty:
             return out_img, out_var, out_msk
-        xin, yin = pixel_mapping(
-            self.out_cards, self.in_cards, inter, grid_step=self.warp.grid_step, in_shape=self.in_shape
-        )
+        xin, yin, area = _mapping(self.out_cards, self.in_cards, inter, self.warp.grid_step, self.in_shape)
         if parts is not None:
             reg, img, var, msk = parts
             # The dependency covers the region for the whole requested box; crop to ours.
@@ -280,7 +308,8 @@ class _WarpSource(_Source):
             img, var, msk = (np.asarray(p[sl]) for p in (self.image, self.variance, self.mask))
         if self.remap is not None:
             msk = self.remap[0].remap(msk.astype(np.uint32), self.remap[1])
-        scale = self.calibration * kw.area_ratio(xin, yin) if min(inter.shape) >= 2 else self.calibration
+        assert area is not None
+        scale = self.calibration * area
         wi, wv, wm = kw.warp_planes(
             img,
             var,
