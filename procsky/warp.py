@@ -126,6 +126,34 @@ def pixel_mapping(
     return xin, yin
 
 
+def _exact_mapping(out_cards: Sequence, in_cards: Sequence, in_shape, x, y) -> tuple[np.ndarray, np.ndarray]:
+    ra, dec = _wcs(out_cards).pixel_to_world_values(x, y)
+    with np.errstate(all="ignore"):
+        xi, yi = _wcs(in_cards, in_shape).world_to_pixel_values(ra, dec)
+    return np.asarray(xi, float), np.asarray(yi, float)
+
+
+def _mapping_nodes(
+    out_cards: Sequence, in_cards: Sequence, box: Box, grid_step: int, in_shape: tuple[int, int] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The grid (``gx, gy``, output pixels) on which the mapping of ``box`` is evaluated
+    exactly (``xi, yi``, input pixels), or None when it must be evaluated at every pixel
+    (``grid_step`` 0, a box too small for a grid, a mapping undefined at some node)."""
+    if grid_step <= 0 or (box.nx <= 4 * grid_step and box.ny <= 4 * grid_step and box.nx * box.ny <= 4096):
+        return None
+
+    def grid(lo, hi):
+        n = max(4, int(math.ceil((hi - 1 - lo) / grid_step)) + 1)
+        return np.linspace(lo, hi - 1, n) if hi - lo > 1 else np.array([lo - 1.0, lo, lo + 1.0, lo + 2.0])
+
+    gx, gy = grid(box.x0, box.x1), grid(box.y0, box.y1)
+    gxx, gyy = np.meshgrid(gx, gy)
+    xi, yi = _exact_mapping(out_cards, in_cards, in_shape, gxx, gyy)
+    if not (np.all(np.isfinite(xi)) and np.all(np.isfinite(yi))):
+        return None
+    return gx, gy, xi, yi
+
+
 def _mapping(
     out_cards: Sequence,
     in_cards: Sequence,
@@ -140,44 +168,30 @@ def _mapping(
     (:func:`procsky.kernels.warp.interpolate_mapping`), or, where the mapping is evaluated
     exactly, by central differences of the exact mapping on the box grown by one pixel
     (so that strips one pixel wide get their area too)."""
-    out_wcs = _wcs(out_cards)
-    in_wcs = _wcs(in_cards, in_shape)
-
-    def exact(x, y):
-        ra, dec = out_wcs.pixel_to_world_values(x, y)
-        with np.errstate(all="ignore"):
-            xi, yi = in_wcs.world_to_pixel_values(ra, dec)
-        return np.asarray(xi, float), np.asarray(yi, float)
-
-    def exact_box():
-        g = 1 if area else 0
-        xx, yy = np.meshgrid(
-            np.arange(box.x0 - g, box.x1 + g, dtype=float), np.arange(box.y0 - g, box.y1 + g, dtype=float)
-        )
-        xi, yi = exact(xx, yy)
-        if not area:
-            return xi, yi, None
-        with np.errstate(invalid="ignore"):
-            ratio = kw.area_ratio(xi, yi)[1:-1, 1:-1]
-        return xi[1:-1, 1:-1], yi[1:-1, 1:-1], ratio
-
+    nodes = _mapping_nodes(out_cards, in_cards, box, grid_step, in_shape)
+    if nodes is None:
+        return _exact_box_mapping(out_cards, in_cards, box, in_shape, area=area)
+    gx, gy, xi, yi = nodes
     xs = np.arange(box.x0, box.x1, dtype=float)
     ys = np.arange(box.y0, box.y1, dtype=float)
-    if grid_step <= 0 or (box.nx <= 4 * grid_step and box.ny <= 4 * grid_step and box.nx * box.ny <= 4096):
-        return exact_box()
-
-    def grid(lo, hi):
-        n = max(4, int(math.ceil((hi - 1 - lo) / grid_step)) + 1)
-        return np.linspace(lo, hi - 1, n) if hi - lo > 1 else np.array([lo - 1.0, lo, lo + 1.0, lo + 2.0])
-
-    gx, gy = grid(box.x0, box.x1), grid(box.y0, box.y1)
-    gxx, gyy = np.meshgrid(gx, gy)
-    xi, yi = exact(gxx, gyy)
-    if not (np.all(np.isfinite(xi)) and np.all(np.isfinite(yi))):
-        return exact_box()
     if not area:
         return kw.interpolate_grid(gx, gy, xi, xs, ys), kw.interpolate_grid(gx, gy, yi, xs, ys), None
     return kw.interpolate_mapping(gx, gy, xi, yi, xs, ys)
+
+
+def _exact_box_mapping(
+    out_cards: Sequence, in_cards: Sequence, box: Box, in_shape: tuple[int, int] | None, *, area: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The exact mapping at every pixel of ``box`` and (``area=True``) the area ratio by
+    central differences on the box grown by one pixel."""
+    g = 1 if area else 0
+    xx, yy = np.meshgrid(np.arange(box.x0 - g, box.x1 + g, dtype=float), np.arange(box.y0 - g, box.y1 + g, dtype=float))
+    xi, yi = _exact_mapping(out_cards, in_cards, in_shape, xx, yy)
+    if not area:
+        return xi, yi, None
+    with np.errstate(invalid="ignore"):
+        ratio = kw.area_ratio(xi, yi)[1:-1, 1:-1]
+    return xi[1:-1, 1:-1], yi[1:-1, 1:-1], ratio
 
 
 def _jacobian(
@@ -295,32 +309,53 @@ class _WarpSource(_Source):
         inter = box.intersection(self.box)
         if inter.empty:
             return out_img, out_var, out_msk
-        xin, yin, area = _mapping(self.out_cards, self.in_cards, inter, self.warp.grid_step, self.in_shape)
+        nodes = _mapping_nodes(self.out_cards, self.in_cards, inter, self.warp.grid_step, self.in_shape)
+        if nodes is None:
+            xin, yin, area = _exact_box_mapping(self.out_cards, self.in_cards, inter, self.in_shape)
+            mapping = (xin, yin)
+        else:
+            mapping = (nodes[2], nodes[3])  # the nodes include the box edges: enough for the region
         if parts is not None:
             reg, img, var, msk = parts
             # The dependency covers the region for the whole requested box; crop to ours.
             img, var, msk = np.asarray(img), np.asarray(var), np.asarray(msk)
         else:
-            reg = self._input_region(inter, (xin, yin))
+            reg = self._input_region(inter, mapping)
             if reg is None:
                 return out_img, out_var, out_msk
             sl = reg.slices()
             img, var, msk = (np.asarray(p[sl]) for p in (self.image, self.variance, self.mask))
         if self.remap is not None:
             msk = self.remap[0].remap(msk.astype(np.uint32), self.remap[1])
-        assert area is not None
-        scale = self.calibration * area
-        wi, wv, wm = kw.warp_planes(
-            img,
-            var,
-            msk,
-            xin - reg.x0,
-            yin - reg.y0,
-            scale,
-            order=self.warp.order,
-            mask_radius=self.warp.mask_radius,
-            no_data_bit=_NO_DATA,
-        )
+        order, radius = self.warp.order, self.warp.mask_radius
+        if nodes is None:
+            assert area is not None
+            wi, wv, wm = kw.warp_planes(
+                img,
+                var,
+                msk,
+                xin - reg.x0,
+                yin - reg.y0,
+                self.calibration * area,
+                order=order,
+                mask_radius=radius,
+                no_data_bit=_NO_DATA,
+            )
+        else:
+            # Mapping splines and pixel area evaluated inside the kernel, row by row.
+            wi, wv, wm = kw.warp_planes_grid(
+                img,
+                var,
+                msk,
+                *nodes,
+                np.arange(inter.x0, inter.x1, dtype=float),
+                np.arange(inter.y0, inter.y1, dtype=float),
+                offset=(reg.x0, reg.y0),
+                calibration=self.calibration,
+                order=order,
+                mask_radius=radius,
+                no_data_bit=_NO_DATA,
+            )
         dst = inter.shifted(-box.x0, -box.y0).slices()
         out_img[dst], out_var[dst], out_msk[dst] = wi, wv, wm
         return out_img, out_var, out_msk

@@ -134,12 +134,10 @@ def test_variance_matches_warped_noise():
     assert 1.1 < lanczos_noise_correlation(3) < 1.5
 
 
-def test_grid_mapping_error_below_a_thousandth_pixel():
-    sm = make_skymap(inner=1000, border=50)
-    patch = sm.patch(0, 0)
+def _strong_sip_cards():
+    """Visit cards with a stronger SIP than the test default: up to ~1 px at the corners."""
     cards = visit_cards(3, shape=(2000, 2000))
-    # Stronger SIP than the test default: up to ~1 px at the corners.
-    cards = [c for c in cards if not c[0].startswith(("A_", "B_"))] + [
+    return [c for c in cards if not c[0].startswith(("A_", "B_"))] + [
         ("A_ORDER", 3, ""),
         ("B_ORDER", 3, ""),
         ("A_2_0", 3e-7, ""),
@@ -149,6 +147,11 @@ def test_grid_mapping_error_below_a_thousandth_pixel():
         ("B_0_3", -1e-10, ""),
         ("B_2_1", 5e-11, ""),
     ]
+
+
+def test_grid_mapping_error_below_a_thousandth_pixel():
+    patch = make_skymap(inner=1000, border=50).patch(0, 0)
+    cards = _strong_sip_cards()
     box = Box(0, 0, 700, 600)
     xe, ye = pixel_mapping(patch.wcs_cards, cards, box, grid_step=0, in_shape=(2000, 2000))
     xg, yg = pixel_mapping(patch.wcs_cards, cards, box, grid_step=32, in_shape=(2000, 2000))
@@ -164,6 +167,35 @@ def test_grid_mapping_error_below_a_thousandth_pixel():
         ag = _mapping(patch.wcs_cards, cards, b, 32, (2000, 2000))[2]
         assert ae.shape == b.shape and 0.58 < ae.min() < ae.max() < 0.6
         assert np.abs(ag / ae - 1).max() < 2e-7
+
+
+def test_mapping_inside_the_kernel_matches_full_resolution_arrays():
+    """warp_planes_grid (mapping splines and pixel area evaluated in the kernel, row by row)
+    gives the warp of warp_planes on the full-resolution mapping and area of
+    interpolate_mapping, to float32 rounding, with identical masks."""
+    from procsky.kernels.warp import interpolate_mapping, warp_planes_grid
+    from procsky.warp import _mapping_nodes
+
+    patch = make_skymap(inner=1000, border=50).patch(0, 0)
+    box = Box(40, 30, 340, 230)
+    gx, gy, xi, yi = _mapping_nodes(patch.wcs_cards, _strong_sip_cards(), box, 32, (2000, 2000))
+    xs, ys = np.arange(box.x0, box.x1, dtype=float), np.arange(box.y0, box.y1, dtype=float)
+    xin, yin, area = interpolate_mapping(gx, gy, xi, yi, xs, ys)
+    x0, y0 = int(xin.min()) - 2, int(yin.min()) - 2  # the input region starts inside the footprint
+    shape = (int(yin.max()) - y0 + 8, int(xin.max()) - x0 + 8)
+    rng = np.random.default_rng(7)
+    img = rng.normal(size=shape).astype(np.float32)
+    var = rng.uniform(1, 2, size=shape).astype(np.float32)
+    msk = np.zeros(shape, np.uint32)
+    msk[shape[0] // 2, shape[1] // 2] = NO_DATA
+    ref = warp_planes(img, var, msk, xin - x0, yin - y0, 3.0 * area)
+    got = warp_planes_grid(img, var, msk, gx, gy, xi, yi, xs, ys, offset=(x0, y0), calibration=3.0)
+    np.testing.assert_array_equal(got[2], ref[2])
+    ok = np.isfinite(ref[0])
+    np.testing.assert_array_equal(np.isfinite(got[0]), ok)
+    assert 1000 < ok.sum() < ok.size
+    np.testing.assert_allclose(got[0][ok], ref[0][ok], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1][ok], ref[1][ok], rtol=1e-6)
 
 
 def test_warp_conserves_flux_across_pixel_scales():

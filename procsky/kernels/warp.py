@@ -48,6 +48,7 @@ __all__ = [
     "tap_table",
     "warp_kernel_image",
     "warp_planes",
+    "warp_planes_grid",
 ]
 
 NO_DATA_BIT = bit(NO_DATA)
@@ -96,119 +97,229 @@ _EXACT = np.empty((0, 0))  # an empty tap table: evaluate the taps exactly
 
 
 @numba.njit(nogil=True, cache=True)
-def _warp(image, variance, mask, xin, yin, scale, order, mask_radius, no_data, table, out_img, out_var, out_mask):
-    ny, nx = xin.shape
+def _scratch(order):
+    n = 2 * order
+    return np.empty(n), np.empty(n), np.empty(n), np.empty((2, n)), np.empty(n, np.uint32), np.empty(n, np.uint32)
+
+
+@numba.njit(nogil=True, cache=True)
+def _warp_row(image, variance, mask, xrow, yrow, srow, order, mask_radius, no_data, table, oi, ov, om, scratch):
+    """Warp one output row: samples at (xrow[i], yrow[i]) scaled by srow[i] into oi, ov, om."""
+    wx, wy, wx2, wt, near_x, near_y = scratch
     h, w = image.shape
     n = 2 * order
-    wx = np.empty(n)
-    wy = np.empty(n)
-    near_x = np.empty(n, np.uint32)
-    near_y = np.empty(n, np.uint32)
-    wx2 = np.empty(n)
-    wt = np.empty((2, n))
     full = mask_radius >= order
     steps = table.shape[0] - 1
     ones = np.uint32(0xFFFFFFFF)
     zero = np.uint32(0)
     nan = np.nan
-    for j in range(ny):
-        for i in range(nx):
-            x = xin[j, i]
-            y = yin[j, i]
-            if not (math.isfinite(x) and math.isfinite(y)):
-                out_img[j, i] = nan
-                out_var[j, i] = nan
-                out_mask[j, i] = no_data
-                continue
-            ix = int(math.floor(x))
-            iy = int(math.floor(y))
-            x0 = ix - order + 1
-            y0 = iy - order + 1
-            if x0 < 0 or y0 < 0 or x0 + n > w or y0 + n > h:
-                out_img[j, i] = nan
-                out_var[j, i] = nan
-                out_mask[j, i] = no_data
-                continue
-            # Normalised taps per axis (written out here: a call per sample costs more
-            # than the interpolation). The table path interpolates linearly between phases
-            # p / steps and (p + 1) / steps; with no table the taps are evaluated exactly.
-            for axis in range(2):
-                c = x if axis == 0 else y
-                ic = ix if axis == 0 else iy
-                sa = 0.0
-                if steps > 0:
-                    pos = (c - ic) * steps
-                    p = int(pos)
-                    if p >= steps:  # c - ic rounded up to 1.0
-                        p = steps - 1
-                    u = pos - p
-                    for k in range(n):
-                        t0 = table[p, k]
-                        wk = t0 + u * (table[p + 1, k] - t0)
-                        wt[axis, k] = wk
-                        sa += wk
-                else:
-                    for k in range(n):
-                        wk = _lanczos(c - (ic - order + 1 + k), order)
-                        wt[axis, k] = wk
-                        sa += wk
-                inv = 1.0 / sa
+    for i in range(xrow.size):
+        x = xrow[i]
+        y = yrow[i]
+        if not (math.isfinite(x) and math.isfinite(y)):
+            oi[i] = nan
+            ov[i] = nan
+            om[i] = no_data
+            continue
+        ix = int(math.floor(x))
+        iy = int(math.floor(y))
+        x0 = ix - order + 1
+        y0 = iy - order + 1
+        if x0 < 0 or y0 < 0 or x0 + n > w or y0 + n > h:
+            oi[i] = nan
+            ov[i] = nan
+            om[i] = no_data
+            continue
+        # Normalised taps per axis (written out here: a call per sample costs more
+        # than the interpolation). The table path interpolates linearly between phases
+        # p / steps and (p + 1) / steps; with no table the taps are evaluated exactly.
+        for axis in range(2):
+            c = x if axis == 0 else y
+            ic = ix if axis == 0 else iy
+            sa = 0.0
+            if steps > 0:
+                pos = (c - ic) * steps
+                p = int(pos)
+                if p >= steps:  # c - ic rounded up to 1.0
+                    p = steps - 1
+                u = pos - p
                 for k in range(n):
-                    wt[axis, k] *= inv
+                    t0 = table[p, k]
+                    wk = t0 + u * (table[p + 1, k] - t0)
+                    wt[axis, k] = wk
+                    sa += wk
+            else:
+                for k in range(n):
+                    wk = _lanczos(c - (ic - order + 1 + k), order)
+                    wt[axis, k] = wk
+                    sa += wk
+            inv = 1.0 / sa
             for k in range(n):
-                wx[k] = wt[0, k]
-                wy[k] = wt[1, k]
-                wx2[k] = wx[k] * wx[k]
-            m = zero
-            s = 0.0
-            v = 0.0
-            if full and x != ix and y != iy:
-                # Every tap has weight and lies within the mask radius (the usual case).
-                for q in range(n):
-                    yy = y0 + q
+                wt[axis, k] *= inv
+        for k in range(n):
+            wx[k] = wt[0, k]
+            wy[k] = wt[1, k]
+            wx2[k] = wx[k] * wx[k]
+        m = zero
+        s = 0.0
+        v = 0.0
+        if full and x != ix and y != iy:
+            # Every tap has weight and lies within the mask radius (the usual case).
+            for q in range(n):
+                yy = y0 + q
+                rs = 0.0
+                rv = 0.0
+                for p in range(n):
+                    xx = x0 + p
+                    m |= mask[yy, xx]
+                    rs += wx[p] * image[yy, xx]
+                    rv += wx2[p] * variance[yy, xx]
+                s += wy[q] * rs
+                v += wy[q] * wy[q] * rv
+            m_used = m
+        else:
+            for k in range(n):
+                near_x[k] = ones if abs(x0 + k - x) <= mask_radius else zero
+                near_y[k] = ones if abs(y0 + k - y) <= mask_radius else zero
+            # L(t) vanishes only at |t| = order: the last tap of a sample on an integer
+            # position has weight 0 and its pixel neither contributes nor spoils the sample.
+            nxw = n - 1 if x == ix else n
+            nyw = n - 1 if y == iy else n
+            m_used = zero
+            for q in range(n):
+                yy = y0 + q
+                ny_q = near_y[q]
+                for p in range(n):
+                    m |= mask[yy, x0 + p] & near_x[p] & ny_q
+                if q < nyw:
                     rs = 0.0
                     rv = 0.0
-                    for p in range(n):
+                    for p in range(nxw):
                         xx = x0 + p
-                        m |= mask[yy, xx]
+                        m_used |= mask[yy, xx]
                         rs += wx[p] * image[yy, xx]
                         rv += wx2[p] * variance[yy, xx]
                     s += wy[q] * rs
                     v += wy[q] * wy[q] * rv
-                m_used = m
-            else:
-                for k in range(n):
-                    near_x[k] = ones if abs(x0 + k - x) <= mask_radius else zero
-                    near_y[k] = ones if abs(y0 + k - y) <= mask_radius else zero
-                # L(t) vanishes only at |t| = order: the last tap of a sample on an integer
-                # position has weight 0 and its pixel neither contributes nor spoils the sample.
-                nxw = n - 1 if x == ix else n
-                nyw = n - 1 if y == iy else n
-                m_used = zero
-                for q in range(n):
-                    yy = y0 + q
-                    ny_q = near_y[q]
-                    for p in range(n):
-                        m |= mask[yy, x0 + p] & near_x[p] & ny_q
-                    if q < nyw:
-                        rs = 0.0
-                        rv = 0.0
-                        for p in range(nxw):
-                            xx = x0 + p
-                            m_used |= mask[yy, xx]
-                            rs += wx[p] * image[yy, xx]
-                            rv += wx2[p] * variance[yy, xx]
-                        s += wy[q] * rs
-                        v += wy[q] * wy[q] * rv
-            if (m_used & no_data) != 0 or not (math.isfinite(s) and math.isfinite(v)):
-                out_img[j, i] = nan
-                out_var[j, i] = nan
-                out_mask[j, i] = m | no_data
-                continue
-            f = scale[j, i]
-            out_img[j, i] = s * f
-            out_var[j, i] = v * f * f
-            out_mask[j, i] = m
+        if (m_used & no_data) != 0 or not (math.isfinite(s) and math.isfinite(v)):
+            oi[i] = nan
+            ov[i] = nan
+            om[i] = m | no_data
+            continue
+        f = srow[i]
+        oi[i] = s * f
+        ov[i] = v * f * f
+        om[i] = m
+
+
+@numba.njit(nogil=True, cache=True)
+def _warp(image, variance, mask, xin, yin, scale, order, mask_radius, no_data, table, out_img, out_var, out_mask):
+    scratch = _scratch(order)
+    for j in range(xin.shape[0]):
+        _warp_row(
+            image,
+            variance,
+            mask,
+            xin[j],
+            yin[j],
+            scale[j],
+            order,
+            mask_radius,
+            no_data,
+            table,
+            out_img[j],
+            out_var[j],
+            out_mask[j],
+            scratch,
+        )
+
+
+@numba.njit(nogil=True, cache=True)
+def _warp_grid(
+    image,
+    variance,
+    mask,
+    cx,
+    cy,
+    bx_idx,
+    bx_val,
+    by_idx,
+    by_val,
+    x_off,
+    y_off,
+    det,
+    ax_i,
+    ax_f,
+    ay_i,
+    ay_f,
+    calibration,
+    order,
+    mask_radius,
+    no_data,
+    table,
+    out_img,
+    out_var,
+    out_mask,
+):
+    """:func:`_warp` with the mapping a tensor-product B-spline (coefficients ``cx, cy``,
+    basis values of each output column ``bx_val`` from coefficient ``bx_idx`` on, of each
+    row ``by_val`` from ``by_idx``) and the scale ``calibration`` times a bilinear
+    interpolation of ``det`` (cells ``ax_i, ay_i``, fractions ``ax_f, ay_f``), evaluated
+    row by row: no full-resolution mapping or scale arrays."""
+    ny, nx = out_img.shape
+    kx = bx_val.shape[1]
+    ky = by_val.shape[1]
+    ncol = cx.shape[1]
+    rx = np.empty(ncol)
+    ry = np.empty(ncol)
+    xrow = np.empty(nx)
+    yrow = np.empty(nx)
+    srow = np.empty(nx)
+    scratch = _scratch(order)
+    for j in range(ny):
+        r0 = by_idx[j]
+        for m in range(ncol):
+            sx = 0.0
+            sy = 0.0
+            for a in range(ky):
+                b = by_val[j, a]
+                sx += b * cx[r0 + a, m]
+                sy += b * cy[r0 + a, m]
+            rx[m] = sx
+            ry[m] = sy
+        a0 = ay_i[j]
+        v = ay_f[j]
+        for i in range(nx):
+            c0 = bx_idx[i]
+            sx = 0.0
+            sy = 0.0
+            for a in range(kx):
+                b = bx_val[i, a]
+                sx += b * rx[c0 + a]
+                sy += b * ry[c0 + a]
+            xrow[i] = sx - x_off
+            yrow[i] = sy - y_off
+            b0 = ax_i[i]
+            u = ax_f[i]
+            lo = det[a0, b0] + u * (det[a0, b0 + 1] - det[a0, b0])
+            hi = det[a0 + 1, b0] + u * (det[a0 + 1, b0 + 1] - det[a0 + 1, b0])
+            srow[i] = calibration * (lo + v * (hi - lo))
+        _warp_row(
+            image,
+            variance,
+            mask,
+            xrow,
+            yrow,
+            srow,
+            order,
+            mask_radius,
+            no_data,
+            table,
+            out_img[j],
+            out_var[j],
+            out_mask[j],
+            scratch,
+        )
 
 
 def warp_planes(
@@ -310,6 +421,19 @@ def interpolate_grid(gx, gy, values, x, y):
     return spline(np.asarray(y, float), np.asarray(x, float), grid=True)
 
 
+def _mapping_splines(gx, gy, xi, yi):
+    """Bicubic interpolating splines of a gridded mapping, and ``|det J|`` at the nodes."""
+    from scipy.interpolate import RectBivariateSpline
+
+    kx = min(3, len(gx) - 1)
+    ky = min(3, len(gy) - 1)
+    sx = RectBivariateSpline(gy, gx, xi, kx=ky, ky=kx, s=0)
+    sy = RectBivariateSpline(gy, gx, yi, kx=ky, ky=kx, s=0)
+    # The splines' first coordinate is y: dx= differentiates along y, dy= along x.
+    det = np.abs(sx(gy, gx, dy=1) * sy(gy, gx, dx=1) - sx(gy, gx, dx=1) * sy(gy, gx, dy=1))
+    return sx, sy, det
+
+
 def interpolate_mapping(gx, gy, xi, yi, x, y):
     """Pixel mapping and output-to-input pixel area ratio from a mapping sampled on a grid.
 
@@ -332,21 +456,118 @@ def interpolate_mapping(gx, gy, xi, yi, x, y):
         detector), so this differs from central differences at every pixel
         (:func:`area_ratio`) by < 1e-7 relative, at a tenth of their cost.
     """
-    from scipy.interpolate import RectBivariateSpline
-
-    kx = min(3, len(gx) - 1)
-    ky = min(3, len(gy) - 1)
     x = np.asarray(x, float)
     y = np.asarray(y, float)
-    sx = RectBivariateSpline(gy, gx, xi, kx=ky, ky=kx, s=0)
-    sy = RectBivariateSpline(gy, gx, yi, kx=ky, ky=kx, s=0)
-    # The splines' first coordinate is y: dx= differentiates along y, dy= along x.
-    det = np.abs(sx(gy, gx, dy=1) * sy(gy, gx, dx=1) - sx(gy, gx, dx=1) * sy(gy, gx, dy=1))
+    sx, sy, det = _mapping_splines(gx, gy, xi, yi)
     area = np.empty((y.size, x.size))
     ix, fx = _cells(np.asarray(gx, float), x)
     iy, fy = _cells(np.asarray(gy, float), y)
     _bilinear(det, ix, fx, iy, fy, area)
     return sx(y, x, grid=True), sy(y, x, grid=True), area
+
+
+def _basis(t, k, x):
+    """B-spline basis of degree ``k`` on knots ``t`` at ``x``: first coefficient index (n,)
+    and the ``k + 1`` non-zero basis values (n, k + 1) of each point."""
+    from scipy.interpolate import BSpline
+
+    d = BSpline.design_matrix(x, t, k)
+    idx = np.asarray(d.indices).reshape(x.size, k + 1)
+    if not np.all(np.diff(idx, axis=1) == 1):
+        raise ValueError("unexpected B-spline design matrix layout")
+    return np.ascontiguousarray(idx[:, 0]), np.ascontiguousarray(np.asarray(d.data).reshape(x.size, k + 1))
+
+
+def warp_planes_grid(
+    image,
+    variance,
+    mask,
+    gx,
+    gy,
+    xi,
+    yi,
+    x,
+    y,
+    *,
+    offset=(0.0, 0.0),
+    calibration: float = 1.0,
+    order: int = 3,
+    mask_radius: float | None = None,
+    no_data_bit: int = NO_DATA_BIT,
+):
+    """:func:`warp_planes` with the pixel mapping given on a grid: the mapping's bicubic
+    splines and the pixel area ratio of :func:`interpolate_mapping` are evaluated inside the
+    kernel, row by row (no full-resolution mapping or scale arrays).
+
+    Parameters
+    ----------
+    image, variance, mask : ndarray (h, w)
+        Input planes.
+    gx, gy : ndarray (m,), (k,)
+        Increasing grid positions (output pixels), at least 4 each.
+    xi, yi : ndarray (k, m)
+        Input pixel coordinates at the grid nodes.
+    x, y : ndarray
+        1-d output pixel positions (within the grid) along x and along y.
+    offset : (x0, y0), input pixels
+        Subtracted from the mapping: position of ``image[0, 0]`` in the input frame.
+    calibration : float
+        Multiplies the output image (its square the variance), times the area ratio.
+    order, mask_radius, no_data_bit
+        As :func:`warp_planes`.
+
+    Returns
+    -------
+    image, variance : ndarray (len(y), len(x)) float32
+    mask : ndarray (len(y), len(x)) uint32
+    """
+    if order < 1:
+        raise ValueError(f"Lanczos order must be >= 1, got {order}")
+    gx = np.asarray(gx, float)
+    gy = np.asarray(gy, float)
+    if gx.size < 4 or gy.size < 4:
+        raise ValueError("warp_planes_grid needs a grid of at least 4 x 4 nodes")
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    sx, sy, det = _mapping_splines(gx, gy, xi, yi)
+    (ty, tx, cxf), (_, _, cyf) = sx.tck, sy.tck
+    ky, kx = sx.degrees
+    shape = (len(ty) - ky - 1, len(tx) - kx - 1)
+    bx_idx, bx_val = _basis(tx, kx, x)
+    by_idx, by_val = _basis(ty, ky, y)
+    ax_i, ax_f = _cells(gx, x)
+    ay_i, ay_f = _cells(gy, y)
+    out_img = np.empty((y.size, x.size), np.float32)
+    out_var = np.empty((y.size, x.size), np.float32)
+    out_mask = np.empty((y.size, x.size), np.uint32)
+    radius = float(order if mask_radius is None else mask_radius)
+    _warp_grid(
+        np.ascontiguousarray(image, dtype=np.float32),
+        np.ascontiguousarray(variance, dtype=np.float32),
+        np.ascontiguousarray(mask, dtype=np.uint32),
+        np.ascontiguousarray(cxf.reshape(shape)),
+        np.ascontiguousarray(cyf.reshape(shape)),
+        bx_idx,
+        bx_val,
+        by_idx,
+        by_val,
+        float(offset[0]),
+        float(offset[1]),
+        np.ascontiguousarray(det),
+        ax_i,
+        ax_f,
+        ay_i,
+        ay_f,
+        float(calibration),
+        int(order),
+        radius,
+        np.uint32(no_data_bit),
+        tap_table(int(order)),
+        out_img,
+        out_var,
+        out_mask,
+    )
+    return out_img, out_var, out_mask
 
 
 def _cells(g, x):
