@@ -138,3 +138,23 @@ def test_lazy_difference_computes_on_a_distributed_cluster(pair, tmp_path):
     np.testing.assert_array_equal(got.mask, eager.mask)
     assert got.psf.to_dict() == psf_from_dict(eager.psf.to_dict()).to_dict()
     assert _same(got.metadata["diffim"], json.loads(json.dumps(s0)))
+
+
+def test_eager_convolution_is_the_lazy_one():
+    """The subtraction convolves its numpy planes at once (``_convolve_exposure_now``): the
+    chunks, margins and values of the dask path (``convolve_exposure_arrays``), bit for bit."""
+    from procsky.kernels import psfmatch as pm
+
+    rng = np.random.default_rng(5)
+    basis = pm.make_basis([1.0, 2.0], [2, 1], 5)
+    coeffs = rng.normal(size=(basis.n_basis, 3)) * 0.1
+    coeffs[0, 0] = 1.0
+    kern = pm.MatchingKernel(basis, coeffs, 1, np.zeros(1), 0, (230, 200))
+    img = rng.normal(size=(150, 170)).astype(np.float32)
+    var = rng.uniform(1, 2, size=img.shape).astype(np.float32)
+    msk = np.where(rng.uniform(size=img.shape) < 0.01, 1 << 3, 0).astype(np.uint32)
+    kw = dict(xy0=(40, 30), spread_bits=1 << 3, core_bits=0, chunk=64)
+    lazy = dask.compute(*dm_subtract.convolve_exposure_arrays(img, var, msk, kern, **kw))
+    now = dm_subtract._convolve_exposure_now(img, var, msk, kern, **kw)
+    for a, b in zip(lazy, now):
+        np.testing.assert_array_equal(a, b)

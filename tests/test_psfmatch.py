@@ -239,3 +239,95 @@ def test_kernels_thread_safe():
         t.join()
     for o in out:
         np.testing.assert_array_equal(o, ref)
+
+
+# ------------------------------------------------------- exactness of the fast kernels
+# The numba kernels of the kernel fit and the noise statistics reproduce, bit for bit, what
+# the obvious numpy versions compute (same products, summed in the same order; the same
+# order statistics), so the speed-ups change no result.
+def _seq_sum(terms, axis):
+    """Sum in order along ``axis`` (cumsum is sequential; np.sum is pairwise)."""
+    return np.take(np.cumsum(terms, axis=axis), -1, axis=axis)
+
+
+def test_mad_var_and_lag_medians_are_numpys():
+    rng = np.random.default_rng(11)
+
+    def ref(a):
+        med = np.median(a)
+        return float((1.4826 * np.median(np.abs(a - med))) ** 2)
+
+    draws = [
+        rng.normal(size=1),
+        rng.normal(size=2),
+        rng.normal(size=257),
+        rng.normal(size=20000),
+        rng.normal(size=20001) * 1e-300,
+        rng.standard_cauchy(size=30000),  # wide range: several selection levels
+        np.round(rng.normal(size=30000) * 3),  # ties at the median
+        np.concatenate([rng.normal(size=5000), [1e300, -1e300]]),
+        np.full(1000, 2.5),
+    ]
+    for a in draws:
+        assert pm._mad_var(a) == ref(a), a.size
+    # one lag of noise_statistics: pairs of good pixels (n, n shifted by the lag)
+    n = rng.normal(size=(90, 80))
+    good = rng.uniform(size=n.shape) > 0.3
+    for dy, dx in ((0, 1), (1, -1), (2, 3)):
+        xa, xb = max(0, -dx), n.shape[1] - max(0, dx)
+        a, b = n[: 90 - dy, xa:xb], n[dy:, xa + dx : xb + dx]
+        ok = good[: 90 - dy, xa:xb] & good[dy:, xa + dx : xb + dx]
+        k, mp, mm = pm._lag_mads(n, good, dy, dx)
+        assert k == ok.sum()
+        assert float((1.4826 * mp) ** 2) == ref(a[ok] + b[ok])
+        assert float((1.4826 * mm) ** 2) == ref(a[ok] - b[ok])
+
+
+def test_spatial_normal_equations_are_the_kronecker_sums():
+    rng = np.random.default_rng(12)
+    nb, nbg, n = 6, 3, 25
+    D = rng.normal(size=(n, nb + nbg, 40))
+    M = np.einsum("sap,sbp->sab", D, D)
+    b = rng.normal(size=(n, nb + nbg))
+    P = pm.poly_terms_2d(rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), 2).T
+    kept = np.nonzero(rng.uniform(size=n) > 0.3)[0]
+    nsp = P.shape[1]
+    A = np.zeros((nb * nsp + nbg,) * 2)
+    bv = np.zeros(nb * nsp + nbg)
+    for s in kept:
+        A[: nb * nsp, : nb * nsp] += np.kron(M[s, :nb, :nb], np.outer(P[s], P[s]))
+        cross = np.kron(M[s, :nb, nb:], P[s][:, None])
+        A[: nb * nsp, nb * nsp :] += cross
+        A[nb * nsp :, : nb * nsp] += cross.T
+        A[nb * nsp :, nb * nsp :] += M[s, nb:, nb:]
+        bv[: nb * nsp] += np.kron(b[s, :nb], P[s])
+        bv[nb * nsp :] += b[s, nb:]
+    A2, bv2 = pm._spatial_normal_equations(M, b, np.ascontiguousarray(P), kept, nb)
+    np.testing.assert_array_equal(A2, A)
+    np.testing.assert_array_equal(bv2, bv)
+
+
+def test_stamp_kernels_sum_in_order():
+    rng = np.random.default_rng(13)
+    basis = pm.make_basis([1.0, 2.0], [2, 1], 4)
+    h = basis.half_width
+    block = rng.normal(size=(23, 21))
+    ny, nx = block.shape[0] - 2 * h, block.shape[1] - 2 * h
+    # x pass then y pass, taps summed from the first, zero y taps skipped
+    xs = np.stack([block[:, 2 * h - i : 2 * h - i + nx] for i in range(2 * h + 1)])
+    ux, fy, xidx = basis.separable_factors  # the x factors shared by several bases
+    raw = []
+    for k in range(basis.n_basis):
+        t = _seq_sum(ux[xidx[k]][:, None, None] * xs, 0)
+        js = [j for j in range(2 * h + 1) if fy[k, j] != 0.0]
+        raw.append(_seq_sum(np.stack([fy[k, j] * t[2 * h - j : 2 * h - j + ny] for j in js]), 0))
+    np.testing.assert_array_equal(pm._separable_bank(block, ux, fy, xidx), np.array(raw))
+    # normal-equation blocks: (D_a w) D_c summed over the pixels in order
+    D = rng.normal(size=(7, 150))
+    w = rng.uniform(size=150)
+    s = rng.normal(size=150)
+    M, bb, ss = pm._normal_blocks(D, w, s)
+    upper = np.triu(_seq_sum((D * w)[:, None, :] * D[None, :, :], 2))
+    np.testing.assert_array_equal(M, upper + np.triu(upper, 1).T)  # the upper triangle, mirrored
+    np.testing.assert_array_equal(bb, _seq_sum((D * w) * s, 1))
+    assert ss == _seq_sum(w * s * s, 0)

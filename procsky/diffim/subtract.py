@@ -266,6 +266,26 @@ def convolve_exposure_arrays(
     image, variance, mask : dask arrays
         Convolved image, its variance ``conv(V, K^2)`` and the dilated mask.
     """
+    conv_img, conv_var, conv_mask, h, r = _convolution_block_functions(kernel, xy0, spread_bits, core_bits)
+    img = _dask.map_with_margin_at(conv_img, [image], depth=h, dtype=np.float32, chunk=chunk)
+    var = _dask.map_with_margin_at(conv_var, [variance], depth=h, dtype=np.float32, chunk=chunk)
+    msk = _dask.map_with_margin_at(conv_mask, [mask], depth=r, dtype=np.uint32, chunk=chunk) if r > 0 else mask
+    return img, var, msk
+
+
+def _convolve_exposure_now(image, variance, mask, kernel, *, xy0, spread_bits, core_bits, chunk):
+    """:func:`convolve_exposure_arrays` on numpy planes, computed at once (numpy results,
+    the same per-chunk functions and chunks: identical values)."""
+    conv_img, conv_var, conv_mask, h, r = _convolution_block_functions(kernel, xy0, spread_bits, core_bits)
+    img = _map_margin_now(conv_img, image, h, np.float32, chunk)
+    var = _map_margin_now(conv_var, variance, h, np.float32, chunk)
+    msk = _map_margin_now(conv_mask, mask, r, np.uint32, chunk) if r > 0 else np.asarray(mask)
+    return img, var, msk
+
+
+def _convolution_block_functions(kernel: _pm.MatchingKernel, xy0, spread_bits, core_bits):
+    """The per-block functions ``f(block, y0, x0)`` of :func:`convolve_exposure_arrays` (image,
+    variance, mask) and their margins ``h`` (image, variance) and ``r`` (mask)."""
     h = kernel.half_width
     ks = kernel.spatial_kernels()
     order = kernel.spatial_order
@@ -297,10 +317,28 @@ def convolve_exposure_arrays(
             out = (out & np.uint32(~core_bits & 0xFFFFFFFF)) | (core & np.uint32(core_bits))
         return out
 
-    img = _dask.map_with_margin_at(conv_img, [image], depth=h, dtype=np.float32, chunk=chunk)
-    var = _dask.map_with_margin_at(conv_var, [variance], depth=h, dtype=np.float32, chunk=chunk)
-    msk = _dask.map_with_margin_at(conv_mask, [mask], depth=r, dtype=np.uint32, chunk=chunk) if r > 0 else mask
-    return img, var, msk
+    return conv_img, conv_var, conv_mask, h, r
+
+
+def _map_margin_now(func, arr, depth: int, dtype, chunk: int) -> np.ndarray:
+    """``func(padded_block, y0=, x0=)`` per chunk of a numpy array, computed at once: the
+    eager twin of :func:`procsky._dask.map_with_margin_at` (its chunks,
+    :func:`procsky._dask.axis_chunks`, and its zero padding, so the values are identical) for
+    the subtraction, whose planes are numpy arrays by then: no graph to build and tokenize."""
+    a = np.asarray(arr)
+    ny, nx = a.shape
+    d = int(depth)
+    pad = np.pad(a, d) if d > 0 else a
+    out = np.empty((ny, nx), dtype)
+    y = 0
+    for cy in _dask.axis_chunks(ny, chunk, d):
+        x = 0
+        for cx in _dask.axis_chunks(nx, chunk, d):
+            blk = np.ascontiguousarray(pad[y : y + cy + 2 * d, x : x + cx + 2 * d])
+            out[y : y + cy, x : x + cx] = func(blk, y0=y, x0=x).astype(dtype)
+            x += cx
+        y += cy
+    return out
 
 
 def _convolve_plain(arr, kernel2d, chunk, dtype=np.float32):
@@ -309,7 +347,7 @@ def _convolve_plain(arr, kernel2d, chunk, dtype=np.float32):
     def f(b, y0, x0):
         return _conv.convolve_valid(b, kernel2d)
 
-    return _dask.map_with_margin_at(f, [arr], depth=h, dtype=dtype, chunk=chunk)
+    return _map_margin_now(f, arr, h, dtype, chunk)
 
 
 def _flux_ratio(conv_img, tgt_img, xs, ys, half):
@@ -956,8 +994,6 @@ def _check_pair(science, template, cfg: SubtractionConfig) -> None:
 
 def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_mask=None):
     """:func:`subtract_images` computed at once (numpy planes)."""
-    import dask.array as da
-
     _check_pair(science, template, cfg)
     planes = science.mask_planes
     sci = science.compute()
@@ -1077,43 +1113,43 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
     r_conv, r_tgt = (r_t, r_s) if mode == "convolve_template" else (r_s, r_t)
 
     chunk = int(cfg.chunk)
-    c_img, c_var, c_msk = convolve_exposure_arrays(
-        conv_img,
-        conv_var,
-        conv_mask,
+    # The planes are numpy arrays here: the convolutions and the arithmetic run at once, per
+    # chunk as the lazy path would (no graph to build and tokenize). The variance of the
+    # convolved image, conv(V, K^2), only when no decorrelation replaces it.
+    f_img, f_var, f_msk, _, r_msk = _convolution_block_functions(
         kern,
-        xy0=(x0, y0),
-        spread_bits=_masks.bits(*[n for n in _SPREAD if n in planes], planes=planes),
-        core_bits=_masks.bits(*[n for n in _SPREAD_CORE if n in planes], planes=planes),
-        chunk=chunk,
+        (x0, y0),
+        _masks.bits(*[n for n in _SPREAD if n in planes], planes=planes),
+        _masks.bits(*[n for n in _SPREAD_CORE if n in planes], planes=planes),
     )
-    yy = da.arange(ny, chunks=chunk)[:, None] + y0
-    xx = da.arange(nx, chunks=chunk)[None, :] + x0
+    c_img = _map_margin_now(f_img, conv_img, h, np.float32, chunk)
+    c_msk = _map_margin_now(f_msk, conv_mask, r_msk, np.uint32, chunk) if r_msk > 0 else conv_mask
+    yy = np.arange(ny)[:, None] + y0
+    xx = np.arange(nx)[None, :] + x0
     uu, vv = (2.0 * xx / max(det_shape[1] - 1, 1) - 1.0), (2.0 * yy / max(det_shape[0] - 1, 1) - 1.0)
     bg = sum(
         float(c) * uu**i * vv**j for c, (i, j) in zip(kern.background, _conv.poly_exponents(kern.background_order))
     )
-    tg_img = da.from_array(tgt_img, chunks=chunk)
-    tg_var = da.from_array(tgt_var, chunks=chunk)
-    tg_msk = da.from_array(tgt_mask, chunks=chunk)
-    # Per-pixel variance of K (x) C for correlated C: conv(V, K^2) times
-    # sum_d rho(d) A_K(d) / sum K^2 (A_K the kernel's autocorrelation).
+    tg_img, tg_var, tg_msk = tgt_img, tgt_var, tgt_mask
     center_kernel = kern.kernel_at(cx, cy)
-    c_var = c_var * (r_conv * _correlated_variance_factor(center_kernel, rho_conv))
     if r_tgt != 1.0:
         tg_var = tg_var * np.float32(r_tgt)
     if mode == "convolve_template":
         diff = tg_img - c_img - bg
-        dvar = tg_var + c_var
         scale = None
     else:
         # K (x) S ~ T - bg: express the difference in science units by the local kernel sum.
-        ksum_map = sum(
+        scale = sum(
             float(c) * uu**i * vv**j for c, (i, j) in zip(kern.coeffs[0], _conv.poly_exponents(kern.spatial_order))
         )
-        diff = (c_img + bg - tg_img) / ksum_map
-        dvar = (c_var + tg_var) / ksum_map**2
-        scale = ksum_map
+        diff = (c_img + bg - tg_img) / scale
+    dvar = None  # the decorrelation below sets it otherwise
+    if not cfg.decorrelate:
+        # Per-pixel variance of K (x) C for correlated C: conv(V, K^2) times
+        # sum_d rho(d) A_K(d) / sum K^2 (A_K the kernel's autocorrelation).
+        c_var = _map_margin_now(f_var, conv_var, h, np.float32, chunk)
+        c_var = c_var * (r_conv * _correlated_variance_factor(center_kernel, rho_conv))
+        dvar = tg_var + c_var if scale is None else (c_var + tg_var) / scale**2
     dmask = (c_msk | tg_msk).astype(np.uint32)
     det_bits = _masks.bits(*[n for n in ("DETECTED", "DETECTED_NEGATIVE") if n in planes], planes=planes)
     dmask = dmask & np.uint32(~det_bits & 0xFFFFFFFF)
@@ -1121,7 +1157,7 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
     edge = np.zeros((ny, nx), bool)
     edge[:h] = edge[-h:] = True
     edge[:, :h] = edge[:, -h:] = True
-    dmask = dmask | da.from_array(np.where(edge, np.uint32(nodata), np.uint32(0)), chunks=chunk)
+    dmask = dmask | np.where(edge, np.uint32(nodata), np.uint32(0))
     diff_psf_extra = np.zeros((1, 1)) + 1.0
     summary = {
         "mode": mode,
@@ -1164,7 +1200,7 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
             center_kernel, v_conv, v_unconv, corr_convolved=rho_conv, corr_unconvolved=rho_tgt
         )
         hp = phi.shape[0] // 2
-        diff_zero = da.where((dmask & np.uint32(nodata)) != 0, 0.0, diff)
+        diff_zero = np.where((dmask & np.uint32(nodata)) != 0, 0.0, diff)
         diff = _convolve_plain(diff_zero.astype(np.float32), phi, chunk)
         # Noise is now white at the zero-frequency level of the difference's noise power:
         # per pixel, each image's variance plane times its measured ratio to the pixel noise
@@ -1178,15 +1214,15 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
         # flux pulls of faded variables in test_small_simulation_dia).
         g_conv, g_tgt = float(rho_conv.sum()) * r_conv, float(rho_tgt.sum())
         if mode == "convolve_template":
-            dvar = tg_var * g_tgt + da.from_array(conv_var, chunks=chunk) * (ksum**2 * g_conv)
+            dvar = tg_var * g_tgt + conv_var * (ksum**2 * g_conv)
         else:
             assert scale is not None, "scale is the kernel-sum map when the science image is convolved"
-            dvar = (da.from_array(conv_var, chunks=chunk) * g_conv * scale**2 + tg_var * g_tgt) / scale**2
+            dvar = (conv_var * g_conv * scale**2 + tg_var * g_tgt) / scale**2
         edge2 = np.zeros((ny, nx), bool)
         h2 = h + _conv.kernel_support_radius(phi, 1e-3)
         edge2[:h2] = edge2[-h2:] = True
         edge2[:, :h2] = edge2[:, -h2:] = True
-        dmask = dmask | da.from_array(np.where(edge2, np.uint32(nodata), np.uint32(0)), chunks=chunk)
+        dmask = dmask | np.where(edge2, np.uint32(nodata), np.uint32(0))
         diff_psf_extra = phi
         summary["decorrelation_half_width"] = int(hp)
         summary["var_convolved"] = v_conv
@@ -1200,10 +1236,9 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
         psf_extra = fftconvolve(kn, diff_psf_extra, mode="full") if diff_psf_extra.size > 1 else kn
     diff_psf = _psf_convolved(sci.psf, psf_extra, (cx, cy)) if psf_extra.size > 1 else sci.psf
     dmask = dmask.astype(np.uint32)
-    diff = da.where((dmask & np.uint32(nodata)) != 0, np.float32(0.0), diff).astype(np.float32)
+    diff = np.where((dmask & np.uint32(nodata)) != 0, np.float32(0.0), diff).astype(np.float32)
+    assert dvar is not None, "the difference's variance is set on both paths"
     dvar = dvar.astype(np.float32)
-    diff, dvar, dmask = _dask.evaluate(diff, dvar, dmask)
-    dmask = np.asarray(dmask, dtype=np.uint32)
     dvar = _check_variance(summary, diff, dvar, dmask, bad_bits, free, sig_s)
     # Registration and flux-matching noise, measured at bright unsaturated stars of
     # the science image (S/N > 200: the noise the two images share is then negligible

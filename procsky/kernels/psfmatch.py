@@ -36,6 +36,7 @@ odd size ``2 h + 1``; positions are detector pixels; spatial polynomials use
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,14 @@ class KernelBasis:
     @property
     def size(self) -> int:
         return 2 * self.half_width + 1
+
+    @functools.cached_property
+    def separable_factors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(unique x factors, fy, index of each basis's x factor)``: the bases of one
+        Gaussian with the same x power share their x factor (one x pass each in
+        :func:`basis_stamp_convolutions`); computed once per basis."""
+        ux, xidx = np.unique(np.round(self.fx, 12), axis=0, return_inverse=True)
+        return np.ascontiguousarray(ux), np.ascontiguousarray(self.fy), xidx.astype(np.int64).ravel()
 
     def images(self) -> np.ndarray:
         """Normalised basis images ``(n_basis, 2h + 1, 2h + 1)`` (only the first has non-zero sum)."""
@@ -248,9 +257,8 @@ def basis_stamp_convolutions(block, basis: KernelBasis) -> np.ndarray:
     ndarray (n_basis, ny, nx) float64
     """
     b = np.ascontiguousarray(block, dtype=np.float64)
-    # Bases of one Gaussian with the same x power share their x factor: one x pass each.
-    ux, xidx = np.unique(np.round(basis.fx, 12), axis=0, return_inverse=True)
-    raw = _separable_bank(b, np.ascontiguousarray(ux), np.ascontiguousarray(basis.fy), xidx.astype(np.int64).ravel())
+    ux, fy, xidx = basis.separable_factors
+    raw = _separable_bank(b, ux, fy, xidx)
     out = np.empty_like(raw)
     out[0] = raw[0] / basis.sums[0]
     for k in range(1, basis.n_basis):
@@ -268,23 +276,29 @@ def _separable_bank(block, fxu, fy, xidx):
     ny = NY - 2 * h
     nx = block.shape[1] - 2 * h
     tmp = np.zeros((nu, NY, nx))
+    # taps outermost, pixels innermost (SIMD over x); each output still sums its taps in
+    # order i = 0 .. k-1 from 0, as a per-pixel loop would
     for q in range(nu):
         for y in range(NY):
-            for x in range(nx):
-                acc = 0.0
-                for i in range(k):
-                    acc += fxu[q, i] * block[y, x + 2 * h - i]
-                tmp[q, y, x] = acc
+            row = tmp[q, y]
+            src = block[y]
+            for i in range(k):
+                w = fxu[q, i]
+                seg = src[2 * h - i : 2 * h - i + nx]
+                for x in range(nx):
+                    row[x] += w * seg[x]
     out = np.zeros((nb, ny, nx))
     for b in range(nb):
         t = tmp[xidx[b]]
         for y in range(ny):
+            orow = out[b, y]
             for j in range(k):
                 w = fy[b, j]
                 if w == 0.0:
                     continue
+                trow = t[y + 2 * h - j]
                 for x in range(nx):
-                    out[b, y, x] += w * t[y + 2 * h - j, x]
+                    orow[x] += w * trow[x]
     return out
 
 
@@ -506,22 +520,24 @@ def _normal_blocks(D, w, s):
     M = np.zeros((nt, nt))
     b = np.zeros(nt)
     ss = 0.0
-    Dw = np.empty(npix)
-    for a in range(nt):
-        for p in range(npix):
-            Dw[p] = D[a, p] * w[p]
-        for c in range(a, nt):
-            acc = 0.0
-            for p in range(npix):
-                acc += Dw[p] * D[c, p]
-            M[a, c] = acc
-            M[c, a] = acc
-        acc = 0.0
-        for p in range(npix):
-            acc += Dw[p] * s[p]
-        b[a] = acc
+    # pixels outermost, the upper triangle's columns innermost (SIMD); every element still
+    # sums its products ``(D_a w) D_c`` over the pixels in order from 0
+    DT = np.ascontiguousarray(D.T)
     for p in range(npix):
-        ss += w[p] * s[p] * s[p]
+        d = DT[p]
+        wp = w[p]
+        sp = s[p]
+        for a in range(nt):
+            dwa = d[a] * wp
+            row = M[a, a:]
+            dd = d[a:]
+            for c in range(nt - a):
+                row[c] += dwa * dd[c]
+            b[a] += dwa * sp
+        ss += wp * sp * sp
+    for a in range(nt):
+        for c in range(a + 1, nt):
+            M[c, a] = M[a, c]
     return M, b, ss
 
 
@@ -597,20 +613,60 @@ def _free(nb, nsp, constant_sum):
     return free
 
 
+@numba.njit(nogil=True, cache=True)
+def _spatial_normal_equations(M, b, P, kept, nb):
+    """The global normal equations ``sum_s [kron(M_kk, P P^T), kron(M_kb, P); ., M_bb]`` and
+    ``sum_s [kron(b_k, P), b_b]`` over the stamps ``kept`` (``P`` constant over a stamp).
+
+    Every element receives the same products, added in the same stamp order, as the
+    Kronecker-product sums of numpy would give (bit for bit); only the upper triangle of
+    blocks is accumulated (``M`` is exactly symmetric) and mirrored."""
+    nsp = P.shape[1]
+    nt = M.shape[1]
+    nbg = nt - nb
+    nk = nb * nsp
+    A = np.zeros((nk + nbg, nk + nbg))
+    bvec = np.zeros(nk + nbg)
+    pp = np.empty((nsp, nsp))
+    for s in kept:
+        Ms = M[s]
+        Ps = P[s]
+        for l in range(nsp):
+            for m in range(nsp):
+                pp[l, m] = Ps[l] * Ps[m]
+        for i in range(nb):
+            for j in range(i, nb):
+                mij = Ms[i, j]
+                for l in range(nsp):
+                    row = A[i * nsp + l]
+                    for m in range(nsp):
+                        row[j * nsp + m] += mij * pp[l, m]
+            for l in range(nsp):
+                for g in range(nbg):
+                    A[i * nsp + l, nk + g] += Ms[i, nb + g] * Ps[l]
+                bvec[i * nsp + l] += b[s, i] * Ps[l]
+        for g in range(nbg):
+            for g2 in range(nbg):
+                A[nk + g, nk + g2] += Ms[nb + g, nb + g2]
+            bvec[nk + g] += b[s, nb + g]
+    # mirror: the lower blocks of the kernel part and the background-kernel cross terms
+    for i in range(nb):
+        for j in range(i + 1, nb):
+            for l in range(nsp):
+                for m in range(nsp):
+                    A[j * nsp + m, i * nsp + l] = A[i * nsp + l, j * nsp + m]
+    for a in range(nk):
+        for g in range(nbg):
+            A[nk + g, a] = A[a, nk + g]
+    return A, bvec
+
+
 def _solve_spatial(stamps, keep, P, nb, nbg, free, ridge, shape_ridge=0.0):
     """Assemble and solve the global system from the kept stamps' blocks (Kronecker sums)."""
     nsp = P.shape[1]
-    A = np.zeros((nb * nsp + nbg, nb * nsp + nbg))
-    bvec = np.zeros(nb * nsp + nbg)
-    for s in np.nonzero(keep)[0]:
-        M = stamps.M[s]
-        A[: nb * nsp, : nb * nsp] += np.kron(M[:nb, :nb], np.outer(P[s], P[s]))
-        cross = np.kron(M[:nb, nb:], P[s][:, None])
-        A[: nb * nsp, nb * nsp :] += cross
-        A[nb * nsp :, : nb * nsp] += cross.T
-        A[nb * nsp :, nb * nsp :] += M[nb:, nb:]
-        bvec[: nb * nsp] += np.kron(stamps.b[s][:nb], P[s])
-        bvec[nb * nsp :] += stamps.b[s][nb:]
+    A, bvec = _spatial_normal_equations(
+        stamps.M, stamps.b, np.ascontiguousarray(P, dtype=np.float64), np.nonzero(keep)[0].astype(np.int64), nb
+    )
     use = np.concatenate([free.ravel(), np.ones(nbg, bool)])
     theta = np.zeros(A.shape[0])
     rv = _ridge_vector(nb, nsp, nbg, free, ridge, shape_ridge) if shape_ridge > 0 else ridge
@@ -1038,11 +1094,144 @@ def source_free_mask(image, variance, bad, psf_sigma, *, threshold=5.0, footprin
     return ok & ~src
 
 
+@numba.njit(nogil=True, cache=True)
+def _ranks_pair(x, n, k1, k2, work, lo, hi, center, absdev):
+    """The ``k1``-th and ``k2``-th smallest (0-based, ``k2`` in ``{k1, k1 + 1}``) of the values
+    ``v = x[:n]`` (or ``v = |x[:n] - center|`` with ``absdev``), exactly, by histogram
+    selection: the values are binned between bounds ``lo <= v <= hi`` (the bin index is
+    monotone in the value), only the bin(s) holding the two ranks are kept, and so on until
+    few values are left, which are sorted. ``x`` is not modified; ``work`` (length >= n) is
+    scratch. About two passes over the values where ``np.median`` partitions a copy."""
+    nbins = 4096
+    counts = np.empty(nbins, np.int64)
+    level = 0
+    while True:
+        if not hi > lo:
+            return lo, lo
+        scale = nbins / (hi - lo)
+        if n <= 256 or not np.isfinite(scale):
+            if level == 0:
+                for i in range(n):
+                    work[i] = abs(x[i] - center) if absdev else x[i]
+            srt = np.sort(work[:n])
+            return srt[k1], srt[k2]
+        counts[:] = 0
+        for i in range(n):
+            if level == 0:
+                v = abs(x[i] - center) if absdev else x[i]
+            else:
+                v = work[i]
+            b = int((v - lo) * scale)
+            if b >= nbins:
+                b = nbins - 1
+            counts[b] += 1
+        cum = 0
+        b1 = -1
+        b2 = -1
+        base = 0
+        for b in range(nbins):
+            c = counts[b]
+            if b1 < 0 and k1 < cum + c:
+                b1 = b
+                base = cum
+            if k2 < cum + c:
+                b2 = b
+                break
+            cum += c
+        # keep the values of bins b1 and b2 (the bins between them are empty); in place
+        # after the first level (a value is moved only to an index already read)
+        m = 0
+        nlo = np.inf
+        nhi = -np.inf
+        for i in range(n):
+            if level == 0:
+                v = abs(x[i] - center) if absdev else x[i]
+            else:
+                v = work[i]
+            b = int((v - lo) * scale)
+            if b >= nbins:
+                b = nbins - 1
+            if b == b1 or b == b2:
+                work[m] = v
+                m += 1
+                if v < nlo:
+                    nlo = v
+                if v > nhi:
+                    nhi = v
+        n = m
+        k1 -= base
+        k2 -= base
+        lo = nlo
+        hi = nhi
+        level += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_exact(x, n, work, lo, hi, center, absdev):
+    """``np.median`` of the values of :func:`_ranks_pair` exactly (the middle value, or the
+    mean of the two middle ones)."""
+    if n % 2 == 1:
+        a, _ = _ranks_pair(x, n, n // 2, n // 2, work, lo, hi, center, absdev)
+        return a
+    a, b = _ranks_pair(x, n, n // 2 - 1, n // 2, work, lo, hi, center, absdev)
+    return (a + b) / 2.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _mad_median(x, n, work, lo, hi):
+    """``median(|x - median(x)|)`` of ``x[:n]``, whose values lie in ``[lo, hi]`` (their
+    minimum and maximum); exact (``np.median``'s values)."""
+    med = _median_exact(x, n, work, lo, hi, 0.0, False)
+    return _median_exact(x, n, work, 0.0, max(med - lo, hi - med), med, True)
+
+
+@numba.njit(nogil=True, cache=True)
+def _lag_mads(nimg, good, dy, dx):
+    """For the lag ``(dy, dx)`` (``dy >= 0``): the number of pixel pairs both good, and the
+    MAD medians of ``n + n_d`` and of ``n - n_d`` over them (:func:`_mad_median`)."""
+    h, w = nimg.shape
+    xa = max(0, -dx)
+    xb = w - max(0, dx)
+    cap = (h - dy) * max(xb - xa, 0)
+    sp = np.empty(cap)
+    sm = np.empty(cap)
+    k = 0
+    plo = np.inf
+    phi = -np.inf
+    mlo = np.inf
+    mhi = -np.inf
+    for y in range(h - dy):
+        ga = good[y]
+        gb = good[y + dy]
+        na = nimg[y]
+        nb = nimg[y + dy]
+        for x in range(xa, xb):
+            if ga[x] and gb[x + dx]:
+                a = na[x]
+                b = nb[x + dx]
+                p = a + b
+                q = a - b
+                sp[k] = p
+                sm[k] = q
+                k += 1
+                plo = min(plo, p)
+                phi = max(phi, p)
+                mlo = min(mlo, q)
+                mhi = max(mhi, q)
+    if k == 0:
+        return 0, 0.0, 0.0
+    work = np.empty(k)
+    return k, _mad_median(sp, k, work, plo, phi), _mad_median(sm, k, work, mlo, mhi)
+
+
 def _mad_var(a):
-    """Robust variance ``(1.4826 MAD)^2`` of a 1-D array."""
-    med = np.median(a)
-    dev = np.abs(a - med)
-    return float((1.4826 * np.median(dev, overwrite_input=True)) ** 2)  # dev is ours to reorder
+    """Robust variance ``(1.4826 MAD)^2`` of a 1-D array (its medians exact, as ``np.median``'s)."""
+    x = np.ascontiguousarray(a, dtype=np.float64).ravel()
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (math.nan, math.nan)
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # empty, or non-finite values: numpy's answer
+        med = np.median(x)
+        return float((1.4826 * np.median(np.abs(x - med))) ** 2)
+    return float((1.4826 * _mad_median(x, x.size, np.empty(x.size), lo, hi)) ** 2)
 
 
 def noise_statistics(image, variance, free, *, radius=3, max_size=768, nsigma=5.0, min_excess=0.05):
@@ -1127,14 +1316,10 @@ def noise_statistics(image, variance, free, *, radius=3, max_size=768, nsigma=5.
             for dx in range(-R, R + 1):
                 if (dy == 0 and dx <= 0) or ring[R + dy, R + dx] not in rings:
                     continue
-                xa, xb = max(0, -dx), w - max(0, dx)
-                a = n[: h - dy, xa:xb]
-                b = n[dy:, xa + dx : xb + dx]
-                ok = good[: h - dy, xa:xb] & good[dy:, xa + dx : xb + dx]
-                k = int(ok.sum())
+                k, mp, mm = _lag_mads(n, good, dy, dx)
                 if k < 500:
                     continue
-                sp, sm = _mad_var(a[ok] + b[ok]), _mad_var(a[ok] - b[ok])
+                sp, sm = float((1.4826 * mp) ** 2), float((1.4826 * mm) ** 2)
                 c = (sp - sm) / (sp + sm) if sp + sm > 0 else 0.0
                 rho[R + dy, R + dx] = rho[R - dy, R - dx] = c
                 err[R + dy, R + dx] = err[R - dy, R - dx] = 1.0 / math.sqrt(0.37 * k)
