@@ -111,19 +111,24 @@ def small_r_det4(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_r_det4_calexps(small_r_det4) -> dict:
+def small_r_det4_calexps(small_r_det4, tmp_path_factory) -> dict:
     """``{visit: calexp}`` (in memory): the draws of ``small_r_det4`` through calibrate."""
     from procsky.exposure import Exposure
     from procsky.refcat import read_refcat_file
     from procsky.sim.render import image_filename
     from procsky.tasks.calibrate import calibrate_exposure
 
-    refcat = read_refcat_file(small_r_det4 / "refcat/refcat.parquet")
-    out = {}
-    for v in SMALL_R_VISITS:
-        exp = Exposure.read(small_r_det4 / "images" / image_filename("calexp", v, 4))
-        out[v] = calibrate_exposure(exp, refcat)[0].compute()
-    return out
+    def calibrate_all(d: Path) -> None:
+        refcat = read_refcat_file(small_r_det4 / "refcat/refcat.parquet")
+        for v in SMALL_R_VISITS:
+            exp = Exposure.read(small_r_det4 / "images" / image_filename("calexp", v, 4))
+            calibrate_exposure(exp, refcat)[0].compute().write(d / f"calexp-{v}.fits")
+
+    # Calibrated once per session and written as FITS (read back into numpy, PSF model,
+    # WCS, PhotoCalib and metadata included): the coadd, diffim and streak files run in
+    # different xdist workers, and each calibrated the ten visits itself (~50 CPU-s each).
+    d = shared_draw(tmp_path_factory, "small_r_det4_calexps", calibrate_all)
+    return {v: Exposure.read(d / f"calexp-{v}.fits") for v in SMALL_R_VISITS}
 
 
 @pytest.fixture
