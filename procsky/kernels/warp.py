@@ -25,7 +25,9 @@ Warping (after LSST ``afw.math.warpExposure`` and SWarp's resampling):
 
 The pixel mapping may be evaluated exactly for every pixel, or on a coarse grid and
 interpolated with bicubic splines (:func:`interpolate_grid`), which is accurate to well
-below 0.001 px for grids of ~32 px on survey WCSs (tested).
+below 0.001 px for grids of ~32 px on survey WCSs (tested). :func:`warp_planes_grid` takes
+the grid itself and evaluates the splines, and the pixel area ratio from their derivatives
+at the nodes, inside the kernel row by row (no full-resolution mapping arrays).
 """
 
 from __future__ import annotations
@@ -453,8 +455,9 @@ def interpolate_mapping(gx, gy, xi, yi, x, y):
     area : ndarray (len(y), len(x))
         ``|det d(xin, yin) / d(x, y)|`` from the splines' derivatives at the grid nodes,
         interpolated bilinearly in between: the area ratio varies slowly (by ~1e-3 across a
-        detector), so this differs from central differences at every pixel
-        (:func:`area_ratio`) by < 1e-7 relative, at a tenth of their cost.
+        detector), so this differs from central differences of the exact mapping at every
+        pixel by ~4e-8 relative (tested). :func:`warp_planes_grid` evaluates the same inside
+        the kernel; this is its numpy reference.
     """
     x = np.asarray(x, float)
     y = np.asarray(y, float)
