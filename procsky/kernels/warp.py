@@ -101,13 +101,13 @@ _EXACT = np.empty((0, 0))  # an empty tap table: evaluate the taps exactly
 @numba.njit(nogil=True, cache=True)
 def _scratch(order):
     n = 2 * order
-    return np.empty(n), np.empty(n), np.empty(n), np.empty((2, n)), np.empty(n, np.uint32), np.empty(n, np.uint32)
+    return np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.uint32), np.empty(n, np.uint32)
 
 
 @numba.njit(nogil=True, cache=True)
 def _warp_row(image, variance, mask, xrow, yrow, srow, order, mask_radius, no_data, table, oi, ov, om, scratch):
     """Warp one output row: samples at (xrow[i], yrow[i]) scaled by srow[i] into oi, ov, om."""
-    wx, wy, wx2, wt, near_x, near_y = scratch
+    wx, wy, wx2, near_x, near_y = scratch
     h, w = image.shape
     n = 2 * order
     full = mask_radius >= order
@@ -132,35 +132,46 @@ def _warp_row(image, variance, mask, xrow, yrow, srow, order, mask_radius, no_da
             ov[i] = nan
             om[i] = no_data
             continue
-        # Normalised taps per axis (written out here: a call per sample costs more
-        # than the interpolation). The table path interpolates linearly between phases
+        # Normalised taps per axis (written out here: a call per sample costs more than
+        # the interpolation). The table path interpolates linearly between the phases
         # p / steps and (p + 1) / steps; with no table the taps are evaluated exactly.
-        for axis in range(2):
-            c = x if axis == 0 else y
-            ic = ix if axis == 0 else iy
+        if steps > 0:
+            pos = (x - ix) * steps
+            p = int(pos)
+            if p >= steps:  # x - ix rounded up to 1.0
+                p = steps - 1
+            u = pos - p
+            posy = (y - iy) * steps
+            py = int(posy)
+            if py >= steps:
+                py = steps - 1
+            uy = posy - py
             sa = 0.0
-            if steps > 0:
-                pos = (c - ic) * steps
-                p = int(pos)
-                if p >= steps:  # c - ic rounded up to 1.0
-                    p = steps - 1
-                u = pos - p
-                for k in range(n):
-                    t0 = table[p, k]
-                    wk = t0 + u * (table[p + 1, k] - t0)
-                    wt[axis, k] = wk
-                    sa += wk
-            else:
-                for k in range(n):
-                    wk = _lanczos(c - (ic - order + 1 + k), order)
-                    wt[axis, k] = wk
-                    sa += wk
-            inv = 1.0 / sa
+            sb = 0.0
             for k in range(n):
-                wt[axis, k] *= inv
+                t0 = table[p, k]
+                wk = t0 + u * (table[p + 1, k] - t0)
+                wx[k] = wk
+                sa += wk
+                t1 = table[py, k]
+                wk = t1 + uy * (table[py + 1, k] - t1)
+                wy[k] = wk
+                sb += wk
+        else:
+            sa = 0.0
+            sb = 0.0
+            for k in range(n):
+                wk = _lanczos(x - (ix - order + 1 + k), order)
+                wx[k] = wk
+                sa += wk
+                wk = _lanczos(y - (iy - order + 1 + k), order)
+                wy[k] = wk
+                sb += wk
+        ia = 1.0 / sa
+        ib = 1.0 / sb
         for k in range(n):
-            wx[k] = wt[0, k]
-            wy[k] = wt[1, k]
+            wx[k] *= ia
+            wy[k] *= ib
             wx2[k] = wx[k] * wx[k]
         m = zero
         s = 0.0
