@@ -1,7 +1,8 @@
 """Coaddition as lazy dask graphs: warps (or calexps warped on the fly) combined per patch.
 
-The numerical work is in :mod:`procsky.kernels.coadd` (combination, artifact search) and
-:mod:`procsky.kernels.psfmatch` (Fourier PSF matching to a Gaussian); warping is in
+The numerical work is in :mod:`procsky.kernels.coadd` (combination, artifact search, the
+PSF-matching convolution) and :mod:`procsky.kernels.psfmatch` (the Fourier matching
+kernel to a Gaussian); warping is in
 :mod:`procsky.warp`; dask is driven through :mod:`procsky._dask`. This module builds the
 per-chunk tasks, the coadd weights and the coadd PSF.
 
@@ -12,8 +13,9 @@ Design (after reproject's ``mosaicking/_coadd.py``):
   a calexp warped on the fly), never the whole inputs.
 * Inside the task, the weighted mean (with or without CompareWarp-style artifact
   rejection) streams over the visits one at a time, so memory per task does not grow
-  with the number of visits (rejection makes three passes, keeping only sparse outlier
-  lists between them, or caches the visits when they fit ``memory_budget``). ``median``
+  with the number of visits (rejection makes two passes, keeping only sparse outlier and
+  candidate lists between them, and keeps the planes of as many visits as fit
+  ``memory_budget``, which are then read once). ``median``
   and ``clipped_mean`` need every visit of a pixel at once: the chunk is processed in
   strips whose height makes ``n_visits x strip`` fit ``memory_budget`` (down to 8 rows).
 * Zarr-backed dask inputs (what ``Repo.get`` returns) are read directly from their Zarr
@@ -93,6 +95,10 @@ __all__ = [
 ]
 
 _NO_DATA = _masks.bit("NO_DATA")
+# A PSF-matching kernel of artifact rejection is applied as its leading separable terms
+# when they reproduce it to this fraction of its peak and that is the cheapest way
+# (:class:`procsky.kernels.coadd.MatchingKernel`); otherwise directly or by FFT.
+MATCH_KERNEL_TOL = 1e-4
 
 
 class CoaddConfig(pydantic.BaseModel):
@@ -258,7 +264,7 @@ def _coadd_chunk(box: Box, sources: list, parts: list, weights, kernels: list, c
         return acc.result(nod)
     if cfg.statistic == "mean":
         return _coadd_chunk_streaming(box, sources, parts, w, kernels, cfg, bits)
-    halo = max((k.shape[0] // 2 for k in kernels if k is not None), default=0) if cfg.reject_artifacts else 0
+    halo = max((k.radius for k in kernels if k is not None), default=0) if cfg.reject_artifacts else 0
     halo += cfg.artifact_grow if cfg.reject_artifacts else 0
     per_row = n_src * (box.nx + 2 * halo) * 4 * 6
     h = int(max(8, min(box.ny, cfg.memory_budget // max(per_row, 1) - 2 * halo)))
@@ -284,7 +290,7 @@ def _coadd_chunk(box: Box, sources: list, parts: list, weights, kernels: list, c
                     if kernels[k] is None:
                         ci[k], cv[k], cm[k] = imgs[k], vars_[k], msks[k]
                     else:
-                        ci[k], cv[k], cm[k] = kpm.convolve_planes(
+                        ci[k], cv[k], cm[k], _ = kc.psf_match_planes(
                             imgs[k],
                             vars_[k],
                             msks[k],
@@ -332,82 +338,83 @@ def _coadd_chunk(box: Box, sources: list, parts: list, weights, kernels: list, c
 def _coadd_chunk_streaming(box: Box, sources, parts, w, kernels, cfg: CoaddConfig, bits: dict):
     """Weighted mean with CompareWarp-style artifact rejection, one visit in memory at a time.
 
-    Three passes over the visits (each re-reads its source): (1) a trimmed-mean static
-    sky model of the PSF-matched warps; (2) each visit's outlier pixels against it (kept
-    sparse) and the per-pixel count of outlier epochs; (3) per visit, the artifact regions
-    (few-epoch outliers, grown) are excluded while accumulating the weighted mean.
+    Two passes over the visits: (1) each visit's PSF-matched warp enters a trimmed-mean
+    static-sky model; (2) each visit's outlier pixels against it are kept sparse, with the
+    per-pixel count of outlier epochs, and its pixels enter the weighted mean, except the
+    *candidates* (outliers grown by ``artifact_grow``, the only pixels an artifact region
+    can cover), whose values are held sparse too. After the second pass the artifact
+    regions (few-epoch outliers, grown) are known: the held candidates outside them are
+    added, those inside are rejected. Visits whose planes fit ``memory_budget`` are read
+    and matched once; the others are read and matched again in the second pass.
     """
     bad, nod = bits["bad"], bits["no_data"]
     use_k = cfg.psf_match and any(k is not None for k in kernels)
-    r = max((k.shape[0] // 2 for k in kernels if k is not None), default=0) if use_k else 0
+    r = max((k.radius for k in kernels if k is not None), default=0) if use_k else 0
     halo = r + cfg.artifact_grow
     big = box.grown(halo)
+    inner = box.shifted(-big.x0, -big.y0).slices()
     corr = kw.lanczos_noise_correlation(cfg.warp.order)
+    n_src = len(sources)
+    # raw image, variance, mask (12 bytes per pixel) and matched image, variance, good (9)
+    n_keep = min(n_src, cfg.memory_budget // (big.ny * big.nx * 21))
+    kept: dict = {}
 
-    # Keep each visit's planes between passes only when they all fit the memory budget
-    # (then each source is read once); otherwise re-read them in every pass.
-    keep = len(sources) * big.ny * big.nx * 4 * 6 <= cfg.memory_budget
-    raw_cache: dict = {}
-    matched_cache: dict = {}
-
-    def raw(k, b):
-        if k in raw_cache:
-            i, v, m = raw_cache[k]
-        else:
-            i, v, m = sources[k].read(big, parts[k])
-            if keep:
-                raw_cache[k] = (i, v, m)
-        if b is big:
-            return i, v, m
-        sl = b.shifted(-big.x0, -big.y0).slices()
-        return i[sl], v[sl], m[sl]
-
-    def matched(k):
-        if k in matched_cache:
-            return matched_cache[k]
-        i, v, m = raw(k, big)
+    def planes(k):
+        if k in kept:
+            return kept.pop(k)
+        i, v, m = sources[k].read(big, parts[k])
         if use_k and kernels[k] is not None:
-            i, v, m = kpm.convolve_planes(i, v, m, kernels[k], corr, no_data_bit=_NO_DATA)
-        good = ((m & np.uint32(bad)) == 0) & np.isfinite(i) & np.isfinite(v)
-        if keep:
-            matched_cache[k] = (i, v, good)
-        return i, v, good
+            ci, cv, _, good = kc.psf_match_planes(i, v, m, kernels[k], corr, no_data_bit=_NO_DATA, bad_bits=bad)
+        else:
+            ci, cv = i, v
+            good = ((m & np.uint32(bad)) == 0) & np.isfinite(i) & np.isfinite(v)
+        return (i, v, m), (ci, cv, good)
 
     model_acc = kc.TrimmedMeanAccumulator(big.shape, cfg.artifact_max_epochs)
-    for k in range(len(sources)):
-        model_acc.add(*matched(k))
+    for k in range(n_src):
+        raw, matched = planes(k)
+        model_acc.add(*matched)
+        if k < n_keep:
+            kept[k] = (raw, matched)
     model, vmodel, n_good = model_acc.result()
     scale = kc.local_peak(model, r) if cfg.artifact_model_error > 0 else None
     n_out = np.zeros(big.shape, np.int32)
-    sparse = []
-    for k in range(len(sources)):
-        i, v, g = matched(k)
-        matched_cache.pop(k, None)
-        sig = kc.significance(i, v, g, model, vmodel, cfg.artifact_model_error, scale)
+    acc = kc.MeanAccumulator(box.shape, bad)
+    held: list = []
+    for k in range(n_src):
+        (i, v, m), (ci, cv, g) = planes(k)
+        sig = kc.significance(ci, cv, g, model, vmodel, cfg.artifact_model_error, scale)
         out = g & (np.abs(sig) > cfg.artifact_threshold)
         n_out += out
         idx = np.flatnonzero(out)
-        sparse.append((idx, sig.ravel()[idx].astype(np.float32)))
+        ii, vv, mm = i[inner], v[inner], m[inner]
+        cand = kc.dilate(out, cfg.artifact_grow)[inner] if idx.size else None
+        if cand is None or not cand.any():
+            acc.add(ii, vv, mm, w[k])
+            held.append(None)
+            continue
+        acc.add(ii, vv, mm, w[k], held=cand)
+        cidx = np.flatnonzero(cand)
+        held.append(
+            (idx, sig.ravel()[idx].astype(np.float32), cidx, ii.ravel()[cidx], vv.ravel()[cidx], mm.ravel()[cidx])
+        )
     transient = kc.transient_pixels(
         n_out, n_good, max_epochs=cfg.artifact_max_epochs, max_fraction=cfg.artifact_max_fraction, min_inputs=3
     )
-    acc = kc.MeanAccumulator(box.shape, bad)
-    inner = box.shifted(-big.x0, -big.y0).slices()
     clipped_any = np.zeros(box.shape, bool)
-    for k, ((idx, sv), wt) in enumerate(zip(sparse, w)):
-        rejected = None
-        if idx.size:
-            out = np.zeros(big.shape, bool)
-            sig = np.zeros(big.shape, np.float32)
-            out.ravel()[idx] = True
-            sig.ravel()[idx] = sv
-            rejected = kc.artifact_regions(out, sig, transient, cfg.artifact_grow)[inner]
-        i, v, m = raw(k, box)
-        raw_cache.pop(k, None)
-        if rejected is not None:
-            rejected &= np.isfinite(i)
-            clipped_any |= rejected
-        acc.add(i, v, m, wt, rejected=rejected)
+    for k, h in enumerate(held):
+        if h is None:
+            continue
+        idx, sv, cidx, hi, hv, hm = h
+        out = np.zeros(big.shape, bool)
+        sig = np.zeros(big.shape, np.float32)
+        out.ravel()[idx] = True
+        sig.ravel()[idx] = sv
+        rej = kc.artifact_regions(out, sig, transient, cfg.artifact_grow)[inner].ravel()[cidx]
+        acc.add_pixels(cidx[~rej], hi[~rej], hv[~rej], hm[~rej], w[k])
+        gone = cidx[rej & np.isfinite(hi)]
+        acc.rejected.ravel()[gone] = True
+        clipped_any.ravel()[gone] = True
     img, var, mask, n = acc.result(nod, bits["rejected"])
     mask[clipped_any] |= np.uint32(bits["clipped"])
     return img, var, mask, n
@@ -645,7 +652,9 @@ def build_coadd(
         wobj = _inverse(wvals)
     _note_undersampled(psfs, visits)
     kernels = (
-        _psf_matching_kernels(psfs, config) if (config.reject_artifacts and config.psf_match) else [None] * len(sources)
+        [None if k is None else kc.MatchingKernel(k, MATCH_KERNEL_TOL) for k in _psf_matching_kernels(psfs, config)]
+        if (config.reject_artifacts and config.psf_match)
+        else [None] * len(sources)
     )
     bits = _bits(config)
     boxes = _chunk_boxes(full, chunk)
@@ -653,7 +662,7 @@ def build_coadd(
         out_cards, out_shape, [s.box for s in sources], config.model_dump(), [id(e) for e in inputs], chunk
     )
     halo = (
-        max((k.shape[0] // 2 for k in kernels if k is not None), default=0) + config.artifact_grow
+        max((k.radius for k in kernels if k is not None), default=0) + config.artifact_grow
         if config.reject_artifacts
         else 0
     )

@@ -315,8 +315,10 @@ def test_coadd_memory_does_not_grow_with_visits(tmp_path, reject):
     :class:`ExposureStorage`, which writes it with :meth:`Exposure.write` (planes and
     ``n_inputs`` in batches of whole chunks, then the attributes). The attributes grow
     with the number of inputs by design (the coadd PSF keeps one warped PSF per input,
-    ~15 kB per visit here); the patch holds 16 chunks, one write batch, so that as on a
-    real patch the batch of pixels, not the attributes, sets the peak.
+    ~15 kB per visit here); the patch is one write batch (4 chunks of 240 px), so that as
+    on a real patch the batch of pixels, not the attributes, sets the peak. With artifact
+    rejection ``memory_budget`` (1 MB) holds no visit's planes: every chunk task streams
+    the visits twice (the model pass, then the outlier and accumulation pass).
     """
     import tracemalloc
 
@@ -352,9 +354,9 @@ def test_coadd_memory_does_not_grow_with_visits(tmp_path, reject):
             xy0=b.xy0,
         )
         p = tmp_path / f"w{k}.zarr"
-        w.write(p, chunks=120)
+        w.write(p, chunks=240)
         paths.append(p)
-    task = AssembleCoaddTask({"coadd": {"reject_artifacts": reject, "memory_budget": 2**20, "warp": {"chunk": 120}}})
+    task = AssembleCoaddTask({"coadd": {"reject_artifacts": reject, "memory_budget": 2**20, "warp": {"chunk": 240}}})
     storage = ExposureStorage()
     # Warm up (imports, numba and FFT caches) so that only the coadd's own memory is traced.
     with dask.config.set(scheduler="synchronous"):
@@ -575,6 +577,79 @@ def test_combine_kernels_against_numpy():
     for j, i in [(0, 0), (5, 5), (6, 6), (10, 20)]:
         vals = srt[: ng[j, i], j, i]
         np.testing.assert_allclose(model[j, i], vals[2:-2].mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["auto", "separable", "direct", "fft"])
+def test_psf_match_planes_against_fourier_convolution(method):
+    """Real-space PSF matching (separable SVD terms, direct or batched FFT) equals the
+    Fourier normalised convolution of :func:`procsky.kernels.psfmatch.convolve_planes`."""
+    from procsky.kernels import coadd as kc
+    from procsky.kernels import psfmatch as kpm
+
+    rng = np.random.default_rng(7)
+    ny, nx = 70, 83
+    yy, xx = np.mgrid[-7:8, -7:8]
+    gauss = np.exp(-0.5 * (yy**2 / 4.0 + xx**2 / 2.5))  # separable: one term
+    ring = gauss + 2e-3 * rng.normal(size=gauss.shape)  # not separable to 1e-4
+    img = (rng.normal(size=(ny, nx)) * 10 + 100).astype(np.float32)
+    var = rng.uniform(1, 2, size=(ny, nx)).astype(np.float32)
+    msk = np.zeros((ny, nx), np.uint32)
+    nod = masks.bit("NO_DATA")
+    for name, kernel in (("separable", gauss / gauss.sum()), ("fft", ring / ring.sum())):
+        mk = kc.MatchingKernel(kernel, 1e-4, method)
+        if method == "auto":
+            assert mk.method == name  # the cheapest way for each
+        for holes in (False, True):
+            i, m = img.copy(), msk.copy()
+            if holes:
+                i[:10, :12] = np.nan
+                m[40:44, 50:60] = nod
+            ref = kpm.convolve_planes(i, var, m, kernel, 1.3, no_data_bit=nod)
+            out = kc.psf_match_planes(i, var, m, mk, 1.3, no_data_bit=nod, bad_bits=nod)
+            np.testing.assert_array_equal(out[2], ref[2])
+            np.testing.assert_array_equal(np.isfinite(out[0]), np.isfinite(ref[0]))
+            np.testing.assert_array_equal(out[3], np.isfinite(ref[0]))
+            # float32 arithmetic; a separable approximation within 1e-4 of the kernel peak
+            rtol = 1e-4 if mk.method == "separable" and name == "fft" else 1e-5
+            np.testing.assert_allclose(out[0], ref[0], rtol=rtol)
+            np.testing.assert_allclose(out[1], ref[1], rtol=5 * rtol)
+
+
+def test_streaming_rejection_equals_in_memory_rejection(tmp_path):
+    """The two-pass streaming rejection (with a 1 MB budget half of the visits are read
+    and matched again in the second pass) gives the same coadd as when every visit's
+    planes stay in memory, and as the same inputs read from Zarr warps: same rejected
+    pixels, same values."""
+    import dask
+
+    stars = make_stars(9, seed=3, half=12.0)
+    visits = [
+        make_visit(k, stars, shape=(200, 200), extra=lambda kk, sh: _cosmics(kk, sh) + _trail(kk, sh)) for k in range(6)
+    ]
+    patch = make_skymap(inner=150).patch(0, 0)
+    cfg = CoaddConfig(warp=WarpConfig(chunk=96))
+    warps = [warp_exposure(v, patch.wcs_cards, patch.shape, xy0=patch.xy0, config=cfg.warp).compute() for v in visits]
+    paths = []
+    for k, w in enumerate(warps):
+        w.write(tmp_path / f"w{k}.zarr", chunks=96)
+        paths.append(tmp_path / f"w{k}.zarr")
+    out = {}
+    with dask.config.set(scheduler="synchronous"):
+        for name, inputs, budget in (
+            ("kept", warps, 2**26),
+            ("streamed", warps, 2**20),
+            ("zarr", [Exposure.read(p) for p in paths], 2**20),
+        ):
+            c = cfg.model_copy(update={"memory_budget": budget})
+            lazy = build_coadd(inputs, patch, config=c, inputs_are_warps=True)
+            out[name] = dask.compute(lazy.image, lazy.variance, lazy.mask, lazy.n_inputs)
+    rejected = (out["kept"][2] & masks.bit("REJECTED")) != 0
+    assert rejected.sum() > 50  # the trail and the cosmic rays
+    for name in ("streamed", "zarr"):
+        np.testing.assert_array_equal(out[name][2], out["kept"][2])
+        np.testing.assert_array_equal(out[name][3], out["kept"][3])
+        np.testing.assert_allclose(out[name][0], out["kept"][0], rtol=1e-6)
+        np.testing.assert_allclose(out[name][1], out["kept"][1], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- `small` simulation
