@@ -334,6 +334,27 @@ def _dilate_rows(m, r, out):
 
 
 @numba.njit(nogil=True, cache=True)
+def _dilate_cols(m, r, out):
+    """``out[y, x] |= any(m[y - r : y + r + 1, x])``: the running passes of :func:`_dilate_rows` down and
+    up the columns, swept in row order (one last-seen row per column) so that memory is read contiguously."""
+    ny, nx = m.shape
+    last = np.full(nx, -(10**9), np.int64)
+    for y in range(ny):
+        for x in range(nx):
+            if m[y, x]:
+                last[x] = y
+            if y - last[x] <= r:
+                out[y, x] = True
+    last[:] = 10**9
+    for y in range(ny - 1, -1, -1):
+        for x in range(nx):
+            if m[y, x]:
+                last[x] = y
+            if last[x] - y <= r:
+                out[y, x] = True
+
+
+@numba.njit(nogil=True, cache=True)
 def dilate_square(mask, r):
     """Dilate a boolean mask by a square of half-width ``r`` pixels (separable, O(pixels))."""
     ny, nx = mask.shape
@@ -343,7 +364,7 @@ def dilate_square(mask, r):
         return out
     tmp = np.zeros((ny, nx), np.bool_)
     _dilate_rows(mask, r, tmp)
-    _dilate_rows(tmp.T, r, out.T)
+    _dilate_cols(tmp, r, out)
     return out
 
 

@@ -114,6 +114,63 @@ def _projected_gain(m, dres, w, use, h, Gi):
 
 
 @numba.njit(nogil=True, cache=True)
+def _bank_nonzeros(bank):
+    """The non-zero pixels of each template of a bank, in row order: template ``t`` has rows
+    ``jj[start[t]:start[t + 1]]``, columns ``ii[...]`` and values ``val[...]`` (a sharp line
+    segment covers ~10 % of the window)."""
+    n, s, _ = bank.shape
+    start = np.zeros(n + 1, dtype=np.int64)
+    for t in range(n):
+        c = 0
+        for j in range(s):
+            for i in range(s):
+                if bank[t, j, i] != 0.0:
+                    c += 1
+        start[t + 1] = start[t] + c
+    jj = np.empty(start[n], dtype=np.int64)
+    ii = np.empty(start[n], dtype=np.int64)
+    val = np.empty(start[n])
+    for t in range(n):
+        c = start[t]
+        for j in range(s):
+            for i in range(s):
+                if bank[t, j, i] != 0.0:
+                    jj[c] = j
+                    ii[c] = i
+                    val[c] = bank[t, j, i]
+                    c += 1
+    return start, jj, ii, val
+
+
+@numba.njit(nogil=True, cache=True)
+def _projected_gain_sparse(start, jj, ii, val, t, dres, w, use, h, Gi):
+    """``(md, mm)`` of :func:`_projected_gain` for template ``t`` of a bank given by its non-zero
+    pixels (:func:`_bank_nonzeros`): the same sums over the same pixels in the same order."""
+    md = 0.0
+    mm = 0.0
+    q0 = 0.0
+    q1 = 0.0
+    q2 = 0.0
+    for c in range(start[t], start[t + 1]):
+        j = jj[c]
+        i = ii[c]
+        if use[j, i]:
+            mv = val[c]
+            ww = w[j, i] * mv
+            md += ww * dres[j, i]
+            mm += ww * mv
+            q0 += ww
+            q1 += ww * (i - h)
+            q2 += ww * (j - h)
+    quad = (
+        q0 * (Gi[0, 0] * q0 + Gi[0, 1] * q1 + Gi[0, 2] * q2)
+        + q1 * (Gi[1, 0] * q0 + Gi[1, 1] * q1 + Gi[1, 2] * q2)
+        + q2 * (Gi[2, 0] * q0 + Gi[2, 1] * q1 + Gi[2, 2] * q2)
+    )
+    return md, mm - quad
+
+
+@numba.njit(nogil=True, cache=True)
 def _line_template(m, h, c, sn, rho, t0, t1, width):
     """A line segment through the window: cross-track profile (``width`` <= 0: a triangle of
     one pixel, a rasterised track; else a Gaussian of that sigma, integral 1 across), along
@@ -352,6 +409,8 @@ def _track_kernel(
     wr = np.empty((s, s))
     user = np.zeros((s, s), dtype=np.bool_)
     dresr = np.empty((s, s))
+    sharp_nz = _bank_nonzeros(sharp_bank)
+    broad_nz = _bank_nonzeros(broad_bank)
     for k in range(xs.size):
         if skip[k] or not (np.isfinite(xs[k]) and np.isfinite(ys[k])):
             continue
@@ -400,9 +459,9 @@ def _track_kernel(
         l_best = 0.0
         for kind in range(2):
             g_kind = 0.0
-            bank = sharp_bank if kind == 0 else broad_bank
+            start, jj, ii, val = sharp_nz if kind == 0 else broad_nz
             for t in range(par.shape[0]):
-                md, mp, _ = _projected_gain(bank[t], ldres, lw, luse, h, lGi)
+                md, mp = _projected_gain_sparse(start, jj, ii, val, t, ldres, lw, luse, h, lGi)
                 if not (mp > 0.0 and md > 0.0):
                     continue
                 g = md * md / mp
