@@ -331,3 +331,29 @@ def test_stamp_kernels_sum_in_order():
     np.testing.assert_array_equal(M, upper + np.triu(upper, 1).T)  # the upper triangle, mirrored
     np.testing.assert_array_equal(bb, _seq_sum((D * w) * s, 1))
     assert ss == _seq_sum(w * s * s, 0)
+
+
+def test_source_significance_is_scipys():
+    """source_free_mask's smoothed significance (numba) is scipy's gaussian_filter arithmetic."""
+    import math
+
+    from scipy import ndimage
+
+    rng = np.random.default_rng(14)
+    for dt in (np.float32, np.float64):
+        img = (rng.normal(size=(120, 97)) * 10).astype(dt)
+        var = rng.uniform(50, 150, img.shape).astype(dt)
+        img[5, 5], var[7, 9], var[60:63] = np.nan, 0.0, np.inf
+        bad = rng.uniform(size=img.shape) < 0.05
+        for s in (0.5, 1.1, 2.37, 30.0):  # the last wider than the image
+            i64, v64 = img.astype(np.float64), var.astype(np.float64)
+            ok = ~bad & np.isfinite(i64) & np.isfinite(v64) & (v64 > 0)
+            num = ndimage.gaussian_filter(np.where(ok, i64, 0.0), s, mode="constant")
+            den = ndimage.gaussian_filter(np.where(ok, v64, 0.0), s / math.sqrt(2.0), mode="constant")
+            den = den / (4 * math.pi * s * s)
+            sn = np.abs(num) / np.sqrt(np.maximum(den, 1e-30))
+            sn[den <= 0] = 0.0
+            w1, w2 = pm._gaussian_half_weights(s), pm._gaussian_half_weights(s / math.sqrt(2.0))
+            ok2, sn2 = pm._smoothed_significance(img, var, bad, w1, w2, 4 * math.pi * s * s)
+            np.testing.assert_array_equal(ok2, ok)
+            np.testing.assert_array_equal(sn2, sn)

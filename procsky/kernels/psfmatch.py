@@ -1041,6 +1041,101 @@ def noise_correlation(image, variance, bad, *, radius=4, clip=4.0, grow=3, max_s
     return 0.5 * (rho + rho[::-1, ::-1])
 
 
+def _gaussian_half_weights(sigma, truncate=4.0):
+    """The weights of ``scipy.ndimage.gaussian_filter1d`` (order 0, radius ``int(truncate
+    sigma + 0.5)``), centre first: ``w[j]`` at offsets ``+-j``."""
+    sd = float(sigma)
+    radius = int(truncate * sd + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sd * sd) * x**2)
+    phi = phi / phi.sum()
+    return np.ascontiguousarray(phi[::-1][radius:])
+
+
+@numba.njit(nogil=True, cache=True)
+def _symmetric_filter_columns(x, w):
+    """Correlation along axis 0 with the symmetric weights ``w`` (centre first), zeros
+    outside: ``x[y] w0 + sum_j (x[y - j] + x[y + j]) w_j``, the outer taps first, which is
+    the order of ``scipy.ndimage.correlate1d`` for symmetric weights (so its values)."""
+    ny, nx = x.shape
+    r = w.shape[0] - 1
+    out = np.empty((ny, nx))
+    for y in range(ny):
+        o = out[y]
+        c = x[y]
+        w0 = w[0]
+        for i in range(nx):
+            o[i] = c[i] * w0
+        for j in range(r, 0, -1):
+            wj = w[j]
+            if y - j >= 0 and y + j < ny:
+                a = x[y - j]
+                b = x[y + j]
+                for i in range(nx):
+                    o[i] += (a[i] + b[i]) * wj
+            elif y - j >= 0:
+                a = x[y - j]
+                for i in range(nx):
+                    o[i] += (a[i] + 0.0) * wj
+            elif y + j < ny:
+                b = x[y + j]
+                for i in range(nx):
+                    o[i] += (0.0 + b[i]) * wj
+            else:
+                for i in range(nx):
+                    o[i] += 0.0 * wj
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _symmetric_filter_rows_inplace(x, w):
+    """:func:`_symmetric_filter_columns` along axis 1, in place."""
+    ny, nx = x.shape
+    r = w.shape[0] - 1
+    line = np.zeros(nx + 2 * r)
+    for y in range(ny):
+        o = x[y]
+        line[r : r + nx] = o
+        c = line[r : r + nx]
+        w0 = w[0]
+        for i in range(nx):
+            o[i] = c[i] * w0
+        for j in range(r, 0, -1):
+            a = line[r - j : r - j + nx]
+            b = line[r + j : r + j + nx]
+            wj = w[j]
+            for i in range(nx):
+                o[i] += (a[i] + b[i]) * wj
+
+
+@numba.njit(nogil=True, cache=True)
+def _smoothed_significance(img, var, bad, w_num, w_den, den_norm):
+    """Usable pixels ``ok`` and the significance ``|conv(I, G)| / sqrt(conv(V, G^2))`` of
+    :func:`source_free_mask`: ``scipy.ndimage.gaussian_filter`` (mode constant, axis 0 then
+    1) of the usable image and variance, in float64, as numpy and scipy compute them."""
+    ny, nx = img.shape
+    ok = np.empty((ny, nx), np.bool_)
+    a = np.empty((ny, nx))
+    b = np.empty((ny, nx))
+    for y in range(ny):
+        for x in range(nx):
+            vi = np.float64(img[y, x])
+            vv = np.float64(var[y, x])
+            g = (not bad[y, x]) and np.isfinite(vi) and np.isfinite(vv) and vv > 0
+            ok[y, x] = g
+            a[y, x] = vi if g else 0.0
+            b[y, x] = vv if g else 0.0
+    num = _symmetric_filter_columns(a, w_num)
+    _symmetric_filter_rows_inplace(num, w_num)
+    den = _symmetric_filter_columns(b, w_den)
+    _symmetric_filter_rows_inplace(den, w_den)
+    for y in range(ny):
+        for x in range(nx):
+            d = den[y, x] / den_norm
+            num[y, x] = abs(num[y, x]) / np.sqrt(max(d, 1e-30)) if d > 0 else 0.0
+    return ok, num
+
+
 def source_free_mask(image, variance, bad, psf_sigma, *, threshold=5.0, footprint_threshold=2.0, grow=None):
     """Pixels that are usable and away from every source: where pixel noise can be measured.
 
@@ -1069,15 +1164,22 @@ def source_free_mask(image, variance, bad, psf_sigma, *, threshold=5.0, footprin
     """
     from scipy import ndimage
 
-    img = np.asarray(image, dtype=np.float64)
-    var = np.asarray(variance, dtype=np.float64)
-    ok = ~np.asarray(bad, bool) & np.isfinite(img) & np.isfinite(var) & (var > 0)
+    img = np.ascontiguousarray(image)
+    var = np.ascontiguousarray(variance)
+    if img.dtype not in (np.float32, np.float64):
+        img = img.astype(np.float64)
+    if var.dtype not in (np.float32, np.float64):
+        var = var.astype(np.float64)
     s = max(float(psf_sigma), 0.5)
-    num = ndimage.gaussian_filter(np.where(ok, img, 0.0), s, mode="constant")
     # conv(V, G^2) = conv(V, G_{s/sqrt2}) / (4 pi s^2) for a unit-sum Gaussian G of sigma s
-    den = ndimage.gaussian_filter(np.where(ok, var, 0.0), s / math.sqrt(2.0), mode="constant") / (4 * math.pi * s * s)
-    sn = np.abs(num) / np.sqrt(np.maximum(den, 1e-30))
-    sn[den <= 0] = 0.0
+    ok, sn = _smoothed_significance(
+        img,
+        var,
+        np.ascontiguousarray(bad, dtype=bool),
+        _gaussian_half_weights(s),
+        _gaussian_half_weights(s / math.sqrt(2.0)),
+        4 * math.pi * s * s,
+    )
     foot = sn > footprint_threshold
     lab, n = ndimage.label(foot)
     src = np.zeros(img.shape, bool)
@@ -1185,16 +1287,21 @@ def _mad_median(x, n, work, lo, hi):
     return _median_exact(x, n, work, 0.0, max(med - lo, hi - med), med, True)
 
 
-@numba.njit(nogil=True, cache=True)
-def _lag_mads(nimg, good, dy, dx):
+def _lag_mads(nimg, good, dy, dx, buffers=None):
     """For the lag ``(dy, dx)`` (``dy >= 0``): the number of pixel pairs both good, and the
-    MAD medians of ``n + n_d`` and of ``n - n_d`` over them (:func:`_mad_median`)."""
+    MAD medians of ``n + n_d`` and of ``n - n_d`` over them (:func:`_mad_median`).
+    ``buffers``: three float64 arrays of ``nimg.size + 1`` values, reused between lags."""
+    if buffers is None:
+        buffers = tuple(np.empty(nimg.size + 1) for _ in range(3))
+    return _lag_mads_into(nimg, good, int(dy), int(dx), *buffers)
+
+
+@numba.njit(nogil=True, cache=True)
+def _lag_mads_into(nimg, good, dy, dx, sp, sm, work):
+    """:func:`_lag_mads` with its buffers."""
     h, w = nimg.shape
     xa = max(0, -dx)
     xb = w - max(0, dx)
-    cap = (h - dy) * max(xb - xa, 0)
-    sp = np.empty(cap)
-    sm = np.empty(cap)
     k = 0
     plo = np.inf
     phi = -np.inf
@@ -1206,21 +1313,22 @@ def _lag_mads(nimg, good, dy, dx):
         na = nimg[y]
         nb = nimg[y + dy]
         for x in range(xa, xb):
-            if ga[x] and gb[x + dx]:
-                a = na[x]
-                b = nb[x + dx]
-                p = a + b
-                q = a - b
-                sp[k] = p
-                sm[k] = q
-                k += 1
+            # branch-free: every pair is written, the index advances only for good ones
+            ok = ga[x] & gb[x + dx]
+            a = na[x]
+            b = nb[x + dx]
+            p = a + b
+            q = a - b
+            sp[k] = p
+            sm[k] = q
+            k += 1 if ok else 0
+            if ok:
                 plo = min(plo, p)
                 phi = max(phi, p)
                 mlo = min(mlo, q)
                 mhi = max(mhi, q)
     if k == 0:
         return 0, 0.0, 0.0
-    work = np.empty(k)
     return k, _mad_median(sp, k, work, plo, phi), _mad_median(sm, k, work, mlo, mhi)
 
 
@@ -1316,7 +1424,7 @@ def noise_statistics(image, variance, free, *, radius=3, max_size=768, nsigma=5.
             for dx in range(-R, R + 1):
                 if (dy == 0 and dx <= 0) or ring[R + dy, R + dx] not in rings:
                     continue
-                k, mp, mm = _lag_mads(n, good, dy, dx)
+                k, mp, mm = _lag_mads(n, good, dy, dx, buffers)
                 if k < 500:
                     continue
                 sp, sm = float((1.4826 * mp) ** 2), float((1.4826 * mm) ** 2)
@@ -1326,6 +1434,7 @@ def noise_statistics(image, variance, free, *, radius=3, max_size=768, nsigma=5.
 
     # The decision needs the first ring only; the outer lags are measured only for noise that
     # is correlated (white noise keeps the delta): 4 lags instead of 24 on unresampled images.
+    buffers = tuple(np.empty(n.size + 1) for _ in range(3))
     measure_lags({1})
     s1 = float(rho[first].sum())
     # each lag appears twice (d and -d): the 4 independent estimates, counted twice
