@@ -92,31 +92,52 @@ def laplacian_plus(image):
     ny, nx = image.shape
     out = np.empty((ny, nx), dtype=np.float32)
     for y in range(ny):
-        yu = y - 1 if y > 0 else y
-        yd = y + 1 if y < ny - 1 else y
         for x in range(nx):
-            xl = x - 1 if x > 0 else x
-            xr = x + 1 if x < nx - 1 else x
-            c2 = 2.0 * image[y, x]
-            up = image[yu, x]
-            dn = image[yd, x]
-            lf = image[y, xl]
-            rt = image[y, xr]
-            s = 0.0
-            v = c2 - up - lf
-            if v > 0:
-                s += v
-            v = c2 - up - rt
-            if v > 0:
-                s += v
-            v = c2 - dn - lf
-            if v > 0:
-                s += v
-            v = c2 - dn - rt
-            if v > 0:
-                s += v
-            out[y, x] = 0.25 * s
+            out[y, x] = _lp_at(image, y, x)
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _lp_at(image, y, x):
+    """:func:`laplacian_plus` at one pixel."""
+    ny, nx = image.shape
+    yu = y - 1 if y > 0 else y
+    yd = y + 1 if y < ny - 1 else y
+    xl = x - 1 if x > 0 else x
+    xr = x + 1 if x < nx - 1 else x
+    c2 = 2.0 * image[y, x]
+    up = image[yu, x]
+    dn = image[yd, x]
+    lf = image[y, xl]
+    rt = image[y, xr]
+    s = 0.0
+    v = c2 - up - lf
+    if v > 0:
+        s += v
+    v = c2 - up - rt
+    if v > 0:
+        s += v
+    v = c2 - dn - lf
+    if v > 0:
+        s += v
+    v = c2 - dn - rt
+    if v > 0:
+        s += v
+    return 0.25 * s
+
+
+@numba.njit(nogil=True, cache=True)
+def _update_laplacian(image, lp, changed):
+    """Recompute ``lp`` (:func:`laplacian_plus` of ``image``) around the ``changed`` pixels, the only
+    ones whose value differs from the image it was computed on (each enters its 3 x 3 neighbours)."""
+    ny, nx = image.shape
+    for y in range(ny):
+        for x in range(nx):
+            if not changed[y, x]:
+                continue
+            for yy in range(max(0, y - 1), min(ny, y + 2)):
+                for xx in range(max(0, x - 1), min(nx, x + 2)):
+                    lp[yy, xx] = _lp_at(image, yy, xx)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -263,11 +284,12 @@ def _candidates_tile(
     ny, nx = img.shape
     oy = y0 - _HALO
     ox = x0 - _HALO
+    found = 0
     for y in range(y0, y1):
         for x in range(x0, x1):
-            if ignore[y, x] or crmask[y, x]:
-                continue
             if use_active and not active[y, x]:
+                continue
+            if ignore[y, x] or crmask[y, x]:
                 continue
             lpv = lp[y, x]
             if lpv <= 0:
@@ -299,6 +321,8 @@ def _candidates_tile(
                 or peak_verdict(img, var, ignore, ignore, ignore, ignore, y, x, psf_rf, psf_rf_diag, psf_nsigma) < 0
             ):
                 cand[y, x] = True
+                found += 1
+    return found
 
 
 @numba.njit(nogil=True, cache=True)
@@ -331,10 +355,12 @@ def _grow_tile(
     ny, nx = lp.shape
     oy = y0 - _HALO
     ox = x0 - _HALO
+    any_src = False
     for y in range(y0, y1):
         for x in range(x0, x1):
             if not src[y, x]:
                 continue
+            any_src = True
             dst[y, x] = True
             for yy in range(max(0, y - 1), min(ny, y + 2)):
                 for xx in range(max(0, x - 1), min(nx, x + 2)):
@@ -347,6 +373,7 @@ def _grow_tile(
                     ):
                         continue
                     dst[yy, xx] = True
+    return any_src
 
 
 @numba.njit(nogil=True, cache=True)
@@ -366,6 +393,7 @@ def _detect_pass(
     memo,
     gens,
     g0,
+    lp,
 ):
     """One L.A.Cosmic detection pass; sets new CR pixels in ``crmask``.
 
@@ -373,7 +401,9 @@ def _detect_pass(
     ``gens`` of shape (4, _TILE + 2 _HALO, _TILE + 2 _HALO); ``g0`` is the first sweep number
     to use. With ``use_active`` only pixels where ``active`` is True are tested (later
     iterations: only the neighbourhood of repaired pixels has changed). With ``psf_rf`` > 0 a
-    candidate must also be sharper than the PSF allows (:func:`.psfsharp.peak_verdict`).
+    candidate must also be sharper than the PSF allows (:func:`.psfsharp.peak_verdict`). ``lp`` is
+    :func:`laplacian_plus` of ``img``. Tiles that cannot hold a candidate (no ``active`` pixel) or
+    a pixel to grow (no source pixel in or next to them) are skipped, their sweep numbers kept.
 
     Returns
     -------
@@ -383,58 +413,40 @@ def _detect_pass(
         Next free sweep number.
     """
     ny, nx = img.shape
-    lp = laplacian_plus(img)
     buf = np.empty(49)
     buf2 = np.empty(49)
     buf49 = np.empty(49)
     cand = np.zeros((ny, nx), dtype=np.bool_)
+    nty = (ny + _TILE - 1) // _TILE
+    ntx = (nx + _TILE - 1) // _TILE
+    todo = np.ones((nty, ntx), dtype=np.bool_)
+    if use_active:
+        todo[:, :] = False
+        for y in range(ny):
+            for x in range(nx):
+                if active[y, x]:
+                    todo[y // _TILE, x // _TILE] = True
+    has = np.zeros((nty, ntx), dtype=np.bool_)
     g = g0
-    for y0 in range(0, ny, _TILE):
-        for x0 in range(0, nx, _TILE):
-            _candidates_tile(
-                img,
-                var,
-                lp,
-                ignore,
-                crmask,
-                active,
-                use_active,
-                sigclip,
-                objlim,
-                psf_rf,
-                psf_rf_diag,
-                psf_nsigma,
-                cand,
-                memo,
-                gens,
-                g,
-                y0,
-                min(ny, y0 + _TILE),
-                x0,
-                min(nx, x0 + _TILE),
-                buf,
-                buf2,
-                buf49,
-            )
-            g += 1
-    # grow twice: first neighbours with S' > sigclip, then with S' > sigfrac * sigclip
-    for level in range(2):
-        thr = sigclip if level == 0 else sigfrac * sigclip
-        grown = np.zeros((ny, nx), dtype=np.bool_)
-        for y0 in range(0, ny, _TILE):
-            for x0 in range(0, nx, _TILE):
-                _grow_tile(
+    for ty in range(nty):
+        for tx in range(ntx):
+            if todo[ty, tx]:
+                y0 = ty * _TILE
+                x0 = tx * _TILE
+                nfound = _candidates_tile(
                     img,
-                    lp,
                     var,
+                    lp,
                     ignore,
                     crmask,
-                    cand,
-                    grown,
-                    thr,
+                    active,
+                    use_active,
+                    sigclip,
+                    objlim,
                     psf_rf,
                     psf_rf_diag,
                     psf_nsigma,
+                    cand,
                     memo,
                     gens,
                     g,
@@ -444,15 +456,59 @@ def _detect_pass(
                     min(nx, x0 + _TILE),
                     buf,
                     buf2,
+                    buf49,
                 )
+                has[ty, tx] = nfound > 0
+            g += 1
+    # grow twice: first neighbours with S' > sigclip, then with S' > sigfrac * sigclip
+    for level in range(2):
+        thr = sigclip if level == 0 else sigfrac * sigclip
+        grown = np.zeros((ny, nx), dtype=np.bool_)
+        # grown pixels lie in the tile of their source pixel or one pixel into a neighbouring tile
+        nxt = np.zeros((nty, ntx), dtype=np.bool_)
+        for ty in range(nty):
+            for tx in range(ntx):
+                if has[ty, tx]:
+                    y0 = ty * _TILE
+                    x0 = tx * _TILE
+                    if _grow_tile(
+                        img,
+                        lp,
+                        var,
+                        ignore,
+                        crmask,
+                        cand,
+                        grown,
+                        thr,
+                        psf_rf,
+                        psf_rf_diag,
+                        psf_nsigma,
+                        memo,
+                        gens,
+                        g,
+                        y0,
+                        min(ny, y0 + _TILE),
+                        x0,
+                        min(nx, x0 + _TILE),
+                        buf,
+                        buf2,
+                    ):
+                        for jy in range(max(0, ty - 1), min(nty, ty + 2)):
+                            for jx in range(max(0, tx - 1), min(ntx, tx + 2)):
+                                nxt[jy, jx] = True
                 g += 1
         cand = grown
+        has = nxt
     n = 0
-    for y in range(ny):
-        for x in range(nx):
-            if cand[y, x] and not crmask[y, x]:
-                crmask[y, x] = True
-                n += 1
+    for ty in range(nty):
+        for tx in range(ntx):
+            if not has[ty, tx]:
+                continue
+            for y in range(ty * _TILE, min(ny, (ty + 1) * _TILE)):
+                for x in range(tx * _TILE, min(nx, (tx + 1) * _TILE)):
+                    if cand[y, x] and not crmask[y, x]:
+                        crmask[y, x] = True
+                        n += 1
     return n, g
 
 
@@ -710,6 +766,7 @@ def find_cosmic_rays(
     use_psf = bool(np.isfinite(ratio) and ratio > 0.0)
     psf_rf = float(psf_margin) * ratio if use_psf else 0.0
     psf_rf_diag = psf_rf * ratio
+    lp = laplacian_plus(img)
     for it in range(int(niter)):
         before = crmask.copy() if it > 0 else None
         n, g = _detect_pass(
@@ -728,6 +785,7 @@ def find_cosmic_rays(
             memo,
             gens,
             g,
+            lp,
         )
         if n == 0:
             break
@@ -737,6 +795,8 @@ def find_cosmic_rays(
         # repair in place: donors are never CR or bad pixels, so they still hold input values
         repair_pixels(img, crmask, bad, 2)
         repair_pixels(var, crmask, bad, 2)
+        if it + 1 < int(niter):
+            _update_laplacian(img, lp, crmask)
     if grow_sigma and crmask.any():
         _grow_tracks(
             img,
