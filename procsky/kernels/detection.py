@@ -204,11 +204,22 @@ def significance_image(image, variance, *, sigma=None, kernel=None, bad=None, ex
     ndarray (ny, nx) float32
         Significance, units of the smoothed noise (0 where the variance is 0).
     """
+    img, var = _prepared_planes(image, variance, bad)
+    return _significance_prepared(img, var, sigma, kernel, extra_variance)
+
+
+def _prepared_planes(image, variance, bad):
+    """float32 image and variance with the ``bad`` and non-finite pixels zeroed (the inputs of
+    :func:`_significance_prepared`; one preparation serves several filters)."""
     image = np.asarray(image)
     variance = np.broadcast_to(np.asarray(variance, dtype=np.float32), image.shape)
     use_bad = bad is not None
     badm = np.asarray(bad, dtype=bool) if use_bad else np.zeros((1, 1), dtype=bool)
-    img, var = _prepare(image, variance, badm, use_bad)
+    return _prepare(image, variance, badm, use_bad)
+
+
+def _significance_prepared(img, var, sigma, kernel, extra_variance):
+    """:func:`significance_image` of planes from :func:`_prepared_planes`."""
     if kernel is not None:
         k = np.asarray(kernel, dtype=np.float64)
         num = convolve_2d(img, k)
@@ -1038,9 +1049,8 @@ def detect_sources(
     bad = None
     if mask is not None and bad_bits:
         bad = (np.asarray(mask) & np.uint32(bad_bits)) != 0
-    nu = significance_image(
-        img if polarity == 1 else -img, variance, sigma=psf_sigma, kernel=kernel, bad=bad, extra_variance=extra_variance
-    )
+    img_p, var_p = _prepared_planes(img if polarity == 1 else -img, variance, bad)
+    nu = _significance_prepared(img_p, var_p, psf_sigma, kernel, extra_variance)
     if grow is None:
         grow = 2.4 * psf_sigma if psf_sigma is not None else 0.0
     if threshold not in ("variance", "empirical"):
@@ -1063,7 +1073,7 @@ def detect_sources(
         s_db = psf_sigma if psf_sigma is not None else 1.0
         if psf_sigma is not None and kernel is None and deblend_sigma_factor != 1.0:
             s_db = max(0.3, deblend_sigma_factor * psf_sigma)
-            nu_db = significance_image(img if polarity == 1 else -img, variance, sigma=s_db, bad=bad)
+            nu_db = _significance_prepared(img_p, var_p, s_db, None, None)
         children, peaks = deblend_footprints(
             nu_db,
             footprints,
