@@ -22,6 +22,10 @@ Measured, per size:
 Usage::
 
     .venv/bin/python benchmarks/bench_diffim.py [--sizes 2048 4096] [--threads 2] [--out /tmp/bench_diffim.json]
+    .venv/bin/python benchmarks/bench_diffim.py --quantum demo-out/repo [--visit 1 --detector 0]
+
+The second form times one ``subtract`` quantum of the demo's drp run in process, step by
+step (thread CPU; the pipeline's workers run one quantum per thread).
 
 Needs ``pip install sfft`` (CPU backend uses pyFFTW and numba). Writes JSON to ``--out``.
 """
@@ -219,6 +223,65 @@ def _sfft_worker(tmp, half_width, threads, mem_limit_gb, spatial_order):
         json.dump(info, f)
 
 
+def run_quantum(repo_root, run="demo/drp", visit=None, detector=None, reps=3):
+    """CPU of one ``subtract`` quantum of a drp run (``python -m procsky.demo``), in process:
+    the steps of the task (template warp, subtraction, DIA detection mask) and the whole
+    quantum as the executor runs it (inputs read, ``SubtractTask.run``, the lazy difference
+    computed on the synchronous scheduler while it is written to Zarr). Thread CPU seconds,
+    best of ``reps`` after a warm-up (numba compilation)."""
+    import shutil
+    from pathlib import Path
+
+    from procsky import _dask
+    from procsky.diffim import DiaConfig, dia_detection_mask, subtract_images, warp_template_to_science
+    from procsky.repo import Repo
+    from procsky.repo.storage import get_storage_class
+    from procsky.tasks.diffim import SubtractConfig, SubtractTask
+
+    repo = Repo(Path(repo_root))
+    refs = sorted(repo.query("calexp", run=run), key=lambda r: (r.data_id["visit"], r.data_id["detector"]))
+    if visit is not None:
+        refs = [r for r in refs if r.data_id["visit"] == visit and r.data_id["detector"] == detector]
+    ref = refs[0]
+    band = {r["visit"]: r.get("band") for r in repo.dimension_records("visit")}[ref.data_id["visit"]]
+    trefs = [t for t in repo.query("template", run=run) if t.data_id.get("band") == band]
+    cfg = SubtractConfig()
+    task = SubtractTask(cfg)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_diffim_quantum_"))
+
+    def quantum():
+        calexp, tpls = repo.get(ref), [repo.get(t) for t in trefs]
+        with _dask.task_scheduler(False):
+            get_storage_class("Exposure").write(task.run(calexp=calexp, templates=tpls)["diff"], tmp / "diff.zarr")
+        shutil.rmtree(tmp / "diff.zarr")
+
+    sci = repo.get(ref).compute()
+    tpls = [repo.get(t) for t in trefs]
+    state = {}
+
+    def warp():
+        state["tpl"] = warp_template_to_science(tpls, sci, order=cfg.warp_order)
+
+    def subtract():
+        state["diff"] = subtract_images(sci, state["tpl"], cfg.subtraction, lazy=False)[0]
+
+    def detect():
+        dia_detection_mask(state["diff"], DiaConfig(nsigma=cfg.detection_threshold), static=sci.image)
+
+    res = {"data_id": dict(ref.data_id), "templates": len(trefs)}
+    with _dask.task_scheduler(False):
+        for name, fn in (("quantum", quantum), ("template_warp", warp), ("subtract", subtract), ("dia_mask", detect)):
+            fn()
+            best = np.inf
+            for _ in range(reps):
+                t = time.thread_time()
+                fn()
+                best = min(best, time.thread_time() - t)
+            res[f"{name}_cpu_s"] = best
+    shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
@@ -239,9 +302,23 @@ def main(argv=None):
     )
     ap.add_argument("--no-sfft", action="store_true", help="time procsky only")
     ap.add_argument("--sfft-worker", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--quantum",
+        metavar="REPO",
+        help="instead: CPU of one subtract quantum of the drp run in REPO (e.g. demo-out/repo), per step",
+    )
+    ap.add_argument("--visit", type=int, default=None, help="with --quantum (default: the first calexp)")
+    ap.add_argument("--detector", type=int, default=None, help="with --quantum")
     args = ap.parse_args(argv)
     if args.sfft_worker:
         _sfft_worker(*args.sfft_worker)
+        return 0
+    if args.quantum:
+        # thread CPU of the calling thread: the quantum's own work, as the executor counts it
+        r = run_quantum(args.quantum, visit=args.visit, detector=args.detector)
+        print(json.dumps(r, indent=1), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=1)
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     results = []
