@@ -148,6 +148,16 @@ def clipped_mode(values, nsigma=3.0, max_iter=20):
         Number of values kept after clipping.
     """
     n = values.size
+    total = 0.0
+    for i in range(n):
+        total += values[i]
+    return _clipped_mode_sum(values, n, total, nsigma, max_iter)
+
+
+@numba.njit(nogil=True, cache=True)
+def _clipped_mode_sum(values, n, total, nsigma, max_iter):
+    """:func:`clipped_mode` of ``values[:n]`` given ``total``, their sum in index order (float64 from
+    0): each pass's sum is taken while the previous pass compacts the sample, in the same order."""
     if n == 0:
         return np.nan, np.nan, 0
     med = 0.0
@@ -155,10 +165,7 @@ def clipped_mode(values, nsigma=3.0, max_iter=20):
     sig = 0.0
     last = False
     for it in range(max_iter + 1):
-        mean = 0.0
-        for i in range(n):
-            mean += values[i]
-        mean /= n
+        mean = total / n
         var = 0.0
         for i in range(n):
             d = values[i] - mean
@@ -170,10 +177,12 @@ def clipped_mode(values, nsigma=3.0, max_iter=20):
         lo = med - nsigma * sig
         hi = med + nsigma * sig
         m = 0
+        total = 0.0
         for i in range(n):
             v = values[i]
             if v >= lo and v <= hi:
                 values[m] = v
+                total += v
                 m += 1
         if m == n or m == 0:
             break
@@ -223,16 +232,18 @@ def mesh_statistics(image, ignore, box_y, box_x, nsigma=3.0, max_iter=20, min_fr
             x0 = bx * box_x
             x1 = min(x0 + box_x, nx)
             n = 0
+            total = 0.0
             for y in range(y0, y1):
                 for x in range(x0, x1):
                     v = image[y, x]
                     if not ignore[y, x] and np.isfinite(v):
                         buf[n] = v
+                        total += buf[n]
                         n += 1
             area = (y1 - y0) * (x1 - x0)
             if n < 3 or n < min_fraction * area:
                 continue
-            mode, sig, _ = clipped_mode(buf[:n], nsigma, max_iter)
+            mode, sig, _ = _clipped_mode_sum(buf, n, total, nsigma, max_iter)
             back[by, bx] = mode
             rms[by, bx] = sig
     return back, rms

@@ -41,7 +41,6 @@ import numpy as np
 
 from .._bits import BAD, NO_DATA, SAT, bit
 from ..background import _median_inplace
-from ..detection import dilate_square
 from .psfsharp import peak_verdict
 
 __all__ = ["CosmicRayResult", "find_cosmic_rays", "laplacian_plus", "repair_pixels"]
@@ -156,6 +155,8 @@ def _median_window(arr, y, x, h, buf):
 # ``gens[k]`` the sweep number that computed it (older values are stale), ``g`` the sweep.
 _TILE = 128
 _HALO = 4
+# a later pass tests only the pixels within this distance (square) of the previous pass's new CR pixels
+_ACTIVE_R = 4
 
 
 @numba.njit(nogil=True, cache=True)
@@ -394,6 +395,7 @@ def _detect_pass(
     gens,
     g0,
     lp,
+    next_active,
 ):
     """One L.A.Cosmic detection pass; sets new CR pixels in ``crmask``.
 
@@ -402,8 +404,10 @@ def _detect_pass(
     to use. With ``use_active`` only pixels where ``active`` is True are tested (later
     iterations: only the neighbourhood of repaired pixels has changed). With ``psf_rf`` > 0 a
     candidate must also be sharper than the PSF allows (:func:`.psfsharp.peak_verdict`). ``lp`` is
-    :func:`laplacian_plus` of ``img``. Tiles that cannot hold a candidate (no ``active`` pixel) or
-    a pixel to grow (no source pixel in or next to them) are skipped, their sweep numbers kept.
+    :func:`laplacian_plus` of ``img``; ``next_active`` (all False) receives the pixels within
+    ``_ACTIVE_R`` (Chebyshev) of the new CR pixels, the next pass's ``active``. Tiles that cannot
+    hold a candidate (no ``active`` pixel) or a pixel to grow (no source pixel in or next to them)
+    are skipped, their sweep numbers kept.
 
     Returns
     -------
@@ -509,6 +513,9 @@ def _detect_pass(
                     if cand[y, x] and not crmask[y, x]:
                         crmask[y, x] = True
                         n += 1
+                        for yy in range(max(0, y - _ACTIVE_R), min(ny, y + _ACTIVE_R + 1)):
+                            for xx in range(max(0, x - _ACTIVE_R), min(nx, x + _ACTIVE_R + 1)):
+                                next_active[yy, xx] = True
     return n, g
 
 
@@ -757,7 +764,7 @@ def find_cosmic_rays(
     img[~np.isfinite(img)] = 0.0
     var[~np.isfinite(var)] = 0.0
     crmask = np.zeros(img.shape, dtype=bool)
-    active = np.zeros((1, 1), dtype=bool)
+    active: np.ndarray = np.zeros((1, 1), dtype=bool)
     side = _TILE + 2 * _HALO
     memo = np.empty((4, side, side), dtype=np.float32)
     gens = np.zeros((4, side, side), dtype=np.int64)
@@ -768,7 +775,7 @@ def find_cosmic_rays(
     psf_rf_diag = psf_rf * ratio
     lp = laplacian_plus(img)
     for it in range(int(niter)):
-        before = crmask.copy() if it > 0 else None
+        next_active = np.zeros(img.shape, dtype=bool)
         n, g = _detect_pass(
             img,
             var,
@@ -786,12 +793,12 @@ def find_cosmic_rays(
             gens,
             g,
             lp,
+            next_active,
         )
         if n == 0:
             break
-        # next pass: only pixels within 4 px of this pass's new CR pixels can change verdict
-        new = crmask if before is None else (crmask & ~before)
-        active = dilate_square(new, 4)
+        # next pass: only pixels within _ACTIVE_R of this pass's new CR pixels can change verdict
+        active = next_active
         # repair in place: donors are never CR or bad pixels, so they still hold input values
         repair_pixels(img, crmask, bad, 2)
         repair_pixels(var, crmask, bad, 2)
