@@ -401,6 +401,12 @@ def grow_mask(mask, radius):
     if r <= 0:
         return out
     r2 = radius * radius
+    # half-width of the disc's row at each offset dy: the largest dx with dy^2 + dx^2 <= r2
+    half = np.full(2 * r + 1, -1, np.int64)
+    for dy in range(-r, r + 1):
+        for dx in range(r + 1):
+            if dy * dy + dx * dx <= r2:
+                half[dy + r] = dx
     for y in range(ny):
         for x in range(nx):
             if not mask[y, x]:
@@ -415,9 +421,9 @@ def grow_mask(mask, radius):
             if not edge:
                 continue
             for yy in range(max(0, y - r), min(ny, y + r + 1)):
-                for xx in range(max(0, x - r), min(nx, x + r + 1)):
-                    if (yy - y) * (yy - y) + (xx - x) * (xx - x) <= r2:
-                        out[yy, xx] = True
+                w = half[yy - y + r]
+                for xx in range(max(0, x - w), min(nx, x + w + 1)):
+                    out[yy, xx] = True
     return out
 
 
