@@ -137,6 +137,41 @@ def _peak_ratios(image, variance, bad, snr_min):
     return out_r[:n], out_e[:n]
 
 
+@numba.njit(nogil=True, cache=True)
+def _clean_planes_kernel(image, variance, bad, use_bad):
+    ny, nx = image.shape
+    img = np.empty((ny, nx))
+    var = np.empty((ny, nx))
+    badm = np.empty((ny, nx), dtype=np.bool_)
+    for y in range(ny):
+        for x in range(nx):
+            i = np.float64(image[y, x])
+            v = np.float64(variance[y, x])
+            b = (use_bad and bad[y, x]) or not np.isfinite(i) or not np.isfinite(v)
+            badm[y, x] = b
+            img[y, x] = 0.0 if b else i
+            var[y, x] = 0.0 if b else v
+    return img, var, badm
+
+
+def _clean_planes(image, variance, bad):
+    """float64 image and variance with 0 at the ``bad`` and non-finite pixels, and that mask, in one
+    pass (the kernels' inputs)."""
+    image = np.asarray(image)
+    variance = np.asarray(variance)
+    if image.ndim != 2 or variance.shape != image.shape:
+        raise ValueError(f"image and variance must be 2-D of one shape, got {image.shape} and {variance.shape}")
+    if image.dtype not in (np.float32, np.float64):
+        image = image.astype(np.float64)
+    if variance.dtype not in (np.float32, np.float64):
+        variance = variance.astype(np.float64)
+    use_bad = bad is not None
+    badm = np.asarray(bad, dtype=bool) if use_bad else np.zeros((1, 1), dtype=bool)
+    if use_bad and badm.shape != image.shape:
+        badm = np.ascontiguousarray(np.broadcast_to(badm, image.shape))
+    return _clean_planes_kernel(image, variance, badm, use_bad)
+
+
 def estimate_peak_ratio(
     image: np.ndarray,
     variance: np.ndarray,
@@ -173,12 +208,7 @@ def estimate_peak_ratio(
     n : int
         Number of star-like peaks.
     """
-    img = np.ascontiguousarray(image, dtype=np.float64)
-    var = np.ascontiguousarray(variance, dtype=np.float64)
-    badm = np.zeros(img.shape, bool) if bad is None else np.ascontiguousarray(bad, dtype=bool)
-    badm = badm | ~np.isfinite(img) | ~np.isfinite(var)
-    img = np.where(badm, 0.0, img)
-    var = np.where(badm, 0.0, var)
+    img, var, badm = _clean_planes(image, variance, bad)
     q, e = _peak_ratios(img, var, badm, float(snr_min))
     star = q > np.maximum(min_ratio, 5.0 * e)
     n = int(star.sum())
@@ -276,14 +306,11 @@ def sharper_than_psf(
     -------
     ndarray (ny, nx) bool
     """
-    img = np.ascontiguousarray(image, dtype=np.float64)
-    var = np.ascontiguousarray(variance, dtype=np.float64)
-    badm = np.zeros(img.shape, bool) if bad is None else np.ascontiguousarray(bad, dtype=bool)
-    badm = badm | ~np.isfinite(img) | ~np.isfinite(var)
+    img, var, badm = _clean_planes(image, variance, bad)
     out = np.zeros(img.shape, bool)
     _sharper_than_psf(
-        np.where(badm, 0.0, img),
-        np.where(badm, 0.0, var),
+        img,
+        var,
         badm,
         np.ascontiguousarray(candidates, dtype=bool),
         float(margin) * float(ratio),
@@ -356,16 +383,13 @@ def psf_shaped_peaks(
     -------
     ndarray (n,) bool
     """
-    img = np.ascontiguousarray(image, dtype=np.float64)
-    var = np.ascontiguousarray(variance, dtype=np.float64)
-    badm = np.zeros(img.shape, bool) if bad is None else np.ascontiguousarray(bad, dtype=bool)
-    badm = badm | ~np.isfinite(img) | ~np.isfinite(var)
+    img, var, badm = _clean_planes(image, variance, bad)
     xs = np.ascontiguousarray(x, dtype=np.float64)
     ys = np.ascontiguousarray(y, dtype=np.float64)
     out = np.zeros(xs.size, bool)
     _psf_shaped_peaks(
-        np.where(badm, 0.0, img),
-        np.where(badm, 0.0, var),
+        img,
+        var,
         badm,
         xs,
         ys,
