@@ -411,23 +411,24 @@ def _trim_add(s, sv, n, top, bot, image, variance, good):
         for i in range(nx):
             if not good[j, i]:
                 continue
-            x = image[j, i]
+            x = np.float64(image[j, i])
             s[j, i] += x
             sv[j, i] += variance[j, i]
             n[j, i] += 1
-            # Insert into the descending top-k and ascending bottom-k lists.
-            for q in range(k):
-                if x > top[q, j, i]:
-                    for r in range(k - 1, q, -1):
-                        top[r, j, i] = top[r - 1, j, i]
-                    top[q, j, i] = x
-                    break
-            for q in range(k):
-                if x < bot[q, j, i]:
-                    for r in range(k - 1, q, -1):
-                        bot[r, j, i] = bot[r - 1, j, i]
-                    bot[q, j, i] = x
-                    break
+            # Insert into the descending top-k and ascending bottom-k lists (only values
+            # beyond their last entries enter them: most inputs of a long stack do not).
+            if x > top[k - 1, j, i]:
+                q = k - 1
+                while q > 0 and x > top[q - 1, j, i]:
+                    top[q, j, i] = top[q - 1, j, i]
+                    q -= 1
+                top[q, j, i] = x
+            if x < bot[k - 1, j, i]:
+                q = k - 1
+                while q > 0 and x < bot[q - 1, j, i]:
+                    bot[q, j, i] = bot[q - 1, j, i]
+                    q -= 1
+                bot[q, j, i] = x
 
 
 def find_artifacts(
