@@ -37,7 +37,7 @@ def refine_background(state: CalibrateState, config: BackgroundConfig, detected:
     if state.n_cr and cr is not None:
         crm = (state.mask & np.uint32(bit["CR"])) != 0
         sub = np.where(crm, cr.image + state.background_first.background - bkg.background, sub)
-    sub = sub.astype(np.float32)
+    sub = sub.astype(np.float32, copy=False)
     sub[state.bad_input] = 0.0
     state.background = bkg
     state.sub = sub

@@ -108,8 +108,8 @@ def find_cosmic_ray_pixels(state: CalibrateState, config: CosmicRayConfig) -> No
     if state.n_cr:
         state.mask[cr.mask] |= np.uint32(bit["CR"] | bit["INTRP"])
         state.sub = cr.image
-        state.var_det = np.where(cr.mask, cr.variance, state.var_det).astype(np.float32)
-        state.variance = np.where(cr.mask, cr.variance, state.variance).astype(np.float32)
+        state.var_det = np.where(cr.mask, cr.variance, state.var_det).astype(np.float32, copy=False)
+        state.variance = np.where(cr.mask, cr.variance, state.variance).astype(np.float32, copy=False)
 
 
 def _mark_cr(state: CalibrateState, pixels: np.ndarray, fit: np.ndarray, var_donor_bits: int) -> int:
@@ -127,7 +127,7 @@ def _mark_cr(state: CalibrateState, pixels: np.ndarray, fit: np.ndarray, var_don
         repair_pixels(sub, newcr & ~fitted, donors_bad | fitted, 2)
     sub[fitted] = fit[fitted]
     repair_pixels(var_det, newcr, ((mask & np.uint32(var_donor_bits)) != 0) & ~newcr, 2)
-    state.variance = np.where(newcr, var_det, state.variance).astype(np.float32)
+    state.variance = np.where(newcr, var_det, state.variance).astype(np.float32, copy=False)
     return int(newcr.sum())
 
 
