@@ -357,3 +357,13 @@ def test_source_significance_is_scipys():
             ok2, sn2 = pm._smoothed_significance(img, var, bad, w1, w2, 4 * math.pi * s * s)
             np.testing.assert_array_equal(ok2, ok)
             np.testing.assert_array_equal(sn2, sn)
+
+
+def test_square_dilation_is_scipys():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(15)
+    for shape, g in (((60, 45), 3), ((30, 70), 10), ((5, 4), 6), ((50, 50), 1)):
+        m = rng.uniform(size=shape) < 0.02
+        ref = ndimage.maximum_filter(m.view(np.uint8), size=2 * g + 1, mode="constant", cval=0).view(bool)
+        np.testing.assert_array_equal(pm._dilate_square(m, g), ref)

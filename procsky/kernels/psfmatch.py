@@ -1192,8 +1192,45 @@ def source_free_mask(image, variance, bad, psf_sigma, *, threshold=5.0, footprin
     g = int(math.ceil(3 * s)) if grow is None else int(grow)
     if g > 0 and src.any():
         # g dilations by a 3x3 square = one by a (2g + 1) square, done separably
-        src = ndimage.maximum_filter(src.view(np.uint8), size=2 * g + 1, mode="constant", cval=0).view(bool)
+        src = _dilate_square(src, g)
     return ok & ~src
+
+
+@numba.njit(nogil=True, cache=True)
+def _dilate_square(m, g):
+    """Boolean dilation by a ``(2 g + 1)`` square (``scipy.ndimage.maximum_filter``, mode
+    constant 0): running counts of set pixels in the window, rows then columns."""
+    ny, nx = m.shape
+    rows = np.empty((ny, nx), np.bool_)
+    for y in range(ny):
+        r = m[y]
+        o = rows[y]
+        cnt = 0
+        for x in range(min(g, nx - 1) + 1):
+            cnt += r[x]
+        for x in range(nx):
+            o[x] = cnt > 0
+            if x + g + 1 < nx:
+                cnt += r[x + g + 1]
+            if x - g >= 0:
+                cnt -= r[x - g]
+    out = np.empty((ny, nx), np.bool_)
+    cnt_col = np.zeros(nx, np.int64)
+    for y in range(min(g, ny - 1) + 1):
+        cnt_col += rows[y]
+    for y in range(ny):
+        o = out[y]
+        for x in range(nx):
+            o[x] = cnt_col[x] > 0
+        if y + g + 1 < ny:
+            add = rows[y + g + 1]
+            for x in range(nx):
+                cnt_col[x] += add[x]
+        if y - g >= 0:
+            sub = rows[y - g]
+            for x in range(nx):
+                cnt_col[x] -= sub[x]
+    return out
 
 
 @numba.njit(nogil=True, cache=True)
