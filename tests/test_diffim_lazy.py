@@ -153,8 +153,9 @@ def test_eager_convolution_is_the_lazy_one():
     img = rng.normal(size=(150, 170)).astype(np.float32)
     var = rng.uniform(1, 2, size=img.shape).astype(np.float32)
     msk = np.where(rng.uniform(size=img.shape) < 0.01, 1 << 3, 0).astype(np.uint32)
-    kw = dict(xy0=(40, 30), spread_bits=1 << 3, core_bits=0, chunk=64)
-    lazy = dask.compute(*dm_subtract.convolve_exposure_arrays(img, var, msk, kern, **kw))
-    now = dm_subtract._convolve_exposure_now(img, var, msk, kern, **kw)
-    for a, b in zip(lazy, now):
-        np.testing.assert_array_equal(a, b)
+    for chunk in (64, 256):  # several chunks (through dask), one chunk (called directly)
+        kw = dict(xy0=(40, 30), spread_bits=1 << 3, core_bits=0, chunk=chunk)
+        lazy = dask.compute(*dm_subtract.convolve_exposure_arrays(img, var, msk, kern, **kw))
+        now = dm_subtract._convolve_exposure_now(img, var, msk, kern, **kw)
+        for a, b in zip(lazy, now):
+            np.testing.assert_array_equal(a, b)

@@ -321,19 +321,24 @@ def _convolution_block_functions(kernel: _pm.MatchingKernel, xy0, spread_bits, c
 
 
 def _map_margin_now(func, arr, depth: int, dtype, chunk: int) -> np.ndarray:
-    """``func(padded_block, y0=, x0=)`` per chunk of a numpy array, computed at once: the
-    eager twin of :func:`procsky._dask.map_with_margin_at` (its chunks,
-    :func:`procsky._dask.axis_chunks`, and its zero padding, so the values are identical) for
-    the subtraction, whose planes are numpy arrays by then: no graph to build and tokenize."""
+    """``func(padded_block, y0=, x0=)`` per chunk of a numpy array, computed at once (numpy
+    result): :func:`procsky._dask.map_with_margin_at` on the configured scheduler when the
+    array has several chunks (which it may run in parallel); for a single chunk, the function
+    called directly on the zero-padded array (the same block, so the same values), without a
+    graph to build and tokenize."""
     a = np.asarray(arr)
     ny, nx = a.shape
     d = int(depth)
+    ys, xs = _dask.axis_chunks(ny, chunk, d), _dask.axis_chunks(nx, chunk, d)
+    if len(ys) * len(xs) > 1:
+        lazy = _dask.map_with_margin_at(func, [a], depth=d, dtype=dtype, chunk=chunk)
+        return np.asarray(_dask.evaluate(lazy)[0], dtype=dtype)
     pad = np.pad(a, d) if d > 0 else a
     out = np.empty((ny, nx), dtype)
     y = 0
-    for cy in _dask.axis_chunks(ny, chunk, d):
+    for cy in ys:
         x = 0
-        for cx in _dask.axis_chunks(nx, chunk, d):
+        for cx in xs:
             blk = np.ascontiguousarray(pad[y : y + cy + 2 * d, x : x + cx + 2 * d])
             out[y : y + cy, x : x + cx] = func(blk, y0=y, x0=x).astype(dtype)
             x += cx
