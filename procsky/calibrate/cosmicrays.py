@@ -118,17 +118,26 @@ def _mark_cr(state: CalibrateState, pixels: np.ndarray, fit: np.ndarray, var_don
     ``var_donor_bits``. Returns the number of new CR pixels."""
     bit, mask, sub, var_det = state.bit, state.mask, state.sub, state.var_det
     newcr = pixels & ((mask & np.uint32(bit["CR"])) == 0)
-    if not newcr.any():
+    # the new pixels are few: work on their coordinates where no whole-frame plane is needed
+    ys, xs = np.nonzero(newcr)
+    if ys.size == 0:
         return 0
-    mask[newcr] |= np.uint32(bit["CR"] | bit["INTRP"])
+    mask[ys, xs] |= np.uint32(bit["CR"] | bit["INTRP"])
     donors_bad = (mask & np.uint32(bit["BAD"] | bit["SAT"] | bit["NO_DATA"])) != 0
-    fitted = newcr & np.isfinite(fit)
-    if (newcr & ~fitted).any():
-        repair_pixels(sub, newcr & ~fitted, donors_bad | fitted, 2)
-    sub[fitted] = fit[fitted]
+    fv = fit[ys, xs]
+    ok = np.isfinite(fv)
+    fitted = np.zeros(newcr.shape, dtype=bool)
+    fitted[ys[ok], xs[ok]] = True
+    if not ok.all():
+        unfitted = np.zeros(newcr.shape, dtype=bool)
+        unfitted[ys[~ok], xs[~ok]] = True
+        repair_pixels(sub, unfitted, donors_bad | fitted, 2)
+    sub[ys[ok], xs[ok]] = fv[ok]
     repair_pixels(var_det, newcr, ((mask & np.uint32(var_donor_bits)) != 0) & ~newcr, 2)
-    state.variance = np.where(newcr, var_det, state.variance).astype(np.float32, copy=False)
-    return int(newcr.sum())
+    variance = state.variance.astype(np.float32)
+    variance[ys, xs] = var_det[ys, xs]
+    state.variance = variance
+    return int(ys.size)
 
 
 def _keep_psf_shaped(state: CalibrateState, config: CosmicRayConfig, is_cr: np.ndarray, ratio: float) -> np.ndarray:
