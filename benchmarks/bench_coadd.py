@@ -1,23 +1,36 @@
 """Warp + coadd benchmark: procsky against SWarp and reproject on the same inputs and grid.
 
-Run:  .venv/bin/python benchmarks/bench_coadd.py [--visits 8] [--size 1500] [--patch 2000]
+Run:  .venv/bin/python benchmarks/bench_coadd.py [--visits 8] [--size 1500] [--patch 1800] [--repeat 1]
 
 Inputs: synthetic calibrated visits (Gaussian stars of known nJy flux, rotated TAN WCSs
 with offsets, 0.26"/px, different zero points, seeing and noise). SIP is left out because
 SWarp reads only TPV distortions; all three tools see exactly the same WCSs. Output: one
 patch (TAN, 0.2"/px) of a discrete sky map.
 
-* procsky: :func:`procsky.coadd.build_coadd` from the calexps (warps on the fly), Lanczos3,
-  inverse-variance weighted mean; with and without artifact rejection; dask synchronous
-  scheduler (one thread).
-* SWarp (``/usr/bin/SWarp``): LANCZOS3, COMBINE_TYPE WEIGHTED with MAP_WEIGHT weights
-  (1 / variance), no background subtraction, FSCALASTRO FIXED (flux per pixel), 1 thread.
-* reproject: ``reproject_and_coadd`` with ``reproject_interp`` (bicubic), ``input_weights``
+procsky and SWarp get the same I/O: both read their inputs from disk and write the coadd to
+disk, each in its own child process.
+
+* procsky: the calexps are stored as the pipeline stores them (Zarr, 512 px chunks); the
+  child process reads them, builds the coadd (:func:`procsky.coadd.build_coadd`, warps on
+  the fly, Lanczos3, inverse-variance weighted mean, dask synchronous scheduler, one
+  thread) and writes it (Zarr, with its PSF and ``n_inputs``), with and without artifact
+  rejection.
+* SWarp (``/usr/bin/SWarp``): reads the same pixels as FITS (image in nJy and a weight map
+  1 / variance), LANCZOS3, COMBINE_TYPE WEIGHTED with MAP_WEIGHT weights, no background
+  subtraction, FSCALASTRO FIXED (flux per pixel), 1 thread; writes coadd and weight FITS.
+* reproject (in this process, in memory: a reference for accuracy, not for I/O):
+  ``reproject_and_coadd`` with ``reproject_interp`` (bicubic), ``input_weights``
   (1 / variance), ``combine_function='mean'``; reproject conserves surface brightness, so
   its output is multiplied by the pixel-area ratio to compare fluxes.
 
-Reported: wall and CPU seconds per tool, throughput ratios (output pixels per second),
-aperture fluxes of the stars against truth and against SWarp, pixel-level agreement.
+Reported per tool: wall seconds, *whole-process* CPU seconds (the child's user + system
+time from ``RUSAGE_CHILDREN``, Python start-up and imports included) and, for procsky,
+*in-worker* CPU seconds (``time.process_time`` around read + build + write inside the
+child, start-up excluded); with ``--repeat N`` the tools run interleaved N times (procsky,
+SWarp, procsky with rejection, ...) and medians with min-max are printed. Then aperture
+fluxes of the stars against truth and against SWarp, and the pixel-level agreement.
+A first procsky child on a tiny patch loads numba's cache (compiling it if cold) and is
+not counted.
 
 ``--modes`` instead compares the two ways of feeding a coadd (issue 6, item 4), each in
 its own process so that its peak resident memory (``ru_maxrss``) is its own: the calexps
@@ -45,7 +58,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from procsky.coadd import CoaddConfig, build_coadd
 from procsky.exposure import Exposure, VisitInfo
 from procsky.photocalib import PhotoCalib
@@ -53,12 +65,18 @@ from procsky.psf import GaussianPsf
 from procsky.skymap import discrete_skymap
 from procsky.warp import WarpConfig
 from procsky.wcs import wcs_from_cards
-from test_coadd import make_stars, measure, render_gaussians
+
+# The test helpers (and pytest with them) are imported by the parent process only, so that
+# a procsky child's start-up is the pipeline's own.
+TESTS = str(Path(__file__).resolve().parents[1] / "tests")
 
 RA0, DEC0 = 150.0, 2.0
 
 
 def make_visits(n, size, stars, seed=0):
+    sys.path.insert(0, TESTS)
+    from test_coadd import render_gaussians
+
     out = []
     for k in range(n):
         rng = np.random.default_rng(seed * 1000 + k)
@@ -104,15 +122,28 @@ def timed(fn):
     return out, time.perf_counter() - w0, time.process_time() - c0
 
 
-def run_procsky(visits, patch, reject):
-    import dask
+def _child_env() -> dict:
+    """One thread for every library in a child process."""
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[k] = "1"
+    return env
 
-    cfg = CoaddConfig(reject_artifacts=reject, warp=WarpConfig(chunk=512))
-    with dask.config.set(scheduler="synchronous"):
-        return build_coadd(visits, patch, config=cfg).to_exposure().compute().image
+
+def run_child(cmd, **kw):
+    """Run ``cmd`` to completion; (stdout, wall s, whole-process CPU s from RUSAGE_CHILDREN)."""
+    import resource
+
+    r0, w0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_child_env(), **kw).stdout
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return out, time.perf_counter() - w0, cpu
 
 
-def run_swarp(visits, patch, work: Path):
+def write_swarp_inputs(visits, patch, work: Path) -> list[str]:
+    """The visits as SWarp reads them: image (nJy) and weight (1 / variance) FITS, and the
+    output grid as ``coadd.head``."""
     from astropy.io import fits
 
     names = []
@@ -130,6 +161,11 @@ def run_swarp(visits, patch, work: Path):
     for key, val, com in patch.wcs_cards:
         head[key] = (val, com)
     (work / "coadd.head").write_text(head.tostring(sep="\n", endcard=True) + "\n")
+    return names
+
+
+def run_swarp(names, work: Path):
+    """SWarp in its own process; (wall s, whole-process CPU s)."""
     cmd = [
         "/usr/bin/SWarp",
         *names,
@@ -162,15 +198,40 @@ def run_swarp(visits, patch, work: Path):
         "-CENTER_TYPE",
         "MANUAL",
     ]
-    c0, w0 = os.times(), time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=work, capture_output=True)
-    c1 = os.times()
-    wall = time.perf_counter() - w0
-    cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
+    _, wall, cpu = run_child(cmd, cwd=work)
+    return wall, cpu
+
+
+def read_swarp(work: Path):
+    from astropy.io import fits
+
     img = fits.getdata(work / "coadd.fits").astype(np.float64)
     wgt = fits.getdata(work / "coadd.weight.fits")
     img[wgt <= 0] = np.nan
-    return img, wall, cpu
+    return img
+
+
+def run_procsky_child(folder: Path, n: int, patch_inner: int, reject: bool, out: str):
+    """procsky in its own process: read the Zarr calexps, build and write the coadd.
+    Returns (result dict of :func:`run_mode`, wall s, whole-process CPU s)."""
+    import json
+
+    cmd = [
+        sys.executable,
+        __file__,
+        "--run-mode",
+        "on-the-fly",
+        "--folder",
+        str(folder),
+        "--visits",
+        str(n),
+        "--patch",
+        str(patch_inner),
+        "--out",
+        out,
+    ] + (["--reject"] if reject else [])
+    stdout, wall, cpu = run_child(cmd)
+    return json.loads(stdout.strip().splitlines()[-1]), wall, cpu
 
 
 def run_reproject(visits, patch):
@@ -193,14 +254,8 @@ def run_reproject(visits, patch):
     return out
 
 
-def run_mode(mode, folder: Path, n, patch_inner, reject):
-    """One coadd feeding mode on calexps stored in ``folder``; returns a result dict."""
-    import resource
-
-    import dask
-
-    from procsky.warp import warp_exposure
-
+def bench_patch(patch_inner: int):
+    """The output patch: ``patch_inner`` + 2 x 50 px at 0.2"/px, centred on the stars."""
     sm = discrete_skymap(
         [(RA0, DEC0)],
         radius=patch_inner * 0.2 / 3600 / 2 * 0.999,
@@ -208,11 +263,24 @@ def run_mode(mode, folder: Path, n, patch_inner, reject):
         patch_border=50,
         name="bench",
     )
-    patch = sm.patch(0, 0)
+    return sm.patch(0, 0)
+
+
+def run_mode(mode, folder: Path, n, patch_inner, reject, out=None):
+    """One coadd feeding mode on calexps stored in ``folder`` (read, coadded and written to
+    ``folder / out``); returns a result dict (``cpu``: CPU seconds of this work in this
+    process, start-up excluded)."""
+    import resource
+
+    import dask
+
+    from procsky.warp import warp_exposure
+
+    patch = bench_patch(patch_inner)
     wcfg = WarpConfig(chunk=512)
     cfg = CoaddConfig(reject_artifacts=reject, warp=wcfg)
-    calexps = [Exposure.read(folder / f"calexp{k}.zarr") for k in range(n)]
     t0, c0 = time.perf_counter(), time.process_time()
+    calexps = [Exposure.read(folder / f"calexp{k}.zarr") for k in range(n)]
     with dask.config.set(scheduler="synchronous"):
         if mode == "intermediate":
             inputs = []
@@ -225,7 +293,7 @@ def run_mode(mode, folder: Path, n, patch_inner, reject):
         else:
             t_warp = 0.0
             lazy = build_coadd(calexps, patch, config=cfg, inputs_are_warps=False)
-        lazy.write(folder / f"coadd-{mode}.zarr")
+        lazy.write(folder / (out or f"coadd-{mode}.zarr"))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "mode": mode,
@@ -243,6 +311,9 @@ def main_modes(args):
     work = Path(tempfile.mkdtemp(prefix="bench_coadd_modes_"))
     try:
         half = args.patch * 0.2 / 2 * 0.8
+        sys.path.insert(0, TESTS)
+        from test_coadd import make_stars
+
         stars = make_stars(args.stars, seed=2, half=half, fmin=1e5, fmax=3e6)
         for k, v in enumerate(make_visits(args.visits, args.size, stars)):
             v.write(work / f"calexp{k}.zarr", chunks=512)
@@ -281,76 +352,100 @@ def main_modes(args):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", action="store_true", help="compare on-the-fly and intermediate warps")
-    ap.add_argument("--reject", action="store_true", help="artifact rejection in --modes")
-    ap.add_argument("--run-mode", help=argparse.SUPPRESS)
-    ap.add_argument("--folder", help=argparse.SUPPRESS)
-    ap.add_argument("--visits", type=int, default=8)
-    ap.add_argument("--size", type=int, default=1500, help='visit side, pixels (0.26"/px)')
-    ap.add_argument("--patch", type=int, default=1800, help='patch inner side, pixels (0.2"/px)')
-    ap.add_argument("--stars", type=int, default=400)
-    args = ap.parse_args()
-    if args.run_mode:
-        import json
+def _stat(values) -> str:
+    v = np.asarray(values, float)
+    return f"{np.median(v):7.2f}" if v.size == 1 else f"{np.median(v):7.2f} ({v.min():.2f}-{v.max():.2f})"
 
-        print(json.dumps(run_mode(args.run_mode, Path(args.folder), args.visits, args.patch, args.reject)))
-        return
-    if args.modes:
-        main_modes(args)
-        return
+
+def main_same_io(args):
+    """procsky and SWarp, each reading its inputs from disk and writing the coadd, in child
+    processes run interleaved ``args.repeat`` times; reproject in memory as a reference."""
+    sys.path.insert(0, TESTS)
+    from test_coadd import make_stars, measure
+
     half = args.patch * 0.2 / 2 * 0.8
     stars = make_stars(args.stars, seed=2, half=half, fmin=1e5, fmax=3e6)
     visits = make_visits(args.visits, args.size, stars)
-    sm = discrete_skymap(
-        [(RA0, DEC0)], radius=args.patch * 0.2 / 3600 / 2 * 0.999, patch_inner=args.patch, patch_border=50, name="bench"
-    )
-    patch = sm.patch(0, 0)
+    patch = bench_patch(args.patch)
     npix = patch.shape[0] * patch.shape[1]
-    # Warm-up (numba cache load) on a tiny problem.
-    small = discrete_skymap([(RA0, DEC0)], radius=0.003, patch_inner=64, patch_border=4).patch(0, 0)
-    run_procsky(visits[:2], small, True)
-
-    rows = {}
-    ours, w, c = timed(lambda: run_procsky(visits, patch, False))
-    rows["procsky (mean)"] = (ours, w, c)
-    ours_r, w, c = timed(lambda: run_procsky(visits, patch, True))
-    rows["procsky (mean + artifact rejection)"] = (ours_r, w, c)
     work = Path(tempfile.mkdtemp(prefix="bench_coadd_"))
     try:
-        sw, w, c = run_swarp(visits, patch, work)
-        rows["SWarp 2.41 (LANCZOS3, WEIGHTED)"] = (sw, w, c)
-    except (FileNotFoundError, subprocess.CalledProcessError) as e:
-        print(f"SWarp failed: {e}")
-        sw = None
+        for k, v in enumerate(visits):
+            v.write(work / f"calexp{k}.zarr", chunks=512)  # as the pipeline stores calexps
+        names = write_swarp_inputs(visits, patch, work)
+        # Warm-up: numba's cache loaded (compiled if cold) on a tiny patch; not counted.
+        run_procsky_child(work, min(2, args.visits), 64, True, "warmup.zarr")
+        sname = "SWarp 2.41 (LANCZOS3, WEIGHTED)"
+        runs: dict = {"procsky (mean)": [], "procsky (mean + artifact rejection)": [], sname: []}
+        have_swarp = True
+        for _ in range(args.repeat):
+            r, w, c = run_procsky_child(work, args.visits, args.patch, False, "coadd-mean.zarr")
+            runs["procsky (mean)"].append((w, c, r["cpu"]))
+            if have_swarp:
+                try:
+                    w, c = run_swarp(names, work)
+                    runs[sname].append((w, c, None))
+                except (FileNotFoundError, subprocess.CalledProcessError) as e:
+                    print(f"SWarp failed: {e}")
+                    have_swarp = False
+            if not args.no_reject:
+                r, w, c = run_procsky_child(work, args.visits, args.patch, True, "coadd-reject.zarr")
+                runs["procsky (mean + artifact rejection)"].append((w, c, r["cpu"]))
+        images = {"procsky (mean)": Exposure.read(work / "coadd-mean.zarr").image.compute().astype(np.float64)}
+        if not args.no_reject:
+            images["procsky (mean + artifact rejection)"] = (
+                Exposure.read(work / "coadd-reject.zarr").image.compute().astype(np.float64)
+            )
+        if have_swarp:
+            images[sname] = read_swarp(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rp, w, c = timed(lambda: run_reproject(visits, patch))
-    rows["reproject_and_coadd (bicubic)"] = (rp, w, c)
+    rp_row = None
+    if not args.no_reproject:
+        images["reproject_and_coadd (bicubic)"], w, c = timed(lambda: run_reproject(visits, patch))
+        rp_row = (w, c)
 
     print(
         f"{args.visits} visits of {args.size}x{args.size} px -> patch {patch.shape[1]}x{patch.shape[0]} px "
-        f"({npix / 1e6:.2f} Mpix)"
+        f"({npix / 1e6:.2f} Mpix); procsky and SWarp read their inputs from disk and write the coadd, each in "
+        f"its own process, run interleaved {args.repeat} time(s): median (min-max)"
     )
-    base = rows["procsky (mean)"][1]
-    print(f"{'tool':45s} {'wall s':>8s} {'cpu s':>8s} {'Mpix/s':>8s} {'wall / procsky':>15s}")
-    for name, (_, w, c) in rows.items():
-        print(f"{name:45s} {w:8.2f} {c:8.2f} {npix / 1e6 / w:8.3f} {w / base:15.2f}")
+    print(f"{'tool':40s} {'wall s':>20s} {'whole-process CPU s':>22s} {'in-worker CPU s':>22s}")
+    for name, rs in runs.items():
+        if not rs:
+            continue
+        inw = [x[2] for x in rs if x[2] is not None]
+        print(
+            f"{name:40s} {_stat([x[0] for x in rs]):>20s} {_stat([x[1] for x in rs]):>22s} "
+            f"{_stat(inw) if inw else '-':>22s}"
+        )
+    if rp_row is not None:
+        print(f"{'reproject_and_coadd (bicubic), in memory':40s} {rp_row[0]:20.2f} {'-':>22s} {rp_row[1]:22.2f}")
+    mean = runs["procsky (mean)"]
+    if runs[sname]:
+        sw_cpu = float(np.median([x[1] for x in runs[sname]]))
+        print(
+            f"procsky / SWarp CPU: whole process {np.median([x[1] for x in mean]) / sw_cpu:.3f}, "
+            f"in-worker {np.median([x[2] for x in mean]) / sw_cpu:.3f}"
+        )
+    rej = runs["procsky (mean + artifact rejection)"]
+    if rej:
+        print(
+            f"artifact rejection on / off, in-worker CPU: "
+            f"{np.median([x[2] for x in rej]) / np.median([x[2] for x in mean]):.3f}"
+        )
 
     ra, dec, flux = stars
     x, y = patch.wcs.world_to_pixel_values(ra, dec)
     print("\naperture fluxes (r = 12 px) of stars covered by every tool:")
     meas = {}
-    for name, (img, _, _) in rows.items():
+    for name, img in images.items():
         f, xw, yw, _ = measure(img, x, y)
         meas[name] = (f, xw, yw)
     ok = np.ones(len(x), bool)
-    for _name, (img, _, _) in rows.items():
-        ix, iy = (
-            np.clip(np.round(x).astype(int), 0, patch.shape[1] - 1),
-            np.clip(np.round(y).astype(int), 0, patch.shape[0] - 1),
-        )
+    ix = np.clip(np.round(x).astype(int), 0, patch.shape[1] - 1)
+    iy = np.clip(np.round(y).astype(int), 0, patch.shape[0] - 1)
+    for img in images.values():
         ok &= np.isfinite(img[iy, ix]) & (x > 15) & (y > 15) & (x < patch.shape[1] - 15) & (y < patch.shape[0] - 15)
     print(f"  {ok.sum()} stars")
     for name, (f, xw, yw) in meas.items():
@@ -361,12 +456,12 @@ def main():
             f"  {name:45s} flux/truth median {np.median(r):.5f} (scatter {mad:.4f});"
             f" centroid offset median {np.median(d):.2f} mas"
         )
-    if sw is not None:
-        sname = "SWarp 2.41 (LANCZOS3, WEIGHTED)"
+    if sname in images:
         for name, (f, _, _) in meas.items():
             if name != sname:
                 r = f[ok] / meas[sname][0][ok]
                 print(f"  {name:45s} flux / SWarp median {np.median(r):.5f}")
+        ours, sw = images["procsky (mean)"], images[sname]
         both = np.isfinite(ours) & np.isfinite(sw)
         diff = (ours - sw)[both]
         print(
@@ -374,6 +469,33 @@ def main():
             f"{1.4826 * np.median(np.abs(diff - np.median(diff))):.3g} nJy (coadd noise rms "
             f"{np.nanmedian(np.abs(ours)) * 1.4826:.3g} nJy)"
         )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", action="store_true", help="compare on-the-fly and intermediate warps")
+    ap.add_argument("--reject", action="store_true", help="artifact rejection in --modes")
+    ap.add_argument("--run-mode", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--visits", type=int, default=8)
+    ap.add_argument("--size", type=int, default=1500, help='visit side, pixels (0.26"/px)')
+    ap.add_argument("--patch", type=int, default=1800, help='patch inner side, pixels (0.2"/px)')
+    ap.add_argument("--stars", type=int, default=400)
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved runs of each tool (medians printed)")
+    ap.add_argument("--no-reject", action="store_true", help="skip the run with artifact rejection")
+    ap.add_argument("--no-reproject", action="store_true", help="skip reproject_and_coadd")
+    args = ap.parse_args()
+    if args.run_mode:
+        import json
+
+        res = run_mode(args.run_mode, Path(args.folder), args.visits, args.patch, args.reject, args.out)
+        print(json.dumps(res))
+        return
+    if args.modes:
+        main_modes(args)
+        return
+    main_same_io(args)
 
 
 if __name__ == "__main__":
