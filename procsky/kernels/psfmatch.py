@@ -1233,6 +1233,20 @@ def _dilate_square(m, g):
     return out
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _value_bin(x, work, i, level, center, absdev, lo, scale, nbins):
+    """Value ``i`` of :func:`_ranks_pair`'s current level (from ``x`` at level 0, else
+    ``work``) and its histogram bin (clipped to the last)."""
+    if level == 0:
+        v = abs(x[i] - center) if absdev else x[i]
+    else:
+        v = work[i]
+    b = int((v - lo) * scale)
+    if b >= nbins:
+        b = nbins - 1
+    return v, b
+
+
 @numba.njit(nogil=True, cache=True)
 def _ranks_pair(x, n, k1, k2, work, lo, hi, center, absdev):
     """The ``k1``-th and ``k2``-th smallest (0-based, ``k2`` in ``{k1, k1 + 1}``) of the values
@@ -1256,13 +1270,7 @@ def _ranks_pair(x, n, k1, k2, work, lo, hi, center, absdev):
             return srt[k1], srt[k2]
         counts[:] = 0
         for i in range(n):
-            if level == 0:
-                v = abs(x[i] - center) if absdev else x[i]
-            else:
-                v = work[i]
-            b = int((v - lo) * scale)
-            if b >= nbins:
-                b = nbins - 1
+            _, b = _value_bin(x, work, i, level, center, absdev, lo, scale, nbins)
             counts[b] += 1
         cum = 0
         b1 = -1
@@ -1283,13 +1291,7 @@ def _ranks_pair(x, n, k1, k2, work, lo, hi, center, absdev):
         nlo = np.inf
         nhi = -np.inf
         for i in range(n):
-            if level == 0:
-                v = abs(x[i] - center) if absdev else x[i]
-            else:
-                v = work[i]
-            b = int((v - lo) * scale)
-            if b >= nbins:
-                b = nbins - 1
+            v, b = _value_bin(x, work, i, level, center, absdev, lo, scale, nbins)
             if b == b1 or b == b2:
                 work[m] = v
                 m += 1
