@@ -374,7 +374,8 @@ def main_same_io(args):
             v.write(work / f"calexp{k}.zarr", chunks=512)  # as the pipeline stores calexps
         names = write_swarp_inputs(visits, patch, work)
         # Warm-up: numba's cache loaded (compiled if cold) on a tiny patch; not counted.
-        run_procsky_child(work, min(2, args.visits), 64, True, "warmup.zarr")
+        for reject in (False, True):
+            run_procsky_child(work, min(2, args.visits), 64, reject, "warmup.zarr")
         sname = "SWarp 2.41 (LANCZOS3, WEIGHTED)"
         runs: dict = {"procsky (mean)": [], "procsky (mean + artifact rejection)": [], sname: []}
         have_swarp = True

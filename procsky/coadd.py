@@ -257,10 +257,10 @@ def _coadd_chunk(box: Box, sources: list, parts: list, weights, kernels: list, c
         )
     bad, nod, rej, clipped = bits["bad"], bits["no_data"], bits["rejected"], bits["clipped"]
     if cfg.statistic == "mean" and not cfg.reject_artifacts:
+        # Each source adds itself: calexps are warped straight into the sums (no planes).
         acc = kc.MeanAccumulator(box.shape, bad)
         for s, p, wt in zip(sources, parts, w):
-            i, v, m = s.read(box, p)
-            acc.add(i, v, m, wt)
+            s.accumulate(box, p, acc, wt)
         return acc.result(nod)
     if cfg.statistic == "mean":
         return _coadd_chunk_streaming(box, sources, parts, w, kernels, cfg, bits)

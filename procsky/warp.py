@@ -255,6 +255,12 @@ class _Source:
         where it has no data); ``parts`` are the dask dependencies of :meth:`dask_parts`."""
         raise NotImplementedError
 
+    def accumulate(self, box: Box, parts: Any, acc: Any, weight: float) -> None:
+        """Add the source's pixels on output pixels ``box`` to a weighted-mean accumulator
+        (:class:`procsky.kernels.coadd.MeanAccumulator` over ``box``) with ``weight``."""
+        i, v, m = self.read(box, parts)
+        acc.add(i, v, m, weight)
+
 
 @dataclass
 class _WarpSource(_Source):
@@ -302,17 +308,18 @@ class _WarpSource(_Source):
         )
         return None if reg.empty else reg
 
-    def read(self, box: Box, parts=None):
-        out_img = np.full(box.shape, np.nan, np.float32)
-        out_var = np.full(box.shape, np.nan, np.float32)
-        out_msk = np.full(box.shape, _NO_DATA, np.uint32)
+    def _inputs(self, box: Box, parts=None):
+        """What warping ``box`` needs: (the part of ``box`` the source covers, the mapping
+        grid or None, the exact mapping and area where there is no grid, the input region
+        and its image, variance and mask), or None when the source has no pixel there."""
         inter = box.intersection(self.box)
         if inter.empty:
-            return out_img, out_var, out_msk
+            return None
         nodes = _mapping_nodes(self.out_cards, self.in_cards, inter, self.warp.grid_step, self.in_shape)
+        exact = None
         if nodes is None:
-            xin, yin, area = _exact_box_mapping(self.out_cards, self.in_cards, inter, self.in_shape)
-            mapping = (xin, yin)
+            exact = _exact_box_mapping(self.out_cards, self.in_cards, inter, self.in_shape)
+            mapping = exact[:2]
         else:
             mapping = (nodes[2], nodes[3])  # the nodes include the box edges: enough for the region
         if parts is not None:
@@ -322,14 +329,24 @@ class _WarpSource(_Source):
         else:
             reg = self._input_region(inter, mapping)
             if reg is None:
-                return out_img, out_var, out_msk
+                return None
             sl = reg.slices()
             img, var, msk = (np.asarray(p[sl]) for p in (self.image, self.variance, self.mask))
         if self.remap is not None:
             msk = self.remap[0].remap(msk.astype(np.uint32), self.remap[1])
+        return inter, nodes, exact, reg, img, var, msk
+
+    def read(self, box: Box, parts=None):
+        out_img = np.full(box.shape, np.nan, np.float32)
+        out_var = np.full(box.shape, np.nan, np.float32)
+        out_msk = np.full(box.shape, _NO_DATA, np.uint32)
+        got = self._inputs(box, parts)
+        if got is None:
+            return out_img, out_var, out_msk
+        inter, nodes, exact, reg, img, var, msk = got
         order, radius = self.warp.order, self.warp.mask_radius
         if nodes is None:
-            assert area is not None
+            xin, yin, area = exact
             wi, wv, wm = kw.warp_planes(
                 img,
                 var,
@@ -343,11 +360,15 @@ class _WarpSource(_Source):
             )
         else:
             # Mapping splines and pixel area evaluated inside the kernel, row by row.
+            gx, gy, xi, yi = nodes
             wi, wv, wm = kw.warp_planes_grid(
                 img,
                 var,
                 msk,
-                *nodes,
+                gx,
+                gy,
+                xi,
+                yi,
                 np.arange(inter.x0, inter.x1, dtype=float),
                 np.arange(inter.y0, inter.y1, dtype=float),
                 offset=(reg.x0, reg.y0),
@@ -359,6 +380,41 @@ class _WarpSource(_Source):
         dst = inter.shifted(-box.x0, -box.y0).slices()
         out_img[dst], out_var[dst], out_msk[dst] = wi, wv, wm
         return out_img, out_var, out_msk
+
+    def accumulate(self, box: Box, parts: Any, acc: Any, weight: float) -> None:
+        """Warp straight into the accumulator (:func:`procsky.kernels.warp.warp_grid_accumulate`:
+        each warped row is added as it is made, the input region read once, no warped
+        planes); the sums are bit-identical to ``acc.add(*self.read(box, parts), weight)``.
+        Boxes whose mapping is evaluated exactly (no grid) take that path."""
+        got = self._inputs(box, parts)
+        if got is None:
+            return
+        inter, nodes, exact, reg, img, var, msk = got
+        if nodes is None:
+            i, v, m = self.read(box, parts)
+            acc.add(i, v, m, weight)
+            return
+        gx, gy, xi, yi = nodes
+        kw.warp_grid_accumulate(
+            img,
+            var,
+            msk,
+            gx,
+            gy,
+            xi,
+            yi,
+            np.arange(inter.x0, inter.x1, dtype=float),
+            np.arange(inter.y0, inter.y1, dtype=float),
+            (acc.sw, acc.swi, acc.sw2v, acc.mask_or, acc.n),
+            (inter.y0 - box.y0, inter.x0 - box.x0),
+            weight,
+            int(acc.bad_bits),
+            offset=(reg.x0, reg.y0),
+            calibration=self.calibration,
+            order=self.warp.order,
+            mask_radius=self.warp.mask_radius,
+            no_data_bit=_NO_DATA,
+        )
 
 
 def _outline_mapping(

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, cast
 
 import numba
 import numpy as np
@@ -50,6 +51,7 @@ __all__ = [
     "tap_table",
     "warp_kernel_image",
     "warp_planes",
+    "warp_grid_accumulate",
     "warp_planes_grid",
 ]
 
@@ -104,6 +106,57 @@ def _scratch(order):
     return np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.uint32), np.empty(n, np.uint32)
 
 
+# Lanczos3 (the default) has its 6 x 6 taps written out (SIMD-friendly straight-line code
+# that keeps the taps in registers): the same operations in the same order as the general
+# loops below, so the results are bit-identical to them.
+@numba.njit(inline="always")
+def _taps6(table, p, u):
+    """The 6 tap weights at phase row ``p`` + ``u`` of the table, normalised to sum 1."""
+    t0 = table[p]
+    t1 = table[p + 1]
+    a0 = t0[0] + u * (t1[0] - t0[0])
+    a1 = t0[1] + u * (t1[1] - t0[1])
+    a2 = t0[2] + u * (t1[2] - t0[2])
+    a3 = t0[3] + u * (t1[3] - t0[3])
+    a4 = t0[4] + u * (t1[4] - t0[4])
+    a5 = t0[5] + u * (t1[5] - t0[5])
+    ia = 1.0 / (a0 + a1 + a2 + a3 + a4 + a5)
+    return (a0 * ia, a1 * ia, a2 * ia, a3 * ia, a4 * ia, a5 * ia)
+
+
+@numba.njit(inline="always")
+def _dot6(plane, yy, x0, w):
+    r = plane[yy]
+    return w[0] * r[x0] + w[1] * r[x0 + 1] + w[2] * r[x0 + 2] + w[3] * r[x0 + 3] + w[4] * r[x0 + 4] + w[5] * r[x0 + 5]
+
+
+@numba.njit(inline="always")
+def _or6(plane, yy, x0):
+    r = plane[yy]
+    return r[x0] | r[x0 + 1] | r[x0 + 2] | r[x0 + 3] | r[x0 + 4] | r[x0 + 5]
+
+
+@numba.njit(inline="always")
+def _sample6(image, variance, mask, x0, y0, wx, wy):
+    """Image, variance and mask OR of one Lanczos3 sample whose 36 taps all have weight."""
+    wx2 = (wx[0] * wx[0], wx[1] * wx[1], wx[2] * wx[2], wx[3] * wx[3], wx[4] * wx[4], wx[5] * wx[5])
+    s = wy[0] * _dot6(image, y0, x0, wx)
+    s += wy[1] * _dot6(image, y0 + 1, x0, wx)
+    s += wy[2] * _dot6(image, y0 + 2, x0, wx)
+    s += wy[3] * _dot6(image, y0 + 3, x0, wx)
+    s += wy[4] * _dot6(image, y0 + 4, x0, wx)
+    s += wy[5] * _dot6(image, y0 + 5, x0, wx)
+    v = wy[0] * wy[0] * _dot6(variance, y0, x0, wx2)
+    v += wy[1] * wy[1] * _dot6(variance, y0 + 1, x0, wx2)
+    v += wy[2] * wy[2] * _dot6(variance, y0 + 2, x0, wx2)
+    v += wy[3] * wy[3] * _dot6(variance, y0 + 3, x0, wx2)
+    v += wy[4] * wy[4] * _dot6(variance, y0 + 4, x0, wx2)
+    v += wy[5] * wy[5] * _dot6(variance, y0 + 5, x0, wx2)
+    m = _or6(mask, y0, x0) | _or6(mask, y0 + 1, x0) | _or6(mask, y0 + 2, x0)
+    m |= _or6(mask, y0 + 3, x0) | _or6(mask, y0 + 4, x0) | _or6(mask, y0 + 5, x0)
+    return s, v, m
+
+
 @numba.njit(nogil=True, cache=True)
 def _warp_row(image, variance, mask, xrow, yrow, srow, order, mask_radius, no_data, table, oi, ov, om, scratch):
     """Warp one output row: samples at (xrow[i], yrow[i]) scaled by srow[i] into oi, ov, om."""
@@ -135,6 +188,26 @@ def _warp_row(image, variance, mask, xrow, yrow, srow, order, mask_radius, no_da
         # Normalised taps per axis (written out here: a call per sample costs more than
         # the interpolation). The table path interpolates linearly between the phases
         # p / steps and (p + 1) / steps; with no table the taps are evaluated exactly.
+        if steps > 0 and order == 3 and full and x != ix and y != iy:
+            pos = (x - ix) * steps
+            p = int(pos)
+            if p >= steps:  # x - ix rounded up to 1.0
+                p = steps - 1
+            posy = (y - iy) * steps
+            py = int(posy)
+            if py >= steps:
+                py = steps - 1
+            s, v, m = _sample6(image, variance, mask, x0, y0, _taps6(table, p, pos - p), _taps6(table, py, posy - py))
+            if (m & no_data) != 0 or not (math.isfinite(s) and math.isfinite(v)):
+                oi[i] = nan
+                ov[i] = nan
+                om[i] = m | no_data
+                continue
+            f = srow[i]
+            oi[i] = s * f
+            ov[i] = v * f * f
+            om[i] = m
+            continue
         if steps > 0:
             pos = (x - ix) * steps
             p = int(pos)
@@ -247,6 +320,47 @@ def _warp(image, variance, mask, xin, yin, scale, order, mask_radius, no_data, t
         )
 
 
+@numba.njit(inline="always")
+def _grid_row(j, cx, cy, bx_idx, bx_val, by_idx, by_val, x_off, y_off, det, ax_i, ax_f, ay_i, ay_f, calibration, rows):
+    """Mapping (``xrow``, ``yrow``) and scale (``srow``) of output row ``j`` from the grid's
+    B-spline coefficients and the bilinear area ratio; ``rows = (rx, ry, xrow, yrow, srow)``."""
+    rx, ry, xrow, yrow, srow = rows
+    kx = bx_val.shape[1]
+    ky = by_val.shape[1]
+    r0 = by_idx[j]
+    for m in range(cx.shape[1]):
+        sx = 0.0
+        sy = 0.0
+        for a in range(ky):
+            b = by_val[j, a]
+            sx += b * cx[r0 + a, m]
+            sy += b * cy[r0 + a, m]
+        rx[m] = sx
+        ry[m] = sy
+    a0 = ay_i[j]
+    v = ay_f[j]
+    for i in range(xrow.size):
+        c0 = bx_idx[i]
+        sx = 0.0
+        sy = 0.0
+        for a in range(kx):
+            b = bx_val[i, a]
+            sx += b * rx[c0 + a]
+            sy += b * ry[c0 + a]
+        xrow[i] = sx - x_off
+        yrow[i] = sy - y_off
+        b0 = ax_i[i]
+        u = ax_f[i]
+        lo = det[a0, b0] + u * (det[a0, b0 + 1] - det[a0, b0])
+        hi = det[a0 + 1, b0] + u * (det[a0 + 1, b0 + 1] - det[a0 + 1, b0])
+        srow[i] = calibration * (lo + v * (hi - lo))
+
+
+@numba.njit(nogil=True, cache=True)
+def _row_buffers(ncol, nx):
+    return np.empty(ncol), np.empty(ncol), np.empty(nx), np.empty(nx), np.empty(nx)
+
+
 @numba.njit(nogil=True, cache=True)
 def _warp_grid(
     image,
@@ -280,50 +394,19 @@ def _warp_grid(
     interpolation of ``det`` (cells ``ax_i, ay_i``, fractions ``ax_f, ay_f``), evaluated
     row by row: no full-resolution mapping or scale arrays."""
     ny, nx = out_img.shape
-    kx = bx_val.shape[1]
-    ky = by_val.shape[1]
-    ncol = cx.shape[1]
-    rx = np.empty(ncol)
-    ry = np.empty(ncol)
-    xrow = np.empty(nx)
-    yrow = np.empty(nx)
-    srow = np.empty(nx)
+    rows = _row_buffers(cx.shape[1], nx)
     scratch = _scratch(order)
     for j in range(ny):
-        r0 = by_idx[j]
-        for m in range(ncol):
-            sx = 0.0
-            sy = 0.0
-            for a in range(ky):
-                b = by_val[j, a]
-                sx += b * cx[r0 + a, m]
-                sy += b * cy[r0 + a, m]
-            rx[m] = sx
-            ry[m] = sy
-        a0 = ay_i[j]
-        v = ay_f[j]
-        for i in range(nx):
-            c0 = bx_idx[i]
-            sx = 0.0
-            sy = 0.0
-            for a in range(kx):
-                b = bx_val[i, a]
-                sx += b * rx[c0 + a]
-                sy += b * ry[c0 + a]
-            xrow[i] = sx - x_off
-            yrow[i] = sy - y_off
-            b0 = ax_i[i]
-            u = ax_f[i]
-            lo = det[a0, b0] + u * (det[a0, b0 + 1] - det[a0, b0])
-            hi = det[a0 + 1, b0] + u * (det[a0 + 1, b0 + 1] - det[a0 + 1, b0])
-            srow[i] = calibration * (lo + v * (hi - lo))
+        _grid_row(
+            j, cx, cy, bx_idx, bx_val, by_idx, by_val, x_off, y_off, det, ax_i, ax_f, ay_i, ay_f, calibration, rows
+        )
         _warp_row(
             image,
             variance,
             mask,
-            xrow,
-            yrow,
-            srow,
+            rows[2],
+            rows[3],
+            rows[4],
             order,
             mask_radius,
             no_data,
@@ -333,6 +416,70 @@ def _warp_grid(
             out_mask[j],
             scratch,
         )
+
+
+@numba.njit(nogil=True, cache=True)
+def _warp_grid_accumulate(
+    image,
+    variance,
+    mask,
+    cx,
+    cy,
+    bx_idx,
+    bx_val,
+    by_idx,
+    by_val,
+    x_off,
+    y_off,
+    det,
+    ax_i,
+    ax_f,
+    ay_i,
+    ay_f,
+    calibration,
+    order,
+    mask_radius,
+    no_data,
+    table,
+    ny,
+    sw,
+    swi,
+    sw2v,
+    mask_or,
+    n,
+    oy,
+    ox,
+    weight,
+    bad_bits,
+):
+    """:func:`_warp_grid` adding each warped row straight into the weighted-mean
+    accumulators (``sum w``, ``sum w i``, ``sum w^2 v``, mask OR, count) at rows ``oy + j``,
+    columns ``ox + i``: the same float32 samples, added as
+    :func:`procsky.kernels.coadd._accumulate` adds a warped plane (pixels with a
+    ``bad_bits`` mask bit or a non-finite value left out), without the planes."""
+    nx = bx_idx.size
+    rows = _row_buffers(cx.shape[1], nx)
+    scratch = _scratch(order)
+    oi = np.empty(nx, np.float32)
+    ov = np.empty(nx, np.float32)
+    om = np.empty(nx, np.uint32)
+    w2 = weight * weight
+    for j in range(ny):
+        _grid_row(
+            j, cx, cy, bx_idx, bx_val, by_idx, by_val, x_off, y_off, det, ax_i, ax_f, ay_i, ay_f, calibration, rows
+        )
+        _warp_row(
+            image, variance, mask, rows[2], rows[3], rows[4], order, mask_radius, no_data, table, oi, ov, om, scratch
+        )
+        jj = oy + j
+        for i in range(nx):
+            if (om[i] & bad_bits) == 0 and math.isfinite(oi[i]) and math.isfinite(ov[i]):
+                k = ox + i
+                sw[jj, k] += weight
+                swi[jj, k] += weight * oi[i]
+                sw2v[jj, k] += w2 * ov[i]
+                mask_or[jj, k] |= om[i]
+                n[jj, k] += 1
 
 
 def warp_planes(
@@ -535,6 +682,70 @@ def warp_planes_grid(
     image, variance : ndarray (len(y), len(x)) float32
     mask : ndarray (len(y), len(x)) uint32
     """
+    args = _grid_args(image, variance, mask, gx, gy, xi, yi, x, y, offset, calibration, order, mask_radius, no_data_bit)
+    ny, nx = args[7].size, args[5].size
+    out_img = np.empty((ny, nx), np.float32)
+    out_var = np.empty((ny, nx), np.float32)
+    out_mask = np.empty((ny, nx), np.uint32)
+    cast(Any, _warp_grid)(*args, out_img, out_var, out_mask)  # the arguments are built by _grid_args
+    return out_img, out_var, out_mask
+
+
+def warp_grid_accumulate(
+    image,
+    variance,
+    mask,
+    gx,
+    gy,
+    xi,
+    yi,
+    x,
+    y,
+    accumulators,
+    origin,
+    weight: float,
+    bad_bits: int,
+    *,
+    offset=(0.0, 0.0),
+    calibration: float = 1.0,
+    order: int = 3,
+    mask_radius: float | None = None,
+    no_data_bit: int = NO_DATA_BIT,
+):
+    """:func:`warp_planes_grid` added straight into weighted-mean accumulators, one warped
+    row at a time (no warped planes: the fused warp-into-coadd of a streaming mean).
+
+    Parameters
+    ----------
+    image, variance, mask, gx, gy, xi, yi, x, y
+        As :func:`warp_planes_grid`.
+    accumulators : (sw, swi, sw2v, mask_or, n)
+        2-d float64, float64, float64, uint32 and int32 planes: ``sum w``, ``sum w i``,
+        ``sum w^2 v``, the OR of the masks and the number of inputs of each pixel
+        (:class:`procsky.kernels.coadd.MeanAccumulator`'s planes), updated in place.
+    origin : (y0, x0)
+        Accumulator pixel of output pixel ``(y[0], x[0])``.
+    weight : float
+        This input's weight.
+    bad_bits : int
+        Samples with any of these mask bits, or a non-finite value, are left out.
+    offset, calibration, order, mask_radius, no_data_bit
+        As :func:`warp_planes_grid`.
+
+    The sums are those of warping with :func:`warp_planes_grid` and adding the planes with
+    :meth:`procsky.kernels.coadd.MeanAccumulator.add`, bit for bit.
+    """
+    sw, swi, sw2v, mask_or, n = accumulators
+    args = _grid_args(image, variance, mask, gx, gy, xi, yi, x, y, offset, calibration, order, mask_radius, no_data_bit)
+    ny, nx = args[7].size, args[5].size
+    oy, ox = int(origin[0]), int(origin[1])
+    if oy < 0 or ox < 0 or oy + ny > sw.shape[0] or ox + nx > sw.shape[1]:
+        raise ValueError(f"rows {oy}..{oy + ny}, columns {ox}..{ox + nx} exceed the accumulators {sw.shape}")
+    cast(Any, _warp_grid_accumulate)(*args, ny, sw, swi, sw2v, mask_or, n, oy, ox, float(weight), np.uint32(bad_bits))
+
+
+def _grid_args(image, variance, mask, gx, gy, xi, yi, x, y, offset, calibration, order, mask_radius, no_data_bit):
+    """The arguments of :func:`_warp_grid` before its output planes."""
     if order < 1:
         raise ValueError(f"Lanczos order must be >= 1, got {order}")
     gx = np.asarray(gx, float)
@@ -551,11 +762,8 @@ def warp_planes_grid(
     by_idx, by_val = _basis(ty, ky, y)
     ax_i, ax_f = _cells(gx, x)
     ay_i, ay_f = _cells(gy, y)
-    out_img = np.empty((y.size, x.size), np.float32)
-    out_var = np.empty((y.size, x.size), np.float32)
-    out_mask = np.empty((y.size, x.size), np.uint32)
     radius = float(order if mask_radius is None else mask_radius)
-    _warp_grid(
+    return (
         np.ascontiguousarray(image, dtype=np.float32),
         np.ascontiguousarray(variance, dtype=np.float32),
         np.ascontiguousarray(mask, dtype=np.uint32),
@@ -577,11 +785,7 @@ def warp_planes_grid(
         radius,
         np.uint32(no_data_bit),
         tap_table(int(order)),
-        out_img,
-        out_var,
-        out_mask,
     )
-    return out_img, out_var, out_mask
 
 
 def _cells(g, x):
