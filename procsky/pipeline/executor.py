@@ -51,6 +51,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from procsky._malloc import tune_malloc
 from procsky._version import code_version
 from procsky.errors import NoWorkError, ProcskyFileError, TransientError
 from procsky.notes import collect_notes, note_degraded
@@ -289,6 +290,7 @@ def execute_quantum(job: QuantumJob, repo=None) -> QuantumResult:
         Never raises for task errors: they are captured in the result. Only failures of
         the worker itself (killed, lost connection) surface as exceptions on the future.
     """
+    tune_malloc()  # undo dask's MALLOC_TRIM_THRESHOLD_ page-fault cost (procsky/_malloc.py)
     start = time.time()
     cpu0 = time.thread_time()
     prov: dict = {
