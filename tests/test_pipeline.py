@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 
 import pydantic
 import pytest
@@ -313,6 +314,8 @@ def test_sync_run_outputs_and_provenance(repo, toy_yaml):
     assert prov["inputs"] == {"raw": [str(raw.id)]}
     assert prov["config_hash"] == toy.ToyMeasureConfig().config_hash()
     assert row["cpu_seconds"] > 0 and row["peak_memory"] > 10_000_000
+    # synchronous run: one quantum at a time, so its CPU is the whole process's (helper threads too)
+    assert prov["cpu_scope"] == "process" and row["cpu_seconds"] >= prov["thread_cpu_seconds"]
     assert row["end_time"] >= row["start_time"] and row["host"]
     assert ref is not None
     # rerun: nothing redone
@@ -556,3 +559,36 @@ def test_jobqueue_job_script():
     assert "#SBATCH -p debug" in script and "#SBATCH -t 02:00:00" in script
     assert "export OMP_NUM_THREADS=1" in script
     assert "--lifetime 6360s --lifetime-stagger 240s" in script
+
+
+def test_quantum_cpu_counts_helper_threads_only_when_alone():
+    """A quantum's CPU is the process's while it runs alone in it (zarr codec threads and
+    thread pools count), its thread's when another quantum overlapped it."""
+    import threading
+
+    from procsky.pipeline.executor import _Overlap
+
+    ov = _Overlap()
+    a = ov.open()
+    assert ov.close(a) is True  # alone
+    a = ov.open()
+    b = ov.open()  # b starts while a runs: both overlapped
+    assert ov.close(b) is False
+    c = ov.open()  # a is still running
+    assert ov.close(a) is False and ov.close(c) is False
+    d = ov.open()
+    assert ov.close(d) is True  # alone again
+
+    # the process clock sees work done in a helper thread, the thread clock does not
+    from procsky.pipeline.executor import _process_cpu
+
+    def spin():
+        t = time.thread_time()
+        while time.thread_time() - t < 0.3:
+            pass
+
+    p0, t0 = _process_cpu(), time.thread_time()
+    th = threading.Thread(target=spin)
+    th.start()
+    th.join()
+    assert _process_cpu() - p0 >= 0.25 and time.thread_time() - t0 < 0.1
