@@ -13,9 +13,11 @@ Design (after reproject's ``mosaicking/_coadd.py``):
   a calexp warped on the fly), never the whole inputs.
 * Inside the task, the weighted mean (with or without CompareWarp-style artifact
   rejection) streams over the visits one at a time, so memory per task does not grow
-  with the number of visits (rejection makes two passes, keeping only sparse outlier and
-  candidate lists between them, and keeps the planes of as many visits as fit
-  ``memory_budget``, which are then read once). ``median``
+  with the number of visits. Without rejection each calexp is warped straight into the
+  mean's sums, row by row, its input region read once
+  (:func:`procsky.kernels.warp.warp_grid_accumulate`: no warped planes). Rejection makes
+  two passes, keeping only sparse outlier and candidate lists between them, and keeps the
+  planes of as many visits as fit ``memory_budget``, which are then read once. ``median``
   and ``clipped_mean`` need every visit of a pixel at once: the chunk is processed in
   strips whose height makes ``n_visits x strip`` fit ``memory_budget`` (down to 8 rows).
 * Zarr-backed dask inputs (what ``Repo.get`` returns) are read directly from their Zarr

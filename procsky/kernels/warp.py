@@ -27,7 +27,9 @@ The pixel mapping may be evaluated exactly for every pixel, or on a coarse grid 
 interpolated with bicubic splines (:func:`interpolate_grid`), which is accurate to well
 below 0.001 px for grids of ~32 px on survey WCSs (tested). :func:`warp_planes_grid` takes
 the grid itself and evaluates the splines, and the pixel area ratio from their derivatives
-at the nodes, inside the kernel row by row (no full-resolution mapping arrays).
+at the nodes, inside the kernel row by row (no full-resolution mapping arrays);
+:func:`warp_grid_accumulate` adds each warped row straight into a weighted mean's sums
+(the coadd's fused warp, no warped planes).
 """
 
 from __future__ import annotations
