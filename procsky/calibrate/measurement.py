@@ -84,7 +84,8 @@ def _note_cr_on_bright_stars(meas: dict[str, np.ndarray], snr_min: float = 100.0
 
 
 def measure_with_psf(state: CalibrateState, config: MeasurementConfig) -> None:
-    """Remeasure with the PSF model: centroids from the first pass, PSF stamps there."""
+    """Remeasure with the PSF model: centroids from the first pass, PSF stamps there; PSF fluxes with
+    the neighbours' fitted models subtracted (``psf_neighbour_iterations``)."""
     det = state.det
     meas = measure_sources(
         state.sub,
@@ -98,6 +99,7 @@ def measure_with_psf(state: CalibrateState, config: MeasurementConfig) -> None:
         blended=det.blended,
         aperture_radii=config.aperture_radii,
         psf_stamps=state.stamps,
+        neighbour_iterations=config.psf_neighbour_iterations,
     )
     meas["flag_streak"] = on_plane(state.mask, meas["x"], meas["y"], state.bit["STREAK"])
     state.meas = meas

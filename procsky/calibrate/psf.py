@@ -3,8 +3,9 @@
 A pixelised polynomial PSF (PSFEx-like) with held-back stars when there are enough stars per
 polynomial term, else the constant pixel model with a size-and-shear warp of order 1 across the
 detector (``kernels.psfmodel.warp_images``: 3 numbers per star instead of an image per term);
-lower orders when the stars are fewer, then a Gaussian of the stars' mean moments (recorded in the
-metadata). PSF candidates may carry repaired cosmic-ray pixels away from their centre (weighted 0
+lower orders when the stars are fewer, then an elliptical Moffat fitted to all the stars at once (4
+shape numbers; ``kernels.psfmodel.fit_moffat_psf``), then a Gaussian of the stars' mean moments (recorded
+in the metadata). PSF candidates may carry repaired cosmic-ray pixels away from their centre (weighted 0
 in the fit); the brightest tenth of them is never held back.
 """
 
@@ -21,6 +22,7 @@ from procsky.calibrate.state import CalibrateState
 from procsky.errors import AlgorithmError, NoWorkError
 from procsky.kernels.psfmodel import (
     PsfModelArrays,
+    fit_moffat_psf,
     fit_psf_model,
     fit_supersampled_psf,
     pixel_gaussian_widths,
@@ -162,6 +164,37 @@ def fit_supersampled(state: CalibrateState, config: PsfConfig, fwhm: float) -> t
     return None
 
 
+def fit_moffat(state: CalibrateState, config: PsfConfig, idx: np.ndarray) -> tuple | None:
+    """The parametric PSF of a detector with too few stars for a pixel model: one elliptical Moffat
+    (pixel-integrated) fitted to the PSF candidates ``idx`` at once (``kernels.psfmodel.fit_moffat_psf``),
+    super-sampled when the stars' size is undersampled. Returns ``(arrays, used (len(idx),), params)``, or
+    None when there is no candidate or the fit fails (the Gaussian fallback then)."""
+    if idx.size == 0:
+        return None
+    meas = state.meas
+    t = meas["ixx"][idx] + meas["iyy"][idx]
+    t = t[np.isfinite(t) & (t > 0)]
+    sigma = float(np.sqrt(0.5 * np.median(t))) if t.size else float(state.sigma)
+    undersampled = config.undersampled_fwhm > 0 and SIGMA_TO_FWHM * sigma < config.undersampled_fwhm
+    try:
+        model, used, params = fit_moffat_psf(
+            state.sub,
+            state.var_det,
+            state.mask,
+            meas["x"][idx],
+            meas["y"][idx],
+            stamp_size=int(config.stamp_size) | 1,
+            oversample=max(int(config.oversample), 2) if undersampled else 1,
+            sigma_guess=sigma,
+            zero_bits=_ZERO_BITS,
+        )
+    except ValueError:
+        return None
+    if not np.isfinite(model.fwhm):
+        return None
+    return model, used, params
+
+
 def psf_from_arrays(model: PsfModelArrays, xy0: tuple[int, int]) -> PolynomialImagePsf:
     """procsky PSF model from the kernel's PsfModelArrays (super-sampled or not), in parent pixels."""
     return PolynomialImagePsf(
@@ -284,6 +317,27 @@ def model_psf(state: CalibrateState, config: PsfConfig) -> None:
     fitted = fit_detector_psf(state.sub, state.var_det, state.mask, meas["x"][idx], meas["y"][idx], config)
     if fitted[0] is None:
         psf_info["last_error"] = fitted[3]
+        moffat = fit_moffat(state, config, idx) if config.fallback_moffat else None
+        if moffat is not None:
+            psf_model, u_m, params = moffat
+            used[idx[u_m]] = True
+            kernel_fwhm = float(psf_model.fwhm)
+            psf_info.update(
+                model="PolynomialImagePsf (Moffat: too few stars for a pixel model)",
+                oversample=int(psf_model.oversample),
+                order=0,
+                n_stars=int(psf_model.n_stars),
+                moffat={k: v for k, v in params.items() if k != "fluxes"},
+            )
+            note_degraded(
+                "few_psf_stars",
+                f"too few PSF stars for a pixel model ({int(cand.sum())} candidates; {fitted[3]}): an elliptical "
+                f"Moffat (FWHM {params['fwhm']:.2f} px, beta {params['beta']:.2f}) fitted to {int(psf_model.n_stars)} "
+                "stars",
+                n_candidates=int(cand.sum()),
+                n_stars=int(psf_model.n_stars),
+                model="moffat",
+            )
     else:
         arrays, u, r, order = fitted
         psf_model = arrays

@@ -31,13 +31,16 @@ Modules, each importing only those above it:
 * :mod:`.validate`: :func:`cross_validated_flux_scatter`;
 * :mod:`.fit`: :func:`fit_psf_model`, which runs them all;
 * :mod:`.superres`: :func:`fit_supersampled_psf`, the super-sampled model of undersampled
-  stars (PSFEx's super-resolution: the fine grid solved over all stars' pixels at once).
+  stars (PSFEx's super-resolution: the fine grid solved over all stars' pixels at once);
+* :mod:`.parametric`: :func:`fit_moffat_psf`, a pixel-integrated elliptical Moffat of all stars at
+  once, for detectors with too few stars for a pixel model.
 """
 
 from __future__ import annotations
 
 from .fit import fit_psf_model
 from .model import PsfModelArrays, evaluate_model, model_flux_error, poly_terms
+from .parametric import fit_moffat_psf, moffat_effective_psf
 from .render import render_grid, render_psf, render_stamps, stamp_moments
 from .sampling import fourier_shift, lanczos_sample
 from .selection import select_psf_stars
@@ -52,6 +55,8 @@ __all__ = [
     "select_psf_stars",
     "fit_psf_model",
     "fit_supersampled_psf",
+    "fit_moffat_psf",
+    "moffat_effective_psf",
     "pixel_gaussian_widths",
     "evaluate_model",
     "render_psf",
