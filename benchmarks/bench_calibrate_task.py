@@ -1,6 +1,7 @@
 """Time the whole ``calibrate`` task on a simulated 4096 x 4096 detector against peers.
 
-Run:  .venv/bin/python benchmarks/bench_calibrate_task.py [--size 4096] [--out /tmp/bench-cal]
+Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_calibrate_task.py [--size 4096] [--out /tmp/bench-cal]
+      [--reuse] [--no-peers]
 
 One detector is drawn with ``procsky.sim`` (the ``tiny`` recipe's sky, PSF and artefacts,
 on one detector of the given size), then on that same image:
@@ -13,6 +14,12 @@ on one detector of the given size), then on that same image:
 * SExtractor + PSFEx, run as external programs (Debian ``source-extractor`` and
   ``psfex``) on a FITS file of the same pixels with the variance as weight map, using the
   PSFEx-preparation configuration they ship (CPU seconds of the child processes).
+
+procsky's run is profiled step by step (``procsky.calibrate.state.StepProfile``): CPU, wall and the
+resident-set peak of each step (background, cosmic rays: L.A.Cosmic / PSF-sharp tests / tracks,
+detection, deblending, streaks, measurement, PSF model, PSF fluxes, aperture correction, astrometry,
+photometry, other), and the peak of the whole call. The rows add up to the whole call: a step's
+own time, without the steps named inside it.
 
 SExtractor + PSFEx do less than ``calibrate`` (no cosmic-ray cleaning, astrometry or
 photometric calibration), so the ratio against them is conservative. Times are CPU seconds
@@ -68,16 +75,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--out", default="/tmp/procsky-bench-calibrate")
+    ap.add_argument("--reuse", action="store_true", help="reuse the simulation in --out when there is one")
+    ap.add_argument("--no-peers", action="store_true", help="time procsky only")
     args = ap.parse_args()
     out = Path(args.out)
-    if out.exists():
+    reuse = args.reuse and (out / "recipe.yaml").exists() and any((out / "images").glob("*.fits"))
+    if out.exists() and not reuse:
         shutil.rmtree(out)
+    if (out / "astromatic").exists():
+        shutil.rmtree(out / "astromatic")
 
     from procsky.calibrate import calibrate_exposure
+    from procsky.calibrate.state import StepProfile
     from procsky.instruments import get_instrument
     from procsky.refcat import read_refcat_file
 
-    (res, t_sim, w_sim) = cpu(simulate_detector, args.size, out)
+    t_sim = float("nan")
+    if not reuse:
+        (_, t_sim, _) = cpu(simulate_detector, args.size, out)
     image_path = sorted((out / "images").glob("*.fits"))[0]
     exp = get_instrument("simcam").ingest_file(image_path)[0].obj.compute()
     refcat = read_refcat_file(out / "refcat" / "refcat.parquet")
@@ -87,7 +102,9 @@ def main():
     calibrate_exposure(exp[:1024, :1024].compute(), refcat)
 
     rows = []
-    (calexp, src, summary), t_cal, w_cal = cpu(calibrate_exposure, exp, refcat)
+    profile = StepProfile(memory=True)
+    (calexp, src, summary), t_cal, w_cal = cpu(calibrate_exposure, exp, refcat, profile=profile)
+    del calexp, src
     rows.append(
         (
             f"procsky calibrate_exposure ({summary['n_sources']} sources, PSF FWHM "
@@ -101,7 +118,10 @@ def main():
     image = np.asarray(exp.image, dtype=np.float64)
     variance = np.asarray(exp.variance, dtype=np.float64)
     sigma = fwhm_px / (2 * math.sqrt(2 * math.log(2)))
-    peers = {}
+    peers: dict[str, float] = {}
+    if args.no_peers:
+        print_table(args.size, image_path, t_sim, rows, peers, t_cal, profile)
+        return
     try:
         import sep  # noqa: F401 - skip cleanly when missing
 
@@ -210,13 +230,44 @@ def main():
     else:
         print("SExtractor/PSFEx not installed (apt-get install source-extractor psfex): skipped")
 
-    print(f"\nsimulated {args.size} x {args.size} detector ({image_path.name}); simulation took {t_sim:.1f} CPU s")
+    print_table(args.size, image_path, t_sim, rows, peers, t_cal, profile)
+
+
+def print_table(size, image_path, t_sim, rows, peers, t_cal, profile) -> None:
+    print(f"\nsimulated {size} x {size} detector ({image_path.name}); simulation took {t_sim:.1f} CPU s")
     print(f"{'step':<110s} {'CPU s':>8s} {'wall s':>8s}")
     for name, t, w in rows:
         print(f"{name:<110s} {t:8.2f} {w:8.2f}")
     for peer, t in peers.items():
         print(f"ratio procsky calibrate / {peer:<18s}: {t_cal / t:6.2f}")
-    print(f"calibrate CPU: {t_cal:.1f} s (goal < 20 s for a 4k x 4k detector)")
+    table = profile.table()
+    print("\nprocsky calibrate_exposure by step (own time, without the steps named inside it):")
+    print(f"{'step':<32s} {'calls':>5s} {'CPU s':>8s} {'wall s':>8s} {'peak RSS MB':>12s}")
+    order = [
+        "background",
+        "cosmic rays: L.A.Cosmic",
+        "cosmic rays: PSF-sharp tests",
+        "cosmic rays: tracks",
+        "detection",
+        "deblending",
+        "streaks",
+        "measurement",
+        "PSF model",
+        "PSF fluxes",
+        "aperture correction",
+        "astrometry",
+        "photometry",
+        "other",
+    ]
+    table.sort(key=lambda r: order.index(r["step"]) if r["step"] in order else len(order))
+    for r in table:
+        print(f"{r['step']:<32s} {r['calls']:5d} {r['cpu_s']:8.2f} {r['wall_s']:8.2f} {r['peak_mb']:12.0f}")
+    print(f"{'sum':<32s} {'':5s} {sum(r['cpu_s'] for r in table):8.2f} {sum(r['wall_s'] for r in table):8.2f}")
+    print(
+        f"calibrate peak RSS {profile.peak_mb:.0f} MB (RSS at its start {profile.start_rss_mb:.0f} MB, "
+        f"input exposure and reference catalogue included)"
+    )
+    print(f"calibrate CPU: {t_cal:.1f} s (goal <= 10 CPU s and <= 1 GB peak for a 4k x 4k detector)")
 
 
 if __name__ == "__main__":

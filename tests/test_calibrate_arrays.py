@@ -11,6 +11,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from procsky.calibrate import process_arrays
+from procsky.calibrate.state import StepProfile
 from procsky.kernels import detect_sources, estimate_background, measure_sources
 from procsky.kernels._bits import CR, DETECTED, INTRP
 from procsky.kernels.testing import add_cosmic_rays, make_star_field
@@ -47,6 +48,25 @@ def test_frame_cosmic_rays(frame_run):
     assert cr.sum() == res.n_cr >= res.cosmic_rays.n_pixels
     assert (((res.mask & (1 << INTRP)) != 0) == cr).all()
     assert (res.mask & (1 << DETECTED)).any()
+
+
+def test_step_profile_covers_the_steps_and_changes_nothing(frame_run):
+    fr, _, res, _ = frame_run
+    img = np.asarray(res.image)
+    profile = StepProfile(memory=True)
+    again = process_arrays(img, fr.variance, psf_fwhm=4.0, profile=profile)
+    # the profiled run gives the same pixels and sources
+    assert np.array_equal(again.sub, res.sub) and np.array_equal(again.mask, res.mask)
+    assert np.array_equal(again.meas["x"], res.meas["x"]) and np.array_equal(again.psf_flux, res.psf_flux)
+    rows = {r["step"]: r for r in profile.table()}
+    for name in ("background", "cosmic rays: L.A.Cosmic", "detection", "deblending", "measurement", "PSF model"):
+        assert name in rows, name
+    assert rows["background"]["calls"] == 2 and rows["detection"]["calls"] >= 2 and rows["other"]["calls"] == 1
+    assert all(r["cpu_s"] >= 0.0 and r["wall_s"] >= 0.0 for r in rows.values())
+    if profile.memory:
+        # the whole call's peak is the largest step's, and at least the frame's planes it held
+        assert profile.peak_mb == max(r["peak_mb"] for r in rows.values())
+        assert profile.peak_mb >= profile.start_rss_mb + 3 * img.nbytes / 2**20
 
 
 def test_frame_background(frame_run):

@@ -176,3 +176,21 @@ def test_background_of_unusable_image_raises_clear_error():
     img = np.random.default_rng(9).normal(5, 1, (64, 64)).astype(np.float32)
     bk = estimate_background(img, np.full(img.shape, 1, np.uint32), box_size=32)
     assert abs(bk.global_background - 5) < 0.3
+
+
+def test_rms_at_points_is_the_rms_map():
+    """Without the RMS map (rms_plane=False) ``rms_at`` gives the map's float32 values at any
+    pixel, edges and corners included; the background map is unchanged."""
+    rng = np.random.default_rng(3)
+    ny, nx = 300, 410
+    yy, xx = np.mgrid[:ny, :nx]
+    img = (100.0 + 0.05 * xx + rng.normal(0.0, 5.0 + 0.01 * yy, (ny, nx))).astype(np.float32)
+    for box in (64, (50, 128), 512):
+        full = estimate_background(img, box_size=box)
+        lean = estimate_background(img, box_size=box, rms_plane=False)
+        assert lean.rms is None and np.array_equal(lean.background, full.background)
+        ys = np.concatenate([rng.integers(0, ny, 500), [0, 0, ny - 1, ny - 1]])
+        xs = np.concatenate([rng.integers(0, nx, 500), [0, nx - 1, 0, nx - 1]])
+        got = lean.rms_at(ys, xs)
+        assert got.dtype == np.float32 and np.array_equal(got, full.rms[ys, xs])
+        assert np.array_equal(full.rms_at(ys, xs), full.rms[ys, xs])

@@ -265,3 +265,24 @@ def test_dilate_square_matches_scipy(r):
     m = np.random.default_rng(r).random((157, 203)) < 0.003
     ref = ndimage.binary_dilation(m, np.ones((2 * r + 1, 2 * r + 1), bool)) if r else m
     assert (dilate_square(m, r) == ref).all()
+
+
+@pytest.mark.parametrize("sigma", [0.6, 1.7, 3.2])
+def test_one_sweep_significance_is_the_two_pass_one(sigma):
+    """The Gaussian significance computed row by row (no whole-frame temporaries) gives the same
+    float32 values as the prepared planes convolved and divided over the frame, with bad,
+    non-finite and zero-variance pixels, a scalar variance and frames shorter than the filter."""
+    from procsky.kernels.detection import _prepared_planes, _significance_gaussian, _significance_prepared
+
+    rng = np.random.default_rng(5)
+    for shape in [(97, 131), (5, 40)]:
+        img = rng.normal(0.0, 3.0, shape).astype(np.float32)
+        var = rng.uniform(5.0, 12.0, shape).astype(np.float32)
+        img[3, 7] = np.nan
+        var[1, 2] = np.inf
+        var[2, 30] = 0.0
+        bad = rng.random(shape) < 0.02
+        for v, b in [(var, bad), (var, None), (9.0, bad)]:
+            ref = _significance_prepared(*_prepared_planes(img, v, b), sigma, None, None)
+            new = _significance_gaussian(img, v, b, sigma)
+            assert new.dtype == np.float32 and np.array_equal(new, ref)

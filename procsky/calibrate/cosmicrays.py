@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from procsky.calibrate.config import CosmicRayConfig
-from procsky.calibrate.state import CalibrateState
+from procsky.calibrate.state import CalibrateState, timed
 from procsky.kernels.cosmicray import find_cosmic_rays, find_cr_tracks, find_sharp_sources, repair_pixels
 from procsky.kernels.cosmicray.psfsharp import (
     estimate_peak_ratio,
@@ -103,13 +103,18 @@ def find_cosmic_ray_pixels(state: CalibrateState, config: CosmicRayConfig) -> No
         psf_margin=config.undersampled_margin,
         psf_nsigma=config.undersampled_sigma,
     )
-    state.cosmic_rays = cr
     state.n_cr = cr.n_pixels
     if state.n_cr:
-        state.mask[cr.mask] |= np.uint32(bit["CR"] | bit["INTRP"])
+        assert cr.image is not None and cr.variance is not None
+        ys, xs = np.nonzero(cr.mask)
+        state.mask[ys, xs] |= np.uint32(bit["CR"] | bit["INTRP"])
         state.sub = cr.image
-        state.var_det = np.where(cr.mask, cr.variance, state.var_det).astype(np.float32, copy=False)
-        state.variance = np.where(cr.mask, cr.variance, state.variance).astype(np.float32, copy=False)
+        # the repaired variance at the CR pixels only (both planes are float32 and the state's own)
+        fixed = cr.variance[ys, xs].astype(np.float32, copy=False)
+        state.var_det[ys, xs] = fixed
+        state.variance[ys, xs] = fixed
+    # the repaired image is ``sub`` and its variance is in the planes: the result keeps the rest
+    state.cosmic_rays = cr._replace(image=None, variance=None)
 
 
 def _mark_cr(state: CalibrateState, pixels: np.ndarray, fit: np.ndarray, var_donor_bits: int) -> int:
@@ -134,9 +139,8 @@ def _mark_cr(state: CalibrateState, pixels: np.ndarray, fit: np.ndarray, var_don
         repair_pixels(sub, unfitted, donors_bad | fitted, 2)
     sub[ys[ok], xs[ok]] = fv[ok]
     repair_pixels(var_det, newcr, ((mask & np.uint32(var_donor_bits)) != 0) & ~newcr, 2)
-    variance = state.variance.astype(np.float32)
-    variance[ys, xs] = var_det[ys, xs]
-    state.variance = variance
+    # the state's own float32 plane, changed in place at the new pixels only
+    state.variance[ys, xs] = var_det[ys, xs]
     return int(ys.size)
 
 
@@ -237,40 +241,44 @@ def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep
         is_cr = _keep_psf_shaped(state, config, sharp.is_cr, ratio)
         pixels = _spare_kept_sources(state, config, sharp.cr_pixels, is_cr, ratio, hw)
         state.n_cr += _mark_cr(state, pixels, sharp.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"])
+        del sharp, pixels  # their whole-frame planes, before the track test makes its own
         if config.track_test:
             # faint tracks: judged with the values of the CR pixels before their repair (a track
             # flagged in part is judged whole); bright stars on their pixels not yet flagged
-            crm = (mask & np.uint32(bit["CR"])) != 0
-            raw = state.sub.copy()
-            raw[crm] = (
-                state.image[crm]
-                - state.background.background[crm]
-                - (state.streak_model[crm] if state.streak_model is not None else 0.0)
-            )
-            tracks = find_cr_tracks(
-                state.sub,
-                state.var_det,
-                mask,
-                meas["x"],
-                meas["y"],
-                state.stamps,
-                state.sigma_psf,
-                raw=raw,
-                raw_bits=bit["CR"],
-                skip=skip | is_cr,
-                bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"],
-                nu_max=config.track_nu_max,
-                rho_max=config.track_rho_max,
-                min_gain=config.track_min_gain,
-                min_total=config.track_min_total,
-                nu_keep=nu_keep,
-                star_gain=config.track_star_gain,
-                model_error=config.track_model_error,
-            )
-            is_cr = is_cr | _keep_psf_shaped(state, config, tracks.is_cr, ratio)
-            pixels = _spare_kept_sources(state, config, tracks.cr_pixels, is_cr, ratio, hw)
-            # the track pixels all have the joint fit; earlier CR pixels are no variance donors
-            state.n_cr += _mark_cr(state, pixels, tracks.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"])
+            with timed(state.profile, "cosmic rays: tracks"):
+                crm = (mask & np.uint32(bit["CR"])) != 0
+                raw = state.sub.copy()
+                raw[crm] = (
+                    state.image[crm]
+                    - state.background.background[crm]
+                    - (state.streak_model[crm] if state.streak_model is not None else 0.0)
+                )
+                tracks = find_cr_tracks(
+                    state.sub,
+                    state.var_det,
+                    mask,
+                    meas["x"],
+                    meas["y"],
+                    state.stamps,
+                    state.sigma_psf,
+                    raw=raw,
+                    raw_bits=bit["CR"],
+                    skip=skip | is_cr,
+                    bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"],
+                    nu_max=config.track_nu_max,
+                    rho_max=config.track_rho_max,
+                    min_gain=config.track_min_gain,
+                    min_total=config.track_min_total,
+                    nu_keep=nu_keep,
+                    star_gain=config.track_star_gain,
+                    model_error=config.track_model_error,
+                )
+                is_cr = is_cr | _keep_psf_shaped(state, config, tracks.is_cr, ratio)
+                pixels = _spare_kept_sources(state, config, tracks.cr_pixels, is_cr, ratio, hw)
+                # the track pixels all have the joint fit; earlier CR pixels are no variance donors
+                state.n_cr += _mark_cr(
+                    state, pixels, tracks.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"]
+                )
         keep = ~is_cr
         state.n_cr_sources = int((~keep).sum())
         if state.n_cr_sources:

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from procsky.calibrate.config import DetectionConfig
-from procsky.calibrate.state import CalibrateState
+from procsky.calibrate.state import CalibrateState, timed
 from procsky.errors import AlgorithmError
 from procsky.exposure import Exposure
 from procsky.kernels.detection import DetectionResult, detect_sources
@@ -26,6 +26,10 @@ from procsky.psf import SIGMA_TO_FWHM
 from procsky.wcs import copy_wcs, pixel_scale
 
 __all__ = ["ap_name", "detect", "detect_first", "initial_sigma", "measure_seeing"]
+
+# what the state's DetectionResult holds in place of the planes it does not keep
+_RELEASED_F32 = np.zeros((0, 0), np.float32)
+_RELEASED_BOOL = np.zeros((0, 0), bool)
 
 
 def initial_sigma(exp: Exposure, config: DetectionConfig) -> float:
@@ -48,8 +52,19 @@ def initial_sigma(exp: Exposure, config: DetectionConfig) -> float:
 def detect_first(state: CalibrateState, config: DetectionConfig) -> DetectionResult:
     """Detection at the guessed seeing ``state.sigma0``, to mask sources for the final background."""
     return detect_sources(
-        state.sub, state.var_det, state.mask, psf_sigma=state.sigma0, nsigma=config.nsigma, threshold=config.threshold
+        state.sub,
+        state.var_det,
+        state.mask,
+        psf_sigma=state.sigma0,
+        nsigma=config.nsigma,
+        threshold=config.threshold,
+        timer=_timer(state),
     )
+
+
+def _timer(state: CalibrateState):
+    """The profile's step timer for the phases of ``detect_sources`` (None without a profile)."""
+    return None if state.profile is None else state.profile.step
 
 
 def ap_name(meas: dict[str, np.ndarray], r: float) -> str:
@@ -102,21 +117,28 @@ def detect(state: CalibrateState, config: DetectionConfig) -> None:
     satellite trails; ``det`` and ``child_ids`` filled. AlgorithmError without any detection."""
     bit, mask = state.bit, state.mask
     det = detect_sources(
-        state.sub, state.var_det, mask, psf_sigma=state.sigma, nsigma=config.nsigma, threshold=config.threshold
+        state.sub,
+        state.var_det,
+        mask,
+        psf_sigma=state.sigma,
+        nsigma=config.nsigma,
+        threshold=config.threshold,
+        timer=_timer(state),
     )
     mask[det.detected] |= np.uint32(bit["DETECTED"])
     if config.streaks:
-        st = find_streaks(
-            state.sub,
-            state.var_det,
-            mask,
-            psf_sigma=state.sigma,
-            mask_fraction=config.streak_mask_fraction,
-            bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"] | bit["EDGE"],
-            grow_bits=bit["BAD"] | bit["SAT"],
-            detected_bits=bit["DETECTED"],
-            saturated_bits=bit["SAT"],
-        )
+        with timed(state.profile, "streaks"):
+            st = find_streaks(
+                state.sub,
+                state.var_det,
+                mask,
+                psf_sigma=state.sigma,
+                mask_fraction=config.streak_mask_fraction,
+                bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"] | bit["EDGE"],
+                grow_bits=bit["BAD"] | bit["SAT"],
+                detected_bits=bit["DETECTED"],
+                saturated_bits=bit["SAT"],
+            )
         if len(st.streaks):
             state.streaks = [{k: float(row[k]) for k in st.streaks.dtype.names} for row in st.streaks]
             mask[st.mask] |= np.uint32(bit["STREAK"])
@@ -124,10 +146,18 @@ def detect(state: CalibrateState, config: DetectionConfig) -> None:
             state.streak_model = st.model
             mask &= ~np.uint32(bit["DETECTED"])
             det = detect_sources(
-                state.sub, state.var_det, mask, psf_sigma=state.sigma, nsigma=config.nsigma, threshold=config.threshold
+                state.sub,
+                state.var_det,
+                mask,
+                psf_sigma=state.sigma,
+                nsigma=config.nsigma,
+                threshold=config.threshold,
+                timer=_timer(state),
             )
             mask[det.detected] |= np.uint32(bit["DETECTED"])
-    state.det = det
+    # the DETECTED plane holds the grown footprints: the significance and detection planes (a
+    # whole-frame float32 and bool) are not kept (empty arrays)
+    state.det = det._replace(significance=_RELEASED_F32, detected=_RELEASED_BOOL)
     state.child_ids = np.arange(1, len(det.x) + 1)
     if len(det.x) == 0:
         ny, nx = state.shape

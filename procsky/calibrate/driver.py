@@ -16,7 +16,7 @@ from procsky.calibrate.detection import detect, detect_first, initial_sigma, mea
 from procsky.calibrate.measurement import aperture_corrections, measure, measure_with_psf, psf_flux_errors
 from procsky.calibrate.photometry import fit_zero_point
 from procsky.calibrate.psf import model_psf
-from procsky.calibrate.state import PLANE_NAMES, CalibrateState
+from procsky.calibrate.state import PLANE_NAMES, CalibrateState, StepProfile, timed
 from procsky.errors import NoWorkError
 from procsky.exposure import Exposure
 from procsky.masks import DEFAULT_PLANES, MaskPlanes
@@ -37,8 +37,11 @@ def make_state(
 ) -> CalibrateState:
     """The initial state of the steps: float32 image and variance and a uint32 mask (copies), with the
     STREAK plane added; pixels with a non-finite value or a variance <= 0 are NO_DATA (value 0,
-    variance inf). NoWorkError with fewer than ``min_usable_pixels`` usable pixels."""
-    image = np.array(image, dtype=np.float32)
+    variance inf). NoWorkError with fewer than ``min_usable_pixels`` usable pixels.
+
+    The image is only read by the steps: a float32 input without unusable pixels is used as it is
+    (no whole-frame copy); otherwise the state holds a copy with those pixels set to 0."""
+    image = np.ascontiguousarray(image, dtype=np.float32)
     variance = np.array(variance, dtype=np.float32)
     mask = np.zeros(image.shape, np.uint32) if mask is None else np.array(mask, dtype=np.uint32)
     ny, nx = image.shape
@@ -47,7 +50,9 @@ def make_state(
     bit = {n: 1 << planes[n] for n in PLANE_NAMES}
     bad_input = ~np.isfinite(image) | ~np.isfinite(variance) | ~(variance > 0)
     mask[bad_input] |= np.uint32(bit["NO_DATA"])
-    image[bad_input] = 0.0
+    if bad_input.any():
+        image = np.array(image)
+        image[bad_input] = 0.0
     variance[bad_input] = np.float32(np.inf)
     usable = (mask & np.uint32(bit["NO_DATA"] | bit["BAD"])) == 0
     n_usable = int(usable.sum())
@@ -75,30 +80,45 @@ def state_from_exposure(exposure: Exposure, config: CalibrationConfig) -> Calibr
 def run_detection_steps(state: CalibrateState, config: CalibrationConfig) -> None:
     """Background, cosmic rays, detection and the first measurement (without a PSF model).
     ``state.sigma0`` (the first seeing guess) must be set."""
+    prof = state.profile
     # background first pass, then cosmic rays (before detection, so that hits do not become sources)
-    subtract_background(state, config.background)
-    find_cosmic_ray_pixels(state, config.cosmic_rays)
+    with timed(prof, "background"):
+        subtract_background(state, config.background)
+    with timed(prof, "cosmic rays: L.A.Cosmic"):
+        find_cosmic_ray_pixels(state, config.cosmic_rays)
     # a first detection at the guessed seeing masks the sources for the final background
-    det0 = detect_first(state, config.detection)
-    refine_background(state, config.background, det0.detected)
-    measure_seeing(state, det0, config.measurement.aperture_radii)
-    detect(state, config.detection)
-    measure(state, config.measurement)
+    with timed(prof, "detection"):
+        det0 = detect_first(state, config.detection)
+    with timed(prof, "background"):
+        refine_background(state, config.background, det0.detected)
+    with timed(prof, "measurement"):
+        measure_seeing(state, det0, config.measurement.aperture_radii)
+    del det0
+    with timed(prof, "detection"):
+        detect(state, config.detection)
+    with timed(prof, "measurement"):
+        measure(state, config.measurement)
 
 
 def run_pixel_steps(state: CalibrateState, config: CalibrationConfig) -> None:
     """:func:`run_detection_steps`, then the PSF model, the detections sharper than it and the corrected
     PSF fluxes: every step that needs neither a reference catalogue nor the exposure's metadata."""
+    prof = state.profile
     run_detection_steps(state, config)
-    model_psf(state, config.psf)
-    remove_sharp_sources(state, config.cosmic_rays, nu_keep=config.detection.nsigma)
-    measure_with_psf(state, config.measurement)
-    aperture_corrections(state, config.measurement)
-    psf_flux_errors(state, config.psf)
+    with timed(prof, "PSF model"):
+        model_psf(state, config.psf)
+    # named sub-steps inside ("cosmic rays: PSF-sharp tests", "cosmic rays: tracks")
+    with timed(prof, "cosmic rays: PSF-sharp tests"):
+        remove_sharp_sources(state, config.cosmic_rays, nu_keep=config.detection.nsigma)
+    with timed(prof, "PSF fluxes"):
+        measure_with_psf(state, config.measurement)
+    with timed(prof, "aperture correction"):
+        aperture_corrections(state, config.measurement)
+        psf_flux_errors(state, config.psf)
 
 
 def calibrate_exposure(
-    exposure: Exposure, refcat: Any = None, config: CalibrationConfig | None = None
+    exposure: Exposure, refcat: Any = None, config: CalibrationConfig | None = None, profile: StepProfile | None = None
 ) -> tuple[Exposure, pd.DataFrame, dict[str, Any]]:
     """Calibrate one detector exposure (see :mod:`procsky.calibrate`).
 
@@ -110,6 +130,9 @@ def calibrate_exposure(
         Reference catalogue (normalised :mod:`procsky.refcat` schema) or its shards.
     config : CalibrationConfig, optional
         (or the task's :class:`procsky.tasks.calibrate.CalibrateConfig`, which is one)
+    profile : StepProfile, optional
+        Records the CPU, wall time and peak memory of each step (``profile.table()``); the rows
+        add up to the whole call, ``"other"`` being what no named step covers.
 
     Returns
     -------
@@ -126,13 +149,18 @@ def calibrate_exposure(
         ``"fail"``.
     """
     config = config or CalibrationConfig()
-    state = state_from_exposure(exposure, config)
-    run_pixel_steps(state, config)
-    fit_astrometry(state, refcat, config)
-    fit_zero_point(state, config.photometry, match_radius=config.astrometry.match_radius)
-    src = make_catalogue(state, config)
-    calexp = make_calexp(state, config)
-    return calexp, src, make_summary(state, src)
+    with timed(profile, "other"):
+        state = state_from_exposure(exposure, config)
+        state.profile = profile
+        run_pixel_steps(state, config)
+        with timed(profile, "astrometry"):
+            fit_astrometry(state, refcat, config)
+        with timed(profile, "photometry"):
+            fit_zero_point(state, config.photometry, match_radius=config.astrometry.match_radius)
+        src = make_catalogue(state, config)
+        calexp = make_calexp(state, config)
+        summary = make_summary(state, src)
+    return calexp, src, summary
 
 
 def process_arrays(
@@ -143,6 +171,7 @@ def process_arrays(
     psf_fwhm: float | None = None,
     config: CalibrationConfig | None = None,
     planes: MaskPlanes = DEFAULT_PLANES,
+    profile: StepProfile | None = None,
 ) -> CalibrateState:
     """The pixel steps of :func:`calibrate_exposure` on bare arrays (no WCS, no reference catalogue).
 
@@ -160,6 +189,8 @@ def process_arrays(
         First guess of the seeing FWHM, pixels; default ``config.detection.initial_fwhm_arcsec``
         at 0.2"/pixel.
     config : CalibrationConfig, optional
+    profile : StepProfile, optional
+        Records each step's CPU, wall time and peak memory (see :func:`calibrate_exposure`).
 
     Returns
     -------
@@ -169,10 +200,12 @@ def process_arrays(
         corrected), ``psf_model``, ``psf`` and ``psf_info``, ``cand``/``used``/``reserved``.
     """
     config = config or CalibrationConfig()
-    state = make_state(image, variance, mask, planes, config.min_usable_pixels)
-    if psf_fwhm is not None:
-        state.sigma0 = float(psf_fwhm) / SIGMA_TO_FWHM
-    else:
-        state.sigma0 = max(config.detection.initial_fwhm_arcsec / 0.2 / SIGMA_TO_FWHM, 0.7)
-    run_pixel_steps(state, config)
+    with timed(profile, "other"):
+        state = make_state(image, variance, mask, planes, config.min_usable_pixels)
+        state.profile = profile
+        if psf_fwhm is not None:
+            state.sigma0 = float(psf_fwhm) / SIGMA_TO_FWHM
+        else:
+            state.sigma0 = max(config.detection.initial_fwhm_arcsec / 0.2 / SIGMA_TO_FWHM, 0.7)
+        run_pixel_steps(state, config)
     return state

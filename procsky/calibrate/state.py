@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +20,101 @@ from procsky.kernels.psfmodel import PsfModelArrays
 from procsky.masks import MaskPlanes
 from procsky.photocalib import PhotoCalib
 
-__all__ = ["CalibrateState"]
+__all__ = ["CalibrateState", "StepProfile", "timed"]
 
 #: the mask planes the steps set or read, by name
 PLANE_NAMES = ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "NO_DATA", "STREAK")
+
+
+def _rss_high_water_mb() -> float:
+    """The process's resident-set high-water mark (``VmHWM``), MB; NaN where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _reset_high_water() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0: ``5`` into
+    ``/proc/self/clear_refs``); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class StepProfile:
+    """CPU (``time.process_time``), wall (``time.perf_counter``) and peak memory of each calibrate step.
+
+    Steps are named and may nest (a kernel's phase inside a step): a step's CPU and wall are its own,
+    without the nested steps' (so the rows add up to the whole), and a step that runs several times
+    sums its runs. The peak memory of a step is the process's resident-set high-water mark while it
+    ran (its nested steps included), read from the kernel, which resets the mark at each step
+    boundary (``/proc/self/clear_refs``): exact, and no sampling thread. With ``memory=False``
+    (or where the mark cannot be reset) peaks are NaN. Not thread-safe: one calibrate per profile.
+    """
+
+    def __init__(self, memory: bool = True) -> None:
+        self.memory = bool(memory) and _reset_high_water()
+        self.rows: dict[str, list[float]] = {}
+        self._stack: list[list[float]] = []  # per open step: [child cpu, child wall, peak MB]
+        self.peak_mb = float("nan")
+        self.start_rss_mb = float("nan")
+
+    def _fold_peak(self) -> float:
+        """The high-water mark since the last reset, folded into every open step's peak, then reset."""
+        hwm = _rss_high_water_mb()
+        for frame in self._stack:
+            frame[2] = hwm if np.isnan(frame[2]) else max(frame[2], hwm)
+        _reset_high_water()
+        return hwm
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        if self.memory:
+            if not self._stack:
+                self.start_rss_mb = _rss_high_water_mb() if np.isnan(self.start_rss_mb) else self.start_rss_mb
+            self._fold_peak()
+        frame = [0.0, 0.0, float("nan")]
+        self._stack.append(frame)
+        c0, w0 = time.process_time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            if self.memory:
+                self._fold_peak()
+            self._stack.pop()
+            row = self.rows.setdefault(name, [0.0, 0.0, float("nan"), 0])
+            row[0] += cpu - frame[0]
+            row[1] += wall - frame[1]
+            row[2] = max(row[2], frame[2]) if not np.isnan(row[2]) else frame[2]
+            row[3] += 1
+            if self._stack:
+                parent = self._stack[-1]
+                parent[0] += cpu
+                parent[1] += wall
+                parent[2] = max(parent[2], frame[2]) if not np.isnan(parent[2]) else frame[2]
+            elif self.memory:
+                self.peak_mb = frame[2] if np.isnan(self.peak_mb) else max(self.peak_mb, frame[2])
+
+    def table(self) -> list[dict[str, Any]]:
+        """One dict per step in the order first run: ``step``, ``calls``, ``cpu_s``, ``wall_s``, ``peak_mb``."""
+        return [
+            {"step": k, "calls": int(v[3]), "cpu_s": v[0], "wall_s": v[1], "peak_mb": v[2]}
+            for k, v in self.rows.items()
+        ]
+
+
+def timed(profile: StepProfile | None, name: str) -> contextlib.AbstractContextManager[None]:
+    """``profile.step(name)``, or a context that does nothing without a profile."""
+    return contextlib.nullcontext() if profile is None else profile.step(name)
 
 
 def _later() -> Any:
@@ -40,7 +134,8 @@ class CalibrateState:
     """
 
     image: np.ndarray
-    """Input image, float32, non-finite or zero-variance pixels set to 0."""
+    """Input image, float32, non-finite or zero-variance pixels set to 0 (the input array itself when it
+    is float32 without such pixels: the steps never write it)."""
     variance: np.ndarray
     """Variance plane of the calexp, float32 (inf where the input is unusable)."""
     mask: np.ndarray
@@ -53,15 +148,19 @@ class CalibrateState:
     var_det: np.ndarray
     """Variance used by detection and measurement (0 where the input's is not finite)."""
     xy0: tuple[int, int] = (0, 0)
+    profile: StepProfile | None = field(default=None, repr=False)
+    """Per-step CPU, wall and peak memory, recorded when set (``calibrate_exposure(profile=...)``)."""
     exposure: Exposure = _later()
     """The computed input exposure (unset when the steps run on bare arrays)."""
 
     # background and cosmic rays
     sub: np.ndarray = _later()
-    background_first: Background = _later()
+    background_first: Background | None = None
+    """The first-pass background, until the second pass replaces it (then None)."""
     background: Background = _later()
     cosmic_rays: CosmicRayResult | None = None
-    """L.A.Cosmic's result (None when cosmic rays are not searched)."""
+    """L.A.Cosmic's result (None when cosmic rays are not searched), without its image and variance
+    planes (None: the repaired values are in ``sub``, ``var_det`` and ``variance``)."""
     n_cr: int = 0
     n_cr_sources: int = 0
     # detection
@@ -70,6 +169,8 @@ class CalibrateState:
     sigma: float = float("nan")
     """Gaussian sigma of the stellar locus, pixels."""
     det: DetectionResult = _later()
+    """The final detections; ``significance`` and ``detected`` are empty (0 x 0): the DETECTED plane
+    of ``mask`` holds the grown footprints."""
     child_ids: np.ndarray = _later()
     streaks: list[dict] = field(default_factory=list)
     streak_model: np.ndarray | None = None

@@ -44,8 +44,9 @@ class Background(NamedTuple):
     ----------
     background : ndarray (ny, nx) float32
         Smooth background model.
-    rms : ndarray (ny, nx) float32
-        Smooth background RMS model (per pixel noise of the sky).
+    rms : ndarray (ny, nx) float32 or None
+        Smooth background RMS model (per pixel noise of the sky); None when not interpolated to
+        every pixel (``estimate_background(rms_plane=False)``): :meth:`rms_at` gives it where needed.
     mesh_background, mesh_rms : ndarray (nby, nbx) float64
         Filtered per-box values the maps are interpolated from.
     global_background, global_rms : float
@@ -55,12 +56,25 @@ class Background(NamedTuple):
     """
 
     background: np.ndarray
-    rms: np.ndarray
+    rms: np.ndarray | None
     mesh_background: np.ndarray
     mesh_rms: np.ndarray
     global_background: float
     global_rms: float
     box_size: tuple
+
+    def rms_at(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The RMS map at integer pixels (y, x), float32: the same values as ``rms[y, x]``, computed
+        from the mesh when the map was not made."""
+        y = np.asarray(y, dtype=np.int64)
+        x = np.asarray(x, dtype=np.int64)
+        if self.rms is not None:
+            return self.rms[y, x]
+        ny, nx = self.background.shape
+        by, bx = self.box_size
+        return interpolate_mesh_at(
+            np.asarray(self.mesh_rms, dtype=np.float64), ny, nx, by, bx, y.ravel(), x.ravel()
+        ).reshape(y.shape)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -382,6 +396,53 @@ def _spline_eval(yv, d2, t):
 
 
 @numba.njit(nogil=True, cache=True)
+def _mesh_columns(grid, ny, box_y, ys):
+    """Step 1 of :func:`interpolate_mesh` (along y, every mesh column) at the rows ``ys``."""
+    nby, nbx = grid.shape
+    cols = np.empty((ys.size, nbx))
+    col = np.empty(nby)
+    for j in range(nbx):
+        for i in range(nby):
+            col[i] = grid[i, j]
+        d2 = _spline_d2(col)
+        for k in range(ys.size):
+            t = (ys[k] + 0.5) / box_y - 0.5
+            cols[k, j] = _spline_eval(col, d2, t)
+    return cols
+
+
+@numba.njit(nogil=True, cache=True)
+def interpolate_mesh_at(grid, ny, nx, box_y, box_x, ys, xs):
+    """:func:`interpolate_mesh` at the pixels (ys, xs) only (integer arrays): the same arithmetic,
+    the same float32 values as the full map there."""
+    nby, nbx = grid.shape
+    cols = _mesh_columns(grid, ny, box_y, ys)
+    out = np.empty(ys.size, dtype=np.float32)
+    row = np.empty(nbx)
+    for n in range(ys.size):
+        for j in range(nbx):
+            row[j] = cols[n, j]
+        if nbx == 1:
+            out[n] = row[0]
+            continue
+        d2 = _spline_d2(row)
+        t = (xs[n] + 0.5) / box_x - 0.5
+        k = int(np.floor(t))
+        if k < 0:
+            k = 0
+        if k > nbx - 2:
+            k = max(nbx - 2, 0)
+        b = t - k
+        a = 1.0 - b
+        if nbx == 2:
+            wa, wb, wc, wd = a, b, 0.0, 0.0
+        else:
+            wa, wb, wc, wd = a, b, (a * a * a - a) / 6.0, (b * b * b - b) / 6.0
+        out[n] = wa * row[k] + wb * row[k + 1] + wc * d2[k] + wd * d2[k + 1]
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
 def interpolate_mesh(grid, ny, nx, box_y, box_x):
     """Natural bicubic spline interpolation of a box mesh to every pixel.
 
@@ -471,6 +532,7 @@ def estimate_background(
     max_iter=20,
     min_fraction=0.5,
     extrapolate_edges=True,
+    rms_plane=True,
 ):
     """Estimate the sky background and its RMS (SExtractor-like mesh + bicubic spline).
 
@@ -495,6 +557,9 @@ def estimate_background(
         Minimum fraction of good pixels for a box to be used directly.
     extrapolate_edges : bool
         See :func:`fill_and_filter_mesh` (False = exactly SExtractor's edge handling).
+    rms_plane : bool
+        Interpolate the RMS to every pixel (``rms``); False leaves ``rms`` None (a whole-frame
+        plane less) and :meth:`Background.rms_at` evaluates it where needed.
 
     Returns
     -------
@@ -528,7 +593,7 @@ def estimate_background(
     back_mesh, rms_mesh = fill_and_filter_mesh(back_mesh, rms_mesh, filter_size, extrapolate_edges)
     ny, nx = image.shape
     back = interpolate_mesh(back_mesh, ny, nx, by, bx)
-    rms = interpolate_mesh(rms_mesh, ny, nx, by, bx)
+    rms = interpolate_mesh(rms_mesh, ny, nx, by, bx) if rms_plane else None
     return Background(
         background=back,
         rms=rms,

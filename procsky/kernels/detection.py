@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -179,6 +180,89 @@ def convolve_2d(image, kernel):
     return out
 
 
+@numba.njit(nogil=True, cache=True)
+def _clean_row(image, variance, bad, use_bad, y, prow, vrow, hx):
+    """Row ``y`` of the planes :func:`_prepare` makes (bad and non-finite pixels 0), float32, into
+    zero-padded buffers (``hx`` zeros each side)."""
+    nx = image.shape[1]
+    for x in range(nx):
+        i = image[y, x]
+        v = variance[y, x]
+        if (use_bad and bad[y, x]) or not np.isfinite(i) or not np.isfinite(v):
+            prow[x + hx] = 0.0
+            vrow[x + hx] = 0.0
+        else:
+            prow[x + hx] = i
+            vrow[x + hx] = v
+
+
+@numba.njit(nogil=True, cache=True)
+def _significance_rows(image, variance, bad, use_bad, g, g2):
+    """``_ratio_sqrt(convolve_separable(img, g, g), convolve_separable(var, g2, g2))`` of the planes
+    :func:`_prepare` makes, in one sweep: the same float32 sums in the same order, the x pass of
+    each row computed once into a ring of ``2 h + 1`` rows, so that no whole-frame temporary is
+    made (prepared planes, the two x-pass planes, numerator and denominator)."""
+    ny, nx = image.shape
+    h = g.size // 2
+    n = 2 * h + 1
+    k32 = g.astype(np.float32)
+    k232 = g2.astype(np.float32)
+    ring_i = np.empty((n, nx), dtype=np.float32)
+    ring_v = np.empty((n, nx), dtype=np.float32)
+    prow = np.zeros(nx + 2 * h, dtype=np.float32)
+    vrow = np.zeros(nx + 2 * h, dtype=np.float32)
+    acc_i = np.empty(nx, dtype=np.float32)
+    acc_v = np.empty(nx, dtype=np.float32)
+    out = np.zeros((ny, nx), dtype=np.float32)
+    done = 0  # x-pass rows computed: 0 .. done - 1
+    for y in range(ny):
+        top = min(ny - 1, y + h)
+        while done <= top:
+            _clean_row(image, variance, bad, use_bad, done, prow, vrow, h)
+            r = done % n
+            acc_i[:] = 0.0
+            for k in range(k32.size):
+                w = k32[k]
+                for x in range(nx):
+                    acc_i[x] += w * prow[x + k]
+            ring_i[r, :] = acc_i
+            acc_v[:] = 0.0
+            for k in range(k232.size):
+                w = k232[k]
+                for x in range(nx):
+                    acc_v[x] += w * vrow[x + k]
+            ring_v[r, :] = acc_v
+            done += 1
+        acc_i[:] = 0.0
+        for k in range(max(0, y - h) - y, top - y + 1):
+            w = k32[k + h]
+            row = ring_i[(y + k) % n]
+            for x in range(nx):
+                acc_i[x] += w * row[x]
+        acc_v[:] = 0.0
+        for k in range(max(0, y - h) - y, top - y + 1):
+            w = k232[k + h]
+            row = ring_v[(y + k) % n]
+            for x in range(nx):
+                acc_v[x] += w * row[x]
+        for x in range(nx):
+            d = acc_v[x]
+            if d > 0:
+                out[y, x] = acc_i[x] / np.sqrt(d)
+    return out
+
+
+def _significance_gaussian(image, variance, bad, sigma):
+    """:func:`significance_image` with a Gaussian of ``sigma`` and no extra variance, without
+    whole-frame temporaries (:func:`_significance_rows`); the same float32 values."""
+    image = np.asarray(image)
+    variance = np.broadcast_to(np.asarray(variance, dtype=np.float32), image.shape)
+    use_bad = bad is not None
+    badm = np.asarray(bad, dtype=bool) if use_bad else np.zeros((1, 1), dtype=bool)
+    g = gaussian_kernel_1d(float(sigma))
+    return _significance_rows(image, variance, badm, use_bad, g, g * g)
+
+
 def significance_image(image, variance, *, sigma=None, kernel=None, bad=None, extra_variance=None):
     """Matched-filter significance ``conv(I, g) / sqrt(conv(V, g^2) + E)``.
 
@@ -286,20 +370,28 @@ def label_components(mask):
         for x in range(nx):
             if not mask[y, x]:
                 continue
+            # already-visited neighbours W, NW, N, NE; a decision tree (Wu, Otoo & Suzuki 2005):
+            # N is joined to NW and NE when they were visited, and W to NW and N, so only the
+            # pairs not yet joined are merged (the same components; labels are numbered below)
             best = 0
-            # already-visited neighbours: W, NW, N, NE
-            for dy, dx in ((0, -1), (-1, -1), (-1, 0), (-1, 1)):
-                yy = y + dy
-                xx = x + dx
-                if yy < 0 or xx < 0 or xx >= nx:
-                    continue
-                lab = labels[yy, xx]
-                if lab == 0:
-                    continue
-                if best == 0:
-                    best = lab
-                elif lab != best:
-                    _union(parent, best, lab)
+            n_ = labels[y - 1, x] if y > 0 else 0
+            if n_ != 0:
+                best = n_
+            else:
+                w_ = labels[y, x - 1] if x > 0 else 0
+                ne = labels[y - 1, x + 1] if y > 0 and x + 1 < nx else 0
+                if w_ != 0:
+                    best = w_
+                    if ne != 0 and ne != best:
+                        _union(parent, best, ne)
+                else:
+                    nw = labels[y - 1, x - 1] if y > 0 and x > 0 else 0
+                    if nw != 0:
+                        best = nw
+                        if ne != 0 and ne != best:
+                            _union(parent, best, ne)
+                    elif ne != 0:
+                        best = ne
             if best == 0:
                 nprov += 1
                 if nprov >= parent.size:
@@ -982,6 +1074,7 @@ def detect_sources(
     saturated_grow=2.0,
     threshold="variance",
     extra_variance=None,
+    timer=None,
 ):
     """Detect sources on a background-subtracted image.
 
@@ -1042,6 +1135,9 @@ def detect_sources(
     extra_variance : ndarray (ny, nx), optional
         Variance of the filtered image beyond the pixel variance (see
         :func:`significance_image`); used by the detection threshold, not by deblending.
+    timer : callable, optional
+        ``timer(name)`` returns a context manager timing a phase: the deblending runs inside
+        ``timer("deblending")`` (a profile of the caller's steps).
 
     Returns
     -------
@@ -1055,8 +1151,14 @@ def detect_sources(
     bad = None
     if mask is not None and bad_bits:
         bad = (np.asarray(mask) & np.uint32(bad_bits)) != 0
-    img_p, var_p = _prepared_planes(img if polarity == 1 else -img, variance, bad)
-    nu = _significance_prepared(img_p, var_p, psf_sigma, kernel, extra_variance)
+    signed = img if polarity == 1 else -img
+    if kernel is None and psf_sigma is not None and extra_variance is None:
+        # the Gaussian filter in one sweep, without whole-frame temporaries (same values)
+        img_p = var_p = None
+        nu = _significance_gaussian(signed, variance, bad, psf_sigma)
+    else:
+        img_p, var_p = _prepared_planes(signed, variance, bad)
+        nu = _significance_prepared(img_p, var_p, psf_sigma, kernel, extra_variance)
     if grow is None:
         grow = 2.4 * psf_sigma if psf_sigma is not None else 0.0
     if threshold not in ("variance", "empirical"):
@@ -1073,28 +1175,33 @@ def detect_sources(
         keep[0] = False
         above = keep[labels]
     detected = grow_mask(above, float(grow)) if grow > 0 else above
+    del labels, above  # whole-frame planes not needed any more
     footprints, nfp = label_components(detected)
     if deblend:
-        nu_db = nu
-        s_db = psf_sigma if psf_sigma is not None else 1.0
-        if psf_sigma is not None and kernel is None and deblend_sigma_factor != 1.0:
-            s_db = max(0.3, deblend_sigma_factor * psf_sigma)
-            nu_db = _significance_prepared(img_p, var_p, s_db, None, None)
-        children, peaks = deblend_footprints(
-            nu_db,
-            footprints,
-            nfp,
-            float(deblend_contrast),
-            float(deblend_min_contrast_frac),
-            int(max_children),
-            float(deblend_false_peak_rate),
-            float(max(1.0, 4.0 * np.pi * s_db * s_db)),
-        )
-        if mask is not None and saturated_bits:
-            sat = (np.asarray(mask) & np.uint32(saturated_bits)) != 0
-            if sat.any():
-                sat_labels, _ = label_components(grow_mask(sat, float(saturated_grow)))
-                children, peaks = merge_saturated_children(children, peaks, sat_labels, sat)
+        with contextlib.nullcontext() if timer is None else timer("deblending"):
+            nu_db = nu
+            s_db = psf_sigma if psf_sigma is not None else 1.0
+            if psf_sigma is not None and kernel is None and deblend_sigma_factor != 1.0:
+                s_db = max(0.3, deblend_sigma_factor * psf_sigma)
+                if img_p is None:
+                    nu_db = _significance_gaussian(signed, variance, bad, s_db)
+                else:
+                    nu_db = _significance_prepared(img_p, var_p, s_db, None, None)
+            children, peaks = deblend_footprints(
+                nu_db,
+                footprints,
+                nfp,
+                float(deblend_contrast),
+                float(deblend_min_contrast_frac),
+                int(max_children),
+                float(deblend_false_peak_rate),
+                float(max(1.0, 4.0 * np.pi * s_db * s_db)),
+            )
+            if mask is not None and saturated_bits:
+                sat = (np.asarray(mask) & np.uint32(saturated_bits)) != 0
+                if sat.any():
+                    sat_labels, _ = label_components(grow_mask(sat, float(saturated_grow)))
+                    children, peaks = merge_saturated_children(children, peaks, sat_labels, sat)
     else:
         children = footprints
         peaks = _footprint_peaks(nu, footprints, nfp)

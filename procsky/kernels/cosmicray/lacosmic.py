@@ -54,7 +54,8 @@ class CosmicRayResult(NamedTuple):
     mask : ndarray (ny, nx) bool
         True on cosmic-ray pixels.
     image : ndarray (ny, nx) float32
-        Image with the CR pixels replaced by the median of their good neighbours.
+        Image with the CR pixels replaced by the median of their good neighbours (a caller that
+        has taken the values may keep the result without it: None).
     variance : ndarray (ny, nx) float32 or None
         Variance repaired the same way (None when no variance was given).
     n_pixels : int
@@ -65,8 +66,8 @@ class CosmicRayResult(NamedTuple):
     """
 
     mask: np.ndarray
-    image: np.ndarray
-    variance: np.ndarray
+    image: np.ndarray | None
+    variance: np.ndarray | None
     n_pixels: int
     psf_ratio: float = float("nan")
 

@@ -75,8 +75,20 @@ def fwhm_of_peak_ratio(ratio: float) -> float:
     return 0.5 * (lo + hi)
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _px(image, variance, bad, use_bad, y, x):
+    """(bad, value, variance) of pixel (y, x) as the kernels see it: float64, and (True, 0, 0) where
+    ``bad`` (with ``use_bad``) or either plane is not finite. Read where needed, so that no
+    whole-frame cleaned copy is built for tests that look at a few pixels."""
+    i = np.float64(image[y, x])
+    v = np.float64(variance[y, x])
+    if (use_bad and bad[y, x]) or not np.isfinite(i) or not np.isfinite(v):
+        return True, 0.0, 0.0
+    return False, i, v
+
+
 @numba.njit(nogil=True, cache=True)
-def _peak_ratios(image, variance, bad, snr_min):
+def _peak_ratios(image, variance, bad, use_bad, snr_min):
     """(ratio, its noise) of every local maximum (8 neighbours, none bad) with peak/noise above
     ``snr_min``: ratio = the smallest of the row, column and (square-rooted) diagonal
     neighbour-mean over peak ratios."""
@@ -86,16 +98,18 @@ def _peak_ratios(image, variance, bad, snr_min):
     n = 0
     for y in range(1, ny - 1):
         for x in range(1, nx - 1):
-            v = image[y, x]
-            if v <= 0.0 or bad[y, x] or not variance[y, x] > 0.0:
+            b0, v, var0 = _px(image, variance, bad, use_bad, y, x)
+            if v <= 0.0 or b0 or not var0 > 0.0:
                 continue
-            if v < snr_min * math.sqrt(variance[y, x]):
+            if v < snr_min * math.sqrt(var0):
                 continue
             ok = True
             for yy in range(y - 1, y + 2):
                 for xx in range(x - 1, x + 2):
-                    if (yy != y or xx != x) and (bad[yy, xx] or image[yy, xx] >= v):
-                        ok = False
+                    if yy != y or xx != x:
+                        bn, vn, _ = _px(image, variance, bad, use_bad, yy, xx)
+                        if bn or vn >= v:
+                            ok = False
             if not ok or n >= out_r.size:
                 continue
             # row, column, and the two diagonals (whose ratio is about the square of the row's
@@ -104,23 +118,17 @@ def _peak_ratios(image, variance, bad, snr_min):
             err = 0.0
             for k in range(4):
                 if k == 0:
-                    a, va, b, vb = image[y, x - 1], variance[y, x - 1], image[y, x + 1], variance[y, x + 1]
+                    _, a, va = _px(image, variance, bad, use_bad, y, x - 1)
+                    _, b, vb = _px(image, variance, bad, use_bad, y, x + 1)
                 elif k == 1:
-                    a, va, b, vb = image[y - 1, x], variance[y - 1, x], image[y + 1, x], variance[y + 1, x]
+                    _, a, va = _px(image, variance, bad, use_bad, y - 1, x)
+                    _, b, vb = _px(image, variance, bad, use_bad, y + 1, x)
                 elif k == 2:
-                    a, va, b, vb = (
-                        image[y - 1, x - 1],
-                        variance[y - 1, x - 1],
-                        image[y + 1, x + 1],
-                        variance[y + 1, x + 1],
-                    )
+                    _, a, va = _px(image, variance, bad, use_bad, y - 1, x - 1)
+                    _, b, vb = _px(image, variance, bad, use_bad, y + 1, x + 1)
                 else:
-                    a, va, b, vb = (
-                        image[y - 1, x + 1],
-                        variance[y - 1, x + 1],
-                        image[y + 1, x - 1],
-                        variance[y + 1, x - 1],
-                    )
+                    _, a, va = _px(image, variance, bad, use_bad, y - 1, x + 1)
+                    _, b, vb = _px(image, variance, bad, use_bad, y + 1, x - 1)
                 q = 0.5 * (a + b) / v
                 e = 0.5 * math.sqrt(va + vb) / v
                 if k >= 2:
@@ -137,26 +145,10 @@ def _peak_ratios(image, variance, bad, snr_min):
     return out_r[:n], out_e[:n]
 
 
-@numba.njit(nogil=True, cache=True)
-def _clean_planes_kernel(image, variance, bad, use_bad):
-    ny, nx = image.shape
-    img = np.empty((ny, nx))
-    var = np.empty((ny, nx))
-    badm = np.empty((ny, nx), dtype=np.bool_)
-    for y in range(ny):
-        for x in range(nx):
-            i = np.float64(image[y, x])
-            v = np.float64(variance[y, x])
-            b = (use_bad and bad[y, x]) or not np.isfinite(i) or not np.isfinite(v)
-            badm[y, x] = b
-            img[y, x] = 0.0 if b else i
-            var[y, x] = 0.0 if b else v
-    return img, var, badm
-
-
-def _clean_planes(image, variance, bad):
-    """float64 image and variance with 0 at the ``bad`` and non-finite pixels, and that mask, in one
-    pass (the kernels' inputs)."""
+def _raw_planes(image, variance, bad):
+    """The kernels' inputs: image and variance as float32 or float64 (no copy when already), the
+    ``bad`` mask at their shape (a (1, 1) placeholder without one) and whether it is used. The
+    kernels clean each pixel as they read it (:func:`_px`)."""
     image = np.asarray(image)
     variance = np.asarray(variance)
     if image.ndim != 2 or variance.shape != image.shape:
@@ -169,7 +161,7 @@ def _clean_planes(image, variance, bad):
     badm = np.asarray(bad, dtype=bool) if use_bad else np.zeros((1, 1), dtype=bool)
     if use_bad and badm.shape != image.shape:
         badm = np.ascontiguousarray(np.broadcast_to(badm, image.shape))
-    return _clean_planes_kernel(image, variance, badm, use_bad)
+    return image, variance, badm, use_bad
 
 
 def estimate_peak_ratio(
@@ -208,8 +200,8 @@ def estimate_peak_ratio(
     n : int
         Number of star-like peaks.
     """
-    img, var, badm = _clean_planes(image, variance, bad)
-    q, e = _peak_ratios(img, var, badm, float(snr_min))
+    img, var, badm, use_bad = _raw_planes(image, variance, bad)
+    q, e = _peak_ratios(img, var, badm, use_bad, float(snr_min))
     star = q > np.maximum(min_ratio, 5.0 * e)
     n = int(star.sum())
     if n < min_peaks:
@@ -264,12 +256,51 @@ def peak_verdict(img, var, ignore, f1, f2, f3, y, x, rf, rf_diag, nsigma):
 
 
 @numba.njit(nogil=True, cache=True)
-def _sharper_than_psf(image, variance, bad, cand, rf, rf_diag, nsigma, out):
+def _raw_verdict(image, variance, bad, use_bad, y, x, rf, rf_diag, nsigma):
+    """:func:`peak_verdict` with ``bad`` as ignore and flags, reading the planes through :func:`_px`."""
+    ny, nx = image.shape
+    _, v0, var0 = _px(image, variance, bad, use_bad, y, x)
+    if v0 <= 0.0:
+        return 0
+    var0 = var0 if var0 > 0.0 else 0.0
+    decisive = False
+    for d in range(4):
+        if d == 0:
+            dy, dx, r = 0, 1, rf
+        elif d == 1:
+            dy, dx, r = 1, 0, rf
+        elif d == 2:
+            dy, dx, r = 1, 1, rf_diag
+        else:
+            dy, dx, r = 1, -1, rf_diag
+        y1 = y - dy
+        x1 = x - dx
+        y2 = y + dy
+        x2 = x + dx
+        if min(y1, y2) < 0 or min(x1, x2) < 0 or max(y1, y2) >= ny or max(x1, x2) >= nx:
+            continue
+        b1, i1, v1 = _px(image, variance, bad, use_bad, y1, x1)
+        b2, i2, v2 = _px(image, variance, bad, use_bad, y2, x2)
+        if b1 or b2:
+            continue
+        p = 0.5 * (i1 + i2)
+        sd = math.sqrt(r * r * var0 + 0.25 * (max(v1, 0.0) + max(v2, 0.0)))
+        if r * v0 - p > nsigma * sd:
+            return -1
+        if r * v0 > 2.0 * nsigma * sd:
+            decisive = True
+    return 1 if decisive else 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _sharper_than_psf(image, variance, bad, use_bad, cand, rf, rf_diag, nsigma, out):
     ny, nx = image.shape
     for y in range(ny):
         for x in range(nx):
-            if cand[y, x] and variance[y, x] > 0.0:
-                out[y, x] = peak_verdict(image, variance, bad, bad, bad, bad, y, x, rf, rf_diag, nsigma) < 0
+            if cand[y, x]:
+                _, _, v = _px(image, variance, bad, use_bad, y, x)
+                if v > 0.0:
+                    out[y, x] = _raw_verdict(image, variance, bad, use_bad, y, x, rf, rf_diag, nsigma) < 0
 
 
 def sharper_than_psf(
@@ -306,12 +337,13 @@ def sharper_than_psf(
     -------
     ndarray (ny, nx) bool
     """
-    img, var, badm = _clean_planes(image, variance, bad)
+    img, var, badm, use_bad = _raw_planes(image, variance, bad)
     out = np.zeros(img.shape, bool)
     _sharper_than_psf(
         img,
         var,
         badm,
+        use_bad,
         np.ascontiguousarray(candidates, dtype=bool),
         float(margin) * float(ratio),
         float(margin) * float(ratio) ** 2,
@@ -322,7 +354,7 @@ def sharper_than_psf(
 
 
 @numba.njit(nogil=True, cache=True)
-def _psf_shaped_peaks(image, variance, bad, xs, ys, rf, rf_diag, nsigma, out):
+def _psf_shaped_peaks(image, variance, bad, use_bad, xs, ys, rf, rf_diag, nsigma, out):
     ny, nx = image.shape
     for k in range(xs.size):
         if not (np.isfinite(xs[k]) and np.isfinite(ys[k])):
@@ -335,11 +367,15 @@ def _psf_shaped_peaks(image, variance, bad, xs, ys, rf, rf_diag, nsigma, out):
         best = -np.inf
         for yy in range(max(1, cy - 1), min(ny - 1, cy + 2)):
             for xx in range(max(1, cx - 1), min(nx - 1, cx + 2)):
-                if not bad[yy, xx] and image[yy, xx] > best:
-                    best = image[yy, xx]
+                bb, vv, _ = _px(image, variance, bad, use_bad, yy, xx)
+                if not bb and vv > best:
+                    best = vv
                     by = yy
                     bx = xx
-        if by < 0 or not best > 0.0 or not variance[by, bx] > 0.0:
+        if by < 0 or not best > 0.0:
+            continue
+        _, _, var0 = _px(image, variance, bad, use_bad, by, bx)
+        if not var0 > 0.0:
             continue
         shaped = True
         for d in range(2):
@@ -347,17 +383,19 @@ def _psf_shaped_peaks(image, variance, bad, xs, ys, rf, rf_diag, nsigma, out):
             x1 = bx - (1 - d)
             y2 = by + d
             x2 = bx + (1 - d)
-            if bad[y1, x1] or bad[y2, x2]:
+            b1, i1, v1 = _px(image, variance, bad, use_bad, y1, x1)
+            b2, i2, v2 = _px(image, variance, bad, use_bad, y2, x2)
+            if b1 or b2:
                 shaped = False
                 break
-            p = 0.5 * (image[y1, x1] + image[y2, x2])
-            sd = math.sqrt(rf * rf * variance[by, bx] + 0.25 * (variance[y1, x1] + variance[y2, x2]))
+            p = 0.5 * (i1 + i2)
+            sd = math.sqrt(rf * rf * var0 + 0.25 * (v1 + v2))
             # decisive (a hit this bright would show its dark pair) and not sharper than the PSF
             if rf * best <= 2.0 * nsigma * sd or rf * best - p > nsigma * sd:
                 shaped = False
                 break
         # nor sharper along a diagonal (a hit crossing the pixel grid at 45 degrees)
-        if shaped and peak_verdict(image, variance, bad, bad, bad, bad, by, bx, rf, rf_diag, nsigma) < 0:
+        if shaped and _raw_verdict(image, variance, bad, use_bad, by, bx, rf, rf_diag, nsigma) < 0:
             shaped = False
         out[k] = shaped
 
@@ -383,7 +421,7 @@ def psf_shaped_peaks(
     -------
     ndarray (n,) bool
     """
-    img, var, badm = _clean_planes(image, variance, bad)
+    img, var, badm, use_bad = _raw_planes(image, variance, bad)
     xs = np.ascontiguousarray(x, dtype=np.float64)
     ys = np.ascontiguousarray(y, dtype=np.float64)
     out = np.zeros(xs.size, bool)
@@ -391,6 +429,7 @@ def psf_shaped_peaks(
         img,
         var,
         badm,
+        use_bad,
         xs,
         ys,
         float(margin) * float(ratio),

@@ -39,7 +39,7 @@ class SharpSourceResult(NamedTuple):
         ``(chi2 - dof) / sqrt(2 dof)`` of that fit.
     nu_clean : ndarray (n,) float
         PSF-fit significance after the sharp pixels are excluded.
-    repair : ndarray (ny, nx) float
+    repair : ndarray (ny, nx) float32
         On ``cr_pixels``: the clean PSF + plane fit there (NaN elsewhere).
     """
 
@@ -341,7 +341,8 @@ def find_sharp_sources(
         raise ValueError(f"half_width must be >= 2 pixels, got {h}")
     sk = np.zeros(xs.size, bool) if skip is None else np.asarray(skip, bool)
     crpix = np.zeros(img.shape, dtype=np.bool_)
-    repair = np.full(img.shape, np.nan)
+    # float32 like the image the values go into (the same values once stored there), half the memory
+    repair = np.full(img.shape, np.nan, dtype=np.float32)
     out = np.full((xs.size, 5), np.nan)
     out[:, 3:] = 0.0
     _sharp_sources_kernel(

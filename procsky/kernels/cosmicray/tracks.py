@@ -40,7 +40,7 @@ class TrackResult(NamedTuple):
         PSF significance left in the joint fit PSF + line + plane.
     theta : ndarray (n,) float
         Position angle of the best line, radians from +x.
-    repair : ndarray (ny, nx) float
+    repair : ndarray (ny, nx) float32
         On ``cr_pixels``: the plane and PSF parts of the joint fit there.
     """
 
@@ -249,6 +249,36 @@ def _star_gain(m, dres, dres2, w, use, h, Gi, p_perp, pp):
 
 
 @numba.njit(nogil=True, cache=True)
+def _star_gain_sparse(start, jj, ii, val, t, dres2, w, use, h, Gi, p_perp, pp):
+    """``(md2, mm2)`` of :func:`_star_gain` for template ``t`` of a bank given by its non-zero
+    pixels (:func:`_bank_nonzeros`): the same sums over the same pixels in the same order."""
+    md2 = 0.0
+    mm = 0.0
+    mp = 0.0
+    q0 = 0.0
+    q1 = 0.0
+    q2 = 0.0
+    for c in range(start[t], start[t + 1]):
+        j = jj[c]
+        i = ii[c]
+        if use[j, i]:
+            mv = val[c]
+            ww = w[j, i] * mv
+            md2 += ww * dres2[j, i]
+            mm += ww * mv
+            mp += ww * p_perp[j, i]
+            q0 += ww
+            q1 += ww * (i - h)
+            q2 += ww * (j - h)
+    mm -= (
+        q0 * (Gi[0, 0] * q0 + Gi[0, 1] * q1 + Gi[0, 2] * q2)
+        + q1 * (Gi[1, 0] * q0 + Gi[1, 1] * q1 + Gi[1, 2] * q2)
+        + q2 * (Gi[2, 0] * q0 + Gi[2, 1] * q1 + Gi[2, 2] * q2)
+    )
+    return md2, mm - mp * mp / pp
+
+
+@numba.njit(nogil=True, cache=True)
 def _joint_fit(pd, pp, qp, ld, ll, ql, pl, b, Gi):
     """Joint fit ``a P + c L + plane`` from the plane-projected sums of the PSF ``P`` and a
     line ``L`` (``*d``: against the data, ``pp, ll, pl``: norms and cross term, ``q*``: their
@@ -268,7 +298,7 @@ def _joint_fit(pd, pp, qp, ld, ll, ql, pl, b, Gi):
 
 
 @numba.njit(nogil=True, cache=True)
-def _track_on_star(d, w0, p, use, h, a0, model_error, sharp_bank, broad_bank, par, star_gain, best, flag, rep):
+def _track_on_star(d, w0, p, use, h, a0, model_error, sharp_nz, broad_nz, par, star_gain, best, flag, rep):
     """A track across a bright star: the sharp line fitted to the residual of the star's PSF
     + plane fit, against noise plus ``model_error`` of the model (value), and compared with a
     PSF-wide line (a model error is as wide as the PSF). Fills ``flag`` and ``rep`` (the
@@ -299,9 +329,9 @@ def _track_on_star(d, w0, p, use, h, a0, model_error, sharp_bank, broad_bank, pa
     rho_b = 0.0
     l_b = 0.0
     for kind in range(2):
-        bank = sharp_bank if kind == 0 else broad_bank
+        start, jj, ii, val = sharp_nz if kind == 0 else broad_nz
         for t in range(par.shape[0]):
-            md2, mm2, _, _, _, _ = _star_gain(bank[t], dres, dres2, w, use, h, Gi, p_perp, pp)
+            md2, mm2 = _star_gain_sparse(start, jj, ii, val, t, dres2, w, use, h, Gi, p_perp, pp)
             if not (mm2 > 0.0 and md2 > 0.0):
                 continue
             g = md2 * md2 / mm2
@@ -427,7 +457,7 @@ def _track_kernel(
             if not star_gain > 0.0 or iy - h < 0 or iy + h >= ny or ix - h < 0 or ix + h >= nx:
                 continue
             gs, gb = _track_on_star(
-                d, w, p, use, h, pd / pp, model_error, sharp_bank, broad_bank, par, star_gain, best, flag, rep
+                d, w, p, use, h, pd / pp, model_error, sharp_nz, broad_nz, par, star_gain, best, flag, rep
             )
             out[k, 0] = gs
             out[k, 1] = gain_psf
@@ -632,7 +662,8 @@ def find_cr_tracks(
         raise ValueError(f"psf_sigma must be > 0 pixels, got {psf_sigma}")
     sk = np.zeros(xs.size, bool) if skip is None else np.asarray(skip, bool)
     crpix = np.zeros(img.shape, dtype=np.bool_)
-    repair = np.full(img.shape, np.nan)
+    # float32 like the image the values go into (the same values once stored there), half the memory
+    repair = np.full(img.shape, np.nan, dtype=np.float32)
     out = np.full((xs.size, 6), np.nan)
     out[:, 5] = 0.0
     sharp_bank, broad_bank, par = _line_bank(
