@@ -8,7 +8,8 @@ dependence, PSF FWHM, star cores flagged as cosmic rays), on one detector-visit 
 regime recipe of ``procsky.sim``, and prints the matrix of issue 19's "Judged by" for calibrate
 (completeness >= 95 % at S/N >= 10 within 1 px, no star core flagged CR, PSF-flux bias < 0.5 %
 with a pixel-phase amplitude < 0.5 % where undersampled, PSF FWHM within 2 % of the truth's half
-maximum)::
+maximum; the PSF-flux bias over the isolated stars of S/N > 100, with the error of its median and their
+number)::
 
     .venv/bin/python benchmarks/compare_regimes.py                # every regime, small as the reference
     .venv/bin/python benchmarks/compare_regimes.py --recipes undersampled --no-cosmic-rays
@@ -288,6 +289,14 @@ def evaluate(recipe: str, work: Path, *, cosmic_rays: bool = True) -> dict:
     if len(ratio):
         res["psf_flux_scatter_percent"] = float(100 * 1.4826 * np.median(np.abs(ratio - np.median(ratio))))
         res["psf_flux_bias_percent"] = 100.0 * (float(np.median(ratio)) - 1.0)
+        # the error of that median (1.25 sigma / sqrt(n)) from the stars' scatter, or from their PSF-flux
+        # errors when larger or when fewer than 3 stars; the aperture correction's own error (common to all
+        # stars of the frame) is not in it
+        rel_err = (m.psf_flux_err / m.psf_flux).to_numpy()
+        sig = float(np.sqrt(np.mean(rel_err**2)))
+        if len(ratio) >= 3:
+            sig = max(sig, res["psf_flux_scatter_percent"] / 100.0)
+        res["psf_flux_bias_err_percent"] = 100.0 * 1.2533 * sig / np.sqrt(len(ratio))
     if len(ratio) >= 5:
         amp, err = phase_amplitude(ratio, phx, phy)  # centre - corner, fraction
         res["psf_flux_phase_amplitude_percent"] = [100 * amp, 100 * err]
@@ -350,7 +359,7 @@ def print_matrix(rows: list[dict]) -> None:
         ("3sig-pos %", 11),
         ("cores CR", 9),
         ("all cores CR", 13),
-        ("PSF/truth-1 %", 14),
+        ("PSF/truth-1 %(n)", 20),
         ("phase amp %", 14),
         ("FWHM err %", 11),
         ("PSF stars", 10),
@@ -372,7 +381,10 @@ def print_matrix(rows: list[dict]) -> None:
             _fmt(r.get("completeness_snr10_3sigma_percent"), "{:.1f}"),
             cores + ("!" if not cores.startswith("0 ") else ""),
             (lambda a: a + ("!" if not a.startswith("0 ") else ""))(str(r.get("all_star_cores_flagged_cr", "-"))),
-            _fmt(bias, "{:+.2f}") + ("!" if bias is not None and abs(bias) >= 0.5 else ""),
+            _fmt(bias, "{:+.2f}")
+            + (f"+-{r['psf_flux_bias_err_percent']:.2f}" if r.get("psf_flux_bias_err_percent") is not None else "")
+            + f"({r.get('n_bright_stars', '-')})"
+            + ("!" if bias is not None and abs(bias) >= 0.5 else ""),
             (_fmt(ph) + ("!" if undersampled and ph is not None and abs(ph[0]) >= 0.5 else "")) if ph else "-",
             _fmt(fw, "{:+.2f}") + ("!" if fw is not None and abs(fw) > 2 else ""),
             str(r.get("n_psf_stars", "-")),
