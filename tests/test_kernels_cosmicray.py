@@ -492,3 +492,29 @@ def test_psfsharp_criterion_against_its_gaussian_theory():
     hx = np.array([h[1] for h in hits], float)
     hy = np.array([h[0] for h in hits], float)
     assert not psf_shaped_peaks(img, fr.variance, hx, hy, ratio).any()
+
+
+def test_psfsharp_tests_clean_pixels_as_they_read_them():
+    """The PSF-sharpness tests read bad and non-finite pixels as 0 (value and variance) where they
+    look, without cleaned copies of the frame: their answers on a raw frame with a bad mask are those
+    on the frame cleaned beforehand (zeros at those pixels, no mask)."""
+    fr, img, _ = _undersampled_field(1.4, "gaussian", seed=9)
+    var = fr.variance.astype(np.float32).copy()
+    rng = np.random.default_rng(2)
+    bad = rng.random(img.shape) < 0.01
+    img = img.copy()
+    img[rng.random(img.shape) < 0.002] = np.nan
+    var[rng.random(img.shape) < 0.002] = np.inf
+    off = bad | ~np.isfinite(img) | ~np.isfinite(var)
+    img0 = np.where(off, 0.0, img).astype(np.float64)
+    var0 = np.where(off, 0.0, var).astype(np.float64)
+    ratio, n = estimate_peak_ratio(img, var, bad, quantile=0.5)
+    assert n > 50 and (ratio, n) == estimate_peak_ratio(img0, var0, off, quantile=0.5)
+    cand = rng.random(img.shape) < 0.2
+    assert np.array_equal(
+        sharper_than_psf(img, var, cand, ratio, bad=bad), sharper_than_psf(img0, var0, cand, ratio, bad=off)
+    )
+    xs, ys = fr.x, fr.y
+    assert np.array_equal(
+        psf_shaped_peaks(img, var, xs, ys, ratio, bad=bad), psf_shaped_peaks(img0, var0, xs, ys, ratio, bad=off)
+    )

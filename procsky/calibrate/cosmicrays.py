@@ -117,7 +117,9 @@ def find_cosmic_ray_pixels(state: CalibrateState, config: CosmicRayConfig) -> No
     state.cosmic_rays = cr._replace(image=None, variance=None)
 
 
-def _mark_cr(state: CalibrateState, pixels: np.ndarray, fit: np.ndarray, var_donor_bits: int) -> int:
+def _mark_cr(
+    state: CalibrateState, pixels: np.ndarray, fit: np.ndarray, var_donor_bits: int, unusable: np.ndarray
+) -> int:
     """Flag ``pixels`` not yet CR as CR + INTRP; the image takes the clean fit where there is one,
     else the median of the good neighbours; the variance the median of its neighbours outside
     ``var_donor_bits``. Returns the number of new CR pixels."""
@@ -128,7 +130,7 @@ def _mark_cr(state: CalibrateState, pixels: np.ndarray, fit: np.ndarray, var_don
     if ys.size == 0:
         return 0
     mask[ys, xs] |= np.uint32(bit["CR"] | bit["INTRP"])
-    donors_bad = (mask & np.uint32(bit["BAD"] | bit["SAT"] | bit["NO_DATA"])) != 0
+    donors_bad = unusable  # BAD, SAT or NO_DATA (bits these steps do not change)
     fv = fit[ys, xs]
     ok = np.isfinite(fv)
     fitted = np.zeros(newcr.shape, dtype=bool)
@@ -138,20 +140,23 @@ def _mark_cr(state: CalibrateState, pixels: np.ndarray, fit: np.ndarray, var_don
         unfitted[ys[~ok], xs[~ok]] = True
         repair_pixels(sub, unfitted, donors_bad | fitted, 2)
     sub[ys[ok], xs[ok]] = fv[ok]
-    repair_pixels(var_det, newcr, ((mask & np.uint32(var_donor_bits)) != 0) & ~newcr, 2)
+    unusable_bits = bit["BAD"] | bit["SAT"] | bit["NO_DATA"]
+    var_bad = unusable if var_donor_bits == unusable_bits else (mask & np.uint32(var_donor_bits)) != 0
+    repair_pixels(var_det, newcr, var_bad & ~newcr, 2)
     # the state's own float32 plane, changed in place at the new pixels only
     state.variance[ys, xs] = var_det[ys, xs]
     return int(ys.size)
 
 
-def _keep_psf_shaped(state: CalibrateState, config: CosmicRayConfig, is_cr: np.ndarray, ratio: float) -> np.ndarray:
+def _keep_psf_shaped(
+    state: CalibrateState, config: CosmicRayConfig, is_cr: np.ndarray, ratio: float, bad: np.ndarray
+) -> np.ndarray:
     """``is_cr`` without the detections whose peak is provably PSF-shaped (``psf_shaped_peaks``): a
     PSF model of an undersampled PSF can be far enough off, and a blended neighbour's residual
     large enough, to leave no PSF-shaped signal in a star once its "sharp" pixels are removed."""
     if not np.isfinite(ratio) or not is_cr.any():
         return is_cr
     idx = np.flatnonzero(is_cr)
-    bad = (state.mask & np.uint32(state.bit["BAD"] | state.bit["SAT"] | state.bit["NO_DATA"])) != 0
     shaped = psf_shaped_peaks(
         state.sub,
         state.var_det,
@@ -168,7 +173,13 @@ def _keep_psf_shaped(state: CalibrateState, config: CosmicRayConfig, is_cr: np.n
 
 
 def _spare_kept_sources(
-    state: CalibrateState, config: CosmicRayConfig, pixels: np.ndarray, is_cr: np.ndarray, ratio: float, hw: int
+    state: CalibrateState,
+    config: CosmicRayConfig,
+    pixels: np.ndarray,
+    is_cr: np.ndarray,
+    ratio: float,
+    hw: int,
+    bad: np.ndarray,
 ) -> np.ndarray:
     """Of ``pixels``, those within ``hw`` px of a detection kept (not ``is_cr``)
     stay only when sharper than the PSF of centred-peak ratio ``ratio`` allows (on ``sub``, not yet
@@ -186,7 +197,6 @@ def _spare_kept_sources(
     test = pixels & near
     if not test.any():
         return pixels
-    bad = (state.mask & np.uint32(state.bit["BAD"] | state.bit["SAT"] | state.bit["NO_DATA"])) != 0
     sharp = sharper_than_psf(
         state.sub,
         state.var_det,
@@ -238,9 +248,11 @@ def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep
             star_sigma=config.psf_star_sigma,
             model_error=config.psf_model_error,
         )
-        is_cr = _keep_psf_shaped(state, config, sharp.is_cr, ratio)
-        pixels = _spare_kept_sources(state, config, sharp.cr_pixels, is_cr, ratio, hw)
-        state.n_cr += _mark_cr(state, pixels, sharp.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"])
+        # BAD, SAT, NO_DATA: not changed by these tests (they set CR, INTRP and DETECTED)
+        unusable = (mask & np.uint32(bit["BAD"] | bit["SAT"] | bit["NO_DATA"])) != 0
+        is_cr = _keep_psf_shaped(state, config, sharp.is_cr, ratio, unusable)
+        pixels = _spare_kept_sources(state, config, sharp.cr_pixels, is_cr, ratio, hw, unusable)
+        state.n_cr += _mark_cr(state, pixels, sharp.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"], unusable)
         del sharp, pixels  # their whole-frame planes, before the track test makes its own
         if config.track_test:
             # faint tracks: judged with the values of the CR pixels before their repair (a track
@@ -273,11 +285,11 @@ def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep
                     star_gain=config.track_star_gain,
                     model_error=config.track_model_error,
                 )
-                is_cr = is_cr | _keep_psf_shaped(state, config, tracks.is_cr, ratio)
-                pixels = _spare_kept_sources(state, config, tracks.cr_pixels, is_cr, ratio, hw)
+                is_cr = is_cr | _keep_psf_shaped(state, config, tracks.is_cr, ratio, unusable)
+                pixels = _spare_kept_sources(state, config, tracks.cr_pixels, is_cr, ratio, hw, unusable)
                 # the track pixels all have the joint fit; earlier CR pixels are no variance donors
                 state.n_cr += _mark_cr(
-                    state, pixels, tracks.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"]
+                    state, pixels, tracks.repair, bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"], unusable
                 )
         keep = ~is_cr
         state.n_cr_sources = int((~keep).sum())

@@ -59,6 +59,7 @@ def detect_first(state: CalibrateState, config: DetectionConfig) -> DetectionRes
         nsigma=config.nsigma,
         threshold=config.threshold,
         timer=_timer(state),
+        keep_significance=False,
     )
 
 
@@ -124,6 +125,7 @@ def detect(state: CalibrateState, config: DetectionConfig) -> None:
         nsigma=config.nsigma,
         threshold=config.threshold,
         timer=_timer(state),
+        keep_significance=False,
     )
     mask[det.detected] |= np.uint32(bit["DETECTED"])
     if config.streaks:
@@ -142,9 +144,10 @@ def detect(state: CalibrateState, config: DetectionConfig) -> None:
         if len(st.streaks):
             state.streaks = [{k: float(row[k]) for k in st.streaks.dtype.names} for row in st.streaks]
             mask[st.mask] |= np.uint32(bit["STREAK"])
-            state.sub = (state.sub - st.model).astype(np.float32)
+            state.sub = (state.sub - st.model).astype(np.float32, copy=False)
             state.streak_model = st.model
             mask &= ~np.uint32(bit["DETECTED"])
+            del det, st  # their whole-frame planes, before the detection is repeated
             det = detect_sources(
                 state.sub,
                 state.var_det,
@@ -153,6 +156,7 @@ def detect(state: CalibrateState, config: DetectionConfig) -> None:
                 nsigma=config.nsigma,
                 threshold=config.threshold,
                 timer=_timer(state),
+                keep_significance=False,
             )
             mask[det.detected] |= np.uint32(bit["DETECTED"])
     # the DETECTED plane holds the grown footprints: the significance and detection planes (a

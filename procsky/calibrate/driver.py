@@ -61,7 +61,7 @@ def make_state(
             f"only {n_usable} usable pixels in this {nx}x{ny} image (< min_usable_pixels="
             f"{min_usable_pixels}); too small to calibrate"
         )
-    var_det = np.where(np.isfinite(variance), variance, 0.0).astype(np.float32)
+    var_det = np.where(np.isfinite(variance), variance, np.float32(0.0)).astype(np.float32, copy=False)
     return CalibrateState(
         image=image, variance=variance, mask=mask, planes=planes, bit=bit, bad_input=bad_input, var_det=var_det
     )

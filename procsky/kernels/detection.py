@@ -1075,6 +1075,7 @@ def detect_sources(
     threshold="variance",
     extra_variance=None,
     timer=None,
+    keep_significance=True,
 ):
     """Detect sources on a background-subtracted image.
 
@@ -1135,6 +1136,9 @@ def detect_sources(
     extra_variance : ndarray (ny, nx), optional
         Variance of the filtered image beyond the pixel variance (see
         :func:`significance_image`); used by the detection threshold, not by deblending.
+    keep_significance : bool
+        Return the significance image; False returns an empty (0 x 0) array in its place and
+        frees the plane before deblending (a whole-frame float32 less at the peak).
     timer : callable, optional
         ``timer(name)`` returns a context manager timing a phase: the deblending runs inside
         ``timer("deblending")`` (a profile of the caller's steps).
@@ -1177,6 +1181,9 @@ def detect_sources(
     detected = grow_mask(above, float(grow)) if grow > 0 else above
     del labels, above  # whole-frame planes not needed any more
     footprints, nfp = label_components(detected)
+    if not keep_significance and deblend and psf_sigma is not None and kernel is None and deblend_sigma_factor != 1.0:
+        # deblending works on its own significance image: this one is not needed any more
+        nu = np.zeros((0, 0), np.float32)
     if deblend:
         with contextlib.nullcontext() if timer is None else timer("deblending"):
             nu_db = nu
@@ -1197,6 +1204,7 @@ def detect_sources(
                 float(deblend_false_peak_rate),
                 float(max(1.0, 4.0 * np.pi * s_db * s_db)),
             )
+            del nu_db
             if mask is not None and saturated_bits:
                 sat = (np.asarray(mask) & np.uint32(saturated_bits)) != 0
                 if sat.any():
@@ -1213,7 +1221,7 @@ def detect_sources(
         peak_significance=peaks[:, 2].copy(),
         parent=peaks[:, 3].astype(np.int32),
         blended=peaks[:, 4] > 1,
-        significance=nu,
+        significance=nu if keep_significance else np.zeros((0, 0), np.float32),
         detected=detected,
         n_footprints=int(nfp),
         threshold=float(thr),
@@ -1229,10 +1237,12 @@ def _empirical_nu_stats(nu, bad, nsigma, grow, step=3, min_pixels=1000):
     src = nu > nsigma
     if grow > 0:
         src = grow_mask(src, grow)
-    free = ~src & np.isfinite(nu)
+    # only every step-th pixel is sampled: the tests on that grid alone (the same pixels, in order)
+    sub = nu[::step, ::step]
+    free = ~src[::step, ::step] & np.isfinite(sub)
     if bad is not None:
-        free &= ~bad
-    v = nu[::step, ::step][free[::step, ::step]]
+        free &= ~bad[::step, ::step]
+    v = sub[free]
     if v.size < min_pixels:
         return 0.0, 1.0
     med = float(np.median(v))

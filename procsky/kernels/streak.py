@@ -816,7 +816,9 @@ def find_streaks(
     for i, r in enumerate(out):
         for k in STREAK_DTYPE.names:  # type: ignore[union-attr]  # a structured dtype has names
             streaks[k][i] = r[k]
-    return StreakResult(mask=smask, model=model.astype(np.float32), streaks=streaks, n_candidates=n_cand)
+    # without a streak the model is zero: a fresh zeroed plane, whose pages stay unmapped until written
+    model32 = model.astype(np.float32) if out else np.zeros(image.shape, np.float32)
+    return StreakResult(mask=smask, model=model32, streaks=streaks, n_candidates=n_cand)
 
 
 def _segments(ta, tb, seglen):

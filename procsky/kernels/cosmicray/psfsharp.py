@@ -98,6 +98,9 @@ def _peak_ratios(image, variance, bad, use_bad, snr_min):
     n = 0
     for y in range(1, ny - 1):
         for x in range(1, nx - 1):
+            if not image[y, x] > 0.0:
+                # not positive, or NaN: its cleaned value is <= 0 as well (the test below)
+                continue
             b0, v, var0 = _px(image, variance, bad, use_bad, y, x)
             if v <= 0.0 or b0 or not var0 > 0.0:
                 continue
