@@ -72,6 +72,29 @@ sys.path.insert(0, str(ROOT))
 REGIMES = ("stamp256", "undersampled", "space", "crowded", "correlated")
 
 
+def cached_pair(recipe: str, work: Path, pairs: Path | None) -> dict:
+    """:func:`simulate_pair`, or the pair a previous run saved in ``pairs`` (``--pairs``):
+    two code versions then subtract the same calibrated images (calibrate's own changes and
+    its run-to-run thread timing kept out of an A/B comparison). The truth is re-read from
+    ``work`` (the simulation is kept there)."""
+    import pickle
+
+    from procsky.sim.truth import SimTruth
+
+    f = pairs / f"{recipe}.pkl" if pairs is not None else None
+    if f is not None and f.exists():
+        p = pickle.loads(f.read_bytes())
+        p["truth"] = SimTruth(work / recipe)
+        return p
+    p = simulate_pair(recipe, work)
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        q = {k: v for k, v in p.items() if k != "truth"}
+        q["sci"], q["tpl"] = q["sci"].compute(), q["tpl"].compute()
+        f.write_bytes(pickle.dumps(q))
+    return p
+
+
 def _child_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -393,11 +416,13 @@ def _warm_up():
         subtract_images(s0, t0, SubtractionConfig(decorrelate=dec), lazy=False)
 
 
-def evaluate(recipe: str, work: Path, *, sfft: bool, threads: int, mem_limit_gb: float) -> dict:
+def evaluate(
+    recipe: str, work: Path, *, sfft: bool, threads: int, mem_limit_gb: float, pairs: Path | None = None
+) -> dict:
     from procsky.diffim import SubtractionConfig, subtract_images
     from procsky.notes import collect_notes
 
-    p = simulate_pair(recipe, work)
+    p = cached_pair(recipe, work, pairs)
     res: dict = {"recipe": recipe, "visits": [p["v_tpl"], p["v_sci"]], "fwhm": [p["fwhm_tpl"], p["fwhm_sci"]]}
     with collect_notes() as notes:
         t = time.process_time()
@@ -411,6 +436,19 @@ def evaluate(recipe: str, work: Path, *, sfft: bool, threads: int, mem_limit_gb:
     res["ksum_truth"] = p["ksum_truth"] if res["mode"] == "convolve_template" else 1.0 / p["ksum_truth"]
     res["ksum_error"] = res["ksum"] / res["ksum_truth"] - 1.0
     res["ksum_fitted_error"] = float(summary.get("kernel_sum_fitted", res["ksum"])) / res["ksum_truth"] - 1.0
+    # how the sum was set (the reference, its aperture, fit vs reference combination)
+    for key in (
+        "kernel_sum_reference_source",
+        "kernel_sum_reference_err",
+        "kernel_sum_matched_aperture",
+        "kernel_sum_rescale_how",
+        "kernel_sum_stamps_err",
+        "n_stamps_used",
+    ):
+        if key in summary:
+            res[key] = summary[key]
+    if np.isfinite(summary.get("kernel_sum_reference", np.nan)):
+        res["ksum_reference_error"] = float(summary["kernel_sum_reference"]) / res["ksum_truth"] - 1.0
     res["kernel_half_width"] = int(summary["kernel_half_width"])
     res["kernel_fit_level"] = int(summary["kernel_fit_level"])
     res["spatial_order_used"] = int(summary["spatial_order_used"])
@@ -450,6 +488,32 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def ksum_table(results: list[dict]) -> str:
+    """The kernel sum against the truth: as used, as fitted, and its reference."""
+    rows = [
+        "| regime | ksum / truth - 1 | fitted (stamps' error) | reference / truth - 1 (source, aperture) | set by | "
+        "flux left at bright stars procsky / SFFT |",
+        "|" + "---|" * 6,
+    ]
+    for r in results:
+        if "error" in r:
+            continue
+        ref = (
+            f"{100 * r['ksum_reference_error']:+.2f} +- {100 * r['kernel_sum_reference_err'] / r['ksum_truth']:.2f} % "
+            f"({r.get('kernel_sum_reference_source')}, {r.get('kernel_sum_matched_aperture', '-')})"
+            if "ksum_reference_error" in r
+            else "-"
+        )
+        sf = f"{100 * r['sfft_flux_residual']:+.2f} %" if "sfft_flux_residual" in r else "-"
+        rows.append(
+            f"| {r['recipe']} | {100 * r['ksum_error']:+.2f} % | {100 * r['ksum_fitted_error']:+.2f} % "
+            f"(+- {100 * r.get('kernel_sum_stamps_err', float('nan')) / r['ksum_truth']:.2f}, "
+            f"{r.get('n_stamps_used', '-')} stamps) | {ref} | {r.get('kernel_sum_rescale_how', '-')} | "
+            f"{100 * r['procsky_flux_residual']:+.2f} % / {sf} |"
+        )
+    return "\n".join(rows)
+
+
 def z_table(results: list[dict]) -> str:
     """PSF-weighted pulls at static stars by S/N: std / robust std (n), procsky's stored
     difference with its variance plane, and both tools' un-decorrelated differences with
@@ -481,6 +545,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mem-limit-gb", type=float, default=6.0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument(
+        "--pairs",
+        default=None,
+        help="keep the calibrated pairs here and reuse them on later runs (with the same --work: the truth)",
+    )
     ap.add_argument("--sfft-worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.sfft_worker:
@@ -493,7 +562,14 @@ def main(argv=None) -> int:
         work = Path(args.work or tmp)
         for recipe in args.recipes:
             try:
-                r = evaluate(recipe, work, sfft=not args.no_sfft, threads=args.threads, mem_limit_gb=args.mem_limit_gb)
+                r = evaluate(
+                    recipe,
+                    work,
+                    sfft=not args.no_sfft,
+                    threads=args.threads,
+                    mem_limit_gb=args.mem_limit_gb,
+                    pairs=Path(args.pairs) if args.pairs else None,
+                )
             except Exception as e:  # report the regime that failed and go on
                 r = {"recipe": recipe, "error": f"{type(e).__name__}: {e}"[:300]}
             results.append(r)
@@ -501,6 +577,8 @@ def main(argv=None) -> int:
     print(table(results))
     print()
     print(z_table(results))
+    print()
+    print(ksum_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=float))
     return 0

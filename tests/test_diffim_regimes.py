@@ -5,13 +5,12 @@ other's grid (its counts: the truth kernel sum is the ratio of the visits' count
 as ``benchmarks/compare_diffim_regimes.py`` does for every regime with SFFT beside. Judged
 here where met and fast: on ``correlated``, the kernel sum within 1 % of the truth, the
 variance plane within 10 % of the measured noise and the pixel z spread at static stars in
-0.9-1.1. On ``space``, the kernel fit's sky weights (``stamp_weights``): net flux and residual at
-the bright static stars. Not asserted because not met (see the benchmark): the PSF-weighted
-z at static stars over all S/N (bright stars leave shape residuals of a few % of their
-flux; the faint ones' is the variance check), the ``space`` kernel sum within 1 %,
-the ``stamp256`` kernel sum (-2.4 %), ``undersampled`` on a 512 px cut (its PSF-flux
-reference is then 6 % off and the kernel is not rescaled; on the full detector the sum is
-within 0.1 %, 15 s of simulation too many for this file).
+0.9-1.1. On ``space``, the kernel sum within 1 % (the fitted sum combined with the stars' flux
+ratio on the PSF-matched pair) and the kernel fit's sky weights (``stamp_weights``): net flux
+and residual at the bright static stars. Not asserted because not met (see the benchmark):
+the PSF-weighted z at static stars over all S/N (bright stars leave shape residuals of a few
+% of their flux; the faint ones' is the variance check); ``stamp256`` and ``undersampled``
+are in the benchmark only (a simulation and two calibrations each, too long for this file).
 """
 
 from __future__ import annotations
@@ -126,16 +125,22 @@ def space(tmp_path_factory):
 
 
 def test_space_pair_sky_weighted_kernel(space):
-    # Two diffraction-limited PSFs (FWHM 2.2 px at half maximum) of five kernel stars: the
+    # Two diffraction-limited PSFs (FWHM 2.2 px at half maximum) of five kernel stamps: the
     # Gaussian basis cannot match their aberrations and the variance-weighted fit, which
     # gives up the bright cores, left at the three brightest static stars a net flux of
     # -6.6, -11.2 and -5.5 % of theirs and a residual (noise removed) of 6.3-6.7 %. Sky
-    # weights (stamp_weights="auto" picks them for PSFs under 2.75 px): net within 5 %
-    # (+1.9, -2.4, +3.2 %) and residual below 4.5 % (3.2-3.7 %); kernel sum +3.6 % from the
-    # truth (-4.6 % before).
-    diff, s, ksum_truth, objs, _, fwhm = space
+    # weights (stamp_weights="auto" picks them for PSFs under 2.75 px): residual below 4.5 %
+    # (3.4-3.9 %). The fitted sum (+3.6 % from the truth; its five stamps scatter by 7 %) is
+    # combined with the stars' flux ratio on the PSF-matched pair, measured in a 3 FWHM box
+    # because the kernel does not match the cores (the core ratio is 8 % high): within 1 %.
+    # The bright stars then leave net fluxes within 2 % (-0.9, +0.3 %), except the one whose
+    # core in the science visit is a repaired cosmic ray (-5.3 %: the repair, not the kernel).
+    diff, s, ksum_truth, objs, codes, fwhm = space
     assert s["stamp_weights"] == "sky"
-    assert s["kernel_sum"] == pytest.approx(ksum_truth, rel=0.05)
+    assert s["kernel_sum"] == pytest.approx(ksum_truth, rel=0.01)
+    assert s["kernel_sum_reference_source"] == "matched_stars" and s["kernel_sum_matched_aperture"] == "total"
+    assert abs(s["kernel_sum_fitted"] / ksum_truth - 1.0) > 0.02
+    assert "diffim_kernel_core_mismatch" in codes and "diffim_kernel_sum_rescaled" in codes
     d = np.asarray(diff.image, float)
     v = np.asarray(diff.variance, float)
     ny, nx = d.shape
@@ -145,13 +150,17 @@ def test_space_pair_sky_weighted_kernel(space):
     bright = stars.sort_values("counts", ascending=False).iloc[:3]
     r = int(np.ceil(2 * fwhm))
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    net = []
     for x, y, c in zip(bright.x, bright.y, bright.counts):
         ix, iy = int(round(x)), int(round(y))
+        sl = (slice(iy - r, iy + r + 1), slice(ix - r, ix + r + 1))
         ap = (yy + iy - y) ** 2 + (xx + ix - x) ** 2 <= r * r
-        dd = d[iy - r : iy + r + 1, ix - r : ix + r + 1][ap]
-        vv = v[iy - r : iy + r + 1, ix - r : ix + r + 1][ap]
-        assert abs(dd.sum()) < 0.05 * c, (x, y, dd.sum() / c)
+        dd = d[sl][ap]
+        vv = v[sl][ap]
         assert np.sqrt(max(float(np.sum(dd * dd) - vv.sum()), 0.0)) < 0.045 * c, (x, y)
+        net.append(abs(float(dd.sum())) / c)
+    net.sort()
+    assert net[1] < 0.02 and net[2] < 0.06, net
 
 
 def test_sparse_field_with_bad_pixels_near_every_star_fits():

@@ -45,9 +45,10 @@ def test_small_frame_with_few_stars_fits_to_one_percent():
     assert sum((d + 1) * (d + 2) // 2 for d in s["basis_degrees"]) < 49
     assert any("too few" in a for a in s["kernel_fit_attempts"]) and s["kernel_fit_attempts"][-1].endswith("fitted")
     assert "diffim_kernel_fit_reduced" in [n["code"] for n in notes]
-    # the kernel-sum reference (PSF-flux ratio of the kernel stars) agrees with the truth
-    assert s["kernel_sum_reference_source"] == "psf_flux"
-    assert s["kernel_sum_reference"] == pytest.approx(1.25, rel=0.02)
+    # the kernel-sum reference (the stars' flux ratio on the PSF-matched pair) agrees with the truth
+    assert s["kernel_sum_reference_source"] == "matched_stars"
+    assert s["kernel_sum_reference"] == pytest.approx(1.25, rel=0.01)
+    assert s["kernel_sum_reference_err"] < 0.01 and s["kernel_sum_matched_n"] >= 3
     # static stars subtract to the noise
     z = diff.image / np.sqrt(diff.variance)
     assert 0.8 < s["residual_std_sigma"] < 1.2 and np.isfinite(z).all()
@@ -168,9 +169,55 @@ def test_difference_psf_from_kernel_with_negative_lobes():
         df, _ = detect_dia_sources(diff, static=sci.image)
     codes = [n["code"] for n in notes]
     assert "psf_size_fallback" in codes
-    # the science PSF model is wrong, not the kernel: its PSF fluxes disagree with the
-    # kernel sum and with the box sums, which is a warning, not an error
-    [note] = [n for n in notes if n["code"] == "diffim_kernel_sum_mismatch"]
-    assert note["details"]["reference_uncertain"]
+    # the science PSF model is wrong, not the kernel: the kernel-sum reference, the stars'
+    # flux ratio on the PSF-matched pair, uses no PSF model, and the models' correction of
+    # its box aperture is refused (they do not predict the stars' core-to-box ratio)
+    assert s["kernel_sum_reference_source"] == "matched_stars"
+    assert s["kernel_sum_reference"] == pytest.approx(1.25, rel=0.01)
+    assert s["kernel_sum_matched_total_model_correction"] == 1.0
+    assert abs(s["kernel_sum_matched_model_core_over_box"] - 1.0) > 0.1
+    assert "diffim_kernel_sum_mismatch" not in codes
     assert s["kernel_sum"] == pytest.approx(1.25, rel=0.01)
     assert len(df) >= 1 and np.isfinite(df.x).all()
+
+
+def test_matched_star_ratio_clips_outliers_and_sums():
+    from procsky.diffim.subtract import _robust_ratio
+
+    rng = np.random.default_rng(3)
+    b = rng.uniform(1e3, 1e5, 40)
+    vb = b + 400.0
+    va = 1.25**2 * b + 400.0
+    a = 1.25 * b + rng.normal(0.0, np.sqrt(va + 1.25**2 * vb))
+    a[:3] *= 1.4  # variables, a transient or an unflagged cosmic ray in one image
+    val, err, n = _robust_ratio(a, va, b, vb)
+    assert n == 37
+    assert abs(val - 1.25) < 3 * err and err < 0.003
+    # faint stars only (S/N ~ 10 in the denominator): a ratio of sums, not a mean of ratios
+    b = np.full(400, 1000.0)
+    vb = np.full(400, 1e4)
+    a = 1.25 * b + rng.normal(0.0, 1e2, 400)
+    val, err, _ = _robust_ratio(a, np.full(400, 1e4), b + rng.normal(0.0, 1e2, 400), vb)
+    assert abs(val - 1.25) < 3 * err
+
+
+def test_kernel_sum_rescale_combines_fit_and_matched_stars():
+    from procsky.diffim.subtract import _kernel_sum_rescale
+
+    cfg = SubtractionConfig()
+    # agreeing within 3 sigma: the inverse-variance mean (the reference 100x the weight)
+    with collect_notes() as notes:
+        f, how = _kernel_sum_rescale(cfg, 1.30, 0.05, 1.25, 0.005, "matched_stars")
+    assert how == "combined" and f * 1.30 == pytest.approx((1.30 / 0.05**2 + 1.25 / 0.005**2) / (400 + 40000))
+    assert [n["code"] for n in notes] == ["diffim_kernel_sum_rescaled"]
+    # a fit far beyond its stamps' scatter: biased (the basis cannot match the PSFs), the reference
+    assert _kernel_sum_rescale(cfg, 1.30, 0.005, 1.25, 0.005, "matched_stars") == (
+        pytest.approx(1.25 / 1.30),
+        "reference",
+    )
+    # a move below kernel_sum_rescale (0.5 %) is not applied; nor without the reference's error
+    assert _kernel_sum_rescale(cfg, 1.254, 0.01, 1.25, 0.005, "matched_stars") == (1.0, "none")
+    assert _kernel_sum_rescale(cfg, 1.30, 0.05, 1.25, float("nan"), "matched_stars") == (1.0, "none")
+    # calibrations: their ratio beyond 0.5 % and 3 sigma, whatever the fit's error
+    assert _kernel_sum_rescale(cfg, 1.30, 0.05, 1.25, 0.005, "photocalib") == (pytest.approx(1.25 / 1.30), "reference")
+    assert _kernel_sum_rescale(cfg, 1.26, 0.05, 1.25, 0.005, "photocalib") == (1.0, "none")

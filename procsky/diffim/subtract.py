@@ -101,8 +101,9 @@ class SubtractionConfig(pydantic.BaseModel):
         coefficient's own information; zero-sum functions, so the kernel sum is unbiased).
     kernel_sum_warn, kernel_sum_fail : float or None
         Kernel-sum sanity check: the fitted kernel sum is compared with the ratio of the
-        photometric calibrations (when both exposures carry one) or else with the median
-        ratio of the kernel stars' PSF fluxes (each image measured with its own PSF). A
+        photometric calibrations (when both exposures carry one) or else with the stars' flux
+        ratio measured on the PSF-matched pair (``_matched_star_ratio``: every star at S/N >= 10,
+        no PSF model in the cores; ``kernel_sum_matched_*`` in the summary). A
         fractional disagreement beyond ``max(kernel_sum_warn, 3 sigma of the reference)``
         is a warning note (2%: twice the 1% accuracy a kernel sum should reach, and above
         the ~1% PSF-model flux systematics between two images); beyond
@@ -114,13 +115,16 @@ class SubtractionConfig(pydantic.BaseModel):
         whose stars' profiles depend on their pixel phase; two space PSFs whose aberrations
         differ in the wings), the fitted scaling is the projection of one star profile on
         the other and falls short of the flux ratio (2.6 % on the ``undersampled`` regime).
-        When the kernel sum differs from a trusted reference (the photometric calibrations,
-        or the kernel stars' PSF-flux ratio when it agrees with their box-sum ratio) by more
-        than this fraction and 3 sigma of the reference, the kernel is rescaled to the
-        reference (the photometric scaling taken from photometry, as ZOGY's ``F_r / F_n``,
-        Zackay, Ofek & Gal-Yam 2016): static stars then leave no net flux. Recorded as
-        ``kernel_sum_fitted`` and ``kernel_sum_rescale`` and noted
-        (``diffim_kernel_sum_rescaled``). ``None`` keeps the fitted sum.
+        When the kernel sum differs from the photometric calibrations' ratio by more than
+        this fraction and 3 sigma of the ratio, the kernel is rescaled to it; without both
+        calibrations, the fitted sum and the stars' matched flux ratio are combined by their
+        errors (or the ratio alone when they disagree beyond 3 sigma), and the kernel is
+        rescaled when that moves its sum by more than this fraction (the photometric scaling
+        taken from photometry, as ZOGY's ``F_r / F_n``, Zackay, Ofek & Gal-Yam 2016): static
+        stars then leave no net flux. Recorded as ``kernel_sum_fitted``,
+        ``kernel_sum_stamps_err``, ``kernel_sum_rescale`` and ``kernel_sum_rescale_how`` and
+        noted (``diffim_kernel_sum_rescaled``; ``diffim_kernel_core_mismatch`` when the
+        stars' core ratio disagrees with their box ratio). ``None`` keeps the fitted sum.
     stamp_weights : {"auto", "variance", "sky"}
         Weights of the kernel-stamp pixels: ``variance``, the pair's variance planes (the
         stars' own photon noise included: optimal when the kernel can match the two PSFs,
@@ -764,64 +768,237 @@ def _fit_kernel(
     )
 
 
-def _kernel_sum_reference(science, template, mode, conv_img, conv_var, tgt_img, tgt_var, hard, xs, ys, xy0, sigma):
+def _robust_ratio(a, va, b, vb, clip=3.0):
+    """The ratio ``R`` of ``a ~ R b`` over the stars (``a``, ``b`` their fluxes in the two
+    images, ``va``, ``vb`` their variances): ``(value, error, n_used)``.
+
+    Stars whose own ratio lies beyond ``clip`` scaled sigmas of the weighted median of the
+    ratios (a variable, a transient, an unflagged cosmic ray in one image) are left out;
+    ``R`` is then the weighted least-squares slope through the origin, ``sum(a b / v) /
+    sum(b^2 / v)`` with ``v = va + R^2 vb`` (iterated), a ratio of sums that a faint star's
+    noisy denominator does not bias as a mean of ratios would. The error is scaled up by
+    the reduced chi^2 when the stars scatter beyond their errors."""
+    r = a / b
+    e = np.abs(r) * np.sqrt(va / a**2 + vb / b**2)
+    keep = np.ones(r.size, bool)
+    wmed = float(np.median(r))
+    for _ in range(5):
+        w = 1.0 / e[keep] ** 2
+        o = np.argsort(r[keep])
+        cw = np.cumsum(w[o])
+        wmed = float(r[keep][o][np.searchsorted(cw, 0.5 * cw[-1])])
+        chi = (r - wmed) / e
+        sc = max(1.0, 1.4826 * float(np.median(np.abs(chi[keep]))))
+        new = np.abs(chi) <= clip * sc
+        if new.sum() < 1 or np.array_equal(new, keep):
+            break
+        keep = new
+    ak, bk, vak, vbk = a[keep], b[keep], va[keep], vb[keep]
+    val = wmed
+    for _ in range(3):
+        v = vak + val**2 * vbk
+        val = float((ak * bk / v).sum() / (bk * bk / v).sum())
+    v = vak + val**2 * vbk
+    info = float((bk * bk / v).sum())
+    chi2 = float(((ak - val * bk) ** 2 / v).sum() / max(int(keep.sum()) - 1, 1))
+    return val, float(math.sqrt(max(chi2, 1.0) / info)), int(keep.sum())
+
+
+def _model_matched_ratios(kern, conv_psf, tgt_psf, x, y, box, g, inner, wgt):
+    """The ratios target / matched-convolved that the PSF models predict for a star at
+    detector ``(x, y)`` in the two apertures of :func:`_matched_star_ratio` (core weight
+    ``wgt``, the box; less the annulus mean): the target's PSF against the convolved
+    image's PSF matched by ``K / sum K``. Both 1 for a kernel that matches the PSFs; the
+    box's beyond 1 by the light the matched PSF puts outside the box (a space PSF's wings).
+    ``(nan, nan)`` when a model cannot be rendered."""
+    h = kern.basis.half_width
+    n = box + g
+    try:
+        k = kern.kernel_at(x, y)
+        k = k / float(k.sum())
+        pads = []
+        for psf, m in ((tgt_psf, n), (conv_psf, n + h)):
+            a = np.asarray(psf.kernel(x, y), np.float64)
+            c = a.shape[0] // 2
+            r = min(c, m)
+            out = np.zeros((2 * m + 1, 2 * m + 1))
+            out[m - r : m + r + 1, m - r : m + r + 1] = a[c - r : c + r + 1, c - r : c + r + 1]
+            pads.append(out / a.sum())
+        pt, pc = pads[0], _conv.convolve_valid(pads[1], k)
+    except Exception:  # noqa: BLE001 - no model: no correction, recorded as NaN
+        return float("nan"), float("nan")
+    d = [q - np.mean(q[~inner]) for q in (pt, pc)]
+    core = [float((wgt * q).sum()) for q in d]
+    tot = [float(q[inner].sum()) for q in d]
+    ok = core[1] > 0 and core[0] > 0 and tot[1] > 0 and tot[0] > 0
+    return (core[0] / core[1], tot[0] / tot[1]) if ok else (float("nan"), float("nan"))
+
+
+def _matched_star_ratio(
+    kern, conv_img, conv_var, tgt_img, tgt_var, conv_bad, tgt_bad, sig_sharp, sig_broad, box, xy0, cfg, psfs, center
+):
+    """The flux ratio target / convolved of the pair's stars measured on the PSF-matched pair.
+
+    The usable stars (S/N >= 10, :func:`procsky.kernels.psfmatch.select_kernel_stars`, not
+    only the kernel stamps; the 4 brightest per cell of its grid) are measured in the
+    target and in the convolved image matched to it by the unit-sum fitted kernel
+    ``K / sum K``. Both then have the same PSF, so any aperture gives the flux ratio
+    without an aperture correction or a PSF model (ZOGY's ``F_r / F_n`` from photometry,
+    Zackay, Ofek & Gal-Yam 2016), and static neighbours cancel. The local sky is each
+    image's mean in an annulus 4 px wide around the box. Sums run over the pixels usable
+    in both images (the star's core, 2 sigma, must be whole). Two apertures: ``core``,
+    weighted by a Gaussian of the broader PSF's sigma (the most precise); ``total``, the
+    box of half-width ``box`` (3 FWHM: all but the far wings, immune to a kernel that
+    matches the cores imperfectly). Per-star ratios are combined by :func:`_robust_ratio`.
+    The core ratio is used when it agrees with the total one within 3 sigma of their
+    difference; otherwise the kernel does not match the PSF cores (a space PSF's sharp
+    core and wings, an undersampled one's aliased core), the core ratio is biased like the
+    fitted sum, and the total one is used (``aperture="total"``), corrected by the PSF
+    models for the light the matched PSF puts beyond the box (:func:`_model_matched_ratios`).
+    Returns a dict (``value``, ``error``, ``n``, ``aperture``, both apertures' values) or
+    None when no star is measured."""
+    g = 4
+    h = kern.basis.half_width
+    ny, nx = tgt_img.shape
+    r_core = int(math.ceil(2.0 * sig_broad))
+    sx, sy = _pm.select_kernel_stars(
+        conv_img,
+        conv_var,
+        conv_bad,
+        psf_sigma=sig_sharp,
+        stamp_radius=box + g + h,
+        n_cells=cfg.n_cells,
+        per_cell=4,
+        min_snr=10.0,
+        # the target's unusable pixels are checked below, at the star's core only
+        other=np.where(tgt_bad, 0.0, tgt_img),
+        other_variance=np.where(tgt_bad, 0.0, tgt_var),
+        other_bad=np.zeros(tgt_bad.shape, bool),
+        core_radius=r_core + h,
+    )
+    rr = np.arange(-box - g, box + g + 1)
+    yy, xx = np.meshgrid(rr, rr, indexing="ij")
+    inner = (np.abs(yy) <= box) & (np.abs(xx) <= box)
+    core_px = xx**2 + yy**2 <= r_core**2
+    wgt = np.exp(-(xx**2 + yy**2) / (2.0 * sig_broad**2)) * inner
+    ann_n = float((~inner).sum())
+    rows = []
+    for x, y in zip(sx, sy):
+        ix, iy = int(round(x)), int(round(y))
+        sc = (slice(iy - box - g - h, iy + box + g + h + 1), slice(ix - box - g - h, ix + box + g + h + 1))
+        st = (slice(iy - box - g, iy + box + g + 1), slice(ix - box - g, ix + box + g + 1))
+        # the pixels usable in both images (a convolved pixel is unusable within the kernel's
+        # reach of an unusable one): every sum runs over the same pixels in both, so that an
+        # unusable pixel in the box leaves the ratio unbiased; the core must be whole
+        cb = conv_bad[sc]
+        near = (
+            _conv.convolve_valid(cb.astype(np.float64), np.ones((2 * h + 1, 2 * h + 1))) > 0.5
+            if cb.any()
+            else np.zeros(inner.shape, bool)
+        )
+        use = ~near & ~tgt_bad[st]
+        if not use[core_px].all() or use[inner].mean() < 0.8:
+            continue
+        sky_px = ~inner & use
+        if sky_px.sum() < 0.5 * ann_n:
+            continue
+        w_use = wgt * use
+        in_use = inner & use
+        k = kern.kernel_at(ix + xy0[0], iy + xy0[1])
+        ks = float(k.sum())
+        if not ks > 0:
+            continue
+        k = k / ks
+        c_img = _conv.convolve_valid(np.ascontiguousarray(conv_img[sc], np.float64), k)
+        c_var = _conv.convolve_valid(np.ascontiguousarray(conv_var[sc], np.float64), k * k)
+        t_img = np.asarray(tgt_img[st], np.float64)
+        t_var = np.asarray(tgt_var[st], np.float64)
+        out = []
+        n_sky = float(sky_px.sum())
+        for img, var in ((t_img, t_var), (c_img, c_var)):
+            # the annulus mean, not its median: linear, so that the static light in it (a
+            # neighbour, the star's wings) scales between the matched images as the star does
+            sky = float(np.mean(img[sky_px]))
+            sky_var = float(np.mean(var[sky_px])) / n_sky
+            d = img - sky
+            out.append(
+                (
+                    float((w_use * d).sum()),
+                    float((w_use * w_use * var).sum()) + sky_var * float(w_use.sum()) ** 2,
+                    float(d[in_use].sum()),
+                    float(var[in_use].sum()) + sky_var * float(in_use.sum()) ** 2,
+                )
+            )
+        (tc, tcv, tt, ttv), (cc, ccv, ct, ctv) = out
+        if not (tc > 0 and cc > 0 and tc / math.sqrt(tcv) >= 10.0):
+            continue
+        rows.append((tc, tcv, cc, ccv, tt, ttv, ct, ctv))
+    if not rows:
+        return None
+    a = np.asarray(rows)
+    core = _robust_ratio(a[:, 0], a[:, 1], a[:, 2], a[:, 3])
+    ok = (a[:, 4] > 0) & (a[:, 6] > 0)
+    total = _robust_ratio(*(a[ok, i] for i in (4, 5, 6, 7))) if ok.any() else (float("nan"), float("nan"), 0)
+    # The box misses the wings where the kernel does not reproduce them: its ratio is
+    # corrected by what the PSF models predict for it, when the models also predict the
+    # stars' measured core-to-box ratio within 3 sigma (a wrong model is not trusted with the
+    # wings). Only the light beyond 3 FWHM then rests on the models.
+    m_core, corr = _model_matched_ratios(kern, psfs[0], psfs[1], center[0], center[1], box, g, inner, wgt)
+    applied = False
+    if np.isfinite(corr) and np.isfinite(total[0]) and total[0] > 0:
+        obs = core[0] / total[0]
+        obs_err = obs * math.hypot(core[1] / core[0], total[1] / total[0])
+        if abs(m_core / corr - obs) <= 3.0 * obs_err:
+            a[:, 6] *= corr
+            a[:, 7] *= corr**2
+            total = _robust_ratio(*(a[ok, i] for i in (4, 5, 6, 7)))
+            applied = True
+    agree = not np.isfinite(total[0]) or abs(core[0] - total[0]) <= 3.0 * math.hypot(core[1], total[1])
+    use = core if agree else total
+    return {
+        "value": use[0],
+        "error": use[1],
+        "total_model_correction": corr if applied else 1.0,
+        "model_core_over_box": m_core / corr if np.isfinite(corr) else float("nan"),
+        "n": use[2],
+        "n_candidates": int(len(sx)),
+        "n_measured": int(len(rows)),
+        "aperture": "core" if agree else "total",
+        "core": core[0],
+        "core_err": core[1],
+        "total": total[0],
+        "total_err": total[1],
+    }
+
+
+def _kernel_sum_reference(science, template, mode, matched):
     """What the kernel sum should be: ``(value, sigma, source, n)``.
 
     ``K (x) C ~ T`` means ``sum K = counts_T / counts_C`` for the same star; with
     calibrations ``c`` (nJy per count) that is ``c_C / c_T`` (``source="photocalib"``, when
-    both exposures carry one, sigma from their errors). Otherwise the median over the
-    kernel stars (array pixels ``xs, ys``) of the ratio of their PSF fluxes, each image
-    measured with its own PSF model at the star's windowed centroid (``source="psf_flux"``,
-    sigma the robust scatter / sqrt(n)). ``(nan, nan, "none", 0)`` when neither exists.
+    both exposures carry one, sigma from their errors). Otherwise the stars' flux ratio on
+    the PSF-matched pair (``matched``, :func:`_matched_star_ratio`; ``source="matched_stars"``).
+    ``(nan, nan, "none", 0)`` when neither exists.
     """
-    from procsky.kernels.measure import psf_flux, windowed_centroid
-
     conv_exp, tgt_exp = (template, science) if mode == "convolve_template" else (science, template)
     if conv_exp.photocalib is not None and tgt_exp.photocalib is not None:
         cc, ct = conv_exp.photocalib, tgt_exp.photocalib
         val = cc.calibration / ct.calibration
         sig = val * math.hypot(cc.calibration_err / cc.calibration, ct.calibration_err / ct.calibration)
         return float(val), float(sig), "photocalib", 0
-    mask = hard.astype(np.uint32)
-    ratios, rel_err = [], []
-    for x, y in zip(np.asarray(xs, float), np.asarray(ys, float)):
-        try:
-            xc, yc, _, _, _, ok = windowed_centroid(conv_img, conv_var, mask, float(x), float(y), float(sigma), 20, 1)
-            if not (ok and np.isfinite(xc) and np.isfinite(yc) and abs(xc - x) < 2 and abs(yc - y) < 2):
-                xc, yc = float(x), float(y)
-            ix, iy = int(round(xc)), int(round(yc))
-            fl = []
-            for img, var, psf in ((conv_img, conv_var, conv_exp.psf), (tgt_img, tgt_var, tgt_exp.psf)):
-                stamp = psf.render(ix + xy0[0], iy + xy0[1], offset=(xc - ix, yc - iy))
-                f, fe, _, lost = psf_flux(img, var, mask, ix, iy, np.ascontiguousarray(stamp, np.float64), False, 1)
-                fl.append((f, fe, lost))
-        except Exception:  # noqa: BLE001 - a star that cannot be measured is left out
-            continue
-        (fc, ec, lc), (ft, et, lt) = fl
-        if lc > 0.05 or lt > 0.05 or not (fc > 0 and ft > 0 and np.isfinite(ec) and np.isfinite(et)):
-            continue
-        ratios.append(ft / fc)
-        rel_err.append(math.hypot(ec / fc, et / ft))
-    if not ratios:
+    if matched is None:
         return float("nan"), float("nan"), "none", 0
-    r = np.asarray(ratios)
-    med = float(np.median(r))
-    n = r.size
-    # robust scatter (or the flux errors when the stars are too few to show one)
-    scat = 1.4826 * float(np.median(np.abs(r - med))) if n >= 3 else 0.0
-    sig = 1.2533 * max(scat, med * float(np.median(rel_err))) / math.sqrt(n)
-    return med, float(sig), "psf_flux", n
+    return float(matched["value"]), float(matched["error"]), "matched_stars", int(matched["n"])
 
 
 def _check_kernel_sum(cfg: SubtractionConfig, ksum, ref, ref_sig, source, n_ref, aperture_ratio=None) -> dict:
     """Compare the kernel sum with its reference (:func:`_kernel_sum_reference`); a note or
     an AlgorithmError as ``cfg.kernel_sum_warn`` / ``kernel_sum_fail`` say. Returns the
-    summary entries.
+    summary entries (``aperture_ratio``: the kernel stars' median box-sum ratio, recorded).
 
-    A PSF-flux reference rests on both PSF models: when it also disagrees (beyond
-    ``kernel_sum_warn``) with the model-free ``aperture_ratio`` (median ratio of the kernel
-    stars' box sums), a PSF model is wrong rather than the kernel, and a disagreement
-    beyond ``kernel_sum_fail`` is then a warning, not an error."""
+    Only the calibrations are independent of the pixels the kernel was fitted to: a
+    disagreement with the stars' matched photometry beyond ``kernel_sum_fail`` is a
+    warning, not an error (one of the two is wrong, and the stars cannot say which)."""
     from procsky.notes import note_degraded
 
     out = {
@@ -836,27 +1013,15 @@ def _check_kernel_sum(cfg: SubtractionConfig, ksum, ref, ref_sig, source, n_ref,
     if not (np.isfinite(ref) and ref > 0):
         return out
     dev = ksum / ref - 1.0
-    uncertain = (
-        source == "psf_flux"
-        and aperture_ratio is not None
-        and np.isfinite(aperture_ratio)
-        and aperture_ratio > 0
-        and abs(ref / aperture_ratio - 1.0) > (cfg.kernel_sum_warn or 0.02)
-    )
     out["kernel_sum_deviation"] = float(dev)
     rsig = float(ref_sig / ref) if np.isfinite(ref_sig) else 0.0
-    ref_name = "photometric calibrations" if source == "photocalib" else "kernel stars' PSF fluxes"
+    ref_name = "photometric calibrations" if source == "photocalib" else "PSF-matched stars' flux"
     ref_how = f"from {n_ref} stars" if n_ref else "calibration errors"
     what = (
         f"kernel sum {ksum:.4f} disagrees with the {ref_name} ratio {ref:.4f} +- {ref_sig:.4f} ({ref_how}) "
         f"by {100 * dev:+.1f}%"
     )
-    if uncertain:
-        what += (
-            f"; the PSF-flux ratio itself disagrees with the stars' box-sum ratio {aperture_ratio:.4f}: a PSF "
-            "model may be wrong"
-        )
-    if cfg.kernel_sum_fail is not None and abs(dev) > cfg.kernel_sum_fail + 3 * rsig and not uncertain:
+    if cfg.kernel_sum_fail is not None and abs(dev) > cfg.kernel_sum_fail + 3 * rsig and source == "photocalib":
         raise AlgorithmError(
             f"PSF-matching kernel is wrong: {what}, beyond the {100 * cfg.kernel_sum_fail:g}% limit "
             "(SubtractionConfig.kernel_sum_fail); check the flux units and calibrations of both images, the "
@@ -873,48 +1038,69 @@ def _check_kernel_sum(cfg: SubtractionConfig, ksum, ref, ref_sig, source, n_ref,
             reference_err=ref_sig,
             source=source,
             aperture_ratio=aperture_ratio,
-            reference_uncertain=bool(uncertain),
         )
     return out
 
 
-def _kernel_sum_rescale(cfg: SubtractionConfig, ksum, ref, ref_sig, source, aperture_ratio) -> float:
-    """The factor the fitted kernel is multiplied by (``cfg.kernel_sum_rescale``): the
-    reference over the fitted sum when the reference is trusted (the calibrations, or a
-    PSF-flux ratio within ``kernel_sum_warn`` of the box-sum ratio) and the two differ by
-    more than ``kernel_sum_rescale`` and 3 sigma of the reference, and less than
-    ``kernel_sum_fail``; else 1."""
+def _kernel_sum_rescale(cfg: SubtractionConfig, ksum, ksum_err, ref, ref_sig, source) -> tuple[float, str]:
+    """The factor the fitted kernel is multiplied by (``cfg.kernel_sum_rescale``) and how it
+    was chosen (``"none"``, ``"reference"``, ``"combined"``).
+
+    Calibrations (``source="photocalib"``): their ratio over the fitted sum when the two
+    differ by more than ``kernel_sum_rescale`` and 3 sigma of the ratio, and less than
+    ``kernel_sum_fail`` (beyond it :func:`_check_kernel_sum` has raised). The stars'
+    matched photometry (``"matched_stars"``) and the fitted sum are two measurements of one
+    flux ratio, each with its error (the fit's: the scatter of its stamps' single-stamp
+    sums, ``ksum_err``): their inverse-variance mean when they agree within 3 sigma; the
+    photometry alone when they do not (a kernel whose basis cannot match the PSFs projects
+    one profile on the other and misses the flux ratio, a bias the stamps' scatter does not
+    show) or when the fit's error is unknown; however far apart they are (a variable star
+    among three kernel stars can put the fit 25 % off). The kernel
+    is rescaled only when that moves its sum by more than ``kernel_sum_rescale``."""
     from procsky.notes import note_degraded
 
     if cfg.kernel_sum_rescale is None or not (np.isfinite(ref) and ref > 0 and ksum > 0):
-        return 1.0
-    if source == "psf_flux":
-        tol = cfg.kernel_sum_warn or 0.02
-        if not (aperture_ratio is not None and np.isfinite(aperture_ratio) and aperture_ratio > 0):
-            return 1.0
-        if abs(ref / aperture_ratio - 1.0) > tol:
-            return 1.0
-    elif source != "photocalib":
-        return 1.0
+        return 1.0, "none"
     dev = ksum / ref - 1.0
     rsig = float(ref_sig / ref) if np.isfinite(ref_sig) else 0.0
-    if abs(dev) <= max(cfg.kernel_sum_rescale, 3.0 * rsig):
-        return 1.0
-    if cfg.kernel_sum_fail is not None and abs(dev) > cfg.kernel_sum_fail:
-        return 1.0
-    factor = float(ref / ksum)
+    if source == "photocalib":
+        if cfg.kernel_sum_fail is not None and abs(dev) > cfg.kernel_sum_fail:
+            return 1.0, "none"
+        if abs(dev) <= max(cfg.kernel_sum_rescale, 3.0 * rsig):
+            return 1.0, "none"
+        target, how = float(ref), "reference"
+    elif source == "matched_stars":
+        if not (np.isfinite(ref_sig) and ref_sig > 0):
+            return 1.0, "none"
+        if np.isfinite(ksum_err) and ksum_err > 0 and abs(ksum - ref) <= 3.0 * math.hypot(ksum_err, ref_sig):
+            w1, w2 = 1.0 / ksum_err**2, 1.0 / ref_sig**2
+            target, how = float((w1 * ksum + w2 * ref) / (w1 + w2)), "combined"
+        else:
+            target, how = float(ref), "reference"
+        if abs(target / ksum - 1.0) <= cfg.kernel_sum_rescale:
+            return 1.0, "none"
+    else:
+        return 1.0, "none"
+    factor = float(target / ksum)
+    what = (
+        "the inverse-variance mean of the two"
+        if how == "combined"
+        else "the reference (the two disagree beyond 3 sigma)"
+    )
     note_degraded(
         "diffim_kernel_sum_rescaled",
-        f"the fitted kernel sum {ksum:.4f} differs from the {source} ratio {ref:.4f} +- {ref_sig:.4f} by "
-        f"{100 * dev:+.1f}% (the kernel cannot match the two PSFs exactly): the kernel was rescaled by {factor:.4f}",
+        f"the fitted kernel sum {ksum:.4f} +- {ksum_err:.4f} differs from the {source} ratio {ref:.4f} +- "
+        f"{ref_sig:.4f} by {100 * dev:+.1f}%: the kernel was rescaled by {factor:.4f} to {what}",
         severity="info",
         kernel_sum=ksum,
+        kernel_sum_err=ksum_err,
         reference=ref,
         reference_err=ref_sig,
         source=source,
         factor=factor,
+        how=how,
     )
-    return factor
+    return factor, how
 
 
 def subtract_images(
@@ -999,6 +1185,8 @@ def _check_pair(science, template, cfg: SubtractionConfig) -> None:
 
 def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_mask=None):
     """:func:`subtract_images` computed at once (numpy planes)."""
+    from procsky.notes import note_degraded
+
     _check_pair(science, template, cfg)
     planes = science.mask_planes
     sci = science.compute()
@@ -1063,7 +1251,8 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
     any_hard = s_hard | t_hard
     any_soft = (s_bad | t_bad) & ~any_hard
     # The user's kernel mask: planes of either image and/or a boolean array.
-    fit_hard = any_hard | _user_kernel_mask(cfg, kernel_mask, s_mask, t_mask, planes, (ny, nx))
+    user_bad = _user_kernel_mask(cfg, kernel_mask, s_mask, t_mask, planes, (ny, nx))
+    fit_hard = any_hard | user_bad
     fit = _fit_kernel(
         cfg,
         conv_img,
@@ -1085,26 +1274,60 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
     ksum = float(kern.kernel_sum(cx, cy))
     if not (np.isfinite(ksum) and ksum > 0):
         raise AlgorithmError(f"PSF-matching kernel has a non-positive sum {ksum}; the template may not match")
-    st = fit["stamps"]
-    used = np.asarray(kern.stats.get("used", [True] * len(st.x)), bool)
-    ref, ref_sig, ref_source, ref_n = _kernel_sum_reference(
-        sci,
-        tpl,
-        mode,
+    # The stars' flux ratio measured on the PSF-matched pair: the reference when the two
+    # exposures do not both carry a calibration (recorded either way).
+    matched = _matched_star_ratio(
+        kern,
         conv_img,
         conv_var,
         tgt_img,
         tgt_var,
-        fit_hard,
-        st.x[used] - x0,
-        st.y[used] - y0,
-        (x0, y0),
+        *(
+            (t_hard | user_bad, s_hard | user_bad)
+            if mode == "convolve_template"
+            else (s_hard | user_bad, t_hard | user_bad)
+        ),
         sig_sharp,
+        sig_broad,
+        stamp_half,
+        (x0, y0),
+        cfg,
+        (tpl.psf, sci.psf) if mode == "convolve_template" else (sci.psf, tpl.psf),
+        (cx, cy),
     )
+    ref, ref_sig, ref_source, ref_n = _kernel_sum_reference(sci, tpl, mode, matched)
+    if ref_source == "matched_stars" and matched["aperture"] == "total":
+        note_degraded(
+            "diffim_kernel_core_mismatch",
+            f"the stars' flux ratio on the PSF-matched pair differs between the PSF core "
+            f"({matched['core']:.4f} +- {matched['core_err']:.4f}) and a 3 FWHM box ({matched['total']:.4f} +- "
+            f"{matched['total_err']:.4f}): the kernel does not match the PSF cores; the box ratio is the "
+            "kernel-sum reference",
+            severity="info",
+            **{
+                k: matched[k]
+                for k in ("core", "core_err", "total", "total_err", "n_measured", "total_model_correction")
+            },
+        )
+    ksum_err = float(kern.stats.get("kernel_sum_stamps_err", float("nan")))
     ksum_check = _check_kernel_sum(cfg, ksum, ref, ref_sig, ref_source, ref_n, aperture_ratio=fit["ratio"])
-    rescale = _kernel_sum_rescale(cfg, ksum, ref, ref_sig, ref_source, fit["ratio"])
+    rescale, rescale_how = _kernel_sum_rescale(cfg, ksum, ksum_err, ref, ref_sig, ref_source)
     ksum_check["kernel_sum_fitted"] = ksum
     ksum_check["kernel_sum_rescale"] = rescale
+    ksum_check["kernel_sum_rescale_how"] = rescale_how
+    if matched is not None:
+        ksum_check.update(
+            {
+                "kernel_sum_matched_aperture": matched["aperture"],
+                "kernel_sum_matched_n": int(matched["n_measured"]),
+                "kernel_sum_matched_core": float(matched["core"]),
+                "kernel_sum_matched_core_err": float(matched["core_err"]),
+                "kernel_sum_matched_total": float(matched["total"]),
+                "kernel_sum_matched_total_err": float(matched["total_err"]),
+                "kernel_sum_matched_total_model_correction": float(matched["total_model_correction"]),
+                "kernel_sum_matched_model_core_over_box": float(matched["model_core_over_box"]),
+            }
+        )
     if rescale != 1.0:
         kern = dataclasses.replace(kern, coeffs=kern.coeffs * rescale)
         ksum = float(kern.kernel_sum(cx, cy))

@@ -826,9 +826,14 @@ def fit_matching_kernel(
         if new_keep.sum() < max(min_stamps, need(order)) or np.array_equal(new_keep, keep):
             break
         keep = new_keep
+    # The kernel sum's empirical error: the scatter of the kept stamps' single-stamp sums
+    # over sqrt(n) (their star-to-star spread from noise, shape mismatch and cosmic rays).
+    ks = ksum_single[keep]
+    ksum_err = float(np.std(ks, ddof=1) / math.sqrt(ks.size)) if ks.size > 1 else float("nan")
     stats = {
         "n_stamps": int(n),
         "n_stamps_used": int(keep.sum()),
+        "kernel_sum_stamps_err": ksum_err,
         "spatial_order_used": int(order),
         "stamp_chi2_mean": float(np.mean(chi[keep])),
         "stamp_chi2_median": float(np.median(chi[keep])),
