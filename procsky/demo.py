@@ -61,10 +61,48 @@ def _timing_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run(out: Path, *, workers: int = 2, pipeline: bool = True, max_false: float = 2.0) -> int:
-    """Run the demo into ``out`` (replaced); returns the exit status."""
+def ingest_survey(repo, sim_dir: Path) -> int:
+    """Ingest a simulated survey's images and reference catalogue; returns the image count."""
     from procsky.instruments import ingest_files
     from procsky.refcat import ingest_refcat
+
+    images = sorted((sim_dir / "images").glob("*.fits"))
+    refs = ingest_files(repo, images, "simcam", run="simcam/raw", progress=False)
+    ingest_refcat(repo, [sim_dir / "refcat" / "refcat.parquet"], name="sim")
+    return len(refs)
+
+
+def register_demo_skymap(repo, recipe) -> tuple[float, float]:
+    """Register the demo's sky map on ``recipe``'s field; returns the field centre.
+
+    A discrete sky map (one tract on the field, as for any small field): one 2600 px patch
+    holds the whole focal plane and its dithers, where a rings patch of 4200 px would be
+    three quarters empty.
+    """
+    from procsky.skymap import discrete_skymap, register_skymap
+
+    ra, dec = recipe.field.ra, recipe.field.dec
+    register_skymap(repo, discrete_skymap([(ra, dec)], radius=0.065, name=SKYMAP, patch_inner=2400), tracts=True)
+    return ra, dec
+
+
+def run_drp(repo, *, workers: int = 2, output: str = DEMO_RUN, progress: bool = True):
+    """Every stage of ``drp`` on a LocalCluster of ``workers``; returns (summary, wall seconds).
+
+    The wall time counts the cluster's start as well as the run (what a user waits for).
+    """
+    from distributed import Client
+
+    from procsky.pipeline import open_cluster, run_pipeline
+
+    t1 = time.time()
+    with open_cluster("local", n_workers=workers) as cluster, Client(cluster) as client:
+        result = run_pipeline(repo, "drp", where="instrument='simcam'", output=output, client=client, progress=progress)
+    return result, time.time() - t1
+
+
+def run(out: Path, *, workers: int = 2, pipeline: bool = True, max_false: float = 2.0) -> int:
+    """Run the demo into ``out`` (replaced); returns the exit status."""
     from procsky.repo import Repo
 
     try:
@@ -83,32 +121,20 @@ def run(out: Path, *, workers: int = 2, pipeline: bool = True, max_false: float 
     _say(f"simulating the {DEMO_RECIPE!r} survey ...")
     sim_dir = out / "sim"
     sim = simulate(DEMO_RECIPE, sim_dir, mode="calibrated", workers=workers, progress=True)
-    images = sorted((sim_dir / "images").glob("*.fits"))
-    refs = ingest_files(repo, images, "simcam", run="simcam/raw", progress=False)
-    ingest_refcat(repo, [sim_dir / "refcat" / "refcat.parquet"], name="sim")
-    _say(f"simulated and ingested {len(refs)} detector images and the reference catalogue ({sim.seconds:.0f} s)")
+    n = ingest_survey(repo, sim_dir)
+    _say(f"simulated and ingested {n} detector images and the reference catalogue ({sim.seconds:.0f} s)")
     if not pipeline:
         return 0
 
-    from distributed import Client
-
-    from procsky.pipeline import open_cluster, run_pipeline, run_report
+    from procsky.pipeline import run_report
     from procsky.pipeline.report import write_html
     from procsky.sim.evaluate import evaluate_run, format_evaluation
-    from procsky.skymap import discrete_skymap, register_skymap
 
-    # A discrete sky map (one tract on the field, as for any small field): one 2600 px
-    # patch holds the whole focal plane and its dithers, where a rings patch of 4200 px
-    # would be three quarters empty.
-    ra, dec = sim.recipe.field.ra, sim.recipe.field.dec
-    register_skymap(repo, discrete_skymap([(ra, dec)], radius=0.065, name=SKYMAP, patch_inner=2400), tracts=True)
+    ra, dec = register_demo_skymap(repo, sim.recipe)
     _say(f'registered the discrete sky map {SKYMAP!r}: one tract at ({ra}, {dec}), one patch of 2600 px, 0.2"/px')
 
-    t1 = time.time()
     _say(f"running every stage of drp on a LocalCluster of {workers} workers ...")
-    with open_cluster("local", n_workers=workers) as cluster, Client(cluster) as client:
-        result = run_pipeline(repo, "drp", where="instrument='simcam'", output=DEMO_RUN, client=client, progress=True)
-    t_run = time.time() - t1
+    result, t_run = run_drp(repo, workers=workers)
     print(result, flush=True)
     report = run_report(repo, DEMO_RUN)
     html = write_html(report, out / "report.html")
