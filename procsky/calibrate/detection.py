@@ -117,17 +117,22 @@ def detect(state: CalibrateState, config: DetectionConfig) -> None:
     """Final detection at the measured seeing ``state.sigma`` (DETECTED plane), after removing
     satellite trails; ``det`` and ``child_ids`` filled. AlgorithmError without any detection."""
     bit, mask = state.bit, state.mask
-    det = detect_sources(
-        state.sub,
-        state.var_det,
-        mask,
-        psf_sigma=state.sigma,
-        nsigma=config.nsigma,
-        threshold=config.threshold,
-        timer=_timer(state),
-        keep_significance=False,
-    )
-    mask[det.detected] |= np.uint32(bit["DETECTED"])
+
+    def run_detection():
+        found = detect_sources(
+            state.sub,
+            state.var_det,
+            mask,
+            psf_sigma=state.sigma,
+            nsigma=config.nsigma,
+            threshold=config.threshold,
+            timer=_timer(state),
+            keep_significance=False,
+        )
+        mask[found.detected] |= np.uint32(bit["DETECTED"])
+        return found
+
+    det = run_detection()
     if config.streaks:
         with timed(state.profile, "streaks"):
             st = find_streaks(
@@ -148,17 +153,7 @@ def detect(state: CalibrateState, config: DetectionConfig) -> None:
             state.streak_model = st.model
             mask &= ~np.uint32(bit["DETECTED"])
             del det, st  # their whole-frame planes, before the detection is repeated
-            det = detect_sources(
-                state.sub,
-                state.var_det,
-                mask,
-                psf_sigma=state.sigma,
-                nsigma=config.nsigma,
-                threshold=config.threshold,
-                timer=_timer(state),
-                keep_significance=False,
-            )
-            mask[det.detected] |= np.uint32(bit["DETECTED"])
+            det = run_detection()
     # the DETECTED plane holds the grown footprints: the significance and detection planes (a
     # whole-frame float32 and bool) are not kept (empty arrays)
     state.det = det._replace(significance=_RELEASED_F32, detected=_RELEASED_BOOL)
