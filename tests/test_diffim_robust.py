@@ -218,6 +218,10 @@ def test_kernel_sum_rescale_combines_fit_and_matched_stars():
     # a move below kernel_sum_rescale (0.5 %) is not applied; nor without the reference's error
     assert _kernel_sum_rescale(cfg, 1.254, 0.01, 1.25, 0.005, "matched_stars") == (1.0, "none")
     assert _kernel_sum_rescale(cfg, 1.30, 0.05, 1.25, float("nan"), "matched_stars") == (1.0, "none")
+    # the configured basis on enough stamps (not degraded) keeps its sum within 2 % and 3 sigma
+    assert _kernel_sum_rescale(cfg, 1.26, 0.002, 1.25, 0.001, "matched_stars", degraded=False) == (1.0, "none")
+    f, how = _kernel_sum_rescale(cfg, 1.30, 0.002, 1.25, 0.001, "matched_stars", degraded=False)
+    assert how == "reference" and f == pytest.approx(1.25 / 1.30)
     # calibrations: their ratio beyond 0.5 % and 3 sigma, whatever the fit's error
     assert _kernel_sum_rescale(cfg, 1.30, 0.05, 1.25, 0.005, "photocalib") == (pytest.approx(1.25 / 1.30), "reference")
     assert _kernel_sum_rescale(cfg, 1.26, 0.05, 1.25, 0.005, "photocalib") == (1.0, "none")

@@ -1042,7 +1042,9 @@ def _check_kernel_sum(cfg: SubtractionConfig, ksum, ref, ref_sig, source, n_ref,
     return out
 
 
-def _kernel_sum_rescale(cfg: SubtractionConfig, ksum, ksum_err, ref, ref_sig, source) -> tuple[float, str]:
+def _kernel_sum_rescale(
+    cfg: SubtractionConfig, ksum, ksum_err, ref, ref_sig, source, degraded=True
+) -> tuple[float, str]:
     """The factor the fitted kernel is multiplied by (``cfg.kernel_sum_rescale``) and how it
     was chosen (``"none"``, ``"reference"``, ``"combined"``).
 
@@ -1055,7 +1057,10 @@ def _kernel_sum_rescale(cfg: SubtractionConfig, ksum, ksum_err, ref, ref_sig, so
     photometry alone when they do not (a kernel whose basis cannot match the PSFs projects
     one profile on the other and misses the flux ratio, a bias the stamps' scatter does not
     show) or when the fit's error is unknown; however far apart they are (a variable star
-    among three kernel stars can put the fit 25 % off). The kernel
+    among three kernel stars can put the fit 25 % off). This for a ``degraded`` fit (a
+    reduced basis on few stamps); the configured basis on enough stamps keeps its sum
+    unless it misses the photometry by more than ``kernel_sum_warn`` and 3 sigma (then as
+    a degraded fit). The kernel
     is rescaled only when that moves its sum by more than ``kernel_sum_rescale``."""
     from procsky.notes import note_degraded
 
@@ -1071,6 +1076,9 @@ def _kernel_sum_rescale(cfg: SubtractionConfig, ksum, ksum_err, ref, ref_sig, so
         target, how = float(ref), "reference"
     elif source == "matched_stars":
         if not (np.isfinite(ref_sig) and ref_sig > 0):
+            return 1.0, "none"
+        if not degraded and abs(dev) <= max(cfg.kernel_sum_warn or 0.02, 3.0 * math.hypot(ksum_err, ref_sig) / ref):
+            # the configured basis on enough stamps: its sum is kept unless plainly wrong
             return 1.0, "none"
         if np.isfinite(ksum_err) and ksum_err > 0 and abs(ksum - ref) <= 3.0 * math.hypot(ksum_err, ref_sig):
             w1, w2 = 1.0 / ksum_err**2, 1.0 / ref_sig**2
@@ -1311,7 +1319,7 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
         )
     ksum_err = float(kern.stats.get("kernel_sum_stamps_err", float("nan")))
     ksum_check = _check_kernel_sum(cfg, ksum, ref, ref_sig, ref_source, ref_n, aperture_ratio=fit["ratio"])
-    rescale, rescale_how = _kernel_sum_rescale(cfg, ksum, ksum_err, ref, ref_sig, ref_source)
+    rescale, rescale_how = _kernel_sum_rescale(cfg, ksum, ksum_err, ref, ref_sig, ref_source, degraded=fit["level"] > 0)
     ksum_check["kernel_sum_fitted"] = ksum
     ksum_check["kernel_sum_rescale"] = rescale
     ksum_check["kernel_sum_rescale_how"] = rescale_how
