@@ -212,6 +212,34 @@ def estimate_peak_ratio(
     return float(np.quantile(q[star], quantile)), n
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _line_ends(d, y, x, rf, rf_diag):
+    """The two neighbours of (y, x) along line ``d`` (row, column, two diagonals) and the ratio
+    the line is held to."""
+    if d == 0:
+        dy, dx, r = 0, 1, rf
+    elif d == 1:
+        dy, dx, r = 1, 0, rf
+    elif d == 2:
+        dy, dx, r = 1, 1, rf_diag
+    else:
+        dy, dx, r = 1, -1, rf_diag
+    return y - dy, x - dx, y + dy, x + dx, r
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _line_test(r, v0, var0, i1, i2, v1, v2, nsigma):
+    """One line's verdict: -1 sharper than the PSF allows, 1 bright enough to show a hit's dark
+    pair (decisive), 0 neither (see :func:`peak_verdict`)."""
+    p = 0.5 * (i1 + i2)
+    sd = math.sqrt(r * r * var0 + 0.25 * (max(v1, 0.0) + max(v2, 0.0)))
+    if r * v0 - p > nsigma * sd:
+        return -1
+    if r * v0 > 2.0 * nsigma * sd:
+        return 1
+    return 0
+
+
 @numba.njit(nogil=True, cache=True)
 def peak_verdict(img, var, ignore, f1, f2, f3, y, x, rf, rf_diag, nsigma):
     """LSST's test on the four lines through (y, x): row and column against ``rf``, the diagonals
@@ -231,30 +259,17 @@ def peak_verdict(img, var, ignore, f1, f2, f3, y, x, rf, rf_diag, nsigma):
     var0 = var[y, x] if var[y, x] > 0.0 else 0.0
     decisive = False
     for d in range(4):
-        if d == 0:
-            dy, dx, r = 0, 1, rf
-        elif d == 1:
-            dy, dx, r = 1, 0, rf
-        elif d == 2:
-            dy, dx, r = 1, 1, rf_diag
-        else:
-            dy, dx, r = 1, -1, rf_diag
-        y1 = y - dy
-        x1 = x - dx
-        y2 = y + dy
-        x2 = x + dx
+        y1, x1, y2, x2, r = _line_ends(d, y, x, rf, rf_diag)
         if min(y1, y2) < 0 or min(x1, x2) < 0 or max(y1, y2) >= ny or max(x1, x2) >= nx:
             continue
         if ignore[y1, x1] or ignore[y2, x2] or f1[y1, x1] or f1[y2, x2] or f2[y1, x1] or f2[y2, x2]:
             continue
         if f3[y1, x1] or f3[y2, x2]:
             continue
-        p = 0.5 * (img[y1, x1] + img[y2, x2])
-        sd = math.sqrt(r * r * var0 + 0.25 * (max(var[y1, x1], 0.0) + max(var[y2, x2], 0.0)))
-        if r * v0 - p > nsigma * sd:
+        t = _line_test(r, v0, var0, img[y1, x1], img[y2, x2], var[y1, x1], var[y2, x2], nsigma)
+        if t < 0:
             return -1
-        if r * v0 > 2.0 * nsigma * sd:
-            decisive = True
+        decisive = decisive or t > 0
     return 1 if decisive else 0
 
 
@@ -268,30 +283,17 @@ def _raw_verdict(image, variance, bad, use_bad, y, x, rf, rf_diag, nsigma):
     var0 = var0 if var0 > 0.0 else 0.0
     decisive = False
     for d in range(4):
-        if d == 0:
-            dy, dx, r = 0, 1, rf
-        elif d == 1:
-            dy, dx, r = 1, 0, rf
-        elif d == 2:
-            dy, dx, r = 1, 1, rf_diag
-        else:
-            dy, dx, r = 1, -1, rf_diag
-        y1 = y - dy
-        x1 = x - dx
-        y2 = y + dy
-        x2 = x + dx
+        y1, x1, y2, x2, r = _line_ends(d, y, x, rf, rf_diag)
         if min(y1, y2) < 0 or min(x1, x2) < 0 or max(y1, y2) >= ny or max(x1, x2) >= nx:
             continue
         b1, i1, v1 = _px(image, variance, bad, use_bad, y1, x1)
         b2, i2, v2 = _px(image, variance, bad, use_bad, y2, x2)
         if b1 or b2:
             continue
-        p = 0.5 * (i1 + i2)
-        sd = math.sqrt(r * r * var0 + 0.25 * (max(v1, 0.0) + max(v2, 0.0)))
-        if r * v0 - p > nsigma * sd:
+        t = _line_test(r, v0, var0, i1, i2, v1, v2, nsigma)
+        if t < 0:
             return -1
-        if r * v0 > 2.0 * nsigma * sd:
-            decisive = True
+        decisive = decisive or t > 0
     return 1 if decisive else 0
 
 
