@@ -337,10 +337,22 @@ class _WarpSource(_Source):
         return inter, nodes, exact, reg, img, var, msk
 
     def read(self, box: Box, parts=None):
+        return self._warp_planes(box, self._inputs(box, parts))
+
+    def _grid_args(
+        self, inter: Box, nodes, img, var, msk
+    ) -> tuple[Any, Any, Any, Any, Any, Any, Any, np.ndarray, np.ndarray]:
+        """The leading arguments of the grid kernels (``warp_planes_grid``, ``warp_grid_accumulate``)."""
+        gx, gy, xi, yi = nodes
+        xs = np.arange(inter.x0, inter.x1, dtype=float)
+        ys = np.arange(inter.y0, inter.y1, dtype=float)
+        return img, var, msk, gx, gy, xi, yi, xs, ys
+
+    def _warp_planes(self, box: Box, got):
+        """Warped image, variance and mask of ``box`` from :meth:`_inputs`' result ``got``."""
         out_img = np.full(box.shape, np.nan, np.float32)
         out_var = np.full(box.shape, np.nan, np.float32)
         out_msk = np.full(box.shape, _NO_DATA, np.uint32)
-        got = self._inputs(box, parts)
         if got is None:
             return out_img, out_var, out_msk
         inter, nodes, exact, reg, img, var, msk = got
@@ -360,17 +372,8 @@ class _WarpSource(_Source):
             )
         else:
             # Mapping splines and pixel area evaluated inside the kernel, row by row.
-            gx, gy, xi, yi = nodes
             wi, wv, wm = kw.warp_planes_grid(
-                img,
-                var,
-                msk,
-                gx,
-                gy,
-                xi,
-                yi,
-                np.arange(inter.x0, inter.x1, dtype=float),
-                np.arange(inter.y0, inter.y1, dtype=float),
+                *self._grid_args(inter, nodes, img, var, msk),
                 offset=(reg.x0, reg.y0),
                 calibration=self.calibration,
                 order=order,
@@ -390,21 +393,12 @@ class _WarpSource(_Source):
         if got is None:
             return
         inter, nodes, exact, reg, img, var, msk = got
-        if nodes is None:
-            i, v, m = self.read(box, parts)
+        if nodes is None:  # the planes of the inputs already read, not a second read
+            i, v, m = self._warp_planes(box, got)
             acc.add(i, v, m, weight)
             return
-        gx, gy, xi, yi = nodes
         kw.warp_grid_accumulate(
-            img,
-            var,
-            msk,
-            gx,
-            gy,
-            xi,
-            yi,
-            np.arange(inter.x0, inter.x1, dtype=float),
-            np.arange(inter.y0, inter.y1, dtype=float),
+            *self._grid_args(inter, nodes, img, var, msk),
             (acc.sw, acc.swi, acc.sw2v, acc.mask_or, acc.n),
             (inter.y0 - box.y0, inter.x0 - box.x0),
             weight,
