@@ -54,7 +54,6 @@ from procsky import masks as _masks
 from procsky.errors import NoWorkError, ProcskyTypeError, ProcskyValueError
 from procsky.exposure import Exposure
 from procsky.kernels import coadd as kc
-from procsky.kernels import psfmatch as kpm
 from procsky.kernels import warp as kw
 from procsky.notes import note_degraded
 from procsky.psf import CoaddPsf, GaussianPsf, ImagePsf, PsfModel, matching_fwhm
@@ -224,6 +223,8 @@ def psf_match_exposure(exposure: Exposure, target_fwhm: float, *, chunk: int | N
             f"target FWHM {target_fwhm:.3f} px must exceed the exposure's PSF FWHM {fwhm:.3f} px "
             "(PSF matching only broadens); pick a larger target_fwhm"
         )
+    from procsky.kernels import psfmatch as kpm  # here: the plain coadd path needs no PSF matching
+
     kernel = _psf_matching_kernels([exposure.psf], CoaddConfig(target_fwhm=target_fwhm))[0]
     r = kernel.shape[0] // 2
     corr = kw.lanczos_noise_correlation(3)
@@ -774,6 +775,8 @@ def _psf_matching_kernels(psfs, config: CoaddConfig):
     if not fwhms:
         return [None] * len(psfs)
     target_fwhm = config.target_fwhm or 1.1 * max(fwhms)
+    from procsky.kernels import psfmatch as kpm  # here: the plain coadd path needs no PSF matching
+
     out: list[np.ndarray | None] = []
     for p in psfs:
         if p is None:

@@ -33,7 +33,6 @@ from procsky import masks as _masks
 from procsky.errors import NoWorkError, ProcskyValueError
 from procsky.exposure import Exposure
 from procsky.kernels import warp as kw
-from procsky.kernels.psfmatch import pad_kernel
 from procsky.psf import GridImagePsf, ImagePsf, PsfModel
 from procsky.skymap import Box
 from procsky.wcs import wcs_from_cards
@@ -817,6 +816,8 @@ def _grid_psf(
     gy = psf_grid_nodes(xy0[1] + region.y0, xy0[1] + region.y1, step) - xy0[1]
     xx, yy = np.meshgrid(gx, gy)
     x, y = xx.ravel(), yy.ravel()
+    from procsky.kernels.psfmatch import pad_kernel  # here: a plain warp needs none of psfmatch's kernels
+
     acc: list = [None] * x.size
     tot = np.zeros(x.size)
     for p, wt in zip(inputs, weights):

@@ -205,3 +205,25 @@ def test_layers_point_down():
                 f"{name} -> {d}" for d in deps if d.startswith(("procsky.pipeline", "procsky.cli", "procsky.tasks"))
             ]
     assert not bad, "imports that point up a layer:\n" + "\n".join(bad)
+
+
+def test_kernels_reexports_are_lazy():
+    """``procsky.kernels`` re-exports its names lazily (PEP 562): every name resolves, and a
+    coadd worker's imports load no cosmic-ray, detection, measurement or PSF-fitting kernels
+    (nor scipy.optimize, which the parametric PSF fit imports)."""
+    import subprocess
+    import sys
+
+    import procsky.kernels as k
+
+    assert set(k.__all__) == set(k._EXPORTS)
+    for name in k.__all__:
+        assert getattr(k, name) is not None
+    code = (
+        "import sys, procsky.coadd, procsky.tasks.coadd, procsky.tasks.warp\n"
+        "heavy = ('procsky.kernels.cosmicray', 'procsky.kernels.detection', 'procsky.kernels.measure', "
+        "'procsky.kernels.psfmodel', 'procsky.kernels.astrometry', 'procsky.kernels.background', 'scipy.optimize')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]", out

@@ -12,14 +12,49 @@ dask). Modules:
 ``psfmodel``     PSF star selection, pixelised polynomial PSF model, rendering
 ``astrometry``   matching to a reference catalogue, TAN-SIP fit, photometric zero point
 ``testing``      synthetic star fields with known truth
+
+The names below are re-exported lazily (PEP 562 module ``__getattr__``): importing one
+kernel module (``from procsky.kernels import warp``) does not import the others, so a
+coadd worker does not load the cosmic-ray, detection or PSF-fitting code (nor scipy).
 """
 
-from .astrometry import fit_tan_sip, match_sources, photometric_zero_point, tan_deproject, tan_project
-from .background import Background, estimate_background
-from .cosmicray import CosmicRayResult, find_cosmic_rays
-from .detection import DetectionResult, detect_sources, label_chunked, label_components
-from .measure import FLAG_NAMES, measure_psf_fluxes, measure_sources
-from .psfmodel import PsfModelArrays, fit_psf_model, render_psf, render_stamps, select_psf_stars
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .astrometry import fit_tan_sip, match_sources, photometric_zero_point, tan_deproject, tan_project
+    from .background import Background, estimate_background
+    from .cosmicray import CosmicRayResult, find_cosmic_rays
+    from .detection import DetectionResult, detect_sources, label_chunked, label_components
+    from .measure import FLAG_NAMES, measure_psf_fluxes, measure_sources
+    from .psfmodel import PsfModelArrays, fit_psf_model, render_psf, render_stamps, select_psf_stars
+
+# re-exported name -> the submodule that defines it
+_EXPORTS = {
+    "Background": "background",
+    "estimate_background": "background",
+    "CosmicRayResult": "cosmicray",
+    "find_cosmic_rays": "cosmicray",
+    "DetectionResult": "detection",
+    "detect_sources": "detection",
+    "label_components": "detection",
+    "label_chunked": "detection",
+    "FLAG_NAMES": "measure",
+    "measure_sources": "measure",
+    "measure_psf_fluxes": "measure",
+    "PsfModelArrays": "psfmodel",
+    "select_psf_stars": "psfmodel",
+    "fit_psf_model": "psfmodel",
+    "render_psf": "psfmodel",
+    "render_stamps": "psfmodel",
+    "match_sources": "astrometry",
+    "fit_tan_sip": "astrometry",
+    "tan_project": "astrometry",
+    "tan_deproject": "astrometry",
+    "photometric_zero_point": "astrometry",
+}
 
 __all__ = [
     "Background",
@@ -44,3 +79,16 @@ __all__ = [
     "tan_deproject",
     "photometric_zero_point",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
