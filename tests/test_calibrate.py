@@ -362,6 +362,12 @@ def test_task_run_and_refcat_shards_in_quanta(tiny, tmp_path):
     calexp = repo.get("calexp", {"instrument": "simcam", "visit": 1, "detector": 0}, run="cal")
     assert len(src) == stats["n_sources"] and stats["photometry_status"].startswith("fitted")
     assert calexp.psf is not None
+    # the quantum's summary carries the per-step CPU of calibrate (thread CPU, no memory column)
+    steps = {r["step"]: r for r in stats["step_profile"]}
+    assert {"background", "cosmic rays: L.A.Cosmic", "detection", "measurement", "PSF model", "other"} <= set(steps)
+    assert steps["background"]["calls"] == 2 and all("peak_mb" not in r for r in steps.values())
+    assert all(r["cpu_s"] >= 0.0 and r["wall_s"] >= 0.0 for r in steps.values())
+    assert sum(r["cpu_s"] for r in steps.values()) > 0.0
     # quanta: only shards near the boresight
     from procsky.pipeline.graph import Where, _existing
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +58,15 @@ class StepProfile:
     ran (its nested steps included), read from the kernel, which resets the mark at each step
     boundary (``/proc/self/clear_refs``): exact, and no sampling thread. With ``memory=False``
     (or where the mark cannot be reset) peaks are NaN. Not thread-safe: one calibrate per profile.
+
+    ``cpu_clock`` is the CPU clock read at step boundaries: the process's (default; a benchmark
+    alone in its process) or ``time.thread_time`` where other threads of the process run other
+    work (a worker running several quanta). There ``memory=False``: the high-water mark is the
+    process's, and resetting it would disturb whoever else reads it.
     """
 
-    def __init__(self, memory: bool = True) -> None:
+    def __init__(self, memory: bool = True, cpu_clock: Callable[[], float] = time.process_time) -> None:
+        self.cpu_clock = cpu_clock
         self.memory = bool(memory) and _reset_high_water()
         self.rows: dict[str, list[float]] = {}
         self._stack: list[list[float]] = []  # per open step: [child cpu, child wall, peak MB]
@@ -83,11 +89,11 @@ class StepProfile:
             self._fold_peak()
         frame = [0.0, 0.0, float("nan")]
         self._stack.append(frame)
-        c0, w0 = time.process_time(), time.perf_counter()
+        c0, w0 = self.cpu_clock(), time.perf_counter()
         try:
             yield
         finally:
-            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            cpu, wall = self.cpu_clock() - c0, time.perf_counter() - w0
             if self.memory:
                 self._fold_peak()
             self._stack.pop()
@@ -110,6 +116,18 @@ class StepProfile:
             {"step": k, "calls": int(v[3]), "cpu_s": v[0], "wall_s": v[1], "peak_mb": v[2]}
             for k, v in self.rows.items()
         ]
+
+    def records(self, digits: int = 3) -> list[dict[str, Any]]:
+        """:meth:`table` as JSON-able records (times rounded to ``digits`` decimals; ``peak_mb`` only when
+        memory was profiled), for a quantum's metadata."""
+        out = []
+        for r in self.table():
+            rec = {"step": r["step"], "calls": r["calls"], "cpu_s": round(r["cpu_s"], digits)}
+            rec["wall_s"] = round(r["wall_s"], digits)
+            if np.isfinite(r["peak_mb"]):
+                rec["peak_mb"] = round(r["peak_mb"], 1)
+            out.append(rec)
+        return out
 
 
 def timed(profile: StepProfile | None, name: str) -> contextlib.AbstractContextManager[None]:

@@ -10,12 +10,14 @@ nested model per step: ``-c calibrate.psf.order=1``) plus ``refcat_visit_radius_
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from procsky.calibrate import SRC_UNITS, CalibrationConfig, calibrate_exposure, fit_detector_psf
+from procsky.calibrate.state import StepProfile
 from procsky.tasks.base import Input, Output, Task, TaskConfig, default_quanta, register_task
 
 __all__ = ["CalibrateConfig", "CalibrateTask", "calibrate_exposure", "fit_detector_psf", "SRC_UNITS"]
@@ -89,8 +91,13 @@ class CalibrateTask(Task):
         return specs
 
     def run(self, exposure: Any, refcat: Any = None) -> dict[str, Any]:
-        """Calibrate; returns ``{"calexp", "src", "summary"}``."""
-        calexp, src, summary = calibrate_exposure(exposure, refcat or None, self.config)
+        """Calibrate; returns ``{"calexp", "src", "summary"}``.
+
+        The summary carries ``step_profile``: each step's CPU (of this thread: a worker may run
+        other quanta beside) and wall seconds (:meth:`StepProfile.records`), for the run's report."""
+        profile = StepProfile(memory=False, cpu_clock=time.thread_time)
+        calexp, src, summary = calibrate_exposure(exposure, refcat or None, self.config, profile=profile)
+        summary = {**summary, "step_profile": profile.records()}
         return {"calexp": calexp, "src": src, "summary": summary}
 
 
