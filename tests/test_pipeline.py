@@ -529,6 +529,9 @@ def test_cluster_profiles(tmp_path, monkeypatch):
                 assert var in prologue
             assert "--lifetime" in kw["worker_extra_args"]
             assert "adapt" in scaling
+            assert "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in kw["job_script_prologue"]
+        else:
+            assert kw["worker_dask_config"] == {"distributed.worker.profile.enabled": False}
     kind, kw, _ = cluster_kwargs("slurm", walltime="01:00:00", queue="debug", jobs=3)
     i = kw["worker_extra_args"].index("--lifetime")
     assert kw["worker_extra_args"][i + 1] == f"{3600 - 600 - 240}s"
@@ -543,6 +546,40 @@ def test_cluster_profiles(tmp_path, monkeypatch):
     assert find_profile("mysite") == tmp_path / "mysite.yaml"
     with pytest.raises(ProcskyKeyError, match="mysite"):
         find_profile("nosuchprofile")
+
+
+def test_checkout_profiles_match_packaged_ones():
+    """``clusters/`` of a checkout shadows the packaged copies: they must not drift apart."""
+    from procsky.pipeline import clusters
+
+    if not clusters._CHECKOUT.is_dir():
+        pytest.skip("not a source checkout")
+    names = sorted(p.name for p in clusters._CHECKOUT.glob("*.yaml"))
+    assert names == sorted(p.name for p in clusters._PACKAGED.glob("*.yaml"))
+    for name in names:
+        assert (clusters._CHECKOUT / name).read_text() == (clusters._PACKAGED / name).read_text(), name
+
+
+def test_local_workers_run_without_dask_profiler(tmp_path):
+    """Local workers get WORKER_DASK_CONFIG (dask's stack-sampling profiler off) through the
+    nanny, and keep the rest of this process's dask config; ``dask_config`` turns it back on."""
+    import dask
+    import distributed
+
+    from procsky.pipeline import open_cluster
+
+    def state(dask_worker):
+        return dask.config.get("distributed.worker.profile.enabled"), "profile" in dask_worker.periodic_callbacks
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "41s"}):
+        with open_cluster("local", n_workers=1, dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+            (got,) = c.run(state).values()
+            (timeout,) = c.run(lambda: dask.config.get("distributed.comm.timeouts.connect")).values()
+    assert got == (False, False) and timeout == "41s"
+    prof = tmp_path / "prof.yaml"
+    prof.write_text("cluster: local\ndask_config: {distributed.worker.profile.enabled: true}\n")
+    _, kw, _ = cluster_kwargs(str(prof))
+    assert kw["worker_dask_config"] == {"distributed.worker.profile.enabled": True}
 
 
 def test_jobqueue_job_script():

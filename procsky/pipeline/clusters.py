@@ -21,6 +21,13 @@ to ``worker_extra_args`` so that workers hand their data over and leave before t
 system kills the job (the dask-jobqueue recipe); with ``adapt`` new jobs replace them.
 Strings have ``$VARS`` and ``~`` expanded when the cluster is opened.
 
+Worker settings procsky applies to every profile: the thread limits of numerical libraries
+(:data:`THREAD_LIMITS`; dask supplies the parallelism) and :data:`WORKER_DASK_CONFIG`
+(dask's statistical profiler off: it walks every busy thread's Python stack 100 times a
+second in the worker's event loop, CPU the quanta would otherwise get). A profile can turn
+either back on: ``env:`` (local) or ``job_script_prologue`` (batch) for the first, and
+``dask_config: {distributed.worker.profile.enabled: true}`` for the second.
+
 Profiles are looked up, in order, in ``$PROCSKY_CLUSTERS`` (colon-separated directories),
 ``~/.config/procsky/clusters``, the ``clusters/`` folder of a source checkout, and the
 copies packaged in ``procsky/pipeline/clusters``. A path to a YAML file works too.
@@ -125,6 +132,27 @@ THREAD_LIMITS = {
     "OPENBLAS_NUM_THREADS": "1",
     "NUMBA_NUM_THREADS": "1",
 }
+
+
+#: dask settings of the workers (dotted keys). dask's worker profiler (``profile.interval``
+#: 10 ms) processes each busy thread's stack in the worker's event loop: in the demo's
+#: workers ~5 % of a core beside each quantum, which a second worker on the same cores
+#: pays for. procsky records each quantum's CPU itself; the dashboard's "Profile" page is
+#: empty unless a profile sets ``dask_config: {distributed.worker.profile.enabled: true}``.
+WORKER_DASK_CONFIG = {"distributed.worker.profile.enabled": False}
+
+
+def _dask_env_name(key: str) -> str:
+    """The environment variable dask reads for dotted config ``key``."""
+    return "DASK_" + "__".join(part.upper().replace("-", "_") for part in key.split("."))
+
+
+def _worker_dask_config(doc: dict) -> dict:
+    """:data:`WORKER_DASK_CONFIG` updated with the profile's ``dask_config`` (dotted keys)."""
+    extra = doc.get("dask_config") or {}
+    if not isinstance(extra, dict):
+        raise ProcskyValueError(f"cluster profile: dask_config must be a mapping of dotted keys, not {extra!r}.")
+    return {**WORKER_DASK_CONFIG, **{str(k): v for k, v in extra.items()}}
 
 
 def profile_dirs() -> list[Path]:
@@ -269,6 +297,10 @@ def cluster_kwargs(profile: str | os.PathLike | dict = "local", **overrides) -> 
     kind = doc["cluster"]
     if kind == "local" and doc.get("env") and "env" not in options:
         options["env"] = dict(doc["env"])
+    if kind == "local" and options.get("processes", True) and "config" not in options:
+        # The nanny hands its own dask config to the worker process it starts (overriding
+        # the worker's environment), so local workers get theirs through ``config``.
+        options["worker_dask_config"] = _worker_dask_config(doc)
     if kind != "local":
         extra = list(options.get("worker_extra_args") or [])
         if "--lifetime" not in extra:
@@ -279,6 +311,10 @@ def cluster_kwargs(profile: str | os.PathLike | dict = "local", **overrides) -> 
         for var, val in THREAD_LIMITS.items():
             if var not in have:
                 prologue.append(f"export {var}={val}")
+        for key, val in _worker_dask_config(doc).items():
+            var = _dask_env_name(key)
+            if var not in have:
+                prologue.append(f"export {var}={val!r}")
         options["job_script_prologue"] = prologue
         local_dir = options.get("local_directory")
         if local_dir and "$" in str(local_dir):  # unset variable: fall back to /tmp
@@ -446,6 +482,15 @@ def open_cluster(profile: str | os.PathLike | dict | ClusterSpec = "local", **ov
         env = options.pop("env", None) or THREAD_LIMITS
         for var, val in env.items():  # inherited by worker processes
             os.environ.setdefault(var, str(val))
+        worker_config = options.pop("worker_dask_config", None)
+        if worker_config:
+            import dask.config
+
+            # A full copy of this process's config with the workers' settings over it: the
+            # nanny merges ``config`` over its own shallowly (top-level keys replaced).
+            options["config"] = dask.config.merge(
+                dask.config.config, dask.config.expand_environment_variables(_nest(worker_config))
+            )
         if options.get("processes", True):
             preload = options.get("preload") or []
             preload = [preload] if isinstance(preload, str) else list(preload)
@@ -462,6 +507,18 @@ def open_cluster(profile: str | os.PathLike | dict | ClusterSpec = "local", **ov
         cluster.close()
         raise
     return cluster
+
+
+def _nest(dotted: dict) -> dict:
+    """``{"a.b.c": v}`` -> ``{"a": {"b": {"c": v}}}`` (dask config form)."""
+    out: dict = {}
+    for key, val in dotted.items():
+        *head, last = key.split(".")
+        d = out
+        for part in head:
+            d = d.setdefault(part, {})
+        d[last] = val
+    return out
 
 
 def dask_setup(worker=None) -> None:  # pragma: no cover - runs in local worker processes
