@@ -392,3 +392,36 @@ def test_moffat_psf_of_five_stars_against_the_truth(fwhm_atm, oversample):
     if oversample == 1:
         t = np.median(cat["ixx"] + cat["iyy"])
         assert 2.3548 * np.sqrt(0.5 * t) > 1.05 * truth
+
+
+def test_local_sky_keeps_unresolved_light_out_of_the_model(varying_field):
+    """Unresolved light over the background (a crowded field's faint stars over a mode background), here a
+    level of 4 counts per pixel: fitted as it is, the model carries it as a pedestal normalised with the
+    core (0.3 % of its light beyond 10.5 px, where the Gaussian has none), and PSF fluxes are high by
+    it; with ``local_sky`` (each star's ring level less the slope of its own wing with flux) the model
+    is the one fitted without that light."""
+    fr, img, cat = varying_field
+    yy, xx = np.mgrid[-12:13, -12:13]
+    ring = np.hypot(xx, yy) >= 10.5
+
+    def model_at_centre(image, local_sky):
+        model, _, _ = fit_psf_model(
+            image, fr.variance, None, cat["x"], cat["y"], stamp_size=25, order=2, local_sky=local_sky
+        )
+        return render_psf(model, 512.0, 512.0)
+
+    assert model_at_centre(img + 4.0, False)[ring].sum() > 0.002
+    lifted = model_at_centre(img + 4.0, True)
+    assert abs(lifted[ring].sum()) < 1e-4
+    assert np.abs(lifted - model_at_centre(img, True)).max() < 1e-4 * lifted.max()
+
+
+def test_psf_kernels_import_without_scipy_optimize():
+    """scipy.optimize (only the Moffat fallback's fit needs it) is not imported with the PSF kernels: every
+    worker that imports them would pay for it at start-up."""
+    import subprocess
+    import sys
+
+    code = "import sys, procsky.kernels.psfmodel; print('scipy.optimize' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -25,7 +25,7 @@ from procsky.calibrate.config import MeasurementConfig, PsfConfig
 from procsky.calibrate.detection import ap_name
 from procsky.calibrate.state import CalibrateState
 from procsky.kernels.growth import GrowthCorrection, aperture_to_total, weighted_clipped_mean
-from procsky.kernels.measure import measure_sources
+from procsky.kernels.measure import isolated_apertures, measure_sources
 from procsky.kernels.psfmodel import model_flux_error
 from procsky.notes import note_degraded
 
@@ -176,6 +176,49 @@ def apcorr_radius(state: CalibrateState, config: MeasurementConfig) -> tuple[flo
     return r, tuple(float(e) for e in edges)
 
 
+_APCORR_BAD = int(_masks.bits("BAD", "SAT", "NO_DATA", "EDGE"))
+# the core of an aperture-correction star, where its residual is summed rather than taken at clipped ring means:
+# this many FWHM, at least _APCORR_CORE_MIN pixels
+_APCORR_CORE_FWHM = 1.5
+_APCORR_CORE_MIN = 3.0
+
+
+def _apcorr_ratios(
+    state: CalibrateState, stars: np.ndarray, radius: float, apc_name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``ap_flux(radius) / psf_flux`` of every source and its error; for the PSF stars ``stars`` (with a PSF
+    model), the aperture flux as if each were alone (:func:`kernels.measure.isolated_apertures`: its
+    model plus the image less every fitted model, summed in the core and at clipped ring means beyond). In a
+    crowded field the plain aperture also holds the stars hidden in a bright star's wings and the mean
+    light of unresolved ones, which the PSF fit under a mode background mostly does not."""
+    meas = state.meas
+    ap, ap_err, psf, psf_err = meas[apc_name], meas[apc_name + "_err"], meas["psf_flux"], meas["psf_flux_err"]
+    idx = np.flatnonzero(stars)
+    stamps = getattr(state, "stamps", None)
+    if idx.size and stamps is not None and state.psf_model is not None:
+        fwhm = 2.3548200450309493 * float(state.sigma_psf)
+        core = max(_APCORR_CORE_FWHM * fwhm, _APCORR_CORE_MIN) if np.isfinite(fwhm) else _APCORR_CORE_MIN
+        iso = isolated_apertures(
+            state.sub,
+            state.var_det,
+            state.mask,
+            meas["x"],
+            meas["y"],
+            stamps,
+            psf,
+            idx,
+            radius,
+            core_radius=core,
+            bad_bits=_APCORR_BAD,
+        )
+        ap, ap_err = ap.copy(), ap_err.copy()
+        ap[idx], ap_err[idx] = iso["ap_flux"], iso["ap_flux_err"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = ap / psf
+        ratio_err = np.hypot(ap_err, ratio * psf_err) / psf
+    return ratio, ratio_err
+
+
 def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> None:
     """Aperture correction (``apcorr``) over the PSF stars and aperture-to-total (``growth``) over the
     bright stars."""
@@ -183,10 +226,6 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
     radius, edges = apcorr_radius(state, config)
     state.apcorr_radius = radius
     apc_name = ap_name(meas, radius)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = meas[apc_name] / meas["psf_flux"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio_err = np.hypot(meas[apc_name + "_err"], ratio * meas["psf_flux_err"]) / meas["psf_flux"]
     # only PSF stars whose aperture holds no other detection (as the LSST pipelines' aperture correction
     # keeps unblended stars): in a crowded field neighbours' light biases ap/psf high
     clean = _clean(state, radius)
@@ -200,6 +239,7 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
             severity="info",
             radius=radius,
         )
+    ratio, ratio_err = _apcorr_ratios(state, used, radius, apc_name)
     ac_stars = (
         used
         & np.isfinite(ratio)

@@ -26,6 +26,9 @@ raise for one bad source: every quantity has a flag, and failed quantities are N
   joint linear least-squares problem of all amplitudes, which the individual fits converge
   to); the neighbour subtraction of DAOPHOT's NSTAR/ALLSTAR (Stetson 1987, PASP 99, 191),
   with positions fixed. Neighbours' light then no longer enters a star's fit.
+* **Isolated aperture** (:func:`isolated_apertures`, for aperture corrections): the aperture of a
+  star on the image minus every other source's fitted model, its residual taken at clipped ring
+  levels beyond the core, so that neither neighbours nor stars hidden in its wings enter it.
 * **Local background**: sigma-clipped median in an annulus, excluding pixels of any source.
 * **Flags**: edge, saturated, interpolated, cr, bad (anywhere in the footprint and at the
   centre), blended, and per-algorithm failure flags.
@@ -51,6 +54,7 @@ __all__ = [
     "measure_sources",
     "measure_psf_fluxes",
     "neighbour_subtracted_psf_fluxes",
+    "isolated_apertures",
     "FLAG_NAMES",
 ]
 
@@ -1015,3 +1019,157 @@ def measure_psf_fluxes(image, variance, mask, x, y, stamps, *, weighted=True, ma
         "psf_chi2": r[:, 2],
         "psf_flux_flag": ~np.isfinite(r[:, 0]) | (r[:, 3] > max_lost),
     }
+
+
+@numba.njit(nogil=True, cache=True)
+def _ring_level(vals, pvar, ring, m, r, buf):
+    """Level of the values of ring ``r``: their mean within 3 noise sigmas (from the variance) of their
+    median, then of that mean (symmetric, so unbiased for the noise; a star not in the model is left out
+    where it stands above it)."""
+    c = 0
+    v2 = 0.0
+    for i in range(m):
+        if ring[i] == r:
+            buf[c] = vals[i]
+            v2 += pvar[i]
+            c += 1
+    if c == 0:
+        return 0.0
+    sig = math.sqrt(max(v2 / c, 0.0))
+    centre = _median_inplace(buf, c)
+    level = centre
+    for _ in range(2):
+        tot = 0.0
+        k = 0
+        for i in range(m):
+            if ring[i] == r and abs(vals[i] - centre) <= 3.0 * sig:
+                tot += vals[i]
+                k += 1
+        if k == 0:
+            return level
+        level = tot / k
+        centre = level
+    return level
+
+
+@numba.njit(nogil=True, cache=True)
+def _isolated_apertures_kernel(image, variance, mask, ixs, iys, xs, ys, stamps, flux, idx, radius, core, bad_bits):
+    ny, nx = image.shape
+    n = ixs.size
+    s = stamps.shape[1]
+    h = s // 2
+    model = np.zeros(image.shape, np.float32)
+    for k in range(n):
+        f = flux[k]
+        if np.isfinite(f) and f > 0.0 and abs(ixs[k]) < 10**5 and abs(iys[k]) < 10**5:
+            _add_stamp(model, ixs[k], iys[k], stamps[k], f)
+    nr = int(math.floor(radius + 1.0)) + 1
+    cap = int((2 * radius + 3) ** 2)
+    vals = np.empty(cap)
+    ring = np.empty(cap, np.int64)
+    wts = np.empty(cap)
+    pvar = np.empty(cap)
+    wsum = np.zeros(nr)
+    buf = np.empty(cap)
+    out = np.full((idx.size, 3), np.nan)
+    for j in range(idx.size):
+        k = idx[j]
+        x = xs[k]
+        y = ys[k]
+        if not (np.isfinite(x) and np.isfinite(y)):
+            continue
+        f = flux[k] if np.isfinite(flux[k]) and flux[k] > 0.0 else 0.0
+        own = 0.0
+        var = 0.0
+        area = 0.0
+        m = 0
+        wsum[:] = 0.0
+        for py in range(max(0, int(math.floor(y - radius))), min(ny, int(math.floor(y + radius)) + 2)):
+            for px in range(max(0, int(math.floor(x - radius))), min(nx, int(math.floor(x + radius)) + 2)):
+                a = _pixel_weight(px - x, py - y, radius)
+                if a <= 0.0 or (mask[py, px] & bad_bits):
+                    continue
+                sj = py - iys[k] + h
+                si = px - ixs[k] + h
+                if 0 <= sj < s and 0 <= si < s:
+                    own += a * f * stamps[k, sj, si]
+                # the core (within ``core``) as it is, then 1-px rings
+                d = math.sqrt((px - x) ** 2 + (py - y) ** 2)
+                r = 0 if d < core else int(d)
+                vals[m] = image[py, px] - model[py, px]
+                pvar[m] = variance[py, px]
+                ring[m] = r
+                wts[m] = a
+                wsum[r] += a
+                m += 1
+                var += a * a * variance[py, px]
+                area += a
+        # the residual (every model, this source's too, subtracted): summed in the core, at each ring's level beyond
+        tot = own
+        for i in range(m):
+            if ring[i] == 0:
+                tot += wts[i] * vals[i]
+        for r in range(1, nr):
+            if wsum[r] <= 0.0:
+                continue
+            tot += wsum[r] * _ring_level(vals, pvar, ring, m, r, buf)
+        out[j, 0] = tot
+        out[j, 1] = math.sqrt(max(var, 0.0))
+        out[j, 2] = area
+    return out
+
+
+def isolated_apertures(image, variance, mask, x, y, stamps, flux, idx, radius, *, core_radius, bad_bits):
+    """Aperture fluxes of sources ``idx`` as if alone, for an aperture correction: each source's fitted
+    PSF model in the aperture plus the residual of the image minus every source's fitted model, summed
+    within ``core_radius`` and taken at its clipped mean level in each 1-px ring beyond (within 3 noise
+    sigmas of the ring's median).
+
+    The residual holds what the models miss: the star's own light beyond its model (what an aperture
+    correction is for; smooth in azimuth, so a ring's level keeps it) and other light. The neighbours'
+    fitted models are subtracted (DAOPHOT's aperture corrections on neighbour-subtracted stars, Stetson
+    1987, 1990); fainter stars hidden in a bright star's wings, which detection could not separate
+    (crowded regime: 0.5-1.5 % of the flux of the brightest aperture-correction stars, in 12 px), are
+    outliers in their rings, and the clipped ring means leave most of their light out (the wings below 3
+    sigma stay: a quarter of a 1 % star 9 px out, with a 4 px FWHM). The unresolved light of fainter
+    stars then enters the aperture clipped, nearer its mode than its mean: as the PSF fit holds it under
+    a mode background, so the aperture/PSF ratio compares like with like. Within ``core_radius`` (about the
+    PSF's FWHM) the residual is the model's error at the core, not smooth in azimuth where the PSF is
+    undersampled, and is summed as it is (a star hidden there is in the PSF fit too).
+
+    Parameters
+    ----------
+    image, variance, mask, x, y, stamps
+        As :func:`neighbour_subtracted_psf_fluxes` (stamps rendered at ``x, y``, placed at the nearest
+        pixel).
+    flux : array (n,), counts
+        Fitted PSF amplitudes of all sources (NaN or <= 0: not subtracted).
+    idx : array of int
+        The sources measured.
+    radius : float, pixels
+    core_radius : float, pixels
+    bad_bits : int
+        Pixels left out of the aperture.
+
+    Returns
+    -------
+    dict of arrays (len(idx),): ``ap_flux``, ``ap_flux_err`` (counts), ``area`` (good pixels, px^2).
+    """
+    img, var, msk, xs, ys, st = psf_fit_arrays(image, variance, mask, x, y, stamps)
+    ixs, iys = _nearest_pixels(xs, ys)
+    r = _isolated_apertures_kernel(
+        img,
+        var,
+        msk,
+        ixs,
+        iys,
+        xs,
+        ys,
+        st,
+        np.asarray(flux, np.float64),
+        np.asarray(idx, np.int64),
+        float(radius),
+        float(core_radius),
+        int(bad_bits),
+    )
+    return {"ap_flux": r[:, 0], "ap_flux_err": r[:, 1], "area": r[:, 2]}

@@ -16,6 +16,57 @@ from .warp import _warp_flux_cov
 __all__ = ["fit_psf_model"]
 
 
+def _clipped_mean(v: np.ndarray, nsigma: float = 5.0) -> tuple[float, float]:
+    """Mean of ``v`` clipped at ``nsigma`` standard deviations about the median (iterated) and its error."""
+    for _ in range(10):
+        if v.size < 5:
+            return float("nan"), float("nan")
+        med, sd = np.median(v), v.std()
+        keep = np.abs(v - med) <= nsigma * sd
+        if keep.all():
+            break
+        v = v[keep]
+    return float(v.mean()), float(v.std() / math.sqrt(v.size))
+
+
+def _ring_sky(data: np.ndarray, wts: np.ndarray, usable: np.ndarray, width: int) -> np.ndarray:
+    """Each star's level besides its own light, from the outer ring of its stamp (the ``width`` outermost
+    samples in radius, corners included): ``L_k = c_k + p F_k``, the star's own wing there being a fixed
+    fraction ``p`` of its flux ``F_k`` (the stamp sum) and the local level ``c_k`` (unresolved light over
+    the background estimate) independent of it. ``p`` is the slope of a weighted straight-line fit of the
+    rings' clipped means against the fluxes (clipped at 4 sigma; not below 0), and ``c_k = L_k - p F_k``,
+    each star's own sky as DAOPHOT's PSF stars have theirs (Stetson 1987), with the star's wing taken
+    out by the fit instead of by going far from it. 0 where it cannot be measured, or for all stars with
+    fewer than 5 usable ones."""
+    n, m, _ = data.shape
+    hm = m // 2
+    yy, xx = np.mgrid[-hm : hm + 1, -hm : hm + 1]
+    ring = np.hypot(xx, yy) >= hm - width + 0.5
+    lev = np.full(n, np.nan)
+    err = np.full(n, np.nan)
+    for k in np.flatnonzero(usable):
+        lev[k], err[k] = _clipped_mean(data[k][ring & (wts[k] > 0)])
+    flux = data.sum(axis=(1, 2))
+    ok = usable & np.isfinite(lev) & np.isfinite(err) & (err > 0) & (flux > 0)
+    sky = np.zeros(n)
+    if ok.sum() < 5:
+        return sky
+    slope = 0.0
+    for _ in range(5):
+        w = 1.0 / err[ok] ** 2
+        a = np.column_stack([np.ones(ok.sum()), flux[ok]]) * np.sqrt(w)[:, None]
+        coef = np.linalg.lstsq(a, lev[ok] * np.sqrt(w), rcond=None)[0]
+        slope = max(float(coef[1]), 0.0)
+        pull = (lev - coef[0] - slope * flux) / err
+        keep = ok & (np.abs(pull) <= 4.0)
+        if keep.sum() < 5 or keep.sum() == ok.sum():
+            break
+        ok = keep
+    fin = usable & np.isfinite(lev)
+    sky[fin] = lev[fin] - slope * flux[fin]
+    return sky
+
+
 def fit_psf_model(
     image,
     variance,
@@ -37,6 +88,7 @@ def fit_psf_model(
     accuracy=0.01,
     warp_order=-1,
     warp_prior=0.0,
+    local_sky=False,
 ):
     """Fit a pixelised, spatially varying PSF model to stars.
 
@@ -84,6 +136,11 @@ def fit_psf_model(
         :func:`_solve_warp`), fitted to the residuals of the order-``order`` pixel polynomial;
         -1 for none. The result is folded into a pixel polynomial of order
         ``max(order, warp_order)``, so it renders like any other model.
+    local_sky : bool
+        Subtract from each star's stamp its local level besides its own light (:func:`_ring_sky`:
+        unresolved fainter stars over a mode background in a crowded field). Otherwise that level
+        enters the model as a pedestal normalised with the core, which then lacks that fraction of
+        the light (PSF fluxes high by it, the neighbours' models too wide where they are subtracted).
 
     Returns
     -------
@@ -131,6 +188,11 @@ def fit_psf_model(
         data = _extract_stamps_fourier(
             img, xs, ys, m, usable, (msk & np.uint32(zero_bits)) != 0 if zero_bits and msk is not None else None
         )
+    # the stamps the cross-validation measures (its aperture/PSF ratios: the noise of a level taken from a
+    # stamp's ring would add to them, not to any PSF flux measured on the image)
+    data_cv = data
+    if local_sky and n:
+        data = data - _ring_sky(data, wts, usable, max(2, 2 * oversample))[:, None, None]
     fwts = _floored_weights(data, wts, accuracy) if n else wts
     rng = np.random.default_rng(seed)
     reserved = np.zeros(n, bool)
@@ -223,7 +285,7 @@ def fit_psf_model(
     flux_sys, cv_ratio = float("nan"), np.zeros(0)
     if oversample == 1 and np.isfinite(fwhm) and cv_radius_fwhm > 0:
         flux_sys, cv_ratio, _ = cross_validated_flux_scatter(
-            data,
+            data_cv,
             wts,
             np.where(use, flux, 1.0),
             use & usable,

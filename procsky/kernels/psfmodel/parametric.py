@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.optimize import least_squares
 
 from .model import _BAD, PsfModelArrays
 from .render import render_psf, stamp_moments
@@ -174,6 +173,10 @@ def fit_moffat_psf(
     beta0 = 3.0
     alpha0 = 2.3548 * sigma_guess / (2.0 * math.sqrt(2.0 ** (1.0 / beta0) - 1.0))
     p0 = np.array([math.log(alpha0), math.log(beta0 - 1.0), 0.0, 0.0])
+    # imported here: scipy.optimize costs every worker that imports the PSF kernels start-up time, and only
+    # a detector with too few stars for a pixel model gets here
+    from scipy.optimize import least_squares
+
     sol = least_squares(resid, p0, method="lm", x_scale=np.array([0.1, 0.3, 0.05, 0.05]))
     if not sol.success or not np.all(np.isfinite(sol.x)):
         raise ValueError(f"the Moffat fit did not converge ({sol.message})")
