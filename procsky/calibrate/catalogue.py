@@ -117,7 +117,7 @@ def make_catalogue(state: CalibrateState, config: CalibrationConfig) -> pd.DataF
     cols["gauss_flux"] = meas["gauss_flux"] * cal
     units.update(psf_flux="nJy", psf_flux_err="nJy", kron_flux="nJy", kron_flux_err="nJy", gauss_flux="nJy")
     cols.update(ixx=meas["ixx"], iyy=meas["iyy"], ixy=meas["ixy"])
-    cols["sky"] = bkg.background[iy, ix].astype(np.float64) * cal
+    cols["sky"] = state.background_at(iy, ix).astype(np.float64) * cal
     cols["sky_rms"] = bkg.rms_at(iy, ix).astype(np.float64) * cal
     cols["peak_significance"] = det.peak_significance
     for name in FLAG_NAMES:

@@ -102,18 +102,13 @@ def find_cosmic_ray_pixels(state: CalibrateState, config: CosmicRayConfig) -> No
         psf_ratio=ratio,
         psf_margin=config.undersampled_margin,
         psf_nsigma=config.undersampled_sigma,
+        # ``sub`` and ``var_det`` are the state's own float32 planes: repaired where they are
+        in_place=True,
     )
     state.n_cr = cr.n_pixels
     if state.n_cr:
-        assert cr.image is not None and cr.variance is not None
-        ys, xs = np.nonzero(cr.mask)
-        state.mask[ys, xs] |= np.uint32(bit["CR"] | bit["INTRP"])
-        state.sub = cr.image
-        # the repaired variance at the CR pixels only (both planes are float32 and the state's own)
-        fixed = cr.variance[ys, xs].astype(np.float32, copy=False)
-        state.var_det[ys, xs] = fixed
-        state.variance[ys, xs] = fixed
-    # the repaired image is ``sub`` and its variance is in the planes: the result keeps the rest
+        state.mask[cr.mask] |= np.uint32(bit["CR"] | bit["INTRP"])
+    # the repaired image is ``sub`` and its variance ``var_det``: the result keeps the rest
     state.cosmic_rays = cr._replace(image=None, variance=None)
 
 
@@ -143,8 +138,6 @@ def _mark_cr(
     unusable_bits = bit["BAD"] | bit["SAT"] | bit["NO_DATA"]
     var_bad = unusable if var_donor_bits == unusable_bits else (mask & np.uint32(var_donor_bits)) != 0
     repair_pixels(var_det, newcr, var_bad & ~newcr, 2)
-    # the state's own float32 plane, changed in place at the new pixels only
-    state.variance[ys, xs] = var_det[ys, xs]
     return int(ys.size)
 
 
@@ -258,33 +251,40 @@ def remove_sharp_sources(state: CalibrateState, config: CosmicRayConfig, nu_keep
             # faint tracks: judged with the values of the CR pixels before their repair (a track
             # flagged in part is judged whole); bright stars on their pixels not yet flagged
             with timed(state.profile, "cosmic rays: tracks"):
-                crm = (mask & np.uint32(bit["CR"])) != 0
-                raw = state.sub.copy()
-                raw[crm] = (
-                    state.image[crm]
-                    - state.background.background[crm]
-                    - (state.streak_model[crm] if state.streak_model is not None else 0.0)
+                # the CR pixels take their raw values in ``sub`` itself while the test runs (it reads
+                # ``sub`` only outside ``bad_bits``, which hold CR): no whole-frame copy
+                cys, cxs = np.nonzero((mask & np.uint32(bit["CR"])) != 0)
+                repaired = state.sub[cys, cxs]
+                raw_values = (
+                    state.image[cys, cxs]
+                    - state.background_at(cys, cxs)
+                    - (state.streak_model[cys, cxs] if state.streak_model is not None else 0.0)
                 )
-                tracks = find_cr_tracks(
-                    state.sub,
-                    state.var_det,
-                    mask,
-                    meas["x"],
-                    meas["y"],
-                    state.stamps,
-                    state.sigma_psf,
-                    raw=raw,
-                    raw_bits=bit["CR"],
-                    skip=skip | is_cr,
-                    bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"],
-                    nu_max=config.track_nu_max,
-                    rho_max=config.track_rho_max,
-                    min_gain=config.track_min_gain,
-                    min_total=config.track_min_total,
-                    nu_keep=nu_keep,
-                    star_gain=config.track_star_gain,
-                    model_error=config.track_model_error,
-                )
+                state.sub[cys, cxs] = raw_values
+                try:
+                    tracks = find_cr_tracks(
+                        state.sub,
+                        state.var_det,
+                        mask,
+                        meas["x"],
+                        meas["y"],
+                        state.stamps,
+                        state.sigma_psf,
+                        raw=state.sub,
+                        raw_bits=bit["CR"],
+                        skip=skip | is_cr,
+                        bad_bits=bit["BAD"] | bit["SAT"] | bit["NO_DATA"] | bit["CR"],
+                        nu_max=config.track_nu_max,
+                        rho_max=config.track_rho_max,
+                        min_gain=config.track_min_gain,
+                        min_total=config.track_min_total,
+                        nu_keep=nu_keep,
+                        star_gain=config.track_star_gain,
+                        model_error=config.track_model_error,
+                    )
+                finally:
+                    state.sub[cys, cxs] = repaired
+                del cys, cxs, repaired, raw_values
                 is_cr = is_cr | _keep_psf_shaped(state, config, tracks.is_cr, ratio, unusable)
                 pixels = _spare_kept_sources(state, config, tracks.cr_pixels, is_cr, ratio, hw, unusable)
                 # the track pixels all have the joint fit; earlier CR pixels are no variance donors
@@ -311,7 +311,11 @@ def _drop_detections(state: CalibrateState, keep: np.ndarray) -> None:
     det, n_det = state.det, state.n_det
     gone = np.setdiff1d(det.parent[~keep], det.parent[keep])
     if gone.size:
-        state.mask[np.isin(det.footprints, gone)] &= ~np.uint32(state.bit["DETECTED"])
+        # the footprints of the gone parents: the pixels of their children (every child, dropped before
+        # or not: ``child_parent`` is indexed by the children plane's labels)
+        gone_child = np.isin(state.child_parent, gone)
+        gone_child[0] = False
+        state.mask[gone_child[det.children]] &= ~np.uint32(state.bit["DETECTED"])
     parent = det.parent[keep]
     _, inv, cnt = np.unique(parent, return_inverse=True, return_counts=True)
     state.det = det._replace(

@@ -50,7 +50,8 @@ def initial_sigma(exp: Exposure, config: DetectionConfig) -> float:
 
 
 def detect_first(state: CalibrateState, config: DetectionConfig) -> DetectionResult:
-    """Detection at the guessed seeing ``state.sigma0``, to mask sources for the final background."""
+    """Detection at the guessed seeing ``state.sigma0``, to mask sources for the final background (its
+    ``detected`` plane) and to measure the seeing (its children): the footprint labels are not kept."""
     return detect_sources(
         state.sub,
         state.var_det,
@@ -60,6 +61,7 @@ def detect_first(state: CalibrateState, config: DetectionConfig) -> DetectionRes
         threshold=config.threshold,
         timer=_timer(state),
         keep_significance=False,
+        keep_footprints=False,
     )
 
 
@@ -128,6 +130,7 @@ def detect(state: CalibrateState, config: DetectionConfig) -> None:
             threshold=config.threshold,
             timer=_timer(state),
             keep_significance=False,
+            keep_footprints=False,
         )
         mask[found.detected] |= np.uint32(bit["DETECTED"])
         return found
@@ -155,7 +158,10 @@ def detect(state: CalibrateState, config: DetectionConfig) -> None:
             del det, st  # their whole-frame planes, before the detection is repeated
             det = run_detection()
     # the DETECTED plane holds the grown footprints: the significance and detection planes (a
-    # whole-frame float32 and bool) are not kept (empty arrays)
+    # whole-frame float32 and bool) are not kept (empty arrays), nor the footprint labels (int32,
+    # ``keep_footprints=False``): every footprint pixel belongs to one child, so a footprint is its
+    # children's pixels (``child_parent[children]``)
+    state.child_parent = np.concatenate([np.zeros(1, np.int32), det.parent.astype(np.int32)])
     state.det = det._replace(significance=_RELEASED_F32, detected=_RELEASED_BOOL)
     state.child_ids = np.arange(1, len(det.x) + 1)
     if len(det.x) == 0:

@@ -16,7 +16,14 @@ from procsky.calibrate.detection import detect, detect_first, initial_sigma, mea
 from procsky.calibrate.measurement import aperture_corrections, measure, measure_with_psf, psf_flux_errors
 from procsky.calibrate.photometry import fit_zero_point
 from procsky.calibrate.psf import model_psf
-from procsky.calibrate.state import PLANE_NAMES, CalibrateState, StepProfile, timed
+from procsky.calibrate.state import (
+    PLANE_NAMES,
+    CalibrateState,
+    StepProfile,
+    release_background_plane,
+    restore_background_plane,
+    timed,
+)
 from procsky.errors import NoWorkError
 from procsky.exposure import Exposure
 from procsky.masks import DEFAULT_PLANES, MaskPlanes
@@ -35,36 +42,36 @@ __all__ = [
 def make_state(
     image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, planes: MaskPlanes, min_usable_pixels: int
 ) -> CalibrateState:
-    """The initial state of the steps: float32 image and variance and a uint32 mask (copies), with the
-    STREAK plane added; pixels with a non-finite value or a variance <= 0 are NO_DATA (value 0,
-    variance inf). NoWorkError with fewer than ``min_usable_pixels`` usable pixels.
+    """The initial state of the steps: float32 image and variance (``var_det``) and a uint32 mask (copies),
+    with the STREAK plane added; pixels with a non-finite value or a variance <= 0 are NO_DATA (value 0,
+    variance 0 in ``var_det``, inf in the calexp's). NoWorkError with fewer than ``min_usable_pixels``
+    usable pixels.
 
     The image is only read by the steps: a float32 input without unusable pixels is used as it is
     (no whole-frame copy); otherwise the state holds a copy with those pixels set to 0."""
     image = np.ascontiguousarray(image, dtype=np.float32)
-    variance = np.array(variance, dtype=np.float32)
+    var_det = np.array(variance, dtype=np.float32)
     mask = np.zeros(image.shape, np.uint32) if mask is None else np.array(mask, dtype=np.uint32)
     ny, nx = image.shape
     if "STREAK" not in planes:
         planes = planes.with_plane("STREAK")
     bit = {n: 1 << planes[n] for n in PLANE_NAMES}
-    bad_input = ~np.isfinite(image) | ~np.isfinite(variance) | ~(variance > 0)
-    mask[bad_input] |= np.uint32(bit["NO_DATA"])
-    if bad_input.any():
+    bad_input = ~np.isfinite(image) | ~np.isfinite(var_det) | ~(var_det > 0)
+    bad_ys, bad_xs = np.nonzero(bad_input)
+    del bad_input
+    if bad_ys.size:
+        mask[bad_ys, bad_xs] |= np.uint32(bit["NO_DATA"])
         image = np.array(image)
-        image[bad_input] = 0.0
-    variance[bad_input] = np.float32(np.inf)
-    usable = (mask & np.uint32(bit["NO_DATA"] | bit["BAD"])) == 0
-    n_usable = int(usable.sum())
+        image[bad_ys, bad_xs] = 0.0
+        # the only variance plane of the steps: 0 there (the calexp's has inf, ``CalibrateState.variance``)
+        var_det[bad_ys, bad_xs] = 0.0
+    n_usable = nx * ny - int(np.count_nonzero(mask & np.uint32(bit["NO_DATA"] | bit["BAD"])))
     if n_usable < min_usable_pixels:
         raise NoWorkError(
             f"only {n_usable} usable pixels in this {nx}x{ny} image (< min_usable_pixels="
             f"{min_usable_pixels}); too small to calibrate"
         )
-    var_det = np.where(np.isfinite(variance), variance, np.float32(0.0)).astype(np.float32, copy=False)
-    return CalibrateState(
-        image=image, variance=variance, mask=mask, planes=planes, bit=bit, bad_input=bad_input, var_det=var_det
-    )
+    return CalibrateState(image=image, mask=mask, planes=planes, bit=bit, bad_input=(bad_ys, bad_xs), var_det=var_det)
 
 
 def state_from_exposure(exposure: Exposure, config: CalibrationConfig) -> CalibrateState:
@@ -72,7 +79,14 @@ def state_from_exposure(exposure: Exposure, config: CalibrationConfig) -> Calibr
     guess from its PSF or WCS."""
     exp = exposure.compute()
     state = make_state(exp.image, exp.variance, exp.mask, exp.mask_planes, config.min_usable_pixels)
-    state.exposure, state.xy0 = exp, exp.xy0
+    # the state holds its own variance and mask: the exposure it keeps (for its metadata) holds none
+    # of the input's (read-only placeholders of the shape, no memory), so that a computed input is
+    # freed when its caller does not hold it
+    released = {
+        "variance": np.broadcast_to(np.float32(np.nan), exp.shape),
+        "mask": np.broadcast_to(np.uint32(0), exp.shape),
+    }
+    state.exposure, state.xy0 = exp._replace(**released), exp.xy0
     state.sigma0 = initial_sigma(exp, config.detection)
     return state
 
@@ -91,6 +105,8 @@ def run_detection_steps(state: CalibrateState, config: CalibrationConfig) -> Non
         det0 = detect_first(state, config.detection)
     with timed(prof, "background"):
         refine_background(state, config.background, det0.detected)
+        # the model is read at a few pixels from here on (``state.background_at``): not its whole plane
+        state.background = release_background_plane(state.background)
     with timed(prof, "measurement"):
         measure_seeing(state, det0, config.measurement.aperture_radii)
     del det0
@@ -208,4 +224,6 @@ def process_arrays(
         else:
             state.sigma0 = max(config.detection.initial_fwhm_arcsec / 0.2 / SIGMA_TO_FWHM, 0.7)
         run_pixel_steps(state, config)
+        # the caller gets the background model's plane (the steps read it at a few pixels only)
+        state.background = restore_background_plane(state.background)
     return state

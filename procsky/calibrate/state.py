@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from procsky.exposure import Exposure
-from procsky.kernels.background import Background
+from procsky.kernels.background import Background, interpolate_mesh, interpolate_mesh_at
 from procsky.kernels.cosmicray import CosmicRayResult
 from procsky.kernels.detection import DetectionResult
 from procsky.kernels.growth import GrowthCorrection
@@ -20,7 +20,7 @@ from procsky.kernels.psfmodel import PsfModelArrays
 from procsky.masks import MaskPlanes
 from procsky.photocalib import PhotoCalib
 
-__all__ = ["CalibrateState", "StepProfile", "timed"]
+__all__ = ["CalibrateState", "StepProfile", "release_background_plane", "restore_background_plane", "timed"]
 
 #: the mask planes the steps set or read, by name
 PLANE_NAMES = ("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "NO_DATA", "STREAK")
@@ -154,22 +154,23 @@ class CalibrateState:
     image: np.ndarray
     """Input image, float32, non-finite or zero-variance pixels set to 0 (the input array itself when it
     is float32 without such pixels: the steps never write it)."""
-    variance: np.ndarray
-    """Variance plane of the calexp, float32 (inf where the input is unusable)."""
     mask: np.ndarray
     """Mask plane, uint32, planes named by ``planes``."""
     planes: MaskPlanes
     bit: dict[str, int]
     """Bit value of each plane of ``PLANE_NAMES``."""
-    bad_input: np.ndarray
-    """Pixels whose input value or variance was unusable (NO_DATA)."""
+    bad_input: tuple[np.ndarray, np.ndarray]
+    """Pixels whose input value or variance was unusable (NO_DATA): their (y, x) coordinates (few), an
+    index of the planes (``sub[state.bad_input] = 0``)."""
     var_det: np.ndarray
-    """Variance used by detection and measurement (0 where the input's is not finite)."""
+    """Variance used by detection and measurement, float32: 0 where the input's is unusable (the only
+    variance plane the state holds; :attr:`variance` is the calexp's)."""
     xy0: tuple[int, int] = (0, 0)
     profile: StepProfile | None = field(default=None, repr=False)
     """Per-step CPU, wall and peak memory, recorded when set (``calibrate_exposure(profile=...)``)."""
     exposure: Exposure = _later()
-    """The computed input exposure (unset when the steps run on bare arrays)."""
+    """The computed input exposure, for its metadata (unset when the steps run on bare arrays): its image
+    is ``image``'s, its variance and mask are read-only placeholders (NaN, 0) holding no memory."""
 
     # background and cosmic rays
     sub: np.ndarray = _later()
@@ -178,7 +179,7 @@ class CalibrateState:
     background: Background = _later()
     cosmic_rays: CosmicRayResult | None = None
     """L.A.Cosmic's result (None when cosmic rays are not searched), without its image and variance
-    planes (None: the repaired values are in ``sub``, ``var_det`` and ``variance``)."""
+    planes (None: the repaired values are in ``sub`` and ``var_det``)."""
     n_cr: int = 0
     n_cr_sources: int = 0
     # detection
@@ -187,8 +188,12 @@ class CalibrateState:
     sigma: float = float("nan")
     """Gaussian sigma of the stellar locus, pixels."""
     det: DetectionResult = _later()
-    """The final detections; ``significance`` and ``detected`` are empty (0 x 0): the DETECTED plane
-    of ``mask`` holds the grown footprints."""
+    """The final detections; ``significance``, ``detected`` and ``footprints`` are empty (0 x 0): the
+    DETECTED plane of ``mask`` holds the grown footprints, and a footprint's pixels are those of its
+    children (``child_parent[det.children]`` is the footprint label of a pixel)."""
+    child_parent: np.ndarray = _later()
+    """Footprint (parent) label of each child label of ``det.children`` (0 for 0), int32, kept whole
+    when detections are dropped."""
     child_ids: np.ndarray = _later()
     streaks: list[dict] = field(default_factory=list)
     streak_model: np.ndarray | None = None
@@ -236,7 +241,51 @@ class CalibrateState:
         return self.image.shape
 
     @property
+    def variance(self) -> np.ndarray:
+        """Variance plane of the calexp, float32 (a new array): ``var_det`` with inf where the input was
+        unusable and no cosmic-ray repair gave a value. The steps keep one variance plane (``var_det``,
+        repaired in place); this one is made when the calexp is."""
+        out = self.var_det.copy()
+        ys, xs = self.bad_input
+        if ys.size:
+            repaired = (self.mask[ys, xs] & np.uint32(self.bit["CR"])) != 0
+            out[ys[~repaired], xs[~repaired]] = np.float32(np.inf)
+        return out
+
+    def background_at(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """The final background model at integer pixels (ys, xs), float32: the values of its plane, from
+        the mesh when the plane was released (:func:`release_background_plane`)."""
+        bkg = self.background
+        if bkg.background.strides != (0, 0):
+            return bkg.background[ys, xs]
+        ny, nx = bkg.background.shape
+        by, bx = bkg.box_size
+        ys = np.asarray(ys, dtype=np.int64)
+        xs = np.asarray(xs, dtype=np.int64)
+        return interpolate_mesh_at(
+            np.asarray(bkg.mesh_background, dtype=np.float64), ny, nx, by, bx, ys.ravel(), xs.ravel()
+        ).reshape(ys.shape)
+
+    @property
     def n_det(self) -> int:
         """Number of detections (0 before detection)."""
         det = getattr(self, "det", None)
         return 0 if det is None else len(det.x)
+
+
+def release_background_plane(bkg: Background) -> Background:
+    """``bkg`` without its whole-frame background plane: in its place a read-only NaN array of the same
+    shape that holds no memory (a broadcast scalar); :meth:`CalibrateState.background_at` evaluates the
+    model from the mesh (the same float32 values as the plane)."""
+    return bkg._replace(background=np.broadcast_to(np.float32(np.nan), bkg.background.shape))
+
+
+def restore_background_plane(bkg: Background) -> Background:
+    """``bkg`` with its whole-frame plane again (after :func:`release_background_plane`): the mesh
+    interpolated as ``estimate_background`` did (the same float32 values)."""
+    if bkg.background.strides != (0, 0):
+        return bkg
+    ny, nx = bkg.background.shape
+    by, bx = bkg.box_size
+    plane = interpolate_mesh(np.asarray(bkg.mesh_background, dtype=np.float64), ny, nx, by, bx)
+    return bkg._replace(background=plane)

@@ -36,6 +36,7 @@ import numpy as np
 from ._bits import BAD, NO_DATA, SAT, bit
 
 __all__ = [
+    "any_bits",
     "dilate_square",
     "DetectionResult",
     "detect_sources",
@@ -1052,6 +1053,25 @@ class DetectionResult(NamedTuple):
     nu_scale: float = 1.0
 
 
+@numba.njit(nogil=True, cache=True)
+def _any_bits_kernel(mask, bits, out):
+    ny, nx = mask.shape
+    for y in range(ny):
+        for x in range(nx):
+            out[y, x] = (mask[y, x] & bits) != 0
+
+
+def any_bits(mask, bits: int) -> np.ndarray:
+    """``(mask & bits) != 0`` (bool plane) without the whole-frame integer temporary of the numpy
+    expression (a uint32 mask, four times the bool plane)."""
+    m = np.asarray(mask)
+    if m.ndim != 2 or m.dtype != np.uint32:
+        return (m & np.uint32(bits)) != 0
+    out = np.empty(m.shape, dtype=np.bool_)
+    _any_bits_kernel(m, np.uint32(bits), out)
+    return out
+
+
 def detect_sources(
     image,
     variance,
@@ -1076,6 +1096,7 @@ def detect_sources(
     extra_variance=None,
     timer=None,
     keep_significance=True,
+    keep_footprints=True,
 ):
     """Detect sources on a background-subtracted image.
 
@@ -1138,7 +1159,11 @@ def detect_sources(
         :func:`significance_image`); used by the detection threshold, not by deblending.
     keep_significance : bool
         Return the significance image; False returns an empty (0 x 0) array in its place and
-        frees the plane before deblending (a whole-frame float32 less at the peak).
+        frees the plane once thresholded (a whole-frame float32 less at the peak).
+    keep_footprints : bool
+        Return the footprint labels; False returns an empty (0 x 0) array in their place, freed
+        once deblended (every footprint pixel belongs to one child: ``peaks`` give each child's
+        parent). Only with ``deblend``.
     timer : callable, optional
         ``timer(name)`` returns a context manager timing a phase: the deblending runs inside
         ``timer("deblending")`` (a profile of the caller's steps).
@@ -1154,7 +1179,7 @@ def detect_sources(
     img = np.asarray(image, dtype=np.float32)
     bad = None
     if mask is not None and bad_bits:
-        bad = (np.asarray(mask) & np.uint32(bad_bits)) != 0
+        bad = any_bits(mask, bad_bits)
     signed = img if polarity == 1 else -img
     if kernel is None and psf_sigma is not None and extra_variance is None:
         # the Gaussian filter in one sweep, without whole-frame temporaries (same values)
@@ -1172,18 +1197,21 @@ def detect_sources(
         nu_offset, nu_scale = _empirical_nu_stats(nu, bad, nsigma, float(grow))
     thr = nu_offset + nsigma * nu_scale
     above = nu > thr
-    labels, n = label_components(above)
-    if min_area > 1 and n > 0:
-        area = _component_areas(labels, n)
-        keep = area >= min_area
-        keep[0] = False
-        above = keep[labels]
-    detected = grow_mask(above, float(grow)) if grow > 0 else above
-    del labels, above  # whole-frame planes not needed any more
-    footprints, nfp = label_components(detected)
-    if not keep_significance and deblend and psf_sigma is not None and kernel is None and deblend_sigma_factor != 1.0:
+    own_db_sigma = psf_sigma is not None and kernel is None and deblend_sigma_factor != 1.0
+    if not keep_significance and deblend and own_db_sigma:
         # deblending works on its own significance image: this one is not needed any more
         nu = np.zeros((0, 0), np.float32)
+    if min_area > 1:
+        labels, n = label_components(above)
+        if n > 0:
+            area = _component_areas(labels, n)
+            keep = area >= min_area
+            keep[0] = False
+            above = keep[labels]
+        del labels
+    detected = grow_mask(above, float(grow)) if grow > 0 else above
+    del above  # a whole-frame plane not needed any more
+    footprints, nfp = label_components(detected)
     if deblend:
         with contextlib.nullcontext() if timer is None else timer("deblending"):
             nu_db = nu
@@ -1205,8 +1233,10 @@ def detect_sources(
                 float(max(1.0, 4.0 * np.pi * s_db * s_db)),
             )
             del nu_db
+            if not keep_footprints:
+                footprints = np.zeros((0, 0), np.int32)
             if mask is not None and saturated_bits:
-                sat = (np.asarray(mask) & np.uint32(saturated_bits)) != 0
+                sat = any_bits(mask, saturated_bits)
                 if sat.any():
                     sat_labels, _ = label_components(grow_mask(sat, float(saturated_grow)))
                     children, peaks = merge_saturated_children(children, peaks, sat_labels, sat)

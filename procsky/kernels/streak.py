@@ -59,7 +59,7 @@ import numba
 import numpy as np
 
 from ._bits import BAD, CR, DETECTED, EDGE, NO_DATA, SAT, bit
-from .detection import dilate_square, label_components
+from .detection import any_bits, dilate_square, label_components
 
 #: Pixels more than _KCLIP sigma below or _KCLIP_HI sigma above the current profile model
 #: are left out of the fits (sources on the line, cosmic rays).
@@ -161,11 +161,16 @@ def _footprint_shapes(labels, n, sat):
 
 
 @numba.njit(nogil=True, cache=True)
-def _snr_and_weight(image, variance, ignore, labels, drop):
-    """Per-pixel S/N and inverse variance (0 where ignored or in a dropped footprint)."""
+def _weight_and_binned_snr(image, variance, ignore, labels, drop, b, clip):
+    """Per-pixel inverse variance ``w`` (0 where ignored or in a dropped footprint) and the binned
+    S/N (sum of the pixels' S/N ``f / sqrt(v)`` (float32), clipped, over sqrt(n good)); bins with
+    < half good pixels invalid. One sweep: the S/N plane is never stored."""
     ny, nx = image.shape
-    snr = np.zeros((ny, nx), np.float32)
     w = np.zeros((ny, nx), np.float32)
+    nby = (ny + b - 1) // b
+    nbx = (nx + b - 1) // b
+    s = np.zeros((nby, nbx))
+    n = np.zeros((nby, nbx))
     for y in range(ny):
         for x in range(nx):
             if ignore[y, x]:
@@ -178,27 +183,13 @@ def _snr_and_weight(image, variance, ignore, labels, drop):
             if not (v > 0.0) or not math.isfinite(v) or not math.isfinite(f):
                 continue
             w[y, x] = 1.0 / v
-            snr[y, x] = f / math.sqrt(v)
-    return snr, w
-
-
-@numba.njit(nogil=True, cache=True)
-def _bin_snr(snr, w, b, clip):
-    """Binned S/N (sum of clipped S/N / sqrt(n good)); bins with < half good pixels invalid."""
-    ny, nx = snr.shape
-    nby = (ny + b - 1) // b
-    nbx = (nx + b - 1) // b
-    s = np.zeros((nby, nbx))
-    n = np.zeros((nby, nbx))
-    for y in range(ny):
-        for x in range(nx):
             if w[y, x] > 0.0:
-                v = snr[y, x]
-                if v > clip:
-                    v = clip
-                elif v < -clip:
-                    v = -clip
-                s[y // b, x // b] += v
+                snr = np.float64(np.float32(f / math.sqrt(v)))
+                if snr > clip:
+                    snr = clip
+                elif snr < -clip:
+                    snr = -clip
+                s[y // b, x // b] += snr
                 n[y // b, x // b] += 1.0
     out = np.zeros((nby, nbx))
     valid = np.zeros((nby, nbx), np.bool_)
@@ -207,7 +198,7 @@ def _bin_snr(snr, w, b, clip):
             if n[j, i] >= 0.5 * b * b:
                 out[j, i] = s[j, i] / math.sqrt(n[j, i])
                 valid[j, i] = True
-    return out, valid
+    return w, out, valid
 
 
 # ----------------------------------------------------------------------------- Hough transform
@@ -682,13 +673,13 @@ def find_streaks(
     b = int(bin_size) if bin_size is not None else max(4, round(8 * max(ny, nx) / 2048))
 
     # 1. pixel selection
-    ignore = (mask & np.uint32(bad_bits)) != 0
-    grown = (mask & np.uint32(grow_bits)) != 0
+    ignore = any_bits(mask, bad_bits)
+    grown = any_bits(mask, grow_bits)
     if bad_grow > 0 and grown.any():
         ignore |= dilate_square(grown, bad_grow)
-    det = (mask & np.uint32(detected_bits)) != 0
-    labels, n_lab = label_components(det)
-    sat = (mask & np.uint32(saturated_bits)) != 0
+    del grown
+    labels, n_lab = label_components(any_bits(mask, detected_bits))
+    sat = any_bits(mask, saturated_bits)
     if n_lab:
         a, bb, ang, has_sat = _footprint_shapes(labels, n_lab, sat)
         length = a * math.sqrt(12.0)
@@ -698,7 +689,9 @@ def find_streaks(
         drop[0] = False
     else:
         drop = np.zeros(1, np.bool_)
-    snr, w = _snr_and_weight(image, variance, ignore, labels, drop)
+    del sat
+    # 2. binned S/N (the per-pixel S/N is summed as it is computed)
+    w, binned, valid = _weight_and_binned_snr(image, variance, ignore, labels, drop, b, float(clip))
     excluded = ignore  # pixels no fit may use: bad pixels, then also the streaks found
     valid0 = w > 0
 
@@ -707,8 +700,7 @@ def find_streaks(
         """Median pixel noise of the usable pixels (only a fallback: a full-image median)."""
         return float(np.median(np.sqrt(variance[valid0]))) if valid0.any() else 1.0
 
-    # 2.-3. binned S/N and Hough transform
-    binned, valid = _bin_snr(snr, w, b, float(clip))
+    # 3. Hough transform
     nby, nbx = binned.shape
     ntheta = math.ceil(math.pi * max(nbx, nby))
     thetas = np.arange(ntheta) * (math.pi / ntheta)

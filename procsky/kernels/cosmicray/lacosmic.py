@@ -41,6 +41,7 @@ import numpy as np
 
 from .._bits import BAD, NO_DATA, SAT, bit
 from ..background import _median_inplace
+from ..detection import any_bits
 from .psfsharp import peak_verdict
 
 __all__ = ["CosmicRayResult", "find_cosmic_rays", "laplacian_plus", "repair_pixels"]
@@ -703,6 +704,7 @@ def find_cosmic_rays(
     psf_ratio: float | None = None,
     psf_margin: float = 0.7,
     psf_nsigma: float = 3.0,
+    in_place: bool = False,
 ) -> CosmicRayResult:
     """Find cosmic rays with L.A.Cosmic and interpolate over them.
 
@@ -747,20 +749,30 @@ def find_cosmic_rays(
         None: off.
     psf_margin, psf_nsigma : float
         Margin on ``psf_ratio`` and significance of that test.
+    in_place : bool
+        Repair ``image`` and ``variance`` themselves (float32, C-contiguous, writeable; their
+        non-finite values set to 0) instead of copies: the same values, two whole-frame planes
+        less. The result's ``image`` and ``variance`` are then those arrays.
 
     Returns
     -------
     CosmicRayResult
     """
-    img = np.array(image, dtype=np.float32, copy=True)
+    if in_place:
+        for name, a in (("image", image), ("variance", variance)):
+            if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable):
+                raise ValueError(f"in_place needs a writeable C-contiguous float32 {name}")
+        img, var = image, variance
+    else:
+        img = np.array(image, dtype=np.float32, copy=True)
+        var = np.array(variance, dtype=np.float32, copy=True)
     if img.ndim != 2:
         raise ValueError(f"image must be 2-D (ny, nx), got shape {img.shape}")
-    var = np.array(variance, dtype=np.float32, copy=True)
     if var.shape != img.shape:
         raise ValueError(f"variance shape {var.shape} differs from image shape {img.shape}; pass the matching plane")
     bad = np.zeros(img.shape, dtype=bool) if ignore is None else np.asarray(ignore, dtype=bool).copy()
     if mask is not None and bad_bits:
-        bad |= (np.asarray(mask) & np.uint32(bad_bits)) != 0
+        bad |= any_bits(mask, bad_bits)
     bad |= ~np.isfinite(img) | ~np.isfinite(var)
     img[~np.isfinite(img)] = 0.0
     var[~np.isfinite(var)] = 0.0
