@@ -225,3 +225,27 @@ def test_kernel_sum_rescale_combines_fit_and_matched_stars():
     # calibrations: their ratio beyond 0.5 % and 3 sigma, whatever the fit's error
     assert _kernel_sum_rescale(cfg, 1.30, 0.05, 1.25, 0.005, "photocalib") == (pytest.approx(1.25 / 1.30), "reference")
     assert _kernel_sum_rescale(cfg, 1.26, 0.05, 1.25, 0.005, "photocalib") == (1.0, "none")
+
+
+def test_kernel_stars_whose_flux_changed_are_flagged():
+    # 12 stars, star 0 (7.8e4 counts) brighter or fainter in the science image: only it is
+    # flagged (one vote per star: the brightest cannot carry the median when it is the one
+    # that changed); nothing when every star is static.
+    from procsky.diffim.subtract import _flux_ratio_outliers
+
+    for delta, expect in ((None, []), (2e4, [0]), (-1.5e4, [0])):
+        sci, tpl, truth = simulate_pair(
+            (256, 256), n_stars=12, seed=3, star_flux=(1e4, 1e5), flux_scale=0.8, variable_delta=delta
+        )
+        st = truth["stars"]
+        out = _flux_ratio_outliers(
+            np.asarray(tpl.image),
+            np.asarray(tpl.variance),
+            np.asarray(sci.image),
+            np.asarray(sci.variance),
+            np.zeros(sci.shape, bool),
+            st["x"],
+            st["y"],
+            2.3548 * 2.2,
+        )
+        assert np.nonzero(out)[0].tolist() == expect, delta

@@ -71,7 +71,10 @@ class SubtractionConfig(pydantic.BaseModel):
     min_snr : float
         Minimum matched-filter significance of kernel stars.
     clip_sigma : float
-        Stamp rejection threshold.
+        Stamp rejection threshold. Before the fit, kernel-star candidates whose flux ratio
+        (a 1.5 FWHM aperture) departs from the others' median by more than 5 scaled sigmas
+        are left out (a variable or transient: ``_flux_ratio_outliers``; noted in
+        ``kernel_fit_attempts``).
     constant_sum : bool
         Keep the photometric scaling constant over the detector.
     decorrelate : bool
@@ -357,6 +360,76 @@ def _convolve_plain(arr, kernel2d, chunk, dtype=np.float32):
         return _conv.convolve_valid(b, kernel2d)
 
     return _map_margin_now(f, arr, h, dtype, chunk)
+
+
+#: Systematic error of a static star's aperture flux ratio in :func:`_flux_ratio_outliers`
+#: (fraction): the light a 1.5 FWHM aperture misses differs between the two PSFs, and with
+#: the PSF across the detector, by 1-2 % (the brightest static stars of the ``small`` recipe's
+#: coadd-template pairs: 1.4 and 2.3 %, 7 sigma of their noise). With the 5 sigma clip, a
+#: bright star is left out for a flux change beyond ~10 %.
+_FLUX_CHANGE_SYS = 0.02
+
+
+def _flux_ratio_outliers(conv_img, conv_var, tgt_img, tgt_var, bad, xs, ys, fwhm, clip=5.0):
+    """Candidate kernel stars whose flux changed between the images (a variable, a
+    transient on its host, an unflagged cosmic ray on the star): a bool array, True for them.
+
+    Each star's ratio target / convolved is measured in a circular aperture of radius 1.5
+    ``fwhm`` (the broader PSF's: 99 % of a Gaussian star's light in both images, so no
+    kernel is needed; a PSF's wings beyond it shift every star's ratio alike), less each
+    image's median in an annulus from 2 to 6 px beyond it, over the pixels usable in both;
+    its error from the variance planes and ``_FLUX_CHANGE_SYS`` of the ratio (the
+    aperture's systematics). Stars beyond ``clip`` scaled sigmas of the median
+    of the ratios (:func:`_ratio_outliers`, unweighted: one vote per star; the scale grows
+    with the stars' scatter) are flagged. The kernel fit's own stamp rejection (chi^2 and
+    single-stamp kernel sums against their median) needs several clean stamps to single
+    one out; with three, a transient among them bends the kernel's shape and sum (the
+    ``stamp256`` regime: a kernel sum 26 % high, and a core shape that biased the stars'
+    matched flux ratio by -4 %). As HOTPANTS and the LSST pipeline reject kernel
+    candidates that do not subtract cleanly, here before the fit, by photometry alone.
+    A star without a usable measurement is kept."""
+    n = len(xs)
+    out = np.zeros(n, bool)
+    if n < 3:
+        return out
+    r_ap = 1.5 * float(fwhm)
+    r_out = int(math.ceil(r_ap + 6.0))
+    rr = np.arange(-r_out, r_out + 1)
+    d2 = rr[:, None] ** 2 + rr[None, :] ** 2
+    inner = d2 <= r_ap**2
+    ring = (d2 > (r_ap + 2.0) ** 2) & (d2 <= (r_ap + 6.0) ** 2)
+    ny, nx = tgt_img.shape
+    rows, idx = [], []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        ix, iy = int(round(x)), int(round(y))
+        if not (r_out <= ix < nx - r_out and r_out <= iy < ny - r_out):
+            continue
+        sl = (slice(iy - r_out, iy + r_out + 1), slice(ix - r_out, ix + r_out + 1))
+        use = ~bad[sl]
+        sky_px, in_px = use & ring, use & inner
+        if sky_px.sum() < 0.5 * ring.sum() or in_px.sum() < 0.9 * inner.sum():
+            continue
+        m, k = float(in_px.sum()), float(sky_px.sum())
+        row = []
+        for img, var in ((tgt_img, tgt_var), (conv_img, conv_var)):
+            im = np.asarray(img[sl], np.float64)
+            vr = np.asarray(var[sl], np.float64)
+            # the annulus median (a neighbour's light in it, unlike the star's, does not
+            # scale between two seeings); its variance pi/2 that of a mean
+            sky_var = 0.5 * math.pi * float(vr[sky_px].sum()) / k**2
+            row.append(float(im[in_px].sum()) - m * float(np.median(im[sky_px])))
+            row.append(float(vr[in_px].sum()) + m * m * sky_var)
+        if row[2] > 0 and row[3] > 0:
+            rows.append(row)
+            idx.append(i)
+    if len(idx) < 3:
+        return out
+    a = np.asarray(rows)
+    # the systematic floor as a target variance: (sys * ratio)^2 on the ratio's error
+    va = a[:, 1] + (_FLUX_CHANGE_SYS * a[:, 0]) ** 2
+    keep = _ratio_outliers(a[:, 0], va, a[:, 2], a[:, 3], clip, weighted=False)[0]
+    out[np.asarray(idx)[~keep]] = True
+    return out
 
 
 def _flux_ratio(conv_img, tgt_img, xs, ys, half):
@@ -650,9 +723,9 @@ def _fit_kernel(
     plan = [(d, sc, float(cfg.min_snr), False) for d, sc in ladder]
     low_snr = max(0.5 * float(cfg.min_snr), 10.0)
     if cfg.degrade and stars is None:
-        # Then kernel stars down to low_snr, unusable pixels refused only within the star's
-        # core rather than its core plus the kernel margin (build_stamps gives no weight to
-        # the stamp pixels whose kernel footprint holds one), each basis again: in a sparse
+        # Then kernel stars down to low_snr, unusable and repaired pixels refused only within
+        # the star's core rather than its core plus the kernel margin (build_stamps gives no
+        # weight to the stamp pixels whose kernel footprint holds one), each basis again: in a sparse
         # field (a space frame's few bright stars, each with a hot pixel or a cosmic ray
         # somewhere in its box) these are the stars left.
         plan += [(d, sc, min(low_snr, float(cfg.min_snr)), True) for d, sc in ladder]
@@ -680,10 +753,28 @@ def _fit_kernel(
                 other_bad=hard,
                 core_radius=core if relaxed else h + core,
                 soft_bad=soft,
-                soft_core_radius=soft_r + core,
+                soft_core_radius=core if relaxed else soft_r + core,
             )
+            # A star whose flux changed is no kernel star: its stamp asks the kernel for
+            # another flux ratio (and, on a host galaxy, another shape). Kept only by the
+            # last attempt, when without it too few stars would be left (noted).
+            changed = _flux_ratio_outliers(conv_img, conv_var, tgt_img, tgt_var, hard, sx, sy, fwhm)
+            if level + 1 == len(plan) and (~changed).sum() < _pm.MIN_KERNEL_STAMPS and changed.any():
+                note_degraded(
+                    "diffim_kernel_star_variable",
+                    f"{int(changed.sum())} of the {len(sx)} kernel stars changed flux between the images "
+                    "(a variable or transient) but are kept: too few stars without them; the kernel's shape "
+                    "and sum may be biased",
+                    severity="warning",
+                    n_changed=int(changed.sum()),
+                    n_candidates=len(sx),
+                )
+                changed[:] = False
+            sx, sy = sx[~changed], sy[~changed]
+            n_changed = int(changed.sum())
         else:
             sx, sy = (np.asarray(a, dtype=float) for a in stars)
+            n_changed = 0
         # Weights: the target's variance plus the (unconvolved) variance of the other image
         # scaled by the flux ratio, estimated from the candidate stars' summed fluxes.
         ratio = _flux_ratio(conv_img, tgt_img, sx, sy, stamp_half)
@@ -714,7 +805,9 @@ def _fit_kernel(
             f"basis degrees {list(degrees)} x {len(degrees)} Gaussians ({basis.n_basis} functions, "
             f"half-width {h} px{', spatial order 0, ridge ' + format(cfg.shape_ridge, 'g') if degraded else ''}), "
             f"kernel stars S/N >= {min_snr:g}{', masked pixels allowed outside the core' if relaxed else ''}: "
-            f"{len(sx)} candidates, {n} usable stamps (need {need})"
+            f"{len(sx)} candidates"
+            + (f" ({n_changed} more left out: flux ratio changed)" if n_changed else "")
+            + f", {n} usable stamps (need {need})"
         )
         if n < need and level + 1 < len(plan):
             attempts.append(what + ": too few")
@@ -768,22 +861,17 @@ def _fit_kernel(
     )
 
 
-def _robust_ratio(a, va, b, vb, clip=3.0):
-    """The ratio ``R`` of ``a ~ R b`` over the stars (``a``, ``b`` their fluxes in the two
-    images, ``va``, ``vb`` their variances): ``(value, error, n_used)``.
-
-    Stars whose own ratio lies beyond ``clip`` scaled sigmas of the weighted median of the
-    ratios (a variable, a transient, an unflagged cosmic ray in one image) are left out;
-    ``R`` is then the weighted least-squares slope through the origin, ``sum(a b / v) /
-    sum(b^2 / v)`` with ``v = va + R^2 vb`` (iterated), a ratio of sums that a faint star's
-    noisy denominator does not bias as a mean of ratios would. The error is scaled up by
-    the reduced chi^2 when the stars scatter beyond their errors."""
+def _ratio_outliers(a, va, b, vb, clip, weighted=True):
+    """The stars of :func:`_robust_ratio` kept (``a / b`` within ``clip`` scaled sigmas of
+    the ratios' median, weighted by ``1 / error^2`` or not, iterated) and that median:
+    ``(keep, median)``. Unweighted, every star has one vote: the brightest star cannot
+    outweigh the others when it is the one that changed."""
     r = a / b
-    e = np.abs(r) * np.sqrt(va / a**2 + vb / b**2)
+    e = np.sqrt(va + r * r * vb) / np.abs(b)
     keep = np.ones(r.size, bool)
     wmed = float(np.median(r))
     for _ in range(5):
-        w = 1.0 / e[keep] ** 2
+        w = 1.0 / e[keep] ** 2 if weighted else np.ones(int(keep.sum()))
         o = np.argsort(r[keep])
         cw = np.cumsum(w[o])
         wmed = float(r[keep][o][np.searchsorted(cw, 0.5 * cw[-1])])
@@ -793,6 +881,20 @@ def _robust_ratio(a, va, b, vb, clip=3.0):
         if new.sum() < 1 or np.array_equal(new, keep):
             break
         keep = new
+    return keep, wmed
+
+
+def _robust_ratio(a, va, b, vb, clip=3.0):
+    """The ratio ``R`` of ``a ~ R b`` over the stars (``a``, ``b`` their fluxes in the two
+    images, ``va``, ``vb`` their variances): ``(value, error, n_used)``.
+
+    Stars whose own ratio lies beyond ``clip`` scaled sigmas of the weighted median of the
+    ratios (a variable, a transient, an unflagged cosmic ray in one image) are left out
+    (:func:`_ratio_outliers`); ``R`` is then the weighted least-squares slope through the
+    origin, ``sum(a b / v) / sum(b^2 / v)`` with ``v = va + R^2 vb`` (iterated), a ratio of
+    sums that a faint star's noisy denominator does not bias as a mean of ratios would. The
+    error is scaled up by the reduced chi^2 when the stars scatter beyond their errors."""
+    keep, wmed = _ratio_outliers(a, va, b, vb, clip)
     ak, bk, vak, vbk = a[keep], b[keep], va[keep], vb[keep]
     val = wmed
     for _ in range(3):
