@@ -548,6 +548,24 @@ def test_cluster_profiles(tmp_path, monkeypatch):
         find_profile("nosuchprofile")
 
 
+def test_rss_monitor_catches_a_short_peak():
+    """The per-quantum RSS high-water mark sees a 200 MB temporary that lives ~0.2 s."""
+    import numpy as np
+    import psutil
+
+    from procsky.pipeline.executor import _RSSMonitor
+
+    mon = _RSSMonitor.get()
+    assert abs(mon._rss() - psutil.Process().memory_info().rss) < 8 * 2**20
+    token = mon.open()
+    start = mon._rss()
+    a = np.ones(25_000_000)  # 200 MB, touched
+    time.sleep(0.2)
+    del a
+    peak = mon.close(token)
+    assert peak - start > 180 * 2**20
+
+
 def test_checkout_profiles_match_packaged_ones():
     """``clusters/`` of a checkout shadows the packaged copies: they must not drift apart."""
     from procsky.pipeline import clusters
