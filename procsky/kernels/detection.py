@@ -899,7 +899,7 @@ def _footprint_peaks(nu, labels, n):
 
 
 @numba.njit(nogil=True, cache=True)
-def merge_saturated_children(children, peaks, sat_labels, sat):
+def merge_saturated_children(children, peaks, sat_labels, sat, in_place=False):
     """One child per saturated star: merge the children of a footprint whose peaks fall in
     the same saturated region.
 
@@ -911,13 +911,16 @@ def merge_saturated_children(children, peaks, sat_labels, sat):
     Parameters
     ----------
     children : ndarray (ny, nx) int32
-        Child map of :func:`deblend_footprints` (modified: a copy is returned).
+        Child map of :func:`deblend_footprints` (not modified: a copy is returned, unless
+        ``in_place``).
     peaks : ndarray (m, 5) float64
         Peaks of :func:`deblend_footprints`.
     sat_labels : ndarray (ny, nx) int32
         Labels of the (slightly grown) saturated regions, 0 elsewhere.
     sat : ndarray (ny, nx) bool
         Saturated pixels (for the merged position).
+    in_place : bool
+        Renumber ``children`` itself and return it (a whole-frame int32 plane less).
 
     Returns
     -------
@@ -934,7 +937,7 @@ def merge_saturated_children(children, peaks, sat_labels, sat):
             if sat_labels[y, x] > nsat:
                 nsat = sat_labels[y, x]
     if m == 0 or nsat == 0:
-        return children.copy(), peaks.copy()
+        return (children if in_place else children.copy()), peaks.copy()
     # representative child of each (saturated region); children of other parents stay apart
     rep_of = np.zeros(m, dtype=np.int64)
     owner = np.full(nsat + 1, -1, dtype=np.int64)
@@ -957,7 +960,7 @@ def merge_saturated_children(children, peaks, sat_labels, sat):
                 rep_of[k] = o
             merged_any = True
     if not merged_any:
-        return children.copy(), peaks.copy()
+        return (children if in_place else children.copy()), peaks.copy()
     for k in range(m):  # resolve chains
         r = k
         while rep_of[r] != r:
@@ -991,7 +994,8 @@ def merge_saturated_children(children, peaks, sat_labels, sat):
             if s > 0 and sn[s] > 0:
                 out[newid[r] - 1, 0] = np.floor(sx[s] / sn[s] + 0.5)
                 out[newid[r] - 1, 1] = np.floor(sy[s] / sn[s] + 0.5)
-    ch = np.empty((ny, nx), dtype=np.int32)
+    # each pixel is read before it is written: renumbering in place gives the same plane
+    ch = children if in_place else np.empty((ny, nx), dtype=np.int32)
     for y in range(ny):
         for x in range(nx):
             c = children[y, x]
@@ -1239,7 +1243,7 @@ def detect_sources(
                 sat = any_bits(mask, saturated_bits)
                 if sat.any():
                     sat_labels, _ = label_components(grow_mask(sat, float(saturated_grow)))
-                    children, peaks = merge_saturated_children(children, peaks, sat_labels, sat)
+                    children, peaks = merge_saturated_children(children, peaks, sat_labels, sat, True)
     else:
         children = footprints
         peaks = _footprint_peaks(nu, footprints, nfp)
