@@ -198,6 +198,11 @@ def _apcorr_ratios(
     if idx.size and stamps is not None and state.psf_model is not None:
         fwhm = 2.3548200450309493 * float(state.sigma_psf)
         core = max(_APCORR_CORE_FWHM * fwhm, _APCORR_CORE_MIN) if np.isfinite(fwhm) else _APCORR_CORE_MIN
+        if "moffat" in state.psf_info:
+            # a parametric model (too few stars for a pixel model) is smooth in azimuth where the PSF may not
+            # be (a space PSF's spikes): its residual is the star's own light, summed over the whole aperture
+            # (neighbours still subtracted).
+            core = radius
         iso = isolated_apertures(
             state.sub,
             state.var_det,
