@@ -530,8 +530,9 @@ def test_cluster_profiles(tmp_path, monkeypatch):
             assert "--lifetime" in kw["worker_extra_args"]
             assert "adapt" in scaling
             assert "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in kw["job_script_prologue"]
+            assert "export DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL='500ms'" in kw["job_script_prologue"]
         else:
-            assert kw["worker_dask_config"] == {"distributed.worker.profile.enabled": False}
+            assert kw["worker_dask_config"]["distributed.worker.profile.enabled"] is False
     kind, kw, _ = cluster_kwargs("slurm", walltime="01:00:00", queue="debug", jobs=3)
     i = kw["worker_extra_args"].index("--lifetime")
     assert kw["worker_extra_args"][i + 1] == f"{3600 - 600 - 240}s"
@@ -587,17 +588,23 @@ def test_local_workers_run_without_dask_profiler(tmp_path):
     from procsky.pipeline import open_cluster
 
     def state(dask_worker):
-        return dask.config.get("distributed.worker.profile.enabled"), "profile" in dask_worker.periodic_callbacks
+        return (
+            dask.config.get("distributed.worker.profile.enabled"),
+            "profile" in dask_worker.periodic_callbacks,
+            dask_worker.memory_manager.memory_monitor_interval,
+        )
 
     with dask.config.set({"distributed.comm.timeouts.connect": "41s"}):
         with open_cluster("local", n_workers=1, dashboard_address=None) as cluster, distributed.Client(cluster) as c:
             (got,) = c.run(state).values()
             (timeout,) = c.run(lambda: dask.config.get("distributed.comm.timeouts.connect")).values()
-    assert got == (False, False) and timeout == "41s"
+            nanny_interval = [n.memory_manager.memory_monitor_interval for n in cluster.workers.values()]
+    assert got == (False, False, 0.5) and timeout == "41s" and nanny_interval == [0.5]
+    assert dask.config.get("distributed.worker.profile.enabled") is True  # this process's config untouched
     prof = tmp_path / "prof.yaml"
     prof.write_text("cluster: local\ndask_config: {distributed.worker.profile.enabled: true}\n")
     _, kw, _ = cluster_kwargs(str(prof))
-    assert kw["worker_dask_config"] == {"distributed.worker.profile.enabled": True}
+    assert kw["worker_dask_config"]["distributed.worker.profile.enabled"] is True
 
 
 def test_jobqueue_job_script():

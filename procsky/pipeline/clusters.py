@@ -134,12 +134,21 @@ THREAD_LIMITS = {
 }
 
 
-#: dask settings of the workers (dotted keys). dask's worker profiler (``profile.interval``
-#: 10 ms) processes each busy thread's stack in the worker's event loop: in the demo's
-#: workers ~5 % of a core beside each quantum, which a second worker on the same cores
-#: pays for. procsky records each quantum's CPU itself; the dashboard's "Profile" page is
-#: empty unless a profile sets ``dask_config: {distributed.worker.profile.enabled: true}``.
-WORKER_DASK_CONFIG = {"distributed.worker.profile.enabled": False}
+#: dask settings of the workers and of the nannies watching them (dotted keys); measured
+#: on the demo's calibrate and warp stages (``/proc`` thread clocks):
+#:
+#: * dask's profiler walks each busy thread's Python stack every 10 ms in the worker's
+#:   event loop: ~0.02 CPU-s per second per worker, ~7 % beside a quantum's own CPU on an
+#:   idle core, which a second worker on the same cores pays for. procsky records each
+#:   quantum's CPU itself; the dashboard's "Profile" page stays empty unless a profile sets
+#:   ``dask_config: {distributed.worker.profile.enabled: true}``.
+#: * the nanny's memory watch (kill a worker past 95 % of its limit) and the worker's own
+#:   (spill, pause) build a psutil process object every 100 ms; every 500 ms still stops a
+#:   runaway worker well before the operating system would.
+WORKER_DASK_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.worker.memory.monitor-interval": "500ms",
+}
 
 
 def _dask_env_name(key: str) -> str:
@@ -478,14 +487,15 @@ def open_cluster(profile: str | os.PathLike | dict | ClusterSpec = "local", **ov
     if kind != "local" and scaling:
         require_batch_tools(kind, spec.name)
     klass = _cluster_class(kind)
+    import dask.config
+
+    worker_config = None
     if kind == "local":
         env = options.pop("env", None) or THREAD_LIMITS
         for var, val in env.items():  # inherited by worker processes
             os.environ.setdefault(var, str(val))
         worker_config = options.pop("worker_dask_config", None)
         if worker_config:
-            import dask.config
-
             # A full copy of this process's config with the workers' settings over it: the
             # nanny merges ``config`` over its own shallowly (top-level keys replaced).
             options["config"] = dask.config.merge(
@@ -495,7 +505,11 @@ def open_cluster(profile: str | os.PathLike | dict | ClusterSpec = "local", **ov
             preload = options.get("preload") or []
             preload = [preload] if isinstance(preload, str) else list(preload)
             options["preload"] = preload + [__name__]  # runs dask_setup() in each worker
-    cluster = klass(**options)
+    if worker_config:
+        with dask.config.set(worker_config):  # the local nannies live in this process
+            cluster = klass(**options)
+    else:
+        cluster = klass(**options)
     try:
         if "adapt" in scaling:
             cluster.adapt(**scaling["adapt"])
