@@ -71,10 +71,11 @@ class SubtractionConfig(pydantic.BaseModel):
     min_snr : float
         Minimum matched-filter significance of kernel stars.
     clip_sigma : float
-        Stamp rejection threshold. Before the fit, kernel-star candidates whose flux ratio
-        (a 1.5 FWHM aperture) departs from the others' median by more than 5 scaled sigmas
-        are left out (a variable or transient: ``_flux_ratio_outliers``; noted in
-        ``kernel_fit_attempts``).
+        Stamp rejection threshold. When the kernel-star candidates are fewer than twice the
+        stamps the configured basis needs (12 for the default), too few for that median-based
+        rejection, those whose flux ratio (a 1.5 FWHM aperture) departs from the others' median
+        by more than 5 scaled sigmas are left out before the fit (a variable or transient:
+        ``_flux_ratio_outliers``; noted in ``kernel_fit_attempts``).
     constant_sum : bool
         Keep the photometric scaling constant over the detector.
     decorrelate : bool
@@ -729,6 +730,15 @@ def _fit_kernel(
         # field (a space frame's few bright stars, each with a hot pixel or a cosmic ray
         # somewhere in its box) these are the stars left.
         plan += [(d, sc, min(low_snr, float(cfg.min_snr)), True) for d, sc in ladder]
+    # The fit's own stamp rejection (median based: chi^2 and single-stamp kernel sums) singles
+    # out a changed star among many stamps; among fewer than twice what the configured basis
+    # needs, the candidates are screened by their flux ratio first (_flux_ratio_outliers).
+    nb_full = _pm.basis_for_psfs(
+        sig_sharp, sig_broad, degrees=cfg.degrees, scales=cfg.scales, half_width=cfg.kernel_half_width
+    ).n_basis
+    screen_below = 2 * _pm.required_stamps(
+        _pm.n_free_parameters(nb_full, 0, cfg.background_order, cfg.constant_sum), cfg.params_per_stamp
+    )
     attempts: list[str] = []
     for level, (degrees, scales, min_snr, relaxed) in enumerate(plan):
         degraded = level > 0
@@ -756,9 +766,14 @@ def _fit_kernel(
                 soft_core_radius=core if relaxed else soft_r + core,
             )
             # A star whose flux changed is no kernel star: its stamp asks the kernel for
-            # another flux ratio (and, on a host galaxy, another shape). Kept only by the
-            # last attempt, when without it too few stars would be left (noted).
-            changed = _flux_ratio_outliers(conv_img, conv_var, tgt_img, tgt_var, hard, sx, sy, fwhm)
+            # another flux ratio (and, on a host galaxy, another shape). Screened among few
+            # candidates; kept only by the last attempt, when without it too few stars would
+            # be left (noted).
+            changed = (
+                _flux_ratio_outliers(conv_img, conv_var, tgt_img, tgt_var, hard, sx, sy, fwhm)
+                if len(sx) < screen_below
+                else np.zeros(len(sx), bool)
+            )
             if level + 1 == len(plan) and (~changed).sum() < _pm.MIN_KERNEL_STAMPS and changed.any():
                 note_degraded(
                     "diffim_kernel_star_variable",
