@@ -1,6 +1,6 @@
 """Warp + coadd benchmark: procsky against SWarp and reproject on the same inputs and grid.
 
-Run:  .venv/bin/python benchmarks/bench_coadd.py [--visits 8] [--size 1500] [--patch 1800] [--repeat 1]
+Run:  .venv/bin/python benchmarks/bench_coadd.py [--visits 8] [--size 1500] [--patch 1800] [--repeat 1] [--chunk 0]
 
 Inputs: synthetic calibrated visits (Gaussian stars of known nJy flux, rotated TAN WCSs
 with offsets, 0.26"/px, different zero points, seeing and noise). SIP is left out because
@@ -212,7 +212,7 @@ def read_swarp(work: Path):
     return img
 
 
-def run_procsky_child(folder: Path, n: int, patch_inner: int, reject: bool, out: str):
+def run_procsky_child(folder: Path, n: int, patch_inner: int, reject: bool, out: str, chunk: int = 0):
     """procsky in its own process: read the Zarr calexps, build and write the coadd.
     Returns (result dict of :func:`run_mode`, wall s, whole-process CPU s)."""
     import json
@@ -230,6 +230,8 @@ def run_procsky_child(folder: Path, n: int, patch_inner: int, reject: bool, out:
         str(patch_inner),
         "--out",
         out,
+        "--chunk",
+        str(chunk),
     ] + (["--reject"] if reject else [])
     stdout, wall, cpu = run_child(cmd)
     return json.loads(stdout.strip().splitlines()[-1]), wall, cpu
@@ -284,7 +286,7 @@ def bench_patch(patch_inner: int):
     return sm.patch(0, 0)
 
 
-def run_mode(mode, folder: Path, n, patch_inner, reject, out=None):
+def run_mode(mode, folder: Path, n, patch_inner, reject, out=None, chunk=0):
     """One coadd feeding mode on calexps stored in ``folder`` (read, coadded and written to
     ``folder / out``); returns a result dict (``cpu``: CPU seconds of this work in this
     process, start-up excluded)."""
@@ -294,10 +296,12 @@ def run_mode(mode, folder: Path, n, patch_inner, reject, out=None):
     from procsky.warp import warp_exposure
 
     patch = bench_patch(patch_inner)
-    # The pipeline's defaults (1024 px output chunks). With 512 px output chunks on 512 px
-    # calexp chunks each input chunk was decoded ~5 times (once per output chunk whose input
-    # region touches it): Zarr reads took 1.2-1.9 CPU-s instead of 0.5-0.65 here.
-    wcfg = WarpConfig()
+    # By default the pipeline's configuration (1024 px output chunks). With 512 px output
+    # chunks on 512 px calexp chunks (``--chunk 512``) each input chunk is decoded ~5 times
+    # (once per output chunk whose input region touches it): Zarr reads take 1.2-1.9 CPU-s
+    # instead of 0.5-0.65, but artifact rejection is cheaper (its stack of input strips fits
+    # ``memory_budget``).
+    wcfg = WarpConfig(chunk=chunk) if chunk else WarpConfig()
     cfg = CoaddConfig(reject_artifacts=reject, warp=wcfg)
     t0, c0 = time.perf_counter(), time.process_time()
     calexps = [Exposure.read(folder / f"calexp{k}.zarr") for k in range(n)]
@@ -336,10 +340,11 @@ def main_modes(args):
 
         stars = make_stars(args.stars, seed=2, half=half, fmin=1e5, fmax=3e6)
         for k, v in enumerate(make_visits(args.visits, args.size, stars)):
-            v.write(work / f"calexp{k}.zarr")  # the pipeline's storage chunks
+            v.write(work / f"calexp{k}.zarr", chunks=args.chunk or None)  # the pipeline's storage chunks
         print(
             f"{args.visits} calexps of {args.size}x{args.size} px on disk (Zarr) -> patch of {args.patch + 100} px "
-            f"(chunks {WarpConfig().chunk}, dask synchronous, artifact rejection {'on' if args.reject else 'off'}); "
+            f"(chunks {args.chunk or WarpConfig().chunk}, dask synchronous, "
+            f"artifact rejection {'on' if args.reject else 'off'}); "
             "each mode in its own process"
         )
         print(f"{'mode':14s} {'wall s':>8s} {'cpu s':>8s} {'of which warps s':>17s} {'peak RSS MB':>12s}")
@@ -356,6 +361,8 @@ def main_modes(args):
                 str(args.visits),
                 "--patch",
                 str(args.patch),
+                "--chunk",
+                str(args.chunk),
             ] + (["--reject"] if args.reject else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             r = json.loads(out)
@@ -391,16 +398,16 @@ def main_same_io(args):
     work = Path(tempfile.mkdtemp(prefix="bench_coadd_"))
     try:
         for k, v in enumerate(visits):
-            v.write(work / f"calexp{k}.zarr")  # as the pipeline stores calexps
+            v.write(work / f"calexp{k}.zarr", chunks=args.chunk or None)  # as the pipeline stores calexps
         names = write_swarp_inputs(visits, patch, work)
         # Warm-up: numba's cache loaded (compiled if cold) on a tiny patch; not counted.
         for reject in (False, True):
-            run_procsky_child(work, min(2, args.visits), 64, reject, "warmup.zarr")
+            run_procsky_child(work, min(2, args.visits), 64, reject, "warmup.zarr", args.chunk)
         sname = "SWarp 2.41 (LANCZOS3, WEIGHTED)"
         runs: dict = {"procsky (mean)": [], "procsky (mean + artifact rejection)": [], sname: []}
         have_swarp = True
         for _ in range(args.repeat):
-            r, w, c = run_procsky_child(work, args.visits, args.patch, False, "coadd-mean.zarr")
+            r, w, c = run_procsky_child(work, args.visits, args.patch, False, "coadd-mean.zarr", args.chunk)
             runs["procsky (mean)"].append((w, c, r["cpu"]))
             if have_swarp:
                 try:
@@ -410,7 +417,7 @@ def main_same_io(args):
                     print(f"SWarp failed: {e}")
                     have_swarp = False
             if not args.no_reject:
-                r, w, c = run_procsky_child(work, args.visits, args.patch, True, "coadd-reject.zarr")
+                r, w, c = run_procsky_child(work, args.visits, args.patch, True, "coadd-reject.zarr", args.chunk)
                 runs["procsky (mean + artifact rejection)"].append((w, c, r["cpu"]))
         images = {"procsky (mean)": Exposure.read(work / "coadd-mean.zarr").image.compute().astype(np.float64)}
         if not args.no_reject:
@@ -502,6 +509,12 @@ def main():
     ap.add_argument("--visits", type=int, default=8)
     ap.add_argument("--size", type=int, default=1500, help='visit side, pixels (0.26"/px)')
     ap.add_argument("--patch", type=int, default=1800, help='patch inner side, pixels (0.2"/px)')
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        help="calexp storage and coadd output chunk side (default: the pipeline's, 1024)",
+    )
     ap.add_argument("--stars", type=int, default=400)
     ap.add_argument("--repeat", type=int, default=1, help="interleaved runs of each tool (medians printed)")
     ap.add_argument("--no-reject", action="store_true", help="skip the run with artifact rejection")
@@ -510,7 +523,7 @@ def main():
     if args.run_mode:
         import json
 
-        res = run_mode(args.run_mode, Path(args.folder), args.visits, args.patch, args.reject, args.out)
+        res = run_mode(args.run_mode, Path(args.folder), args.visits, args.patch, args.reject, args.out, args.chunk)
         print(json.dumps(res))
         return
     if args.modes:
