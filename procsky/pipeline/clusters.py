@@ -498,9 +498,9 @@ def open_cluster(profile: str | os.PathLike | dict | ClusterSpec = "local", **ov
         if worker_config:
             # A full copy of this process's config with the workers' settings over it: the
             # nanny merges ``config`` over its own shallowly (top-level keys replaced).
-            options["config"] = dask.config.merge(
-                dask.config.config, dask.config.expand_environment_variables(_nest(worker_config))
-            )
+            worker_dask = copy.deepcopy(dask.config.config)
+            dask.config.set(worker_config, config=worker_dask)  # into the copy only
+            options["config"] = worker_dask
         if options.get("processes", True):
             preload = options.get("preload") or []
             preload = [preload] if isinstance(preload, str) else list(preload)
@@ -521,18 +521,6 @@ def open_cluster(profile: str | os.PathLike | dict | ClusterSpec = "local", **ov
         cluster.close()
         raise
     return cluster
-
-
-def _nest(dotted: dict) -> dict:
-    """``{"a.b.c": v}`` -> ``{"a": {"b": {"c": v}}}`` (dask config form)."""
-    out: dict = {}
-    for key, val in dotted.items():
-        *head, last = key.split(".")
-        d = out
-        for part in head:
-            d = d.setdefault(part, {})
-        d[last] = val
-    return out
 
 
 def dask_setup(worker=None) -> None:  # pragma: no cover - runs in local worker processes
