@@ -111,7 +111,7 @@ def make_coadd_scene(
     import galsim
 
     from procsky.exposure import Exposure
-    from procsky.psf import GaussianPsf, ImagePsf
+    from procsky.psf import GaussianPsf, ImagePsf, PsfModel
     from procsky.wcs import wcs_from_cards
 
     bands = list(bands)
@@ -126,7 +126,7 @@ def make_coadd_scene(
             return galsim.Gaussian(fwhm=fwhm[b])
         return galsim.Moffat(beta=3.5, fwhm=fwhm[b])
 
-    rows = []
+    rows: list[dict] = []
 
     def colour(kind):
         # g-r along a rough stellar locus for stars, bluer-to-redder galaxies.
@@ -181,6 +181,7 @@ def make_coadd_scene(
     truth = pd.DataFrame(rows)
     cards = _tan_cards(shape, pixel_scale, ra0, dec0)
     wcs = wcs_from_cards(cards, shape)
+    assert wcs is not None
     ra, dec = wcs.pixel_to_world_values(truth["x"].to_numpy(), truth["y"].to_numpy())
     truth["ra"] = np.asarray(ra, float)
     truth["dec"] = np.asarray(dec, float)
@@ -215,6 +216,7 @@ def make_coadd_scene(
             img[max(y0, 0) : y1, max(x0, 0) : x1] += stamp[sy0 : sy0 + y1 - max(y0, 0), sx0 : sx0 + x1 - max(x0, 0)]
         img += rng.normal(0.0, sig[b], size=shape)
         ks = 2 * int(math.ceil(3.0 * fwhm[b] / pixel_scale)) + 1
+        psf_model: PsfModel
         if psf_profile == "gaussian":
             psf_model = GaussianPsf.from_fwhm(fwhm[b] / pixel_scale)
         else:
