@@ -39,6 +39,7 @@ __all__ = [
     "chunk_slices",
     "on_dask_worker",
     "task_scheduler",
+    "dataframe_from_parquet",
 ]
 
 
@@ -266,3 +267,12 @@ def task_scheduler(parallel: bool):
 
         with dask.config.set(scheduler="synchronous"):
             yield
+
+
+def dataframe_from_parquet(paths: Sequence[str], *, columns: list[str] | None = None):
+    """Parquet tables (one per patch, say) as one lazy ``dask.dataframe``, a partition per file."""
+    import dask.dataframe as dd
+
+    if not paths:
+        raise ValueError("no Parquet files to read")
+    return dd.read_parquet(list(paths), columns=columns)

@@ -79,6 +79,7 @@ def make_coadd_scene(
     seed=0,
     ra0=150.0,
     dec0=2.0,
+    noise=True,
 ) -> CoaddScene:
     """Draw a multiband scene (see the module docstring).
 
@@ -103,6 +104,8 @@ def make_coadd_scene(
     edge : int, px
         Margin kept free of object centres.
     seed : int
+    noise : bool
+        Add the white noise (the variance plane is set either way).
 
     Returns
     -------
@@ -214,7 +217,8 @@ def make_coadd_scene(
             sy0, sx0 = max(0, -y0), max(0, -x0)
             y1, x1 = min(ny, y0 + n), min(nx, x0 + n)
             img[max(y0, 0) : y1, max(x0, 0) : x1] += stamp[sy0 : sy0 + y1 - max(y0, 0), sx0 : sx0 + x1 - max(x0, 0)]
-        img += rng.normal(0.0, sig[b], size=shape)
+        if noise:
+            img += rng.normal(0.0, sig[b], size=shape)
         ks = 2 * int(math.ceil(3.0 * fwhm[b] / pixel_scale)) + 1
         psf_model: PsfModel
         if psf_profile == "gaussian":
