@@ -2,7 +2,7 @@
 
 :func:`evaluate_run` reads a run's outputs from a repository (``calibrate_summary``,
 ``src``, ``visit_photocalib``, ``coadd``, ``diffim_summary``, ``dia_source``,
-``dia_object``) and the truth tables of the ``procsky sim`` output that was ingested,
+``dia_object``, ``object``, ``forced_source``) and the truth tables of the ``procsky sim`` output that was ingested,
 and returns the figures a survey scientist checks first, as a plain dict:
 
 * single frame: sources per detector, PSF FWHM, zero points against the true ones (offset
@@ -10,7 +10,10 @@ and returns the figures a survey scientist checks first, as a plain dict:
   fluxes of bright stars against their true fluxes;
 * coadds: 5-sigma point-source depth and number of inputs per band;
 * difference imaging: truth variables and transients recovered as DIA objects, DIA objects
-  with no truth counterpart (per detector-visit), the template PSF-matching residuals.
+  with no truth counterpart (per detector-visit), the template PSF-matching residuals;
+* objects: completeness for truth objects of coadd S/N >= 10, spurious fraction, PSF-flux
+  bias and g-r scatter of isolated stars, extendedness right or wrong, sky-object pulls,
+  chi^2/dof of constant stars' forced light curves, variable amplitudes.
 
 :func:`format_evaluation` renders the dict as a short text block (``make demo`` prints it).
 Everything is computed from stored datasets; nothing is re-run.
@@ -250,6 +253,153 @@ def _dia(repo, run: str, truth, radius_arcsec: float) -> dict:
     return out
 
 
+def _isolated(ra, dec, all_ra, all_dec, radius_arcsec: float) -> np.ndarray:
+    """True where no other point of (all_ra, all_dec) lies within ``radius_arcsec``."""
+    from scipy.spatial import cKDTree
+
+    def xyz(r, d):
+        r, d = np.radians(np.asarray(r, float)), np.radians(np.asarray(d, float))
+        return np.column_stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)])
+
+    if len(ra) == 0:
+        return np.zeros(0, bool)
+    chord = 2 * math.sin(math.radians(radius_arcsec / 3600.0) / 2)
+    counts = cKDTree(xyz(all_ra, all_dec)).query_ball_point(xyz(ra, dec), chord, return_length=True)
+    return np.asarray(counts) <= 1
+
+
+def _objects(repo, run: str, truth, coadd_depth: dict, radius_arcsec: float = 0.5) -> dict:
+    """The object table and forced sources against truth (issue 21's figures)."""
+    tables = [t for _, t in _get_all(repo, "object", run) if t is not None and len(t)]
+    if not tables:
+        return {}
+    obj = pd.concat(tables, ignore_index=True)
+    sky = obj[obj["sky_object"].to_numpy(bool)] if "sky_object" in obj else obj.iloc[:0]
+    prim = obj[obj["is_primary"].to_numpy(bool)]
+    bands = sorted(b for b in coadd_depth if f"{b}_psf_flux" in obj)
+    out: dict[str, Any] = {"n_objects": int(len(prim)), "n_sky_objects": int(len(sky)), "bands": bands}
+    objects = truth.objects
+    static = objects[objects.kind.isin(["star", "galaxy", "variable"])].reset_index(drop=True)
+    # Truth S/N on the coadd: flux over the 5-sigma depth's sigma, combined over bands.
+    snr2 = np.zeros(len(static))
+    for b in bands:
+        sigma = 10 ** (-0.4 * (coadd_depth[b]["m5"] - _AB_NJY)) / 5.0
+        f = static[f"flux_{b}"].to_numpy(float) if f"flux_{b}" in static else np.zeros(len(static))
+        snr2 += np.clip(f / sigma, 0, None) ** 2
+    static["snr"] = np.sqrt(snr2)
+    # Only truth inside the primary objects' footprint on the sky (the coadded area).
+    if len(prim):
+        ra0, ra1 = np.percentile(prim.ra, [0.5, 99.5])
+        de0, de1 = np.percentile(prim.dec, [0.5, 99.5])
+        inside = static.ra.between(ra0, ra1) & static.dec.between(de0, de1)
+    else:
+        inside = np.zeros(len(static), bool)
+    t_in = static[inside].reset_index(drop=True)
+    idx, _ = _sky_match(t_in.ra, t_in.dec, prim.ra, prim.dec, radius_arcsec)
+    bright = t_in.snr.to_numpy() >= 10
+    out["completeness_snr10"] = float((idx[bright] >= 0).mean()) if bright.any() else float("nan")
+    out["n_truth_snr10"] = int(bright.sum())
+    j, _ = _sky_match(prim.ra, prim.dec, static.ra, static.dec, 1.0)
+    out["spurious_fraction"] = float((j < 0).mean()) if len(prim) else float("nan")
+    # Isolated bright stars: PSF-flux bias per band and g-r colour scatter.
+    stars = t_in[(t_in.kind == "star").to_numpy() & (idx >= 0) & (t_in.snr.to_numpy() >= 50)]
+    iso = _isolated(stars.ra, stars.dec, static.ra, static.dec, 3.0)
+    stars = stars[iso]
+    ms = prim.iloc[idx[(t_in.kind == "star").to_numpy() & (idx >= 0) & (t_in.snr.to_numpy() >= 50)][iso]]
+    bias = {}
+    for b in bands:
+        r = ms[f"{b}_psf_flux"].to_numpy(float) / stars[f"flux_{b}"].to_numpy(float) - 1
+        bias[b] = _stats(r * 100)
+    out["star_psf_flux_bias_percent"] = bias
+    if {"g", "r"} <= set(bands) and len(ms):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gr = -2.5 * np.log10(ms["g_psf_flux"].to_numpy(float) / ms["r_psf_flux"].to_numpy(float))
+            gr_t = -2.5 * np.log10(stars["flux_g"].to_numpy(float) / stars["flux_r"].to_numpy(float))
+        d = (gr - gr_t) * 1000
+        d = d[np.isfinite(d)]
+        if d.size:
+            out["star_gr_minus_truth_mmag"] = {
+                "n": int(d.size),
+                "median": float(np.median(d)),
+                "rms": float(np.sqrt(np.mean((d - np.median(d)) ** 2))),
+            }
+    # Extendedness above S/N 50.
+    col = "ref_extendedness"
+    if col in prim:
+        sel = (idx >= 0) & (t_in.snr.to_numpy() >= 50) & t_in.kind.isin(["star", "galaxy"]).to_numpy()
+        ext = prim[col].to_numpy(float)[idx[sel]]
+        is_gal = (t_in.kind.to_numpy()[sel] == "galaxy").astype(float)
+        ok = np.isfinite(ext)
+        out["extendedness_correct"] = float((ext[ok] == is_gal[ok]).mean()) if ok.any() else float("nan")
+        out["extendedness_n"] = int(ok.sum())
+    # Sky objects: forced flux / error should scatter as N(0, 1).
+    pulls = {}
+    for b in bands:
+        if len(sky) and f"{b}_psf_flux" in sky:
+            p = (sky[f"{b}_psf_flux"] / sky[f"{b}_psf_flux_err"]).to_numpy(float)
+            p = p[np.isfinite(p)]
+            if p.size > 5:
+                pulls[b] = {"n": int(p.size), "std": float(np.std(p)), "mean": float(np.mean(p))}
+    out["sky_object_pulls"] = pulls
+    out.update(_forced_sources(repo, run, truth, prim, radius_arcsec))
+    return out
+
+
+def _forced_sources(repo, run: str, truth, prim, radius_arcsec: float) -> dict:
+    tables = [t for _, t in _get_all(repo, "forced_source", run) if t is not None and len(t)]
+    if not tables:
+        return {}
+    fs = pd.concat(tables, ignore_index=True)
+    out: dict[str, Any] = {"n_forced_sources": int(len(fs))}
+    objects = truth.objects
+    j, _ = _sky_match(prim.ra, prim.dec, objects.ra, objects.dec, radius_arcsec)
+    oid_to_truth = dict(zip(prim.object_id.to_numpy()[j >= 0], j[j >= 0]))
+    fs = fs[fs.object_id.isin(oid_to_truth) & ~fs.flag_psf_flux.to_numpy(bool) & ~fs.flag_edge.to_numpy(bool)]
+    if fs.empty:
+        return out
+    t_idx = fs.object_id.map(oid_to_truth).to_numpy()
+    kind = objects.kind.to_numpy()[t_idx]
+    # Constant stars of S/N > 20 per epoch: chi^2/dof of each light curve about its mean.
+    chis = []
+    for _key, g in fs[(kind == "star")].groupby(["object_id", "band"]):
+        ff, ee = g.psf_flux.to_numpy(float), g.psf_flux_err.to_numpy(float)
+        if len(ff) < 3 or np.median(ff / ee) < 20:
+            continue
+        w = 1 / ee**2
+        m = np.sum(w * ff) / np.sum(w)
+        chis.append(float(np.sum(w * (ff - m) ** 2) / (len(ff) - 1)))
+    if chis:
+        out["constant_star_chi2_dof"] = {"n": len(chis), "median": float(np.median(chis)), "mean": float(np.mean(chis))}
+    # Variables: amplitude from a linear fit of F (1 + A sin(2 pi (t - t0) / P)) with the true period and phase.
+    amps = []
+    for oid, g in fs[(kind == "variable")].groupby("object_id"):
+        t = objects.iloc[oid_to_truth[oid]]
+        for band, gb in g.groupby("band"):
+            if len(gb) < 4:
+                continue
+            s_ = np.sin(2 * np.pi * (gb.mjd.to_numpy(float) - t.t0) / t.period)
+            a = np.column_stack([np.ones(len(gb)), s_])
+            w = 1 / gb.psf_flux_err.to_numpy(float)
+            coef, *_ = np.linalg.lstsq(a * w[:, None], gb.psf_flux.to_numpy(float) * w, rcond=None)
+            if coef[0] > 0:
+                amps.append(
+                    {
+                        "object_id": int(oid),
+                        "band": band,
+                        "amplitude": float(coef[1] / coef[0]),
+                        "truth": float(t.amplitude),
+                    }
+                )
+    if amps:
+        rel = np.array([a["amplitude"] / a["truth"] - 1 for a in amps])
+        out["variable_amplitude_rel_error"] = {
+            "n": len(amps),
+            "median": float(np.median(rel)),
+            "max_abs": float(np.max(np.abs(rel))),
+        }
+    return out
+
+
 def evaluate_run(repo, run: str, sim_dir, *, match_radius_arcsec: float = 1.0) -> dict:
     """Figures of ``run`` against the truth of the simulation in ``sim_dir``.
 
@@ -273,11 +423,13 @@ def evaluate_run(repo, run: str, sim_dir, *, match_radius_arcsec: float = 1.0) -
 
     repo = open_repo(repo)
     truth = SimTruth(Path(sim_dir))
+    coadd = _coadd_depth(repo, run)
     return {
         "run": run,
         "single_frame": _single_frame(repo, run, truth),
-        "coadd": _coadd_depth(repo, run),
+        "coadd": coadd,
         "dia": _dia(repo, run, truth, match_radius_arcsec),
+        "objects": _objects(repo, run, truth, coadd),
     }
 
 
@@ -366,5 +518,44 @@ def format_evaluation(ev: dict) -> str:
             lines.append(
                 f"    false objects lie on     {f['star']} static stars, {f['galaxy']} galaxies, "
                 f"{f['nothing']} empty sky"
+            )
+    ob = ev.get("objects") or {}
+    if ob:
+        lines.append(f"  objects ({ob['n_objects']} primary, {ob['n_sky_objects']} sky objects)")
+        lines.append(
+            f"    completeness             {100 * ob.get('completeness_snr10', float('nan')):.1f} % of "
+            f"{ob.get('n_truth_snr10', 0)} truth objects with coadd S/N >= 10; "
+            f"{100 * ob.get('spurious_fraction', float('nan')):.2f} % of objects have no truth counterpart"
+        )
+        bias = ob.get("star_psf_flux_bias_percent") or {}
+        parts = [f"{b} {v['median']:+.2f} %" for b, v in sorted(bias.items()) if v]
+        if parts:
+            n = max(v["n"] for v in bias.values() if v)
+            lines.append(f"    star PSF flux - truth    {', '.join(parts)} (median of {n} isolated stars, S/N > 50)")
+        c = ob.get("star_gr_minus_truth_mmag")
+        if c:
+            lines.append(f"    star g-r - truth         rms {c['rms']:.1f} mmag, median {c['median']:+.1f} mmag")
+        if "extendedness_correct" in ob:
+            lines.append(
+                f"    extendedness             {100 * ob['extendedness_correct']:.1f} % of {ob['extendedness_n']} "
+                "stars and galaxies of S/N > 50 classified right"
+            )
+        pulls = ob.get("sky_object_pulls") or {}
+        if pulls:
+            lines.append(
+                "    sky-object pull std      "
+                + ", ".join(f"{b} {v['std']:.3f}" for b, v in sorted(pulls.items()))
+                + " (1 when the errors are right)"
+            )
+        ch = ob.get("constant_star_chi2_dof")
+        if ch:
+            lines.append(
+                f"    forced light curves      chi^2/dof of {ch['n']} constant stars: median {ch['median']:.2f}"
+            )
+        va = ob.get("variable_amplitude_rel_error")
+        if va:
+            lines.append(
+                f"    variable amplitudes      median error {100 * va['median']:+.1f} %, worst "
+                f"{100 * va['max_abs']:.1f} % ({va['n']} light curves)"
             )
     return "\n".join(lines)
