@@ -1,0 +1,488 @@
+"""Multiband deblending of one blend: an SED x morphology model fitted by proximal gradients.
+
+The model follows scarlet (Melchior et al. 2018, Astronomy & Computing 24, 129, sections
+2-3) and the way scarlet_lite documents its fit: the blend's pixels in band ``b`` are
+
+    M_b = K_b * sum_k A[k, b] S[k]
+
+with ``A[k]`` the SED of source ``k`` (one non-negative amplitude per band) and ``S[k]``
+its morphology (a non-negative image, monotonically non-increasing outward from the
+source's peak, optionally symmetric about it). Morphologies live in a *model frame* with
+its own narrow PSF (chosen by the stage); ``K_b`` is the difference kernel from that PSF
+to band ``b``'s (skipped for a band whose PSF is the model frame's). The loss is the
+inverse-variance weighted least squares
+``L = 1/2 sum_b sum_pix W_b (M_b - Y_b)^2``.
+
+The fit alternates two blocks, every SED and then every morphology, each a proximal
+gradient step (Combettes & Wajs 2005) with the step ``1 / Lipschitz constant`` of its
+block's gradient, accelerated as in FISTA (Beck & Teboulle 2009) with a momentum reset
+whenever the loss rises (O'Donoghue & Candes 2015, adaptive restart). The Lipschitz
+constants are bounded from above (Gershgorin bound of the Gram matrices, ``max W``, the
+kernel's ``(sum |K|)^2``), so the steps adapt to the current amplitudes: a bright source
+takes small morphology steps and large SED steps.
+
+The proximal operators (of the indicator functions of the constraint sets, as in scarlet):
+
+* SED: clip at zero;
+* morphology: clip at zero, zero outside the parent footprint, optionally symmetrise
+  about the peak (the smaller of each pair of mirrored pixels, a projection onto
+  symmetric images that never adds flux), then monotonicity: pixels taken in order of
+  increasing distance from the peak, each is capped by the weighted mean of its
+  8-connected neighbours that are closer to the peak, weighted by how well the step to that
+  neighbour points at the peak (the "weighted" monotonicity of Melchior et al. 2018,
+  sec. 3.2, written here from the paper's description).
+
+Flux re-distribution (scarlet's "flux conservation"): after the fit each child's pixels
+are ``Y_b * model_k,b / sum_j model_j,b``; pixels of the footprint where every model is zero
+go to the nearest peak, so the children sum exactly to the parent's pixels.
+
+Everything here works on numpy arrays of one blend (bbox-sized); the stage
+(:mod:`procsky.objects.deblend`) cuts the blends, times them and builds the catalogue.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+__all__ = [
+    "blend_loss",
+    "convolve_same",
+    "correlate_same",
+    "fit_blend",
+    "init_blend",
+    "monotonic_order",
+    "prox_monotonic",
+    "redistribute_flux",
+]
+
+
+# ----------------------------------------------------------------------------- convolution
+@numba.njit(nogil=True, cache=True)
+def convolve_same(img, kern, out):
+    """``out = kern * img`` (convolution, same size, zero outside ``img``); odd square kernel."""
+    ny, nx = img.shape
+    m = kern.shape[0]
+    r = m // 2
+    for y in range(ny):
+        # kernel rows i with 0 <= y - (i - r) < ny, columns j with 0 <= x - (j - r) < nx
+        i0 = max(0, y + r - ny + 1)
+        i1 = min(m, y + r + 1)
+        for x in range(nx):
+            j0 = max(0, x + r - nx + 1)
+            j1 = min(m, x + r + 1)
+            s = 0.0
+            for i in range(i0, i1):
+                yy = y + r - i
+                for j in range(j0, j1):
+                    s += kern[i, j] * img[yy, x + r - j]
+            out[y, x] = s
+
+
+@numba.njit(nogil=True, cache=True)
+def correlate_same(img, kern, out):
+    """The adjoint of :func:`convolve_same`: ``out[y, x] = sum K[i, j] img[y + i - r, x + j - r]``."""
+    ny, nx = img.shape
+    m = kern.shape[0]
+    r = m // 2
+    for y in range(ny):
+        i0 = max(0, r - y)
+        i1 = min(m, ny - y + r)
+        for x in range(nx):
+            j0 = max(0, r - x)
+            j1 = min(m, nx - x + r)
+            s = 0.0
+            for i in range(i0, i1):
+                yy = y + i - r
+                for j in range(j0, j1):
+                    s += kern[i, j] * img[yy, x + j - r]
+            out[y, x] = s
+
+
+# ------------------------------------------------------------------------------- proximal ops
+@numba.njit(nogil=True, cache=True)
+def monotonic_order(shape_y, shape_x, py, px):
+    """Flat pixel indices of a ``(shape_y, shape_x)`` box sorted by distance from ``(py, px)``."""
+    n = shape_y * shape_x
+    d = np.empty(n)
+    for y in range(shape_y):
+        for x in range(shape_x):
+            d[y * shape_x + x] = (y - py) ** 2 + (x - px) ** 2
+    return np.argsort(d, kind="mergesort").astype(np.int64)
+
+
+@numba.njit(nogil=True, cache=True)
+def prox_monotonic(s, order, py, px):
+    """Make ``s`` non-increasing outward from ``(py, px)``, in place.
+
+    Pixels in ``order`` (increasing distance from the peak); each pixel is capped by the
+    weighted mean of its 8-neighbours strictly closer to the peak, weights the cosine
+    between the step to the neighbour and the direction to the peak (Melchior et al. 2018,
+    sec. 3.2). The peak pixel itself is unconstrained."""
+    ny, nx = s.shape
+    for n in range(1, order.size):
+        p = order[n]
+        y = p // nx
+        x = p - y * nx
+        dy0 = py - y
+        dx0 = px - x
+        d0 = math.sqrt(dy0 * dy0 + dx0 * dx0)
+        r2 = dy0 * dy0 + dx0 * dx0
+        num = 0.0
+        den = 0.0
+        for oy in range(-1, 2):
+            for ox in range(-1, 2):
+                if oy == 0 and ox == 0:
+                    continue
+                yy = y + oy
+                xx = x + ox
+                if yy < 0 or yy >= ny or xx < 0 or xx >= nx:
+                    continue
+                if (yy - py) ** 2 + (xx - px) ** 2 >= r2:
+                    continue
+                c = (oy * dy0 + ox * dx0) / (d0 * math.sqrt(oy * oy + ox * ox))
+                if c <= 0.0:
+                    continue
+                num += c * s[yy, xx]
+                den += c
+        if den > 0.0:
+            ref = num / den
+            if s[y, x] > ref:
+                s[y, x] = ref
+
+
+@numba.njit(nogil=True, cache=True)
+def _prox_symmetric(s, py, px):
+    """Each pair of pixels mirrored through the peak takes the smaller of the two (in place);
+    pixels whose mirror falls outside the box are left alone."""
+    ny, nx = s.shape
+    for y in range(ny):
+        for x in range(nx):
+            my = 2 * py - y
+            mx = 2 * px - x
+            if my < 0 or my >= ny or mx < 0 or mx >= nx:
+                continue
+            if my * nx + mx <= y * nx + x:
+                continue
+            v = min(s[y, x], s[my, mx])
+            s[y, x] = v
+            s[my, mx] = v
+
+
+@numba.njit(nogil=True, cache=True)
+def _prox_morph(s, footprint, order, py, px, monotonic, symmetric):
+    ny, nx = s.shape
+    for y in range(ny):
+        for x in range(nx):
+            if not footprint[y, x] or s[y, x] < 0.0:
+                s[y, x] = 0.0
+    if symmetric:
+        _prox_symmetric(s, py, px)
+    if monotonic:
+        prox_monotonic(s, order, py, px)
+
+
+# ------------------------------------------------------------------------------- the model
+@numba.njit(nogil=True, cache=True)
+def _render(A, S, kernels, convolve, model, tmp):
+    """``model[b] = K_b * sum_k A[k, b] S[k]``; ``tmp`` is a (h, w) work array."""
+    K, B = A.shape
+    ny, nx = S.shape[1], S.shape[2]
+    for b in range(B):
+        tmp[:, :] = 0.0
+        for k in range(K):
+            a = A[k, b]
+            if a == 0.0:
+                continue
+            for y in range(ny):
+                for x in range(nx):
+                    tmp[y, x] += a * S[k, y, x]
+        if convolve[b]:
+            convolve_same(tmp, kernels[b], model[b])
+        else:
+            model[b, :, :] = tmp
+
+
+@numba.njit(nogil=True, cache=True)
+def _residual_backproject(model, Y, W, kernels, convolve, grad, tmp):
+    """``grad[b] = K_b^T (W_b (M_b - Y_b))``; returns the loss ``1/2 sum W (M - Y)^2``."""
+    B, ny, nx = Y.shape
+    loss = 0.0
+    for b in range(B):
+        for y in range(ny):
+            for x in range(nx):
+                r = model[b, y, x] - Y[b, y, x]
+                wr = W[b, y, x] * r
+                loss += 0.5 * wr * r
+                tmp[y, x] = wr
+        if convolve[b]:
+            correlate_same(tmp, kernels[b], grad[b])
+        else:
+            grad[b, :, :] = tmp
+    return loss
+
+
+@numba.njit(nogil=True, cache=True)
+def blend_loss(A, S, Y, W, kernels, convolve):
+    """The loss ``1/2 sum_b sum_pix W_b (M_b - Y_b)^2`` of a model."""
+    B, ny, nx = Y.shape
+    model = np.empty((B, ny, nx))
+    tmp = np.empty((ny, nx))
+    grad = np.empty((B, ny, nx))
+    _render(A, S, kernels, convolve, model, tmp)
+    return _residual_backproject(model, Y, W, kernels, convolve, grad, tmp)
+
+
+@numba.njit(nogil=True, cache=True)
+def _gershgorin(G):
+    """Upper bound of the spectral norm of a symmetric matrix (largest absolute row sum)."""
+    m = 0.0
+    for i in range(G.shape[0]):
+        s = 0.0
+        for j in range(G.shape[1]):
+            s += abs(G[i, j])
+        m = max(m, s)
+    return m
+
+
+@numba.njit(nogil=True, cache=True)
+def fit_blend(
+    Y,
+    W,
+    kernels,
+    convolve,
+    footprint,
+    peaks,
+    orders,
+    A,
+    S,
+    state,
+    n_iter,
+    rel_tol,
+    loss_scale,
+    monotonic,
+    symmetric,
+):
+    """Run up to ``n_iter`` alternating SED / morphology proximal gradient steps, in place.
+
+    Parameters
+    ----------
+    Y, W : (B, h, w) float64
+        Pixels (nJy) and inverse-variance weights (0 for masked pixels and outside the
+        footprint).
+    kernels : (B, m, m) float64
+        Difference kernels from the model frame to each band (used where ``convolve[b]``).
+    convolve : (B,) bool
+    footprint : (h, w) bool
+    peaks : (K, 2) int64
+        Peak (row, column) of each source in the box.
+    orders : (K, h * w) int64
+        :func:`monotonic_order` of each peak.
+    A : (K, B) float64
+        SEDs, updated in place.
+    S : (K, h, w) float64
+        Morphologies, updated in place.
+    state : (K * B + K * h * w + 4,) float64
+        The FISTA memory carried between calls (previous iterates, momentum ``t`` of both
+        blocks, last loss, done iterations); zeros on the first call.
+    n_iter : int
+    rel_tol : float
+        Convergence when the loss changes by less than ``rel_tol * max(loss, loss_scale)``.
+    loss_scale : float
+        The loss expected from noise alone (half the number of weighted pixel values), so a
+        noiseless blend converges too.
+    monotonic, symmetric : bool
+
+    Returns
+    -------
+    (loss, iterations done in this call, converged)
+    """
+    K, B = A.shape
+    ny, nx = S.shape[1], S.shape[2]
+    nA = K * B
+    nS = K * ny * nx
+    A_prev = state[:nA].reshape((K, B))
+    S_prev = state[nA : nA + nS].reshape((K, ny, nx))
+    meta = state[nA + nS :]
+    if meta[0] == 0.0:
+        # first call: no momentum yet
+        A_prev[:, :] = A
+        S_prev[:, :, :] = S
+        meta[0] = 1.0  # t of the SED block
+        meta[1] = 1.0  # t of the morphology block
+        meta[2] = np.inf  # last loss
+    model = np.empty((B, ny, nx))
+    grad = np.empty((B, ny, nx))
+    tmp = np.empty((ny, nx))
+    Ay = np.empty((K, B))
+    Sy = np.empty((K, ny, nx))
+    G = np.empty((K, K))
+    wmax = np.zeros(B)
+    knorm = np.ones(B)
+    for b in range(B):
+        wmax[b] = W[b].max()
+        if convolve[b]:
+            knorm[b] = np.abs(kernels[b]).sum() ** 2
+    loss = meta[2]
+    done = 0
+    converged = False
+    for _ in range(n_iter):
+        # ---- SED block: extrapolate, gradient <K_b S_k, W_b (M_b - Y_b)> = <S_k, K_b^T R_b>
+        t = meta[0]
+        t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        beta = (t - 1.0) / t_next
+        for k in range(K):
+            for b in range(B):
+                Ay[k, b] = max(A[k, b] + beta * (A[k, b] - A_prev[k, b]), 0.0)
+        _render(Ay, S, kernels, convolve, model, tmp)
+        _residual_backproject(model, Y, W, kernels, convolve, grad, tmp)
+        for i in range(K):
+            for j in range(i, K):
+                g = 0.0
+                for y in range(ny):
+                    for x in range(nx):
+                        g += S[i, y, x] * S[j, y, x]
+                G[i, j] = g
+                G[j, i] = g
+        lip_s = _gershgorin(G)
+        A_prev[:, :] = A
+        for b in range(B):
+            lip = wmax[b] * knorm[b] * lip_s
+            if lip <= 0.0:
+                continue
+            for k in range(K):
+                g = 0.0
+                for y in range(ny):
+                    for x in range(nx):
+                        g += S[k, y, x] * grad[b, y, x]
+                A[k, b] = max(Ay[k, b] - g / lip, 0.0)
+        meta[0] = t_next
+        # ---- morphology block: gradient sum_b A_kb K_b^T R_b
+        t = meta[1]
+        t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        beta = (t - 1.0) / t_next
+        for k in range(K):
+            for y in range(ny):
+                for x in range(nx):
+                    Sy[k, y, x] = max(S[k, y, x] + beta * (S[k, y, x] - S_prev[k, y, x]), 0.0)
+        _render(A, Sy, kernels, convolve, model, tmp)
+        _residual_backproject(model, Y, W, kernels, convolve, grad, tmp)
+        lip = 0.0
+        for i in range(K):
+            for j in range(K):
+                g = 0.0
+                for b in range(B):
+                    g += A[i, b] * A[j, b] * wmax[b] * knorm[b]
+                G[i, j] = g
+        lip = _gershgorin(G)
+        S_prev[:, :, :] = S
+        if lip > 0.0:
+            for k in range(K):
+                for y in range(ny):
+                    for x in range(nx):
+                        g = 0.0
+                        for b in range(B):
+                            g += A[k, b] * grad[b, y, x]
+                        S[k, y, x] = Sy[k, y, x] - g / lip
+                _prox_morph(S[k], footprint, orders[k], peaks[k, 0], peaks[k, 1], monotonic, symmetric)
+        meta[1] = t_next
+        # ---- loss at the new point, restart the momentum if it rose
+        _render(A, S, kernels, convolve, model, tmp)
+        new_loss = _residual_backproject(model, Y, W, kernels, convolve, grad, tmp)
+        done += 1
+        meta[3] += 1.0
+        if new_loss > loss:
+            meta[0] = 1.0
+            meta[1] = 1.0
+        elif abs(loss - new_loss) <= rel_tol * max(new_loss, loss_scale):
+            loss = new_loss
+            converged = True
+            break
+        loss = new_loss
+    meta[2] = loss
+    return loss, done, converged
+
+
+# ----------------------------------------------------------------------------- init & split
+def init_blend(detection, footprint, peaks, Y, W):
+    """Initial SEDs and morphologies from the detection image (scarlet's initialisation).
+
+    Each morphology starts as the monotonic part of the (non-negative) detection image about
+    its peak; where morphologies overlap, the detection image is shared between them in
+    proportion, each is scaled to a peak of 1, and the SED is the weighted mean of the
+    pixels over that shared morphology (a per-source linear fit, clipped at zero).
+
+    Returns ``(A (K, B), S (K, h, w), orders (K, h * w))``.
+    """
+    K = peaks.shape[0]
+    B, ny, nx = Y.shape
+    det = np.where(footprint, np.maximum(detection, 0.0), 0.0).astype(np.float64)
+    orders = np.empty((K, ny * nx), np.int64)
+    mono = np.empty((K, ny, nx))
+    for k in range(K):
+        orders[k] = monotonic_order(ny, nx, int(peaks[k, 0]), int(peaks[k, 1]))
+        s = det.copy()
+        prox_monotonic(s, orders[k], int(peaks[k, 0]), int(peaks[k, 1]))
+        mono[k] = s
+    tot = mono.sum(axis=0)
+    share = np.divide(mono, tot, out=np.zeros_like(mono), where=tot > 0)
+    S = share * det
+    A = np.zeros((K, B))
+    for k in range(K):
+        pk = S[k, int(peaks[k, 0]), int(peaks[k, 1])]
+        if pk <= 0:
+            pk = max(S[k].max(), 1e-30)
+            S[k, int(peaks[k, 0]), int(peaks[k, 1])] = pk
+        S[k] /= pk
+        for b in range(B):
+            w = W[b] * S[k]
+            den = float((w * S[k]).sum())
+            # share of each pixel that belongs to k, so overlapping sources do not all claim it
+            num = float((w * share[k] * Y[b]).sum())
+            A[k, b] = max(num / den, 0.0) if den > 0 else 0.0
+    return A, S, orders
+
+
+@numba.njit(nogil=True, cache=True)
+def redistribute_flux(Y, models, footprint, peaks):
+    """Children's pixels: ``Y_b * model_k,b / sum_j model_j,b`` (scarlet's flux conservation).
+
+    Footprint pixels where every model is zero go whole to the nearest peak, so that the
+    children sum exactly to ``Y`` inside the footprint (zero outside).
+
+    Parameters
+    ----------
+    Y : (B, h, w) float64
+    models : (K, B, h, w) float64, non-negative
+    footprint : (h, w) bool
+    peaks : (K, 2) int64
+
+    Returns
+    -------
+    (K, B, h, w) float64
+    """
+    K, B, ny, nx = models.shape
+    out = np.zeros((K, B, ny, nx))
+    for y in range(ny):
+        for x in range(nx):
+            if not footprint[y, x]:
+                continue
+            for b in range(B):
+                tot = 0.0
+                for k in range(K):
+                    tot += models[k, b, y, x]
+                if tot > 0.0:
+                    for k in range(K):
+                        out[k, b, y, x] = Y[b, y, x] * (models[k, b, y, x] / tot)
+                else:
+                    best = 0
+                    bd = np.inf
+                    for k in range(K):
+                        d = (y - peaks[k, 0]) ** 2 + (x - peaks[k, 1]) ** 2
+                        if d < bd:
+                            bd = d
+                            best = k
+                    out[best, b, y, x] = Y[b, y, x]
+    return out
