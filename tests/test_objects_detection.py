@@ -312,6 +312,31 @@ def test_no_data_and_bad_pixels_are_honoured():
     assert abs(det.sky_stats.set_index("image").loc["g", "pull_std"] - 1) < 0.15
 
 
+def test_masked_saturated_core_gives_one_peak():
+    """A bright star whose core is NO_DATA (as a coadd leaves a saturated core): the rim of the
+    hole shows several maxima; they become one peak at the hole's centre. A NO_DATA stripe
+    across the image (not enclosed by a footprint) does not merge the peaks beside it."""
+    shape = (160, 200)
+    rng = np.random.default_rng(8)
+    img = _stars(shape, [(60.2, 80.4, 3e6), (150.0, 40.0, 5000.0), (150.0, 52.0, 5000.0)])
+    img += rng.normal(0, SIGMA, shape)
+    mask = np.zeros(shape, np.uint32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    core = np.hypot(xx - 60.2, yy - 80.4) < 5.5
+    img[core] = np.nan
+    mask[core] |= np.uint32(bit("NO_DATA"))
+    mask[44:48, :] |= np.uint32(bit("NO_DATA"))  # a gap between the two faint stars
+    img[44:48, :] = 0.0
+    det = detect_objects({"g": _exposure(img, mask=mask)})
+    pk = det.peaks
+    near = np.hypot(pk["x"] - 60.2, pk["y"] - 80.4) < 15
+    assert near.sum() == 1
+    assert np.hypot(pk["x"][near] - 60.2, pk["y"][near] - 80.4).iloc[0] < 1.0
+    assert det.labels[80, 60] > 0  # the hole belongs to the star's footprint
+    assert (np.hypot(pk["x"] - 150, pk["y"] - 40) < 1).sum() == 1
+    assert (np.hypot(pk["x"] - 150, pk["y"] - 52) < 1).sum() == 1
+
+
 @pytest.mark.parametrize("kind", ["no_data", "zeros"])
 def test_empty_images_give_empty_tables(kind):
     shape = (64, 64)

@@ -12,6 +12,8 @@ significance image, sub-pixel peaks and sky-object placement.
   as LSST's ``thresholdType="pixel_stdev"``: the variance plane of a resampled coadd does
   not describe the correlated noise of the filtered image, the pixels themselves do.
 * :func:`refine_peaks`: quadratic interpolation of the 3 x 3 neighbourhood of integer peaks.
+* :func:`label_argmax`: the highest pixel of each label; :func:`enclosed_holes`: the bad-pixel
+  components enclosed by detections (masked saturated cores).
 * :func:`place_separated`: greedy placement of points at random allowed pixels, at least a
   given distance apart (the sky objects of LSST's ``SkyObjectsTask``).
 """
@@ -24,7 +26,15 @@ import scipy.fft
 
 from .detection import grow_mask
 
-__all__ = ["matched_filter", "robust_noise", "clipped_std", "refine_peaks", "place_separated"]
+__all__ = [
+    "matched_filter",
+    "robust_noise",
+    "clipped_std",
+    "refine_peaks",
+    "place_separated",
+    "label_argmax",
+    "enclosed_holes",
+]
 
 
 def _correlate_same(image, kernel):
@@ -276,3 +286,65 @@ def place_separated(allowed, n, min_sep, seed, n_trial_factor=20):
     cy, cx = np.divmod(pick, nx)
     keep = _greedy(cx.astype(np.int64), cy.astype(np.int64), ny, nx, float(min_sep), int(n))
     return cx[keep].astype(np.int64), cy[keep].astype(np.int64)
+
+
+@numba.njit(nogil=True, cache=True)
+def label_argmax(values, labels, n):
+    """Pixel of the largest ``values`` of each label 1..n.
+
+    Returns
+    -------
+    ndarray (n + 1, 2) int64
+        Rows ``[x, y]``; row 0 and empty labels ``[-1, -1]``.
+    """
+    ny, nx = values.shape
+    out = np.full((n + 1, 2), -1, dtype=np.int64)
+    best = np.full(n + 1, -np.inf)
+    for y in range(ny):
+        for x in range(nx):
+            lab = labels[y, x]
+            if lab > 0 and values[y, x] > best[lab]:
+                best[lab] = values[y, x]
+                out[lab, 0] = x
+                out[lab, 1] = y
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def enclosed_holes(bad_labels, n, inside):
+    """Which components of a bad-pixel mask are holes inside detections.
+
+    A component is enclosed when it does not touch the array's edge and every good pixel
+    next to it (8-connectivity) is ``inside`` (a footprint): the masked core of a saturated
+    star, not a chip gap or the coadd's edge, which run out of the footprints.
+
+    Parameters
+    ----------
+    bad_labels : ndarray (ny, nx) int32
+        Labelled bad-pixel components 1..n.
+    n : int
+    inside : ndarray (ny, nx) bool
+
+    Returns
+    -------
+    ndarray (n + 1,) bool
+        ``True`` for enclosed components (index 0 unused, False).
+    """
+    ny, nx = bad_labels.shape
+    open_ = np.zeros(n + 1, dtype=np.bool_)
+    open_[0] = True
+    for y in range(ny):
+        for x in range(nx):
+            lab = bad_labels[y, x]
+            if lab == 0 or open_[lab]:
+                continue
+            if y == 0 or x == 0 or y == ny - 1 or x == nx - 1:
+                open_[lab] = True
+                continue
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    yy = y + dy
+                    xx = x + dx
+                    if bad_labels[yy, xx] == 0 and not inside[yy, xx]:
+                        open_[lab] = True
+    return ~open_

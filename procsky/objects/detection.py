@@ -58,7 +58,15 @@ from scipy.spatial import cKDTree
 
 from procsky.errors import ProcskyValueError
 from procsky.exposure import Exposure
-from procsky.kernels.coadd_detection import clipped_std, matched_filter, place_separated, refine_peaks, robust_noise
+from procsky.kernels.coadd_detection import (
+    clipped_std,
+    enclosed_holes,
+    label_argmax,
+    matched_filter,
+    place_separated,
+    refine_peaks,
+    robust_noise,
+)
 from procsky.kernels.detection import (
     any_bits,
     deblend_footprints,
@@ -223,7 +231,9 @@ class _Image:
     num: np.ndarray | None = None
     den: np.ndarray | None = None
     k2: float = 1.0
-    footprints: np.ndarray | None = None  # grown positive footprints (bool)
+    bad: np.ndarray | None = None  # pixels without signal in this image (bool)
+    footprints: np.ndarray | None = None  # grown positive footprints (bool), enclosed holes filled
+    holes: np.ndarray | None = None  # bad-pixel holes enclosed by the footprints (bool)
     negative: np.ndarray | None = None  # grown negative footprints (bool)
 
     def z(self) -> np.ndarray:
@@ -258,6 +268,22 @@ def _above(nu, thr, min_pixels, grow, bad):
         keep[0] = False
         above = keep[lab]
     return grow_mask(above, float(grow)) if grow > 0 else above
+
+
+def _make_footprints(im: _Image, cfg) -> None:
+    """Grown footprints of one image, with the bad-pixel holes they enclose (the masked core of
+    a saturated star) filled in and kept in ``im.holes``."""
+    g = cfg.grow * im.psf_sigma
+    bad = im.bad
+    fp = _above(im.nu, im.threshold(cfg), cfg.min_pixels, g, bad)
+    holes = np.zeros(fp.shape, bool)
+    if bad is not None and bad.any() and fp.any():
+        blab, nb = label_components(bad)
+        enc = enclosed_holes(blab, nb, fp)
+        if enc.any():
+            holes = enc[blab]
+            fp |= holes
+    im.footprints, im.holes = fp, holes
 
 
 def _note(notes, code, message, severity="warning", **details):
@@ -342,7 +368,8 @@ def detect_objects(coadds: Mapping[str, Exposure], config: CoaddDetectionConfig 
         sig = _psf_sigma(kernel)
         s_db = max(0.3, cfg.deblend_sigma_factor * sig)
         nu_db = significance_image(np.where(bad, 0, img), np.where(bad, 0, var), sigma=s_db, bad=bad)
-        im = _Image(b, nu, nu_db, sig, num=num, den=den, k2=k2)
+        nu_db[bad] = 0.0  # as nu: no peak on a pixel without data
+        im = _Image(b, nu, nu_db, sig, num=num, den=den, k2=k2, bad=bad)
         _measure_noise(im, bad, cfg, notes)
         images.append(im)
         bad_any |= bad
@@ -364,15 +391,17 @@ def detect_objects(coadds: Mapping[str, Exposure], config: CoaddDetectionConfig 
             db_mb += wb * (im.nu_db - np.float32(im.db_offset)) / np.float32(im.db_scale)
         nu_mb *= norm
         db_mb *= norm
-        mb = _Image(MULTIBAND, nu_mb, db_mb, max(im.psf_sigma for im in images))
+        nu_mb[bad] = 0.0
+        db_mb[bad] = 0.0
+        mb = _Image(MULTIBAND, nu_mb, db_mb, max(im.psf_sigma for im in images), bad=bad)
         _measure_noise(mb, bad, cfg, notes)
         images.append(mb)
 
     # ---- footprints (positive and negative), sky objects
     for im in images:
         g = cfg.grow * im.psf_sigma
-        im.footprints = _above(im.nu, im.threshold(cfg), cfg.min_pixels, g, bad)
-        im.negative = _above(-im.nu, -im.offset + cfg.threshold * im.scale, cfg.min_pixels, g, bad)
+        _make_footprints(im, cfg)
+        im.negative = _above(-im.nu, -im.offset + cfg.threshold * im.scale, cfg.min_pixels, g, im.bad)
     r_sky = cfg.sky_radius / scale_arcsec
     margin = cfg.edge_margin if cfg.edge_margin is not None else float(max(im.psf_sigma for im in images) * 3.0)
     avoid = bad.copy()
@@ -394,7 +423,7 @@ def detect_objects(coadds: Mapping[str, Exposure], config: CoaddDetectionConfig 
     )
     stats = []
     for im in images:
-        stats.append(_sky_check(im, sky, sx, sy, cfg, notes, bad))
+        stats.append(_sky_check(im, sky, sx, sy, cfg, notes))
     sky_stats = pd.DataFrame(
         stats,
         columns=[
@@ -442,7 +471,7 @@ def detect_objects(coadds: Mapping[str, Exposure], config: CoaddDetectionConfig 
     porigin: list[str] = []
     pdet: dict[str, list[bool]] = {n: [] for n in names}
     for name in names:
-        x, y, s = _image_peaks(by_name[name], bad, cfg, margin)
+        x, y, s = _image_peaks(by_name[name], cfg, margin)
         n_old = len(px)
         if n_old:
             # each peak against the peaks merged before this image (its own are apart already)
@@ -471,6 +500,7 @@ def detect_objects(coadds: Mapping[str, Exposure], config: CoaddDetectionConfig 
         labels = relabel(labels, mapping)
     n_new = int(keep.sum())
     peaks["parent_id"] = mapping[peaks["parent_id"].to_numpy(np.int64)].astype(np.int64)
+    peaks = peaks[peaks["parent_id"].to_numpy() > 0]  # (a peak off every footprint: none expected)
     peaks = peaks.sort_values(["parent_id", "significance"], ascending=[True, False], kind="stable")
     peaks.insert(0, "peak_id", np.arange(1, len(peaks) + 1, dtype=np.int64))
     peaks = peaks.reset_index(drop=True)
@@ -508,7 +538,7 @@ def _priority(bands, cfg) -> list[str]:
     return first + [b for b in bands if b not in first]
 
 
-def _sky_check(im: _Image, sky: pd.DataFrame, sx, sy, cfg, notes, bad) -> list:
+def _sky_check(im: _Image, sky: pd.DataFrame, sx, sy, cfg, notes) -> list:
     """Sky-object fluxes and pulls of one image; rescales its threshold when they are off."""
     n = int(sx.size)
     if im.num is not None:
@@ -550,8 +580,7 @@ def _sky_check(im: _Image, sky: pd.DataFrame, sx, sy, cfg, notes, bad) -> list:
                     pull_std=std,
                     n_sky=n_used,
                 )
-                g = cfg.grow * im.psf_sigma
-                im.footprints = _above(im.nu, im.threshold(cfg), cfg.min_pixels, g, bad)
+                _make_footprints(im, cfg)
             else:
                 # the pixel statistics include the light of undetected sources, which the sky
                 # objects avoid: lowering the threshold on that account adds false detections
@@ -568,8 +597,15 @@ def _sky_check(im: _Image, sky: pd.DataFrame, sx, sy, cfg, notes, bad) -> list:
     return [im.name, n, mean, std, std_raw, im.factor, im.offset, im.threshold(cfg)]
 
 
-def _image_peaks(im: _Image, bad, cfg, margin):
-    """Peaks of one image's footprints: x, y (sub-pixel), significance (measured-noise sigma)."""
+def _image_peaks(im: _Image, cfg, margin):
+    """Peaks of one image's footprints: x, y (sub-pixel), significance (measured-noise sigma).
+
+    Children of the persistence watershed on the narrow-filter image; a footprint with one
+    child takes the matched filter's maximum instead (a steadier position for a faint or
+    extended source); peaks around a bad-pixel hole enclosed by the footprint (the masked
+    core of a saturated star, whose rim shows several maxima) become one peak at the hole's
+    centroid, as LSST merges the peaks of a saturated core."""
+    assert im.footprints is not None and im.bad is not None and im.holes is not None
     labels, n = label_components(im.footprints)
     if n == 0:
         e = np.zeros(0)
@@ -590,6 +626,12 @@ def _image_peaks(im: _Image, bad, cfg, margin):
     iy = pk[:, 1].astype(np.int64)
     parent = pk[:, 3].astype(np.int64)
     z = im.z()
+    single = np.bincount(parent, minlength=n + 1)[parent] == 1
+    if single.any():
+        am = label_argmax(np.where(im.bad, np.float32(-np.inf), z), labels, n)
+        use = single & (am[parent, 0] >= 0)
+        ix[use] = am[parent[use], 0]
+        iy[use] = am[parent[use], 1]
     zpk = z[iy, ix].astype(np.float64)
     # a peak must itself pass the threshold in the matched filter (a noise bump in a grown
     # footprint's wing does not), except the highest one of a footprint
@@ -597,12 +639,31 @@ def _image_peaks(im: _Image, bad, cfg, margin):
     np.maximum.at(best, parent, zpk)
     thr = cfg.threshold * im.factor
     ok = (zpk >= thr) | (zpk >= best[parent])
-    ok &= ~bad[iy, ix]
+    ok &= ~im.bad[iy, ix]
     ny, nx = z.shape
     if margin > 0:
         ok &= (ix >= margin) & (ix <= nx - 1 - margin) & (iy >= margin) & (iy <= ny - 1 - margin)
-    ix, iy, zpk = ix[ok], iy[ok], zpk[ok]
+    ix, iy, zpk, single = ix[ok], iy[ok], zpk[ok], single[ok]
     xf, yf = refine_peaks(db, ix, iy)
+    if single.any():
+        xf[single], yf[single] = refine_peaks(z, ix[single], iy[single])
+    if im.holes.any() and ix.size:
+        glab, ng = label_components(grow_mask(im.holes, float(2.3548 * im.psf_sigma)))
+        g = glab[iy, ix]
+        if (g > 0).any():
+            hy, hx = np.nonzero(im.holes)
+            hl = glab[hy, hx]
+            cnt = np.bincount(hl, minlength=ng + 1).astype(float)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cx = np.bincount(hl, weights=hx, minlength=ng + 1) / cnt
+                cy = np.bincount(hl, weights=hy, minlength=ng + 1) / cnt
+            keep = g == 0
+            for lab in np.unique(g[g > 0]):
+                members = np.flatnonzero(g == lab)
+                top = members[np.argmax(zpk[members])]
+                keep[top] = True
+                xf[top], yf[top] = cx[lab], cy[lab]
+            xf, yf, zpk = xf[keep], yf[keep], zpk[keep]
     return xf, yf, zpk
 
 
