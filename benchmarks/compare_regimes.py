@@ -16,6 +16,11 @@ of other seeds)::
     .venv/bin/python benchmarks/compare_regimes.py --recipes undersampled --no-cosmic-rays
     .venv/bin/python benchmarks/compare_regimes.py --workdir /tmp/regimes   # keep (and reuse) the simulations
     .venv/bin/python benchmarks/compare_regimes.py --pool-seeds 1          # no pooling (quicker)
+    .venv/bin/python benchmarks/compare_regimes.py --recipes space --no-instrument-psf  # the frame's stars only
+
+The space regime is calibrated as space photometry is, with the aperture-to-total correction from the
+instrument's encircled energy (``measurement.encircled_energy``; :func:`instrument_encircled_energy`: the
+simulated telescope's design optics, without the visit's aberrations); ``--no-instrument-psf`` from its stars.
 
 SExtractor (Debian ``source-extractor``) runs as an external program on the calexp's pixels
 with its variance as the weight map, the same background-subtracted image both codes
@@ -200,7 +205,29 @@ def _bias_and_error(ratio: np.ndarray, rel_err: np.ndarray) -> tuple[float, floa
     return 100.0 * (float(np.median(ratio)) - 1.0), 100.0 * 1.2533 * sig / np.sqrt(len(ratio)), scatter
 
 
-def pooled_bias(recipe: str, work: Path, row: dict, n_seeds: int, *, cosmic_rays: bool = True) -> dict:
+def instrument_encircled_energy(truth: SimTruth, visit: int = 1, size: int = 401) -> tuple | None:
+    """The encircled-energy curve a space instrument's optical model gives (as WebbPSF or TinyTim would):
+    the design pupil of the simulated telescope (diameter, obscuration, struts) at the band's wavelength
+    with the nominal pointing jitter, without the visit's aberrations (the telescope's breathing, which
+    such a model does not know); flux 1 drawn on ``size`` px, so the wings beyond it are counted as
+    missing light. None for a ground PSF."""
+    import dataclasses
+
+    from procsky.kernels.growth import encircled_energy
+    from procsky.sim.psf import truth_psf_image
+
+    p = truth.psf_params(visit)
+    if getattr(p, "family", "") != "space":
+        return None
+    design = dataclasses.replace(p, defocus=0.0, astig1=0.0, astig2=0.0, coma1=0.0, coma2=0.0)
+    radii = (3.0, 4.5, 6.0, 9.0, 12.0, 17.0, 25.0, 40.0)
+    ee = encircled_energy(truth_psf_image(design, 0.0, 0.0, size=size), radii, total=1.0)
+    return tuple((r, float(e)) for r, e in zip(radii, ee))
+
+
+def pooled_bias(
+    recipe: str, work: Path, row: dict, n_seeds: int, *, cosmic_rays: bool = True, instrument_psf: bool = True
+) -> dict:
     """The PSF-flux bias of ``recipe`` pooled over ``n_seeds`` simulations (the recipe's seed and the next
     ``n_seeds - 1``; one detector-visit each, the stars selected as in :func:`evaluate`): a regime with a
     few S/N > 100 stars per frame (stamp256: 1, space: 3) cannot show a bias below 0.5 % on one frame.
@@ -210,13 +237,19 @@ def pooled_bias(recipe: str, work: Path, row: dict, n_seeds: int, *, cosmic_rays
     base = int(load_recipe(recipe).seed)
     ratios, errs, n_frames = [row.get("_ratio", [])], [row.get("_rel_err", [])], 1
     frames = [row.get("psf_flux_bias_percent")]
+    # each frame's PSF model (first word), aperture correction and aperture-to-total
+    detail = [[str(row.get("psf_model", "")).split(" ")[0], row.get("apcorr"), row.get("aperture_to_total")]]
     for k in range(1, n_seeds):
-        r = evaluate(recipe, work, cosmic_rays=cosmic_rays, seed=base + k, sextractor=False)
+        r = evaluate(
+            recipe, work, cosmic_rays=cosmic_rays, seed=base + k, sextractor=False, instrument_psf=instrument_psf
+        )
         ratios.append(r.get("_ratio", []))
         errs.append(r.get("_rel_err", []))
         frames.append(r.get("psf_flux_bias_percent"))
+        detail.append([str(r.get("psf_model", "")).split(" ")[0], r.get("apcorr"), r.get("aperture_to_total")])
         n_frames += 1
     row["pooled_frame_bias_percent"] = [None if f is None else round(f, 2) for f in frames]
+    row["pooled_frame_model_apcorr_total"] = [[m, round(float(a), 4), round(float(t), 4)] for m, a, t in detail]
     ratio, rel_err = (
         np.concatenate([np.asarray(a, float) for a in ratios]),
         np.concatenate([np.asarray(a, float) for a in errs]),
@@ -229,7 +262,13 @@ def pooled_bias(recipe: str, work: Path, row: dict, n_seeds: int, *, cosmic_rays
 
 
 def evaluate(
-    recipe: str, work: Path, *, cosmic_rays: bool = True, seed: int | None = None, sextractor: bool = True
+    recipe: str,
+    work: Path,
+    *,
+    cosmic_rays: bool = True,
+    seed: int | None = None,
+    sextractor: bool = True,
+    instrument_psf: bool = True,
 ) -> dict:
     out = work / (recipe if seed is None else f"{recipe}-seed{seed}")
     if not (out / "images" / image_filename("calexp", 1, 0)).exists():
@@ -237,7 +276,13 @@ def evaluate(
     truth = SimTruth(out)
     exp = Exposure.read(out / "images" / image_filename("calexp", 1, 0))
     refcat = read_refcat_file(out / "refcat/refcat.parquet")
-    cfg = CalibrationConfig() if cosmic_rays else CalibrationConfig(cosmic_rays={"enabled": False})
+    overrides: dict = {} if cosmic_rays else {"cosmic_rays": {"enabled": False}}
+    # a space frame is calibrated as space photometry is: its aperture-to-total correction from the
+    # instrument's encircled energy (its 3-5 stars of S/N 20-50 cannot measure a 10 % wing)
+    ee_table = instrument_encircled_energy(truth) if instrument_psf else None
+    if ee_table is not None:
+        overrides["measurement"] = {"encircled_energy": ee_table}
+    cfg = CalibrationConfig(**overrides)
     with collect_notes() as notes:
         calexp, src, summary = calibrate_exposure(exp, refcat, cfg)
         calexp = calexp.compute()
@@ -245,6 +290,9 @@ def evaluate(
     img, var, mask = np.asarray(calexp.image, float), np.asarray(calexp.variance, float), np.asarray(calexp.mask)
     ny, nx = img.shape
     res: dict = {"recipe": recipe, "cosmic_rays": cosmic_rays, "n_sources": len(src)}
+    res["instrument_encircled_energy"] = ee_table is not None
+    res["psf_model"] = summary.get("psf_model")
+    res["apcorr"], res["aperture_to_total"] = summary.get("apcorr"), summary.get("aperture_to_total")
     det = truth.detectors.iloc[0]
     res["psf_fwhm_px"] = summary.get("psf_fwhm_px")
     res["truth_fwhm_pixel_px"] = float(det.psf_fwhm_pixel_px)
@@ -454,15 +502,21 @@ def main(argv=None) -> int:
         type=int,
         help=f"simulations the PSF-flux bias of {', '.join(POOL_SEEDS)} is pooled over (default {POOL_SEEDS}; 1: none)",
     )
+    ap.add_argument(
+        "--no-instrument-psf",
+        action="store_true",
+        help="space regime: aperture-to-total from the frame's stars, not the instrument's encircled energy",
+    )
     args = ap.parse_args(argv)
+    inst = not args.no_instrument_psf
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
         for r in args.recipes:
-            row = evaluate(r, work, cosmic_rays=not args.no_cosmic_rays)
+            row = evaluate(r, work, cosmic_rays=not args.no_cosmic_rays, instrument_psf=inst)
             n_pool = POOL_SEEDS.get(r, 1) if args.pool_seeds is None else (args.pool_seeds if r in POOL_SEEDS else 1)
             if n_pool > 1:
-                pooled_bias(r, work, row, n_pool, cosmic_rays=not args.no_cosmic_rays)
+                pooled_bias(r, work, row, n_pool, cosmic_rays=not args.no_cosmic_rays, instrument_psf=inst)
             row = {k: v for k, v in row.items() if not k.startswith("_")}
             rows.append(row)
             print(json.dumps(row, indent=1, default=str), flush=True)

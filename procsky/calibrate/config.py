@@ -155,6 +155,14 @@ class MeasurementConfig(pydantic.BaseModel):
     """Local sky annulus of the growth curve, pixels."""
     growth_min_snr: float = 100.0
     """Minimum aperture S/N of the stars whose growth curve is measured."""
+    encircled_energy: tuple[tuple[float, float], ...] | None = None
+    """The instrument's encircled-energy curve ``((radius px, fraction of the total flux), ...)``, radii
+    increasing: an optical model of the telescope (WebbPSF, TinyTim) or the instrument team's tables, as
+    HST and JWST photometry corrects apertures to infinity (``kernels.growth.encircled_energy`` makes one
+    from a PSF image). When set, the aperture-to-total correction is ``1 / EE(apcorr radius)`` instead of the
+    growth curve of the frame's stars, which a sparse frame cannot measure (the ``space`` regime: 3-5 stars
+    of S/N 20-50 give 1.07 +- 0.05 where a diffraction PSF's wings hold 10 % beyond 12 px); the stars'
+    curve, where measured, is compared with it (noted ``aperture_to_total_instrument_differs``)."""
     psf_neighbour_iterations: int = 2
     """Sweeps of neighbour-subtracted PSF fits after the individual ones (DAOPHOT ALLSTAR's neighbour
     subtraction, ``kernels.measure.neighbour_subtracted_psf_fluxes``): each source is refitted with every

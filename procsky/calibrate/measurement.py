@@ -24,7 +24,7 @@ from procsky import masks as _masks
 from procsky.calibrate.config import MeasurementConfig, PsfConfig
 from procsky.calibrate.detection import ap_name
 from procsky.calibrate.state import CalibrateState
-from procsky.kernels.growth import GrowthCorrection, aperture_to_total, weighted_clipped_mean
+from procsky.kernels.growth import GrowthCorrection, aperture_to_total, encircled_energy_at, weighted_clipped_mean
 from procsky.kernels.measure import isolated_apertures, measure_sources
 from procsky.kernels.psfmodel import model_flux_error
 from procsky.notes import note_degraded
@@ -177,6 +177,8 @@ def apcorr_radius(state: CalibrateState, config: MeasurementConfig) -> tuple[flo
 
 
 _APCORR_BAD = int(_masks.bits("BAD", "SAT", "NO_DATA", "EDGE"))
+# a fallback PSF model missing more than this fraction of the light needs 3 aperture-correction stars
+_APCORR_FALLBACK_MISS = 0.05
 # the core of an aperture-correction star, where its residual is summed rather than taken at clipped ring means:
 # this many FWHM, at least _APCORR_CORE_MIN pixels
 _APCORR_CORE_FWHM = 1.5
@@ -245,15 +247,23 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
             radius=radius,
         )
     ratio, ratio_err = _apcorr_ratios(state, used, radius, apc_name)
-    ac_stars = (
-        used
-        & np.isfinite(ratio)
-        & np.isfinite(ratio_err)
-        & (ratio_err > 0)
-        & ~meas["psf_flux_flag"]
-        & ~meas["ap_flux_flag"]
-        & ~meas["flag_interpolated"]
-    )
+    usable = used & np.isfinite(ratio) & np.isfinite(ratio_err) & (ratio_err > 0) & ~meas["psf_flux_flag"]
+    ac_stars = usable & ~meas["ap_flux_flag"] & ~meas["flag_interpolated"]
+    if ac_stars.sum() < 3 and state.psf_model is not None:
+        # a sparse frame hit by many cosmic rays (the space regime: 1 cosmic ray per 12 px aperture) has
+        # hardly a PSF star without a repaired or bad pixel in its widest aperture: with an isolated
+        # aperture (a star's residual at clipped ring levels beyond its core, bad pixels left out) only the
+        # core must be clean
+        relaxed = usable & ~meas["flag_interpolated_center"] & ~meas["flag_bad_center"] & ~meas["flag_cr_center"]
+        if relaxed.sum() > ac_stars.sum():
+            note_degraded(
+                "apcorr_interpolated_stars",
+                f"{int(ac_stars.sum())} PSF stars with no repaired or bad pixel in their apertures: the aperture "
+                f"correction uses {int(relaxed.sum())} with such pixels away from the core",
+                severity="info",
+                n_stars=int(relaxed.sum()),
+            )
+            ac_stars = relaxed
     apcorr, apcorr_err, ac_kept = weighted_clipped_mean(ratio[ac_stars], ratio_err[ac_stars])
     n_ac = int(ac_kept.sum())
     if not (np.isfinite(apcorr) and apcorr > 0):
@@ -264,6 +274,13 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
         )
         apcorr, apcorr_err, n_ac = 1.0, float("nan"), 0
     state.apcorr, state.apcorr_err, state.n_apcorr = apcorr, apcorr_err, n_ac
+    # a parametric or Gaussian PSF (too few stars for a pixel model) that misses more than
+    # _APCORR_FALLBACK_MISS of the light differs from the PSF in shape, and each star's aperture/PSF ratio
+    # differs with its S/N (a space PSF's core and wings under a Moffat: 1.12-1.29 on one frame, 1.15-1.46
+    # on another): fewer than 3 of them do not give the correction, nor does none (a ground PSF's Moffat
+    # is within 2.5 % of 1 on the stamp256 regime, from 1 star as from 5)
+    fallback_model = state.psf_model is None or "moffat" in state.psf_info
+    unreliable = n_ac == 0 or (fallback_model and n_ac < 3 and abs(apcorr - 1.0) > _APCORR_FALLBACK_MISS)
     # from the aperture to the total flux: the growth curve of bright stars beyond it
     growth = GrowthCorrection(status="disabled (total_flux_correction=False)")
     if config.total_flux_correction:
@@ -325,11 +342,63 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
                     f"({growth.correction:.4f} +- {growth.error:.4f})",
                     n_stars=growth.n_stars,
                 )
-    if config.total_flux_correction and growth.status != "measured":
+    if config.total_flux_correction and config.encircled_energy is not None:
+        growth = _instrument_growth(growth, config.encircled_energy, radius)
+    if unreliable:
+        # PSF fluxes whose aperture correction is not known are flagged (kept out of the zero point)
+        meas["psf_flux_flag"] = np.ones(state.n_det, bool)
+        note_degraded(
+            "apcorr_unreliable",
+            f"aperture correction {apcorr:.4f} from {n_ac} PSF stars with a "
+            f"{'fallback' if fallback_model else 'pixel'} PSF model ({state.psf_info.get('model')}): every "
+            "psf_flux is flagged (psf_flux_flag)",
+            n_stars=n_ac,
+            apcorr=float(apcorr),
+        )
+    if config.total_flux_correction and growth.status not in ("measured", _INSTRUMENT):
         note_degraded(
             "aperture_to_total_default", f"no aperture-to-total correction ({growth.status}): 1 used", severity="info"
         )
     state.growth = growth
+
+
+_INSTRUMENT = "instrument encircled energy"
+
+
+def _instrument_growth(stars: GrowthCorrection, table: tuple, radius: float) -> GrowthCorrection:
+    """The aperture-to-total correction ``1 / EE(radius)`` of the instrument's encircled-energy curve
+    (``measurement.encircled_energy``), with the stars' own growth curve ``stars`` kept in its profile and
+    compared; ``stars`` itself (noted) when the curve does not reach ``radius``."""
+    ee = encircled_energy_at(table, radius)
+    if not np.isfinite(ee):
+        note_degraded(
+            "encircled_energy_out_of_range",
+            f"measurement.encircled_energy covers radii {table[0][0]:g}-{table[-1][0]:g} px, not the aperture "
+            f"correction's {radius:g} px: the stars' growth curve used ({stars.status})",
+            radius=radius,
+        )
+        return stars
+    corr = 1.0 / ee
+    prof = dict(stars.profile)
+    if stars.status == "measured":
+        prof["stars_correction"] = [float(stars.correction), float(stars.error)]
+        if abs(stars.correction - corr) > 3.0 * stars.error + 0.01:
+            note_degraded(
+                "aperture_to_total_instrument_differs",
+                f"the stars' growth curve gives an aperture-to-total correction of {stars.correction:.4f} +- "
+                f"{stars.error:.4f} at {radius:g} px, the instrument's encircled energy {corr:.4f} (used)",
+                severity="info",
+                stars=float(stars.correction),
+                instrument=corr,
+            )
+    return GrowthCorrection(
+        correction=corr,
+        error=0.0,
+        n_stars=stars.n_stars,
+        tail_fraction=corr - 1.0,
+        status=_INSTRUMENT,
+        profile=prof,
+    )
 
 
 def psf_flux_errors(state: CalibrateState, config: PsfConfig) -> None:

@@ -14,6 +14,12 @@ clipped at ``nsigma`` of their own noise about the ring median), so faint neighb
 cosmic-ray remnants do not bias it. The light beyond the last ring comes from a power law
 ``S(r) = A r^-gamma`` fitted to the stacked ring profile (Moffat wings fall as r^-2 beta,
 Kolmogorov wings as r^-11/3), integrated to infinity.
+
+A sparse frame cannot measure it: a space detector's 3-5 stars of S/N 20-50 give 1.07 +- 0.05 at 12 px where
+a diffraction PSF's true correction is 1.10. There the instrument's encircled-energy curve (an optical
+model of the telescope, as WebbPSF or TinyTim give, or the instrument team's tables: Sirianni et al. 2005,
+PASP 117, 1049 for HST/ACS) gives it as ``1 / EE(radius)`` (:func:`encircled_energy`,
+:func:`encircled_energy_at`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,14 @@ import numpy as np
 
 from .background import _median_inplace
 
-__all__ = ["GrowthCorrection", "aperture_to_total", "ring_profiles", "weighted_clipped_mean"]
+__all__ = [
+    "GrowthCorrection",
+    "aperture_to_total",
+    "encircled_energy",
+    "encircled_energy_at",
+    "ring_profiles",
+    "weighted_clipped_mean",
+]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -417,3 +430,54 @@ def aperture_to_total(
         status="measured",
         profile=prof,
     )
+
+
+def encircled_energy(psf_image, radii, total=None, sub=5):
+    """Fraction of a PSF image's light inside circles of ``radii`` pixels about its centre pixel.
+
+    Parameters
+    ----------
+    psf_image : ndarray (n, n)
+        The PSF on the detector's pixels (pixel-convolved), centred on the centre pixel (odd ``n``).
+    radii : sequence of float, pixels
+    total : float, optional
+        The PSF's total flux (1 for a profile normalised to unit flux whose far wings run off the
+        image, as an optical model drawn on a finite grid); default the image's sum.
+    sub : int
+        Each pixel is split ``sub`` x ``sub`` for the fraction of it inside a circle.
+
+    Returns
+    -------
+    ndarray (len(radii),)
+    """
+    k = np.asarray(psf_image, float)
+    n = k.shape[0]
+    if k.ndim != 2 or k.shape[1] != n or n % 2 == 0:
+        raise ValueError(f"the PSF image must be square with an odd side, not {k.shape}")
+    tot = float(k.sum()) if total is None else float(total)
+    if not (np.isfinite(tot) and tot > 0):
+        raise ValueError("the PSF image has no positive total flux")
+    off = (np.arange(sub) + 0.5) / sub - 0.5
+    c = np.arange(n) - n // 2
+    # the distance of every sub-pixel from the centre: rows (n, 1, sub, 1), columns (1, n, 1, sub)
+    rr = np.sqrt(
+        (c[:, None, None, None] + off[None, None, :, None]) ** 2
+        + (c[None, :, None, None] + off[None, None, None, :]) ** 2
+    )
+    return np.array([float((k * (rr <= float(r)).mean(axis=(2, 3))).sum() / tot) for r in radii])
+
+
+def encircled_energy_at(table, radius):
+    """The encircled energy at ``radius`` (pixels) from a curve ``((r, EE), ...)`` (radii increasing),
+    interpolated linearly in ``1 - EE`` against ``1 / r`` (exact for an Airy wing, whose light beyond r
+    falls as 1/r); NaN outside the table's radii."""
+    t = np.asarray(table, float)
+    if t.ndim != 2 or t.shape[1] != 2 or len(t) < 2:
+        raise ValueError("an encircled-energy curve is a sequence of at least 2 (radius, EE) pairs")
+    r, ee = t[:, 0], t[:, 1]
+    if not (np.all(np.diff(r) > 0) and np.all(r > 0) and np.all((ee > 0) & (ee <= 1))):
+        raise ValueError("an encircled-energy curve has increasing positive radii and 0 < EE <= 1")
+    radius = float(radius)
+    if not (r[0] <= radius <= r[-1]):
+        return float("nan")
+    return float(1.0 - np.interp(-1.0 / radius, -1.0 / r, 1.0 - ee))
