@@ -269,3 +269,20 @@ def test_forced_mode_checks_and_failures(grid):
     assert out.flag_bad_center[0] and out.flag_bad[0] and out.flag_exp[0] and out.flag_cmodel[0]
     assert np.isnan(out.cmodel_flux[0]) and out.flag_hsm.all()
     assert not out.flag_cmodel[1:].any()
+
+
+def test_local_background_reads_a_pedestal(grid):
+    deb, ex = grid["deb"], grid["exposures"]["r"]
+    plus = Exposure(
+        np.asarray(ex.image) + np.float32(7.0),
+        ex.variance,
+        ex.mask,
+        wcs_cards=ex.wcs_cards,
+        psf=ex.psf,
+        visit_info=ex.visit_info,
+    )
+    out = measure_band(deb, plus, "r", MeasureConfig(cmodel=False, hsm=False))
+    # annulus of 2-4 FWHM (~150 px), or beyond the footprint: the pedestal within its noise
+    assert np.nanmedian(out.local_background) == pytest.approx(7.0, abs=1.5)
+    assert out.local_background.notna().all()
+    assert out.flag_cmodel.all() and np.isnan(out.cmodel_flux).all() and np.isnan(out.extendedness).all()

@@ -30,9 +30,10 @@ column and its failed quantities are NaN.
   ``classificationExtendedness`` default), else 0; NaN when either flux is missing.
 * **Blendedness** (Bosch et al. 2018, sec. 4.9): ``1 - sum(P child) / sum(P parent)`` with P the
   PSF kernel at the centroid, over the child's footprint; the parent is the coadd itself.
-* **Local background**: for a child alone in its parent, the 3-sigma-clipped median of the child's
-  pixels minus the deblender's model in an annulus (``local_background_annulus`` PSF FWHMs);
-  0 for a child of a blend (its pixels are a share of the model, not sky).
+* **Local background**: for a child alone in its parent, the 3-sigma-clipped median of the coadd in
+  an annulus of ``local_background_annulus`` PSF FWHMs (moved out beyond the footprint when the
+  footprint covers it), outside the footprint and DETECTED/SAT/bad pixels (LSST's LocalBackground);
+  0 for a child of a blend (its deblended pixels are a share of the model, with no sky of their own).
 * **Flags**: ``flag_edge`` (the footprint touches the coadd's edge or no-data pixels near the
   centre), ``flag_saturated`` / ``flag_saturated_center``, ``flag_bad`` / ``flag_bad_center``
   (BAD/NO_DATA in the footprint / within ``core_radius`` px of the centre), and per algorithm
@@ -339,6 +340,8 @@ class _Context:
         self.sat_bit = int(mask_bits("SAT"))
         self.nodata_bits = int(mask_bits("NO_DATA", "EDGE"))
         self.nodata_bit = int(mask_bits("NO_DATA"))
+        planes = ("DETECTED", "SAT", *config.bad_mask_planes)
+        self.sky_bad = int(mask_bits(*planes))
         self.radii_px = [r / scale for r in config.aperture_radii]
         self.tables = {p: gk.profile_table(p) for p in gk.PROFILES} if config.cmodel else {}
 
@@ -523,16 +526,35 @@ def _measure_child(ctx: _Context, hsm: _Hsm, bbox, images, model, bi, x_peak, y_
         rec["flag_blendedness"] = True
 
     # ---- local background
-    if isolated and model.shape == images.shape:
-        fwhm = SIGMA_TO_FWHM * psig
-        rin, rout = (a * fwhm for a in cfg.local_background_annulus)
-        ly_, lx_ = np.mgrid[0:h, 0:w]
-        dd = (lx_ - (rec["x"] - x0)) ** 2 + (ly_ - (rec["y"] - y0)) ** 2
-        ann = fp & (dd >= rin * rin) & (dd <= rout * rout) & ((msk & bad) == 0)
-        rec["local_background"] = _clipped_median((img - model[bi])[ann]) if ann.any() else math.nan
-    else:
-        rec["local_background"] = 0.0
+    rec["local_background"] = _local_background(ctx, rec["x"], rec["y"], psig, fp, x0, y0) if isolated else 0.0
     return rec
+
+
+def _local_background(ctx: _Context, x: float, y: float, psig: float, fp: np.ndarray, x0: int, y0: int) -> float:
+    """3-sigma-clipped median of the coadd in an annulus around (x, y), outside the child's footprint
+    and detected or bad pixels (LSST's LocalBackground: an annulus of the image, sources masked); the
+    annulus moves out beyond the footprint when too few pixels are left (a bright source's footprint)."""
+    cfg = ctx.config
+    fwhm = SIGMA_TO_FWHM * psig
+    rin, rout = (a * fwhm for a in cfg.local_background_annulus)
+    ny, nx = ctx.image.shape
+    fy, fx = np.nonzero(fp)
+    rfp = float(np.sqrt(((fx + x0 - x) ** 2 + (fy + y0 - y) ** 2).max())) if fy.size else 0.0
+    for r_in, r_out in ((rin, rout), (max(rin, rfp + 1.0), max(rin, rfp + 1.0) + rout - rin)):
+        bx0, by0 = max(int(math.floor(x - r_out)), 0), max(int(math.floor(y - r_out)), 0)
+        bx1, by1 = min(int(math.ceil(x + r_out)) + 1, nx), min(int(math.ceil(y + r_out)) + 1, ny)
+        if bx1 <= bx0 or by1 <= by0:
+            return math.nan
+        yy, xx = np.mgrid[by0:by1, bx0:bx1]
+        d2 = (xx - x) ** 2 + (yy - y) ** 2
+        ok = (d2 >= r_in * r_in) & (d2 <= r_out * r_out) & ((ctx.mask[by0:by1, bx0:bx1] & ctx.sky_bad) == 0)
+        # this child's footprint
+        iy, ix = yy - y0, xx - x0
+        inside = (iy >= 0) & (iy < fp.shape[0]) & (ix >= 0) & (ix < fp.shape[1])
+        ok[inside] &= ~fp[iy[inside], ix[inside]]
+        if ok.sum() >= 20:
+            return _clipped_median(ctx.image[by0:by1, bx0:bx1][ok].astype(np.float64))
+    return math.nan
 
 
 def _cmodel(ctx, rec, img, var, msk, fp, kern, *, xc, yc, psf_t, fixed) -> None:
