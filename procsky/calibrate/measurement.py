@@ -177,6 +177,8 @@ def apcorr_radius(state: CalibrateState, config: MeasurementConfig) -> tuple[flo
 
 
 _APCORR_BAD = int(_masks.bits("BAD", "SAT", "NO_DATA", "EDGE"))
+# an aperture-to-total correction not measured where the faint stars' curve allows more than this is a warning
+_GROWTH_HINT = 0.01
 # a fallback PSF model missing more than this fraction of the light needs 3 aperture-correction stars
 _APCORR_FALLBACK_MISS = 0.05
 # the core of an aperture-correction star, where its residual is summed rather than taken at clipped ring means:
@@ -283,6 +285,7 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
     unreliable = n_ac == 0 or (fallback_model and n_ac < 3 and abs(apcorr - 1.0) > _APCORR_FALLBACK_MISS)
     # from the aperture to the total flux: the growth curve of bright stars beyond it
     growth = GrowthCorrection(status="disabled (total_flux_correction=False)")
+    hint = 1.0  # the upper 1-sigma limit of an aperture-to-total correction measured but not used
     if config.total_flux_correction:
         with np.errstate(divide="ignore", invalid="ignore"):
             ap_snr = meas[apc_name] / meas[apc_name + "_err"]
@@ -337,11 +340,14 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
                     n_stars=growth.n_stars,
                 )
             else:
+                hint = growth.correction + growth.error
                 growth = GrowthCorrection(
                     status=f"growth curve of {growth.n_stars} stars of S/N > {snr_min:g} not significantly above 1 "
                     f"({growth.correction:.4f} +- {growth.error:.4f})",
                     n_stars=growth.n_stars,
                 )
+        if growth.status.startswith("measured correction"):  # beyond the kernel's max_correction
+            hint = 1.0 + growth.ring_fraction + growth.tail_fraction
     if config.total_flux_correction and config.encircled_energy is not None:
         growth = _instrument_growth(growth, config.encircled_energy, radius)
     if unreliable:
@@ -356,8 +362,19 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
             apcorr=float(apcorr),
         )
     if config.total_flux_correction and growth.status not in ("measured", _INSTRUMENT):
+        # a warning where the faint stars' curve allows more than _GROWTH_HINT beyond the aperture (a space PSF's
+        # 10 % wing measured 1.07 +- 0.05): PSF fluxes may be that much low; set measurement.encircled_energy
+        wide = hint > 1.0 + _GROWTH_HINT
         note_degraded(
-            "aperture_to_total_default", f"no aperture-to-total correction ({growth.status}): 1 used", severity="info"
+            "aperture_to_total_default",
+            f"no aperture-to-total correction ({growth.status}): 1 used"
+            + (
+                f"; the stars allow {100 * (hint - 1):.0f} % of the light beyond {radius:g} px (a wide-winged PSF?): "
+                "PSF fluxes may be low by that much (measurement.encircled_energy gives it from the instrument)"
+                if wide
+                else ""
+            ),
+            severity="warning" if wide else "info",
         )
     state.growth = growth
 

@@ -417,6 +417,8 @@ def aperture_to_total(
         return GrowthCorrection(
             status=f"measured correction {corr:.4f} is beyond 1 +- {max_correction}: not applied",
             n_stars=int(keep.sum()),
+            ring_fraction=float(f_mean),
+            tail_fraction=float(tail),
             gamma=gamma,
             profile=prof,
         )
