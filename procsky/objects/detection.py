@@ -119,7 +119,12 @@ class CoaddDetectionConfig(pydantic.BaseModel):
         A peak survives next to a brighter one only if it rises this much above the saddle.
     peak_false_rate : float
         Look-elsewhere correction of ``peak_contrast`` in large footprints (see
-        :func:`procsky.kernels.detection.deblend_footprints`).
+        :func:`procsky.kernels.detection.deblend_footprints`); 0 (off) by default: it guards
+        single frames against trails, which a coadd rejects, and costs close pairs their
+        second peak. Against ``make_coadd_scene`` truth (10 seeds) contrast 3 without it
+        finds 750/756 resolvable S/N >= 10 objects (4 / 0.03: 742/756) and both peaks of
+        28/45 pairs at 2-3 FWHM (22/45), with no extra peak in either case; on the demo's
+        coadd 658/692 (646/692) with the same 8 peaks off every truth object.
     bad_mask_planes : tuple of str
         Pixels carrying no signal.
     edge_margin : float, pixels, optional
@@ -152,8 +157,8 @@ class CoaddDetectionConfig(pydantic.BaseModel):
     peak_merge_radius: float = pydantic.Field(1.0, ge=0)
     peak_same_radius: float = pydantic.Field(0.3, ge=0)
     deblend_sigma_factor: float = pydantic.Field(0.5, gt=0)
-    peak_contrast: float = pydantic.Field(4.0, ge=0)
-    peak_false_rate: float = pydantic.Field(0.03, ge=0)
+    peak_contrast: float = pydantic.Field(3.0, ge=0)
+    peak_false_rate: float = pydantic.Field(0.0, ge=0)
     bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD")
     edge_margin: float | None = pydantic.Field(None, ge=0)
     n_sky_objects: int = pydantic.Field(1000, ge=0)
