@@ -80,6 +80,8 @@ def make_coadd_scene(
     ra0=150.0,
     dec0=2.0,
     noise=True,
+    wcs_cards=None,
+    xy0=(0, 0),
 ) -> CoaddScene:
     """Draw a multiband scene (see the module docstring).
 
@@ -106,6 +108,11 @@ def make_coadd_scene(
     seed : int
     noise : bool
         Add the white noise (the variance plane is set either way).
+    wcs_cards : list of (key, value, comment), optional
+        The pixel grid's WCS (e.g. a sky-map patch's ``wcs_cards``) instead of a TAN grid
+        centred on (``ra0``, ``dec0``) with ``pixel_scale``.
+    xy0 : (int, int)
+        Tract pixel of array pixel (0, 0), set on the exposures.
 
     Returns
     -------
@@ -182,7 +189,7 @@ def make_coadd_scene(
         a["pair"] = b_["id"]
 
     truth = pd.DataFrame(rows)
-    cards = _tan_cards(shape, pixel_scale, ra0, dec0)
+    cards = list(wcs_cards) if wcs_cards is not None else _tan_cards(shape, pixel_scale, ra0, dec0)
     wcs = wcs_from_cards(cards, shape)
     assert wcs is not None
     ra, dec = wcs.pixel_to_world_values(truth["x"].to_numpy(), truth["y"].to_numpy())
@@ -235,5 +242,6 @@ def make_coadd_scene(
             psf=psf_model,
             visit_info=VisitInfo(band=b),
             metadata={"flux_unit": "nJy", "band": b},
+            xy0=tuple(xy0),
         )
     return CoaddScene(exposures=exposures, truth=truth, psf_fwhm=fwhm, pixel_scale=pixel_scale, sky_sigma=sig)
