@@ -48,6 +48,7 @@ __all__ = [
     "fit_profile",
     "cmodel_combine",
     "kron_radius",
+    "annulus_values",
 ]
 
 #: Profiles that can be fitted.
@@ -329,15 +330,18 @@ def fit_profile(
     # of it (r_e -> 0, a point source) it keeps the fit from wandering along a flat valley
     prior_jac = np.array([[0.0, 1.0 / eta_sigma, 0.0], [0.0, 0.0, 1.0 / eta_sigma]])
 
-    def evaluate(th):
-        step = np.array([2e-3 * max(th[0], 0.05), 2e-3, 2e-3])
-        ths = np.vstack([th[None, :], th[None, :] + np.diag(step)])
-        res, amp = _residuals(grid, table, ths, pix, data, sw)
+    def residual(th):
+        res, amp = _residuals(grid, table, th[None, :], pix, data, sw)
         r0 = np.concatenate([res[0], th[1:] / eta_sigma])
-        jac = np.vstack([(res[1:] - res[0][None, :]).T / step[None, :], prior_jac])
-        return r0, jac, float(np.dot(r0, r0)), float(amp[0])
+        return r0, float(np.dot(r0, r0)), res[0]
 
-    r0, jac, chi2, _amp = evaluate(theta)
+    def jacobian(th, res0):
+        step = np.array([2e-3 * max(th[0], 0.05), 2e-3, 2e-3])
+        res, _ = _residuals(grid, table, th[None, :] + np.diag(step), pix, data, sw)
+        return np.vstack([(res - res0[None, :]).T / step[None, :], prior_jac])
+
+    r0, chi2, res0 = residual(theta)
+    jac = jacobian(theta, res0)
     lam = 1e-3
     ok = False
     it = 0
@@ -351,16 +355,18 @@ def fit_profile(
             break
         trial = theta + delta
         trial[0] = min(max(trial[0], lo), hi)
-        rt, jt, ct, _at = evaluate(trial)
+        # the trial alone first: a rejected step costs one model, not four
+        rt, ct, rest = residual(trial)
         if ct < chi2:
             # converged: steps below 1e-3 (0.1 % in r_e) or chi^2 gains far below one sigma's 1
             dth = np.abs(trial - theta)
             small = max(dth[0] / max(theta[0], 0.05), dth[1], dth[2]) < 1e-3 or (chi2 - ct) < chi2_tol
-            theta, r0, jac, chi2 = trial, rt, jt, ct
+            theta, r0, chi2 = trial, rt, ct
             lam = max(lam / 5.0, 1e-7)
             if small:
                 ok = True
                 break
+            jac = jacobian(theta, rest)
         else:
             lam *= 8.0
             if lam > 1e6:
@@ -442,3 +448,38 @@ def kron_radius(image, mask, x, y, rmax, bad_bits):
     if not (s0 > 0.0) or not (s1 > 0.0):
         return np.nan
     return s1 / s0
+
+
+@numba.njit(nogil=True, cache=True)
+def annulus_values(image, mask, x, y, rin, rout, bad_bits, exclude, ex0, ey0):
+    """Values of the pixels of ``image`` in the annulus ``rin <= r <= rout`` around (x, y), leaving out
+    pixels with ``bad_bits`` and those where ``exclude`` (a boolean array whose [0, 0] is image pixel
+    (ex0, ey0): a footprint) is set.
+
+    Returns
+    -------
+    ndarray (n,) float64
+    """
+    ny, nx = image.shape
+    eh, ew = exclude.shape
+    r2in = rin * rin
+    r2out = rout * rout
+    ya = max(0, int(math.floor(y - rout)))
+    yb = min(ny, int(math.ceil(y + rout)) + 1)
+    xa = max(0, int(math.floor(x - rout)))
+    xb = min(nx, int(math.ceil(x + rout)) + 1)
+    out = np.empty(max(0, (yb - ya) * (xb - xa)))
+    n = 0
+    for py in range(ya, yb):
+        dy2 = (py - y) ** 2
+        for px in range(xa, xb):
+            d2 = (px - x) ** 2 + dy2
+            if d2 < r2in or d2 > r2out or (mask[py, px] & bad_bits):
+                continue
+            iy = py - ey0
+            ix = px - ex0
+            if 0 <= iy < eh and 0 <= ix < ew and exclude[iy, ix]:
+                continue
+            out[n] = image[py, px]
+            n += 1
+    return out[:n]

@@ -378,7 +378,12 @@ def _measure_child(ctx: _Context, hsm: _Hsm, bbox, images, model, bi, x_peak, y_
     msk = np.where(fp, msk_full, 0).astype(np.uint32)
     bad = ctx.bad_bits
     # pad so that apertures and PSF stamps stay on the array; beyond the coadd: NO_DATA
-    s = ctx.psf.kernel(min(max(x_peak, 0.0), nx - 1.0), min(max(y_peak, 0.0), ny - 1.0)).shape[0]
+    # the PSF at the deblender's peak (or the reference position): one kernel per child (a coadd PSF's
+    # kernel is a weighted sum over its inputs; the centroid is within a pixel of the peak)
+    px0, py0 = (float(fixed["x"]), float(fixed["y"])) if fixed is not None else (float(x_peak), float(y_peak))
+    kern = np.asarray(ctx.psf.kernel(min(max(px0, 0.0), nx - 1.0), min(max(py0, 0.0), ny - 1.0)), np.float64)
+    kern = kern / kern.sum()
+    s = kern.shape[0]
     pad = int(math.ceil(max(ctx.radii_px + [s / 2.0]))) + 2
     pimg = np.zeros((h + 2 * pad, w + 2 * pad))
     pvar = np.zeros_like(pimg)
@@ -397,10 +402,6 @@ def _measure_child(ctx: _Context, hsm: _Hsm, bbox, images, model, bi, x_peak, y_
         rec["x_err"] = rec["y_err"] = math.nan
     else:
         xc, yc = float(x_peak), float(y_peak)
-    xc_in = min(max(xc, 0.0), nx - 1.0)
-    yc_in = min(max(yc, 0.0), ny - 1.0)
-    kern = np.asarray(ctx.psf.kernel(xc_in, yc_in), np.float64)
-    kern = kern / kern.sum()
     pxx, pyy, pxy, psig = _psf_shape(kern)
     lx, ly = xc - gx0, yc - gy0
     if fixed is None:
@@ -537,23 +538,12 @@ def _local_background(ctx: _Context, x: float, y: float, psig: float, fp: np.nda
     cfg = ctx.config
     fwhm = SIGMA_TO_FWHM * psig
     rin, rout = (a * fwhm for a in cfg.local_background_annulus)
-    ny, nx = ctx.image.shape
     fy, fx = np.nonzero(fp)
     rfp = float(np.sqrt(((fx + x0 - x) ** 2 + (fy + y0 - y) ** 2).max())) if fy.size else 0.0
     for r_in, r_out in ((rin, rout), (max(rin, rfp + 1.0), max(rin, rfp + 1.0) + rout - rin)):
-        bx0, by0 = max(int(math.floor(x - r_out)), 0), max(int(math.floor(y - r_out)), 0)
-        bx1, by1 = min(int(math.ceil(x + r_out)) + 1, nx), min(int(math.ceil(y + r_out)) + 1, ny)
-        if bx1 <= bx0 or by1 <= by0:
-            return math.nan
-        yy, xx = np.mgrid[by0:by1, bx0:bx1]
-        d2 = (xx - x) ** 2 + (yy - y) ** 2
-        ok = (d2 >= r_in * r_in) & (d2 <= r_out * r_out) & ((ctx.mask[by0:by1, bx0:bx1] & ctx.sky_bad) == 0)
-        # this child's footprint
-        iy, ix = yy - y0, xx - x0
-        inside = (iy >= 0) & (iy < fp.shape[0]) & (ix >= 0) & (ix < fp.shape[1])
-        ok[inside] &= ~fp[iy[inside], ix[inside]]
-        if ok.sum() >= 20:
-            return _clipped_median(ctx.image[by0:by1, bx0:bx1][ok].astype(np.float64))
+        vals = gk.annulus_values(ctx.image, ctx.mask, x, y, r_in, r_out, ctx.sky_bad, fp, x0, y0)
+        if vals.size >= 20:
+            return _clipped_median(vals)
     return math.nan
 
 
