@@ -131,7 +131,7 @@ def white_noise():
 @pytest.fixture(scope="module")
 def correlated_noise():
     """White noise smoothed by a Gaussian of 1 px and rescaled to SIGMA per pixel: the variance
-    plane (SIGMA^2) is right per pixel, but the PSF-filtered noise is ~1.9x what it predicts."""
+    plane (SIGMA^2) is right per pixel, but the PSF-filtered noise is ~3x what it predicts."""
     rng = np.random.default_rng(11)
     shape = (400, 400)
     g = gaussian_kernel_1d(1.0)

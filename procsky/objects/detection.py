@@ -233,7 +233,6 @@ class _Image:
     db_offset: float = 0.0
     db_scale: float = 1.0
     factor: float = 1.0
-    num: np.ndarray | None = None
     den: np.ndarray | None = None
     k2: float = 1.0
     bad: np.ndarray | None = None  # pixels without signal in this image (bool)
@@ -369,12 +368,12 @@ def detect_objects(coadds: Mapping[str, Exposure], config: CoaddDetectionConfig 
         psf = exp.psf
         assert psf is not None
         kernel = np.asarray(psf.kernel((nx - 1) / 2.0, (ny - 1) / 2.0), float)
-        nu, num, den, k2 = matched_filter(img, var, bad, kernel)
+        nu, _, den, k2 = matched_filter(img, var, bad, kernel)  # the numerator is nu sqrt(den)
         sig = _psf_sigma(kernel)
         s_db = max(0.3, cfg.deblend_sigma_factor * sig)
         nu_db = significance_image(np.where(bad, 0, img), np.where(bad, 0, var), sigma=s_db, bad=bad)
         nu_db[bad] = 0.0  # as nu: no peak on a pixel without data
-        im = _Image(b, nu, nu_db, sig, num=num, den=den, k2=k2, bad=bad)
+        im = _Image(b, nu, nu_db, sig, den=den, k2=k2, bad=bad)
         _measure_noise(im, bad, cfg, notes)
         images.append(im)
         bad_any |= bad
@@ -467,7 +466,6 @@ def detect_objects(coadds: Mapping[str, Exposure], config: CoaddDetectionConfig 
     order = _priority(bands, cfg)
     by_name = {im.name: im for im in images}
     names = [b for b in order] + ([MULTIBAND] if MULTIBAND in by_name else [])
-    z_maps = {im.name: im.z() for im in images}
     same_px = cfg.peak_same_radius / scale_arcsec
     new_px = cfg.peak_merge_radius / scale_arcsec
     px: list[float] = []
@@ -493,7 +491,7 @@ def detect_objects(coadds: Mapping[str, Exposure], config: CoaddDetectionConfig 
                 porigin.append(name)
                 for n in names:
                     pdet[n].append(n == name)
-    peaks = _peaks_table(px, py, psig, porigin, pdet, names, bands, labels, z_maps, shape)
+    peaks = _peaks_table(px, py, psig, porigin, pdet, names, bands, labels, images, shape)
 
     # ---- parents without peaks are dropped (their peaks were all on bad pixels or the edge)
     n_peaks = np.bincount(peaks["parent_id"].to_numpy(np.int64), minlength=n_par + 1) if n_par else np.zeros(1, int)
@@ -546,9 +544,10 @@ def _priority(bands, cfg) -> list[str]:
 def _sky_check(im: _Image, sky: pd.DataFrame, sx, sy, cfg, notes) -> list:
     """Sky-object fluxes and pulls of one image; rescales its threshold when they are off."""
     n = int(sx.size)
-    if im.num is not None:
-        flux = im.num[sy, sx].astype(np.float64) / im.k2
-        err_var = np.sqrt(np.maximum(im.den[sy, sx].astype(np.float64), 0.0)) / im.k2  # type: ignore[index]
+    if im.den is not None:
+        # sky objects lie on pixels with data, where nu = num / sqrt(den)
+        err_var = np.sqrt(np.maximum(im.den[sy, sx].astype(np.float64), 0.0)) / im.k2
+        flux = im.nu[sy, sx].astype(np.float64) * err_var
         err = err_var * im.scale
         sky[f"{im.name}_flux"] = flux
         sky[f"{im.name}_flux_err"] = err
@@ -672,7 +671,7 @@ def _image_peaks(im: _Image, cfg, margin):
     return xf, yf, zpk
 
 
-def _peaks_table(px, py, psig, porigin, pdet, names, bands, labels, z_maps, shape) -> pd.DataFrame:
+def _peaks_table(px, py, psig, porigin, pdet, names, bands, labels, images, shape) -> pd.DataFrame:
     x = np.asarray(px, float)
     y = np.asarray(py, float)
     ny, nx = shape
@@ -689,6 +688,7 @@ def _peaks_table(px, py, psig, porigin, pdet, names, bands, labels, z_maps, shap
         cols[f"detected_{n}"] = np.asarray(pdet[n], bool) if n in pdet else np.zeros(x.size, bool)
     if MULTIBAND not in names:
         cols[f"detected_{MULTIBAND}"] = np.zeros(x.size, bool)
-    for n, z in z_maps.items():
-        cols[f"significance_{n}"] = z[iy, ix].astype(np.float64) if x.size else np.zeros(0)
+    for im in images:
+        z = (im.nu[iy, ix].astype(np.float64) - im.offset) / im.scale if x.size else np.zeros(0)
+        cols[f"significance_{im.name}"] = z
     return pd.DataFrame(cols)
