@@ -106,7 +106,9 @@ class MeasureConfig(pydantic.BaseModel):
     cmodel_max_iter : int
         Levenberg-Marquardt iterations per profile.
     cmodel_max_size : int, px
-        Fit window side at most (larger footprints are fitted within this box at the centre).
+        Fit window side at most (larger footprints are fitted within this box at the centre; 64 px
+        holds ~6 half-light radii of a 2" galaxy at 0.2"/px, and bounds the cost of the children of
+        blends left undeblended, whose pixels are their whole parent's).
     hsm : bool
         GalSim HSM re-Gaussianization shapes (GalSim needed; else flagged).
     forced_hsm : bool
@@ -131,7 +133,7 @@ class MeasureConfig(pydantic.BaseModel):
     extendedness_ratio: float = 0.985
     cmodel: bool = True
     cmodel_max_iter: int = 12
-    cmodel_max_size: int = 128
+    cmodel_max_size: int = 64
     hsm: bool = True
     forced_hsm: bool = False
     centroid_max_iter: int = 30
