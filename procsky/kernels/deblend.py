@@ -24,13 +24,20 @@ takes small morphology steps and large SED steps.
 The proximal operators (of the indicator functions of the constraint sets, as in scarlet):
 
 * SED: clip at zero;
-* morphology: clip at zero, zero outside the parent footprint, optionally symmetrise
+* morphology: an L1 shrink (scarlet's sparsity penalty; its strength ``sparsity`` is in
+  units of the per-pixel noise of the morphology's gradient, ``sqrt(sum_b A_kb^2 w_b)``,
+  so pixels the data do not support go to zero instead of forming low plateaus that take
+  a neighbour's light), clip at zero, zero outside the parent footprint, optionally symmetrise
   about the peak (the smaller of each pair of mirrored pixels, a projection onto
   symmetric images that never adds flux), then monotonicity: pixels taken in order of
   increasing distance from the peak, each is capped by the weighted mean of its
   8-connected neighbours that are closer to the peak, weighted by how well the step to that
   neighbour points at the peak (the "weighted" monotonicity of Melchior et al. 2018,
   sec. 3.2, written here from the paper's description).
+
+Initialisation (:func:`init_compact`, the default of the stage): every source a point
+source of the model frame at its peak, SEDs by a joint non-negative least-squares fit;
+or (:func:`init_blend`) the monotonic part of the detection image about each peak.
 
 Flux re-distribution (scarlet's "flux conservation"): after the fit each child's pixels
 are ``Y_b * model_k,b / sum_j model_j,b``; pixels of the footprint where every model is zero
@@ -53,6 +60,7 @@ __all__ = [
     "correlate_same",
     "fit_blend",
     "init_blend",
+    "init_compact",
     "monotonic_order",
     "prox_monotonic",
     "redistribute_flux",
@@ -264,6 +272,7 @@ def fit_blend(
     loss_scale,
     monotonic,
     symmetric,
+    sparsity=0.0,
 ):
     """Run up to ``n_iter`` alternating SED / morphology proximal gradient steps, in place.
 
@@ -294,6 +303,8 @@ def fit_blend(
         The loss expected from noise alone (half the number of weighted pixel values), so a
         noiseless blend converges too.
     monotonic, symmetric : bool
+    sparsity : float
+        L1 penalty of the morphologies in units of their gradient's per-pixel noise.
 
     Returns
     -------
@@ -320,9 +331,19 @@ def fit_blend(
     Sy = np.empty((K, ny, nx))
     G = np.empty((K, K))
     wmax = np.zeros(B)
+    wmed = np.zeros(B)
     knorm = np.ones(B)
     for b in range(B):
         wmax[b] = W[b].max()
+        # typical weight: the mean over weighted pixels
+        sw = 0.0
+        nw = 0
+        for y in range(ny):
+            for x in range(nx):
+                if W[b, y, x] > 0.0:
+                    sw += W[b, y, x]
+                    nw += 1
+        wmed[b] = sw / max(nw, 1)
         if convolve[b]:
             knorm[b] = np.abs(kernels[b]).sum() ** 2
     loss = meta[2]
@@ -380,12 +401,18 @@ def fit_blend(
         S_prev[:, :, :] = S
         if lip > 0.0:
             for k in range(K):
+                # L1 sparsity (scarlet's sparse morphologies): a shrink by sparsity x the noise of
+                # the morphology's gradient, sqrt(sum_b A_kb^2 w_b), so unsupported pixels go to 0
+                lam = 0.0
+                for b in range(B):
+                    lam += A[k, b] * A[k, b] * wmed[b]
+                shrink = sparsity * math.sqrt(lam) / lip
                 for y in range(ny):
                     for x in range(nx):
                         g = 0.0
                         for b in range(B):
                             g += A[k, b] * grad[b, y, x]
-                        S[k, y, x] = Sy[k, y, x] - g / lip
+                        S[k, y, x] = Sy[k, y, x] - g / lip - shrink
                 _prox_morph(S[k], footprint, orders[k], peaks[k, 0], peaks[k, 1], monotonic, symmetric)
         meta[1] = t_next
         # ---- loss at the new point, restart the momentum if it rose
@@ -442,6 +469,58 @@ def init_blend(detection, footprint, peaks, Y, W):
             # share of each pixel that belongs to k, so overlapping sources do not all claim it
             num = float((w * share[k] * Y[b]).sum())
             A[k, b] = max(num / den, 0.0) if den > 0 else 0.0
+    return A, S, orders
+
+
+def init_compact(footprint, peaks, subpixel, sigma, Y, W, kernels, convolve):
+    """Compact initialisation: every source a point source of the model frame.
+
+    Each morphology starts as the model frame's PSF (a circular Gaussian of ``sigma`` px)
+    at the source's (sub-pixel) position, cut to the footprint and to its monotonic part;
+    the SEDs are then the non-negative least-squares amplitudes of these models, convolved
+    to each band, fitted to the band's pixels with the inverse-variance weights (solved
+    jointly, so overlapping sources share the light from the start). scarlet_lite offers
+    this point-source start next to the detection-image one; it keeps the fit away from
+    the wide, overlapping starting shapes from which close pairs settle in a wrong split.
+
+    Parameters
+    ----------
+    footprint : (h, w) bool
+    peaks : (K, 2) int64, peak pixel (row, column)
+    subpixel : (K, 2) float, position (row, column) in the box
+    sigma : float, px
+    Y, W : (B, h, w)
+    kernels, convolve : difference kernels as in :func:`fit_blend`
+
+    Returns ``(A (K, B), S (K, h, w), orders (K, h * w))``.
+    """
+    from scipy.optimize import nnls
+
+    K = peaks.shape[0]
+    B, ny, nx = Y.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    orders = np.empty((K, ny * nx), np.int64)
+    S = np.zeros((K, ny, nx))
+    for k in range(K):
+        py, px = int(peaks[k, 0]), int(peaks[k, 1])
+        orders[k] = monotonic_order(ny, nx, py, px)
+        s = np.exp(-0.5 * ((yy - subpixel[k, 0]) ** 2 + (xx - subpixel[k, 1]) ** 2) / sigma**2)
+        s = np.where(footprint, s, 0.0)
+        s /= max(s[py, px], 1e-300)
+        prox_monotonic(s, orders[k], py, px)
+        S[k] = s
+    A = np.zeros((K, B))
+    conv = np.empty((ny, nx))
+    for b in range(B):
+        w = np.sqrt(W[b]).ravel()
+        cols = np.empty((ny * nx, K))
+        for k in range(K):
+            if convolve[b]:
+                convolve_same(S[k], kernels[b], conv)
+                cols[:, k] = conv.ravel()
+            else:
+                cols[:, k] = S[k].ravel()
+        A[:, b] = nnls(cols * w[:, None], Y[b].ravel() * w, maxiter=50 * K)[0]
     return A, S, orders
 
 
