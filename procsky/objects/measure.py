@@ -569,7 +569,7 @@ def _cmodel(ctx, rec, img, var, msk, fp, kern, *, xc, yc, psf_t, fixed) -> None:
         return
     data = d.reshape(-1)[pix]
     weight = 1.0 / v.reshape(-1)[pix]
-    grid = gk.fit_grid(kern, d.shape, xc - bx0, yc - by0)
+    grids = {prof: gk.fit_grid(kern, d.shape, xc - bx0, yc - by0, wide=prof == "dev") for prof in gk.PROFILES}
     models: dict[str, Any] = {}
     if fixed is None:
         ixx, iyy, ixy = rec["ixx"], rec["iyy"], rec["ixy"]
@@ -594,7 +594,7 @@ def _cmodel(ctx, rec, img, var, msk, fp, kern, *, xc, yc, psf_t, fixed) -> None:
                 data,
                 weight,
                 pix,
-                grid,
+                grids[prof],
                 ctx.tables[prof],
                 *start,
                 re_max=re_max,
@@ -603,7 +603,7 @@ def _cmodel(ctx, rec, img, var, msk, fp, kern, *, xc, yc, psf_t, fixed) -> None:
             rec[f"{prof}_radius"], rec[f"{prof}_g1"], rec[f"{prof}_g2"] = re, q1, q2
             rec[f"{prof}_flux"], rec[f"{prof}_flux_err"], rec[f"{prof}_chi2"] = flux, err, chi2
             rec[f"flag_{prof}"] = not ok
-            mod = gk.render_models(grid, ctx.tables[prof], np.array([[re, q1, q2]]))[0].reshape(-1)[pix]
+            mod = gk.render_models(grids[prof], ctx.tables[prof], np.array([[re, q1, q2]]))[0].reshape(-1)[pix]
             models[prof] = (mod.astype(np.float64), (re, q1, q2))
         flux, err, frac, _chi2 = gk.cmodel_combine(data, weight, models["exp"][0], models["dev"][0])
         rec["cmodel_flux"], rec["cmodel_flux_err"], rec["cmodel_frac_dev"] = flux, err, frac
@@ -616,7 +616,7 @@ def _cmodel(ctx, rec, img, var, msk, fp, kern, *, xc, yc, psf_t, fixed) -> None:
         if not all(math.isfinite(q) for q in p) or p[0] <= 0 or math.hypot(p[1], p[2]) >= 1.0:
             rec[f"flag_{prof}"] = True
             continue
-        mod = gk.render_models(grid, ctx.tables[prof], np.array([p]))[0].reshape(-1)[pix].astype(np.float64)
+        mod = gk.render_models(grids[prof], ctx.tables[prof], np.array([p]))[0].reshape(-1)[pix].astype(np.float64)
         models[prof] = mod
         flux, err, chi2 = gk.linear_amplitude(data, weight, mod)
         rec[f"{prof}_flux"], rec[f"{prof}_flux_err"], rec[f"{prof}_chi2"] = flux, err, chi2
