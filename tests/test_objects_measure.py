@@ -286,3 +286,37 @@ def test_local_background_reads_a_pedestal(grid):
     assert np.nanmedian(out.local_background) == pytest.approx(7.0, abs=1.5)
     assert out.local_background.notna().all()
     assert out.flag_cmodel.all() and np.isnan(out.cmodel_flux).all() and np.isnan(out.extendedness).all()
+
+
+def test_blendedness_and_pixel_flags():
+    # a star alone in its child image while the coadd also holds a neighbour 1.5 FWHM away; a second star
+    # saturated at its core; a third whose footprint runs off the coadd's edge
+    psf = galsim.Moffat(beta=3.5, fwhm=FWHM)
+    kern = psf.drawImage(nx=41, ny=41, scale=SCALE).array
+    shape = (100, 160)
+    pos = [(40.2, 50.3), (110.4, 49.8), (3.0, 90.0)]
+    stars = [
+        psf.withFlux(f).drawImage(nx=160, ny=100, scale=SCALE, offset=(x - 79.5, y - 49.5)).array
+        for f, (x, y) in zip((2e5, 2e5, 5e4), pos)
+    ]
+    neighbour = psf.withFlux(1e5).drawImage(nx=160, ny=100, scale=SCALE, offset=(40.2 + 6.0 - 79.5, 50.3 - 49.5)).array
+    mask = np.zeros(shape, np.uint32)
+    mask[48:52, 109:113] |= np.uint32(bits("SAT"))
+    alone = _exposure(sum(stars), "r", kern, sky=0.0)
+    coadd = _exposure(sum(stars) + neighbour, "r", kern, sky=0.0, mask=mask)
+    truth = pd.DataFrame([{"id": i + 1, "x": x, "y": y} for i, (x, y) in enumerate(pos)])
+    deb = StandInDeblended({"r": alone}, truth, radius=15.0)
+    m = measure_band(deb, coadd, "r", MeasureConfig(cmodel=False, hsm=False))
+    # Bosch et al. (2018): 1 - child / parent, both weighted by the PSF at the child
+    p = kern / kern.sum()
+    ix, iy = 40, 50
+    w = np.zeros(shape)
+    w[iy - 20 : iy + 21, ix - 20 : ix + 21] = p
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    w *= (xx - 40.2) ** 2 + (yy - 50.3) ** 2 <= 15.0**2
+    want = 1.0 - (w * stars[0]).sum() / (w * (stars[0] + neighbour)).sum()
+    assert m.blendedness[0] == pytest.approx(want, abs=0.01)
+    assert want > 0.05
+    assert m.flag_saturated_center[1] and m.flag_saturated[1] and not m.flag_saturated[0]
+    assert m.flag_edge[2] and not m.flag_edge[0] and not m.flag_edge[1]
+    assert np.isfinite(m.psf_flux).all()
