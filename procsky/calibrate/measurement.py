@@ -289,18 +289,31 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
     if config.total_flux_correction:
         with np.errstate(divide="ignore", invalid="ignore"):
             ap_snr = meas[apc_name] / meas[apc_name + "_err"]
-        gstars = (
+        gbase = (
             (used | cand)
             & ~meas["psf_flux_flag"]
             & ~meas["ap_flux_flag"]
             & ~meas["flag_saturated"]
             & ~meas["flag_blended"]
             & ~meas["flag_streak"]
-            & ~meas["flag_interpolated"]
         )
+        gstars = gbase & ~meas["flag_interpolated"]
         # the growth curve wants the brightest stars; a small or sparse frame (a space detector: 2 stars of
         # S/N > 100 where 8 % of a diffraction PSF's light lies beyond 12 px) falls back to fainter ones
         tries = (float(config.growth_min_snr), *(s for s in _GROWTH_FALLBACK_SNR if s < config.growth_min_snr))
+        if (gstars & (ap_snr > tries[-1])).sum() < 3:
+            # as for the aperture correction: a sparse frame with many cosmic rays (the space regime's Moffat
+            # frames: 0 stars without a repaired pixel) takes stars with repaired pixels away from the core (the
+            # rings are clipped means; a repaired pixel holds the interpolated wing)
+            relaxed = gbase & ~meas["flag_interpolated_center"] & ~meas["flag_cr_center"]
+            if (relaxed & (ap_snr > tries[-1])).sum() > (gstars & (ap_snr > tries[-1])).sum():
+                note_degraded(
+                    "growth_interpolated_stars",
+                    "fewer than 3 growth-curve stars with no repaired pixel: stars with repaired pixels away from "
+                    "the core taken",
+                    severity="info",
+                )
+                gstars = relaxed
         snr_min = next((s for s in tries if (gstars & (ap_snr > s)).sum() >= 3), tries[0])
         gstars &= ap_snr > snr_min
         gi = np.flatnonzero(gstars)
