@@ -63,6 +63,10 @@ def test_encircled_energy_at_follows_an_airy_wing():
     assert math.isnan(encircled_energy_at(table, 40.0))
     with pytest.raises(ValueError):
         encircled_energy_at(((12.0, 0.9), (6.0, 0.8)), 9.0)
+    # the configuration refuses such a curve before any frame is calibrated
+    with pytest.raises(ValueError, match="increasing"):
+        CalibrationConfig(measurement={"encircled_energy": [[12.0, 0.9], [6.0, 0.8]]})
+    assert CalibrationConfig(measurement={"encircled_energy": [[6, 0.85], [12, 0.9]]}).measurement.encircled_energy
 
 
 def test_instrument_growth_replaces_and_checks_the_stars_curve():

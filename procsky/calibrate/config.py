@@ -169,6 +169,17 @@ class MeasurementConfig(pydantic.BaseModel):
     other source's fitted PSF model subtracted. 0: individual fits, which hold faint neighbours' light
     (+1.4 % on the crowded regime's stars)."""
 
+    @pydantic.field_validator("encircled_energy")
+    @classmethod
+    def _check_encircled_energy(cls, v):
+        if v is not None:
+            r = [p[0] for p in v]
+            if len(v) < 2 or any(b <= a for a, b in zip(r, r[1:])) or r[0] <= 0:
+                raise ValueError("encircled_energy: at least 2 (radius, EE) pairs with increasing positive radii")
+            if not all(0 < p[1] <= 1 for p in v):
+                raise ValueError("encircled_energy: every EE in (0, 1]")
+        return v
+
 
 class PsfConfig(pydantic.BaseModel):
     """PSF: star selection on the size-flux locus, pixelised polynomial model with a size-and-shear warp."""
