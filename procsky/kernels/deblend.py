@@ -64,6 +64,7 @@ __all__ = [
     "monotonic_order",
     "prox_monotonic",
     "redistribute_flux",
+    "source_boxes",
 ]
 
 
@@ -99,6 +100,52 @@ def correlate_same(img, kern, out):
         i0 = max(0, r - y)
         i1 = min(m, ny - y + r)
         for x in range(nx):
+            j0 = max(0, r - x)
+            j1 = min(m, nx - x + r)
+            s = 0.0
+            for i in range(i0, i1):
+                yy = y + i - r
+                for j in range(j0, j1):
+                    s += kern[i, j] * img[yy, x + j - r]
+            out[y, x] = s
+
+
+@numba.njit(nogil=True, cache=True)
+def _convolve_masked(img, kern, out, mask):
+    """:func:`convolve_same` evaluated only where ``mask`` (zero elsewhere)."""
+    ny, nx = img.shape
+    m = kern.shape[0]
+    r = m // 2
+    for y in range(ny):
+        i0 = max(0, y + r - ny + 1)
+        i1 = min(m, y + r + 1)
+        for x in range(nx):
+            if not mask[y, x]:
+                out[y, x] = 0.0
+                continue
+            j0 = max(0, x + r - nx + 1)
+            j1 = min(m, x + r + 1)
+            s = 0.0
+            for i in range(i0, i1):
+                yy = y + r - i
+                for j in range(j0, j1):
+                    s += kern[i, j] * img[yy, x + r - j]
+            out[y, x] = s
+
+
+@numba.njit(nogil=True, cache=True)
+def _correlate_masked(img, kern, out, mask):
+    """:func:`correlate_same` evaluated only where ``mask`` (zero elsewhere)."""
+    ny, nx = img.shape
+    m = kern.shape[0]
+    r = m // 2
+    for y in range(ny):
+        i0 = max(0, r - y)
+        i1 = min(m, ny - y + r)
+        for x in range(nx):
+            if not mask[y, x]:
+                out[y, x] = 0.0
+                continue
             j0 = max(0, r - x)
             j1 = min(m, nx - x + r)
             s = 0.0
@@ -194,27 +241,27 @@ def _prox_morph(s, footprint, order, py, px, monotonic, symmetric):
 
 # ------------------------------------------------------------------------------- the model
 @numba.njit(nogil=True, cache=True)
-def _render(A, S, kernels, convolve, model, tmp):
-    """``model[b] = K_b * sum_k A[k, b] S[k]``; ``tmp`` is a (h, w) work array."""
+def _render(A, S, boxes, kernels, convolve, footprint, model, tmp):
+    """``model[b] = K_b * sum_k A[k, b] S[k]`` on the footprint (zero elsewhere); each
+    ``S[k]`` is non-zero only inside ``boxes[k]`` = (y0, y1, x0, x1); ``tmp`` a (h, w) work array."""
     K, B = A.shape
-    ny, nx = S.shape[1], S.shape[2]
     for b in range(B):
         tmp[:, :] = 0.0
         for k in range(K):
             a = A[k, b]
             if a == 0.0:
                 continue
-            for y in range(ny):
-                for x in range(nx):
+            for y in range(boxes[k, 0], boxes[k, 1]):
+                for x in range(boxes[k, 2], boxes[k, 3]):
                     tmp[y, x] += a * S[k, y, x]
         if convolve[b]:
-            convolve_same(tmp, kernels[b], model[b])
+            _convolve_masked(tmp, kernels[b], model[b], footprint)
         else:
             model[b, :, :] = tmp
 
 
 @numba.njit(nogil=True, cache=True)
-def _residual_backproject(model, Y, W, kernels, convolve, grad, tmp):
+def _residual_backproject(model, Y, W, kernels, convolve, footprint, grad, tmp):
     """``grad[b] = K_b^T (W_b (M_b - Y_b))``; returns the loss ``1/2 sum W (M - Y)^2``."""
     B, ny, nx = Y.shape
     loss = 0.0
@@ -226,21 +273,21 @@ def _residual_backproject(model, Y, W, kernels, convolve, grad, tmp):
                 loss += 0.5 * wr * r
                 tmp[y, x] = wr
         if convolve[b]:
-            correlate_same(tmp, kernels[b], grad[b])
+            _correlate_masked(tmp, kernels[b], grad[b], footprint)
         else:
             grad[b, :, :] = tmp
     return loss
 
 
 @numba.njit(nogil=True, cache=True)
-def blend_loss(A, S, Y, W, kernels, convolve):
+def blend_loss(A, S, boxes, Y, W, kernels, convolve, footprint):
     """The loss ``1/2 sum_b sum_pix W_b (M_b - Y_b)^2`` of a model."""
     B, ny, nx = Y.shape
     model = np.empty((B, ny, nx))
     tmp = np.empty((ny, nx))
     grad = np.empty((B, ny, nx))
-    _render(A, S, kernels, convolve, model, tmp)
-    return _residual_backproject(model, Y, W, kernels, convolve, grad, tmp)
+    _render(A, S, boxes, kernels, convolve, footprint, model, tmp)
+    return _residual_backproject(model, Y, W, kernels, convolve, footprint, grad, tmp)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -264,6 +311,7 @@ def fit_blend(
     footprint,
     peaks,
     orders,
+    boxes,
     A,
     S,
     state,
@@ -287,8 +335,11 @@ def fit_blend(
     footprint : (h, w) bool
     peaks : (K, 2) int64
         Peak (row, column) of each source in the box.
-    orders : (K, h * w) int64
-        :func:`monotonic_order` of each peak.
+    orders : (K, n) int64
+        :func:`monotonic_order` of each peak in its box (the first ``box h * box w`` entries).
+    boxes : (K, 4) int64
+        (y0, y1, x0, x1) of each source's box (half-open, in the blend's box): its
+        morphology is zero outside it.
     A : (K, B) float64
         SEDs, updated in place.
     S : (K, h, w) float64
@@ -328,7 +379,7 @@ def fit_blend(
     grad = np.empty((B, ny, nx))
     tmp = np.empty((ny, nx))
     Ay = np.empty((K, B))
-    Sy = np.empty((K, ny, nx))
+    Sy = np.zeros((K, ny, nx))
     G = np.empty((K, K))
     wmax = np.zeros(B)
     wmed = np.zeros(B)
@@ -357,13 +408,14 @@ def fit_blend(
         for k in range(K):
             for b in range(B):
                 Ay[k, b] = max(A[k, b] + beta * (A[k, b] - A_prev[k, b]), 0.0)
-        _render(Ay, S, kernels, convolve, model, tmp)
-        _residual_backproject(model, Y, W, kernels, convolve, grad, tmp)
+        _render(Ay, S, boxes, kernels, convolve, footprint, model, tmp)
+        _residual_backproject(model, Y, W, kernels, convolve, footprint, grad, tmp)
         for i in range(K):
             for j in range(i, K):
+                # overlap of the two boxes only (disjoint sources do not couple)
                 g = 0.0
-                for y in range(ny):
-                    for x in range(nx):
+                for y in range(max(boxes[i, 0], boxes[j, 0]), min(boxes[i, 1], boxes[j, 1])):
+                    for x in range(max(boxes[i, 2], boxes[j, 2]), min(boxes[i, 3], boxes[j, 3])):
                         g += S[i, y, x] * S[j, y, x]
                 G[i, j] = g
                 G[j, i] = g
@@ -375,8 +427,8 @@ def fit_blend(
                 continue
             for k in range(K):
                 g = 0.0
-                for y in range(ny):
-                    for x in range(nx):
+                for y in range(boxes[k, 0], boxes[k, 1]):
+                    for x in range(boxes[k, 2], boxes[k, 3]):
                         g += S[k, y, x] * grad[b, y, x]
                 A[k, b] = max(Ay[k, b] - g / lip, 0.0)
         meta[0] = t_next
@@ -385,17 +437,22 @@ def fit_blend(
         t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
         beta = (t - 1.0) / t_next
         for k in range(K):
-            for y in range(ny):
-                for x in range(nx):
+            for y in range(boxes[k, 0], boxes[k, 1]):
+                for x in range(boxes[k, 2], boxes[k, 3]):
                     Sy[k, y, x] = max(S[k, y, x] + beta * (S[k, y, x] - S_prev[k, y, x]), 0.0)
-        _render(A, Sy, kernels, convolve, model, tmp)
-        _residual_backproject(model, Y, W, kernels, convolve, grad, tmp)
-        lip = 0.0
+        _render(A, Sy, boxes, kernels, convolve, footprint, model, tmp)
+        _residual_backproject(model, Y, W, kernels, convolve, footprint, grad, tmp)
         for i in range(K):
             for j in range(K):
                 g = 0.0
-                for b in range(B):
-                    g += A[i, b] * A[j, b] * wmax[b] * knorm[b]
+                if (
+                    boxes[i, 0] < boxes[j, 1]
+                    and boxes[j, 0] < boxes[i, 1]
+                    and boxes[i, 2] < boxes[j, 3]
+                    and boxes[j, 2] < boxes[i, 3]
+                ):
+                    for b in range(B):
+                        g += A[i, b] * A[j, b] * wmax[b] * knorm[b]
                 G[i, j] = g
         lip = _gershgorin(G)
         S_prev[:, :, :] = S
@@ -407,17 +464,26 @@ def fit_blend(
                 for b in range(B):
                     lam += A[k, b] * A[k, b] * wmed[b]
                 shrink = sparsity * math.sqrt(lam) / lip
-                for y in range(ny):
-                    for x in range(nx):
+                y0, y1, x0, x1 = boxes[k, 0], boxes[k, 1], boxes[k, 2], boxes[k, 3]
+                for y in range(y0, y1):
+                    for x in range(x0, x1):
                         g = 0.0
                         for b in range(B):
                             g += A[k, b] * grad[b, y, x]
                         S[k, y, x] = Sy[k, y, x] - g / lip - shrink
-                _prox_morph(S[k], footprint, orders[k], peaks[k, 0], peaks[k, 1], monotonic, symmetric)
+                _prox_morph(
+                    S[k, y0:y1, x0:x1],
+                    footprint[y0:y1, x0:x1],
+                    orders[k, : (y1 - y0) * (x1 - x0)],
+                    peaks[k, 0] - y0,
+                    peaks[k, 1] - x0,
+                    monotonic,
+                    symmetric,
+                )
         meta[1] = t_next
         # ---- loss at the new point, restart the momentum if it rose
-        _render(A, S, kernels, convolve, model, tmp)
-        new_loss = _residual_backproject(model, Y, W, kernels, convolve, grad, tmp)
+        _render(A, S, boxes, kernels, convolve, footprint, model, tmp)
+        new_loss = _residual_backproject(model, Y, W, kernels, convolve, footprint, grad, tmp)
         done += 1
         meta[3] += 1.0
         if new_loss > loss:
@@ -433,26 +499,72 @@ def fit_blend(
 
 
 # ----------------------------------------------------------------------------- init & split
-def init_blend(detection, footprint, peaks, Y, W):
+def source_boxes(snr, footprint, peaks, level=1.0, margin=2, min_radius=4):
+    """Each source's box: where its morphology may be non-zero (scarlet's per-source boxes).
+
+    The box is a square about the peak holding the monotonic part of the detection image
+    ``snr`` (unit noise) about that peak above ``level``, plus ``margin`` px, at least
+    ``min_radius`` px, cut to the blend's box. Light of a neighbour is excluded by the
+    monotonic projection (it can rise no higher than the saddle), so a faint source next to
+    a bright one gets a small box. Boxes keep the cost of a fit near the sum of the sources'
+    areas instead of sources x blend area, and sources whose boxes do not overlap do not
+    couple in the step sizes.
+
+    Returns (K, 4) int64 ``(y0, y1, x0, x1)``, half-open.
+    """
+    K = peaks.shape[0]
+    ny, nx = footprint.shape
+    det = np.where(footprint, np.maximum(snr, 0.0), 0.0).astype(np.float64)
+    yy, xx = np.mgrid[:ny, :nx]
+    boxes = np.empty((K, 4), np.int64)
+    for k in range(K):
+        py, px = int(peaks[k, 0]), int(peaks[k, 1])
+        m = det.copy()
+        prox_monotonic(m, monotonic_order(ny, nx, py, px), py, px)
+        sup = m > level
+        ext = int(max(np.abs(yy[sup] - py).max(), np.abs(xx[sup] - px).max())) if sup.any() else 0
+        r = max(min_radius, ext + margin)
+        boxes[k] = (max(0, py - r), min(ny, py + r + 1), max(0, px - r), min(nx, px + r + 1))
+    return boxes
+
+
+def _box_orders(peaks, boxes):
+    """Monotonic orders of each peak within its box, (K, max box pixels), zero-padded."""
+    K = peaks.shape[0]
+    sizes = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
+    orders = np.zeros((K, int(sizes.max())), np.int64)
+    for k in range(K):
+        y0, y1, x0, x1 = (int(v) for v in boxes[k])
+        orders[k, : sizes[k]] = monotonic_order(y1 - y0, x1 - x0, int(peaks[k, 0]) - y0, int(peaks[k, 1]) - x0)
+    return orders
+
+
+def _box_mask(shape, box):
+    m = np.zeros(shape, bool)
+    m[box[0] : box[1], box[2] : box[3]] = True
+    return m
+
+
+def init_blend(detection, footprint, peaks, Y, W, boxes):
     """Initial SEDs and morphologies from the detection image (scarlet's initialisation).
 
     Each morphology starts as the monotonic part of the (non-negative) detection image about
-    its peak; where morphologies overlap, the detection image is shared between them in
-    proportion, each is scaled to a peak of 1, and the SED is the weighted mean of the
-    pixels over that shared morphology (a per-source linear fit, clipped at zero).
+    its peak, inside its box; where morphologies overlap, the detection image is shared
+    between them in proportion, each is scaled to a peak of 1, and the SED is the weighted
+    mean of the pixels over that shared morphology (a per-source linear fit, clipped at zero).
 
-    Returns ``(A (K, B), S (K, h, w), orders (K, h * w))``.
+    Returns ``(A (K, B), S (K, h, w), orders)`` (orders as :func:`fit_blend` takes them).
     """
     K = peaks.shape[0]
     B, ny, nx = Y.shape
     det = np.where(footprint, np.maximum(detection, 0.0), 0.0).astype(np.float64)
-    orders = np.empty((K, ny * nx), np.int64)
-    mono = np.empty((K, ny, nx))
+    orders = _box_orders(peaks, boxes)
+    mono = np.zeros((K, ny, nx))
     for k in range(K):
-        orders[k] = monotonic_order(ny, nx, int(peaks[k, 0]), int(peaks[k, 1]))
-        s = det.copy()
-        prox_monotonic(s, orders[k], int(peaks[k, 0]), int(peaks[k, 1]))
-        mono[k] = s
+        y0, y1, x0, x1 = (int(v) for v in boxes[k])
+        sub = det[y0:y1, x0:x1].copy()
+        prox_monotonic(sub, orders[k, : sub.size], int(peaks[k, 0]) - y0, int(peaks[k, 1]) - x0)
+        mono[k, y0:y1, x0:x1] = sub
     tot = mono.sum(axis=0)
     share = np.divide(mono, tot, out=np.zeros_like(mono), where=tot > 0)
     S = share * det
@@ -472,16 +584,17 @@ def init_blend(detection, footprint, peaks, Y, W):
     return A, S, orders
 
 
-def init_compact(footprint, peaks, subpixel, sigma, Y, W, kernels, convolve):
+def init_compact(footprint, peaks, subpixel, sigma, Y, W, kernels, convolve, boxes):
     """Compact initialisation: every source a point source of the model frame.
 
     Each morphology starts as the model frame's PSF (a circular Gaussian of ``sigma`` px)
-    at the source's (sub-pixel) position, cut to the footprint and to its monotonic part;
-    the SEDs are then the non-negative least-squares amplitudes of these models, convolved
-    to each band, fitted to the band's pixels with the inverse-variance weights (solved
-    jointly, so overlapping sources share the light from the start). scarlet_lite offers
-    this point-source start next to the detection-image one; it keeps the fit away from
-    the wide, overlapping starting shapes from which close pairs settle in a wrong split.
+    at the source's (sub-pixel) position, cut to the footprint, to its box and to its
+    monotonic part; the SEDs are then the non-negative least-squares amplitudes of these
+    models, convolved to each band, fitted to the band's pixels with the inverse-variance
+    weights (solved jointly, so overlapping sources share the light from the start).
+    scarlet_lite offers this point-source start next to the detection-image one; it keeps
+    the fit away from the wide, overlapping starting shapes from which close pairs settle
+    in a wrong split.
 
     Parameters
     ----------
@@ -491,36 +604,39 @@ def init_compact(footprint, peaks, subpixel, sigma, Y, W, kernels, convolve):
     sigma : float, px
     Y, W : (B, h, w)
     kernels, convolve : difference kernels as in :func:`fit_blend`
+    boxes : (K, 4) int64, as :func:`source_boxes` gives them
 
-    Returns ``(A (K, B), S (K, h, w), orders (K, h * w))``.
+    Returns ``(A (K, B), S (K, h, w), orders)`` (orders as :func:`fit_blend` takes them).
     """
     from scipy.optimize import nnls
 
     K = peaks.shape[0]
     B, ny, nx = Y.shape
     yy, xx = np.mgrid[:ny, :nx]
-    orders = np.empty((K, ny * nx), np.int64)
+    orders = _box_orders(peaks, boxes)
     S = np.zeros((K, ny, nx))
     for k in range(K):
         py, px = int(peaks[k, 0]), int(peaks[k, 1])
-        orders[k] = monotonic_order(ny, nx, py, px)
+        y0, y1, x0, x1 = (int(v) for v in boxes[k])
         s = np.exp(-0.5 * ((yy - subpixel[k, 0]) ** 2 + (xx - subpixel[k, 1]) ** 2) / sigma**2)
-        s = np.where(footprint, s, 0.0)
+        s = np.where(footprint & _box_mask((ny, nx), boxes[k]), s, 0.0)
         s /= max(s[py, px], 1e-300)
-        prox_monotonic(s, orders[k], py, px)
-        S[k] = s
+        sub = s[y0:y1, x0:x1].copy()
+        prox_monotonic(sub, orders[k, : sub.size], py - y0, px - x0)
+        S[k, y0:y1, x0:x1] = sub
     A = np.zeros((K, B))
     conv = np.empty((ny, nx))
+    use = footprint.ravel()
     for b in range(B):
-        w = np.sqrt(W[b]).ravel()
-        cols = np.empty((ny * nx, K))
+        w = np.sqrt(W[b]).ravel()[use]
+        cols = np.empty((int(use.sum()), K))
         for k in range(K):
             if convolve[b]:
                 convolve_same(S[k], kernels[b], conv)
-                cols[:, k] = conv.ravel()
+                cols[:, k] = conv.ravel()[use]
             else:
-                cols[:, k] = S[k].ravel()
-        A[:, b] = nnls(cols * w[:, None], Y[b].ravel() * w, maxiter=50 * K)[0]
+                cols[:, k] = S[k].ravel()[use]
+        A[:, b] = nnls(cols * w[:, None], Y[b].ravel()[use] * w, maxiter=50 * K)[0]
     return A, S, orders
 
 

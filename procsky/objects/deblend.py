@@ -150,13 +150,14 @@ def _warm_kernels():
     peaks = np.array([[2, 1], [2, 3]], np.int64)
     kern = np.ones((1, 3, 3)) / 9.0
     conv = np.ones(1, bool)
+    boxes = _kd.source_boxes(Y[0], fp, peaks, 1.0, 2, 4)
     for A, S, orders in (
-        _kd.init_blend(Y[0], fp, peaks, Y, W),
-        _kd.init_compact(fp, peaks, peaks.astype(float), 0.8, Y, W, kern, conv),
+        _kd.init_blend(Y[0], fp, peaks, Y, W, boxes),
+        _kd.init_compact(fp, peaks, peaks.astype(float), 0.8, Y, W, kern, conv, boxes),
     ):
         state = np.zeros(A.size + S.size + 4)
-        _kd.fit_blend(Y, W, kern, conv, fp, peaks, orders, A, S, state, 2, 1e-4, 1.0, True, True, 0.5)
-        _kd._render(A[:1], S[:1], kern, conv, np.empty((1, 5, 5)), np.empty((5, 5)))
+        _kd.fit_blend(Y, W, kern, conv, fp, peaks, orders, boxes, A, S, state, 2, 1e-4, 1.0, True, True, 0.5)
+        _kd._render(A[:1], S[:1], boxes[:1], kern, conv, fp, np.empty((1, 5, 5)), np.empty((5, 5)))
     _kd.redistribute_flux(Y, np.ones((2, 1, 5, 5)), fp, peaks)
     _WARM = True
 
@@ -221,12 +222,13 @@ def _bbox_of(mask) -> tuple[int, int, int, int] | None:
 
 
 def _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma):
-    """Fit one blend; returns (A, S, iterations, converged, timed_out, loss)."""
+    """Fit one blend; returns (A, S, boxes, iterations, converged, timed_out, loss)."""
+    snr = (Y * np.sqrt(W)).sum(axis=0) / np.sqrt(Y.shape[0])
+    boxes = _kd.source_boxes(snr, fp, peaks, level=1.0, margin=2, min_radius=max(kern.shape[1] // 2, 4))
     if cfg.init == "compact" and sigma is not None:
-        A, S, orders = _kd.init_compact(fp, peaks, subpixel, sigma, Y, W, kern, conv)
+        A, S, orders = _kd.init_compact(fp, peaks, subpixel, sigma, Y, W, kern, conv, boxes)
     else:
-        det = (Y * np.sqrt(W)).sum(axis=0)
-        A, S, orders = _kd.init_blend(det, fp, peaks, Y, W)
+        A, S, orders = _kd.init_blend(snr, fp, peaks, Y, W, boxes)
     state = np.zeros(A.size + S.size + 4)
     loss_scale = 0.5 * float(np.count_nonzero(W))
     t0 = time.monotonic()
@@ -241,15 +243,16 @@ def _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma):
             fp,
             peaks,
             orders,
+            boxes,
             A,
             S,
             state,
             n,
-            cfg.rel_tol,
+            float(cfg.rel_tol),
             loss_scale,
-            cfg.monotonic,
-            cfg.symmetric,
-            cfg.sparsity,
+            bool(cfg.monotonic),
+            bool(cfg.symmetric),
+            float(cfg.sparsity),
         )
         it += int(done)
         if converged:
@@ -257,7 +260,7 @@ def _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma):
         if time.monotonic() - t0 > cfg.time_limit:
             timed_out = True
             break
-    return A, S, it, bool(converged), timed_out, float(loss)
+    return A, S, boxes, it, bool(converged), timed_out, float(loss)
 
 
 def deblend(coadds: Mapping[str, Any], detections, config: DeblendConfig | None = None) -> Deblended:
@@ -338,12 +341,12 @@ def deblend(coadds: Mapping[str, Any], detections, config: DeblendConfig | None 
             kern, conv = _psf_kernels(coadds, bands, 0.5 * (x0 + x1), 0.5 * (y0 + y1), cfg, psf_cache)
             subpixel = np.stack([g["y"].to_numpy(float) - y0, g["x"].to_numpy(float) - x0], axis=1)
             sigma = cfg.model_psf_sigma if conv.all() else None
-            A, S, it, converged, timed_out, loss = _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma)
+            A, S, boxes, it, converged, timed_out, loss = _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma)
             if timed_out:
                 skip = "timeout"
                 n_timeout += 1
             else:
-                fit = (A, S, it, converged, loss, peaks, kern, conv)
+                fit = (A, S, boxes, it, converged, loss, peaks, kern, conv)
         cpu = time.thread_time() - cpu0
         if fit is None:
             # isolated, or kept undeblended: every child's images are the parent's footprint
@@ -361,13 +364,13 @@ def deblend(coadds: Mapping[str, Any], detections, config: DeblendConfig | None 
                 rows.append(row)
                 pixels[int(r.peak_id)] = ((x0, y0, x1, y1), parent_px, parent_px)
             continue
-        A, S, it, converged, loss, peaks, kern, conv = fit
+        A, S, boxes, it, converged, loss, peaks, kern, conv = fit
         if not converged:
             n_not_conv += 1
         models = np.empty((K, B) + fp.shape)
         tmp = np.empty(fp.shape)
         for k in range(K):
-            _kd._render(A[k : k + 1], S[k : k + 1], kern, conv, models[k], tmp)
+            _kd._render(A[k : k + 1], S[k : k + 1], boxes[k : k + 1], kern, conv, fp, models[k], tmp)
         np.maximum(models, 0.0, out=models)
         children = _kd.redistribute_flux(Y, models, fp, peaks)
         nw = max(int(np.count_nonzero(W)), 1)
