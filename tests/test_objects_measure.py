@@ -269,6 +269,14 @@ def test_forced_mode_checks_and_failures(grid):
     assert out.flag_bad_center[0] and out.flag_bad[0] and out.flag_exp[0] and out.flag_cmodel[0]
     assert np.isnan(out.cmodel_flux[0]) and out.flag_hsm.all()
     assert not out.flag_cmodel[1:].any()
+    # children of a blend the deblender timed out on: no CModel, the rest measured
+    deb.children["deblend_flag_timeout"] = deb.children.index < 2
+    try:
+        out = measure_band(deb, ex, "r", MeasureConfig(hsm=False))
+    finally:
+        del deb.children["deblend_flag_timeout"]
+    assert out.flag_cmodel[:2].all() and np.isnan(out.cmodel_flux[:2]).all() and np.isnan(out.extendedness[:2]).all()
+    assert np.isfinite(out.psf_flux).all() and not out.flag_cmodel[2:].any()
 
 
 def test_local_background_reads_a_pedestal(grid):

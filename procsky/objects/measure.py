@@ -23,7 +23,9 @@ column and its failed quantities are NaN.
 * **CModel** (Abazajian et al. 2004; Bosch et al. 2018): PSF-convolved exponential and de
   Vaucouleurs fits (:mod:`procsky.kernels.galaxy`), then their best non-negative combination;
   ``cmodel_flux`` is its total flux, ``cmodel_frac_dev`` the de Vaucouleurs fraction,
-  ``exp_flux`` / ``dev_flux`` the single-profile total fluxes. The fitted shapes are columns
+  ``exp_flux`` / ``dev_flux`` the single-profile total fluxes. Children of blends the deblender
+  skipped (``deblend_flag_skipped/too_big/timeout``: their pixels hold their siblings) are not
+  fitted (``flag_cmodel``, unless ``cmodel_undeblended``). The fitted shapes are columns
   (``exp_radius``, ``exp_g1``, ``exp_g2``, ``dev_radius``, ``dev_g1``, ``dev_g2``: half-light
   radius in px as GalSim's ``half_light_radius`` before ``.shear(g1, g2)``).
 * **Extendedness**: 1 when ``psf_flux / cmodel_flux < extendedness_ratio`` (0.985, LSST's
@@ -69,6 +71,9 @@ __all__ = ["MeasureConfig", "measure_band", "REFERENCE_COLUMNS", "aperture_colum
 #: columns of ``reference`` that forced mode reads (``kron_radius`` is optional)
 REFERENCE_COLUMNS = ("x", "y", "exp_radius", "exp_g1", "exp_g2", "dev_radius", "dev_g1", "dev_g2", "cmodel_frac_dev")
 
+#: deblender flags of children whose pixels are their whole parent's
+_UNDEBLENDED_FLAGS = ("deblend_flag_skipped", "deblend_flag_too_big", "deblend_flag_timeout")
+
 _FLAGS = (
     "flag_edge",
     "flag_saturated",
@@ -109,6 +114,10 @@ class MeasureConfig(pydantic.BaseModel):
         Fit window side at most (larger footprints are fitted within this box at the centre; 64 px
         holds ~6 half-light radii of a 2" galaxy at 0.2"/px, and bounds the cost of the children of
         blends left undeblended, whose pixels are their whole parent's).
+    cmodel_undeblended : bool
+        Fit CModel to the children of blends the deblender skipped (too big, timed out): their pixels
+        are the whole parent's, siblings included, so by default they get ``flag_cmodel`` and NaN
+        (and the fit's cost, ~3x a deblended child's, is saved).
     hsm : bool
         GalSim HSM re-Gaussianization shapes (GalSim needed; else flagged).
     forced_hsm : bool
@@ -134,6 +143,7 @@ class MeasureConfig(pydantic.BaseModel):
     cmodel: bool = True
     cmodel_max_iter: int = 12
     cmodel_max_size: int = 64
+    cmodel_undeblended: bool = False
     hsm: bool = True
     forced_hsm: bool = False
     centroid_max_iter: int = 30
@@ -301,6 +311,12 @@ def measure_band(
     cols = _columns(config)
     out: dict[str, list] = {c: [] for c in cols}
     isolated = children["is_isolated"].to_numpy(bool) if "is_isolated" in children.columns else np.ones(n, bool)
+    # children of blends the deblender gave up on hold their siblings' light: no galaxy models there
+    undeblended = np.zeros(n, bool)
+    for c in _UNDEBLENDED_FLAGS:
+        if c in children.columns:
+            undeblended |= children[c].to_numpy(bool)
+    fit_cmodel = config.cmodel & (~undeblended | config.cmodel_undeblended)
     ids = children["id"].to_numpy()
     xs = children["x"].to_numpy(np.float64)
     ys = children["y"].to_numpy(np.float64)
@@ -308,7 +324,7 @@ def measure_band(
         bbox, images, model = deblended.child_images(ids[k])
         fixed = None if ref is None else {c: v[k] for c, v in ref.items()}
         rec = _measure_child(
-            ctx, hsm, bbox, np.asarray(images), np.asarray(model), bi, xs[k], ys[k], isolated[k], fixed
+            ctx, hsm, bbox, np.asarray(images), np.asarray(model), bi, xs[k], ys[k], isolated[k], fit_cmodel[k], fixed
         )
         rec["id"] = ids[k]
         for c in cols:
@@ -316,14 +332,15 @@ def measure_band(
     df = pd.DataFrame(out, columns=cols)
     for c in _FLAGS:
         df[c] = df[c].astype(bool)
-    n_bad = int(df["flag_cmodel"].sum())
-    if n and config.cmodel and n_bad > 0.2 * n:
+    n_fit = int(fit_cmodel.sum())
+    n_bad = int((df["flag_cmodel"].to_numpy() & fit_cmodel).sum())
+    if n_fit and n_bad > 0.2 * n_fit:
         note_degraded(
             "measure_cmodel_failures",
-            f"CModel failed for {n_bad} of {n} children in {band}",
+            f"CModel failed for {n_bad} of {n_fit} children fitted in {band}",
             band=band,
             n_failed=n_bad,
-            n_children=n,
+            n_children=n_fit,
         )
     return df
 
@@ -359,7 +376,9 @@ def _psf_shape(kern: np.ndarray) -> tuple[float, float, float, float]:
     return ixx, iyy, ixy, _moments_sigma(ixx, iyy, ixy)
 
 
-def _measure_child(ctx: _Context, hsm: _Hsm, bbox, images, model, bi, x_peak, y_peak, isolated, fixed) -> dict:
+def _measure_child(
+    ctx: _Context, hsm: _Hsm, bbox, images, model, bi, x_peak, y_peak, isolated, fit_cmodel, fixed
+) -> dict:
     cfg = ctx.config
     rec: dict[str, Any] = {}
     x0, y0, x1, y1 = (int(v) for v in bbox)
@@ -490,7 +509,7 @@ def _measure_child(ctx: _Context, hsm: _Hsm, bbox, images, model, bi, x_peak, y_
         rec["flag_kron"] = True
 
     # ---- CModel
-    if cfg.cmodel:
+    if fit_cmodel:
         _cmodel(ctx, rec, img, var, msk, fp, kern, xc=rec["x"] - x0, yc=rec["y"] - y0, psf_t=pxx + pyy, fixed=fixed)
     else:
         for fl in ("flag_exp", "flag_dev", "flag_cmodel"):
