@@ -287,6 +287,20 @@ def test_peaks_merge_across_bands():
     assert len(det3.peaks) == 1
 
 
+def test_companion_on_a_brighter_wing_gets_its_own_peak():
+    """A star 5x fainter 1.5 FWHM from a brighter one is a shoulder in the smoothed images; the
+    lowered-PSF peak image (DAOFIND's kernel) gives it a peak."""
+    shape = (120, 140)
+    rng = np.random.default_rng(9)
+    img = _stars(shape, [(60.0, 60.0, 20000.0), (66.0, 60.0, 4000.0)]) + rng.normal(0, SIGMA, shape)
+    exps = {"g": _exposure(img)}
+    pk = detect_objects(exps).peaks
+    assert len(pk) == 2 and pk["parent_id"].nunique() == 1
+    assert np.hypot(pk["x"] - 66.0, pk["y"] - 60.0).min() < 1.0
+    assert np.hypot(pk["x"] - 60.0, pk["y"] - 60.0).min() < 0.5
+    assert len(detect_objects(exps, CoaddDetectionConfig(peak_filter="gaussian")).peaks) == 1
+
+
 def test_no_data_and_bad_pixels_are_honoured():
     shape = (200, 200)
     rng = np.random.default_rng(4)

@@ -28,29 +28,38 @@ from .detection import grow_mask
 
 __all__ = [
     "matched_filter",
+    "matched_filters",
     "robust_noise",
     "clipped_std",
     "refine_peaks",
     "place_separated",
     "label_argmax",
+    "lowered_kernel",
     "enclosed_holes",
 ]
 
 
-def _correlate_same(image, kernel):
-    """``out[y, x] = sum_ji kernel[j + h, i + h] * image[y + j, x + i]`` with zeros outside, by FFT
-    (float64 transforms; float32 result)."""
+def _correlate_same(image, kernels):
+    """``out[y, x] = sum_ji k[j + h, i + h] * image[y + j, x + i]`` with zeros outside, for each
+    kernel ``k`` (odd squares), by FFT with one transform of the image (float64 transforms;
+    float32 results)."""
     ny, nx = image.shape
-    ky, kx = kernel.shape
-    hy, hx = ky // 2, kx // 2
+    h = max(k.shape[0] for k in kernels) // 2
     shape = (
-        scipy.fft.next_fast_len(ny + ky - 1, real=True),
-        scipy.fft.next_fast_len(nx + kx - 1, real=True),
+        scipy.fft.next_fast_len(ny + 2 * h, real=True),
+        scipy.fft.next_fast_len(nx + 2 * h, real=True),
     )
     fi = scipy.fft.rfft2(np.asarray(image, dtype=np.float64), s=shape, workers=1)
-    fi *= scipy.fft.rfft2(np.asarray(kernel, dtype=np.float64)[::-1, ::-1], s=shape, workers=1)
-    out = scipy.fft.irfft2(fi, s=shape, workers=1)
-    return out[hy : hy + ny, hx : hx + nx].astype(np.float32)
+    outs = []
+    for k in kernels:
+        kk = np.zeros((2 * h + 1, 2 * h + 1))
+        r = k.shape[0] // 2
+        kk[h - r : h + r + 1, h - r : h + r + 1] = k
+        f = fi * scipy.fft.rfft2(kk[::-1, ::-1], s=shape, workers=1)
+        out = scipy.fft.irfft2(f, s=shape, workers=1)
+        del f
+        outs.append(out[h : h + ny, h : h + nx].astype(np.float32))
+    return outs
 
 
 @numba.njit(nogil=True, cache=True)
@@ -80,7 +89,7 @@ def _significance(num, den, bad, min_den):
     return out
 
 
-def matched_filter(image, variance, bad, kernel):
+def matched_filter(image, variance, bad, kernel, normalise=True):
     """PSF matched filter of an image.
 
     Parameters
@@ -93,6 +102,8 @@ def matched_filter(image, variance, bad, kernel):
         Pixels without signal (NO_DATA, BAD); non-finite pixels and variance <= 0 count as bad.
     kernel : ndarray (k, k) float, odd side
         PSF image (normalised or not: it is normalised to unit sum here).
+    normalise : bool
+        False: the kernel is used as given (a zero-sum kernel such as :func:`lowered_kernel`).
 
     Returns
     -------
@@ -104,25 +115,42 @@ def matched_filter(image, variance, bad, kernel):
     k2 : float
         ``sum(k^2)`` of the normalised kernel (1 / effective area, px^-1).
     """
-    k = np.asarray(kernel, dtype=np.float64)
-    if k.ndim != 2 or k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
-        raise ValueError(f"the PSF kernel must be a 2-D array of odd sides, got shape {k.shape}")
-    s = k.sum()
-    if not s > 0:
-        raise ValueError(f"the PSF kernel must have a positive sum, got {s!r}")
-    k = k / s
+    return matched_filters(image, variance, bad, [kernel], normalise=normalise)[0]
+
+
+def matched_filters(image, variance, bad, kernels, normalise=True):
+    """:func:`matched_filter` with several kernels, sharing the transforms of the planes.
+
+    Returns
+    -------
+    list of (nu, num, den, k2), one per kernel
+    """
+    ks = []
+    for kernel in kernels:
+        k = np.asarray(kernel, dtype=np.float64)
+        if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] % 2 == 0:
+            raise ValueError(f"a filter kernel must be a square 2-D array of odd side, got shape {k.shape}")
+        if normalise:
+            s = k.sum()
+            if not s > 0:
+                raise ValueError(f"the PSF kernel must have a positive sum, got {s!r}")
+            k = k / s
+        ks.append(k)
     bad = np.asarray(bad, dtype=np.bool_)
     img, var = _clean(np.asarray(image), np.asarray(variance), bad)
-    num = _correlate_same(img, k)
-    den = _correlate_same(var, k * k)
+    nums = _correlate_same(img, ks)
+    dens = _correlate_same(var, [k * k for k in ks])
     pos = var[var > 0]
     typical = float(np.median(pos)) if pos.size else 0.0
-    k2 = float((k * k).sum())
-    nu = _significance(num, den, bad | (var <= 0), np.float32(1e-3 * typical * k2))
-    return nu, num, den, k2
+    nodata = bad | (var <= 0)
+    out = []
+    for k, num, den in zip(ks, nums, dens):
+        k2 = float((k * k).sum())
+        out.append((_significance(num, den, nodata, np.float32(1e-3 * typical * k2)), num, den, k2))
+    return out
 
 
-def robust_noise(nu, bad, *, clip=5.0, grow=3.0, step=2, n_iter=3, min_pixels=500):
+def robust_noise(nu, bad, *, clip=5.0, grow=3.0, step=2, n_iter=3, min_pixels=500, exclude=None):
     """Median and MAD standard deviation of ``nu`` away from its sources.
 
     Parameters
@@ -140,6 +168,8 @@ def robust_noise(nu, bad, *, clip=5.0, grow=3.0, step=2, n_iter=3, min_pixels=50
     n_iter : int
     min_pixels : int
         Fewer usable sampled pixels: ``(nan, nan)``.
+    exclude : ndarray (ny, nx) bool, optional
+        Source pixels already known (another filter's): one pass beyond them, no clipping.
 
     Returns
     -------
@@ -149,8 +179,9 @@ def robust_noise(nu, bad, *, clip=5.0, grow=3.0, step=2, n_iter=3, min_pixels=50
     """
     sub_bad = np.asarray(bad)[::step, ::step]
     med, std, n = float("nan"), float("nan"), 0
-    src = None
-    for _ in range(max(1, n_iter)):
+    src = exclude
+    n_pass = 1 if exclude is not None else max(1, n_iter)
+    for it in range(n_pass):
         sub = nu[::step, ::step]
         free = ~sub_bad
         if src is not None:
@@ -163,6 +194,8 @@ def robust_noise(nu, bad, *, clip=5.0, grow=3.0, step=2, n_iter=3, min_pixels=50
         std = 1.4826 * float(np.median(np.abs(v - med)))
         if not (np.isfinite(std) and std > 0):
             return float("nan"), float("nan"), n
+        if it == n_pass - 1:
+            break
         src = np.abs(nu - np.float32(med)) > np.float32(clip * std)
         if grow > 0:
             src = grow_mask(src, float(grow))
@@ -348,3 +381,29 @@ def enclosed_holes(bad_labels, n, inside):
                     if bad_labels[yy, xx] == 0 and not inside[yy, xx]:
                         open_[lab] = True
     return ~open_
+
+
+def lowered_kernel(kernel, radius):
+    """The PSF minus its mean inside a disc of ``radius`` pixels, zero outside (DAOFIND's
+    "lowered" Gaussian, Stetson 1987, PASP 99, 191, with the PSF image): correlating with it
+    fits a point source's amplitude together with a constant local background, so a
+    companion on a brighter neighbour's wing gives a maximum of its own.
+
+    Parameters
+    ----------
+    kernel : ndarray (k, k)
+    radius : float, pixels
+
+    Returns
+    -------
+    ndarray (k', k') float64, odd side ``2 ceil(radius) + 1`` (at most the kernel's)
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    k = k / k.sum()
+    h = k.shape[0] // 2
+    r = min(h, int(np.ceil(radius)))
+    k = k[h - r : h + r + 1, h - r : h + r + 1]
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    w = (xx * xx + yy * yy) <= radius * radius
+    out = np.where(w, k - k[w].mean(), 0.0)
+    return out
