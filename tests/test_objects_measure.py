@@ -265,10 +265,14 @@ def test_forced_mode_checks_and_failures(grid):
     bad = Exposure(ex.image, ex.variance, mask, wcs_cards=ex.wcs_cards, psf=ex.psf, visit_info=ex.visit_info)
     ref = r.copy()
     ref.loc[0, "exp_radius"] = np.nan
+    ref.loc[1, "x"] = np.nan
     out = measure_band(deb, bad, "r", MeasureConfig(hsm=False), reference=ref)
     assert out.flag_bad_center[0] and out.flag_bad[0] and out.flag_exp[0] and out.flag_cmodel[0]
     assert np.isnan(out.cmodel_flux[0]) and out.flag_hsm.all()
     assert not out.flag_cmodel[1:].any()
+    # no reference position: the deblender's peak, flagged
+    assert out.flag_centroid[1] and not out.flag_centroid[2:].any()
+    assert out.x[1] == deb.children.x[1] and np.isfinite(out.psf_flux[1])
     # children of a blend the deblender timed out on: no CModel, the rest measured
     deb.children["deblend_flag_timeout"] = deb.children.index < 2
     try:

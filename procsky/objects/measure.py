@@ -8,7 +8,7 @@ coadd's unit (nJy). Nothing raises for one bad child: each algorithm has a ``fla
 column and its failed quantities are NaN.
 
 * **Centroid**: Gaussian-windowed centroid (SExtractor's XWIN; window = PSF sigma) from the
-  deblender's peak; the adaptive-moment centroid when it fails.
+  deblender's peak; the peak itself (``flag_centroid``) when it fails.
 * **Adaptive moments** ``ixx, iyy, ixy`` (px^2; Bernstein & Jarvis 2002).
 * **PSF-corrected shapes**: GalSim's HSM re-Gaussianization (Hirata & Seljak 2003; Mandelbaum
   et al. 2005) with the PSF model's kernel at the child; ``hsm_e1, hsm_e2`` are its corrected
@@ -401,7 +401,8 @@ def _measure_child(
     # pad so that apertures and PSF stamps stay on the array; beyond the coadd: NO_DATA
     # the PSF at the deblender's peak (or the reference position): one kernel per child (a coadd PSF's
     # kernel is a weighted sum over its inputs; the centroid is within a pixel of the peak)
-    px0, py0 = (float(fixed["x"]), float(fixed["y"])) if fixed is not None else (float(x_peak), float(y_peak))
+    ref_ok = fixed is not None and math.isfinite(fixed["x"]) and math.isfinite(fixed["y"])
+    px0, py0 = (float(fixed["x"]), float(fixed["y"])) if ref_ok else (float(x_peak), float(y_peak))
     kern = np.asarray(ctx.psf.kernel(min(max(px0, 0.0), nx - 1.0), min(max(py0, 0.0), ny - 1.0)), np.float64)
     kern = kern / kern.sum()
     s = kern.shape[0]
@@ -418,11 +419,11 @@ def _measure_child(
     pmsk[off] |= np.uint32(ctx.nodata_bit)
 
     # ---- position
+    # forced: the reference's position (the deblender's peak, flagged, when the reference has none)
+    xc, yc = px0, py0
     if fixed is not None:
-        xc, yc = float(fixed["x"]), float(fixed["y"])
         rec["x_err"] = rec["y_err"] = math.nan
-    else:
-        xc, yc = float(x_peak), float(y_peak)
+        rec["flag_centroid"] = not ref_ok
     pxx, pyy, pxy, psig = _psf_shape(kern)
     lx, ly = xc - gx0, yc - gy0
     if fixed is None:
