@@ -3,11 +3,11 @@ profiles fitted to a pixel stamp, and the CModel combination of the two.
 
 Follows the CModel of SDSS (Abazajian et al. 2004, AJ 128, 502) as done in the LSST
 pipelines (Bosch et al. 2018, PASJ 70, S5): an exponential and a de Vaucouleurs profile,
-each a sheared ellipse convolved with the PSF, are fitted separately to the pixels (radius
-and ellipticity by a small Levenberg-Marquardt, the amplitude solved linearly at every
-step: variable projection, Golub & Pereyra 1973); then the non-negative linear combination
-of the two best-fit models that fits the pixels best gives ``frac_dev`` and the flux (the
-total flux of the combination).
+each a sheared ellipse convolved with the PSF, are fitted separately to the pixels (r_e^2
+and ellipticity by a small Levenberg-Marquardt with a weak Gaussian prior on the ellipticity,
+the amplitude solved linearly at every step: variable projection, Golub & Pereyra 1973); then
+the non-negative linear combination of the two best-fit models that fits the pixels best gives
+``frac_dev`` and the flux (the total flux of the combination).
 
 How a model is drawn: the profile's Fourier transform is evaluated on the DFT grid of a
 zero-padded stamp, multiplied by the DFT of the PSF kernel (which already holds the pixel
@@ -201,14 +201,15 @@ def render_models(grid: FitGrid, table: np.ndarray, params: np.ndarray) -> np.nd
 
     Returns
     -------
-    ndarray (n, h, w) float64
+    ndarray (n, h, w) float32
+        Single precision: the models' rounding (1e-7 of the peak) is far below the fits'
+        finite-difference steps (1e-3).
     """
     params = np.atleast_2d(np.asarray(params, np.float64))
     ny, nx = grid.grid
     hat = np.empty((params.shape[0], ny, nx // 2 + 1), np.complex64)
     for i in range(params.shape[0]):
         _fill_hat(hat[i], grid.q_hat, grid.kx, grid.ky, table, params[i, 0], params[i, 1], params[i, 2])
-    # single precision: the models' noise (1e-7) is far below the fits' finite-difference steps (1e-3)
     out = scipy.fft.irfft2(hat, s=(ny, nx), axes=(-2, -1))
     h, w = grid.shape
     return out[:, :h, :w]
