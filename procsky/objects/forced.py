@@ -7,9 +7,15 @@ difference image of that visit and detector when there is one. The calexp flux i
 scaled by the calexp's aperture correction and aperture-to-total correction (stored by
 calibrate in ``metadata["calibrate"]``), exactly as the ``src`` PSF fluxes are, and
 calibrated to nJy with the visit's zero point, so a constant star's forced fluxes agree
-with its coadd PSF flux. One row per (object, visit, detector), LSST's ``forcedSource``:
-``psf_flux``/``psf_flux_err`` on the calexp, ``psf_diff_flux``/``psf_diff_flux_err`` on
-the difference (NaN without one), ``mjd``, ``band``.
+with its coadd PSF flux. The errors add, in quadrature, the fractional systematic error
+of the epoch: the PSF model's flux error that calibrate measured on its reserved stars
+and the zero point's error, so that a constant star's light curve has chi^2/dof ~ 1.
+
+One row per (object, visit, detector), LSST's ``forcedSource``: ``psf_flux`` and
+``psf_flux_err`` on the calexp, ``psf_diff_flux`` and ``psf_diff_flux_err`` on the
+difference (NaN without one), ``mjd``, ``band``; ``masked_fraction`` is the PSF-weighted
+fraction of masked (e.g. saturated) pixels under the fit: rows above a few per cent are
+not trustworthy points of a light curve.
 """
 
 from __future__ import annotations
@@ -36,14 +42,22 @@ FORCED_SOURCE_UNITS = {
 }
 
 
-def _flux_corrections(exp) -> float:
-    """The calexp's aperture correction times its aperture-to-total correction (1 if absent)."""
+def _flux_corrections(exp) -> tuple[float, float]:
+    """The calexp's aperture correction times its aperture-to-total correction (1 if absent),
+    and the fractional systematic flux error of one epoch: the PSF model's cross-validated
+    flux error (``psf.flux_sys_applied``, as calibrate adds to ``src``) and the zero point's
+    error, in quadrature."""
     cal = (exp.metadata or {}).get("calibrate") or {}
     apcorr = float(cal.get("apcorr", 1.0) or 1.0)
     growth = cal.get("growth") or {}
     total = float(growth.get("correction", 1.0) or 1.0) if isinstance(growth, dict) else 1.0
     out = apcorr * total
-    return out if np.isfinite(out) and out > 0 else 1.0
+    psf = cal.get("psf") or {}
+    sys = float(psf.get("flux_sys_applied", 0.0) or 0.0) if isinstance(psf, dict) else 0.0
+    pc = exp.photocalib
+    zp = float(pc.calibration_err / pc.calibration) if pc is not None and pc.calibration > 0 else 0.0
+    frac = float(np.hypot(sys if np.isfinite(sys) else 0.0, zp if np.isfinite(zp) else 0.0))
+    return (out if np.isfinite(out) and out > 0 else 1.0), frac
 
 
 def _on_exposure(exp, ra, dec, ids):
@@ -96,9 +110,9 @@ def forced_photometry(
         df = _on_exposure(exp, ra, dec, ids)
         if len(df) == 0:
             continue
-        corr = _flux_corrections(exp)
+        corr, frac = _flux_corrections(exp)
         df["psf_flux"] *= corr
-        df["psf_flux_err"] *= corr
+        df["psf_flux_err"] = np.hypot(df["psf_flux_err"] * corr, frac * df["psf_flux"])
         df["psf_diff_flux"] = np.nan
         df["psf_diff_flux_err"] = np.nan
         df["flag_diff"] = True
@@ -109,7 +123,10 @@ def forced_photometry(
             if common.any():
                 sel = df.loc[common, "object_id"].to_numpy()
                 df.loc[common, "psf_diff_flux"] = dd.loc[sel, "psf_flux"].to_numpy() * corr
-                df.loc[common, "psf_diff_flux_err"] = dd.loc[sel, "psf_flux_err"].to_numpy() * corr
+                dflux = dd.loc[sel, "psf_flux"].to_numpy() * corr
+                df.loc[common, "psf_diff_flux_err"] = np.hypot(
+                    dd.loc[sel, "psf_flux_err"].to_numpy() * corr, frac * dflux
+                )
                 df.loc[common, "flag_diff"] = (
                     dd.loc[sel, "flag_psf_flux"].to_numpy() | dd.loc[sel, "flag_edge"].to_numpy()
                 )

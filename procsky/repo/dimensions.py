@@ -114,7 +114,8 @@ STANDARD_DATASET_TYPES: dict[str, DatasetType] = {
         DatasetType("coadd", _PATCH + ("band",), "Exposure"),
         DatasetType("template", _PATCH + ("band",), "Exposure"),
         DatasetType("object", _PATCH, "DataFrame"),
-        DatasetType("forced_source", _VD, "DataFrame"),
+        DatasetType("forced_source", _PATCH, "DataFrame"),  # per patch: the forced_phot task
+        DatasetType("object_summary", _PATCH, "StructuredData"),
         DatasetType("diff", _VD, "Exposure"),
         DatasetType("dia_source", _VD, "DataFrame"),
         DatasetType("dia_object", ("skymap", "tract"), "DataFrame"),

@@ -354,7 +354,12 @@ def _forced_sources(repo, run: str, truth, prim, radius_arcsec: float) -> dict:
     objects = truth.objects
     j, _ = _sky_match(prim.ra, prim.dec, objects.ra, objects.dec, radius_arcsec)
     oid_to_truth = dict(zip(prim.object_id.to_numpy()[j >= 0], j[j >= 0]))
-    fs = fs[fs.object_id.isin(oid_to_truth) & ~fs.flag_psf_flux.to_numpy(bool) & ~fs.flag_edge.to_numpy(bool)]
+    fs = fs[
+        fs.object_id.isin(oid_to_truth)
+        & ~fs.flag_psf_flux.to_numpy(bool)
+        & ~fs.flag_edge.to_numpy(bool)
+        & (fs.masked_fraction.to_numpy(float) < 0.02)  # saturated cores, bad columns
+    ]
     if fs.empty:
         return out
     t_idx = fs.object_id.map(oid_to_truth).to_numpy()
