@@ -281,6 +281,14 @@ def test_forced_mode_checks_and_failures(grid):
         del deb.children["deblend_flag_timeout"]
     assert out.flag_cmodel[:2].all() and np.isnan(out.cmodel_flux[:2]).all() and np.isnan(out.extendedness[:2]).all()
     assert np.isfinite(out.psf_flux).all() and not out.flag_cmodel[2:].any()
+    # NaN pixels at a child's core, unmasked: no data, flagged, nothing raises or turns NaN
+    img = np.asarray(ex.image).copy()
+    t = grid["truth"].iloc[:3]
+    img[int(t.y[0]) - 1 : int(t.y[0]) + 2, int(t.x[0]) - 1 : int(t.x[0]) + 2] = np.nan
+    nan_exp = Exposure(img, ex.variance, ex.mask, wcs_cards=ex.wcs_cards, psf=ex.psf, visit_info=ex.visit_info)
+    out = measure_band(StandInDeblended({"r": nan_exp}, t, radius=20.0), nan_exp, "r", MeasureConfig(hsm=False))
+    assert out.flag_bad_center[0] and out.flag_psf_flux[0] and not out.flag_bad_center[1:].any()
+    assert np.isfinite(out[["psf_flux", "cmodel_flux", "kron_flux", "blendedness"]].to_numpy()).all()
 
 
 def test_local_background_reads_a_pedestal(grid):

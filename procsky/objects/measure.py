@@ -398,6 +398,12 @@ def _measure_child(
     var = np.where(fp, var_full, 0.0)
     msk = np.where(fp, msk_full, 0).astype(np.uint32)
     bad = ctx.bad_bits
+    # non-finite pixels carry no data, whatever their mask says
+    nonfinite = ~np.isfinite(img) | ~np.isfinite(var_full)
+    if nonfinite.any():
+        img[nonfinite] = 0.0
+        var[nonfinite] = 0.0
+        msk[nonfinite & fp] |= np.uint32(ctx.nodata_bit)
     # pad so that apertures and PSF stamps stay on the array; beyond the coadd: NO_DATA
     # the PSF at the deblender's peak (or the reference position): one kernel per child (a coadd PSF's
     # kernel is a weighted sum over its inputs; the centroid is within a pixel of the peak)
@@ -442,7 +448,7 @@ def _measure_child(
     pfp = np.zeros(pimg.shape, bool)
     pfp[pad:-pad, pad:-pad] = fp
     raw = np.zeros(pimg.shape, np.uint32)
-    raw[pad:-pad, pad:-pad] = msk_full
+    raw[pad:-pad, pad:-pad] = msk_full | np.where(nonfinite, np.uint32(ctx.nodata_bit), np.uint32(0))
     rec["flag_saturated"] = bool(np.any(raw[pfp] & ctx.sat_bit))
     rec["flag_saturated_center"] = bool(np.any(raw[core] & ctx.sat_bit))
     rec["flag_bad"] = bool(np.any(raw[pfp] & bad))
@@ -539,9 +545,13 @@ def _measure_child(
 
     # ---- blendedness: the child's PSF-weighted flux over its footprint against the coadd's
     parent = np.zeros_like(pimg)
-    parent[pad:-pad, pad:-pad] = np.where(fp, ctx.image[y0:y1, x0:x1], 0.0)
-    pc = float((stamp * pimg[sl]).sum()) if pimg[sl].shape == stamp.shape else math.nan
-    pp = float((stamp * parent[sl]).sum()) if parent[sl].shape == stamp.shape else math.nan
+    parent[pad:-pad, pad:-pad] = np.where(fp & ~nonfinite, ctx.image[y0:y1, x0:x1], 0.0)
+    parent[~np.isfinite(parent)] = 0.0
+    if pimg[sl].shape == stamp.shape:
+        wgt = stamp * ((pmsk[sl] & bad) == 0)
+        pc, pp = float((wgt * pimg[sl]).sum()), float((wgt * parent[sl]).sum())
+    else:
+        pc = pp = math.nan
     if math.isfinite(pc) and pp > 0:
         rec["blendedness"] = 1.0 - pc / pp
         rec["flag_blendedness"] = False
