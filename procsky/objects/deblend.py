@@ -96,6 +96,12 @@ class DeblendConfig(pydantic.BaseModel):
     kernel_frac: float = pydantic.Field(
         3e-3, gt=0, lt=1, description="difference kernels are cut where they fall below this fraction of their peak"
     )
+    kernel_rank_tol: float = pydantic.Field(
+        1e-2,
+        gt=0,
+        lt=1,
+        description="difference kernels as sums of separable terms, leaving out < this fraction of their norm",
+    )
     psf_cell: int = pydantic.Field(256, ge=1, description="px: PSF kernels are evaluated once per cell of this size")
 
 
@@ -156,7 +162,8 @@ def _warm_kernels():
         _kd.init_compact(fp, peaks, peaks.astype(float), 0.8, Y, W, kern, conv, boxes),
     ):
         state = np.zeros(A.size + S.size + 4)
-        _kd.fit_blend(Y, W, kern, conv, fp, peaks, orders, boxes, A, S, state, 2, 1e-4, 1.0, True, True, 0.5)
+        u, v, rank = _kd.separable_factors(kern)
+        _kd.fit_blend(Y, W, u, v, rank, conv, fp, peaks, orders, boxes, A, S, state, 2, 1e-4, 1.0, True, True, 0.5)
         _kd._render(A[:1], S[:1], boxes[:1], kern, conv, fp, np.empty((1, 5, 5)), np.empty((5, 5)))
     _kd.redistribute_flux(Y, np.ones((2, 1, 5, 5)), fp, peaks)
     _WARM = True
@@ -230,6 +237,7 @@ def _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma):
     else:
         A, S, orders = _kd.init_blend(snr, fp, peaks, Y, W, boxes)
     state = np.zeros(A.size + S.size + 4)
+    u, v, rank = _kd.separable_factors(kern, cfg.kernel_rank_tol)
     loss_scale = 0.5 * float(np.count_nonzero(W))
     t0 = time.monotonic()
     it, converged, timed_out, loss = 0, False, False, np.nan
@@ -238,7 +246,9 @@ def _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma):
         loss, done, converged = _kd.fit_blend(
             Y,
             W,
-            kern,
+            u,
+            v,
+            rank,
             conv,
             fp,
             peaks,
