@@ -418,15 +418,17 @@ def print_report(res: dict, runs: dict, bands) -> None:
     print(
         f"\n{'group':12s} {'n':>4s} {'both P/S':>10s} "
         + " ".join(f"{k.split(':')[0][0]}:{k.split(':')[1]:>10s}" for k in keys)
-        + "  (flux rms | g-r rms mag)"
+        + "\n(per group: rel. flux rms, all bands; rel. flux 1.4826 MAD; g-r rms mag; over members found by both)"
     )
     groups = dict(res["eval"]["pairs"], isolated=res["eval"]["isolated_snr10"])
     for g, s in groups.items():
         both = f"{s.get('both_found[procsky]', float('nan')):.2f}/{s.get('both_found[sextractor]', float('nan')):.2f}"
         fl = " ".join(f"{s[f'flux_rms[{k}]']:12.3f}" for k in keys)
         gr = " ".join(f"{s.get(f'gr_rms[{k}]', float('nan')):12.3f}" for k in keys)
+        mad = " ".join(f"{s[f'flux_mad[{k}]']:12.3f}" for k in keys)
         print(f"{g:12s} {s['n_common']:4d} {both:>10s} {fl}")
-        print(f"{'':12s} {'':4s} {'':>10s} {gr}")
+        print(f"{'  (MAD)':12s} {'':4s} {'':>10s} {mad}")
+        print(f"{'  (g-r)':12s} {'':4s} {'':>10s} {gr}")
 
 
 def main(argv=None) -> dict:
