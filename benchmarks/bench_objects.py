@@ -2,7 +2,7 @@
 dual-image mode on the same multiband coadd scene with truth.
 
 Run:  .venv/bin/python benchmarks/bench_objects.py [--size 1024] [--bands g,r,i] [--repeat 1]
-          [--density 40] [--pair-frac 0.3] [--seed 0] [--workdir DIR] [--json out.json]
+          [--density 40] [--pair-frac 0.3] [--seed 0] [--deblend-time-limit S] [--workdir DIR] [--json out.json]
       .venv/bin/python benchmarks/bench_objects.py --size 4096 --repeat 1   # the issue's memory figure
 
 Inputs: :func:`procsky.sim.coadd_scene.make_coadd_scene` (GalSim, nJy per pixel, 0.2"/px,
@@ -157,7 +157,7 @@ def run_child(cmd, cwd) -> tuple[float, float, float]:
     return ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024.0, wall
 
 
-def procsky_child(work: Path, out: Path, warmup: bool = True) -> None:
+def procsky_child(work: Path, out: Path, warmup: bool = True, time_limit: float | None = None) -> None:
     """The procsky child: warm up on a cutout, then make_objects on the patch."""
     import resource
 
@@ -166,7 +166,10 @@ def procsky_child(work: Path, out: Path, warmup: bool = True) -> None:
 
     with open(work / "scene.pkl", "rb") as f:
         exposures, _ = pickle.load(f)
-    cfg = ObjectsConfig()
+    from procsky.objects.deblend import DeblendConfig
+
+    # the deblender's time limit is wall seconds per blend: on a loaded machine it cuts big blends
+    cfg = ObjectsConfig() if time_limit is None else ObjectsConfig(deblend=DeblendConfig(time_limit=time_limit))
     n = min(256, next(iter(exposures.values())).shape[0])
     cut = {
         b: Exposure(
@@ -443,10 +446,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", help="work (and reuse the scene) here instead of a temporary folder")
     ap.add_argument("--json", help="write the figures here as well")
     ap.add_argument("--no-warmup", action="store_true", help="skip procsky's warm-up run (tests only)")
+    ap.add_argument(
+        "--deblend-time-limit",
+        type=float,
+        help="procsky's DeblendConfig.time_limit (wall s per blend; default: the pipeline's default)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        procsky_child(Path(args.child), Path(args.child), warmup=not args.no_warmup)
+        procsky_child(Path(args.child), Path(args.child), warmup=not args.no_warmup, time_limit=args.deblend_time_limit)
         return {}
     sex = shutil.which("source-extractor") or shutil.which("sex")
     if sex is None:
@@ -466,7 +474,10 @@ def main(argv=None) -> dict:
         summary = None
         for _ in range(args.repeat):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(work)]
-            c, r, _w = run_child(cmd + (["--no-warmup"] if args.no_warmup else []), work)
+            cmd += ["--no-warmup"] if args.no_warmup else []
+            if args.deblend_time_limit is not None:
+                cmd += ["--deblend-time-limit", str(args.deblend_time_limit)]
+            c, r, _w = run_child(cmd, work)
             pj = json.loads((work / "procsky_run.json").read_text())
             runs["procsky"]["cpu_s"].append(pj["make_objects_cpu_s"])
             runs["procsky"]["child_cpu_s"].append(c)
@@ -491,6 +502,7 @@ def main(argv=None) -> dict:
             ),
             "scene_wall_s": scene_wall,
             "sextractor_detect": args.detect,
+            "deblend_time_limit": args.deblend_time_limit,
             "aper_ee": ee,
             "runs": runs,
             "procsky_summary": summary,
