@@ -598,12 +598,6 @@ def _box_orders(peaks, boxes):
     return orders
 
 
-def _box_mask(shape, box):
-    m = np.zeros(shape, bool)
-    m[box[0] : box[1], box[2] : box[3]] = True
-    return m
-
-
 def init_blend(detection, footprint, peaks, Y, W, boxes):
     """Initial SEDs and morphologies from the detection image (scarlet's initialisation).
 
@@ -667,35 +661,59 @@ def init_compact(footprint, peaks, subpixel, sigma, Y, W, kernels, convolve, box
 
     Returns ``(A (K, B), S (K, h, w), orders)`` (orders as :func:`fit_blend` takes them).
     """
+    from scipy.linalg import solve_triangular
     from scipy.optimize import nnls
 
     K = peaks.shape[0]
     B, ny, nx = Y.shape
-    yy, xx = np.mgrid[:ny, :nx]
     orders = _box_orders(peaks, boxes)
     S = np.zeros((K, ny, nx))
     for k in range(K):
         py, px = int(peaks[k, 0]), int(peaks[k, 1])
         y0, y1, x0, x1 = (int(v) for v in boxes[k])
-        s = np.exp(-0.5 * ((yy - subpixel[k, 0]) ** 2 + (xx - subpixel[k, 1]) ** 2) / sigma**2)
-        s = np.where(footprint & _box_mask((ny, nx), boxes[k]), s, 0.0)
-        s /= max(s[py, px], 1e-300)
-        sub = s[y0:y1, x0:x1].copy()
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        sub = np.exp(-0.5 * ((yy - subpixel[k, 0]) ** 2 + (xx - subpixel[k, 1]) ** 2) / sigma**2)
+        sub = np.where(footprint[y0:y1, x0:x1], sub, 0.0)
+        sub /= max(sub[py - y0, px - x0], 1e-300)
         prox_monotonic(sub, orders[k, : sub.size], py - y0, px - x0)
         S[k, y0:y1, x0:x1] = sub
     A = np.zeros((K, B))
-    conv = np.empty((ny, nx))
+    conv = np.zeros((ny, nx))
     use = footprint.ravel()
+    h = kernels.shape[1] // 2
+    su, sv, srank = separable_factors(kernels, 1e-3)
     for b in range(B):
         w = np.sqrt(W[b]).ravel()[use]
         cols = np.empty((int(use.sum()), K))
         for k in range(K):
             if convolve[b]:
-                convolve_same(S[k], kernels[b], conv)
+                # convolve the source's box grown by the kernel's radius only
+                y0, y1 = max(0, int(boxes[k, 0]) - h), min(ny, int(boxes[k, 1]) + h)
+                x0, x1 = max(0, int(boxes[k, 2]) - h), min(nx, int(boxes[k, 3]) + h)
+                conv[:, :] = 0.0
+                sub = np.empty((y1 - y0, x1 - x0))
+                _convolve_sep(
+                    np.ascontiguousarray(S[k, y0:y1, x0:x1]),
+                    su[b],
+                    sv[b],
+                    srank[b],
+                    sub,
+                    np.empty_like(sub),
+                    np.ones(sub.shape, np.bool_),
+                    False,
+                )
+                conv[y0:y1, x0:x1] = sub
                 cols[:, k] = conv.ravel()[use]
             else:
                 cols[:, k] = S[k].ravel()[use]
-        A[:, b] = nnls(cols * w[:, None], Y[b].ravel()[use] * w, maxiter=50 * K)[0]
+        # NNLS through the K x K normal equations (G = M^T M = L L^T, so ||M a - y||^2 =
+        # ||L^T a - L^-1 M^T y||^2 + const): the same solution at a cost independent of the area
+        M = cols * w[:, None]
+        G = M.T @ M
+        G[np.diag_indices(K)] += 1e-10 * max(float(np.trace(G)) / K, 1e-300)
+        L = np.linalg.cholesky(G)
+        rhs = solve_triangular(L, M.T @ (Y[b].ravel()[use] * w), lower=True)
+        A[:, b] = nnls(L.T, rhs, maxiter=50 * K)[0]
     return A, S, orders
 
 

@@ -80,7 +80,9 @@ class DeblendConfig(pydantic.BaseModel):
         4e6, gt=0, description="footprint area (px) x peaks above which the parent is not deblended"
     )
     time_limit: float = pydantic.Field(10.0, gt=0, description="wall seconds per blend before the fit is abandoned")
-    check_every: int = pydantic.Field(10, ge=1, description="iterations between wall-clock checks")
+    check_every: int = pydantic.Field(
+        10, ge=1, description="iterations between wall-clock checks (fewer when they would pass time_limit)"
+    )
     bad_mask_planes: tuple[str, ...] = pydantic.Field(
         ("NO_DATA", "BAD", "SAT"), description="mask planes whose pixels get zero weight in the fit"
     )
@@ -241,6 +243,7 @@ def _bbox_of(mask) -> tuple[int, int, int, int] | None:
 
 def _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma):
     """Fit one blend; returns (A, S, boxes, iterations, converged, timed_out, loss)."""
+    t0 = time.monotonic()  # the initialisation counts against time_limit too
     snr = (Y * np.sqrt(W)).sum(axis=0) / np.sqrt(Y.shape[0])
     boxes = _kd.source_boxes(snr, fp, peaks, level=1.0, margin=2, min_radius=max(kern.shape[1] // 2, 4))
     if cfg.init == "compact" and sigma is not None:
@@ -250,10 +253,11 @@ def _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma):
     state = np.zeros(A.size + S.size + 4)
     u, v, rank = _kd.separable_factors(kern, cfg.kernel_rank_tol)
     loss_scale = 0.5 * float(np.count_nonzero(W))
-    t0 = time.monotonic()
     it, converged, timed_out, loss = 0, False, False, np.nan
+    n = 1  # the first call measures the cost of an iteration
     while it < cfg.max_iter:
-        n = min(cfg.check_every, cfg.max_iter - it)
+        n = min(n, cfg.max_iter - it)
+        t1 = time.monotonic()
         loss, done, converged = _kd.fit_blend(
             Y,
             W,
@@ -278,9 +282,14 @@ def _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma):
         it += int(done)
         if converged:
             break
-        if time.monotonic() - t0 > cfg.time_limit:
+        now = time.monotonic()
+        per_iter = (now - t1) / max(int(done), 1)
+        left = cfg.time_limit - (now - t0)
+        if left <= per_iter:
             timed_out = True
             break
+        # next chunk: check_every iterations, fewer when they would overshoot the time limit
+        n = max(1, min(cfg.check_every, int(left / per_iter)))
     return A, S, boxes, it, bool(converged), timed_out, float(loss)
 
 
