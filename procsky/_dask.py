@@ -275,4 +275,6 @@ def dataframe_from_parquet(paths: Sequence[str], *, columns: list[str] | None = 
 
     if not paths:
         raise ValueError("no Parquet files to read")
-    return dd.read_parquet(list(paths), columns=columns)
+    # The repository's paths hold "key=value" folders (tract=0/...): no hive partitioning, the
+    # files carry those columns themselves.
+    return dd.read_parquet(list(paths), columns=columns, dataset={"partitioning": None})

@@ -64,23 +64,38 @@ def objects_near(repo, ra, dec, radius, run, all_rows, csv_path):
 
 @objects_group.command("lightcurve")
 @click.argument("repo", type=click.Path(file_okay=False, exists=True))
-@click.argument("object_id", type=int)
+@click.argument("object_id", type=int, required=False)
+@click.option("--ra", type=float, default=None, help="Instead of OBJECT_ID: the object nearest (--ra, --dec), deg.")
+@click.option("--dec", type=float, default=None, help="Declination for --ra, deg.")
+@click.option("--radius", type=float, default=1.0, show_default=True, help="Search radius for --ra/--dec, arcsec.")
 @click.option("--band", default=None, help="Only this band.")
 @click.option("--run", "-r", multiple=True, metavar="RUN", help="Run(s) to search (default: all).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Write the points to CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Save a PNG plot.")
-def objects_lightcurve(repo, object_id, band, run, csv_path, plot_path):
-    """The forced-photometry light curve of OBJECT_ID (calexp and difference-image fluxes, nJy).
+def objects_lightcurve(repo, object_id, ra, dec, radius, band, run, csv_path, plot_path):
+    """The forced-photometry light curve of OBJECT_ID, or of the primary object nearest
+    (--ra, --dec): calexp and difference-image PSF fluxes, nJy.
 
     \b
     Examples:
       procsky objects lightcurve REPO 16777217 --band r
-      procsky objects lightcurve REPO 16777217 --plot lc.png --csv lc.csv
+      procsky objects lightcurve REPO --ra 150.01 --dec 2.003 --plot lc.png --csv lc.csv
     """
-    from procsky.pipeline.catalogue import light_curve
+    from procsky.errors import ProcskyValueError
+    from procsky.pipeline.catalogue import find_objects, light_curve
     from procsky.repo import Repo
 
-    lc = light_curve(Repo(repo), object_id, run=list(run) or None, band=band)
+    r = Repo(repo)
+    runs = list(run) or None
+    if object_id is None:
+        if ra is None or dec is None:
+            raise ProcskyValueError("give an OBJECT_ID, or --ra and --dec of the object")
+        near = find_objects(r, ra, dec, radius, run=runs, columns=["is_primary"])
+        if len(near) == 0:
+            raise ProcskyValueError(f"no primary object within {radius:g} arcsec of ({ra}, {dec})")
+        object_id = int(near["object_id"].iloc[0])
+        click.echo(f"object {object_id} at {near['sep_arcsec'].iloc[0]:.2f} arcsec", err=True)
+    lc = light_curve(r, object_id, run=runs, band=band)
     if csv_path:
         lc.to_csv(csv_path, index=False)
     _echo_table(

@@ -58,6 +58,11 @@ class ObjectsConfig(pydantic.BaseModel):
     """PSF-flux S/N an object needs in a band for it to be the reference band."""
     sky_pull_tolerance: float = pydantic.Field(0.05, gt=0)
     """Sky-object pull std farther than this from 1 is reported (``sky_object_pulls``)."""
+    scale_flux_errors: bool = True
+    """Multiply each band's flux errors by the measured noise of its PSF-filtered coadd over
+    what the variance plane predicts (``detections.noise_scale``): resampling correlates a
+    coadd's pixel noise, so errors summed over pixels as if independent are too small (the
+    sky objects check the result)."""
 
 
 @dataclass
@@ -98,6 +103,20 @@ def sky_object_photometry(coadd, sky: pd.DataFrame) -> pd.DataFrame:
         }
     )
     return out
+
+
+def _error_scale(value) -> float:
+    v = float(value) if value is not None else 1.0
+    return v if np.isfinite(v) and v > 0 else 1.0
+
+
+def _scale_flux_errors(table: pd.DataFrame, scale: float) -> None:
+    """Multiply the flux-error columns (``*flux*_err``) of ``table`` by ``scale`` in place."""
+    if scale == 1.0:
+        return
+    for c in table.columns:
+        if c.endswith("_err") and "flux" in c:
+            table[c] = table[c] * scale
 
 
 def _pull_std(t: pd.DataFrame) -> tuple[float, float, int]:
@@ -198,6 +217,21 @@ def make_objects(
         b: step("forced_measure", measure_band, deb, coadds[b], b, config.measure, reference=reference) for b in bands
     }
     sky = {b: step("sky_objects", sky_object_photometry, coadds[b], det.sky_objects) for b in bands}
+    scales = {b: _error_scale(det.noise_scale.get(b)) if config.scale_flux_errors else 1.0 for b in bands}
+    for b in bands:
+        for table_ in (meas[b], forced[b], sky[b]):
+            _scale_flux_errors(table_, scales[b])
+    summary["flux_err_scale"] = scales
+    big = {b: v for b, v in scales.items() if v > 1.0 + config.sky_pull_tolerance}
+    if big:
+        note_degraded(
+            "coadd_correlated_noise",
+            "flux errors scaled up for the coadd's correlated noise: "
+            + ", ".join(f"{b} x{v:.3f}" for b, v in sorted(big.items()))
+            + " (measured noise of the PSF-filtered coadd over the variance plane's prediction)",
+            severity="info",
+            **{f"scale_{b}": v for b, v in big.items()},
+        )
     pulls = {}
     for b, t in sky.items():
         std, robust, m = _pull_std(t)
