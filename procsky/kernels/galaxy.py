@@ -356,10 +356,26 @@ def fit_profile(
         a = hess + lam * np.diag(np.diag(hess) + 1e-9)
         try:
             delta = -np.linalg.solve(a, grad)
+            # size at a bound and pushing past it (a point source wants r_e^2 < 0): fix it and step in the
+            # ellipticity alone (active set; the clamped joint step would move the ellipticity wrongly)
+            if (theta[0] <= lo and delta[0] < 0.0) or (theta[0] >= hi and delta[0] > 0.0):
+                delta[0] = 0.0
+                delta[1:] = -np.linalg.solve(a[1:, 1:], grad[1:])
         except np.linalg.LinAlgError:
             break
         trial = theta + delta
         trial[0] = min(max(trial[0], lo), hi)
+        dth = np.abs(trial - theta)
+        step = trial - theta
+        # chi^2 gain the linearised model predicts for the step (chi^2 = r.r, gradient 2 J^T r)
+        gain = -(2.0 * float(grad @ step) + float(step @ hess @ step))
+        if max(dth[0] / max(theta[0], 0.05), dth[1], dth[2]) < 1e-3 or gain < 0.1 * chi2_tol:
+            # a nil step once clamped to the bounds (a point source at r_e = re_min), or one that cannot
+            # gain a significant chi^2 (the ellipticity of a point source, which the data do not constrain
+            # and the float32 models render with rounding noise): at the minimum, converged (else lambda
+            # climbs to its limit over rejected steps and the fit runs out of iterations, flagged)
+            ok = True
+            break
         # the trial alone first: a rejected step costs one model, not four
         rt, ct, rest = residual(trial)
         if ct < chi2:
