@@ -444,6 +444,8 @@ def evaluate(
         "kernel_sum_rescale_how",
         "kernel_sum_stamps_err",
         "n_stamps_used",
+        "kernel_model_error",
+        "kernel_model_error_n_stars",
     ):
         if key in summary:
             res[key] = summary[key]

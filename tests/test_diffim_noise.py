@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from procsky.diffim import simulate_pair, subtract_images
+from procsky.diffim import SubtractionConfig, simulate_pair, subtract_images
 from procsky.exposure import Exposure
 from procsky.kernels import psfmatch as pm
 from procsky.notes import collect_notes
@@ -99,6 +99,11 @@ def test_white_pair_variance_matches_noise(white_pair):
         meta["residual_std_sigma"] ** 2 if abs(meta["residual_std_sigma"] - 1) > 0.02 else 1.0
     )
     assert summary is meta or summary == meta
+    # a well-sampled pair: no model-error term in the plane (kernel_model_error)
+    assert meta["kernel_model_error_applied"] is False
+    on, _, s_on = subtract_images(sci, tpl, SubtractionConfig(model_error="on"), lazy=False)
+    # and none measured when asked for: the kernel matches the PSFs
+    assert s_on["kernel_model_error_n_stars"] >= 20 and s_on["kernel_model_error"] == 0.0
 
 
 @pytest.mark.parametrize("plane", ["pre_resampling", "propagated"])
@@ -173,3 +178,42 @@ def test_variance_rescaled_to_measured_noise_and_noted():
     with collect_notes() as notes:
         out = _check_variance(summary, diff / np.float32(1.3), dvar, mask, 1, np.ones((n, n), bool), 2.0)
     assert summary["variance_rescale"] == 1.0 and out is dvar and not notes
+
+
+def _star_field(rng, n=120, size=400, sigma=0.8):
+    """Static image of ``n`` Gaussian stars (sigma px) on a grid, their positions and PSF."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    xs = rng.uniform(20, size - 20, n)
+    ys = rng.uniform(20, size - 20, n)
+    flux = 10 ** rng.uniform(3.5, 5.5, n)
+    s = np.zeros((size, size))
+    for x, y, f in zip(xs, ys, flux):
+        s += f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+    k = np.mgrid[-4:5, -4:5]
+    psf = np.exp(-(k[0] ** 2 + k[1] ** 2) / (2 * sigma**2))
+    return s, xs, ys, psf / psf.sum()
+
+
+def test_kernel_model_error_recovers_an_injected_error_and_clips_a_variable():
+    # A difference whose pixels carry the sky noise plus a model error of eps_true times the
+    # static image, independent per pixel (the variance model of kernel_model_error): the
+    # measured eps within 10 % of the truth, a variable (a 30 % change of a bright star) left
+    # out, and with no model error (sky noise only) no term (eps below 0.2 % against 3 %).
+    from procsky.diffim.subtract import kernel_model_error
+
+    rng = np.random.default_rng(7)
+    s, xs, ys, psf = _star_field(rng)
+    var = np.full(s.shape, 100.0) + s  # sky + the science star's photon noise
+    eps_true = 0.03
+    d = rng.normal(0.0, np.sqrt(var + (eps_true * s) ** 2))
+    i = int(np.argmax([s[int(round(y)), int(round(x))] for x, y in zip(xs, ys)]))
+    yy, xx = np.mgrid[0 : s.shape[0], 0 : s.shape[1]]
+    d += 0.3 * s * (np.hypot(xx - xs[i], yy - ys[i]) < 4)  # the variable's change
+    out = kernel_model_error(d, var, s, psf, xs, ys)
+    assert out["kernel_model_error"] == pytest.approx(eps_true, rel=0.1)
+    assert out["kernel_model_error_n_stars"] < len(xs)  # the variable (and nothing much else) left out
+    assert out["kernel_model_error_n_stars"] >= len(xs) - 5
+    clean = rng.normal(0.0, np.sqrt(var))
+    assert kernel_model_error(clean, var, s, psf, xs, ys)["kernel_model_error"] < 0.002
+    # too few stars: no term
+    assert kernel_model_error(d, var, s, psf, xs[:3], ys[:3])["kernel_model_error"] == 0.0
