@@ -199,6 +199,15 @@ def test_matched_star_ratio_clips_outliers_and_sums():
     a = 1.25 * b + rng.normal(0.0, 1e2, 400)
     val, err, _ = _robust_ratio(a, np.full(400, 1e4), b + rng.normal(0.0, 1e2, 400), vb)
     assert abs(val - 1.25) < 3 * err
+    # three stars, the brightest (by far the most precise) a variable: the unweighted median
+    # centres the clipping on the two that agree; the weighted one, the bright star's own
+    # ratio, kept all three and the slope followed the variable
+    b = np.array([2e5, 2e4, 1.5e4])
+    vb = b + 400.0
+    va = 1.25**2 * b + 400.0
+    a = 1.25 * b * np.array([1.3, 1.0, 1.0])
+    val, err, n = _robust_ratio(a, va, b, vb)
+    assert n == 2 and val == pytest.approx(1.25, rel=1e-6)
 
 
 def test_kernel_sum_rescale_combines_fit_and_matched_stars():
