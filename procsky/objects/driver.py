@@ -58,6 +58,12 @@ class ObjectsConfig(pydantic.BaseModel):
     """PSF-flux S/N an object needs in a band for it to be the reference band."""
     sky_pull_tolerance: float = pydantic.Field(0.05, gt=0)
     """Sky-object pull std farther than this from 1 is reported (``sky_object_pulls``)."""
+    aperture_correction: bool = True
+    """Scale each band's PSF fluxes by the median ratio of the largest aperture flux to the
+    PSF flux of bright isolated stars (LSST's coadd aperture corrections): the coadd PSF
+    inherits its inputs' models, whose stamps miss part of the wings."""
+    apcorr_min_stars: int = pydantic.Field(5, ge=1)
+    """Fewer such stars: no aperture correction in that band (a note says so)."""
     scale_flux_errors: bool = True
     """Multiply each band's flux errors by the measured noise of its PSF-filtered coadd over
     what the variance plane predicts (``detections.noise_scale``): resampling correlates a
@@ -117,6 +123,72 @@ def _scale_flux_errors(table: pd.DataFrame, scale: float) -> None:
     for c in table.columns:
         if c.endswith("_err") and "flux" in c:
             table[c] = table[c] * scale
+
+
+def _largest_aperture(columns) -> str | None:
+    best, radius = None, -1.0
+    for c in columns:
+        if c.startswith("ap_flux_") and not c.endswith("_err"):
+            try:
+                r = float(c[len("ap_flux_") :].replace("p", "."))
+            except ValueError:
+                continue
+            if r > radius:
+                best, radius = c, r
+    return best
+
+
+def _apply_aperture_correction(
+    meas: pd.DataFrame, forced: pd.DataFrame, band: str, min_stars: int, *, xy=None, pixel_scale=float("nan")
+) -> dict:
+    """Median largest-aperture / PSF flux of bright isolated unflagged point sources of
+    ``meas``, applied to the PSF fluxes of ``meas`` and ``forced`` (in place).
+
+    A star counts only with no other object within twice the aperture's radius (``xy``:
+    every object's array position; ``pixel_scale`` arcsec/px): a neighbour's wing inside the
+    aperture would raise the correction."""
+    ap = _largest_aperture(meas.columns)
+    if ap is None:
+        return {"value": 1.0, "n": 0, "status": "no aperture flux"}
+    f = meas["psf_flux"].to_numpy(float)
+    e = meas["psf_flux_err"].to_numpy(float)
+    a = meas[ap].to_numpy(float)
+    ok = np.isfinite(f) & np.isfinite(e) & (e > 0) & (f > 100 * e) & np.isfinite(a)
+    if "extendedness" in meas:
+        ok &= meas["extendedness"].to_numpy(float) == 0
+    if "blendedness" in meas:
+        ok &= np.nan_to_num(meas["blendedness"].to_numpy(float), nan=1.0) < 0.01
+    for c in ("flag_psf_flux", f"flag_{ap}", "flag_ap", "flag_bad_center", "flag_saturated_center", "flag_edge"):
+        if c in meas:
+            ok &= ~meas[c].to_numpy(bool)
+    if xy is not None and len(xy) > 1 and np.isfinite(pixel_scale) and pixel_scale > 0:
+        from scipy.spatial import cKDTree
+
+        radius_px = float(ap[len("ap_flux_") :].replace("p", ".")) / pixel_scale
+        d, _ = cKDTree(xy).query(xy, k=2)
+        ok &= d[:, 1] > 2 * radius_px
+    n = int(ok.sum())
+    if n < min_stars:
+        note_degraded(
+            "coadd_apcorr_default",
+            f"{band}: only {n} bright isolated stars (< {min_stars}) for the coadd aperture correction: PSF fluxes "
+            "are not corrected to the aperture and may miss the PSF model's lost wing light",
+            severity="warning",
+            band=band,
+            n_stars=n,
+        )
+        return {"value": 1.0, "n": n, "aperture": ap, "status": "too few stars"}
+    r = a[ok] / f[ok]
+    med = float(np.median(r))
+    mad = float(np.median(np.abs(r - med))) * 1.4826
+    keep = np.abs(r - med) <= 3 * max(mad, 1e-6)
+    value = float(np.median(r[keep]))
+    err = float(1.2533 * np.std(r[keep]) / np.sqrt(keep.sum())) if keep.sum() > 1 else float("nan")
+    for t in (meas, forced):
+        for c in ("psf_flux", "psf_flux_err"):
+            if c in t:
+                t[c] = t[c] * value
+    return {"value": value, "err": err, "n": int(keep.sum()), "aperture": ap, "status": "ok"}
 
 
 def _pull_std(t: pd.DataFrame) -> tuple[float, float, int]:
@@ -222,6 +294,15 @@ def make_objects(
         for table_ in (meas[b], forced[b], sky[b]):
             _scale_flux_errors(table_, scales[b])
     summary["flux_err_scale"] = scales
+    if config.aperture_correction:
+        from procsky.wcs import pixel_scale
+
+        xy = np.column_stack([deb.children["x"].to_numpy(float), deb.children["y"].to_numpy(float)])
+        scale = pixel_scale(first.wcs) if first.wcs is not None else float("nan")
+        summary["aperture_correction"] = {
+            b: _apply_aperture_correction(meas[b], forced[b], b, config.apcorr_min_stars, xy=xy, pixel_scale=scale)
+            for b in bands
+        }
     big = {b: v for b, v in scales.items() if v > 1.0 + config.sky_pull_tolerance}
     if big:
         note_degraded(

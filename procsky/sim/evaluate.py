@@ -315,14 +315,22 @@ def _objects(repo, run: str, truth, coadd_depth: dict, radius_arcsec: float = 0.
         with np.errstate(invalid="ignore", divide="ignore"):
             gr = -2.5 * np.log10(ms["g_psf_flux"].to_numpy(float) / ms["r_psf_flux"].to_numpy(float))
             gr_t = -2.5 * np.log10(stars["flux_g"].to_numpy(float) / stars["flux_r"].to_numpy(float))
-        d = (gr - gr_t) * 1000
-        d = d[np.isfinite(d)]
-        if d.size:
-            out["star_gr_minus_truth_mmag"] = {
-                "n": int(d.size),
-                "median": float(np.median(d)),
-                "rms": float(np.sqrt(np.mean((d - np.median(d)) ** 2))),
-            }
+        d_all = (gr - gr_t) * 1000
+        snr_min = np.minimum(
+            (ms["g_psf_flux"] / ms["g_psf_flux_err"]).to_numpy(float),
+            (ms["r_psf_flux"] / ms["r_psf_flux_err"]).to_numpy(float),
+        )
+        for key, sel in (
+            ("star_gr_minus_truth_mmag", snr_min > 50),
+            ("star_gr_minus_truth_mmag_snr500", snr_min > 500),
+        ):
+            d = d_all[sel & np.isfinite(d_all)]
+            if d.size:
+                out[key] = {
+                    "n": int(d.size),
+                    "median": float(np.median(d)),
+                    "rms": float(np.sqrt(np.mean((d - np.median(d)) ** 2))),
+                }
     # Extendedness above S/N 50.
     col = "ref_extendedness"
     if col in prim:
@@ -539,7 +547,12 @@ def format_evaluation(ev: dict) -> str:
             lines.append(f"    star PSF flux - truth    {', '.join(parts)} (median of {n} isolated stars, S/N > 50)")
         c = ob.get("star_gr_minus_truth_mmag")
         if c:
-            lines.append(f"    star g-r - truth         rms {c['rms']:.1f} mmag, median {c['median']:+.1f} mmag")
+            c5 = ob.get("star_gr_minus_truth_mmag_snr500")
+            bright = f"; S/N > 500 in both: rms {c5['rms']:.1f} mmag ({c5['n']} stars)" if c5 else ""
+            lines.append(
+                f"    star g-r - truth         rms {c['rms']:.1f} mmag, median {c['median']:+.1f} mmag "
+                f"({c['n']} stars of S/N > 50){bright}"
+            )
         if "extendedness_correct" in ob:
             lines.append(
                 f"    extendedness             {100 * ob['extendedness_correct']:.1f} % of {ob['extendedness_n']} "
