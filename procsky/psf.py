@@ -52,6 +52,7 @@ __all__ = [
     "PolynomialImagePsf",
     "GridImagePsf",
     "CoaddPsf",
+    "array_psf",
     "points_in_polygon",
     "psf_from_dict",
     "image_moments",
@@ -687,3 +688,37 @@ def psf_from_dict(d: dict | None) -> PsfModel | None:
     if kind == "CoaddPsf":
         return CoaddPsf([psf_from_dict(p) for p in args["psfs"]], args["weights"], args.get("polygons"))
     return _TYPES[kind](**args)
+
+
+class _OffsetPsf(PsfModel):
+    """A PSF model addressed in array pixels of an exposure whose array [0, 0] is the
+    model's pixel (dx, dy) (see :func:`array_psf`)."""
+
+    def __init__(self, base: PsfModel, dx: float, dy: float):
+        self.base, self.dx, self.dy = base, float(dx), float(dy)
+        self.size = base.size
+
+    def kernel(self, x: float, y: float) -> np.ndarray:
+        return self.base.kernel(x + self.dx, y + self.dy)
+
+    def render(self, x, y, *, size=None, offset=(0.0, 0.0)):
+        return self.base.render(x + self.dx, y + self.dy, size=size, offset=offset)
+
+    def fine_image(self, x: float, y: float) -> tuple[np.ndarray, float]:
+        return self.base.fine_image(x + self.dx, y + self.dy)
+
+    def to_dict(self) -> dict:
+        return self.base.to_dict()
+
+
+def array_psf(psf: PsfModel | None, xy0) -> PsfModel | None:
+    """``psf`` addressed in array pixels of an exposure with origin ``xy0``.
+
+    PSF models are addressed in the exposure's own pixel frame: detector pixels for a
+    calexp, tract pixels for a coadd (a :class:`CoaddPsf` locates its inputs there). Code
+    working on array indices of a patch (whose ``xy0`` is the patch's corner in the tract)
+    evaluates the PSF through this wrapper; with ``xy0 == (0, 0)`` the model itself comes back.
+    """
+    if psf is None or (float(xy0[0]) == 0.0 and float(xy0[1]) == 0.0):
+        return psf
+    return _OffsetPsf(psf, xy0[0], xy0[1])

@@ -44,9 +44,37 @@ def test_object_ids_are_unique_across_patches_and_kinds():
     c = make_object_id(4, 7, [1, 2, PARENT_OFFSET + 1, SKY_OBJECT_OFFSET + 1])
     allids = np.concatenate([a, b, c])
     assert len(set(allids.tolist())) == 12
-    assert (allids >> 24).tolist() == [3007] * 4 + [3008] * 4 + [4007] * 4
+    assert (allids >> 40).tolist() == [3] * 8 + [4] * 4
+    assert ((allids >> 24) & 0xFFFF).tolist() == [7] * 4 + [8] * 4 + [7] * 4
+    # Patch ids of small patches pass 1000: still unique.
+    assert make_object_id(0, 1000, [1])[0] != make_object_id(1, 0, [1])[0]
     with pytest.raises(ValueError):
         make_object_id(0, 0, [1 << 24])
+    with pytest.raises(ValueError):
+        make_object_id(0, 1 << 16, [1])
+
+
+def test_array_psf_addresses_the_model_in_the_exposures_frame():
+    from procsky.psf import GaussianPsf, PsfModel, array_psf
+
+    class Varying(PsfModel):
+        """Width grows with x: tells where it was evaluated."""
+
+        size = 21
+
+        def kernel(self, x, y):
+            return GaussianPsf(1.0 + x / 1000.0, size=21).kernel()
+
+        def to_dict(self):
+            return {}
+
+    base = Varying()
+    shifted = array_psf(base, (500, 300))
+    np.testing.assert_allclose(shifted.kernel(10.0, 20.0), base.kernel(510.0, 320.0))
+    np.testing.assert_allclose(
+        shifted.render(10.0, 20.0, offset=(0.3, 0.0)), base.render(510.0, 320.0, offset=(0.3, 0.0))
+    )
+    assert array_psf(base, (0, 0)) is base and array_psf(None, (5, 5)) is None
 
 
 def test_column_units():
@@ -95,6 +123,7 @@ def test_is_primary_counts_each_position_once():
     assert t["detect_is_patch_inner"].tolist()[:5] == [True, True, False, False, False]
     assert t["sky_object"].tolist() == [False] * 5 + [True]
     assert t["x"].iloc[0] == 110.0 and t["y"].iloc[0] == 210.0
+    assert (t["parent_id"].iloc[:5] != 0).all()  # none is flagged isolated here
     assert t["object_id"].is_unique
     assert t.attrs["units"]["r_psf_flux"] == "nJy" and t.attrs["units"]["ra"] == "deg"
 

@@ -282,7 +282,8 @@ def aperture_corrections(state: CalibrateState, config: MeasurementConfig) -> No
     # on another): fewer than 3 of them do not give the correction, nor does none (a ground PSF's Moffat
     # is within 2.5 % of 1 on the stamp256 regime, from 1 star as from 5)
     fallback_model = state.psf_model is None or "moffat" in state.psf_info
-    unreliable = n_ac == 0 or (fallback_model and n_ac < 3 and abs(apcorr - 1.0) > _APCORR_FALLBACK_MISS)
+    # with a pixel model and no star the default 1 stands (apcorr_default says so), as before
+    unreliable = fallback_model and (n_ac == 0 or (n_ac < 3 and abs(apcorr - 1.0) > _APCORR_FALLBACK_MISS))
     # from the aperture to the total flux: the growth curve of bright stars beyond it
     growth = GrowthCorrection(status="disabled (total_flux_correction=False)")
     hint = 1.0  # the upper 1-sigma limit of an aperture-to-total correction measured but not used

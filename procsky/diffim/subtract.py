@@ -1748,7 +1748,10 @@ def _subtract_now(science, template, cfg: SubtractionConfig, stars=None, kernel_
         eps = me["kernel_model_error"]
         if eps > 0:
             summary["kernel_model_error_applied"] = True
-            dvar = (dvar + np.float32(eps * eps) * np.square(np.maximum(static, 0.0))).astype(np.float32)
+            # S is the static sky, the PSF-matched template (science minus difference), so that a
+            # transient's or variable's own flux does not inflate its variance.
+            matched = (static - diff).astype(np.float32)
+            dvar = (dvar + np.float32(eps * eps) * np.square(np.maximum(matched, 0.0))).astype(np.float32)
             if eps > _MODEL_ERROR_NOTE:
                 note_degraded(
                     "diffim_kernel_model_error",

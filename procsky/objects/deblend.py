@@ -61,6 +61,7 @@ from procsky.kernels import deblend as _kd
 from procsky.kernels.convolve import kernel_support_radius
 from procsky.kernels.psfmatch import fourier_matching_kernel, pad_kernel
 from procsky.notes import note_degraded
+from procsky.psf import array_psf
 
 __all__ = ["DeblendConfig", "Deblended", "deblend"]
 
@@ -193,7 +194,8 @@ def _psf_kernels(coadds, bands, xc, yc, cfg, cache):
         return cache[key]
     ks: list[np.ndarray] = []
     for b in bands:
-        psf = coadds[b].psf
+        # PSF models are addressed in the coadd's tract pixels; (xc, yc) are array pixels.
+        psf = array_psf(coadds[b].psf, coadds[b].xy0)
         if psf is None:
             # no PSF: the model is the observed image in every band (no convolution)
             out = (np.ones((len(bands), 1, 1)), np.zeros(len(bands), bool), None)

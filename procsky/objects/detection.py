@@ -216,7 +216,8 @@ class CoaddDetections:
         its error from the variance plane times ``noise_scale``), ``multiband_significance``.
     noise_scale : dict
         Image name (band or ``"multiband"``) -> measured noise / variance-plane noise of the
-        filtered image.
+        filtered image, times the sky objects' excess pull width where it raised the threshold
+        (the factor flux errors of that image need).
     notes : list of dict
         The notes made (also sent to :func:`procsky.notes.note_degraded`).
     sky_stats : DataFrame
@@ -388,7 +389,8 @@ def detect_objects(coadds: Mapping[str, Exposure], config: CoaddDetectionConfig 
         bad |= ~np.isfinite(img) | ~np.isfinite(var) | ~(var > 0)
         psf = exp.psf
         assert psf is not None
-        kernel = np.asarray(psf.kernel((nx - 1) / 2.0, (ny - 1) / 2.0), float)
+        # PSF models are addressed in the coadd's tract pixels: the centre of the array is at xy0 + centre.
+        kernel = np.asarray(psf.kernel(exp.xy0[0] + (nx - 1) / 2.0, exp.xy0[1] + (ny - 1) / 2.0), float)
         if not (np.all(np.isfinite(kernel)) and kernel.sum() > 0):
             raise ProcskyValueError(f"the PSF kernel of band {b!r} at the coadd's centre has no positive finite sum")
         sig = _psf_sigma(kernel)
@@ -477,7 +479,9 @@ def detect_objects(coadds: Mapping[str, Exposure], config: CoaddDetectionConfig 
             "threshold",
         ],
     )
-    noise_scale = {im.name: float(im.scale) for im in images}
+    # The flux errors' factor: the measured noise and, when the sky objects raised the threshold,
+    # their excess pull width too.
+    noise_scale = {im.name: float(im.scale * im.factor) for im in images}
     for im in images:
         f = cfg.noise_warn_factor
         if cfg.threshold_type == "measured" and not (1.0 / f <= im.scale <= f):

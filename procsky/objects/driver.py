@@ -184,9 +184,11 @@ def _apply_aperture_correction(
     keep = np.abs(r - med) <= 3 * max(mad, 1e-6)
     value = float(np.median(r[keep]))
     err = float(1.2533 * np.std(r[keep]) / np.sqrt(keep.sum())) if keep.sum() > 1 else float("nan")
+    # The model fluxes go through the same PSF model: the same correction (their ratio to the
+    # PSF flux, the extendedness test, is unchanged).
     for t in (meas, forced):
-        for c in ("psf_flux", "psf_flux_err"):
-            if c in t:
+        for c in t.columns:
+            if c.startswith(("psf_flux", "cmodel_flux", "exp_flux", "dev_flux")) and not c.endswith("_chi2"):
                 t[c] = t[c] * value
     return {"value": value, "err": err, "n": int(keep.sum()), "aperture": ap, "status": "ok"}
 

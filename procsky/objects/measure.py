@@ -71,7 +71,7 @@ import pydantic
 from procsky.kernels import galaxy as gk
 from procsky.kernels.measure import adaptive_moments, aperture_flux, psf_flux, windowed_centroid
 from procsky.notes import note_degraded
-from procsky.psf import SIGMA_TO_FWHM, shift_image
+from procsky.psf import SIGMA_TO_FWHM, array_psf, shift_image
 
 __all__ = ["MeasureConfig", "measure_band", "REFERENCE_COLUMNS", "aperture_column"]
 
@@ -313,7 +313,8 @@ def measure_band(
     image = np.asarray(coadd.image, np.float32)
     variance = np.asarray(coadd.variance, np.float32)
     mask = np.asarray(coadd.mask, np.uint32)
-    ctx = _Context(config, coadd.psf, image, variance, mask, scale, coadd.mask_bits)
+    # PSF models are addressed in the coadd's tract pixels; this stage works in array pixels.
+    ctx = _Context(config, array_psf(coadd.psf, coadd.xy0), image, variance, mask, scale, coadd.mask_bits)
     hsm = _Hsm(config.hsm)
     if hsm.missing:
         note_degraded("measure_no_galsim", "GalSim is not installed: HSM shapes are NaN and flagged", band=band)

@@ -39,8 +39,9 @@ __all__ = [
 
 DEFAULT_BAND_PRIORITY = ("i", "r", "z", "y", "g", "u")
 
-#: Bits of ``object_id``: (tract * 1000 + patch) << 24 | local id.
+#: Bits of ``object_id``: tract << 40 | patch << 24 | local id (tract < 2^23, patch < 2^16).
 _LOCAL_BITS = 24
+_PATCH_BITS = 16
 PARENT_OFFSET = 1 << 22
 """Local ids of blend parents (``parent_id``; parents have no row of their own) start here."""
 SKY_OBJECT_OFFSET = 1 << 23
@@ -49,11 +50,13 @@ SKY_OBJECT_OFFSET = 1 << 23
 
 
 def make_object_id(tract: int, patch: int, local) -> np.ndarray:
-    """Repository-unique object ids: ``(tract * 1000 + patch) << 24 | local``."""
+    """Repository-unique object ids: ``tract << 40 | patch << 24 | local``."""
     local = np.asarray(local, dtype=np.int64)
     if local.size and (local.min() < 0 or local.max() >= 1 << _LOCAL_BITS):
         raise ValueError(f"local object ids must be in [0, 2^{_LOCAL_BITS}), got {local.min()}..{local.max()}")
-    return ((int(tract) * 1000 + int(patch)) << _LOCAL_BITS) | local
+    if not (0 <= int(patch) < 1 << _PATCH_BITS and 0 <= int(tract) < 1 << (63 - _LOCAL_BITS - _PATCH_BITS)):
+        raise ValueError(f"tract {tract} / patch {patch} out of the object id's range (patch < 2^{_PATCH_BITS})")
+    return (int(tract) << (_LOCAL_BITS + _PATCH_BITS)) | (int(patch) << _LOCAL_BITS) | local
 
 
 _FLUX = re.compile(r"(^|_)(flux|flux_err|background)(_|$)")
@@ -64,9 +67,13 @@ def column_unit(name: str) -> str | None:
     base = re.sub(r"^[a-z]_", "", name) if re.match(r"^[ugrizy]_", name) else name
     if base in ("ra", "dec") or base.endswith(("_ra", "_dec")):
         return "deg"
-    if _FLUX.search(base) and not base.startswith(("flag", "n_")):
+    if base == "local_background" or base.endswith("_local_background"):
+        return "nJy / pixel"
+    if _FLUX.search(base) and not base.startswith(("flag", "n_")) and not base.endswith("_chi2"):
         return "nJy"
-    if base in ("x", "y", "kron_radius", "hsm_sigma") or base.endswith(("_x", "_y", "_radius", "_r_px")):
+    if base in ("x", "y", "x_err", "y_err", "kron_radius", "hsm_sigma") or base.endswith(
+        ("_x", "_y", "_radius", "_r_px")
+    ):
         return "pixel"
     if base in ("ixx", "iyy", "ixy") or base.endswith(("_ixx", "_iyy", "_ixy")):
         return "pixel2"
@@ -170,9 +177,13 @@ def object_table(
     ra, dec = np.asarray(ra, float), np.asarray(dec, float)
     local = children["id"].to_numpy(np.int64)
     parent = children["parent_id"].to_numpy(np.int64) if "parent_id" in children else np.zeros(n, np.int64)
+    # An isolated source is its own parent: parent_id 0 (LSST's convention).
+    isolated = children["is_isolated"].to_numpy(bool) if "is_isolated" in children else np.zeros(n, bool)
     cols: dict[str, np.ndarray] = {
         "object_id": make_object_id(tract, patch, local),
-        "parent_id": np.where(parent > 0, make_object_id(tract, patch, PARENT_OFFSET + np.maximum(parent, 0)), 0),
+        "parent_id": np.where(
+            (parent > 0) & ~isolated, make_object_id(tract, patch, PARENT_OFFSET + np.maximum(parent, 0)), 0
+        ),
         "tract": np.full(n, int(tract), np.int64),
         "patch": np.full(n, int(patch), np.int64),
         "ra": ra,
@@ -210,7 +221,9 @@ def object_table(
     cols["detect_is_deblended_leaf"] = leaf
     cols["sky_object"] = np.zeros(n, bool)
     cols["is_primary"] = patch_inner & tract_inner & leaf
-    refm = reference.drop(columns=[c for c in ("id", "x", "y") if c in reference.columns])
+    # The reference band's position, shapes and classification; its fluxes are the <band>_
+    # columns of that band (forced, calibrated and corrected), not repeated here.
+    refm = reference.drop(columns=[c for c in reference.columns if c in ("id", "x", "y") or "flux" in c])
     for c in refm.columns:
         cols[f"ref_{c}"] = refm[c].to_numpy()
     for band in sorted(forced):
@@ -218,7 +231,8 @@ def object_table(
         if len(m) != n:
             raise ValueError(f"forced measurement of band {band} has {len(m)} rows for {n} objects")
         for c in m.columns:
-            if c in ("id",):
+            # the forced positions are the reference's (the table's x, y in tract pixels)
+            if c in ("id", "x", "y", "x_err", "y_err"):
                 continue
             cols[f"{band}_{c}"] = m[c].to_numpy()
     out = pd.DataFrame(cols)
