@@ -254,3 +254,20 @@ def test_separable_convolution_matches_full_kernel():
     yy, xx = np.mgrid[-8:9, -8:9]
     moffat = (1 + (yy**2 + xx**2) / 9.0) ** -3.5
     assert kd.separable_factors(moffat[None] / moffat.sum(), tol=1e-2)[2][0] <= 3
+
+
+def test_threads_give_the_same_children():
+    """Blends fitted in two threads: the same children, in the same order, as in one."""
+    from procsky.objects.deblend import DeblendConfig, deblend
+    from procsky.objects.detection import detect_objects
+    from procsky.sim.coadd_scene import make_coadd_scene
+
+    sc = make_coadd_scene(shape=(200, 200), n_stars=8, n_galaxies=8, n_pairs=6, seed=5)
+    det = detect_objects(sc.exposures)
+    one = deblend(sc.exposures, det, DeblendConfig(threads=1))
+    two = deblend(sc.exposures, det, DeblendConfig(threads=2))
+    assert int((det.parents["n_peaks"] > 1).sum()) >= 2
+    cols = [c for c in one.children.columns if c != "deblend_cpu"]
+    pd.testing.assert_frame_equal(one.children[cols], two.children[cols])
+    for cid in one.children["id"]:
+        np.testing.assert_array_equal(one.child_images(cid)[1], two.child_images(cid)[1])

@@ -84,6 +84,12 @@ class DeblendConfig(pydantic.BaseModel):
     max_area_x_peaks: float = pydantic.Field(
         4e6, gt=0, description="footprint area (px) x peaks above which the parent is not deblended"
     )
+    threads: int = pydantic.Field(
+        1,
+        ge=1,
+        description="blends fitted at once in threads (the numba kernels release the GIL); results do not depend "
+        "on it, since each blend is fitted alone and the time limit is each thread's own CPU time",
+    )
     time_limit: float = pydantic.Field(
         10.0, gt=0, description="CPU seconds (of the worker thread) per blend before the fit is abandoned"
     )
@@ -345,6 +351,50 @@ def deblend(coadds: Mapping[str, Any], detections, config: DeblendConfig | None 
     pixels: dict = {}
     n_too_big = n_timeout = n_not_conv = 0
     B = len(bands)
+
+    def footprint(par, g):
+        x0, y0, x1, y1 = int(par.x0), int(par.y0), int(par.x1), int(par.y1)
+        pid = int(par.parent_id)
+        fp = labels[y0:y1, x0:x1] == pid
+        Y = np.stack([im[y0:y1, x0:x1] for im in images]) * fp
+        W = np.stack([w[y0:y1, x0:x1] for w in weights]) * fp
+        return (x0, y0, x1, y1), fp, Y, W
+
+    def fit_one(par):
+        """(parent id, fit tuple or None, timed out, thread CPU s) of a multi-peak parent."""
+        pid = int(par.parent_id)
+        g = groups[pid]
+        (x0, y0, x1, y1), fp, Y, W = footprint(par, g)
+        cpu0 = time.thread_time()
+        py = np.clip(np.rint(g["y"].to_numpy(float)).astype(np.int64) - y0, 0, y1 - y0 - 1)
+        px = np.clip(np.rint(g["x"].to_numpy(float)).astype(np.int64) - x0, 0, x1 - x0 - 1)
+        peaks = np.stack([py, px], axis=1).astype(np.int64)
+        kern, conv, sigma = _psf_kernels(coadds, bands, 0.5 * (x0 + x1), 0.5 * (y0 + y1), cfg, psf_cache)
+        subpixel = np.stack([g["y"].to_numpy(float) - y0, g["x"].to_numpy(float) - x0], axis=1)
+        A, S, boxes, it, converged, timed_out, loss = _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma)
+        fit = None if timed_out else (A, S, boxes, it, converged, loss, peaks, kern, conv)
+        return pid, fit, bool(timed_out), time.thread_time() - cpu0
+
+    # Multi-peak parents within the size guard are fitted first, ``cfg.threads`` at a time;
+    # the children are then assembled in parent order (the same output for any thread count).
+    to_fit = []
+    for par in detections.parents.itertuples(index=False):
+        g = groups.get(int(par.parent_id))
+        if g is None or len(g) < 2:
+            continue
+        area = int((labels[int(par.y0) : int(par.y1), int(par.x0) : int(par.x1)] == int(par.parent_id)).sum())
+        if area * len(g) <= cfg.max_area_x_peaks:
+            to_fit.append(par)
+    # Kernels of a cell are computed once, before the threads share the cache.
+    for par in to_fit:
+        _psf_kernels(coadds, bands, 0.5 * (par.x0 + par.x1), 0.5 * (par.y0 + par.y1), cfg, psf_cache)
+    if cfg.threads > 1 and len(to_fit) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=cfg.threads) as pool:
+            fits = {pid: (fit, to, cpu) for pid, fit, to, cpu in pool.map(fit_one, to_fit)}
+    else:
+        fits = {pid: (fit, to, cpu) for pid, fit, to, cpu in map(fit_one, to_fit)}
     for par in detections.parents.itertuples(index=False):
         pid = int(par.parent_id)
         g = groups.get(pid)
@@ -374,20 +424,12 @@ def deblend(coadds: Mapping[str, Any], detections, config: DeblendConfig | None 
             skip = "too_big"
             n_too_big += 1
         fit = None
-        cpu0 = time.thread_time()
+        cpu = 0.0
         if K > 1 and skip is None:
-            py = np.clip(np.rint(g["y"].to_numpy(float)).astype(np.int64) - y0, 0, y1 - y0 - 1)
-            px = np.clip(np.rint(g["x"].to_numpy(float)).astype(np.int64) - x0, 0, x1 - x0 - 1)
-            peaks = np.stack([py, px], axis=1).astype(np.int64)
-            kern, conv, sigma = _psf_kernels(coadds, bands, 0.5 * (x0 + x1), 0.5 * (y0 + y1), cfg, psf_cache)
-            subpixel = np.stack([g["y"].to_numpy(float) - y0, g["x"].to_numpy(float) - x0], axis=1)
-            A, S, boxes, it, converged, timed_out, loss = _fit_parent(Y, W, fp, peaks, subpixel, kern, conv, cfg, sigma)
+            fit, timed_out, cpu = fits[pid]
             if timed_out:
                 skip = "timeout"
                 n_timeout += 1
-            else:
-                fit = (A, S, boxes, it, converged, loss, peaks, kern, conv)
-        cpu = time.thread_time() - cpu0
         if fit is None:
             # isolated, or kept undeblended: every child's images are the parent's footprint
             parent_px = Y.astype(np.float32)
