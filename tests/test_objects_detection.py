@@ -16,7 +16,7 @@ from procsky.kernels.detection import convolve_2d, gaussian_kernel_1d
 from procsky.masks import bit
 from procsky.objects.detection import CoaddDetectionConfig, CoaddDetections, detect_objects
 from procsky.psf import GaussianPsf
-from procsky.sim.coadd_scene import make_coadd_scene
+from procsky.sim.coadd_scene import _tan_cards, make_coadd_scene
 
 PIXEL_SCALE = 0.2
 SIGMA = 10.0  # nJy per pixel
@@ -24,20 +24,8 @@ FWHM_PX = 4.0
 
 
 def _cards(shape):
-    ny, nx = shape
-    d = PIXEL_SCALE / 3600.0
-    return [
-        ("CTYPE1", "RA---TAN", ""),
-        ("CTYPE2", "DEC--TAN", ""),
-        ("CRPIX1", (nx + 1) / 2.0, ""),
-        ("CRPIX2", (ny + 1) / 2.0, ""),
-        ("CRVAL1", 150.0, ""),
-        ("CRVAL2", 2.0, ""),
-        ("CD1_1", -d, ""),
-        ("CD1_2", 0.0, ""),
-        ("CD2_1", 0.0, ""),
-        ("CD2_2", d, ""),
-    ]
+    """A TAN grid on (150, 2) deg at PIXEL_SCALE, the scene generator's own."""
+    return _tan_cards(shape, PIXEL_SCALE, 150.0, 2.0)
 
 
 def _exposure(image, sigma=SIGMA, mask=None, variance=None):
